@@ -1,0 +1,111 @@
+"""The `fastcifar` command line: it picks what to run and hands over; the work lives in the modules."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from fastcifar import BadInput, __version__
+
+app = typer.Typer(
+    help="CIFAR-100 training at the speed of the GPU: prepare the data once, then train recipes "
+         "with a DALI (or torch) GPU pipeline, benchmark and report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DATA_DIR_HELP = "Store directory [default: $FASTCIFAR_DATA, else ./data/cifar100]."
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"fastcifar {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
+
+
+def _not_yet(what: str, issue: int):
+    typer.echo(f"fastcifar {what} is not built yet (issue #{issue}).", err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def prepare(
+    source: Optional[Path] = typer.Option(None, "--from", help="A local cifar-100-python.tar.gz or its extracted "
+                                          "cifar-100-python/ directory, instead of downloading."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Accept data in the official format whose md5s "
+                                   "differ from the official ones (it is still validated in full)."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Generate a learnable stand-in data set (classes "
+                                   "told apart by shape, texture and colour) for machines without internet."),
+    n_train: int = typer.Option(50000, "--train", help="Synthetic train images."),
+    n_test: int = typer.Option(10000, "--test", help="Synthetic test images."),
+    seed: int = typer.Option(0, "--seed", help="Synthetic data seed."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a complete store from the same source exists."),
+):
+    """Convert CIFAR-100 into memory-mapped uint8 arrays (download and checksum it by default).
+
+    The store (train/test images as N x 32 x 32 x 3 uint8, fine and coarse labels, meta.json)
+    is built in a temporary directory and renamed into place, so an existing good store is never
+    left half-written. A second run on the same source returns at once.
+    """
+    from fastcifar.data import prepare as run_prepare
+
+    if synthetic and source is not None:
+        raise BadInput("--synthetic and --from exclude each other: pick one source.")
+    run_prepare(data_dir=data_dir, source=source, synthetic=synthetic, n_train=n_train, n_test=n_test,
+                seed=seed, verify=not no_verify, force=force)
+
+
+@app.command()
+def recipes():
+    """List the recipes in recipes/ with their one-line descriptions."""
+    _not_yet("recipes", 4)
+
+
+@app.command()
+def train():
+    """Train a recipe (a path like recipes/r18_arcface_224.py or a name like r18_arcface_224)."""
+    _not_yet("train", 4)
+
+
+@app.command(name="eval")
+def evaluate():
+    """Print test top-1/top-5 of a checkpoint."""
+    _not_yet("eval", 4)
+
+
+@app.command()
+def bench():
+    """Measure throughput: pipeline, train step and end to end, beside the tutorial's data path."""
+    _not_yet("bench", 3)
+
+
+@app.command()
+def report():
+    """Turn run directories into the results table (markdown) and accuracy/loss plots (PNG)."""
+    _not_yet("report", 5)
+
+
+def fail(message: str, code: int = 2):
+    """Print one paragraph to stderr and exit: the contract for bad usage or bad input."""
+    typer.echo(textwrap.fill(f"error: {message}", width=100), err=True)
+    sys.exit(code)
+
+
+def main():
+    try:
+        app()
+    except BadInput as e:
+        fail(str(e))

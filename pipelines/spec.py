@@ -1,0 +1,118 @@
+"""What augmentation a run gets, as data. A recipe fills an AugSpec; every backend (DALI graph,
+torch batched ops, the tutorial's per-sample path) reads the same one and must give the same
+kind of output for it.
+
+Order of operations in every backend, all at the stored 32x32 (the resize comes last, so the
+geometry and colour ops touch 49x fewer pixels at 224):
+    random resized crop or pad-and-crop -> flips -> shift-scale-rotate -> colour jitter
+    -> coarse dropout -> resize to image_size -> normalise -> dtype, NCHW channels_last
+An op listed in `oneof` does not run on its own: the OneOf policy picks exactly one of the listed
+ops per image (uniformly) and applies it with probability `oneof_p`, ignoring that op's own p,
+as albumentations' OneOf does. MixUp/CutMix are batch-level and run in the train loop
+(pipelines.mix), after the loader.
+Defaults of the op parameters are albumentations 2.x defaults, which the tutorial used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fastcifar import BadInput
+
+ONEOF_OPS = ("shift_scale_rotate", "coarse_dropout", "color_jitter", "hflip", "vflip")
+TUTORIAL_ONEOF = ONEOF_OPS  # the tutorial's DefaultImageAug: A.OneOf over all five
+NORMALIZE = ("none", "cifar", "imagenet")  # none = x / 255, as the tutorial
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DTYPES = ("float32", "bfloat16", "float16")
+INTERPOLATIONS = ("linear", "cubic")
+
+
+@dataclasses.dataclass(slots=True)
+class AugSpec:
+    # output
+    image_size: int = 32                 # output side in px; the store holds 32x32
+    interpolation: str = "linear"        # resize filter: linear | cubic
+    normalize: str = "none"              # none (x/255) | cifar (the store's mean/std) | imagenet
+    dtype: str = "float32"               # float32 | bfloat16 | float16
+    # crops (at most one of the two)
+    pad_crop: int = 0                    # px of padding for a random crop back to 32 (0 = off)
+    rrc_scale: tuple[float, float] | None = None  # random resized crop, area fraction (None = off)
+    rrc_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # its aspect-ratio range
+    # flips: probabilities
+    hflip: float = 0.0
+    vflip: float = 0.0
+    # shift-scale-rotate
+    ssr_p: float = 0.0
+    ssr_shift: float = 0.0625            # max shift, fraction of the side
+    ssr_scale: float = 0.1               # zoom in 1 +- this
+    ssr_degrees: float = 45.0            # rotation in +- degrees
+    # colour jitter: factors drawn in 1 +- brightness/contrast/saturation; hue shift in +- hue
+    # turns of the colour wheel (0.5 = +-180 degrees)
+    jitter_p: float = 0.0
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.5
+    # coarse dropout (erasing)
+    erase_p: float = 0.0
+    erase_holes: tuple[int, int] = (1, 2)          # number of holes, inclusive range
+    erase_size: tuple[float, float] = (0.1, 0.2)   # hole side, fraction of the image side
+    erase_fill: int = 0                            # fill value 0..255, all channels
+    # the tutorial's policy: exactly one of these ops, with probability oneof_p
+    oneof: tuple[str, ...] = ()
+    oneof_p: float = 0.0
+    # batch-level mixing, applied on the device by the train loop (soft targets)
+    mixup_alpha: float = 0.0             # Beta(alpha, alpha) mixing weight; 0 = off
+    cutmix_alpha: float = 0.0            # 0 = off; with both on, each mixed batch picks one
+    mix_p: float = 1.0                   # probability that a batch is mixed
+
+    def validate(self) -> "AugSpec":
+        """Raise BadInput naming the first field that is out of range."""
+        def bad(field, why):
+            raise BadInput(f"aug.{field} = {getattr(self, field)!r}: {why}.")
+
+        if self.image_size < 8:
+            bad("image_size", "must be at least 8 px")
+        if self.interpolation not in INTERPOLATIONS:
+            bad("interpolation", f"must be one of {', '.join(INTERPOLATIONS)}")
+        if self.normalize not in NORMALIZE:
+            bad("normalize", f"must be one of {', '.join(NORMALIZE)}")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {', '.join(DTYPES)}")
+        if self.pad_crop < 0:
+            bad("pad_crop", "must be >= 0")
+        if self.pad_crop and self.rrc_scale is not None:
+            bad("pad_crop", "pad-and-crop and random resized crop exclude each other; set one")
+        for f in ("hflip", "vflip", "ssr_p", "jitter_p", "erase_p", "oneof_p", "mix_p"):
+            if not 0.0 <= getattr(self, f) <= 1.0:
+                bad(f, "is a probability and must lie in [0, 1]")
+        for f in ("brightness", "contrast", "saturation", "ssr_shift", "ssr_scale", "ssr_degrees",
+                  "mixup_alpha", "cutmix_alpha"):
+            if getattr(self, f) < 0:
+                bad(f, "must be >= 0")
+        if not 0.0 <= self.hue <= 0.5:
+            bad("hue", "must lie in [0, 0.5] turns")
+        unknown = [op for op in self.oneof if op not in ONEOF_OPS]
+        if unknown:
+            bad("oneof", f"unknown op {unknown[0]!r}; choose from {', '.join(ONEOF_OPS)}")
+        if self.rrc_scale is not None and not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            bad("rrc_scale", "must be (lo, hi) with 0 < lo <= hi <= 1")
+        if not 1 <= self.erase_holes[0] <= self.erase_holes[1]:
+            bad("erase_holes", "must be (lo, hi) with 1 <= lo <= hi")
+        if not 0 < self.erase_size[0] <= self.erase_size[1] <= 1:
+            bad("erase_size", "must be (lo, hi) with 0 < lo <= hi <= 1")
+        if not 0 <= self.erase_fill <= 255:
+            bad("erase_fill", "must lie in 0..255")
+        return self
+
+    @property
+    def augments(self) -> bool:
+        """Whether any per-image random op is on (with none, an epoch is a pure resize of the store)."""
+        return bool(self.pad_crop or self.rrc_scale or self.hflip or self.vflip or self.ssr_p
+                    or self.jitter_p or self.erase_p or (self.oneof and self.oneof_p))
+
+
+def tutorial_oneof(p: float = 1.0) -> dict:
+    """AugSpec fields for the tutorial's DefaultImageAug: OneOf(the five ops) with probability p."""
+    return {"oneof": TUTORIAL_ONEOF, "oneof_p": p}
