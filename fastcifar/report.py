@@ -1,0 +1,187 @@
+"""`fastcifar report`: run directories -> the results table (markdown) and accuracy/loss plots (PNG).
+
+It reads only what `fastcifar train` writes (DESIGN.md): summary.json, metrics.jsonl and
+recipe.json in each run directory. A run that died before writing summary.json is summarised
+from its metrics.jsonl and marked unfinished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from fastcifar import BadInput
+
+
+@dataclasses.dataclass
+class Run:
+    dir: Path
+    summary: dict
+    epochs: list[dict]  # metrics.jsonl, one dict per epoch
+
+    @property
+    def label(self) -> str:
+        return self.dir.name
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"Cannot read {path} ({e}); is {path.parent} a complete fastcifar run directory?")
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows, lines = [], path.read_text().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n == len(lines):
+                break  # a last line cut short by a crash: the epochs before it still count
+            raise BadInput(f"{path} line {n} is not JSON; the run directory is damaged.")
+    return rows
+
+
+def _summary_from_metrics(d: Path, epochs: list[dict]) -> dict:
+    """What summary.json would hold, for a run that stopped before writing it."""
+    recipe = _read_json(d / "recipe.json") if (d / "recipe.json").is_file() else {}
+    best = max(epochs, key=lambda e: e["test_acc"])
+    return {
+        "recipe": recipe.get("name", d.name), "description": recipe.get("description", ""),
+        "best_acc": best["test_acc"], "best_epoch": best["epoch"], "final_acc": epochs[-1]["test_acc"],
+        "epochs_done": epochs[-1]["epoch"], "epochs": recipe.get("train", {}).get("epochs"),
+        "train_images_per_sec": sum(e["images_per_sec"] for e in epochs) / len(epochs),
+        "wall_seconds": epochs[-1].get("wall_seconds"), "selection": "test", "finished": False,
+        "stop_reason": "no summary.json (the run stopped early)",
+    }
+
+
+def load_run(d: Path) -> Run:
+    """One run directory: its summary (or one derived from metrics.jsonl) and per-epoch metrics."""
+    epochs = _read_metrics(d / "metrics.jsonl")
+    if (d / "summary.json").is_file():
+        summary = _read_json(d / "summary.json")
+    elif epochs:
+        summary = _summary_from_metrics(d, epochs)
+    else:
+        raise BadInput(f"{d} has neither summary.json nor metrics.jsonl: it is not a fastcifar run directory "
+                       f"(or the run stopped before its first epoch).")
+    return Run(d, summary, epochs)
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Each path is a run directory, or a directory whose subdirectories are runs."""
+    runs = []
+    for p in paths:
+        if not p.is_dir():
+            raise BadInput(f"{p} is not a directory; `fastcifar report` takes run directories or a folder of them.")
+        if (p / "summary.json").is_file() or (p / "metrics.jsonl").is_file():
+            runs.append(load_run(p))
+            continue
+        subs = sorted(s for s in p.iterdir() if s.is_dir() and ((s / "summary.json").is_file() or (s / "metrics.jsonl").is_file()))
+        if not subs:
+            raise BadInput(f"{p} holds no run directories (none has a summary.json or metrics.jsonl).")
+        runs.extend(load_run(s) for s in subs)
+    return runs
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{x:.2f}%"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "—"
+    s = int(round(seconds))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
+def results_table(runs: list[Run]) -> str:
+    """The tutorial's results table, one row per run, as markdown."""
+    with_val = any(r.summary.get("selection") == "val" for r in runs)
+    head = ["run", "recipe", "what changes", "best test acc (epoch)", "final test acc", "epochs", "wall time", "train img/s"]
+    if with_val:
+        head[4:4] = ["best val acc (epoch)", "test acc at best val"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for r in runs:
+        s = r.summary
+        name = s.get("recipe", r.label)
+        flags = []
+        if s.get("synthetic"):
+            flags.append("synthetic data")
+        if s.get("finished") is False:
+            flags.append(f"unfinished: {s.get('stop_reason') or 'stopped'}")
+        if flags:
+            name += " *(" + "; ".join(flags) + ")*"
+        epochs = f"{s.get('epochs_done', '?')}/{s.get('epochs') or '?'}"
+        row = [r.label, name, s.get("description", ""), f"{_pct(s.get('best_acc'))} ({s.get('best_epoch', '?')})",
+               _pct(s.get("final_acc")), epochs, _duration(s.get("wall_seconds")),
+               f"{s['train_images_per_sec']:,.0f}" if s.get("train_images_per_sec") else "—"]
+        if with_val:
+            if s.get("selection") == "val":
+                row[4:4] = [f"{_pct(s.get('best_val_acc'))} ({s.get('best_val_epoch', '?')})", _pct(s.get("test_acc_at_best_val"))]
+            else:
+                row[4:4] = ["—", "—"]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+    if any(r.summary.get("synthetic") for r in runs):
+        notes.append("Runs marked *synthetic data* trained on the generated stand-in set (`fastcifar prepare "
+                     "--synthetic`): their accuracies say nothing about CIFAR-100.")
+    if with_val:
+        notes.append("Runs with a validation split chose their epoch on validation; the test accuracy at that "
+                     "epoch is the honest figure. 'Best test acc' picks the epoch on the test set, as the tutorial did.")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def plot_curves(runs: list[Run], key: str, ylabel: str, path: Path) -> None:
+    """One line per run of metrics.jsonl's `key` over epochs, saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for r in runs:
+        pts = [(e["epoch"], e[key]) for e in r.epochs if e.get(key) is not None]
+        if pts:
+            label = r.label + (" (synthetic)" if r.summary.get("synthetic") else "")
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def report(paths: list[Path], out: Path) -> tuple[str, list[Path]]:
+    """Write results.md, test_accuracy.png and test_loss.png to out; return the table and files."""
+    runs = find_runs(paths)
+    table = results_table(runs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic(out / "results.md", lambda tmp: Path(tmp).write_text(table))
+        plot_curves(runs, "test_acc", "test top-1 accuracy (%)", out / "test_accuracy.png")
+        plot_curves(runs, "test_loss", "test loss", out / "test_loss.png")
+    except OSError as e:
+        raise BadInput(f"Cannot write the report to {out} ({e.strerror or e}); choose a writable --out.")
+    return table, [out / "results.md", out / "test_accuracy.png", out / "test_loss.png"]
