@@ -9,6 +9,8 @@
 
 - backend: "auto" (DALI wherever it imports, else torch) | "dali" | "torch" | "tutorial".
 - augment: defaults to split == "train"; evaluation loaders only resize and normalise.
+  augment=True makes a training loader (equal shards, drop_last and shuffle default True);
+  augment=False an evaluation loader (every image once, never drops, shuffle defaults False).
 - indices: optional rows of the split to use (e.g. the train/validation partition).
 - sizes: optional tuple of output sides, e.g. (32, 224) for distillation; then `images` is a
   tuple of tensors, one per size, all from one augmentation draw.
@@ -16,4 +18,130 @@
   together cover every image exactly once; the last evaluation batch may be smaller (never padded).
 - len(loader) is the number of batches per epoch; loader.num_samples the images per epoch (this
   shard); loader.backend names what runs ("dali-gpu", "dali-cpu", "torch", "tutorial").
+- Iterating twice without set_epoch repeats the same epoch (as DistributedSampler does).
+- loader.batches(epoch) gives the row indices of each batch of that epoch (for checks and tests).
 """
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastcifar import BadInput
+from pipelines.spec import AugSpec, mean_std
+
+BACKENDS = ("auto", "dali", "torch", "tutorial")
+SPLITS = ("train", "test")
+
+
+def dali_available() -> bool:
+    """Whether DALI imports here (then backend="auto" picks it)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def epoch_rows(rows: np.ndarray, seed: int, epoch: int, shuffle: bool, shard: tuple[int, int],
+               train: bool) -> np.ndarray:
+    """This shard's rows for one epoch, in order. The permutation depends on (seed, epoch) only,
+    so every rank cuts the same one: training shards take equal disjoint blocks (the n % world
+    left over sit out that epoch), evaluation shards split all rows, sizes differing by at most 1."""
+    rank, world = shard
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(rows) if shuffle else rows
+    if train:
+        per = len(order) // world
+        return order[rank * per:(rank + 1) * per]
+    return np.array_split(order, world)[rank]
+
+
+class Loader:
+    """An epoch-aware iterable of (images, labels) batches on the training device."""
+
+    def __init__(self, impl, rows, batch_size, seed, shard, shuffle, drop_last, train, multi):
+        self.impl, self.rows, self.batch_size, self.seed, self.shard = impl, rows, batch_size, seed, shard
+        self.shuffle, self.drop_last, self.train, self.multi = shuffle, drop_last, train, multi
+        self.epoch = 0
+        n = len(epoch_rows(rows, seed, 0, False, shard, train))  # same length every epoch
+        self.num_batches = n // batch_size if drop_last else -(-n // batch_size)
+        self.num_samples = self.num_batches * batch_size if drop_last else n
+
+    @property
+    def backend(self) -> str:
+        return self.impl.name
+
+    def set_epoch(self, epoch: int):
+        """Choose the epoch whose order and augmentation draws the next iteration yields."""
+        self.epoch = int(epoch)
+
+    def batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """Row indices (into the split) of each batch of an epoch, as the loader yields them."""
+        e = self.epoch if epoch is None else epoch
+        rows = epoch_rows(self.rows, self.seed, e, self.shuffle, self.shard, self.train)
+        bs = self.batch_size
+        return [rows[i * bs:(i + 1) * bs] for i in range(self.num_batches)]
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        for images, labels in self.impl.epoch(self.batches(), self.epoch):
+            yield (images if self.multi else images[0]), labels
+
+
+def _device(device) -> torch.device:
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str = "auto", device="cpu",
+                seed: int = 0, shard: tuple[int, int] = (0, 1), shuffle: bool | None = None,
+                drop_last: bool | None = None, augment: bool | None = None, indices=None,
+                sizes: tuple[int, ...] | None = None) -> Loader:
+    """A loader of `split` from the store: see the module docstring for the contract."""
+    if split not in SPLITS:
+        raise BadInput(f"split {split!r} is not one of {', '.join(SPLITS)}.")
+    if backend not in BACKENDS:
+        raise BadInput(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
+    spec.validate()
+    train = split == "train" if augment is None else bool(augment)
+    shuffle = train if shuffle is None else shuffle
+    drop_last = train if drop_last is None else drop_last
+    if drop_last and not train:
+        raise BadInput("An evaluation loader (augment=False) yields every image exactly once; it cannot drop_last.")
+    rank, world = shard
+    if not (world >= 1 and 0 <= rank < world):
+        raise BadInput(f"shard={shard!r}: needs (rank, world) with world >= 1 and 0 <= rank < world.")
+    if batch_size < 1:
+        raise BadInput(f"batch_size = {batch_size}: must be at least 1.")
+    n = len(store.labels(split))
+    rows = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n or len(np.unique(rows)) != len(rows)):
+        raise BadInput(f"indices must be distinct rows of the {split} split, within 0..{n - 1}.")
+    multi = sizes is not None
+    sizes = tuple(int(s) for s in sizes) if multi else (spec.image_size,)
+    if not sizes or min(sizes) < 8:
+        raise BadInput(f"sizes={sizes!r}: give one or more output sides of at least 8 px.")
+    device = _device(device)
+    mean, std = mean_std(spec, store)
+
+    if backend == "auto":
+        backend = "torch"  # until the DALI graph lands (next commit): then DALI wherever it imports
+    args = (store, split, spec, sizes, device, train, seed, rank, mean, std)
+    if backend == "torch":
+        from pipelines.torch_backend import TorchBackend
+        impl = TorchBackend(*args)
+    elif backend == "dali":
+        from pipelines.dali import DaliBackend
+        impl = DaliBackend(*args, batch_size=batch_size)
+    else:
+        from pipelines.tutorial import TutorialBackend
+        impl = TutorialBackend(*args)
+    loader = Loader(impl, rows, batch_size, seed, shard, shuffle, drop_last, train, multi)
+    if train and loader.num_batches == 0:
+        raise BadInput(f"batch_size = {batch_size} is larger than this shard's {len(rows) // world} images, "
+                       f"so a training epoch would have no batch; lower it or pass drop_last=False.")
+    return loader

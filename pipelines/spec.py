@@ -113,6 +113,17 @@ class AugSpec:
                     or self.jitter_p or self.erase_p or (self.oneof and self.oneof_p))
 
 
+def mean_std(spec: AugSpec, store=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) in 0..1 units that `spec.normalize` asks for (none = x / 255)."""
+    if spec.normalize == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if spec.normalize == "cifar":
+        if store is None:
+            raise BadInput("aug.normalize = 'cifar' needs the store's mean/std (meta.json); pass the store.")
+        return tuple(store.mean), tuple(store.std)
+    return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+
+
 def tutorial_oneof(p: float = 1.0) -> dict:
     """AugSpec fields for the tutorial's DefaultImageAug: OneOf(the five ops) with probability p."""
     return {"oneof": TUTORIAL_ONEOF, "oneof_p": p}

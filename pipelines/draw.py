@@ -1,0 +1,155 @@
+"""The random part of augmentation: every per-image parameter of one batch, drawn on the host
+with numpy from (seed, epoch, rank, batch). Every backend applies the same draws, so the DALI
+graph and the torch ops give the same images for the same seed, and a resumed run is exact.
+
+All geometry is one affine map per image at the stored 32x32, in pixel units where (0, 0) is the
+corner of the first pixel and pixel centres sit at i + 0.5 (DALI's and torch's align_corners=False
+convention). All colour jitter is one 3x3 matrix plus an offset per image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipelines.spec import AugSpec
+
+SIDE = 32  # the stored images are 32x32: every op before the resize works at this size
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights: grey level used by saturation and contrast
+_OP_P = {"shift_scale_rotate": "ssr_p", "coarse_dropout": "erase_p", "color_jitter": "jitter_p",
+         "hflip": "hflip", "vflip": "vflip"}
+
+
+def batch_rng(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generator:
+    """The generator of one batch's draws: a pure function of (seed, epoch, rank, batch)."""
+    return np.random.default_rng([seed, epoch, rank, batch, 0xA06])
+
+
+def _on(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Which images get which of the five OneOf-able ops (bool (n,) per op)."""
+    pick = rng.integers(len(spec.oneof), size=n) if spec.oneof else np.zeros(n, int)
+    hit = rng.random(n) < spec.oneof_p
+    own = {op: rng.random(n) < getattr(spec, p) for op, p in _OP_P.items()}
+    on = {}
+    for op in _OP_P:
+        if op in spec.oneof:  # the op's own p is ignored, as in albumentations' OneOf
+            on[op] = hit & (pick == spec.oneof.index(op))
+        else:
+            on[op] = own[op]
+    return on
+
+
+def _crop(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3, 3) destination -> source maps of the random crop (identity when off)."""
+    m = np.tile(np.eye(3), (n, 1, 1))
+    if spec.pad_crop:  # shift by whole pixels in [-pad, pad]; what falls outside is filled with 0
+        m[:, :2, 2] = rng.integers(-spec.pad_crop, spec.pad_crop + 1, size=(n, 2))
+    elif spec.rrc_scale is not None:  # torchvision's RandomResizedCrop: 10 tries, else the whole image
+        tries = 10
+        area = SIDE * SIDE * rng.uniform(*spec.rrc_scale, size=(tries, n))
+        log_r = np.log(spec.rrc_ratio)
+        ratio = np.exp(rng.uniform(log_r[0], log_r[1], size=(tries, n)))
+        w = np.rint(np.sqrt(area * ratio))
+        h = np.rint(np.sqrt(area / ratio))
+        ok = (w >= 1) & (w <= SIDE) & (h >= 1) & (h <= SIDE)
+        first = ok.argmax(0)
+        w = np.where(ok.any(0), w[first, np.arange(n)], SIDE)
+        h = np.where(ok.any(0), h[first, np.arange(n)], SIDE)
+        x0 = np.floor(rng.random(n) * (SIDE - w + 1))
+        y0 = np.floor(rng.random(n) * (SIDE - h + 1))
+        m[:, 0, 0], m[:, 0, 2] = w / SIDE, x0
+        m[:, 1, 1], m[:, 1, 2] = h / SIDE, y0
+    return m
+
+
+def _ssr(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3, 3) destination -> source maps of shift-scale-rotate about the image centre."""
+    angle = np.deg2rad(rng.uniform(-spec.ssr_degrees, spec.ssr_degrees, size=n))
+    scale = rng.uniform(1 - spec.ssr_scale, 1 + spec.ssr_scale, size=n)
+    shift = rng.uniform(-spec.ssr_shift, spec.ssr_shift, size=(n, 2)) * SIDE  # px
+    c = SIDE / 2
+    # forward: dst = c + scale * R(angle) (src - c) + shift; inverted here: src = c + R(-angle) (dst - c - shift) / scale
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    m = np.zeros((n, 3, 3))
+    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
+    d = np.array([c, c]) + shift  # dst point that maps to the source centre
+    m[:, :2, 2] = c - np.einsum("nij,nj->ni", m[:, :2, :2], d)
+    m[:, 2, 2] = 1
+    return m
+
+
+def _flip(on_h: np.ndarray, on_v: np.ndarray) -> np.ndarray:
+    """(n, 3, 3) destination -> source maps of the flips: x -> SIDE - x."""
+    m = np.tile(np.eye(3), (len(on_h), 1, 1))
+    m[on_h, 0, 0], m[on_h, 0, 2] = -1, SIDE
+    m[on_v, 1, 1], m[on_v, 1, 2] = -1, SIDE
+    return m
+
+
+def _hue_rotation(turns: np.ndarray) -> np.ndarray:
+    """(n, 3, 3) rotations of RGB about the grey axis by `turns` of the colour wheel (greys stay)."""
+    a = 2 * math.pi * turns
+    k = np.full(3, 1 / math.sqrt(3))
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    cos, sin = np.cos(a)[:, None, None], np.sin(a)[:, None, None]
+    return cos * np.eye(3) + sin * kx + (1 - cos) * np.outer(k, k)
+
+
+def _colour(spec: AugSpec, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Colour jitter as out = M @ rgb + k * mean_luma: brightness, then contrast about the image's
+    mean grey, then saturation (blend with grey), then hue rotation, composed into one matrix."""
+    b = rng.uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness, size=n)
+    c = rng.uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast, size=n)
+    s = rng.uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation, size=n)
+    h = rng.uniform(-spec.hue, spec.hue, size=n)
+    sat = s[:, None, None] * np.eye(3) + (1 - s)[:, None, None] * np.outer(np.ones(3), LUMA)
+    m = _hue_rotation(h) @ sat * (b * c)[:, None, None]
+    # contrast: c * (b x - b mean) + b mean = c b x + (1 - c) b mean; sat and hue keep greys, so
+    # the offset passes through them unchanged
+    return m, (1 - c) * b
+
+
+def _holes(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, max_holes, 4) int boxes (y0, x0, h, w) in px at 32x32; unused holes have h = w = 0."""
+    lo, hi = spec.erase_holes
+    count = rng.integers(lo, hi + 1, size=n)
+    hw = np.maximum(1, np.rint(rng.uniform(*spec.erase_size, size=(n, hi, 2)) * SIDE))
+    yx = np.floor(rng.random((n, hi, 2)) * (SIDE - hw + 1))
+    boxes = np.concatenate([yx, hw], axis=2).astype(np.int32)
+    boxes[np.arange(hi)[None, :] >= count[:, None], 2:] = 0
+    return boxes
+
+
+def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Draw one batch's augmentation: masks saying which image gets which op, and the op parameters.
+
+    Keys: warp (n,) bool and affine (n, 2, 3) float32 destination -> source px maps at 32x32;
+    jitter (n,) bool, colour (n, 3, 3) float32 and colour_k (n,) float32 (offset = k * mean grey
+    of the stored image, 0..255); erase (n,) bool and holes (n, max_holes, 4) int32 (y0, x0, h, w).
+    Every parameter is drawn whether its op is on or not, so switching one op on does not change
+    the draws of the others.
+    """
+    on = _on(spec, n, rng)
+    crop = _crop(spec, n, rng)
+    ssr = _ssr(spec, n, rng)
+    flip = _flip(on["hflip"], on["vflip"])
+    ssr[~on["shift_scale_rotate"]] = np.eye(3)
+    affine = crop @ flip @ ssr  # dst -> src: undo ssr, then the flips, then the crop
+    colour, k = _colour(spec, n, rng)
+    holes = _holes(spec, n, rng)
+    return {
+        "warp": ~np.all(np.isclose(affine, np.eye(3), atol=1e-9), axis=(1, 2)),
+        "affine": affine[:, :2].astype(np.float32),
+        "jitter": on["color_jitter"],
+        "colour": colour.astype(np.float32),
+        "colour_k": k.astype(np.float32),
+        "erase": on["coarse_dropout"],
+        "holes": holes,
+    }
+
+
+def mean_grey(images: np.ndarray) -> np.ndarray:
+    """(n,) float32 mean grey level (0..255) of uint8 NHWC images: the pivot of contrast jitter."""
+    n = len(images)
+    return (images.reshape(n, -1, 3) @ LUMA.astype(np.float32)).mean(1).astype(np.float32)

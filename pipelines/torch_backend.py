@@ -1,0 +1,135 @@
+"""The torch backend: the whole uint8 split moved to the device once, augmentation as batched
+tensor ops on NHWC uint8 (no per-image Python loop), then resize, normalise, cast.
+
+Images stay uint8 until the last step (a float copy at 224 costs more than the resize on a CPU).
+Which image gets which op is known on the host (pipelines.draw), so each op runs on the subset
+of the batch it touches, indexed without a device sync.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines.draw import LUMA, SIDE, batch_rng, draw
+from pipelines.spec import AugSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MODES = {"linear": "bilinear", "cubic": "bicubic"}
+_ON_DEVICE: dict = {}  # (store dir, split, device) -> (images, labels): a split moves once per process
+
+
+def _to(a, device: torch.device) -> torch.Tensor:
+    """A small host array on the device; pinned + non_blocking on CUDA so it never waits."""
+    if isinstance(a, torch.Tensor):
+        return a.to(device)
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _subset(x: torch.Tensor, mask: np.ndarray, op, *args) -> torch.Tensor:
+    """op(x, *args) on the images where mask is set (args indexed alike); the rest pass untouched."""
+    if not mask.any():
+        return x
+    if mask.all():
+        return op(x, *(_to(a, x.device) for a in args))
+    idx = np.flatnonzero(mask)
+    di = _to(idx, x.device)
+    out = x.clone()
+    out[di] = op(x[di], *(a[di] if isinstance(a, torch.Tensor) else _to(a[idx], x.device) for a in args))
+    return out
+
+
+def warp(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Bilinear affine warp of uint8 NHWC images (destination -> source px maps), zero fill."""
+    n, h, w, _ = x.shape
+    # px -> normalised coordinates of align_corners=False: u = 2 x / side - 1
+    norm = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]], dtype=torch.float64, device=x.device)
+    full = torch.cat([affine.double(), norm[2:].expand(n, 1, 3)], dim=1)
+    theta = (norm @ full @ torch.linalg.inv(norm))[:, :2].float()
+    grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
+    y = F.grid_sample(x.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def grey(x: torch.Tensor) -> torch.Tensor:
+    """(n,) mean grey level (0..255) of uint8 NHWC images: the pivot of contrast jitter."""
+    return (x.float() @ torch.tensor(LUMA, dtype=torch.float32, device=x.device)).mean((1, 2))
+
+
+def colour(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """out = M @ rgb + k * grey per image (see pipelines.draw), rounded and clamped to uint8."""
+    y = torch.einsum("nhwc,ndc->nhwd", x.float(), m) + (k * g)[:, None, None, None]
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def erase(x: torch.Tensor, holes: torch.Tensor, fill: int) -> torch.Tensor:
+    """Fill the boxes (y0, x0, h, w) of each image with `fill` (boxes with h = 0 are unused)."""
+    r = torch.arange(x.shape[1], device=x.device)
+    y0, x0, h, w = (holes[..., i, None] for i in range(4))  # each (n, holes, 1)
+    rows = (r >= y0) & (r < y0 + h)  # (n, holes, H)
+    cols = (r >= x0) & (r < x0 + w)  # (n, holes, W)
+    mask = (rows[..., :, None] & cols[..., None, :]).any(1)  # (n, H, W)
+    return x.masked_fill(mask[..., None], fill)
+
+
+def augment(x: torch.Tensor, p: dict, spec: AugSpec) -> torch.Tensor:
+    """Apply one batch's draws (pipelines.draw) to uint8 NHWC images at 32x32."""
+    g = grey(x) if p["jitter"].any() else None  # of the stored image, as the DALI graph does it
+    x = _subset(x, p["warp"], warp, p["affine"])
+    x = _subset(x, p["jitter"], colour, p["colour"], p["colour_k"], g)
+    x = _subset(x, p["erase"], lambda t, b: erase(t, b, spec.erase_fill), p["holes"])
+    return x
+
+
+def finish(x: torch.Tensor, size: int, spec: AugSpec, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC at 32 -> resized, normalised NCHW channels_last tensor of spec.dtype."""
+    x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: that is channels_last already
+    if size != x.shape[-1]:
+        # uint8 resize on the CPU (torch has a fast channels_last kernel); CUDA resizes floats
+        src = x if x.device.type == "cpu" else x.float()
+        x = F.interpolate(src, size=(size, size), mode=_MODES[spec.interpolation], align_corners=False,
+                          antialias=size < x.shape[-1])
+    y = torch.addcmul(shift, x, scale)  # x / 255 normalised in one pass: x * scale + shift, float32
+    return y if spec.dtype == "float32" else y.to(TORCH_DTYPES[spec.dtype])
+
+
+def to_device(store, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's uint8 images (N, 32, 32, 3) and int64 labels on the device, moved once."""
+    key = (str(store.dir), split, str(device))
+    if key not in _ON_DEVICE:
+        images = torch.from_numpy(np.array(store.images(split)))  # read the memmap into RAM once
+        labels = torch.from_numpy(np.array(store.labels(split)))
+        _ON_DEVICE[key] = (images.to(device), labels.to(device))
+    return _ON_DEVICE[key]
+
+
+class TorchBackend:
+    """Batches of a split as batched tensor ops on the device."""
+
+    def __init__(self, store, split, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
+                 mean, std):
+        self.name, self.spec, self.sizes, self.device = "torch", spec, sizes, device
+        self.augment, self.seed, self.rank = augment and spec.augments, seed, rank
+        self.images, self.labels = to_device(store, split, device)
+        # normalise as x * scale + shift, per channel, shaped to broadcast over NCHW
+        self.scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, 3, 1, 1)
+
+    def batch(self, idx: np.ndarray, epoch: int, b: int):
+        """(images, labels) of the rows idx, augmented with batch b's draws of this epoch."""
+        di = _to(idx, self.device)
+        x, y = self.images[di], self.labels[di]
+        if self.augment:
+            x = augment(x, draw(self.spec, len(idx), batch_rng(self.seed, epoch, self.rank, b)), self.spec)
+        out = tuple(finish(x, s, self.spec, self.scale, self.shift) for s in self.sizes)
+        return out, y
+
+    def epoch(self, batches: list[np.ndarray], epoch: int) -> Iterator:
+        for b, idx in enumerate(batches):
+            yield self.batch(idx, epoch, b)

@@ -1,0 +1,33 @@
+"""Shared bits of the pipeline tests: a small synthetic store, the backends to run, conversions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar.data import open_store, prepare
+from pipelines.loader import dali_available
+
+N_TRAIN, N_TEST = 500, 200
+# Every backend runs on the CPU here; DALI in its CPU mode (device_id=None).
+BACKENDS = ["torch"]  # TODO(next commits): dali, tutorial
+_ALL = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
+            "tutorial"]
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("store")
+    prepare(d, synthetic=True, n_train=N_TRAIN, n_test=N_TEST, seed=0, log=lambda *_: None)
+    return open_store(d)
+
+
+def stored(store, split: str, rows) -> np.ndarray:
+    """The stored images of `rows` as the loaders emit them with normalize='none': NCHW float x/255."""
+    return np.array(store.images(split)[np.asarray(rows)]).transpose(0, 3, 1, 2).astype(np.float32) / 255
+
+
+def as_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
+    """A loader batch made with normalize='none' back to uint8 NHWC (exact: it was uint8 / 255)."""
+    return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,154 @@
+"""The loader contract on every backend: shapes, dtypes, memory format, order, seeds, shards,
+evaluation coverage, pure resize with augmentation off, two KD views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastcifar import BadInput
+from pipelines import AugSpec, make_loader
+from pipelines.loader import dali_available
+from pipelines.spec import tutorial_oneof
+from pipelines_helpers import BACKENDS, as_uint8_nhwc, store, stored  # noqa: F401 (store is a fixture)
+
+
+def _collect(loader, epoch=0):
+    loader.set_epoch(epoch)
+    xs, ys = [], []
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size,dtype", [(32, "float32"), (48, "bfloat16"), (64, "float16")])
+def test_shapes_dtypes_layout(store, backend, size, dtype):
+    spec = AugSpec(image_size=size, dtype=dtype, pad_crop=4, hflip=0.5)
+    loader = make_loader(store, "train", spec, batch_size=64, backend=backend, seed=1)
+    assert len(loader) == len(store.labels("train")) // 64 and loader.num_samples == len(loader) * 64
+    assert loader.backend.split("-")[0] == backend
+    xs, ys = _collect(loader)
+    assert len(xs) == len(loader)
+    for x, y in zip(xs, ys):
+        assert x.shape == (64, 3, size, size) and x.dtype == getattr(torch, dtype)
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        assert y.shape == (64,) and y.dtype == torch.int64
+        assert x.device.type == "cpu" and y.device.type == "cpu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_aug_off_epoch_is_the_store(store, backend):
+    """With augmentation off (spec has no random op) a shuffled epoch holds each image exactly once,
+    equal to the store (x / 255 at 32, exact up to float32 rounding) with its label."""
+    n = len(store.labels("train"))
+    loader = make_loader(store, "train", AugSpec(), batch_size=50, backend=backend, seed=3, drop_last=False)
+    xs, ys = _collect(loader, epoch=2)
+    rows = np.concatenate(loader.batches(2))
+    assert sorted(rows) == list(range(n)) and list(rows) != list(range(n))  # a permutation, not the identity
+    x, y = torch.cat(xs), torch.cat(ys)
+    np.testing.assert_array_equal(y.numpy(), store.labels("train")[rows])
+    np.testing.assert_allclose(x.numpy(), stored(store, "train", rows), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resize_matches_reference(store, backend):
+    """At 64 and 224 the evaluation loader equals a float bilinear resize (torch, align_corners=False)
+    of the stored images within 1/255 + 1e-6 (the backends resize uint8 and round once)."""
+    for size in (64, 224):
+        loader = make_loader(store, "test", AugSpec(image_size=size), batch_size=100, backend=backend)
+        x = torch.cat(_collect(loader)[0][:1])
+        src = torch.from_numpy(np.array(store.images("test")[:len(x)])).permute(0, 3, 1, 2).float()
+        ref = F.interpolate(src, size=(size, size), mode="bilinear", align_corners=False) / 255
+        err = (x.float() - ref).abs().max().item()
+        assert err <= 1 / 255 + 1e-6, f"{backend} resize to {size} is {err * 255:.2f}/255 from the reference"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_covers_every_image_once(store, backend):
+    """Evaluation never pads or drops: shards together give each test image exactly once, and the
+    last batch is smaller. Order is the store's (shuffle defaults off for evaluation)."""
+    n = len(store.labels("test"))
+    seen = []
+    for rank in range(3):
+        loader = make_loader(store, "test", AugSpec(), batch_size=32, backend=backend, shard=(rank, 3))
+        xs, ys = _collect(loader)
+        assert sum(len(y) for y in ys) == loader.num_samples
+        rows = np.concatenate(loader.batches())
+        np.testing.assert_array_equal(torch.cat(ys).numpy(), store.labels("test")[rows])
+        np.testing.assert_allclose(torch.cat(xs).numpy(), stored(store, "test", rows), atol=1e-6)
+        seen.append(rows)
+    allrows = np.concatenate(seen)
+    assert sorted(allrows) == list(range(n)) and list(allrows) == list(range(n))
+
+
+def test_train_shards_disjoint_and_equal(store):
+    n = len(store.labels("train"))
+    for epoch in (0, 5):
+        shards = []
+        for rank in range(3):
+            loader = make_loader(store, "train", AugSpec(), batch_size=16, backend="torch", seed=7, shard=(rank, 3))
+            shards.append(np.concatenate(loader.batches(epoch)))
+        assert len({len(s) for s in shards}) == 1, "training shards must be equally long"
+        assert len(np.unique(np.concatenate(shards))) == sum(len(s) for s in shards), "shards overlap"
+        assert len(shards[0]) == (n // 3) // 16 * 16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_batches(store, backend):
+    """Order and augmentation are functions of (seed, epoch): two loaders agree batch for batch,
+    another epoch or seed differs, and shuffle=False keeps the store's order."""
+    spec = AugSpec(pad_crop=4, hflip=0.5, **tutorial_oneof(1.0))
+    make = lambda seed, **kw: make_loader(store, "train", spec, batch_size=100, backend=backend, seed=seed, **kw)
+    a, b = make(5), make(5)
+    xa, ya = _collect(a, epoch=1)
+    xb, yb = _collect(b, epoch=1)
+    for p, q in zip(xa + ya, xb + yb):
+        assert torch.equal(p, q)
+    xc, _ = _collect(b, epoch=2)
+    assert not torch.equal(xa[0], xc[0])
+    assert not np.array_equal(make(6).batches(1)[0], a.batches(1)[0])
+    fixed = make(5, shuffle=False)
+    assert list(np.concatenate(fixed.batches(3))) == list(range(fixed.num_samples))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_views_are_one_draw(store, backend):
+    """sizes=(32, 96): both views come from one augmentation draw, so the 96 view equals the 32 view
+    resized (bilinear) within 1/255 + 1e-3 (the 32 view is exact uint8 / 255)."""
+    spec = AugSpec(pad_crop=4, hflip=0.5, **tutorial_oneof(1.0))
+    loader = make_loader(store, "train", spec, batch_size=50, backend=backend, seed=2, sizes=(32, 96))
+    (small, big), _ = next(iter(loader))
+    assert small.shape[-1] == 32 and big.shape[-1] == 96
+    ref = F.interpolate(small.float() * 255, size=(96, 96), mode="bilinear", align_corners=False) / 255
+    err = (big.float() - ref).abs().max().item()
+    assert err <= 1 / 255 + 1e-3, f"the 96 view is {err * 255:.2f}/255 from the 32 view resized"
+
+
+def test_bad_input(store):
+    with pytest.raises(BadInput, match="split"):
+        make_loader(store, "val", AugSpec(), 10, backend="torch")
+    with pytest.raises(BadInput, match="backend"):
+        make_loader(store, "train", AugSpec(), 10, backend="jax")
+    with pytest.raises(BadInput, match="shard"):
+        make_loader(store, "train", AugSpec(), 10, backend="torch", shard=(3, 3))
+    with pytest.raises(BadInput, match="no batch"):
+        make_loader(store, "train", AugSpec(), 10_000, backend="torch")
+    with pytest.raises(BadInput, match="drop_last"):
+        make_loader(store, "test", AugSpec(), 10, backend="torch", drop_last=True)
+    with pytest.raises(BadInput, match="aug.hflip"):
+        make_loader(store, "train", AugSpec(hflip=2.0), 10, backend="torch")
+    with pytest.raises(BadInput, match="indices"):
+        make_loader(store, "train", AugSpec(), 10, backend="torch", indices=[0, 0, 1])
+
+
+def test_indices_subset(store):
+    """indices picks rows of the split (a train/validation partition)."""
+    val = np.arange(0, 120, 3)
+    loader = make_loader(store, "train", AugSpec(), 16, backend="torch", indices=val, augment=False)
+    xs, ys = _collect(loader)
+    np.testing.assert_array_equal(torch.cat(ys).numpy(), store.labels("train")[val])
+    assert sum(len(y) for y in ys) == len(val)
