@@ -26,6 +26,11 @@ def batch_rng(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generat
     return np.random.default_rng([seed, epoch, rank, batch, 0xA06])
 
 
+def may(spec: AugSpec, op: str) -> bool:
+    """Whether any image can get `op` (one of spec.ONEOF_OPS) under this spec."""
+    return (op in spec.oneof and spec.oneof_p > 0) or (op not in spec.oneof and getattr(spec, _OP_P[op]) > 0)
+
+
 def _on(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Which images get which of the five OneOf-able ops (bool (n,) per op)."""
     pick = rng.integers(len(spec.oneof), size=n) if spec.oneof else np.zeros(n, int)
@@ -124,7 +129,10 @@ def _holes(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
 def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Draw one batch's augmentation: masks saying which image gets which op, and the op parameters.
 
-    Keys: warp (n,) bool and affine (n, 2, 3) float32 destination -> source px maps at 32x32;
+    Keys: moved (n,) bool and affine (n, 2, 3) float32 destination -> source px maps at 32x32
+    (all geometry in one map); warp (n,) bool: images with shift-scale-rotate or a resized crop,
+    the others move by whole pixels only, as shift (n, 2) int32 (dy, dx; src = dst + shift) and
+    then flip (n, 2) int32 (horizontal, vertical) - the same geometry, in cheaper ops;
     jitter (n,) bool, colour (n, 3, 3) float32 and colour_k (n,) float32 (offset = k * mean grey
     of the stored image, 0..255); erase (n,) bool and holes (n, max_holes, 4) int32 (y0, x0, h, w).
     Every parameter is drawn whether its op is on or not, so switching one op on does not change
@@ -138,9 +146,14 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
     affine = crop @ flip @ ssr  # dst -> src: undo ssr, then the flips, then the crop
     colour, k = _colour(spec, n, rng)
     holes = _holes(spec, n, rng)
+    moved = ~np.all(np.isclose(affine, np.eye(3), atol=1e-9), axis=(1, 2))
     return {
-        "warp": ~np.all(np.isclose(affine, np.eye(3), atol=1e-9), axis=(1, 2)),
+        "moved": moved,
         "affine": affine[:, :2].astype(np.float32),
+        # the same geometry split for cheaper ops: images without ssr or rrc move by whole pixels
+        "warp": moved & (on["shift_scale_rotate"] | (spec.rrc_scale is not None)),
+        "shift": np.ascontiguousarray(crop[:, [1, 0], 2], dtype=np.int32),  # pad-and-crop (dy, dx): src = dst + shift
+        "flip": np.stack([on["hflip"], on["vflip"]], 1).astype(np.int32),  # (horizontal, vertical)
         "jitter": on["color_jitter"],
         "colour": colour.astype(np.float32),
         "colour_k": k.astype(np.float32),

@@ -129,7 +129,7 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
     mean, std = mean_std(spec, store)
 
     if backend == "auto":
-        backend = "torch"  # until the DALI graph lands (next commit): then DALI wherever it imports
+        backend = "dali" if dali_available() else "torch"
     args = (store, split, spec, sizes, device, train, seed, rank, mean, std)
     if backend == "torch":
         from pipelines.torch_backend import TorchBackend

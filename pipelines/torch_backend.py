@@ -81,7 +81,7 @@ def erase(x: torch.Tensor, holes: torch.Tensor, fill: int) -> torch.Tensor:
 def augment(x: torch.Tensor, p: dict, spec: AugSpec) -> torch.Tensor:
     """Apply one batch's draws (pipelines.draw) to uint8 NHWC images at 32x32."""
     g = grey(x) if p["jitter"].any() else None  # of the stored image, as the DALI graph does it
-    x = _subset(x, p["warp"], warp, p["affine"])
+    x = _subset(x, p["moved"], warp, p["affine"])  # one bilinear warp: exact for whole-pixel moves
     x = _subset(x, p["jitter"], colour, p["colour"], p["colour_k"], g)
     x = _subset(x, p["erase"], lambda t, b: erase(t, b, spec.erase_fill), p["holes"])
     return x

@@ -11,9 +11,8 @@ from pipelines.loader import dali_available
 
 N_TRAIN, N_TEST = 500, 200
 # Every backend runs on the CPU here; DALI in its CPU mode (device_id=None).
-BACKENDS = ["torch"]  # TODO(next commits): dali, tutorial
-_ALL = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
-            "tutorial"]
+BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
+            ]
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from fastcifar import BadInput
 from pipelines import AugSpec, make_loader
 from pipelines.loader import dali_available
+from pipelines.loader import dali_available
 from pipelines.spec import tutorial_oneof
 from pipelines_helpers import BACKENDS, as_uint8_nhwc, store, stored  # noqa: F401 (store is a fixture)
 
@@ -152,3 +153,8 @@ def test_indices_subset(store):
     xs, ys = _collect(loader)
     np.testing.assert_array_equal(torch.cat(ys).numpy(), store.labels("train")[val])
     assert sum(len(y) for y in ys) == len(val)
+
+
+def test_auto_is_dali_where_it_imports(store):
+    loader = make_loader(store, "test", AugSpec(), 50, backend="auto")
+    assert loader.backend == ("dali-cpu" if dali_available() else "torch")
