@@ -1,0 +1,94 @@
+"""Checkpoints and run files, written atomically (temp file + rename): a crash mid-write leaves
+the previous complete file, never a torn one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fastcifar import BadInput
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a run's files are as readable as any
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(path: Path, state: dict) -> None:
+    """torch.save(state) to path atomically."""
+    _atomic(path, lambda f: torch.save(state, f))
+
+
+def write_json(path: Path, obj) -> None:
+    """JSON to path atomically."""
+    _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def load(path: Path) -> dict:
+    """A checkpoint as a dict of tensors and plain data, on the CPU (weights_only: loading runs no code)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BadInput(f"Checkpoint {path} does not exist.")
+    except Exception as e:
+        raise BadInput(f"{path} is not a readable fastcifar checkpoint ({type(e).__name__}: {e}).")
+    if not isinstance(ck, dict) or "model" not in ck or "recipe" not in ck:
+        raise BadInput(f"{path} is not a fastcifar checkpoint (it has no model and recipe).")
+    return ck
+
+
+def resolve(ref: str | os.PathLike, prefer: str = "best.pt", runs_dir: Path = Path("runs")) -> Path:
+    """A checkpoint file from a file path, a run directory (its best.pt, else last.pt), or a recipe
+    name (the newest runs/<name>-*/ that holds one)."""
+    p = Path(ref)
+    if p.is_file():
+        return p
+    order = [prefer] + [n for n in ("best.pt", "last.pt") if n != prefer]
+    if p.is_dir():
+        for n in order:
+            if (p / n).is_file():
+                return p / n
+        raise BadInput(f"Run directory {p} holds no checkpoint (best.pt or last.pt).")
+    runs = sorted((d for d in runs_dir.glob(f"{ref}-*") if d.is_dir() and any((d / n).is_file() for n in order)),
+                  key=lambda d: d.stat().st_mtime)
+    if runs:
+        return resolve(runs[-1], prefer, runs_dir)
+    raise BadInput(f"{ref} is neither a checkpoint file, a run directory, nor the name of a recipe with a "
+                   f"finished run under {runs_dir}/.")
+
+
+def rng_state() -> dict:
+    """The global RNG states a run uses (Python, torch CPU, every CUDA device)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    """random.setstate needs tuples where a round trip may have left lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

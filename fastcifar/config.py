@@ -1,0 +1,429 @@
+"""What a run is, as typed data: a `Recipe` of nine sections, two levels deep, that a recipe file
+builds (`recipe() -> Recipe`) and the CLI overrides with `--set section.field=VALUE`.
+
+Recipes hold epochs and fractions of training, never step counts: `fastcifar.train` derives the
+steps from the data, the batch size and the number of ranks, so a derived recipe or an override
+of `train.epochs` never leaves a stale step count behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastcifar import BadInput
+from pipelines.spec import AugSpec
+
+BACKENDS = ("auto", "dali", "torch", "tutorial")
+HEAD_KINDS = ("linear", "arcface", "cosface")   # keys of fastcifar.heads.HEADS
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+AMP = ("none", "bf16", "fp16")
+LR_SCALING = ("linear", "sqrt")
+
+
+@dataclass(slots=True)
+class Data:
+    batch_size: int = 250        # images per optimizer step, all ranks together (global batch)
+    backend: str = "auto"        # loader backend: auto | dali | torch | tutorial
+    val_split: float = 0.0       # fraction of train held out for model selection (0 = select on test)
+    shuffle: bool = True         # shuffle the training order each epoch (the tutorial did not)
+    drop_last: bool = True       # drop the last partial training batch
+    subset: float = 1.0          # fraction of the train split used (a fixed random subset)
+    test_subset: float = 1.0     # fraction of the test split evaluated (a fixed random subset)
+
+
+@dataclass(slots=True)
+class Model:
+    name: str = "resnet18"       # any timm model name (timm.list_models())
+    pretrained: bool = False     # ImageNet weights from timm's hub (needs internet)
+    pretrained_file: str = ""    # or a local state-dict file (timm or fastcifar checkpoint)
+    cifar_stem: bool = False     # 3x3 stride-1 first conv and no max-pool: keeps 32x32 detail
+    drop_rate: float = 0.0       # dropout before the head
+    channels_last: bool = True   # NHWC memory layout: faster convolutions on tensor cores
+
+
+@dataclass(slots=True)
+class Head:
+    kind: str = "linear"         # linear | arcface | cosface
+    s: float = 64.0              # margin heads: logit scale (cosine * s)
+    m: float = 0.5               # margin heads: angular (arcface, radians) or cosine (cosface) margin
+    embed_dim: int = 512         # margin heads: Linear -> BatchNorm1d embedding size
+
+
+@dataclass(slots=True)
+class Loss:
+    label_smoothing: float = 0.0  # probability mass spread over all classes
+
+
+@dataclass(slots=True)
+class Distill:
+    teacher: str = ""            # run dir, checkpoint file, or recipe name (newest runs/<name>-*); "" = off
+    alpha: float = 0.7           # weight of the KD term: (1 - alpha) * CE + alpha * T^2 * KL
+    temperature: float = 4.0     # softmax temperature T of both teacher and student
+
+
+@dataclass(slots=True)
+class Optim:
+    name: str = "adamw"          # adamw | sgd
+    lr: float = 1e-3             # peak learning rate for a batch of data.batch_size (see lr_ref_batch)
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    momentum: float = 0.9        # SGD
+    nesterov: bool = False       # SGD
+    decay_norm_bias: bool = False  # True = decay every parameter, as the tutorial's AdamW did
+    grad_clip: float = 0.0       # max global gradient norm; 0 = off
+    lr_ref_batch: int = 0        # > 0: `lr` is for this many images and scales to data.batch_size
+    lr_scaling: str = "linear"   # how it scales: linear (SGD) | sqrt (often better for Adam)
+
+
+@dataclass(slots=True)
+class Schedule:
+    kind: str = "constant"       # constant | step | cosine | onecycle (linear up, linear down)
+    warmup: float = 0.0          # fraction of all steps spent ramping linearly up to the peak LR
+    milestones: tuple[float, ...] = ()  # step: fractions of training where the LR is multiplied by gamma
+    gamma: float = 0.1           # step: factor at each milestone
+    final_lr: float = 0.0        # cosine/onecycle: last LR as a fraction of the peak
+
+
+@dataclass(slots=True)
+class Train:
+    epochs: int = 200
+    seed: int = 0                # model init, data order, augmentation draws, mixing
+    compile: bool | None = None  # torch.compile; None = on when CUDA, off on a CPU
+    amp: str = "none"            # none (fp32) | bf16 | fp16 (with a GradScaler)
+    deterministic: bool = False  # deterministic kernels (slower); resumed runs match straight ones
+    device: str = "auto"         # auto (cuda:<local rank> when present, else cpu) | cpu | cuda
+    log_every: int = 50          # steps between progress updates (the only host syncs in training)
+
+
+@dataclass(slots=True)
+class Recipe:
+    data: Data = field(default_factory=Data)
+    aug: AugSpec = field(default_factory=AugSpec)
+    model: Model = field(default_factory=Model)
+    head: Head = field(default_factory=Head)
+    loss: Loss = field(default_factory=Loss)
+    distill: Distill = field(default_factory=Distill)
+    optim: Optim = field(default_factory=Optim)
+    schedule: Schedule = field(default_factory=Schedule)
+    train: Train = field(default_factory=Train)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def section_types() -> dict[str, type]:
+    return _hints(Recipe)
+
+
+def valid_keys() -> list[str]:
+    """Every `section.field` key that --set accepts."""
+    return [f"{s}.{f.name}" for s, cls in section_types().items() for f in dataclasses.fields(cls)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Values from strings (--set) and from JSON (recipe.json, checkpoints), checked against the types
+
+
+def _type_name(t) -> str:
+    if t is type(None):
+        return "none"
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(t))
+    if origin is tuple:
+        args = typing.get_args(t)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a comma-separated list of {_type_name(args[0])}"
+        return f"{len(args)} comma-separated {' , '.join(_type_name(a) for a in args)}"
+    return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}.get(t, str(t))
+
+
+class _Wrong(Exception):
+    pass
+
+
+def _coerce(value, t):
+    """value (a str from the command line, or a JSON value) as type t; _Wrong if it is not one."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(t)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto"))):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a)
+            except _Wrong:
+                pass
+        raise _Wrong
+    if origin is tuple:
+        args = typing.get_args(t)
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    items = json.loads(text)
+                except ValueError:
+                    raise _Wrong
+            else:
+                text = text.strip("()")
+                items = [v.strip() for v in text.split(",") if v.strip()] if text else []
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise _Wrong
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in items)
+        if len(items) != len(args):
+            raise _Wrong
+        return tuple(_coerce(v, a) for v, a in zip(items, args))
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise _Wrong
+    if t is int:
+        if isinstance(value, bool):
+            raise _Wrong
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise _Wrong
+        raise _Wrong
+    if t is float:
+        if isinstance(value, bool):
+            raise _Wrong
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Wrong
+        raise _Wrong
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise _Wrong
+    raise _Wrong
+
+
+def _field_type(section: str, name: str):
+    cls = section_types().get(section)
+    if cls is None:
+        raise BadInput(f"Unknown recipe section {section!r}; the sections are {', '.join(SECTIONS)}. "
+                       f"Valid keys: {', '.join(valid_keys())}.")
+    hints = _hints(cls)
+    if name not in hints or name.startswith("_"):
+        keys = [k for k in valid_keys() if k.startswith(section + ".")]
+        raise BadInput(f"Unknown key {section}.{name}; valid keys of {section} are: {', '.join(keys)}.")
+    return hints[name]
+
+
+def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
+    """Apply `section.field=VALUE` strings in order, converting VALUE to the field's type."""
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key.count(".") != 1:
+            raise BadInput(f"--set {item!r}: write section.field=VALUE, e.g. train.epochs=30. "
+                           f"Valid keys: {', '.join(valid_keys())}.")
+        section, name = key.split(".")
+        t = _field_type(section, name)
+        try:
+            v = _coerce(value, t)
+        except _Wrong:
+            raise BadInput(f"--set {key}={value!r}: {key} expects {_type_name(t)}.")
+        setattr(getattr(r, section), name, v)
+    return r
+
+
+def to_dict(r: Recipe) -> dict:
+    """The recipe as plain JSON-able data (tuples become lists)."""
+    return dataclasses.asdict(r)
+
+
+def from_dict(d: dict) -> Recipe:
+    """A Recipe from to_dict()'s output (recipe.json, a checkpoint), type-checked field by field."""
+    r = Recipe()
+    for section, fields in d.items():
+        if section not in SECTIONS:
+            continue  # run metadata stored beside the sections: name, description, parent
+        if not isinstance(fields, dict):
+            raise BadInput(f"recipe section {section!r} must be a mapping, got {type(fields).__name__}.")
+        for name, value in fields.items():
+            t = _field_type(section, name)
+            try:
+                setattr(getattr(r, section), name, _coerce(value, t))
+            except _Wrong:
+                raise BadInput(f"recipe field {section}.{name} = {value!r}: expected {_type_name(t)}.")
+    return r
+
+
+def validate(r: Recipe) -> Recipe:
+    """Raise BadInput naming the first field whose value is out of range or not a known choice."""
+    def bad(key, why):
+        section, name = key.split(".")
+        raise BadInput(f"{key} = {getattr(getattr(r, section), name)!r}: {why}.")
+
+    def choice(key, options):
+        section, name = key.split(".")
+        if getattr(getattr(r, section), name) not in options:
+            bad(key, f"must be one of {', '.join(options)}")
+
+    choice("data.backend", BACKENDS)
+    choice("head.kind", HEAD_KINDS)
+    choice("optim.name", OPTIMIZERS)
+    choice("optim.lr_scaling", LR_SCALING)
+    choice("schedule.kind", SCHEDULES)
+    choice("train.amp", AMP)
+    if r.data.batch_size < 1:
+        bad("data.batch_size", "must be at least 1")
+    if not 0.0 <= r.data.val_split < 1.0:
+        bad("data.val_split", "is a fraction of the train split and must lie in [0, 1)")
+    for key in ("data.subset", "data.test_subset"):
+        if not 0.0 < getattr(r.data, key.split(".")[1]) <= 1.0:
+            bad(key, "is a fraction and must lie in (0, 1]")
+    if not 0.0 <= r.loss.label_smoothing < 1.0:
+        bad("loss.label_smoothing", "must lie in [0, 1)")
+    if r.head.s <= 0:
+        bad("head.s", "must be > 0")
+    if r.head.embed_dim < 1:
+        bad("head.embed_dim", "must be at least 1")
+    if not 0.0 <= r.distill.alpha <= 1.0:
+        bad("distill.alpha", "must lie in [0, 1]")
+    if r.distill.temperature <= 0:
+        bad("distill.temperature", "must be > 0")
+    if r.optim.lr <= 0:
+        bad("optim.lr", "must be > 0")
+    if r.optim.weight_decay < 0:
+        bad("optim.weight_decay", "must be >= 0")
+    if r.optim.grad_clip < 0:
+        bad("optim.grad_clip", "must be >= 0 (0 = off)")
+    if r.optim.lr_ref_batch < 0:
+        bad("optim.lr_ref_batch", "must be >= 0 (0 = lr as given)")
+    if not 0.0 <= r.schedule.warmup < 1.0:
+        bad("schedule.warmup", "is a fraction of all steps and must lie in [0, 1)")
+    if any(not 0.0 < m < 1.0 for m in r.schedule.milestones) or list(r.schedule.milestones) != sorted(r.schedule.milestones):
+        bad("schedule.milestones", "must be increasing fractions of training, each in (0, 1)")
+    if r.schedule.gamma <= 0:
+        bad("schedule.gamma", "must be > 0")
+    if not 0.0 <= r.schedule.final_lr <= 1.0:
+        bad("schedule.final_lr", "is a fraction of the peak LR and must lie in [0, 1]")
+    if r.train.epochs < 1:
+        bad("train.epochs", "must be at least 1")
+    if r.train.log_every < 1:
+        bad("train.log_every", "must be at least 1")
+    if r.train.device not in ("auto", "cpu", "cuda") and not r.train.device.startswith("cuda:"):
+        bad("train.device", "must be auto, cpu, cuda or cuda:N")
+    if r.head.kind != "linear" and (r.aug.mixup_alpha > 0 or r.aug.cutmix_alpha > 0):
+        bad("head.kind", "a margin head needs hard labels, but MixUp/CutMix give soft targets; "
+                         "use head.kind=linear or set aug.mixup_alpha and aug.cutmix_alpha to 0")
+    r.aug.validate()
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipe files
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: ./recipes, then the recipes/ beside the installed package."""
+    dirs = [Path("recipes"), Path(__file__).resolve().parent.parent / "recipes"]
+    out = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
+            out.append(d)
+    return out
+
+
+def available() -> dict[str, Path]:
+    """{name: path} of every recipe file in recipe_dirs() (the first directory wins on a clash)."""
+    found = {}
+    for d in recipe_dirs():
+        for p in sorted(d.glob("*.py")):
+            if not p.name.startswith("_"):
+                found.setdefault(p.stem, p)
+    return found
+
+
+def find(ref: str) -> Path:
+    """The recipe file for a path or a name."""
+    p = Path(ref)
+    if p.suffix == ".py" or "/" in ref or p.is_file():
+        if not p.is_file():
+            raise BadInput(f"Recipe file {ref} does not exist.")
+        return p
+    recipes = available()
+    if ref not in recipes:
+        near = [n for n in recipes if ref.lower() in n.lower() or n.lower() in ref.lower()]
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise BadInput(f"No recipe named {ref!r}.{hint} Known recipes: {', '.join(recipes) or 'none'} "
+                       f"(run `fastcifar recipes`), or give a path to a recipe file.")
+    return recipes[ref]
+
+
+_derived: list[list[str]] = []  # one frame per recipe being loaded: the names its recipe() derived from
+
+
+def derive(name: str) -> Recipe:
+    """The named recipe, for a derived recipe to change: `r = derive("r18_baseline")`."""
+    if _derived:
+        _derived[-1].append(name)
+    return load(name)[0]
+
+
+def load(ref: str) -> tuple[Recipe, dict]:
+    """(Recipe, info) from a recipe path or name; info = {name, description, parent, path, source}."""
+    path = find(ref)
+    name = path.stem
+    spec = importlib.util.spec_from_file_location(f"fastcifar_recipe_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    _derived.append([])
+    try:
+        try:
+            spec.loader.exec_module(module)
+        except BadInput:
+            raise
+        except Exception as e:
+            raise BadInput(f"Recipe {path} failed to load: {type(e).__name__}: {e}.")
+        fn = getattr(module, "recipe", None)
+        if not callable(fn):
+            raise BadInput(f"Recipe {path} defines no recipe() function; a recipe file defines "
+                           f"`def recipe() -> Recipe`.")
+        try:
+            r = fn()
+        except BadInput:
+            raise
+        except Exception as e:
+            raise BadInput(f"Recipe {path}: recipe() raised {type(e).__name__}: {e}.")
+        parents = _derived[-1]
+    finally:
+        _derived.pop()
+    if not isinstance(r, Recipe):
+        raise BadInput(f"Recipe {path}: recipe() returned a {type(r).__name__}, not a fastcifar.config.Recipe.")
+    doc = inspect.getdoc(module) or ""
+    info = {"name": name, "description": doc.strip().splitlines()[0] if doc.strip() else "",
+            "path": str(path), "source": path.read_text()}
+    if parents:
+        info["parent"] = parents[0]
+    return r, info

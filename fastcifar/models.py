@@ -1,0 +1,106 @@
+"""The network: a timm backbone looked up by name (pooled features) plus a head from `HEADS`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from fastcifar import BadInput
+from fastcifar.heads import HEADS
+
+
+class Net(nn.Module):
+    """backbone (images -> pooled features) then head (features [, targets] -> logits)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.backbone(images), targets)
+
+
+def build_model(model_cfg, head_cfg, num_classes: int = 100) -> Net:
+    """The Net a recipe's `model` and `head` sections describe (on the CPU, fp32)."""
+    backbone = build_backbone(model_cfg)
+    head = HEADS[head_cfg.kind](backbone.num_features, num_classes, head_cfg)
+    return Net(backbone, head)
+
+
+def build_backbone(cfg) -> nn.Module:
+    """timm model `cfg.name` without its classifier (forward gives globally pooled features)."""
+    if not timm.is_model(cfg.name):
+        near = timm.list_models(f"*{cfg.name}*")[:12]
+        raise BadInput(f"model.name = {cfg.name!r} is not a timm model."
+                       + (f" Close names: {', '.join(near)}." if near else " See timm.list_models()."))
+    hub = cfg.pretrained and not cfg.pretrained_file
+    try:
+        # num_classes=0: timm keeps global average pooling and drops the classifier, which is the
+        # tutorial's features_only backbone + pooling in one module
+        m = timm.create_model(cfg.name, pretrained=hub, num_classes=0, drop_rate=cfg.drop_rate)
+    except Exception as e:
+        if not hub:
+            raise
+        raise BadInput(
+            f"Could not get ImageNet weights for {cfg.name} from timm's hub (Hugging Face): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} Without internet, fetch the "
+            f"weights elsewhere (e.g. timm.create_model('{cfg.name}', pretrained=True).state_dict() saved "
+            f"with torch.save), then set model.pretrained_file=PATH; or train from scratch with "
+            f"model.pretrained=false.")
+    stem = _cifar_stem(m) if cfg.cifar_stem else None
+    if cfg.pretrained_file:
+        _load_file(m, Path(cfg.pretrained_file), skip=stem)
+    return m
+
+
+def _cifar_stem(m: nn.Module) -> str:
+    """Replace the first conv with a 3x3 stride-1 one and drop the max-pool, so a 32x32 image keeps
+    4x4 px at the last stage instead of 1x1. Returns the replaced conv's name. The new conv starts
+    from random weights (a pretrained 7x7 stride-2 kernel means something else at stride 1)."""
+    name = m.pretrained_cfg.get("first_conv")
+    conv = m.get_submodule(name) if isinstance(name, str) else None
+    if not isinstance(conv, nn.Conv2d):
+        raise BadInput(f"model.cifar_stem: {type(m).__name__} names no single first conv "
+                       f"(pretrained_cfg first_conv = {name!r}); use a ResNet-like timm model or cifar_stem=false.")
+    m.set_submodule(name, nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1,
+                                    bias=conv.bias is not None))
+    if isinstance(getattr(m, "maxpool", None), nn.Module):
+        m.maxpool = nn.Identity()
+    return name
+
+
+def _load_file(m: nn.Module, path: Path, skip: str | None) -> None:
+    """Load backbone weights from a state-dict file: a plain timm/torchvision state dict (its
+    classifier is ignored) or a fastcifar checkpoint (its `backbone.` part)."""
+    if not path.is_file():
+        raise BadInput(f"model.pretrained_file = {str(path)!r} does not exist.")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"model.pretrained_file {path} is not a readable torch state dict ({type(e).__name__}: {e}).")
+    for key in ("model", "state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BadInput(f"model.pretrained_file {path} holds no state dict (a mapping of names to tensors).")
+    for prefix in ("module.", "_orig_mod."):  # saved from a DDP or torch.compile wrapper
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    if any(k.startswith("backbone.") for k in sd):  # a fastcifar Net: keep its backbone part
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    own = m.state_dict()
+    skipped = {k for k in own if skip and k.startswith(skip + ".")}  # the new CIFAR stem conv
+    missing = [k for k in own if k not in sd and k not in skipped]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+             if k in sd and k not in skipped and sd[k].shape != v.shape]
+    if missing or wrong:
+        raise BadInput(
+            f"model.pretrained_file {path} does not fit {m.pretrained_cfg.get('architecture', type(m).__name__)}: "
+            + (f"{len(missing)} weights missing (e.g. {', '.join(missing[:4])})" if missing else "")
+            + ("; " if missing and wrong else "")
+            + (f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:3])})" if wrong else "")
+            + ". Is it a state dict of the same model.name?")
+    m.load_state_dict({k: v for k, v in sd.items() if k in own and k not in skipped}, strict=False)
