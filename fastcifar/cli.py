@@ -71,19 +71,86 @@ def prepare(
 @app.command()
 def recipes():
     """List the recipes in recipes/ with their one-line descriptions."""
-    _not_yet("recipes", 4)
+    import ast
+
+    from fastcifar.config import available
+
+    found = available()
+    if not found:
+        raise BadInput("No recipes found: run from the repository root (./recipes) or give a recipe path to `fastcifar train`.")
+    width = max(len(n) for n in found)
+    for name, path in found.items():
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        except (OSError, SyntaxError, ValueError) as e:
+            doc = f"(unreadable: {e})"
+        typer.echo(f"{name:<{width}}  {doc.strip().splitlines()[0] if doc.strip() else ''}")
 
 
 @app.command()
-def train():
-    """Train a recipe (a path like recipes/r18_arcface_224.py or a name like r18_arcface_224)."""
-    _not_yet("train", 4)
+def train(
+    recipe: Optional[str] = typer.Argument(None, metavar="RECIPE", help="A recipe path (recipes/r18_arcface_224.py) "
+                                           "or name (r18_arcface_224); with --resume it comes from the checkpoint."),
+    overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a recipe field, "
+                                        "type-checked; repeatable. E.g. --set train.epochs=30 --set optim.lr=3e-4."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory [default: ./runs/<recipe>-<YYYYmmdd-HHMMSS>]."),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR "
+                                          "from its last.pt (exactly where it stopped)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+):
+    """Train a recipe (a path like recipes/r18_arcface_224.py or a name like r18_arcface_224).
+
+    Writes the run directory: recipe.json and recipe.py, TensorBoard events, metrics.jsonl (one line
+    per epoch), last.pt and best.pt, summary.json. Ctrl-C (or SIGTERM) saves last.pt and exits 130;
+    `--resume RUN_DIR` continues. Under `torchrun --nproc-per-node N -m fastcifar train ...` each
+    process trains on its shard; data.batch_size is the global batch.
+    """
+    from fastcifar import checkpoint, config
+    from fastcifar.train import Diverged, Interrupted
+    from fastcifar.train import train as run_train
+
+    if resume is not None:
+        ck = checkpoint.load(resume / "last.pt")
+        r, info = config.from_dict(ck["recipe"]), dict(ck["info"])
+        if recipe is not None and recipe not in (info["name"], info.get("path")):
+            raise BadInput(f"--resume {resume} continues a run of {info['name']!r}, not {recipe!r}; drop RECIPE "
+                           f"or start a new run without --resume.")
+        del ck
+    elif recipe is None:
+        raise BadInput("Name a recipe to train (`fastcifar recipes` lists them), or --resume RUN_DIR.")
+    else:
+        r, info = config.load(recipe)
+    config.apply_overrides(r, overrides)
+    if overrides:
+        info["overrides"] = list(info.get("overrides", [])) + list(overrides)
+    try:
+        run_train(r, info, out=out, data_dir=data_dir, resume=resume)
+    except Interrupted as e:
+        typer.echo(str(e), err=True)
+        sys.exit(130)
+    except Diverged as e:
+        fail(str(e), code=1)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        sys.exit(130)
 
 
 @app.command(name="eval")
-def evaluate():
+def evaluate(
+    checkpoint_ref: str = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint (.pt) or a run directory "
+                                         "(its best.pt)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    backend: Optional[str] = typer.Option(None, "--backend", help="Loader backend [default: the recipe's]."),
+    batch_size: int = typer.Option(500, "--batch-size", help="Images per evaluation batch."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present) | cpu | cuda | cuda:N."),
+):
     """Print test top-1/top-5 of a checkpoint."""
-    _not_yet("eval", 4)
+    from fastcifar.train import evaluate_checkpoint
+
+    res = evaluate_checkpoint(checkpoint_ref, data_dir=data_dir, backend=backend, batch_size=batch_size, device=device)
+    typer.echo(f"{res['checkpoint']} ({res['recipe']}, epoch {res['epoch']}): test top-1 {res['acc']:.2f}%  "
+               f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  on {res['images']} images"
+               + (" of a SYNTHETIC store" if res["synthetic"] else ""))
 
 
 @app.command()
