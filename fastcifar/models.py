@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import timm
@@ -33,7 +34,7 @@ def build_model(model_cfg, head_cfg, num_classes: int = 100) -> Net:
 def build_backbone(cfg) -> nn.Module:
     """timm model `cfg.name` without its classifier (forward gives globally pooled features)."""
     if not timm.is_model(cfg.name):
-        near = timm.list_models(f"*{cfg.name}*")[:12]
+        near = difflib.get_close_matches(cfg.name, timm.list_models(), n=8, cutoff=0.7)
         raise BadInput(f"model.name = {cfg.name!r} is not a timm model."
                        + (f" Close names: {', '.join(near)}." if near else " See timm.list_models()."))
     hub = cfg.pretrained and not cfg.pretrained_file

@@ -1,0 +1,124 @@
+"""Recipes as typed config: overrides are type-checked, unknown keys list the valid ones, typos
+fail, recipe files load by name or path, derived recipes record their parent, bad input exits 2."""
+
+import sys
+
+import pytest
+
+from fastcifar import BadInput
+from fastcifar.config import (Recipe, apply_overrides, from_dict, load, to_dict, valid_keys, validate)
+
+REQUIRED_KEYS = ["train.epochs", "train.seed", "train.compile", "train.amp", "train.deterministic",
+                 "data.batch_size", "data.backend", "data.val_split", "optim.lr", "optim.weight_decay"]
+
+
+def test_required_keys_exist():
+    assert set(REQUIRED_KEYS) <= set(valid_keys())
+
+
+def test_overrides_convert_to_the_field_type():
+    r = apply_overrides(Recipe(), ["train.epochs=7", "optim.lr=3e-4", "train.deterministic=true",
+                                   "train.compile=false", "data.backend=torch", "optim.betas=0.8,0.99",
+                                   "schedule.milestones=[0.5, 0.75]", "aug.rrc_scale=0.35,1", "train.amp=bf16"])
+    assert r.train.epochs == 7 and isinstance(r.train.epochs, int)
+    assert r.optim.lr == 3e-4 and r.train.deterministic is True and r.train.compile is False
+    assert r.optim.betas == (0.8, 0.99) and r.schedule.milestones == (0.5, 0.75)
+    assert r.aug.rrc_scale == (0.35, 1.0) and r.train.amp == "bf16"
+    assert apply_overrides(r, ["train.compile=auto", "aug.rrc_scale=none"]).train.compile is None
+    assert r.aug.rrc_scale is None
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("train.epochs=abc", "expects an int"), ("train.epochs=1.5", "expects an int"),
+    ("optim.lr=fast", "expects a float"), ("train.deterministic=maybe", "expects a bool"),
+    ("optim.betas=0.9", "2 comma-separated"),
+])
+def test_wrong_type_names_the_expected_one(item, expected):
+    with pytest.raises(BadInput, match=expected):
+        apply_overrides(Recipe(), [item])
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(BadInput) as e:
+        apply_overrides(Recipe(), ["train.epoch=3"])
+    assert "train.epochs" in str(e.value) and "train.seed" in str(e.value)
+    with pytest.raises(BadInput) as e:
+        apply_overrides(Recipe(), ["trian.epochs=3"])
+    assert all(k in str(e.value) for k in REQUIRED_KEYS)
+    with pytest.raises(BadInput, match="section.field=VALUE"):
+        apply_overrides(Recipe(), ["epochs=3"])
+
+
+def test_typo_in_a_recipe_fails():
+    r = Recipe()
+    with pytest.raises(AttributeError):
+        r.train.epoch = 3  # slots: no new attributes
+
+
+def test_validate_names_the_bad_field():
+    for item, field in [("head.kind=softmax", "head.kind"), ("data.val_split=1.5", "data.val_split"),
+                        ("schedule.kind=linear", "schedule.kind"), ("aug.hflip=2", "aug.hflip")]:
+        with pytest.raises(BadInput, match=field.replace(".", r"\.")):
+            validate(apply_overrides(Recipe(), [item]))
+
+
+def test_round_trip_through_dict():
+    r = apply_overrides(Recipe(), ["optim.betas=0.8,0.9", "schedule.milestones=0.3,0.6", "train.compile=true"])
+    d = to_dict(r)
+    import json
+    back = from_dict(json.loads(json.dumps({"name": "x", **d})))
+    assert back == r and isinstance(back.optim.betas, tuple)
+
+
+def test_load_by_name_and_path_and_parent():
+    r, info = load("r18_lbsmooth")
+    assert info["name"] == "r18_lbsmooth" and info["parent"] == "r18_baseline"
+    assert "44.81%" in info["description"] and r.loss.label_smoothing == 0.1
+    base, binfo = load("recipes/r18_baseline.py")
+    assert "parent" not in binfo and base.loss.label_smoothing == 0.0
+    assert r.optim == base.optim  # the rest is inherited
+
+
+def test_bad_recipe_references(tmp_path):
+    with pytest.raises(BadInput, match="No recipe named 'r18_basline'.*r18_baseline"):
+        load("r18_basline")
+    with pytest.raises(BadInput, match="does not exist"):
+        load(str(tmp_path / "missing.py"))
+    (tmp_path / "norecipe.py").write_text('"""Nothing."""\nx = 1\n')
+    with pytest.raises(BadInput, match="defines no recipe"):
+        load(str(tmp_path / "norecipe.py"))
+    (tmp_path / "broken.py").write_text("def recipe(:\n")
+    with pytest.raises(BadInput, match="SyntaxError"):
+        load(str(tmp_path / "broken.py"))
+    (tmp_path / "wrong.py").write_text("def recipe():\n    return {'train': {}}\n")
+    with pytest.raises(BadInput, match="not a fastcifar.config.Recipe"):
+        load(str(tmp_path / "wrong.py"))
+
+
+def _cli(monkeypatch, capsys, *args):
+    from fastcifar.cli import main
+    monkeypatch.setattr(sys, "argv", ["fastcifar", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("train", "no_such_recipe"), "No recipe named"),
+    (("train", "smoke", "--set", "train.epoch=2"), "valid keys of train"),
+    (("train", "smoke", "--set", "train.epochs=two"), "expects an int"),
+    (("train", "recipes/nope.py"), "does not exist"),
+    (("train",), "Name a recipe"),
+])
+def test_cli_bad_input_exits_2_with_one_paragraph(monkeypatch, capsys, args, message):
+    code, out = _cli(monkeypatch, capsys, *args)
+    assert code == 2
+    assert message in out.err.replace("\n", " ") and "Traceback" not in out.err
+    assert out.err.startswith("error: ") and "\n\n" not in out.err.strip()
+
+
+def test_cli_recipes_lists_names_and_docstrings(monkeypatch, capsys):
+    code, out = _cli(monkeypatch, capsys, "recipes")
+    assert code == 0
+    lines = {l.split()[0]: l for l in out.out.splitlines()}
+    assert "smoke" in lines and "r18_baseline" in lines and "44.26%" in lines["r18_baseline"]

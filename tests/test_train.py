@@ -1,0 +1,310 @@
+"""The training loop on a CPU: a small run learns and writes the run-directory contract; resume is
+exact after an epoch and mid-epoch; SIGINT/SIGTERM save and exit 130; a NaN loss stops the run;
+distillation feeds the teacher its own size; one torch.compile run; the LR schedule and groups."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastcifar.train as T
+from fastcifar import BadInput, checkpoint
+from fastcifar.config import Recipe, Schedule
+from fastcifar.data import prepare
+from fastcifar.models import build_model
+from fastcifar.optim import lr_factor, param_groups, peak_lr
+
+TIMING = {"images_per_sec", "epoch_seconds", "wall_seconds"}
+QUIET = dict(log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("store") / "cifar100"
+    prepare(d, synthetic=True, n_train=1000, n_test=300, log=lambda *_: None)
+    return d
+
+
+def tiny(**fields) -> Recipe:
+    """A seconds-long deterministic CPU run of timm's test_resnet (0.4M parameters)."""
+    r = Recipe()
+    r.data.batch_size = 50
+    r.data.backend = "torch"
+    r.aug.normalize = "cifar"
+    r.model.name = "test_resnet"
+    r.optim.lr = 3e-3
+    r.optim.weight_decay = 0.05
+    r.schedule.kind = "onecycle"
+    r.schedule.warmup = 0.1
+    r.train.epochs = 3
+    r.train.compile = False
+    r.train.device = "cpu"
+    r.train.deterministic = True
+    r.train.log_every = 4
+    for key, value in fields.items():
+        section, name = key.split("__")
+        setattr(getattr(r, section), name, value)
+    return r
+
+
+def info(name="tiny"):
+    return {"name": name, "description": f"{name}: a test run", "source": '"""a test run"""\n'}
+
+
+class Hook:
+    """A loader that calls fn(epoch, batch_index, images) before yielding each batch."""
+
+    def __init__(self, loader, fn):
+        self.loader, self.fn, self.epoch = loader, fn, 0
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, (images, labels) in enumerate(self.loader):
+            self.fn(self.epoch, i, images)
+            yield images, labels
+
+
+def hook_loaders(monkeypatch, train_fn=None, test_fn=None, calls=None):
+    real = T.make_loader
+
+    def make(store, split, spec, batch_size, **kw):
+        if calls is not None:
+            calls.append((split, kw))
+        loader = real(store, split, spec, batch_size, **kw)
+        fn = train_fn if kw.get("augment") else test_fn if split == "test" else None
+        return Hook(loader, fn) if fn else loader
+
+    monkeypatch.setattr(T, "make_loader", make)
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def untimed(ms):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in ms]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_small_run_learns_and_writes_the_run_contract(store, tmp_path):
+    run = tmp_path / "run"
+    s = T.train(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store, **QUIET)
+    assert {p.name for p in run.iterdir()} >= {"recipe.json", "recipe.py", "last.pt", "best.pt", "metrics.jsonl", "summary.json"}
+    assert any(p.name.startswith("events.") for p in run.iterdir())
+    assert json.loads((run / "summary.json").read_text()) == s
+    rj = json.loads((run / "recipe.json").read_text())
+    assert rj["name"] == "tiny" and rj["description"] == "tiny: a test run" and rj["train"]["epochs"] == 4
+
+    ms = metrics(run)
+    assert [m["epoch"] for m in ms] == [1, 2, 3, 4]
+    keys = {"train_loss", "train_acc", "test_acc", "test_top5", "test_loss", "val_acc", "val_top5", "val_loss",
+            "lr", "images_per_sec", "epoch_seconds", "wall_seconds"}
+    assert all(keys <= set(m) for m in ms)
+    assert all(0 <= m["test_acc"] <= m["test_top5"] <= 100 for m in ms)
+    assert ms[-1]["train_loss"] < ms[0]["train_loss"]
+
+    # learning: 100 classes, chance is 1%
+    assert s["best_acc"] > 20 and s["final_acc"] > 20, s
+    assert s["finished"] and s["stop_reason"] == "completed" and s["epochs_done"] == s["epochs"] == 4
+    assert (s["device"], s["backend"], s["world_size"], s["synthetic"]) == ("cpu", "torch", 1, True)
+    # model selection on the held-out validation images, reported apart from test
+    best = max(ms, key=lambda m: m["val_acc"])
+    assert s["selection"] == "val" and s["best_val_epoch"] == s["best_epoch"] == best["epoch"]
+    assert s["best_val_acc"] == best["val_acc"] and s["test_acc_at_best_val"] == s["best_acc"] == best["test_acc"]
+    assert s["final_acc"] == ms[-1]["test_acc"] and s["train_images_per_sec"] > 0
+
+    ck = checkpoint.load(run / "best.pt")
+    assert ck["epoch"] == s["best_epoch"]
+    assert checkpoint.load(run / "last.pt")["epoch"] == 4
+    ev = T.evaluate_checkpoint(str(run), data_dir=store, batch_size=50, device="cpu")  # a run dir means best.pt
+    assert ev["acc"] == pytest.approx(best["test_acc"]) and ev["images"] == 300
+
+    with pytest.raises(BadInput, match="--resume"):  # never overwrite a run
+        T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
+
+
+@pytest.fixture(scope="module")
+def straight(store, tmp_path_factory):
+    run = tmp_path_factory.mktemp("straight") / "run"
+    T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
+    return run
+
+
+@pytest.mark.parametrize("when", ["after_epoch", "mid_epoch"])
+def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path, monkeypatch, when):
+    def sigint(epoch, i, images):
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, through the loop's handler
+
+    if when == "after_epoch":  # arrives while epoch 1 is being evaluated
+        hook_loaders(monkeypatch, test_fn=lambda e, i, x: sigint(e, i, x) if i == 0 and not done else None)
+    else:  # arrives during batch 4 of epoch 2
+        hook_loaders(monkeypatch, train_fn=lambda e, i, x: sigint(e, i, x) if (e, i) == (1, 3) and not done else None)
+    run, done = tmp_path / "run", False
+    with pytest.raises(T.Interrupted, match="--resume"):
+        T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
+    done = True
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["finished"], s["stop_reason"]) == (False, "interrupted")
+    ck = checkpoint.load(run / "last.pt")
+    assert (ck["epoch"], ck["step_in_epoch"]) == ((1, 0) if when == "after_epoch" else (1, 4))
+
+    s = T.train(tiny(), {}, data_dir=store, resume=run, **QUIET)
+    assert s["finished"] and s["epochs_done"] == 3
+    assert untimed(metrics(run)) == untimed(metrics(straight))
+    a, b = checkpoint.load(run / "last.pt")["model"], checkpoint.load(straight / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_sigterm_saves_exits_130_and_the_run_resumes(store, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store), "--out", str(run),
+           "--set", "data.backend=torch", "--set", "data.subset=1", "--set", "data.test_subset=1",
+           "--set", "train.epochs=50"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no epoch finished in 120 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"--resume {run}" in err.replace("\n", " ")
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["finished"], s["stop_reason"]) == (False, "interrupted")
+    ck = checkpoint.load(run / "last.pt")
+    assert 1 <= ck["epoch"] < 50
+
+    # resume through the CLI, finishing the epoch it stopped in
+    from fastcifar.cli import main
+    argv = ["fastcifar", "train", "--resume", str(run), "--data-dir", str(store),
+            "--set", f"train.epochs={ck['epoch'] + 1}"]
+    old, sys.argv = sys.argv, argv
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+    finally:
+        sys.argv = old
+    assert e.value.code == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["finished"] and s["epochs_done"] == ck["epoch"] + 1 == len(metrics(run))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
+    def poison(epoch, i, images):
+        if (epoch, i) == (1, 2):
+            images[0, 0, 0, 0] = float("nan")  # one bad pixel makes the whole batch's loss NaN
+
+    hook_loaders(monkeypatch, train_fn=poison)
+    run = tmp_path / "run"
+    steps_per_epoch = 1000 // 50
+    with pytest.raises(T.Diverged, match=f"at step {steps_per_epoch + 3} .*epoch 2, batch 3"):
+        T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
+    s = json.loads((run / "summary.json").read_text())
+    assert not s["finished"] and "non-finite" in s["stop_reason"] and s["epochs_done"] == 1
+    ck = checkpoint.load(run / "last.pt")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert len(metrics(run)) == 1
+
+
+def test_distillation_feeds_the_teacher_its_own_size(store, tmp_path, monkeypatch):
+    teacher = tmp_path / "teacher"
+    T.train(tiny(train__epochs=1, aug__image_size=40), info("teach"), out=teacher, data_dir=store, **QUIET)
+    calls = []
+    hook_loaders(monkeypatch, calls=calls)
+    kd = T.train(tiny(train__epochs=1, distill__teacher=str(teacher)), info(), out=tmp_path / "kd", data_dir=store, **QUIET)
+    assert [kw.get("sizes") for split, kw in calls if kw.get("augment")] == [(32, 40)]
+    plain = T.train(tiny(train__epochs=1), info(), out=tmp_path / "plain", data_dir=store, **QUIET)
+    kd_m, plain_m = metrics(tmp_path / "kd")[0], metrics(tmp_path / "plain")[0]
+    assert kd_m["train_loss"] != plain_m["train_loss"]  # the KD term is in the loss
+    assert kd["finished"]
+    # a teacher named by its recipe is the newest run of it under runs/
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    os.rename(teacher, tmp_path / "runs" / "teach-20250101-000000")
+    assert checkpoint.resolve("teach") == Path("runs/teach-20250101-000000/best.pt")
+    with pytest.raises(BadInput, match="neither a checkpoint"):
+        checkpoint.resolve("nobody")
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs_stay_finite(store, tmp_path, amp):
+    s = T.train(tiny(train__epochs=1, train__amp=amp, train__deterministic=False, head__kind="arcface"),
+                info(), out=tmp_path / "run", data_dir=store, **QUIET)
+    m = metrics(tmp_path / "run")[0]
+    assert s["finished"] and math.isfinite(m["train_loss"]) and math.isfinite(m["test_loss"])
+    ck = checkpoint.load(tmp_path / "run" / "last.pt")
+    assert ck["scaler"] != {} if amp == "fp16" else True  # fp16 keeps a GradScaler state
+
+
+def test_torch_compile_run(store, tmp_path):
+    """The one compiled run (the first compile costs tens of seconds on a CPU)."""
+    run = tmp_path / "run"
+    s = T.train(tiny(train__epochs=1, train__compile=True, train__deterministic=False), info(), out=run,
+                data_dir=store, **QUIET)
+    assert s["finished"]
+    ck = checkpoint.load(run / "last.pt")
+    net = build_model(tiny().model, tiny().head)
+    net.load_state_dict(ck["model"])  # plain keys: compiling did not rename the weights
+    ev = T.evaluate_checkpoint(str(run / "last.pt"), data_dir=store, batch_size=50, device="cpu")  # eager
+    assert ev["acc"] == pytest.approx(s["final_acc"], abs=1.0)
+
+
+def test_missing_store_offline_says_prepare_synthetic(tmp_path, monkeypatch):
+    import fastcifar.data as data
+
+    def offline(url, dest, md5, progress=True):
+        raise BadInput(f"Could not download {url} ([Errno -2] Name or service not known).")
+
+    monkeypatch.setattr(data, "download", offline)
+    with pytest.raises(BadInput, match="fastcifar prepare --synthetic"):
+        T.train(tiny(), info(), out=tmp_path / "run", data_dir=tmp_path / "nodata", **QUIET)
+
+
+# ---- the LR schedule and parameter groups (pure functions)
+
+
+def test_lr_schedule_shapes():
+    total = 100
+    warm = Schedule(kind="cosine", warmup=0.1, final_lr=0.0)
+    assert [lr_factor(i, total, warm) for i in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert lr_factor(10, total, warm) == pytest.approx(1.0) and lr_factor(99, total, warm) < 0.001
+    assert lr_factor(55, total, warm) == pytest.approx(0.5)  # cosine: half way after warmup
+    one = Schedule(kind="onecycle", warmup=0.2, final_lr=0.1)
+    assert lr_factor(20, total, one) == 1.0 and lr_factor(60, total, one) == pytest.approx(0.55)
+    step = Schedule(kind="step", milestones=(0.5, 0.75), gamma=0.1)
+    assert [lr_factor(i, total, step) for i in (49, 50, 74, 75)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    assert all(lr_factor(i, total, Schedule()) == 1.0 for i in range(total))
+
+
+def test_param_groups_and_lr_scaling():
+    net = build_model(tiny().model, tiny().head)
+    groups = param_groups(net, 0.05)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert all((p.ndim > 1) == (id(p) in decayed) for p in net.parameters())  # norms and biases: no decay
+    assert len(param_groups(net, 0.05, decay_norm_bias=True)) == 1
+    r = tiny(optim__lr=0.1, optim__lr_ref_batch=256)
+    assert peak_lr(r.optim, 512) == pytest.approx(0.2)
+    r.optim.lr_scaling = "sqrt"
+    assert peak_lr(r.optim, 1024) == pytest.approx(0.2)
