@@ -1,0 +1,69 @@
+"""Two CPU processes under torchrun (gloo): each rank trains on its own shard, together they cover
+every training image exactly once per epoch, metrics are all-reduced, only rank 0 writes the run,
+and --resume continues it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastcifar.train as T
+from fastcifar.data import open_store, prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+N_TRAIN, N_TEST, BATCH = 400, 150, 40  # BATCH is global: 20 per rank
+
+
+def torchrun(record: Path, *args: str) -> subprocess.CompletedProcess:
+    record.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "ddp_worker.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCIFAR_TEST_RECORD": str(record)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_gloo_ranks_cover_each_epoch_once_and_write_one_run(tmp_path):
+    data = tmp_path / "cifar100"
+    prepare(data, synthetic=True, n_train=N_TRAIN, n_test=N_TEST, log=lambda *_: None)
+    run = tmp_path / "run"
+    common = ["--data-dir", str(data), "--set", "data.backend=torch", "--set", "data.subset=1",
+              "--set", "data.test_subset=1", "--set", f"data.batch_size={BATCH}", "--set", "train.device=cpu"]
+    p = torchrun(tmp_path / "rec1", "train", "smoke", "--out", str(run), "--set", "train.epochs=2", *common)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    labels = np.asarray(open_store(data).labels("train"))
+    ranks = [json.loads((tmp_path / "rec1" / f"rank{r}.json").read_text()) for r in range(2)]
+    for epoch in ("0", "1"):
+        per_rank = [[row for b in rk[epoch] for row in b["rows"]] for rk in ranks]
+        assert all(len(b["rows"]) == BATCH // 2 for rk in ranks for b in rk[epoch])  # per-rank batch
+        assert len(per_rank[0]) == len(per_rank[1]) == N_TRAIN // 2
+        assert not set(per_rank[0]) & set(per_rank[1])                # disjoint shards ...
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(N_TRAIN))  # ... covering the epoch once
+        for rk in ranks:  # and the loop trained on exactly those rows' images
+            assert all(b["labels"] == labels[b["rows"]].tolist() for b in rk[epoch])
+    assert ranks[0]["0"][0]["rows"] != ranks[0]["1"][0]["rows"]  # reshuffled per epoch
+
+    # one run directory, written by rank 0 only
+    assert len(list(run.glob("events.*"))) == 1 and len(list(run.glob("summary.json"))) == 1
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["world_size"], s["epochs_done"], s["finished"]) == (2, 2, True)
+    ms = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in ms] == [1, 2]
+    # evaluation is sharded (75 images per rank) and all-reduced: one process on all 150 agrees
+    ev = T.evaluate_checkpoint(str(run / "last.pt"), data_dir=data, batch_size=20, device="cpu")
+    assert ev["images"] == N_TEST
+    assert ms[-1]["test_loss"] == pytest.approx(ev["loss"], rel=1e-4)
+    assert ms[-1]["test_acc"] == pytest.approx(ev["acc"], abs=1.4)  # at most 2 borderline images
+
+    # resume under torchrun: continues at epoch 3 and appends to the same run
+    p = torchrun(tmp_path / "rec2", "train", "--resume", str(run), "--set", "train.epochs=3", "--data-dir", str(data))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["world_size"], s["epochs_done"], s["finished"]) == (2, 3, True)
+    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert set(json.loads((tmp_path / "rec2" / "rank1.json").read_text())) == {"2"}  # only the new epoch
