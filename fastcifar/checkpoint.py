@@ -66,6 +66,8 @@ def resolve(ref: str | os.PathLike, prefer: str = "best.pt", runs_dir: Path = Pa
             if (p / n).is_file():
                 return p / n
         raise BadInput(f"Run directory {p} holds no checkpoint (best.pt or last.pt).")
+    if len(p.parts) != 1 or p.is_absolute():
+        raise BadInput(f"{ref} does not exist; give a checkpoint file, a run directory or a recipe name.")
     runs = sorted((d for d in runs_dir.glob(f"{ref}-*") if d.is_dir() and any((d / n).is_file() for n in order)),
                   key=lambda d: d.stat().st_mtime)
     if runs:

@@ -437,7 +437,11 @@ def split_rows(n_train: int, n_test: int, d) -> tuple[np.ndarray | None, np.ndar
 def load_teacher(r: Recipe, device: torch.device, num_classes: int) -> tuple[torch.nn.Module, Recipe]:
     """The frozen teacher of r.distill.teacher (run dir, checkpoint or recipe name) and its recipe,
     read from its checkpoint: it sees its own image size and must share the student's normalisation."""
-    path = checkpoint.resolve(r.distill.teacher, prefer="best.pt")
+    try:
+        path = checkpoint.resolve(r.distill.teacher, prefer="best.pt")
+    except BadInput as e:
+        raise BadInput(f"distill.teacher = {r.distill.teacher!r}: {e} Train the teacher first (e.g. `fastcifar "
+                       f"train {r.distill.teacher}`), or --set distill.teacher=RUN_DIR_OR_CHECKPOINT.")
     ck = checkpoint.load(path)
     tr = from_dict(ck["recipe"])
     if tr.aug.normalize != r.aug.normalize:
