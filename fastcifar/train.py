@@ -46,12 +46,23 @@ def train(r: Recipe, info: dict, out: str | os.PathLike | None = None, data_dir:
     resume: a run directory whose last.pt to continue from (then out defaults to it)."""
     validate(r)
     rt = r.train
+    if resume is None and out is not None and (Path(out) / "last.pt").exists():
+        raise BadInput(f"{out} already holds a run; continue it with --resume {out}, or choose another --out.")
 
     # ---- Where: device and ranks. One process per GPU under torchrun; data.batch_size is global.
     want_cuda = rt.device.startswith("cuda") or (rt.device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
         raise BadInput(f"train.device = {rt.device!r} but torch sees no CUDA device; use train.device=cpu or auto.")
     rank, world, local_rank = fdist.init("cuda" if want_cuda else "cpu")
+    try:
+        return _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_rank)
+    finally:
+        fdist.destroy()
+
+
+def _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_rank) -> dict:
+    """The loop itself; train() holds the process group around it."""
+    rt = r.train
     if want_cuda:
         index = int(rt.device.split(":")[1]) if rt.device.startswith("cuda:") and world == 1 else local_rank
         device = torch.device("cuda", index)
@@ -146,8 +157,6 @@ def train(r: Recipe, info: dict, out: str | os.PathLike | None = None, data_dir:
         out = Path(out)
         writer, metrics_file = None, None
         if main:
-            if resume is None and (out / "last.pt").exists():
-                raise BadInput(f"{out} already holds a run; continue it with --resume {out}, or choose another --out.")
             out.mkdir(parents=True, exist_ok=True)
             meta = {"name": info["name"], "description": info.get("description", "")}
             if info.get("parent"):
@@ -360,7 +369,6 @@ def train(r: Recipe, info: dict, out: str | os.PathLike | None = None, data_dir:
                 metrics_file.close()
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
-        fdist.destroy()
 
 
 @torch.no_grad()
