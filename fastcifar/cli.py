@@ -93,17 +93,16 @@ def train(
                                            "or name (r18_arcface_224); with --resume it comes from the checkpoint."),
     overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a recipe field, "
                                         "type-checked; repeatable. E.g. --set train.epochs=30 --set optim.lr=3e-4."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory [default: ./runs/<recipe>-<YYYYmmdd-HHMMSS>]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: ./runs/<recipe>-<YYYYmmdd-HHMMSS>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR "
                                           "from its last.pt (exactly where it stopped)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
 ):
     """Train a recipe (a path like recipes/r18_arcface_224.py or a name like r18_arcface_224).
 
-    Writes the run directory: recipe.json and recipe.py, TensorBoard events, metrics.jsonl (one line
-    per epoch), last.pt and best.pt, summary.json. Ctrl-C (or SIGTERM) saves last.pt and exits 130;
-    `--resume RUN_DIR` continues. Under `torchrun --nproc-per-node N -m fastcifar train ...` each
-    process trains on its shard; data.batch_size is the global batch.
+    Writes a run directory: recipe.json, recipe.py, TensorBoard events, metrics.jsonl, last.pt, best.pt, summary.json.
+    Ctrl-C or SIGTERM saves last.pt and exits 130; --resume RUN_DIR continues the run.
+    Under torchrun (torchrun --nproc-per-node N -m fastcifar train ...) data.batch_size is the global batch.
     """
     from fastcifar import checkpoint, config
     from fastcifar.train import Diverged, Interrupted
