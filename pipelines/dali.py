@@ -82,6 +82,19 @@ def eval_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
     return (*_finish(x, sizes, spec, mean, std), labels.gpu() if gpu else labels)
 
 
+class _Feed:
+    """external_source's callable: the current epoch's inputs. A separate object, so the pipeline
+    does not point back at its backend: no reference cycle, so a dropped loader frees its
+    pipeline (and threads) at once, not in some later GC pass - possibly in a forked worker,
+    where DALI's shutdown aborts."""
+
+    def __init__(self):
+        self.inputs = iter(())
+
+    def __call__(self):
+        return next(self.inputs)  # StopIteration here ends DALI's epoch
+
+
 class DaliBackend:
     """Batches of a split through the DALI graph (GPU, or CPU mode without one)."""
 
@@ -92,15 +105,12 @@ class DaliBackend:
         self.images, self.labels = store.images(split), store.labels(split)  # memmaps: read per batch
         self.gpu = device.type == "cuda"
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
-        self.pipe, self._feed, self._clean = None, iter(()), False
-
-    def _source(self):
-        return next(self._feed)  # StopIteration here ends DALI's epoch
+        self.pipe, self.feed, self._clean = None, _Feed(), False
 
     def _build(self):
         graph = train_pipeline if self.augment else eval_pipeline
         threads = min(4, len(os.sched_getaffinity(0))) if self.gpu else len(os.sched_getaffinity(0))
-        self.pipe = graph(self._source, self.spec, self.sizes, self.mean, self.std, self.gpu,
+        self.pipe = graph(self.feed, self.spec, self.sizes, self.mean, self.std, self.gpu,
                           batch_size=self.batch_size, num_threads=threads, prefetch_queue_depth=2,
                           device_id=self.device.index if self.gpu else None, seed=self.seed)
         with warnings.catch_warnings():  # outputs of the source that this spec's graph never reads
@@ -136,7 +146,7 @@ class DaliBackend:
     def epoch(self, batches, epoch: int):
         if self.pipe is None or not self._clean:  # new, or the last epoch was left half-way: rebuild
             self._build()
-        self._feed, self._clean = self._inputs(batches, epoch), False
+        self.feed.inputs, self._clean = self._inputs(batches, epoch), False
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
         while True:
             try:

@@ -12,7 +12,7 @@ from pipelines.loader import dali_available
 N_TRAIN, N_TEST = 500, 200
 # Every backend runs on the CPU here; DALI in its CPU mode (device_id=None).
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
-            ]
+            "tutorial"]
 
 
 @pytest.fixture(scope="session")

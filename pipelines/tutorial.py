@@ -1,0 +1,153 @@
+"""The tutorial's data path, kept as the baseline of `fastcifar bench` and for tests; never the
+default. A torch DataLoader with worker processes; each worker resizes and augments one image at
+a time on the CPU, as the tutorial's dataset did.
+
+With the `bench` extra (albumentations + opencv) it is the tutorial's own code path: cv2 resize,
+then the spec's ops as albumentations transforms (the OneOf policy as `A.OneOf`), at the output
+size. Without it (CI), the same per-image ops as the batched backends run one image at a time
+with torch, at 32 before the resize. Either way the draws are not those of pipelines.draw; they are
+seeded per (seed, epoch, worker), so the same seed still gives the same batches.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines import torch_backend as tb
+from pipelines.draw import SIDE, draw
+from pipelines.spec import AugSpec
+
+WORKERS = 2  # the tutorial's DataLoader used 2 workers on this class of machine
+
+
+def albumentations_available() -> bool:
+    """Whether the tutorial's own libraries (albumentations, cv2) are installed."""
+    try:
+        import albumentations  # noqa: F401
+        import cv2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def albumentations_pipeline(spec: AugSpec, size: int):
+    """The spec as an albumentations Compose working at `size` px (pixel amounts scaled from 32)."""
+    import albumentations as A
+    import cv2
+
+    ops = {
+        "hflip": lambda p: A.HorizontalFlip(p=p),
+        "vflip": lambda p: A.VerticalFlip(p=p),
+        "shift_scale_rotate": lambda p: A.ShiftScaleRotate(
+            shift_limit=spec.ssr_shift, scale_limit=spec.ssr_scale, rotate_limit=spec.ssr_degrees,
+            border_mode=cv2.BORDER_CONSTANT, fill=0, p=p),
+        "color_jitter": lambda p: A.ColorJitter(brightness=spec.brightness, contrast=spec.contrast,
+                                                saturation=spec.saturation, hue=spec.hue, p=p),
+        "coarse_dropout": lambda p: A.CoarseDropout(num_holes_range=spec.erase_holes, hole_height_range=spec.erase_size,
+                                                    hole_width_range=spec.erase_size, fill=spec.erase_fill, p=p),
+    }
+    own_p = {"hflip": spec.hflip, "vflip": spec.vflip, "shift_scale_rotate": spec.ssr_p,
+             "color_jitter": spec.jitter_p, "coarse_dropout": spec.erase_p}
+    steps = []
+    if spec.pad_crop:
+        pad = round(spec.pad_crop * size / SIDE)
+        steps += [A.PadIfNeeded(size + 2 * pad, size + 2 * pad, border_mode=cv2.BORDER_CONSTANT, fill=0),
+                  A.RandomCrop(size, size)]
+    elif spec.rrc_scale is not None:
+        steps.append(A.RandomResizedCrop(size=(size, size), scale=spec.rrc_scale, ratio=spec.rrc_ratio))
+    steps += [make(own_p[op]) for op, make in ops.items() if op not in spec.oneof and own_p[op] > 0]
+    if spec.oneof and spec.oneof_p > 0:
+        steps.append(A.OneOf([ops[op](1.0) for op in spec.oneof], p=spec.oneof_p))
+    return A.Compose(steps)
+
+
+class TutorialDataset(torch.utils.data.Dataset):
+    """One image at a time: resize, augment, normalise; HWC float32 out (stacks to channels_last)."""
+
+    def __init__(self, images, labels, spec: AugSpec, sizes, augment: bool, mean, std, use_albumentations: bool):
+        self.images, self.labels, self.spec, self.sizes = images, labels, spec, sizes
+        self.augment = augment and spec.augments
+        self.mean = np.array(mean, np.float32) * 255
+        self.inv_std = 1 / (np.array(std, np.float32) * 255)
+        self.alb = use_albumentations
+        self.rng = np.random.default_rng(0)  # reseeded per worker and epoch (seed_worker)
+        self.compose = None
+
+    def seed(self, seed: int):
+        self.rng = np.random.default_rng(seed)
+        if self.alb and self.augment:
+            with warnings.catch_warnings():  # ShiftScaleRotate: "use Affine instead"; the tutorial used it
+                warnings.simplefilter("ignore")
+                self.compose = albumentations_pipeline(self.spec, self.sizes[0] if len(self.sizes) == 1 else SIDE)
+            self.compose.set_random_seed(seed)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def _normalise(self, img: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((img.astype(np.float32) - self.mean) * self.inv_std)
+
+    def __getitem__(self, row):
+        img = np.asarray(self.images[row])  # (32, 32, 3) uint8
+        if self.alb:
+            import cv2
+
+            interp = cv2.INTER_CUBIC if self.spec.interpolation == "cubic" else cv2.INTER_LINEAR
+            resize = lambda im, s: im if s == im.shape[0] else cv2.resize(im, (s, s), interpolation=interp)
+            if len(self.sizes) == 1:  # the tutorial's order: resize, then augment at the output size
+                img = resize(img, self.sizes[0])
+                if self.augment:
+                    img = self.compose(image=img)["image"]
+                outs = (img,)
+            else:  # two views from one draw: augment at 32, then resize to each size
+                if self.augment:
+                    img = self.compose(image=img)["image"]
+                outs = tuple(resize(img, s) for s in self.sizes)
+        else:  # the batched backends' ops, one image at a time (torch, no albumentations)
+            x = torch.from_numpy(img[None].copy())
+            if self.augment:
+                x = tb.augment(x, draw(self.spec, 1, self.rng), self.spec)
+            x = x.permute(0, 3, 1, 2)
+            mode = tb._MODES[self.spec.interpolation]
+            outs = tuple((x if s == SIDE else F.interpolate(x, size=(s, s), mode=mode, align_corners=False,
+                                                             antialias=s < SIDE))[0].permute(1, 2, 0).numpy()
+                         for s in self.sizes)
+        return tuple(self._normalise(o) for o in outs), int(self.labels[row])
+
+
+class TutorialBackend:
+    """Batches from a torch DataLoader over TutorialDataset, WORKERS processes, one epoch each."""
+
+    def __init__(self, store, split, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
+                 mean, std, workers: int = WORKERS):
+        self.name, self.spec, self.device, self.seed, self.rank = "tutorial", spec, device, seed, rank
+        self.workers = min(workers, len(os.sched_getaffinity(0)))
+        self.dataset = TutorialDataset(store.images(split), store.labels(split), spec, sizes, augment,
+                                       mean, std, albumentations_available())
+
+    def epoch(self, batches, epoch: int):
+        base = int(np.random.default_rng([self.seed, epoch, self.rank, 0x7E7]).integers(2**31))
+        ds = self.dataset
+
+        def seed_worker(worker_id):  # each worker's draws: a function of (seed, epoch, rank, worker)
+            torch.utils.data.get_worker_info().dataset.seed(base + worker_id)
+
+        if self.workers == 0:
+            ds.seed(base)
+        else:  # free garbage cycles now, not in a forked worker (where a dead DALI pipeline aborts)
+            gc.collect()
+        loader = torch.utils.data.DataLoader(
+            ds, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers,
+            worker_init_fn=seed_worker if self.workers else None, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if self.workers else None)
+        dtype = tb.TORCH_DTYPES[self.spec.dtype]
+        for images, labels in loader:
+            # (N, H, W, C) float32 -> NCHW view with channels_last memory, then dtype and device
+            images = tuple(x.permute(0, 3, 1, 2).to(self.device, dtype, non_blocking=True) for x in images)
+            yield images, labels.to(self.device, non_blocking=True)
