@@ -1,0 +1,182 @@
+"""Each augmentation op does what it says, on every backend that can show it; the DALI graph and
+the torch ops agree; a resumed loader repeats an epoch exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import AugSpec, make_loader
+from pipelines.draw import LUMA, batch_rng, draw
+from pipelines.spec import tutorial_oneof
+from pipelines_helpers import BACKENDS, as_uint8_nhwc, store  # noqa: F401 (store is a fixture)
+
+BATCHED = [b for b in BACKENDS if getattr(b, "values", [b])[0] != "tutorial"]  # apply pipelines.draw's draws
+SEED = 11
+
+
+def first_batch(store, spec, backend, batch_size=100, seed=SEED):
+    """(output uint8 NHWC at 32, stored uint8 NHWC, draws) of epoch 0's first batch."""
+    loader = make_loader(store, "train", spec, batch_size=batch_size, backend=backend, seed=seed)
+    x, _ = next(iter(loader))
+    rows = loader.batches(0)[0]
+    p = draw(spec, len(rows), batch_rng(seed, 0, 0, 0))
+    return as_uint8_nhwc(x), np.array(store.images("train")[rows]), p
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flips_flip(store, backend):
+    out, src, _ = first_batch(store, AugSpec(hflip=1.0), backend)
+    np.testing.assert_array_equal(out, src[:, :, ::-1])
+    out, src, _ = first_batch(store, AugSpec(vflip=1.0), backend)
+    np.testing.assert_array_equal(out, src[:, ::-1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pad_crop_is_a_zero_filled_shift(store, backend):
+    """Each output is its stored image moved by whole pixels (|dy|, |dx| <= 4), zeros coming in,
+    at the same size; and the moves vary."""
+    out, src, _ = first_batch(store, AugSpec(pad_crop=4), backend)
+    assert out.shape == src.shape
+    padded = np.pad(src, ((0, 0), (4, 4), (4, 4), (0, 0)))
+    moves = []
+    for o, p in zip(out, padded):
+        hits = [(dy, dx) for dy in range(9) for dx in range(9) if np.array_equal(o, p[dy:dy + 32, dx:dx + 32])]
+        assert hits, "an output is not a shift of its stored image"
+        moves.append(hits[0])
+    assert len(set(moves)) > 10
+
+
+@pytest.mark.parametrize("backend", BATCHED)
+def test_erasing_fills_its_holes(store, backend):
+    """Exactly the drawn holes (1-2 boxes, sides 10-20% of 32 px) hold the fill; the rest is the store."""
+    out, src, p = first_batch(store, AugSpec(erase_p=1.0, erase_fill=77), backend)
+    expect = src.copy()
+    for img, holes in zip(expect, p["holes"]):
+        for y0, x0, h, w in holes:
+            assert h == 0 or 3 <= h <= 7 and 3 <= w <= 7  # round(0.1 * 32) .. round(0.2 * 32), or unused
+            img[y0:y0 + h, x0:x0 + w] = 77
+    np.testing.assert_array_equal(out, expect)
+    assert (out != src).any(axis=3).sum() > 9 * len(out)  # holes are at least 3x3 px (unless already 77)
+
+
+def test_tutorial_erasing_fills(store):
+    """The tutorial path (albumentations or its torch fallback): changed pixels all hold the fill."""
+    out, src, _ = first_batch(store, AugSpec(erase_p=1.0, erase_fill=77), "tutorial")
+    changed = (out != src).any(axis=3)
+    assert changed.any() and (out[changed] == 77).all()
+
+
+def _stats(x: np.ndarray):
+    f = x.reshape(len(x), -1, 3).astype(np.float64)
+    grey = f @ LUMA
+    return f.mean((1, 2)), grey.mean(1), grey.std(1), f.mean(2)
+
+
+@pytest.mark.parametrize("backend", BATCHED)
+def test_colour_jitter_within_bounds(store, backend):
+    """Each jitter factor moves its statistic within its bounds, and does move it. Tolerances:
+    1/255 per pixel for rounding; clipping at 0/255 can only pull a statistic towards the middle,
+    so bounds are checked on images with no clipped pixel."""
+    def run(**kw):
+        spec = AugSpec(jitter_p=1.0, **{"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0, **kw})
+        out, src, _ = first_batch(store, spec, backend, batch_size=250)
+        ok = ~((out == 0) | (out == 255)).any(axis=(1, 2, 3))
+        assert ok.sum() > 20, "too few unclipped images to test"
+        return _stats(out[ok]), _stats(src[ok]), out[ok], src[ok]
+
+    (m, _, _, _), (m0, _, _, _), _, _ = run(brightness=0.3)
+    ratio = m / m0
+    assert ratio.min() >= 0.7 - 0.01 and ratio.max() <= 1.3 + 0.01 and ratio.std() > 0.05
+
+    (_, g, s, _), (_, g0, s0, _), _, _ = run(contrast=0.3)
+    assert np.abs(g - g0).max() <= 1.0, "contrast pivots on the mean grey, which stays"
+    ratio = s / s0
+    assert ratio.min() >= 0.7 - 0.02 and ratio.max() <= 1.3 + 0.02 and ratio.std() > 0.05
+
+    (_, _, _, _), _, out, src = run(saturation=0.5)
+    grey, grey0 = out.astype(float) @ LUMA, src.astype(float) @ LUMA
+    assert np.abs(grey - grey0).max() <= 1.0, "saturation keeps each pixel's grey level"
+    chroma, chroma0 = np.abs(out - grey[..., None]).mean((1, 2, 3)), np.abs(src - grey0[..., None]).mean((1, 2, 3))
+    assert (chroma / chroma0).min() >= 0.5 - 0.05 and (chroma / chroma0).max() <= 1.5 + 0.05
+
+    (_, _, _, a), (_, _, _, a0), out, src = run(hue=0.5)
+    assert np.abs(a - a0).max() <= 1.0, "hue rotates about the grey axis: (r + g + b) / 3 stays per pixel"
+    assert (np.abs(out.astype(int) - src).max(axis=(1, 2, 3)) > 10).mean() > 0.5, "hue moves colours"
+
+
+@pytest.mark.parametrize("backend", BATCHED)
+def test_oneof_applies_exactly_one_op(store, backend):
+    """OneOf(p=1): every image draws exactly one of the five ops, all five occur, and the output
+    shows that op: flips flip exactly, erasing touches only its holes, jitter keeps the geometry
+    (same ordering of pixel brightness is not guaranteed, so: a different image), and
+    shift-scale-rotate moves the image."""
+    spec = AugSpec(**tutorial_oneof(1.0))
+    out, src, p = first_batch(store, spec, backend, batch_size=250)
+    n = len(out)
+    ssr = p["warp"]
+    hflip, vflip = p["flip"][:, 0].astype(bool), p["flip"][:, 1].astype(bool)
+    ops = np.stack([ssr | (p["moved"] & ~(hflip | vflip)), p["erase"], p["jitter"], hflip, vflip], 1)
+    np.testing.assert_array_equal(ops.sum(1), np.ones(n), err_msg="not exactly one op per image")
+    assert ops.any(0).all(), "some op never drawn in 250 images"
+    np.testing.assert_array_equal(out[hflip], src[hflip][:, :, ::-1])
+    np.testing.assert_array_equal(out[vflip], src[vflip][:, ::-1])
+    for o, s, holes in zip(out[p["erase"]], src[p["erase"]], p["holes"][p["erase"]]):
+        inside = np.zeros((32, 32), bool)
+        for y0, x0, h, w in holes:
+            inside[y0:y0 + h, x0:x0 + w] = True
+        np.testing.assert_array_equal(o[~inside], s[~inside])
+        assert (o[inside] == 0).all()
+    assert all((o != s).any() for o, s in zip(out[ssr], src[ssr]))
+
+
+@pytest.mark.skipif("dali" not in [getattr(b, "values", [b])[0] for b in BATCHED], reason="DALI not installed")
+@pytest.mark.parametrize("size", [32, 224])
+def test_dali_and_torch_agree(store, size):
+    """The same draws through DALI and torch: at 32 every pixel within 1/255 (rounding of the
+    colour matrix and of the bilinear warp), at 224 within 1.5/255 (DALI resizes normalised
+    floats, torch rounds its uint8 resize), and on average within 0.05/255 at 32 and 0.3/255 at 224
+    (rounding to an integer is off by 0.25 on average)."""
+    spec = AugSpec(image_size=size, pad_crop=2, **tutorial_oneof(1.0), normalize="cifar")
+    outs = {}
+    for backend in ("torch", "dali"):
+        loader = make_loader(store, "train", spec, batch_size=100 if size == 32 else 20, backend=backend, seed=4)
+        outs[backend] = next(iter(loader))[0].float()
+    std = torch.tensor(store.std).view(1, 3, 1, 1) * 255  # back to 0..255 units
+    diff = ((outs["torch"] - outs["dali"]) * std).abs()
+    bound, mean_bound = (1.0, 0.05) if size == 32 else (1.5, 0.3)
+    assert diff.max() <= bound + 1e-3 and diff.mean() <= mean_bound, f"max {diff.max():.3f}/255 mean {diff.mean():.4f}/255"
+
+
+def test_random_resized_crop_draws(store):
+    """Resized crops keep the output size, cover 25-50% of the image (+-1 px per side of rounding)
+    with aspect ratio in [3/4, 4/3], and zoom in (the output differs from the store)."""
+    spec = AugSpec(rrc_scale=(0.25, 0.5))
+    p = draw(spec, 500, batch_rng(0, 0, 0, 0))
+    a = p["affine"]  # dst -> src: the diagonal is crop side / 32
+    w, h = a[:, 0, 0] * 32, a[:, 1, 1] * 32
+    assert ((w * h >= 0.25 * 1024 - 2 * 32) & (w * h <= 0.5 * 1024 + 2 * 32)).all()
+    assert ((w / h >= 0.75 * 0.9) & (w / h <= 4 / 3 * 1.1)).all()
+    assert ((a[:, 0, 2] >= 0) & (a[:, 0, 2] + w <= 32) & (a[:, 1, 2] >= 0) & (a[:, 1, 2] + h <= 32)).all()
+    for backend in BATCHED:
+        out, src, _ = first_batch(store, spec, getattr(backend, "values", [backend])[0])
+        assert out.shape == src.shape and all((o != s).any() for o, s in zip(out, src))
+
+
+@pytest.mark.parametrize("backend", BATCHED)
+def test_resume_repeats_an_epoch(store, backend):
+    """A loader that ran epochs 0-1 (leaving epoch 1 half-way) gives the same epoch 2 as a fresh
+    loader that starts at epoch 2: what a resumed run sees."""
+    spec = AugSpec(pad_crop=4, hflip=0.5, **tutorial_oneof(0.5))
+    make = lambda: make_loader(store, "train", spec, batch_size=100, backend=backend, seed=9)
+    a = make()
+    for _ in a:
+        pass
+    a.set_epoch(1)
+    next(iter(a))  # abandoned mid-epoch
+    a.set_epoch(2)
+    b = make()
+    b.set_epoch(2)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
