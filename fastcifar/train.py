@@ -106,7 +106,10 @@ def _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_ra
                       if val_rows is not None else None)
         mixing = r.aug.mixup_alpha > 0 or r.aug.cutmix_alpha > 0
         if mixing:
-            from pipelines.mix import mix
+            try:
+                from pipelines.mix import mix
+            except ImportError as e:
+                raise BadInput(f"aug.mixup_alpha/aug.cutmix_alpha need pipelines.mix, which does not import here ({e}).")
 
         # ---- Model, optimizer, LR schedule, precision
         memory_format = torch.channels_last if r.model.channels_last else torch.contiguous_format
@@ -240,15 +243,15 @@ def _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_ra
                 for i, (images, labels) in enumerate(train_loader):
                     if i < skip:
                         continue  # resumed mid-epoch: these batches were trained before the interrupt
+                    targets = labels
+                    if mixing:  # MixUp/CutMix on the device: soft targets (N, num_classes); a KD pair mixes alike
+                        images, targets = mix(images, labels, r.aug, num_classes, mix_gen)
                     teacher_images = None
                     if teacher is not None:
                         images, teacher_images = images
                     if step == 0 and main:
                         grid = _image_grid(images[:64], r.aug, store)
                         writer.add_image("train/augmented_batch", grid, 0)
-                    targets = labels
-                    if mixing:  # MixUp/CutMix on the device: soft targets (N, num_classes)
-                        images, targets = mix(images, labels, r.aug, num_classes, mix_gen)
                     with autocast():
                         logits = net(images, labels)  # margin heads put the margin on the labelled class
                         if teacher is not None:

@@ -141,14 +141,24 @@ def test_small_run_learns_and_writes_the_run_contract(store, tmp_path):
         T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
 
 
+MIXED = dict(aug__mixup_alpha=0.4, aug__cutmix_alpha=1.0, aug__mix_p=0.8)  # MixUp or CutMix on most batches
+
+
 @pytest.fixture(scope="module")
 def straight(store, tmp_path_factory):
-    run = tmp_path_factory.mktemp("straight") / "run"
-    T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
-    return run
+    """straight(mixed) -> the run dir of tiny() trained 3 epochs without a stop (made once each)."""
+    runs = {}
+
+    def get(mixed: bool) -> Path:
+        if mixed not in runs:
+            runs[mixed] = tmp_path_factory.mktemp("straight") / "run"
+            T.train(tiny(**(MIXED if mixed else {})), info(), out=runs[mixed], data_dir=store, **QUIET)
+        return runs[mixed]
+
+    return get
 
 
-@pytest.mark.parametrize("when", ["after_epoch", "mid_epoch"])
+@pytest.mark.parametrize("when", ["after_epoch", "mid_epoch", "mid_epoch_mixed"])
 def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path, monkeypatch, when):
     def sigint(epoch, i, images):
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, through the loop's handler
@@ -157,20 +167,38 @@ def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path,
         hook_loaders(monkeypatch, test_fn=lambda e, i, x: sigint(e, i, x) if i == 0 and not done else None)
     else:  # arrives during batch 4 of epoch 2
         hook_loaders(monkeypatch, train_fn=lambda e, i, x: sigint(e, i, x) if (e, i) == (1, 3) and not done else None)
+    recipe = tiny(**(MIXED if when.endswith("mixed") else {}))
     run, done = tmp_path / "run", False
     with pytest.raises(T.Interrupted, match="--resume"):
-        T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
+        T.train(recipe, info(), out=run, data_dir=store, **QUIET)
     done = True
     s = json.loads((run / "summary.json").read_text())
     assert (s["finished"], s["stop_reason"]) == (False, "interrupted")
     ck = checkpoint.load(run / "last.pt")
     assert (ck["epoch"], ck["step_in_epoch"]) == ((1, 0) if when == "after_epoch" else (1, 4))
 
-    s = T.train(tiny(), {}, data_dir=store, resume=run, **QUIET)
+    s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
     assert s["finished"] and s["epochs_done"] == 3
-    assert untimed(metrics(run)) == untimed(metrics(straight))
-    a, b = checkpoint.load(run / "last.pt")["model"], checkpoint.load(straight / "last.pt")["model"]
+    reference = straight(when.endswith("mixed"))
+    assert untimed(metrics(run)) == untimed(metrics(reference))
+    a, b = checkpoint.load(run / "last.pt")["model"], checkpoint.load(reference / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_mixing_gives_the_loss_soft_targets(store, tmp_path, monkeypatch):
+    seen = []
+    real = T.cross_entropy
+
+    def spy(logits, targets, label_smoothing=0.0):
+        seen.append(targets.detach().clone())
+        return real(logits, targets, label_smoothing)
+
+    monkeypatch.setattr(T, "cross_entropy", spy)
+    s = T.train(tiny(train__epochs=1, **MIXED), info(), out=tmp_path / "run", data_dir=store, **QUIET)
+    assert s["finished"] and seen
+    assert all(t.shape == (50, 100) and t.is_floating_point() for t in seen)
+    assert all(torch.allclose(t.sum(1), torch.ones(50)) for t in seen)
+    assert any((t.max(1).values < 1).any() for t in seen)  # some targets really are mixtures
 
 
 def test_sigterm_saves_exits_130_and_the_run_resumes(store, tmp_path):
