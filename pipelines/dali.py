@@ -119,7 +119,7 @@ class DaliBackend:
 
     def _inputs(self, batches, epoch):
         """What external_source gets per batch: images, labels and (training) the draws."""
-        for b, idx in enumerate(batches):
+        for b, idx in batches:
             x, y = np.take(self.images, idx, axis=0), np.take(self.labels, idx)
             if not self.augment:
                 yield x, y

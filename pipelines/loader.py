@@ -19,6 +19,9 @@
 - len(loader) is the number of batches per epoch; loader.num_samples the images per epoch (this
   shard); loader.backend names what runs ("dali-gpu", "dali-cpu", "torch", "tutorial").
 - Iterating twice without set_epoch repeats the same epoch (as DistributedSampler does).
+- set_epoch(epoch, start_batch=k) resumes mid-epoch: it yields batches k.. of that epoch, the same
+  images and augmentation draws as the uninterrupted epoch (torch and DALI; the tutorial path's
+  draws depend on its workers, so only its order is the same).
 - loader.batches(epoch) gives the row indices of each batch of that epoch (for checks and tests).
 """
 
@@ -62,7 +65,7 @@ class Loader:
     def __init__(self, impl, rows, batch_size, seed, shard, shuffle, drop_last, train, multi):
         self.impl, self.rows, self.batch_size, self.seed, self.shard = impl, rows, batch_size, seed, shard
         self.shuffle, self.drop_last, self.train, self.multi = shuffle, drop_last, train, multi
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         n = len(epoch_rows(rows, seed, 0, False, shard, train))  # same length every epoch
         self.num_batches = n // batch_size if drop_last else -(-n // batch_size)
         self.num_samples = self.num_batches * batch_size if drop_last else n
@@ -71,9 +74,10 @@ class Loader:
     def backend(self) -> str:
         return self.impl.name
 
-    def set_epoch(self, epoch: int):
-        """Choose the epoch whose order and augmentation draws the next iteration yields."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        """Choose the epoch the next iteration yields, from batch `start_batch` on (a mid-epoch
+        resume: the batches are the very ones the uninterrupted epoch had there)."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def batches(self, epoch: int | None = None) -> list[np.ndarray]:
         """Row indices (into the split) of each batch of an epoch, as the loader yields them."""
@@ -82,11 +86,12 @@ class Loader:
         bs = self.batch_size
         return [rows[i * bs:(i + 1) * bs] for i in range(self.num_batches)]
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # batches per full epoch, whatever start_batch is
         return self.num_batches
 
     def __iter__(self):
-        for images, labels in self.impl.epoch(self.batches(), self.epoch):
+        todo = list(enumerate(self.batches()))[self.start_batch:]
+        for images, labels in self.impl.epoch(todo, self.epoch):
             yield (images if self.multi else images[0]), labels
 
 

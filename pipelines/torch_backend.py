@@ -130,6 +130,6 @@ class TorchBackend:
         out = tuple(finish(x, s, self.spec, self.scale, self.shift) for s in self.sizes)
         return out, y
 
-    def epoch(self, batches: list[np.ndarray], epoch: int) -> Iterator:
-        for b, idx in enumerate(batches):
+    def epoch(self, batches: list[tuple[int, np.ndarray]], epoch: int) -> Iterator:
+        for b, idx in batches:
             yield self.batch(idx, epoch, b)

@@ -143,7 +143,7 @@ class TutorialBackend:
         else:  # free garbage cycles now, not in a forked worker (where a dead DALI pipeline aborts)
             gc.collect()
         loader = torch.utils.data.DataLoader(
-            ds, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers,
+            ds, batch_sampler=[idx.tolist() for _, idx in batches], num_workers=self.workers,
             worker_init_fn=seed_worker if self.workers else None, pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if self.workers else None)
         dtype = tb.TORCH_DTYPES[self.spec.dtype]

@@ -167,7 +167,8 @@ def test_random_resized_crop_draws(store):
 @pytest.mark.parametrize("backend", BATCHED)
 def test_resume_repeats_an_epoch(store, backend):
     """A loader that ran epochs 0-1 (leaving epoch 1 half-way) gives the same epoch 2 as a fresh
-    loader that starts at epoch 2: what a resumed run sees."""
+    loader that starts at epoch 2, and set_epoch(2, start_batch=3) gives that epoch's batches 3..:
+    what a resumed run sees."""
     spec = AugSpec(pad_crop=4, hflip=0.5, **tutorial_oneof(0.5))
     make = lambda: make_loader(store, "train", spec, batch_size=100, backend=backend, seed=9)
     a = make()
@@ -178,5 +179,12 @@ def test_resume_repeats_an_epoch(store, backend):
     a.set_epoch(2)
     b = make()
     b.set_epoch(2)
-    for (xa, ya), (xb, yb) in zip(a, b):
+    full = list(b)
+    assert len(full) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, full):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    b.set_epoch(2, start_batch=3)  # resumed after batch 3 of epoch 2: the same batches 3..
+    rest = list(b)
+    assert len(rest) == len(full) - 3
+    for (xa, ya), (xb, yb) in zip(rest, full[3:]):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
