@@ -139,7 +139,7 @@ class DaliBackend:
         if not self.gpu:
             return torch.from_dlpack(tl.as_tensor())
         from nvidia.dali.plugin.pytorch import feed_ndarray
-        out = torch.empty(tl.as_tensor().shape(), dtype=dtype, device=self.device)
+        out = torch.empty((len(tl), *tl.shape()[0]), dtype=dtype, device=self.device)
         feed_ndarray(tl, out, cuda_stream=torch.cuda.current_stream(self.device))
         return out
 

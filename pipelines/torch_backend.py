@@ -8,6 +8,7 @@ of the batch it touches, indexed without a device sync.
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import numpy as np
@@ -45,13 +46,17 @@ def _subset(x: torch.Tensor, mask: np.ndarray, op, *args) -> torch.Tensor:
     return out
 
 
-def warp(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-    """Bilinear affine warp of uint8 NHWC images (destination -> source px maps), zero fill."""
+def theta(affine: np.ndarray, side: int = SIDE) -> np.ndarray:
+    """(n, 2, 3) px maps -> affine_grid's maps in normalised coordinates (align_corners=False:
+    u = 2 x / side - 1), on the host so the device never waits on a matrix inverse."""
+    norm = np.array([[2 / side, 0, -1], [0, 2 / side, -1], [0, 0, 1]])
+    full = np.concatenate([affine, np.broadcast_to(norm[2:], (len(affine), 1, 3))], axis=1)
+    return (norm @ full @ np.linalg.inv(norm))[:, :2].astype(np.float32)
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Bilinear affine warp of uint8 NHWC images (maps from `theta()`), zero fill."""
     n, h, w, _ = x.shape
-    # px -> normalised coordinates of align_corners=False: u = 2 x / side - 1
-    norm = torch.tensor([[2 / w, 0, -1], [0, 2 / h, -1], [0, 0, 1]], dtype=torch.float64, device=x.device)
-    full = torch.cat([affine.double(), norm[2:].expand(n, 1, 3)], dim=1)
-    theta = (norm @ full @ torch.linalg.inv(norm))[:, :2].float()
     grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
     y = F.grid_sample(x.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
@@ -59,7 +64,12 @@ def warp(x: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
 
 def grey(x: torch.Tensor) -> torch.Tensor:
     """(n,) mean grey level (0..255) of uint8 NHWC images: the pivot of contrast jitter."""
-    return (x.float() @ torch.tensor(LUMA, dtype=torch.float32, device=x.device)).mean((1, 2))
+    return (x.float() @ _luma(x.device)).mean((1, 2))
+
+
+@functools.lru_cache
+def _luma(device: torch.device) -> torch.Tensor:
+    return torch.tensor(LUMA, dtype=torch.float32, device=device)
 
 
 def colour(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -81,7 +91,7 @@ def erase(x: torch.Tensor, holes: torch.Tensor, fill: int) -> torch.Tensor:
 def augment(x: torch.Tensor, p: dict, spec: AugSpec) -> torch.Tensor:
     """Apply one batch's draws (pipelines.draw) to uint8 NHWC images at 32x32."""
     g = grey(x) if p["jitter"].any() else None  # of the stored image, as the DALI graph does it
-    x = _subset(x, p["moved"], warp, p["affine"])  # one bilinear warp: exact for whole-pixel moves
+    x = _subset(x, p["moved"], warp, theta(p["affine"]))  # one bilinear warp: exact for whole-pixel moves
     x = _subset(x, p["jitter"], colour, p["colour"], p["colour_k"], g)
     x = _subset(x, p["erase"], lambda t, b: erase(t, b, spec.erase_fill), p["holes"])
     return x
