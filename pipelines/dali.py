@@ -32,13 +32,17 @@ def _finish(x, sizes, spec: AugSpec, mean, std):
     Normalised at 32, then resized as floats: one pass over the 224 output instead of two
     (a uint8 resize, then a float conversion at 224); measured 1.8x faster on a CPU. Resizing is
     linear, so the order changes nothing but the uint8 rounding at 224 (which this avoids).
+    Cubic overshoots at edges, so it resizes uint8 (clamped to 0..255) before normalising.
     Always float32: DALI's resize has no float16 output and no bfloat16 at all; torch casts after."""
     # HWC out: seen from torch as NCHW it is channels_last, with no transpose anywhere
-    x = fn.crop_mirror_normalize(x, mean=[255 * m for m in mean], std=[255 * s for s in std],
-                                 output_layout="HWC", dtype=types.FLOAT)
-    return [x if size == SIDE else fn.resize(x, size=[size, size], interp_type=_INTERP[spec.interpolation],
-                                             antialias=size < SIDE)
-            for size in sizes]
+    norm = lambda t: fn.crop_mirror_normalize(t, mean=[255 * m for m in mean], std=[255 * s for s in std],
+                                              output_layout="HWC", dtype=types.FLOAT)
+    resize = lambda t, size: t if size == SIDE else fn.resize(
+        t, size=[size, size], interp_type=_INTERP[spec.interpolation], antialias=size < SIDE)
+    if spec.interpolation == "cubic":
+        return [norm(resize(x, size)) for size in sizes]
+    x = norm(x)
+    return [resize(x, size) for size in sizes]
 
 
 def _pixel_moves(x, shift, flip, spec: AugSpec):

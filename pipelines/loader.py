@@ -135,6 +135,9 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
 
     if backend == "auto":
         backend = "dali" if dali_available() else "torch"
+    elif backend == "dali" and not dali_available():
+        raise BadInput("backend 'dali' needs NVIDIA DALI, which does not import here (pip install "
+                       "nvidia-dali-cuda120, Linux only); use backend 'torch', or 'auto' to take DALI where it is.")
     args = (store, split, spec, sizes, device, train, seed, rank, mean, std)
     if backend == "torch":
         from pipelines.torch_backend import TorchBackend

@@ -155,6 +155,10 @@ def test_indices_subset(store):
     assert sum(len(y) for y in ys) == len(val)
 
 
-def test_auto_is_dali_where_it_imports(store):
+def test_auto_is_dali_where_it_imports(store, monkeypatch):
     loader = make_loader(store, "test", AugSpec(), 50, backend="auto")
     assert loader.backend == ("dali-cpu" if dali_available() else "torch")
+    monkeypatch.setattr("pipelines.loader.dali_available", lambda: False)  # a machine without DALI
+    assert make_loader(store, "test", AugSpec(), 50, backend="auto").backend == "torch"
+    with pytest.raises(BadInput, match="needs NVIDIA DALI"):
+        make_loader(store, "test", AugSpec(), 50, backend="dali")
