@@ -201,3 +201,20 @@ def test_cubic_resize_in_range_and_close(store):
         assert x.min() >= 0 and x.max() <= 1
     diff = (outs[0] - outs[1]).abs() * 255
     assert diff.mean() <= 1.5, f"mean {diff.mean():.2f}/255"
+
+
+@pytest.mark.parametrize("alb", [True, False], ids=["albumentations", "torch-fallback"])
+def test_tutorial_both_paths(store, monkeypatch, alb):
+    """The tutorial path with albumentations + cv2 (the bench extra) and without (CI): flips flip,
+    OneOf changes every image but keeps the size, and with no augmentation it is the store."""
+    from pipelines.tutorial import albumentations_available
+
+    if alb and not albumentations_available():
+        pytest.skip("the bench extra (albumentations, opencv) is not installed")
+    monkeypatch.setattr("pipelines.tutorial.albumentations_available", lambda: alb)
+    out, src, _ = first_batch(store, AugSpec(hflip=1.0), "tutorial", batch_size=50)
+    np.testing.assert_array_equal(out, src[:, :, ::-1])
+    out, src, _ = first_batch(store, AugSpec(**tutorial_oneof(1.0)), "tutorial", batch_size=50)
+    assert out.shape == src.shape and (out != src).any(axis=(1, 2, 3)).mean() > 0.9
+    out, src, _ = first_batch(store, AugSpec(), "tutorial", batch_size=50)
+    np.testing.assert_array_equal(out, src)
