@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from fastcifar import BadInput
 from pipelines import AugSpec, make_loader
 from pipelines.loader import dali_available
-from pipelines.loader import dali_available
 from pipelines.spec import tutorial_oneof
-from pipelines_helpers import BACKENDS, as_uint8_nhwc, store, stored  # noqa: F401 (store is a fixture)
+from pipelines_helpers import BACKENDS, store, stored  # noqa: F401 (store is a fixture)
 
 
 def _collect(loader, epoch=0):
