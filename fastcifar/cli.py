@@ -155,21 +155,20 @@ def evaluate(
 @app.command()
 def bench(
     stage: Optional[List[str]] = typer.Option(None, "--stage", help="Stage to measure, repeatable: pipeline "
-                                              "[default: every stage]."),
+                                              "(default: every stage)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write {meta, rows} as JSON to this file."),
     quick: bool = typer.Option(False, "--quick", help="Fewer, shorter repeats: a smoke run, rough figures."),
     backend: Optional[List[str]] = typer.Option(None, "--backend", help="Pipeline backend, repeatable: tutorial, "
-                                                "torch, dali [default: all that import]."),
+                                                "torch, dali (default: all that import)."),
     batch_size: int = typer.Option(250, "--batch-size", help="Images per batch (the tutorial's 250)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda[:N] [default: cuda if there is one]."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Without a store, a "
-                                            "synthetic stand-in is made in the temp dir."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there is one)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Store directory (default: $FASTCIFAR_DATA, "
+                                            "else ./data/cifar100); without a store, a synthetic stand-in in the temp dir."),
 ):
     """Measure throughput: pipeline, train step and end to end, beside the tutorial's data path.
 
-    Each row gives images/s after warm-up (the median of several timed repeats) for one stage,
-    backend, image size and augmentation, with the tutorial's per-sample DataLoader path measured
-    in the same run as the baseline.
+    Each row gives images/s after warm-up (the median of several timed repeats) for one stage, backend, image size and augmentation.
+    The tutorial's per-sample DataLoader path is measured in the same run as the baseline; bench/pipeline.sh makes the README table.
     """
     from fastcifar.bench import run as run_bench
 
