@@ -88,7 +88,169 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
     return rows
 
 
-STAGES = {"pipeline": bench_pipeline}
+# ---- train_step: the model alone on device tensors, and end_to_end: loader + step
+
+MODELS = ("resnet18", "resnet50")
+# The ladder of settings, one change at a time: (compiled, channels_last, amp)
+STEP_LADDER = ((False, False, False), (False, True, False), (False, True, True), (True, True, True))
+# (warm-up steps, repeats, steps per repeat); warm-up holds the compile and is reported apart
+STEP_PLAN = {"full": (5, 5, 10), "quick": (2, 3, 3)}
+# Images per step on a CPU, where batch 250 at 224 px would take minutes per step
+CPU_STEP_BATCH = {32: 64, 224: 8}
+
+
+def _amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it (fp32's range: no loss scaling), else fp16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def make_train_step(model_name: str, device: torch.device, compiled: bool, channels_last: bool, amp: bool):
+    """A full training step (forward, cross-entropy, backward, AdamW) of a timm model with a
+    linear head, as the tutorial's recipes train it; returns step(images, labels) -> loss."""
+    from fastcifar.config import Head, Model
+    from fastcifar.models import build_model
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(Model(name=model_name), Head(kind="linear"), 100).to(device, memory_format=fmt).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    net = torch.compile(model) if compiled else model
+    # fp16 without a GradScaler would underflow in real training; for timing, a step is a step
+    dtype = _amp_dtype(device)
+
+    def step(images, labels):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(net(images), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def _time_steps(step, batches, device, warmup, repeats, per_repeat) -> tuple[float, float]:
+    """(median images/s over the repeats, seconds of the warm-up incl. compilation). `batches`
+    is an iterator of (images, labels); the loss is never read back, so nothing syncs mid-repeat."""
+    t = time.perf_counter()
+    for _ in range(warmup):
+        step(*next(batches))
+    _sync(device)
+    warm = time.perf_counter() - t
+    rates = []
+    for _ in range(repeats):
+        n, t = 0, time.perf_counter()
+        for _ in range(per_repeat):
+            images, labels = next(batches)
+            step(images, labels)
+            n += len(labels)
+        _sync(device)
+        rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates), warm
+
+
+def _step_batch(device, size, batch_size):
+    return batch_size if device.type == "cuda" else min(batch_size, CPU_STEP_BATCH[size])
+
+
+def _ladder(device: torch.device, quick: bool):
+    """Which (compiled, channels_last, amp) settings to run: a first torch.compile costs ~40 s on
+    this 2-core CPU and says nothing about a GPU, so --quick on a CPU leaves compiled steps out."""
+    return [c for c in STEP_LADDER if not (quick and c[0] and device.type != "cuda")]
+
+
+def _settings(compiled, channels_last, amp) -> dict:
+    return {"compiled": compiled, "memory_format": "channels_last" if channels_last else "NCHW",
+            "precision": "amp" if amp else "fp32"}
+
+
+def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, log, **_) -> list[dict]:
+    """Training steps/s of resnet18/50 at 32 and 224 on device-resident random tensors, up the
+    ladder eager NCHW fp32 -> channels_last -> AMP -> torch.compile."""
+    warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
+    rows = []
+    for model_name in MODELS:
+        for size in (32, 224):
+            bs = _step_batch(device, size, batch_size)
+            for compiled, channels_last, amp in _ladder(device, quick):
+                torch.manual_seed(0)
+                step = make_train_step(model_name, device, compiled, channels_last, amp)
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                images = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=fmt)
+                labels = torch.randint(0, 100, (bs,), device=device)
+                rate, warm = _time_steps(step, iter(lambda: (images, labels), None), device, warmup, repeats, per_repeat)
+                row = {"stage": "train_step", "backend": "device tensors", "model": model_name, "image_size": size,
+                       "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
+                       "images_per_sec": round(rate), "warmup_seconds": round(warm, 1)}
+                rows.append(row)
+                log(f"  train_step {model_name} {size:3d}px compiled={compiled!s:5} {row['memory_format']:13s} "
+                    f"{row['precision']:4s} {rate:8.0f} img/s (warm-up {warm:.1f} s)")
+                del step
+    return rows
+
+
+def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, **_) -> list[dict]:
+    """The loader (default backend, a training augmentation) feeding the fastest step setting:
+    what a training epoch runs at, data included."""
+    from pipelines import AugSpec, make_loader
+    from pipelines.loader import dali_available
+
+    warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
+    compiled, channels_last, amp = _ladder(device, quick)[-1]
+    backend = (backends or ["dali" if dali_available() else "torch"])[0]
+    models = MODELS[:1] if quick and device.type != "cuda" else MODELS
+    rows = []
+    for model_name in models:
+        for size in (32, 224):
+            bs = _step_batch(device, size, batch_size)
+            torch.manual_seed(0)
+            step = make_train_step(model_name, device, compiled, channels_last, amp)
+            # crop + flip at 32 (r18_cifar_32), flip + resize at 224 (the pretrained recipes)
+            spec = AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar",
+                           dtype="bfloat16" if amp and _amp_dtype(device) == torch.bfloat16 else "float32")
+            loader = make_loader(store, "train", spec, bs, backend=backend, device=device, seed=0)
+            if len(loader) < warmup + repeats * per_repeat:
+                raise BadInput(f"end_to_end needs {warmup + repeats * per_repeat} batches of {bs} in one epoch; "
+                               f"the store has {len(store.labels('train'))} train images.")
+            rate, warm = _time_steps(step, iter(loader), device, warmup, repeats, per_repeat)
+            row = {"stage": "end_to_end", "backend": loader.backend, "model": model_name, "image_size": size,
+                   "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
+                   "images_per_sec": round(rate), "warmup_seconds": round(warm, 1), "aug": "crop+flip" if size == 32 else "flip"}
+            rows.append(row)
+            log(f"  end_to_end {model_name} {size:3d}px {loader.backend:9s} {rate:8.0f} img/s")
+            del loader, step
+    return rows
+
+
+STAGES = {"pipeline": bench_pipeline, "train_step": bench_train_step, "end_to_end": bench_end_to_end}
+
+
+def headroom(rows: list[dict]) -> list[dict]:
+    """Per model and size: the default pipeline's img/s over the fastest train step's. Above 1 the
+    GPU (or CPU) waits on compute, not on data; below 1 the pipeline is the bottleneck."""
+    from pipelines.loader import dali_available
+
+    default = "dali" if dali_available() else "torch"  # what backend="auto" runs
+    steps = {}
+    for r in rows:
+        if r["stage"] == "train_step":
+            key = (r["model"], r["image_size"])
+            steps[key] = max(steps.get(key, 0), r["images_per_sec"])
+    e2e = {(r["model"], r["image_size"]): r["images_per_sec"] for r in rows if r["stage"] == "end_to_end"}
+    out = []
+    for r in rows:
+        if r["stage"] != "pipeline" or not r["backend"].startswith(default):
+            continue
+        for (model, size), step_rate in steps.items():
+            if size == r["image_size"]:
+                h = {"model": model, "image_size": size, "pipeline": r["backend"], "aug": r["aug"],
+                     "pipeline_img_s": r["images_per_sec"], "train_step_img_s": step_rate,
+                     "headroom": round(r["images_per_sec"] / step_rate, 2)}
+                if (model, size) in e2e:
+                    h["end_to_end_img_s"] = e2e[(model, size)]
+                out.append(h)
+    return out
 
 
 def bench_store(data_dir, quick: bool, log):
@@ -150,10 +312,25 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     rows = []
     for name in stages:
         rows += STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size, backends=backends, log=log)
-    log("")
-    log(table(rows))
+    room = headroom(rows)
+    for name in stages:
+        log(f"\n{name}:\n" + table([r for r in rows if r["stage"] == name]))
+    if room:
+        log("\nheadroom (pipeline img/s over the fastest train step's; below 1 the data is the bottleneck):\n"
+            + table(room))
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_json(Path(json_path), {"meta": meta, "rows": rows, "headroom": room})
         log(f"wrote {json_path}")
     return rows
+
+
+def write_json(path: Path, obj) -> None:
+    """Write atomically: a temp file in the same directory, then rename."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")
