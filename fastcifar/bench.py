@@ -53,7 +53,7 @@ def measure(loader, device: torch.device, warmup: int, repeats: int, batches: in
     return statistics.median(rates)
 
 
-def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log) -> list[dict]:
+def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, **_) -> list[dict]:
     """Loader images/s per backend at 32 and 224, with augmentation off and the tutorial's OneOf (p=1)."""
     from pipelines import AugSpec, make_loader
     from pipelines.loader import dali_available
@@ -90,9 +90,10 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
 
 # ---- train_step: the model alone on device tensors, and end_to_end: loader + step
 
-MODELS = ("resnet18", "resnet50")
-# The ladder of settings, one change at a time: (compiled, channels_last, amp)
-STEP_LADDER = ((False, False, False), (False, True, False), (False, True, True), (True, True, True))
+MODELS = ("resnet18", "resnet50")  # default timm models of train_step / end_to_end (--model picks others)
+# The ladder of step settings, one change at a time: name -> (compiled, channels_last, amp)
+STEP_SETTINGS = {"nchw_fp32": (False, False, False), "cl_fp32": (False, True, False),
+                 "cl_amp": (False, True, True), "compiled_cl_amp": (True, True, True)}
 # (warm-up steps, repeats, steps per repeat); warm-up holds the compile and is reported apart
 STEP_PLAN = {"full": (5, 5, 10), "quick": (2, 3, 3)}
 # Images per step on a CPU, where batch 250 at 224 px would take minutes per step
@@ -154,10 +155,13 @@ def _step_batch(device, size, batch_size):
     return batch_size if device.type == "cuda" else min(batch_size, CPU_STEP_BATCH[size])
 
 
-def _ladder(device: torch.device, quick: bool):
-    """Which (compiled, channels_last, amp) settings to run: a first torch.compile costs ~40 s on
-    this 2-core CPU and says nothing about a GPU, so --quick on a CPU leaves compiled steps out."""
-    return [c for c in STEP_LADDER if not (quick and c[0] and device.type != "cuda")]
+def _ladder(device: torch.device, quick: bool, settings=None) -> list[tuple[bool, bool, bool]]:
+    """The (compiled, channels_last, amp) settings to run, in ladder order: the named ones, else
+    all; a first torch.compile costs ~40 s on a 2-core CPU and says nothing about a GPU, so by
+    default --quick on a CPU leaves the compiled step out."""
+    if settings:
+        return [STEP_SETTINGS[name] for name in STEP_SETTINGS if name in settings]
+    return [c for c in STEP_SETTINGS.values() if not (quick and c[0] and device.type != "cuda")]
 
 
 def _settings(compiled, channels_last, amp) -> dict:
@@ -165,15 +169,16 @@ def _settings(compiled, channels_last, amp) -> dict:
             "precision": "amp" if amp else "fp32"}
 
 
-def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, log, **_) -> list[dict]:
+def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, log, models=None, settings=None,
+                     **_) -> list[dict]:
     """Training steps/s of resnet18/50 at 32 and 224 on device-resident random tensors, up the
     ladder eager NCHW fp32 -> channels_last -> AMP -> torch.compile."""
     warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
     rows = []
-    for model_name in MODELS:
+    for model_name in models or MODELS:
         for size in (32, 224):
             bs = _step_batch(device, size, batch_size)
-            for compiled, channels_last, amp in _ladder(device, quick):
+            for compiled, channels_last, amp in _ladder(device, quick, settings):
                 torch.manual_seed(0)
                 step = make_train_step(model_name, device, compiled, channels_last, amp)
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -190,36 +195,40 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
     return rows
 
 
-def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, **_) -> list[dict]:
-    """The loader (default backend, a training augmentation) feeding the fastest step setting:
-    what a training epoch runs at, data included."""
+def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
+                     settings=None, **_) -> list[dict]:
+    """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
+    fastest step setting, with a training augmentation: what an epoch runs at, data included."""
     from pipelines import AugSpec, make_loader
     from pipelines.loader import dali_available
 
     warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
-    compiled, channels_last, amp = _ladder(device, quick)[-1]
-    backend = (backends or ["dali" if dali_available() else "torch"])[0]
-    models = MODELS[:1] if quick and device.type != "cuda" else MODELS
+    compiled, channels_last, amp = _ladder(device, quick, settings)[-1]
+    backends = backends or ["tutorial", "dali" if dali_available() else "torch"]
+    models = models or (MODELS[:1] if quick and device.type != "cuda" else MODELS)
     rows = []
     for model_name in models:
         for size in (32, 224):
             bs = _step_batch(device, size, batch_size)
             torch.manual_seed(0)
             step = make_train_step(model_name, device, compiled, channels_last, amp)
-            # crop + flip at 32 (r18_cifar_32), flip + resize at 224 (the pretrained recipes)
+            # crop + flip at 32 (as r18_cifar_32), flip + resize at 224 (as the pretrained recipes)
             spec = AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar",
                            dtype="bfloat16" if amp and _amp_dtype(device) == torch.bfloat16 else "float32")
-            loader = make_loader(store, "train", spec, bs, backend=backend, device=device, seed=0)
-            if len(loader) < warmup + repeats * per_repeat:
-                raise BadInput(f"end_to_end needs {warmup + repeats * per_repeat} batches of {bs} in one epoch; "
-                               f"the store has {len(store.labels('train'))} train images.")
-            rate, warm = _time_steps(step, iter(loader), device, warmup, repeats, per_repeat)
-            row = {"stage": "end_to_end", "backend": loader.backend, "model": model_name, "image_size": size,
-                   "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
-                   "images_per_sec": round(rate), "warmup_seconds": round(warm, 1), "aug": "crop+flip" if size == 32 else "flip"}
-            rows.append(row)
-            log(f"  end_to_end {model_name} {size:3d}px {loader.backend:9s} {rate:8.0f} img/s")
-            del loader, step
+            for backend in backends:
+                loader = make_loader(store, "train", spec, bs, backend=backend, device=device, seed=0)
+                if len(loader) < warmup + repeats * per_repeat:
+                    raise BadInput(f"end_to_end needs {warmup + repeats * per_repeat} batches of {bs} in one epoch; "
+                                   f"the store has {len(store.labels('train'))} train images.")
+                rate, warm = _time_steps(step, iter(loader), device, warmup, repeats, per_repeat)
+                row = {"stage": "end_to_end", "backend": loader.backend, "model": model_name, "image_size": size,
+                       "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
+                       "images_per_sec": round(rate), "warmup_seconds": round(warm, 1),
+                       "aug": "crop+flip" if size == 32 else "flip"}
+                rows.append(row)
+                log(f"  end_to_end {model_name} {size:3d}px {loader.backend:9s} {rate:8.0f} img/s")
+                del loader
+            del step
     return rows
 
 
@@ -227,28 +236,26 @@ STAGES = {"pipeline": bench_pipeline, "train_step": bench_train_step, "end_to_en
 
 
 def headroom(rows: list[dict]) -> list[dict]:
-    """Per model and size: the default pipeline's img/s over the fastest train step's. Above 1 the
-    GPU (or CPU) waits on compute, not on data; below 1 the pipeline is the bottleneck."""
-    from pipelines.loader import dali_available
-
-    default = "dali" if dali_available() else "torch"  # what backend="auto" runs
+    """Per pipeline backend, model and size: the loader's img/s with the tutorial's OneOf policy
+    (the heavier of the two measured) over the fastest train step's. Above 1 the device waits on
+    compute, not on data; below 1 the pipeline is the bottleneck."""
     steps = {}
     for r in rows:
         if r["stage"] == "train_step":
             key = (r["model"], r["image_size"])
             steps[key] = max(steps.get(key, 0), r["images_per_sec"])
-    e2e = {(r["model"], r["image_size"]): r["images_per_sec"] for r in rows if r["stage"] == "end_to_end"}
+    e2e = {(r["backend"], r["model"], r["image_size"]): r["images_per_sec"] for r in rows if r["stage"] == "end_to_end"}
     out = []
     for r in rows:
-        if r["stage"] != "pipeline" or not r["backend"].startswith(default):
+        if r["stage"] != "pipeline" or r["aug"] != "oneof":
             continue
         for (model, size), step_rate in steps.items():
             if size == r["image_size"]:
-                h = {"model": model, "image_size": size, "pipeline": r["backend"], "aug": r["aug"],
+                h = {"pipeline": r["backend"], "model": model, "image_size": size, "aug": r["aug"],
                      "pipeline_img_s": r["images_per_sec"], "train_step_img_s": step_rate,
                      "headroom": round(r["images_per_sec"] / step_rate, 2)}
-                if (model, size) in e2e:
-                    h["end_to_end_img_s"] = e2e[(model, size)]
+                if (r["backend"], model, size) in e2e:
+                    h["end_to_end_img_s"] = e2e[(r["backend"], model, size)]
                 out.append(h)
     return out
 
@@ -292,8 +299,9 @@ def host_info(device: torch.device) -> dict:
 
 
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,
-        log=print) -> list[dict]:
-    """Run the stages, print the table, write JSON {meta, rows} if asked; returns the rows."""
+        models=None, settings=None, log=print) -> list[dict]:
+    """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom}
+    if asked; returns the rows."""
     stages = list(stages or STAGES)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -303,6 +311,15 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         raise BadInput(f"Unknown pipeline backend {bad[0]!r}; choose from {', '.join(PIPELINE_BACKENDS)}.")
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
+    bad = [x for x in settings or () if x not in STEP_SETTINGS]
+    if bad:
+        raise BadInput(f"Unknown step setting {bad[0]!r}; choose from {', '.join(STEP_SETTINGS)}.")
+    if models:
+        import timm
+
+        bad = [m for m in models if not timm.is_model(m)]
+        if bad:
+            raise BadInput(f"--model {bad[0]!r} is not a timm model name (see timm.list_models()).")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"--device {device} asked for a GPU, but torch sees none here; use --device cpu.")
@@ -311,12 +328,14 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
     rows = []
     for name in stages:
-        rows += STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size, backends=backends, log=log)
+        rows += STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size, backends=backends,
+                             models=models, settings=settings, log=log)
     room = headroom(rows)
     for name in stages:
         log(f"\n{name}:\n" + table([r for r in rows if r["stage"] == name]))
     if room:
-        log("\nheadroom (pipeline img/s over the fastest train step's; below 1 the data is the bottleneck):\n"
+        log("\nheadroom (pipeline img/s with the OneOf policy over the fastest train step's; below 1 the data "
+            "is the bottleneck):\n"
             + table(room))
     if json_path is not None:
         write_json(Path(json_path), {"meta": meta, "rows": rows, "headroom": room})

@@ -160,6 +160,11 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="Fewer, shorter repeats: a smoke run, rough figures."),
     backend: Optional[List[str]] = typer.Option(None, "--backend", help="Pipeline backend, repeatable: tutorial, "
                                                 "torch, dali (default: all that import)."),
+    model: Optional[List[str]] = typer.Option(None, "--model", help="timm model for train_step and end_to_end, "
+                                              "repeatable (default: resnet18 and resnet50)."),
+    setting: Optional[List[str]] = typer.Option(None, "--setting", help="train_step setting, repeatable: nchw_fp32, "
+                                                "cl_fp32, cl_amp, compiled_cl_amp (default: all; --quick on a CPU "
+                                                "skips compiling). end_to_end uses the last one."),
     batch_size: int = typer.Option(250, "--batch-size", help="Images per batch (the tutorial's 250); train steps on a CPU take at most 64 at 32 px and 8 at 224 px."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there is one)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Store directory (default: $FASTCIFAR_DATA, "
@@ -176,7 +181,7 @@ def bench(
     from fastcifar.bench import run as run_bench
 
     run_bench(stages=stage, json_path=json_path, quick=quick, backends=backend, batch_size=batch_size,
-              data_dir=data_dir, device=device, log=typer.echo)
+              data_dir=data_dir, device=device, models=model, settings=setting, log=typer.echo)
 
 
 @app.command()

@@ -4,14 +4,15 @@ no figure is asserted (speed is the bench's job, not the tests')."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from fastcifar import bench
-from pipelines.loader import dali_available
+from fastcifar import BadInput, bench
 from pipelines_helpers import store  # noqa: F401 (a fixture)
 
 ROW_KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec"}
@@ -49,23 +50,25 @@ def test_train_step_trains():
 def test_end_to_end_and_headroom(store, tiny_models, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.run(stages=["pipeline", "train_step", "end_to_end"], quick=True, json_path=out,
-                     backends=["torch"], batch_size=16, data_dir=store.dir, device="cpu", log=lambda *_: None)
+                     backends=["tutorial", "torch"], batch_size=16, data_dir=store.dir, device="cpu", log=lambda *_: None)
     e2e = [r for r in rows if r["stage"] == "end_to_end"]
-    assert [(r["model"], r["image_size"], r["backend"]) for r in e2e] == [("test_resnet", 32, "torch"), ("test_resnet", 224, "torch")]
-    assert all(r["images_per_sec"] > 0 and r["precision"] == "amp" for r in e2e)
+    assert [(r["model"], r["image_size"], r["backend"]) for r in e2e] == [
+        ("test_resnet", s, b) for s in (32, 224) for b in ("tutorial", "torch")]
+    assert all(r["images_per_sec"] > 0 and r["precision"] == "amp" for r in e2e)  # the last (fastest) setting
     saved = json.loads(out.read_text())
     assert saved["rows"] == rows
+    pipe = {(r["backend"], r["image_size"]): r["images_per_sec"] for r in rows
+            if r["stage"] == "pipeline" and r["aug"] == "oneof"}
+    step = {s: max(r["images_per_sec"] for r in rows if r["stage"] == "train_step" and r["image_size"] == s)
+            for s in (32, 224)}
     room = saved["headroom"]
-    default = "dali" if dali_available() else "torch"  # headroom is for what backend="auto" runs
-    pipe = {(r["image_size"], r["aug"]): r["images_per_sec"] for r in rows
-            if r["stage"] == "pipeline" and r["backend"].startswith(default)}
-    step = {r["image_size"]: max(s["images_per_sec"] for s in rows if s["stage"] == "train_step"
-                                 and s["image_size"] == r["image_size"]) for r in e2e}
-    assert len(room) == len(pipe)  # one row per default-backend pipeline row (one model here)
+    assert sorted((h["pipeline"], h["image_size"]) for h in room) == sorted(pipe)  # one model here
     for h in room:
-        assert h["pipeline_img_s"] == pipe[(h["image_size"], h["aug"])]
+        assert h["pipeline_img_s"] == pipe[(h["pipeline"], h["image_size"])]
         assert h["train_step_img_s"] == step[h["image_size"]]
         assert h["headroom"] == round(h["pipeline_img_s"] / h["train_step_img_s"], 2)
+        assert h["end_to_end_img_s"] == next(r["images_per_sec"] for r in e2e
+                                            if (r["backend"], r["image_size"]) == (h["pipeline"], h["image_size"]))
 
 
 def test_cli_bench_writes_json_atomically(store, tmp_path):
@@ -75,3 +78,28 @@ def test_cli_bench_writes_json_atomically(store, tmp_path):
                         "--batch-size", "16", "--data-dir", str(store.dir), "--device", "cpu", "--json", str(blocker / "b.json")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Cannot write" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_models_and_settings(store):
+    with pytest.raises(BadInput, match="not a timm model"):
+        bench.run(stages=["train_step"], models=["resnet1800"], data_dir=store.dir, device="cpu", log=lambda *_: None)
+    with pytest.raises(BadInput, match="Unknown step setting 'fast'"):
+        bench.run(stages=["train_step"], settings=["fast"], data_dir=store.dir, device="cpu", log=lambda *_: None)
+    # named settings run exactly those, in ladder order
+    ladder = bench._ladder(torch.device("cpu"), quick=True, settings=["compiled_cl_amp", "cl_amp"])
+    assert ladder == [(False, True, True), (True, True, True)]
+
+
+def test_gpu_check_script_runs_end_to_end(tmp_path):
+    """bench/gpu_check.sh at toy sizes on the CPU: every step it takes on a GPU works, and it
+    ends with the table bench/RESULTS.md records."""
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(tmp_path)], capture_output=True, text=True,
+                       env={**os.environ, "GPU_CHECK_TINY": "1", "PYTHON": sys.executable}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()
+    assert any(l.startswith("## GPU check: cpu") for l in last[-30:])
+    assert last[-1].startswith("| torch ") and "| test_resnet | 224 | oneof |" in last[-1]  # the headroom table ends it
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {r["stage"] for r in saved["rows"]} == {"pipeline", "train_step", "end_to_end"}
+    assert json.loads((tmp_path / "train_summary.json").read_text())["finished"] is True
