@@ -227,7 +227,7 @@ def _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_ra
         try:
             for epoch in range(start_epoch, rt.epochs):
                 net.train()
-                train_loader.set_epoch(epoch)
+                train_loader.set_epoch(epoch, start_batch=skip)  # resumed mid-epoch: batches skip.. of it
                 if epoch != start_epoch or not skip:
                     mix_gen.manual_seed(rt.seed * 100_003 + epoch)
                 sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * images, correct, images
@@ -240,9 +240,7 @@ def _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_ra
                            leave=False, mininterval=1.0)
                 t_epoch = time.perf_counter()
                 images_trained = 0
-                for i, (images, labels) in enumerate(train_loader):
-                    if i < skip:
-                        continue  # resumed mid-epoch: these batches were trained before the interrupt
+                for i, (images, labels) in enumerate(train_loader, start=skip):
                     targets = labels
                     if mixing:  # MixUp/CutMix on the device: soft targets (N, num_classes); a KD pair mixes alike
                         images, targets = mix(images, labels, r.aug, num_classes, mix_gen)

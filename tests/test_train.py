@@ -62,7 +62,7 @@ class Hook:
     """A loader that calls fn(epoch, batch_index, images) before yielding each batch."""
 
     def __init__(self, loader, fn):
-        self.loader, self.fn, self.epoch = loader, fn, 0
+        self.loader, self.fn, self.epoch, self.start = loader, fn, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -70,12 +70,12 @@ class Hook:
     def __len__(self):
         return len(self.loader)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+        self.loader.set_epoch(epoch, start_batch=start_batch)
 
     def __iter__(self):
-        for i, (images, labels) in enumerate(self.loader):
+        for i, (images, labels) in enumerate(self.loader, start=self.start):
             self.fn(self.epoch, i, images)
             yield images, labels
 
