@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub.constants
 import timm
 import torch
 from torch import nn
@@ -38,6 +42,10 @@ def build_backbone(cfg) -> nn.Module:
         raise BadInput(f"model.name = {cfg.name!r} is not a timm model."
                        + (f" Close names: {', '.join(near)}." if near else " See timm.list_models()."))
     hub = cfg.pretrained and not cfg.pretrained_file
+    if hub and not hub_reachable():
+        # Offline: use the local hub cache only. Otherwise the hub client retries for ~50 s
+        # before failing; this way a cached model loads and a missing one fails at once.
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:
         # num_classes=0: timm keeps global average pooling and drops the classifier, which is the
         # tutorial's features_only backbone + pooling in one module
@@ -55,6 +63,19 @@ def build_backbone(cfg) -> nn.Module:
     if cfg.pretrained_file:
         _load_file(m, Path(cfg.pretrained_file), skip=stem)
     return m
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) accepts a TCP connection; behind a proxy,
+    assume it does (the proxy decides)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _cifar_stem(m: nn.Module) -> str:

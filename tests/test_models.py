@@ -1,5 +1,7 @@
 """Backbones: timm by name, CIFAR stem, pretrained weights from a local file, a clear error offline."""
 
+import socket
+
 import huggingface_hub.constants
 import pytest
 import timm
@@ -7,6 +9,7 @@ import torch
 
 from fastcifar import BadInput
 from fastcifar.config import Head, Model
+from fastcifar import models
 from fastcifar.models import build_backbone, build_model
 
 
@@ -39,6 +42,28 @@ def test_pretrained_offline_says_what_to_do(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(BadInput, match="model.pretrained_file"):
         build_backbone(Model(name="resnet18", pretrained=True))
+
+
+def test_unreachable_hub_goes_offline_at_once(monkeypatch):
+    """Without a connection the hub client is switched to its local cache instead of retrying."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "hub_reachable", lambda: False)
+    with pytest.raises(BadInput, match="model.pretrained_file"):
+        build_backbone(Model(name="resnet18", pretrained=True))
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True
+
+
+def test_hub_reachable_checks_the_endpoint(monkeypatch):
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert models.hub_reachable()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")  # closed now
+    assert not models.hub_reachable()
 
 
 def test_pretrained_file_loads_timm_and_fastcifar_state_dicts(tmp_path):
