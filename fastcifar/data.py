@@ -218,8 +218,9 @@ def _names(meta: dict, key: str, count: int, what: str) -> list[str]:
     return names
 
 
-def _md5(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def _digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
+    """Hex digest of a file, read 1 MiB at a time."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
@@ -246,7 +247,7 @@ def _read_members(source: Path, verify: bool) -> tuple[dict, dict]:
 
     if not source.is_file():
         raise BadInput(f"{source} does not exist; --from takes a cifar-100-python.tar.gz or its extracted directory.")
-    md5 = _md5(source)
+    md5 = _digest(source)
     if verify and md5 != TARBALL_MD5:
         raise BadInput(
             f"{source} has md5 {md5}, not the official {TARBALL_MD5}: the download is damaged or it is "
@@ -371,14 +372,6 @@ def synthetic_split(n: int, seed: int, chunk: int = 4096) -> tuple[np.ndarray, n
 # Writing a store
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _channel_stats(images: np.ndarray, chunk: int = 5000) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in units of 0..1, in chunks to keep memory flat."""
     s = np.zeros(3)
@@ -411,7 +404,7 @@ def _write_store(dest: Path, splits: dict, names: dict, source: dict, synthetic:
             for kind, arr in zip(("images", "labels", "coarse"), splits[split]):
                 name = f"{split}_{kind}.npy"
                 np.save(tmp / name, arr)
-                outputs[name] = _sha256(tmp / name)
+                outputs[name] = _digest(tmp / name, "sha256")
         mean, std = _channel_stats(splits["train"][0])
         meta = {
             "format_version": FORMAT_VERSION,
@@ -477,7 +470,7 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
             log(f"{dest}: complete CIFAR-100 store already there; --force rebuilds it.")
             return dest
         tarball = dest.parent / TARBALL_NAME
-        if not (tarball.is_file() and _md5(tarball) == TARBALL_MD5):
+        if not (tarball.is_file() and _digest(tarball) == TARBALL_MD5):
             log(f"Downloading {URL} to {tarball}.")
             download(URL, tarball, TARBALL_MD5, progress=progress)
         source, verify = tarball, True
