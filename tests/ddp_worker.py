@@ -15,7 +15,7 @@ class Recorder:
     """Passes a training loader through, noting each yielded batch's rows and labels."""
 
     def __init__(self, loader):
-        self.loader, self.epoch = loader, 0
+        self.loader, self.epoch, self.start = loader, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -23,13 +23,13 @@ class Recorder:
     def __len__(self):
         return len(self.loader)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start = epoch, start_batch
+        self.loader.set_epoch(epoch, start_batch=start_batch)
 
     def __iter__(self):
         rows = self.loader.batches(self.epoch)
-        for i, (images, labels) in enumerate(self.loader):
+        for i, (images, labels) in enumerate(self.loader, start=self.start):
             seen.setdefault(self.epoch, []).append({"rows": rows[i].tolist(), "labels": labels.tolist()})
             yield images, labels
 
