@@ -40,28 +40,14 @@ cp "$work/run/summary.json" "$out/train_summary.json"
 "$py" -m fastcifar bench --data-dir "$work/cifar100" --backend tutorial --backend torch \
   "${bench[@]}" --json "$out/gpu_check.json"
 
-# The table last: the figures bench/RESULTS.md records.
-"$py" - "$out/gpu_check.json" "$out/train_summary.json" "$(( $(date +%s) - t0 ))" <<'EOF'
+# The tables last: what bench/RESULTS.md records.
+echo
+echo "## GPU check: $(( $(date +%s) - t0 )) s in all; command: bench/gpu_check.sh"
+"$py" - "$out/train_summary.json" <<'EOF'
 import json, sys
-bench, run, seconds = json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3]
-rows = bench["rows"]
-print(f"\n## GPU check: {bench['meta']['device']}, torch {bench['meta']['torch']}, {seconds} s in all\n")
-print("| what | model | px | setting | batch | img/s |")
-print("|---|---|---|---|---|---|")
-for r in rows:
-    if r["stage"] == "pipeline":
-        print(f"| pipeline {r['backend']} ({r['aug']}) | | {r['image_size']} | | {r['batch_size']} | {r['images_per_sec']:,} |")
-for r in rows:
-    if r["stage"] in ("train_step", "end_to_end"):
-        setting = ("compiled" if r["compiled"] else "eager") + f" {r['memory_format']} {r['precision']}"
-        warm = f" (warm-up {r['warmup_seconds']} s)" if r["compiled"] else ""
-        print(f"| {r['stage']} {r['backend']} | {r['model']} | {r['image_size']} | {setting}{warm} | {r['batch_size']} | {r['images_per_sec']:,} |")
-print(f"| train run {run['recipe']} ({run['epochs_done']} epochs, {run['backend']}) | {run.get('model', '')} | "
-      f"{run.get('image_size', '')} | best test {run['best_acc']:.2f}% (synthetic) | | {run['train_images_per_sec']:,.0f} |")
-room = bench.get("headroom", [])
-if room:
-    print("\n| headroom: pipeline / train step | model | px | aug | ratio |")
-    print("|---|---|---|---|---|")
-    for h in room:
-        print(f"| {h['pipeline']} {h['pipeline_img_s']:,} / {h['train_step_img_s']:,} | {h['model']} | {h['image_size']} | {h['aug']} | {h['headroom']} |")
+s = json.load(open(sys.argv[1]))
+print(f"\nShort training run: {s['recipe']} ({s.get('model')}, {s.get('image_size')} px), {s['epochs_done']} epochs on a "
+      f"synthetic store, {s['backend']} loader, {s['device']}: {s['train_images_per_sec']:,.0f} train img/s, "
+      f"best test {s['best_acc']:.2f}% (synthetic data), {s['wall_seconds']:.0f} s.\n")
 EOF
+"$py" bench/tables.py "$out/gpu_check.json"

@@ -1,0 +1,98 @@
+"""Turn a `fastcifar bench --json` file into the compact markdown tables of the README and
+bench/RESULTS.md: one pivot table per stage, plus the headroom.
+
+    python bench/tables.py bench/cpu_bench.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+SETTINGS = [("eager NCHW fp32", (False, "NCHW", "fp32")), ("+ channels_last", (False, "channels_last", "fp32")),
+            ("+ AMP", (False, "channels_last", "amp")), ("+ torch.compile", (True, "channels_last", "amp"))]
+
+
+def _n(v) -> str:
+    return "—" if v is None else f"{v:,}"
+
+
+def _md(head: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def pipeline_table(rows: list[dict]) -> str:
+    """img/s per backend at 32/224 px with augmentation off / OneOf, and the ratio to the tutorial's path."""
+    pipe = [r for r in rows if r["stage"] == "pipeline"]
+    cols = [(32, "none"), (32, "oneof"), (224, "none"), (224, "oneof")]
+    notes = {r["backend"]: r["note"] for r in pipe if r.get("note")}  # what the tutorial path ran with
+    out = []
+    for backend in dict.fromkeys(r["backend"] for r in pipe):
+        cells = []
+        for size, aug in cols:
+            r = next((r for r in pipe if (r["backend"], r["image_size"], r["aug"]) == (backend, size, aug)), None)
+            ratio = f" ({r['vs_tutorial']}x)" if r and backend != "tutorial" and "vs_tutorial" in r else ""
+            cells.append(_n(r and r["images_per_sec"]) + ratio)
+        out.append([backend + (f" ({notes[backend]})" if backend in notes else ""), *cells])
+    bs = pipe[0]["batch_size"] if pipe else "?"
+    return _md([f"pipeline, img/s (batch {bs})", "32 px, no aug", "32 px, OneOf", "224 px, no aug", "224 px, OneOf"], out)
+
+
+def _keyed(rows, stage):
+    return {(r["model"], r["image_size"], r["compiled"], r["memory_format"], r["precision"]): r
+            for r in rows if r["stage"] == stage}
+
+
+def train_step_table(rows: list[dict]) -> str:
+    """img/s of a training step up the ladder of settings, per model and size."""
+    steps = _keyed(rows, "train_step")
+    out = []
+    for model, size in dict.fromkeys((k[0], k[1]) for k in steps):
+        cells = []
+        for _, setting in SETTINGS:
+            r = steps.get((model, size, *setting))
+            warm = f" (warm-up {r['warmup_seconds']} s)" if r and r["compiled"] else ""
+            cells.append(_n(r and r["images_per_sec"]) + warm)
+        bs = next(r["batch_size"] for k, r in steps.items() if k[:2] == (model, size))
+        out.append([model, size, bs, *cells])
+    return _md(["train_step, img/s", "px", "batch", *[name for name, _ in SETTINGS]], out)
+
+
+def end_to_end_table(rows: list[dict], headroom: list[dict]) -> str:
+    """Per model and size: each loader feeding the step, the step alone, and each pipeline's headroom."""
+    e2e = [r for r in rows if r["stage"] == "end_to_end"]
+    backends = list(dict.fromkeys(r["backend"] for r in e2e))
+    room_backends = list(dict.fromkeys(h["pipeline"] for h in headroom))
+    out = []
+    for model, size in dict.fromkeys((r["model"], r["image_size"]) for r in e2e + headroom):
+        cells = [_n(next((r["images_per_sec"] for r in e2e if (r["model"], r["image_size"], r["backend"]) ==
+                          (model, size, b)), None)) for b in backends]
+        step = next((h["train_step_img_s"] for h in headroom if (h["model"], h["image_size"]) == (model, size)), None)
+        room = [next((f"{h['headroom']}x" for h in headroom if (h["model"], h["image_size"], h["pipeline"]) ==
+                      (model, size, b)), "—") for b in room_backends]
+        out.append([model, size, *cells, _n(step), *room])
+    head = ["end to end, img/s", "px", *[f"fed by {b}" for b in backends], "step alone",
+            *[f"headroom {b}" for b in room_backends]]
+    return _md(head, out)
+
+
+def tables(bench: dict) -> str:
+    """A line saying what the figures were measured on, then the tables."""
+    m = bench.get("meta", {})
+    rows, parts = bench["rows"], [f"Measured on {m.get('device', '?')} ({m.get('cpu_cores', '?')} CPU cores), torch "
+                                  f"{m.get('torch', '?')}, DALI {m.get('dali', 'not installed')}, {m.get('time', '?')}"
+                                  f"{', --quick' if m.get('quick') else ''}, {m.get('store', '?')} store."]
+    stages = {r["stage"] for r in rows}
+    if "pipeline" in stages:
+        parts.append(pipeline_table(rows))
+    if "train_step" in stages:
+        parts.append(train_step_table(rows))
+    if "end_to_end" in stages or bench.get("headroom"):
+        parts.append(end_to_end_table(rows, bench.get("headroom", [])))
+    return "\n\n".join(parts)
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        print(tables(json.load(open(path))))
