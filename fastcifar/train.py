@@ -471,9 +471,10 @@ def _open_or_prepare(data_dir, prepare_here: bool):
         try:
             prepare(d)
         except BadInput as e:
-            raise BadInput(f"No prepared store at {d}, and preparing one failed: {e} Without internet, run "
-                           f"`fastcifar prepare --synthetic --data-dir {d}` (a learnable stand-in) and then "
-                           f"e.g. `fastcifar train smoke`.")
+            hint = "" if "--synthetic" in str(e) else (f" For a learnable stand-in without internet: `fastcifar "
+                                                       f"prepare --synthetic --data-dir {d}`.")
+            raise BadInput(f"No prepared store at {d}, and preparing one failed: {e}{hint} On a synthetic store, "
+                           f"`fastcifar train smoke` is a one-minute check.")
     fdist.barrier()
     return open_store(d)
 
