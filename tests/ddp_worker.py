@@ -6,37 +6,19 @@ import os
 from pathlib import Path
 
 import fastcifar.train as T
+from loader_spy import LoaderSpy
 
 seen: dict[int, list] = {}
 real_make_loader = T.make_loader
 
 
-class Recorder:
-    """Passes a training loader through, noting each yielded batch's rows and labels."""
-
-    def __init__(self, loader):
-        self.loader, self.epoch, self.start = loader, 0, 0
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start = epoch, start_batch
-        self.loader.set_epoch(epoch, start_batch=start_batch)
-
-    def __iter__(self):
-        rows = self.loader.batches(self.epoch)
-        for i, (images, labels) in enumerate(self.loader, start=self.start):
-            seen.setdefault(self.epoch, []).append({"rows": rows[i].tolist(), "labels": labels.tolist()})
-            yield images, labels
-
-
 def make_loader(store, split, spec, batch_size, **kw):
     loader = real_make_loader(store, split, spec, batch_size, **kw)
-    return Recorder(loader) if kw.get("augment") else loader
+    if not kw.get("augment"):
+        return loader
+    # note each training batch's rows and labels, as this rank's loop consumes them
+    return LoaderSpy(loader, lambda epoch, i, images, labels: seen.setdefault(epoch, []).append(
+        {"rows": loader.batches(epoch)[i].tolist(), "labels": labels.tolist()}))
 
 
 T.make_loader = make_loader

@@ -20,6 +20,7 @@ from fastcifar.config import Recipe, Schedule
 from fastcifar.data import prepare
 from fastcifar.models import build_model
 from fastcifar.optim import lr_factor, param_groups, peak_lr
+from loader_spy import LoaderSpy
 
 TIMING = {"images_per_sec", "epoch_seconds", "wall_seconds"}
 QUIET = dict(log=lambda *a, **k: None)
@@ -58,28 +59,6 @@ def info(name="tiny"):
     return {"name": name, "description": f"{name}: a test run", "source": '"""a test run"""\n'}
 
 
-class Hook:
-    """A loader that calls fn(epoch, batch_index, images) before yielding each batch."""
-
-    def __init__(self, loader, fn):
-        self.loader, self.fn, self.epoch, self.start = loader, fn, 0, 0
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def __len__(self):
-        return len(self.loader)
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch, self.start = epoch, start_batch
-        self.loader.set_epoch(epoch, start_batch=start_batch)
-
-    def __iter__(self):
-        for i, (images, labels) in enumerate(self.loader, start=self.start):
-            self.fn(self.epoch, i, images)
-            yield images, labels
-
-
 def hook_loaders(monkeypatch, train_fn=None, test_fn=None, calls=None):
     real = T.make_loader
 
@@ -88,7 +67,7 @@ def hook_loaders(monkeypatch, train_fn=None, test_fn=None, calls=None):
             calls.append((split, kw))
         loader = real(store, split, spec, batch_size, **kw)
         fn = train_fn if kw.get("augment") else test_fn if split == "test" else None
-        return Hook(loader, fn) if fn else loader
+        return LoaderSpy(loader, lambda epoch, i, images, labels: fn(epoch, i, images)) if fn else loader
 
     monkeypatch.setattr(T, "make_loader", make)
 
