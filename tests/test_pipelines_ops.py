@@ -210,7 +210,7 @@ def test_tutorial_both_paths(store, monkeypatch, alb):
     from pipelines.tutorial import albumentations_available
 
     if alb and not albumentations_available():
-        pytest.skip("the bench extra (albumentations, opencv) is not installed")
+        pytest.skip(reason="the bench extra (albumentations, opencv) is not installed")
     monkeypatch.setattr("pipelines.tutorial.albumentations_available", lambda: alb)
     out, src, _ = first_batch(store, AugSpec(hflip=1.0), "tutorial", batch_size=50)
     np.testing.assert_array_equal(out, src[:, :, ::-1])
