@@ -8,7 +8,6 @@ of batches inside one epoch, each closed by a device sync; the row reports the m
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -344,12 +343,11 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
 
 
 def write_json(path: Path, obj) -> None:
-    """Write atomically: a temp file in the same directory, then rename."""
+    """checkpoint.write_json (atomic), with an unwritable path as bad input."""
+    from fastcifar.checkpoint import write_json as atomic_json
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_json(path, obj)
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")

@@ -14,7 +14,8 @@ import torch
 from fastcifar import BadInput
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call write(binary file) on a temp file beside path, fsync, then rename it to path."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -33,12 +34,12 @@ def _atomic(path: Path, write) -> None:
 
 def save(path: Path, state: dict) -> None:
     """torch.save(state) to path atomically."""
-    _atomic(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def write_json(path: Path, obj) -> None:
     """JSON to path atomically."""
-    _atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def load(path: Path) -> dict:

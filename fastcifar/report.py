@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from fastcifar import BadInput
+from fastcifar.checkpoint import atomic_write
 
 
 @dataclasses.dataclass
@@ -97,7 +96,8 @@ def _pct(x) -> str:
     return "—" if x is None else f"{x:.2f}%"
 
 
-def _duration(seconds) -> str:
+def duration(seconds) -> str:
+    """'3m 05s' or '2h 01m'; a dash for None."""
     if seconds is None:
         return "—"
     s = int(round(seconds))
@@ -124,7 +124,7 @@ def results_table(runs: list[Run]) -> str:
             name += " *(" + "; ".join(flags) + ")*"
         epochs = f"{s.get('epochs_done', '?')}/{s.get('epochs') or '?'}"
         row = [r.label, name, s.get("description", ""), f"{_pct(s.get('best_acc'))} ({s.get('best_epoch', '?')})",
-               _pct(s.get("final_acc")), epochs, _duration(s.get("wall_seconds")),
+               _pct(s.get("final_acc")), epochs, duration(s.get("wall_seconds")),
                f"{s['train_images_per_sec']:,.0f}" if s.get("train_images_per_sec") else "—"]
         if with_val:
             if s.get("selection") == "val":
@@ -158,19 +158,8 @@ def plot_curves(runs: list[Run], key: str, ylabel: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def report(paths: list[Path], out: Path) -> tuple[str, list[Path]]:
@@ -179,7 +168,7 @@ def report(paths: list[Path], out: Path) -> tuple[str, list[Path]]:
     table = results_table(runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic(out / "results.md", lambda tmp: Path(tmp).write_text(table))
+        atomic_write(out / "results.md", lambda f: f.write(table.encode()))
         plot_curves(runs, "test_acc", "test top-1 accuracy (%)", out / "test_accuracy.png")
         plot_curves(runs, "test_loss", "test loss", out / "test_loss.png")
     except OSError as e:

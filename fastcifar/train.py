@@ -26,6 +26,7 @@ from fastcifar.data import default_data_dir, open_store, prepare
 from fastcifar.losses import cross_entropy, distillation
 from fastcifar.models import build_model
 from fastcifar.optim import build_optimizer, build_scheduler
+from fastcifar.report import duration
 from pipelines.loader import make_loader
 from pipelines.spec import mean_std
 
@@ -346,7 +347,7 @@ def _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_ra
                 say(f"epoch {epoch + 1}/{rt.epochs}  train loss {m['train_loss']:.3f} acc {m['train_acc']:.2f}%  "
                     + (f"val {m['val_acc']:.2f}%  " if val_loader is not None else "")
                     + f"test {m['test_acc']:.2f}% (top-5 {m['test_top5']:.2f}%)  lr {lr:.2e}  "
-                    + f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {_duration(left)}")
+                    + f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {duration(left)}")
                 if fdist.any_rank(stop["signal"] is not None, device):
                     if main:
                         checkpoint.write_json(out / "summary.json", summary(False, "interrupted"))
@@ -359,7 +360,7 @@ def _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_ra
                 checkpoint.write_json(out / "summary.json", result)
                 say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
                     + (f" (selected on val: {result['best_val_acc']:.2f}%)" if selection == "val" else "")
-                    + f", final {result['final_acc']:.2f}%, {_duration(result['wall_seconds'])}. Run: {out}")
+                    + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}. Run: {out}")
             return result
         finally:
             for s, h in handlers.items():
@@ -487,9 +488,3 @@ def _image_grid(images: torch.Tensor, spec, store) -> torch.Tensor:
     x = images.detach().float().cpu()
     x = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     return make_grid(x.clamp(0, 1), nrow=8)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-

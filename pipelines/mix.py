@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.spec import AugSpec
+from pipelines.torch_backend import host_to_device
 
 
 def _host_rng(generator: torch.Generator) -> np.random.Generator:
@@ -47,11 +48,7 @@ def mix(images, labels: torch.Tensor, spec: AugSpec, num_classes: int, generator
     mode = modes[rng.integers(len(modes))]  # with both on, each mixed batch picks one, evenly
     alpha = spec.mixup_alpha if mode == "mixup" else spec.cutmix_alpha
     lam = float(rng.beta(alpha, alpha))
-    perm = torch.from_numpy(rng.permutation(len(labels)))
-    if labels.device.type == "cuda":
-        perm = perm.pin_memory().to(labels.device, non_blocking=True)
-    else:
-        perm = perm.to(labels.device)
+    perm = host_to_device(rng.permutation(len(labels)), labels.device)
 
     if mode == "mixup":
         out = tuple(torch.lerp(x, x[perm], 1 - lam) for x in views)  # lam x + (1 - lam) x[perm]

@@ -23,7 +23,7 @@ _MODES = {"linear": "bilinear", "cubic": "bicubic"}
 _ON_DEVICE: dict = {}  # (store dir, split, device) -> (images, labels): a split moves once per process
 
 
-def _to(a, device: torch.device) -> torch.Tensor:
+def host_to_device(a, device: torch.device) -> torch.Tensor:
     """A small host array on the device; pinned + non_blocking on CUDA so it never waits."""
     if isinstance(a, torch.Tensor):
         return a.to(device)
@@ -38,11 +38,11 @@ def _subset(x: torch.Tensor, mask: np.ndarray, op, *args) -> torch.Tensor:
     if not mask.any():
         return x
     if mask.all():
-        return op(x, *(_to(a, x.device) for a in args))
+        return op(x, *(host_to_device(a, x.device) for a in args))
     idx = np.flatnonzero(mask)
-    di = _to(idx, x.device)
+    di = host_to_device(idx, x.device)
     out = x.clone()
-    out[di] = op(x[di], *(a[di] if isinstance(a, torch.Tensor) else _to(a[idx], x.device) for a in args))
+    out[di] = op(x[di], *(a[di] if isinstance(a, torch.Tensor) else host_to_device(a[idx], x.device) for a in args))
     return out
 
 
@@ -133,7 +133,7 @@ class TorchBackend:
 
     def batch(self, idx: np.ndarray, epoch: int, b: int):
         """(images, labels) of the rows idx, augmented with batch b's draws of this epoch."""
-        di = _to(idx, self.device)
+        di = host_to_device(idx, self.device)
         x, y = self.images[di], self.labels[di]
         if self.augment:
             x = augment(x, draw(self.spec, len(idx), batch_rng(self.seed, epoch, self.rank, b)), self.spec)

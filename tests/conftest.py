@@ -1,5 +1,18 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests/ helpers (cifar_fixture, ...) import as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+from fastcifar.data import open_store, prepare  # noqa: E402
+from pipelines_helpers import N_TEST, N_TRAIN  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory):
+    """A small synthetic store (N_TRAIN / N_TEST images) shared by the pipeline and bench tests."""
+    d = tmp_path_factory.mktemp("store")
+    prepare(d, synthetic=True, n_train=N_TRAIN, n_test=N_TEST, seed=0, log=lambda *_: None)
+    return open_store(d)

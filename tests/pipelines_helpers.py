@@ -6,20 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fastcifar.data import open_store, prepare
 from pipelines.loader import dali_available
 
 N_TRAIN, N_TEST = 500, 200
 # Every backend runs on the CPU here; DALI in its CPU mode (device_id=None).
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not installed")),
             "tutorial"]
-
-
-@pytest.fixture(scope="session")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("store")
-    prepare(d, synthetic=True, n_train=N_TRAIN, n_test=N_TEST, seed=0, log=lambda *_: None)
-    return open_store(d)
 
 
 def stored(store, split: str, rows) -> np.ndarray:

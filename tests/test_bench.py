@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from fastcifar import BadInput, bench
-from pipelines_helpers import store  # noqa: F401 (a fixture)
 
 ROW_KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec"}
 

@@ -12,7 +12,7 @@ from fastcifar import BadInput
 from pipelines import AugSpec, make_loader
 from pipelines.loader import dali_available
 from pipelines.spec import tutorial_oneof
-from pipelines_helpers import BACKENDS, store, stored  # noqa: F401 (store is a fixture)
+from pipelines_helpers import BACKENDS, stored
 
 
 def _collect(loader, epoch=0):

@@ -11,7 +11,6 @@ import pytest
 
 from fastcifar import BadInput
 from fastcifar import bench
-from pipelines_helpers import store  # noqa: F401 (a fixture)
 
 KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec", "aug"}
 

@@ -10,7 +10,7 @@ import torch
 from pipelines import AugSpec, make_loader
 from pipelines.draw import LUMA, batch_rng, draw
 from pipelines.spec import tutorial_oneof
-from pipelines_helpers import BACKENDS, as_uint8_nhwc, store  # noqa: F401 (store is a fixture)
+from pipelines_helpers import BACKENDS, as_uint8_nhwc
 
 BATCHED = [b for b in BACKENDS if getattr(b, "values", [b])[0] != "tutorial"]  # apply pipelines.draw's draws
 SEED = 11
