@@ -1,0 +1,156 @@
+"""The command line's exit codes and paths, run as a user runs them: a NaN stop exits 1 with its
+message, a second Ctrl-C quits at once (130), `fastcifar eval` on good and bad input, atomic
+writes that fail half-way, and the README's offline main job exactly as written."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastcifar import checkpoint
+from pipelines.loader import dali_available
+from test_train import QUIET, hook_loaders, info, store, tiny  # noqa: F401 (store: the fixture)
+
+import fastcifar.train as T
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--set", "data.backend=torch", "--set", "data.subset=1", "--set", "data.test_subset=1",
+         "--set", "train.device=cpu"]
+
+
+def cli(monkeypatch, capsys, *args):
+    """Run `fastcifar ARGS` in this process; (exit code, stdout, stderr)."""
+    from fastcifar.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fastcifar", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def one_paragraph(err: str) -> bool:
+    return err.startswith("error: ") and "Traceback" not in err and "\n\n" not in err.strip()
+
+
+def test_nan_stop_exits_1_with_its_message(store, tmp_path, monkeypatch, capsys):
+    def poison(epoch, i, images):
+        if (epoch, i) == (0, 2):
+            images[0, 0, 0, 0] = float("nan")
+
+    hook_loaders(monkeypatch, train_fn=poison)
+    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--data-dir", store, "--out", tmp_path / "run", *SMALL)
+    assert code == 1
+    assert "non-finite loss" in err and "at step 3" in err and "lower optim.lr" in err.replace("\n", " ")
+    assert "Traceback" not in err
+
+
+def test_second_ctrl_c_quits_at_once(store, tmp_path, monkeypatch, capsys):
+    """The first Ctrl-C asks for a save after the step; a second one, before that step ends, quits
+    there and then: no step finishes, nothing is saved, exit 130."""
+    def twice(epoch, i, images):
+        if (epoch, i) == (0, 3):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    hook_loaders(monkeypatch, train_fn=twice)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(tiny(), info(), out=tmp_path / "direct", data_dir=store, **QUIET)
+    assert not (tmp_path / "direct" / "last.pt").exists()
+    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--data-dir", store, "--out", tmp_path / "run", *SMALL)
+    assert code == 130 and "Interrupted" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put its handler back
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    s = T.train(tiny(train__epochs=1), info(), out=run, data_dir=store, **QUIET)
+    return run, s
+
+
+def test_eval_through_the_cli(store, trained, monkeypatch, capsys):
+    run, s = trained
+    code, out, _ = cli(monkeypatch, capsys, "eval", run, "--data-dir", store, "--device", "cpu", "--batch-size", 64)
+    assert code == 0
+    top1 = float(re.search(r"test top-1 ([\d.]+)%", out).group(1))
+    assert top1 == pytest.approx(s["best_acc"], abs=0.01) and "on 300 images" in out and "SYNTHETIC" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (("{tmp}/nothing_here",), "does not exist"),
+    (("{tmp}/not_a_checkpoint.pt",), "not a readable fastcifar checkpoint"),
+    (("{tmp}",), "holds no checkpoint"),
+    (("{run}", "--device", "tpu"), "--device 'tpu'"),
+    (("{run}", "--batch-size", "0"), "--batch-size 0"),
+    (("{run}", "--backend", "nope"), "backend 'nope'"),
+    (("{run}", "--data-dir", "{tmp}/no_store"), "No prepared CIFAR-100 store"),
+])
+def test_eval_bad_input_exits_2_with_one_paragraph(store, trained, tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "not_a_checkpoint.pt").write_bytes(b"not a zip file")
+    run, _ = trained
+    args = [a.format(tmp=tmp_path, run=run) for a in args]
+    if "--data-dir" not in args:
+        args += ["--data-dir", str(store)]
+    code, _, err = cli(monkeypatch, capsys, "eval", *args)
+    assert code == 2 and one_paragraph(err), err
+    assert message in err.replace("\n", " ")
+
+
+# ---- atomic writes: a writer that fails half-way leaves the old file and no temp file
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "json", "raw"])
+def test_a_write_that_fails_half_way_keeps_the_old_file(tmp_path, kind):
+    path = tmp_path / ("last.pt" if kind == "checkpoint" else "summary.json")
+    checkpoint.write_json(path, {"old": True}) if kind == "json" else path.write_bytes(b"old complete file")
+    before = path.read_bytes()
+
+    def half(f):
+        f.write(b"half of a new fi")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises((RuntimeError, TypeError, OSError)):
+        if kind == "checkpoint":  # the tensor goes out first, then the bad object stops torch.save
+            checkpoint.save(path, {"model": {"w": torch.zeros(1000)}, "bad": Unpicklable()})
+        elif kind == "json":
+            checkpoint.write_json(path, {"fine": 1, "bad": object()})
+        else:
+            checkpoint.atomic_write(path, half)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left behind
+
+
+# ---- the README's offline main job, exactly as written
+
+
+def test_readme_offline_main_job_runs_as_written(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    offline = re.findall(r"```bash\n(.*?)```", readme, re.S)[1].strip()
+    job = offline.split("pip install -e . && ", 1)[1]  # the part after installing: what a user runs
+    assert job == "fastcifar prepare --synthetic && fastcifar train smoke"
+    bin_dir = Path(sys.executable).parent
+    assert (bin_dir / "fastcifar").is_file(), "the install puts a `fastcifar` command beside python"
+    env = {k: v for k, v in os.environ.items() if k != "FASTCIFAR_DATA"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    r = subprocess.run(["bash", "-c", job], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    runs = list((tmp_path / "runs").glob("smoke-*/summary.json"))
+    assert len(runs) == 1
+    import json
+    s = json.loads(runs[0].read_text())
+    assert s["finished"] and s["epochs_done"] == 4 and s["synthetic"]
+    assert s["backend"] == ("dali-cpu" if dali_available() else "torch")  # the default backend
+    assert s["best_acc"] > 50  # chance is 1%; the README quotes about 90%
+    assert (tmp_path / "data" / "cifar100" / "meta.json").is_file()
