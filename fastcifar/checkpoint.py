@@ -95,3 +95,83 @@ def set_rng_state(state: dict) -> None:
 def _tuples(x):
     """random.setstate needs tuples where a round trip may have left lists."""
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class RunDir:
+    """A run's directory (DESIGN.md's contract), written by rank 0 alone: recipe.json, recipe.py,
+    TensorBoard events, metrics.jsonl, last.pt / best.pt and summary.json. summary.json is written
+    here only, from the run's own `summary(finished, reason)`: after each epoch ("running"), when
+    the run stops (`stop(reason)`: interrupted, diverged, ...) and when it finishes. On other ranks
+    every method writes nothing (and stop/finish still return the summary)."""
+
+    def __init__(self, path: str | os.PathLike, summary, writes: bool = True):
+        self.path, self.summary, self.writes = Path(path), summary, writes
+        self._tb = self._metrics = None
+
+    def open(self, recipe_json: dict, source: str | None, history: list[dict]) -> "RunDir":
+        """Create the directory and its recipe files; metrics.jsonl restarts from `history` (a
+        resumed run's log must agree with its last.pt), then grows a line per epoch."""
+        if not self.writes:
+            return self
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.path / "recipe.json", recipe_json)
+        if source and not (self.path / "recipe.py").exists():
+            atomic_write(self.path / "recipe.py", lambda f: f.write(source.encode()))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(self.path))
+        atomic_write(self.path / "metrics.jsonl", lambda f: f.writelines((json.dumps(m) + "\n").encode() for m in history))
+        self._metrics = open(self.path / "metrics.jsonl", "a")
+        return self
+
+    def scalars(self, step: int, values: dict) -> None:
+        """TensorBoard scalars {tag: value} at a step."""
+        if self._tb is not None:
+            for tag, v in values.items():
+                self._tb.add_scalar(tag, v, step)
+
+    def image(self, tag: str, image: torch.Tensor) -> None:
+        if self._tb is not None:
+            self._tb.add_image(tag, image, 0)
+
+    def checkpoint(self, state: dict, best: bool) -> None:
+        """last.pt, and best.pt too when this is the selected epoch so far."""
+        if self.writes:
+            save(self.path / "last.pt", state)
+            if best:
+                save(self.path / "best.pt", state)
+
+    def epoch(self, m: dict) -> None:
+        """An epoch's metrics: a metrics.jsonl line, TensorBoard, and summary.json (still running).
+        Call after checkpoint(): the log never names an epoch that has no checkpoint."""
+        if not self.writes:
+            return
+        self._metrics.write(json.dumps(m) + "\n")
+        self._metrics.flush()
+        self.scalars(m["epoch"], {f"epoch/{k}": v for k, v in m.items() if k != "epoch"})
+        self._tb.flush()
+        self._write_summary(False, "running")
+
+    def stop(self, reason: str) -> dict:
+        """The run ends unfinished (interrupted, diverged): summary.json says why."""
+        return self._write_summary(False, reason)
+
+    def finish(self) -> dict:
+        return self._write_summary(True, "completed")
+
+    def _write_summary(self, finished: bool, reason: str) -> dict:
+        s = self.summary(finished, reason)
+        if self.writes:
+            write_json(self.path / "summary.json", s)
+        return s
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._tb is not None:
+            self._tb.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        self._tb = self._metrics = None
+        return False

@@ -108,21 +108,21 @@ def train(
     from fastcifar.train import Diverged, Interrupted
     from fastcifar.train import train as run_train
 
-    if resume is not None:
-        ck = checkpoint.load(resume / "last.pt")
-        r, info = config.from_dict(ck["recipe"]), dict(ck["info"])
-        if recipe is not None and recipe not in (info["name"], info.get("path")):
-            raise BadInput(f"--resume {resume} continues a run of {info['name']!r}, not {recipe!r}; drop RECIPE "
-                           f"or start a new run without --resume.")
-        del ck
-    elif recipe is None:
-        raise BadInput("Name a recipe to train (`fastcifar recipes` lists them), or --resume RUN_DIR.")
-    else:
-        r, info = config.load(recipe)
-    config.apply_overrides(r, overrides)
-    if overrides:
-        info["overrides"] = list(info.get("overrides", [])) + list(overrides)
-    try:
+    try:  # a Ctrl-C anywhere in here (loading a recipe, preparing the store) exits 130 too
+        if resume is not None:
+            ck = checkpoint.load(resume / "last.pt")
+            r, info = config.from_dict(ck["recipe"]), dict(ck["info"])
+            if recipe is not None and recipe not in (info["name"], info.get("path")):
+                raise BadInput(f"--resume {resume} continues a run of {info['name']!r}, not {recipe!r}; drop RECIPE "
+                               f"or start a new run without --resume.")
+            del ck
+        elif recipe is None:
+            raise BadInput("Name a recipe to train (`fastcifar recipes` lists them), or --resume RUN_DIR.")
+        else:
+            r, info = config.load(recipe)
+        config.apply_overrides(r, overrides)
+        if overrides:
+            info["overrides"] = list(info.get("overrides", [])) + list(overrides)
         run_train(r, info, out=out, data_dir=data_dir, resume=resume)
     except Interrupted as e:
         typer.echo(str(e), err=True)

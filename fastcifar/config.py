@@ -12,20 +12,35 @@ import dataclasses
 import importlib.util
 import inspect
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcifar import BadInput
+from fastcifar.heads import HEADS
+from fastcifar.optim import LR_SCALING, OPTIMIZERS, SCHEDULES
+from fastcifar.runtime import AMP_DTYPES
+from pipelines.loader import BACKENDS
 from pipelines.spec import AugSpec
 
-BACKENDS = ("auto", "dali", "torch", "tutorial")
-HEAD_KINDS = ("linear", "arcface", "cosface")   # keys of fastcifar.heads.HEADS
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("constant", "step", "cosine", "onecycle")
-AMP = ("none", "bf16", "fp16")
-LR_SCALING = ("linear", "sqrt")
+def _check(section: str, obj, rules) -> None:
+    """Raise BadInput naming the first field of `obj` whose rule fails: rules are
+    (field, ok(value) -> bool, why) triples, checked in order."""
+    for name, ok, why in rules:
+        value = getattr(obj, name)
+        if not ok(value):
+            raise BadInput(f"{section}.{name} = {value!r}: {why}.")
+
+
+def _one_of(options) -> tuple:
+    options = tuple(options)
+    return (lambda v: v in options), f"must be one of {', '.join(options)}"
+
+
+def _finite(v) -> bool:
+    return math.isfinite(v)
 
 
 @dataclass(slots=True)
@@ -38,6 +53,15 @@ class Data:
     subset: float = 1.0          # fraction of the train split used (a fixed random subset)
     test_subset: float = 1.0     # fraction of the test split evaluated (a fixed random subset)
 
+    def validate(self):
+        _check("data", self, [
+            ("backend", *_one_of(BACKENDS)),
+            ("batch_size", lambda v: v >= 1, "must be at least 1"),
+            ("val_split", lambda v: 0.0 <= v < 1.0, "is a fraction of the train split and must lie in [0, 1)"),
+            ("subset", lambda v: 0.0 < v <= 1.0, "is a fraction and must lie in (0, 1]"),
+            ("test_subset", lambda v: 0.0 < v <= 1.0, "is a fraction and must lie in (0, 1]"),
+        ])
+
 
 @dataclass(slots=True)
 class Model:
@@ -48,6 +72,9 @@ class Model:
     drop_rate: float = 0.0       # dropout before the head
     channels_last: bool = True   # NHWC memory layout: faster convolutions on tensor cores
 
+    def validate(self):
+        _check("model", self, [("drop_rate", lambda v: 0.0 <= v < 1.0, "is a probability and must lie in [0, 1)")])
+
 
 @dataclass(slots=True)
 class Head:
@@ -56,10 +83,21 @@ class Head:
     m: float = 0.5               # margin heads: angular (arcface, radians) or cosine (cosface) margin
     embed_dim: int = 512         # margin heads: Linear -> BatchNorm1d embedding size
 
+    def validate(self):
+        _check("head", self, [
+            ("kind", *_one_of(HEADS)),
+            ("s", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+            ("m", _finite, "must be a finite number"),
+            ("embed_dim", lambda v: v >= 1, "must be at least 1"),
+        ])
+
 
 @dataclass(slots=True)
 class Loss:
     label_smoothing: float = 0.0  # probability mass spread over all classes
+
+    def validate(self):
+        _check("loss", self, [("label_smoothing", lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)")])
 
 
 @dataclass(slots=True)
@@ -67,6 +105,12 @@ class Distill:
     teacher: str = ""            # run dir, checkpoint file, or recipe name (newest runs/<name>-*); "" = off
     alpha: float = 0.7           # weight of the KD term: (1 - alpha) * CE + alpha * T^2 * KL
     temperature: float = 4.0     # softmax temperature T of both teacher and student
+
+    def validate(self):
+        _check("distill", self, [
+            ("alpha", lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
+            ("temperature", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+        ])
 
 
 @dataclass(slots=True)
@@ -82,6 +126,16 @@ class Optim:
     lr_ref_batch: int = 0        # > 0: `lr` is for this many images and scales to data.batch_size
     lr_scaling: str = "linear"   # how it scales: linear (SGD) | sqrt (often better for Adam)
 
+    def validate(self):
+        _check("optim", self, [
+            ("name", *_one_of(OPTIMIZERS)),
+            ("lr_scaling", *_one_of(LR_SCALING)),
+            ("lr", lambda v: v > 0, "must be > 0"),
+            ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+            ("grad_clip", lambda v: v >= 0, "must be >= 0 (0 = off)"),
+            ("lr_ref_batch", lambda v: v >= 0, "must be >= 0 (0 = lr as given)"),
+        ])
+
 
 @dataclass(slots=True)
 class Schedule:
@@ -90,6 +144,16 @@ class Schedule:
     milestones: tuple[float, ...] = ()  # step: fractions of training where the LR is multiplied by gamma
     gamma: float = 0.1           # step: factor at each milestone
     final_lr: float = 0.0        # cosine/onecycle: last LR as a fraction of the peak
+
+    def validate(self):
+        _check("schedule", self, [
+            ("kind", *_one_of(SCHEDULES)),
+            ("warmup", lambda v: 0.0 <= v < 1.0, "is a fraction of all steps and must lie in [0, 1)"),
+            ("milestones", lambda v: all(0.0 < m < 1.0 for m in v) and list(v) == sorted(v),
+             "must be increasing fractions of training, each in (0, 1)"),
+            ("gamma", lambda v: v > 0, "must be > 0"),
+            ("final_lr", lambda v: 0.0 <= v <= 1.0, "is a fraction of the peak LR and must lie in [0, 1]"),
+        ])
 
 
 @dataclass(slots=True)
@@ -101,6 +165,15 @@ class Train:
     deterministic: bool = False  # deterministic kernels (slower); resumed runs match straight ones
     device: str = "auto"         # auto (cuda:<local rank> when present, else cpu) | cpu | cuda
     log_every: int = 50          # steps between progress updates (the only host syncs in training)
+
+    def validate(self):
+        _check("train", self, [
+            ("amp", *_one_of(AMP_DTYPES)),
+            ("epochs", lambda v: v >= 1, "must be at least 1"),
+            ("log_every", lambda v: v >= 1, "must be at least 1"),
+            ("device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+             "must be auto, cpu, cuda or cuda:N"),
+        ])
 
 
 @dataclass(slots=True)
@@ -114,6 +187,15 @@ class Recipe:
     optim: Optim = field(default_factory=Optim)
     schedule: Schedule = field(default_factory=Schedule)
     train: Train = field(default_factory=Train)
+
+    def validate(self) -> "Recipe":
+        """Raise BadInput naming the first field whose value is out of range or not a known choice."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        if self.head.kind != "linear" and (self.aug.mixup_alpha > 0 or self.aug.cutmix_alpha > 0):
+            raise BadInput(f"head.kind = {self.head.kind!r}: a margin head needs hard labels, but MixUp/CutMix give "
+                           f"soft targets; use head.kind=linear or set aug.mixup_alpha and aug.cutmix_alpha to 0.")
+        return self
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
@@ -276,69 +358,6 @@ def from_dict(d: dict) -> Recipe:
                 setattr(getattr(r, section), name, _coerce(value, t))
             except _Wrong:
                 raise BadInput(f"recipe field {section}.{name} = {value!r}: expected {_type_name(t)}.")
-    return r
-
-
-def validate(r: Recipe) -> Recipe:
-    """Raise BadInput naming the first field whose value is out of range or not a known choice."""
-    def bad(key, why):
-        section, name = key.split(".")
-        raise BadInput(f"{key} = {getattr(getattr(r, section), name)!r}: {why}.")
-
-    def choice(key, options):
-        section, name = key.split(".")
-        if getattr(getattr(r, section), name) not in options:
-            bad(key, f"must be one of {', '.join(options)}")
-
-    choice("data.backend", BACKENDS)
-    choice("head.kind", HEAD_KINDS)
-    choice("optim.name", OPTIMIZERS)
-    choice("optim.lr_scaling", LR_SCALING)
-    choice("schedule.kind", SCHEDULES)
-    choice("train.amp", AMP)
-    if r.data.batch_size < 1:
-        bad("data.batch_size", "must be at least 1")
-    if not 0.0 <= r.data.val_split < 1.0:
-        bad("data.val_split", "is a fraction of the train split and must lie in [0, 1)")
-    for key in ("data.subset", "data.test_subset"):
-        if not 0.0 < getattr(r.data, key.split(".")[1]) <= 1.0:
-            bad(key, "is a fraction and must lie in (0, 1]")
-    if not 0.0 <= r.loss.label_smoothing < 1.0:
-        bad("loss.label_smoothing", "must lie in [0, 1)")
-    if r.head.s <= 0:
-        bad("head.s", "must be > 0")
-    if r.head.embed_dim < 1:
-        bad("head.embed_dim", "must be at least 1")
-    if not 0.0 <= r.distill.alpha <= 1.0:
-        bad("distill.alpha", "must lie in [0, 1]")
-    if r.distill.temperature <= 0:
-        bad("distill.temperature", "must be > 0")
-    if r.optim.lr <= 0:
-        bad("optim.lr", "must be > 0")
-    if r.optim.weight_decay < 0:
-        bad("optim.weight_decay", "must be >= 0")
-    if r.optim.grad_clip < 0:
-        bad("optim.grad_clip", "must be >= 0 (0 = off)")
-    if r.optim.lr_ref_batch < 0:
-        bad("optim.lr_ref_batch", "must be >= 0 (0 = lr as given)")
-    if not 0.0 <= r.schedule.warmup < 1.0:
-        bad("schedule.warmup", "is a fraction of all steps and must lie in [0, 1)")
-    if any(not 0.0 < m < 1.0 for m in r.schedule.milestones) or list(r.schedule.milestones) != sorted(r.schedule.milestones):
-        bad("schedule.milestones", "must be increasing fractions of training, each in (0, 1)")
-    if r.schedule.gamma <= 0:
-        bad("schedule.gamma", "must be > 0")
-    if not 0.0 <= r.schedule.final_lr <= 1.0:
-        bad("schedule.final_lr", "is a fraction of the peak LR and must lie in [0, 1]")
-    if r.train.epochs < 1:
-        bad("train.epochs", "must be at least 1")
-    if r.train.log_every < 1:
-        bad("train.log_every", "must be at least 1")
-    if r.train.device not in ("auto", "cpu", "cuda") and not r.train.device.startswith("cuda:"):
-        bad("train.device", "must be auto, cpu, cuda or cuda:N")
-    if r.head.kind != "linear" and (r.aug.mixup_alpha > 0 or r.aug.cutmix_alpha > 0):
-        bad("head.kind", "a margin head needs hard labels, but MixUp/CutMix give soft targets; "
-                         "use head.kind=linear or set aug.mixup_alpha and aug.cutmix_alpha to 0")
-    r.aug.validate()
     return r
 
 

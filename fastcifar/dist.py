@@ -12,10 +12,15 @@ import torch
 import torch.distributed as dist
 
 
+def local_rank() -> int:
+    """This process's index on its node (0 when not under torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def init(device_type: str) -> tuple[int, int, int]:
     """(rank, world_size, local_rank), joining the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = int(os.environ.get("RANK", "0")), local_rank()
     if world > 1 and not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local)

@@ -37,3 +37,38 @@ def distillation(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: to
     # KL(p_t || p_s) = sum p_t (log p_t - log p_s), averaged over the batch
     kd = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * t * t
     return {"loss": (1 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
+
+
+# ---- Objectives: what a training step optimises, chosen once per run. Each takes the batch as
+# (images, labels, targets) - targets are the labels, or soft (N, C) rows after MixUp/CutMix - runs
+# the forward passes under autocast and returns the loss parts plus the student's logits.
+
+
+class Classify:
+    """Cross-entropy (with label smoothing) of the net's logits; margin heads use the labels."""
+
+    def __init__(self, net, autocast, label_smoothing: float = 0.0):
+        self.net, self.autocast, self.label_smoothing = net, autocast, label_smoothing
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> dict:
+        with self.autocast():
+            logits = self.net(images, labels)  # a margin head puts its margin on the labelled class
+        return {**cross_entropy(logits, targets, self.label_smoothing), "logits": logits}
+
+
+class Distill:
+    """Distillation from a frozen teacher: images is the pair (student view, teacher view) of one
+    augmented batch, each at its own size."""
+
+    def __init__(self, net, teacher, autocast, alpha: float, temperature: float, label_smoothing: float = 0.0):
+        self.net, self.teacher, self.autocast = net, teacher, autocast
+        self.alpha, self.temperature, self.label_smoothing = alpha, temperature, label_smoothing
+
+    def __call__(self, images: tuple, labels: torch.Tensor, targets: torch.Tensor) -> dict:
+        student_view, teacher_view = images
+        with self.autocast():
+            logits = self.net(student_view, labels)
+            with torch.no_grad():
+                teacher_logits = self.teacher(teacher_view)
+        parts = distillation(logits, targets, teacher_logits, self.alpha, self.temperature, self.label_smoothing)
+        return {**parts, "logits": logits}

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from fastcifar import BadInput
+from fastcifar.config import from_dict
 from fastcifar.heads import HEADS
+from fastcifar.runtime import memory_format
 
 
 class Net(nn.Module):
@@ -33,6 +35,26 @@ def build_model(model_cfg, head_cfg, num_classes: int = 100) -> Net:
     backbone = build_backbone(model_cfg)
     head = HEADS[head_cfg.kind](backbone.num_features, num_classes, head_cfg)
     return Net(backbone, head)
+
+
+def net_from_checkpoint(ck: dict, path, device: torch.device, num_classes: int):
+    """(Net, Recipe) of a checkpoint: the Net its recipe describes holding its weights, on device in
+    the recipe's memory format, in eval mode. The recipe's pretrained source is not fetched again."""
+    r = from_dict(ck["recipe"])
+    r.model.pretrained, r.model.pretrained_file = False, ""  # the weights come from the checkpoint
+    net = build_model(r.model, r.head, num_classes)
+    load_weights(net, ck["model"], path)
+    return net.to(device, memory_format=memory_format(r.model.channels_last)).eval(), r
+
+
+def load_weights(module: nn.Module, state_dict: dict, path) -> None:
+    """module.load_state_dict(state_dict), strictly; weights that do not fit are bad input naming the file."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise BadInput(f"The weights in {path} do not fit the model its recipe describes ({detail[:600]}); "
+                       f"was the file written by another model, head or number of classes?")
 
 
 def build_backbone(cfg) -> nn.Module:

@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from fastcifar import BadInput
-
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool = False) -> list[dict]:
     """Two groups: weights that decay, and norm scales/shifts and biases (1-D tensors) that do not,
@@ -30,36 +28,43 @@ def peak_lr(cfg, batch_size: int) -> float:
     return cfg.lr * (ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio))
 
 
-def build_optimizer(model: nn.Module, cfg, batch_size: int, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW or SGD from the recipe's optim section; the fused kernels where this torch has them."""
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_bias)
-    lr = peak_lr(cfg, batch_size)
-    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **fused)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **fused)
-    raise BadInput(f"optim.name = {cfg.name!r}: must be adamw or sgd.")
+# optim.name -> the optimizer over param groups (fused kernels: one launch for all parameters)
+OPTIMIZERS = {
+    "adamw": lambda groups, lr, cfg: torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=True),
+    "sgd": lambda groups, lr, cfg: torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True,
+                                                   nesterov=cfg.nesterov and cfg.momentum > 0),
+}
+LR_SCALING = ("linear", "sqrt")  # how optim.lr scales from optim.lr_ref_batch to the batch (peak_lr)
+
+
+def build_optimizer(model: nn.Module, cfg, batch_size: int) -> torch.optim.Optimizer:
+    """The optimizer of the recipe's optim section over param_groups(model), at peak_lr."""
+    return OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, cfg.decay_norm_bias), peak_lr(cfg, batch_size), cfg)
+
+
+def _after_warmup(step: int, total_steps: int, s) -> float:
+    """Progress through the steps after warmup, 0..1."""
+    warm = round(s.warmup * total_steps)
+    return min(1.0, (step - warm) / max(1, total_steps - warm))
+
+
+# schedule.kind -> multiplier of the peak LR at optimizer step `step` (0-based) of `total_steps`,
+# after the warmup; milestones are fractions of all steps, final_lr a fraction of the peak
+SCHEDULES = {
+    "constant": lambda step, total, s: 1.0,
+    "step": lambda step, total, s: s.gamma ** sum(step >= m * total for m in s.milestones),
+    "cosine": lambda step, total, s: s.final_lr + (1 - s.final_lr) * 0.5 * (1 + math.cos(math.pi * _after_warmup(step, total, s))),
+    "onecycle": lambda step, total, s: 1 - (1 - s.final_lr) * _after_warmup(step, total, s),  # linear down
+}
 
 
 def lr_factor(step: int, total_steps: int, s) -> float:
-    """Multiplier of the peak LR for optimizer step `step` (0-based) of `total_steps`, from the
-    recipe's schedule section: a linear warmup over the first `s.warmup` fraction of the steps,
-    then constant, step (x gamma at each milestone fraction), cosine or linear (onecycle) decay
-    to `s.final_lr`."""
+    """Multiplier of the peak LR for optimizer step `step` (0-based) of `total_steps`: a linear
+    warmup over the first `s.warmup` fraction of the steps, then SCHEDULES[s.kind]."""
     warm = round(s.warmup * total_steps)
     if step < warm:
         return (step + 1) / warm
-    t = min(1.0, (step - warm) / max(1, total_steps - warm))  # progress after warmup, 0..1
-    if s.kind == "constant":
-        return 1.0
-    if s.kind == "step":
-        return s.gamma ** sum(step >= m * total_steps for m in s.milestones)
-    if s.kind == "cosine":
-        return s.final_lr + (1 - s.final_lr) * 0.5 * (1 + math.cos(math.pi * t))
-    if s.kind == "onecycle":
-        return 1 - (1 - s.final_lr) * t
-    raise BadInput(f"schedule.kind = {s.kind!r}: must be constant, step, cosine or onecycle.")
+    return SCHEDULES[s.kind](step, total_steps, s)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, s) -> torch.optim.lr_scheduler.LambdaLR:

@@ -1,17 +1,26 @@
-"""The training loop: `train(recipe, info)` reads top to bottom, from picking the device to
-writing summary.json. Everything a run does is in the recipe; this file only executes it.
+"""Training: `train(recipe, info)` builds a `Trainer` and runs `fit()`, the loop on one screen.
 
-Host syncs (`.item()`, `.tolist()`) happen only at the marked log and eval points, so on a GPU
-the Python loop runs ahead of the kernels.
+    Trainer(recipe, info)   builds everything once: device and ranks, store and loaders, the net,
+                            optimizer, LR schedule, GradScaler, the objective and the mixing, and
+                            the `Progress` that resume restores
+    fit()                   for each epoch: train_epoch() (the steps), end_epoch() (evaluate,
+                            select, checkpoint, log); Ctrl-C/SIGTERM saves and stops
+    Progress                where the run is: the one state object resume restores besides the
+                            modules' own state_dicts
+    RunDir (checkpoint.py)  the run's files: recipe.json, TensorBoard, metrics.jsonl, last/best.pt,
+                            summary.json (written from one place)
+
+Host syncs (`.item()`, `.tolist()`) happen only at the marked log and eval points, so on a GPU the
+Python loop runs ahead of the kernels.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
+import functools
 import os
 import random
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -19,12 +28,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastcifar import BadInput, checkpoint
+from fastcifar import BadInput, checkpoint, runtime
 from fastcifar import dist as fdist
-from fastcifar.config import Recipe, from_dict, to_dict, validate
+from fastcifar.checkpoint import RunDir
+from fastcifar.config import Recipe, to_dict
 from fastcifar.data import default_data_dir, open_store, prepare
-from fastcifar.losses import cross_entropy, distillation
-from fastcifar.models import build_model
+from fastcifar.losses import Classify, Distill
+from fastcifar.models import build_model, load_weights, net_from_checkpoint
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.report import duration
 from pipelines.loader import make_loader
@@ -45,332 +55,322 @@ def train(r: Recipe, info: dict, out: str | os.PathLike | None = None, data_dir:
           resume: str | os.PathLike | None = None, log=print) -> dict:
     """Train recipe r (info: name, description, parent, source) and return summary.json's dict.
     resume: a run directory whose last.pt to continue from (then out defaults to it)."""
-    validate(r)
-    rt = r.train
-    if resume is None and out is not None and (Path(out) / "last.pt").exists():
-        raise BadInput(f"{out} already holds a run; continue it with --resume {out}, or choose another --out.")
-
-    # ---- Where: device and ranks. One process per GPU under torchrun; data.batch_size is global.
-    want_cuda = rt.device.startswith("cuda") or (rt.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise BadInput(f"train.device = {rt.device!r} but torch sees no CUDA device; use train.device=cpu or auto.")
-    rank, world, local_rank = fdist.init("cuda" if want_cuda else "cpu")
-    try:
-        return _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_rank)
-    finally:
-        fdist.destroy()
+    with Trainer(r, info, out=out, data_dir=data_dir, resume=resume, log=log) as trainer:
+        return trainer.fit()
 
 
-def _train(r, info, out, data_dir, resume, log, want_cuda, rank, world, local_rank) -> dict:
-    """The loop itself; train() holds the process group around it."""
-    rt = r.train
-    if want_cuda:
-        index = int(rt.device.split(":")[1]) if rt.device.startswith("cuda:") and world == 1 else local_rank
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    main = rank == 0
-    say = log if main else (lambda *a, **k: None)
-    if r.data.batch_size % world:
-        raise BadInput(f"data.batch_size = {r.data.batch_size} is the global batch and must divide evenly "
-                       f"over the {world} ranks; pick a multiple of {world}.")
-    batch = r.data.batch_size // world  # per rank
+@dataclasses.dataclass
+class Progress:
+    """Where a run is. Saved in every checkpoint beside the modules' states; resume restores it."""
 
-    previous_determinism = torch.are_deterministic_algorithms_enabled()
-    if rt.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True        # fixed shapes: let cuDNN time and pick its fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls/convs on tensor cores (10-bit mantissa)
-        torch.backends.cudnn.allow_tf32 = True
-    random.seed(rt.seed)
-    torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
+    epoch: int = 0                      # epochs done
+    batch: int = 0                      # batches done of the epoch in progress (a mid-epoch stop)
+    step: int = 0                       # optimizer steps done
+    best: dict = dataclasses.field(default_factory=lambda: {"score": -1.0, "epoch": 0})  # the selected epoch
+    history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch done
+    partial: torch.Tensor | None = None  # sums of the stopped epoch's batches so far (all ranks)
+    elapsed: float = 0.0                # wall seconds of this run's earlier processes
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # this process's clock start
 
-    try:
+    def wall_seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.batch, "step": self.step, "best": self.best,
+                "history": self.history, "partial": self.partial, "wall_seconds": self.wall_seconds()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.batch, self.step = d["epoch"], d["step_in_epoch"], d["step"]
+        self.best, self.history, self.elapsed = d["best"], d["history"], d["wall_seconds"]
+        self.partial = d["partial"] if self.batch else None
+
+
+class Trainer:
+    """One run of a recipe, built once; `fit()` trains it. A context manager: leaving it restores
+    the backend flags and leaves the process group."""
+
+    def __init__(self, r: Recipe, info: dict, out=None, data_dir=None, resume=None, log=print):
+        r.validate()
+        if resume is None and out is not None and (Path(out) / "last.pt").exists():
+            raise BadInput(f"{out} already holds a run; continue it with --resume {out}, or choose another --out.")
+        self.r, self.info, self.log = r, dict(info), log
+        self._exit = contextlib.ExitStack()
+        try:
+            self._build(data_dir, resume)
+        except BaseException:
+            self._exit.close()
+            raise
+        name = self.info["name"]
+        self.out = Path(out if out is not None else resume if resume is not None
+                        else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.run = RunDir(self.out, self.summary, writes=self.main)
+        self.stop = runtime.StopSignals(self.say)
+
+    def _build(self, data_dir, resume) -> None:
+        r, rt = self.r, self.r.train
+        # ---- Where: device and ranks (one process per GPU under torchrun; data.batch_size is global)
+        self.device, self.rank, self.world = self._exit.enter_context(runtime.distributed(rt.device))
+        self.main = self.rank == 0
+        self.say = self.log if self.main else (lambda *a, **k: None)
+        if r.data.batch_size % self.world:
+            raise BadInput(f"data.batch_size = {r.data.batch_size} is the global batch and must divide evenly "
+                           f"over the {self.world} ranks; pick a multiple of {self.world}.")
+        self.batch = r.data.batch_size // self.world  # per rank
+        self._exit.enter_context(runtime.backend_settings(rt.deterministic))
+        random.seed(rt.seed)
+        torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
+
         # ---- Data: the store, the train/val/test rows, one loader per split
-        store = _open_or_prepare(data_dir, local_rank == 0)
-        num_classes = len(store.class_names)
-        train_rows, val_rows, test_rows = split_rows(len(store.labels("train")), len(store.labels("test")), r.data)
-        teacher, teacher_recipe = None, None
-        if r.distill.teacher:
-            teacher, teacher_recipe = load_teacher(r, device, num_classes)
-        common = dict(backend=r.data.backend, device=device, seed=rt.seed, shard=(rank, world))
-        train_loader = make_loader(store, "train", r.aug, batch, shuffle=r.data.shuffle, drop_last=r.data.drop_last,
-                                   indices=train_rows, augment=True,
-                                   sizes=(r.aug.image_size, teacher_recipe.aug.image_size) if teacher else None,
-                                   **common)
-        test_loader = make_loader(store, "test", r.aug, batch, indices=test_rows, augment=False, **common)
-        val_loader = (make_loader(store, "train", r.aug, batch, indices=val_rows, augment=False, **common)
-                      if val_rows is not None else None)
-        mixing = r.aug.mixup_alpha > 0 or r.aug.cutmix_alpha > 0
-        if mixing:
-            try:
-                from pipelines.mix import mix
-            except ImportError as e:
-                raise BadInput(f"aug.mixup_alpha/aug.cutmix_alpha need pipelines.mix, which does not import here ({e}).")
+        self.store = open_or_prepare(data_dir, fdist.local_rank() == 0)
+        self.num_classes = len(self.store.class_names)
+        self.teacher, teacher_recipe = (load_teacher(r, self.device, self.num_classes) if r.distill.teacher
+                                        else (None, None))
+        train_rows, val_rows, test_rows = split_rows(len(self.store.labels("train")), len(self.store.labels("test")), r.data)
+        common = dict(backend=r.data.backend, device=self.device, seed=rt.seed, shard=(self.rank, self.world))
+        sizes = (r.aug.image_size, teacher_recipe.aug.image_size) if self.teacher is not None else None
+        self.train_loader = make_loader(self.store, "train", r.aug, self.batch, shuffle=r.data.shuffle,
+                                        drop_last=r.data.drop_last, indices=train_rows, augment=True, sizes=sizes, **common)
+        self.test_loader = make_loader(self.store, "test", r.aug, self.batch, indices=test_rows, augment=False, **common)
+        self.val_loader = (make_loader(self.store, "train", r.aug, self.batch, indices=val_rows, augment=False, **common)
+                           if val_rows is not None else None)
 
-        # ---- Model, optimizer, LR schedule, precision
-        memory_format = torch.channels_last if r.model.channels_last else torch.contiguous_format
-        model = build_model(r.model, r.head, num_classes).to(device, memory_format=memory_format)
-        steps_per_epoch = len(train_loader)
-        total_steps = rt.epochs * steps_per_epoch
-        optimizer = build_optimizer(model, r.optim, r.data.batch_size, device)
-        scheduler = build_scheduler(optimizer, total_steps, r.schedule)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(rt.amp)
-
-        def autocast():
-            return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
+        # ---- Model, optimizer, LR schedule, precision, mixing
+        self.model = build_model(r.model, r.head, self.num_classes).to(
+            self.device, memory_format=runtime.memory_format(r.model.channels_last))
+        self.optimizer = build_optimizer(self.model, r.optim, r.data.batch_size)
+        self.scheduler = build_scheduler(self.optimizer, rt.epochs * len(self.train_loader), r.schedule)
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none (disabled = pass-through)
-        scaler = torch.amp.GradScaler(device.type, enabled=rt.amp == "fp16")
-        mix_gen = torch.Generator(device="cpu")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.amp == "fp16")
+        self.autocast = runtime.autocast(self.device, rt.amp)
+        self.mix_gen = torch.Generator(device="cpu")
+        self.mix = no_mix
+        if r.aug.mixup_alpha > 0 or r.aug.cutmix_alpha > 0:  # MixUp/CutMix on the device: soft targets
+            from pipelines.mix import mix
+            self.mix = functools.partial(mix, spec=r.aug, num_classes=self.num_classes, generator=self.mix_gen)
 
         # ---- Resume: everything that decides the next step comes from last.pt
-        start_epoch, skip, step, elapsed, partial = 0, 0, 0, 0.0, None
-        best = {"score": -1.0, "epoch": 0}
-        history: list[dict] = []
+        self.progress = Progress()
         if resume is not None:
-            ck = checkpoint.load(Path(resume) / "last.pt")
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            checkpoint.set_rng_state(ck["rng"])
-            mix_gen.set_state(ck["mix_rng"])
-            start_epoch, skip, step = ck["epoch"], ck["step_in_epoch"], ck["step"]
-            best, history, elapsed = ck["best"], ck["history"], ck["wall_seconds"]
-            partial = ck["partial"] if skip else None
-            info = {**ck["info"], **{k: v for k, v in info.items() if v}}
-            say(f"Resuming {resume} at epoch {start_epoch + 1}" + (f", batch {skip + 1}" if skip else "") + ".")
+            self.load_state_dict(checkpoint.load(Path(resume) / "last.pt"), Path(resume) / "last.pt")
+            p = self.progress
+            self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batch + 1}" if p.batch else "") + ".")
 
-        use_compile = (device.type == "cuda") if rt.compile is None else rt.compile
-        if use_compile:
-            if teacher is not None:
-                teacher.compile()
-            model.compile()  # in place: state_dict keys stay plain, and DDP below wraps the compiled module
-        net = model
-        if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # ---- The net the steps run: compiled, DDP-wrapped; and the objective, chosen once
+        self.compiled = (self.device.type == "cuda") if rt.compile is None else rt.compile
+        if self.compiled:
+            if self.teacher is not None:
+                self.teacher.compile()
+            self.model.compile()  # in place: state_dict keys stay plain, and DDP below wraps the compiled module
+        self.net = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        ls = r.loss.label_smoothing
+        self.objective = (Distill(self.net, self.teacher, self.autocast, r.distill.alpha, r.distill.temperature, ls)
+                          if self.teacher is not None else Classify(self.net, self.autocast, ls))
+        self.bad_step = torch.full((), NONE_YET, dtype=torch.int64, device=self.device)  # first step with a NaN/inf loss
+        self.step_t = torch.full((), self.progress.step, dtype=torch.int64, device=self.device)  # the step, on the device
+        self.lr = self.optimizer.param_groups[0]["lr"]  # of the last step taken
 
-        # ---- Outputs (rank 0 only): run dir, recipe, TensorBoard, metrics.jsonl
-        if out is None:
-            out = resume if resume is not None else Path("runs") / f"{info['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = Path(out)
-        writer, metrics_file = None, None
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            meta = {"name": info["name"], "description": info.get("description", "")}
-            if info.get("parent"):
-                meta["parent"] = info["parent"]
-            checkpoint.write_json(out / "recipe.json", {**meta, **to_dict(r)})
-            if info.get("source") and not (out / "recipe.py").exists():
-                (out / "recipe.py").write_text(info["source"])
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out))
-            # the log must agree with last.pt: rewrite it from the checkpoint's history, then append
-            with open(out / "metrics.jsonl.tmp", "w") as f:
-                f.writelines(json.dumps(m) + "\n" for m in history)
-            os.replace(out / "metrics.jsonl.tmp", out / "metrics.jsonl")
-            metrics_file = open(out / "metrics.jsonl", "a")
+    # ---- The loop
 
-        device_name = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
-        selection = "val" if val_loader is not None else "test"
-
-        def summary(finished: bool, reason: str) -> dict:
-            last = history[-1] if history else {}
-            s = {"recipe": info["name"], "description": info.get("description", ""),
-                 "best_acc": best.get("test_acc"), "best_epoch": best["epoch"] or None,
-                 "final_acc": last.get("test_acc"), "final_top5": last.get("test_top5"),
-                 "epochs_done": len(history), "epochs": rt.epochs,
-                 "train_images_per_sec": float(np.mean([m["images_per_sec"] for m in history])) if history else None,
-                 "wall_seconds": time.perf_counter() - t_start, "device": device_name,
-                 "backend": train_loader.backend, "world_size": world, "synthetic": store.synthetic,
-                 "selection": selection, "model": r.model.name, "image_size": r.aug.image_size,
-                 "finished": finished, "stop_reason": reason}
-            if selection == "val":
-                s.update(best_val_acc=best.get("val_acc"), best_val_epoch=best["epoch"] or None,
-                         test_acc_at_best_val=best.get("test_acc"))
-            return s
-
-        def state(epochs_done: int, step_in_epoch: int, partial_sums) -> dict:
-            return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epochs_done, "step_in_epoch": step_in_epoch, "step": step,
-                    "partial": partial_sums, "rng": checkpoint.rng_state(), "mix_rng": mix_gen.get_state(),
-                    "best": best, "history": history, "wall_seconds": time.perf_counter() - t_start,
-                    "recipe": to_dict(r), "info": info, "world_size": world}
-
-        # ---- Ctrl-C / SIGTERM: finish the step, save last.pt, exit 130. A second Ctrl-C quits at once.
-        stop = {"signal": None}
-
-        def on_signal(signum, frame):
-            if stop["signal"] is not None:
-                raise KeyboardInterrupt
-            stop["signal"] = signum
-            say(f"\n{signal.Signals(signum).name}: saving last.pt after this step (again to quit at once).")
-
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-
-        say(f"Training {info['name']} on {device_name}" + (f" x {world} ranks" if world > 1 else "")
-            + f": {rt.epochs} epochs x {steps_per_epoch} steps of {r.data.batch_size} images"
-            + f" ({train_loader.backend} loader, {r.aug.image_size}px, amp {rt.amp}, compile {'on' if use_compile else 'off'})"
-            + (" on a SYNTHETIC store" if store.synthetic else "") + f" -> {out}")
-
-        # ---- The loop
-        t_start = time.perf_counter() - elapsed  # wall_seconds continues across resumes
-        bad_step = torch.full((), NONE_YET, dtype=torch.int64, device=device)  # first step with a NaN/inf loss
-        step_t = torch.full((), step, dtype=torch.int64, device=device)        # the step counter, on the device
-        try:
-            for epoch in range(start_epoch, rt.epochs):
-                net.train()
-                train_loader.set_epoch(epoch, start_batch=skip)  # resumed mid-epoch: batches skip.. of it
-                if epoch != start_epoch or not skip:
-                    mix_gen.manual_seed(rt.seed * 100_003 + epoch)
-                sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * images, correct, images
-                if partial is not None and main:
-                    sums += partial.to(device)  # the resumed epoch's batches before the interrupt
-                partial = None
-                lr = optimizer.param_groups[0]["lr"]
-                bar = tqdm(total=len(train_loader) * batch * world, initial=skip * batch * world, unit="img",
-                           unit_scale=True, desc=f"epoch {epoch + 1}/{rt.epochs}", disable=not main,
-                           leave=False, mininterval=1.0)
-                t_epoch = time.perf_counter()
-                images_trained = 0
-                for i, (images, labels) in enumerate(train_loader, start=skip):
-                    targets = labels
-                    if mixing:  # MixUp/CutMix on the device: soft targets (N, num_classes); a KD pair mixes alike
-                        images, targets = mix(images, labels, r.aug, num_classes, mix_gen)
-                    teacher_images = None
-                    if teacher is not None:
-                        images, teacher_images = images
-                    if step == 0 and main:
-                        grid = _image_grid(images[:64], r.aug, store)
-                        writer.add_image("train/augmented_batch", grid, 0)
-                    with autocast():
-                        logits = net(images, labels)  # margin heads put the margin on the labelled class
-                        if teacher is not None:
-                            with torch.no_grad():
-                                teacher_logits = teacher(teacher_images)
-                    if teacher is not None:
-                        parts = distillation(logits, targets, teacher_logits, r.distill.alpha,
-                                             r.distill.temperature, r.loss.label_smoothing)
-                    else:
-                        parts = cross_entropy(logits, targets, r.loss.label_smoothing)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(parts["loss"]).backward()
-                    if r.optim.grad_clip:
-                        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip)
-                    lr = optimizer.param_groups[0]["lr"]
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    step += 1
-                    step_t += 1
-
-                    # running sums stay on the device: no host sync here
-                    n = labels.shape[0]
-                    loss = parts["loss"].detach()
-                    sums[0] += loss.double() * n
-                    sums[1] += (logits.detach().argmax(1) == labels).sum()
-                    sums[2] += n
-                    bad_step = torch.where(torch.isfinite(loss), bad_step, torch.minimum(bad_step, step_t))
-                    images_trained += n
-                    bar.update(n * world)
-
-                    at_log = step % rt.log_every == 0 or i == len(train_loader) - 1
-                    if at_log:
-                        # log point: host sync (and one all-reduce with several ranks)
-                        first_bad = int(fdist.all_reduce(bad_step.clone(), torch.distributed.ReduceOp.MIN).item())
-                        if first_bad != NONE_YET:
-                            reason = (f"non-finite loss (NaN or inf) at step {first_bad} (epoch {epoch + 1}, batch "
-                                      f"{first_bad - epoch * steps_per_epoch}); stopped at step {step}")
-                            kept = f"last.pt holds epoch {len(history)}" if history else "no checkpoint was written"
-                            if main:
-                                checkpoint.write_json(out / "summary.json", summary(False, reason))
-                            raise Diverged(f"{info['name']}: {reason}. {kept} (the last good one); lower "
-                                           f"optim.lr, add optim.grad_clip, or use train.amp=bf16 instead of fp16.")
-                        loss_now = (sums[0] / sums[2].clamp(min=1)).item()
-                        bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.2e}", refresh=False)
-                        if main:
-                            writer.add_scalar("train/loss_running", loss_now, step)
-                            writer.add_scalar("train/lr", lr, step)
-                    if (at_log or world == 1) and fdist.any_rank(stop["signal"] is not None, device):
-                        done = fdist.all_reduce(sums.clone())
-                        if main:
-                            checkpoint.save(out / "last.pt", state(epoch, i + 1, done.cpu()))
-                            checkpoint.write_json(out / "summary.json", summary(False, "interrupted"))
-                        fdist.barrier()  # the others wait until rank 0 has saved, so torchrun kills nothing early
-                        raise Interrupted(f"Interrupted at epoch {epoch + 1}, step {step}: saved {out / 'last.pt'}; "
-                                          f"continue with `fastcifar train --resume {out}`.")
-                bar.close()
-                skip = 0
-
-                # ---- End of epoch: all-reduce, evaluate, select, checkpoint, log (host syncs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                train_seconds = time.perf_counter() - t_epoch
-                fdist.all_reduce(sums)
-                loss_sum, correct, seen = sums.tolist()
-                test = evaluate(model, test_loader, autocast)
-                m = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-                     "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"]}
-                if val_loader is not None:
-                    val = evaluate(model, val_loader, autocast)
-                    m.update(val_acc=val["acc"], val_top5=val["top5"], val_loss=val["loss"])
-                m.update(lr=lr, images_per_sec=images_trained * world / train_seconds,
-                         epoch_seconds=time.perf_counter() - t_epoch, wall_seconds=time.perf_counter() - t_start)
-                history.append(m)
-                score = m["val_acc"] if val_loader is not None else m["test_acc"]
-                improved = score > best["score"]
-                if improved:
-                    best = {"score": score, "epoch": epoch + 1, "test_acc": m["test_acc"], "test_top5": m["test_top5"],
-                            **({"val_acc": m["val_acc"]} if val_loader is not None else {})}
-                if main:
-                    ck = state(epoch + 1, 0, None)
-                    checkpoint.save(out / "last.pt", ck)  # checkpoints first: the log never names an epoch without one
-                    if improved:
-                        checkpoint.save(out / "best.pt", ck)
-                    metrics_file.write(json.dumps(m) + "\n")
-                    metrics_file.flush()
-                    for k, v in m.items():
-                        if k != "epoch":
-                            writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-                    writer.flush()
-                    checkpoint.write_json(out / "summary.json", summary(False, "running"))
-                left = (rt.epochs - epoch - 1) * (m["wall_seconds"] / max(1, len(history)))
-                say(f"epoch {epoch + 1}/{rt.epochs}  train loss {m['train_loss']:.3f} acc {m['train_acc']:.2f}%  "
-                    + (f"val {m['val_acc']:.2f}%  " if val_loader is not None else "")
-                    + f"test {m['test_acc']:.2f}% (top-5 {m['test_top5']:.2f}%)  lr {lr:.2e}  "
-                    + f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {duration(left)}")
-                if fdist.any_rank(stop["signal"] is not None, device):
-                    if main:
-                        checkpoint.write_json(out / "summary.json", summary(False, "interrupted"))
-                    fdist.barrier()
-                    raise Interrupted(f"Interrupted after epoch {epoch + 1}: saved {out / 'last.pt'}; "
-                                      f"continue with `fastcifar train --resume {out}`.")
-
-            result = summary(True, "completed")
-            if main:
-                checkpoint.write_json(out / "summary.json", result)
-                say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
-                    + (f" (selected on val: {result['best_val_acc']:.2f}%)" if selection == "val" else "")
-                    + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}. Run: {out}")
+    def fit(self) -> dict:
+        """Train epochs progress.epoch+1 .. train.epochs; returns summary.json's dict."""
+        with self.stop, self.run.open(self.recipe_json(), self.info.get("source"), self.progress.history):
+            self.say(self.banner())
+            self.progress.started = time.perf_counter()  # wall_seconds continues across resumes
+            for epoch in range(self.progress.epoch, self.r.train.epochs):
+                stats = self.train_epoch(epoch, self.progress.batch)
+                self.end_epoch(epoch, stats)
+                if fdist.any_rank(self.stop.requested, self.device):
+                    self.interrupt(f"Interrupted after epoch {epoch + 1}")
+            result = self.run.finish()
+            self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
+                     + (f" (selected on val: {result['best_val_acc']:.2f}%)" if result["selection"] == "val" else "")
+                     + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}. Run: {self.out}")
             return result
-        finally:
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            if writer is not None:
-                writer.close()
-            if metrics_file is not None:
-                metrics_file.close()
-    finally:
-        torch.use_deterministic_algorithms(previous_determinism)
+
+    def train_epoch(self, epoch: int, start_batch: int = 0) -> dict:
+        """Train one epoch from batch start_batch (a resumed epoch: its earlier batches' sums come from
+        last.pt). Returns {sums: this rank's device-side (loss x images, correct, images), images, t0}."""
+        p, rt, world = self.progress, self.r.train, self.world
+        self.net.train()
+        self.train_loader.set_epoch(epoch, start_batch=start_batch)
+        if not start_batch:  # a resumed epoch continues the mixing draws restored from last.pt
+            self.mix_gen.manual_seed(rt.seed * 100_003 + epoch)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if p.partial is not None and self.main:
+            sums += p.partial.to(self.device)
+        p.partial = None
+        bar = tqdm(total=len(self.train_loader) * self.batch * world, initial=start_batch * self.batch * world,
+                   unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{rt.epochs}", disable=not self.main,
+                   leave=False, mininterval=1.0)
+        t0, images_trained = time.perf_counter(), 0
+        for i, (images, labels) in enumerate(self.train_loader, start=start_batch):
+            images, targets = self.mix(images, labels)
+            if p.step == 0 and self.main:
+                self.run.image("train/augmented_batch", image_grid(images, self.r.aug, self.store))
+            parts = self.train_step(images, labels, targets)
+            # running sums stay on the device: no host sync here
+            n = labels.shape[0]
+            loss = parts["loss"].detach()
+            sums[0] += loss.double() * n
+            sums[1] += (parts["logits"].detach().argmax(1) == labels).sum()
+            sums[2] += n
+            self.bad_step = torch.where(torch.isfinite(loss), self.bad_step, torch.minimum(self.bad_step, self.step_t))
+            images_trained += n
+            bar.update(n * world)
+            at_log = p.step % rt.log_every == 0 or i == len(self.train_loader) - 1
+            if at_log:
+                self.log_point(epoch, sums, bar)
+            if (at_log or world == 1) and fdist.any_rank(self.stop.requested, self.device):
+                p.batch, p.partial = i + 1, fdist.all_reduce(sums.clone()).cpu()
+                self.run.checkpoint(self.state_dict(), best=False)
+                self.interrupt(f"Interrupted at epoch {epoch + 1}, step {p.step}")
+        bar.close()
+        return {"sums": sums, "images": images_trained, "t0": t0}
+
+    def train_step(self, images, labels: torch.Tensor, targets: torch.Tensor) -> dict:
+        """One optimizer step on a batch; returns the objective's parts (loss, its terms, logits)."""
+        parts = self.objective(images, labels, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(parts["loss"]).backward()
+        if self.r.optim.grad_clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.r.optim.grad_clip)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.progress.step += 1
+        self.step_t += 1
+        return parts
+
+    def log_point(self, epoch: int, sums: torch.Tensor, bar) -> None:
+        """Log point (host sync, and one all-reduce with several ranks): stop on a NaN/inf loss,
+        show the running loss."""
+        p = self.progress
+        first_bad = int(fdist.all_reduce(self.bad_step.clone(), torch.distributed.ReduceOp.MIN).item())
+        if first_bad != NONE_YET:
+            steps = len(self.train_loader)
+            reason = (f"non-finite loss (NaN or inf) at step {first_bad} (epoch {epoch + 1}, batch "
+                      f"{first_bad - epoch * steps}); stopped at step {p.step}")
+            kept = f"last.pt holds epoch {len(p.history)}" if p.history else "no checkpoint was written"
+            self.run.stop(reason)
+            raise Diverged(f"{self.info['name']}: {reason}. {kept} (the last good one); lower optim.lr, add "
+                           f"optim.grad_clip, or use train.amp=bf16 instead of fp16.")
+        loss_now = (sums[0] / sums[2].clamp(min=1)).item()
+        bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{self.lr:.2e}", refresh=False)
+        self.run.scalars(p.step, {"train/loss_running": loss_now, "train/lr": self.lr})
+
+    def end_epoch(self, epoch: int, stats: dict) -> dict:
+        """All-reduce the epoch's sums, evaluate, select, checkpoint, log (host syncs). Returns
+        the epoch's metrics (metrics.jsonl's line)."""
+        p = self.progress
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        train_seconds = time.perf_counter() - stats["t0"]
+        loss_sum, correct, seen = fdist.all_reduce(stats["sums"]).tolist()
+        test = self.evaluate(self.test_loader)
+        m = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+             "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"]}
+        if self.val_loader is not None:
+            val = self.evaluate(self.val_loader)
+            m.update(val_acc=val["acc"], val_top5=val["top5"], val_loss=val["loss"])
+        m.update(lr=self.lr, images_per_sec=stats["images"] * self.world / train_seconds,
+                 epoch_seconds=time.perf_counter() - stats["t0"], wall_seconds=p.wall_seconds())
+        p.history.append(m)
+        score = m["val_acc"] if self.val_loader is not None else m["test_acc"]
+        improved = score > p.best["score"]
+        if improved:
+            p.best = {"score": score, "epoch": epoch + 1, "test_acc": m["test_acc"], "test_top5": m["test_top5"],
+                      **({"val_acc": m["val_acc"]} if self.val_loader is not None else {})}
+        p.epoch, p.batch = epoch + 1, 0
+        self.run.checkpoint(self.state_dict(), best=improved)  # checkpoints first: the log never names an epoch without one
+        self.run.epoch(m)
+        left = (self.r.train.epochs - epoch - 1) * (m["wall_seconds"] / max(1, len(p.history)))
+        self.say(f"epoch {epoch + 1}/{self.r.train.epochs}  train loss {m['train_loss']:.3f} acc {m['train_acc']:.2f}%  "
+                 + (f"val {m['val_acc']:.2f}%  " if self.val_loader is not None else "")
+                 + f"test {m['test_acc']:.2f}% (top-5 {m['test_top5']:.2f}%)  lr {self.lr:.2e}  "
+                 + f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {duration(left)}")
+        return m
+
+    def evaluate(self, loader) -> dict:
+        return evaluate(self.model, loader, self.autocast)
+
+    def interrupt(self, where: str):
+        """Stop on Ctrl-C/SIGTERM once last.pt holds the run: summary.json says so, and the other
+        ranks wait until rank 0 has saved (so torchrun kills nothing early)."""
+        self.run.stop("interrupted")
+        fdist.barrier()
+        raise Interrupted(f"{where}: saved {self.out / 'last.pt'}; continue with `fastcifar train --resume {self.out}`.")
+
+    # ---- State and reports
+
+    def state_dict(self) -> dict:
+        """What last.pt and best.pt hold: the modules' states, the RNGs, the Progress and the recipe."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": checkpoint.rng_state(), "mix_rng": self.mix_gen.get_state(),
+                "recipe": to_dict(self.r), "info": self.info, "world_size": self.world, **self.progress.state_dict()}
+
+    def load_state_dict(self, ck: dict, path) -> None:
+        load_weights(self.model, ck["model"], path)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        checkpoint.set_rng_state(ck["rng"])
+        self.mix_gen.set_state(ck["mix_rng"])
+        self.progress.load_state_dict(ck)
+        self.info = {**ck["info"], **{k: v for k, v in self.info.items() if v}}
+
+    def recipe_json(self) -> dict:
+        meta = {"name": self.info["name"], "description": self.info.get("description", "")}
+        if self.info.get("parent"):
+            meta["parent"] = self.info["parent"]
+        return {**meta, **to_dict(self.r)}
+
+    def device_name(self) -> str:
+        return f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
+
+    def banner(self) -> str:
+        r = self.r
+        return (f"Training {self.info['name']} on {self.device_name()}" + (f" x {self.world} ranks" if self.world > 1 else "")
+                + f": {r.train.epochs} epochs x {len(self.train_loader)} steps of {r.data.batch_size} images"
+                + f" ({self.train_loader.backend} loader, {r.aug.image_size}px, amp {r.train.amp}, "
+                + f"compile {'on' if self.compiled else 'off'})"
+                + (" on a SYNTHETIC store" if self.store.synthetic else "") + f" -> {self.out}")
+
+    def summary(self, finished: bool, reason: str) -> dict:
+        """summary.json's dict (RunDir writes it)."""
+        p, history = self.progress, self.progress.history
+        last = history[-1] if history else {}
+        selection = "val" if self.val_loader is not None else "test"
+        s = {"recipe": self.info["name"], "description": self.info.get("description", ""),
+             "best_acc": p.best.get("test_acc"), "best_epoch": p.best["epoch"] or None,
+             "final_acc": last.get("test_acc"), "final_top5": last.get("test_top5"),
+             "epochs_done": len(history), "epochs": self.r.train.epochs,
+             "train_images_per_sec": float(np.mean([m["images_per_sec"] for m in history])) if history else None,
+             "wall_seconds": p.wall_seconds(), "device": self.device_name(),
+             "backend": self.train_loader.backend, "world_size": self.world, "synthetic": self.store.synthetic,
+             "selection": selection, "model": self.r.model.name, "image_size": self.r.aug.image_size,
+             "finished": finished, "stop_reason": reason}
+        if selection == "val":
+            s.update(best_val_acc=p.best.get("val_acc"), best_val_epoch=p.best["epoch"] or None,
+                     test_acc_at_best_val=p.best.get("test_acc"))
+        return s
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._exit.close()
+        return False
+
+
+def no_mix(images, labels):
+    """The batch transform when MixUp/CutMix are off: hard labels are the targets."""
+    return images, labels
 
 
 @torch.no_grad()
@@ -402,8 +402,6 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     """Test top-1/top-5/loss of a checkpoint (file or run dir) on the whole test split."""
     path = checkpoint.resolve(ref, prefer="best.pt")
     ck = checkpoint.load(path)
-    r = from_dict(ck["recipe"])
-    r.model.pretrained, r.model.pretrained_file = False, ""  # the weights come from the checkpoint
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -415,14 +413,10 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
     store = open_store(data_dir)
-    model = build_model(r.model, r.head, len(store.class_names))
-    model.load_state_dict(ck["model"])
-    memory_format = torch.channels_last if r.model.channels_last else torch.contiguous_format
-    model = model.to(dev, memory_format=memory_format).eval()
+    model, r = net_from_checkpoint(ck, path, dev, len(store.class_names))
     loader = make_loader(store, "test", r.aug, batch_size, backend=backend or r.data.backend, device=dev,
                          seed=r.train.seed, augment=False)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.train.amp)
-    res = evaluate(model, loader, lambda: torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None))
+    res = evaluate(model, loader, runtime.autocast(dev, r.train.amp))
     return {**res, "checkpoint": str(path), "recipe": ck.get("info", {}).get("name", "?"), "epoch": ck["epoch"],
             "synthetic": store.synthetic}
 
@@ -452,20 +446,14 @@ def load_teacher(r: Recipe, device: torch.device, num_classes: int) -> tuple[tor
     except BadInput as e:
         raise BadInput(f"distill.teacher = {r.distill.teacher!r}: {e} Train the teacher first (e.g. `fastcifar "
                        f"train {r.distill.teacher}`), or --set distill.teacher=RUN_DIR_OR_CHECKPOINT.")
-    ck = checkpoint.load(path)
-    tr = from_dict(ck["recipe"])
+    teacher, tr = net_from_checkpoint(checkpoint.load(path), path, device, num_classes)
     if tr.aug.normalize != r.aug.normalize:
         raise BadInput(f"The teacher {path} was trained with aug.normalize={tr.aug.normalize!r}, the student "
                        f"uses {r.aug.normalize!r}; both see one augmented batch, so set aug.normalize={tr.aug.normalize}.")
-    tr.model.pretrained, tr.model.pretrained_file = False, ""  # its weights come from the checkpoint
-    teacher = build_model(tr.model, tr.head, num_classes)
-    teacher.load_state_dict(ck["model"])
-    memory_format = torch.channels_last if tr.model.channels_last else torch.contiguous_format
-    teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
-    return teacher, tr
+    return teacher.requires_grad_(False), tr
 
 
-def _open_or_prepare(data_dir, prepare_here: bool):
+def open_or_prepare(data_dir, prepare_here: bool):
     """The store; when none is prepared yet, prepare it (download) first, on one process per node."""
     d = Path(data_dir) if data_dir is not None else default_data_dir()
     if not (d / "meta.json").is_file() and prepare_here:
@@ -480,11 +468,13 @@ def _open_or_prepare(data_dir, prepare_here: bool):
     return open_store(d)
 
 
-def _image_grid(images: torch.Tensor, spec, store) -> torch.Tensor:
-    """A (3, H, W) grid of images in 0..1, undoing the loader's normalisation."""
+def image_grid(images, spec, store) -> torch.Tensor:
+    """A (3, H, W) grid of the first 64 images of a batch (the student's view) in 0..1, undoing the
+    loader's normalisation."""
     from torchvision.utils import make_grid
 
+    images = images[0] if isinstance(images, tuple) else images
     mean, std = mean_std(spec, store)
-    x = images.detach().float().cpu()
+    x = images[:64].detach().float().cpu()
     x = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     return make_grid(x.clamp(0, 1), nrow=8)

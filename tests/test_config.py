@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from fastcifar import BadInput
-from fastcifar.config import (Recipe, apply_overrides, from_dict, load, to_dict, valid_keys, validate)
+from fastcifar.config import (Recipe, apply_overrides, from_dict, load, to_dict, valid_keys)
 
 REQUIRED_KEYS = ["train.epochs", "train.seed", "train.compile", "train.amp", "train.deterministic",
                  "data.batch_size", "data.backend", "data.val_split", "optim.lr", "optim.weight_decay"]
@@ -59,7 +59,7 @@ def test_validate_names_the_bad_field():
     for item, field in [("head.kind=softmax", "head.kind"), ("data.val_split=1.5", "data.val_split"),
                         ("schedule.kind=linear", "schedule.kind"), ("aug.hflip=2", "aug.hflip")]:
         with pytest.raises(BadInput, match=field.replace(".", r"\.")):
-            validate(apply_overrides(Recipe(), [item]))
+            apply_overrides(Recipe(), [item]).validate()
 
 
 def test_round_trip_through_dict():

@@ -12,17 +12,21 @@ import numpy as np
 import pytest
 
 import fastcifar.train as T
+from fastcifar import checkpoint
 from fastcifar.data import open_store, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 N_TRAIN, N_TEST, BATCH = 400, 150, 40  # BATCH is global: 20 per rank
 
 
-def torchrun(record: Path, *args: str) -> subprocess.CompletedProcess:
-    record.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "ddp_worker.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTCIFAR_TEST_RECORD": str(record)}
+def torchrun(record: Path | None, *args: str) -> subprocess.CompletedProcess:
+    """Two ranks of the recording worker (record: where it writes), or of `-m fastcifar` itself."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if record is not None:
+        record.mkdir(parents=True, exist_ok=True)
+        env["FASTCIFAR_TEST_RECORD"] = str(record)
+    program = [str(ROOT / "tests" / "ddp_worker.py")] if record is not None else ["-m", "fastcifar"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *program, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -32,7 +36,7 @@ def test_two_gloo_ranks_cover_each_epoch_once_and_write_one_run(tmp_path):
     run = tmp_path / "run"
     common = ["--data-dir", str(data), "--set", "data.backend=torch", "--set", "data.subset=1",
               "--set", "data.test_subset=1", "--set", f"data.batch_size={BATCH}", "--set", "train.device=cpu"]
-    p = torchrun(tmp_path / "rec1", "train", "smoke", "--out", str(run), "--set", "train.epochs=2", *common)
+    p = torchrun(tmp_path / "rec1", "smoke", "--out", str(run), "--set", "train.epochs=2", *common)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
     labels = np.asarray(open_store(data).labels("train"))
@@ -60,10 +64,13 @@ def test_two_gloo_ranks_cover_each_epoch_once_and_write_one_run(tmp_path):
     assert ms[-1]["test_loss"] == pytest.approx(ev["loss"], rel=1e-4)
     assert ms[-1]["test_acc"] == pytest.approx(ev["acc"], abs=1.4)  # at most 2 borderline images
 
-    # resume under torchrun: continues at epoch 3 and appends to the same run
-    p = torchrun(tmp_path / "rec2", "train", "--resume", str(run), "--set", "train.epochs=3", "--data-dir", str(data))
+    # resume through the CLI under torchrun (`torchrun -m fastcifar train --resume`): continues at
+    # epoch 3 and appends to the same run
+    p = torchrun(None, "train", "--resume", str(run), "--set", "train.epochs=3", "--data-dir", str(data))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
     assert (s["world_size"], s["epochs_done"], s["finished"]) == (2, 3, True)
-    assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    assert set(json.loads((tmp_path / "rec2" / "rank1.json").read_text())) == {"2"}  # only the new epoch
+    after = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in after] == [1, 2, 3]
+    assert after[:2] == ms  # only the new epoch ran: epochs 1-2 are the first run's lines, timings included
+    assert checkpoint.load(run / "last.pt")["step"] == 3 * (N_TRAIN // BATCH)

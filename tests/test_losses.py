@@ -63,3 +63,50 @@ def test_kd_sends_no_gradient_to_the_teacher_and_computes_in_fp32():
     assert out["loss"].dtype == torch.float32
     out["loss"].backward()
     assert s.grad is not None and t.grad is None
+
+
+# ---- the objectives a training step optimises (each tested on its own, as timm tests its tasks)
+
+
+class Recorder(torch.nn.Module):
+    """A linear 'net' that records what it was called with (and whether autocast was on)."""
+
+    def __init__(self, in_features=12, classes=5):
+        super().__init__()
+        self.fc = torch.nn.Linear(in_features, classes)
+        self.calls = []
+
+    def forward(self, x, targets=None):
+        self.calls.append((x.shape, targets, torch.is_autocast_enabled("cpu")))
+        return self.fc(x.flatten(1))
+
+
+def test_classify_passes_labels_to_the_net_under_autocast_and_returns_logits():
+    from fastcifar.losses import Classify
+    from fastcifar.runtime import autocast
+
+    torch.manual_seed(0)
+    net, x, y = Recorder(), torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 3])
+    out = Classify(net, autocast(torch.device("cpu"), "bf16"), label_smoothing=0.1)(x, y, y)
+    assert net.calls == [((4, 3, 2, 2), y, True)]  # margin heads need the labels; autocast was on
+    assert out["logits"].dtype == torch.bfloat16 and out["loss"].dtype == torch.float32
+    assert torch.allclose(out["loss"], F.cross_entropy(out["logits"].float(), y, label_smoothing=0.1))
+    out["loss"].backward()
+    assert net.fc.weight.grad is not None
+
+
+def test_distill_feeds_each_net_its_view_and_never_trains_the_teacher():
+    from fastcifar.losses import Distill
+    from fastcifar.runtime import autocast
+
+    torch.manual_seed(1)
+    student, teacher = Recorder(12), Recorder(48)
+    x_s, x_t, y = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 4, 4), torch.tensor([4, 3, 2, 1])
+    soft = F.one_hot(y, 5).float() * 0.8 + 0.04  # targets may be soft (MixUp) while labels stay hard
+    out = Distill(student, teacher, autocast(torch.device("cpu"), "none"), alpha=0.7, temperature=4.0)((x_s, x_t), y, soft)
+    assert student.calls[0][0] == (4, 3, 2, 2) and torch.equal(student.calls[0][1], y)
+    assert teacher.calls[0][0] == (4, 3, 4, 4) and teacher.calls[0][1] is None  # the teacher: no margin
+    want = distillation(student.fc(x_s.flatten(1)), soft, teacher.fc(x_t.flatten(1)), 0.7, 4.0)
+    assert torch.allclose(out["loss"], want["loss"]) and torch.allclose(out["kd"], want["kd"])
+    out["loss"].backward()
+    assert student.fc.weight.grad is not None and teacher.fc.weight.grad is None

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcifar.config import load, validate
+from fastcifar.config import load
 from fastcifar.models import build_model
 
 RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.py")
@@ -27,7 +27,7 @@ def test_every_tutorial_experiment_has_a_recipe():
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_loads_and_builds(name):
     r, info = load(name)
-    validate(r)
+    r.validate()
     assert info["description"], f"{name} needs a one-line docstring"
     if name in TUTORIAL:
         assert TUTORIAL[name] in info["description"]

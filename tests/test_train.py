@@ -59,17 +59,17 @@ def info(name="tiny"):
     return {"name": name, "description": f"{name}: a test run", "source": '"""a test run"""\n'}
 
 
-def hook_loaders(monkeypatch, train_fn=None, test_fn=None, calls=None):
-    real = T.make_loader
-
-    def make(store, split, spec, batch_size, **kw):
-        if calls is not None:
-            calls.append((split, kw))
-        loader = real(store, split, spec, batch_size, **kw)
-        fn = train_fn if kw.get("augment") else test_fn if split == "test" else None
-        return LoaderSpy(loader, lambda epoch, i, images, labels: fn(epoch, i, images)) if fn else loader
-
-    monkeypatch.setattr(T, "make_loader", make)
+def fit(recipe, run_info, train_fn=None, test_fn=None, setup=None, **kw) -> dict:
+    """T.train through the Trainer's seams: train_fn / test_fn(epoch, batch index, images) run as each
+    training / test batch is consumed; setup(trainer) may replace other parts before fit()."""
+    with T.Trainer(recipe, run_info, **QUIET, **kw) as trainer:
+        if train_fn:
+            trainer.train_loader = LoaderSpy(trainer.train_loader, lambda e, i, x, y: train_fn(e, i, x))
+        if test_fn:
+            trainer.test_loader = LoaderSpy(trainer.test_loader, lambda e, i, x, y: test_fn(e, i, x))
+        if setup:
+            setup(trainer)
+        return trainer.fit()
 
 
 def metrics(run: Path) -> list[dict]:
@@ -138,19 +138,18 @@ def straight(store, tmp_path_factory):
 
 
 @pytest.mark.parametrize("when", ["after_epoch", "mid_epoch", "mid_epoch_mixed"])
-def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path, monkeypatch, when):
+def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path, when):
     def sigint(epoch, i, images):
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, through the loop's handler
 
     if when == "after_epoch":  # arrives while epoch 1 is being evaluated
-        hook_loaders(monkeypatch, test_fn=lambda e, i, x: sigint(e, i, x) if i == 0 and not done else None)
+        hooks = dict(test_fn=lambda e, i, x: sigint(e, i, x) if i == 0 else None)
     else:  # arrives during batch 4 of epoch 2
-        hook_loaders(monkeypatch, train_fn=lambda e, i, x: sigint(e, i, x) if (e, i) == (1, 3) and not done else None)
+        hooks = dict(train_fn=lambda e, i, x: sigint(e, i, x) if (e, i) == (1, 3) else None)
     recipe = tiny(**(MIXED if when.endswith("mixed") else {}))
-    run, done = tmp_path / "run", False
+    run = tmp_path / "run"
     with pytest.raises(T.Interrupted, match="--resume"):
-        T.train(recipe, info(), out=run, data_dir=store, **QUIET)
-    done = True
+        fit(recipe, info(), out=run, data_dir=store, **hooks)
     s = json.loads((run / "summary.json").read_text())
     assert (s["finished"], s["stop_reason"]) == (False, "interrupted")
     ck = checkpoint.load(run / "last.pt")
@@ -164,16 +163,19 @@ def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_mixing_gives_the_loss_soft_targets(store, tmp_path, monkeypatch):
+def test_mixing_gives_the_loss_soft_targets(store, tmp_path):
     seen = []
-    real = T.cross_entropy
 
-    def spy(logits, targets, label_smoothing=0.0):
-        seen.append(targets.detach().clone())
-        return real(logits, targets, label_smoothing)
+    def spy_on_objective(trainer):
+        objective = trainer.objective
 
-    monkeypatch.setattr(T, "cross_entropy", spy)
-    s = T.train(tiny(train__epochs=1, **MIXED), info(), out=tmp_path / "run", data_dir=store, **QUIET)
+        def spy(images, labels, targets):
+            seen.append(targets.detach().clone())
+            return objective(images, labels, targets)
+
+        trainer.objective = spy
+
+    s = fit(tiny(train__epochs=1, **MIXED), info(), out=tmp_path / "run", data_dir=store, setup=spy_on_objective)
     assert s["finished"] and seen
     assert all(t.shape == (50, 100) and t.is_floating_point() for t in seen)
     assert all(torch.allclose(t.sum(1), torch.ones(50)) for t in seen)
@@ -217,16 +219,15 @@ def test_sigterm_saves_exits_130_and_the_run_resumes(store, tmp_path):
     assert s["finished"] and s["epochs_done"] == ck["epoch"] + 1 == len(metrics(run))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
     def poison(epoch, i, images):
         if (epoch, i) == (1, 2):
             images[0, 0, 0, 0] = float("nan")  # one bad pixel makes the whole batch's loss NaN
 
-    hook_loaders(monkeypatch, train_fn=poison)
     run = tmp_path / "run"
     steps_per_epoch = 1000 // 50
     with pytest.raises(T.Diverged, match=f"at step {steps_per_epoch + 3} .*epoch 2, batch 3"):
-        T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
+        fit(tiny(), info(), out=run, data_dir=store, train_fn=poison)
     s = json.loads((run / "summary.json").read_text())
     assert not s["finished"] and "non-finite" in s["stop_reason"] and s["epochs_done"] == 1
     ck = checkpoint.load(run / "last.pt")
@@ -237,10 +238,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
 def test_distillation_feeds_the_teacher_its_own_size(store, tmp_path, monkeypatch):
     teacher = tmp_path / "teacher"
     T.train(tiny(train__epochs=1, aug__image_size=40), info("teach"), out=teacher, data_dir=store, **QUIET)
-    calls = []
-    hook_loaders(monkeypatch, calls=calls)
-    kd = T.train(tiny(train__epochs=1, distill__teacher=str(teacher)), info(), out=tmp_path / "kd", data_dir=store, **QUIET)
-    assert [kw.get("sizes") for split, kw in calls if kw.get("augment")] == [(32, 40)]
+    sizes = set()
+    kd = fit(tiny(train__epochs=1, distill__teacher=str(teacher)), info(), out=tmp_path / "kd", data_dir=store,
+             train_fn=lambda e, i, views: sizes.add(tuple(v.shape[-1] for v in views)))
+    assert sizes == {(32, 40)}  # every batch: the student's view at 32, the teacher's at its own 40
     T.train(tiny(train__epochs=1), info(), out=tmp_path / "plain", data_dir=store, **QUIET)
     kd_m, plain_m = metrics(tmp_path / "kd")[0], metrics(tmp_path / "plain")[0]
     assert kd_m["train_loss"] != plain_m["train_loss"]  # the KD term is in the loss

@@ -3,6 +3,8 @@ that fails when it breaks: model selection, when best.pt is written, the RNG and
 across a resume, gradient clipping, the weight-decay groups, the train/validation partition."""
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -13,32 +15,33 @@ from fastcifar import checkpoint
 from fastcifar.optim import build_optimizer
 from fastcifar.models import build_model
 from pipelines.loader import dali_available
-from test_train import QUIET, hook_loaders, info, metrics, store, tiny, untimed  # noqa: F401 (store: the fixture)
+from test_train import QUIET, fit, info, metrics, store, tiny, untimed  # noqa: F401 (store: the fixture)
 
 NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="DALI is not installed here")
 
 
-def fixed_scores(monkeypatch, val: list[float], test: list[float]):
-    """Make evaluation return val[e] / test[e] at epoch e (0-based), told apart by their sizes
-    (the tiny store: 300 test images; val_split=0.2 holds out 200 of the 1000 train images)."""
-    seen = {"val": 0, "test": 0}
+def fixed_scores(val: list[float], test: list[float]):
+    """A setup(trainer) that makes evaluation return val[e] / test[e] at epoch e (0-based)."""
+    def setup(trainer):
+        seen = {"val": 0, "test": 0}
 
-    def evaluate(model, loader, autocast=None):
-        kind = "test" if loader.num_samples == 300 else "val"
-        assert loader.num_samples == (300 if kind == "test" else 200)
-        acc = (test if kind == "test" else val)[seen[kind]]
-        seen[kind] += 1
-        return {"acc": acc, "top5": min(100.0, acc + 10), "loss": 5 - acc / 100, "images": loader.num_samples}
+        def evaluate(loader):
+            kind = "test" if loader is trainer.test_loader else "val"
+            assert kind == "test" or loader is trainer.val_loader
+            acc = (test if kind == "test" else val)[seen[kind]]
+            seen[kind] += 1
+            return {"acc": acc, "top5": min(100.0, acc + 10), "loss": 5 - acc / 100, "images": loader.num_samples}
 
-    monkeypatch.setattr(T, "evaluate", evaluate)
+        trainer.evaluate = evaluate
+
+    return setup
 
 
-def test_selection_follows_validation_and_best_pt_only_on_improvement(store, tmp_path, monkeypatch):
+def test_selection_follows_validation_and_best_pt_only_on_improvement(store, tmp_path):
     # val peaks at epoch 2 (epoch 4 only ties it: not an improvement); test peaks at epoch 4
     val, test = [10.0, 30.0, 20.0, 30.0], [11.0, 12.0, 13.0, 40.0]
-    fixed_scores(monkeypatch, val, test)
     run = tmp_path / "run"
-    s = T.train(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store, **QUIET)
+    s = fit(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store, setup=fixed_scores(val, test))
     assert [m["val_acc"] for m in metrics(run)] == val and [m["test_acc"] for m in metrics(run)] == test
     assert s["selection"] == "val" and s["best_epoch"] == s["best_val_epoch"] == 2
     assert s["best_val_acc"] == 30.0 and s["best_acc"] == s["test_acc_at_best_val"] == 12.0
@@ -48,11 +51,9 @@ def test_selection_follows_validation_and_best_pt_only_on_improvement(store, tmp
     assert json.loads((run / "summary.json").read_text()) == s
 
 
-def test_selection_on_test_without_a_validation_split(store, tmp_path, monkeypatch):
-    test = [10.0, 25.0, 20.0]
-    fixed_scores(monkeypatch, [], test)
+def test_selection_on_test_without_a_validation_split(store, tmp_path):
     run = tmp_path / "run"
-    s = T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
+    s = fit(tiny(), info(), out=run, data_dir=store, setup=fixed_scores([], [10.0, 25.0, 20.0]))
     assert s["selection"] == "test" and s["best_epoch"] == 2 and s["best_acc"] == 25.0
     assert "best_val_acc" not in s
     assert checkpoint.load(run / "best.pt")["epoch"] == 2
@@ -65,26 +66,20 @@ def test_selection_on_test_without_a_validation_split(store, tmp_path, monkeypat
     pytest.param(dict(model__drop_rate=0.5), id="dropout"),
     pytest.param(dict(data__backend="dali"), id="dali", marks=NEEDS_DALI),
 ])
-def test_mid_epoch_resume_matches_a_straight_run(store, tmp_path, monkeypatch, fields):
+def test_mid_epoch_resume_matches_a_straight_run(store, tmp_path, fields):
     """Dropout draws from torch's global RNG, which only a restored RNG state reproduces; the DALI
     backend (CPU mode) must train, stop mid-epoch, resume and evaluate like the torch one."""
     recipe = tiny(train__epochs=2, **fields)
     straight = tmp_path / "straight"
     T.train(recipe, info(), out=straight, data_dir=store, **QUIET)
 
-    stopped = {"done": False}
-
     def ctrl_c(epoch, i, images):
-        if (epoch, i) == (0, 6) and not stopped["done"]:
-            stopped["done"] = True
-            import os
-            import signal
+        if (epoch, i) == (0, 6):
             os.kill(os.getpid(), signal.SIGINT)
 
-    hook_loaders(monkeypatch, train_fn=ctrl_c)
     run = tmp_path / "run"
     with pytest.raises(T.Interrupted):
-        T.train(recipe, info(), out=run, data_dir=store, **QUIET)
+        fit(recipe, info(), out=run, data_dir=store, train_fn=ctrl_c)
     assert checkpoint.load(run / "last.pt")["step_in_epoch"] == 7
     s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
     assert s["finished"] and s["backend"] == ("dali-cpu" if fields.get("data__backend") == "dali" else "torch")
@@ -103,37 +98,22 @@ def test_auto_backend_trains_on_dali_where_it_imports(store, tmp_path):
 
 
 @pytest.mark.parametrize("amp", ["none", "fp16"])
-def test_gradient_clipping_bounds_the_stepped_gradient(store, tmp_path, monkeypatch, amp):
+def test_gradient_clipping_bounds_the_stepped_gradient(store, tmp_path, amp):
     """grad_clip=0.05 is far below this model's gradient norm, so every step the optimizer takes sees
     a global norm of exactly 0.05: the true gradient clipped (under fp16, unscaled before clipping)."""
     norms = []
-    real = T.build_optimizer
 
-    def spy(model, *args, **kw):
-        opt = real(model, *args, **kw)
+    def record(opt, args, kwargs):  # runs inside optimizer.step(), on the gradients it steps with
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        # a fused optimizer handed still-scaled gradients by GradScaler divides by this in its kernel
+        scale = getattr(opt, "grad_scale", None)
+        norms.append(norm / (scale.item() if scale is not None else 1.0))
 
-        def record(opt, args, kwargs):  # runs inside optimizer.step(), on the gradients it steps with
-            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
-            # a fused optimizer handed still-scaled gradients by GradScaler divides by this in its kernel
-            scale = getattr(opt, "grad_scale", None)
-            norms.append(norm / (scale.item() if scale is not None else 1.0))
-
-        opt.register_step_pre_hook(record)
-        return opt
-
-    monkeypatch.setattr(T, "build_optimizer", spy)
-    T.train(tiny(train__epochs=1, train__amp=amp, optim__grad_clip=0.05, train__deterministic=amp == "none"),
-            info(), out=tmp_path / "run", data_dir=store, **QUIET)
+    fit(tiny(train__epochs=1, train__amp=amp, optim__grad_clip=0.05, train__deterministic=amp == "none"),
+        info(), out=tmp_path / "run", data_dir=store, setup=lambda t: t.optimizer.register_step_pre_hook(record))
     assert len(norms) >= 10  # fp16 may skip a few overflowing first steps, never most of them
     assert norms == pytest.approx([0.05] * len(norms), rel=1e-3)
-
-
-def test_no_clipping_when_off(store, tmp_path, monkeypatch):
-    called = []
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: called.append(1))
-    T.train(tiny(train__epochs=1), info(), out=tmp_path / "run", data_dir=store, **QUIET)
-    assert called == []
 
 
 # ---- weight decay: which parameters decay is the recipe's choice
@@ -143,7 +123,7 @@ def test_no_clipping_when_off(store, tmp_path, monkeypatch):
 def test_weight_decay_groups_follow_the_recipe(decay_norm_bias):
     r = tiny(optim__weight_decay=0.05, optim__decay_norm_bias=decay_norm_bias)
     net = build_model(r.model, r.head, 100)
-    opt = build_optimizer(net, r.optim, r.data.batch_size, torch.device("cpu"))
+    opt = build_optimizer(net, r.optim, r.data.batch_size)
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     names = dict(net.named_parameters())
     assert set(decay_of) == {id(p) for p in names.values()}  # every parameter is optimised once
@@ -160,17 +140,13 @@ def test_weight_decay_groups_follow_the_recipe(decay_norm_bias):
 # ---- the train / validation partition
 
 
-def test_validation_rows_are_disjoint_from_training_and_the_same_for_every_seed(store, tmp_path, monkeypatch):
-    calls = []
-    hook_loaders(monkeypatch, calls=calls)
+def test_validation_rows_are_disjoint_from_training_and_the_same_for_every_seed(store, tmp_path):
+    rows = []
     for seed in (0, 7):
-        T.train(tiny(train__epochs=1, train__seed=seed, data__val_split=0.2), info(), out=tmp_path / f"run{seed}",
-                data_dir=store, **QUIET)
-    train_rows = [kw["indices"] for split, kw in calls if kw.get("augment")]
-    val_rows = [kw["indices"] for split, kw in calls if split == "train" and not kw.get("augment")]
-    assert len(train_rows) == len(val_rows) == 2
-    for t, v in zip(train_rows, val_rows):
-        assert len(t) == 800 and len(v) == 200 and not set(t) & set(v)
-        assert sorted(np.concatenate([t, v])) == list(range(1000))
-    np.testing.assert_array_equal(train_rows[0], train_rows[1])  # train.seed does not move them
-    np.testing.assert_array_equal(val_rows[0], val_rows[1])
+        fit(tiny(train__epochs=1, train__seed=seed, data__val_split=0.2), info(), out=tmp_path / f"run{seed}",
+            data_dir=store, setup=lambda t: rows.append((t.train_loader.rows, t.val_loader.rows)))
+    for train, val in rows:
+        assert len(train) == 800 and len(val) == 200 and not set(train) & set(val)
+        assert sorted(np.concatenate([train, val])) == list(range(1000))
+    np.testing.assert_array_equal(rows[0][0], rows[1][0])  # train.seed does not move them
+    np.testing.assert_array_equal(rows[0][1], rows[1][1])
