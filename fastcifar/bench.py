@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__
+from fastcifar import BadInput, __version__, runtime
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 # (warm-up batches, repeats, batches per repeat): 5 + 5 * 30 = 155 batches fit the 200 of one
@@ -112,7 +112,7 @@ def make_train_step(model_name: str, device: torch.device, compiled: bool, chann
     from fastcifar.config import Head, Model
     from fastcifar.models import build_model
 
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = runtime.memory_format(channels_last)
     model = build_model(Model(name=model_name), Head(kind="linear"), 100).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     net = torch.compile(model) if compiled else model
@@ -180,8 +180,8 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
             for compiled, channels_last, amp in _ladder(device, quick, settings):
                 torch.manual_seed(0)
                 step = make_train_step(model_name, device, compiled, channels_last, amp)
-                fmt = torch.channels_last if channels_last else torch.contiguous_format
-                images = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=fmt)
+                images = torch.randn(bs, 3, size, size, device=device).contiguous(
+                    memory_format=runtime.memory_format(channels_last))
                 labels = torch.randint(0, 100, (bs,), device=device)
                 rate, warm = _time_steps(step, iter(lambda: (images, labels), None), device, warmup, repeats, per_repeat)
                 row = {"stage": "train_step", "backend": "device tensors", "model": model_name, "image_size": size,
@@ -326,9 +326,10 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     meta = {**host_info(device), "quick": quick, "store": "synthetic" if store.synthetic else "cifar100"}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
     rows = []
-    for name in stages:
-        rows += STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size, backends=backends,
-                             models=models, settings=settings, log=log)
+    with runtime.backend_settings(deterministic=False):  # the kernel choices a training run makes
+        for name in stages:
+            rows += STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size, backends=backends,
+                                 models=models, settings=settings, log=log)
     room = headroom(rows)
     for name in stages:
         log(f"\n{name}:\n" + table([r for r in rows if r["stage"] == name]))
