@@ -9,6 +9,7 @@ the wheel's, never the checkout's.
 
 import ast
 import email
+import importlib.util
 import os
 import re
 import shutil
@@ -161,3 +162,17 @@ def test_shell_completion_installs_and_completes_recipe_names(venv, user_dir):
     got = _run(["bash", "-c", complete, "bash", script, "train r18_arc", "2"], user_dir, env).stdout.split()
     assert got == ["r18_arcface", "r18_arcface_224", "r18_arcface_kd"]
     assert _run(["bash", "-c", complete, "bash", script, "tr", "1"], user_dir, env).stdout.split() == ["train"]
+
+
+def test_docker_dependency_steps_read_the_real_wheel(dists, venv, user_dir):
+    """docker/deps.py as the image runs it: requirements from the wheel, then the floors of the installed one."""
+    env, script = _clean_env(venv / "bin"), ROOT / "docker" / "deps.py"
+    reqs = _run(["python", script, "requirements", dists[1]], user_dir, env).stdout.split()
+    assert "timm>=1.0" in reqs and "typer>=0.12" in reqs
+    assert not [r for r in reqs if r.startswith(("torch", "nvidia-dali", "pytest"))]
+    check = subprocess.run(["python", script, "check"], cwd=user_dir, env=env, capture_output=True, text=True, timeout=300)
+    if importlib.util.find_spec("nvidia.dali") is None and sys.platform == "linux":  # the suite runs without DALI too
+        assert check.returncode == 1 and "nvidia-dali-cuda120 is not installed" in check.stderr, check.stderr
+    else:
+        assert check.returncode == 0, check.stderr
+        assert f"torch {installed_version('torch')}, torchvision {installed_version('torchvision')}" in check.stdout
