@@ -21,7 +21,8 @@ run=(docker run --rm "${tty[@]}" --gpus "${GPUS:-all}" --ipc=host
      -v "$PWD/data:/data" -v "$PWD/runs:/workspace/runs"
      -e FASTCIFAR_DATA=/data/cifar100
      --user "$(id -u):$(id -g)" -e HOME=/tmp)   # files in runs/ belong to you, caches go to /tmp
-if [ "$nproc" -gt 1 ]; then
-  exec "${run[@]}" --entrypoint torchrun "$image" --standalone --nproc-per-node "$nproc" -m fastcifar train "$@"
+if [ "$nproc" -gt 1 ]; then   # torchrun behind NGC's entrypoint (driver check, CUDA compatibility)
+  exec "${run[@]}" --entrypoint /opt/nvidia/nvidia_entrypoint.sh "$image" \
+       torchrun --standalone --nproc-per-node "$nproc" -m fastcifar train "$@"
 fi
 exec "${run[@]}" "$image" train "$@"

@@ -15,7 +15,7 @@ app = typer.Typer(
     help="CIFAR-100 training at the speed of the GPU: prepare the data once, then train recipes "
          "with a DALI (or torch) GPU pipeline, benchmark and report.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion: commands, options, recipe names
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -27,6 +27,13 @@ def _version(value: bool):
     if value:
         typer.echo(f"fastcifar {__version__}")
         raise typer.Exit()
+
+
+def _complete_recipe(incomplete: str) -> list[str]:
+    """Recipe names for shell completion (a path completes as a file)."""
+    from fastcifar.config import available
+
+    return [n for n in available() if n.startswith(incomplete)]
 
 
 @app.callback()
@@ -70,27 +77,42 @@ def prepare(
 
 @app.command()
 def recipes():
-    """List the recipes in recipes/ with their one-line descriptions."""
+    """List the recipes, where each comes from, and their one-line descriptions.
+
+    A name is looked up in ./recipes first, then in the recipes installed with fastcifar;
+    RECIPE ending in .py or holding a / is a file path and is used as it is.
+    """
     import ast
 
-    from fastcifar.config import available
+    from fastcifar.config import installed_recipes_dir, recipe_dirs, recipe_sources
 
-    found = available()
+    found = recipe_sources()
     if not found:
-        raise BadInput("No recipes found: run from the repository root (./recipes) or give a recipe path to `fastcifar train`.")
-    width = max(len(n) for n in found)
-    for name, path in found.items():
+        raise BadInput(f"No recipes found in ./recipes or in the installed recipes ({installed_recipes_dir()}): "
+                       f"the installation is incomplete; reinstall fastcifar, or give a recipe path to `fastcifar train`.")
+    rows = [("NAME", "FROM", "DESCRIPTION")]
+    for name, sources in found.items():
+        label, path = sources[0]
         try:
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
         except (OSError, SyntaxError, ValueError) as e:
             doc = f"(unreadable: {e})"
-        typer.echo(f"{name:<{width}}  {doc.strip().splitlines()[0] if doc.strip() else ''}")
+        rows.append((name, label + ("*" if len(sources) > 1 else ""), doc.strip().splitlines()[0] if doc.strip() else ""))
+    w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+    for name, label, doc in rows:
+        typer.echo(f"{name:<{w0}}  {label:<{w1}}  {doc}".rstrip())
+    typer.echo("")
+    for label, d in recipe_dirs().items():
+        typer.echo(f"{label + ':':<{w1 + 1}} {d.resolve()}")
+    if any(len(s) > 1 for s in found.values()):
+        typer.echo("* shadows the installed recipe of the same name (a recipe may derive from it by its own name)")
 
 
 @app.command()
 def train(
-    recipe: Optional[str] = typer.Argument(None, metavar="RECIPE", help="A recipe path (recipes/r18_arcface_224.py) "
-                                           "or name (r18_arcface_224); with --resume it comes from the checkpoint."),
+    recipe: Optional[str] = typer.Argument(None, metavar="RECIPE", autocompletion=_complete_recipe,
+                                           help="A recipe path (recipes/r18_arcface_224.py) or name "
+                                           "(r18_arcface_224); with --resume it comes from the checkpoint."),
     overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a recipe field, "
                                         "type-checked; repeatable. E.g. --set train.epochs=30 --set optim.lr=3e-4."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: ./runs/<recipe>-<YYYYmmdd-HHMMSS>)."),
@@ -210,6 +232,6 @@ def fail(message: str, code: int = 2):
 
 def main():
     try:
-        app()
+        app(prog_name="fastcifar")  # also under `python -m fastcifar`: one name for help and completion
     except BadInput as e:
         fail(str(e))

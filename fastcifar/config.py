@@ -362,33 +362,49 @@ def from_dict(d: dict) -> Recipe:
 
 
 # ----------------------------------------------------------------------------------------------
-# Recipe files
+# Recipe files. RECIPE is a path when it ends in .py or holds a /; otherwise a name, looked up in
+# ./recipes/NAME.py (the user's own), then in the recipes installed with fastcifar.
 
 
-def recipe_dirs() -> list[Path]:
-    """Where recipe names are looked up: ./recipes, then the recipes/ beside the installed package."""
-    dirs = [Path("recipes"), Path(__file__).resolve().parent.parent / "recipes"]
-    out = []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in [o.resolve() for o in out]:
-            out.append(d)
-    return out
+def installed_recipes_dir() -> Path:
+    """The recipes that ship with fastcifar: fastcifar/recipes/ in a wheel, recipes/ in a checkout."""
+    here = Path(__file__).resolve().parent
+    wheel = here / "recipes"  # pyproject.toml installs the top-level recipes/ as fastcifar/recipes/
+    return wheel if wheel.is_dir() else here.parent / "recipes"  # a checkout or an editable install
+
+
+def recipe_dirs() -> dict[str, Path]:
+    """{label: directory} where recipe names are looked up, in order: ./recipes, then the installed ones."""
+    dirs: dict[str, Path] = {}
+    for label, d in (("./recipes", Path("recipes")), ("installed", installed_recipes_dir())):
+        if d.is_dir() and all(d.resolve() != o.resolve() for o in dirs.values()):
+            dirs[label] = d
+    return dirs
+
+
+def recipe_sources() -> dict[str, list[tuple[str, Path]]]:
+    """{name: [(label, path), ...]} for every recipe name, sorted; the first source is the one used."""
+    found: dict[str, list[tuple[str, Path]]] = {}
+    for label, d in recipe_dirs().items():
+        for p in sorted(d.glob("*.py")):
+            if not p.name.startswith("_") and p.is_file():
+                found.setdefault(p.stem, []).append((label, p))
+    return dict(sorted(found.items()))
 
 
 def available() -> dict[str, Path]:
-    """{name: path} of every recipe file in recipe_dirs() (the first directory wins on a clash)."""
-    found = {}
-    for d in recipe_dirs():
-        for p in sorted(d.glob("*.py")):
-            if not p.name.startswith("_"):
-                found.setdefault(p.stem, p)
-    return found
+    """{name: path} of every recipe a name finds (./recipes shadows an installed recipe of the same name)."""
+    return {name: sources[0][1] for name, sources in recipe_sources().items()}
+
+
+def _is_path(ref: str) -> bool:
+    return ref.endswith(".py") or "/" in ref or Path(ref).name != ref
 
 
 def find(ref: str) -> Path:
     """The recipe file for a path or a name."""
-    p = Path(ref)
-    if p.suffix == ".py" or "/" in ref or p.is_file():
+    if _is_path(ref):
+        p = Path(ref)
         if not p.is_file():
             raise BadInput(f"Recipe file {ref} does not exist.")
         return p
@@ -396,28 +412,52 @@ def find(ref: str) -> Path:
     if ref not in recipes:
         near = [n for n in recipes if ref.lower() in n.lower() or n.lower() in ref.lower()]
         hint = f" Did you mean {', '.join(near)}?" if near else ""
+        where = " and ".join(f"{label} ({d.resolve()})" for label, d in recipe_dirs().items()) or "no recipe directory"
         raise BadInput(f"No recipe named {ref!r}.{hint} Known recipes: {', '.join(recipes) or 'none'} "
-                       f"(run `fastcifar recipes`), or give a path to a recipe file.")
+                       f"(looked in {where}; run `fastcifar recipes`), or give a path to a recipe file.")
     return recipes[ref]
 
 
-_derived: list[list[str]] = []  # one frame per recipe being loaded: the names its recipe() derived from
+# The recipe files being loaded, outermost first, each with the names its recipe() derived from.
+_loading: list[tuple[Path, list[str]]] = []
 
 
 def derive(name: str) -> Recipe:
-    """The named recipe, for a derived recipe to change: `r = derive("r18_baseline")`."""
-    if _derived:
-        _derived[-1].append(name)
+    """The named recipe, for a derived recipe to change: `r = derive("r18_baseline")`.
+
+    A recipe that derives its own name extends the recipe it shadows: ./recipes/smoke.py calling
+    derive("smoke") gets the installed smoke.
+    """
+    if _loading:
+        _loading[-1][1].append(name)
     return load(name)[0]
+
+
+def _resolve(ref: str) -> Path:
+    """find(ref), except that a recipe deriving its own name gets the next recipe of that name."""
+    path = find(ref)
+    if not _loading or _is_path(ref):
+        return path
+    if path.resolve() == _loading[-1][0].resolve():  # it derives its own name: take the recipe it shadows
+        shadowed = [p for _, p in recipe_sources()[ref]][1:]
+        if not shadowed:
+            raise BadInput(f"Recipe {path} derives from {ref!r}, its own name, and no other recipe is named {ref!r} "
+                           f"(see `fastcifar recipes`).")
+        path = shadowed[0]
+    chain = [p.resolve() for p, _ in _loading]
+    if path.resolve() in chain:
+        names = " -> ".join([p.stem for p, _ in _loading] + [path.stem])
+        raise BadInput(f"Recipes derive from each other in a cycle: {names}.")
+    return path
 
 
 def load(ref: str) -> tuple[Recipe, dict]:
     """(Recipe, info) from a recipe path or name; info = {name, description, parent, path, source}."""
-    path = find(ref)
+    path = _resolve(ref)
     name = path.stem
     spec = importlib.util.spec_from_file_location(f"fastcifar_recipe_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    _derived.append([])
+    _loading.append((path, []))
     try:
         try:
             spec.loader.exec_module(module)
@@ -435,9 +475,9 @@ def load(ref: str) -> tuple[Recipe, dict]:
             raise
         except Exception as e:
             raise BadInput(f"Recipe {path}: recipe() raised {type(e).__name__}: {e}.")
-        parents = _derived[-1]
+        parents = _loading[-1][1]
     finally:
-        _derived.pop()
+        _loading.pop()
     if not isinstance(r, Recipe):
         raise BadInput(f"Recipe {path}: recipe() returned a {type(r).__name__}, not a fastcifar.config.Recipe.")
     doc = inspect.getdoc(module) or ""

@@ -2,11 +2,13 @@
 fail, recipe files load by name or path, derived recipes record their parent, bad input exits 2."""
 
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 from fastcifar import BadInput
-from fastcifar.config import (Recipe, apply_overrides, from_dict, load, to_dict, valid_keys)
+from fastcifar.config import (Recipe, apply_overrides, from_dict, load, recipe_dirs, to_dict, valid_keys)
 
 REQUIRED_KEYS = ["train.epochs", "train.seed", "train.compile", "train.amp", "train.deterministic",
                  "data.batch_size", "data.backend", "data.val_split", "optim.lr", "optim.weight_decay"]
@@ -120,5 +122,51 @@ def test_cli_bad_input_exits_2_with_one_paragraph(monkeypatch, capsys, args, mes
 def test_cli_recipes_lists_names_and_docstrings(monkeypatch, capsys):
     code, out = _cli(monkeypatch, capsys, "recipes")
     assert code == 0
-    lines = {l.split()[0]: l for l in out.out.splitlines()}
+    lines = {l.split()[0]: l for l in out.out.splitlines() if l}
     assert "smoke" in lines and "r18_baseline" in lines and "44.26%" in lines["r18_baseline"]
+
+
+def _recipe_file(path, body):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'"""{path.stem}, written by the test."""\nfrom fastcifar.config import derive\n\n'
+                    f"def recipe():\n{textwrap.indent(textwrap.dedent(body), '    ')}")
+
+
+def test_own_recipes_come_first_and_may_extend_the_installed_ones(tmp_path, monkeypatch, capsys):
+    installed = Path(__file__).resolve().parent.parent / "recipes"  # a checkout's recipes are the installed ones
+    monkeypatch.chdir(tmp_path)
+    _recipe_file(tmp_path / "recipes" / "smoke.py", 'r = derive("smoke")\nr.train.epochs = 1\nreturn r\n')
+    _recipe_file(tmp_path / "recipes" / "mine.py", 'return derive("r18_lbsmooth")\n')
+    (tmp_path / "r18_baseline").write_text("not a recipe")  # a bare name is a name, even beside a file of that name
+    assert {k: v.resolve() for k, v in recipe_dirs().items()} == {"./recipes": tmp_path / "recipes", "installed": installed}
+
+    r, info = load("smoke")   # ./recipes/smoke.py, which extends the installed smoke it shadows
+    assert (r.train.epochs, info["path"], info["parent"]) == (1, "recipes/smoke.py", "smoke")
+    assert r.model.name == load(str(installed / "smoke.py"))[0].model.name == "test_resnet"
+    assert load(str(installed / "smoke.py"))[0].train.epochs == 4   # a path is used as it is
+    r, info = load("mine")    # an own recipe deriving an installed one, which derives another installed one
+    assert info["parent"] == "r18_lbsmooth" and r.loss.label_smoothing == 0.1 and r.optim.lr == 1e-3
+    assert Path(load("r18_baseline")[1]["path"]) == installed / "r18_baseline.py"
+
+    code, out = _cli(monkeypatch, capsys, "recipes")
+    assert code == 0
+    rows = {cols[0]: cols[1] for cols in map(str.split, out.out.splitlines()) if len(cols) > 1}
+    assert (rows["NAME"], rows["smoke"], rows["mine"], rows["r18_baseline"]) == ("FROM", "./recipes*", "./recipes", "installed")
+    footer = {cols[0]: cols[1] for cols in map(str.split, out.out.splitlines()) if cols and cols[0].endswith(":")}
+    assert footer == {"./recipes:": str(tmp_path / "recipes"), "installed:": str(installed)}
+    assert "* shadows the installed recipe" in out.out
+
+
+def test_recipes_deriving_in_a_cycle_or_from_nothing_fail_clearly(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _recipe_file(tmp_path / "recipes" / "a.py", 'return derive("b")\n')
+    _recipe_file(tmp_path / "recipes" / "b.py", 'return derive("a")\n')
+    _recipe_file(tmp_path / "recipes" / "solo.py", 'return derive("solo")\n')
+    with pytest.raises(BadInput, match="cycle: a -> b -> a"):
+        load("a")
+    with pytest.raises(BadInput, match="derives from 'solo', its own name, and no other recipe is named 'solo'"):
+        load("solo")
+    with pytest.raises(BadInput, match=r"No recipe named 'nope'.*looked in ./recipes \(.*\) and installed \("):
+        load("nope")
+    code, out = _cli(monkeypatch, capsys, "train", "a")
+    assert code == 2 and "cycle" in out.err and "Traceback" not in out.err
