@@ -3,8 +3,10 @@ the previous complete file, never a torn one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -34,7 +36,15 @@ def atomic_write(path: Path, write) -> None:
 
 def save(path: Path, state: dict) -> None:
     """torch.save(state) to path atomically."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    def write(f):
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (a full disk) as this
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+
+    atomic_write(path, write)
 
 
 def write_json(path: Path, obj) -> None:
@@ -42,16 +52,51 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def load(path: Path) -> dict:
-    """A checkpoint as a dict of tensors and plain data, on the CPU (weights_only: loading runs no code)."""
+# weights_only loading can be made to run code before torch 2.6 (CVE-2025-32434) and before 2.10
+# (GHSA-63cw-57p8-fm3p): refuse to read a checkpoint or weights file with an older torch
+SAFE_TORCH = (2, 10)
+
+
+def torch_load(path: Path, what: str = "checkpoint"):
+    """torch.load(path, weights_only=True) onto the CPU: tensors and plain data only, so a shared
+    file cannot run code. Any failure is bad input naming the file."""
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if version < SAFE_TORCH:
+        raise BadInput(f"torch {torch.__version__} cannot load {path} safely: before torch 2.10 a crafted file can run "
+                       f"code even with weights_only=True (CVE-2025-32434, GHSA-63cw-57p8-fm3p). Upgrade: "
+                       f"pip install 'torch>=2.10'.")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise BadInput(f"Checkpoint {path} does not exist.")
+        raise BadInput(f"The {what} {path} does not exist.")
+    except IsADirectoryError:
+        raise BadInput(f"The {what} {path} is a directory, not a file.")
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: exactly what must not happen
+        raise BadInput(f"{path} holds objects other than tensors and plain data; fastcifar refuses to load it, "
+                       f"since unpickling them could run code. Is it a {what} written by fastcifar (or torch.save "
+                       f"of a state dict)?")
     except Exception as e:
-        raise BadInput(f"{path} is not a readable fastcifar checkpoint ({type(e).__name__}: {e}).")
+        raise BadInput(f"{path} is not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).")
+
+
+# What each use of a checkpoint needs; a file without them is bad input, not a KeyError later
+NEEDS = {
+    "eval": ("model", "recipe", "epoch"),
+    "resume": ("model", "recipe", "info", "optimizer", "scheduler", "scaler", "rng", "mix_rng", "epoch",
+               "step_in_epoch", "step", "best", "history", "partial", "wall_seconds"),
+}
+
+
+def load(path: Path, need: str = "eval") -> dict:
+    """A fastcifar checkpoint (a dict of tensors and plain data, on the CPU) holding what `need` uses."""
+    ck = torch_load(path)
     if not isinstance(ck, dict) or "model" not in ck or "recipe" not in ck:
         raise BadInput(f"{path} is not a fastcifar checkpoint (it has no model and recipe).")
+    missing = [k for k in NEEDS[need] if k not in ck]
+    if missing:
+        raise BadInput(f"The checkpoint {path} lacks {', '.join(missing)}, which {need} needs; it is damaged or "
+                       f"was not written by `fastcifar train`" + (" (best.pt and last.pt both hold them)." if need ==
+                                                                  "resume" else "."))
     return ck
 
 
@@ -113,16 +158,39 @@ class RunDir:
         resumed run's log must agree with its last.pt), then grows a line per epoch."""
         if not self.writes:
             return self
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.path / "recipe.json", recipe_json)
-        if source and not (self.path / "recipe.py").exists():
-            atomic_write(self.path / "recipe.py", lambda f: f.write(source.encode()))
+
+        def create():
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json(self.path / "recipe.json", recipe_json)
+            if source and not (self.path / "recipe.py").exists():
+                atomic_write(self.path / "recipe.py", lambda f: f.write(source.encode()))
+            atomic_write(self.path / "metrics.jsonl", lambda f: f.writelines((json.dumps(m) + "\n").encode() for m in history))
+            self._metrics = open(self.path / "metrics.jsonl", "a")
+
+        try:
+            create()
+        except OSError as e:
+            raise BadInput(f"Cannot write the run directory {self.path} ({e.strerror or e}); choose another --out.")
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(str(self.path))
-        atomic_write(self.path / "metrics.jsonl", lambda f: f.writelines((json.dumps(m) + "\n").encode() for m in history))
-        self._metrics = open(self.path / "metrics.jsonl", "a")
         return self
+
+    def _guard(self, what: str, write) -> None:
+        """write(); a failed write (a full disk, a read-only directory) stops the run as bad input,
+        saying in summary.json why, if even that can be written. Files are replaced atomically, so
+        last.pt is still the previous complete one."""
+        try:
+            write()
+        except OSError as e:
+            why = e.strerror or str(e)
+            with contextlib.suppress(OSError):
+                if self.path.is_dir():
+                    write_json(self.path / "summary.json", self.summary(False, f"could not write {what}: {why}"))
+            raise BadInput(f"Could not write {what} in {self.path} ({why}): is the disk full or the directory "
+                           f"read-only? The run stopped there; every file fastcifar writes is replaced whole, so "
+                           f"last.pt, if there is one, still holds the last complete epoch. Free some space and "
+                           f"continue with `fastcifar train --resume {self.path}`.")
 
     def scalars(self, step: int, values: dict) -> None:
         """TensorBoard scalars {tag: value} at a step."""
@@ -137,17 +205,21 @@ class RunDir:
     def checkpoint(self, state: dict, best: bool) -> None:
         """last.pt, and best.pt too when this is the selected epoch so far."""
         if self.writes:
-            save(self.path / "last.pt", state)
+            self._guard("last.pt", lambda: save(self.path / "last.pt", state))
             if best:
-                save(self.path / "best.pt", state)
+                self._guard("best.pt", lambda: save(self.path / "best.pt", state))
 
     def epoch(self, m: dict) -> None:
         """An epoch's metrics: a metrics.jsonl line, TensorBoard, and summary.json (still running).
         Call after checkpoint(): the log never names an epoch that has no checkpoint."""
         if not self.writes:
             return
-        self._metrics.write(json.dumps(m) + "\n")
-        self._metrics.flush()
+
+        def log():
+            self._metrics.write(json.dumps(m) + "\n")
+            self._metrics.flush()
+
+        self._guard("metrics.jsonl", log)
         self.scalars(m["epoch"], {f"epoch/{k}": v for k, v in m.items() if k != "epoch"})
         self._tb.flush()
         self._write_summary(False, "running")
@@ -162,7 +234,7 @@ class RunDir:
     def _write_summary(self, finished: bool, reason: str) -> dict:
         s = self.summary(finished, reason)
         if self.writes:
-            write_json(self.path / "summary.json", s)
+            self._guard("summary.json", lambda: write_json(self.path / "summary.json", s))
         return s
 
     def __enter__(self):

@@ -170,6 +170,7 @@ class Train:
         _check("train", self, [
             ("amp", *_one_of(AMP_DTYPES)),
             ("epochs", lambda v: v >= 1, "must be at least 1"),
+            ("seed", lambda v: 0 <= v < 2 ** 32, "must lie in 0 .. 2**32 - 1 (numpy and torch seeds are unsigned)"),
             ("log_every", lambda v: v >= 1, "must be at least 1"),
             ("device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
              "must be auto, cpu, cuda or cuda:N"),
@@ -189,9 +190,15 @@ class Recipe:
     train: Train = field(default_factory=Train)
 
     def validate(self) -> "Recipe":
-        """Raise BadInput naming the first field whose value is out of range or not a known choice."""
-        for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+        """Raise BadInput naming the first field whose type is wrong, whose number is not finite, or
+        whose value is out of range or not a known choice."""
+        check_types(self)
+        for section, obj in sections(self):
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
+                    raise BadInput(f"{section}.{f.name} = {v!r}: must be a finite number.")
+            obj.validate()
         if self.head.kind != "linear" and (self.aug.mixup_alpha > 0 or self.aug.cutmix_alpha > 0):
             raise BadInput(f"head.kind = {self.head.kind!r}: a margin head needs hard labels, but MixUp/CutMix give "
                            f"soft targets; use head.kind=linear or set aug.mixup_alpha and aug.cutmix_alpha to 0.")
@@ -199,6 +206,30 @@ class Recipe:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
+
+
+def sections(r: Recipe):
+    """(name, section object) pairs of a recipe, in order."""
+    return [(f.name, getattr(r, f.name)) for f in dataclasses.fields(r)]
+
+
+def check_types(r: Recipe) -> Recipe:
+    """Raise BadInput naming the first field a recipe set to a value of the wrong type (a recipe is
+    Python: `r.train.epochs = "10"` must not reach the trainer); ints become floats, lists tuples."""
+    if not isinstance(r, Recipe):
+        raise BadInput(f"A recipe is a fastcifar.config.Recipe, not a {type(r).__name__}.")
+    for section, cls in section_types().items():
+        obj = getattr(r, section)
+        if not isinstance(obj, cls):
+            raise BadInput(f"recipe section {section} was replaced by a {type(obj).__name__}; it must stay a "
+                           f"{cls.__name__} (change its fields instead).")
+        for name, t in _hints(cls).items():
+            value = getattr(obj, name)
+            try:
+                setattr(obj, name, _strict(value, t))
+            except _Wrong:
+                raise BadInput(f"{section}.{name} = {value!r}: expected {_type_name(t)}, got a {type(value).__name__}.")
+    return r
 
 
 def _hints(cls) -> dict:
@@ -306,6 +337,36 @@ def _coerce(value, t):
         if isinstance(value, str):
             return value
         raise _Wrong
+    raise _Wrong
+
+
+def _strict(value, t):
+    """value as type t if it already is one (an int may stand for a float, a list for a tuple);
+    _Wrong otherwise. Unlike _coerce, no string is parsed: this checks values set in Python."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(t):
+            return None
+        for a in typing.get_args(t):
+            if a is not type(None):
+                try:
+                    return _strict(value, a)
+                except _Wrong:
+                    pass
+        raise _Wrong
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise _Wrong
+        args = typing.get_args(t)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_strict(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise _Wrong
+        return tuple(_strict(v, a) for v, a in zip(value, args))
+    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if t in (bool, int, str) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+        return value
     raise _Wrong
 
 
@@ -463,6 +524,8 @@ def load(ref: str) -> tuple[Recipe, dict]:
             spec.loader.exec_module(module)
         except BadInput:
             raise
+        except SystemExit as e:
+            raise BadInput(f"Recipe {path} called sys.exit({e.code!r}) while loading; a recipe only defines recipe().")
         except Exception as e:
             raise BadInput(f"Recipe {path} failed to load: {type(e).__name__}: {e}.")
         fn = getattr(module, "recipe", None)
@@ -473,6 +536,8 @@ def load(ref: str) -> tuple[Recipe, dict]:
             r = fn()
         except BadInput:
             raise
+        except SystemExit as e:
+            raise BadInput(f"Recipe {path}: recipe() called sys.exit({e.code!r}); it should return a Recipe.")
         except Exception as e:
             raise BadInput(f"Recipe {path}: recipe() raised {type(e).__name__}: {e}.")
         parents = _loading[-1][1]
@@ -480,6 +545,10 @@ def load(ref: str) -> tuple[Recipe, dict]:
         _loading.pop()
     if not isinstance(r, Recipe):
         raise BadInput(f"Recipe {path}: recipe() returned a {type(r).__name__}, not a fastcifar.config.Recipe.")
+    try:
+        check_types(r)
+    except BadInput as e:
+        raise BadInput(f"Recipe {path}: {e}")
     doc = inspect.getdoc(module) or ""
     info = {"name": name, "description": doc.strip().splitlines()[0] if doc.strip() else "",
             "path": str(path), "source": path.read_text()}

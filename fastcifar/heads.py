@@ -23,7 +23,10 @@ class LinearHead(nn.Module):
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc(features)
+        # fp32 logits whatever autocast says (as the margin heads): bf16's 8-bit mantissa ties logits
+        # that differ by under 1/256 of their size, and top-1/top-5 would break ties by class index
+        with torch.autocast(features.device.type, enabled=False):
+            return self.fc(features.float())
 
 
 class MarginHead(nn.Module):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastcifar import BadInput
+from fastcifar.checkpoint import torch_load
 from fastcifar.config import from_dict
 from fastcifar.heads import HEADS
 from fastcifar.runtime import memory_format
@@ -121,10 +122,7 @@ def _load_file(m: nn.Module, path: Path, skip: str | None) -> None:
     classifier is ignored) or a fastcifar checkpoint (its `backbone.` part)."""
     if not path.is_file():
         raise BadInput(f"model.pretrained_file = {str(path)!r} does not exist.")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"model.pretrained_file {path} is not a readable torch state dict ({type(e).__name__}: {e}).")
+    sd = torch_load(path, what="model.pretrained_file state dict")
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

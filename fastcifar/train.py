@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fastcifar import BadInput, checkpoint, runtime
 from fastcifar import dist as fdist
 from fastcifar.checkpoint import RunDir
-from fastcifar.config import Recipe, to_dict
+from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import default_data_dir, open_store, prepare
 from fastcifar.losses import Classify, Distill
 from fastcifar.models import build_model, load_weights, net_from_checkpoint
@@ -91,8 +91,11 @@ class Trainer:
 
     def __init__(self, r: Recipe, info: dict, out=None, data_dir=None, resume=None, log=print):
         r.validate()
-        if resume is None and out is not None and (Path(out) / "last.pt").exists():
-            raise BadInput(f"{out} already holds a run; continue it with --resume {out}, or choose another --out.")
+        if resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise BadInput(f"--resume {resume} continues that run in its own directory; --out {out} names another. "
+                           f"Drop --out (a run is never continued into, or over, a different directory).")
+        self.out = Path(out if out is not None else resume if resume is not None else new_run_dir(info["name"]))
+        check_out(self.out, resumed=resume is not None)
         self.r, self.info, self.log = r, dict(info), log
         self._exit = contextlib.ExitStack()
         try:
@@ -100,9 +103,6 @@ class Trainer:
         except BaseException:
             self._exit.close()
             raise
-        name = self.info["name"]
-        self.out = Path(out if out is not None else resume if resume is not None
-                        else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.run = RunDir(self.out, self.summary, writes=self.main)
         self.stop = runtime.StopSignals(self.say)
 
@@ -120,8 +120,22 @@ class Trainer:
         random.seed(rt.seed)
         torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
 
+        # ---- Resume: the run continues as it was, on its own store (checked before anything is written)
+        ck = None
+        if resume is not None:
+            ck_path = Path(resume) / "last.pt"
+            if not ck_path.is_file():
+                raise BadInput(f"--resume {resume}: there is no {ck_path} to continue from (a run writes last.pt at the "
+                               f"end of its first epoch, or when stopped); start it again without --resume.")
+            ck = checkpoint.load(ck_path, need="resume")
+            check_resume(r, ck, resume)
+            if data_dir is None and "store" in ck:
+                data_dir = ck["store"]["dir"]
+
         # ---- Data: the store, the train/val/test rows, one loader per split
-        self.store = open_or_prepare(data_dir, fdist.local_rank() == 0)
+        self.store = open_store(data_dir) if ck is not None else open_or_prepare(data_dir, fdist.local_rank() == 0)
+        if ck is not None and "store" in ck:
+            check_same_store(self.store, ck["store"], resume)
         self.num_classes = len(self.store.class_names)
         self.teacher, teacher_recipe = (load_teacher(r, self.device, self.num_classes) if r.distill.teacher
                                         else (None, None))
@@ -150,21 +164,25 @@ class Trainer:
 
         # ---- Resume: everything that decides the next step comes from last.pt
         self.progress = Progress()
-        if resume is not None:
-            self.load_state_dict(checkpoint.load(Path(resume) / "last.pt"), Path(resume) / "last.pt")
+        if ck is not None:
+            self.load_state_dict(ck, Path(resume) / "last.pt")
             p = self.progress
             self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batch + 1}" if p.batch else "") + ".")
 
-        # ---- The net the steps run: compiled, DDP-wrapped; and the objective, chosen once
-        self.compiled = (self.device.type == "cuda") if rt.compile is None else rt.compile
-        if self.compiled:
-            if self.teacher is not None:
-                self.teacher.compile()
-            self.model.compile()  # in place: state_dict keys stay plain, and DDP below wraps the compiled module
-        self.net = self.model
+        # ---- The nets the steps and evaluation run: DDP-wrapped, then compiled; and the objective, chosen once
+        self.net = self.eval_net = self.model  # self.model keeps the plain state_dict keys checkpoints hold
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.compiled = (self.device.type == "cuda") if rt.compile is None else rt.compile
+        if self.compiled:
+            # the DDP module is what gets compiled, so the graph sees DDP's hooks and overlaps the
+            # all-reduce with backward. Static shapes: a smaller batch gets a graph of its own instead
+            # of turning this one dynamic for good (evaluation pads its last batch: no new shape at all)
+            self.net = torch.compile(self.net, dynamic=False)
+            self.eval_net = self.net if self.world == 1 else torch.compile(self.model, dynamic=False)
+            if self.teacher is not None:
+                self.teacher = torch.compile(self.teacher, dynamic=False)
         ls = r.loss.label_smoothing
         self.objective = (Distill(self.net, self.teacher, self.autocast, r.distill.alpha, r.distill.temperature, ls)
                           if self.teacher is not None else Classify(self.net, self.autocast, ls))
@@ -296,7 +314,7 @@ class Trainer:
         return m
 
     def evaluate(self, loader) -> dict:
-        return evaluate(self.model, loader, self.autocast)
+        return evaluate(self.eval_net, loader, self.autocast)
 
     def interrupt(self, where: str):
         """Stop on Ctrl-C/SIGTERM once last.pt holds the run: summary.json says so, and the other
@@ -312,7 +330,13 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": checkpoint.rng_state(), "mix_rng": self.mix_gen.get_state(),
-                "recipe": to_dict(self.r), "info": self.info, "world_size": self.world, **self.progress.state_dict()}
+                "recipe": to_dict(self.r), "info": self.info, "world_size": self.world, "store": self.store_record(),
+                **self.progress.state_dict()}
+
+    def store_record(self) -> dict:
+        """Which store the run trains on: where it was and its arrays' checksums (resume checks them)."""
+        return {"dir": str(self.store.dir.resolve()), "synthetic": self.store.synthetic,
+                "sha256": self.store.meta.get("checksums", {}).get("outputs_sha256")}
 
     def load_state_dict(self, ck: dict, path) -> None:
         load_weights(self.model, ck["model"], path)
@@ -383,10 +407,13 @@ def evaluate(model: torch.nn.Module, loader, autocast=None) -> dict:
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
     loader.set_epoch(0)
     for images, labels in loader:
+        n = labels.shape[0]
+        if n < loader.batch_size:  # the last batch, padded: a compiled net sees one static shape
+            images = pad_batch(images, loader.batch_size)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            logits = model(images)
+            logits = model(images)[:n].float()  # the heads give fp32 logits: bf16 would tie near top-1/5
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums[0] += torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         sums[1] += (top5[:, 0] == labels).sum()
         sums[2] += (top5 == labels[:, None]).any(1).sum()
         sums[3] += labels.shape[0]
@@ -395,6 +422,15 @@ def evaluate(model: torch.nn.Module, loader, autocast=None) -> dict:
     model.train(was_training)
     n = max(n, 1)
     return {"acc": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "images": int(n)}
+
+
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """x (N, ...) grown to `size` rows by repeating its last row, in x's memory format."""
+    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+    out[:len(x)] = x
+    out[len(x):] = x[-1:]
+    return out
 
 
 def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, batch_size: int = 500,
@@ -419,6 +455,62 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     res = evaluate(model, loader, runtime.autocast(dev, r.train.amp))
     return {**res, "checkpoint": str(path), "recipe": ck.get("info", {}).get("name", "?"), "epoch": ck["epoch"],
             "synthetic": store.synthetic}
+
+
+# What --resume may change: only what cannot change the run's meaning - how long it trains, how it
+# logs, where it runs, which loader backend makes the (same) batches
+RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.compile", "data.backend")
+
+
+def check_resume(r: Recipe, ck: dict, run_dir) -> None:
+    """Raise BadInput unless r continues the checkpoint's run: the same recipe but for RESUMABLE
+    fields, and at least as many epochs as it has done."""
+    was, now = to_dict(from_dict(ck["recipe"])), to_dict(r)
+    changed = [f"{s}.{k} ({was[s][k]!r} -> {v!r})" for s, fields in now.items() for k, v in fields.items()
+               if v != was[s][k] and f"{s}.{k}" not in RESUMABLE]
+    if changed:
+        raise BadInput(f"--resume {run_dir} would change {', '.join(changed)}: that is a different run, and its "
+                       f"optimizer state and history belong to the old one. On resume only {', '.join(RESUMABLE)} "
+                       f"may change; for anything else start a new run (`fastcifar train RECIPE --set ...`).")
+    if r.train.epochs < ck["epoch"]:
+        raise BadInput(f"train.epochs = {r.train.epochs}, but {run_dir} has already trained {ck['epoch']} epochs; "
+                       f"resume with train.epochs >= {ck['epoch']} (it keeps its recipe's {was['train']['epochs']} "
+                       f"when not set).")
+
+
+def check_same_store(store, recorded: dict, run_dir) -> None:
+    """Raise BadInput unless the store holds exactly the arrays the run trained on."""
+    if recorded.get("sha256") and store.meta.get("checksums", {}).get("outputs_sha256") != recorded["sha256"]:
+        raise BadInput(f"--resume {run_dir} trained on the store at {recorded['dir']}, but the store at {store.dir} "
+                       f"holds other data (its arrays' sha256 differ), so the run would not continue as it was. "
+                       f"Resume without --data-dir (the run's own store), or rebuild that store from the same source.")
+
+
+def new_run_dir(name: str) -> Path:
+    """./runs/<recipe>-<YYYYmmdd-HHMMSS>, with -2, -3, ... when a run of that second exists."""
+    base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, k = base, 1
+    while out.exists():
+        k += 1
+        out = base.with_name(f"{base.name}-{k}")
+    return out
+
+
+def check_out(out: Path, resumed: bool) -> None:
+    """Raise BadInput unless --out can become this run's directory without replacing anything:
+    a new path in a writable directory, an empty directory, or (resuming) the run's own directory."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file; a run writes a directory of files there. Choose another --out.")
+    if out.is_dir() and not resumed and any(out.iterdir()):
+        if (out / "last.pt").exists():
+            raise BadInput(f"{out} already holds a run; continue it with --resume {out}, or choose another --out.")
+        raise BadInput(f"--out {out} is a directory that is not empty; fastcifar writes a run only into a new or an "
+                       f"empty directory, so nothing of yours (or of another run) is replaced. Choose another --out.")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: {parent} is not a writable directory. Choose another --out.")
 
 
 def split_rows(n_train: int, n_test: int, d) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:

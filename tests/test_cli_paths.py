@@ -86,7 +86,7 @@ def test_eval_through_the_cli(store, trained, monkeypatch, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (("{tmp}/nothing_here",), "does not exist"),
-    (("{tmp}/not_a_checkpoint.pt",), "not a readable fastcifar checkpoint"),
+    (("{tmp}/not_a_checkpoint.pt",), "not a readable checkpoint"),
     (("{tmp}",), "holds no checkpoint"),
     (("{run}", "--device", "tpu"), "--device 'tpu'"),
     (("{run}", "--batch-size", "0"), "--batch-size 0"),

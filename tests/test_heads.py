@@ -86,3 +86,18 @@ def test_arcface_finite_at_cosine_plus_minus_one_in_bf16():
     torch.nn.functional.cross_entropy(logits, y).backward()
     assert torch.isfinite(feats.grad).all()
     assert torch.isfinite(head.weight.grad).all() and torch.isfinite(head.embed.weight.grad).all()
+
+
+def test_linear_head_logits_are_fp32_under_autocast_so_near_ties_keep_their_order():
+    """Class 1's logit is 2**-9 above class 0's: bf16 (8-bit mantissa) would round both to 1.0 and
+    top-1 would pick class 0; fp32 logits keep the order (evaluation's top-1/top-5 read them)."""
+    from fastcifar.heads import LinearHead
+
+    head = LinearHead(2, 2)
+    with torch.no_grad():
+        head.fc.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+        head.fc.bias.zero_()
+    x = torch.tensor([[1.0, 2.0 ** -9]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x)
+    assert logits.dtype == torch.float32 and logits.argmax(1).item() == 1

@@ -1,0 +1,188 @@
+"""Hostile and unlucky inputs to train, resume and eval: each gets one paragraph and exit 2, and
+nothing of a run (or of the user's) is lost or half-written. The resume contract: a run continues
+exactly as it was, on its own store, changing only what cannot change its meaning."""
+
+import json
+import resource
+import signal
+import sys
+
+import pytest
+import torch
+
+import fastcifar.train as T
+from fastcifar import BadInput, checkpoint
+from fastcifar.data import prepare
+from test_cli_paths import cli, one_paragraph
+from test_train import QUIET, fit, info, store, tiny  # noqa: F401 (store: the fixture)
+
+
+@pytest.fixture(scope="module")
+def finished(store, tmp_path_factory):
+    """A 2-epoch run of tiny() (its directory is copied before a test may touch it)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    T.train(tiny(train__epochs=2), info(), out=run, data_dir=store, **QUIET)
+    return run
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    import shutil
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+# ---- the resume contract
+
+
+def test_resume_finds_its_own_store_without_data_dir(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data/cifar100 here: only the run knows where its store is
+    monkeypatch.delenv("FASTCIFAR_DATA", raising=False)
+    s = T.train(tiny(train__epochs=3), {}, resume=run, **QUIET)
+    assert s["finished"] and s["epochs_done"] == 3
+
+
+def test_resume_refuses_a_different_store(run, tmp_path):
+    other = tmp_path / "other"
+    prepare(other, synthetic=True, n_train=1000, n_test=300, seed=5, log=lambda *_: None)  # same shape, other images
+    before = snapshot(run)
+    with pytest.raises(BadInput, match="holds other data"):
+        T.train(tiny(train__epochs=3), {}, resume=run, data_dir=other, **QUIET)
+    assert snapshot(run) == before
+
+
+def test_resume_into_another_out_is_refused(run, tmp_path, store):
+    with pytest.raises(BadInput, match="--out"):
+        T.train(tiny(train__epochs=3), {}, resume=run, out=tmp_path / "elsewhere", data_dir=store, **QUIET)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("override, allowed", [
+    ("model.name=resnet18", False), ("optim.lr=0.1", False), ("head.kind=arcface", False),
+    ("data.batch_size=25", False), ("aug.hflip=0.5", False), ("train.seed=3", False), ("train.epochs=1", False),
+    ("train.epochs=3", True), ("train.log_every=2", True), ("data.backend=tutorial", True),
+])
+def test_resume_overrides_only_what_keeps_the_run_the_same(run, store, monkeypatch, capsys, override, allowed):
+    before = snapshot(run)
+    code, _, err = cli(monkeypatch, capsys, "train", "--resume", run, "--data-dir", store, "--set", override)
+    if allowed:
+        assert code == 0, err
+        return
+    assert code == 2 and one_paragraph(err), err
+    assert override.split("=")[0] in err
+    assert snapshot(run) == before  # refused before anything was written
+
+
+def test_a_checkpoint_missing_a_key_is_named(run, store):
+    ck = checkpoint.load(run / "last.pt", need="resume")
+    del ck["optimizer"]
+    torch.save(ck, run / "last.pt")
+    with pytest.raises(BadInput, match=r"last\.pt lacks optimizer"):
+        T.train(tiny(train__epochs=3), {}, resume=run, data_dir=store, **QUIET)
+
+
+def test_weights_that_do_not_fit_the_recipe_are_named(run, store, monkeypatch, capsys):
+    ck = checkpoint.load(run / "best.pt")
+    ck["recipe"]["head"]["kind"] = "arcface"  # the recipe now describes another head than the weights
+    torch.save(ck, run / "best.pt")
+    code, _, err = cli(monkeypatch, capsys, "eval", run / "best.pt", "--data-dir", store, "--device", "cpu")
+    assert code == 2 and one_paragraph(err) and "do not fit" in err.replace("\n", " ") and "best.pt" in err
+
+
+# ---- secure loading
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+def test_a_checkpoint_holding_code_is_refused_without_suggesting_weights_only_false(tmp_path, monkeypatch, capsys):
+    torch.save({"model": {}, "recipe": {}, "epoch": 1, "x": Payload()}, tmp_path / "evil.pt")
+    code, out, err = cli(monkeypatch, capsys, "eval", tmp_path / "evil.pt")
+    assert code == 2 and one_paragraph(err) and "refuses" in err
+    assert "weights_only=False" not in err and "would have run" not in out
+
+
+def test_an_unsafe_torch_is_refused(tmp_path, monkeypatch):
+    torch.save({"model": {}, "recipe": {}}, tmp_path / "ok.pt")
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
+    with pytest.raises(BadInput, match="CVE-2025-32434"):
+        checkpoint.load(tmp_path / "ok.pt")
+
+
+# ---- where a run is written
+
+
+def test_out_that_is_a_file_a_full_directory_or_unwritable(store, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for out, message in [(tmp_path / "file", "is a file"), (tmp_path / "mine", "not empty"),
+                         ("/proc/fastcifar-run", "choose another --out")]:
+        code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--data-dir", store, "--out", out)
+        assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
+    assert (tmp_path / "file").read_text() == "mine" and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_full_disk_mid_run_stops_with_last_pt_intact(store, tmp_path):
+    """From epoch 2's evaluation on, no file may grow past 256 KiB (RLIMIT_FSIZE: writes fail with
+    EFBIG, as on a full disk): saving epoch 2's last.pt (~5 MB) fails."""
+    run, limits = tmp_path / "run", resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    evaluations = []
+
+    def disk_fills(epoch, i, images):  # evaluation always reads its loader as epoch 0: count the passes
+        evaluations.append(i)
+        if evaluations.count(0) == 2 and i == 0:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, limits[1]))
+
+    try:
+        with pytest.raises(BadInput, match=r"Could not write last\.pt.*--resume"):
+            fit(tiny(), info(), out=run, data_dir=store, test_fn=disk_fills)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert checkpoint.load(run / "last.pt")["epoch"] == 1  # the previous complete one
+    s = json.loads((run / "summary.json").read_text())
+    assert not s["finished"] and "could not write last.pt" in s["stop_reason"]
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---- recipes and values a careless user writes
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=nan", "finite"), ("optim.lr=inf", "finite"), ("optim.weight_decay=nan", "finite"),
+    ("train.seed=-1", "train.seed"), ("head.s=inf", "finite"),
+])
+def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path, override, message):
+    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--set", override, "--out", tmp_path / "run")
+    assert code == 2 and one_paragraph(err) and message in err and override.split("=")[0] in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("r.train.epochs = '10'", "expected an int, got a str"),
+    ("r.optim.betas = 0.9", "expected 2 comma-separated"),
+    ("r.train = 5", "section train was replaced"),
+    ("import sys; sys.exit(3)", "sys.exit(3)"),
+])
+def test_recipes_with_wrong_types_or_sys_exit_exit_2(tmp_path, monkeypatch, capsys, body, message):
+    (tmp_path / "bad.py").write_text(f'"""A careless recipe."""\nfrom fastcifar.config import Recipe\n\n\n'
+                                     f'def recipe():\n    r = Recipe()\n    {body}\n    return r\n')
+    code, _, err = cli(monkeypatch, capsys, "train", tmp_path / "bad.py", "--out", tmp_path / "run")
+    assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_exiting_at_import_exits_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "exits.py").write_text('"""Exits while loading."""\nimport sys\nsys.exit("no")\n')
+    code, _, err = cli(monkeypatch, capsys, "train", tmp_path / "exits.py")
+    assert code == 2 and one_paragraph(err) and "sys.exit" in err
+    assert sys.modules.get("fastcifar_recipe_exits") is None
