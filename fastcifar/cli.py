@@ -193,18 +193,20 @@ def report(
 
     The table has the tutorial's shape: recipe, what it changes, best test accuracy and its
     epoch, final accuracy, wall time and training img/s; runs that held out a validation split
-    show validation and test apart. Runs on synthetic data are marked.
+    show validation and test apart. Runs on synthetic data are marked. A run that cannot be
+    reported (it died in its first epoch, or its files are damaged) is skipped and named, with why.
     """
     from fastcifar.report import report as make_report
 
-    table, files = make_report(runs, out)
+    table, files = make_report(runs, out, warn=lambda msg: typer.echo(msg, err=True))
     typer.echo(table)
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 
 
 def fail(message: str, code: int = 2):
     """Print one paragraph to stderr and exit: the contract for bad usage or bad input."""
-    typer.echo(textwrap.fill(f"error: {message}", width=100), err=True)
+    # paths stay whole (no breaks inside long words or at hyphens), so they can be copied
+    typer.echo(textwrap.fill(f"error: {message}", width=100, break_long_words=False, break_on_hyphens=False), err=True)
     sys.exit(code)
 
 
@@ -213,3 +215,10 @@ def main():
         app()
     except BadInput as e:
         fail(str(e))
+    except OSError as e:
+        # A backstop: each command names its own failures; this is for one that slipped through
+        # (a disk filling up, a permission), so it is a paragraph and not a traceback.
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        paths = " and ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        fail(f"`fastcifar {command}` stopped: {e.strerror or e}{f' ({paths})' if paths else ''}. Check the free "
+             f"space and permissions there, or choose another path.")
