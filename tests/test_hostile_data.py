@@ -15,6 +15,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -512,3 +513,135 @@ def test_unreadable_store_meta_advises_what_prepare_will_accept(tmp_path):
         fdata.open_store(store)
     with pytest.raises(BadInput, match="not a fastcifar store"):  # as said: --force would not replace it
         fdata.prepare(store, **SMALL, force=True)
+
+
+# ---- 7. bench: a bad --device or an unwritable --json is exit 2 before anything runs
+
+
+@pytest.fixture
+def bench_spy(monkeypatch):
+    """Records whether the bench got as far as its store or a stage."""
+    from fastcifar import bench
+
+    ran = []
+    monkeypatch.setattr(bench, "bench_store", lambda *a, **k: ran.append("store") or SimpleNamespace(synthetic=True))
+    monkeypatch.setattr(bench, "STAGES", {name: (lambda name=name, **k: ran.append(name) or []) for name in bench.STAGES})
+    return bench, ran
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:x", "mps", "meta"])
+def test_bench_bad_device_is_bad_input_before_the_run(bench_spy, device):
+    bench, ran = bench_spy
+    with pytest.raises(BadInput, match="--device"):
+        bench.run(stages=["pipeline"], quick=True, device=device, log=lambda *_: None)
+    assert ran == []
+
+
+def test_cli_bench_device_foo_is_one_paragraph_exit_2():
+    _one_paragraph_exit_2(_cli("bench", "--quick", "--device", "foo"), "'foo'", "cpu, cuda or cuda:N")
+
+
+@pytest.mark.parametrize("case", ["under a file", "a directory"])
+def test_bench_unwritable_json_is_refused_before_the_run(tmp_path, bench_spy, case):
+    bench, ran = bench_spy
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    path = {"under a file": tmp_path / "afile" / "bench.json", "a directory": tmp_path / "adir"}[case]
+    with pytest.raises(BadInput, match=f"{path}"):
+        bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=path, log=lambda *_: None)
+    assert ran == []  # found before the store or a stage, not after minutes of benchmarking
+    bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=tmp_path / "new" / "b.json", log=lambda *_: None)
+    assert ran == ["store", "pipeline"] and json.loads((tmp_path / "new" / "b.json").read_text())["rows"] == []
+
+
+def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    t = time.time()
+    r = _cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "afile" / "b.json"),
+             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
+    _one_paragraph_exit_2(r, tmp_path / "afile" / "b.json")
+    assert time.time() - t < 60 and sorted(os.listdir(tmp_path)) == ["afile"]  # no synthetic store made first
+
+
+# ---- 8. report over a folder where some runs died early or are damaged
+
+
+def _runs_folder(root: Path) -> dict:
+    """Two good runs and one of each way a run can be broken -> the words that say why it was skipped."""
+    from test_report import make_run
+
+    make_run(root, "good-1", [10.0, 20.0])
+    make_run(root, "good-2", [15.0], summary=False)
+    broken = {
+        "died-in-epoch-1": (None, "stopped before its first epoch"),
+        "empty-metrics": ("", "stopped before its first epoch"),
+        "summary-not-json": ("{not json", "Cannot read"),
+        "summary-a-list": ("[1, 2]", "holds a list"),
+        "summary-acc-a-string": ('{"best_acc": "high"}', "best_acc must be numbers"),
+        "metrics-garbage-line": ("metrics", "line 1 is not JSON"),
+        "metrics-acc-a-string": ("metrics-str", "test_acc must be numbers"),
+        "recipe-not-json": ("recipe", "Cannot read"),
+    }
+    for name, (content, _) in broken.items():
+        d = make_run(root, name, [30.0, 40.0], summary=False)
+        (d / "metrics.jsonl").unlink()
+        if name == "empty-metrics":
+            (d / "metrics.jsonl").write_text("")
+        elif content == "metrics":
+            (d / "metrics.jsonl").write_text('garbage\n{"epoch": 2, "test_acc": 5.0}\n')
+        elif content == "metrics-str":
+            (d / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "5%"}\n')
+        elif content == "recipe":
+            (d / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 5.0}\n')
+            (d / "recipe.json").write_text("{cut")
+        elif content is not None:
+            (d / "summary.json").write_text(content)
+    return {name: why for name, (_, why) in broken.items()}
+
+
+def test_report_skips_broken_runs_and_names_them(tmp_path):
+    from fastcifar.report import report
+
+    broken = _runs_folder(tmp_path / "runs")
+    warnings = []
+    table, files = report([tmp_path / "runs"], tmp_path / "out", warn=warnings.append)
+    rows = [l.split("|")[1].strip() for l in table.splitlines() if l.startswith("| ") and "---" not in l][1:]
+    assert rows == ["good-1", "good-2"]
+    results = (tmp_path / "out" / "results.md").read_text()
+    for name, why in broken.items():
+        line = next(l for l in results.splitlines() if l.startswith(f"Skipped {tmp_path / 'runs' / name}:"))
+        assert why in line, (name, line)
+        assert any(w.startswith(f"skipped {tmp_path / 'runs' / name}:") and why in w for w in warnings)
+    assert all(f.is_file() for f in files)
+
+
+def test_cli_report_skips_broken_runs_and_exits_2_only_when_none_is_left(tmp_path):
+    broken = _runs_folder(tmp_path / "runs")
+    r = _cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and all(f"skipped {tmp_path / 'runs' / n}:" in r.stderr for n in broken)
+    for name in ("good-1", "good-2"):
+        import shutil
+
+        shutil.rmtree(tmp_path / "runs" / name)
+    r = _cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out2"))
+    _one_paragraph_exit_2(r, "No run could be reported", tmp_path / "runs" / "died-in-epoch-1")
+    assert not (tmp_path / "out2").exists()
+
+
+# ---- 9. the CLI's backstop: an OSError that escapes a command is a paragraph and exit 2
+
+
+def test_cli_oserror_backstop_is_one_paragraph_exit_2(monkeypatch, capsys):
+    from fastcifar import cli, config
+
+    def disk_full():
+        raise OSError(28, "No space left on device", "/data/runs/x/last.pt")
+    monkeypatch.setattr(config, "available", disk_full)
+    monkeypatch.setattr(sys, "argv", ["fastcifar", "recipes"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `fastcifar recipes` stopped: No space left on device (/data/runs/x/last.pt).")
+    assert "Traceback" not in err and "\n\n" not in err.strip()
