@@ -48,8 +48,8 @@ def prepare(
                                    "differ from the official ones (it is still validated in full)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Generate a learnable stand-in data set (classes "
                                    "told apart by shape, texture and colour) for machines without internet."),
-    n_train: int = typer.Option(50000, "--train", help="Synthetic train images."),
-    n_test: int = typer.Option(10000, "--test", help="Synthetic test images."),
+    n_train: int = typer.Option(50000, "--train", help="Synthetic train images (1 to 2,000,000)."),
+    n_test: int = typer.Option(10000, "--test", help="Synthetic test images (1 to 2,000,000)."),
     seed: int = typer.Option(0, "--seed", help="Synthetic data seed."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete store from the same source exists."),
@@ -59,6 +59,8 @@ def prepare(
     The store (train/test images as N x 32 x 32 x 3 uint8, fine and coarse labels, meta.json)
     is built in a temporary directory and renamed into place, so an existing good store is never
     left half-written. A second run on the same source returns at once.
+    The data dir must be missing, empty, or a store fastcifar wrote: anything else (your files,
+    a file, the --from source) is refused, --force included.
     """
     from fastcifar.data import prepare as run_prepare
 

@@ -294,6 +294,19 @@ def test_a_live_builders_temp_dir_is_never_deleted(tmp_path):
     assert fdata.open_store(store).meta["source"]["seed"] == 1 and _leftovers(tmp_path) == []
 
 
+def test_concurrent_prepares_all_succeed_and_leave_one_complete_store(tmp_path):
+    store = fdata.prepare(tmp_path / "store", **SMALL)
+    code = ("import sys\nfrom fastcifar.data import prepare\n"
+            "prepare(sys.argv[1], synthetic=True, n_train=3000, n_test=100, seed=int(sys.argv[2]), force=True, "
+            "progress=False, log=lambda *_: None)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(store), str(seed)], stderr=subprocess.PIPE, text=True)
+             for seed in (1, 2, 3)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    assert fdata.open_store(store).meta["source"]["seed"] in (1, 2, 3)
+    assert sorted(os.listdir(tmp_path)) == ["store"]
+
+
 def test_killed_download_part_file_is_deleted_a_live_one_kept(tmp_path, monkeypatch, official_tarball):
     _official_md5s(monkeypatch, official_tarball)
     data = tmp_path / "data"
