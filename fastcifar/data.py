@@ -240,6 +240,9 @@ def _check_replaceable(dest: Path, source: Path | None = None, from_env: bool = 
         if src == real or real in src.parents:
             raise BadInput(f"The data dir {where} holds the --from source {source}: preparing there would replace "
                            f"the source. Choose a --data-dir outside it (the default is ./data/cifar100).")
+    if real.is_symlink():  # realpath stops at a link it cannot follow: a loop
+        raise BadInput(f"The data dir {where} is a symlink that cannot be followed (a loop); fix or remove the "
+                       f"link, or choose another --data-dir.")
     if not real.exists():
         return
     if not real.is_dir():

@@ -161,6 +161,14 @@ def test_symlink_to_user_files_is_refused(tmp_path):
     assert link.is_symlink() and _tree(mine) == before
 
 
+def test_symlink_loop_is_refused_and_kept(tmp_path):
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(BadInput, match="a loop"):
+        fdata.prepare(tmp_path / "a", **SMALL)
+    assert os.readlink(tmp_path / "a") == str(tmp_path / "b") and sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
 def test_cli_prepare_on_user_files_is_one_paragraph_exit_2(tmp_path):
     mine = _user_dir(tmp_path / "mine")
     before = _tree(mine)
