@@ -319,9 +319,18 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         bad = [m for m in models if not timm.is_model(m)]
         if bad:
             raise BadInput(f"--model {bad[0]!r} is not a timm model name (see timm.list_models()).")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError, TypeError):
+        raise BadInput(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.")
+    if device.type not in ("cpu", "cuda"):
+        raise BadInput(f"--device {device}: the bench runs on cpu, cuda or cuda:N.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"--device {device} asked for a GPU, but torch sees none here; use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BadInput(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0.")
+    if json_path is not None:
+        check_json_path(Path(json_path))  # now, not after minutes of benchmarking
     store = bench_store(data_dir, quick, log)
     meta = {**host_info(device), "quick": quick, "store": "synthetic" if store.synthetic else "cifar100"}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
@@ -341,6 +350,18 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         write_json(Path(json_path), {"meta": meta, "rows": rows, "headroom": room})
         log(f"wrote {json_path}")
     return rows
+
+
+def check_json_path(path: Path) -> None:
+    """BadInput unless a file can be written at path (its folder is made if missing)."""
+    if path.is_dir():
+        raise BadInput(f"--json {path} is a directory; give a file path such as {path / 'bench.json'}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):  # a file made and removed: the folder takes new files
+            pass
+    except OSError as e:
+        raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")
 
 
 def write_json(path: Path, obj) -> None:

@@ -55,8 +55,8 @@ def prepare(
                                    "differ from the official ones (it is still validated in full)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Generate a learnable stand-in data set (classes "
                                    "told apart by shape, texture and colour) for machines without internet."),
-    n_train: int = typer.Option(50000, "--train", help="Synthetic train images."),
-    n_test: int = typer.Option(10000, "--test", help="Synthetic test images."),
+    n_train: int = typer.Option(50000, "--train", help="Synthetic train images (1 to 2,000,000)."),
+    n_test: int = typer.Option(10000, "--test", help="Synthetic test images (1 to 2,000,000)."),
     seed: int = typer.Option(0, "--seed", help="Synthetic data seed."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete store from the same source exists."),
@@ -66,6 +66,8 @@ def prepare(
     The store (train/test images as N x 32 x 32 x 3 uint8, fine and coarse labels, meta.json)
     is built in a temporary directory and renamed into place, so an existing good store is never
     left half-written. A second run on the same source returns at once.
+    The data dir must be missing, empty, or a store fastcifar wrote: anything else (your files,
+    a file, the --from source) is refused, --force included.
     """
     from fastcifar.data import prepare as run_prepare
 
@@ -215,18 +217,20 @@ def report(
 
     The table has the tutorial's shape: recipe, what it changes, best test accuracy and its
     epoch, final accuracy, wall time and training img/s; runs that held out a validation split
-    show validation and test apart. Runs on synthetic data are marked.
+    show validation and test apart. Runs on synthetic data are marked. A run that cannot be
+    reported (it died in its first epoch, or its files are damaged) is skipped and named, with why.
     """
     from fastcifar.report import report as make_report
 
-    table, files = make_report(runs, out)
+    table, files = make_report(runs, out, warn=lambda msg: typer.echo(msg, err=True))
     typer.echo(table)
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 
 
 def fail(message: str, code: int = 2):
     """Print one paragraph to stderr and exit: the contract for bad usage or bad input."""
-    typer.echo(textwrap.fill(f"error: {message}", width=100), err=True)
+    # paths stay whole (no breaks inside long words or at hyphens), so they can be copied
+    typer.echo(textwrap.fill(f"error: {message}", width=100, break_long_words=False, break_on_hyphens=False), err=True)
     sys.exit(code)
 
 
@@ -235,3 +239,10 @@ def main():
         app(prog_name="fastcifar")  # also under `python -m fastcifar`: one name for help and completion
     except BadInput as e:
         fail(str(e))
+    except OSError as e:
+        # A backstop: each command names its own failures; this is for one that slipped through
+        # (a disk filling up, a permission), so it is a paragraph and not a traceback.
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        paths = " and ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        fail(f"`fastcifar {command}` stopped: {e.strerror or e}{f' ({paths})' if paths else ''}. Check the free "
+             f"space and permissions there, or choose another path.")

@@ -7,17 +7,29 @@ Store layout (FORMAT_VERSION 1), in one directory:
     train_labels.npy  int64 (N,) fine labels 0..99, in the source's order
     train_coarse.npy  int64 (N,) coarse labels 0..19
     test_*.npy        the same for the test split
-    meta.json         class names, counts, source, checksums, train mean/std, format version
+    meta.json         class names, counts, source, checksums, train mean/std, format version,
+                      "creator": "fastcifar" (what marks a directory as a store prepare may replace)
+
+What prepare may replace at the data dir: nothing (a missing path), an empty directory, or a
+store (its meta.json says fastcifar wrote it) that holds nothing else. Anything else is BadInput.
+A new store is built in `.NAME.tmp-*` beside it and swapped in with renames under a lock on the
+parent directory; a prepare killed at any point leaves the old store or the new one, and the next
+prepare or open_store puts back an old store moved aside (`.NAME.old-*`) and deletes temp dirs
+whose builder is dead (no process holds their lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
+import secrets
 import shutil
 import tarfile
 import tempfile
@@ -45,6 +57,14 @@ MEMBER_MD5 = {  # the three files inside cifar-100-python/
     "meta": "7973b15100ade9c7d40fb424638fde48",
 }
 ARRAY_FILES = tuple(f"{split}_{kind}.npy" for split in SPLITS for kind in ("images", "labels", "coarse"))
+STORE_FILES = (*ARRAY_FILES, "meta.json")
+CREATOR = "fastcifar"  # meta.json's "creator": this directory is a store fastcifar may replace
+# The official train pickle is 155 MB, test 31 MB, meta 1.5 KB. A member far bigger is not CIFAR
+# (the wrong file, or a small gzip that inflates to gigabytes): refused before it is read.
+MAX_MEMBER_BYTES = {"train": 512 << 20, "test": 512 << 20, "meta": 1 << 20}
+# Synthetic images per split: 40x CIFAR-100's train split, 6 GB on disk; generated in chunks
+# straight to disk, so memory stays flat at any size.
+SYNTHETIC_MAX = 2_000_000
 
 
 def default_data_dir() -> Path:
@@ -93,10 +113,16 @@ class Store:
 
 
 def open_store(data_dir: str | os.PathLike | None = None) -> Store:
-    """Open a prepared store read-only (memory-mapped), checking its format version and shapes."""
+    """Open a prepared store read-only (memory-mapped), checking its meta.json, shapes and labels;
+    first undoing what a killed prepare left beside it."""
     d = Path(data_dir) if data_dir is not None else default_data_dir()
+    _recover(_real(d))
     meta_path = d / "meta.json"
     if not meta_path.is_file():
+        if d.is_dir() and any(d.iterdir()):
+            raise BadInput(f"{d} is not a prepared CIFAR-100 store (it has no meta.json) and holds other files, "
+                           f"which fastcifar never replaces. Point --data-dir (or $FASTCIFAR_DATA) at a new or empty "
+                           f"directory and run `fastcifar prepare --data-dir DIR` there.")
         raise BadInput(
             f"No prepared CIFAR-100 store at {d}. Run `fastcifar prepare --data-dir {d}` to download "
             f"and convert the official data set, `fastcifar prepare --from PATH` for a tarball you "
@@ -105,19 +131,22 @@ def open_store(data_dir: str | os.PathLike | None = None) -> Store:
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
-        raise BadInput(f"The store's {meta_path} cannot be read ({e}); rebuild it with `fastcifar prepare --force`.")
-    version = meta.get("format_version")
+        raise BadInput(f"The store's {meta_path} cannot be read ({e}); {_rebuild_hint(d)}")
+    bad = _meta_problem(meta)
+    if bad:
+        raise BadInput(f"The store at {d} has a malformed meta.json ({bad}); {_rebuild_hint(d)}")
+    version = meta["format_version"]
     if version != FORMAT_VERSION:
         raise BadInput(
             f"The store at {d} has format version {version}, but this fastcifar reads version "
-            f"{FORMAT_VERSION}; rebuild it with `fastcifar prepare --force --data-dir {d}`."
+            f"{FORMAT_VERSION}; {_rebuild_hint(d)}"
         )
     arrays = {}
     for name in ARRAY_FILES:
         try:
             arrays[name[:-4]] = np.load(d / name, mmap_mode="r")
         except (OSError, ValueError) as e:
-            raise BadInput(f"The store at {d} is incomplete or damaged ({name}: {e}); rebuild it with `fastcifar prepare --force`.")
+            raise BadInput(f"The store at {d} is incomplete or damaged ({name}: {e}); {_rebuild_hint(d)}")
     for split in SPLITS:
         n = meta["counts"][split]
         img, lab, coarse = arrays[f"{split}_images"], arrays[f"{split}_labels"], arrays[f"{split}_coarse"]
@@ -126,17 +155,196 @@ def open_store(data_dir: str | os.PathLike | None = None) -> Store:
             raise BadInput(
                 f"The store at {d} does not match its meta.json ({split}: images {img.shape} {img.dtype}, "
                 f"labels {lab.shape} {lab.dtype}, expected {n} images of 32x32x3 uint8 and int64 labels); "
-                f"rebuild it with `fastcifar prepare --force`."
+                f"{_rebuild_hint(d)}"
             )
+        # 8 bytes a label: reading them all costs well under a millisecond per 10000 images
+        for what, x, hi in (("labels", lab, NUM_CLASSES), ("coarse labels", coarse, NUM_COARSE)):
+            lo_, hi_ = int(x.min()), int(x.max())
+            if lo_ < 0 or hi_ >= hi:
+                raise BadInput(f"The store at {d} holds {split} {what} from {lo_} to {hi_}, outside 0..{hi - 1}: it "
+                               f"is damaged; {_rebuild_hint(d)}")
     return Store(dir=d, meta=meta, arrays=arrays)
 
 
+def _meta_problem(meta) -> str | None:
+    """What is wrong with a store's meta.json (keys and types open_store and the pipelines rely on), or None."""
+    if not isinstance(meta, dict):
+        return f"it holds a {type(meta).__name__}, not an object"
+    if "format_version" not in meta:
+        return "no format_version"
+    counts = meta.get("counts")
+    if not (isinstance(counts, dict) and all(type(counts.get(s)) is int and counts[s] >= 1 for s in SPLITS)):
+        return f"counts must give at least 1 image per split as integers, got {counts!r}"[:300]
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in v)):
+            return f"{key} must be 3 numbers, got {v!r}"[:300]
+    for key, count in (("fine_label_names", NUM_CLASSES), ("coarse_label_names", NUM_COARSE)):
+        v = meta.get(key)
+        if not (isinstance(v, list) and len(v) == count and all(isinstance(x, str) for x in v)):
+            return f"{key} must be {count} strings"
+    if not isinstance(meta.get("source"), dict):
+        return "source must be an object"
+    return None
+
+
+def _rebuild_hint(d: Path) -> str:
+    """How to get a good store at d: prepare --force when it is a store, else move it away."""
+    if _is_store(_real(d)):
+        return f"rebuild it with `fastcifar prepare --force --data-dir {d}`."
+    return (f"its meta.json does not say fastcifar wrote it, so prepare will not replace it: move {d} away "
+            f"(or point --data-dir elsewhere) and run `fastcifar prepare` again.")
+
+
 def _store_is_complete(d: Path) -> dict | None:
-    """meta.json of a complete, readable store at d, else None. Reads headers only (fast)."""
+    """meta.json of a complete, readable store at d, else None. Reads headers and labels only (fast)."""
     try:
         return open_store(d).meta
-    except (BadInput, KeyError, TypeError):
+    except BadInput:
         return None
+
+
+# ----------------------------------------------------------------------------------------------
+# What prepare may replace, and recovering from a killed prepare
+
+
+def _real(d: Path) -> Path:
+    """The directory d really names: a symlinked data dir keeps its link; the store is built beside
+    (and swapped in for) the link's target."""
+    return Path(os.path.realpath(d))
+
+
+def _is_store(d: Path) -> bool:
+    """Whether d's meta.json says fastcifar wrote it: "creator": "fastcifar", or (stores from before
+    that field) a format_version with the sha256s of the outputs."""
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    sums = meta.get("checksums")
+    return meta.get("creator") == CREATOR or (
+        "format_version" in meta and isinstance(sums, dict) and isinstance(sums.get("outputs_sha256"), dict))
+
+
+def _check_replaceable(dest: Path, source: Path | None = None, from_env: bool = False) -> None:
+    """BadInput unless dest is missing, an empty directory, or a store holding only its own files:
+    prepare never replaces what fastcifar did not create."""
+    real = _real(dest)
+    where = f"{dest}" + (" (from $FASTCIFAR_DATA)" if from_env else "")
+    if Path(os.path.abspath(dest)) != real:
+        where += f", which is {real}"
+    if source is not None:
+        src = _real(Path(source))
+        if src == real or real in src.parents:
+            raise BadInput(f"The data dir {where} holds the --from source {source}: preparing there would replace "
+                           f"the source. Choose a --data-dir outside it (the default is ./data/cifar100).")
+    if real.is_symlink():  # realpath stops at a link it cannot follow: a loop
+        raise BadInput(f"The data dir {where} is a symlink that cannot be followed (a loop); fix or remove the "
+                       f"link, or choose another --data-dir.")
+    if not real.exists():
+        return
+    if not real.is_dir():
+        raise BadInput(f"The data dir {where} is a file, not a store; fastcifar never replaces what it did not "
+                       f"create. Choose another --data-dir (or $FASTCIFAR_DATA), e.g. a new directory.")
+    try:
+        entries = sorted(os.listdir(real))
+    except OSError as e:
+        raise BadInput(f"Cannot read the data dir {where} ({e.strerror or e}); choose a readable --data-dir.")
+    if not entries:
+        return
+    listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    if not _is_store(real):
+        raise BadInput(f"The data dir {where} is a directory that is not a fastcifar store (it holds {listed}, "
+                       f"and no meta.json written by fastcifar); prepare would delete it, and fastcifar never "
+                       f"replaces what it did not create. Point --data-dir (or $FASTCIFAR_DATA) at a new or empty "
+                       f"directory, e.g. {real / 'cifar100'}.")
+    foreign = [e for e in entries if e not in STORE_FILES]
+    if foreign:
+        raise BadInput(f"The store at {where} also holds files fastcifar did not write ({', '.join(foreign[:5])}); "
+                       f"replacing the store would delete them. Move them out of {real} and run prepare again.")
+
+
+@contextlib.contextmanager
+def _dir_lock(d: Path):
+    """Hold an exclusive lock on directory d (flock: the kernel drops it when the holder dies, kill -9
+    included); yields False, holding nothing, where d cannot be opened or locked (some network file
+    systems), and callers then delete nothing."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = True
+        except OSError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether no live process holds path's lock: a builder locks its temp dir (and a download its
+    .part file) until it finishes, and dies holding it. Unsure means no."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:  # held by a live builder, or no locks on this file system
+        return False
+    finally:
+        os.close(fd)
+
+
+def _leftovers(real: Path) -> tuple[list[Path], list[Path]]:
+    """(temp dirs, moved-aside old stores) a prepare left beside real: .NAME.tmp-* and .NAME.old-*."""
+    tmps, olds = [], []
+    try:
+        with os.scandir(real.parent) as it:
+            for e in it:
+                if e.name.startswith(f".{real.name}.") and e.is_dir(follow_symlinks=False):
+                    if e.name.startswith(f".{real.name}.tmp-"):
+                        tmps.append(Path(e.path))
+                    elif e.name.startswith(f".{real.name}.old-"):
+                        olds.append(Path(e.path))
+    except OSError:
+        pass
+    return sorted(tmps), sorted(olds)
+
+
+def _recover(real: Path, log=lambda *_: None) -> None:
+    """Undo a killed prepare: put back the old store if the new one never went in, delete old stores
+    already replaced and the temp dirs of builders that are no longer running."""
+    tmps, olds = _leftovers(real)
+    if not (tmps or olds):
+        return
+    with _dir_lock(real.parent) as held:
+        if not held:
+            return
+        tmps, olds = _leftovers(real)  # again, under the lock: a swap may have finished meanwhile
+        if olds and (not real.exists() or real.is_dir() and not any(real.iterdir())):
+            old = next((o for o in olds if _is_store(o)), None)
+            if old is not None:
+                try:
+                    os.replace(old, real)
+                    olds.remove(old)
+                    log(f"Put back the store at {real} that a killed prepare had moved aside.")
+                except OSError:
+                    pass
+        if real.exists():  # olds are replaced stores, half-deleted ones included
+            for old in olds:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp in tmps:
+            if _abandoned(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+                log(f"Deleted {tmp}, left by a prepare that was killed.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +378,8 @@ def _load_pickle(raw: bytes, what: str) -> dict:
     """A CIFAR pickle as a dict with str keys, whether written by Python 2 (bytes keys) or 3."""
     try:
         obj = _SafeUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except MemoryError:
+        raise  # not garbage: prepare says what ran out
     except Exception as e:  # pickle raises many types on garbage: report them all as bad input
         raise BadInput(f"{what} is not a readable CIFAR pickle ({type(e).__name__}: {e}).")
     if not isinstance(obj, dict):
@@ -178,10 +388,12 @@ def _load_pickle(raw: bytes, what: str) -> dict:
 
 
 def _labels(d: dict, key: str, n: int, hi: int, what: str) -> np.ndarray:
+    if key not in d:
+        raise BadInput(f"{what} has no '{key}' entry (it has: {', '.join(sorted(d))}); is it a CIFAR-100 file?")
     try:
         lab = np.asarray(d[key])
-    except KeyError:
-        raise BadInput(f"{what} has no '{key}' entry (it has: {', '.join(sorted(d))}); is it a CIFAR-100 file?")
+    except (ValueError, TypeError) as e:  # ragged nesting, objects numpy cannot hold
+        raise BadInput(f"{what}: '{key}' must be a flat list of integers ({e}).")
     if lab.ndim != 1 or not np.issubdtype(lab.dtype, np.integer):
         raise BadInput(f"{what}: '{key}' must be a flat list of integers, got shape {lab.shape} of {lab.dtype}.")
     if len(lab) != n:
@@ -200,10 +412,16 @@ def _split_arrays(d: dict, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
         desc = f"{data.shape} {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
         raise BadInput(f"{what}: 'data' must be a uint8 array of shape (N, 3072) (3 planes of 32x32), got {desc}.")
     n = data.shape[0]
+    if n == 0:
+        raise BadInput(f"{what} holds no images ('data' has 0 rows); a CIFAR-100 split is never empty.")
     fine = _labels(d, "fine_labels", n, NUM_CLASSES, what)
     coarse = _labels(d, "coarse_labels", n, NUM_COARSE, what)
-    if "filenames" in d and len(d["filenames"]) != n:
-        raise BadInput(f"{what}: 'filenames' has {len(d['filenames'])} entries but 'data' has {n} images.")
+    if "filenames" in d:
+        names = d["filenames"]
+        if not isinstance(names, (list, tuple)):
+            raise BadInput(f"{what}: 'filenames' must be a list of names, got a {type(names).__name__}.")
+        if len(names) != n:
+            raise BadInput(f"{what}: 'filenames' has {len(names)} entries but 'data' has {n} images.")
     # (N, 3072) planar RGB -> (N, 32, 32, 3) HWC; ascontiguousarray makes the one copy.
     images = np.ascontiguousarray(data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1))
     return images, fine, coarse
@@ -212,7 +430,11 @@ def _split_arrays(d: dict, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def _names(meta: dict, key: str, count: int, what: str) -> list[str]:
     if key not in meta:
         raise BadInput(f"{what} has no '{key}' entry (it has: {', '.join(sorted(meta))}).")
-    names = [_str(x) for x in meta[key]]
+    raw = meta[key]
+    if not isinstance(raw, (list, tuple)) or not all(isinstance(x, (str, bytes)) for x in raw):
+        got = type(raw).__name__ if not isinstance(raw, (list, tuple)) else "a list holding non-strings"
+        raise BadInput(f"{what}: '{key}' must be a list of {count} class names (strings), got {got}.")
+    names = [_str(x) for x in raw]
     if len(names) != count:
         raise BadInput(f"{what}: '{key}' lists {len(names)} names, CIFAR-100 has {count}.")
     return names
@@ -227,6 +449,13 @@ def _digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _check_size(size: int, name: str, what: str) -> None:
+    """BadInput for a member far bigger than CIFAR-100's, before it is read into memory."""
+    if size > MAX_MEMBER_BYTES[name]:
+        raise BadInput(f"{what} is {size / 2**20:,.0f} MiB, far more than CIFAR-100's '{name}' file (at most "
+                       f"{MAX_MEMBER_BYTES[name] / 2**20:,.0f} MiB is accepted); it is not CIFAR-100 data.")
+
+
 def _read_members(source: Path, verify: bool) -> tuple[dict, dict]:
     """Raw bytes of train/test/meta from a tarball or an extracted directory, plus source info."""
     if source.is_dir():
@@ -236,6 +465,7 @@ def _read_members(source: Path, verify: bool) -> tuple[dict, dict]:
             p = d / name
             if not p.is_file():
                 raise BadInput(f"{d} has no '{name}' file; a CIFAR-100 directory holds train, test and meta.")
+            _check_size(p.stat().st_size, name, str(p))
             raw[name] = p.read_bytes()
             md5s[name] = hashlib.md5(raw[name]).hexdigest()
             if verify and md5s[name] != MEMBER_MD5[name]:
@@ -257,8 +487,12 @@ def _read_members(source: Path, verify: bool) -> tuple[dict, dict]:
     raw = {}
     try:
         with tarfile.open(source, "r:*") as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers()
-                       if m.isfile() and Path(m.name).parent.name == "cifar-100-python"}
+            members = {}
+            for m in tar:  # sizes checked at each header, before any member's data is read
+                name = Path(m.name).name
+                if m.isfile() and Path(m.name).parent.name == "cifar-100-python" and name in MEMBER_MD5:
+                    _check_size(m.size, name, f"{source}: member {m.name}")
+                    members[name] = m
             for name in MEMBER_MD5:
                 if name not in members:
                     raise BadInput(f"{source} has no member cifar-100-python/{name}; it is not a complete CIFAR-100 tarball.")
@@ -295,6 +529,9 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    # held until the download ends: a later prepare deletes the .part of a killed one
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     h = hashlib.md5()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
@@ -338,12 +575,27 @@ def synthetic_class_names() -> tuple[list[str], list[str]]:
 def synthetic_split(n: int, seed: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """n images whose class is told apart by shape, texture and colour, drawn at a random position
     and size over a random background with pixel noise. Classes are balanced and shuffled."""
+    fine, chunks = synthetic_chunks(n, seed, chunk)
+    images = np.empty((n, *IMAGE_SHAPE), np.uint8)
+    lo = 0
+    for block in chunks:
+        images[lo:lo + len(block)] = block
+        lo += len(block)
+    return images, fine, fine // 5
+
+
+def synthetic_chunks(n: int, seed: int, chunk: int = 4096):
+    """synthetic_split's (fine labels, generator of its images `chunk` at a time): memory stays
+    at a few hundred MB (float64 temporaries of one chunk) however large n is."""
     rng = np.random.default_rng(seed)
     fine = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.int64)
-    images = np.empty((n, *IMAGE_SHAPE), np.uint8)
+    return fine, _synthetic_images(fine, rng, chunk)
+
+
+def _synthetic_images(fine: np.ndarray, rng, chunk: int):
     palette = np.array(list(SYN_COLOURS.values()), np.float32)
     yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
-    for lo in range(0, n, chunk):
+    for lo in range(0, len(fine), chunk):
         c = fine[lo:lo + chunk]
         m = len(c)
         shape, texture, colour = c // 20, (c // 5) % 4, c % 5
@@ -364,53 +616,77 @@ def synthetic_split(n: int, seed: int, chunk: int = 4096) -> tuple[np.ndarray, n
         fg = fg * (0.45 + 0.55 * patterns[..., None])
         bg = rng.uniform(60, 160, (m, 1, 1, 1)) + rng.normal(0, 15, (m, 1, 1, 3))  # greyish backdrop
         img = np.where(masks[..., None], fg, bg) + rng.normal(0, 10, (m, 32, 32, 3))
-        images[lo:lo + m] = np.clip(img, 0, 255).astype(np.uint8)
-    return images, fine, fine // 5
+        yield np.clip(img, 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing a store
 
 
-def _channel_stats(images: np.ndarray, chunk: int = 5000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std in units of 0..1, in chunks to keep memory flat."""
-    s = np.zeros(3)
-    s2 = np.zeros(3)
-    for lo in range(0, len(images), chunk):
-        x = images[lo:lo + chunk].reshape(-1, 3).astype(np.float64)
-        s += x.sum(0)
-        s2 += (x * x).sum(0)
-    n = max(len(images) * 32 * 32, 1)
-    mean = s / n
-    std = np.sqrt(np.maximum(s2 / n - mean * mean, 0))
-    return [round(float(v) / 255, 6) for v in mean], [round(float(v) / 255, 6) for v in std]
+def _channel_stats(path: Path, chunk: int = 5000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of an (N, 32, 32, 3) uint8 .npy in units of 0..1, from exact
+    per-channel histograms, read a chunk at a time (read, not memory-mapped: mapped pages would
+    count as this process's memory)."""
+    header = np.load(path, mmap_mode="r")
+    n, offset = len(header), header.offset
+    del header
+    counts = np.zeros((3, 256), np.int64)  # counts[c, v]: pixels of channel c with value v
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for lo in range(0, n, chunk):
+            x = np.frombuffer(f.read(min(chunk, n - lo) * 3072), np.uint8).reshape(-1, 3)
+            for c in range(3):
+                counts[c] += np.bincount(x[:, c], minlength=256)
+    v = np.arange(256.0)
+    pixels = max(n * 32 * 32, 1)
+    mean = counts @ v / pixels
+    std = np.sqrt(np.maximum(counts @ (v * v) / pixels - mean * mean, 0))
+    return [round(float(m) / 255, 6) for m in mean], [round(float(s) / 255, 6) for s in std]
 
 
-def _write_store(dest: Path, splits: dict, names: dict, source: dict, synthetic: bool) -> None:
-    """Build the store in a temporary sibling directory, then swap it in with renames, so dest is
-    either the old complete store or the new complete one, never a half-written one."""
-    parent = dest.parent
+def _save_chunks(path: Path, shape: tuple, chunks, done=lambda n: None) -> None:
+    """A uint8 .npy of `shape` written a chunk at a time: the same file np.save writes, without
+    the whole array in memory; done(rows) after each chunk (a progress bar)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        for block in chunks:
+            f.write(block.tobytes())
+            done(len(block))
+
+
+def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool) -> None:
+    """Build the store in a temporary sibling directory (fill(tmp) writes the six arrays), then swap
+    it in with renames under the parent's lock, so dest is always either the old complete store or
+    the new complete one; a builder killed at any point leaves what _recover undoes."""
+    real = _real(dest)
+    parent, tmp, lock_fd = real.parent, None, None
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=parent))
+        with _dir_lock(parent):  # a cleaner holding this lock never sees our temp dir unlocked
+            tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=parent))
+            lock_fd = os.open(tmp, os.O_RDONLY)
+            with contextlib.suppress(OSError):  # no locks on this file system: it stays, never deleted
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a store is as readable as any directory
     except OSError as e:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise BadInput(f"Cannot write the store to {dest} ({e.strerror or e}); choose a writable --data-dir.")
+    old = None
     try:
-        outputs = {}
-        for split in SPLITS:
-            for kind, arr in zip(("images", "labels", "coarse"), splits[split]):
-                name = f"{split}_{kind}.npy"
-                np.save(tmp / name, arr)
-                outputs[name] = _digest(tmp / name, "sha256")
-        mean, std = _channel_stats(splits["train"][0])
+        fill(tmp)
+        outputs = {name: _digest(tmp / name, "sha256") for name in ARRAY_FILES}
+        mean, std = _channel_stats(tmp / "train_images.npy")
         meta = {
+            "creator": CREATOR,
             "format_version": FORMAT_VERSION,
             "synthetic": synthetic,
             "source": source,
-            "counts": {split: int(len(splits[split][1])) for split in SPLITS},
+            "counts": {split: int(np.load(tmp / f"{split}_labels.npy", mmap_mode="r").shape[0]) for split in SPLITS},
             **names,
             "mean": mean,
             "std": std,
@@ -418,17 +694,37 @@ def _write_store(dest: Path, splits: dict, names: dict, source: dict, synthetic:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        old = None
-        if dest.exists():
-            old = parent / f".{dest.name}.old-{os.getpid()}"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with _dir_lock(parent):  # one swap at a time, and no _recover in the middle of one
+            _check_replaceable(dest)  # again: something may have appeared there while we built
+            if real.is_dir() and any(real.iterdir()):
+                old = parent / f".{real.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
+                os.replace(real, old)
+            os.replace(tmp, real)  # onto a missing path or an empty directory: one atomic rename
     except OSError as e:
-        raise BadInput(f"Cannot write the store to {dest} ({e.strerror or e}); choose a writable --data-dir.")
+        raise BadInput(f"Cannot write the store to {dest} ({e.strerror or e}); choose a writable --data-dir "
+                       f"(or free space).")
     finally:
+        os.close(lock_fd)
         shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        # meta.json first: a half-deleted old store no longer reads as one, so _recover never puts it back
+        with contextlib.suppress(OSError):
+            (old / "meta.json").unlink()
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_disk(real: Path, need: int) -> None:
+    """BadInput now, not after minutes of work, when the file system holding real lacks `need` bytes."""
+    d = real
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        free = shutil.disk_usage(d).free
+    except OSError:
+        return  # cannot tell: the write itself reports a full disk
+    if need > free:
+        raise BadInput(f"The store at {real} needs {need / 1e9:.2f} GB but its file system has {free / 1e9:.2f} GB "
+                       f"free; free space, choose another --data-dir, or ask for fewer images.")
 
 
 def _source_stat(source: Path) -> dict:
@@ -448,20 +744,43 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
     """Build the store at data_dir from the official download (default), a local source, or a
     synthetic set. Returns the store directory. Raises BadInput on bad input."""
     dest = Path(data_dir) if data_dir is not None else default_data_dir()
+    if synthetic and not (1 <= n_train <= SYNTHETIC_MAX and 1 <= n_test <= SYNTHETIC_MAX):
+        raise BadInput(f"--train and --test must be at least 1 and at most {SYNTHETIC_MAX:,} synthetic images "
+                       f"(got {n_train:,} and {n_test:,}); CIFAR-100 has 50,000 and 10,000.")
+    _check_replaceable(dest, None if synthetic or source is None else Path(source),
+                       from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))
+    _recover(_real(dest), log)
     existing = None if force else _store_is_complete(dest)
+    try:
+        return _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, progress, log)
+    except MemoryError:
+        raise BadInput(f"Ran out of memory preparing {dest} from {source or 'the synthetic generator'}; "
+                       f"CIFAR-100 itself needs under 1 GB. The source is not CIFAR-100 sized, or this "
+                       f"machine needs more free memory.")
 
+
+def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, progress, log) -> Path:
     if synthetic:
-        if n_train < 1 or n_test < 1:
-            raise BadInput(f"--train and --test must be at least 1 (got {n_train} and {n_test}).")
         info = {"kind": "synthetic", "train": n_train, "test": n_test, "seed": seed}
         if existing and existing["source"] == info:
             log(f"{dest}: complete synthetic store ({n_train} train / {n_test} test) already there; --force rebuilds it.")
             return dest
+        _check_disk(_real(dest), (n_train + n_test) * (3072 + 16) + (1 << 20))  # images + 2 label arrays
         fine_names, coarse_names = synthetic_class_names()
         log(f"Generating a synthetic CIFAR-100 stand-in: {n_train} train / {n_test} test images (seed {seed}).")
-        splits = {"train": synthetic_split(n_train, seed), "test": synthetic_split(n_test, seed + 1)}
+
+        def fill(tmp: Path):
+            from tqdm import tqdm
+
+            for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
+                fine, chunks = synthetic_chunks(n, split_seed)
+                with tqdm(total=n, unit="img", desc=f"synthetic {split}", disable=not progress or n < 100_000) as bar:
+                    _save_chunks(tmp / f"{split}_images.npy", (n, *IMAGE_SHAPE), chunks, bar.update)
+                np.save(tmp / f"{split}_labels.npy", fine)
+                np.save(tmp / f"{split}_coarse.npy", fine // 5)
+
         names = {"fine_label_names": fine_names, "coarse_label_names": coarse_names}
-        _write_store(dest, splits, names, info, synthetic=True)
+        _write_store(dest, fill, names, info, synthetic=True)
         log(f"Wrote the synthetic store to {dest}.")
         return dest
 
@@ -470,7 +789,12 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
             log(f"{dest}: complete CIFAR-100 store already there; --force rebuilds it.")
             return dest
         tarball = dest.parent / TARBALL_NAME
-        if not (tarball.is_file() and _digest(tarball) == TARBALL_MD5):
+        _clean_downloads(tarball)
+        if os.path.lexists(tarball) and not (tarball.is_file() and _digest(tarball) == TARBALL_MD5):
+            raise BadInput(f"{tarball} is in the way: it is not the official CIFAR-100 tarball (its md5 differs), "
+                           f"and fastcifar never replaces what it did not create. Move it away, or pass it with "
+                           f"--from {tarball} --no-verify if it is CIFAR-100 data in the official format.")
+        if not tarball.is_file():
             log(f"Downloading {URL} to {tarball}.")
             download(URL, tarball, TARBALL_MD5, progress=progress)
         source, verify = tarball, True
@@ -488,9 +812,24 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
     log(f"Reading {source}{'' if verify else ' (checksums not verified)'}.")
     splits, names, info = _read_official(source, verify)
     info["stat"] = stat
-    _write_store(dest, splits, names, info, synthetic=False)
+
+    def fill(tmp: Path):
+        for split in SPLITS:
+            for kind, arr in zip(("images", "labels", "coarse"), splits[split]):
+                np.save(tmp / f"{split}_{kind}.npy", arr)
+
+    _write_store(dest, fill, names, info, synthetic=False)
     log(f"Wrote {_counts(splits)} to {dest}.")
     return dest
+
+
+def _clean_downloads(tarball: Path) -> None:
+    """Delete the .part files of downloads that were killed (no live process holds their lock)."""
+    with contextlib.suppress(OSError), os.scandir(tarball.parent) as it:
+        for e in it:
+            if e.name.startswith(tarball.name + ".") and e.name.endswith(".part") and e.is_file(follow_symlinks=False) \
+                    and _abandoned(Path(e.path)):
+                os.unlink(e.path)
 
 
 def _counts(splits: dict) -> str:

@@ -28,36 +28,64 @@ class Run:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise BadInput(f"Cannot read {path} ({e}); is {path.parent} a complete fastcifar run directory?")
+    if not isinstance(obj, dict):
+        raise BadInput(f"Cannot read {path}: it holds a {type(obj).__name__}, not an object.")
+    return obj
 
 
 def _read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    rows, lines = [], path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, ValueError) as e:
+        raise BadInput(f"Cannot read {path} ({e}).")
+    rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except ValueError:
             if n == len(lines):
                 break  # a last line cut short by a crash: the epochs before it still count
             raise BadInput(f"{path} line {n} is not JSON; the run directory is damaged.")
+        if not isinstance(row, dict) or row.get("epoch") is None:
+            raise BadInput(f"{path} line {n} is not an epoch's metrics (an object with an epoch number).")
+        bad = [k for k in NUMBERS if not _number(row.get(k))]
+        if bad:
+            raise BadInput(f"{path} line {n} is damaged: {', '.join(bad)} must be numbers.")
+        rows.append(row)
     return rows
+
+
+# metrics.jsonl and summary.json fields the table and plots compute with: numbers or null
+NUMBERS = ("epoch", "test_acc", "test_loss", "images_per_sec", "wall_seconds", "val_acc")
+SUMMARY_NUMBERS = ("best_acc", "final_acc", "train_images_per_sec", "wall_seconds", "best_val_acc",
+                   "test_acc_at_best_val")
+
+
+def _number(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
 
 def _summary_from_metrics(d: Path, epochs: list[dict]) -> dict:
     """What summary.json would hold, for a run that stopped before writing it."""
     recipe = _read_json(d / "recipe.json") if (d / "recipe.json").is_file() else {}
-    best = max(epochs, key=lambda e: e["test_acc"])
+    train = recipe.get("train")
+    scored = [e for e in epochs if e.get("test_acc") is not None]
+    if not scored:
+        raise BadInput(f"{d / 'metrics.jsonl'} has no epoch with a test accuracy.")
+    best = max(scored, key=lambda e: e["test_acc"])
+    rates = [e["images_per_sec"] for e in epochs if e.get("images_per_sec") is not None]
     return {
-        "recipe": recipe.get("name", d.name), "description": recipe.get("description", ""),
-        "best_acc": best["test_acc"], "best_epoch": best["epoch"], "final_acc": epochs[-1]["test_acc"],
-        "epochs_done": epochs[-1]["epoch"], "epochs": recipe.get("train", {}).get("epochs"),
-        "train_images_per_sec": sum(e["images_per_sec"] for e in epochs) / len(epochs),
+        "recipe": str(recipe.get("name", d.name)), "description": str(recipe.get("description", "")),
+        "best_acc": best["test_acc"], "best_epoch": best["epoch"], "final_acc": scored[-1]["test_acc"],
+        "epochs_done": epochs[-1]["epoch"], "epochs": train.get("epochs") if isinstance(train, dict) else None,
+        "train_images_per_sec": sum(rates) / len(rates) if rates else None,
         "wall_seconds": epochs[-1].get("wall_seconds"), "selection": "test", "finished": False,
         "stop_reason": "no summary.json (the run stopped early)",
     }
@@ -68,27 +96,41 @@ def load_run(d: Path) -> Run:
     epochs = _read_metrics(d / "metrics.jsonl")
     if (d / "summary.json").is_file():
         summary = _read_json(d / "summary.json")
+        bad = [k for k in SUMMARY_NUMBERS if k in summary and not _number(summary[k])]
+        if bad:
+            raise BadInput(f"{d / 'summary.json'} is damaged: {', '.join(bad)} must be numbers.")
     elif epochs:
         summary = _summary_from_metrics(d, epochs)
     else:
-        raise BadInput(f"{d} has neither summary.json nor metrics.jsonl: it is not a fastcifar run directory "
-                       f"(or the run stopped before its first epoch).")
+        raise BadInput(f"{d} has neither summary.json nor an epoch in metrics.jsonl: the run stopped before "
+                       f"its first epoch ended (or it is not a fastcifar run directory).")
     return Run(d, summary, epochs)
 
 
-def find_runs(paths: list[Path]) -> list[Run]:
-    """Each path is a run directory, or a directory whose subdirectories are runs."""
-    runs = []
+RUN_FILES = ("summary.json", "metrics.jsonl", "recipe.json")  # any of them: a run directory, maybe a broken one
+
+
+def find_runs(paths: list[Path], skipped: list | None = None) -> list[Run]:
+    """Each path is a run directory, or a directory whose subdirectories are runs. A run that cannot
+    be reported (died in its first epoch, damaged files) is left out and (dir, why) appended to
+    skipped; BadInput when no run is left to report."""
+    runs, skipped = [], skipped if skipped is not None else []
     for p in paths:
         if not p.is_dir():
             raise BadInput(f"{p} is not a directory; `fastcifar report` takes run directories or a folder of them.")
-        if (p / "summary.json").is_file() or (p / "metrics.jsonl").is_file():
-            runs.append(load_run(p))
-            continue
-        subs = sorted(s for s in p.iterdir() if s.is_dir() and ((s / "summary.json").is_file() or (s / "metrics.jsonl").is_file()))
-        if not subs:
-            raise BadInput(f"{p} holds no run directories (none has a summary.json or metrics.jsonl).")
-        runs.extend(load_run(s) for s in subs)
+        if any((p / f).is_file() for f in RUN_FILES):
+            candidates = [p]
+        else:
+            candidates = sorted(s for s in p.iterdir() if s.is_dir() and any((s / f).is_file() for f in RUN_FILES))
+            if not candidates:
+                raise BadInput(f"{p} holds no run directories (none has a summary.json, metrics.jsonl or recipe.json).")
+        for d in candidates:
+            try:
+                runs.append(load_run(d))
+            except BadInput as e:
+                skipped.append((d, str(e)))
+    if not runs:
+        raise BadInput("No run could be reported: " + " ".join(f"{d}: {why}" for d, why in skipped))
     return runs
 
 
@@ -104,8 +146,8 @@ def duration(seconds) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
 
 
-def results_table(runs: list[Run]) -> str:
-    """The tutorial's results table, one row per run, as markdown."""
+def results_table(runs: list[Run], skipped: list = ()) -> str:
+    """The tutorial's results table, one row per run, as markdown; then the runs left out and why."""
     with_val = any(r.summary.get("selection") == "val" for r in runs)
     head = ["run", "recipe", "what changes", "best test acc (epoch)", "final test acc", "epochs", "wall time", "train img/s"]
     if with_val:
@@ -114,7 +156,7 @@ def results_table(runs: list[Run]) -> str:
     notes = []
     for r in runs:
         s = r.summary
-        name = s.get("recipe", r.label)
+        name = str(s.get("recipe", r.label))
         flags = []
         if s.get("synthetic"):
             flags.append("synthetic data")
@@ -138,6 +180,7 @@ def results_table(runs: list[Run]) -> str:
     if with_val:
         notes.append("Runs with a validation split chose their epoch on validation; the test accuracy at that "
                      "epoch is the honest figure. 'Best test acc' picks the epoch on the test set, as the tutorial did.")
+    notes += [f"Skipped {d}: {why}" for d, why in skipped]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
@@ -162,10 +205,14 @@ def plot_curves(runs: list[Run], key: str, ylabel: str, path: Path) -> None:
     plt.close(fig)
 
 
-def report(paths: list[Path], out: Path) -> tuple[str, list[Path]]:
-    """Write results.md, test_accuracy.png and test_loss.png to out; return the table and files."""
-    runs = find_runs(paths)
-    table = results_table(runs)
+def report(paths: list[Path], out: Path, warn=lambda msg: None) -> tuple[str, list[Path]]:
+    """Write results.md, test_accuracy.png and test_loss.png to out; return the table and files.
+    warn(message) names each run left out, and why."""
+    skipped = []
+    runs = find_runs(paths, skipped)
+    for d, why in skipped:
+        warn(f"skipped {d}: {why}")
+    table = results_table(runs, skipped)
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "results.md", lambda f: f.write(table.encode()))
