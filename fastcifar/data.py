@@ -228,7 +228,7 @@ def _is_store(d: Path) -> bool:
         "format_version" in meta and isinstance(sums, dict) and isinstance(sums.get("outputs_sha256"), dict))
 
 
-def _check_replaceable(dest: Path, source: Path | None = None, from_env: bool = False) -> None:
+def check_replaceable(dest: Path, source: Path | None = None, from_env: bool = False) -> None:
     """BadInput unless dest is missing, an empty directory, or a store holding only its own files:
     prepare never replaces what fastcifar did not create."""
     real = _real(dest)
@@ -695,7 +695,7 @@ def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool) -
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         with _dir_lock(parent):  # one swap at a time, and no _recover in the middle of one
-            _check_replaceable(dest)  # again: something may have appeared there while we built
+            check_replaceable(dest)  # again: something may have appeared there while we built
             if real.is_dir() and any(real.iterdir()):
                 old = parent / f".{real.name}.old-{os.getpid()}-{secrets.token_hex(3)}"
                 os.replace(real, old)
@@ -747,7 +747,7 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
     if synthetic and not (1 <= n_train <= SYNTHETIC_MAX and 1 <= n_test <= SYNTHETIC_MAX):
         raise BadInput(f"--train and --test must be at least 1 and at most {SYNTHETIC_MAX:,} synthetic images "
                        f"(got {n_train:,} and {n_test:,}); CIFAR-100 has 50,000 and 10,000.")
-    _check_replaceable(dest, None if synthetic or source is None else Path(source),
+    check_replaceable(dest, None if synthetic or source is None else Path(source),
                        from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))
     _recover(_real(dest), log)
     existing = None if force else _store_is_complete(dest)

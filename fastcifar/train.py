@@ -32,7 +32,7 @@ from fastcifar import BadInput, checkpoint, runtime
 from fastcifar import dist as fdist
 from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
-from fastcifar.data import default_data_dir, open_store, prepare
+from fastcifar.data import check_replaceable, default_data_dir, open_store, prepare
 from fastcifar.losses import Classify, Distill
 from fastcifar.models import build_model, load_weights, net_from_checkpoint
 from fastcifar.optim import build_optimizer, build_scheduler
@@ -549,6 +549,7 @@ def open_or_prepare(data_dir, prepare_here: bool):
     """The store; when none is prepared yet, prepare it (download) first, on one process per node."""
     d = Path(data_dir) if data_dir is not None else default_data_dir()
     if not (d / "meta.json").is_file() and prepare_here:
+        check_replaceable(d, from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))  # user files: no hint
         try:
             prepare(d)
         except BadInput as e:

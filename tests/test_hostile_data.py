@@ -186,10 +186,11 @@ def test_train_auto_prepare_refuses_user_files(tmp_path):
     before = _tree(mine)
     r = Recipe()
     r.model.name, r.train.device, r.train.compile = "test_resnet", "cpu", False
-    with pytest.raises(BadInput, match="not a fastcifar store"):
+    with pytest.raises(BadInput, match="not a fastcifar store") as e:
         train(r, {"name": "t", "description": "", "source": ""}, out=tmp_path / "run", data_dir=mine,
               log=lambda *a, **k: None)
     assert _tree(mine) == before
+    assert "prepare --synthetic" not in str(e.value)  # no advice the guard would refuse as well
 
 
 # ---- 2. kill -9 at any point leaves the old store or the new one, and nothing else for long
