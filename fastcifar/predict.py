@@ -117,7 +117,7 @@ def read_image(path: Path) -> np.ndarray:
             w, h = im.size
             s = min(w, h)
             box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)  # the centred square
-            im = im.resize((SIDE, SIDE), Image.Resampling.BILINEAR, box=box)
+            im = im.crop(box).resize((SIDE, SIDE), Image.Resampling.BILINEAR)  # crop first: nothing outside bleeds in
             return np.asarray(im, dtype=np.uint8).copy()
     except UnidentifiedImageError:
         raise ValueError("not an image Pillow can read (PNG, JPEG, ...)")
