@@ -130,7 +130,7 @@ def card(ck: dict, r, where, data_dir=None, log=print) -> dict:
 def check_card(c, where) -> dict:
     """c if it is a card this fastcifar can use, else BadInput saying what is wrong (cards come from files)."""
     def bad(why):
-        raise BadInput(f"{where}: its fastcifar metadata is unusable ({why}); export it again with `fastcifar export`.")
+        raise BadInput(f"{where}: its record of the model's classes and preprocessing is unusable ({why}).")
 
     if not isinstance(c, dict) or c.get("fastcifar_export") != CARD_VERSION:
         bad(f"format version {c.get('fastcifar_export') if isinstance(c, dict) else None!r}, "
@@ -349,6 +349,7 @@ def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
 
 def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=print) -> Path:
     """Export a run or checkpoint as fmt (onnx | safetensors | timm), checked, written atomically."""
+    fmt = fmt.lower()
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
     require(f"fastcifar export --format {fmt}", NEEDS[fmt])
@@ -365,6 +366,7 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     with torch.no_grad():
         ours = net(x)
     if fmt == "onnx":
+        log(f"exporting {c['model']['name']} to ONNX (torch.export; seconds to a minute on a CPU)...")
         data = to_onnx(net, c, x)
         line = compare(ours, run_onnx(data, x), "onnxruntime vs torch", what)
     elif fmt == "safetensors":
