@@ -118,10 +118,10 @@ def card(ck: dict, r, where, data_dir=None, log=print) -> dict:
          "head": {"kind": r.head.kind} if r.head.kind == "linear" else
                  {"kind": r.head.kind, "s": r.head.s, "m": r.head.m, "embed_dim": r.head.embed_dim},
          "num_classes": num_classes(ck["model"], r.head.kind),
-         "class_names": list(names),
+         "class_names": list(names) if isinstance(names, (list, tuple)) else names,  # check_card judges it
          "preprocess": {"image_size": pre.get("image_size", r.aug.image_size),
                         "interpolation": pre.get("interpolation", r.aug.interpolation),
-                        "normalize": r.aug.normalize, "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+                        "normalize": r.aug.normalize, "mean": _floats(mean), "std": _floats(std),
                         "input": "RGB, NCHW float32, (x / 255 - mean) / std"},
          "source": {"checkpoint": str(where), "recipe": ck.get("info", {}).get("name"), "epoch": ck.get("epoch")}}
     return check_card(c, where)
@@ -368,7 +368,12 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     if fmt == "onnx":
         log(f"exporting {c['model']['name']} to ONNX (torch.export; seconds to a minute on a CPU)...")
         data = to_onnx(net, c, x)
-        line = compare(ours, run_onnx(data, x), "onnxruntime vs torch", what)
+        try:
+            theirs = run_onnx(data, x)
+        except Exception as e:  # onnxruntime's own exception types
+            raise CheckFailed(f"onnxruntime cannot run the exported model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''}). Nothing was written.")
+        line = compare(ours, theirs, "onnxruntime vs torch", what)
     elif fmt == "safetensors":
         data = to_safetensors(net, c)
         c2, state = read_safetensors(data)
@@ -394,6 +399,14 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     if fmt == "timm":
         log("load it with:\n" + timm_code(c, path))
     return path
+
+
+def _floats(v):
+    """A mean/std as a JSON list of floats; anything else is left for check_card to name."""
+    try:
+        return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+    except (TypeError, ValueError):
+        return v
 
 
 def _fmt(v) -> str:

@@ -149,6 +149,13 @@ def test_export_check_refuses_an_export_that_does_not_reproduce_the_model(runs, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_onnx_file_onnxruntime_cannot_run_is_not_written(runs, data, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(ex, "to_onnx", lambda net, c, x: b"\x08\x07 not a model")  # an exporter that went wrong
+    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "onnx", "--out", str(tmp_path),
+                     "--data-dir", str(data))
+    assert code == 1 and "onnxruntime cannot run" in out.err and list(tmp_path.iterdir()) == []
+
+
 def _readme_block(marker: str) -> str:
     text = (ROOT / "README.md").read_text()
     return next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b)
@@ -376,6 +383,12 @@ def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(runs
     assert not any("taken from the store" in line for line in lines) and "noise images" in lines[-1]
     res = predict(tmp_path / "new.pt", [img], top=1, data_dir=tmp_path / "no-store", log=lines.append)
     assert res["predictions"][0]["top"][0]["class"].startswith("class")
+    # a record that is not one: exit 2, naming it
+    for key, value in (("class_names", "cat"), ("class_names", ["a"] * 3), ("preprocess", {"mean": "grey", "std": [1] * 3})):
+        broken = dict(ck, **{key: value})
+        checkpoint.save(tmp_path / "broken.pt", broken)
+        with pytest.raises(BadInput, match="unusable"):
+            ex.export(tmp_path / "broken.pt", "safetensors", out=tmp_path / "b.safetensors", data_dir=data, log=QUIET)
     # an old checkpoint with neither a record nor a store: exit 2 naming what is missing
     code, out = _cli(monkeypatch, capsys, "predict", str(runs / "arcface"), str(img), "--data-dir", str(tmp_path / "no-store"))
     err = out.err.replace("\n", " ")
