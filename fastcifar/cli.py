@@ -219,10 +219,9 @@ def export_cmd(
 ):
     """Export a trained model for use outside fastcifar: ONNX, safetensors, or a plain timm state dict.
 
-    Every export is checked before it is written: loaded back (onnxruntime, safetensors, timm) and
-    compared with the fastcifar network on a few test images; the largest logit difference is printed.
-    Needs the export extra: pip install "fastcifar[export]". `fastcifar predict` reads .onnx and
-    .safetensors exports as well as checkpoints.
+    Every export is checked before it is written: loaded back (onnxruntime, safetensors, timm) and compared with the fastcifar network on a few test images; the largest logit difference is printed. An existing file is replaced only with --force.
+
+    Needs the export extra: pip install "fastcifar\\[export]". `fastcifar predict` reads .onnx and .safetensors exports as well as checkpoints.
     """
     from fastcifar.export import CheckFailed, export
 
@@ -246,9 +245,9 @@ def predict(
 ):
     """Print the top classes and their probabilities for image files, on the CPU.
 
-    Each image is made RGB, centre-cropped to a square and resized to 32x32 as CIFAR's pictures are,
-    then resized to the model's input size and normalised as in evaluation. Files that are not
-    readable images are named on stderr and skipped; the exit code is 2 only if no image could be read.
+    Each image is made RGB, centre-cropped to a square and resized to 32x32 as CIFAR's pictures are, then resized to the model's input size and normalised as in evaluation.
+
+    Files that are not readable images are named on stderr and skipped; the exit code is 2 only if no image could be read.
     """
     import json
 
