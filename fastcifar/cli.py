@@ -227,6 +227,67 @@ def report(
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 
 
+@app.command(name="export")
+def export_cmd(
+    ref: str = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", help="A run directory (its best.pt), a checkpoint "
+                              "(.pt) or a recipe name (its newest run under runs/)."),
+    fmt: str = typer.Option(..., "--format", "-f", metavar="onnx|safetensors|timm", help="onnx: the whole evaluation "
+                            "model for onnxruntime (dynamic batch); safetensors: the weights with fastcifar's metadata "
+                            "(model, head, classes, preprocessing); timm: a state dict that timm.create_model(name, "
+                            "num_classes=N) loads with strict=True (linear heads only)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="File to write, or a directory to write it in (default: "
+                                       "beside the checkpoint: best.onnx, best.safetensors, best-timm.pth)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Supplies class names and "
+                                            "mean/std to checkpoints that do not record them, and test images for "
+                                            "the check."),
+):
+    """Export a trained model for use outside fastcifar: ONNX, safetensors, or a plain timm state dict.
+
+    Every export is checked before it is written: loaded back (onnxruntime, safetensors, timm) and compared with the fastcifar network on a few test images; the largest logit difference is printed. An existing file is replaced only with --force.
+
+    Needs the export extra: pip install "fastcifar\\[export]". `fastcifar predict` reads .onnx and .safetensors exports as well as checkpoints.
+    """
+    from fastcifar.export import CheckFailed, export
+
+    try:
+        export(ref, fmt, out=out, data_dir=data_dir, force=force, log=typer.echo)
+    except CheckFailed as e:
+        fail(str(e), code=1)
+
+
+@app.command()
+def predict(
+    ref: str = typer.Argument(..., metavar="RUN_OR_CHECKPOINT_OR_EXPORT", help="A run directory, checkpoint, recipe "
+                              "name, or an export of `fastcifar export` (.onnx or .safetensors)."),
+    images: List[Path] = typer.Argument(..., metavar="IMAGE_OR_DIR...", help="Image files (PNG, JPEG, any size) or "
+                                        "directories (searched recursively for .png/.jpg/.jpeg)."),
+    top: int = typer.Option(5, "--top", help="How many classes to show per image."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document {model, format, predictions: "
+                                  "[{file, top: [{class, index, prob}]}], skipped: [{file, error}]}."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Supplies class names and "
+                                            "mean/std to checkpoints that do not record them."),
+):
+    """Print the top classes and their probabilities for image files, on the CPU.
+
+    Each image is made RGB, centre-cropped to a square and resized to 32x32 as CIFAR's pictures are, then resized to the model's input size and normalised as in evaluation.
+
+    Files that are not readable images are named on stderr and skipped; the exit code is 2 only if no image could be read.
+    """
+    import json
+
+    from fastcifar.predict import predict as run_predict
+
+    res = run_predict(ref, images, top=top, data_dir=data_dir, log=lambda m: typer.echo(m, err=True))
+    if json_out:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    for p in res["predictions"]:
+        typer.echo(p["file"])
+        for t in p["top"]:
+            typer.echo(f"  {100 * t['prob']:6.2f}%  {t['class']}")
+
+
 def fail(message: str, code: int = 2):
     """Print one paragraph to stderr and exit: the contract for bad usage or bad input."""
     # paths stay whole (no breaks inside long words or at hyphens), so they can be copied

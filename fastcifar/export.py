@@ -1,0 +1,413 @@
+"""`fastcifar export`: a checkpoint as a file other tools load (ONNX, safetensors, a timm state dict).
+
+Every export carries a *card*: the JSON that says what the weights are and what an image must
+look like before it goes in (timm model, head, class names, input size, interpolation, mean/std).
+It rides inside the file (ONNX `metadata_props`, safetensors metadata, key "fastcifar"), so
+`fastcifar predict` and a user's script need nothing beside it. The timm format is a bare state
+dict by design (timm loads it with strict=True); its card is printed with the loading code.
+
+Each export is checked before it is renamed into place: the written bytes are loaded back
+(onnxruntime, safetensors, timm) and their logits compared with the fastcifar network's on a
+few images. A file that fails the check is never written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastcifar import BadInput, __version__, checkpoint
+from fastcifar.config import HEAD_KINDS, Head, Model, from_dict
+from fastcifar.models import Net, _cifar_stem, build_model
+from pipelines.spec import INTERPOLATIONS, AugSpec, mean_std
+
+FORMATS = ("onnx", "safetensors", "timm")
+SUFFIXES = {"onnx": (".onnx",), "safetensors": (".safetensors",), "timm": (".pth", ".pt", ".bin")}
+NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "safetensors": ("safetensors",), "timm": ()}
+PIP = {"PIL": "pillow"}  # import name -> package name, where they differ
+CARD_KEY, CARD_VERSION = "fastcifar", 1
+INPUT, OUTPUT = "images", "logits"  # ONNX tensor names
+N_CHECK = 8  # images the export check runs through both sides
+# Largest |logit difference| an export may show, as a fraction of the largest |logit| (at least 1).
+# Both sides compute in fp32; reordered sums (fused BN, other conv algorithms) differ by ~1e-6
+# of the logit scale here, while a broken export (training-mode BN, a margin applied, a wrong
+# stem) moves logits by a large fraction of it.
+REL_TOL = 1e-3
+
+
+class CheckFailed(Exception):
+    """The written export does not reproduce the network's logits (exit 1: a fastcifar bug, not bad input)."""
+
+
+def require(fmt_or_use: str, modules) -> None:
+    """BadInput naming what to install when an optional dependency is missing."""
+    missing = []
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except (ImportError, OSError):
+            missing.append(m)
+    if missing:
+        names = [PIP.get(m, m) for m in missing]
+        raise BadInput(f"{fmt_or_use} needs {', '.join(names)}, not installed here: "
+                       f"pip install \"fastcifar[export]\" (or pip install {' '.join(names)}).")
+
+
+# ---- the network and its card -------------------------------------------------------------------
+
+def num_classes(state: dict, kind: str) -> int:
+    """Classes of a Net state dict, read from its head's weights."""
+    key = "head.fc.weight" if kind == "linear" else "head.weight"
+    if not isinstance(state.get(key), torch.Tensor) or state[key].ndim != 2:
+        raise BadInput(f"The weights hold no {kind} head ({key} is missing): not a fastcifar network.")
+    return state[key].shape[0]
+
+
+def net_from_state(model_cfg: Model, head_cfg: Head, state: dict, where) -> Net:
+    """A Net (CPU, fp32, eval mode) built from model/head sections and loaded with state."""
+    model_cfg.pretrained, model_cfg.pretrained_file = False, ""  # the weights come from `state`
+    net = build_model(model_cfg, head_cfg, num_classes(state, head_cfg.kind))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise BadInput(f"The weights in {where} do not fit {model_cfg.name} with a {head_cfg.kind} head: "
+                       f"{str(e).splitlines()[0]} ({len(str(e).splitlines())} lines of mismatches).")
+    return net.eval()
+
+
+def model_from_checkpoint(ck: dict, where) -> tuple[Net, object]:
+    """The evaluation network of a loaded checkpoint and its Recipe. (The one place that builds a
+    net from a checkpoint here; it belongs in fastcifar.runtime once that exists.)"""
+    r = from_dict(ck["recipe"])
+    return net_from_state(r.model, r.head, ck["model"], where), r
+
+
+def card(ck: dict, r, where, data_dir=None, log=print) -> dict:
+    """What an export needs besides the weights. Class names and mean/std come from the checkpoint
+    when it records them (`class_names`, `preprocess`), else from the store (`--data-dir`), the
+    one fallback for checkpoints written before fastcifar recorded them."""
+    pre = dict(ck.get("preprocess") or {})
+    names = ck.get("class_names")
+    mean, std = pre.get("mean"), pre.get("std")
+    if mean is None or std is None:
+        mean, std = (None, None) if r.aug.normalize == "cifar" else mean_std(r.aug)
+    missing = [what for what, v in (("class names", names), ("mean/std (aug.normalize=cifar)", mean)) if v is None]
+    if missing:
+        from fastcifar.data import open_store
+        try:
+            store = open_store(data_dir)
+        except BadInput as e:
+            raise BadInput(f"{where} does not record its {' or '.join(missing)} (it was written before "
+                           f"checkpoints held them), and the store to take them from is not at hand: {e} Pass --data-dir "
+                           f"with the store the model was trained on.")
+        n = num_classes(ck["model"], r.head.kind)
+        if names is None and len(store.class_names) != n:
+            raise BadInput(f"The store at {store.dir} has {len(store.class_names)} classes, the model in {where} "
+                           f"{n}: not the store it was trained on. Pass --data-dir with that store.")
+        names = names if names is not None else store.class_names
+        if mean is None:
+            mean, std = mean_std(r.aug, store)
+        log(f"note: {where} does not record its {' or '.join(missing)}; taken from the store at {store.dir}.")
+    c = {"fastcifar_export": CARD_VERSION, "fastcifar_version": __version__,
+         "model": {"name": r.model.name, "cifar_stem": r.model.cifar_stem},
+         "head": {"kind": r.head.kind} if r.head.kind == "linear" else
+                 {"kind": r.head.kind, "s": r.head.s, "m": r.head.m, "embed_dim": r.head.embed_dim},
+         "num_classes": num_classes(ck["model"], r.head.kind),
+         "class_names": list(names) if isinstance(names, (list, tuple)) else names,  # check_card judges it
+         "preprocess": {"image_size": pre.get("image_size", r.aug.image_size),
+                        "interpolation": pre.get("interpolation", r.aug.interpolation),
+                        "normalize": r.aug.normalize, "mean": _floats(mean), "std": _floats(std),
+                        "input": "RGB, NCHW float32, (x / 255 - mean) / std"},
+         "source": {"checkpoint": str(where), "recipe": ck.get("info", {}).get("name"), "epoch": ck.get("epoch")}}
+    return check_card(c, where)
+
+
+def check_card(c, where) -> dict:
+    """c if it is a card this fastcifar can use, else BadInput saying what is wrong (cards come from files)."""
+    def bad(why):
+        raise BadInput(f"{where}: its record of the model's classes and preprocessing is unusable ({why}).")
+
+    if not isinstance(c, dict) or c.get("fastcifar_export") != CARD_VERSION:
+        bad(f"format version {c.get('fastcifar_export') if isinstance(c, dict) else None!r}, "
+            f"this fastcifar reads {CARD_VERSION}")
+    try:
+        n, names, p = c["num_classes"], c["class_names"], c["preprocess"]
+        if not (isinstance(names, list) and all(isinstance(s, str) for s in names) and len(names) == n):
+            bad(f"{len(names) if isinstance(names, list) else 'no'} class names for {n} classes")
+        if not (isinstance(p["image_size"], int) and p["image_size"] >= 8 and p["interpolation"] in INTERPOLATIONS):
+            bad(f"input size {p['image_size']!r}, interpolation {p['interpolation']!r}")
+        if not all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+                   for v in (p["mean"], p["std"])) or min(p["std"]) <= 0:
+            bad(f"mean {p['mean']!r}, std {p['std']!r}")
+        if not (isinstance(c["model"]["name"], str) and isinstance(c["model"]["cifar_stem"], bool)):
+            bad(f"model {c['model']!r}")
+        h = c["head"]
+        if h["kind"] not in HEAD_KINDS or not set(h) <= {"kind", "s", "m", "embed_dim"} \
+                or (h["kind"] != "linear" and not (isinstance(h["embed_dim"], int) and isinstance(h["s"], (int, float)))):
+            bad(f"head {h!r}")
+    except (KeyError, TypeError) as e:
+        bad(f"{type(e).__name__}: {e}")
+    return c
+
+
+def net_from_card(c: dict, state: dict, where) -> Net:
+    """The Net an export's card and weights describe."""
+    return net_from_state(Model(name=c["model"]["name"], cifar_stem=bool(c["model"]["cifar_stem"])),
+                          Head(**c["head"]), state, where)
+
+
+def preprocess(images: torch.Tensor, c: dict) -> torch.Tensor:
+    """uint8 (N, 32, 32, 3) RGB images -> the model's float32 NCHW input, as the card says: the torch
+    backend's own evaluation resize and normalisation (pipelines.torch_backend.finish)."""
+    from pipelines.torch_backend import finish
+
+    p = c["preprocess"]
+    scale = torch.tensor([1 / (255 * s) for s in p["std"]]).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(p["mean"], p["std"])]).view(1, 3, 1, 1)
+    spec = AugSpec(image_size=p["image_size"], interpolation=p["interpolation"])
+    return finish(images, p["image_size"], spec, scale, shift).contiguous()
+
+
+def check_images(data_dir=None) -> tuple[torch.Tensor, str]:
+    """N_CHECK uint8 (N, 32, 32, 3) images to compare both sides on: the store's first test images
+    when a store is at hand, else seeded noise (the comparison needs inputs, not meaning)."""
+    from fastcifar.data import open_store
+    try:
+        store = open_store(data_dir)
+        return torch.from_numpy(np.array(store.images("test")[:N_CHECK])), f"{N_CHECK} store test images"
+    except BadInput:
+        noise = np.random.default_rng(0).integers(0, 256, (N_CHECK, 32, 32, 3), dtype=np.uint8)
+        return torch.from_numpy(noise), f"{N_CHECK} noise images (no store at hand)"
+
+
+def compare(ours: torch.Tensor, theirs, what: str, images: str) -> str:
+    """One line on how far `theirs` logits are from `ours`; CheckFailed beyond REL_TOL."""
+    theirs = torch.as_tensor(np.asarray(theirs), dtype=torch.float32)
+    diff = (ours - theirs).abs().max().item()
+    tol = REL_TOL * max(1.0, ours.abs().max().item())
+    agree = int((ours.argmax(1) == theirs.argmax(1)).sum())
+    line = (f"checked: {what} on {images}: max |logit difference| {diff:.2e} (tolerance {tol:.2e}), "
+            f"top-1 agrees on {agree}/{len(ours)}")
+    if not diff <= tol:  # also catches NaN
+        raise CheckFailed(f"The export does not reproduce the model: {line}. Nothing was written.")
+    return line
+
+
+# ---- the three formats --------------------------------------------------------------------------
+
+def to_onnx(net: Net, c: dict, x: torch.Tensor) -> bytes:
+    """The evaluation network as ONNX bytes: input `images` (batch, 3, S, S) float32, output
+    `logits` (batch, classes), the batch dynamic, the card in metadata_props."""
+    size = c["preprocess"]["image_size"]
+    try:
+        # torch's exporter built on torch.export (the default since torch 2.9; the TorchScript one is
+        # deprecated). external_data=False: one self-contained file, under ONNX's 2 GB limit.
+        program = torch.onnx.export(net, (torch.zeros(2, 3, size, size),), None, dynamo=True, verbose=False,
+                                    input_names=[INPUT], output_names=[OUTPUT], external_data=False,
+                                    dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+        proto = program.model_proto
+    except Exception as e:
+        raise CheckFailed(f"torch.onnx.export could not export {c['model']['name']}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''} Try --format safetensors.")
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CARD_KEY, json.dumps(c)
+    proto.doc_string = f"fastcifar export of {c['source']['checkpoint']}: {c['model']['name']} + {c['head']['kind']} head"
+    if proto.ByteSize() >= 2 ** 31:
+        raise BadInput(f"{c['model']['name']} is over ONNX's 2 GB single-file limit; use --format safetensors.")
+    return proto.SerializeToString()
+
+
+def run_onnx(model, x: torch.Tensor) -> np.ndarray:
+    """Logits from an ONNX model (bytes or a path) in onnxruntime on the CPU."""
+    import onnxruntime as ort
+
+    sess = model if isinstance(model, ort.InferenceSession) else \
+        ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def to_safetensors(net: Net, c: dict) -> bytes:
+    """The Net's state dict (keys backbone.*, head.*) as safetensors bytes, the card in its metadata."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in net.state_dict().items()}, metadata={CARD_KEY: json.dumps(c)})
+
+
+def read_safetensors(data) -> tuple[dict, dict]:
+    """(card, state dict) of a safetensors export given as bytes or a path."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    where = data if isinstance(data, (str, Path)) else "the export"
+    try:
+        if isinstance(data, bytes):
+            state = load(data)
+            meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+        else:
+            from safetensors import safe_open
+            with safe_open(str(data), "pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(data))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInput(f"{where} is not a readable safetensors file ({type(e).__name__}: {e}).")
+    if CARD_KEY not in meta:
+        raise BadInput(f"{where} is a safetensors file without fastcifar metadata: not a `fastcifar export`.")
+    try:
+        c = json.loads(meta[CARD_KEY])
+    except ValueError as e:
+        raise BadInput(f"{where}: its fastcifar metadata is not JSON ({e}).")
+    return check_card(c, where), state
+
+
+def timm_model(c: dict):
+    """The plain timm model an export for timm loads into: timm.create_model(name, num_classes=N),
+    with fastcifar's CIFAR stem put in when the run used one."""
+    import timm
+
+    m = timm.create_model(c["model"]["name"], num_classes=c["num_classes"])
+    if c["model"]["cifar_stem"]:
+        _cifar_stem(m)
+    return m
+
+
+def timm_code(c: dict, path: Path) -> str:
+    """The Python a user runs to load a timm export (printed by export; the README shows it)."""
+    lines = ["import timm, torch",
+             f"model = timm.create_model({c['model']['name']!r}, num_classes={c['num_classes']})"]
+    if c["model"]["cifar_stem"]:
+        m = timm_model(c)  # read the stem's shape off the model fastcifar built
+        name = m.pretrained_cfg["first_conv"]
+        conv = m.get_submodule(name)
+        lines += ["# fastcifar's CIFAR stem: a 3x3 stride-1 first conv, and no max-pool",
+                  f"model.set_submodule({name!r}, torch.nn.Conv2d({conv.in_channels}, {conv.out_channels}, 3, "
+                  f"stride=1, padding=1, bias={conv.bias is not None}))"]
+        if isinstance(getattr(m, "maxpool", None), torch.nn.Identity):
+            lines.append("model.maxpool = torch.nn.Identity()")
+    lines.append(f"model.load_state_dict(torch.load({str(path)!r}, weights_only=True), strict=True)")
+    lines.append("model.eval()")
+    return "\n".join(lines)
+
+
+def timm_takes(head_kind: str) -> None:
+    """BadInput unless a timm classifier can hold this head (only the linear one)."""
+    if head_kind != "linear":
+        raise BadInput(f"--format timm holds a linear classifier only; this model's head is {head_kind} (a cosine "
+                       f"to class centres times s), which no timm model has. Use --format onnx or --format safetensors.")
+
+
+def to_timm(net: Net, c: dict) -> tuple[dict, torch.nn.Module]:
+    """The linear-head Net's weights under the keys of timm.create_model(name, num_classes=N), and
+    that timm model loaded with them."""
+    timm_takes(c["head"]["kind"])
+    m = timm_model(c)
+    name = m.pretrained_cfg.get("classifier")
+    fc = m.get_submodule(name) if isinstance(name, str) else None
+    if not isinstance(fc, torch.nn.Linear):
+        raise BadInput(f"{c['model']['name']}'s classifier ({name!r}) is not one Linear layer, so fastcifar's head "
+                       f"does not map onto it; use --format onnx or --format safetensors.")
+    state = {k[len("backbone."):]: v for k, v in net.state_dict().items() if k.startswith("backbone.")}
+    state.update({f"{name}.weight": net.head.fc.weight.detach(), f"{name}.bias": net.head.fc.bias.detach()})
+    try:
+        m.load_state_dict(state, strict=True)  # the promise the format makes, checked here
+    except RuntimeError as e:
+        raise BadInput(f"{c['model']['name']}'s timm layout does not match fastcifar's backbone + head "
+                       f"({str(e).splitlines()[0]}); use --format onnx or --format safetensors.")
+    return state, m.eval()
+
+
+def default_out(src: Path, fmt: str) -> Path:
+    """Beside the checkpoint: runs/x/best.pt -> runs/x/best.onnx, best.safetensors, best-timm.pth."""
+    return src.with_name(src.stem + {"onnx": ".onnx", "safetensors": ".safetensors", "timm": "-timm.pth"}[fmt])
+
+
+def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
+    """Where the export goes, or BadInput: a directory takes the default name; an existing file is
+    replaced only with force, and never the checkpoint being exported."""
+    path = default_out(src, fmt)
+    if out is not None:
+        out = Path(out)
+        path = out / path.name if out.is_dir() else out
+    if path.suffix.lower() not in SUFFIXES[fmt]:
+        raise BadInput(f"--out {path}: a {fmt} export is named *{' or *'.join(SUFFIXES[fmt])} "
+                       f"(fastcifar predict tells exports apart by it).")
+    if path.is_dir():
+        raise BadInput(f"--out {path} is a directory; name a file, or a directory that has none of that name.")
+    if path.exists() or path.is_symlink():
+        if path.exists() and path.resolve() == src.resolve():
+            raise BadInput(f"--out {path} is the checkpoint being exported; name another file.")
+        if not force:
+            raise BadInput(f"{path} already exists; pass --force to replace it, or choose another --out.")
+        if not path.is_file():
+            raise BadInput(f"{path} exists and is not a regular file; choose another --out.")
+    return path
+
+
+def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=print) -> Path:
+    """Export a run or checkpoint as fmt (onnx | safetensors | timm), checked, written atomically."""
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    require(f"fastcifar export --format {fmt}", NEEDS[fmt])
+    src = checkpoint.resolve(ref, prefer="best.pt")
+    path = out_path(out, src, fmt, force)
+    ck = checkpoint.load(src)
+    net, r = model_from_checkpoint(ck, src)
+    if fmt == "timm":
+        timm_takes(r.head.kind)
+    c = card(ck, r, src, data_dir, log)
+    del ck
+    images, what = check_images(data_dir)
+    x = preprocess(images, c)
+    with torch.no_grad():
+        ours = net(x)
+    if fmt == "onnx":
+        log(f"exporting {c['model']['name']} to ONNX (torch.export; seconds to a minute on a CPU)...")
+        data = to_onnx(net, c, x)
+        try:
+            theirs = run_onnx(data, x)
+        except Exception as e:  # onnxruntime's own exception types
+            raise CheckFailed(f"onnxruntime cannot run the exported model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''}). Nothing was written.")
+        line = compare(ours, theirs, "onnxruntime vs torch", what)
+    elif fmt == "safetensors":
+        data = to_safetensors(net, c)
+        c2, state = read_safetensors(data)
+        with torch.no_grad():
+            line = compare(ours, net_from_card(c2, state, path)(x), "the reloaded safetensors vs the checkpoint", what)
+    else:
+        state, m = to_timm(net, c)
+        with torch.no_grad():
+            line = compare(ours, m(x), "timm.create_model + load_state_dict(strict=True) vs fastcifar", what)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write(path, lambda f: f.write(data))
+    except OSError as e:
+        raise BadInput(f"Cannot write {path}: {e.strerror or e}. Choose another --out.")
+    p = c["preprocess"]
+    log(f"wrote {path} ({len(data) / 1e6:.1f} MB): {c['model']['name']}{' (CIFAR stem)' if c['model']['cifar_stem'] else ''} "
+        f"+ {c['head']['kind']} head, {c['num_classes']} classes; input RGB {p['image_size']}x{p['image_size']} "
+        f"({p['interpolation']} resize from 32x32), (x/255 - mean) / std, mean {_fmt(p['mean'])} std {_fmt(p['std'])}")
+    log(line)
+    if fmt == "timm":
+        log("load it with:\n" + timm_code(c, path))
+    return path
+
+
+def _floats(v):
+    """A mean/std as a JSON list of floats; anything else is left for check_card to name."""
+    try:
+        return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+    except (TypeError, ValueError):
+        return v
+
+
+def _fmt(v) -> str:
+    return "(" + ", ".join(f"{x:.4f}" for x in v) + ")"

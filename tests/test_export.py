@@ -1,0 +1,438 @@
+"""fastcifar export and predict: tiny trained runs (a linear head, a linear head on a CIFAR stem, an
+ArcFace head at 40 px cubic) exported in each format give fastcifar's top-1 in onnxruntime, timm
+and plain Python; predict reads real image files of any kind; bad input exits 2 and writes nothing."""
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort  # the export extra, part of dev
+import pytest
+import torch
+from PIL import Image
+
+import fastcifar.export as ex
+from fastcifar import BadInput, checkpoint
+from fastcifar.config import from_dict
+from fastcifar.data import open_store, prepare
+from fastcifar.models import build_model
+from fastcifar.predict import predict, read_image
+from fastcifar.train import evaluate_checkpoint, train
+from pipelines.loader import make_loader
+from test_train import info, tiny
+
+
+ROOT = Path(__file__).resolve().parent.parent
+QUIET = lambda *a, **k: None  # noqa: E731
+RUNS = {"linear": {}, "stem": {"model__cifar_stem": True, "data__subset": 0.34},  # stride 1: 4x the work
+        "arcface": {"head__kind": "arcface", "head__embed_dim": 32, "aug__image_size": 40, "aug__interpolation": "cubic"}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("store") / "cifar100"
+    prepare(d, synthetic=True, n_train=300, n_test=64, log=QUIET)
+    return d
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """One epoch of test_resnet on 300 images per head (a few seconds each on a CPU)."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, fields in RUNS.items():
+        train(tiny(train__epochs=1, **fields), info(name), out=root / name, data_dir=data, log=QUIET)
+    return root
+
+
+ONNX_LOG = []  # what exporting onnx_files printed
+
+
+@pytest.fixture(scope="module")
+def onnx_files(runs, data):
+    return {k: ex.export(runs / k, "onnx", data_dir=data, log=ONNX_LOG.append) for k in ("linear", "arcface")}
+
+
+def reference(run: Path, data: Path):
+    """fastcifar's own evaluation of a run, built as `fastcifar eval` builds it: (net, recipe,
+    the torch backend's test images, their logits)."""
+    ck = checkpoint.load(run / "best.pt")
+    r = from_dict(ck["recipe"])
+    r.model.pretrained = False
+    net = build_model(r.model, r.head, 100)
+    net.load_state_dict(ck["model"])
+    net.eval()
+    loader = make_loader(open_store(data), "test", r.aug, 64, backend="torch", augment=False)
+    loader.set_epoch(0)
+    x = torch.cat([images for images, _ in loader]).contiguous()
+    with torch.no_grad():
+        return net, r, x, net(x)
+
+
+def assert_same_top1(ours: torch.Tensor, theirs, atol: float):
+    """theirs is within atol of our logits, and picks our top-1 wherever the difference it shows
+    could not flip it (our top two further apart than twice that difference)."""
+    theirs = torch.as_tensor(np.asarray(theirs))
+    diff = (ours - theirs).abs().max().item()
+    assert diff < atol
+    top2 = ours.topk(2, 1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * diff
+    assert clear.float().mean() > 0.9  # the comparison covers (nearly) every image
+    assert torch.equal(ours.argmax(1)[clear], theirs.argmax(1)[clear])
+
+
+def _cli(monkeypatch, capsys, *args):
+    from fastcifar.cli import main
+    monkeypatch.setattr(sys, "argv", ["fastcifar", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return code, out
+
+
+def _write(path: Path, array: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+# ---- the formats ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["linear", "arcface"])
+def test_onnx_gives_fastcifar_top1_with_a_dynamic_batch(runs, data, onnx_files, kind):
+    net, r, x, ours = reference(runs / kind, data)
+    sess = ort.InferenceSession(str(onnx_files[kind]), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    assert (inp.name, out.name) == ("images", "logits")
+    assert inp.shape[1:] == [3, r.aug.image_size, r.aug.image_size] and isinstance(inp.shape[0], str)
+    theirs = sess.run(None, {"images": x.numpy()})[0]
+    assert theirs.shape == (64, 100)
+    assert_same_top1(ours, theirs, atol=1e-3 * max(1, ours.abs().max().item()))
+    assert np.allclose(sess.run(None, {"images": x[:1].numpy()})[0], theirs[:1], atol=1e-4 * max(1, ours.abs().max().item()))
+    # the same accuracy as `fastcifar eval`
+    acc = 100 * (theirs.argmax(1) == open_store(data).labels("test")).mean()
+    assert acc == pytest.approx(evaluate_checkpoint(str(runs / kind), data_dir=data)["acc"])
+    card = json.loads(sess.get_modelmeta().custom_metadata_map["fastcifar"])
+    assert card["head"]["kind"] == kind and card["preprocess"]["image_size"] == r.aug.image_size
+
+
+def test_onnx_export_reports_its_check(onnx_files):
+    checks = [line for line in ONNX_LOG if line.startswith("checked: onnxruntime vs torch")]
+    assert len(checks) == 2
+    for check in checks:
+        assert "8 store test images" in check and "max |logit difference|" in check and "top-1 agrees on 8/8" in check
+    assert any(line.startswith(f"wrote {onnx_files['arcface']}") and "40x40 (cubic" in line for line in ONNX_LOG)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "timm"])
+def test_export_check_refuses_an_export_that_does_not_reproduce_the_model(runs, data, monkeypatch, tmp_path, fmt,
+                                                                        capsys):
+    name = {"safetensors": "to_safetensors", "timm": "to_timm"}[fmt]
+    real = getattr(ex, name)
+
+    def wrong_weights(net, c, *a):  # an exporter bug: one class's bias off by 1
+        net = copy.deepcopy(net)
+        net.head.fc.bias.data[3] += 1
+        return real(net, c, *a)
+
+    monkeypatch.setattr(ex, name, wrong_weights)
+    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", fmt, "--out", str(tmp_path),
+                     "--data-dir", str(data))
+    assert code == 1 and "does not reproduce" in out.err and "Nothing was written" in out.err.replace("\n", " ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_onnx_file_onnxruntime_cannot_run_is_not_written(runs, data, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(ex, "to_onnx", lambda net, c, x: b"\x08\x07 not a model")  # an exporter that went wrong
+    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "onnx", "--out", str(tmp_path),
+                     "--data-dir", str(data))
+    assert code == 1 and "onnxruntime cannot run" in out.err and list(tmp_path.iterdir()) == []
+
+
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b)
+
+
+@pytest.mark.parametrize("kind", ["linear", "stem", "arcface"])
+def test_safetensors_loads_in_plain_python_as_the_readme_says(runs, data, kind):
+    net, r, x, ours = reference(runs / kind, data)
+    path = ex.export(runs / kind, "safetensors", data_dir=data, log=QUIET)
+    scope = {}
+    exec(_readme_block("def load_safetensors_export"), scope)
+    logits, card = scope["load_safetensors_export"](str(path))
+    store = open_store(data)
+    assert card["class_names"] == store.class_names and card["num_classes"] == 100
+    assert card["preprocess"]["mean"] == pytest.approx(store.mean) and card["preprocess"]["std"] == pytest.approx(store.std)
+    assert card["preprocess"]["interpolation"] == r.aug.interpolation and card["model"]["name"] == "test_resnet"
+    with torch.no_grad():
+        assert_same_top1(ours, logits(x), atol=1e-4 * max(1, ours.abs().max().item()))
+
+
+def test_timm_export_loads_strict_into_plain_timm(runs, data):
+    import timm
+
+    net, r, x, ours = reference(runs / "linear", data)
+    lines = []
+    path = ex.export(runs / "linear", "timm", data_dir=data, log=lines.append)
+    assert path.name == "best-timm.pth"
+    m = timm.create_model("test_resnet", num_classes=100)
+    m.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    with torch.no_grad():
+        assert_same_top1(ours, m.eval()(x), atol=1e-5)
+    assert "model.load_state_dict" in "\n".join(lines) and "set_submodule" not in "\n".join(lines)
+
+
+def test_timm_export_of_a_cifar_stem_needs_the_printed_stem(runs, data):
+    import timm
+
+    net, r, x, ours = reference(runs / "stem", data)
+    lines = []
+    path = ex.export(runs / "stem", "timm", data_dir=data, log=lines.append)
+    code = "\n".join(lines).split("load it with:\n", 1)[1]
+    scope = {}
+    exec(code, scope)  # the code export prints, as a user would paste it
+    with torch.no_grad():
+        assert_same_top1(ours, scope["model"](x), atol=1e-5)
+        # test_resnet's stem conv has the same shape either way: a strict load succeeds without the
+        # stem lines, and computes something else. That is why export prints them.
+        plain = timm.create_model("test_resnet", num_classes=100)
+        plain.load_state_dict(torch.load(path, weights_only=True), strict=True)
+        assert (plain.eval()(x) - ours).abs().max() > 0.1
+
+
+def test_timm_refuses_a_margin_head(runs, data, monkeypatch, capsys):
+    code, out = _cli(monkeypatch, capsys, "export", str(runs / "arcface"), "--format", "timm", "--data-dir", str(data))
+    assert code == 2 and "onnx" in out.err and "safetensors" in out.err
+    assert not (runs / "arcface" / "best-timm.pth").exists()
+
+
+# ---- predict ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["linear", "arcface"])
+def test_predict_on_store_pngs_matches_fastcifar_eval_for_checkpoint_and_exports(runs, data, onnx_files, kind, tmp_path):
+    net, r, x, ours = reference(runs / kind, data)
+    test = open_store(data).images("test")
+    files = [_write(tmp_path / f"{i:02d}.png", np.array(test[i])) for i in range(16)]
+    probs = torch.softmax(ours[:16], 1)
+    for ref in (runs / kind, onnx_files[kind], ex.export(runs / kind, "safetensors", out=tmp_path, data_dir=data, log=QUIET)):
+        res = predict(ref, [tmp_path], top=3, data_dir=data, log=QUIET)
+        assert [p["file"] for p in res["predictions"]] == [str(f) for f in files]
+        for p, want, pr in zip(res["predictions"], ours[:16].argmax(1).tolist(), probs):
+            assert p["top"][0]["index"] == want and p["top"][0]["class"] == open_store(data).class_names[want]
+            assert p["top"][0]["prob"] == pytest.approx(pr.max().item(), abs=1e-4)
+            assert [t["prob"] for t in p["top"]] == sorted((t["prob"] for t in p["top"]), reverse=True)
+
+
+def test_read_image_makes_any_picture_a_32px_rgb_cifar_image(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(read_image(_write(tmp_path / "rgb.png", rgb)), rgb)  # 32x32 passes untouched
+    rgba = np.dstack([rgb, rng.integers(0, 256, (32, 32), dtype=np.uint8)])
+    assert np.array_equal(read_image(_write(tmp_path / "rgba.png", rgba)), rgb)  # alpha dropped
+    grey = rgb[..., 0]
+    assert np.array_equal(read_image(_write(tmp_path / "grey.png", grey)), np.stack([grey] * 3, -1))
+    few = (rgb // 64) * 64  # 64 colours: a palette image holds them exactly
+    assert np.array_equal(read_image(_palette(tmp_path / "pal.png", few)), few)
+    deep = rng.integers(0, 65536, (32, 32), dtype=np.uint16)
+    got = read_image(_write(tmp_path / "deep.png", deep))
+    assert np.array_equal(got[..., 0], np.round(deep / 257).astype(np.uint8))  # scaled, not clipped at 255
+    # wide: red | blue square | green; the centre square is what is left
+    wide = np.zeros((90, 270, 3), np.uint8)
+    wide[:, :90, 0], wide[:, 90:180, 2], wide[:, 180:, 1] = 255, 255, 255
+    assert np.array_equal(read_image(_write(tmp_path / "wide.jpg", wide, quality=100)).argmax(-1), np.full((32, 32), 2))
+    tall = np.zeros((300, 100, 3), np.uint8)
+    tall[100:200, :, 1] = 200
+    assert read_image(_write(tmp_path / "tall.png", tall)).shape == (32, 32, 3)
+    tiny_img = read_image(_write(tmp_path / "tiny.png", rgb[:8, :8]))  # upsampled
+    assert tiny_img.shape == (32, 32, 3)
+    # EXIF orientation 6 (rotate 90 degrees clockwise to view): the white top edge ends up on the right
+    half = np.zeros((64, 64, 3), np.uint8)
+    half[:32] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = read_image(_write(tmp_path / "exif.jpg", half, exif=exif, quality=100)).astype(int)
+    assert rotated[:, 16:].mean() > 200 and rotated[:, :16].mean() < 50
+    for bad, content in (("text.png", b"not an image"), ("empty.jpg", b""),
+                         ("cut.png", (tmp_path / "rgb.png").read_bytes()[:300])):
+        (tmp_path / bad).write_bytes(content)
+        with pytest.raises(ValueError):
+            read_image(tmp_path / bad)
+
+
+def _palette(path: Path, rgb: np.ndarray) -> Path:
+    Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE).save(path)
+    assert Image.open(path).mode == "P"
+    return path
+
+
+def test_predict_cli_names_and_skips_bad_files_and_predicts_the_rest(runs, data, onnx_files, tmp_path):
+    rng = np.random.default_rng(1)
+    d = tmp_path / "mixed"
+    good = [_write(d / "photo.jpg", rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)),
+            _write(d / "sub" / "grey.png", rng.integers(0, 256, (50, 50), dtype=np.uint8)),
+            _write(d / "sub" / "rgba.png", rng.integers(0, 256, (20, 40, 4), dtype=np.uint8)),
+            _write(d / "z.JPEG", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))]
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)
+    (d / "truncated.jpg").write_bytes(good[0].read_bytes()[:2000])
+    (d / "notes.txt").write_text("not an image, not named like one: left out")
+    (d / ".hidden.png").write_bytes(b"hidden files are left out")
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "-m", "fastcifar", "predict", str(onnx_files["arcface"]), str(d),
+                        str(tmp_path / "empty"), str(tmp_path / "missing.png"), "--json", "--top", "2"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert sorted(p["file"] for p in res["predictions"]) == sorted(str(f) for f in good)
+    assert all(len(p["top"]) == 2 for p in res["predictions"])
+    skipped = {Path(s["file"]).name: s["error"] for s in res["skipped"]}
+    assert set(skipped) == {"corrupt.png", "truncated.jpg", "empty", "missing.png"}
+    assert "truncated" in skipped["truncated.jpg"] or "incomplete" in skipped["truncated.jpg"].lower()
+    for name in skipped:
+        assert f"skipped {next(s['file'] for s in res['skipped'] if Path(s['file']).name == name)}" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_predict_prints_each_file_then_its_classes(runs, data, tmp_path, monkeypatch, capsys):
+    img = _write(tmp_path / "img.jpg", np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8))
+    code, out = _cli(monkeypatch, capsys, "predict", str(runs / "linear"), str(img), "--top", "1000",
+                     "--data-dir", str(data))
+    assert code == 0
+    lines = out.out.splitlines()
+    assert lines[0] == str(img) and len(lines) == 1 + 100  # --top clamps to the classes there are
+    assert all(re.fullmatch(r"\s+\d+\.\d\d%  \w+", line) for line in lines[1:])
+    assert "taken from the store" in out.err  # this checkpoint predates recorded class names
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "{run}", "{empty}"], "No image to predict"),
+    (["predict", "{run}", "{text}"], "not an image"),
+    (["predict", "{run}", "{img}", "--top", "0"], "--top 0"),
+    (["predict", "{nowhere}", "{img}"], "does not exist"),
+    (["predict", "{text}", "{img}"], "not a readable fastcifar checkpoint"),
+    (["predict", "{fake_onnx}", "{img}"], "not a readable ONNX model"),
+    (["predict", "{plain_st}", "{img}"], "without fastcifar metadata"),
+    (["export", "{run}", "--format", "tflite"], "choose one of onnx, safetensors, timm"),
+    (["export", "{nowhere}", "--format", "onnx"], "does not exist"),
+    (["export", "{text}", "--format", "safetensors"], "not a readable fastcifar checkpoint"),
+    (["export", "{run}", "--format", "safetensors", "--out", "{text}"], "*.safetensors"),
+    (["export", "{run}", "--format", "safetensors", "--out", "{user_st}"], "--force"),
+    (["export", "{run}", "--format", "timm", "--out", "{run}/best.pt", "--force"], "the checkpoint being exported"),
+    (["export", "{run}", "--format", "safetensors", "--out", "{text}/x.safetensors"], "Cannot write"),
+])
+def test_bad_input_exits_2_and_leaves_files_alone(runs, data, tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    paths = {"run": runs / "linear", "empty": tmp_path / "empty", "text": tmp_path / "notes.txt",
+             "img": _write(tmp_path / "img.png", np.zeros((32, 32, 3), np.uint8)), "nowhere": tmp_path / "nowhere",
+             "fake_onnx": tmp_path / "fake.onnx", "plain_st": tmp_path / "plain.safetensors",
+             "user_st": tmp_path / "mine.safetensors"}
+    paths["text"].write_text("a user's notes")
+    paths["fake_onnx"].write_bytes(b"\x08\x07garbage")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(paths["plain_st"]))
+    paths["user_st"].write_bytes(b"a user's file")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    run_files = {p.name: p.stat().st_mtime_ns for p in (runs / "linear").iterdir()}
+    code, out = _cli(monkeypatch, capsys, *[a.format(**paths) for a in args], "--data-dir", str(data))
+    assert code == 2, out
+    assert message in out.err.replace("\n", " ")
+    assert "\nerror: " in "\n" + out.err  # the one-paragraph message
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or changed
+    assert {p.name: p.stat().st_mtime_ns for p in (runs / "linear").iterdir()} == run_files
+
+
+def test_out_force_and_directory(runs, data, tmp_path, monkeypatch, capsys):
+    mine = tmp_path / "model.safetensors"
+    mine.write_bytes(b"a user's file")
+    code, _ = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(mine),
+                   "--data-dir", str(data))
+    assert code == 2 and mine.read_bytes() == b"a user's file"
+    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(mine),
+                     "--force", "--data-dir", str(data))
+    assert code == 0 and ex.read_safetensors(mine)[0]["num_classes"] == 100
+    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(tmp_path),
+                     "--data-dir", str(data))
+    assert code == 0 and (tmp_path / "best.safetensors").is_file()  # a directory takes the default name
+    (tmp_path / "deeper").mkdir()
+    (tmp_path / "deeper" / "best.safetensors").mkdir()
+    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out",
+                     str(tmp_path / "deeper"), "--force", "--data-dir", str(data))
+    assert code == 2 and "is a directory" in out.err.replace("\n", " ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "deeper", "model.safetensors"]  # no temp files
+
+
+# ---- class names and mean/std: from the checkpoint, else the store -------------------------------
+
+def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(runs, data, tmp_path, monkeypatch, capsys):
+    ck = checkpoint.load(runs / "arcface" / "best.pt")
+    ck["class_names"] = [f"class{i}" for i in range(100)]
+    ck["preprocess"] = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "image_size": 40, "interpolation": "cubic"}
+    checkpoint.save(tmp_path / "new.pt", ck)
+    img = _write(tmp_path / "img.png", np.full((32, 32, 3), 128, np.uint8))
+    lines = []
+    path = ex.export(tmp_path / "new.pt", "safetensors", data_dir=tmp_path / "no-store", log=lines.append)
+    c, _ = ex.read_safetensors(path)
+    assert c["class_names"][7] == "class7" and c["preprocess"]["mean"] == [0.5, 0.4, 0.3]
+    assert not any("taken from the store" in line for line in lines) and "noise images" in lines[-1]
+    res = predict(tmp_path / "new.pt", [img], top=1, data_dir=tmp_path / "no-store", log=lines.append)
+    assert res["predictions"][0]["top"][0]["class"].startswith("class")
+    # a record that is not one: exit 2, naming it
+    for key, value in (("class_names", "cat"), ("class_names", ["a"] * 3), ("preprocess", {"mean": "grey", "std": [1] * 3})):
+        broken = dict(ck, **{key: value})
+        checkpoint.save(tmp_path / "broken.pt", broken)
+        with pytest.raises(BadInput, match="unusable"):
+            ex.export(tmp_path / "broken.pt", "safetensors", out=tmp_path / "b.safetensors", data_dir=data, log=QUIET)
+    # an old checkpoint with neither a record nor a store: exit 2 naming what is missing
+    code, out = _cli(monkeypatch, capsys, "predict", str(runs / "arcface"), str(img), "--data-dir", str(tmp_path / "no-store"))
+    err = out.err.replace("\n", " ")
+    assert code == 2 and "class names" in err and "mean/std" in err and "--data-dir" in err
+
+
+def test_a_store_of_another_size_is_refused(runs, data, tmp_path):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["fine_label_names"] = meta["fine_label_names"][:10]
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match="has 10 classes"):
+        ex.export(runs / "linear", "safetensors", out=tmp_path / "x.safetensors", data_dir=other, log=QUIET)
+
+
+# ---- the optional dependencies --------------------------------------------------------------------
+
+@pytest.mark.parametrize("blocked, args", [
+    ("onnxscript", ["export", "{run}", "--format", "onnx"]),
+    ("safetensors", ["export", "{run}", "--format", "safetensors"]),
+    ("onnxruntime", ["predict", "{onnx}", "{img}"]),
+])
+def test_without_the_export_extra_it_says_what_to_install(runs, data, onnx_files, tmp_path, monkeypatch, capsys,
+                                                          blocked, args):
+    img = _write(tmp_path / "img.png", np.zeros((32, 32, 3), np.uint8))
+    monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ImportError
+    code, out = _cli(monkeypatch, capsys, *[a.format(run=runs / "linear", onnx=onnx_files["linear"], img=img)
+                                            for a in args], "--data-dir", str(data))
+    err = out.err.replace("\n", " ")
+    assert code == 2 and blocked in err and 'pip install "fastcifar[export]"' in err
+
+
+@pytest.mark.parametrize("kind", ["linear", "arcface"])
+def test_readme_preprocessing_is_what_predict_does(runs, data, tmp_path, kind):
+    c = ex.card(checkpoint.load(runs / kind / "best.pt"), from_dict(checkpoint.load(runs / kind / "best.pt")["recipe"]),
+                "run", data, log=QUIET)
+    scope = {}
+    exec(_readme_block("def preprocess_image"), scope)
+    rng = np.random.default_rng(2)
+    for name, shape in (("a.png", (32, 32, 3)), ("b.jpg", (120, 90, 3)), ("c.png", (17, 40, 3))):
+        f = _write(tmp_path / name, rng.integers(0, 256, shape, dtype=np.uint8))
+        ours = ex.preprocess(torch.from_numpy(read_image(f))[None], c)
+        theirs = scope["preprocess_image"](str(f), c)
+        assert ours.shape == theirs.shape == (1, 3, c["preprocess"]["image_size"], c["preprocess"]["image_size"])
+        assert (ours - theirs).abs().max() < 1e-5
