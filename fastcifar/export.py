@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from fastcifar import BadInput, __version__, checkpoint
-from fastcifar.config import HEAD_KINDS, Head, Model, from_dict
-from fastcifar.models import Net, _cifar_stem, build_model
+from fastcifar.config import Head, Model
+from fastcifar.heads import HEADS
+from fastcifar.models import Net, cifar_stem, net_from_checkpoint, net_from_state, num_classes
 from pipelines.spec import INTERPOLATIONS, AugSpec, mean_std
 
 FORMATS = ("onnx", "safetensors", "timm")
@@ -59,33 +60,6 @@ def require(fmt_or_use: str, modules) -> None:
 
 
 # ---- the network and its card -------------------------------------------------------------------
-
-def num_classes(state: dict, kind: str) -> int:
-    """Classes of a Net state dict, read from its head's weights."""
-    key = "head.fc.weight" if kind == "linear" else "head.weight"
-    if not isinstance(state.get(key), torch.Tensor) or state[key].ndim != 2:
-        raise BadInput(f"The weights hold no {kind} head ({key} is missing): not a fastcifar network.")
-    return state[key].shape[0]
-
-
-def net_from_state(model_cfg: Model, head_cfg: Head, state: dict, where) -> Net:
-    """A Net (CPU, fp32, eval mode) built from model/head sections and loaded with state."""
-    model_cfg.pretrained, model_cfg.pretrained_file = False, ""  # the weights come from `state`
-    net = build_model(model_cfg, head_cfg, num_classes(state, head_cfg.kind))
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise BadInput(f"The weights in {where} do not fit {model_cfg.name} with a {head_cfg.kind} head: "
-                       f"{str(e).splitlines()[0]} ({len(str(e).splitlines())} lines of mismatches).")
-    return net.eval()
-
-
-def model_from_checkpoint(ck: dict, where) -> tuple[Net, object]:
-    """The evaluation network of a loaded checkpoint and its Recipe. (The one place that builds a
-    net from a checkpoint here; it belongs in fastcifar.runtime once that exists.)"""
-    r = from_dict(ck["recipe"])
-    return net_from_state(r.model, r.head, ck["model"], where), r
-
 
 def card(ck: dict, r, where, data_dir=None, log=print) -> dict:
     """What an export needs besides the weights. Class names and mean/std come from the checkpoint
@@ -147,7 +121,7 @@ def check_card(c, where) -> dict:
         if not (isinstance(c["model"]["name"], str) and isinstance(c["model"]["cifar_stem"], bool)):
             bad(f"model {c['model']!r}")
         h = c["head"]
-        if h["kind"] not in HEAD_KINDS or not set(h) <= {"kind", "s", "m", "embed_dim"} \
+        if h["kind"] not in HEADS or not set(h) <= {"kind", "s", "m", "embed_dim"} \
                 or (h["kind"] != "linear" and not (isinstance(h["embed_dim"], int) and isinstance(h["s"], (int, float)))):
             bad(f"head {h!r}")
     except (KeyError, TypeError) as e:
@@ -271,7 +245,7 @@ def timm_model(c: dict):
 
     m = timm.create_model(c["model"]["name"], num_classes=c["num_classes"])
     if c["model"]["cifar_stem"]:
-        _cifar_stem(m)
+        cifar_stem(m)
     return m
 
 
@@ -356,7 +330,7 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     src = checkpoint.resolve(ref, prefer="best.pt")
     path = out_path(out, src, fmt, force)
     ck = checkpoint.load(src)
-    net, r = model_from_checkpoint(ck, src)
+    net, r = net_from_checkpoint(ck, src)
     if fmt == "timm":
         timm_takes(r.head.kind)
     c = card(ck, r, src, data_dir, log)

@@ -38,14 +38,29 @@ def build_model(model_cfg, head_cfg, num_classes: int = 100) -> Net:
     return Net(backbone, head)
 
 
-def net_from_checkpoint(ck: dict, path, device: torch.device, num_classes: int):
-    """(Net, Recipe) of a checkpoint: the Net its recipe describes holding its weights, on device in
-    the recipe's memory format, in eval mode. The recipe's pretrained source is not fetched again."""
+def num_classes(state: dict, head_kind: str) -> int:
+    """Classes of a Net state dict, read from its head's weights."""
+    key = "head.fc.weight" if head_kind == "linear" else "head.weight"
+    if not isinstance(state.get(key), torch.Tensor) or state[key].ndim != 2:
+        raise BadInput(f"The weights hold no {head_kind} head ({key} is missing): not a fastcifar network.")
+    return state[key].shape[0]
+
+
+def net_from_state(model_cfg, head_cfg, state: dict, where) -> Net:
+    """The Net a recipe's model and head sections describe, holding `state` (CPU, fp32, eval mode);
+    the number of classes is the head's. The recipe's pretrained source is not fetched again."""
+    model_cfg.pretrained, model_cfg.pretrained_file = False, ""  # the weights come from `state`
+    net = build_model(model_cfg, head_cfg, num_classes(state, head_cfg.kind))
+    load_weights(net, state, where)
+    return net.eval()
+
+
+def net_from_checkpoint(ck: dict, path, device: torch.device = torch.device("cpu")):
+    """(Net, Recipe) of a loaded checkpoint: its weights in the Net its recipe describes, on device
+    in the recipe's memory format, in eval mode."""
     r = from_dict(ck["recipe"])
-    r.model.pretrained, r.model.pretrained_file = False, ""  # the weights come from the checkpoint
-    net = build_model(r.model, r.head, num_classes)
-    load_weights(net, ck["model"], path)
-    return net.to(device, memory_format=memory_format(r.model.channels_last)).eval(), r
+    net = net_from_state(r.model, r.head, ck["model"], path)
+    return net.to(device, memory_format=memory_format(r.model.channels_last)), r
 
 
 def load_weights(module: nn.Module, state_dict: dict, path) -> None:
@@ -82,7 +97,7 @@ def build_backbone(cfg) -> nn.Module:
             f"weights elsewhere (e.g. timm.create_model('{cfg.name}', pretrained=True).state_dict() saved "
             f"with torch.save), then set model.pretrained_file=PATH; or train from scratch with "
             f"model.pretrained=false.")
-    stem = _cifar_stem(m) if cfg.cifar_stem else None
+    stem = cifar_stem(m) if cfg.cifar_stem else None
     if cfg.pretrained_file:
         _load_file(m, Path(cfg.pretrained_file), skip=stem)
     return m
@@ -101,7 +116,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def _cifar_stem(m: nn.Module) -> str:
+def cifar_stem(m: nn.Module) -> str:
     """Replace the first conv with a 3x3 stride-1 one and drop the max-pool, so a 32x32 image keeps
     4x4 px at the last stage instead of 1x1. Returns the replaced conv's name. The new conv starts
     from random weights (a pretrained 7x7 stride-2 kernel means something else at stride 1)."""

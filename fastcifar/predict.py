@@ -24,6 +24,7 @@ import torch
 
 from fastcifar import BadInput, checkpoint
 from fastcifar import export as ex
+from fastcifar.models import net_from_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a directory is searched for
 BATCH = 64  # images per forward pass: 38 MB of input at 224 px
@@ -59,7 +60,7 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
     else:
         kind, p = "checkpoint", checkpoint.resolve(ref, prefer="best.pt")
         ck = checkpoint.load(p)
-        net, r = ex.model_from_checkpoint(ck, p)
+        net, r = net_from_checkpoint(ck, p)
         c = ex.card(ck, r, p, data_dir, log)
 
     def run(x):

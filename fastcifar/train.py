@@ -34,7 +34,7 @@ from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import check_replaceable, default_data_dir, open_store, prepare
 from fastcifar.losses import Classify, Distill
-from fastcifar.models import build_model, load_weights, net_from_checkpoint
+from fastcifar.models import build_model, load_weights, net_from_checkpoint, num_classes
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.report import duration
 from pipelines.loader import make_loader
@@ -137,7 +137,7 @@ class Trainer:
         if ck is not None and "store" in ck:
             check_same_store(self.store, ck["store"], resume)
         self.num_classes = len(self.store.class_names)
-        self.teacher, teacher_recipe = (load_teacher(r, self.device, self.num_classes) if r.distill.teacher
+        self.teacher, teacher_recipe = (load_teacher(r, self.device, self.store) if r.distill.teacher
                                         else (None, None))
         train_rows, val_rows, test_rows = split_rows(len(self.store.labels("train")), len(self.store.labels("test")), r.data)
         common = dict(backend=r.data.backend, device=self.device, seed=rt.seed, shard=(self.rank, self.world))
@@ -331,7 +331,14 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": checkpoint.rng_state(), "mix_rng": self.mix_gen.get_state(),
                 "recipe": to_dict(self.r), "info": self.info, "world_size": self.world, "store": self.store_record(),
-                **self.progress.state_dict()}
+                # what the model means outside fastcifar (export, predict): its classes and its input
+                "class_names": self.store.class_names, "preprocess": self.preprocess(), **self.progress.state_dict()}
+
+    def preprocess(self) -> dict:
+        """The input the model expects, as data: size, resize filter, mean/std (0..1 units)."""
+        mean, std = mean_std(self.r.aug, self.store)
+        return {"image_size": self.r.aug.image_size, "interpolation": self.r.aug.interpolation,
+                "mean": list(mean), "std": list(std)}
 
     def store_record(self) -> dict:
         """Which store the run trains on: where it was and its arrays' checksums (resume checks them)."""
@@ -449,7 +456,8 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
     store = open_store(data_dir)
-    model, r = net_from_checkpoint(ck, path, dev, len(store.class_names))
+    check_classes(ck, store, path)
+    model, r = net_from_checkpoint(ck, path, dev)
     loader = make_loader(store, "test", r.aug, batch_size, backend=backend or r.data.backend, device=dev,
                          seed=r.train.seed, augment=False)
     res = evaluate(model, loader, runtime.autocast(dev, r.train.amp))
@@ -530,7 +538,15 @@ def split_rows(n_train: int, n_test: int, d) -> tuple[np.ndarray | None, np.ndar
     return train, val, test
 
 
-def load_teacher(r: Recipe, device: torch.device, num_classes: int) -> tuple[torch.nn.Module, Recipe]:
+def check_classes(ck: dict, store, path) -> None:
+    """Raise BadInput unless the checkpoint's head has the store's number of classes."""
+    n = num_classes(ck["model"], from_dict(ck["recipe"]).head.kind)
+    if n != len(store.class_names):
+        raise BadInput(f"The model in {path} has {n} classes, the store at {store.dir} {len(store.class_names)}: "
+                       f"not the data it was trained on. Pass --data-dir with that store.")
+
+
+def load_teacher(r: Recipe, device: torch.device, store) -> tuple[torch.nn.Module, Recipe]:
     """The frozen teacher of r.distill.teacher (run dir, checkpoint or recipe name) and its recipe,
     read from its checkpoint: it sees its own image size and must share the student's normalisation."""
     try:
@@ -538,7 +554,9 @@ def load_teacher(r: Recipe, device: torch.device, num_classes: int) -> tuple[tor
     except BadInput as e:
         raise BadInput(f"distill.teacher = {r.distill.teacher!r}: {e} Train the teacher first (e.g. `fastcifar "
                        f"train {r.distill.teacher}`), or --set distill.teacher=RUN_DIR_OR_CHECKPOINT.")
-    teacher, tr = net_from_checkpoint(checkpoint.load(path), path, device, num_classes)
+    ck = checkpoint.load(path)
+    check_classes(ck, store, path)
+    teacher, tr = net_from_checkpoint(ck, path, device)
     if tr.aug.normalize != r.aug.normalize:
         raise BadInput(f"The teacher {path} was trained with aug.normalize={tr.aug.normalize!r}, the student "
                        f"uses {r.aug.normalize!r}; both see one augmented batch, so set aug.normalize={tr.aug.normalize}.")

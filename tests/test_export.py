@@ -308,7 +308,12 @@ def test_predict_prints_each_file_then_its_classes(runs, data, tmp_path, monkeyp
     lines = out.out.splitlines()
     assert lines[0] == str(img) and len(lines) == 1 + 100  # --top clamps to the classes there are
     assert all(re.fullmatch(r"\s+\d+\.\d\d%  \w+", line) for line in lines[1:])
-    assert "taken from the store" in out.err  # this checkpoint predates recorded class names
+    assert "taken from the store" not in out.err  # the trainer records class names and preprocessing
+    # a checkpoint written before they were recorded takes them from the store, and says so
+    code, old = _cli(monkeypatch, capsys, "predict", str(old_checkpoint(runs / "linear", tmp_path)), str(img),
+                     "--data-dir", str(data))
+    assert code == 0 and "taken from the store" in old.err
+    assert old.out.splitlines()[1:6] == lines[1:6]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -316,12 +321,12 @@ def test_predict_prints_each_file_then_its_classes(runs, data, tmp_path, monkeyp
     (["predict", "{run}", "{text}"], "not an image"),
     (["predict", "{run}", "{img}", "--top", "0"], "--top 0"),
     (["predict", "{nowhere}", "{img}"], "does not exist"),
-    (["predict", "{text}", "{img}"], "not a readable fastcifar checkpoint"),
+    (["predict", "{text}", "{img}"], "not a readable checkpoint"),
     (["predict", "{fake_onnx}", "{img}"], "not a readable ONNX model"),
     (["predict", "{plain_st}", "{img}"], "without fastcifar metadata"),
     (["export", "{run}", "--format", "tflite"], "choose one of onnx, safetensors, timm"),
     (["export", "{nowhere}", "--format", "onnx"], "does not exist"),
-    (["export", "{text}", "--format", "safetensors"], "not a readable fastcifar checkpoint"),
+    (["export", "{text}", "--format", "safetensors"], "not a readable checkpoint"),
     (["export", "{run}", "--format", "safetensors", "--out", "{text}"], "*.safetensors"),
     (["export", "{run}", "--format", "safetensors", "--out", "{user_st}"], "--force"),
     (["export", "{run}", "--format", "timm", "--out", "{run}/best.pt", "--force"], "the checkpoint being exported"),
@@ -370,6 +375,14 @@ def test_out_force_and_directory(runs, data, tmp_path, monkeypatch, capsys):
 
 # ---- class names and mean/std: from the checkpoint, else the store -------------------------------
 
+def old_checkpoint(run, tmp_path):
+    """The run's best.pt as fastcifar wrote it before checkpoints recorded class names and preprocessing."""
+    ck = checkpoint.load(run / "best.pt")
+    del ck["class_names"], ck["preprocess"]
+    checkpoint.save(tmp_path / f"old-{run.name}.pt", ck)
+    return tmp_path / f"old-{run.name}.pt"
+
+
 def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(runs, data, tmp_path, monkeypatch, capsys):
     ck = checkpoint.load(runs / "arcface" / "best.pt")
     ck["class_names"] = [f"class{i}" for i in range(100)]
@@ -390,7 +403,8 @@ def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(runs
         with pytest.raises(BadInput, match="unusable"):
             ex.export(tmp_path / "broken.pt", "safetensors", out=tmp_path / "b.safetensors", data_dir=data, log=QUIET)
     # an old checkpoint with neither a record nor a store: exit 2 naming what is missing
-    code, out = _cli(monkeypatch, capsys, "predict", str(runs / "arcface"), str(img), "--data-dir", str(tmp_path / "no-store"))
+    code, out = _cli(monkeypatch, capsys, "predict", str(old_checkpoint(runs / "arcface", tmp_path)), str(img),
+                     "--data-dir", str(tmp_path / "no-store"))
     err = out.err.replace("\n", " ")
     assert code == 2 and "class names" in err and "mean/std" in err and "--data-dir" in err
 
@@ -402,8 +416,10 @@ def test_a_store_of_another_size_is_refused(runs, data, tmp_path):
     meta = json.loads((other / "meta.json").read_text())
     meta["fine_label_names"] = meta["fine_label_names"][:10]
     (other / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(BadInput, match="has 10 classes"):
-        ex.export(runs / "linear", "safetensors", out=tmp_path / "x.safetensors", data_dir=other, log=QUIET)
+    # (open_store refuses a CIFAR-100 meta.json with 10 names; either way the export is refused)
+    with pytest.raises(BadInput, match="has 10 classes|fine_label_names must be 100"):
+        ex.export(old_checkpoint(runs / "linear", tmp_path), "safetensors", out=tmp_path / "x.safetensors",
+                  data_dir=other, log=QUIET)
 
 
 # ---- the optional dependencies --------------------------------------------------------------------
