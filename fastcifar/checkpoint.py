@@ -71,10 +71,12 @@ def torch_load(path: Path, what: str = "checkpoint"):
         raise BadInput(f"The {what} {path} does not exist.")
     except IsADirectoryError:
         raise BadInput(f"The {what} {path} is a directory, not a file.")
-    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: exactly what must not happen
-        raise BadInput(f"{path} holds objects other than tensors and plain data; fastcifar refuses to load it, "
-                       f"since unpickling them could run code. Is it a {what} written by fastcifar (or torch.save "
-                       f"of a state dict)?")
+    except pickle.UnpicklingError as e:  # torch's message advises weights_only=False: never pass that on
+        if "Unsupported global" in str(e):
+            raise BadInput(f"{path} holds objects other than tensors and plain data; fastcifar refuses to load it, "
+                           f"since unpickling them could run code. Is it a {what} written by fastcifar (or "
+                           f"torch.save of a state dict)?")
+        raise BadInput(f"{path} is not a readable {what} (not a torch file of tensors and plain data).")
     except Exception as e:
         raise BadInput(f"{path} is not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).")
 

@@ -659,7 +659,7 @@ def test_cli_oserror_backstop_is_one_paragraph_exit_2(monkeypatch, capsys):
 
     def disk_full():
         raise OSError(28, "No space left on device", "/data/runs/x/last.pt")
-    monkeypatch.setattr(config, "available", disk_full)
+    monkeypatch.setattr(config, "recipe_sources", disk_full)
     monkeypatch.setattr(sys, "argv", ["fastcifar", "recipes"])
     with pytest.raises(SystemExit) as e:
         cli.main()
