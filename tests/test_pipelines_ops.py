@@ -10,9 +10,8 @@ import torch
 from pipelines import AugSpec, make_loader
 from pipelines.draw import LUMA, batch_rng, draw
 from pipelines.spec import tutorial_oneof
-from pipelines_helpers import BACKENDS, as_uint8_nhwc
+from pipelines_helpers import BACKENDS, BATCHED, as_uint8_nhwc, needs_dali
 
-BATCHED = [b for b in BACKENDS if getattr(b, "values", [b])[0] != "tutorial"]  # apply pipelines.draw's draws
 SEED = 11
 
 
@@ -131,7 +130,7 @@ def test_oneof_applies_exactly_one_op(store, backend):
     assert all((o != s).any() for o, s in zip(out[ssr], src[ssr]))
 
 
-@pytest.mark.skipif("dali" not in [getattr(b, "values", [b])[0] for b in BATCHED], reason="DALI not installed")
+@needs_dali
 @pytest.mark.parametrize("size", [32, 224])
 def test_dali_and_torch_agree(store, size):
     """The same draws through DALI and torch: at 32 every pixel within 1/255 (rounding of the
@@ -149,7 +148,8 @@ def test_dali_and_torch_agree(store, size):
     assert diff.max() <= bound + 1e-3 and diff.mean() <= mean_bound, f"max {diff.max():.3f}/255 mean {diff.mean():.4f}/255"
 
 
-def test_random_resized_crop_draws(store):
+@pytest.mark.parametrize("backend", BATCHED)
+def test_random_resized_crop_draws(store, backend):
     """Resized crops keep the output size, cover 25-50% of the image (+-1 px per side of rounding)
     with aspect ratio in [3/4, 4/3], and zoom in (the output differs from the store)."""
     spec = AugSpec(rrc_scale=(0.25, 0.5))
@@ -159,9 +159,8 @@ def test_random_resized_crop_draws(store):
     assert ((w * h >= 0.25 * 1024 - 2 * 32) & (w * h <= 0.5 * 1024 + 2 * 32)).all()
     assert ((w / h >= 0.75 * 0.9) & (w / h <= 4 / 3 * 1.1)).all()
     assert ((a[:, 0, 2] >= 0) & (a[:, 0, 2] + w <= 32) & (a[:, 1, 2] >= 0) & (a[:, 1, 2] + h <= 32)).all()
-    for backend in BATCHED:
-        out, src, _ = first_batch(store, spec, getattr(backend, "values", [backend])[0])
-        assert out.shape == src.shape and all((o != s).any() for o, s in zip(out, src))
+    out, src, _ = first_batch(store, spec, backend)
+    assert out.shape == src.shape and all((o != s).any() for o, s in zip(out, src))
 
 
 @pytest.mark.parametrize("backend", BATCHED)
@@ -190,7 +189,7 @@ def test_resume_repeats_an_epoch(store, backend):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-@pytest.mark.skipif("dali" not in [getattr(b, "values", [b])[0] for b in BATCHED], reason="DALI not installed")
+@needs_dali
 def test_cubic_resize_in_range_and_close(store):
     """interpolation='cubic': each backend uses its own bicubic kernel (DALI's differs from torch's
     and cv2's at sharp edges, up to about 24/255 on these synthetic shapes), so only the mean
