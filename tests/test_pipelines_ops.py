@@ -3,9 +3,12 @@ the torch ops agree; a resumed loader repeats an epoch exactly."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipelines import AugSpec, make_loader
 from pipelines.draw import LUMA, batch_rng, draw
@@ -217,3 +220,64 @@ def test_tutorial_both_paths(store, monkeypatch, alb):
     assert out.shape == src.shape and (out != src).any(axis=(1, 2, 3)).mean() > 0.9
     out, src, _ = first_batch(store, AugSpec(), "tutorial", batch_size=50)
     np.testing.assert_array_equal(out, src)
+
+
+# ---- TF32: the trainer turns it on; the pipelines must give the same images with it on or off
+
+MATMUL_OPS = re.compile(r"(^|_)(mm|bmm|addmm|baddbmm|addbmm|mv|dot|vdot|matmul|einsum|linear|tensordot|"
+                        r"affine_grid_generator)$|conv")  # affine_grid_generator is a bmm inside
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op dispatched while active (names like 'bmm', 'grid_sampler_2d')."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_torch_backend_runs_no_matmul(store):
+    """No op of the torch backend is a matmul or convolution, the ops TF32 rounds to 10 mantissa
+    bits on a GPU: so its images cannot depend on the TF32 flags, on any device. (A CPU cannot
+    show TF32 itself; which ops run is the same on every device.)"""
+    spec = AugSpec(image_size=64, pad_crop=2, normalize="cifar", **tutorial_oneof(1.0))
+    loader = make_loader(store, "train", spec, batch_size=100, backend="torch", seed=SEED)
+    with OpRecorder() as rec:
+        next(iter(loader))
+    assert {"grid_sampler_2d", "upsample_bilinear2d", "mul"} <= rec.ops  # it did record the backend's work
+    assert not [op for op in rec.ops if MATMUL_OPS.search(op)], sorted(rec.ops)
+
+
+@pytest.fixture
+def fast_math():
+    """What the trainer sets for speed (TF32 matmuls and convolutions), then 'medium', which on a
+    CPU lets oneDNN run float32 matmuls through bfloat16 where the CPU has it; restored after."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+
+    def on(precision):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision(precision)
+
+    yield on
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+    torch.set_float32_matmul_precision(saved[2])
+
+
+@pytest.mark.parametrize("backend", BATCHED)
+def test_images_ignore_fast_math_flags(store, backend, fast_math):
+    """The same batch with the trainer's TF32 flags and set_float32_matmul_precision('high' or
+    'medium') as without them, bit for bit. What a CPU can show: the TF32 flags act on CUDA only;
+    'medium' lets oneDNN round float32 matmuls differently on a CPU with bfloat16 units (on this
+    project's CI machine a colour-jitter einsum then changes a few of the 1.5M values below). On a
+    GPU the flags switch on TF32 (bench/gpu_check.sh repeats the check there), and
+    test_torch_backend_runs_no_matmul shows on any machine that no op they act on runs."""
+    spec = AugSpec(jitter_p=1.0, ssr_p=0.5)  # all 500 images: a CPU's changes are rare roundings of the last bit
+    batch = lambda: next(iter(make_loader(store, "train", spec, batch_size=500, backend=backend, seed=SEED)))[0]
+    ref = batch()
+    for precision in ("high", "medium"):
+        fast_math(precision)
+        assert torch.equal(batch(), ref), f"set_float32_matmul_precision({precision!r}) changed the images"
