@@ -5,7 +5,9 @@ of a batch takes (DALI runs them on an empty batch). DALI in its CPU mode here; 
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +15,8 @@ import torch
 
 from fastcifar import BadInput
 from pipelines import AugSpec, make_loader
-from pipelines.draw import batch_rng, draw, may
+from pipelines.draw import may
 from pipelines.spec import tutorial_oneof
-from pipelines_helpers import as_uint8_nhwc
 
 nvidia_dali = pytest.importorskip("nvidia.dali", reason="DALI does not import here")
 from nvidia.dali import fn, pipeline_def  # noqa: E402
@@ -90,39 +91,29 @@ def test_graph_is_fed_only_what_it_reads(store, name):
     assert not [str(w.message) for w in seen if "external source" in str(w.message)]
 
 
-# Each op alone at a small p, then OneOf and a resized crop (almost every image warps, so the
-# whole-pixel branch is the empty one): at batch 1-4 most batches leave some branch empty.
-RARE = {"ssr": AugSpec(ssr_p=0.2), "jitter": AugSpec(jitter_p=0.15), "erase": AugSpec(erase_p=0.1),
-        "flips": AugSpec(hflip=0.3, vflip=0.05), "crop+flip": AugSpec(pad_crop=2, hflip=0.1),
-        "oneof": AugSpec(**tutorial_oneof(0.3)), "rrc": AugSpec(rrc_scale=(0.3, 1.0), hflip=0.1)}
+def _bench_script(name: str):
+    """A script of bench/ as a module (the GPU check runs the same functions on a GPU)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.mark.parametrize("name", RARE)
+agree = _bench_script("agree")
+
+
+@pytest.mark.parametrize("name", agree.RARE)
 def test_branches_no_image_takes(store, name):
     """Batches of 1-4 images over two seeds and two epochs, where an op's branch is often taken by
     no image of the batch (and sometimes by some): DALI gives the torch backend's images, within
-    1/255, batch for batch."""
-    spec, rows = RARE[name], np.arange(12)
-    empty, taken = set(), set()
-    for batch_size in (1, 2, 3, 4):
-        for seed in (0, 1):
-            make = lambda b: make_loader(store, "train", spec, batch_size, backend=b, seed=seed, indices=rows)
-            dali, torch_ = make("dali"), make("torch")
-            for epoch in (0, 1):
-                dali.set_epoch(epoch)
-                torch_.set_epoch(epoch)
-                for b, ((xd, yd), (xt, yt)) in enumerate(zip(dali, torch_, strict=True)):
-                    assert torch.equal(yd, yt)
-                    diff = np.abs(as_uint8_nhwc(xd).astype(int) - as_uint8_nhwc(xt))
-                    assert diff.max() <= 1, f"batch size {batch_size}, seed {seed}, epoch {epoch}, batch {b}"
-                    p = draw(spec, batch_size, batch_rng(seed, epoch, 0, b))
-                    masks = {"warp": p["warp"], "pixel moves": ~p["warp"], "jitter": p["jitter"], "erase": p["erase"]}
-                    for branch, mask in masks.items():
-                        (taken if mask.any() else empty).add(branch)
-    # the branches this spec has were skipped by a whole batch, and taken
+    1/255, batch for batch (bench/agree.py; bench/gpu_check.sh repeats it on a GPU)."""
+    (row,) = agree.branches(store, torch.device("cpu"), specs={name: agree.RARE[name]}, seeds=(0, 1))
+    assert row["ok"], row
+    spec = agree.RARE[name]
     if spec.rrc_scale:  # nearly every image warps: the whole-pixel branch is the one left empty
-        assert "pixel moves" in empty and "warp" in taken
-    else:
+        assert "pixel moves" in row["empty"] and "warp" in row["taken"]
+    else:  # every branch this spec has was skipped by a whole batch, and taken
         has = {"warp", "pixel moves"} if may(spec, "shift_scale_rotate") else set()
         has |= {k for k, op in (("jitter", "color_jitter"), ("erase", "coarse_dropout")) if may(spec, op)}
-        assert has <= empty & taken, f"never empty: {has - empty}, never taken: {has - taken}"
+        assert has <= set(row["empty"]) & set(row["taken"]), row
