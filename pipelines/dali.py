@@ -62,8 +62,8 @@ def to_torch(batch) -> torch.Tensor:
     """One DALI output batch (a TensorList, CPU or GPU) as a torch tensor on its memory, no copy.
 
     `as_tensor()` views the batch as one dense [N, ...] tensor (a TensorList's `shape()` is one
-    shape per image, which no torch tensor has). `torch.from_dlpack` passes DALI torch's current
-    stream, into which DALI inserts a wait for the batch when needed (on the CPU there is none)."""
+    shape per image, which no torch tensor has). `torch.from_dlpack` hands DALI torch's current
+    CUDA stream, and DALI makes that stream wait for the batch if needed (on the CPU: nothing)."""
     return torch.from_dlpack(batch.as_tensor())
 
 

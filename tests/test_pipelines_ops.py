@@ -158,6 +158,7 @@ def test_dali_and_torch_agree(store):
         assert at224.max() <= 2 + 1e-3 and at224.mean() <= 0.3, msg
 
 
+@pytest.mark.parametrize("backend", BATCHED)
 def test_random_resized_crop_draws(store, backend):
     """Resized crops keep the output size, cover 25-50% of the image (+-1 px per side of rounding)
     with aspect ratio in [3/4, 4/3], and zoom in (the output differs from the store)."""
