@@ -65,11 +65,13 @@ def report(out: Path) -> str:
     parts = []
     steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()[1:]] if (out / "steps.tsv").is_file() else []
     parts.append(_md(["step", "status", "seconds"], steps))
-    env = _json(out / "env.json") or {}
-    gpu = bool(env.get("gpu"))
-    parts.append(f"On {env.get('nvidia_smi') or env.get('gpu') or 'no GPU'}: python {env.get('python', '?')}, torch "
-                 f"{env.get('torch', '?')} (CUDA {env.get('cuda')}), timm {env.get('timm', '?')}, DALI "
-                 f"{env.get('dali') or 'not importable'}.")
+    env = _json(out / "env.json")
+    gpu = bool(env and env.get("gpu"))
+    if env:
+        parts.append(f"On {env.get('nvidia_smi') or env.get('gpu') or 'no GPU'}: python {env['python']}, torch "
+                     f"{env['torch']} (CUDA {env['cuda']}), timm {env['timm']}, DALI {env['dali'] or 'not importable'}.")
+    else:
+        parts.append("Versions not recorded: the env step did not run.")
 
     agree = _json(out / "agree.json")
     if agree:
