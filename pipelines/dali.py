@@ -1,11 +1,26 @@
 """The DALI backend: a `@pipeline_def` graph for training and one for evaluation.
 
 Index batches are read from the memmap on the host and enter through `fn.external_source` (batch
-mode) with their labels and the batch's augmentation draws (pipelines.draw). Every image op after
-it runs on the GPU when a device is given (`.gpu()`), and the very same graph runs in DALI's CPU
-mode (`device_id=None`) when there is none. DALI's own random ops are not used: the draws are a
-function of (seed, epoch, rank, batch), so the same seed gives the same batches and a resumed run
-is exact. Per-image ops run only on the images that drew them (DALI conditionals split the batch).
+mode) with their labels and the batch's augmentation draws (pipelines.draw): only the inputs this
+spec's graph reads (`graph_inputs`). Every image op after it runs on the GPU when a device is given
+(`.gpu()`), and the very same graph runs in DALI's CPU mode (`device_id=None`) when there is none.
+DALI's own random ops are not used: the draws are a function of (seed, epoch, rank, batch), so the
+same seed gives the same batches and a resumed run is exact. Per-image ops run only on the images
+that drew them (DALI conditionals split the batch; a branch no image takes runs on an empty batch).
+
+Outputs reach torch through one conversion, `to_torch`, on the CPU and the GPU alike, so CI runs
+the code the GPU runs. What only a GPU executes:
+
+| line                                          | what it does                                         |
+|-----------------------------------------------|------------------------------------------------------|
+| `images.gpu()`, `labels.gpu()` (both graphs)  | move the batch to the GPU after the external source  |
+| `device_id=self.device.index`                 | the pipeline's GPU                                   |
+| `stream = torch.cuda.current_stream(...)`     | handed to `run`: outputs ordered on torch's stream   |
+| `threads = min(4, ...)`                       | fewer CPU threads: on a GPU they only feed the source |
+
+It relies on DALI 2.x (checked when the backend is made: `check_dali`, then `exec_dynamic` at
+build): `run(cuda_stream)`, and the dynamic executor, whose outputs DALI never writes again once
+returned (so torch may keep them without a copy, as DALI's own PyTorch plugin does since 1.44).
 
 This module imports DALI at the top; pipelines.loader imports it only for backend="dali".
 """
@@ -13,17 +28,68 @@ This module imports DALI at the top; pipelines.loader imports it only for backen
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import torch
+import nvidia.dali
 from nvidia.dali import fn, pipeline_def, types
 
+from fastcifar import BadInput
 from pipelines.draw import SIDE, batch_rng, draw, may, mean_grey
 from pipelines.spec import AugSpec
 
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_DALI = 2  # major version: run(cuda_stream) and the dynamic executor's outputs that are never reused
+
+
+def check_dali() -> str:
+    """DALI's version, or BadInput when it is older than what this backend relies on."""
+    version = nvidia.dali.__version__
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        major = 0
+    if major < MIN_DALI:
+        raise BadInput(f"backend 'dali' needs NVIDIA DALI >= {MIN_DALI}.0 (its dynamic executor hands each batch "
+                       f"to torch without a copy, ordered on torch's CUDA stream), but DALI {version} is installed. "
+                       f"Upgrade it (pip install --upgrade 'nvidia-dali-cuda120>={MIN_DALI}.0', or "
+                       f"nvidia-dali-cuda130 for CUDA 13), or use --set data.backend=torch.")
+    return version
+
+
+def to_torch(batch) -> torch.Tensor:
+    """One DALI output batch (a TensorList, CPU or GPU) as a torch tensor on its memory, no copy.
+
+    `as_tensor()` views the batch as one dense [N, ...] tensor (a TensorList's `shape()` is one
+    shape per image, which no torch tensor has). `torch.from_dlpack` hands DALI torch's current
+    CUDA stream, and DALI makes that stream wait for the batch if needed (on the CPU: nothing)."""
+    return torch.from_dlpack(batch.as_tensor())
+
+
+def graph_inputs(spec: AugSpec, augment: bool) -> tuple[str, ...]:
+    """The external source's outputs that the graph for this spec reads, in order."""
+    if not augment:
+        return ("images", "labels")
+    names = ["images", "labels"]
+    if may(spec, "shift_scale_rotate") or spec.rrc_scale is not None:
+        names += ["warp", "affine"]  # which images need the general warp, and its maps
+    if spec.pad_crop:
+        names.append("shift")
+    if may(spec, "hflip") or may(spec, "vflip"):
+        names.append("flip")
+    if may(spec, "color_jitter"):
+        names += ["jitter", "colour", "offset"]
+    if may(spec, "coarse_dropout"):
+        names += ["erase", "anchor", "shape"]
+    return tuple(names)
+
+
+def _source(source, names):
+    """The external source node's outputs by name."""
+    outs = fn.external_source(source=source, num_outputs=len(names), batch=True,
+                              layout=["HWC" if n == "images" else "" for n in names])
+    return dict(zip(names, outs))
 
 
 def _finish(x, sizes, spec: AugSpec, mean, std):
@@ -45,44 +111,48 @@ def _finish(x, sizes, spec: AugSpec, mean, std):
     return [resize(x, size) for size in sizes]
 
 
-def _pixel_moves(x, shift, flip, spec: AugSpec):
+def _pixel_moves(x, inp, spec: AugSpec):
     """Pad-and-crop by whole pixels (a zero-padded slice), then the flips."""
-    if spec.pad_crop:
-        x = fn.slice(x, start=shift, shape=[SIDE, SIDE], axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
-    if may(spec, "hflip") or may(spec, "vflip"):
-        x = fn.flip(x, horizontal=flip[0], vertical=flip[1])
+    if "shift" in inp:
+        x = fn.slice(x, start=inp["shift"], shape=[SIDE, SIDE], axis_names="HW", out_of_bounds_policy="pad",
+                     fill_values=0)
+    if "flip" in inp:
+        x = fn.flip(x, horizontal=inp["flip"][0], vertical=inp["flip"][1])
     return x
 
 
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
     """Training graph: geometry (one affine warp), colour (one 3x4 matrix), erasing, resize, normalise."""
-    images, labels, warp, affine, shift, flip, jitter, colour, offset, erase, anchor, shape = fn.external_source(
-        source=source, num_outputs=12, batch=True, layout=["HWC"] + [""] * 11)
-    x = images.gpu() if gpu else images
+    inp = _source(source, graph_inputs(spec, True))
+    x = inp["images"].gpu() if gpu else inp["images"]
     # Per image: each op runs only on the images whose draw asked for it (the batch is split and
     # merged by DALI). Shift-scale-rotate or a resized crop needs the general warp (the whole
     # geometry in one map); the rest move by whole pixels: a zero-padded slice and a flip, 3-6x
     # cheaper than warp_affine on a CPU.
-    if may(spec, "shift_scale_rotate") or spec.rrc_scale is not None:
-        if warp:
-            x = fn.warp_affine(x, matrix=affine, fill_value=0, interp_type=types.INTERP_LINEAR)
+    if "warp" in inp:
+        if inp["warp"]:
+            x = fn.warp_affine(x, matrix=inp["affine"], fill_value=0, interp_type=types.INTERP_LINEAR)
         else:
-            x = _pixel_moves(x, shift, flip, spec)
+            x = _pixel_moves(x, inp, spec)
     else:
-        x = _pixel_moves(x, shift, flip, spec)
-    if may(spec, "color_jitter") and jitter:
-        x = fn.coord_transform(x, M=colour, T=offset, dtype=types.UINT8)  # rounds and clamps
-    if may(spec, "coarse_dropout") and erase:
-        x = fn.erase(x, anchor=anchor, shape=shape, axis_names="HW", fill_value=spec.erase_fill)
+        x = _pixel_moves(x, inp, spec)
+    if "jitter" in inp:
+        if inp["jitter"]:
+            x = fn.coord_transform(x, M=inp["colour"], T=inp["offset"], dtype=types.UINT8)  # rounds and clamps
+    if "erase" in inp:
+        if inp["erase"]:
+            x = fn.erase(x, anchor=inp["anchor"], shape=inp["shape"], axis_names="HW", fill_value=spec.erase_fill)
+    labels = inp["labels"]
     return (*_finish(x, sizes, spec, mean, std), labels.gpu() if gpu else labels)
 
 
 @pipeline_def
 def eval_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
     """Evaluation graph: resize and normalise only."""
-    images, labels = fn.external_source(source=source, num_outputs=2, batch=True, layout=["HWC", ""])
-    x = images.gpu() if gpu else images
+    inp = _source(source, graph_inputs(spec, False))
+    x = inp["images"].gpu() if gpu else inp["images"]
+    labels = inp["labels"]
     return (*_finish(x, sizes, spec, mean, std), labels.gpu() if gpu else labels)
 
 
@@ -104,8 +174,10 @@ class DaliBackend:
 
     def __init__(self, store, split, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
                  mean, std, batch_size: int):
+        check_dali()
         self.spec, self.sizes, self.device, self.seed, self.rank = spec, sizes, device, seed, rank
         self.augment, self.mean, self.std, self.batch_size = augment and spec.augments, mean, std, batch_size
+        self.names = graph_inputs(spec, self.augment)
         self.images, self.labels = store.images(split), store.labels(split)  # memmaps: read per batch
         self.gpu = device.type == "cuda"
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
@@ -116,36 +188,29 @@ class DaliBackend:
         threads = min(4, len(os.sched_getaffinity(0))) if self.gpu else len(os.sched_getaffinity(0))
         self.pipe = graph(self.feed, self.spec, self.sizes, self.mean, self.std, self.gpu,
                           batch_size=self.batch_size, num_threads=threads, prefetch_queue_depth=2,
-                          device_id=self.device.index if self.gpu else None, seed=self.seed)
-        with warnings.catch_warnings():  # outputs of the source that this spec's graph never reads
-            warnings.filterwarnings("ignore", message="The external source node")
-            self.pipe.build()
+                          device_id=self.device.index if self.gpu else None, seed=self.seed, exec_dynamic=True)
+        if not self.pipe.exec_dynamic:  # to_torch keeps DALI's buffers: only the dynamic executor never reuses them
+            raise RuntimeError(f"DALI {nvidia.dali.__version__} did not take the dynamic executor for this pipeline.")
+        self.pipe.build()
 
     def _inputs(self, batches, epoch):
-        """What external_source gets per batch: images, labels and (training) the draws."""
+        """What external_source gets per batch: the arrays named by graph_inputs, in that order."""
         for b, idx in batches:
-            x, y = np.take(self.images, idx, axis=0), np.take(self.labels, idx)
-            if not self.augment:
-                yield x, y
-                continue
-            p = draw(self.spec, len(idx), batch_rng(self.seed, epoch, self.rank, b))
-            offset = np.zeros((len(idx), 3), np.float32)
-            if p["jitter"].any():  # contrast pivots on the stored image's mean grey, as in the torch backend
-                j = p["jitter"]
-                offset[j] = (p["colour_k"][j] * mean_grey(x[j]))[:, None]
-            holes = p["holes"].astype(np.float32)
-            yield tuple(np.ascontiguousarray(a) for a in (
-                x, y, p["warp"], p["affine"], p["shift"], p["flip"], p["jitter"], p["colour"], offset, p["erase"],
-                holes[..., :2].reshape(len(idx), -1), holes[..., 2:].reshape(len(idx), -1)))
-
-    def _torch(self, tl, dtype):
-        """A DALI output batch as a torch tensor on the loader's device (zero-copy on the CPU)."""
-        if not self.gpu:
-            return torch.from_dlpack(tl.as_tensor())
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-        out = torch.empty((len(tl), *tl.shape()[0]), dtype=dtype, device=self.device)
-        feed_ndarray(tl, out, cuda_stream=torch.cuda.current_stream(self.device))
-        return out
+            a = {"images": np.take(self.images, idx, axis=0), "labels": np.take(self.labels, idx)}
+            if self.augment:
+                n = len(idx)
+                p = draw(self.spec, n, batch_rng(self.seed, epoch, self.rank, b))
+                a.update(warp=p["warp"], affine=p["affine"], shift=p["shift"], flip=p["flip"], jitter=p["jitter"],
+                         colour=p["colour"], erase=p["erase"])
+                if "offset" in self.names:  # contrast pivots on the stored image's mean grey, as in the torch backend
+                    a["offset"] = np.zeros((n, 3), np.float32)
+                    j = p["jitter"]
+                    if j.any():
+                        a["offset"][j] = (p["colour_k"][j] * mean_grey(a["images"][j]))[:, None]
+                if "anchor" in self.names:
+                    holes = p["holes"].astype(np.float32)
+                    a["anchor"], a["shape"] = holes[..., :2].reshape(n, -1), holes[..., 2:].reshape(n, -1)
+            yield tuple(np.ascontiguousarray(a[name]) for name in self.names)
 
     def epoch(self, batches, epoch: int):
         if self.pipe is None or not self._clean:  # new, or the last epoch was left half-way: rebuild
@@ -154,12 +219,12 @@ class DaliBackend:
         stream = torch.cuda.current_stream(self.device) if self.gpu else None
         while True:
             try:
-                outs = self.pipe.run(stream) if self.gpu else self.pipe.run()
+                outs = self.pipe.run(stream)  # None on the CPU: host-synchronous
             except StopIteration:
                 self.pipe.reset()
                 self._clean = True
                 return
-            images = tuple(self._torch(t, torch.float32).permute(0, 3, 1, 2) for t in outs[:-1])  # NCHW view
+            images = tuple(to_torch(t).permute(0, 3, 1, 2) for t in outs[:-1])  # NHWC memory seen as NCHW
             if self.spec.dtype != "float32":  # keeps channels_last
                 images = tuple(t.to(_TORCH[self.spec.dtype]) for t in images)
-            yield images, self._torch(outs[-1], torch.int64)
+            yield images, to_torch(outs[-1])

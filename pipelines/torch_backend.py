@@ -3,12 +3,13 @@ tensor ops on NHWC uint8 (no per-image Python loop), then resize, normalise, cas
 
 Images stay uint8 until the last step (a float copy at 224 costs more than the resize on a CPU).
 Which image gets which op is known on the host (pipelines.draw), so each op runs on the subset
-of the batch it touches, indexed without a device sync.
+of the batch it touches, indexed without a device sync. No op is a matmul (colour jitter, the mean
+grey and the affine grid are per-channel multiply-adds in float32): with TF32 on, which the trainer
+turns on, a CUDA matmul rounds its inputs to 10 bits and the backends would disagree.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Iterator
 
 import numpy as np
@@ -54,27 +55,36 @@ def theta(affine: np.ndarray, side: int = SIDE) -> np.ndarray:
     return (norm @ full @ np.linalg.inv(norm))[:, :2].astype(np.float32)
 
 
+def grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """F.affine_grid(theta, (n, C, h, w), align_corners=False) as multiply-adds: (n, h, w, 2)
+    sampling points of the pixel centres (affine_grid itself is a batched matmul, see above)."""
+    u = (torch.arange(w, device=theta.device, dtype=torch.float32) * 2 + 1) / w - 1  # centres in [-1, 1]
+    v = (torch.arange(h, device=theta.device, dtype=torch.float32) * 2 + 1) / h - 1
+    t = theta[:, :, None, None, :]  # (n, 2, 1, 1, 3): rows x' and y' of each map
+    g = t[..., 0] * u + t[..., 1] * v[:, None] + t[..., 2]  # (n, 2, h, w)
+    return g.permute(0, 2, 3, 1)
+
+
 def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Bilinear affine warp of uint8 NHWC images (maps from `theta()`), zero fill."""
     n, h, w, _ = x.shape
-    grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
-    y = F.grid_sample(x.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = F.grid_sample(x.permute(0, 3, 1, 2).float(), grid(theta, h, w), mode="bilinear", padding_mode="zeros",
+                      align_corners=False)
     return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def grey(x: torch.Tensor) -> torch.Tensor:
     """(n,) mean grey level (0..255) of uint8 NHWC images: the pivot of contrast jitter."""
-    return (x.float() @ _luma(x.device)).mean((1, 2))
-
-
-@functools.lru_cache
-def _luma(device: torch.device) -> torch.Tensor:
-    return torch.tensor(LUMA, dtype=torch.float32, device=device)
+    x = x.float()
+    r, g, b = LUMA.tolist()
+    return (x[..., 0] * r + x[..., 1] * g + x[..., 2] * b).mean((1, 2))
 
 
 def colour(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """out = M @ rgb + k * grey per image (see pipelines.draw), rounded and clamped to uint8."""
-    y = torch.einsum("nhwc,ndc->nhwd", x.float(), m) + (k * g)[:, None, None, None]
+    """out = M @ rgb + k * grey per image (see pipelines.draw), rounded and clamped to uint8;
+    M @ rgb as three multiply-adds per output channel (bench/tf32_free_ops.py times both ways)."""
+    x, m = x.float(), m[:, None, None]  # m: (n, 1, 1, out, in)
+    y = x[..., 0:1] * m[..., 0] + x[..., 1:2] * m[..., 1] + x[..., 2:3] * m[..., 2] + (k * g)[:, None, None, None]
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 

@@ -1,7 +1,16 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# FASTCIFAR_HIDE_DALI=1 runs the suite as on a machine without DALI, before anything imports it:
+# `import nvidia.dali` fails in this process and, through tests/hide_dali/sitecustomize.py, in
+# every Python process the tests start (CLI runs, torchrun ranks, bench/gpu_check.sh).
+if os.environ.get("FASTCIFAR_HIDE_DALI") == "1":
+    sys.modules["nvidia.dali"] = None
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(Path(__file__).parent / "hide_dali"), os.environ.get("PYTHONPATH")) if p)
+
+import pytest  # noqa: E402
 
 # tests/ helpers (cifar_fixture, ...) import as plain modules
 sys.path.insert(0, str(Path(__file__).parent))

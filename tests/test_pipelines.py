@@ -3,6 +3,9 @@ evaluation coverage, pure resize with augmentation off, two KD views."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +164,42 @@ def test_auto_is_dali_where_it_imports(store, monkeypatch):
     assert make_loader(store, "test", AugSpec(), 50, backend="auto").backend == "torch"
     with pytest.raises(BadInput, match="needs NVIDIA DALI"):
         make_loader(store, "test", AugSpec(), 50, backend="dali")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", ["cifar", "imagenet"])
+def test_normalisation_values(store, backend, normalize):
+    """normalize='cifar' is (x/255 - mean)/std with meta.json's mean and std, 'imagenet' with the
+    published ImageNet ones; the reference is computed here in float64, from the stored uint8
+    images, not through the helper the backends share. float32 leaves errors near 1e-6."""
+    if normalize == "cifar":
+        meta = json.loads((Path(store.dir) / "meta.json").read_text())
+        mean, std = np.array(meta["mean"]), np.array(meta["std"])
+    else:
+        mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    loader = make_loader(store, "test", AugSpec(normalize=normalize), batch_size=100, backend=backend)
+    x, _ = next(iter(loader))
+    src = np.array(store.images("test")[:100], dtype=np.float64)
+    ref = ((src / 255 - mean) / std).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(x.numpy(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_draws_and_order_change_with_the_epoch(store, backend):
+    """In a fixed order (shuffle=False) the same rows come in epochs 0 and 1, but with other crops
+    and flips; shuffled, the order itself changes per epoch, and the labels follow the rows."""
+    spec = AugSpec(pad_crop=4, hflip=0.5)
+    fixed = make_loader(store, "train", spec, batch_size=100, backend=backend, seed=4, shuffle=False)
+    (x0, y0), (x1, y1) = (_collect(fixed, epoch) for epoch in (0, 1))
+    np.testing.assert_array_equal(np.concatenate(fixed.batches(0)), np.concatenate(fixed.batches(1)))
+    assert torch.equal(torch.cat(y0), torch.cat(y1))
+    moved = (torch.cat(x0) != torch.cat(x1)).flatten(1).any(1).float().mean().item()
+    assert moved > 0.9, f"only {moved:.0%} of the images got another crop or flip in epoch 1"  # 1/162 stay alike
+
+    shuffled = make_loader(store, "train", spec, batch_size=100, backend=backend, seed=4)
+    rows = []
+    for epoch in (0, 1):
+        _, ys = _collect(shuffled, epoch)
+        rows.append(np.concatenate(shuffled.batches(epoch)))
+        np.testing.assert_array_equal(torch.cat(ys).numpy(), store.labels("train")[rows[-1]])
+    assert not np.array_equal(rows[0], rows[1])

@@ -1,0 +1,119 @@
+"""The DALI backend's own contract: one conversion to torch for the CPU and the GPU, what it
+relies on in DALI 2.x, only the inputs its graph reads, and conditional branches that no image
+of a batch takes (DALI runs them on an empty batch). DALI in its CPU mode here; the GPU check
+(bench/gpu_check.sh) repeats the agreement on a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastcifar import BadInput
+from pipelines import AugSpec, make_loader
+from pipelines.draw import may
+from pipelines.spec import tutorial_oneof
+
+nvidia_dali = pytest.importorskip("nvidia.dali", reason="DALI does not import here")
+from nvidia.dali import fn, pipeline_def  # noqa: E402
+
+from pipelines import dali as pd  # noqa: E402
+
+
+def test_to_torch_converts_a_whole_batch():
+    """A TensorList's shape() is one shape per image, which no torch tensor has (so feeding it to
+    DALI's feed_ndarray fails on the CPU as on the GPU); to_torch gives the [N, H, W, C] tensor,
+    dtype kept, values equal, for images and labels alike."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    labels = np.arange(5, dtype=np.int64) * 7
+
+    @pipeline_def
+    def batch():
+        return tuple(fn.external_source(source=lambda: (images, labels), num_outputs=2, batch=True))
+
+    pipe = batch(batch_size=5, num_threads=1, device_id=None)
+    pipe.build()
+    out_images, out_labels = pipe.run()
+    assert out_images.shape() == [(6, 7, 3)] * 5
+    x, y = pd.to_torch(out_images), pd.to_torch(out_labels)
+    assert x.shape == (5, 6, 7, 3) and x.dtype == torch.uint8 and np.array_equal(x.numpy(), images)
+    assert y.shape == (5,) and y.dtype == torch.int64 and np.array_equal(y.numpy(), labels)
+
+
+def test_kept_batches_are_not_overwritten(store):
+    """to_torch keeps DALI's buffers (no copy): batches held while the pipeline runs on stay as
+    they were when yielded (DALI 2.x's dynamic executor never reuses an output)."""
+    spec = AugSpec(pad_crop=4, hflip=0.5, **tutorial_oneof(0.5))
+    loader = make_loader(store, "train", spec, batch_size=50, backend="dali", seed=3)
+    copies = [(x.clone(), y.clone()) for x, y in loader]
+    kept = list(loader)
+    assert len(kept) == len(copies) == len(loader)
+    for (xa, ya), (xb, yb) in zip(kept, copies):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("backend", ["dali", "auto"])
+def test_dali_older_than_2_is_bad_input(store, monkeypatch, backend):
+    """A DALI 1.x (as in older NGC containers) cannot hand batches over as this backend does: a
+    clear message naming the installed version and the fix, before any pipeline is built."""
+    monkeypatch.setattr(nvidia_dali, "__version__", "1.44.0")
+    with pytest.raises(BadInput, match=r"DALI >= 2\.0.*DALI 1\.44\.0 is installed.*data\.backend=torch"):
+        make_loader(store, "test", AugSpec(), 50, backend=backend)
+
+
+SPECS = {
+    "eval": (AugSpec(), ("images", "labels")),
+    "flip": (AugSpec(hflip=0.5), ("images", "labels", "flip")),
+    "crop+flip": (AugSpec(pad_crop=4, hflip=0.5), ("images", "labels", "shift", "flip")),
+    "jitter": (AugSpec(jitter_p=0.5), ("images", "labels", "jitter", "colour", "offset")),
+    "erase": (AugSpec(erase_p=0.5), ("images", "labels", "erase", "anchor", "shape")),
+    "rrc": (AugSpec(rrc_scale=(0.3, 1.0)), ("images", "labels", "warp", "affine")),
+    "oneof": (AugSpec(**tutorial_oneof(1.0)),
+              ("images", "labels", "warp", "affine", "flip", "jitter", "colour", "offset", "erase", "anchor", "shape")),
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_graph_is_fed_only_what_it_reads(store, name):
+    """The external source feeds the inputs the spec's graph reads and no more: DALI warns about
+    (and the host would compute for nothing) any output it does not read."""
+    spec, names = SPECS[name]
+    augment = name != "eval"
+    assert pd.graph_inputs(spec, augment) == names
+    loader = make_loader(store, "train", spec, batch_size=50, backend="dali", augment=augment, seed=1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        next(iter(loader))
+    assert not [str(w.message) for w in seen if "external source" in str(w.message)]
+
+
+def _bench_script(name: str):
+    """A script of bench/ as a module (the GPU check runs the same functions on a GPU)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+agree = _bench_script("agree")
+
+
+@pytest.mark.parametrize("name", agree.RARE)
+def test_branches_no_image_takes(store, name):
+    """Batches of 1-4 images over two seeds and two epochs, where an op's branch is often taken by
+    no image of the batch (and sometimes by some): DALI gives the torch backend's images, within
+    1/255, batch for batch (bench/agree.py; bench/gpu_check.sh repeats it on a GPU)."""
+    (row,) = agree.branches(store, torch.device("cpu"), specs={name: agree.RARE[name]}, seeds=(0, 1))
+    assert row["ok"], row
+    spec = agree.RARE[name]
+    if spec.rrc_scale:  # nearly every image warps: the whole-pixel branch is the one left empty
+        assert "pixel moves" in row["empty"] and "warp" in row["taken"]
+    else:  # every branch this spec has was skipped by a whole batch, and taken
+        has = {"warp", "pixel moves"} if may(spec, "shift_scale_rotate") else set()
+        has |= {k for k, op in (("jitter", "color_jitter"), ("erase", "coarse_dropout")) if may(spec, op)}
+        assert has <= set(row["empty"]) & set(row["taken"]), row
