@@ -212,17 +212,22 @@ def bench(
 def report(
     runs: List[Path] = typer.Argument(..., help="Run directories, or folders of them (e.g. runs/)."),
     out: Path = typer.Option(Path("report"), "--out", help="Where results.md and the PNG plots go."),
+    sort: str = typer.Option("run", "--sort", help="Row order: run (as given), best_acc (highest first), "
+                             "time_to_target (fastest to its train.target_acc first; runs that did not reach one last)."),
 ):
     """Turn run directories into the results table (markdown) and accuracy/loss plots (PNG).
 
     The table has the tutorial's shape: recipe, what it changes, best test accuracy and its
     epoch, final accuracy, wall time and training img/s; runs that held out a validation split
-    show validation and test apart. Runs on synthetic data are marked. A run that cannot be
-    reported (it died in its first epoch, or its files are damaged) is skipped and named, with why.
+    show validation and test apart, and the data-wait share and time to target when runs have
+    them. Runs on synthetic data are marked. It warns (stderr and under the table) when runs differ
+    in data or software, or selected their epoch on the test set. A run that cannot be reported
+    (it died in its first epoch, or its files are damaged) is skipped and named, with why.
+    The plots mark each run's best (selected) epoch.
     """
     from fastcifar.report import report as make_report
 
-    table, files = make_report(runs, out, warn=lambda msg: typer.echo(msg, err=True))
+    table, files = make_report(runs, out, warn=lambda msg: typer.echo(msg, err=True), sort=sort)
     typer.echo(table)
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 
