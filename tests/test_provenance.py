@@ -1,8 +1,10 @@
 """Provenance (fastcifar/provenance.py): what produced a run, in summary.json; git is asked with a
 timeout and never fails a run; report's checks of runs that differ in data or software."""
 
+import io
 import json
 import os
+import shutil
 import platform
 import subprocess
 import sys
@@ -32,7 +34,11 @@ def test_collect_names_software_hardware_data_and_command(store, monkeypatch):
     assert p["argv"] == ["fastcifar", "train", "smoke", "--set", "train.epochs=1"] and p["cwd"] == os.getcwd()
     assert p["data"]["dataset"] == "synthetic" and p["data"]["source"]["kind"] == "synthetic"
     assert p["data"]["outputs_sha256"] == store.meta["checksums"]["outputs_sha256"]
-    assert json.loads(json.dumps(p)) == p  # plain JSON: summary.json reads back equal, last.pt loads weights_only
+    assert json.loads(json.dumps(p)) == p  # plain JSON: summary.json reads back equal
+    buf = io.BytesIO()
+    torch.save({"provenance": p}, buf)  # and last.pt, which holds it, still loads with weights_only=True
+    buf.seek(0)
+    assert torch.load(buf, weights_only=True)["provenance"] == p
     try:
         import nvidia.dali
         assert p["dali"] == nvidia.dali.__version__
@@ -71,11 +77,12 @@ def test_git_commit_and_dirty_tree(tmp_path):
 def test_missing_or_slow_git_never_fails_or_holds_up_a_run(tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     (repo / ".git").mkdir(parents=True)
+    sleep = shutil.which("sleep")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no git at all
     assert provenance.git_state(repo) is None
     slow = tmp_path / "bin"
     slow.mkdir()
-    (slow / "git").write_text("#!/bin/sh\nsleep 30\n")
+    (slow / "git").write_text(f"#!/bin/sh\nexec {sleep} 30\n")
     (slow / "git").chmod(0o755)
     monkeypatch.setenv("PATH", str(slow))
     monkeypatch.setattr(provenance, "GIT_TIMEOUT", 0.5)
