@@ -232,6 +232,37 @@ def report(
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 
 
+@app.command()
+def reproduce(
+    table: str = typer.Argument(..., metavar="TABLE", help="tutorial (the tutorial's eleven experiments), or a file "
+                                "listing recipe names or paths, one per line (# starts a comment)."),
+    seeds: int = typer.Option(1, "--seeds", help="Runs per recipe, with train.seed = 0 .. N-1."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory of the table's runs and results "
+                                       "(default: ./runs/reproduce-<table>). Run the same command again to continue."),
+    overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a field of every "
+                                        "run, repeatable; e.g. --set train.epochs=2 for a dry run."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+):
+    """Train a table of recipes, N seeds each, and write results.md / results.json with mean ± std.
+
+    Runs go to DIR/<recipe>-seed<k>, a distillation teacher before its student (seed k of the
+    student learns from seed k of the teacher this table trained). Ctrl-C or SIGTERM stops the
+    table (exit 130); the same command continues it: finished runs are skipped, an interrupted
+    one resumes from its last.pt. The results list per recipe the best and final test accuracy
+    (mean ± std, n), the tutorial's figure and the difference, wall time and img/s.
+    """
+    from fastcifar.reproduce import Stopped
+    from fastcifar.reproduce import reproduce as run_table
+
+    try:
+        results = run_table(table, seeds=seeds, out=out, overrides=overrides, data_dir=data_dir, log=typer.echo)
+    except Stopped as e:
+        typer.echo(str(e), err=True)
+        sys.exit(130)
+    if results.get("failed"):
+        fail("These runs did not finish: " + "; ".join(f"{k}: {v}" for k, v in results["failed"].items()), code=1)
+
+
 def fail(message: str, code: int = 2):
     """Print one paragraph to stderr and exit: the contract for bad usage or bad input."""
     # paths stay whole (no breaks inside long words or at hyphens), so they can be copied
