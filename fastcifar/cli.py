@@ -181,6 +181,9 @@ def bench(
     stage: Optional[List[str]] = typer.Option(None, "--stage", help="Stage to measure, repeatable: pipeline, "
                                               "train_step, end_to_end (default: every stage)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write {meta, rows, headroom} as JSON to this file."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", metavar="PNG", help="Also draw the pipeline table (img/s "
+                                             "per backend and size, the tutorial's path hatched) and the headroom as "
+                                             "a PNG. For a JSON already written: python bench/tables.py FILE --plot PNG."),
     quick: bool = typer.Option(False, "--quick", help="Fewer, shorter repeats: a smoke run, rough figures."),
     backend: Optional[List[str]] = typer.Option(None, "--backend", help="Pipeline backend, repeatable: tutorial, "
                                                 "torch, dali (default: all that import)."),
@@ -205,7 +208,7 @@ def bench(
     from fastcifar.bench import run as run_bench
 
     run_bench(stages=stage, json_path=json_path, quick=quick, backends=backend, batch_size=batch_size,
-              data_dir=data_dir, device=device, models=model, settings=setting, log=typer.echo)
+              data_dir=data_dir, device=device, models=model, settings=setting, log=typer.echo, plot_path=plot_path)
 
 
 @app.command()
