@@ -196,3 +196,47 @@ def test_an_old_checkpoint_without_the_new_fields_resumes(store, tmp_path):
     assert s["epoch_to_target"] == 1 and s["seconds_to_target"] is None  # epoch 1 was not timed: unknown, not 0
     # the run's wait is that of the timed epoch alone
     assert s["data_wait_seconds"] == pytest.approx(metrics(run)[1]["data_wait_seconds"])
+
+
+class FakeEvent:
+    """torch.cuda.Event's timing API on the host clock, for EpochClock's bookkeeping on a CPU
+    (the real events run on a GPU only: bench/RESULTS.md's GPU check)."""
+    done = True  # what query() answers: whether the GPU has reached the event yet
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def query(self):
+        return FakeEvent.done
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):  # milliseconds, as CUDA's
+        return 1000.0 * (end.t - self.t)
+
+
+def test_cuda_event_pairs_are_read_only_when_done_and_all_at_the_end(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    clock = timing.EpochClock(torch.device("cpu"))
+    clock.cuda = True  # the GPU path: an event pair around each wait for a batch
+
+    def loader():
+        for i in range(timing.DRAIN_EVERY + 6):
+            time.sleep(0.002)
+            yield i
+
+    FakeEvent.done = False  # the GPU is behind: nothing may be read (and nothing waited for) mid-epoch
+    assert list(clock.batches(loader())) == list(range(timing.DRAIN_EVERY + 6))
+    assert clock.wait == 0.0 and len(clock._pending) == timing.DRAIN_EVERY + 6
+    m = clock.metrics(train_seconds=10.0)  # the epoch's end: the trainer has synced, every pair is read
+    assert m["data_wait_seconds"] >= (timing.DRAIN_EVERY + 6) * 0.002 and clock._pending == []
+    clock.start()
+    FakeEvent.done = True  # the GPU keeps up: finished pairs are read as the epoch goes
+    for _ in clock.batches(loader()):
+        pass
+    assert clock.wait > 0 and len(clock._pending) < timing.DRAIN_EVERY
