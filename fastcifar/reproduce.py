@@ -29,6 +29,8 @@ import statistics
 import threading
 from pathlib import Path
 
+import torch
+
 from fastcifar import BadInput, config
 from fastcifar.checkpoint import atomic_write, write_json
 from fastcifar.report import duration
@@ -68,7 +70,7 @@ class Job:
 
 def read_table(table: str) -> tuple[str, list[str]]:
     """(label, recipe refs) of a table name or a table file."""
-    if table in TABLES and not ("/" in table or table.endswith(".txt")):
+    if table in TABLES:  # a file of that name is ./NAME
         return table, list(TABLES[table])
     p = Path(table)
     if not p.exists():
@@ -269,6 +271,9 @@ def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None,
                     for p in job.dir.iterdir():
                         p.unlink()
                 log(f"{head}: " + ("resuming from its last.pt" if s == "resume" else "starting") + f" -> {job.dir}")
+                # each run compiles its own nets, as in a process of its own: without this, dynamo's
+                # per-function cache of earlier runs' graphs fills up and later runs fall back to eager
+                torch.compiler.reset()
                 try:
                     if s == "resume":
                         train(job.recipe, job.info, data_dir=data_dir, resume=job.dir, log=log)
