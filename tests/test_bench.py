@@ -121,7 +121,7 @@ def test_tables_script_draws_a_written_bench(tmp_path):
     # the README's picture is this command's, from the committed JSON
     readme = (root / "README.md").read_text()
     assert "python bench/tables.py bench/cpu_bench.json --plot bench/cpu_bench.png" in readme
-    assert "](bench/cpu_bench.png)" in readme and (root / "bench" / "cpu_bench.png").is_file()
+    assert "`bench/cpu_bench.png`" in readme and (root / "bench" / "cpu_bench.png").is_file()
     r = subprocess.run([sys.executable, str(root / "bench" / "tables.py"), str(tmp_path / "missing.json")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
