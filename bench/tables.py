@@ -2,12 +2,14 @@
 bench/RESULTS.md: one pivot table per stage, plus the headroom.
 
     python bench/tables.py bench/cpu_bench.json
+    python bench/tables.py bench/cpu_bench.json --plot bench/cpu_bench.png   # also the README's picture
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 SETTINGS = [("eager NCHW fp32", (False, "NCHW", "fp32")), ("+ channels_last", (False, "channels_last", "fp32")),
             ("+ AMP", (False, "channels_last", "amp")), ("+ torch.compile", (True, "channels_last", "amp"))]
@@ -93,6 +95,37 @@ def tables(bench: dict) -> str:
     return "\n\n".join(parts)
 
 
+def main(argv: list[str]) -> int:
+    """Print the tables of each JSON file; --plot PNG also draws the (last) file's picture."""
+    plot_to = None
+    if "--plot" in argv:
+        i = argv.index("--plot")
+        if i + 1 >= len(argv):
+            print("usage: python bench/tables.py BENCH.json... [--plot PNG]", file=sys.stderr)
+            return 2
+        plot_to, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    benches = []
+    for path in argv:
+        try:
+            with open(path) as f:
+                benches.append(json.load(f))
+        except (OSError, ValueError) as e:
+            print(f"error: cannot read {path} ({e})", file=sys.stderr)
+            return 2
+        print(tables(benches[-1]))
+    if plot_to is not None and benches:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # fastcifar from this checkout
+        from fastcifar import BadInput
+        from fastcifar.bench import plot
+
+        try:
+            plot(benches[-1], Path(plot_to))
+        except BadInput as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {plot_to}", file=sys.stderr)
+    return 0
+
+
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(tables(json.load(open(path))))
+    sys.exit(main(sys.argv[1:]))

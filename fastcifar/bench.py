@@ -298,9 +298,9 @@ def host_info(device: torch.device) -> dict:
 
 
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,
-        models=None, settings=None, log=print) -> list[dict]:
+        models=None, settings=None, log=print, plot_path=None) -> list[dict]:
     """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom}
-    if asked; returns the rows."""
+    and the picture (plot()) if asked; returns the rows."""
     stages = list(stages or STAGES)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -331,6 +331,8 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         raise BadInput(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0.")
     if json_path is not None:
         check_json_path(Path(json_path))  # now, not after minutes of benchmarking
+    if plot_path is not None:
+        check_json_path(Path(plot_path), "--plot")
     store = bench_store(data_dir, quick, log)
     meta = {**host_info(device), "quick": quick, "store": "synthetic" if store.synthetic else "cifar100"}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
@@ -349,19 +351,23 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     if json_path is not None:
         write_json(Path(json_path), {"meta": meta, "rows": rows, "headroom": room})
         log(f"wrote {json_path}")
+    if plot_path is not None:
+        plot({"meta": meta, "rows": rows, "headroom": room}, Path(plot_path))
+        log(f"wrote {plot_path}")
     return rows
 
 
-def check_json_path(path: Path) -> None:
+def check_json_path(path: Path, option: str = "--json") -> None:
     """BadInput unless a file can be written at path (its folder is made if missing)."""
+    example = "bench.json" if option == "--json" else "bench.png"
     if path.is_dir():
-        raise BadInput(f"--json {path} is a directory; give a file path such as {path / 'bench.json'}.")
+        raise BadInput(f"{option} {path} is a directory; give a file path such as {path / example}.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):  # a file made and removed: the folder takes new files
             pass
     except OSError as e:
-        raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")
+        raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable {option} path.")
 
 
 def write_json(path: Path, obj) -> None:
@@ -373,3 +379,80 @@ def write_json(path: Path, obj) -> None:
         atomic_json(path, obj)
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")
+
+
+# ---- The picture: the pipeline table and the headroom as bar charts
+
+PIPE_COLUMNS = [(32, "none"), (32, "oneof"), (224, "none"), (224, "oneof")]  # (px, aug), the table's columns
+
+
+def figure(bench: dict):
+    """A matplotlib figure of a bench result {meta, rows, headroom}: pipeline img/s per backend at
+    each size and augmentation (the tutorial's per-image path hatched), and, when measured, the
+    headroom per pipeline, model and size against the line where data becomes the bottleneck."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    rows, room, m = bench.get("rows", []), bench.get("headroom", []), bench.get("meta", {})
+    pipe = [r for r in rows if r.get("stage") == "pipeline"]
+    if not pipe and not room:
+        raise BadInput("The bench result has no pipeline rows and no headroom to draw; run the pipeline stage.")
+    panels = [p for p, present in (("pipeline", pipe), ("headroom", room)) if present]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), dpi=110, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes[0], panels):
+        if panel == "pipeline":
+            backends = list(dict.fromkeys(r["backend"] for r in pipe))
+            cols = [c for c in PIPE_COLUMNS if any((r["image_size"], r.get("aug")) == c for r in pipe)]
+            width = 0.8 / len(backends)
+            for k, backend in enumerate(backends):
+                values = [next((r["images_per_sec"] for r in pipe if (r["backend"], r["image_size"], r.get("aug")) ==
+                                (backend, *c)), 0) for c in cols]
+                tutorial = backend == "tutorial"
+                bars = ax.bar([i + (k - (len(backends) - 1) / 2) * width for i in range(len(cols))], values, width,
+                              color=colours[k % len(colours)], hatch="//" if tutorial else None, edgecolor="black",
+                              label="tutorial path (per-image DataLoader)" if tutorial else backend, gid=backend)
+                ax.bar_label(bars, labels=[f"{v / 1000:.1f}k" if v else "" for v in values], fontsize=7)
+            ax.set_xticks(range(len(cols)), [f"{px} px\n{'OneOf' if aug == 'oneof' else 'no aug'}" for px, aug in cols])
+            ax.set_ylabel("images / s (log)")
+            ax.set_title(f"pipeline alone, batch {pipe[0]['batch_size']}")
+        else:
+            groups = list(dict.fromkeys((h["model"], h["image_size"]) for h in room))
+            pipes = list(dict.fromkeys(h["pipeline"] for h in room))
+            width = 0.8 / len(pipes)
+            for k, p in enumerate(pipes):
+                values = [next((h["headroom"] for h in room if (h["pipeline"], h["model"], h["image_size"]) ==
+                                (p, *g)), 0) for g in groups]
+                bars = ax.bar([i + (k - (len(pipes) - 1) / 2) * width for i in range(len(groups))], values, width,
+                              color=colours[k % len(colours)], hatch="//" if p == "tutorial" else None,
+                              edgecolor="black", label=p, gid=p)
+                ax.bar_label(bars, labels=[f"{v:.3g}x" if v else "" for v in values], fontsize=7)
+            ax.axhline(1.0, color="red", linestyle="--", gid="parity", label="1x: below it the data is the bottleneck")
+            ax.set_xticks(range(len(groups)), [f"{model}\n{px} px" for model, px in groups])
+            ax.set_ylabel("pipeline img/s (OneOf) / fastest train step img/s (log)")
+            ax.set_title("headroom")
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"fastcifar bench on {m.get('device', '?')} ({m.get('cpu_cores', '?')} CPU cores), torch "
+                 f"{m.get('torch', '?')}, DALI {m.get('dali', 'not installed')}, {m.get('store', '?')} store, "
+                 f"{m.get('time', '?')}" + (", --quick" if m.get("quick") else ""), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot(bench: dict, path: Path) -> None:
+    """figure(bench) saved as a PNG at path (atomically)."""
+    import matplotlib.pyplot as plt
+
+    from fastcifar.checkpoint import atomic_write
+
+    fig = figure(bench)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    except OSError as e:
+        raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --plot path.")
+    finally:
+        plt.close(fig)

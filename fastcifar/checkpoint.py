@@ -230,8 +230,9 @@ class RunDir:
         """The run ends unfinished (interrupted, diverged): summary.json says why."""
         return self._write_summary(False, reason)
 
-    def finish(self) -> dict:
-        return self._write_summary(True, "completed")
+    def finish(self, reason: str = "completed") -> dict:
+        """The run ends finished: all its epochs, or train.stop_at_target (reason says which)."""
+        return self._write_summary(True, reason)
 
     def _write_summary(self, finished: bool, reason: str) -> dict:
         s = self.summary(finished, reason)

@@ -181,6 +181,9 @@ def bench(
     stage: Optional[List[str]] = typer.Option(None, "--stage", help="Stage to measure, repeatable: pipeline, "
                                               "train_step, end_to_end (default: every stage)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write {meta, rows, headroom} as JSON to this file."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", metavar="PNG", help="Also draw the pipeline table (img/s "
+                                             "per backend and size, the tutorial's path hatched) and the headroom as "
+                                             "a PNG. For a JSON already written: python bench/tables.py FILE --plot PNG."),
     quick: bool = typer.Option(False, "--quick", help="Fewer, shorter repeats: a smoke run, rough figures."),
     backend: Optional[List[str]] = typer.Option(None, "--backend", help="Pipeline backend, repeatable: tutorial, "
                                                 "torch, dali (default: all that import)."),
@@ -205,24 +208,29 @@ def bench(
     from fastcifar.bench import run as run_bench
 
     run_bench(stages=stage, json_path=json_path, quick=quick, backends=backend, batch_size=batch_size,
-              data_dir=data_dir, device=device, models=model, settings=setting, log=typer.echo)
+              data_dir=data_dir, device=device, models=model, settings=setting, log=typer.echo, plot_path=plot_path)
 
 
 @app.command()
 def report(
     runs: List[Path] = typer.Argument(..., help="Run directories, or folders of them (e.g. runs/)."),
     out: Path = typer.Option(Path("report"), "--out", help="Where results.md and the PNG plots go."),
+    sort: str = typer.Option("run", "--sort", help="Row order: run (as given), best_acc (highest first), "
+                             "time_to_target (fastest to its train.target_acc first; runs that did not reach one last)."),
 ):
     """Turn run directories into the results table (markdown) and accuracy/loss plots (PNG).
 
     The table has the tutorial's shape: recipe, what it changes, best test accuracy and its
     epoch, final accuracy, wall time and training img/s; runs that held out a validation split
-    show validation and test apart. Runs on synthetic data are marked. A run that cannot be
-    reported (it died in its first epoch, or its files are damaged) is skipped and named, with why.
+    show validation and test apart, and the data-wait share and time to target when runs have
+    them. Runs on synthetic data are marked. It warns (stderr and under the table) when runs differ
+    in data or software, or selected their epoch on the test set. A run that cannot be reported
+    (it died in its first epoch, or its files are damaged) is skipped and named, with why.
+    The plots mark each run's best (selected) epoch.
     """
     from fastcifar.report import report as make_report
 
-    table, files = make_report(runs, out, warn=lambda msg: typer.echo(msg, err=True))
+    table, files = make_report(runs, out, warn=lambda msg: typer.echo(msg, err=True), sort=sort)
     typer.echo(table)
     typer.echo("wrote " + ", ".join(str(f) for f in files))
 
@@ -286,6 +294,37 @@ def predict(
         typer.echo(p["file"])
         for t in p["top"]:
             typer.echo(f"  {100 * t['prob']:6.2f}%  {t['class']}")
+
+
+@app.command()
+def reproduce(
+    table: str = typer.Argument(..., metavar="TABLE", help="tutorial (the tutorial's eleven experiments), or a file "
+                                "listing recipe names or paths, one per line (# starts a comment)."),
+    seeds: int = typer.Option(1, "--seeds", help="Runs per recipe, with train.seed = 0 .. N-1."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory of the table's runs and results "
+                                       "(default: ./runs/reproduce-<table>). Run the same command again to continue."),
+    overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a field of every "
+                                        "run, repeatable; e.g. --set train.epochs=2 for a dry run."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+):
+    """Train a table of recipes, N seeds each, and write results.md / results.json with mean ± std.
+
+    Runs go to DIR/<recipe>-seed<k>, a distillation teacher before its student (seed k of the
+    student learns from seed k of the teacher this table trained). Ctrl-C or SIGTERM stops the
+    table (exit 130); the same command continues it: finished runs are skipped, an interrupted
+    one resumes from its last.pt. The results list per recipe the best and final test accuracy
+    (mean ± std, n), the tutorial's figure and the difference, wall time and img/s.
+    """
+    from fastcifar.reproduce import Stopped
+    from fastcifar.reproduce import reproduce as run_table
+
+    try:
+        results = run_table(table, seeds=seeds, out=out, overrides=overrides, data_dir=data_dir, log=typer.echo)
+    except Stopped as e:
+        typer.echo(str(e), err=True)
+        sys.exit(130)
+    if results.get("failed"):
+        fail("These runs did not finish: " + "; ".join(f"{k}: {v}" for k, v in results["failed"].items()), code=1)
 
 
 def fail(message: str, code: int = 2):

@@ -165,6 +165,8 @@ class Train:
     deterministic: bool = False  # deterministic kernels (slower); resumed runs match straight ones
     device: str = "auto"         # auto (cuda:<local rank> when present, else cpu) | cpu | cuda
     log_every: int = 50          # steps between progress updates (the only host syncs in training)
+    target_acc: float = 0.0      # top-1 percent (val when held out, else test) whose first epoch summary.json times; 0 = off
+    stop_at_target: bool = False  # end the run (finished) at the first epoch that reaches target_acc
 
     def validate(self):
         _check("train", self, [
@@ -174,6 +176,9 @@ class Train:
             ("log_every", lambda v: v >= 1, "must be at least 1"),
             ("device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
              "must be auto, cpu, cuda or cuda:N"),
+            ("target_acc", lambda v: 0.0 <= v <= 100.0, "is a top-1 accuracy in percent and must lie in [0, 100] (0 = off)"),
+            ("stop_at_target", lambda v: not v or self.target_acc > 0,
+             "needs a target: set train.target_acc to the accuracy (percent) to stop at"),
         ])
 
 

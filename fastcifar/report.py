@@ -11,7 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from fastcifar import BadInput
+from fastcifar import BadInput, provenance
 from fastcifar.checkpoint import atomic_write
 
 
@@ -65,7 +65,7 @@ def _read_metrics(path: Path) -> list[dict]:
 # metrics.jsonl and summary.json fields the table and plots compute with: numbers or null
 NUMBERS = ("epoch", "test_acc", "test_loss", "images_per_sec", "wall_seconds", "val_acc")
 SUMMARY_NUMBERS = ("best_acc", "final_acc", "train_images_per_sec", "wall_seconds", "best_val_acc",
-                   "test_acc_at_best_val")
+                   "test_acc_at_best_val", "data_wait_fraction", "target_acc", "seconds_to_target", "epoch_to_target")
 
 
 def _number(x) -> bool:
@@ -146,10 +146,14 @@ def duration(seconds) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
 
 
-def results_table(runs: list[Run], skipped: list = ()) -> str:
-    """The tutorial's results table, one row per run, as markdown; then the runs left out and why."""
+def results_table(runs: list[Run], skipped: list = (), warnings: list[str] = ()) -> str:
+    """The tutorial's results table, one row per run, as markdown; then notes, the warnings, and the
+    runs left out and why. Columns for the data wait and the time to target appear when a run has them."""
     with_val = any(r.summary.get("selection") == "val" for r in runs)
+    with_wait = any(r.summary.get("data_wait_fraction") is not None for r in runs)
+    with_target = any(r.summary.get("target_acc") for r in runs)
     head = ["run", "recipe", "what changes", "best test acc (epoch)", "final test acc", "epochs", "wall time", "train img/s"]
+    head += ["data wait"] * with_wait + ["time to target (training)"] * with_target
     if with_val:
         head[4:4] = ["best val acc (epoch)", "test acc at best val"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -168,6 +172,10 @@ def results_table(runs: list[Run], skipped: list = ()) -> str:
         row = [r.label, name, s.get("description", ""), f"{_pct(s.get('best_acc'))} ({s.get('best_epoch', '?')})",
                _pct(s.get("final_acc")), epochs, duration(s.get("wall_seconds")),
                f"{s['train_images_per_sec']:,.0f}" if s.get("train_images_per_sec") else "—"]
+        if with_wait:
+            row.append("—" if s.get("data_wait_fraction") is None else f"{100 * s['data_wait_fraction']:.1f}%")
+        if with_target:
+            row.append(_to_target(s))
         if with_val:
             if s.get("selection") == "val":
                 row[4:4] = [f"{_pct(s.get('best_val_acc'))} ({s.get('best_val_epoch', '?')})", _pct(s.get("test_acc_at_best_val"))]
@@ -180,8 +188,43 @@ def results_table(runs: list[Run], skipped: list = ()) -> str:
     if with_val:
         notes.append("Runs with a validation split chose their epoch on validation; the test accuracy at that "
                      "epoch is the honest figure. 'Best test acc' picks the epoch on the test set, as the tutorial did.")
+    if with_target:
+        notes.append("Time to target: training seconds (first-step warm-up, evaluation and checkpoints left out) "
+                     "until the first epoch whose selection accuracy (val when held out, else test) reached the "
+                     "run's train.target_acc.")
+    notes += [f"Warning: {w}" for w in warnings]
     notes += [f"Skipped {d}: {why}" for d, why in skipped]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _to_target(s: dict) -> str:
+    if not s.get("target_acc"):
+        return "—"
+    if s.get("epoch_to_target") is None:
+        return f"not reached ({s['target_acc']:g}%)"
+    return f"{duration(s.get('seconds_to_target'))} to {s['target_acc']:g}% (epoch {s['epoch_to_target']})"
+
+
+# --sort: the order of the table's rows (and the plots' legends)
+SORTS = {
+    "run": lambda runs: runs,  # as given, folders in name order
+    "best_acc": lambda runs: sorted(runs, key=lambda r: -(r.summary.get("best_acc") or -1.0)),
+    # fastest to the target first; runs without a target, or that did not reach it, last
+    "time_to_target": lambda runs: sorted(runs, key=lambda r: (r.summary.get("seconds_to_target") is None,
+                                                               r.summary.get("seconds_to_target") or 0.0)),
+}
+
+
+def warnings(runs: list[Run]) -> list[str]:
+    """What a reader must know before comparing these rows: different data or software (from each
+    summary's provenance), and runs that picked their epoch on the test set."""
+    out = provenance.mismatches([(r.label, r.summary.get("provenance")) for r in runs]) if len(runs) > 1 else []
+    on_test = [r.label for r in runs if r.summary.get("selection") == "test"]
+    if on_test:
+        out.append(f"{', '.join(on_test)} selected {'its' if len(on_test) == 1 else 'their'} best epoch on the test "
+                   f"set (as the tutorial did), so 'best test acc' is an optimistic figure; hold out a validation "
+                   f"split (--set data.val_split=0.1) for an honest one.")
+    return out
 
 
 def plot_curves(runs: list[Run], key: str, ylabel: str, path: Path) -> None:
@@ -190,29 +233,53 @@ def plot_curves(runs: list[Run], key: str, ylabel: str, path: Path) -> None:
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
+    fig = curves_figure(runs, key, ylabel)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+
+
+def curves_figure(runs: list[Run], key: str, ylabel: str):
+    """The figure plot_curves saves: a line per run over integer epochs, a star at each run's best
+    (selected) epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for r in runs:
         pts = [(e["epoch"], e[key]) for e in r.epochs if e.get(key) is not None]
         if pts:
             label = r.label + (" (synthetic)" if r.summary.get("synthetic") else "")
-            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+            (line,) = ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+            best = dict(pts).get(r.summary.get("best_epoch"))
+            if best is not None:
+                ax.plot([r.summary["best_epoch"]], [best], marker="*", markersize=13, color=line.get_color(),
+                        markeredgecolor="black", linestyle="none", gid="best", label="_nolegend_")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    ax.set_title("★ best (selected) epoch", fontsize=9, loc="right")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    return fig
 
 
-def report(paths: list[Path], out: Path, warn=lambda msg: None) -> tuple[str, list[Path]]:
+def report(paths: list[Path], out: Path, warn=lambda msg: None, sort: str = "run") -> tuple[str, list[Path]]:
     """Write results.md, test_accuracy.png and test_loss.png to out; return the table and files.
-    warn(message) names each run left out, and why."""
+    warn(message) names each run left out, and why, and each warning the table carries. sort: a
+    key of SORTS."""
+    if sort not in SORTS:
+        raise BadInput(f"--sort {sort!r}: choose one of {', '.join(SORTS)}.")
     skipped = []
-    runs = find_runs(paths, skipped)
+    runs = SORTS[sort](find_runs(paths, skipped))
     for d, why in skipped:
         warn(f"skipped {d}: {why}")
-    table = results_table(runs, skipped)
+    notes = warnings(runs)
+    for w in notes:
+        warn(f"warning: {w}")
+    table = results_table(runs, skipped, notes)
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "results.md", lambda f: f.write(table.encode()))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastcifar import BadInput, checkpoint, runtime
+from fastcifar import BadInput, checkpoint, provenance, runtime, timing
 from fastcifar import dist as fdist
 from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
@@ -69,6 +69,8 @@ class Progress:
     best: dict = dataclasses.field(default_factory=lambda: {"score": -1.0, "epoch": 0})  # the selected epoch
     history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch done
     partial: torch.Tensor | None = None  # sums of the stopped epoch's batches so far (all ranks)
+    partial_time: dict | None = None    # the stopped epoch's training and data-wait seconds so far
+    provenance: list = dataclasses.field(default_factory=list)  # one provenance dict per process of the run
     elapsed: float = 0.0                # wall seconds of this run's earlier processes
     started: float = dataclasses.field(default_factory=time.perf_counter)  # this process's clock start
 
@@ -77,12 +79,15 @@ class Progress:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step_in_epoch": self.batch, "step": self.step, "best": self.best,
-                "history": self.history, "partial": self.partial, "wall_seconds": self.wall_seconds()}
+                "history": self.history, "partial": self.partial, "wall_seconds": self.wall_seconds(),
+                "partial_time": self.partial_time, "provenance": self.provenance}
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.batch, self.step = d["epoch"], d["step_in_epoch"], d["step"]
         self.best, self.history, self.elapsed = d["best"], d["history"], d["wall_seconds"]
         self.partial = d["partial"] if self.batch else None
+        self.partial_time = d.get("partial_time") if self.batch else None  # older checkpoints: none
+        self.provenance = list(d.get("provenance", []))
 
 
 class Trainer:
@@ -189,6 +194,9 @@ class Trainer:
         self.bad_step = torch.full((), NONE_YET, dtype=torch.int64, device=self.device)  # first step with a NaN/inf loss
         self.step_t = torch.full((), self.progress.step, dtype=torch.int64, device=self.device)  # the step, on the device
         self.lr = self.optimizer.param_groups[0]["lr"]  # of the last step taken
+        self.clock = timing.EpochClock(self.device)  # data wait and warm-up per epoch (fastcifar/timing.py)
+        if self.main:
+            self.progress.provenance.append(provenance.collect(self.device, self.world, self.store))
 
     # ---- The loop
 
@@ -198,14 +206,19 @@ class Trainer:
             self.say(self.banner())
             self.progress.started = time.perf_counter()  # wall_seconds continues across resumes
             for epoch in range(self.progress.epoch, self.r.train.epochs):
+                if self.at_target():
+                    break
                 stats = self.train_epoch(epoch, self.progress.batch)
                 self.end_epoch(epoch, stats)
                 if fdist.any_rank(self.stop.requested, self.device):
                     self.interrupt(f"Interrupted after epoch {epoch + 1}")
-            result = self.run.finish()
+            result = self.run.finish(self.at_target() or "completed")
             self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
                      + (f" (selected on val: {result['best_val_acc']:.2f}%)" if result["selection"] == "val" else "")
-                     + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}. Run: {self.out}")
+                     + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}"
+                     + (f"; {result['target_acc']:g}% reached at epoch {result['epoch_to_target']} after "
+                        f"{duration(result['seconds_to_target'])} of training" if result.get("epoch_to_target") else "")
+                     + f". Run: {self.out}")
             return result
 
     def train_epoch(self, epoch: int, start_batch: int = 0) -> dict:
@@ -224,11 +237,13 @@ class Trainer:
                    unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{rt.epochs}", disable=not self.main,
                    leave=False, mininterval=1.0)
         t0, images_trained = time.perf_counter(), 0
-        for i, (images, labels) in enumerate(self.train_loader, start=start_batch):
+        self.clock.start(p.partial_time)
+        p.partial_time = None
+        for i, (images, labels) in enumerate(self.clock.batches(self.train_loader), start=start_batch):
             images, targets = self.mix(images, labels)
             if p.step == 0 and self.main:
                 self.run.image("train/augmented_batch", image_grid(images, self.r.aug, self.store))
-            parts = self.train_step(images, labels, targets)
+            parts = self.clock.step(self.train_step, images, labels, targets)
             # running sums stay on the device: no host sync here
             n = labels.shape[0]
             loss = parts["loss"].detach()
@@ -243,6 +258,7 @@ class Trainer:
                 self.log_point(epoch, sums, bar)
             if (at_log or world == 1) and fdist.any_rank(self.stop.requested, self.device):
                 p.batch, p.partial = i + 1, fdist.all_reduce(sums.clone()).cpu()
+                p.partial_time = self.clock.saved()
                 self.run.checkpoint(self.state_dict(), best=False)
                 self.interrupt(f"Interrupted at epoch {epoch + 1}, step {p.step}")
         bar.close()
@@ -297,6 +313,7 @@ class Trainer:
             m.update(val_acc=val["acc"], val_top5=val["top5"], val_loss=val["loss"])
         m.update(lr=self.lr, images_per_sec=stats["images"] * self.world / train_seconds,
                  epoch_seconds=time.perf_counter() - stats["t0"], wall_seconds=p.wall_seconds())
+        m.update(self.clock.metrics(train_seconds))
         p.history.append(m)
         score = m["val_acc"] if self.val_loader is not None else m["test_acc"]
         improved = score > p.best["score"]
@@ -310,11 +327,16 @@ class Trainer:
         self.say(f"epoch {epoch + 1}/{self.r.train.epochs}  train loss {m['train_loss']:.3f} acc {m['train_acc']:.2f}%  "
                  + (f"val {m['val_acc']:.2f}%  " if self.val_loader is not None else "")
                  + f"test {m['test_acc']:.2f}% (top-5 {m['test_top5']:.2f}%)  lr {self.lr:.2e}  "
-                 + f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {duration(left)}")
+                 + f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {duration(left)}"
+                 + self.clock.note(m, self.train_loader.backend))
         return m
 
     def evaluate(self, loader) -> dict:
         return evaluate(self.eval_net, loader, self.autocast)
+
+    def at_target(self) -> str | None:
+        """Why the run ends here, when train.stop_at_target is set and an epoch reached train.target_acc."""
+        return timing.target_stop(self.r.train, self.progress.history, "val" if self.val_loader is not None else "test")
 
     def interrupt(self, where: str):
         """Stop on Ctrl-C/SIGTERM once last.pt holds the run: summary.json says so, and the other
@@ -389,6 +411,8 @@ class Trainer:
         if selection == "val":
             s.update(best_val_acc=p.best.get("val_acc"), best_val_epoch=p.best["epoch"] or None,
                      test_acc_at_best_val=p.best.get("test_acc"))
+        s.update(timing.run_fields(history, self.r.train.target_acc, selection))
+        s["provenance"] = provenance.for_summary(p.provenance)
         return s
 
     def __enter__(self):
@@ -467,7 +491,8 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
 
 # What --resume may change: only what cannot change the run's meaning - how long it trains, how it
 # logs, where it runs, which loader backend makes the (same) batches
-RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.compile", "data.backend")
+RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.compile", "data.backend", "train.target_acc",
+             "train.stop_at_target")
 
 
 def check_resume(r: Recipe, ck: dict, run_dir) -> None:

@@ -50,7 +50,9 @@ def test_train_step_trains():
 def test_end_to_end_and_headroom(store, tiny_models, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.run(stages=["pipeline", "train_step", "end_to_end"], quick=True, json_path=out,
-                     backends=["tutorial", "torch"], batch_size=16, data_dir=store.dir, device="cpu", log=lambda *_: None)
+                     backends=["tutorial", "torch"], batch_size=16, data_dir=store.dir, device="cpu", log=lambda *_: None,
+                     plot_path=tmp_path / "pics" / "bench.png")
+    assert (tmp_path / "pics" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     e2e = [r for r in rows if r["stage"] == "end_to_end"]
     assert [(r["model"], r["image_size"], r["backend"]) for r in e2e] == [
         ("test_resnet", s, b) for s in (32, 224) for b in ("tutorial", "torch")]
@@ -78,6 +80,52 @@ def test_cli_bench_writes_json_atomically(store, tmp_path):
                         "--batch-size", "16", "--data-dir", str(store.dir), "--device", "cpu", "--json", str(blocker / "b.json")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Cannot write" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bench_refuses_a_plot_path_it_cannot_write_before_measuring(store, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fastcifar", "bench", "--stage", "pipeline", "--quick", "--backend", "torch",
+                        "--data-dir", str(store.dir), "--device", "cpu", "--plot", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--plot" in r.stderr and "is a directory" in r.stderr and "pipeline" not in r.stdout
+
+
+def test_the_picture_draws_the_pipeline_table_and_the_headroom():
+    """From the committed CPU bench: a bar per pipeline row, the tutorial's path hatched, and a
+    headroom panel with the 1x line."""
+    saved = json.loads((Path(__file__).resolve().parent.parent / "bench" / "cpu_bench.json").read_text())
+    fig = bench.figure(saved)
+    pipe_ax, room_ax = fig.axes
+    pipe = [r for r in saved["rows"] if r["stage"] == "pipeline"]
+    bars = [p for p in pipe_ax.patches]
+    assert sorted(round(b.get_height()) for b in bars) == sorted(r["images_per_sec"] for r in pipe)
+    tutorial = [b for b in bars if b.get_gid() == "tutorial"]
+    assert len(tutorial) == 4 and all(b.get_hatch() for b in tutorial)
+    assert not any(b.get_hatch() for b in bars if b.get_gid() != "tutorial")
+    assert "tutorial path" in " ".join(t.get_text() for t in pipe_ax.get_legend().get_texts())
+    assert sorted(round(b.get_height(), 2) for b in room_ax.patches) == sorted(h["headroom"] for h in saved["headroom"])
+    (parity,) = [l for l in room_ax.get_lines() if l.get_gid() == "parity"]
+    assert set(parity.get_ydata()) == {1.0}
+    assert pipe_ax.get_yscale() == room_ax.get_yscale() == "log"
+    only_pipeline = bench.figure({"meta": {}, "rows": pipe, "headroom": []})
+    assert len(only_pipeline.axes) == 1
+    with pytest.raises(BadInput, match="nothing|no pipeline rows"):
+        bench.figure({"meta": {}, "rows": [], "headroom": []})
+
+
+def test_tables_script_draws_a_written_bench(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    png = tmp_path / "cpu.png"
+    r = subprocess.run([sys.executable, str(root / "bench" / "tables.py"), str(root / "bench" / "cpu_bench.json"),
+                        "--plot", str(png)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Measured on cpu") and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the README's picture is this command's, from the committed JSON
+    readme = (root / "README.md").read_text()
+    assert "python bench/tables.py bench/cpu_bench.json --plot bench/cpu_bench.png" in readme
+    assert "`bench/cpu_bench.png`" in readme and (root / "bench" / "cpu_bench.png").is_file()
+    r = subprocess.run([sys.executable, str(root / "bench" / "tables.py"), str(tmp_path / "missing.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_models_and_settings(store):

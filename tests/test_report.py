@@ -13,7 +13,8 @@ from fastcifar import BadInput
 from fastcifar.report import find_runs, report, results_table
 
 
-def make_run(root: Path, name: str, accs: list[float], synthetic=False, val=None, summary=True, description="what it does"):
+def make_run(root: Path, name: str, accs: list[float], synthetic=False, val=None, summary=True, description="what it does",
+             **extra):
     """A run directory as `fastcifar train` writes it, with the given test accuracy per epoch."""
     d = root / name
     d.mkdir(parents=True)
@@ -38,6 +39,7 @@ def make_run(root: Path, name: str, accs: list[float], synthetic=False, val=None
         if val:
             bv = max(range(len(val)), key=val.__getitem__)
             s.update(best_val_acc=val[bv], best_val_epoch=bv + 1, test_acc_at_best_val=accs[bv])
+        s.update(extra)
         (d / "summary.json").write_text(json.dumps(s))
     return d
 
@@ -114,3 +116,62 @@ def test_cli_report(tmp_path):
     assert "44.81% (1)" in r.stdout and (tmp_path / "rep" / "test_accuracy.png").is_file()
     r = subprocess.run([sys.executable, "-m", "fastcifar", "report", str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not a directory" in r.stderr
+
+
+def prov(torch_v="2.14.1", dataset="cifar100"):
+    return {"torch": torch_v, "timm": "1.0.31", "dali": "2.4.0",
+            "data": {"dataset": dataset, "outputs_sha256": {"train_images.npy": "ab" if dataset == "cifar100" else "cd"}}}
+
+
+def test_report_warns_about_other_data_other_software_and_test_selection(tmp_path):
+    make_run(tmp_path, "a", [10.0, 20.0], val=[11.0, 19.0], provenance=prov())
+    make_run(tmp_path, "b", [15.0], val=[16.0], provenance=prov())
+    warned = []
+    table, _ = report([tmp_path], tmp_path / "out", warn=warned.append)
+    assert warned == []  # same data, same software, both selected on validation
+    make_run(tmp_path, "c", [30.0], provenance=prov(torch_v="2.10.0", dataset="synthetic"))
+    table, _ = report([tmp_path], tmp_path / "out", warn=warned.append)
+    assert any("different data" in w and "cifar100 (store " in w and "): a, b" in w and "): c" in w for w in warned)
+    assert any("different torch versions" in w and "2.10.0: c" in w for w in warned)
+    assert [w for w in warned if "test set" in w] == [w for w in warned if w.startswith("warning: c selected its best "
+                                                                                      "epoch on the test set")] != []
+    assert sum("Warning:" in line for line in table.splitlines()) == 3  # under the table too, in results.md
+
+
+def test_report_ranks_by_time_to_target_and_shows_the_data_wait(tmp_path):
+    make_run(tmp_path, "slow", [50.0, 70.0], target_acc=60.0, epoch_to_target=2, seconds_to_target=300.0,
+             data_wait_fraction=0.25)
+    make_run(tmp_path, "fast", [65.0, 71.0], target_acc=60.0, epoch_to_target=1, seconds_to_target=100.0,
+             data_wait_fraction=0.01)
+    make_run(tmp_path, "never", [40.0, 50.0], target_acc=60.0, epoch_to_target=None, seconds_to_target=None)
+    make_run(tmp_path, "notarget", [90.0])
+    table, _ = report([tmp_path], tmp_path / "out", sort="time_to_target")
+    rows = [l.split("|")[1].strip() for l in table.splitlines()[2:] if l.startswith("| ")]
+    assert rows == ["fast", "slow", "never", "notarget"]
+    head = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    assert head[-2:] == ["data wait", "time to target (training)"]
+    assert _row(table, "fast")[-2:] == ["1.0%", "1m 40s to 60% (epoch 1)"]
+    assert _row(table, "never")[-1] == "not reached (60%)" and _row(table, "notarget")[-2:] == ["—", "—"]
+    table, _ = report([tmp_path], tmp_path / "out", sort="best_acc")
+    assert [l.split("|")[1].strip() for l in table.splitlines()[2:] if l.startswith("| ")][0] == "notarget"
+    with pytest.raises(BadInput, match="--sort 'fastest'"):
+        report([tmp_path], tmp_path / "out", sort="fastest")
+    r = subprocess.run([sys.executable, "-m", "fastcifar", "report", str(tmp_path), "--out", str(tmp_path / "o2"),
+                        "--sort", "time_to_target"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.index("| fast |") < r.stdout.index("| slow |"), r.stderr
+
+
+def test_plots_have_integer_epochs_and_a_star_at_the_best_epoch(tmp_path):
+    from fastcifar.report import curves_figure
+
+    make_run(tmp_path, "a", [10.0, 30.0, 20.0])
+    make_run(tmp_path, "b", [5.0, 6.0, 7.0])
+    runs = find_runs([tmp_path])
+    fig = curves_figure(runs, "test_acc", "acc")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    stars = [(tuple(l.get_xdata()), tuple(l.get_ydata())) for l in ax.get_lines() if l.get_gid() == "best"]
+    assert sorted(stars) == [((2,), (30.0,)), ((3,), (7.0,))]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]  # the stars stay out of the legend

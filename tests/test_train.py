@@ -24,7 +24,8 @@ from fastcifar.optim import lr_factor, param_groups, peak_lr
 from loader_spy import LoaderSpy
 from pipelines.loader import make_loader
 
-TIMING = {"images_per_sec", "epoch_seconds", "wall_seconds"}
+TIMING = {"images_per_sec", "epoch_seconds", "wall_seconds", "train_seconds", "data_wait_seconds", "data_wait_fraction",
+          "warmup_seconds"}
 QUIET = dict(log=lambda *a, **k: None)
 
 

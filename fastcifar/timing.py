@@ -1,0 +1,178 @@
+"""Where a run's time goes: how long the training loop waited for data, the first step's warm-up,
+and how long the run took to reach a target accuracy.
+
+Data wait, without a host sync per step:
+- on a GPU, a CUDA event is recorded on the training stream just before the loop asks the loader
+  for the next batch and one just after it gets it; the GPU time between the two is what the GPU
+  spent between the last step's kernels and the next step's: the loader's own kernels on that
+  stream (the torch backend), waiting for DALI's stream, and idling while the host had not yet
+  handed over the batch. When the host runs ahead of the GPU (the loader keeps up) the GPU passes
+  both events at once and the wait is ~0; host time spent in the loader is then hidden, as it
+  should be. The events are read when they are done (`query()`, no sync) and at the end of the
+  epoch, after the sync the trainer does anyway.
+- on a CPU, the host time inside `next(loader)`: loader and model share the CPU, so this is
+  exactly the time the loop did not train.
+Only rank 0's wait is reported (every rank runs the same loader on its own shard).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipelines.loader import dali_available
+
+WAIT_SHOWN = 0.05   # the epoch line names the data wait above this share of the training time
+DRAIN_EVERY = 64    # CUDA event pairs kept before reading the finished ones
+
+
+class EpochClock:
+    """An epoch's training seconds, the part spent waiting for the next batch, and the warm-up of
+    this process's first step (torch.compile, cuDNN autotune, first allocations), timed once with
+    one device sync. `saved()` / `start(earlier)` carry a stopped epoch's part over a resume."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+        self.warmed = False   # this process's first step is behind us
+        self.hinted = False   # the hint that comes with a high data wait was given
+        self.start()
+
+    def start(self, earlier: dict | None = None) -> None:
+        """Begin an epoch; earlier = saved() of its first part, when it was stopped mid-way."""
+        earlier = earlier or {}
+        self.t0 = time.perf_counter()
+        self.before = earlier.get("train_seconds", 0.0)
+        self.wait = earlier.get("data_wait_seconds", 0.0)
+        self.warmup = earlier.get("warmup_seconds", 0.0)
+        self._pending: list[tuple] = []  # CUDA (start, end) event pairs not read yet
+
+    def batches(self, loader):
+        """Iterate loader, timing each wait for a batch (see the module docstring)."""
+        it = iter(loader)
+        while True:
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+            else:
+                t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            if self.cuda:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._pending.append((start, end))
+                if len(self._pending) >= DRAIN_EVERY:
+                    self._drain(block=False)
+            else:
+                self.wait += time.perf_counter() - t
+            yield batch
+
+    def _drain(self, block: bool) -> None:
+        """Add the finished event pairs' GPU milliseconds to the wait (all of them when block)."""
+        left = []
+        for start, end in self._pending:
+            if block or end.query():  # query() asks, it does not wait
+                end.synchronize()  # at once when block is used: the trainer synced already
+                self.wait += start.elapsed_time(end) / 1000.0
+            else:
+                left.append((start, end))
+        self._pending = left
+
+    def step(self, fn, *args):
+        """fn(*args), the training step; the first one of this process is timed as warm-up (one sync)."""
+        if self.warmed:
+            return fn(*args)
+        t = time.perf_counter()
+        out = fn(*args)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # once per process: the compile and autotune are done
+        self.warmup += time.perf_counter() - t
+        self.warmed = True
+        return out
+
+    def saved(self) -> dict:
+        """The epoch's part so far, for last.pt when it stops mid-epoch."""
+        self._drain(block=True)
+        return {"train_seconds": self.before + time.perf_counter() - self.t0, "data_wait_seconds": self.wait,
+                "warmup_seconds": self.warmup}
+
+    def metrics(self, train_seconds: float) -> dict:
+        """The epoch's metrics.jsonl fields, given this process's training seconds of it (after the
+        device sync that ends the epoch)."""
+        self._drain(block=True)
+        total = self.before + train_seconds
+        m = {"train_seconds": total, "data_wait_seconds": self.wait,
+             "data_wait_fraction": self.wait / max(total - self.warmup, 1e-9)}
+        if self.warmup:
+            m["warmup_seconds"] = self.warmup
+        return m
+
+    def note(self, m: dict, backend: str) -> str:
+        """'  data wait 23% (hint)' for the epoch line when the wait is above WAIT_SHOWN (the hint
+        once per run), else ''."""
+        f = m.get("data_wait_fraction") or 0.0
+        if f <= WAIT_SHOWN:
+            return ""
+        text = f"  data wait {100 * f:.0f}%"
+        if not self.hinted:
+            self.hinted = True
+            text += f" ({wait_hint(backend, self.device.type, dali_available())})"
+        return text
+
+
+def wait_hint(backend: str, device_type: str, dali: bool) -> str:
+    """Which knob to turn when the loop waits for data, for a loader backend ("dali-gpu",
+    "dali-cpu", "torch", "tutorial") on a device type."""
+    lighter = "a lighter augmentation policy (lower aug.oneof_p, aug.ssr_p, aug.jitter_p, aug.erase_p)"
+    if backend == "tutorial":
+        return ("the tutorial's per-image loader feeds this run; data.backend=auto makes the same kind of "
+                "batches with DALI (or torch) instead")
+    if backend == "dali-gpu":
+        return (f"DALI's host stage (index batches from the memmap) or its GPU ops fall behind: try "
+                f"data.backend=torch (the whole split on the GPU), or {lighter}")
+    if backend == "dali-cpu":
+        return (f"DALI runs on the CPU here, beside the model; at 32 px data.backend=torch is often faster "
+                f"on a CPU, or {lighter}")
+    if device_type == "cuda":
+        return ("the torch backend's augmentation runs on the training stream; try data.backend=dali"
+                + (", or " if dali else " (pip install nvidia-dali-cuda120), or ") + lighter)
+    return (f"the loader shares the CPU with the model; try data.backend=dali"
+            + ("" if dali else " (pip install nvidia-dali-cuda120)") + f", or {lighter}")
+
+
+def run_fields(history: list[dict], target: float, selection: str) -> dict:
+    """summary.json's data-wait and time-to-target fields from the epochs' metrics: the run's data
+    wait and its share; with a target, the first epoch whose selection accuracy (val when held
+    out, else test) reaches it, the training seconds to its end (warm-up left out) and the wall
+    seconds (with warm-up, compile, evaluation and checkpoints)."""
+    timed = [m for m in history if "data_wait_seconds" in m]
+    s = {}
+    if timed:
+        wait = sum(m["data_wait_seconds"] for m in timed)
+        train = sum(m["train_seconds"] - m.get("warmup_seconds", 0.0) for m in timed)
+        s.update(data_wait_seconds=wait, data_wait_fraction=wait / max(train, 1e-9))
+    if target > 0:
+        key = f"{selection}_acc"
+        s.update(target_acc=target, target_on=selection, epoch_to_target=None, seconds_to_target=None,
+                 wall_seconds_to_target=None)
+        for k, m in enumerate(history):
+            if m.get(key) is not None and m[key] >= target:
+                upto = history[:k + 1]
+                secs = (sum(e["train_seconds"] - e.get("warmup_seconds", 0.0) for e in upto)
+                        if all("train_seconds" in e for e in upto) else None)  # epochs of an older fastcifar: unknown
+                s.update(epoch_to_target=m["epoch"], seconds_to_target=secs, wall_seconds_to_target=m.get("wall_seconds"))
+                break
+    return s
+
+
+def target_stop(train, history: list[dict], selection: str) -> str | None:
+    """The stop reason when train.stop_at_target is set and an epoch has reached train.target_acc."""
+    if not (train.stop_at_target and train.target_acc > 0):
+        return None
+    reached = run_fields(history, train.target_acc, selection)["epoch_to_target"]
+    if reached is None:
+        return None
+    return f"reached train.target_acc = {train.target_acc:g}% ({selection}) at epoch {reached}"

@@ -1,0 +1,271 @@
+"""`fastcifar reproduce`: a table of recipes x seeds in dependency order, stopped by a real SIGINT
+and continued to the end without training anything twice; results with mean ± std beside the
+tutorial's figures; bad input is exit 2."""
+
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastcifar import BadInput
+from fastcifar.data import prepare
+from fastcifar.reproduce import collect, plan, published, results_md, state
+from test_recipes import TUTORIAL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TEACHER = '''"""A tiny teacher: tutorial 12.5% (a made-up figure)."""
+from fastcifar.config import Recipe
+
+
+def recipe():
+    r = Recipe()
+    r.data.batch_size = 50
+    r.data.backend = "torch"
+    r.aug.normalize = "cifar"
+    r.model.name = "test_resnet"
+    r.optim.lr = 3e-3
+    r.train.epochs = 2
+    r.train.compile = False
+    r.train.device = "cpu"
+    r.train.log_every = 2
+    return r
+'''
+STUDENT = '''"""A tiny student distilled from tiny_teacher."""
+from fastcifar.config import derive
+
+
+def recipe():
+    r = derive("tiny_teacher")
+    r.distill.teacher = "tiny_teacher"
+    return r
+'''
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A directory with ./recipes/tiny_teacher.py and tiny_student.py, a table listing the student
+    first, and a small synthetic store; the working directory for the test."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "tiny_teacher.py").write_text(TEACHER)
+    (tmp_path / "recipes" / "tiny_student.py").write_text(STUDENT)
+    (tmp_path / "table.txt").write_text("# the student is listed first: it must still run after its teacher\n"
+                                        "tiny_student   # distilled\n\ntiny_teacher\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def snapshot(run: Path) -> dict:
+    return {f: ((run / f).stat().st_mtime_ns, (run / f).read_bytes()) for f in ("summary.json", "last.pt", "metrics.jsonl")}
+
+
+def test_a_table_stopped_by_sigint_continues_to_the_end_with_nothing_rerun(project):
+    store = project / "store"
+    prepare(store, synthetic=True, n_train=300, n_test=60, log=lambda *_: None)
+    out = project / "out"
+    cmd = [sys.executable, "-m", "fastcifar", "reproduce", "table.txt", "--seeds", "2", "--out", "out",
+           "--data-dir", str(store), "--set", "train.log_every=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen, second_run = [], False
+    deadline = time.time() + 600
+    for line in proc.stdout:  # Ctrl-C once run 2 of 4 has finished its first epoch
+        seen.append(line)
+        second_run = second_run or line.startswith("[2/4]")
+        if second_run and line.startswith("epoch 1/2"):
+            proc.send_signal(signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(seen)
+    rest, err = proc.communicate(timeout=300)
+    first = "".join(seen) + rest
+    assert proc.returncode == 130, first + err
+    assert "Traceback" not in err
+    # dependency order: both teacher runs first, though the table lists the student first
+    assert first.index("[1/4] tiny_teacher seed 0") < first.index("[2/4] tiny_teacher seed 1")
+    again = err.split("Continue with: ", 1)[1].strip()
+    assert shlex.split(again)[:2] == ["fastcifar", "reproduce"]
+
+    runs = {p.name: p for p in out.iterdir() if p.is_dir()}
+    finished = {n for n, p in runs.items() if json.loads((p / "summary.json").read_text())["finished"]}
+    assert "tiny_teacher-seed0" in finished and "tiny_teacher-seed1" not in finished
+    stopped = json.loads((runs["tiny_teacher-seed1"] / "summary.json").read_text())
+    assert stopped["stop_reason"] == "interrupted"
+    before = {n: snapshot(runs[n]) for n in finished}
+    partial = json.loads((out / "results.json").read_text())  # written as the table goes
+    assert [r["n"] for r in partial["recipes"]] == [0, 1]
+
+    # continue with the printed command: nothing finished is trained again, the stopped run resumes
+    r = subprocess.run([sys.executable, "-m", "fastcifar", *shlex.split(again)[1:]], cwd=project, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[1/4] tiny_teacher seed 0: done, skipped" in r.stdout
+    assert "[2/4] tiny_teacher seed 1: resuming" in r.stdout
+    assert {n: snapshot(runs[n]) for n in finished} == before
+    for name in ("tiny_teacher-seed0", "tiny_teacher-seed1", "tiny_student-seed0", "tiny_student-seed1"):
+        run = out / name
+        s = json.loads((run / "summary.json").read_text())
+        assert s["finished"] and s["epochs_done"] == 2, name
+        assert [json.loads(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2], name
+        rj = json.loads((run / "recipe.json").read_text())
+        assert rj["train"]["seed"] == int(name[-1]) and rj["train"]["log_every"] == 1  # --set reached every run
+        if "student" in name:  # seed k learns from the teacher run of seed k that this table trained
+            assert rj["distill"]["teacher"] == str((out / f"tiny_teacher-seed{name[-1]}").resolve())
+    assert "earlier" in json.loads((out / "tiny_teacher-seed1" / "summary.json").read_text())["provenance"]
+
+    res = json.loads((out / "results.json").read_text())
+    assert [x["recipe"] for x in res["recipes"]] == ["tiny_student", "tiny_teacher"]  # the table's order
+    for x in res["recipes"]:
+        accs = [json.loads((out / f"{x['recipe']}-seed{k}" / "summary.json").read_text())["best_acc"] for k in (0, 1)]
+        assert x["n"] == 2 and x["best_acc"]["mean"] == pytest.approx(statistics.fmean(accs))
+        assert x["best_acc"]["std"] == pytest.approx(statistics.stdev(accs))
+    teacher = res["recipes"][1]
+    assert teacher["published"] == 12.5 and teacher["difference"] == pytest.approx(teacher["best_acc"]["mean"] - 12.5)
+    md = (out / "results.md").read_text()
+    assert "| tiny_teacher | 2 |" in md and " ± " in md and "12.50%" in md and "SYNTHETIC" in md
+
+    # a third time: everything is done, nothing changes
+    everything = {n: snapshot(out / n) for n in runs}
+    r = subprocess.run([sys.executable, "-m", "fastcifar", *shlex.split(again)[1:]], cwd=project, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.count("done, skipped") == 4, r.stderr
+    assert {n: snapshot(out / n) for n in runs} == everything
+
+
+def test_the_tutorial_table_quotes_the_tutorial_and_runs_the_teacher_first(tmp_path):
+    label, jobs, names = plan("tutorial", 2, tmp_path / "out", ["train.epochs=2"])
+    assert label == "tutorial" and set(names) == set(TUTORIAL) and len(jobs) == 22
+    for name in names:
+        want = TUTORIAL[name].rstrip("%")
+        got = published(next(j.info for j in jobs if j.name == name))
+        assert got == (None if name == "r18_cosface" else float(want)), name  # cosface: "close behind", no figure
+    order = [(j.name, j.seed) for j in jobs]
+    assert order.index(("r50_arcface_224", 1)) < order.index(("r18_arcface_kd", 0))
+    assert all(j.recipe.train.epochs == 2 and j.recipe.train.seed == j.seed for j in jobs)
+
+
+def test_order_comes_from_distill_teacher(tmp_path):
+    (tmp_path / "t.txt").write_text("r18_arcface_kd\nr18_baseline\nr50_arcface_224\n")
+    _, jobs, names = plan(str(tmp_path / "t.txt"), 1, tmp_path / "out")
+    assert names == ["r18_arcface_kd", "r18_baseline", "r50_arcface_224"]  # results keep the table's order
+    assert [j.name for j in jobs] == ["r18_baseline", "r50_arcface_224", "r18_arcface_kd"]
+    kd = jobs[-1]
+    assert kd.teacher == "r50_arcface_224" and kd.recipe.distill.teacher == str((tmp_path / "out" / "r50_arcface_224-seed0").resolve())
+    # without its teacher in the table, a student keeps the recipe's own teacher (the newest runs/<name>-*)
+    (tmp_path / "s.txt").write_text("r18_arcface_kd\n")
+    assert plan(str(tmp_path / "s.txt"), 1, tmp_path / "out")[1][0].recipe.distill.teacher == "r50_arcface_224"
+
+
+def test_results_are_mean_and_sample_std_over_finished_seeds(tmp_path):
+    (tmp_path / "t.txt").write_text("r18_baseline\n")
+    _, jobs, names = plan(str(tmp_path / "t.txt"), 3, tmp_path / "out")
+    for j, (best, final, finished) in zip(jobs, [(40.0, 39.0, True), (44.0, 41.0, True), (90.0, 90.0, False)]):
+        j.dir.mkdir(parents=True)
+        (j.dir / "summary.json").write_text(json.dumps({
+            "best_acc": best, "final_acc": final, "finished": finished, "wall_seconds": 100.0,
+            "train_images_per_sec": 1000.0, "stop_reason": "completed" if finished else "interrupted", "synthetic": False}))
+    res = collect(tmp_path / "out", "t", 3, [], names, jobs)
+    (r,) = res["recipes"]
+    assert (r["n"], r["of"], r["best_acc"]["mean"], r["final_acc"]["mean"]) == (2, 3, 42.0, 40.0)
+    assert r["best_acc"]["std"] == pytest.approx(2 ** 1.5) and r["published"] == 44.26
+    assert r["difference"] == pytest.approx(42.0 - 44.26)
+    md = results_md(res)
+    assert "| r18_baseline | 2 of 3 | 42.00% ± 2.83 | 40.00% ± 1.41 | 44.26% | -2.26 | 1m 40s | 1,000 |" in md
+    assert "r18_baseline seed 2 (interrupted)" in md and "SYNTHETIC" not in md
+
+
+@pytest.mark.parametrize("table, seeds, sets, match", [
+    ("tutorail", 1, [], "No table named 'tutorail'"),
+    ("tutorial", 0, [], "--seeds 0"),
+    ("tutorial", 1, ["train.seed=3"], "reproduce sets each run's seed"),
+    ("tutorial", 1, ["train.epoch=3"], "Unknown key train.epoch"),
+    ("tutorial", 1, ["train.epochs=0"], "r18_baseline: train.epochs = 0"),
+])
+def test_bad_arguments(tmp_path, table, seeds, sets, match):
+    with pytest.raises(BadInput, match=match):
+        plan(table, seeds, tmp_path / "out", sets)
+
+
+def test_bad_table_files(tmp_path):
+    cases = {"unknown.txt": ("r18_baseline\nr18_nope\n", "No recipe named 'r18_nope'"),
+             "empty.txt": ("# nothing\n\n", "lists no recipe"),
+             "twice.txt": ("r18_baseline\nr18_wd01\nr18_baseline  # again\n", "line 3 lists 'r18_baseline' again"),
+             "binary.txt": (b"\xff\xfe\x00garbage", "Cannot read the table file")}
+    for name, (content, match) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(BadInput, match=match):
+            plan(str(p), 1, tmp_path / "out")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(BadInput, match="is not a file"):
+        plan(str(tmp_path / "adir"), 1, tmp_path / "out")
+
+
+def test_distillation_cycles_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    for me, other in (("ca", "cb"), ("cb", "ca")):
+        (tmp_path / "recipes" / f"{me}.py").write_text(
+            f'"""{me}"""\nfrom fastcifar.config import Recipe\n\n\ndef recipe():\n    r = Recipe()\n'
+            f'    r.distill.teacher = "{other}"\n    return r\n')
+    (tmp_path / "t.txt").write_text("ca\ncb\n")
+    with pytest.raises(BadInput, match="cycle"):
+        plan("t.txt", 1, tmp_path / "out")
+
+
+def test_the_out_directory_holds_only_this_tables_runs(tmp_path):
+    from fastcifar.reproduce import check_out
+
+    (tmp_path / "t.txt").write_text("r18_baseline\nr18_wd01\n")
+    _, jobs, names = plan(str(tmp_path / "t.txt"), 1, tmp_path / "out")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BadInput, match="is a file"):
+        check_out(tmp_path / "afile", names)
+    out = tmp_path / "out"
+    (out / "r18_baseline-seed7").mkdir(parents=True)
+    (out / "results.md").write_text("old results")
+    check_out(out, names)  # its own runs (any seed) and results are fine
+    (out / "notes.txt").write_text("mine")
+    (out / "r18_augment-seed0").mkdir()
+    with pytest.raises(BadInput, match="notes.txt, r18_augment-seed0, which are not runs of this table"):
+        check_out(out, names)
+
+    job = jobs[0]
+    assert state(job) == "new"
+    job.dir.mkdir()
+    (job.dir / "recipe.json").write_text("{}")
+    (job.dir / "events.out.tfevents.1.host").write_text("")
+    assert state(job) == "restart"  # died before its first checkpoint: only fastcifar's run files
+    (job.dir / "mine.txt").write_text("x")
+    with pytest.raises(BadInput, match="not a fastcifar run"):
+        state(job)
+    (job.dir / "mine.txt").unlink()
+    (job.dir / "last.pt").write_bytes(b"")
+    from fastcifar.config import to_dict
+    other = to_dict(jobs[1].recipe)  # r18_wd01's settings in r18_baseline's directory
+    (job.dir / "recipe.json").write_text(json.dumps({"name": "r18_baseline", **other}))
+    with pytest.raises(BadInput, match=r"other settings: optim.weight_decay \(0.1 -> 0.0001\)"):
+        state(job)
+    (job.dir / "recipe.json").write_text(json.dumps(to_dict(job.recipe)))
+    (job.dir / "summary.json").write_text(json.dumps({"finished": True, "epochs_done": 200}))
+    assert state(job) == "done"
+    job.recipe.train.log_every = 7  # how a run logs or where it ran: the same experiment
+    assert state(job) == "done"
+    job.recipe.train.target_acc = 40.0  # a new target: resumed, so its summary times it (nothing trains)
+    assert state(job) == "resume"
+    job.recipe.train.epochs = 2  # a dry run's length is another experiment: never mixed into the results
+    with pytest.raises(BadInput, match=r"train.epochs \(200 -> 2\)"):
+        state(job)
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fastcifar", "reproduce", "nosuchtable", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "No table named" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,242 @@
+"""Where a run's time goes (fastcifar/timing.py): the data-wait share per epoch, the first step's
+warm-up, time to a target accuracy and stopping there; each carried exactly over a resume."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import fastcifar.train as T
+from fastcifar import BadInput, checkpoint, timing
+from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict
+from fastcifar.data import prepare
+from loader_spy import LoaderSpy
+from test_train import QUIET, fit, info, metrics, tiny
+from test_train_pins import fixed_scores
+
+SLEEP = 0.05  # seconds a slow loader spends on each batch
+STEPS = 6     # batches per epoch: 300 train images in batches of 50
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("store") / "cifar100"
+    prepare(d, synthetic=True, n_train=300, n_test=60, log=lambda *_: None)
+    return d
+
+
+def fit_logged(recipe, setup=None, **kw) -> tuple[dict, list[str]]:
+    """fit(), keeping the lines the run prints."""
+    lines = []
+    with T.Trainer(recipe, info(), log=lines.append, **kw) as trainer:
+        if setup:
+            setup(trainer)
+        return trainer.fit(), lines
+
+
+def slow_loader(trainer):
+    """A setup(trainer): the training loader sleeps SLEEP before each batch, as a slow pipeline would."""
+    trainer.train_loader = LoaderSpy(trainer.train_loader, lambda *a: time.sleep(SLEEP))
+
+
+def test_a_slow_loader_shows_up_as_data_wait(store, tmp_path):
+    s, lines = fit_logged(tiny(train__epochs=1), out=tmp_path / "slow", data_dir=store, setup=slow_loader)
+    (m,) = metrics(tmp_path / "slow")
+    slept = STEPS * SLEEP
+    # the sleeps are in the wait; the steps are not (they take most of the rest of the epoch)
+    assert slept <= m["data_wait_seconds"] < slept + 0.5 * (m["train_seconds"] - slept), m
+    assert m["data_wait_fraction"] == pytest.approx(m["data_wait_seconds"] / (m["train_seconds"] - m["warmup_seconds"]))
+    assert s["data_wait_seconds"] == pytest.approx(m["data_wait_seconds"])
+    assert s["data_wait_fraction"] == pytest.approx(m["data_wait_fraction"])
+    assert m["data_wait_fraction"] > timing.WAIT_SHOWN  # else the line below would be right to stay quiet
+    line = next(l for l in lines if l.startswith("epoch 1/1"))
+    assert f"data wait {100 * m['data_wait_fraction']:.0f}%" in line and "data.backend=dali" in line
+    # and TensorBoard has it, as every epoch metric
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "slow"))
+    ea.Reload()
+    assert {"epoch/data_wait_seconds", "epoch/data_wait_fraction"} <= set(ea.Tags()["scalars"])
+
+
+def test_without_a_slow_loader_the_wait_is_small(store, tmp_path):
+    _, lines = fit_logged(tiny(train__epochs=1), out=tmp_path / "fast", data_dir=store)
+    (m,) = metrics(tmp_path / "fast")
+    assert 0 < m["data_wait_seconds"] and m["data_wait_fraction"] < 0.3, m  # the torch backend on 32 px images
+    line = next(l for l in lines if l.startswith("epoch 1/1"))
+    assert ("data wait" in line) == (m["data_wait_fraction"] > timing.WAIT_SHOWN)
+
+
+def test_hint_names_the_knob_for_each_backend():
+    assert "data.backend=auto" in timing.wait_hint("tutorial", "cuda", True)
+    assert "data.backend=torch" in timing.wait_hint("dali-gpu", "cuda", True)
+    assert "data.backend=dali" in timing.wait_hint("torch", "cuda", True)
+    assert "pip install" in timing.wait_hint("torch", "cpu", False)
+    assert all("aug." in timing.wait_hint(b, "cuda", True) for b in ("dali-gpu", "dali-cpu", "torch"))
+
+
+def warm_first_step(seconds):
+    """A setup(trainer): this process's first training step takes `seconds` longer (a compile)."""
+    def setup(trainer):
+        step = trainer.train_step
+
+        def slow_first(*args):
+            if trainer.progress.step == 0:
+                time.sleep(seconds)
+            return step(*args)
+
+        trainer.train_step = slow_first
+
+    return setup
+
+
+def test_time_to_target_counts_training_without_warm_up(store, tmp_path):
+    run = tmp_path / "run"
+    scores = fixed_scores([], [40.0, 50.0])
+
+    def setup(trainer):
+        scores(trainer)
+        warm_first_step(0.3)(trainer)
+
+    s = fit(tiny(train__epochs=2, train__target_acc=30.0), info(), out=run, data_dir=store, setup=setup)
+    ms = metrics(run)
+    assert ms[0]["warmup_seconds"] >= 0.3 and "warmup_seconds" not in ms[1]
+    assert (s["target_acc"], s["target_on"], s["epoch_to_target"]) == (30.0, "test", 1)
+    assert s["seconds_to_target"] == pytest.approx(ms[0]["train_seconds"] - ms[0]["warmup_seconds"])
+    assert s["wall_seconds_to_target"] == ms[0]["wall_seconds"] > s["seconds_to_target"] + ms[0]["warmup_seconds"]
+    assert s["epochs_done"] == 2 and s["stop_reason"] == "completed"  # timing only: the run went on
+
+
+def test_stop_at_target_ends_the_run_finished(store, tmp_path):
+    run = tmp_path / "run"
+    s = fit(tiny(train__epochs=6, train__target_acc=30.0, train__stop_at_target=True, data__val_split=0.2), info(),
+            out=run, data_dir=store, setup=fixed_scores([20.0, 31.0, 45.0, 50, 50, 50], [90.0] * 6))
+    # selection is on validation here, so the target is too (test passed 30% at once)
+    assert (s["target_on"], s["epoch_to_target"], s["epochs_done"], s["finished"]) == ("val", 2, 2, True)
+    assert "target_acc" in s["stop_reason"] and "epoch 2" in s["stop_reason"]
+    assert json.loads((run / "summary.json").read_text()) == s and len(metrics(run)) == 2
+    never = fit(tiny(train__epochs=1, train__target_acc=99.0, train__stop_at_target=True), info(),
+                out=tmp_path / "never", data_dir=store, setup=fixed_scores([], [10.0]))
+    assert (never["epochs_done"], never["epoch_to_target"], never["stop_reason"]) == (1, None, "completed")
+
+
+def test_a_resumed_run_reports_the_same_wait_and_target(store, tmp_path):
+    """Stopped mid-epoch 2 and resumed: the epoch's wait counts the slow batches of both processes,
+    and the time to target is the one the stopped run reported."""
+    run = tmp_path / "run"
+
+    def setup(trainer):
+        fixed_scores([], [10.0, 40.0])(trainer)
+        trainer.train_loader = LoaderSpy(trainer.train_loader, stop_in_epoch_2)
+
+    def stop_in_epoch_2(epoch, i, images, labels):
+        time.sleep(SLEEP)
+        if (epoch, i) == (1, 2):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    recipe = tiny(train__target_acc=30.0, train__epochs=2)
+    with pytest.raises(T.Interrupted):
+        fit(recipe, info(), out=run, data_dir=store, setup=setup)
+    saved = checkpoint.load(run / "last.pt")["partial_time"]
+    assert saved["data_wait_seconds"] >= 3 * SLEEP and saved["train_seconds"] > saved["data_wait_seconds"]
+
+    def resume_setup(trainer):
+        fixed_scores([], [40.0])(trainer)  # epoch 2
+        slow_loader(trainer)
+
+    s = fit(recipe, {}, data_dir=store, resume=run, setup=resume_setup)
+    ms = metrics(run)
+    assert ms[1]["data_wait_seconds"] >= STEPS * SLEEP  # 3 slow batches before the stop, 3 after
+    assert ms[1]["train_seconds"] >= saved["train_seconds"]
+    assert s["epoch_to_target"] == 2 and s["finished"]
+    assert s["seconds_to_target"] == pytest.approx(sum(m["train_seconds"] - m.get("warmup_seconds", 0) for m in ms[:2]))
+    assert len(s["provenance"]["earlier"]) == 1  # the stopped process's provenance is kept
+
+
+def test_stop_at_target_set_on_resume_stops_at_once(store, tmp_path):
+    run = tmp_path / "run"
+    T.train(tiny(train__epochs=1), info(), out=run, data_dir=store, **QUIET)
+    first = json.loads((run / "summary.json").read_text())
+    assert first["best_acc"] > 0
+    target = first["best_acc"] / 2  # reached by epoch 1
+    s = T.train(apply_overrides(tiny(train__epochs=5), [f"train.target_acc={target}", "train.stop_at_target=true"]),
+                {}, data_dir=store, resume=run, **QUIET)
+    assert s["finished"] and s["epochs_done"] == 1 and "target_acc" in s["stop_reason"]
+
+
+def test_target_fields_are_typed_validated_and_round_trip():
+    r = apply_overrides(Recipe(), ["train.target_acc=75", "train.stop_at_target=true"])
+    assert r.train.target_acc == 75.0 and isinstance(r.train.target_acc, float) and r.train.stop_at_target is True
+    assert from_dict(json.loads(json.dumps(to_dict(r)))) == r
+    with pytest.raises(BadInput, match="expects a float"):
+        apply_overrides(Recipe(), ["train.target_acc=high"])
+    for bad, field in [(["train.target_acc=101"], "train.target_acc"), (["train.target_acc=-1"], "train.target_acc"),
+                       (["train.stop_at_target=true"], "train.stop_at_target")]:
+        with pytest.raises(BadInput, match=field.replace(".", r"\.")):
+            apply_overrides(Recipe(), bad).validate()
+
+
+def test_an_old_checkpoint_without_the_new_fields_resumes(store, tmp_path):
+    run = tmp_path / "run"
+    T.train(tiny(train__epochs=1), info(), out=run, data_dir=store, **QUIET)
+    ck = checkpoint.load(run / "last.pt", need="resume")
+    for key in ("partial_time", "provenance"):
+        del ck[key]
+    for key in ("target_acc", "stop_at_target"):
+        del ck["recipe"]["train"][key]
+    for m in ck["history"]:
+        for key in ("train_seconds", "data_wait_seconds", "data_wait_fraction", "warmup_seconds"):
+            m.pop(key, None)
+    torch.save(ck, run / "last.pt")
+    s = T.train(apply_overrides(tiny(train__epochs=2), ["train.target_acc=1"]), {}, data_dir=store, resume=run, **QUIET)
+    assert s["finished"] and s["epochs_done"] == 2 and "earlier" not in s["provenance"]
+    assert s["epoch_to_target"] == 1 and s["seconds_to_target"] is None  # epoch 1 was not timed: unknown, not 0
+    # the run's wait is that of the timed epoch alone
+    assert s["data_wait_seconds"] == pytest.approx(metrics(run)[1]["data_wait_seconds"])
+
+
+class FakeEvent:
+    """torch.cuda.Event's timing API on the host clock, for EpochClock's bookkeeping on a CPU
+    (the real events run on a GPU only: bench/RESULTS.md's GPU check)."""
+    done = True  # what query() answers: whether the GPU has reached the event yet
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def query(self):
+        return FakeEvent.done
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):  # milliseconds, as CUDA's
+        return 1000.0 * (end.t - self.t)
+
+
+def test_cuda_event_pairs_are_read_only_when_done_and_all_at_the_end(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    clock = timing.EpochClock(torch.device("cpu"))
+    clock.cuda = True  # the GPU path: an event pair around each wait for a batch
+
+    def loader():
+        for i in range(timing.DRAIN_EVERY + 6):
+            time.sleep(0.002)
+            yield i
+
+    FakeEvent.done = False  # the GPU is behind: nothing may be read (and nothing waited for) mid-epoch
+    assert list(clock.batches(loader())) == list(range(timing.DRAIN_EVERY + 6))
+    assert clock.wait == 0.0 and len(clock._pending) == timing.DRAIN_EVERY + 6
+    m = clock.metrics(train_seconds=10.0)  # the epoch's end: the trainer has synced, every pair is read
+    assert m["data_wait_seconds"] >= (timing.DRAIN_EVERY + 6) * 0.002 and clock._pending == []
+    clock.start()
+    FakeEvent.done = True  # the GPU keeps up: finished pairs are read as the epoch goes
+    for _ in clock.batches(loader()):
+        pass
+    assert clock.wait > 0 and len(clock._pending) < timing.DRAIN_EVERY
