@@ -289,7 +289,7 @@ def test_torch_compile_run(store, tmp_path):
     net = build_model(tiny().model, tiny().head)
     net.load_state_dict(ck["model"])  # plain keys: compiling did not rename the weights
     # the compiled run's test accuracy is the eager net's on the same 270 images (up to 2 borderline ones)
-    eager, r = net_from_checkpoint(ck, run / "last.pt", torch.device("cpu"), 100)
+    eager, r = net_from_checkpoint(ck, run / "last.pt")
     st = open_store(store)
     rows = T.split_rows(len(st.labels("train")), len(st.labels("test")), r.data)[2]
     ev = T.evaluate(eager, make_loader(st, "test", r.aug, 100, backend="torch", indices=rows))
