@@ -79,7 +79,7 @@ def card(ck: dict, r, where, data_dir=None, log=print) -> dict:
             raise BadInput(f"{where} does not record its {' or '.join(missing)} (it was written before "
                            f"checkpoints held them), and the store to take them from is not at hand: {e} Pass --data-dir "
                            f"with the store the model was trained on.")
-        n = num_classes(ck["model"], r.head.kind)
+        n = num_classes(ck["model"], r.head.kind, where)
         if names is None and len(store.class_names) != n:
             raise BadInput(f"The store at {store.dir} has {len(store.class_names)} classes, the model in {where} "
                            f"{n}: not the store it was trained on. Pass --data-dir with that store.")
@@ -91,7 +91,7 @@ def card(ck: dict, r, where, data_dir=None, log=print) -> dict:
          "model": {"name": r.model.name, "cifar_stem": r.model.cifar_stem},
          "head": {"kind": r.head.kind} if r.head.kind == "linear" else
                  {"kind": r.head.kind, "s": r.head.s, "m": r.head.m, "embed_dim": r.head.embed_dim},
-         "num_classes": num_classes(ck["model"], r.head.kind),
+         "num_classes": num_classes(ck["model"], r.head.kind, where),
          "class_names": list(names) if isinstance(names, (list, tuple)) else names,  # check_card judges it
          "preprocess": {"image_size": pre.get("image_size", r.aug.image_size),
                         "interpolation": pre.get("interpolation", r.aug.interpolation),

@@ -38,11 +38,12 @@ def build_model(model_cfg, head_cfg, num_classes: int = 100) -> Net:
     return Net(backbone, head)
 
 
-def num_classes(state: dict, head_kind: str) -> int:
+def num_classes(state: dict, head_kind: str, where="the checkpoint") -> int:
     """Classes of a Net state dict, read from its head's weights."""
     key = "head.fc.weight" if head_kind == "linear" else "head.weight"
     if not isinstance(state.get(key), torch.Tensor) or state[key].ndim != 2:
-        raise BadInput(f"The weights hold no {head_kind} head ({key} is missing): not a fastcifar network.")
+        raise BadInput(f"The weights in {where} do not fit a {head_kind} head ({key} is missing): is it a fastcifar "
+                       f"network, of the recipe it was saved with?")
     return state[key].shape[0]
 
 
@@ -50,7 +51,7 @@ def net_from_state(model_cfg, head_cfg, state: dict, where) -> Net:
     """The Net a recipe's model and head sections describe, holding `state` (CPU, fp32, eval mode);
     the number of classes is the head's. The recipe's pretrained source is not fetched again."""
     model_cfg.pretrained, model_cfg.pretrained_file = False, ""  # the weights come from `state`
-    net = build_model(model_cfg, head_cfg, num_classes(state, head_cfg.kind))
+    net = build_model(model_cfg, head_cfg, num_classes(state, head_cfg.kind, where))
     load_weights(net, state, where)
     return net.eval()
 

@@ -565,7 +565,7 @@ def split_rows(n_train: int, n_test: int, d) -> tuple[np.ndarray | None, np.ndar
 
 def check_classes(ck: dict, store, path) -> None:
     """Raise BadInput unless the checkpoint's head has the store's number of classes."""
-    n = num_classes(ck["model"], from_dict(ck["recipe"]).head.kind)
+    n = num_classes(ck["model"], from_dict(ck["recipe"]).head.kind, path)
     if n != len(store.class_names):
         raise BadInput(f"The model in {path} has {n} classes, the store at {store.dir} {len(store.class_names)}: "
                        f"not the data it was trained on. Pass --data-dir with that store.")

@@ -17,7 +17,7 @@ from loader_spy import LoaderSpy
 from test_train import QUIET, fit, info, metrics, tiny
 from test_train_pins import fixed_scores
 
-SLEEP = 0.05  # seconds a slow loader spends on each batch
+SLEEP = 0.5  # seconds a slow loader spends on each batch: long beside a step even on a loaded machine
 STEPS = 6     # batches per epoch: 300 train images in batches of 50
 
 
