@@ -166,14 +166,19 @@ def evaluate(
     backend: Optional[str] = typer.Option(None, "--backend", help="Loader backend [default: the recipe's]."),
     batch_size: int = typer.Option(500, "--batch-size", help="Images per evaluation batch."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present) | cpu | cuda | cuda:N."),
+    weights: str = typer.Option("auto", "--weights", help="auto (the EMA weights when the checkpoint has them, "
+                                "else the raw ones) | raw | ema."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | flip (logits averaged "
+                                      "with the mirrored image's) [default: the recipe's train.tta]."),
 ):
-    """Print test top-1/top-5 of a checkpoint."""
+    """Print test top-1/top-5 of a checkpoint, and which weights and test-time augmentation gave them."""
     from fastcifar.train import evaluate_checkpoint
 
-    res = evaluate_checkpoint(checkpoint_ref, data_dir=data_dir, backend=backend, batch_size=batch_size, device=device)
-    typer.echo(f"{res['checkpoint']} ({res['recipe']}, epoch {res['epoch']}): test top-1 {res['acc']:.2f}%  "
-               f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  on {res['images']} images"
-               + (" of a SYNTHETIC store" if res["synthetic"] else ""))
+    res = evaluate_checkpoint(checkpoint_ref, data_dir=data_dir, backend=backend, batch_size=batch_size, device=device,
+                              tta=tta, weights=weights)
+    typer.echo(f"{res['checkpoint']} ({res['recipe']}, epoch {res['epoch']}, {res['weights']} weights, TTA "
+               f"{res['tta']}): test top-1 {res['acc']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
+               f"on {res['images']} images" + (" of a SYNTHETIC store" if res["synthetic"] else ""))
 
 
 @app.command()

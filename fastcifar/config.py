@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcifar import BadInput
+from fastcifar.averaging import TTA
 from fastcifar.heads import HEADS
 from fastcifar.optim import LR_SCALING, OPTIMIZERS, SCHEDULES
 from fastcifar.runtime import AMP_DTYPES
@@ -165,9 +166,20 @@ class Train:
     deterministic: bool = False  # deterministic kernels (slower); resumed runs match straight ones
     device: str = "auto"         # auto (cuda:<local rank> when present, else cpu) | cpu | cuda
     log_every: int = 50          # steps between progress updates (the only host syncs in training)
+    ema_decay: float = 0.0       # EMA of the weights: decay per optimizer step (0 = off; 0.999 ~ 1000 steps)
+    ema_every: int = 1           # optimizer steps between EMA updates (each uses decay**ema_every)
+    ema_warmup: bool = True      # decay min(ema_decay, (1 + step) / (10 + step)): forget the init early
+    select_on: str = "raw"       # best.pt's epoch is chosen on the raw or the EMA weights' accuracy
+    tta: str = "none"            # evaluation: none | flip (logits averaged with the mirrored image's)
 
     def validate(self):
         _check("train", self, [
+            ("ema_decay", lambda v: 0.0 <= v < 1.0, "must lie in [0, 1) (0 = no EMA; 0.999 averages ~1000 steps)"),
+            ("ema_every", lambda v: v >= 1, "must be at least 1 (optimizer steps between EMA updates)"),
+            ("select_on", *_one_of(("raw", "ema"))),
+            ("select_on", lambda v: v == "raw" or self.ema_decay > 0,
+             "selects on the EMA weights, but train.ema_decay = 0 keeps none; set train.ema_decay (e.g. 0.999)"),
+            ("tta", *_one_of(TTA)),
             ("amp", *_one_of(AMP_DTYPES)),
             ("epochs", lambda v: v >= 1, "must be at least 1"),
             ("seed", lambda v: 0 <= v < 2 ** 32, "must lie in 0 .. 2**32 - 1 (numpy and torch seeds are unsigned)"),
