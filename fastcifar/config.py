@@ -71,10 +71,15 @@ class Model:
     pretrained_file: str = ""    # or a local state-dict file (timm or fastcifar checkpoint)
     cifar_stem: bool = False     # 3x3 stride-1 first conv and no max-pool: keeps 32x32 detail
     drop_rate: float = 0.0       # dropout before the head
+    drop_path: float = 0.0       # stochastic depth: timm's drop_path_rate (the last block's drop probability)
+    sync_bn: bool = False        # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
     channels_last: bool = True   # NHWC memory layout: faster convolutions on tensor cores
 
     def validate(self):
-        _check("model", self, [("drop_rate", lambda v: 0.0 <= v < 1.0, "is a probability and must lie in [0, 1)")])
+        _check("model", self, [
+            ("drop_rate", lambda v: 0.0 <= v < 1.0, "is a probability and must lie in [0, 1)"),
+            ("drop_path", lambda v: 0.0 <= v < 1.0, "is a probability and must lie in [0, 1) (0 = off)"),
+        ])
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import check_replaceable, default_data_dir, open_store, prepare
 from fastcifar.losses import Classify, Distill
-from fastcifar.models import build_model, load_weights, net_from_checkpoint
+from fastcifar.models import build_model, load_weights, net_from_checkpoint, sync_batchnorm
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.report import duration
 from pipelines.loader import make_loader
@@ -152,6 +152,8 @@ class Trainer:
         # ---- Model, optimizer, LR schedule, precision, mixing
         self.model = build_model(r.model, r.head, self.num_classes).to(
             self.device, memory_format=runtime.memory_format(r.model.channels_last))
+        if r.model.sync_bn and self.world > 1:  # before DDP wraps it; alone there is nothing to sync
+            self.model = sync_batchnorm(self.model, self.device)
         self.ema = EMA(self.model, rt.ema_decay, rt.ema_every, rt.ema_warmup) if rt.ema_decay > 0 else None
         self.optimizer = build_optimizer(self.model, r.optim, r.data.batch_size)
         self.scheduler = build_scheduler(self.optimizer, rt.epochs * len(self.train_loader), r.schedule)
@@ -485,7 +487,8 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
 
 # What --resume may change: only what cannot change the run's meaning - how long it trains, how it
 # logs, where it runs, which loader backend makes the (same) batches
-RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.compile", "data.backend")
+RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.compile", "data.backend",
+             "model.sync_bn")  # SyncBN: how the global batch's statistics are gathered, as the number of ranks is
 
 
 def check_resume(r: Recipe, ck: dict, run_dir) -> None:
