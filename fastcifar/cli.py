@@ -20,7 +20,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-DATA_DIR_HELP = "Store directory (default: $FASTCIFAR_DATA, else ./data/cifar100)."
+DATA_DIR_HELP = ("Store directory (default: CIFAR-100's is $FASTCIFAR_DATA, else ./data/cifar100; CIFAR-10's "
+                 "is cifar10 beside it, ./data/cifar10).")
 
 
 def _version(value: bool):
@@ -49,8 +50,11 @@ def _not_yet(what: str, issue: int):
 
 @app.command()
 def prepare(
-    source: Optional[Path] = typer.Option(None, "--from", help="A local cifar-100-python.tar.gz or its extracted "
-                                          "cifar-100-python/ directory, instead of downloading."),
+    dataset: str = typer.Option("cifar100", "--dataset", help="cifar100 or cifar10 (the official "
+                                "cifar-10-python.tar.gz; 10 classes, no coarse labels)."),
+    source: Optional[Path] = typer.Option(None, "--from", help="A local cifar-100-python.tar.gz (cifar-10-python.tar.gz) "
+                                          "or its extracted cifar-100-python/ (cifar-10-batches-py/) directory, "
+                                          "instead of downloading."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Accept data in the official format whose md5s "
                                    "differ from the official ones (it is still validated in full)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Generate a learnable stand-in data set (classes "
@@ -61,9 +65,9 @@ def prepare(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete store from the same source exists."),
 ):
-    """Convert CIFAR-100 into memory-mapped uint8 arrays (download and checksum it by default).
+    """Convert CIFAR-100 (or CIFAR-10) into memory-mapped uint8 arrays (download and checksum it by default).
 
-    The store (train/test images as N x 32 x 32 x 3 uint8, fine and coarse labels, meta.json)
+    The store (train/test images as N x 32 x 32 x 3 uint8, labels, CIFAR-100's coarse labels, meta.json)
     is built in a temporary directory and renamed into place, so an existing good store is never
     left half-written. A second run on the same source returns at once.
     The data dir must be missing, empty, or a store fastcifar wrote: anything else (your files,
@@ -74,7 +78,7 @@ def prepare(
     if synthetic and source is not None:
         raise BadInput("--synthetic and --from exclude each other: pick one source.")
     run_prepare(data_dir=data_dir, source=source, synthetic=synthetic, n_train=n_train, n_test=n_test,
-                seed=seed, verify=not no_verify, force=force)
+                seed=seed, verify=not no_verify, force=force, dataset=dataset)
 
 
 @app.command()

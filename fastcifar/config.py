@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fastcifar import BadInput
 from fastcifar.averaging import TTA
+from fastcifar.data import DATASETS
 from fastcifar.heads import HEADS
 from fastcifar.optim import LR_SCALING, OPTIMIZERS, SCHEDULES
 from fastcifar.runtime import AMP_DTYPES
@@ -46,6 +47,7 @@ def _finite(v) -> bool:
 
 @dataclass(slots=True)
 class Data:
+    dataset: str = "cifar100"    # cifar100 | cifar10: the store it trains on (its default dir, its classes)
     batch_size: int = 250        # images per optimizer step, all ranks together (global batch)
     backend: str = "auto"        # loader backend: auto | dali | torch | tutorial
     val_split: float = 0.0       # fraction of train held out for model selection (0 = select on test)
@@ -56,6 +58,7 @@ class Data:
 
     def validate(self):
         _check("data", self, [
+            ("dataset", *_one_of(DATASETS)),
             ("backend", *_one_of(BACKENDS)),
             ("batch_size", lambda v: v >= 1, "must be at least 1"),
             ("val_split", lambda v: 0.0 <= v < 1.0, "is a fraction of the train split and must lie in [0, 1)"),

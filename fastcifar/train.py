@@ -134,7 +134,8 @@ class Trainer:
                 data_dir = ck["store"]["dir"]
 
         # ---- Data: the store, the train/val/test rows, one loader per split
-        self.store = open_store(data_dir) if ck is not None else open_or_prepare(data_dir, fdist.local_rank() == 0)
+        self.store = (open_store(data_dir, r.data.dataset) if ck is not None
+                      else open_or_prepare(data_dir, fdist.local_rank() == 0, r.data.dataset))
         if ck is not None and "store" in ck:
             check_same_store(self.store, ck["store"], resume)
         self.num_classes = len(self.store.class_names)
@@ -475,7 +476,7 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
     if tta is not None and tta not in TTA:
         raise BadInput(f"--tta {tta!r}: use one of {', '.join(TTA)} (none = the images as they are).")
-    store = open_store(data_dir)
+    store = open_store(data_dir, from_dict(ck["recipe"]).data.dataset)  # its data set's default dir, and no other
     model, r = net_from_checkpoint(ck, path, dev, len(store.class_names))
     loader = make_loader(store, "test", r.aug, batch_size, backend=backend or r.data.backend, device=dev,
                          seed=r.train.seed, augment=False)
@@ -574,20 +575,21 @@ def load_teacher(r: Recipe, device: torch.device, num_classes: int) -> tuple[tor
     return teacher.requires_grad_(False), tr
 
 
-def open_or_prepare(data_dir, prepare_here: bool):
-    """The store; when none is prepared yet, prepare it (download) first, on one process per node."""
-    d = Path(data_dir) if data_dir is not None else default_data_dir()
+def open_or_prepare(data_dir, prepare_here: bool, dataset: str = "cifar100"):
+    """The store of `dataset`; when none is prepared yet, prepare it (download) first, on one process per node."""
+    d = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
     if not (d / "meta.json").is_file() and prepare_here:
         check_replaceable(d, from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))  # user files: no hint
         try:
-            prepare(d)
+            prepare(d, dataset=dataset)
         except BadInput as e:
+            flag = "" if dataset == "cifar100" else f" --dataset {dataset}"
             hint = "" if "--synthetic" in str(e) else (f" For a learnable stand-in without internet: `fastcifar "
-                                                       f"prepare --synthetic --data-dir {d}`.")
+                                                       f"prepare{flag} --synthetic --data-dir {d}`.")
             raise BadInput(f"No prepared store at {d}, and preparing one failed: {e}{hint} On a synthetic store, "
                            f"`fastcifar train smoke` is a one-minute check.")
     fdist.barrier()
-    return open_store(d)
+    return open_store(d, dataset)
 
 
 def image_grid(images, spec, store) -> torch.Tensor:
