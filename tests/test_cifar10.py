@@ -281,3 +281,21 @@ def test_train_prepares_a_missing_cifar10_store_in_its_own_place(tmp_path, monke
                                        r"--synthetic --data-dir data/cifar10") as e:
         T.train(tiny(data__dataset="cifar10"), info(), out=tmp_path / "run", **QUIET)
     assert fetched == [(fdata.URL10, Path("data/cifar-10-python.tar.gz"))], e.value
+
+
+def test_the_cifar10_recipe_is_wired_end_to_end(store10, tmp_path):
+    """r18_cifar10 as shipped (ResNet-18, CIFAR stem, bf16, EMA, flip TTA, selection on the EMA),
+    shrunk to one step of 100 images: a wiring check, not an accuracy one."""
+    from fastcifar.config import apply_overrides, load
+
+    r, run_info = load("r18_cifar10")
+    assert (r.data.dataset, r.model.cifar_stem, r.train.tta, r.train.select_on) == ("cifar10", True, "flip", "ema")
+    assert r.train.ema_decay > 0 and r.loss.label_smoothing > 0 and r.aug.image_size == 32
+    apply_overrides(r, ["train.epochs=1", "data.batch_size=100", "data.subset=0.1", "data.test_subset=0.1",
+                        "data.backend=torch", "train.device=cpu"])
+    s = T.train(r, run_info, out=tmp_path / "run", data_dir=store10, **QUIET)
+    m = metrics(tmp_path / "run")[0]
+    assert s["finished"] and (s["select_on"], s["tta"]) == ("ema", "flip") and s["best_acc"] == m["test_acc_ema"]
+    plus, _ = load("r18_cifar_32_plus")  # the CIFAR-100 recipe of what helps
+    assert (plus.data.dataset, plus.model.cifar_stem, plus.train.tta, plus.train.select_on) == ("cifar100", True, "flip", "ema")
+    assert plus.train.ema_decay > 0 and plus.loss.label_smoothing > 0 and plus.aug.image_size == 32
