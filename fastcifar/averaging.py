@@ -1,7 +1,7 @@
 """Averages that give a better classifier at no training cost: an exponential moving average (EMA)
 of the weights, and test-time augmentation (TTA: each image's logits averaged over views of it).
 
-    ema = EMA(model, decay=0.999, every=1, warmup=True)   # a frozen copy of model, on its device
+    ema = EMA(model, decay=0.999, every=1, warmup=True)   # a copy of model in eval mode, on its device
     ...optimizer.step(); ema.update(step)                 # on the device, no host sync
     logits = predict(ema.module, images, tta="flip")      # fp32, averaged over the image and its mirror
 """
@@ -17,8 +17,8 @@ from fastcifar import BadInput
 
 
 class EMA:
-    """An exponential moving average of a model's weights, kept in `module` (a frozen copy in eval
-    mode, same device and memory format).
+    """An exponential moving average of a model's weights, kept in `module` (a copy in eval mode, same
+    device and memory format, in no optimizer; evaluated under no_grad).
 
     `decay` is per optimizer step: an update every `every` steps moves the average by 1 - decay**every
     towards the weights, so the averaging horizon (about 1 / (1 - decay) steps) does not depend on
@@ -34,7 +34,9 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup: bool = True):
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # requires_grad stays as the model's: a compiled evaluation graph then serves both nets
+        # (a flag that differs is a guard that fails: one more compile of the whole net)
+        self.module = copy.deepcopy(model).eval()
         self.decay, self.every, self.warmup = decay, every, warmup
         # the same traversal of a deep copy pairs each tensor with its twin (shared tensors once each)
         pairs = [*zip(self.module.parameters(), model.parameters()), *zip(self.module.buffers(), model.buffers())]

@@ -275,12 +275,13 @@ def test_amp_runs_stay_finite(store, tmp_path, amp):
 def test_torch_compile_run(store, tmp_path):
     """The one compiled run (the first compile costs tens of seconds on a CPU), through the CLI with
     TORCH_LOGS=recompiles: uneven last evaluation batches (270 test and 150 validation images in
-    batches of 100) cost no recompile, and the weights keep their plain names."""
+    batches of 100) cost no recompile, nor do the EMA's weights and the mirrored TTA view, and the
+    weights keep their plain names."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store), "--out", str(run),
            "--set", "data.backend=torch", "--set", "data.subset=1", "--set", "data.test_subset=0.9",
            "--set", "data.val_split=0.15", "--set", "train.epochs=1", "--set", "train.compile=true",
-           "--set", "train.device=cpu"]
+           "--set", "train.device=cpu", "--set", "train.ema_decay=0.9", "--set", "train.tta=flip"]
     r = subprocess.run(cmd, env={**os.environ, "TORCH_LOGS": "recompiles"}, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
@@ -296,8 +297,9 @@ def test_torch_compile_run(store, tmp_path):
     eager, r = net_from_checkpoint(ck, run / "last.pt", torch.device("cpu"), 100)
     st = open_store(store)
     rows = T.split_rows(len(st.labels("train")), len(st.labels("test")), r.data)[2]
-    ev = T.evaluate(eager, make_loader(st, "test", r.aug, 100, backend="torch", indices=rows))
+    ev = T.evaluate(eager, make_loader(st, "test", r.aug, 100, backend="torch", indices=rows), tta="flip")
     assert ev["images"] == 270 and ev["acc"] == pytest.approx(s["final_acc"], abs=0.8)
+    assert s["final_acc_ema"] is not None and s["tta"] == "flip"
 
 
 def test_missing_store_offline_says_prepare_synthetic(tmp_path, monkeypatch):
