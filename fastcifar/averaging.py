@@ -94,4 +94,7 @@ def pick_weights(ck: dict, weights: str = "auto") -> tuple[dict, str]:
                        "use --weights raw.")
     if weights == "raw" or "ema" not in ck:
         return ck, "raw"
+    if not isinstance(ck["ema"], dict):
+        raise BadInput(f"The checkpoint's EMA weights are a {type(ck['ema']).__name__}, not a state dict: it is "
+                       f"damaged. Use --weights raw, or another checkpoint of the run (last.pt, best.pt).")
     return {**ck, "model": ck["ema"]}, "ema"

@@ -358,7 +358,7 @@ class Trainer:
     def load_state_dict(self, ck: dict, path) -> None:
         load_weights(self.model, ck["model"], path)
         if self.ema is not None:
-            if "ema" not in ck:
+            if not isinstance(ck.get("ema"), dict):
                 raise BadInput(f"The checkpoint {path} holds no EMA weights although its recipe keeps them "
                                f"(train.ema_decay = {self.r.train.ema_decay}); it is damaged.")
             load_weights(self.ema.module, ck["ema"], path)

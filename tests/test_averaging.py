@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fastcifar.train as T
-from fastcifar import checkpoint
+from fastcifar import BadInput, checkpoint
 from fastcifar.averaging import EMA, hflip, predict
 from fastcifar.data import open_store
 from pipelines.loader import dali_available, make_loader
@@ -194,7 +194,25 @@ def test_cli_eval_says_which_weights_and_tta_and_refuses_bad_choices(store, ema_
     checkpoint.save(tmp_path / "raw_only.pt", ck)
     code, out, err = cli(monkeypatch, capsys, "eval", tmp_path / "raw_only.pt", "--data-dir", store, "--device", "cpu")
     assert code == 0 and "raw weights, TTA flip" in out, err  # auto: no EMA in it, so the raw weights
-    for args, message in [(("--weights", "ema"), "holds no EMA weights"), (("--weights", "best"), "--weights 'best'"),
-                          (("--tta", "rotate"), "--tta 'rotate'")]:
-        code, out, err = cli(monkeypatch, capsys, "eval", tmp_path / "raw_only.pt", "--data-dir", store, *args)
+    ck["ema"] = [1, 2, 3]
+    checkpoint.save(tmp_path / "damaged.pt", ck)
+    for ref, args, message in [("raw_only.pt", ("--weights", "ema"), "holds no EMA weights"),
+                               ("raw_only.pt", ("--weights", "best"), "--weights 'best'"),
+                               ("raw_only.pt", ("--tta", "rotate"), "--tta 'rotate'"),
+                               ("damaged.pt", (), "EMA weights are a list, not a state dict")]:
+        code, out, err = cli(monkeypatch, capsys, "eval", tmp_path / ref, "--data-dir", store, *args)
         assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), (args, err)
+
+
+def test_resuming_a_checkpoint_that_lost_its_ema_is_bad_input(ema_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ema_run, run)
+    ck = checkpoint.load(run / "last.pt")
+    del ck["ema"]
+    checkpoint.save(run / "last.pt", ck)
+    before = (run / "metrics.jsonl").read_bytes()
+    with pytest.raises(BadInput, match="holds no EMA weights although its recipe keeps them"):
+        T.train(tiny(train__epochs=2, train__ema_decay=0.9, train__tta="flip"), {}, resume=run, log=lambda *a, **k: None)
+    assert (run / "metrics.jsonl").read_bytes() == before
