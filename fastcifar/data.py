@@ -67,6 +67,10 @@ CREATOR = "fastcifar"  # meta.json's "creator": this directory is a store fastci
 # (the wrong file, or a small gzip that inflates to gigabytes): refused before it is read.
 MAX_MEMBER_BYTES = {"train": 512 << 20, "test": 512 << 20, "meta": 1 << 20}
 
+# Synthetic images per split: 40x CIFAR-100's train split, 6 GB on disk; generated in chunks
+# straight to disk, so memory stays flat at any size.
+SYNTHETIC_MAX = 2_000_000
+
 URL10 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TARBALL10_NAME = "cifar-10-python.tar.gz"
 TARBALL10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -114,9 +118,6 @@ def check_dataset(dataset: str) -> dict:
     if dataset not in DATASETS:
         raise BadInput(f"--dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
     return DATASETS[dataset]
-# Synthetic images per split: 40x CIFAR-100's train split, 6 GB on disk; generated in chunks
-# straight to disk, so memory stays flat at any size.
-SYNTHETIC_MAX = 2_000_000
 
 
 def default_data_dir(dataset: str = "cifar100") -> Path:
