@@ -123,8 +123,8 @@ def test_small_run_learns_and_writes_the_run_contract(store, tmp_path):
 
 
 MIXED = dict(aug__mixup_alpha=0.4, aug__cutmix_alpha=1.0, aug__mix_p=0.8)  # MixUp or CutMix on most batches
-# ... and an EMA updated every 3rd step (the stop at step 24 falls on an update), selection on it, flip TTA
-MIXED_EMA = dict(**MIXED, train__ema_decay=0.9, train__ema_every=3, train__select_on="ema", train__tta="flip")
+# ... and an EMA updated every 3rd step (the stop at step 24 falls on an update), selection on it
+MIXED_EMA = dict(**MIXED, train__ema_decay=0.9, train__ema_every=3, train__select_on="ema")
 
 
 @pytest.fixture(scope="module")
