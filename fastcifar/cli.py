@@ -20,7 +20,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-DATA_DIR_HELP = "Store directory (default: $FASTCIFAR_DATA, else ./data/cifar100)."
+DATA_DIR_HELP = ("Store directory (default: CIFAR-100's is $FASTCIFAR_DATA, else ./data/cifar100; CIFAR-10's "
+                 "is cifar10 beside it, ./data/cifar10).")
 
 
 def _version(value: bool):
@@ -49,8 +50,11 @@ def _not_yet(what: str, issue: int):
 
 @app.command()
 def prepare(
-    source: Optional[Path] = typer.Option(None, "--from", help="A local cifar-100-python.tar.gz or its extracted "
-                                          "cifar-100-python/ directory, instead of downloading."),
+    dataset: str = typer.Option("cifar100", "--dataset", help="cifar100 or cifar10 (the official "
+                                "cifar-10-python.tar.gz; 10 classes, no coarse labels)."),
+    source: Optional[Path] = typer.Option(None, "--from", help="A local cifar-100-python.tar.gz (cifar-10-python.tar.gz) "
+                                          "or its extracted cifar-100-python/ (cifar-10-batches-py/) directory, "
+                                          "instead of downloading."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Accept data in the official format whose md5s "
                                    "differ from the official ones (it is still validated in full)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Generate a learnable stand-in data set (classes "
@@ -61,9 +65,9 @@ def prepare(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete store from the same source exists."),
 ):
-    """Convert CIFAR-100 into memory-mapped uint8 arrays (download and checksum it by default).
+    """Convert CIFAR-100 (or CIFAR-10) into memory-mapped uint8 arrays (download and checksum it by default).
 
-    The store (train/test images as N x 32 x 32 x 3 uint8, fine and coarse labels, meta.json)
+    The store (train/test images as N x 32 x 32 x 3 uint8, labels, CIFAR-100's coarse labels, meta.json)
     is built in a temporary directory and renamed into place, so an existing good store is never
     left half-written. A second run on the same source returns at once.
     The data dir must be missing, empty, or a store fastcifar wrote: anything else (your files,
@@ -74,7 +78,7 @@ def prepare(
     if synthetic and source is not None:
         raise BadInput("--synthetic and --from exclude each other: pick one source.")
     run_prepare(data_dir=data_dir, source=source, synthetic=synthetic, n_train=n_train, n_test=n_test,
-                seed=seed, verify=not no_verify, force=force)
+                seed=seed, verify=not no_verify, force=force, dataset=dataset)
 
 
 @app.command()
@@ -166,14 +170,19 @@ def evaluate(
     backend: Optional[str] = typer.Option(None, "--backend", help="Loader backend [default: the recipe's]."),
     batch_size: int = typer.Option(500, "--batch-size", help="Images per evaluation batch."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present) | cpu | cuda | cuda:N."),
+    weights: str = typer.Option("auto", "--weights", help="auto (the EMA weights when the checkpoint has them, "
+                                "else the raw ones) | raw | ema."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | flip (logits averaged "
+                                      "with the mirrored image's) [default: the recipe's train.tta]."),
 ):
-    """Print test top-1/top-5 of a checkpoint."""
+    """Print test top-1/top-5 of a checkpoint, and which weights and test-time augmentation gave them."""
     from fastcifar.train import evaluate_checkpoint
 
-    res = evaluate_checkpoint(checkpoint_ref, data_dir=data_dir, backend=backend, batch_size=batch_size, device=device)
-    typer.echo(f"{res['checkpoint']} ({res['recipe']}, epoch {res['epoch']}): test top-1 {res['acc']:.2f}%  "
-               f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  on {res['images']} images"
-               + (" of a SYNTHETIC store" if res["synthetic"] else ""))
+    res = evaluate_checkpoint(checkpoint_ref, data_dir=data_dir, backend=backend, batch_size=batch_size, device=device,
+                              tta=tta, weights=weights)
+    typer.echo(f"{res['checkpoint']} ({res['recipe']}, epoch {res['epoch']}, {res['weights']} weights, TTA "
+               f"{res['tta']}): test top-1 {res['acc']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
+               f"on {res['images']} images" + (" of a SYNTHETIC store" if res["synthetic"] else ""))
 
 
 @app.command()

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastcifar import BadInput
+from fastcifar.averaging import TTA
+from fastcifar.data import DATASETS
 from fastcifar.heads import HEADS
 from fastcifar.optim import LR_SCALING, OPTIMIZERS, SCHEDULES
 from fastcifar.runtime import AMP_DTYPES
@@ -45,6 +47,7 @@ def _finite(v) -> bool:
 
 @dataclass(slots=True)
 class Data:
+    dataset: str = "cifar100"    # cifar100 | cifar10: the store it trains on (its default dir, its classes)
     batch_size: int = 250        # images per optimizer step, all ranks together (global batch)
     backend: str = "auto"        # loader backend: auto | dali | torch | tutorial
     val_split: float = 0.0       # fraction of train held out for model selection (0 = select on test)
@@ -55,6 +58,7 @@ class Data:
 
     def validate(self):
         _check("data", self, [
+            ("dataset", *_one_of(DATASETS)),
             ("backend", *_one_of(BACKENDS)),
             ("batch_size", lambda v: v >= 1, "must be at least 1"),
             ("val_split", lambda v: 0.0 <= v < 1.0, "is a fraction of the train split and must lie in [0, 1)"),
@@ -70,10 +74,15 @@ class Model:
     pretrained_file: str = ""    # or a local state-dict file (timm or fastcifar checkpoint)
     cifar_stem: bool = False     # 3x3 stride-1 first conv and no max-pool: keeps 32x32 detail
     drop_rate: float = 0.0       # dropout before the head
+    drop_path: float = 0.0       # stochastic depth: timm's drop_path_rate (the last block's drop probability)
+    sync_bn: bool = False        # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
     channels_last: bool = True   # NHWC memory layout: faster convolutions on tensor cores
 
     def validate(self):
-        _check("model", self, [("drop_rate", lambda v: 0.0 <= v < 1.0, "is a probability and must lie in [0, 1)")])
+        _check("model", self, [
+            ("drop_rate", lambda v: 0.0 <= v < 1.0, "is a probability and must lie in [0, 1)"),
+            ("drop_path", lambda v: 0.0 <= v < 1.0, "is a probability and must lie in [0, 1) (0 = off)"),
+        ])
 
 
 @dataclass(slots=True)
@@ -167,9 +176,20 @@ class Train:
     log_every: int = 50          # steps between progress updates (the only host syncs in training)
     target_acc: float = 0.0      # top-1 percent (val when held out, else test) whose first epoch summary.json times; 0 = off
     stop_at_target: bool = False  # end the run (finished) at the first epoch that reaches target_acc
+    ema_decay: float = 0.0       # EMA of the weights: decay per optimizer step (0 = off; 0.999 ~ 1000 steps)
+    ema_every: int = 1           # optimizer steps between EMA updates (each uses decay**ema_every)
+    ema_warmup: bool = True      # decay min(ema_decay, (1 + step) / (10 + step)): forget the init early
+    select_on: str = "raw"       # best.pt's epoch is chosen on the raw or the EMA weights' accuracy
+    tta: str = "none"            # evaluation: none | flip (logits averaged with the mirrored image's)
 
     def validate(self):
         _check("train", self, [
+            ("ema_decay", lambda v: 0.0 <= v < 1.0, "must lie in [0, 1) (0 = no EMA; 0.999 averages ~1000 steps)"),
+            ("ema_every", lambda v: v >= 1, "must be at least 1 (optimizer steps between EMA updates)"),
+            ("select_on", *_one_of(("raw", "ema"))),
+            ("select_on", lambda v: v == "raw" or self.ema_decay > 0,
+             "selects on the EMA weights, but train.ema_decay = 0 keeps none; set train.ema_decay (e.g. 0.999)"),
+            ("tta", *_one_of(TTA)),
             ("amp", *_one_of(AMP_DTYPES)),
             ("epochs", lambda v: v >= 1, "must be at least 1"),
             ("seed", lambda v: 0 <= v < 2 ** 32, "must lie in 0 .. 2**32 - 1 (numpy and torch seeds are unsigned)"),

@@ -1,13 +1,17 @@
-"""The CIFAR-100 store: `prepare` turns the official pickles (or a synthetic set) into
-memory-mapped uint8 arrays once; `open_store` hands them to the pipelines.
+"""The CIFAR-100 and CIFAR-10 stores: `prepare` turns the official pickles (or a synthetic set)
+into memory-mapped uint8 arrays once; `open_store` hands them to the pipelines.
 
 Store layout (FORMAT_VERSION 1), in one directory:
     train_images.npy  uint8 (N, 32, 32, 3), HWC, C-contiguous: row i of the pickle's `data`
                       reshaped to (3, 32, 32) and transposed, so pixel-exact with the source
-    train_labels.npy  int64 (N,) fine labels 0..99, in the source's order
-    train_coarse.npy  int64 (N,) coarse labels 0..19
+                      (CIFAR-10: data_batch_1..5 in order)
+    train_labels.npy  int64 (N,) labels in the source's order: CIFAR-100's fine labels 0..99,
+                      CIFAR-10's labels 0..9
+    train_coarse.npy  int64 (N,) CIFAR-100's coarse labels 0..19 (CIFAR-10 has none: no file)
     test_*.npy        the same for the test split
-    meta.json         class names, counts, source, checksums, train mean/std, format version,
+    meta.json         "dataset" (cifar100 | cifar10; a store without it is CIFAR-100), class names
+                      (CIFAR-100: fine_label_names, coarse_label_names; CIFAR-10: label_names),
+                      counts, source, checksums, train mean/std, format version,
                       "creator": "fastcifar" (what marks a directory as a store prepare may replace)
 
 What prepare may replace at the data dir: nothing (a missing path), an empty directory, or a
@@ -62,14 +66,65 @@ CREATOR = "fastcifar"  # meta.json's "creator": this directory is a store fastci
 # The official train pickle is 155 MB, test 31 MB, meta 1.5 KB. A member far bigger is not CIFAR
 # (the wrong file, or a small gzip that inflates to gigabytes): refused before it is read.
 MAX_MEMBER_BYTES = {"train": 512 << 20, "test": 512 << 20, "meta": 1 << 20}
+
 # Synthetic images per split: 40x CIFAR-100's train split, 6 GB on disk; generated in chunks
 # straight to disk, so memory stays flat at any size.
 SYNTHETIC_MAX = 2_000_000
 
+URL10 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+TARBALL10_NAME = "cifar-10-python.tar.gz"
+TARBALL10_MD5 = "c58f30108f718f92721af3b95e74349a"
+MEMBER10_MD5 = {  # the seven files inside cifar-10-batches-py/ (each batch 31 MB, batches.meta 158 B)
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
 
-def default_data_dir() -> Path:
-    """The store directory: $FASTCIFAR_DATA, else ./data/cifar100."""
-    return Path(os.environ.get("FASTCIFAR_DATA") or "data/cifar100")
+# What a store of each data set holds. `labels`: the pickles' label key; `names`: meta.json's (and
+# the meta pickle's) class-name key; coarse: CIFAR-100's 20 superclasses, which CIFAR-10 lacks.
+DATASETS = {
+    "cifar100": {"title": "CIFAR-100", "classes": NUM_CLASSES, "labels": "fine_labels", "names": "fine_label_names",
+                 "coarse": NUM_COARSE},
+    "cifar10": {"title": "CIFAR-10", "classes": 10, "labels": "labels", "names": "label_names", "coarse": 0},
+}
+# The synthetic CIFAR-10's classes among the 100 synthetic ones: each differs from every other in
+# shape, texture or colour (class id = shape * 20 + texture * 5 + colour)
+SYNTHETIC10 = (0, 11, 22, 33, 44, 55, 66, 77, 88, 99)
+
+
+def official(dataset: str) -> dict:
+    """The official download of a data set: url, tarball name and md5, the folder in it, the md5 of
+    each member, which members make each split (CIFAR-10's train is five batches) and the meta member."""
+    if dataset == "cifar10":
+        return {"url": URL10, "tarball": TARBALL10_NAME, "md5": TARBALL10_MD5, "folder": "cifar-10-batches-py",
+                "members": MEMBER10_MD5, "meta": "batches.meta",
+                "splits": {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}}
+    return {"url": URL, "tarball": TARBALL_NAME, "md5": TARBALL_MD5, "folder": "cifar-100-python",
+            "members": MEMBER_MD5, "meta": "meta", "splits": {"train": ["train"], "test": ["test"]}}
+
+
+def array_files(dataset: str = "cifar100") -> tuple[str, ...]:
+    """The .npy files of a data set's store."""
+    kinds = ("images", "labels", "coarse") if DATASETS[dataset]["coarse"] else ("images", "labels")
+    return tuple(f"{split}_{kind}.npy" for split in SPLITS for kind in kinds)
+
+
+def check_dataset(dataset: str) -> dict:
+    """DATASETS[dataset], or BadInput naming the choices."""
+    if dataset not in DATASETS:
+        raise BadInput(f"--dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
+    return DATASETS[dataset]
+
+
+def default_data_dir(dataset: str = "cifar100") -> Path:
+    """A data set's store directory. CIFAR-100's is $FASTCIFAR_DATA, else ./data/cifar100; the others
+    live beside it, named after the data set: ./data/cifar10, or cifar10 next to $FASTCIFAR_DATA."""
+    cifar100 = Path(os.environ.get("FASTCIFAR_DATA") or "data/cifar100")
+    return cifar100 if dataset == "cifar100" else cifar100.parent / dataset
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,8 +145,14 @@ class Store:
     def labels(self, split: str) -> np.ndarray:
         return self.arrays[f"{split}_labels"]
 
-    def coarse(self, split: str) -> np.ndarray:
-        return self.arrays[f"{split}_coarse"]
+    def coarse(self, split: str) -> np.ndarray | None:
+        """CIFAR-100's coarse labels; None for CIFAR-10, which has none."""
+        return self.arrays.get(f"{split}_coarse")
+
+    @property
+    def dataset(self) -> str:
+        """cifar100 or cifar10 (stores from before the field are CIFAR-100)."""
+        return self.meta.get("dataset", "cifar100")
 
     @property
     def synthetic(self) -> bool:
@@ -109,24 +170,27 @@ class Store:
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.meta["fine_label_names"])
+        return list(self.meta[DATASETS[self.dataset]["names"]])
 
 
-def open_store(data_dir: str | os.PathLike | None = None) -> Store:
+def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> Store:
     """Open a prepared store read-only (memory-mapped), checking its meta.json, shapes and labels;
-    first undoing what a killed prepare left beside it."""
-    d = Path(data_dir) if data_dir is not None else default_data_dir()
+    first undoing what a killed prepare left beside it. dataset: the data set it must hold (None:
+    any); without data_dir, that data set's default directory."""
+    d = Path(data_dir) if data_dir is not None else default_data_dir(dataset or "cifar100")
+    title = DATASETS[dataset or "cifar100"]["title"]
+    flag = f" --dataset {dataset}" if dataset not in (None, "cifar100") else ""
     _recover(_real(d))
     meta_path = d / "meta.json"
     if not meta_path.is_file():
         if d.is_dir() and any(d.iterdir()):
-            raise BadInput(f"{d} is not a prepared CIFAR-100 store (it has no meta.json) and holds other files, "
+            raise BadInput(f"{d} is not a prepared {title} store (it has no meta.json) and holds other files, "
                            f"which fastcifar never replaces. Point --data-dir (or $FASTCIFAR_DATA) at a new or empty "
-                           f"directory and run `fastcifar prepare --data-dir DIR` there.")
+                           f"directory and run `fastcifar prepare{flag} --data-dir DIR` there.")
         raise BadInput(
-            f"No prepared CIFAR-100 store at {d}. Run `fastcifar prepare --data-dir {d}` to download "
-            f"and convert the official data set, `fastcifar prepare --from PATH` for a tarball you "
-            f"already have, or `fastcifar prepare --synthetic --data-dir {d}` on a machine without internet."
+            f"No prepared {title} store at {d}. Run `fastcifar prepare{flag} --data-dir {d}` to download "
+            f"and convert the official data set, `fastcifar prepare{flag} --from PATH` for a tarball you "
+            f"already have, or `fastcifar prepare{flag} --synthetic --data-dir {d}` on a machine without internet."
         )
     try:
         meta = json.loads(meta_path.read_text())
@@ -141,15 +205,22 @@ def open_store(data_dir: str | os.PathLike | None = None) -> Store:
             f"The store at {d} has format version {version}, but this fastcifar reads version "
             f"{FORMAT_VERSION}; {_rebuild_hint(d)}"
         )
+    held = meta.get("dataset", "cifar100")
+    if dataset is not None and held != dataset:
+        raise BadInput(f"The store at {d} holds {DATASETS[held]['title']}, but the run is for {title} "
+                       f"(data.dataset = {dataset}). Point --data-dir at a {title} store (its default is "
+                       f"{default_data_dir(dataset)}; `fastcifar prepare{flag}` makes one), or set data.dataset={held}.")
+    spec = DATASETS[held]
     arrays = {}
-    for name in ARRAY_FILES:
+    for name in array_files(held):
         try:
             arrays[name[:-4]] = np.load(d / name, mmap_mode="r")
         except (OSError, ValueError) as e:
             raise BadInput(f"The store at {d} is incomplete or damaged ({name}: {e}); {_rebuild_hint(d)}")
     for split in SPLITS:
         n = meta["counts"][split]
-        img, lab, coarse = arrays[f"{split}_images"], arrays[f"{split}_labels"], arrays[f"{split}_coarse"]
+        img, lab = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        coarse = arrays.get(f"{split}_coarse", lab)  # CIFAR-10: no coarse labels, the labels checked twice
         if img.shape != (n, *IMAGE_SHAPE) or img.dtype != np.uint8 or lab.shape != (n,) or coarse.shape != (n,) \
                 or lab.dtype != np.int64 or coarse.dtype != np.int64:
             raise BadInput(
@@ -158,7 +229,7 @@ def open_store(data_dir: str | os.PathLike | None = None) -> Store:
                 f"{_rebuild_hint(d)}"
             )
         # 8 bytes a label: reading them all costs well under a millisecond per 10000 images
-        for what, x, hi in (("labels", lab, NUM_CLASSES), ("coarse labels", coarse, NUM_COARSE)):
+        for what, x, hi in (("labels", lab, spec["classes"]), ("coarse labels", coarse, spec["coarse"] or spec["classes"])):
             lo_, hi_ = int(x.min()), int(x.max())
             if lo_ < 0 or hi_ >= hi:
                 raise BadInput(f"The store at {d} holds {split} {what} from {lo_} to {hi_}, outside 0..{hi - 1}: it "
@@ -179,7 +250,12 @@ def _meta_problem(meta) -> str | None:
         v = meta.get(key)
         if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in v)):
             return f"{key} must be 3 numbers, got {v!r}"[:300]
-    for key, count in (("fine_label_names", NUM_CLASSES), ("coarse_label_names", NUM_COARSE)):
+    dataset = meta.get("dataset", "cifar100")
+    if dataset not in DATASETS:
+        return f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}"[:300]
+    spec = DATASETS[dataset]
+    names = [(spec["names"], spec["classes"])] + ([("coarse_label_names", spec["coarse"])] if spec["coarse"] else [])
+    for key, count in names:
         v = meta.get(key)
         if not (isinstance(v, list) and len(v) == count and all(isinstance(x, str) for x in v)):
             return f"{key} must be {count} strings"
@@ -387,9 +463,9 @@ def _load_pickle(raw: bytes, what: str) -> dict:
     return {_str(k): v for k, v in obj.items()}
 
 
-def _labels(d: dict, key: str, n: int, hi: int, what: str) -> np.ndarray:
+def _labels(d: dict, key: str, n: int, hi: int, what: str, title: str = "CIFAR-100") -> np.ndarray:
     if key not in d:
-        raise BadInput(f"{what} has no '{key}' entry (it has: {', '.join(sorted(d))}); is it a CIFAR-100 file?")
+        raise BadInput(f"{what} has no '{key}' entry (it has: {', '.join(sorted(d))}); is it a {title} file?")
     try:
         lab = np.asarray(d[key])
     except (ValueError, TypeError) as e:  # ragged nesting, objects numpy cannot hold
@@ -403,19 +479,22 @@ def _labels(d: dict, key: str, n: int, hi: int, what: str) -> np.ndarray:
     return lab.astype(np.int64)
 
 
-def _split_arrays(d: dict, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate one split's dict and return (images HWC uint8, fine int64, coarse int64)."""
+def _split_arrays(d: dict, what: str, dataset: str = "cifar100") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Validate one split's (or CIFAR-10 batch's) dict and return (images HWC uint8, labels int64,
+    coarse labels int64, None for CIFAR-10)."""
+    spec = DATASETS[dataset]
+    title = spec["title"]
     if "data" not in d:
-        raise BadInput(f"{what} has no 'data' entry (it has: {', '.join(sorted(d))}); is it a CIFAR-100 file?")
+        raise BadInput(f"{what} has no 'data' entry (it has: {', '.join(sorted(d))}); is it a {title} file?")
     data = d["data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         desc = f"{data.shape} {data.dtype}" if isinstance(data, np.ndarray) else type(data).__name__
         raise BadInput(f"{what}: 'data' must be a uint8 array of shape (N, 3072) (3 planes of 32x32), got {desc}.")
     n = data.shape[0]
     if n == 0:
-        raise BadInput(f"{what} holds no images ('data' has 0 rows); a CIFAR-100 split is never empty.")
-    fine = _labels(d, "fine_labels", n, NUM_CLASSES, what)
-    coarse = _labels(d, "coarse_labels", n, NUM_COARSE, what)
+        raise BadInput(f"{what} holds no images ('data' has 0 rows); a {title} split is never empty.")
+    fine = _labels(d, spec["labels"], n, spec["classes"], what, title)
+    coarse = _labels(d, "coarse_labels", n, spec["coarse"], what, title) if spec["coarse"] else None
     if "filenames" in d:
         names = d["filenames"]
         if not isinstance(names, (list, tuple)):
@@ -427,7 +506,7 @@ def _split_arrays(d: dict, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return images, fine, coarse
 
 
-def _names(meta: dict, key: str, count: int, what: str) -> list[str]:
+def _names(meta: dict, key: str, count: int, what: str, title: str = "CIFAR-100") -> list[str]:
     if key not in meta:
         raise BadInput(f"{what} has no '{key}' entry (it has: {', '.join(sorted(meta))}).")
     raw = meta[key]
@@ -436,7 +515,7 @@ def _names(meta: dict, key: str, count: int, what: str) -> list[str]:
         raise BadInput(f"{what}: '{key}' must be a list of {count} class names (strings), got {got}.")
     names = [_str(x) for x in raw]
     if len(names) != count:
-        raise BadInput(f"{what}: '{key}' lists {len(names)} names, CIFAR-100 has {count}.")
+        raise BadInput(f"{what}: '{key}' lists {len(names)} names, {title} has {count}.")
     return names
 
 
@@ -449,39 +528,49 @@ def _digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _check_size(size: int, name: str, what: str) -> None:
-    """BadInput for a member far bigger than CIFAR-100's, before it is read into memory."""
-    if size > MAX_MEMBER_BYTES[name]:
-        raise BadInput(f"{what} is {size / 2**20:,.0f} MiB, far more than CIFAR-100's '{name}' file (at most "
-                       f"{MAX_MEMBER_BYTES[name] / 2**20:,.0f} MiB is accepted); it is not CIFAR-100 data.")
+def _check_size(size: int, name: str, what: str, role: str | None = None, title: str = "CIFAR-100") -> None:
+    """BadInput for a member far bigger than the data set's, before it is read into memory (role:
+    train, test or meta, whose limit applies; the member's name by default)."""
+    limit = MAX_MEMBER_BYTES[role or name]
+    if size > limit:
+        raise BadInput(f"{what} is {size / 2**20:,.0f} MiB, far more than {title}'s '{name}' file (at most "
+                       f"{limit / 2**20:,.0f} MiB is accepted); it is not {title} data.")
 
 
-def _read_members(source: Path, verify: bool) -> tuple[dict, dict]:
-    """Raw bytes of train/test/meta from a tarball or an extracted directory, plus source info."""
+def _role(o: dict, name: str) -> str:
+    """train, test or meta: what a member of the official download holds (its size limit)."""
+    return next((split for split, files in o["splits"].items() if name in files), "meta")
+
+
+def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tuple[dict, dict]:
+    """Raw bytes of every member (train/test/meta; CIFAR-10: five batches, test_batch, batches.meta)
+    from a tarball or an extracted directory, plus source info."""
+    o, title = official(dataset), DATASETS[dataset]["title"]
+    folder, expected = o["folder"], o["members"]
     if source.is_dir():
-        d = source / "cifar-100-python" if (source / "cifar-100-python").is_dir() else source
+        d = source / folder if (source / folder).is_dir() else source
         raw, md5s = {}, {}
-        for name in MEMBER_MD5:
+        for name in expected:
             p = d / name
             if not p.is_file():
-                raise BadInput(f"{d} has no '{name}' file; a CIFAR-100 directory holds train, test and meta.")
-            _check_size(p.stat().st_size, name, str(p))
+                raise BadInput(f"{d} has no '{name}' file; a {title} directory holds {', '.join(expected)}.")
+            _check_size(p.stat().st_size, name, str(p), _role(o, name), title)
             raw[name] = p.read_bytes()
             md5s[name] = hashlib.md5(raw[name]).hexdigest()
-            if verify and md5s[name] != MEMBER_MD5[name]:
+            if verify and md5s[name] != expected[name]:
                 raise BadInput(
-                    f"{p} has md5 {md5s[name]}, not the official {MEMBER_MD5[name]}: it is damaged or "
-                    f"not the official CIFAR-100. Pass --no-verify to accept other data in the same format."
+                    f"{p} has md5 {md5s[name]}, not the official {expected[name]}: it is damaged or "
+                    f"not the official {title}. Pass --no-verify to accept other data in the same format."
                 )
         return raw, {"kind": "directory", "path": str(d.resolve()), "md5": md5s}
 
     if not source.is_file():
-        raise BadInput(f"{source} does not exist; --from takes a cifar-100-python.tar.gz or its extracted directory.")
+        raise BadInput(f"{source} does not exist; --from takes a {o['tarball']} or its extracted directory.")
     md5 = _digest(source)
-    if verify and md5 != TARBALL_MD5:
+    if verify and md5 != o["md5"]:
         raise BadInput(
-            f"{source} has md5 {md5}, not the official {TARBALL_MD5}: the download is damaged or it is "
-            f"not the official CIFAR-100 tarball. Delete it and download again, or pass --no-verify to "
+            f"{source} has md5 {md5}, not the official {o['md5']}: the download is damaged or it is "
+            f"not the official {title} tarball. Delete it and download again, or pass --no-verify to "
             f"accept other data in the official format."
         )
     raw = {}
@@ -490,31 +579,38 @@ def _read_members(source: Path, verify: bool) -> tuple[dict, dict]:
             members = {}
             for m in tar:  # sizes checked at each header, before any member's data is read
                 name = Path(m.name).name
-                if m.isfile() and Path(m.name).parent.name == "cifar-100-python" and name in MEMBER_MD5:
-                    _check_size(m.size, name, f"{source}: member {m.name}")
+                if m.isfile() and Path(m.name).parent.name == folder and name in expected:
+                    _check_size(m.size, name, f"{source}: member {m.name}", _role(o, name), title)
                     members[name] = m
-            for name in MEMBER_MD5:
+            for name in expected:
                 if name not in members:
-                    raise BadInput(f"{source} has no member cifar-100-python/{name}; it is not a complete CIFAR-100 tarball.")
+                    raise BadInput(f"{source} has no member {folder}/{name}; it is not a complete {title} tarball.")
                 raw[name] = tar.extractfile(members[name]).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise BadInput(f"{source} is truncated or not a valid tar.gz ({type(e).__name__}: {e}); download it again.")
-    return raw, {"kind": "tarball", "path": str(source.resolve()), "md5": {TARBALL_NAME: md5}}
+    return raw, {"kind": "tarball", "path": str(source.resolve()), "md5": {o["tarball"]: md5}}
 
 
-def _read_official(source: Path, verify: bool) -> tuple[dict, dict, dict]:
-    """(splits, names, source info) from official-format data, validated in full."""
-    raw, info = _read_members(source, verify)
+def _read_official(source: Path, verify: bool, dataset: str = "cifar100") -> tuple[dict, dict, dict]:
+    """(splits, names, source info) from official-format data, validated in full. A split of
+    several members (CIFAR-10's five train batches) is their concatenation, in order."""
+    raw, info = _read_members(source, verify, dataset)
+    o, spec = official(dataset), DATASETS[dataset]
     splits = {}
     for split in SPLITS:
-        d = _load_pickle(raw.pop(split), f"{source}: '{split}'")
-        splits[split] = _split_arrays(d, f"{source}: '{split}'")
-        del d
-    meta = _load_pickle(raw.pop("meta"), f"{source}: 'meta'")
-    names = {
-        "fine_label_names": _names(meta, "fine_label_names", NUM_CLASSES, f"{source}: 'meta'"),
-        "coarse_label_names": _names(meta, "coarse_label_names", NUM_COARSE, f"{source}: 'meta'"),
-    }
+        parts = []
+        for name in o["splits"][split]:
+            d = _load_pickle(raw.pop(name), f"{source}: '{name}'")
+            parts.append(_split_arrays(d, f"{source}: '{name}'", dataset))
+            del d
+        splits[split] = parts[0] if len(parts) == 1 else tuple(
+            None if arrays[0] is None else np.concatenate(arrays) for arrays in zip(*parts))
+        del parts
+    what = f"{source}: '{o['meta']}'"
+    meta = _load_pickle(raw.pop(o["meta"]), what)
+    names = {spec["names"]: _names(meta, spec["names"], spec["classes"], what, spec["title"])}
+    if spec["coarse"]:
+        names["coarse_label_names"] = _names(meta, "coarse_label_names", spec["coarse"], what, spec["title"])
     info["verified"] = verify
     return splits, names, info
 
@@ -547,7 +643,7 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
     except OSError as e:  # URLError, timeouts, a full disk
         raise BadInput(
             f"Could not download {url} ({e}). On a machine without internet, copy the tarball here and run "
-            f"`fastcifar prepare --from cifar-100-python.tar.gz`, or use `fastcifar prepare --synthetic`."
+            f"`fastcifar prepare --from {dest.name}`, or use `fastcifar prepare --synthetic`."
         )
     finally:
         if os.path.exists(tmp):
@@ -584,12 +680,13 @@ def synthetic_split(n: int, seed: int, chunk: int = 4096) -> tuple[np.ndarray, n
     return images, fine, fine // 5
 
 
-def synthetic_chunks(n: int, seed: int, chunk: int = 4096):
+def synthetic_chunks(n: int, seed: int, chunk: int = 4096, classes: tuple[int, ...] | None = None):
     """synthetic_split's (fine labels, generator of its images `chunk` at a time): memory stays
-    at a few hundred MB (float64 temporaries of one chunk) however large n is."""
+    at a few hundred MB (float64 temporaries of one chunk) however large n is. classes: which of the
+    100 synthetic classes label 0, 1, ... draws (all 100 by default; SYNTHETIC10 for CIFAR-10)."""
     rng = np.random.default_rng(seed)
-    fine = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.int64)
-    return fine, _synthetic_images(fine, rng, chunk)
+    labels = rng.permutation(np.arange(n) % (NUM_CLASSES if classes is None else len(classes))).astype(np.int64)
+    return labels, _synthetic_images(labels if classes is None else np.asarray(classes)[labels], rng, chunk)
 
 
 def _synthetic_images(fine: np.ndarray, rng, chunk: int):
@@ -654,8 +751,8 @@ def _save_chunks(path: Path, shape: tuple, chunks, done=lambda n: None) -> None:
             done(len(block))
 
 
-def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool) -> None:
-    """Build the store in a temporary sibling directory (fill(tmp) writes the six arrays), then swap
+def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, dataset: str = "cifar100") -> None:
+    """Build the store in a temporary sibling directory (fill(tmp) writes array_files(dataset)), then swap
     it in with renames under the parent's lock, so dest is always either the old complete store or
     the new complete one; a builder killed at any point leaves what _recover undoes."""
     real = _real(dest)
@@ -679,11 +776,12 @@ def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool) -
     old = None
     try:
         fill(tmp)
-        outputs = {name: _digest(tmp / name, "sha256") for name in ARRAY_FILES}
+        outputs = {name: _digest(tmp / name, "sha256") for name in array_files(dataset)}
         mean, std = _channel_stats(tmp / "train_images.npy")
         meta = {
             "creator": CREATOR,
             "format_version": FORMAT_VERSION,
+            "dataset": dataset,
             "synthetic": synthetic,
             "source": source,
             "counts": {split: int(np.load(tmp / f"{split}_labels.npy", mmap_mode="r").shape[0]) for split in SPLITS},
@@ -727,39 +825,51 @@ def _check_disk(real: Path, need: int) -> None:
                        f"free; free space, choose another --data-dir, or ask for fewer images.")
 
 
-def _source_stat(source: Path) -> dict:
+def _source_stat(source: Path, dataset: str = "cifar100") -> dict:
     """{file: [size, mtime_ns]} of a local source: what identifies it for the idempotence check
     without re-hashing a 161 MB tarball."""
     if source.is_file():
         files = [source]
     else:
-        d = source / "cifar-100-python" if (source / "cifar-100-python").is_dir() else source
-        files = [d / name for name in MEMBER_MD5 if (d / name).is_file()]
+        o = official(dataset)
+        d = source / o["folder"] if (source / o["folder"]).is_dir() else source
+        files = [d / name for name in o["members"] if (d / name).is_file()]
     return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
 
 
 def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike | None = None,
             synthetic: bool = False, n_train: int = 50000, n_test: int = 10000, seed: int = 0,
-            verify: bool = True, force: bool = False, progress: bool = True, log=print) -> Path:
-    """Build the store at data_dir from the official download (default), a local source, or a
-    synthetic set. Returns the store directory. Raises BadInput on bad input."""
-    dest = Path(data_dir) if data_dir is not None else default_data_dir()
+            verify: bool = True, force: bool = False, progress: bool = True, log=print,
+            dataset: str = "cifar100") -> Path:
+    """Build the store of `dataset` (cifar100 | cifar10) at data_dir from the official download
+    (default), a local source, or a synthetic set. Returns the store directory. Raises BadInput on
+    bad input."""
+    title = check_dataset(dataset)["title"]
+    dest = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
     if synthetic and not (1 <= n_train <= SYNTHETIC_MAX and 1 <= n_test <= SYNTHETIC_MAX):
         raise BadInput(f"--train and --test must be at least 1 and at most {SYNTHETIC_MAX:,} synthetic images "
-                       f"(got {n_train:,} and {n_test:,}); CIFAR-100 has 50,000 and 10,000.")
+                       f"(got {n_train:,} and {n_test:,}); {title} has 50,000 and 10,000.")
     check_replaceable(dest, None if synthetic or source is None else Path(source),
                        from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))
     _recover(_real(dest), log)
-    existing = None if force else _store_is_complete(dest)
+    current = _store_is_complete(dest)
+    held = current.get("dataset", "cifar100") if current else dataset
+    if held != dataset and not force:
+        raise BadInput(f"{dest} holds a {DATASETS[held]['title']} store; preparing {title} there would replace it. "
+                       f"Prepare {title} in its own directory (without --data-dir: {default_data_dir(dataset)}), or "
+                       f"pass --force to replace the {DATASETS[held]['title']} store.")
+    existing = None if force else current
     try:
-        return _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, progress, log)
+        return _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, progress, log, dataset)
     except MemoryError:
         raise BadInput(f"Ran out of memory preparing {dest} from {source or 'the synthetic generator'}; "
-                       f"CIFAR-100 itself needs under 1 GB. The source is not CIFAR-100 sized, or this "
+                       f"{title} itself needs under 1 GB. The source is not {title} sized, or this "
                        f"machine needs more free memory.")
 
 
-def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, progress, log) -> Path:
+def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, progress, log, dataset) -> Path:
+    spec, o = DATASETS[dataset], official(dataset)
+    coarse = spec["coarse"] > 0
     if synthetic:
         info = {"kind": "synthetic", "train": n_train, "test": n_test, "seed": seed}
         if existing and existing["source"] == info:
@@ -767,42 +877,45 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
             return dest
         _check_disk(_real(dest), (n_train + n_test) * (3072 + 16) + (1 << 20))  # images + 2 label arrays
         fine_names, coarse_names = synthetic_class_names()
-        log(f"Generating a synthetic CIFAR-100 stand-in: {n_train} train / {n_test} test images (seed {seed}).")
+        classes = None if coarse else SYNTHETIC10
+        log(f"Generating a synthetic {spec['title']} stand-in: {n_train} train / {n_test} test images (seed {seed}).")
 
         def fill(tmp: Path):
             from tqdm import tqdm
 
             for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
-                fine, chunks = synthetic_chunks(n, split_seed)
+                labels, chunks = synthetic_chunks(n, split_seed, classes=classes)
                 with tqdm(total=n, unit="img", desc=f"synthetic {split}", disable=not progress or n < 100_000) as bar:
                     _save_chunks(tmp / f"{split}_images.npy", (n, *IMAGE_SHAPE), chunks, bar.update)
-                np.save(tmp / f"{split}_labels.npy", fine)
-                np.save(tmp / f"{split}_coarse.npy", fine // 5)
+                np.save(tmp / f"{split}_labels.npy", labels)
+                if coarse:
+                    np.save(tmp / f"{split}_coarse.npy", labels // 5)
 
-        names = {"fine_label_names": fine_names, "coarse_label_names": coarse_names}
-        _write_store(dest, fill, names, info, synthetic=True)
+        names = ({"fine_label_names": fine_names, "coarse_label_names": coarse_names} if coarse
+                 else {spec["names"]: [fine_names[c] for c in SYNTHETIC10]})
+        _write_store(dest, fill, names, info, synthetic=True, dataset=dataset)
         log(f"Wrote the synthetic store to {dest}.")
         return dest
 
     if source is None:  # the official download, cached beside the store
-        if existing and existing["source"].get("md5", {}).get(TARBALL_NAME) == TARBALL_MD5:
-            log(f"{dest}: complete CIFAR-100 store already there; --force rebuilds it.")
+        if existing and existing["source"].get("md5", {}).get(o["tarball"]) == o["md5"]:
+            log(f"{dest}: complete {spec['title']} store already there; --force rebuilds it.")
             return dest
-        tarball = dest.parent / TARBALL_NAME
+        tarball = dest.parent / o["tarball"]
         _clean_downloads(tarball)
-        if os.path.lexists(tarball) and not (tarball.is_file() and _digest(tarball) == TARBALL_MD5):
-            raise BadInput(f"{tarball} is in the way: it is not the official CIFAR-100 tarball (its md5 differs), "
+        if os.path.lexists(tarball) and not (tarball.is_file() and _digest(tarball) == o["md5"]):
+            raise BadInput(f"{tarball} is in the way: it is not the official {spec['title']} tarball (its md5 differs), "
                            f"and fastcifar never replaces what it did not create. Move it away, or pass it with "
-                           f"--from {tarball} --no-verify if it is CIFAR-100 data in the official format.")
+                           f"--from {tarball} --no-verify if it is {spec['title']} data in the official format.")
         if not tarball.is_file():
-            log(f"Downloading {URL} to {tarball}.")
-            download(URL, tarball, TARBALL_MD5, progress=progress)
+            log(f"Downloading {o['url']} to {tarball}.")
+            download(o["url"], tarball, o["md5"], progress=progress)
         source, verify = tarball, True
 
     source = Path(source)
     if not source.exists():
-        raise BadInput(f"{source} does not exist; --from takes a cifar-100-python.tar.gz or its extracted directory.")
-    stat = _source_stat(source)
+        raise BadInput(f"{source} does not exist; --from takes a {o['tarball']} or its extracted directory.")
+    stat = _source_stat(source, dataset)
     if existing:
         old = existing["source"]
         if (old.get("path"), old.get("stat"), old.get("verified")) == (str(source.resolve()), stat, verify):
@@ -810,15 +923,16 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
             return dest
 
     log(f"Reading {source}{'' if verify else ' (checksums not verified)'}.")
-    splits, names, info = _read_official(source, verify)
+    splits, names, info = _read_official(source, verify, dataset)
     info["stat"] = stat
 
     def fill(tmp: Path):
         for split in SPLITS:
             for kind, arr in zip(("images", "labels", "coarse"), splits[split]):
-                np.save(tmp / f"{split}_{kind}.npy", arr)
+                if arr is not None:
+                    np.save(tmp / f"{split}_{kind}.npy", arr)
 
-    _write_store(dest, fill, names, info, synthetic=False)
+    _write_store(dest, fill, names, info, synthetic=False, dataset=dataset)
     log(f"Wrote {_counts(splits)} to {dest}.")
     return dest
 

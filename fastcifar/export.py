@@ -24,6 +24,7 @@ import torch
 from fastcifar import BadInput, __version__, checkpoint
 from fastcifar.config import Head, Model
 from fastcifar.heads import HEADS
+from fastcifar.averaging import pick_weights
 from fastcifar.models import Net, cifar_stem, net_from_checkpoint, net_from_state, num_classes
 from pipelines.spec import INTERPOLATIONS, AugSpec, mean_std
 
@@ -74,7 +75,7 @@ def card(ck: dict, r, where, data_dir=None, log=print) -> dict:
     if missing:
         from fastcifar.data import open_store
         try:
-            store = open_store(data_dir)
+            store = open_store(data_dir, r.data.dataset)
         except BadInput as e:
             raise BadInput(f"{where} does not record its {' or '.join(missing)} (it was written before "
                            f"checkpoints held them), and the store to take them from is not at hand: {e} Pass --data-dir "
@@ -147,12 +148,12 @@ def preprocess(images: torch.Tensor, c: dict) -> torch.Tensor:
     return finish(images, p["image_size"], spec, scale, shift).contiguous()
 
 
-def check_images(data_dir=None) -> tuple[torch.Tensor, str]:
+def check_images(data_dir=None, dataset: str | None = None) -> tuple[torch.Tensor, str]:
     """N_CHECK uint8 (N, 32, 32, 3) images to compare both sides on: the store's first test images
     when a store is at hand, else seeded noise (the comparison needs inputs, not meaning)."""
     from fastcifar.data import open_store
     try:
-        store = open_store(data_dir)
+        store = open_store(data_dir, dataset)
         return torch.from_numpy(np.array(store.images("test")[:N_CHECK])), f"{N_CHECK} store test images"
     except BadInput:
         noise = np.random.default_rng(0).integers(0, 256, (N_CHECK, 32, 32, 3), dtype=np.uint8)
@@ -329,13 +330,14 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     require(f"fastcifar export --format {fmt}", NEEDS[fmt])
     src = checkpoint.resolve(ref, prefer="best.pt")
     path = out_path(out, src, fmt, force)
-    ck = checkpoint.load(src)
+    ck, weights = pick_weights(checkpoint.load(src))  # the EMA weights when the run kept them, as eval does
     net, r = net_from_checkpoint(ck, src)
     if fmt == "timm":
         timm_takes(r.head.kind)
     c = card(ck, r, src, data_dir, log)
+    c["source"]["weights"] = weights  # raw, or the EMA of the weights
     del ck
-    images, what = check_images(data_dir)
+    images, what = check_images(data_dir, r.data.dataset)
     x = preprocess(images, c)
     with torch.no_grad():
         ours = net(x)

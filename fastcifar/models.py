@@ -88,7 +88,15 @@ def build_backbone(cfg) -> nn.Module:
     try:
         # num_classes=0: timm keeps global average pooling and drops the classifier, which is the
         # tutorial's features_only backbone + pooling in one module
-        m = timm.create_model(cfg.name, pretrained=hub, num_classes=0, drop_rate=cfg.drop_rate)
+        # drop_path_rate only when asked for: models without stochastic depth (VGG, DenseNet) refuse it
+        depth = {"drop_path_rate": cfg.drop_path} if cfg.drop_path else {}
+        m = timm.create_model(cfg.name, pretrained=hub, num_classes=0, drop_rate=cfg.drop_rate, **depth)
+    except TypeError as e:
+        if depth and "drop_path_rate" in str(e):
+            raise BadInput(f"model.drop_path = {cfg.drop_path}: timm's {cfg.name} has no stochastic depth (its "
+                           f"constructor takes no drop_path_rate); use model.drop_path=0 or a model that has it "
+                           f"(ResNets, ConvNeXts, ViTs, EfficientNets).")
+        raise
     except Exception as e:
         if not hub:
             raise
@@ -102,6 +110,58 @@ def build_backbone(cfg) -> nn.Module:
     if cfg.pretrained_file:
         _load_file(m, Path(cfg.pretrained_file), skip=stem)
     return m
+
+
+def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
+    """net with every BatchNorm computing its batch statistics over all ranks (call before DDP wraps
+    it). On GPUs timm's converter: torch's SyncBatchNorm, and timm's BatchNorm+activation layers
+    keep their activation. On CPU ranks (gloo), where torch's SyncBatchNorm refuses to run, each
+    plain BatchNorm becomes a GlooSyncBatchNorm. Weights and buffers are the same tensors under the
+    same names, so checkpoints load into a plain net."""
+    if device.type != "cpu":
+        return timm.layers.convert_sync_batchnorm(net)
+    for name, m in net.named_modules():
+        if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+            m.__class__ = GlooSyncBatchNorm  # the same state; only the forward differs
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise BadInput(f"model.sync_bn on CPU ranks handles plain BatchNorm layers only, and {name} is a "
+                           f"{type(m).__name__}; on GPUs it is supported, on CPUs set model.sync_bn=false.")
+    return net
+
+
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, for CPU tensors: one
+    all_reduce of per-channel sums, sums of squares and the count per layer (its backward
+    all-reduces the gradients, as torch's CUDA SyncBatchNorm does). In eval mode, or without a
+    process group, it is plain BatchNorm. Not a torch SyncBatchNorm: DDP refuses those on CPUs."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        c, dims = x.shape[1], [0, *range(2, x.dim())]
+        xf = x.float()  # sums of squares in fp32, whatever autocast gave
+        total = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_full((1,), x.numel() / c)]))
+        n = total[2 * c]
+        mean = total[:c] / n
+        var = (total[c:2 * c] / n - mean * mean).clamp(min=0)  # biased: what normalises the batch
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, f)
+                self.running_var.lerp_(var * n / (n - 1), f)  # unbiased, as BatchNorm keeps it
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

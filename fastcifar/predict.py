@@ -24,6 +24,7 @@ import torch
 
 from fastcifar import BadInput, checkpoint
 from fastcifar import export as ex
+from fastcifar.averaging import pick_weights
 from fastcifar.models import net_from_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a directory is searched for
@@ -59,7 +60,7 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
         net = ex.net_from_card(c, state, p)
     else:
         kind, p = "checkpoint", checkpoint.resolve(ref, prefer="best.pt")
-        ck = checkpoint.load(p)
+        ck, _ = pick_weights(checkpoint.load(p))  # the EMA weights when the run kept them, as eval does
         net, r = net_from_checkpoint(ck, p)
         c = ex.card(ck, r, p, data_dir, log)
 

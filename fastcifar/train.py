@@ -30,11 +30,12 @@ from tqdm import tqdm
 
 from fastcifar import BadInput, checkpoint, provenance, runtime, timing
 from fastcifar import dist as fdist
+from fastcifar.averaging import EMA, TTA, pick_weights, predict
 from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import check_replaceable, default_data_dir, open_store, prepare
 from fastcifar.losses import Classify, Distill
-from fastcifar.models import build_model, load_weights, net_from_checkpoint, num_classes
+from fastcifar.models import build_model, load_weights, net_from_checkpoint, num_classes, sync_batchnorm
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.report import duration
 from pipelines.loader import make_loader
@@ -138,7 +139,8 @@ class Trainer:
                 data_dir = ck["store"]["dir"]
 
         # ---- Data: the store, the train/val/test rows, one loader per split
-        self.store = open_store(data_dir) if ck is not None else open_or_prepare(data_dir, fdist.local_rank() == 0)
+        self.store = (open_store(data_dir, r.data.dataset) if ck is not None
+                      else open_or_prepare(data_dir, fdist.local_rank() == 0, r.data.dataset))
         if ck is not None and "store" in ck:
             check_same_store(self.store, ck["store"], resume)
         self.num_classes = len(self.store.class_names)
@@ -156,6 +158,9 @@ class Trainer:
         # ---- Model, optimizer, LR schedule, precision, mixing
         self.model = build_model(r.model, r.head, self.num_classes).to(
             self.device, memory_format=runtime.memory_format(r.model.channels_last))
+        if r.model.sync_bn and self.world > 1:  # before DDP wraps it; alone there is nothing to sync
+            self.model = sync_batchnorm(self.model, self.device)
+        self.ema = EMA(self.model, rt.ema_decay, rt.ema_every, rt.ema_warmup) if rt.ema_decay > 0 else None
         self.optimizer = build_optimizer(self.model, r.optim, r.data.batch_size)
         self.scheduler = build_scheduler(self.optimizer, rt.epochs * len(self.train_loader), r.schedule)
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none (disabled = pass-through)
@@ -176,6 +181,7 @@ class Trainer:
 
         # ---- The nets the steps and evaluation run: DDP-wrapped, then compiled; and the objective, chosen once
         self.net = self.eval_net = self.model  # self.model keeps the plain state_dict keys checkpoints hold
+        self.ema_net = self.ema.module if self.ema is not None else None
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -186,6 +192,8 @@ class Trainer:
             # of turning this one dynamic for good (evaluation pads its last batch: no new shape at all)
             self.net = torch.compile(self.net, dynamic=False)
             self.eval_net = self.net if self.world == 1 else torch.compile(self.model, dynamic=False)
+            if self.ema is not None:
+                self.ema_net = torch.compile(self.ema.module, dynamic=False)
             if self.teacher is not None:
                 self.teacher = torch.compile(self.teacher, dynamic=False)
         ls = r.loss.label_smoothing
@@ -278,6 +286,8 @@ class Trainer:
         self.scheduler.step()
         self.progress.step += 1
         self.step_t += 1
+        if self.ema is not None:
+            self.ema.update(self.progress.step)
         return parts
 
     def log_point(self, epoch: int, sums: torch.Tensor, bar) -> None:
@@ -311,28 +321,35 @@ class Trainer:
         if self.val_loader is not None:
             val = self.evaluate(self.val_loader)
             m.update(val_acc=val["acc"], val_top5=val["top5"], val_loss=val["loss"])
+        for split, loader in (("test", self.test_loader), ("val", self.val_loader)):
+            if self.ema is not None and loader is not None:  # the EMA weights on the same images
+                e = self.evaluate(loader, ema=True)
+                m.update({f"{split}_acc_ema": e["acc"], f"{split}_top5_ema": e["top5"], f"{split}_loss_ema": e["loss"]})
         m.update(lr=self.lr, images_per_sec=stats["images"] * self.world / train_seconds,
                  epoch_seconds=time.perf_counter() - stats["t0"], wall_seconds=p.wall_seconds())
         m.update(self.clock.metrics(train_seconds))
         p.history.append(m)
-        score = m["val_acc"] if self.val_loader is not None else m["test_acc"]
+        w = "_ema" if self.r.train.select_on == "ema" else ""  # best.pt's epoch: on the raw or the EMA weights
+        score = m[f"val_acc{w}"] if self.val_loader is not None else m[f"test_acc{w}"]
         improved = score > p.best["score"]
         if improved:
-            p.best = {"score": score, "epoch": epoch + 1, "test_acc": m["test_acc"], "test_top5": m["test_top5"],
-                      **({"val_acc": m["val_acc"]} if self.val_loader is not None else {})}
+            p.best = {"score": score, "epoch": epoch + 1, "test_acc": m[f"test_acc{w}"], "test_top5": m[f"test_top5{w}"],
+                      **({"val_acc": m[f"val_acc{w}"]} if self.val_loader is not None else {})}
         p.epoch, p.batch = epoch + 1, 0
         self.run.checkpoint(self.state_dict(), best=improved)  # checkpoints first: the log never names an epoch without one
         self.run.epoch(m)
         left = (self.r.train.epochs - epoch - 1) * (m["wall_seconds"] / max(1, len(p.history)))
         self.say(f"epoch {epoch + 1}/{self.r.train.epochs}  train loss {m['train_loss']:.3f} acc {m['train_acc']:.2f}%  "
                  + (f"val {m['val_acc']:.2f}%  " if self.val_loader is not None else "")
-                 + f"test {m['test_acc']:.2f}% (top-5 {m['test_top5']:.2f}%)  lr {self.lr:.2e}  "
+                 + f"test {m['test_acc']:.2f}% (top-5 {m['test_top5']:.2f}%)  "
+                 + (f"EMA {m['test_acc_ema']:.2f}%  " if self.ema is not None else "") + f"lr {self.lr:.2e}  "
                  + f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {duration(left)}"
                  + self.clock.note(m, self.train_loader.backend))
         return m
 
-    def evaluate(self, loader) -> dict:
-        return evaluate(self.eval_net, loader, self.autocast)
+    def evaluate(self, loader, ema: bool = False) -> dict:
+        """evaluate() of the raw weights, or of the EMA's, with the recipe's test-time augmentation."""
+        return evaluate(self.ema_net if ema else self.eval_net, loader, self.autocast, self.r.train.tta)
 
     def at_target(self) -> str | None:
         """Why the run ends here, when train.stop_at_target is set and an epoch reached train.target_acc."""
@@ -353,6 +370,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": checkpoint.rng_state(), "mix_rng": self.mix_gen.get_state(),
                 "recipe": to_dict(self.r), "info": self.info, "world_size": self.world, "store": self.store_record(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 # what the model means outside fastcifar (export, predict): its classes and its input
                 "class_names": self.store.class_names, "preprocess": self.preprocess(), **self.progress.state_dict()}
 
@@ -369,6 +387,11 @@ class Trainer:
 
     def load_state_dict(self, ck: dict, path) -> None:
         load_weights(self.model, ck["model"], path)
+        if self.ema is not None:
+            if not isinstance(ck.get("ema"), dict):
+                raise BadInput(f"The checkpoint {path} holds no EMA weights although its recipe keeps them "
+                               f"(train.ema_decay = {self.r.train.ema_decay}); it is damaged.")
+            load_weights(self.ema.module, ck["ema"], path)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
@@ -408,6 +431,8 @@ class Trainer:
              "backend": self.train_loader.backend, "world_size": self.world, "synthetic": self.store.synthetic,
              "selection": selection, "model": self.r.model.name, "image_size": self.r.aug.image_size,
              "finished": finished, "stop_reason": reason}
+        s.update(select_on=self.r.train.select_on, tta=self.r.train.tta,  # which weights best_acc is, and how evaluated
+                 **({"final_acc_ema": last.get("test_acc_ema")} if self.ema is not None else {}))
         if selection == "val":
             s.update(best_val_acc=p.best.get("val_acc"), best_val_epoch=p.best["epoch"] or None,
                      test_acc_at_best_val=p.best.get("test_acc"))
@@ -429,9 +454,10 @@ def no_mix(images, labels):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, autocast=None) -> dict:
+def evaluate(model: torch.nn.Module, loader, autocast=None, tta: str = "none") -> dict:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of model over a loader, summed
-    over ranks. Margin heads give their scaled cosine here (no margin in eval mode)."""
+    over ranks, with test-time augmentation `tta` (averaging.TTA; views made on the device, whatever
+    the loader's backend). Margin heads give their scaled cosine here (no margin in eval mode)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -442,7 +468,7 @@ def evaluate(model: torch.nn.Module, loader, autocast=None) -> dict:
         if n < loader.batch_size:  # the last batch, padded: a compiled net sees one static shape
             images = pad_batch(images, loader.batch_size)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            logits = model(images)[:n].float()  # the heads give fp32 logits: bf16 would tie near top-1/5
+            logits = predict(model, images, tta)[:n]
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums[0] += torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
         sums[1] += (top5[:, 0] == labels).sum()
@@ -465,10 +491,11 @@ def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, batch_size: int = 500,
-                        device: str = "auto") -> dict:
-    """Test top-1/top-5/loss of a checkpoint (file or run dir) on the whole test split."""
+                        device: str = "auto", tta: str | None = None, weights: str = "auto") -> dict:
+    """Test top-1/top-5/loss of a checkpoint (file or run dir) on the whole test split, of its EMA
+    weights when it has them (`weights`: auto | raw | ema), with `tta` (default: its recipe's)."""
     path = checkpoint.resolve(ref, prefer="best.pt")
-    ck = checkpoint.load(path)
+    ck, weights = pick_weights(checkpoint.load(path), weights)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -479,20 +506,24 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
         raise BadInput(f"--device {device}: torch sees no CUDA device.")
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
-    store = open_store(data_dir)
+    if tta is not None and tta not in TTA:
+        raise BadInput(f"--tta {tta!r}: use one of {', '.join(TTA)} (none = the images as they are).")
+    store = open_store(data_dir, from_dict(ck["recipe"]).data.dataset)  # its data set's default dir, and no other
     check_classes(ck, store, path)
     model, r = net_from_checkpoint(ck, path, dev)
     loader = make_loader(store, "test", r.aug, batch_size, backend=backend or r.data.backend, device=dev,
                          seed=r.train.seed, augment=False)
-    res = evaluate(model, loader, runtime.autocast(dev, r.train.amp))
+    tta = r.train.tta if tta is None else tta
+    res = evaluate(model, loader, runtime.autocast(dev, r.train.amp), tta)
     return {**res, "checkpoint": str(path), "recipe": ck.get("info", {}).get("name", "?"), "epoch": ck["epoch"],
-            "synthetic": store.synthetic}
+            "synthetic": store.synthetic, "weights": weights, "tta": tta}
 
 
 # What --resume may change: only what cannot change the run's meaning - how long it trains, how it
 # logs, where it runs, which loader backend makes the (same) batches
 RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.compile", "data.backend", "train.target_acc",
-             "train.stop_at_target")
+             "train.stop_at_target",
+             "model.sync_bn")  # SyncBN: how the global batch's statistics are gathered, as the number of ranks is
 
 
 def check_resume(r: Recipe, ck: dict, run_dir) -> None:
@@ -579,7 +610,7 @@ def load_teacher(r: Recipe, device: torch.device, store) -> tuple[torch.nn.Modul
     except BadInput as e:
         raise BadInput(f"distill.teacher = {r.distill.teacher!r}: {e} Train the teacher first (e.g. `fastcifar "
                        f"train {r.distill.teacher}`), or --set distill.teacher=RUN_DIR_OR_CHECKPOINT.")
-    ck = checkpoint.load(path)
+    ck, _ = pick_weights(checkpoint.load(path))  # the EMA weights when the teacher kept them, as eval does
     check_classes(ck, store, path)
     teacher, tr = net_from_checkpoint(ck, path, device)
     if tr.aug.normalize != r.aug.normalize:
@@ -588,20 +619,21 @@ def load_teacher(r: Recipe, device: torch.device, store) -> tuple[torch.nn.Modul
     return teacher.requires_grad_(False), tr
 
 
-def open_or_prepare(data_dir, prepare_here: bool):
-    """The store; when none is prepared yet, prepare it (download) first, on one process per node."""
-    d = Path(data_dir) if data_dir is not None else default_data_dir()
+def open_or_prepare(data_dir, prepare_here: bool, dataset: str = "cifar100"):
+    """The store of `dataset`; when none is prepared yet, prepare it (download) first, on one process per node."""
+    d = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
     if not (d / "meta.json").is_file() and prepare_here:
         check_replaceable(d, from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))  # user files: no hint
         try:
-            prepare(d)
+            prepare(d, dataset=dataset)
         except BadInput as e:
+            flag = "" if dataset == "cifar100" else f" --dataset {dataset}"
             hint = "" if "--synthetic" in str(e) else (f" For a learnable stand-in without internet: `fastcifar "
-                                                       f"prepare --synthetic --data-dir {d}`.")
+                                                       f"prepare{flag} --synthetic --data-dir {d}`.")
             raise BadInput(f"No prepared store at {d}, and preparing one failed: {e}{hint} On a synthetic store, "
                            f"`fastcifar train smoke` is a one-minute check.")
     fdist.barrier()
-    return open_store(d)
+    return open_store(d, dataset)
 
 
 def image_grid(images, spec, store) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Small CIFAR-100 data in the official format, written the way Python 2's cPickle wrote it."""
+"""Small CIFAR-100 and CIFAR-10 data in the official formats, written the way Python 2's cPickle wrote it."""
 
 from __future__ import annotations
 
@@ -44,9 +44,19 @@ def py2_dumps(obj) -> bytes:
     return buf.getvalue()
 
 
-def make_split(n: int, seed: int, style: str = "py2") -> dict:
+CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+def make_split(n: int, seed: int, style: str = "py2", dataset: str = "cifar100") -> dict:
     rng = np.random.default_rng(seed)
     key = (lambda k: k.encode()) if style == "py2" else (lambda k: k)
+    if dataset == "cifar10":  # a batch: labels 0..9, no coarse labels
+        return {
+            key("batch_label"): key(f"training batch {seed} of 5"),
+            key("labels"): [int(v) for v in rng.integers(0, 10, n)],
+            key("data"): rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            key("filenames"): [key(f"img_{seed}_{i}.png") for i in range(n)],
+        }
     return {
         key("filenames"): [key(f"img_{seed}_{i}.png") for i in range(n)],
         key("batch_label"): key(f"batch {seed}"),
@@ -56,20 +66,30 @@ def make_split(n: int, seed: int, style: str = "py2") -> dict:
     }
 
 
-def make_meta(style: str = "py2") -> dict:
+def make_meta(style: str = "py2", dataset: str = "cifar100") -> dict:
     key = (lambda k: k.encode()) if style == "py2" else (lambda k: k)
+    if dataset == "cifar10":
+        return {key("num_cases_per_batch"): 10000, key("num_vis"): 3072,
+                key("label_names"): [key(f"class{i}") for i in range(10)]}
     return {key("fine_label_names"): [key(f"fine{i}") for i in range(100)],
             key("coarse_label_names"): [key(f"coarse{i}") for i in range(20)]}
 
 
 def write_official(root: Path, n_train: int = 300, n_test: int = 100, style: str = "py2",
-                   members: dict | None = None, tar: bool = True) -> tuple[Path, dict]:
-    """Write cifar-100-python/{train,test,meta} (and a .tar.gz of it when tar) under root.
-    `members` replaces a member's object (or its raw bytes) to make bad input.
+                   members: dict | None = None, tar: bool = True, dataset: str = "cifar100") -> tuple[Path, dict]:
+    """Write cifar-100-python/{train,test,meta} (dataset cifar10: cifar-10-batches-py/{data_batch_1..5,
+    test_batch,batches.meta}, n_train split over the five batches) and a .tar.gz of it when tar, under
+    root. `members` replaces a member's object (or its raw bytes; None leaves it out) to make bad input.
     Returns (tarball or directory, {name: object pickled}) ."""
-    objs = {"train": make_split(n_train, 1, style), "test": make_split(n_test, 2, style), "meta": make_meta(style)}
+    if dataset == "cifar10":
+        objs = {name: make_split(n_train // 5, i + 1, style, dataset) for i, name in enumerate(CIFAR10_TRAIN)}
+        objs.update({"test_batch": make_split(n_test, 6, style, dataset), "batches.meta": make_meta(style, dataset)})
+        folder, tarball = "cifar-10-batches-py", root / "cifar-10-python.tar.gz"
+    else:
+        objs = {"train": make_split(n_train, 1, style), "test": make_split(n_test, 2, style), "meta": make_meta(style)}
+        folder, tarball = "cifar-100-python", root / "cifar-100-python.tar.gz"
     objs.update(members or {})
-    d = root / "cifar-100-python"
+    d = root / folder
     d.mkdir(parents=True, exist_ok=True)
     for name, obj in objs.items():
         if obj is None:
@@ -78,9 +98,8 @@ def write_official(root: Path, n_train: int = 300, n_test: int = 100, style: str
         (d / name).write_bytes(raw)
     if not tar:
         return d, objs
-    tarball = root / "cifar-100-python.tar.gz"
     with tarfile.open(tarball, "w:gz", compresslevel=1) as t:
-        t.add(d, arcname="cifar-100-python")
+        t.add(d, arcname=folder)
     return tarball, objs
 
 
@@ -91,3 +110,8 @@ def md5(path: Path) -> str:
 def expected_images(split: dict) -> np.ndarray:
     data = split[b"data"] if b"data" in split else split["data"]
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def field(split: dict, name: str):
+    """A split's entry whatever the pickle style (bytes keys from Python 2, str keys from 3)."""
+    return split[name.encode()] if name.encode() in split else split[name]

@@ -1,6 +1,9 @@
 """Two CPU processes under torchrun (gloo): each rank trains on its own shard, together they cover
 every training image exactly once per epoch, metrics are all-reduced, only rank 0 writes the run,
-and --resume continues it."""
+and --resume continues it. The run uses SyncBatchNorm and an EMA: BatchNorm statistics end identical
+on both ranks (a second, short run without SyncBN in the same processes shows they differ without
+it), the EMA is the same on both, and the CPU SyncBatchNorm computes what one BatchNorm over the
+whole batch does."""
 
 import json
 import os
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fastcifar.train as T
 from fastcifar import checkpoint
@@ -36,11 +40,26 @@ def test_two_gloo_ranks_cover_each_epoch_once_and_write_one_run(tmp_path):
     run = tmp_path / "run"
     common = ["--data-dir", str(data), "--set", "data.backend=torch", "--set", "data.subset=1",
               "--set", "data.test_subset=1", "--set", f"data.batch_size={BATCH}", "--set", "train.device=cpu"]
-    p = torchrun(tmp_path / "rec1", "smoke", "--out", str(run), "--set", "train.epochs=2", *common)
+    features = ["--set", "model.sync_bn=true", "--set", "train.ema_decay=0.9", "--set", "model.drop_path=0.1"]
+    p = torchrun(tmp_path / "rec1", "smoke", "--out", str(run), "--set", "train.epochs=2", *common, *features,
+                 "--second-out", str(tmp_path / "nosync"), "--second-set", "model.sync_bn=false",
+                 "--second-set", "train.epochs=1")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    # SyncBN: every BatchNorm's running statistics are the same on both ranks, and not without it
+    synced, alone = ([torch.load(tmp_path / "rec1" / f"rank{r}{sfx}.pt") for r in range(2)] for sfx in ("", "_second"))
+    assert len(synced[0]["bn"]) >= 10
+    assert all(torch.equal(synced[0]["bn"][k], synced[1]["bn"][k]) for k in synced[0]["bn"])
+    assert not all(torch.equal(alone[0]["bn"][k], alone[1]["bn"][k]) for k in alone[0]["bn"])
+    # the EMA lives on both ranks, identically, and last.pt holds it
+    ema = checkpoint.load(run / "last.pt")["ema"]
+    assert all(torch.equal(synced[r]["ema"][k], ema[k]) for r in range(2) for k in ema)
 
     labels = np.asarray(open_store(data).labels("train"))
     ranks = [json.loads((tmp_path / "rec1" / f"rank{r}.json").read_text()) for r in range(2)]
+    for rk in ranks:  # the CPU SyncBatchNorm on half a batch per rank = BatchNorm on all of it
+        sb = rk.pop("syncbn")
+        assert sb.pop("type") == "GlooSyncBatchNorm" and max(sb.values()) < 1e-5, sb
     for epoch in ("0", "1"):
         per_rank = [[row for b in rk[epoch] for row in b["rows"]] for rk in ranks]
         assert all(len(b["rows"]) == BATCH // 2 for rk in ranks for b in rk[epoch])  # per-rank batch
@@ -59,10 +78,11 @@ def test_two_gloo_ranks_cover_each_epoch_once_and_write_one_run(tmp_path):
     ms = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in ms] == [1, 2]
     # evaluation is sharded (75 images per rank) and all-reduced: one process on all 150 agrees
-    ev = T.evaluate_checkpoint(str(run / "last.pt"), data_dir=data, batch_size=20, device="cpu")
-    assert ev["images"] == N_TEST
-    assert ms[-1]["test_loss"] == pytest.approx(ev["loss"], rel=1e-4)
-    assert ms[-1]["test_acc"] == pytest.approx(ev["acc"], abs=1.4)  # at most 2 borderline images
+    for weights, sfx in (("raw", ""), ("ema", "_ema")):
+        ev = T.evaluate_checkpoint(str(run / "last.pt"), data_dir=data, batch_size=20, device="cpu", weights=weights)
+        assert ev["images"] == N_TEST
+        assert ms[-1][f"test_loss{sfx}"] == pytest.approx(ev["loss"], rel=1e-4)
+        assert ms[-1][f"test_acc{sfx}"] == pytest.approx(ev["acc"], abs=1.4)  # at most 2 borderline images
 
     # resume through the CLI under torchrun (`torchrun -m fastcifar train --resume`): continues at
     # epoch 3 and appends to the same run

@@ -124,23 +124,26 @@ def test_small_run_learns_and_writes_the_run_contract(store, tmp_path):
 
 
 MIXED = dict(aug__mixup_alpha=0.4, aug__cutmix_alpha=1.0, aug__mix_p=0.8)  # MixUp or CutMix on most batches
+# ... and an EMA updated every 3rd step (the stop at step 24 falls on an update), selection on it
+MIXED_EMA = dict(**MIXED, train__ema_decay=0.9, train__ema_every=3, train__select_on="ema")
 
 
 @pytest.fixture(scope="module")
 def straight(store, tmp_path_factory):
-    """straight(mixed) -> the run dir of tiny() trained 3 epochs without a stop (made once each)."""
+    """straight(mixed) -> the run dir of tiny() (mixed: with MIXED_EMA) trained 3 epochs without a stop
+    (made once each)."""
     runs = {}
 
     def get(mixed: bool) -> Path:
         if mixed not in runs:
             runs[mixed] = tmp_path_factory.mktemp("straight") / "run"
-            T.train(tiny(**(MIXED if mixed else {})), info(), out=runs[mixed], data_dir=store, **QUIET)
+            T.train(tiny(**(MIXED_EMA if mixed else {})), info(), out=runs[mixed], data_dir=store, **QUIET)
         return runs[mixed]
 
     return get
 
 
-@pytest.mark.parametrize("when", ["after_epoch", "mid_epoch", "mid_epoch_mixed"])
+@pytest.mark.parametrize("when", ["after_epoch", "mid_epoch", "mid_epoch_mixed_ema"])
 def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path, when):
     def sigint(epoch, i, images):
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, through the loop's handler
@@ -149,7 +152,8 @@ def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path,
         hooks = dict(test_fn=lambda e, i, x: sigint(e, i, x) if i == 0 else None)
     else:  # arrives during batch 4 of epoch 2
         hooks = dict(train_fn=lambda e, i, x: sigint(e, i, x) if (e, i) == (1, 3) else None)
-    recipe = tiny(**(MIXED if when.endswith("mixed") else {}))
+    mixed = when.endswith("mixed_ema")
+    recipe = tiny(**(MIXED_EMA if mixed else {}))
     run = tmp_path / "run"
     with pytest.raises(T.Interrupted, match="--resume"):
         fit(recipe, info(), out=run, data_dir=store, **hooks)
@@ -160,10 +164,11 @@ def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path,
 
     s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
     assert s["finished"] and s["epochs_done"] == 3
-    reference = straight(when.endswith("mixed"))
-    assert untimed(metrics(run)) == untimed(metrics(reference))
-    a, b = checkpoint.load(run / "last.pt")["model"], checkpoint.load(reference / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    reference = straight(mixed)
+    assert untimed(metrics(run)) == untimed(metrics(reference))  # test_*_ema included when mixed
+    a, b = checkpoint.load(run / "last.pt"), checkpoint.load(reference / "last.pt")
+    for part in ("model", "ema") if mixed else ("model",):
+        assert set(a[part]) == set(b[part]) and all(torch.equal(a[part][k], b[part][k]) for k in b[part]), part
 
 
 def test_mixing_gives_the_loss_soft_targets(store, tmp_path):
@@ -271,12 +276,13 @@ def test_amp_runs_stay_finite(store, tmp_path, amp):
 def test_torch_compile_run(store, tmp_path):
     """The one compiled run (the first compile costs tens of seconds on a CPU), through the CLI with
     TORCH_LOGS=recompiles: uneven last evaluation batches (270 test and 150 validation images in
-    batches of 100) cost no recompile, and the weights keep their plain names."""
+    batches of 100) cost no recompile, nor do the EMA's weights and the mirrored TTA view, and the
+    weights keep their plain names."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store), "--out", str(run),
            "--set", "data.backend=torch", "--set", "data.subset=1", "--set", "data.test_subset=0.9",
            "--set", "data.val_split=0.15", "--set", "train.epochs=1", "--set", "train.compile=true",
-           "--set", "train.device=cpu"]
+           "--set", "train.device=cpu", "--set", "train.ema_decay=0.9", "--set", "train.tta=flip"]
     r = subprocess.run(cmd, env={**os.environ, "TORCH_LOGS": "recompiles"}, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
@@ -292,8 +298,9 @@ def test_torch_compile_run(store, tmp_path):
     eager, r = net_from_checkpoint(ck, run / "last.pt")
     st = open_store(store)
     rows = T.split_rows(len(st.labels("train")), len(st.labels("test")), r.data)[2]
-    ev = T.evaluate(eager, make_loader(st, "test", r.aug, 100, backend="torch", indices=rows))
+    ev = T.evaluate(eager, make_loader(st, "test", r.aug, 100, backend="torch", indices=rows), tta="flip")
     assert ev["images"] == 270 and ev["acc"] == pytest.approx(s["final_acc"], abs=0.8)
+    assert s["final_acc_ema"] is not None and s["tta"] == "flip"
 
 
 def test_missing_store_offline_says_prepare_synthetic(tmp_path, monkeypatch):

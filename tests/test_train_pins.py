@@ -63,11 +63,12 @@ def test_selection_on_test_without_a_validation_split(store, tmp_path):
 
 
 @pytest.mark.parametrize("fields", [
-    pytest.param(dict(model__drop_rate=0.5), id="dropout"),
+    pytest.param(dict(model__drop_rate=0.5, model__drop_path=0.2), id="dropout_droppath"),
     pytest.param(dict(data__backend="dali"), id="dali", marks=NEEDS_DALI),
 ])
 def test_mid_epoch_resume_matches_a_straight_run(store, tmp_path, fields):
-    """Dropout draws from torch's global RNG, which only a restored RNG state reproduces; the DALI
+    """Dropout and drop path (stochastic depth) draw from torch's global RNG, which only a restored
+    RNG state reproduces; the DALI
     backend (CPU mode) must train, stop mid-epoch, resume and evaluate like the torch one."""
     recipe = tiny(train__epochs=2, **fields)
     straight = tmp_path / "straight"

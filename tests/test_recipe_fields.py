@@ -1,0 +1,114 @@
+"""The recipe fields of issue 11 (EMA, TTA, selection, drop path, SyncBN, the data set): each is typed
+and validated (a bad value is one paragraph and exit 2), round-trips through recipe.json and
+checkpoints, and a run written before they existed still loads, evaluates and resumes."""
+
+import json
+import shutil
+
+import pytest
+
+import fastcifar.train as T
+from fastcifar import BadInput, checkpoint
+from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict, valid_keys
+from fastcifar.report import report
+from test_cli_paths import cli, one_paragraph
+from test_train import QUIET, info, metrics, store, tiny  # noqa: F401 (store: the fixture)
+
+NEW_FIELDS = {"data": ["dataset"], "model": ["drop_path", "sync_bn"],
+              "train": ["ema_decay", "ema_every", "ema_warmup", "select_on", "tta"]}
+NON_DEFAULT = ["data.dataset=cifar10", "model.drop_path=0.1", "model.sync_bn=true", "train.ema_decay=0.999",
+               "train.ema_every=4", "train.ema_warmup=false", "train.select_on=ema", "train.tta=flip"]
+
+BAD = [
+    ("data.dataset=imagenet", "data.dataset = 'imagenet': must be one of cifar100, cifar10"),
+    ("model.drop_path=1", r"model.drop_path = 1.0: is a probability and must lie in \[0, 1\)"),
+    ("model.drop_path=-0.1", "model.drop_path = -0.1"),
+    ("model.sync_bn=maybe", "model.sync_bn expects a bool"),
+    ("train.ema_decay=1.0", r"train.ema_decay = 1.0: must lie in \[0, 1\)"),
+    ("train.ema_decay=-0.5", "train.ema_decay = -0.5"),
+    ("train.ema_decay=nan", "train.ema_decay = nan: must be a finite number"),
+    ("train.ema_every=0", "train.ema_every = 0: must be at least 1"),
+    ("train.ema_every=1.5", "train.ema_every expects an int"),
+    ("train.ema_warmup=sometimes", "train.ema_warmup expects a bool"),
+    ("train.select_on=best", "train.select_on = 'best': must be one of raw, ema"),
+    ("train.select_on=ema", "selects on the EMA weights, but train.ema_decay = 0 keeps none"),
+    ("train.tta=rotate", "train.tta = 'rotate': must be one of none, flip"),
+]
+
+
+def test_every_new_field_is_a_key_with_its_type():
+    assert {f"{s}.{f}" for s, fs in NEW_FIELDS.items() for f in fs} <= set(valid_keys())
+    r = apply_overrides(Recipe(), NON_DEFAULT).validate()
+    assert (r.data.dataset, r.model.drop_path, r.model.sync_bn) == ("cifar10", 0.1, True)
+    assert (r.train.ema_decay, r.train.ema_every, r.train.ema_warmup) == (0.999, 4, False)
+    assert (r.train.select_on, r.train.tta) == ("ema", "flip") and isinstance(r.train.ema_every, int)
+
+
+@pytest.mark.parametrize("item, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_values_are_bad_input_naming_the_field(item, message):
+    with pytest.raises(BadInput, match=message):
+        apply_overrides(Recipe(), [item]).validate()
+
+
+@pytest.mark.parametrize("item, message", [BAD[0], BAD[4], BAD[11], BAD[12]], ids=["dataset", "ema", "select", "tta"])
+def test_cli_bad_values_exit_2_before_anything_is_written(tmp_path, monkeypatch, capsys, item, message):
+    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--set", item, "--out", tmp_path / "run",
+                       "--data-dir", tmp_path / "data")
+    assert code == 2 and one_paragraph(err), err
+    assert item.split("=")[0] in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_python_recipes_are_type_checked_too():
+    r = Recipe()
+    r.train.ema_decay = "0.999"
+    with pytest.raises(BadInput, match="train.ema_decay = '0.999': expected a float"):
+        r.validate()
+
+
+def test_new_fields_round_trip_through_recipe_json_and_checkpoints(tmp_path):
+    r = apply_overrides(Recipe(), NON_DEFAULT)
+    assert from_dict(json.loads(json.dumps({"name": "x", **to_dict(r)}))) == r
+    checkpoint.save(tmp_path / "x.pt", {"recipe": to_dict(r), "model": {}})
+    assert from_dict(checkpoint.torch_load(tmp_path / "x.pt")["recipe"]) == r
+
+
+# ---- a run written before these fields existed
+
+
+def _strip(recipe: dict) -> dict:
+    return {s: ({k: v for k, v in fields.items() if k not in NEW_FIELDS.get(s, [])} if isinstance(fields, dict) else fields)
+            for s, fields in recipe.items()}
+
+
+@pytest.fixture
+def old_run(store, tmp_path):
+    """A finished 1-epoch run, rewritten as fastcifar wrote it before issue 11: its recipes (in
+    recipe.json, last.pt, best.pt) lack the new fields, its summary lacks select_on and tta."""
+    run = tmp_path / "run"
+    T.train(tiny(train__epochs=1, data__subset=0.3), info(), out=run, data_dir=store, **QUIET)
+    for name in ("last.pt", "best.pt"):
+        ck = checkpoint.load(run / name)
+        ck["recipe"] = _strip(ck["recipe"])
+        checkpoint.save(run / name, ck)
+    recipe = json.loads((run / "recipe.json").read_text())
+    (run / "recipe.json").write_text(json.dumps(_strip(recipe)))
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k not in ("select_on", "tta")}))
+    assert "ema_decay" not in checkpoint.load(run / "last.pt")["recipe"]["train"]
+    return run
+
+
+def test_an_old_run_evaluates_resumes_and_reports(old_run, store, tmp_path, monkeypatch, capsys):
+    ev = T.evaluate_checkpoint(str(old_run), data_dir=store, batch_size=100, device="cpu")
+    assert (ev["weights"], ev["tta"]) == ("raw", "none") and ev["acc"] == pytest.approx(metrics(old_run)[0]["test_acc"])
+    code, out, err = cli(monkeypatch, capsys, "eval", old_run, "--data-dir", store, "--device", "cpu", "--tta", "flip")
+    assert code == 0 and "raw weights, TTA flip" in out, err
+    code, out, err = cli(monkeypatch, capsys, "train", "--resume", old_run, "--set", "train.epochs=2")
+    assert code == 0, err
+    s = json.loads((old_run / "summary.json").read_text())
+    assert s["finished"] and s["epochs_done"] == 2 and (s["select_on"], s["tta"]) == ("raw", "none")
+    assert "test_acc_ema" not in metrics(old_run)[1]
+    table, _ = report([old_run], tmp_path / "report")
+    assert "tiny" in table
+    shutil.rmtree(tmp_path / "report")
