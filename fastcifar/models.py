@@ -13,8 +13,8 @@ import timm
 import torch
 from torch import nn
 
-from fastcifar import BadInput
-from fastcifar.config import from_dict
+from fastcifar import BadInput, checkpoint
+from fastcifar.config import apply_overrides, from_dict
 from fastcifar.heads import HEADS
 from fastcifar.runtime import memory_format
 
@@ -37,11 +37,12 @@ def build_model(model_cfg, head_cfg, num_classes: int = 100) -> Net:
     return Net(backbone, head)
 
 
-def net_from_checkpoint(ck: dict, path, device: torch.device, num_classes: int):
-    """(Net, Recipe) of a checkpoint: the Net its recipe describes holding its weights, on device in
-    the recipe's memory format, in eval mode. The recipe's pretrained source is not fetched again."""
-    r = from_dict(ck["recipe"])
-    r.model.pretrained, r.model.pretrained_file = False, ""  # the weights come from the checkpoint
+def net_from_checkpoint(ck: dict, path, device: torch.device, num_classes: int, overrides: tuple[str, ...] = ()):
+    """(Net, Recipe) of a checkpoint: the Net its recipe (with `--set`-style overrides) describes,
+    holding its weights, on device in the recipe's memory format, in eval mode. The recipe's
+    pretrained source and init_from are not fetched again."""
+    r = apply_overrides(from_dict(ck["recipe"]), list(overrides))
+    r.model.pretrained, r.model.pretrained_file, r.model.init_from = False, "", ""  # the weights come from the checkpoint
     net = build_model(r.model, r.head, num_classes)
     load_weights(net, ck["model"], path)
     return net.to(device, memory_format=memory_format(r.model.channels_last)).eval(), r
@@ -55,6 +56,39 @@ def load_weights(module: nn.Module, state_dict: dict, path) -> None:
         detail = " ".join(str(e).split())
         raise BadInput(f"The weights in {path} do not fit the model its recipe describes ({detail[:600]}); "
                        f"was the file written by another model, head or number of classes?")
+
+
+def init_from(net: nn.Module, ref: str, log=print) -> dict:
+    """Start net from the weights of `model.init_from` (a run dir's last.pt, a checkpoint file or a
+    recipe name's newest run): weights only (no optimizer, step or RNG), matched by name; tensors
+    missing there, or of another shape, keep the values net was built with. Logs and returns
+    {path, loaded, missing, unexpected, other_shape}; BadInput when nothing matches."""
+    try:
+        path = checkpoint.resolve(ref, prefer="last.pt")
+        sd = checkpoint.load(path)["model"]
+    except BadInput as e:
+        raise BadInput(f"model.init_from = {ref!r}: {e} Give a run directory or a checkpoint file of fastcifar.")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BadInput(f"model.init_from = {ref!r}: {path} holds no state dict (a mapping of names to tensors).")
+    own = net.state_dict()
+    fits = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    report = {"path": str(path), "loaded": sorted(fits), "missing": [k for k in own if k not in sd],
+              "unexpected": [k for k in sd if k not in own],
+              "other_shape": [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+                              if k in own and own[k].shape != sd[k].shape]}
+    if not fits:
+        raise BadInput(f"model.init_from = {ref!r}: no weight in {path} fits this model (by name and shape): "
+                       f"{len(report['unexpected'])} unknown names (e.g. {', '.join(report['unexpected'][:3]) or '-'}), "
+                       f"{len(report['other_shape'])} of another shape. Was it written by another model.name?")
+    net.load_state_dict(fits, strict=False)
+
+    def some(keys):
+        return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else "0"
+
+    log(f"Weights from {path}: {len(fits)} of {len(own)} tensors loaded; kept as built: missing there "
+        f"{some(report['missing'])}, of another shape {some(report['other_shape'])}; ignored: "
+        f"unexpected {some(report['unexpected'])}.")
+    return report
 
 
 def build_backbone(cfg) -> nn.Module:

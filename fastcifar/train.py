@@ -33,8 +33,8 @@ from fastcifar import dist as fdist
 from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, to_dict
 from fastcifar.data import default_data_dir, open_store, prepare
-from fastcifar.losses import Classify, Distill
-from fastcifar.models import build_model, load_weights, net_from_checkpoint
+from fastcifar.losses import Classify, Distill, MultiScale
+from fastcifar.models import build_model, init_from, load_weights, net_from_checkpoint
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.report import duration
 from pipelines.loader import make_loader
@@ -116,7 +116,7 @@ class Trainer:
             raise BadInput(f"data.batch_size = {r.data.batch_size} is the global batch and must divide evenly "
                            f"over the {self.world} ranks; pick a multiple of {self.world}.")
         self.batch = r.data.batch_size // self.world  # per rank
-        self._exit.enter_context(runtime.backend_settings(rt.deterministic))
+        self._exit.enter_context(runtime.backend_settings(rt.deterministic, rt.tf32))
         random.seed(rt.seed)
         torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
 
@@ -127,7 +127,9 @@ class Trainer:
                                         else (None, None))
         train_rows, val_rows, test_rows = split_rows(len(self.store.labels("train")), len(self.store.labels("test")), r.data)
         common = dict(backend=r.data.backend, device=self.device, seed=rt.seed, shard=(self.rank, self.world))
-        sizes = (r.aug.image_size, teacher_recipe.aug.image_size) if self.teacher is not None else None
+        # distillation: the student's and the teacher's view; multi-scale training: one view per scale
+        sizes = ((r.aug.image_size, teacher_recipe.aug.image_size) if self.teacher is not None
+                 else tuple(r.loss.scales) or None)
         self.train_loader = make_loader(self.store, "train", r.aug, self.batch, shuffle=r.data.shuffle,
                                         drop_last=r.data.drop_last, indices=train_rows, augment=True, sizes=sizes, **common)
         self.test_loader = make_loader(self.store, "test", r.aug, self.batch, indices=test_rows, augment=False, **common)
@@ -137,6 +139,8 @@ class Trainer:
         # ---- Model, optimizer, LR schedule, precision, mixing
         self.model = build_model(r.model, r.head, self.num_classes).to(
             self.device, memory_format=runtime.memory_format(r.model.channels_last))
+        if r.model.init_from and resume is None:  # a resumed run's weights come from its last.pt
+            init_from(self.model, r.model.init_from, log=self.say)
         self.optimizer = build_optimizer(self.model, r.optim, r.data.batch_size)
         self.scheduler = build_scheduler(self.optimizer, rt.epochs * len(self.train_loader), r.schedule)
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none (disabled = pass-through)
@@ -165,9 +169,14 @@ class Trainer:
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        ls = r.loss.label_smoothing
-        self.objective = (Distill(self.net, self.teacher, self.autocast, r.distill.alpha, r.distill.temperature, ls)
-                          if self.teacher is not None else Classify(self.net, self.autocast, ls))
+        ls, d = r.loss.label_smoothing, r.distill
+        if self.teacher is not None:
+            self.objective = Distill(self.net, self.teacher, self.autocast, d.alpha, d.temperature, ls,
+                                     d.teacher_margin, d.teacher_bn)
+        elif r.loss.scales:  # the scale of each image: drawn from (seed, step, rank), so resume draws the same
+            self.objective = MultiScale(self.net, self.autocast, rt.seed, self.rank, lambda: self.progress.step, ls)
+        else:
+            self.objective = Classify(self.net, self.autocast, ls)
         self.bad_step = torch.full((), NONE_YET, dtype=torch.int64, device=self.device)  # first step with a NaN/inf loss
         self.step_t = torch.full((), self.progress.step, dtype=torch.int64, device=self.device)  # the step, on the device
         self.lr = self.optimizer.param_groups[0]["lr"]  # of the last step taken
@@ -376,7 +385,7 @@ def no_mix(images, labels):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, autocast=None) -> dict:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of model over a loader, summed
-    over ranks. Margin heads give their scaled cosine here (no margin in eval mode)."""
+    over ranks. Margin heads give their evaluation logits here (no labels, no margin)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -446,7 +455,8 @@ def load_teacher(r: Recipe, device: torch.device, num_classes: int) -> tuple[tor
     except BadInput as e:
         raise BadInput(f"distill.teacher = {r.distill.teacher!r}: {e} Train the teacher first (e.g. `fastcifar "
                        f"train {r.distill.teacher}`), or --set distill.teacher=RUN_DIR_OR_CHECKPOINT.")
-    teacher, tr = net_from_checkpoint(checkpoint.load(path), path, device, num_classes)
+    # KD's temperature applies to s-scaled logits, whatever the teacher's recipe evaluated on
+    teacher, tr = net_from_checkpoint(checkpoint.load(path), path, device, num_classes, ("head.eval_logits=scaled",))
     if tr.aug.normalize != r.aug.normalize:
         raise BadInput(f"The teacher {path} was trained with aug.normalize={tr.aug.normalize!r}, the student "
                        f"uses {r.aug.normalize!r}; both see one augmented batch, so set aug.normalize={tr.aug.normalize}.")
