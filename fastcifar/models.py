@@ -42,7 +42,7 @@ def net_from_checkpoint(ck: dict, path, device: torch.device, num_classes: int, 
     holding its weights, on device in the recipe's memory format, in eval mode. The recipe's
     pretrained source and init_from are not fetched again."""
     r = apply_overrides(from_dict(ck["recipe"]), list(overrides))
-    r.model.pretrained, r.model.pretrained_file, r.model.init_from = False, "", ""  # the weights come from the checkpoint
+    r.model.pretrained, r.model.pretrained_file, r.model.init_from = False, "", ""  # the checkpoint has the weights
     net = build_model(r.model, r.head, num_classes)
     load_weights(net, ck["model"], path)
     return net.to(device, memory_format=memory_format(r.model.channels_last)).eval(), r
@@ -77,8 +77,9 @@ def init_from(net: nn.Module, ref: str, log=print) -> dict:
               "other_shape": [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
                               if k in own and own[k].shape != sd[k].shape]}
     if not fits:
+        unknown = report["unexpected"]
         raise BadInput(f"model.init_from = {ref!r}: no weight in {path} fits this model (by name and shape): "
-                       f"{len(report['unexpected'])} unknown names (e.g. {', '.join(report['unexpected'][:3]) or '-'}), "
+                       f"{len(unknown)} unknown names (e.g. {', '.join(unknown[:3]) or '-'}), "
                        f"{len(report['other_shape'])} of another shape. Was it written by another model.name?")
     net.load_state_dict(fits, strict=False)
 
