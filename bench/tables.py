@@ -84,7 +84,8 @@ def tables(bench: dict) -> str:
     m = bench.get("meta", {})
     rows, parts = bench["rows"], [f"Measured on {m.get('device', '?')} ({m.get('cpu_cores', '?')} CPU cores), torch "
                                   f"{m.get('torch', '?')}, DALI {m.get('dali', 'not installed')}, {m.get('time', '?')}"
-                                  f"{', --quick' if m.get('quick') else ''}, {m.get('store', '?')} store."]
+                                  f"{', --quick' if m.get('quick') else ''}, {m.get('store', '?')} store."
+                                  + (f" {m['note']}" if m.get("note") else "")]  # e.g. stages re-measured apart
     stages = {r["stage"] for r in rows}
     if "pipeline" in stages:
         parts.append(pipeline_table(rows))

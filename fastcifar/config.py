@@ -21,9 +21,9 @@ from pathlib import Path
 from fastcifar import BadInput
 from fastcifar.averaging import TTA
 from fastcifar.data import DATASETS
-from fastcifar.heads import HEADS
-from fastcifar.optim import LR_SCALING, OPTIMIZERS, SCHEDULES
-from fastcifar.runtime import AMP_DTYPES
+from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
+from fastcifar.optim import DECAY_GROUPS, LR_SCALING, OPTIMIZERS, SCHEDULES
+from fastcifar.runtime import AMP_DTYPES, TF32
 from pipelines.loader import BACKENDS
 from pipelines.spec import AugSpec
 
@@ -52,7 +52,7 @@ class Data:
     backend: str = "auto"        # loader backend: auto | dali | torch | tutorial
     val_split: float = 0.0       # fraction of train held out for model selection (0 = select on test)
     shuffle: bool = True         # shuffle the training order each epoch (the tutorial did not)
-    drop_last: bool = True       # drop the last partial training batch
+    drop_last: bool = True       # drop the last partial training batch (the tutorial kept it)
     subset: float = 1.0          # fraction of the train split used (a fixed random subset)
     test_subset: float = 1.0     # fraction of the test split evaluated (a fixed random subset)
 
@@ -77,6 +77,8 @@ class Model:
     drop_path: float = 0.0       # stochastic depth: timm's drop_path_rate (the last block's drop probability)
     sync_bn: bool = False        # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
     channels_last: bool = True   # NHWC memory layout: faster convolutions on tensor cores
+    init_from: str = ""          # start from these weights: a run dir (its last.pt), checkpoint or recipe name
+                                 # (newest runs/<name>-*); weights only, matched by name (the tutorial's is_restore)
 
     def validate(self):
         _check("model", self, [
@@ -91,22 +93,40 @@ class Head:
     s: float = 64.0              # margin heads: logit scale (cosine * s)
     m: float = 0.5               # margin heads: angular (arcface, radians) or cosine (cosface) margin
     embed_dim: int = 512         # margin heads: Linear -> BatchNorm1d embedding size
+    margin_grad: str = "exact"   # margin heads: the target logit's gradient: exact | straight_through (the
+                                 # tutorial's: the margin's value, the plain cosine's gradient)
+    eval_logits: str = "scaled"  # margin heads, evaluation: scaled (s * cos) | cosine (the tutorial's; the same
+                                 # accuracy, only the reported loss changes)
 
     def validate(self):
         _check("head", self, [
             ("kind", *_one_of(HEADS)),
             ("s", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
             ("m", _finite, "must be a finite number"),
+            ("m", lambda v: self.kind != "arcface" or 0.0 <= v <= math.pi / 2,
+             "is ArcFace's angular margin in radians and must lie in [0, pi/2] (past that, cos(theta + m) "
+             "stops falling as theta grows)"),
             ("embed_dim", lambda v: v >= 1, "must be at least 1"),
+            ("margin_grad", *_one_of(MARGIN_GRADS)),
+            ("eval_logits", *_one_of(EVAL_LOGITS)),
         ])
 
 
 @dataclass(slots=True)
 class Loss:
     label_smoothing: float = 0.0  # probability mass spread over all classes
+    scales: tuple[int, ...] = ()  # multi-scale training: each image trains at one of these sides (uniform draw),
+                                  # a forward per side, one CE; () = off. Evaluation stays at aug.image_size
 
     def validate(self):
-        _check("loss", self, [("label_smoothing", lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)")])
+        _check("loss", self, [
+            ("label_smoothing", lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
+            ("scales", lambda v: not v or (len(v) >= 2 and len(set(v)) == len(v) and min(v) >= 8),
+             "must be () (off) or two or more different image sides of at least 8 px, e.g. 32,64"),
+        ])
+
+
+TEACHER_BN = ("eval", "train")  # distill.teacher_bn
 
 
 @dataclass(slots=True)
@@ -114,11 +134,16 @@ class Distill:
     teacher: str = ""            # run dir, checkpoint file, or recipe name (newest runs/<name>-*); "" = off
     alpha: float = 0.7           # weight of the KD term: (1 - alpha) * CE + alpha * T^2 * KL
     temperature: float = 4.0     # softmax temperature T of both teacher and student
+    teacher_margin: bool = False  # the teacher's logits also get its margin on the true label (the tutorial's);
+                                  # False: its plain s * cos. No effect with a linear-head teacher
+    teacher_bn: str = "eval"     # the teacher's BatchNorm: eval (running statistics) | train (the tutorial's:
+                                 # batch statistics, and its running statistics keep moving)
 
     def validate(self):
         _check("distill", self, [
             ("alpha", lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
             ("temperature", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
+            ("teacher_bn", *_one_of(TEACHER_BN)),
         ])
 
 
@@ -127,10 +152,11 @@ class Optim:
     name: str = "adamw"          # adamw | sgd
     lr: float = 1e-3             # peak learning rate for a batch of data.batch_size (see lr_ref_batch)
     weight_decay: float = 1e-4
+    decay_groups: str = "no_bias_norm"  # which parameters decay: no_bias_norm (all but 1-D tensors: norms, biases)
+                                        # | tutorial (all but biases and LayerNorm) | all
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
     momentum: float = 0.9        # SGD
     nesterov: bool = False       # SGD
-    decay_norm_bias: bool = False  # True = decay every parameter, as the tutorial's AdamW did
     grad_clip: float = 0.0       # max global gradient norm; 0 = off
     lr_ref_batch: int = 0        # > 0: `lr` is for this many images and scales to data.batch_size
     lr_scaling: str = "linear"   # how it scales: linear (SGD) | sqrt (often better for Adam)
@@ -138,12 +164,22 @@ class Optim:
     def validate(self):
         _check("optim", self, [
             ("name", *_one_of(OPTIMIZERS)),
+            ("decay_groups", *_one_of(DECAY_GROUPS)),
             ("lr_scaling", *_one_of(LR_SCALING)),
             ("lr", lambda v: v > 0, "must be > 0"),
             ("weight_decay", lambda v: v >= 0, "must be >= 0"),
             ("grad_clip", lambda v: v >= 0, "must be >= 0 (0 = off)"),
             ("lr_ref_batch", lambda v: v >= 0, "must be >= 0 (0 = lr as given)"),
         ])
+
+    @property
+    def decay_norm_bias(self) -> bool:
+        """The switch decay_groups replaced, for older recipe files: True = "all", False = "no_bias_norm"."""
+        return self.decay_groups == "all"
+
+    @decay_norm_bias.setter
+    def decay_norm_bias(self, value: bool):
+        self.decay_groups = "all" if value else "no_bias_norm"
 
 
 @dataclass(slots=True)
@@ -171,6 +207,8 @@ class Train:
     seed: int = 0                # model init, data order, augmentation draws, mixing
     compile: bool | None = None  # torch.compile; None = on when CUDA, off on a CPU
     amp: str = "none"            # none (fp32) | bf16 | fp16 (with a GradScaler)
+    tf32: str = "on"             # fp32 on tensor cores (10-bit mantissa): on (convolutions and matmuls) | conv
+                                 # (PyTorch's defaults: convolutions only; the tutorial's "precision 32") | off
     deterministic: bool = False  # deterministic kernels (slower); resumed runs match straight ones
     device: str = "auto"         # auto (cuda:<local rank> when present, else cpu) | cpu | cuda
     log_every: int = 50          # steps between progress updates (the only host syncs in training)
@@ -191,6 +229,7 @@ class Train:
              "selects on the EMA weights, but train.ema_decay = 0 keeps none; set train.ema_decay (e.g. 0.999)"),
             ("tta", *_one_of(TTA)),
             ("amp", *_one_of(AMP_DTYPES)),
+            ("tf32", *_one_of(TF32)),
             ("epochs", lambda v: v >= 1, "must be at least 1"),
             ("seed", lambda v: 0 <= v < 2 ** 32, "must lie in 0 .. 2**32 - 1 (numpy and torch seeds are unsigned)"),
             ("log_every", lambda v: v >= 1, "must be at least 1"),
@@ -227,6 +266,10 @@ class Recipe:
         if self.head.kind != "linear" and (self.aug.mixup_alpha > 0 or self.aug.cutmix_alpha > 0):
             raise BadInput(f"head.kind = {self.head.kind!r}: a margin head needs hard labels, but MixUp/CutMix give "
                            f"soft targets; use head.kind=linear or set aug.mixup_alpha and aug.cutmix_alpha to 0.")
+        if self.loss.scales and self.distill.teacher:
+            raise BadInput(f"loss.scales = {self.loss.scales!r} (multi-scale training) and distill.teacher = "
+                           f"{self.distill.teacher!r} (distillation) are two objectives; set loss.scales=() or "
+                           f"distill.teacher=''.")
         return self
 
 
@@ -407,6 +450,31 @@ def _field_type(section: str, name: str):
     return hints[name]
 
 
+# Fields that older recipe.json files and checkpoints hold under another name:
+# (section, old name) -> (old type, new name, the new value from the old one)
+RENAMED = {("optim", "decay_norm_bias"): (bool, "decay_groups", lambda v: "all" if v else "no_bias_norm")}
+
+
+def _renamed(section: str, name: str, value, where: str):
+    """(name, value) with a renamed field's old name and value translated to the new ones."""
+    if (section, name) not in RENAMED:
+        return name, value
+    old_type, new, convert = RENAMED[(section, name)]
+    try:
+        return new, convert(_coerce(value, old_type))
+    except _Wrong:
+        raise BadInput(f"{where} {section}.{name} = {value!r}: expected {_type_name(old_type)} "
+                       f"(it is now {section}.{new}).")
+
+
+def _missing(d: dict) -> dict:
+    """{(section, name): value} for fields newer than a stored recipe that lacks them, where the
+    plain default would change what the old run did. Runs from before train.tf32 kept PyTorch's own
+    TF32 flags (convolutions only) when deterministic, and turned TF32 on otherwise."""
+    train = d.get("train") if isinstance(d.get("train"), dict) else {}
+    return {("train", "tf32"): "conv" if train.get("deterministic") is True else "on"}
+
+
 def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
     """Apply `section.field=VALUE` strings in order, converting VALUE to the field's type."""
     for item in overrides:
@@ -416,6 +484,8 @@ def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
             raise BadInput(f"--set {item!r}: write section.field=VALUE, e.g. train.epochs=30. "
                            f"Valid keys: {', '.join(valid_keys())}.")
         section, name = key.split(".")
+        name, value = _renamed(section, name, value, "--set")
+        key = f"{section}.{name}"
         t = _field_type(section, name)
         try:
             v = _coerce(value, t)
@@ -431,14 +501,20 @@ def to_dict(r: Recipe) -> dict:
 
 
 def from_dict(d: dict) -> Recipe:
-    """A Recipe from to_dict()'s output (recipe.json, a checkpoint), type-checked field by field."""
+    """A Recipe from to_dict()'s output (recipe.json, a checkpoint), type-checked field by field.
+    Older files load too: renamed fields are translated (RENAMED), and fields they lack take the
+    value that does what the old run did (_missing), else the default."""
     r = Recipe()
+    for (section, name), value in _missing(d).items():
+        if name not in (d.get(section) or {}):
+            setattr(getattr(r, section), name, value)
     for section, fields in d.items():
         if section not in SECTIONS:
             continue  # run metadata stored beside the sections: name, description, parent
         if not isinstance(fields, dict):
             raise BadInput(f"recipe section {section!r} must be a mapping, got {type(fields).__name__}.")
         for name, value in fields.items():
+            name, value = _renamed(section, name, value, "recipe field")
             t = _field_type(section, name)
             try:
                 setattr(getattr(r, section), name, _coerce(value, t))

@@ -1,11 +1,15 @@
 """Classification heads on the backbone's pooled features: `HEADS[kind](in_features, num_classes, cfg)`.
 
-Every head maps (N, C) features to (N, num_classes) logits and takes optional int64 targets;
-only the margin heads use them, and only in training mode, so evaluation always sees plain
-(scaled) logits.
+Every head maps (N, C) features to (N, num_classes) logits and takes optional int64 targets.
+Margin heads put their margin on the target class when given targets (the training objectives
+pass the labels); without targets (evaluation) they give s * cosine, or with
+`head.eval_logits = "cosine"` the plain cosine, as the tutorial evaluated (same accuracy, since a
+positive scale keeps the ranking; only the reported loss changes).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +17,11 @@ from torch import nn
 
 # acos has an infinite slope at +-1: keep the cosine this far inside so gradients stay finite
 COS_EPS = 1e-6
+# head.margin_grad: the target logit's gradient. exact = through the margin's formula;
+# straight_through = the tutorial's (the margin set under no_grad): the value with the margin,
+# the gradient of the plain cosine
+MARGIN_GRADS = ("exact", "straight_through")
+EVAL_LOGITS = ("scaled", "cosine")  # head.eval_logits: s * cos | the plain cosine (the tutorial's)
 
 
 class LinearHead(nn.Module):
@@ -31,11 +40,14 @@ class LinearHead(nn.Module):
 
 class MarginHead(nn.Module):
     """The tutorial's MarginHead: Linear(C -> embed, no bias) -> BatchNorm1d -> cosine to
-    L2-normalised class weights, times s. Subclasses change the target class's cosine in training."""
+    L2-normalised class weights. With targets: s times the cosines, the target's with the margin
+    (`margin`, which subclasses define); without: the evaluation logits."""
 
     def __init__(self, in_features: int, num_classes: int, cfg):
         super().__init__()
         self.s, self.m = float(cfg.s), float(cfg.m)
+        self.straight_through = cfg.margin_grad == "straight_through"
+        self.eval_scale = self.s if cfg.eval_logits == "scaled" else 1.0
         self.embed = nn.Linear(in_features, cfg.embed_dim, bias=False)
         self.bn = nn.BatchNorm1d(cfg.embed_dim)
         self.weight = nn.Parameter(torch.randn(num_classes, cfg.embed_dim) * 0.01)  # class centres
@@ -47,31 +59,42 @@ class MarginHead(nn.Module):
         with torch.autocast(e.device.type, enabled=False):
             return F.linear(F.normalize(e.float(), dim=1), F.normalize(self.weight.float(), dim=1))
 
-    def margin(self, cos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def margin(self, cos_t: torch.Tensor) -> torch.Tensor:
+        """The target class's cosine (N, 1) with the margin applied."""
         raise NotImplementedError
+
+    def with_margin(self, cos_t: torch.Tensor) -> torch.Tensor:
+        """margin(cos_t), with the gradient head.margin_grad asks for: exact, or straight through
+        to the plain cosine (d/d cos_t = 1)."""
+        new = self.margin(cos_t)
+        return cos_t + (new - cos_t).detach() if self.straight_through else new
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         cos = self.cosine(features)
-        if self.training and targets is not None:
-            cos = self.margin(cos, targets)
-        return cos * self.s
+        if targets is None:
+            return cos * self.eval_scale
+        t = targets[:, None]
+        return cos.scatter(1, t, self.with_margin(cos.gather(1, t))) * self.s
 
 
 class ArcFaceHead(MarginHead):
-    """ArcFace: the target logit becomes s * cos(theta + m), theta = the angle to its class centre."""
+    """ArcFace: the target logit becomes s * cos(theta + m), theta = the angle to its class centre.
+    Past theta = pi - m, cos(theta + m) would rise again as theta grows (a worse embedding would
+    score better); there the target gets cos(theta) - m * sin(m) instead, which keeps falling
+    with theta (the usual fallback of ArcFace implementations: a CosFace-like margin)."""
 
-    def margin(self, cos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        target = cos.gather(1, targets[:, None])
-        theta = torch.acos(target.clamp(-1 + COS_EPS, 1 - COS_EPS))
-        return cos.scatter(1, targets[:, None], torch.cos(theta + self.m))
+    def margin(self, cos_t: torch.Tensor) -> torch.Tensor:
+        theta = torch.acos(cos_t.clamp(-1 + COS_EPS, 1 - COS_EPS))
+        fallback = cos_t - self.m * math.sin(self.m)
+        return torch.where(theta < math.pi - self.m, torch.cos(theta + self.m), fallback)
 
 
 class CosFaceHead(MarginHead):
-    """CosFace: the target logit becomes s * (cos(theta) - m)."""
+    """CosFace: the target logit becomes s * (cos(theta) - m) (both gradient modes agree: the
+    margin is a constant)."""
 
-    def margin(self, cos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        target = cos.gather(1, targets[:, None])
-        return cos.scatter(1, targets[:, None], target - self.m)
+    def margin(self, cos_t: torch.Tensor) -> torch.Tensor:
+        return cos_t - self.m
 
 
 HEADS = {"linear": LinearHead, "arcface": ArcFaceHead, "cosface": CosFaceHead}

@@ -3,6 +3,7 @@ all computed in fp32 whatever precision the logits come in."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,17 +59,58 @@ class Classify:
 
 class Distill:
     """Distillation from a frozen teacher: images is the pair (student view, teacher view) of one
-    augmented batch, each at its own size."""
+    augmented batch, each at its own size. teacher_margin: the teacher's logits get its margin on
+    the true labels too, as the student's do (the tutorial's KD); teacher_bn: "train" runs the
+    teacher's BatchNorm on batch statistics, which also keeps moving its running statistics (the
+    tutorial never put its teacher in eval mode), "eval" on its running statistics."""
 
-    def __init__(self, net, teacher, autocast, alpha: float, temperature: float, label_smoothing: float = 0.0):
+    def __init__(self, net, teacher, autocast, alpha: float, temperature: float, label_smoothing: float = 0.0,
+                 teacher_margin: bool = False, teacher_bn: str = "eval"):
         self.net, self.teacher, self.autocast = net, teacher, autocast
         self.alpha, self.temperature, self.label_smoothing = alpha, temperature, label_smoothing
+        self.teacher_margin = teacher_margin
+        teacher.train(teacher_bn == "train")  # its parameters stay frozen either way (requires_grad False)
 
     def __call__(self, images: tuple, labels: torch.Tensor, targets: torch.Tensor) -> dict:
         student_view, teacher_view = images
         with self.autocast():
             logits = self.net(student_view, labels)
             with torch.no_grad():
-                teacher_logits = self.teacher(teacher_view)
+                teacher_logits = self.teacher(teacher_view, labels if self.teacher_margin else None)
         parts = distillation(logits, targets, teacher_logits, self.alpha, self.temperature, self.label_smoothing)
         return {**parts, "logits": logits}
+
+
+class MultiScale:
+    """Multi-scale training (the tutorial's resnet18_pretrained_arcface_mst): images holds one view
+    per scale, all from one augmentation draw; each image trains at one scale, drawn uniformly from
+    (seed, step, rank) on the host, so a resumed run draws the same. The batch is split by scale: a
+    forward per scale (its own BatchNorm statistics, the margin on each), then one cross-entropy over
+    the whole batch, in the batch's order."""
+
+    def __init__(self, net, autocast, seed: int, rank: int, step, label_smoothing: float = 0.0):
+        self.net, self.autocast, self.label_smoothing = net, autocast, label_smoothing
+        self.seed, self.rank, self.step = seed, rank, step  # step(): optimizer steps done, a host int
+
+    def scale_of(self, n: int, scales: int) -> np.ndarray:
+        """The scale index (0..scales-1) each of a batch's n images trains at. A scale only one image
+        drew gives it to the most drawn one: BatchNorm cannot train on one image (at batch 250 and
+        two scales that happens about once in 1e73 batches)."""
+        pick = np.random.default_rng([self.seed, self.step(), self.rank, 0x5CA1E]).integers(scales, size=n)
+        counts = np.bincount(pick, minlength=scales)
+        for lone in np.flatnonzero(counts == 1):
+            pick[pick == lone] = counts.argmax()
+        return pick
+
+    def __call__(self, images: tuple, labels: torch.Tensor, targets: torch.Tensor) -> dict:
+        pick = self.scale_of(labels.shape[0], len(images))
+        rows = [np.flatnonzero(pick == k) for k in range(len(images))]
+        to_dev = lambda a: torch.from_numpy(a).to(labels.device, non_blocking=True)
+        parts = []
+        with self.autocast():
+            for view, idx in zip(images, rows):
+                if len(idx):  # host-side counts: no device sync
+                    idx = to_dev(idx)
+                    parts.append(self.net(view.index_select(0, idx), labels.index_select(0, idx)))
+        logits = torch.cat(parts).index_select(0, to_dev(np.argsort(np.concatenate(rows))))  # back in batch order
+        return {**cross_entropy(logits, targets, self.label_smoothing), "logits": logits}

@@ -13,9 +13,9 @@ import timm
 import torch
 from torch import nn
 
-from fastcifar import BadInput
+from fastcifar import BadInput, checkpoint
 from fastcifar.checkpoint import torch_load
-from fastcifar.config import from_dict
+from fastcifar.config import apply_overrides, from_dict
 from fastcifar.heads import HEADS
 from fastcifar.runtime import memory_format
 
@@ -50,16 +50,16 @@ def num_classes(state: dict, head_kind: str, where="the checkpoint") -> int:
 def net_from_state(model_cfg, head_cfg, state: dict, where) -> Net:
     """The Net a recipe's model and head sections describe, holding `state` (CPU, fp32, eval mode);
     the number of classes is the head's. The recipe's pretrained source is not fetched again."""
-    model_cfg.pretrained, model_cfg.pretrained_file = False, ""  # the weights come from `state`
+    model_cfg.pretrained, model_cfg.pretrained_file, model_cfg.init_from = False, "", ""  # `state` has the weights
     net = build_model(model_cfg, head_cfg, num_classes(state, head_cfg.kind, where))
     load_weights(net, state, where)
     return net.eval()
 
 
-def net_from_checkpoint(ck: dict, path, device: torch.device = torch.device("cpu")):
-    """(Net, Recipe) of a loaded checkpoint: its weights in the Net its recipe describes, on device
-    in the recipe's memory format, in eval mode."""
-    r = from_dict(ck["recipe"])
+def net_from_checkpoint(ck: dict, path, device: torch.device = torch.device("cpu"), overrides: tuple[str, ...] = ()):
+    """(Net, Recipe) of a loaded checkpoint: its weights in the Net its recipe (with `--set`-style
+    overrides) describes, on device in the recipe's memory format, in eval mode."""
+    r = apply_overrides(from_dict(ck["recipe"]), list(overrides))
     net = net_from_state(r.model, r.head, ck["model"], path)
     return net.to(device, memory_format=memory_format(r.model.channels_last)), r
 
@@ -72,6 +72,40 @@ def load_weights(module: nn.Module, state_dict: dict, path) -> None:
         detail = " ".join(str(e).split())
         raise BadInput(f"The weights in {path} do not fit the model its recipe describes ({detail[:600]}); "
                        f"was the file written by another model, head or number of classes?")
+
+
+def init_from(net: nn.Module, ref: str, log=print) -> dict:
+    """Start net from the weights of `model.init_from` (a run dir's last.pt, a checkpoint file or a
+    recipe name's newest run): weights only (no optimizer, step or RNG), matched by name; tensors
+    missing there, or of another shape, keep the values net was built with. Logs and returns
+    {path, loaded, missing, unexpected, other_shape}; BadInput when nothing matches."""
+    try:
+        path = checkpoint.resolve(ref, prefer="last.pt")
+        sd = checkpoint.load(path)["model"]
+    except BadInput as e:
+        raise BadInput(f"model.init_from = {ref!r}: {e} Give a run directory or a checkpoint file of fastcifar.")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BadInput(f"model.init_from = {ref!r}: {path} holds no state dict (a mapping of names to tensors).")
+    own = net.state_dict()
+    fits = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    report = {"path": str(path), "loaded": sorted(fits), "missing": [k for k in own if k not in sd],
+              "unexpected": [k for k in sd if k not in own],
+              "other_shape": [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+                              if k in own and own[k].shape != sd[k].shape]}
+    if not fits:
+        unknown = report["unexpected"]
+        raise BadInput(f"model.init_from = {ref!r}: no weight in {path} fits this model (by name and shape): "
+                       f"{len(unknown)} unknown names (e.g. {', '.join(unknown[:3]) or '-'}), "
+                       f"{len(report['other_shape'])} of another shape. Was it written by another model.name?")
+    net.load_state_dict(fits, strict=False)
+
+    def some(keys):
+        return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else "0"
+
+    log(f"Weights from {path}: {len(fits)} of {len(own)} tensors loaded; kept as built: missing there "
+        f"{some(report['missing'])}, of another shape {some(report['other_shape'])}; ignored: "
+        f"unexpected {some(report['unexpected'])}.")
+    return report
 
 
 def build_backbone(cfg) -> nn.Module:

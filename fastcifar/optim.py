@@ -8,14 +8,27 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool = False) -> list[dict]:
-    """Two groups: weights that decay, and norm scales/shifts and biases (1-D tensors) that do not,
-    since shrinking them towards 0 fights BatchNorm rather than regularising. decay_norm_bias=True
-    decays everything, as the tutorial's AdamW did."""
+# optim.decay_groups -> whether a parameter decays, given its name and the module that owns it
+DECAY_GROUPS = {
+    # 1-D tensors (norm scales and shifts, biases) do not decay: shrinking them towards 0 fights
+    # BatchNorm rather than regularising
+    "no_bias_norm": lambda name, p, owner: p.ndim > 1,
+    # the tutorial's groups: biases and LayerNorm weights do not decay; everything else does,
+    # BatchNorm weights and the margin head's class centres included
+    "tutorial": lambda name, p, owner: name.rsplit(".", 1)[-1] != "bias" and not isinstance(owner, nn.LayerNorm),
+    "all": lambda name, p, owner: True,
+}
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_groups: str = "no_bias_norm") -> list[dict]:
+    """Up to two groups, in model.parameters() order: the parameters that DECAY_GROUPS[decay_groups]
+    decays (weight_decay), and the rest (0)."""
+    owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    rule = DECAY_GROUPS[decay_groups]
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if decay_norm_bias or p.ndim > 1 else no_decay).append(p)
+            (decay if rule(name, p, owner[id(p)]) else no_decay).append(p)
     return [g for g in ({"params": decay, "weight_decay": weight_decay},
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
@@ -39,7 +52,7 @@ LR_SCALING = ("linear", "sqrt")  # how optim.lr scales from optim.lr_ref_batch t
 
 def build_optimizer(model: nn.Module, cfg, batch_size: int) -> torch.optim.Optimizer:
     """The optimizer of the recipe's optim section over param_groups(model), at peak_lr."""
-    return OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, cfg.decay_norm_bias), peak_lr(cfg, batch_size), cfg)
+    return OPTIMIZERS[cfg.name](param_groups(model, cfg.weight_decay, cfg.decay_groups), peak_lr(cfg, batch_size), cfg)
 
 
 def _after_warmup(step: int, total_steps: int, s) -> float:

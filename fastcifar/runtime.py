@@ -45,10 +45,15 @@ def distributed(device: str):
         fdist.destroy()
 
 
+# train.tf32 -> (cuDNN convolutions, fp32 matmuls) may run on TF32 tensor cores (10-bit mantissa).
+# "conv" is PyTorch's own default, which the tutorial's Lightning "precision 32" ran under.
+TF32 = {"on": (True, True), "conv": (True, False), "off": (False, False)}
+
+
 @contextlib.contextmanager
-def backend_settings(deterministic: bool):
-    """The kernel-choice flags a run sets, restored on exit: deterministic kernels, or cuDNN autotune
-    plus TF32 (fp32 matmuls and convolutions on tensor cores, 10-bit mantissa) for speed."""
+def backend_settings(deterministic: bool, tf32: str = "on"):
+    """The kernel-choice flags a run sets, restored on exit: deterministic kernels or cuDNN autotune,
+    and where fp32 may use TF32 (TF32[tf32])."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32,
              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
@@ -59,7 +64,7 @@ def backend_settings(deterministic: bool):
             cudnn.benchmark = False
         else:
             cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once and keeps the fastest
-            matmul.allow_tf32 = cudnn.allow_tf32 = True
+        cudnn.allow_tf32, matmul.allow_tf32 = TF32[tf32]
         yield
     finally:
         torch.use_deterministic_algorithms(saved[0])

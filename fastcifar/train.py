@@ -34,8 +34,8 @@ from fastcifar.averaging import EMA, TTA, pick_weights, predict
 from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import check_replaceable, default_data_dir, open_store, prepare
-from fastcifar.losses import Classify, Distill
-from fastcifar.models import build_model, load_weights, net_from_checkpoint, num_classes, sync_batchnorm
+from fastcifar.losses import Classify, Distill, MultiScale
+from fastcifar.models import build_model, init_from, load_weights, net_from_checkpoint, num_classes, sync_batchnorm
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.report import duration
 from pipelines.loader import make_loader
@@ -122,7 +122,7 @@ class Trainer:
             raise BadInput(f"data.batch_size = {r.data.batch_size} is the global batch and must divide evenly "
                            f"over the {self.world} ranks; pick a multiple of {self.world}.")
         self.batch = r.data.batch_size // self.world  # per rank
-        self._exit.enter_context(runtime.backend_settings(rt.deterministic))
+        self._exit.enter_context(runtime.backend_settings(rt.deterministic, rt.tf32))
         random.seed(rt.seed)
         torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
 
@@ -148,7 +148,9 @@ class Trainer:
                                         else (None, None))
         train_rows, val_rows, test_rows = split_rows(len(self.store.labels("train")), len(self.store.labels("test")), r.data)
         common = dict(backend=r.data.backend, device=self.device, seed=rt.seed, shard=(self.rank, self.world))
-        sizes = (r.aug.image_size, teacher_recipe.aug.image_size) if self.teacher is not None else None
+        # distillation: the student's and the teacher's view; multi-scale training: one view per scale
+        sizes = ((r.aug.image_size, teacher_recipe.aug.image_size) if self.teacher is not None
+                 else tuple(r.loss.scales) or None)
         self.train_loader = make_loader(self.store, "train", r.aug, self.batch, shuffle=r.data.shuffle,
                                         drop_last=r.data.drop_last, indices=train_rows, augment=True, sizes=sizes, **common)
         self.test_loader = make_loader(self.store, "test", r.aug, self.batch, indices=test_rows, augment=False, **common)
@@ -158,6 +160,8 @@ class Trainer:
         # ---- Model, optimizer, LR schedule, precision, mixing
         self.model = build_model(r.model, r.head, self.num_classes).to(
             self.device, memory_format=runtime.memory_format(r.model.channels_last))
+        if r.model.init_from and resume is None:  # a resumed run's weights come from its last.pt
+            init_from(self.model, r.model.init_from, log=self.say)
         if r.model.sync_bn and self.world > 1:  # before DDP wraps it; alone there is nothing to sync
             self.model = sync_batchnorm(self.model, self.device)
         self.ema = EMA(self.model, rt.ema_decay, rt.ema_every, rt.ema_warmup) if rt.ema_decay > 0 else None
@@ -196,9 +200,14 @@ class Trainer:
                 self.ema_net = torch.compile(self.ema.module, dynamic=False)
             if self.teacher is not None:
                 self.teacher = torch.compile(self.teacher, dynamic=False)
-        ls = r.loss.label_smoothing
-        self.objective = (Distill(self.net, self.teacher, self.autocast, r.distill.alpha, r.distill.temperature, ls)
-                          if self.teacher is not None else Classify(self.net, self.autocast, ls))
+        ls, d = r.loss.label_smoothing, r.distill
+        if self.teacher is not None:
+            self.objective = Distill(self.net, self.teacher, self.autocast, d.alpha, d.temperature, ls,
+                                     d.teacher_margin, d.teacher_bn)
+        elif r.loss.scales:  # the scale of each image: drawn from (seed, step, rank), so resume draws the same
+            self.objective = MultiScale(self.net, self.autocast, rt.seed, self.rank, lambda: self.progress.step, ls)
+        else:
+            self.objective = Classify(self.net, self.autocast, ls)
         self.bad_step = torch.full((), NONE_YET, dtype=torch.int64, device=self.device)  # first step with a NaN/inf loss
         self.step_t = torch.full((), self.progress.step, dtype=torch.int64, device=self.device)  # the step, on the device
         self.lr = self.optimizer.param_groups[0]["lr"]  # of the last step taken
@@ -457,7 +466,7 @@ def no_mix(images, labels):
 def evaluate(model: torch.nn.Module, loader, autocast=None, tta: str = "none") -> dict:
     """Top-1 and top-5 accuracy (percent) and mean cross-entropy of model over a loader, summed
     over ranks, with test-time augmentation `tta` (averaging.TTA; views made on the device, whatever
-    the loader's backend). Margin heads give their scaled cosine here (no margin in eval mode)."""
+    the loader's backend). Margin heads give their evaluation logits here (no labels, no margin)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -612,7 +621,8 @@ def load_teacher(r: Recipe, device: torch.device, store) -> tuple[torch.nn.Modul
                        f"train {r.distill.teacher}`), or --set distill.teacher=RUN_DIR_OR_CHECKPOINT.")
     ck, _ = pick_weights(checkpoint.load(path))  # the EMA weights when the teacher kept them, as eval does
     check_classes(ck, store, path)
-    teacher, tr = net_from_checkpoint(ck, path, device)
+    # KD's temperature applies to s-scaled logits, whatever the teacher's recipe evaluated on
+    teacher, tr = net_from_checkpoint(ck, path, device, ("head.eval_logits=scaled",))
     if tr.aug.normalize != r.aug.normalize:
         raise BadInput(f"The teacher {path} was trained with aug.normalize={tr.aug.normalize!r}, the student "
                        f"uses {r.aug.normalize!r}; both see one augmented batch, so set aug.normalize={tr.aug.normalize}.")

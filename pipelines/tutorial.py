@@ -1,12 +1,14 @@
 """The tutorial's data path, kept as the baseline of `fastcifar bench` and for tests; never the
-default. A torch DataLoader with worker processes; each worker resizes and augments one image at
+default. A torch DataLoader with worker processes; each worker augments and resizes one image at
 a time on the CPU, as the tutorial's dataset did.
 
-With the `bench` extra (albumentations + opencv) it is the tutorial's own code path: cv2 resize,
-then the spec's ops as albumentations transforms (the OneOf policy as `A.OneOf`), at the output
-size. Without it (CI), the same per-image ops as the batched backends run one image at a time
-with torch, at 32 before the resize. Either way the draws are not those of pipelines.draw; they are
-seeded per (seed, epoch, worker), so the same seed still gives the same batches.
+With the `bench` extra (albumentations + opencv) it is the tutorial's own code path, in its order
+(its CIFAR100AugDataset): the spec's ops as albumentations transforms (the OneOf policy as
+`A.OneOf`) on the stored 32x32 image, then the cv2 resize (INTER_LINEAR for bilinear) to the
+output size. Without it (CI), the same per-image ops as the batched backends run one image at a
+time with torch, also at 32 before the resize. Either way the draws are not those of
+pipelines.draw; they are seeded per (seed, epoch, worker), so the same seed still gives the same
+batches.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pipelines import torch_backend as tb
 from pipelines.draw import SIDE, draw
 from pipelines.spec import AugSpec
 
-WORKERS = 2  # the tutorial's DataLoader used 2 workers on this class of machine
+# the tutorial's training DataLoader used 16 worker processes (its test loader 8); here at most
+# as many as the machine has cores (2 on the CI machine the README's tables were measured on)
+WORKERS = 16
 
 
 def albumentations_available() -> bool:
@@ -68,7 +72,7 @@ def albumentations_pipeline(spec: AugSpec, size: int):
 
 
 class TutorialDataset(torch.utils.data.Dataset):
-    """One image at a time: resize, augment, normalise; HWC float32 out (stacks to channels_last)."""
+    """One image at a time: augment at 32, resize, normalise; HWC float32 out (stacks to channels_last)."""
 
     def __init__(self, images, labels, spec: AugSpec, sizes, augment: bool, mean, std, use_albumentations: bool):
         # in RAM, as the tutorial held its unpickled arrays (indexing a memmap per image costs
@@ -88,7 +92,7 @@ class TutorialDataset(torch.utils.data.Dataset):
         if self.alb and self.augment:
             with warnings.catch_warnings():  # ShiftScaleRotate: "use Affine instead"; the tutorial used it
                 warnings.simplefilter("ignore")
-                self.compose = albumentations_pipeline(self.spec, self.sizes[0] if len(self.sizes) == 1 else SIDE)
+                self.compose = albumentations_pipeline(self.spec, SIDE)  # the ops run on the stored 32x32
             self.compose.set_random_seed(seed)
 
     def __len__(self):
@@ -113,15 +117,9 @@ class TutorialDataset(torch.utils.data.Dataset):
 
             interp = cv2.INTER_CUBIC if self.spec.interpolation == "cubic" else cv2.INTER_LINEAR
             resize = lambda im, s: im if s == im.shape[0] else cv2.resize(im, (s, s), interpolation=interp)
-            if len(self.sizes) == 1:  # the tutorial's order: resize, then augment at the output size
-                img = resize(img, self.sizes[0])
-                if self.augment:
-                    img = self.compose(image=img)["image"]
-                outs = (img,)
-            else:  # two views from one draw: augment at 32, then resize to each size
-                if self.augment:
-                    img = self.compose(image=img)["image"]
-                outs = tuple(resize(img, s) for s in self.sizes)
+            if self.augment:  # the tutorial's order: augment the 32x32 image, then resize (each view: one draw)
+                img = self.compose(image=img)["image"]
+            outs = tuple(resize(img, s) for s in self.sizes)
         else:  # the batched backends' ops, one image at a time (torch, no albumentations)
             x = torch.from_numpy(img[None].copy())
             if self.augment:

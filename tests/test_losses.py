@@ -1,8 +1,11 @@
 """Losses return dicts of parts; CE handles hard, smoothed and soft targets; the KD loss is 0 when
-student equals teacher and matches a hand computation."""
+student equals teacher and matches a hand computation; the objectives: KD with the margin on the
+teacher and its BatchNorm modes, multi-scale training."""
 
 import math
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -110,3 +113,129 @@ def test_distill_feeds_each_net_its_view_and_never_trains_the_teacher():
     assert torch.allclose(out["loss"], want["loss"]) and torch.allclose(out["kd"], want["kd"])
     out["loss"].backward()
     assert student.fc.weight.grad is not None and teacher.fc.weight.grad is None
+
+
+# ---- distillation as the tutorial ran it: the margin on both, the teacher's BatchNorm
+
+
+def margin_net(seed: int, s: float = 8.0, m: float = 0.35, features: int = 12, classes: int = 5):
+    """Flatten -> Linear -> BatchNorm1d -> ArcFace head: a small Net with a margin and batch statistics."""
+    from fastcifar.config import Head
+    from fastcifar.heads import HEADS
+    from fastcifar.models import Net
+
+    torch.manual_seed(seed)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(features, 16), torch.nn.BatchNorm1d(16))
+    return Net(backbone, HEADS["arcface"](16, classes, Head(kind="arcface", s=s, m=m, embed_dim=8)))
+
+
+@pytest.mark.parametrize("teacher_margin", [False, True])
+def test_distill_puts_the_margin_on_the_teachers_logits_when_asked(teacher_margin):
+    from fastcifar.losses import Distill
+    from fastcifar.runtime import autocast
+
+    student, teacher = margin_net(0).train(), margin_net(1).requires_grad_(False)
+    x_s, x_t, y = torch.randn(6, 3, 2, 2), torch.randn(6, 3, 2, 2), torch.tensor([0, 1, 2, 3, 4, 0])
+    out = Distill(student, teacher, autocast(torch.device("cpu"), "none"), 0.7, 4.0,
+                  teacher_margin=teacher_margin, teacher_bn="eval")((x_s, x_t), y, y)
+    with torch.no_grad():
+        t_margin, t_plain = teacher(x_t, y), teacher(x_t)
+    assert not torch.allclose(t_margin, t_plain)
+    want = distillation(student(x_s, y), y, t_margin if teacher_margin else t_plain, 0.7, 4.0)
+    assert torch.allclose(out["kd"], want["kd"]) and torch.allclose(out["loss"], want["loss"])
+    assert torch.allclose(out["logits"], student(x_s, y))  # the student's logits carry the margin in both
+
+
+@pytest.mark.parametrize("teacher_bn", ["eval", "train"])
+def test_teacher_batchnorm_modes(teacher_bn):
+    """train: batch statistics, and the frozen teacher's running statistics keep moving (the
+    tutorial's teacher); eval: running statistics, which stay as loaded."""
+    from fastcifar.losses import Distill
+    from fastcifar.runtime import autocast
+
+    student, teacher = margin_net(0).train(), margin_net(1).requires_grad_(False)
+    bn = teacher.backbone[2]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    kd = Distill(student, teacher, autocast(torch.device("cpu"), "none"), 0.7, 4.0, teacher_margin=True,
+                 teacher_bn=teacher_bn)
+    x_s, x_t, y = torch.randn(6, 3, 2, 2), torch.randn(6, 3, 2, 2) * 3 + 1, torch.tensor([0, 1, 2, 3, 4, 0])
+    out = kd((x_s, x_t), y, y)
+    out["loss"].backward()
+    assert teacher.training == (teacher_bn == "train") and bn.training == (teacher_bn == "train")
+    moved = not torch.equal(bn.running_mean, before["backbone.2.running_mean"])
+    assert moved == (teacher_bn == "train")
+    assert bn.num_batches_tracked.item() == (1 if teacher_bn == "train" else 0)
+    assert all(p.grad is None for p in teacher.parameters())  # frozen either way
+    params = {k: v for k, v in teacher.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.equal(v, before[k]) for k, v in params.items())
+
+
+# ---- multi-scale training: each image at one scale, a forward per scale, one CE
+
+
+class PerImage(torch.nn.Module):
+    """A net with no batch coupling (so one image's logits do not depend on the others), that
+    records each call's input size and labels."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(3 * 4, classes)
+        self.calls = []
+
+    def forward(self, x, targets=None):
+        self.calls.append((x.shape[0], x.shape[-1], targets))
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)  # any size -> (N, 12)
+        return self.fc(pooled) * x.shape[-1] / 32  # the size shows in the logits
+
+
+def multiscale(step=0, seed=0, rank=0, ls=0.0, net=None):
+    from fastcifar.losses import MultiScale
+    from fastcifar.runtime import autocast
+
+    return MultiScale(net or PerImage(), autocast(torch.device("cpu"), "none"), seed, rank, lambda: step, ls)
+
+
+def test_multiscale_trains_each_image_at_its_drawn_scale_with_one_ce():
+    torch.manual_seed(3)
+    n = 40
+    small, large = torch.randn(n, 3, 32, 32), torch.randn(n, 3, 64, 64)
+    y = torch.randint(0, 5, (n,))
+    obj = multiscale(step=7, ls=0.1)
+    pick = obj.scale_of(n, 2)
+    assert 0 < pick.sum() < n
+    out = obj((small, large), y, y)
+    net = obj.net
+    assert [c[:2] for c in net.calls] == [(int((pick == 0).sum()), 32), (int((pick == 1).sum()), 64)]
+    assert torch.equal(net.calls[0][2], y[torch.from_numpy(pick == 0)])  # each forward gets its labels (the margin)
+    assert torch.equal(net.calls[1][2], y[torch.from_numpy(pick == 1)])
+    with torch.no_grad():  # back in the batch's order, image by image
+        want = torch.stack([net(large[i:i + 1] if pick[i] else small[i:i + 1])[0] for i in range(n)])
+    assert torch.allclose(out["logits"], want, atol=1e-6)
+    assert torch.allclose(out["loss"], F.cross_entropy(want, y, label_smoothing=0.1), atol=1e-6)  # one CE over both
+    out["loss"].backward()
+    assert net.fc.weight.grad is not None
+
+
+def test_multiscale_draws_are_a_function_of_seed_step_and_rank():
+    n = 250
+    a = multiscale(step=5).scale_of(n, 2)
+    assert np.array_equal(a, multiscale(step=5).scale_of(n, 2))  # a resumed run draws the same
+    for other in (multiscale(step=6), multiscale(step=5, seed=1), multiscale(step=5, rank=1)):
+        assert not np.array_equal(a, other.scale_of(n, 2))
+    assert 0.4 < a.mean() < 0.6  # p = 0.5 for each of two scales
+    assert set(multiscale(step=5).scale_of(n, 3)) == {0, 1, 2}
+
+
+def test_multiscale_never_trains_batchnorm_on_a_single_image():
+    obj = multiscale()
+    for step in range(200):
+        obj.step = lambda: step
+        counts = np.bincount(obj.scale_of(5, 2), minlength=2)
+        assert 1 not in counts, (step, counts)
+    x = (torch.randn(3, 3, 32, 32), torch.randn(3, 3, 64, 64))
+    for step in range(50):  # a whole batch at one scale: one forward, no empty one
+        obj = multiscale(step=step)
+        out = obj(x, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
+        assert sum(c[0] for c in obj.net.calls) == 3 and all(c[0] >= 2 for c in obj.net.calls)
+        assert out["logits"].shape == (3, 5)

@@ -160,7 +160,7 @@ def test_shell_completion_installs_and_completes_recipe_names(venv, user_dir):
     complete = ('source "$1"; COMP_WORDS=(fastcifar $2); COMP_CWORD=$3; _fastcifar_completion fastcifar; '
                 'printf "%s\\n" "${COMPREPLY[@]}"')
     got = _run(["bash", "-c", complete, "bash", script, "train r18_arc", "2"], user_dir, env).stdout.split()
-    assert got == ["r18_arcface", "r18_arcface_224", "r18_arcface_kd"]
+    assert got == ["r18_arcface", "r18_arcface_224", "r18_arcface_kd", "r18_arcface_mst"]
     assert _run(["bash", "-c", complete, "bash", script, "tr", "1"], user_dir, env).stdout.split() == ["train"]
 
 

@@ -336,7 +336,7 @@ def test_param_groups_and_lr_scaling():
     decayed = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
     assert all((p.ndim > 1) == (id(p) in decayed) for p in net.parameters())  # norms and biases: no decay
-    assert len(param_groups(net, 0.05, decay_norm_bias=True)) == 1
+    assert len(param_groups(net, 0.05, "all")) == 1
     r = tiny(optim__lr=0.1, optim__lr_ref_batch=256)
     assert peak_lr(r.optim, 512) == pytest.approx(0.2)
     r.optim.lr_scaling = "sqrt"

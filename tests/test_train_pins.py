@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import checkpoint
+from fastcifar import BadInput, checkpoint
 from fastcifar.optim import build_optimizer
 from fastcifar.models import build_model
 from pipelines.loader import dali_available
@@ -120,22 +120,59 @@ def test_gradient_clipping_bounds_the_stepped_gradient(store, tmp_path, amp):
 # ---- weight decay: which parameters decay is the recipe's choice
 
 
-@pytest.mark.parametrize("decay_norm_bias", [False, True])
-def test_weight_decay_groups_follow_the_recipe(decay_norm_bias):
-    r = tiny(optim__weight_decay=0.05, optim__decay_norm_bias=decay_norm_bias)
+NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+@pytest.mark.parametrize("decay_groups", ["no_bias_norm", "tutorial", "all"])
+@pytest.mark.parametrize("head", ["linear", "arcface"])
+def test_weight_decay_groups_follow_the_recipe(decay_groups, head):
+    """Which parameters decay, by the type of the module that owns them: no_bias_norm spares every
+    norm layer and bias; the tutorial's groups spare biases and LayerNorm only (BatchNorm weights
+    and the margin head's class centres decay); all spares nothing."""
+    r = tiny(optim__weight_decay=0.05, optim__decay_groups=decay_groups, head__kind=head)
     net = build_model(r.model, r.head, 100)
+    net.backbone.extra_ln = torch.nn.LayerNorm(4)  # timm ResNets have none: the tutorial's rule names it
     opt = build_optimizer(net, r.optim, r.data.batch_size)
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     names = dict(net.named_parameters())
     assert set(decay_of) == {id(p) for p in names.values()}  # every parameter is optimised once
-    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
-    norm_or_bias = {f"{m_name}.{p_name}" for m_name, m in net.named_modules() if isinstance(m, norms)
-                    for p_name, _ in m.named_parameters(recurse=False)}
-    norm_or_bias |= {n for n in names if n.endswith(".bias")}
-    assert {"head.fc.bias", "backbone.bn1.weight", "backbone.conv1.1.weight"} <= norm_or_bias
+    owner = {f"{m_name}.{p_name}": m for m_name, m in net.named_modules() for p_name, _ in m.named_parameters(recurse=False)}
+    bias = {n for n in names if n.endswith(".bias")}
+    bn = {n for n, m in owner.items() if isinstance(m, torch.nn.modules.batchnorm._NormBase)}
+    ln = {n for n, m in owner.items() if isinstance(m, torch.nn.LayerNorm)}
+    spared = {"no_bias_norm": bias | {n for n, m in owner.items() if isinstance(m, NORMS)},
+              "tutorial": bias | ln, "all": set()}[decay_groups]
+    assert {"backbone.bn1.weight", "backbone.extra_ln.weight", "backbone.conv1.1.weight"} <= set(names)
+    assert "backbone.bn1.weight" in bn and "backbone.extra_ln.weight" in ln and "backbone.bn1.bias" in bias
+    if head == "arcface":
+        assert {"head.weight", "head.bn.weight", "head.embed.weight"} <= set(names)
     for n, p in names.items():
-        expected = 0.05 if (decay_norm_bias or n not in norm_or_bias) else 0.0
-        assert decay_of[id(p)] == expected, n
+        assert decay_of[id(p)] == (0.0 if n in spared else 0.05), n
+    if decay_groups == "tutorial":  # the tutorial's groups, spelt out
+        assert decay_of[id(names["backbone.bn1.weight"])] == 0.05 and decay_of[id(names["backbone.bn1.bias"])] == 0.0
+        assert decay_of[id(names["backbone.extra_ln.weight"])] == 0.0
+        if head == "arcface":
+            assert decay_of[id(names["head.weight"])] == 0.05  # the class centres
+            assert decay_of[id(names["head.bn.weight"])] == 0.05
+
+
+def test_old_decay_norm_bias_still_loads_and_keeps_its_groups():
+    """Run dirs and checkpoints from before decay_groups hold optim.decay_norm_bias; they load,
+    and resume with the groups they trained with (the optimizer state's groups must match)."""
+    from fastcifar.config import apply_overrides, from_dict, to_dict
+
+    for old, groups in [(True, "all"), (False, "no_bias_norm")]:
+        d = to_dict(tiny())
+        del d["optim"]["decay_groups"]
+        d["optim"]["decay_norm_bias"] = old
+        assert from_dict(d).optim.decay_groups == groups
+        assert apply_overrides(tiny(), [f"optim.decay_norm_bias={str(old).lower()}"]).optim.decay_groups == groups
+        r = tiny()
+        r.optim.decay_norm_bias = old  # an older recipe file's assignment
+        assert r.optim.decay_groups == groups and r.optim.decay_norm_bias is old
+    d["optim"]["decay_norm_bias"] = "sometimes"
+    with pytest.raises(BadInput, match="decay_norm_bias.*expected a bool.*decay_groups"):
+        from_dict(d)
 
 
 # ---- the train / validation partition
