@@ -250,8 +250,9 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
         "moved": moved,
         "affine": affine[:, :2].astype(np.float32),
         # the same geometry split for cheaper ops: images without ssr, rrc or a policy's geometry
-        # move by whole pixels
-        "warp": moved & (on["shift_scale_rotate"] | (spec.rrc_scale is not None) | bent),
+        # move by whole pixels (shift and flip hold the crop and flips only: an image whose policy
+        # translation undoes its crop warps, by the identity)
+        "warp": moved & (on["shift_scale_rotate"] | (spec.rrc_scale is not None)) | bent,
         "shift": np.ascontiguousarray(crop[:, [1, 0], 2], dtype=np.int32),  # pad-and-crop (dy, dx): src = dst + shift
         "flip": np.stack([on["hflip"], on["vflip"]], 1).astype(np.int32),  # (horizontal, vertical)
         "jitter": on["color_jitter"],
