@@ -226,8 +226,9 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
     then flip (n, 2) int32 (horizontal, vertical) - the same geometry, in cheaper ops;
     jitter (n,) bool, colour (n, 3, 3) float32 and colour_k (n,) float32 (offset = k * mean grey
     of the stored image, 0..255); erase (n,) bool and holes (n, max_holes, 4) int32 (y0, x0, h, w).
-    With a policy also policy (steps, n) int (the ops drawn, indices into POLICY_OPS) and the
-    per-step colour parameters of `policy_params`; its geometry is in affine (and warp).
+    With a policy also policy (steps, n) int (the ops drawn, indices into POLICY_OPS), magnitude
+    (steps, n) (signed) and the per-step colour parameters of `policy_params`; its geometry is in
+    affine (and warp).
     Every parameter is drawn whether its op is on or not, so switching one op on does not change
     the draws of the others; the policy's draws come last, so it changes none of the others.
     """
@@ -241,7 +242,7 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
     policy, geometry = {}, np.tile(np.eye(3), (n, 1, 1))
     if spec.policy != "none":
         ops, mag = _policy_draw(spec, n, rng)
-        policy = {"policy": ops, **policy_params(ops, mag)}
+        policy = {"policy": ops, "magnitude": mag, **policy_params(ops, mag)}
         geometry = policy.pop("geometry")
     affine = crop @ flip @ ssr @ geometry  # dst -> src: undo the policy, ssr, then the flips, then the crop
     moved = ~np.all(np.isclose(affine, np.eye(3), atol=1e-9), axis=(1, 2))

@@ -127,8 +127,8 @@ class AugSpec:
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 bad(f, f"must be a whole number in {lo}..{hi}")
         if self.policy != "none" and self.oneof and self.oneof_p > 0:
-            bad("policy", "and aug.oneof are two policies and a spec takes one: set aug.oneof_p=0 to use "
-                          f"{self.policy}, or aug.policy=none to keep OneOf")
+            bad("policy", "cannot run beside the OneOf policy (aug.oneof with aug.oneof_p > 0): a spec takes one "
+                          f"policy; set aug.oneof_p=0 to use {self.policy}, or aug.policy=none to keep OneOf")
         return self
 
     @property

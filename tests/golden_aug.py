@@ -13,6 +13,7 @@ import numpy as np
 from pipelines import AugSpec, make_loader
 from pipelines.draw import batch_rng, draw
 from pipelines.spec import tutorial_oneof
+from pipelines_helpers import ArrayStore
 
 FILE = Path(__file__).parent / "data" / "aug_before_policies.npz"
 SPECS = {  # every op that existed, alone and together
@@ -21,19 +22,6 @@ SPECS = {  # every op that existed, alone and together
     "all": dict(rrc_scale=(0.3, 1.0), vflip=0.2, ssr_p=0.5, jitter_p=0.5, erase_p=0.5),
 }
 N, SEED, EPOCH = 16, 3, 1
-
-
-class ArrayStore:
-    """What the loaders read of a store, over in-memory images."""
-
-    def __init__(self, images, where):
-        self.x, self.y, self.dir = images, np.arange(len(images)) % 10, where
-
-    def images(self, split):
-        return self.x
-
-    def labels(self, split):
-        return self.y
 
 
 def images() -> np.ndarray:
