@@ -10,9 +10,11 @@ joins that map; its colour ops become per-step codes and parameters (`policy_ste
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
+import torch
 
 from pipelines.spec import POLICY_OPS, AugSpec
 
@@ -136,18 +138,22 @@ COLOUR_STEPS = ("none", "linear", "sharpness", "point", "autocontrast", "equaliz
 SIGNED = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast", "sharpness")
 
 
+@functools.cache
 def policy_space(policy: str) -> np.ndarray:
-    """(len(POLICY_OPS), BINS) unsigned magnitudes of each op per bin, as torchvision's
+    """(len(POLICY_OPS), BINS) unsigned magnitudes of each op per bin, as torchvision's (v2)
     TrivialAugmentWide ("trivialaugment") and RandAugment at 32x32: shear as a slope, translation
     in px, rotation in degrees, enhancements as factor - 1, posterize in bits kept, solarize as
-    the threshold. Ops without a magnitude (identity, autocontrast, equalize) have 0 rows."""
+    the threshold (0..255). Ops without a magnitude (identity, autocontrast, equalize) have 0 rows.
+    Made with torch.linspace as torchvision makes them: its float32 rounding is part of the bins
+    (TrivialAugment's translation bin 15 is 15 px once truncated, not 16). Do not modify: cached."""
     wide = policy == "trivialaugment"
-    shear, move, turn, enhance = (0.99, 32.0, 135.0, 0.99) if wide else (0.3, 150 / 331 * SIDE, 30.0, 0.9)
-    ramp = lambda top: np.arange(BINS) * top / (BINS - 1)  # torchvision's linspace(0, top, 31)
-    rows = {"shear_x": ramp(shear), "shear_y": ramp(shear), "translate_x": ramp(move), "translate_y": ramp(move),
-            "rotate": ramp(turn), "brightness": ramp(enhance), "color": ramp(enhance), "contrast": ramp(enhance),
-            "sharpness": ramp(enhance), "posterize": 8 - np.round(np.arange(BINS) / ((BINS - 1) / (6 if wide else 4))),
-            "solarize": 255 - ramp(255.0)}
+    shear, move, turn, enhance = (0.99, 32.0, 135.0, 0.99) if wide else (0.3, 150.0 / 331.0 * SIDE, 30.0, 0.9)
+    ramp = lambda lo, hi: torch.linspace(lo, hi, BINS).double().numpy()
+    posterize = (8 - (torch.arange(BINS) / ((BINS - 1) / (6 if wide else 4))).round()).double().numpy()
+    rows = {"shear_x": ramp(0.0, shear), "shear_y": ramp(0.0, shear), "translate_x": ramp(0.0, move),
+            "translate_y": ramp(0.0, move), "rotate": ramp(0.0, turn), "brightness": ramp(0.0, enhance),
+            "color": ramp(0.0, enhance), "contrast": ramp(0.0, enhance), "sharpness": ramp(0.0, enhance),
+            "posterize": posterize, "solarize": 255 * ramp(1.0, 0.0)}
     return np.stack([rows.get(op, np.zeros(BINS)) for op in POLICY_OPS])
 
 
@@ -205,7 +211,9 @@ def policy_params(ops: np.ndarray, mag: np.ndarray) -> dict[str, np.ndarray]:
         lin_c[on] = 1 - f[on]
         sharp = np.where(op == "sharpness", 1 - f, 0.0)
         code[op == "sharpness"] = COLOUR_STEPS.index("sharpness")
-        thresh = np.where(op == "solarize", m, 256.0)
+        # solarize x >= m, compared in float32 as torch compares a uint8 image with a float: for
+        # whole x, x >= ceil(float32(m)), which float32 holds exactly on every backend
+        thresh = np.where(op == "solarize", np.ceil(m.astype(np.float32)), 256.0)
         keep = np.where(op == "posterize", m, 8).astype(int)
         code[(op == "solarize") | (op == "posterize")] = COLOUR_STEPS.index("point")
         code[op == "autocontrast"] = COLOUR_STEPS.index("autocontrast")
