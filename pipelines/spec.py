@@ -4,11 +4,12 @@ kind of output for it.
 
 Order of operations in every backend, all at the stored 32x32 (the resize comes last, so the
 geometry and colour ops touch 49x fewer pixels at 224):
-    random resized crop or pad-and-crop -> flips -> shift-scale-rotate -> the policy's geometry
-    -> the policy's colour ops -> colour jitter -> coarse dropout -> resize to image_size
+    the policy's colour ops -> random resized crop or pad-and-crop -> flips -> shift-scale-rotate
+    -> the policy's geometry -> colour jitter -> coarse dropout -> resize to image_size
     -> normalise -> dtype, NCHW channels_last
 All geometry is one affine map per image, so a policy's shears, translations and rotations join
-the crop and flips in one warp, and its colour ops follow in the order they were drawn.
+the crop and flips in one warp; its colour ops run before it, on the stored image, in the order
+they were drawn (pipelines.torch_backend.augment says why).
 An op listed in `oneof` does not run on its own: the OneOf policy picks exactly one of the listed
 ops per image (uniformly) and applies it with probability `oneof_p`, ignoring that op's own p,
 as albumentations' OneOf does. `policy` (TrivialAugment-wide or RandAugment) and `oneof` are two
