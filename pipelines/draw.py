@@ -132,8 +132,9 @@ def _holes(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
 # ---- TrivialAugment-wide and RandAugment: torchvision's op list, magnitude bins and signs
 
 BINS = 31  # magnitude bins, as torchvision's; RandAugment's M picks one (0..30)
-# What a policy step does to colour, after all geometry: a code per image and step
-# (linear: out = M @ rgb + c * mean grey; point: solarize above a threshold, then keep the top bits)
+# What a policy step does to colour (all colour steps run before the one warp): a code per image
+# and step (linear: out = M @ rgb + c * mean grey; point: solarize above a threshold, then keep
+# the top bits)
 COLOUR_STEPS = ("none", "linear", "sharpness", "point", "autocontrast", "equalize")
 SIGNED = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast", "sharpness")
 

@@ -140,7 +140,7 @@ def autocontrast(x: torch.Tensor) -> torch.Tensor:
     f = x.float()
     lo, hi = f.amin((1, 2), keepdim=True), f.amax((1, 2), keepdim=True)
     flat = hi == lo
-    scale = torch.where(flat, 1.0, f.new_tensor(255.0) / (hi - lo))  # a true division, as DALI's (255 / t is 255 * (1 / t))
+    scale = torch.where(flat, 1.0, f.new_tensor(255.0) / (hi - lo))  # true division, as DALI (255 / t is 255 * (1 / t))
     return round_u8((f - torch.where(flat, 0.0, lo)) * scale)
 
 

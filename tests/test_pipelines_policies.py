@@ -28,8 +28,9 @@ from test_pipelines_ops import MATMUL_OPS, OpRecorder
 
 POLICIES = ("trivialaugment", "randaugment")
 TORCHVISION = {"trivialaugment": T2.TrivialAugmentWide, "randaugment": T2.RandAugment}
-TV_NAMES = dict(zip(POLICY_OPS, ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
-                                 "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")))
+TV_NAMES = dict(zip(POLICY_OPS, ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+                                 "Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize",
+                                 "AutoContrast", "Equalize")))
 
 
 def pictures(n: int, seed: int = 0) -> np.ndarray:
@@ -76,7 +77,8 @@ def torchvision_op(x: torch.Tensor, op: str, m: float) -> torch.Tensor:
     img, linear = x.permute(0, 3, 1, 2), InterpolationMode.BILINEAR
     shear = lambda sx, sy: TF.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[sx, sy], interpolation=linear,
                                      center=[0, 0])
-    move = lambda tx, ty: TF.affine(img, angle=0.0, translate=[tx, ty], scale=1.0, shear=[0.0, 0.0], interpolation=linear)
+    move = lambda tx, ty: TF.affine(img, angle=0.0, translate=[tx, ty], scale=1.0, shear=[0.0, 0.0],
+                                    interpolation=linear)
     out = {"identity": lambda: img,
            "shear_x": lambda: shear(math.degrees(math.atan(m)), 0.0),
            "shear_y": lambda: shear(0.0, math.degrees(math.atan(m))),
