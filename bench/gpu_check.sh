@@ -5,8 +5,9 @@
 # if the folder exists, or DALI_SITE=DIR). Steps, in this order, each logged to OUT/STEP.log:
 #   env            versions, the card; fails if DALI does not import
 #   store          a synthetic store, 50000 + 10000 images (throughput does not depend on the pictures)
-#   agree          DALI-GPU, DALI-CPU and torch give the same images for one seed (bench/agree.py),
-#                  batches of 1-4 with empty conditional branches, torch's images with TF32 on
+#   agree          DALI-GPU, DALI-CPU and torch give the same images for one seed (bench/agree.py:
+#                  OneOf, TrivialAugment, RandAugment), batches of 1-4 with empty conditional
+#                  branches, torch's images with TF32 on
 #   train_compiled r18_cifar_32 compiled, bf16, on DALI-GPU: 3 epochs (291 steps), 1000 test
 #                  images (eval batches of 512 and 488), TORCH_LOGS=recompiles: recompiles counted
 #   resume         --resume it for a 4th epoch
@@ -14,8 +15,9 @@
 #   arcface224     a few steps of r18_arcface_224 (no pretrained weights offline)
 #   teacher        a tiny r50_arcface_224 run, the teacher of ...
 #   distill        ... a few steps of r18_arcface_kd: two views (32 for the student, 224 for it)
-#   bench          pipeline img/s of DALI, torch and the tutorial's path at 32/224, no aug and
-#                  OneOf; the train_step ladder: resnet18/50 at 32/224, eager vs compiled, bf16 channels_last
+#   bench          pipeline img/s of DALI, torch and the tutorial's path at 32/224, no aug, OneOf,
+#                  TrivialAugment and RandAugment; the train_step ladder: resnet18/50 at 32/224, eager
+#                  vs compiled, bf16 channels_last
 #   end_to_end     DALI feeding the compiled resnet18 step at 32 and 224
 # then prints one table last (bench/gpu_report.py, also OUT/summary.md). A step that fails or
 # runs out of time is recorded and the rest still run; the exit status is 1 if any step did not
@@ -124,7 +126,7 @@ sys.exit(0 if env["dali"] else "DALI does not import: unpack it (../shared/gpu/u
 EOF
 
 step store 120 "$py" -m fastcifar prepare --synthetic "${store[@]}" --data-dir "$data"
-step agree 120 "$py" bench/agree.py --data-dir "$data" --json "$out/agree.json" "${agree[@]}"
+step agree 150 "$py" bench/agree.py --data-dir "$data" --json "$out/agree.json" "${agree[@]}"
 
 TORCH_LOGS=recompiles step train_compiled 180 "${train[@]}" r18_cifar_32 --set train.epochs=3 "${compiled[@]}" --out "$work/compiled"
 keep "$work/compiled" train_compiled

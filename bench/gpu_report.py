@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fastcifar.bench import headroom  # noqa: E402
 from fastcifar.checkpoint import atomic_write  # noqa: E402
-from tables import _md, end_to_end_table, pipeline_table, train_step_table  # noqa: E402
+from tables import _md, end_to_end_table, pipeline_table, policy_table, train_step_table  # noqa: E402
 
 RUNS = {"train_compiled": "r18_cifar_32, compiled bf16, DALI", "resume": "the same, resumed for one more epoch",
         "fp16": "r18_cifar_32, fp16 + GradScaler, eager", "arcface224": "r18_arcface_224, a few steps",
@@ -95,6 +95,8 @@ def report(out: Path) -> str:
     room = headroom(rows)
     if any(r["stage"] == "pipeline" for r in rows):
         parts.append(pipeline_table(rows))
+    if any(r.get("aug") in ("trivialaugment", "randaugment") for r in rows):
+        parts.append(policy_table(rows))
     if any(r["stage"] == "train_step" for r in rows):
         parts.append(train_step_table(rows))
     if any(r["stage"] == "end_to_end" for r in rows) or room:

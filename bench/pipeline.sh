@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the README's pipeline table: loader images/s per backend (DALI, torch) at 32 and 224 px,
-# augmentation off and the tutorial's OneOf (p=1), beside the tutorial's per-sample DataLoader path,
+# augmentation off, the tutorial's OneOf (p=1), TrivialAugment and RandAugment, beside the
+# tutorial's per-sample DataLoader path,
 # all in one run, batch 250. For the tutorial's real cv2 + albumentations baseline install the
 # bench extra first: pip install -e ".[bench]". Run it on a quiet machine: the load is printed
 # before and after, and a busy CPU shows up in every figure.

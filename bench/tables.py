@@ -41,6 +41,31 @@ def pipeline_table(rows: list[dict]) -> str:
     return _md([f"pipeline, img/s (batch {bs})", "32 px, no aug", "32 px, OneOf", "224 px, no aug", "224 px, OneOf"], out)
 
 
+POLICY_AUGS = (("oneof", "OneOf"), ("trivialaugment", "TrivialAugment"), ("randaugment", "RandAugment"))
+
+
+def policy_table(rows: list[dict]) -> str:
+    """img/s per batched backend with OneOf, TrivialAugment and RandAugment at 32 and 224 px, and
+    each over the fastest train step at that size (the headroom; "—" without train_step rows)."""
+    pipe = [r for r in rows if r["stage"] == "pipeline"]
+    step = {}
+    for r in rows:
+        if r["stage"] == "train_step":
+            step[r["image_size"]] = max(step.get(r["image_size"], 0), r["images_per_sec"])
+    out = []
+    for backend in dict.fromkeys(r["backend"] for r in pipe if r["aug"] in ("trivialaugment", "randaugment")):
+        for size in (32, 224):
+            cells = []
+            for aug, _ in POLICY_AUGS:
+                r = next((r for r in pipe if (r["backend"], r["image_size"], r["aug"]) == (backend, size, aug)), None)
+                room = f" ({r['images_per_sec'] / step[size]:.0f}x)" if r and step.get(size) else ""
+                cells.append(_n(r and r["images_per_sec"]) + room)
+            out.append([backend, size, *cells, _n(step.get(size))])
+    bs = pipe[0]["batch_size"] if pipe else "?"
+    return _md([f"policies, img/s (batch {bs}; x the fastest step)", "px", *[name for _, name in POLICY_AUGS],
+                "fastest train step"], out)
+
+
 def _keyed(rows, stage):
     return {(r["model"], r["image_size"], r["compiled"], r["memory_format"], r["precision"]): r
             for r in rows if r["stage"] == stage}
@@ -89,6 +114,8 @@ def tables(bench: dict) -> str:
     stages = {r["stage"] for r in rows}
     if "pipeline" in stages:
         parts.append(pipeline_table(rows))
+    if any(r.get("aug") in ("trivialaugment", "randaugment") for r in rows):
+        parts.append(policy_table(rows))
     if "train_step" in stages:
         parts.append(train_step_table(rows))
     if "end_to_end" in stages or bench.get("headroom"):

@@ -53,12 +53,15 @@ def measure(loader, device: torch.device, warmup: int, repeats: int, batches: in
 
 
 def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, **_) -> list[dict]:
-    """Loader images/s per backend at 32 and 224, with augmentation off and the tutorial's OneOf (p=1)."""
+    """Loader images/s per backend at 32 and 224, with augmentation off, the tutorial's OneOf (p=1),
+    TrivialAugment-wide and RandAugment (N=2, M=9)."""
     from pipelines import AugSpec, make_loader
     from pipelines.loader import dali_available
     from pipelines.spec import tutorial_oneof
     from pipelines.tutorial import albumentations_available
 
+    augs = {"none": {}, "oneof": tutorial_oneof(1.0), "trivialaugment": {"policy": "trivialaugment"},
+            "randaugment": {"policy": "randaugment"}}
     backends = [b for b in (backends or PIPELINE_BACKENDS) if b != "dali" or dali_available()]
     plan = PLAN["quick" if quick else "full"]
     rows = []
@@ -68,9 +71,12 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
         if need > len(store.labels("train")):
             raise BadInput(f"The pipeline bench reads {need} train images in one epoch at {size} px, but the "
                            f"store has {len(store.labels('train'))}; use --quick or a smaller --batch-size.")
-        for aug in ("none", "oneof"):
-            spec = AugSpec(image_size=size, **(tutorial_oneof(1.0) if aug == "oneof" else {}))
+        for aug, fields in augs.items():
+            spec = AugSpec(image_size=size, **fields)
             for backend in backends:
+                if backend == "tutorial" and spec.policy != "none" and albumentations_available():
+                    log(f"  pipeline tutorial {size:3d}px aug={aug}: skipped, albumentations has no {aug}")
+                    continue
                 loader = make_loader(store, "train", spec, batch_size, backend=backend, device=device, seed=0)
                 rate = measure(loader, device, warmup, repeats, batches)
                 row = {"stage": "pipeline", "backend": loader.backend, "image_size": size, "batch_size": batch_size,
@@ -78,7 +84,7 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                 if backend == "tutorial":
                     row["note"] = "cv2 + albumentations" if albumentations_available() else "torch per-sample fallback"
                 rows.append(row)
-                log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:5s} {rate:9.0f} img/s")
+                log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:14s} {rate:9.0f} img/s")
                 del loader
     base = {(r["image_size"], r["aug"]): r["images_per_sec"] for r in rows if r["backend"] == "tutorial"}
     for r in rows:  # speed relative to the tutorial's data path in the same run

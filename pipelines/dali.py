@@ -7,6 +7,10 @@ spec's graph reads (`graph_inputs`). Every image op after it runs on the GPU whe
 DALI's own random ops are not used: the draws are a function of (seed, epoch, rank, batch), so the
 same seed gives the same batches and a resumed run is exact. Per-image ops run only on the images
 that drew them (DALI conditionals split the batch; a branch no image takes runs on an empty batch).
+The policies' colour ops (TrivialAugment, RandAugment) are DALI 2.x ops on CPU and GPU alike:
+arithmetic expressions (which move their CPU inputs to the GPU themselves), `fn.reductions`,
+`fn.coord_transform`, `fn.filter` and `fn.equalize`; the statistics they need (mean grey, channel
+min/max, histograms) are computed where the images are.
 
 Outputs reach torch through one conversion, `to_torch`, on the CPU and the GPU alike, so CI runs
 the code the GPU runs. What only a GPU executes:
@@ -32,15 +36,19 @@ import os
 import numpy as np
 import torch
 import nvidia.dali
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
 from fastcifar import BadInput
-from pipelines.draw import SIDE, batch_rng, draw, may, mean_grey
+from pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw, may, mean_grey
 from pipelines.spec import AugSpec
 
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_DALI = 2  # major version: run(cuda_stream) and the dynamic executor's outputs that are never reused
+POLICY_INPUTS = ("op", "lin", "lin_c", "sharp", "thresh", "bits")  # per policy step k: op0, lin0, ...
+SHARPEN = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # torchvision's sharpness blur
+INNER = np.pad(np.ones((SIDE - 2, SIDE - 2, 1), np.float32), ((1, 1), (1, 1), (0, 0)))  # sharpness keeps the border
 
 
 def check_dali() -> str:
@@ -72,12 +80,14 @@ def graph_inputs(spec: AugSpec, augment: bool) -> tuple[str, ...]:
     if not augment:
         return ("images", "labels")
     names = ["images", "labels"]
-    if may(spec, "shift_scale_rotate") or spec.rrc_scale is not None:
+    if may(spec, "shift_scale_rotate") or spec.rrc_scale is not None or spec.policy != "none":
         names += ["warp", "affine"]  # which images need the general warp, and its maps
     if spec.pad_crop:
         names.append("shift")
     if may(spec, "hflip") or may(spec, "vflip"):
         names.append("flip")
+    for k in range(spec.policy_steps):
+        names += [f"{a}{k}" for a in POLICY_INPUTS]
     if may(spec, "color_jitter"):
         names += ["jitter", "colour", "offset"]
     if may(spec, "coarse_dropout"):
@@ -121,13 +131,61 @@ def _pixel_moves(x, inp, spec: AugSpec):
     return x
 
 
+# ---- the policies' colour ops, as pipelines.torch_backend computes them
+
+def _round_u8(y):
+    """Float pixels to uint8, ties up: DALI's cast rounds ties away from zero on the CPU and to even
+    on the GPU, so the policy ops round before casting (the cast then only clamps)."""
+    return fn.cast(dmath.floor(y + 0.5), dtype=types.UINT8)
+
+
+def _linear(x, m, c):
+    """out = M @ rgb + c * the image's mean grey: brightness, colour (saturation) and contrast."""
+    grey = fn.reductions.mean(fn.coord_transform(x, M=LUMA.tolist(), dtype=types.FLOAT))  # one value per image
+    return _round_u8(fn.coord_transform(x, M=m, dtype=types.FLOAT) + c * grey)
+
+
+def _sharpen(x, w):
+    """Each inner pixel blended with its rounded 3x3 blur (weight w on the blur); the border kept."""
+    xf = fn.cast(x, dtype=types.FLOAT)
+    return _round_u8(xf + w * types.Constant(INNER) * (fn.filter(x, SHARPEN) - xf))
+
+
+def _point(x, thresh, bits):
+    """Solarize (x ^ 255 = 255 - x on the pixels >= thresh), then posterize (x & bits)."""
+    return (x ^ (fn.cast(x >= thresh, dtype=types.UINT8) * types.Constant(255, dtype=types.UINT8))) & bits
+
+
+def _autocontrast(x):
+    """Each channel's min..max stretched to 0..255; a one-value channel stays as it is."""
+    lo = fn.reductions.min(x, axes=[0, 1], keep_dims=True)
+    span = fn.cast(fn.reductions.max(x, axes=[0, 1], keep_dims=True) - lo, dtype=types.FLOAT)
+    flat = fn.cast(span == 0, dtype=types.FLOAT)
+    scale = (1 - flat) * 255 / (span + flat) + flat  # 255 / span, or 1
+    return _round_u8((x - lo * (1 - flat)) * scale)
+
+
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
     """Training graph: geometry (one affine warp), colour (one 3x4 matrix), erasing, resize, normalise."""
     inp = _source(source, graph_inputs(spec, True))
     x = inp["images"].gpu() if gpu else inp["images"]
     # Per image: each op runs only on the images whose draw asked for it (the batch is split and
-    # merged by DALI). Shift-scale-rotate or a resized crop needs the general warp (the whole
+    # merged by DALI). First the policy's colour ops, step by step in the order drawn, on the
+    # stored image (its geometry joins the warp below; pipelines.torch_backend.augment says why).
+    for k in range(spec.policy_steps):
+        op = inp[f"op{k}"]
+        if op == COLOUR_STEPS.index("linear"):
+            x = _linear(x, inp[f"lin{k}"], inp[f"lin_c{k}"])
+        if op == COLOUR_STEPS.index("sharpness"):
+            x = _sharpen(x, inp[f"sharp{k}"])
+        if op == COLOUR_STEPS.index("point"):
+            x = _point(x, inp[f"thresh{k}"], inp[f"bits{k}"])
+        if op == COLOUR_STEPS.index("autocontrast"):
+            x = _autocontrast(x)
+        if op == COLOUR_STEPS.index("equalize"):
+            x = fn.equalize(x)  # OpenCV's equalizeHist per channel
+    # Then geometry. Shift-scale-rotate or a resized crop needs the general warp (the whole
     # geometry in one map); the rest move by whole pixels: a zero-padded slice and a flip, 3-6x
     # cheaper than warp_affine on a CPU.
     if "warp" in inp:
@@ -200,8 +258,7 @@ class DaliBackend:
             if self.augment:
                 n = len(idx)
                 p = draw(self.spec, n, batch_rng(self.seed, epoch, self.rank, b))
-                a.update(warp=p["warp"], affine=p["affine"], shift=p["shift"], flip=p["flip"], jitter=p["jitter"],
-                         colour=p["colour"], erase=p["erase"])
+                a.update({name: p[name] for name in self.names if name in p})
                 if "offset" in self.names:  # contrast pivots on the stored image's mean grey, as in the torch backend
                     a["offset"] = np.zeros((n, 3), np.float32)
                     j = p["jitter"]

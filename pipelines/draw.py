@@ -4,16 +4,19 @@ graph and the torch ops give the same images for the same seed, and a resumed ru
 
 All geometry is one affine map per image at the stored 32x32, in pixel units where (0, 0) is the
 corner of the first pixel and pixel centres sit at i + 0.5 (DALI's and torch's align_corners=False
-convention). All colour jitter is one 3x3 matrix plus an offset per image.
+convention). All colour jitter is one 3x3 matrix plus an offset per image. A policy's geometry
+joins that map; its colour ops become per-step codes and parameters (`policy_steps`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
+import torch
 
-from pipelines.spec import AugSpec
+from pipelines.spec import POLICY_OPS, AugSpec
 
 SIDE = 32  # the stored images are 32x32: every op before the resize works at this size
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights: grey level used by saturation and contrast
@@ -126,6 +129,103 @@ def _holes(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
     return boxes
 
 
+# ---- TrivialAugment-wide and RandAugment: torchvision's op list, magnitude bins and signs
+
+BINS = 31  # magnitude bins, as torchvision's; RandAugment's M picks one (0..30)
+# What a policy step does to colour (all colour steps run before the one warp): a code per image
+# and step (linear: out = M @ rgb + c * mean grey; point: solarize above a threshold, then keep
+# the top bits)
+COLOUR_STEPS = ("none", "linear", "sharpness", "point", "autocontrast", "equalize")
+SIGNED = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast", "sharpness")
+
+
+@functools.cache
+def policy_space(policy: str) -> np.ndarray:
+    """(len(POLICY_OPS), BINS) unsigned magnitudes of each op per bin, as torchvision's (v2)
+    TrivialAugmentWide ("trivialaugment") and RandAugment at 32x32: shear as a slope, translation
+    in px, rotation in degrees, enhancements as factor - 1, posterize in bits kept, solarize as
+    the threshold (0..255). Ops without a magnitude (identity, autocontrast, equalize) have 0 rows.
+    Made with torch.linspace as torchvision makes them: its float32 rounding is part of the bins
+    (TrivialAugment's translation bin 15 is 15 px once truncated, not 16). Do not modify: cached."""
+    wide = policy == "trivialaugment"
+    shear, move, turn, enhance = (0.99, 32.0, 135.0, 0.99) if wide else (0.3, 150.0 / 331.0 * SIDE, 30.0, 0.9)
+    ramp = lambda lo, hi: torch.linspace(lo, hi, BINS).double().numpy()
+    posterize = (8 - (torch.arange(BINS) / ((BINS - 1) / (6 if wide else 4))).round()).double().numpy()
+    rows = {"shear_x": ramp(0.0, shear), "shear_y": ramp(0.0, shear), "translate_x": ramp(0.0, move),
+            "translate_y": ramp(0.0, move), "rotate": ramp(0.0, turn), "brightness": ramp(0.0, enhance),
+            "color": ramp(0.0, enhance), "contrast": ramp(0.0, enhance), "sharpness": ramp(0.0, enhance),
+            "posterize": posterize, "solarize": 255 * ramp(1.0, 0.0)}
+    return np.stack([rows.get(op, np.zeros(BINS)) for op in POLICY_OPS])
+
+
+def _policy_draw(spec: AugSpec, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, n) op indices into POLICY_OPS, uniform with replacement, and their signed magnitudes."""
+    steps = spec.policy_steps
+    ops = rng.integers(len(POLICY_OPS), size=(steps, n))
+    if spec.policy == "trivialaugment":  # a bin uniformly per image; RandAugment: always bin ra_m
+        bins = rng.integers(BINS, size=(steps, n))
+    else:
+        bins = np.full((steps, n), spec.ra_m)
+    sign = np.where(rng.random((steps, n)) < 0.5, -1.0, 1.0)
+    signed = np.isin(np.array(POLICY_OPS), SIGNED)[ops]
+    return ops, policy_space(spec.policy)[ops, bins] * np.where(signed, sign, 1.0)
+
+
+def policy_params(ops: np.ndarray, mag: np.ndarray) -> dict[str, np.ndarray]:
+    """What the backends apply for drawn policy ops ((steps, n) indices into POLICY_OPS, signed
+    magnitudes): geometry (n, 3, 3), the destination -> source map of every step's shear,
+    translation or rotation, composed in order; per step k, colour code op{k} (n,) int32 into
+    COLOUR_STEPS, lin{k} (n, 3, 3) and lin_c{k} (n,) (linear: M and the weight of the mean grey),
+    sharp{k} (n,) (weight of the blurred image), thresh{k} (n,) (solarize pixels >= it; 256 = none)
+    and bits{k} (n,) uint8 (posterize: the mask of the bits kept)."""
+    steps, n = ops.shape
+    name = np.array(POLICY_OPS)[ops]
+    geometry = np.tile(np.eye(3), (n, 1, 1))
+    out = {}
+    for k in range(steps):
+        op, m = name[k], mag[k]
+        g = np.tile(np.eye(3), (n, 1, 1))
+        # torchvision's maps: shears about the corner (0, 0), translations by whole px (truncated),
+        # rotations about the centre, counter-clockwise on screen for m > 0
+        g[op == "shear_x", 0, 1] = m[op == "shear_x"]
+        g[op == "shear_y", 1, 0] = m[op == "shear_y"]
+        g[op == "translate_x", 0, 2] = -np.trunc(m[op == "translate_x"])
+        g[op == "translate_y", 1, 2] = -np.trunc(m[op == "translate_y"])
+        turn = op == "rotate"
+        a = np.deg2rad(m[turn])
+        cos, sin, c = np.cos(a), np.sin(a), SIDE / 2
+        g[turn, 0, 0], g[turn, 0, 1], g[turn, 0, 2] = cos, -sin, c - c * cos + c * sin
+        g[turn, 1, 0], g[turn, 1, 1], g[turn, 1, 2] = sin, cos, c - c * sin - c * cos
+        geometry = geometry @ g  # dst -> src: undo this step first, then the earlier ones
+
+        f = 1 + m  # the enhancements' factor
+        code = np.zeros(n, np.int32)
+        lin = np.tile(np.eye(3), (n, 1, 1))
+        lin_c = np.zeros(n)
+        for e in ("brightness", "color", "contrast"):
+            on = op == e
+            code[on] = COLOUR_STEPS.index("linear")
+            lin[on] *= f[on, None, None]
+        on = op == "color"  # saturation: blend each channel with the pixel's grey
+        lin[on] += (1 - f[on])[:, None, None] * np.outer(np.ones(3), LUMA)
+        on = op == "contrast"  # blend with the mean grey of the image as it is at this step
+        lin_c[on] = 1 - f[on]
+        sharp = np.where(op == "sharpness", 1 - f, 0.0)
+        code[op == "sharpness"] = COLOUR_STEPS.index("sharpness")
+        # solarize x >= m, compared in float32 as torch compares a uint8 image with a float: for
+        # whole x, x >= ceil(float32(m)), which float32 holds exactly on every backend
+        thresh = np.where(op == "solarize", np.ceil(m.astype(np.float32)), 256.0)
+        keep = np.where(op == "posterize", m, 8).astype(int)
+        code[(op == "solarize") | (op == "posterize")] = COLOUR_STEPS.index("point")
+        code[op == "autocontrast"] = COLOUR_STEPS.index("autocontrast")
+        code[op == "equalize"] = COLOUR_STEPS.index("equalize")
+        out.update({f"op{k}": code, f"lin{k}": lin.astype(np.float32), f"lin_c{k}": lin_c.astype(np.float32),
+                    f"sharp{k}": sharp.astype(np.float32), f"thresh{k}": thresh.astype(np.float32),
+                    f"bits{k}": ((0xFF << (8 - keep)) & 0xFF).astype(np.uint8)})
+    out["geometry"] = geometry
+    return out
+
+
 def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Draw one batch's augmentation: masks saying which image gets which op, and the op parameters.
 
@@ -135,23 +235,34 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
     then flip (n, 2) int32 (horizontal, vertical) - the same geometry, in cheaper ops;
     jitter (n,) bool, colour (n, 3, 3) float32 and colour_k (n,) float32 (offset = k * mean grey
     of the stored image, 0..255); erase (n,) bool and holes (n, max_holes, 4) int32 (y0, x0, h, w).
+    With a policy also policy (steps, n) int (the ops drawn, indices into POLICY_OPS), magnitude
+    (steps, n) (signed) and the per-step colour parameters of `policy_params`; its geometry is in
+    affine (and warp).
     Every parameter is drawn whether its op is on or not, so switching one op on does not change
-    the draws of the others.
+    the draws of the others; the policy's draws come last, so it changes none of the others.
     """
     on = _on(spec, n, rng)
     crop = _crop(spec, n, rng)
     ssr = _ssr(spec, n, rng)
     flip = _flip(on["hflip"], on["vflip"])
     ssr[~on["shift_scale_rotate"]] = np.eye(3)
-    affine = crop @ flip @ ssr  # dst -> src: undo ssr, then the flips, then the crop
     colour, k = _colour(spec, n, rng)
     holes = _holes(spec, n, rng)
+    policy, geometry = {}, np.tile(np.eye(3), (n, 1, 1))
+    if spec.policy != "none":
+        ops, mag = _policy_draw(spec, n, rng)
+        policy = {"policy": ops, "magnitude": mag, **policy_params(ops, mag)}
+        geometry = policy.pop("geometry")
+    affine = crop @ flip @ ssr @ geometry  # dst -> src: undo the policy, ssr, then the flips, then the crop
     moved = ~np.all(np.isclose(affine, np.eye(3), atol=1e-9), axis=(1, 2))
+    bent = ~np.all(np.isclose(geometry, np.eye(3), atol=1e-9), axis=(1, 2))
     return {
         "moved": moved,
         "affine": affine[:, :2].astype(np.float32),
-        # the same geometry split for cheaper ops: images without ssr or rrc move by whole pixels
-        "warp": moved & (on["shift_scale_rotate"] | (spec.rrc_scale is not None)),
+        # the same geometry split for cheaper ops: images without ssr, rrc or a policy's geometry
+        # move by whole pixels (shift and flip hold the crop and flips only: an image whose policy
+        # translation undoes its crop warps, by the identity)
+        "warp": moved & (on["shift_scale_rotate"] | (spec.rrc_scale is not None)) | bent,
         "shift": np.ascontiguousarray(crop[:, [1, 0], 2], dtype=np.int32),  # pad-and-crop (dy, dx): src = dst + shift
         "flip": np.stack([on["hflip"], on["vflip"]], 1).astype(np.int32),  # (horizontal, vertical)
         "jitter": on["color_jitter"],
@@ -159,6 +270,7 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
         "colour_k": k.astype(np.float32),
         "erase": on["coarse_dropout"],
         "holes": holes,
+        **policy,
     }
 
 

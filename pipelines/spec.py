@@ -4,11 +4,16 @@ kind of output for it.
 
 Order of operations in every backend, all at the stored 32x32 (the resize comes last, so the
 geometry and colour ops touch 49x fewer pixels at 224):
-    random resized crop or pad-and-crop -> flips -> shift-scale-rotate -> colour jitter
-    -> coarse dropout -> resize to image_size -> normalise -> dtype, NCHW channels_last
+    the policy's colour ops -> random resized crop or pad-and-crop -> flips -> shift-scale-rotate
+    -> the policy's geometry -> colour jitter -> coarse dropout -> resize to image_size
+    -> normalise -> dtype, NCHW channels_last
+All geometry is one affine map per image, so a policy's shears, translations and rotations join
+the crop and flips in one warp; its colour ops run before it, on the stored image, in the order
+they were drawn (pipelines.torch_backend.augment says why).
 An op listed in `oneof` does not run on its own: the OneOf policy picks exactly one of the listed
 ops per image (uniformly) and applies it with probability `oneof_p`, ignoring that op's own p,
-as albumentations' OneOf does. MixUp/CutMix are batch-level and run in the train loop
+as albumentations' OneOf does. `policy` (TrivialAugment-wide or RandAugment) and `oneof` are two
+policies: a spec sets at most one. MixUp/CutMix are batch-level and run in the train loop
 (pipelines.mix), after the loader.
 Defaults of the op parameters are albumentations 2.x defaults, which the tutorial used.
 """
@@ -26,6 +31,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = ("float32", "bfloat16", "float16")
 INTERPOLATIONS = ("linear", "cubic")
+POLICIES = ("none", "trivialaugment", "randaugment")
+# the ops both policies draw from, uniformly: torchvision's TrivialAugmentWide / RandAugment list
+POLICY_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
+              "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+RA_MAX_M = 30  # RandAugment's magnitude scale: torchvision's 31 bins, 0..30
+RA_MAX_N = 10  # ops per image; each adds a step of conditional branches to the DALI graph
 
 
 @dataclasses.dataclass(slots=True)
@@ -62,6 +73,12 @@ class AugSpec:
     # the tutorial's policy: exactly one of these ops, with probability oneof_p
     oneof: tuple[str, ...] = ()
     oneof_p: float = 0.0
+    # an automatic augmentation policy, after the crop and flips: none | trivialaugment (one op per
+    # image, magnitude uniform over torchvision's 31 wide bins) | randaugment (ra_n ops per image,
+    # drawn with replacement, each at magnitude ra_m of 30)
+    policy: str = "none"
+    ra_n: int = 2
+    ra_m: int = 9
     # batch-level mixing, applied on the device by the train loop (soft targets)
     mixup_alpha: float = 0.0             # Beta(alpha, alpha) mixing weight; 0 = off
     cutmix_alpha: float = 0.0            # 0 = off; with both on, each mixed batch picks one
@@ -104,13 +121,27 @@ class AugSpec:
             bad("erase_size", "must be (lo, hi) with 0 < lo <= hi <= 1")
         if not 0 <= self.erase_fill <= 255:
             bad("erase_fill", "must lie in 0..255")
+        if self.policy not in POLICIES:
+            bad("policy", f"must be one of {', '.join(POLICIES)}")
+        for f, lo, hi in (("ra_n", 1, RA_MAX_N), ("ra_m", 0, RA_MAX_M)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                bad(f, f"must be a whole number in {lo}..{hi}")
+        if self.policy != "none" and self.oneof and self.oneof_p > 0:
+            bad("policy", "cannot run beside the OneOf policy (aug.oneof with aug.oneof_p > 0): a spec takes one "
+                          f"policy; set aug.oneof_p=0 to use {self.policy}, or aug.policy=none to keep OneOf")
         return self
 
     @property
     def augments(self) -> bool:
         """Whether any per-image random op is on (with none, an epoch is a pure resize of the store)."""
         return bool(self.pad_crop or self.rrc_scale or self.hflip or self.vflip or self.ssr_p
-                    or self.jitter_p or self.erase_p or (self.oneof and self.oneof_p))
+                    or self.jitter_p or self.erase_p or (self.oneof and self.oneof_p) or self.policy != "none")
+
+    @property
+    def policy_steps(self) -> int:
+        """Ops the policy applies to each image: 0 (none), 1 (TrivialAugment) or ra_n (RandAugment)."""
+        return {"none": 0, "trivialaugment": 1}.get(self.policy, self.ra_n)
 
 
 def mean_std(spec: AugSpec, store=None) -> tuple[tuple[float, ...], tuple[float, ...]]:

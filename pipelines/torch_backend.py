@@ -3,9 +3,10 @@ tensor ops on NHWC uint8 (no per-image Python loop), then resize, normalise, cas
 
 Images stay uint8 until the last step (a float copy at 224 costs more than the resize on a CPU).
 Which image gets which op is known on the host (pipelines.draw), so each op runs on the subset
-of the batch it touches, indexed without a device sync. No op is a matmul (colour jitter, the mean
-grey and the affine grid are per-channel multiply-adds in float32): with TF32 on, which the trainer
-turns on, a CUDA matmul rounds its inputs to 10 bits and the backends would disagree.
+of the batch it touches, indexed without a device sync. No op is a matmul or a convolution (colour
+jitter, the mean grey, the affine grid and the sharpness blur are multiply-adds in float32): with
+TF32 on, which the trainer turns on, a CUDA matmul rounds its inputs to 10 bits and the backends
+would disagree.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.draw import LUMA, SIDE, batch_rng, draw
+from pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw
 from pipelines.spec import AugSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,11 +81,16 @@ def grey(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 0] * r + x[..., 1] * g + x[..., 2] * b).mean((1, 2))
 
 
-def colour(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """out = M @ rgb + k * grey per image (see pipelines.draw), rounded and clamped to uint8;
-    M @ rgb as three multiply-adds per output channel (bench/tf32_free_ops.py times both ways)."""
+def _matrix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """M @ rgb per pixel (float32) as three multiply-adds per output channel, no matmul
+    (bench/tf32_free_ops.py times both ways)."""
     x, m = x.float(), m[:, None, None]  # m: (n, 1, 1, out, in)
-    y = x[..., 0:1] * m[..., 0] + x[..., 1:2] * m[..., 1] + x[..., 2:3] * m[..., 2] + (k * g)[:, None, None, None]
+    return x[..., 0:1] * m[..., 0] + x[..., 1:2] * m[..., 1] + x[..., 2:3] * m[..., 2]
+
+
+def colour(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """out = M @ rgb + k * grey per image (see pipelines.draw), rounded and clamped to uint8."""
+    y = _matrix(x, m) + (k * g)[:, None, None, None]
     return y.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -98,9 +104,75 @@ def erase(x: torch.Tensor, holes: torch.Tensor, fill: int) -> torch.Tensor:
     return x.masked_fill(mask[..., None], fill)
 
 
+# ---- the policies' colour ops (TrivialAugment, RandAugment), as the DALI graph computes them
+
+def round_u8(y: torch.Tensor) -> torch.Tensor:
+    """Float pixels to uint8, ties rounded up: DALI's casts round ties away from zero on the CPU and
+    to even on the GPU, so the policy ops round explicitly, the same on every backend."""
+    return (y + 0.5).floor_().clamp_(0, 255).to(torch.uint8)
+
+
+def linear(x: torch.Tensor, m: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """out = M @ rgb + c * the image's mean grey: brightness, colour (saturation) and contrast."""
+    return round_u8(_matrix(x, m) + (c * grey(x))[:, None, None, None])
+
+
+def sharpen(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """torchvision's sharpness: blend each inner pixel with its 3x3 blur (weights 1, centre 5, over
+    13, rounded), weight w on the blur; the one-pixel border is kept. Shifted adds, not a conv."""
+    f = x.float()
+    h, v = f.shape[1] - 2, f.shape[2] - 2
+    inner = f[:, 1:-1, 1:-1]
+    blur = (sum(f[:, dy:dy + h, dx:dx + v] for dy in range(3) for dx in range(3)) + 4 * inner) / 13
+    out = f.clone()
+    out[:, 1:-1, 1:-1] = inner + w[:, None, None, None] * (blur.round_() - inner)  # thirteenths: no ties
+    return round_u8(out)
+
+
+def point(x: torch.Tensor, thresh: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Solarize (invert the pixels >= thresh), then posterize (keep the bits set in `bits`)."""
+    inverted = torch.where(x >= thresh[:, None, None, None], 255 - x, x)
+    return inverted & bits[:, None, None, None]
+
+
+def autocontrast(x: torch.Tensor) -> torch.Tensor:
+    """Stretch each channel's min..max to 0..255 (a one-value channel stays as it is)."""
+    f = x.float()
+    lo, hi = f.amin((1, 2), keepdim=True), f.amax((1, 2), keepdim=True)
+    flat = hi == lo
+    scale = torch.where(flat, 1.0, f.new_tensor(255.0) / (hi - lo))  # true division, as DALI (255 / t is 255 * (1 / t))
+    return round_u8((f - torch.where(flat, 0.0, lo)) * scale)
+
+
+def equalize(x: torch.Tensor) -> torch.Tensor:
+    """Histogram equalisation per channel as OpenCV's equalizeHist (what DALI's fn.equalize
+    computes): lut[v] = round((cdf[v] - cdf[lowest value]) * 255 / (pixels - cdf[lowest value])),
+    in float32 rounding half to even; a one-value channel stays as it is."""
+    n, h, w, _ = x.shape
+    v = x.permute(0, 3, 1, 2).reshape(n, 3, h * w).long()
+    hist = torch.zeros(n, 3, 256, dtype=torch.int64, device=x.device).scatter_add_(2, v, torch.ones_like(v))
+    cdf = hist.cumsum(2)
+    low = torch.where(hist > 0, cdf, h * w).amin(2, keepdim=True)  # pixels at the lowest value
+    scale = x.new_tensor(255.0, dtype=torch.float32) / (h * w - low).clamp(min=1).float()  # OpenCV's float32 scale
+    lut = ((cdf - low).float() * scale).round_().clamp_(0, 255).to(torch.uint8)
+    lut = torch.where(low == h * w, torch.arange(256, device=x.device, dtype=torch.uint8), lut)
+    return lut.gather(2, v).view(n, 3, h, w).permute(0, 2, 3, 1).contiguous()
+
+
+# COLOUR_STEPS code -> (op, the per-step draws it takes, by name without the step number)
+POLICY_COLOUR = {"linear": (linear, ("lin", "lin_c")), "sharpness": (sharpen, ("sharp",)),
+                 "point": (point, ("thresh", "bits")), "autocontrast": (autocontrast, ()),
+                 "equalize": (equalize, ())}
+
+
 def augment(x: torch.Tensor, p: dict, spec: AugSpec) -> torch.Tensor:
     """Apply one batch's draws (pipelines.draw) to uint8 NHWC images at 32x32."""
     g = grey(x) if p["jitter"].any() else None  # of the stored image, as the DALI graph does it
+    # the policy's colour ops first, step by step in the order drawn, on the stored image: after a
+    # warp they would turn its rare rounding ties (1/255) into whole solarize or posterize steps
+    for k in range(spec.policy_steps):
+        for name, (op, args) in POLICY_COLOUR.items():
+            x = _subset(x, p[f"op{k}"] == COLOUR_STEPS.index(name), op, *(p[f"{a}{k}"] for a in args))
     x = _subset(x, p["moved"], warp, theta(p["affine"]))  # one bilinear warp: exact for whole-pixel moves
     x = _subset(x, p["jitter"], colour, p["colour"], p["colour_k"], g)
     x = _subset(x, p["erase"], lambda t, b: erase(t, b, spec.erase_fill), p["holes"])

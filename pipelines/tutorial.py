@@ -8,7 +8,8 @@ With the `bench` extra (albumentations + opencv) it is the tutorial's own code p
 output size. Without it (CI), the same per-image ops as the batched backends run one image at a
 time with torch, also at 32 before the resize. Either way the draws are not those of
 pipelines.draw; they are seeded per (seed, epoch, worker), so the same seed still gives the same
-batches.
+batches. The policies (TrivialAugment, RandAugment) run on the torch path only: albumentations
+has neither, so with it installed a training loader with `aug.policy` is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastcifar import BadInput
 from pipelines import torch_backend as tb
 from pipelines.draw import SIDE, draw
 from pipelines.spec import AugSpec
@@ -139,8 +141,13 @@ class TutorialBackend:
                  mean, std, workers: int = WORKERS):
         self.name, self.spec, self.device, self.seed, self.rank = "tutorial", spec, device, seed, rank
         self.workers = min(workers, len(os.sched_getaffinity(0)))
+        alb = albumentations_available()
+        if alb and augment and spec.policy != "none":
+            raise BadInput(f"aug.policy = {spec.policy!r}: backend 'tutorial' runs albumentations here (the bench "
+                           f"extra), which has no TrivialAugment or RandAugment. Use backend 'dali' or 'torch' (or "
+                           f"'auto'), which run the policy; the tutorial path runs it only without albumentations.")
         self.dataset = TutorialDataset(store.images(split), store.labels(split), spec, sizes, augment,
-                                       mean, std, albumentations_available())
+                                       mean, std, alb)
 
     def epoch(self, batches, epoch: int):
         base = int(np.random.default_rng([self.seed, epoch, self.rank, 0x7E7]).integers(2**31))

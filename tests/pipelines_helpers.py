@@ -24,3 +24,16 @@ def stored(store, split: str, rows) -> np.ndarray:
 def as_uint8_nhwc(x: torch.Tensor) -> np.ndarray:
     """A loader batch made with normalize='none' back to uint8 NHWC (exact: it was uint8 / 255)."""
     return (x.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class ArrayStore:
+    """What the loaders read of a store, over in-memory uint8 NHWC images (labels all 0)."""
+
+    def __init__(self, images, where):
+        self.x, self.y, self.dir = images, np.zeros(len(images), np.int64), where
+
+    def images(self, split):
+        return self.x
+
+    def labels(self, split):
+        return self.y

@@ -15,7 +15,7 @@ import torch
 
 from fastcifar import BadInput
 from pipelines import AugSpec, make_loader
-from pipelines.draw import may
+from pipelines.draw import batch_rng, draw
 from pipelines.spec import tutorial_oneof
 
 nvidia_dali = pytest.importorskip("nvidia.dali", reason="DALI does not import here")
@@ -74,6 +74,12 @@ SPECS = {
     "rrc": (AugSpec(rrc_scale=(0.3, 1.0)), ("images", "labels", "warp", "affine")),
     "oneof": (AugSpec(**tutorial_oneof(1.0)),
               ("images", "labels", "warp", "affine", "flip", "jitter", "colour", "offset", "erase", "anchor", "shape")),
+    "trivialaugment": (AugSpec(policy="trivialaugment", pad_crop=2),
+                       ("images", "labels", "warp", "affine", "shift", "op0", "lin0", "lin_c0", "sharp0", "thresh0",
+                        "bits0")),
+    "randaugment": (AugSpec(policy="randaugment", hflip=0.5),
+                    ("images", "labels", "warp", "affine", "flip", "op0", "lin0", "lin_c0", "sharp0", "thresh0", "bits0",
+                     "op1", "lin1", "lin_c1", "sharp1", "thresh1", "bits1")),
 }
 
 
@@ -113,7 +119,6 @@ def test_branches_no_image_takes(store, name):
     spec = agree.RARE[name]
     if spec.rrc_scale:  # nearly every image warps: the whole-pixel branch is the one left empty
         assert "pixel moves" in row["empty"] and "warp" in row["taken"]
-    else:  # every branch this spec has was skipped by a whole batch, and taken
-        has = {"warp", "pixel moves"} if may(spec, "shift_scale_rotate") else set()
-        has |= {k for k, op in (("jitter", "color_jitter"), ("erase", "coarse_dropout")) if may(spec, op)}
-        assert has <= set(row["empty"]) & set(row["taken"]), row
+    else:  # every branch this spec has (a policy: each step's colour ops too) was skipped by a whole batch, and taken
+        has = set(agree.branch_masks(spec, draw(spec, 1, batch_rng(0, 0, 0, 0))))
+        assert len(has) >= 5 * spec.policy_steps and has <= set(row["empty"]) & set(row["taken"]), row

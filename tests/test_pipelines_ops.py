@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from pipelines import AugSpec, make_loader
 from pipelines.draw import LUMA, batch_rng, draw
 from pipelines.spec import tutorial_oneof
-from pipelines_helpers import BACKENDS, BATCHED, as_uint8_nhwc, needs_dali
+from pipelines_helpers import BACKENDS, BATCHED, ArrayStore, as_uint8_nhwc, needs_dali
 
 SEED = 11
 
@@ -294,19 +294,6 @@ def test_images_ignore_fast_math_flags(store, backend, fast_math):
 
 BLOBS = np.array([[200, 60, 60], [60, 180, 70], [60, 70, 200]], np.uint8)  # three 5x5 blobs ...
 BACKGROUND, FILL = np.array([70, 90, 110], np.uint8), 255  # ... on a flat background; erasing fills 255
-
-
-class ArrayStore:
-    """What the loaders read of a store, over in-memory images (labels unused here)."""
-
-    def __init__(self, images, where):
-        self.x, self.y, self.dir = images, np.zeros(len(images), np.int64), where
-
-    def images(self, split):
-        return self.x
-
-    def labels(self, split):
-        return self.y
 
 
 def _cross(u, v):
