@@ -126,7 +126,8 @@ class EpochClock:
 def wait_hint(backend: str, device_type: str, dali: bool) -> str:
     """Which knob to turn when the loop waits for data, for a loader backend ("dali-gpu",
     "dali-cpu", "torch", "tutorial") on a device type."""
-    lighter = "a lighter augmentation policy (lower aug.oneof_p, aug.ssr_p, aug.jitter_p, aug.erase_p)"
+    lighter = ("lighter augmentation (lower aug.oneof_p, aug.ssr_p, aug.jitter_p, aug.erase_p; aug.policy=none "
+               "drops TrivialAugment / RandAugment)")
     if backend == "tutorial":
         return ("the tutorial's per-image loader feeds this run; data.backend=auto makes the same kind of "
                 "batches with DALI (or torch) instead")

@@ -299,3 +299,4 @@ def test_the_cifar10_recipe_is_wired_end_to_end(store10, tmp_path):
     plus, _ = load("r18_cifar_32_plus")  # the CIFAR-100 recipe of what helps
     assert (plus.data.dataset, plus.model.cifar_stem, plus.train.tta, plus.train.select_on) == ("cifar100", True, "flip", "ema")
     assert plus.train.ema_decay > 0 and plus.loss.label_smoothing > 0 and plus.aug.image_size == 32
+    assert plus.aug.policy == "trivialaugment"
