@@ -389,7 +389,9 @@ def write_json(path: Path, obj) -> None:
 
 # ---- The picture: the pipeline table and the headroom as bar charts
 
-PIPE_COLUMNS = [(32, "none"), (32, "oneof"), (224, "none"), (224, "oneof")]  # (px, aug), the table's columns
+# (px, aug): the picture's groups of bars, and their labels
+AUG_LABELS = {"none": "no aug", "oneof": "OneOf", "trivialaugment": "TrivialAug", "randaugment": "RandAug"}
+PIPE_COLUMNS = [(px, aug) for px in (32, 224) for aug in AUG_LABELS]
 
 
 def figure(bench: dict):
@@ -405,7 +407,7 @@ def figure(bench: dict):
     if not pipe and not room:
         raise BadInput("The bench result has no pipeline rows and no headroom to draw; run the pipeline stage.")
     panels = [p for p, present in (("pipeline", pipe), ("headroom", room)) if present]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 5), dpi=110, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes[0], panels):
         if panel == "pipeline":
@@ -420,7 +422,7 @@ def figure(bench: dict):
                               color=colours[k % len(colours)], hatch="//" if tutorial else None, edgecolor="black",
                               label="tutorial path (per-image DataLoader)" if tutorial else backend, gid=backend)
                 ax.bar_label(bars, labels=[f"{v / 1000:.1f}k" if v else "" for v in values], fontsize=7)
-            ax.set_xticks(range(len(cols)), [f"{px} px\n{'OneOf' if aug == 'oneof' else 'no aug'}" for px, aug in cols])
+            ax.set_xticks(range(len(cols)), [f"{px} px\n{AUG_LABELS[aug]}" for px, aug in cols], fontsize=8)
             ax.set_ylabel("images / s (log)")
             ax.set_title(f"pipeline alone, batch {pipe[0]['batch_size']}")
         else:
