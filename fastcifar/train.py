@@ -193,8 +193,11 @@ class Trainer:
         if self.compiled:
             # the DDP module is what gets compiled, so the graph sees DDP's hooks and overlaps the
             # all-reduce with backward. Static shapes: a smaller batch gets a graph of its own instead
-            # of turning this one dynamic for good (evaluation pads its last batch: no new shape at all)
-            self.net = torch.compile(self.net, dynamic=False)
+            # of turning this one dynamic for good (evaluation pads its last batch: no new shape at all).
+            # Multi-scale training splits every batch by a random draw, so each step brings new sub-batch
+            # sizes: there one graph with a dynamic batch and side (torch's automatic dynamic, after the
+            # second shape) beats a recompile per size until torch gives up and runs eager
+            self.net = torch.compile(self.net, dynamic=None if r.loss.scales else False)
             self.eval_net = self.net if self.world == 1 else torch.compile(self.model, dynamic=False)
             if self.ema is not None:
                 self.ema_net = torch.compile(self.ema.module, dynamic=False)
