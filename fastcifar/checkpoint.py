@@ -83,6 +83,7 @@ def torch_load(path: Path, what: str = "checkpoint"):
 
 # What each use of a checkpoint needs; a file without them is bad input, not a KeyError later
 NEEDS = {
+    "weights": ("model", "recipe"),  # model.init_from: the weights alone
     "eval": ("model", "recipe", "epoch"),
     "resume": ("model", "recipe", "info", "optimizer", "scheduler", "scaler", "rng", "mix_rng", "epoch",
                "step_in_epoch", "step", "best", "history", "partial", "wall_seconds"),

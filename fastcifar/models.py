@@ -81,7 +81,7 @@ def init_from(net: nn.Module, ref: str, log=print) -> dict:
     {path, loaded, missing, unexpected, other_shape}; BadInput when nothing matches."""
     try:
         path = checkpoint.resolve(ref, prefer="last.pt")
-        sd = checkpoint.load(path)["model"]
+        sd = checkpoint.load(path, need="weights")["model"]
     except BadInput as e:
         raise BadInput(f"model.init_from = {ref!r}: {e} Give a run directory or a checkpoint file of fastcifar.")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

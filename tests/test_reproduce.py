@@ -250,7 +250,7 @@ def test_the_out_directory_holds_only_this_tables_runs(tmp_path):
     from fastcifar.config import to_dict
     other = to_dict(jobs[1].recipe)  # r18_wd01's settings in r18_baseline's directory
     (job.dir / "recipe.json").write_text(json.dumps({"name": "r18_baseline", **other}))
-    with pytest.raises(BadInput, match=r"other settings: optim.weight_decay \(0.1 -> 0.0001\)"):
+    with pytest.raises(BadInput, match=r"other settings: optim.weight_decay \(0.1 -> 0.001\)"):
         state(job)
     (job.dir / "recipe.json").write_text(json.dumps(to_dict(job.recipe)))
     (job.dir / "summary.json").write_text(json.dumps({"finished": True, "epochs_done": 200}))
