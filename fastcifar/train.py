@@ -113,8 +113,27 @@ class Trainer:
         self.stop = runtime.StopSignals(self.say)
 
     def _build(self, data_dir, resume) -> None:
+        """The run's parts, each built from the ones before: where it runs, the checkpoint it
+        continues, the data, the model and its optimizer, the resumed state, the nets the steps run."""
+        self._place()
+        ck = None
+        if resume is not None:  # checked before anything is written; the run continues on its own store
+            ck = self._resume_checkpoint(resume)
+            data_dir = ck["store"]["dir"] if data_dir is None and "store" in ck else data_dir
+        self._data(data_dir, ck, resume)
+        self._model(resume)
+        # everything that decides the next step comes from last.pt
+        self.progress = Progress()
+        if ck is not None:
+            self.load_state_dict(ck, Path(resume) / "last.pt")
+            p = self.progress
+            self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batch + 1}" if p.batch else "") + ".")
+        self._nets()
+
+    def _place(self) -> None:
+        """Device and ranks (one process per GPU under torchrun; data.batch_size is global), backend
+        flags, seeds."""
         r, rt = self.r, self.r.train
-        # ---- Where: device and ranks (one process per GPU under torchrun; data.batch_size is global)
         self.device, self.rank, self.world = self._exit.enter_context(runtime.distributed(rt.device))
         self.main = self.rank == 0
         self.say = self.log if self.main else (lambda *a, **k: None)
@@ -126,19 +145,20 @@ class Trainer:
         random.seed(rt.seed)
         torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
 
-        # ---- Resume: the run continues as it was, on its own store (checked before anything is written)
-        ck = None
-        if resume is not None:
-            ck_path = Path(resume) / "last.pt"
-            if not ck_path.is_file():
-                raise BadInput(f"--resume {resume}: there is no {ck_path} to continue from (a run writes last.pt at the "
-                               f"end of its first epoch, or when stopped); start it again without --resume.")
-            ck = checkpoint.load(ck_path, need="resume")
-            check_resume(r, ck, resume)
-            if data_dir is None and "store" in ck:
-                data_dir = ck["store"]["dir"]
+    def _resume_checkpoint(self, resume) -> dict:
+        """The last.pt of the run `resume` continues, checked against this recipe."""
+        ck_path = Path(resume) / "last.pt"
+        if not ck_path.is_file():
+            raise BadInput(f"--resume {resume}: there is no {ck_path} to continue from (a run writes last.pt at the "
+                           f"end of its first epoch, or when stopped); start it again without --resume.")
+        ck = checkpoint.load(ck_path, need="resume")
+        check_resume(self.r, ck, resume)
+        return ck
 
-        # ---- Data: the store, the train/val/test rows, one loader per split
+    def _data(self, data_dir, ck, resume) -> None:
+        """The store, the train/val/test rows, one loader per split (and the KD teacher, whose input
+        size the train loader needs)."""
+        r, rt = self.r, self.r.train
         self.store = (open_store(data_dir, r.data.dataset) if ck is not None
                       else open_or_prepare(data_dir, fdist.local_rank() == 0, r.data.dataset))
         if ck is not None and "store" in ck:
@@ -157,7 +177,9 @@ class Trainer:
         self.val_loader = (make_loader(self.store, "train", r.aug, self.batch, indices=val_rows, augment=False, **common)
                            if val_rows is not None else None)
 
-        # ---- Model, optimizer, LR schedule, precision, mixing
+    def _model(self, resume) -> None:
+        """Model, EMA, optimizer, LR schedule, precision, mixing."""
+        r, rt = self.r, self.r.train
         self.model = build_model(r.model, r.head, self.num_classes).to(
             self.device, memory_format=runtime.memory_format(r.model.channels_last))
         if r.model.init_from and resume is None:  # a resumed run's weights come from its last.pt
@@ -176,14 +198,10 @@ class Trainer:
             from pipelines.mix import mix
             self.mix = functools.partial(mix, spec=r.aug, num_classes=self.num_classes, generator=self.mix_gen)
 
-        # ---- Resume: everything that decides the next step comes from last.pt
-        self.progress = Progress()
-        if ck is not None:
-            self.load_state_dict(ck, Path(resume) / "last.pt")
-            p = self.progress
-            self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batch + 1}" if p.batch else "") + ".")
-
-        # ---- The nets the steps and evaluation run: DDP-wrapped, then compiled; and the objective, chosen once
+    def _nets(self) -> None:
+        """The nets the steps and evaluation run (DDP-wrapped, then compiled), the objective chosen
+        once, and the step's device-side counters."""
+        r, rt = self.r, self.r.train
         self.net = self.eval_net = self.model  # self.model keeps the plain state_dict keys checkpoints hold
         self.ema_net = self.ema.module if self.ema is not None else None
         if self.world > 1:
