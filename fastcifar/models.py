@@ -83,7 +83,7 @@ def init_from(net: nn.Module, ref: str, log=print) -> dict:
         path = checkpoint.resolve(ref, prefer="last.pt")
         sd = checkpoint.load(path, need="weights")["model"]
     except BadInput as e:
-        raise BadInput(f"model.init_from = {ref!r}: {e} Give a run directory or a checkpoint file of fastcifar.")
+        raise BadInput(f"model.init_from = {ref!r}: {e}")  # each message already says what to give instead
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BadInput(f"model.init_from = {ref!r}: {path} holds no state dict (a mapping of names to tensors).")
     own = net.state_dict()
