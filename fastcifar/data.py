@@ -413,7 +413,7 @@ def _recover(real: Path, log=lambda *_: None) -> None:
                     olds.remove(old)
                     log(f"Put back the store at {real} that a killed prepare had moved aside.")
                 except OSError:
-                    pass
+                    d.rmdir()
         if real.exists():  # olds are replaced stores, half-deleted ones included
             for old in olds:
                 shutil.rmtree(old, ignore_errors=True)
@@ -620,9 +620,11 @@ def _read_official(source: Path, verify: bool, dataset: str = "cifar100") -> tup
 
 
 def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Path:
-    """Download url to dest with a progress bar, verifying md5; a failure leaves nothing behind."""
+    """Download url to dest with a progress bar, verifying md5; a failure leaves nothing behind,
+    not even the folders it made for dest."""
     from tqdm import tqdm
 
+    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     # held until the download ends: a later prepare deletes the .part of a killed one
@@ -648,6 +650,10 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if not dest.exists():
+            for d in made:  # ours and empty only: rmdir refuses a folder something else has filled
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return dest
 
 

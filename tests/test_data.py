@@ -204,6 +204,11 @@ def test_download_verifies_and_cleans_up(tmp_path, official):
     with pytest.raises(BadInput, match="Could not download"):
         fdata.download((tmp_path / "missing.tar.gz").as_uri(), dest, None, progress=False)
     assert list(dest.parent.iterdir()) == []
+    # a failed download removes the folders it made for dest (`data/` of a first prepare), none other
+    deep = tmp_path / "new" / "data" / "x.tar.gz"
+    with pytest.raises(BadInput, match="Could not download"):
+        fdata.download((tmp_path / "missing.tar.gz").as_uri(), deep, None, progress=False)
+    assert not (tmp_path / "new").exists() and dest.parent.is_dir()
 
 
 def test_interrupted_download_leaves_nothing(tmp_path, monkeypatch):
