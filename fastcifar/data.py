@@ -413,7 +413,7 @@ def _recover(real: Path, log=lambda *_: None) -> None:
                     olds.remove(old)
                     log(f"Put back the store at {real} that a killed prepare had moved aside.")
                 except OSError:
-                    d.rmdir()
+                    pass
         if real.exists():  # olds are replaced stores, half-deleted ones included
             for old in olds:
                 shutil.rmtree(old, ignore_errors=True)
