@@ -37,7 +37,8 @@ from fastcifar.report import duration
 
 TABLES = {  # name -> recipes, in the order results list them
     "tutorial": ("r18_baseline", "r18_augment", "r18_wd01", "r18_lbsmooth", "r18_pretrained", "r18_arcface",
-                 "r18_arcface_224", "r50_arcface", "r50_arcface_224", "r18_arcface_kd", "r18_cosface"),
+                 "r18_arcface_224", "r50_arcface", "r50_arcface_224", "r18_arcface_kd", "r18_cosface",
+                 "r18_arcface_mst"),
 }
 # The published figure a recipe's docstring quotes ("...: tutorial 44.26% (best epoch 186 of 200)")
 PUBLISHED = re.compile(r"\btutorial (\d+(?:\.\d+)?)%")

@@ -140,11 +140,11 @@ def test_a_table_stopped_by_sigint_continues_to_the_end_with_nothing_rerun(proje
 
 def test_the_tutorial_table_quotes_the_tutorial_and_runs_the_teacher_first(tmp_path):
     label, jobs, names = plan("tutorial", 2, tmp_path / "out", ["train.epochs=2"])
-    assert label == "tutorial" and set(names) == set(TUTORIAL) and len(jobs) == 22
+    assert label == "tutorial" and set(names) == set(TUTORIAL) and len(jobs) == 24
     for name in names:
-        want = TUTORIAL[name].rstrip("%")
         got = published(next(j.info for j in jobs if j.name == name))
-        assert got == (None if name == "r18_cosface" else float(want)), name  # cosface: "close behind", no figure
+        # cosface: "close behind", no figure; the multi-scale experiment: none published
+        assert got == (None if name in ("r18_cosface", "r18_arcface_mst") else float(TUTORIAL[name].rstrip("%"))), name
     order = [(j.name, j.seed) for j in jobs]
     assert order.index(("r50_arcface_224", 1)) < order.index(("r18_arcface_kd", 0))
     assert all(j.recipe.train.epochs == 2 and j.recipe.train.seed == j.seed for j in jobs)
