@@ -25,7 +25,7 @@ from fastcifar import BadInput, __version__, checkpoint
 from fastcifar.config import Head, Model
 from fastcifar.heads import HEADS
 from fastcifar.averaging import pick_weights
-from fastcifar.models import Net, cifar_stem, net_from_checkpoint, net_from_state, num_classes
+from fastcifar.models import SCALED_LOGITS, Net, cifar_stem, net_from_checkpoint, net_from_state, num_classes
 from pipelines.spec import INTERPOLATIONS, AugSpec, mean_std
 
 FORMATS = ("onnx", "safetensors", "timm")
@@ -331,7 +331,7 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     src = checkpoint.resolve(ref, prefer="best.pt")
     path = out_path(out, src, fmt, force)
     ck, weights = pick_weights(checkpoint.load(src))  # the EMA weights when the run kept them, as eval does
-    net, r = net_from_checkpoint(ck, src)
+    net, r = net_from_checkpoint(ck, src, overrides=SCALED_LOGITS)  # what the card's head rebuilds
     if fmt == "timm":
         timm_takes(r.head.kind)
     c = card(ck, r, src, data_dir, log)

@@ -56,6 +56,12 @@ def net_from_state(model_cfg, head_cfg, state: dict, where) -> Net:
     return net.eval()
 
 
+# Overrides for a net whose logits leave fastcifar (exports, predict's probabilities, a KD teacher):
+# s * cosine for margin heads, whatever the recipe evaluated on. The tutorial's plain cosine ranks the
+# same, but its softmax is near uniform, and an export's card rebuilds the default (scaled) head.
+SCALED_LOGITS = ("head.eval_logits=scaled",)
+
+
 def net_from_checkpoint(ck: dict, path, device: torch.device = torch.device("cpu"), overrides: tuple[str, ...] = ()):
     """(Net, Recipe) of a loaded checkpoint: its weights in the Net its recipe (with `--set`-style
     overrides) describes, on device in the recipe's memory format, in eval mode."""

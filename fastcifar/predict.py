@@ -11,7 +11,8 @@ An image becomes what the model saw in training in two steps:
    its interpolation, then (x / 255 - mean) / std.
 A 32x32 picture passes step 1 untouched, so a PNG of a store image gets exactly the input that
 `fastcifar eval` gives it with the torch backend. Probabilities are the softmax of the
-evaluation logits (for margin heads, of s * cosine).
+evaluation logits (for margin heads, of s * cosine, even when the recipe evaluates on the plain
+cosine: its softmax would be near uniform).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from fastcifar import BadInput, checkpoint
 from fastcifar import export as ex
 from fastcifar.averaging import pick_weights
-from fastcifar.models import net_from_checkpoint
+from fastcifar.models import SCALED_LOGITS, net_from_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a directory is searched for
 BATCH = 64  # images per forward pass: 38 MB of input at 224 px
@@ -61,7 +62,7 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
     else:
         kind, p = "checkpoint", checkpoint.resolve(ref, prefer="best.pt")
         ck, _ = pick_weights(checkpoint.load(p))  # the EMA weights when the run kept them, as eval does
-        net, r = net_from_checkpoint(ck, p)
+        net, r = net_from_checkpoint(ck, p, overrides=SCALED_LOGITS)  # as an export of it gives
         c = ex.card(ck, r, p, data_dir, log)
 
     def run(x):

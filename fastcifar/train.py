@@ -35,7 +35,8 @@ from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import check_replaceable, default_data_dir, open_store, prepare
 from fastcifar.losses import Classify, Distill, MultiScale
-from fastcifar.models import build_model, init_from, load_weights, net_from_checkpoint, num_classes, sync_batchnorm
+from fastcifar.models import (SCALED_LOGITS, build_model, init_from, load_weights, net_from_checkpoint, num_classes,
+                              sync_batchnorm)
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.report import duration
 from pipelines.loader import make_loader
@@ -643,7 +644,7 @@ def load_teacher(r: Recipe, device: torch.device, store) -> tuple[torch.nn.Modul
     ck, _ = pick_weights(checkpoint.load(path))  # the EMA weights when the teacher kept them, as eval does
     check_classes(ck, store, path)
     # KD's temperature applies to s-scaled logits, whatever the teacher's recipe evaluated on
-    teacher, tr = net_from_checkpoint(ck, path, device, ("head.eval_logits=scaled",))
+    teacher, tr = net_from_checkpoint(ck, path, device, SCALED_LOGITS)
     if tr.aug.normalize != r.aug.normalize:
         raise BadInput(f"The teacher {path} was trained with aug.normalize={tr.aug.normalize!r}, the student "
                        f"uses {r.aug.normalize!r}; both see one augmented batch, so set aug.normalize={tr.aug.normalize}.")

@@ -29,7 +29,9 @@ from test_train import info, tiny
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = lambda *a, **k: None  # noqa: E731
 RUNS = {"linear": {}, "stem": {"model__cifar_stem": True, "data__subset": 0.34},  # stride 1: 4x the work
-        "arcface": {"head__kind": "arcface", "head__embed_dim": 32, "aug__image_size": 40, "aug__interpolation": "cubic"}}
+        "arcface": {"head__kind": "arcface", "head__embed_dim": 32, "aug__image_size": 40, "aug__interpolation": "cubic"},
+        # the tutorial's ArcFace recipes evaluate on the plain cosine
+        "arcface_cosine": {"head__kind": "arcface", "head__embed_dim": 32, "head__eval_logits": "cosine"}}
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +176,21 @@ def test_safetensors_loads_in_plain_python_as_the_readme_says(runs, data, kind):
     assert card["preprocess"]["interpolation"] == r.aug.interpolation and card["model"]["name"] == "test_resnet"
     with torch.no_grad():
         assert_same_top1(ours, logits(x), atol=1e-4 * max(1, ours.abs().max().item()))
+
+
+def test_a_run_evaluated_on_the_plain_cosine_exports_and_predicts_s_scaled_logits(runs, data):
+    """head.eval_logits=cosine (the tutorial's evaluation) ranks as s * cosine does, but its softmax
+    is near uniform: exports and predict give s * cosine, which is what the card's head (no
+    eval_logits) rebuilds, so the export's own check passes and probabilities mean something."""
+    from fastcifar.predict import open_model
+
+    net, r, x, cosine = reference(runs / "arcface_cosine", data)
+    assert r.head.eval_logits == "cosine" and r.head.s > 1
+    path = ex.export(runs / "arcface_cosine", "safetensors", data_dir=data, log=QUIET)
+    for ref in (path, runs / "arcface_cosine"):  # the export, and the checkpoint itself
+        _, logits, _ = open_model(ref, data_dir=data, log=QUIET)
+        with torch.no_grad():
+            assert torch.allclose(logits(x), r.head.s * cosine, atol=1e-4 * r.head.s), ref
 
 
 def test_timm_export_loads_strict_into_plain_timm(runs, data):
