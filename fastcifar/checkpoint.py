@@ -90,6 +90,16 @@ NEEDS = {
 }
 
 
+def check_writable_parent(out: Path, option: str = "--out") -> None:
+    """BadInput unless the nearest existing folder at or above out is a directory this process can
+    create files in (a new out is made there)."""
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BadInput(f"{option} {out}: {parent} is not a writable directory. Choose another {option}.")
+
+
 def load(path: Path, need: str = "eval") -> dict:
     """A fastcifar checkpoint (a dict of tensors and plain data, on the CPU) holding what `need` uses."""
     ck = torch_load(path)

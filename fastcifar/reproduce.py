@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import re
 import shlex
 import signal
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 from fastcifar import BadInput, config
-from fastcifar.checkpoint import atomic_write, write_json
+from fastcifar.checkpoint import atomic_write, check_writable_parent, write_json
 from fastcifar.report import duration
 
 TABLES = {  # name -> recipes, in the order results list them
@@ -153,11 +152,7 @@ def check_out(out: Path, names: list[str]) -> None:
             raise BadInput(f"--out {out} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
                            f"are not runs of this table; reproduce writes only into a new directory or one of its own "
                            f"(runs named <recipe>-seed<k>). Choose another --out.")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out {out}: {parent} is not a writable directory. Choose another --out.")
+    check_writable_parent(out)
 
 
 def _read(path: Path) -> dict | None:

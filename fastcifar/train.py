@@ -601,11 +601,7 @@ def check_out(out: Path, resumed: bool) -> None:
             raise BadInput(f"{out} already holds a run; continue it with --resume {out}, or choose another --out.")
         raise BadInput(f"--out {out} is a directory that is not empty; fastcifar writes a run only into a new or an "
                        f"empty directory, so nothing of yours (or of another run) is replaced. Choose another --out.")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise BadInput(f"--out {out}: {parent} is not a writable directory. Choose another --out.")
+    checkpoint.check_writable_parent(out)
 
 
 def split_rows(n_train: int, n_test: int, d) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:

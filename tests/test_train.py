@@ -79,6 +79,17 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def interrupt_at(recipe, out, store, epoch: int, batch: int) -> None:
+    """Run recipe into out and stop it with a real Ctrl-C (through the loop's handler) as batch
+    `batch` of epoch `epoch` (both from 0) is consumed: the run saves last.pt and raises Interrupted."""
+    def ctrl_c(e, i, images):
+        if (e, i) == (epoch, batch):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(T.Interrupted):
+        fit(recipe, info(), out=out, data_dir=store, train_fn=ctrl_c)
+
+
 def untimed(ms):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in ms]
 

@@ -3,8 +3,6 @@ that fails when it breaks: model selection, when best.pt is written, the RNG and
 across a resume, gradient clipping, the weight-decay groups, the train/validation partition."""
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from fastcifar import BadInput, checkpoint
 from fastcifar.optim import build_optimizer
 from fastcifar.models import build_model
 from pipelines.loader import dali_available
-from test_train import QUIET, fit, info, metrics, store, tiny, untimed  # noqa: F401 (store: the fixture)
+from test_train import QUIET, fit, info, interrupt_at, metrics, store, tiny, untimed  # noqa: F401 (store: the fixture)
 
 NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="DALI is not installed here")
 
@@ -73,14 +71,8 @@ def test_mid_epoch_resume_matches_a_straight_run(store, tmp_path, fields):
     recipe = tiny(train__epochs=2, **fields)
     straight = tmp_path / "straight"
     T.train(recipe, info(), out=straight, data_dir=store, **QUIET)
-
-    def ctrl_c(epoch, i, images):
-        if (epoch, i) == (0, 6):
-            os.kill(os.getpid(), signal.SIGINT)
-
     run = tmp_path / "run"
-    with pytest.raises(T.Interrupted):
-        fit(recipe, info(), out=run, data_dir=store, train_fn=ctrl_c)
+    interrupt_at(recipe, run, store, epoch=0, batch=6)
     assert checkpoint.load(run / "last.pt")["step_in_epoch"] == 7
     s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
     assert s["finished"] and s["backend"] == ("dali-cpu" if fields.get("data__backend") == "dali" else "torch")

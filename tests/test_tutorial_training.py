@@ -4,7 +4,6 @@ training that resumes exactly, and run files from before these fields that still
 
 import os
 import pickle
-import signal
 import sys
 
 import pytest
@@ -14,7 +13,7 @@ import fastcifar.train as T
 from fastcifar import BadInput, checkpoint
 from fastcifar.config import from_dict
 from fastcifar.models import build_model, init_from
-from test_train import QUIET, fit, info, metrics, store, tiny, untimed  # noqa: F401 (store: the fixture)
+from test_train import QUIET, fit, info, interrupt_at, metrics, store, tiny, untimed  # noqa: F401 (store: the fixture)
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +115,8 @@ def test_resume_does_not_reload_init_from(store, earlier, tmp_path):
     src = tmp_path / "src"
     os.symlink(earlier, src)
     recipe = tiny(train__epochs=2, data__subset=0.3, model__init_from=str(src))
-
-    def ctrl_c(epoch, i, images):
-        if (epoch, i) == (1, 2):
-            os.kill(os.getpid(), signal.SIGINT)
-
     run = tmp_path / "run"
-    with pytest.raises(T.Interrupted):
-        fit(recipe, info(), out=run, data_dir=store, train_fn=ctrl_c)
+    interrupt_at(recipe, run, store, epoch=1, batch=2)
     os.unlink(src)
     s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
     assert s["finished"] and s["epochs_done"] == 2
@@ -188,14 +181,8 @@ def test_multiscale_mid_epoch_resume_matches_a_straight_run(store, tmp_path):
     recipe = tiny(train__epochs=1, data__subset=0.4, loss__scales=(32, 48))
     straight = tmp_path / "straight"
     T.train(recipe, info(), out=straight, data_dir=store, **QUIET)
-
-    def ctrl_c(epoch, i, images):
-        if (epoch, i) == (0, 3):
-            os.kill(os.getpid(), signal.SIGINT)
-
     run = tmp_path / "run"
-    with pytest.raises(T.Interrupted):
-        fit(recipe, info(), out=run, data_dir=store, train_fn=ctrl_c)
+    interrupt_at(recipe, run, store, epoch=0, batch=3)
     assert checkpoint.load(run / "last.pt")["step_in_epoch"] == 4
     s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
     assert s["finished"] and untimed(metrics(run)) == untimed(metrics(straight))
