@@ -85,10 +85,14 @@ def gather(inputs, log=print) -> tuple[list[Path], list[dict]]:
                 for n in sorted(names):
                     if n.startswith("."):
                         continue
-                    if n.lower().endswith(IMAGE_SUFFIXES):
-                        found.append(Path(root) / n)
-                    else:
+                    if not n.lower().endswith(IMAGE_SUFFIXES):
                         others += 1
+                    elif (Path(root) / n).is_file():
+                        found.append(Path(root) / n)
+                    else:  # a FIFO would block the reader for ever; a dangling link names nothing
+                        path = Path(root) / n
+                        skipped.append({"file": str(path), "error": "not a regular file" if path.exists()
+                                        else "a link to nothing"})
             files += found
             if found and others:
                 log(f"note: {p}: left out {others} files not named {'/'.join(IMAGE_SUFFIXES)}")

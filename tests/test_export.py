@@ -4,6 +4,7 @@ and plain Python; predict reads real image files of any kind; bad input exits 2 
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -301,16 +302,19 @@ def test_predict_cli_names_and_skips_bad_files_and_predicts_the_rest(runs, data,
     (d / "truncated.jpg").write_bytes(good[0].read_bytes()[:2000])
     (d / "notes.txt").write_text("not an image, not named like one: left out")
     (d / ".hidden.png").write_bytes(b"hidden files are left out")
+    os.mkfifo(d / "sub" / "pipe.png")  # opening it would wait for a writer for ever
+    (d / "gone.jpg").symlink_to(tmp_path / "nothing.jpg")
     (tmp_path / "empty").mkdir()
     r = subprocess.run([sys.executable, "-m", "fastcifar", "predict", str(onnx_files["arcface"]), str(d),
                         str(tmp_path / "empty"), str(tmp_path / "missing.png"), "--json", "--top", "2"],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert sorted(p["file"] for p in res["predictions"]) == sorted(str(f) for f in good)
     assert all(len(p["top"]) == 2 for p in res["predictions"])
     skipped = {Path(s["file"]).name: s["error"] for s in res["skipped"]}
-    assert set(skipped) == {"corrupt.png", "truncated.jpg", "empty", "missing.png"}
+    assert set(skipped) == {"corrupt.png", "truncated.jpg", "empty", "missing.png", "pipe.png", "gone.jpg"}
+    assert skipped["pipe.png"] == "not a regular file" and skipped["gone.jpg"] == "a link to nothing"
     assert "truncated" in skipped["truncated.jpg"] or "incomplete" in skipped["truncated.jpg"].lower()
     for name in skipped:
         assert f"skipped {next(s['file'] for s in res['skipped'] if Path(s['file']).name == name)}" in r.stderr
