@@ -17,6 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion: commands, options, recipe names
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -121,7 +122,7 @@ def train(
                                            "(r18_arcface_224); with --resume it comes from the checkpoint."),
     overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a recipe field, "
                                         "type-checked; repeatable. E.g. --set train.epochs=30 --set optim.lr=3e-4."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: ./runs/<recipe>-<YYYYmmdd-HHMMSS>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: `./runs/<recipe>-<YYYYmmdd-HHMMSS>`)."),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR "
                                           "from its last.pt (exactly where it stopped)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
@@ -209,9 +210,12 @@ def bench(
     """Measure throughput: pipeline, train step and end to end, beside the tutorial's data path.
 
     Each row gives images/s after warm-up (the median of several timed repeats; warm-up and compile time are reported apart).
-    pipeline: each loader backend at 32 and 224 px, augmentation off and the tutorial's OneOf, beside the tutorial's per-sample DataLoader path.
-    train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP, then torch.compile.
-    end_to_end: the default loader feeding the fastest step. The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
+
+    - pipeline: each loader backend at 32 and 224 px, augmentation off and the tutorial's OneOf, beside the tutorial's per-sample DataLoader path.
+    - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP, then torch.compile.
+    - end_to_end: the default loader feeding the fastest step.
+
+    The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
     bench/pipeline.sh and bench/gpu_check.sh make the README and bench/RESULTS.md tables.
     """
     from fastcifar.bench import run as run_bench
@@ -263,7 +267,7 @@ def export_cmd(
 
     Every export is checked before it is written: loaded back (onnxruntime, safetensors, timm) and compared with the fastcifar network on a few test images; the largest logit difference is printed. An existing file is replaced only with --force.
 
-    Needs the export extra: pip install "fastcifar\\[export]". `fastcifar predict` reads .onnx and .safetensors exports as well as checkpoints.
+    Needs the export extra: pip install "fastcifar[export]". `fastcifar predict` reads .onnx and .safetensors exports as well as checkpoints.
     """
     from fastcifar.export import CheckFailed, export
 
@@ -307,18 +311,18 @@ def predict(
 
 @app.command()
 def reproduce(
-    table: str = typer.Argument(..., metavar="TABLE", help="tutorial (the tutorial's eleven experiments), or a file "
+    table: str = typer.Argument(..., metavar="TABLE", help="tutorial (the tutorial's twelve experiments), or a file "
                                 "listing recipe names or paths, one per line (# starts a comment)."),
     seeds: int = typer.Option(1, "--seeds", help="Runs per recipe, with train.seed = 0 .. N-1."),
     out: Optional[Path] = typer.Option(None, "--out", help="Directory of the table's runs and results "
-                                       "(default: ./runs/reproduce-<table>). Run the same command again to continue."),
+                                       "(default: `./runs/reproduce-<table>`). Run the same command again to continue."),
     overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a field of every "
                                         "run, repeatable; e.g. --set train.epochs=2 for a dry run."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
 ):
     """Train a table of recipes, N seeds each, and write results.md / results.json with mean ± std.
 
-    Runs go to DIR/<recipe>-seed<k>, a distillation teacher before its student (seed k of the
+    Runs go to `DIR/<recipe>-seed<k>`, a distillation teacher before its student (seed k of the
     student learns from seed k of the teacher this table trained). Ctrl-C or SIGTERM stops the
     table (exit 130); the same command continues it: finished runs are skipped, an interrupted
     one resumes from its last.pt. The results list per recipe the best and final test accuracy

@@ -3,7 +3,7 @@ results with error bars beside the published figures.
 
     reproduce("tutorial", seeds=3, out="runs/reproduce-tutorial")
 
-- TABLE is a name in TABLES (`tutorial`: the tutorial's eleven experiments) or a file of recipe
+- TABLE is a name in TABLES (`tutorial`: the tutorial's twelve experiments) or a file of recipe
   names or paths, one per line (`#` starts a comment).
 - The runs go to DIR/<recipe>-seed<k> (train.seed = k), in dependency order: a recipe whose
   distill.teacher names another recipe of the table runs after it, and seed k of the student is

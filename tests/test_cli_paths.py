@@ -155,3 +155,23 @@ def test_readme_offline_main_job_runs_as_written(tmp_path):
     assert s["backend"] == ("dali-cpu" if dali_available() else "torch")  # the default backend
     assert s["best_acc"] > 50  # chance is 1%; the README quotes about 90%
     assert (tmp_path / "data" / "cifar100" / "meta.json").is_file()
+
+
+def test_help_shows_every_word_of_every_command_and_option(monkeypatch, capsys):
+    """`--help` prints each command's docstring and each option's help whole: a `[default: ...]` or
+    `<recipe>` in a help text once vanished as markup ("Loader backend ." with the default eaten)."""
+    import typer.main
+
+    from fastcifar.cli import app
+
+    monkeypatch.setenv("COLUMNS", "250")  # wide enough that no word is split by the boxes
+    words = lambda text: re.sub(r"[│╭╮╰╯─•]|^\s*- ", " ", text.replace("`", ""), flags=re.M).split()
+    group = typer.main.get_command(app)
+    assert len(group.commands) >= 9
+    for name, command in group.commands.items():
+        code, out, _ = cli(monkeypatch, capsys, name, "--help")
+        assert code == 0, name
+        shown = " ".join(words(out))
+        texts = [command.help] + [p.help for p in command.params if getattr(p, "help", None)]
+        for text in texts:
+            assert " ".join(words(text)) in shown, (name, text)
