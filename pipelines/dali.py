@@ -13,7 +13,9 @@ arithmetic expressions (which move their CPU inputs to the GPU themselves), `fn.
 min/max, histograms) are computed where the images are.
 
 Outputs reach torch through one conversion, `to_torch`, on the CPU and the GPU alike, so CI runs
-the code the GPU runs. What only a GPU executes:
+the code the GPU runs. CI also defines the GPU graph (without building it, which needs CUDA) and
+checks its placement: every image op on the GPU with a GPU kernel in this DALI, the CPU keeping the
+source and the draws (tests/test_pipelines_dali.py). What only a GPU executes:
 
 | line                                          | what it does                                         |
 |-----------------------------------------------|------------------------------------------------------|

@@ -97,6 +97,51 @@ def test_graph_is_fed_only_what_it_reads(store, name):
     assert not [str(w.message) for w in seen if "external source" in str(w.message)]
 
 
+def _gpu_graph_ops(spec: AugSpec, augment: bool, sizes=(32, 224)):
+    """The GPU graph of a spec as DALI's Python front end defines it, without building it (building
+    needs CUDA): [(operator, device, [input devices])] and the output devices."""
+    import re
+
+    graph = pd.train_pipeline if augment else pd.eval_pipeline
+    pipe = graph(pd._Feed(), spec, sizes, (0.5,) * 3, (0.25,) * 3, True, batch_size=4, num_threads=1,
+                 device_id=None, exec_dynamic=True)
+    pipe._build_graph()  # DALI's own first step of build(): the Python graph, device placement included
+    ops = []
+    for op in pipe._ops:
+        text = str(op.spec)
+        name = re.match(r"OpSpec for (\w+)", text).group(1)
+        device = re.search(r"^\s*device: (\w+)", text, re.M).group(1)
+        ops.append((name, device, [i.device for i in op.inputs]))
+    return ops, [o.device for o in pipe._graph_outputs]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_gpu_graph_runs_every_image_op_on_the_gpu(name):
+    """With a GPU the same graph moves its image ops to the GPU. CI has none, so this checks what
+    DALI's Python front end places there, which is what a GPU build would run: every output is on
+    the GPU, every GPU op has a GPU kernel in this DALI (a CPU-only op on GPU data would only fail
+    on a GPU machine), and the CPU keeps the external source and the per-image draws alone (the
+    branch predicates DALI requires on the CPU, and the constants)."""
+    spec, _ = SPECS[name]
+    augment = name != "eval"
+    ops, outputs = _gpu_graph_ops(spec, augment)
+    assert outputs == ["gpu"] * 3  # 32 px, 224 px, labels
+    gpu_kernels = set(nvidia_dali.backend.RegisteredGPUOps(True))
+    on_gpu = {n for n, device, _ in ops if device == "gpu"}
+    assert on_gpu and on_gpu <= gpu_kernels, on_gpu - gpu_kernels
+    assert "Resize" in on_gpu and "CropMirrorNormalize" in on_gpu
+    cpu_only = {"ExternalSource", "_conditional__Split", "_ArithmeticGenericOp", "Constant", "_TensorSubscript"}
+    assert {n for n, device, _ in ops if device == "cpu"} <= cpu_only
+    for n, device, inputs in ops:
+        if device == "cpu":  # nothing goes back from the GPU: CPU ops read CPU data only
+            assert set(inputs) <= {"cpu"}, (n, inputs)
+    # the images are split per image on the GPU, steered by a CPU predicate (its last input)
+    splits = [inputs for n, device, inputs in ops if n == "_conditional__Split" and device == "gpu"]
+    assert all(inputs[-1] == "cpu" for inputs in splits)
+    branched = {"warp", "jitter", "erase", "op0"} & set(pd.graph_inputs(spec, augment))
+    assert bool(splits) == bool(branched), (splits, branched)
+
+
 def _bench_script(name: str):
     """A script of bench/ as a module (the GPU check runs the same functions on a GPU)."""
     path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
