@@ -1,9 +1,11 @@
 """`fastcifar bench`: throughput of each stage as rows {stage, backend, image_size, batch_size,
 device, images_per_sec, ...}, printed as a markdown table and optionally written as JSON.
 
-Stages are a plain dict (STAGES); each is a function returning its rows. Timing: warm-up
-batches first (DALI build, worker start-up, first allocations), then repeats of a fixed number
-of batches inside one epoch, each closed by a device sync; the row reports the median repeat.
+Stages are a plain dict (STAGES); each is a generator of its rows, and `run` writes the JSON
+again after every row (meta.complete false until the last), so a bench stopped by Ctrl-C, SIGTERM
+or a time limit keeps every row it measured. Timing: warm-up batches first (DALI build, worker
+start-up, first allocations), then repeats of a fixed number of batches inside one epoch, each
+closed by a device sync; the row reports the median repeat.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def measure(loader, device: torch.device, warmup: int, repeats: int, batches: in
     return statistics.median(rates)
 
 
-def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, **_) -> list[dict]:
+def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, **_):
     """Loader images/s per backend at 32 and 224, with augmentation off, the tutorial's OneOf (p=1),
     TrivialAugment-wide and RandAugment (N=2, M=9)."""
     from pipelines import AugSpec, make_loader
@@ -64,7 +66,6 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
             "randaugment": {"policy": "randaugment"}}
     backends = [b for b in (backends or PIPELINE_BACKENDS) if b != "dali" or dali_available()]
     plan = PLAN["quick" if quick else "full"]
-    rows = []
     for size in (32, 224):
         warmup, repeats, batches = plan[size]
         need = (warmup + repeats * batches) * batch_size
@@ -83,14 +84,19 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                        "device": device_label(device), "images_per_sec": round(rate), "aug": aug}
                 if backend == "tutorial":
                     row["note"] = "cv2 + albumentations" if albumentations_available() else "torch per-sample fallback"
-                rows.append(row)
                 log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:14s} {rate:9.0f} img/s")
                 del loader
-    base = {(r["image_size"], r["aug"]): r["images_per_sec"] for r in rows if r["backend"] == "tutorial"}
-    for r in rows:  # speed relative to the tutorial's data path in the same run
-        if (r["image_size"], r["aug"]) in base:
+                yield row
+
+
+def vs_tutorial(rows: list[dict]) -> None:
+    """Each pipeline row's speed relative to the tutorial's data path in the same run (vs_tutorial),
+    where that path was measured at the same size and augmentation."""
+    base = {(r["image_size"], r["aug"]): r["images_per_sec"] for r in rows
+            if r["stage"] == "pipeline" and r["backend"] == "tutorial"}
+    for r in rows:
+        if r["stage"] == "pipeline" and (r["image_size"], r["aug"]) in base:
             r["vs_tutorial"] = round(r["images_per_sec"] / base[(r["image_size"], r["aug"])], 2)
-    return rows
 
 
 # ---- train_step: the model alone on device tensors, and end_to_end: loader + step
@@ -175,11 +181,10 @@ def _settings(compiled, channels_last, amp) -> dict:
 
 
 def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, log, models=None, settings=None,
-                     **_) -> list[dict]:
+                     **_):
     """Training steps/s of resnet18/50 at 32 and 224 on device-resident random tensors, up the
     ladder eager NCHW fp32 -> channels_last -> AMP -> torch.compile."""
     warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
-    rows = []
     for model_name in models or MODELS:
         for size in (32, 224):
             bs = _step_batch(device, size, batch_size)
@@ -193,15 +198,14 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
                 row = {"stage": "train_step", "backend": "device tensors", "model": model_name, "image_size": size,
                        "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
                        "images_per_sec": round(rate), "warmup_seconds": round(warm, 1)}
-                rows.append(row)
                 log(f"  train_step {model_name} {size:3d}px compiled={compiled!s:5} {row['memory_format']:13s} "
                     f"{row['precision']:4s} {rate:8.0f} img/s (warm-up {warm:.1f} s)")
                 del step
-    return rows
+                yield row
 
 
 def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
-                     settings=None, **_) -> list[dict]:
+                     settings=None, **_):
     """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
     fastest step setting, with a training augmentation: what an epoch runs at, data included."""
     from pipelines import AugSpec, make_loader
@@ -211,7 +215,6 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
     compiled, channels_last, amp = _ladder(device, quick, settings)[-1]
     backends = backends or ["tutorial", "dali" if dali_available() else "torch"]
     models = models or (MODELS[:1] if quick and device.type != "cuda" else MODELS)
-    rows = []
     for model_name in models:
         for size in (32, 224):
             bs = _step_batch(device, size, batch_size)
@@ -230,11 +233,10 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
                        "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
                        "images_per_sec": round(rate), "warmup_seconds": round(warm, 1),
                        "aug": "crop+flip" if size == 32 else "flip"}
-                rows.append(row)
                 log(f"  end_to_end {model_name} {size:3d}px {loader.backend:9s} {rate:8.0f} img/s")
                 del loader
+                yield row
             del step
-    return rows
 
 
 STAGES = {"pipeline": bench_pipeline, "train_step": bench_train_step, "end_to_end": bench_end_to_end}
@@ -303,10 +305,16 @@ def host_info(device: torch.device) -> dict:
     return info
 
 
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM stopped the bench; the rows measured before are printed and kept (exit 130)."""
+
+
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,
         models=None, settings=None, log=print, plot_path=None) -> list[dict]:
     """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom}
-    and the picture (plot()) if asked; returns the rows."""
+    (after every row: meta.complete says whether the bench ran to its end) and the picture
+    (plot()) if asked; returns the rows. Ctrl-C or SIGTERM: the same for the rows measured so far,
+    then Stopped."""
     stages = list(stages or STAGES)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -342,11 +350,26 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     store = bench_store(data_dir, quick, log)
     meta = {**host_info(device), "quick": quick, "store": "synthetic" if store.synthetic else "cifar100"}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
-    rows = []
-    with runtime.backend_settings(deterministic=False):  # the kernel choices a training run makes
-        for name in stages:
-            rows += STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size, backends=backends,
-                                 models=models, settings=settings, log=log)
+    rows, stopped = [], None
+
+    def save(complete: bool):
+        if json_path is not None:
+            write_json(Path(json_path), {"meta": {**meta, "complete": complete}, "rows": rows,
+                                         "headroom": headroom(rows)})
+
+    # the kernel choices a training run makes; SIGTERM (a job's time limit) stops as Ctrl-C does
+    with runtime.backend_settings(deterministic=False), runtime.sigterm_as_ctrl_c():
+        try:
+            for name in stages:
+                for row in STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size,
+                                        backends=backends, models=models, settings=settings, log=log):
+                    rows.append(row)
+                    vs_tutorial(rows)
+                    save(complete=False)
+        except KeyboardInterrupt:
+            stopped = f"Stopped after {len(rows)} row{'s' * (len(rows) != 1)}; the tables below hold them."
+            log(f"\n{stopped}")
+            stages = [name for name in stages if any(r["stage"] == name for r in rows)]
     room = headroom(rows)
     for name in stages:
         log(f"\n{name}:\n" + table([r for r in rows if r["stage"] == name]))
@@ -355,11 +378,13 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
             "is the bottleneck):\n"
             + table(room))
     if json_path is not None:
-        write_json(Path(json_path), {"meta": meta, "rows": rows, "headroom": room})
-        log(f"wrote {json_path}")
+        save(complete=stopped is None)
+        log(f"wrote {json_path}" + (" (meta.complete: false)" if stopped else ""))
     if plot_path is not None:
         plot({"meta": meta, "rows": rows, "headroom": room}, Path(plot_path))
         log(f"wrote {plot_path}")
+    if stopped:
+        raise Stopped(stopped)
     return rows
 
 

@@ -217,11 +217,18 @@ def bench(
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
     bench/pipeline.sh and bench/gpu_check.sh make the README and bench/RESULTS.md tables.
+
+    --json is rewritten after every row, so Ctrl-C or SIGTERM keeps what was measured: the tables
+    of those rows are printed, the JSON says meta.complete: false, and the exit code is 130.
     """
+    from fastcifar.bench import Stopped
     from fastcifar.bench import run as run_bench
 
-    run_bench(stages=stage, json_path=json_path, quick=quick, backends=backend, batch_size=batch_size,
-              data_dir=data_dir, device=device, models=model, settings=setting, log=typer.echo, plot_path=plot_path)
+    try:
+        run_bench(stages=stage, json_path=json_path, quick=quick, backends=backend, batch_size=batch_size,
+                  data_dir=data_dir, device=device, models=model, settings=setting, log=typer.echo, plot_path=plot_path)
+    except Stopped:
+        sys.exit(130)  # the rows measured so far are printed and in --json (meta.complete: false)
 
 
 @app.command()

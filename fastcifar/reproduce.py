@@ -23,14 +23,12 @@ import dataclasses
 import math
 import re
 import shlex
-import signal
 import statistics
-import threading
 from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, config
+from fastcifar import BadInput, config, runtime
 from fastcifar.checkpoint import atomic_write, check_writable_parent, write_json
 from fastcifar.report import duration
 
@@ -202,23 +200,6 @@ def state(job: Job) -> str:
     return "resume"
 
 
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """SIGTERM between runs stops the table as Ctrl-C does (the trainer handles both during a run)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def command(table: str, seeds: int, out: Path, overrides, data_dir) -> str:
     """The command line that continues this table."""
     args = ["fastcifar", "reproduce", table, "--seeds", str(seeds), "--out", str(out)]
@@ -247,7 +228,7 @@ def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None,
     again = command(table, seeds, out, overrides, data_dir)
     failed: dict[tuple[str, int], str] = {}
     k, job = 0, jobs[0]
-    with sigterm_as_ctrl_c():
+    with runtime.sigterm_as_ctrl_c():
         try:
             for k, job in enumerate(jobs, 1):
                 head = f"[{k}/{len(jobs)}] {job.name} seed {job.seed}"

@@ -113,3 +113,22 @@ class StopSignals:
         for s, handler in self._saved.items():
             signal.signal(s, handler)
         return False
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (a job's time limit, `timeout`, `kill`) raises KeyboardInterrupt as Ctrl-C does, so
+    what stops on one stops on the other: a reproduce table between runs, a bench. Outside the main
+    thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

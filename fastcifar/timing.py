@@ -140,7 +140,7 @@ def wait_hint(backend: str, device_type: str, dali: bool) -> str:
     if device_type == "cuda":
         return ("the torch backend's augmentation runs on the training stream; try data.backend=dali"
                 + (", or " if dali else " (pip install nvidia-dali-cuda120), or ") + lighter)
-    return (f"the loader shares the CPU with the model; try data.backend=dali"
+    return ("the loader shares the CPU with the model; try data.backend=dali"
             + ("" if dali else " (pip install nvidia-dali-cuda120)") + f", or {lighter}")
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +60,7 @@ def test_end_to_end_and_headroom(store, tiny_models, tmp_path):
         ("test_resnet", s, b) for s in (32, 224) for b in ("tutorial", "torch")]
     assert all(r["images_per_sec"] > 0 and r["precision"] == "amp" for r in e2e)  # the last (fastest) setting
     saved = json.loads(out.read_text())
-    assert saved["rows"] == rows
+    assert saved["rows"] == rows and saved["meta"]["complete"] is True
     pipe = {(r["backend"], r["image_size"]): r["images_per_sec"] for r in rows
             if r["stage"] == "pipeline" and r["aug"] == "oneof"}
     step = {s: max(r["images_per_sec"] for r in rows if r["stage"] == "train_step" and r["image_size"] == s)
@@ -80,6 +82,56 @@ def test_cli_bench_writes_json_atomically(store, tmp_path):
                         "--batch-size", "16", "--data-dir", str(store.dir), "--device", "cpu", "--json", str(blocker / "b.json")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Cannot write" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_json_is_rewritten_after_every_row_and_a_stop_keeps_the_rows(store, tmp_path, monkeypatch):
+    """Each row reaches --json as soon as it is measured (meta.complete false until the end); Ctrl-C
+    prints the tables of the rows so far, writes them, and raises Stopped."""
+    out, seen, said = tmp_path / "bench.json", [], []
+    row = {"stage": "pipeline", "backend": "torch", "image_size": 32, "batch_size": 16, "device": "cpu",
+           "images_per_sec": 1000, "aug": "oneof"}
+
+    def stage(**_):
+        for k in range(3):
+            yield {**row, "images_per_sec": 1000 + k}
+            saved = json.loads(out.read_text())  # written before the next row is measured
+            seen.append((len(saved["rows"]), saved["meta"]["complete"]))
+        raise KeyboardInterrupt  # as Ctrl-C in the middle of the fourth row
+
+    monkeypatch.setitem(bench.STAGES, "pipeline", stage)
+    with pytest.raises(bench.Stopped, match="after 3 rows"):
+        bench.run(stages=["pipeline", "train_step"], json_path=out, quick=True, data_dir=store.dir, device="cpu",
+                  log=said.append)
+    assert seen == [(1, False), (2, False), (3, False)]
+    saved = json.loads(out.read_text())
+    assert [r["images_per_sec"] for r in saved["rows"]] == [1000, 1001, 1002] and saved["meta"]["complete"] is False
+    text = "\n".join(said)
+    assert "pipeline:" in text and ("1002" in text or "1,002" in text)  # the stopped stage's table
+    assert "train_step:" not in text  # a stage that never started has no table
+
+
+def test_cli_bench_stopped_by_sigterm_keeps_what_it_measured(store, tmp_path):
+    """A job's time limit (SIGTERM) in the middle of a bench: exit 130, no traceback, the rows
+    measured so far printed and in --json."""
+    out = tmp_path / "bench.json"
+    # the tutorial's path starts worker processes for each row: seconds a row, so the signal lands mid-bench
+    p = subprocess.Popen([sys.executable, "-m", "fastcifar", "bench", "--stage", "pipeline", "--quick", "--backend",
+                          "tutorial", "--backend", "torch", "--batch-size", "16", "--data-dir", str(store.dir),
+                          "--device", "cpu", "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not out.is_file() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert p.poll() is None, "the bench ended before a row was written; give it more work"
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Stopped after" in stdout and "meta.complete: false" in stdout
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["complete"] is False and 1 <= len(saved["rows"]) < 16  # 2 backends x 2 sizes x 4 augs
+    assert all(r["stage"] == "pipeline" and r["images_per_sec"] > 0 for r in saved["rows"])
 
 
 def test_cli_bench_refuses_a_plot_path_it_cannot_write_before_measuring(store, tmp_path):
