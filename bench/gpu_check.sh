@@ -2,28 +2,32 @@
 # The GPU check: one script, about 7 minutes on one H200, run from the checkout with what that
 # machine has (python3 with torch, timm, numpy, typer, tqdm, tensorboard) plus DALI unpacked to
 # /tmp/dali-site (../shared/gpu/pack-dali.sh, then .dali3/unpack.sh there; put on PYTHONPATH here
-# if the folder exists, or DALI_SITE=DIR). Steps, in this order, each logged to OUT/STEP.log:
+# if the folder exists, or DALI_SITE=DIR). Steps, in this order (what the targets need
+# first, the eager extras last), each logged to OUT/STEP.log:
 #   env            versions, the card; fails if DALI does not import
 #   store          a synthetic store, 50000 + 10000 images (throughput does not depend on the pictures)
 #   agree          DALI-GPU, DALI-CPU and torch give the same images for one seed (bench/agree.py:
 #                  OneOf, TrivialAugment, RandAugment), batches of 1-4 with empty conditional
 #                  branches, torch's images with TF32 on
+#   pipeline       img/s of DALI, torch and the tutorial's path at 32/224: no aug, OneOf,
+#                  TrivialAugment, RandAugment
 #   train_compiled r18_cifar_32 compiled, bf16, on DALI-GPU: 3 epochs (291 steps), 1000 test
 #                  images (eval batches of 512 and 488), TORCH_LOGS=recompiles: recompiles counted
-#   resume         --resume it for a 4th epoch
+#   resume         --resume it for a 4th epoch (the compiled graphs come from inductor's cache)
+#   train_step     the ladder, 224 px first: resnet18/50, eager vs compiled, bf16 channels_last
+#   end_to_end     DALI feeding the compiled resnet18 step at 224 and 32: the graphs train_step
+#                  compiled (same inputs), so inductor's cache spares a second compile
 #   fp16           r18_cifar_32 in fp16 with a GradScaler, a fifth of an epoch, eager
 #   arcface224     a few steps of r18_arcface_224 (no pretrained weights offline)
 #   teacher        a tiny r50_arcface_224 run, the teacher of ...
 #   distill        ... a few steps of r18_arcface_kd: two views (32 for the student, 224 for it)
-#   bench          pipeline img/s of DALI, torch and the tutorial's path at 32/224, no aug, OneOf,
-#                  TrivialAugment and RandAugment; the train_step ladder: resnet18/50 at 32/224, eager
-#                  vs compiled, bf16 channels_last
-#   end_to_end     DALI feeding the compiled resnet18 step at 32 and 224
 # then prints one table last (bench/gpu_report.py, also OUT/summary.md). A step that fails or
 # runs out of time is recorded and the rest still run; the exit status is 1 if any step did not
-# pass. GPU_CHECK_BUDGET (seconds, default 420) caps the whole run: a step gets what is left, and
-# steps that no longer fit are skipped (and named). GPU_CHECK_STEPS="agree bench" runs only those
-# (the store is always made). Record the table, card and command in bench/RESULTS.md:
+# pass. The bench steps write their JSON after every row, so one cut by its time keeps the rows
+# it measured (the table marks them partial). GPU_CHECK_BUDGET (seconds, default 420) caps the
+# whole run: a step gets what is left, and steps that no longer fit are skipped (and named).
+# GPU_CHECK_STEPS="train_step end_to_end" runs only those (the store is always made): the way to
+# finish a check that ran out of time. Record the table, card and command in bench/RESULTS.md:
 #   bench/gpu_check.sh [OUT_DIR]          (default bench/out)
 # GPU_CHECK_TINY=1 runs the same steps at toy sizes on a CPU (tests/test_bench.py runs it): same
 # commands and files, tiny models and stores, no compiling (a CPU compile takes ~40 s), so there
@@ -51,7 +55,8 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   compiled=("${tiny[@]}" --set data.batch_size=50 --set data.subset=0.05 --set data.test_subset=0.3)  # eval 50 + 40
   fp16=("${tiny[@]}" --set data.batch_size=50 --set data.subset=0.05 --set data.test_subset=0.2)
   few=("${tiny[@]}" --set data.batch_size=10 --set data.subset=0.01 --set data.test_subset=0.02)  # 224 px on a CPU
-  bench=(--quick --device cpu --batch-size 2 --model test_resnet --setting cl_fp32 --setting cl_amp)
+  pipeline=(--quick --device cpu --batch-size 2)
+  ladder=(--quick --device cpu --batch-size 2 --model test_resnet --setting cl_fp32 --setting cl_amp)
   e2e=(--quick --device cpu --batch-size 2 --model test_resnet --setting cl_amp)
 else
   budget=${GPU_CHECK_BUDGET:-420}
@@ -60,7 +65,8 @@ else
   compiled=(--set data.test_subset=0.1)                                      # eval batches of 512 and 488
   fp16=(--set data.subset=0.2 --set data.test_subset=0.1)
   few=(--set model.pretrained=false --set data.subset=0.05 --set data.test_subset=0.05)
-  bench=(--model resnet18 --model resnet50 --setting cl_amp --setting compiled_cl_amp)
+  pipeline=(--device cuda)
+  ladder=(--model resnet18 --model resnet50 --setting cl_amp --setting compiled_cl_amp)
   e2e=(--model resnet18 --setting compiled_cl_amp)
 fi
 train=("$py" -m fastcifar train --data-dir "$data" --set data.backend=dali)
@@ -127,11 +133,20 @@ EOF
 
 step store 120 "$py" -m fastcifar prepare --synthetic "${store[@]}" --data-dir "$data"
 step agree 150 "$py" bench/agree.py --data-dir "$data" --json "$out/agree.json" "${agree[@]}"
+step pipeline 120 "$py" -m fastcifar bench --stage pipeline --backend tutorial --backend torch --backend dali \
+  "${pipeline[@]}" --data-dir "$data" --json "$out/pipeline.json"
 
 TORCH_LOGS=recompiles step train_compiled 180 "${train[@]}" r18_cifar_32 --set train.epochs=3 "${compiled[@]}" --out "$work/compiled"
 keep "$work/compiled" train_compiled
 TORCH_LOGS=recompiles step resume 120 "${train[@]}" --resume "$work/compiled" --set train.epochs=4 "${compiled[@]}"
 keep "$work/compiled" resume
+
+# the step targets are at 224 px: measured first
+step train_step 300 "$py" -m fastcifar bench --stage train_step --size 224 --size 32 "${ladder[@]}" --data-dir "$data" \
+  --json "$out/train_step.json"
+step end_to_end 150 "$py" -m fastcifar bench --stage end_to_end --size 224 --size 32 --backend dali "${e2e[@]}" \
+  --data-dir "$data" --json "$out/end_to_end.json"
+
 step fp16 90 "${train[@]}" r18_cifar_32 --set train.amp=fp16 --set train.compile=false --set train.epochs=1 "${fp16[@]}" \
   --out "$work/fp16"
 keep "$work/fp16" fp16
@@ -144,11 +159,6 @@ keep "$work/teacher" teacher
 step distill 90 "${train[@]}" r18_arcface_kd --set distill.teacher="$work/teacher" --set train.epochs=1 \
   --set train.compile=false "${few[@]}" --out "$work/distill"
 keep "$work/distill" distill
-
-step bench 300 "$py" -m fastcifar bench --stage pipeline --stage train_step --backend tutorial --backend torch \
-  --backend dali "${bench[@]}" --data-dir "$data" --json "$out/bench.json"
-step end_to_end 150 "$py" -m fastcifar bench --stage end_to_end --backend dali "${e2e[@]}" --data-dir "$data" \
-  --json "$out/end_to_end.json"
 
 # The table last: what bench/RESULTS.md records.
 echo

@@ -24,6 +24,9 @@ RUNS = {"train_compiled": "r18_cifar_32, compiled bf16, DALI", "resume": "the sa
         "teacher": "r50_arcface_224, tiny teacher", "distill": "r18_arcface_kd, two views (32 + 224)"}
 
 
+BENCH_FILES = ("pipeline.json", "train_step.json", "end_to_end.json")  # one per bench step of gpu_check.sh
+
+
 def _json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -91,7 +94,15 @@ def report(out: Path) -> str:
     parts.append(_md(["run", "what", "loader", "device", "epochs", "train img/s", "best test % (synthetic)", "wall s",
                       "recompiles"], runs))
 
-    rows = [r for f in ("bench.json", "end_to_end.json") for r in (_json(out / f) or {}).get("rows", [])]
+    rows = []
+    for name in BENCH_FILES:
+        bench = _json(out / name)
+        if bench:
+            rows += bench["rows"]
+            if bench.get("meta", {}).get("complete") is False:
+                n = len(bench["rows"])
+                parts.append(f"{name}: stopped before its end (its step ran out of time or was stopped); the "
+                             f"tables below hold the {n} row{'s' * (n != 1)} it measured.")
     room = headroom(rows)
     if any(r["stage"] == "pipeline" for r in rows):
         parts.append(pipeline_table(rows))

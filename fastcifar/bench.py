@@ -22,6 +22,7 @@ import torch
 from fastcifar import BadInput, __version__, runtime
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
+SIZES = (32, 224)  # output sides in px: the stored 32 and the pretrained recipes' 224 (--size picks, in its order)
 # (warm-up batches, repeats, batches per repeat): 5 + 5 * 30 = 155 batches fit the 200 of one
 # CIFAR epoch at batch 250, so no epoch restart lands in a timed repeat
 PLAN = {"full": {32: (5, 5, 30), 224: (3, 5, 6)}, "quick": {32: (2, 3, 8), 224: (1, 3, 2)}}
@@ -54,7 +55,7 @@ def measure(loader, device: torch.device, warmup: int, repeats: int, batches: in
     return statistics.median(rates)
 
 
-def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, **_):
+def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, sizes=SIZES, **_):
     """Loader images/s per backend at 32 and 224, with augmentation off, the tutorial's OneOf (p=1),
     TrivialAugment-wide and RandAugment (N=2, M=9)."""
     from pipelines import AugSpec, make_loader
@@ -66,7 +67,7 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
             "randaugment": {"policy": "randaugment"}}
     backends = [b for b in (backends or PIPELINE_BACKENDS) if b != "dali" or dali_available()]
     plan = PLAN["quick" if quick else "full"]
-    for size in (32, 224):
+    for size in sizes:
         warmup, repeats, batches = plan[size]
         need = (warmup + repeats * batches) * batch_size
         if need > len(store.labels("train")):
@@ -116,6 +117,13 @@ def _amp_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16
+
+
+def _input_dtype(device: torch.device, amp: bool) -> torch.dtype:
+    """What the step is fed: under bf16 AMP the loader hands over bf16 images (half the bytes), so
+    train_step's tensors are bf16 too and end_to_end compiles the very graph train_step did (a
+    cache hit on the GPU rather than a second compile), and the two figures differ by the data only."""
+    return torch.bfloat16 if amp and _amp_dtype(device) == torch.bfloat16 else torch.float32
 
 
 def make_train_step(model_name: str, device: torch.device, compiled: bool, channels_last: bool, amp: bool):
@@ -181,23 +189,24 @@ def _settings(compiled, channels_last, amp) -> dict:
 
 
 def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, log, models=None, settings=None,
-                     **_):
+                     sizes=SIZES, **_):
     """Training steps/s of resnet18/50 at 32 and 224 on device-resident random tensors, up the
     ladder eager NCHW fp32 -> channels_last -> AMP -> torch.compile."""
     warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
     for model_name in models or MODELS:
-        for size in (32, 224):
+        for size in sizes:
             bs = _step_batch(device, size, batch_size)
             for compiled, channels_last, amp in _ladder(device, quick, settings):
                 torch.manual_seed(0)
                 step = make_train_step(model_name, device, compiled, channels_last, amp)
-                images = torch.randn(bs, 3, size, size, device=device).contiguous(
+                images = torch.randn(bs, 3, size, size, device=device, dtype=_input_dtype(device, amp)).contiguous(
                     memory_format=runtime.memory_format(channels_last))
                 labels = torch.randint(0, 100, (bs,), device=device)
                 rate, warm = _time_steps(step, iter(lambda: (images, labels), None), device, warmup, repeats, per_repeat)
                 row = {"stage": "train_step", "backend": "device tensors", "model": model_name, "image_size": size,
                        "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
-                       "images_per_sec": round(rate), "warmup_seconds": round(warm, 1)}
+                       "input_dtype": str(images.dtype).removeprefix("torch."), "images_per_sec": round(rate),
+                       "warmup_seconds": round(warm, 1)}
                 log(f"  train_step {model_name} {size:3d}px compiled={compiled!s:5} {row['memory_format']:13s} "
                     f"{row['precision']:4s} {rate:8.0f} img/s (warm-up {warm:.1f} s)")
                 del step
@@ -205,7 +214,7 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
 
 
 def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
-                     settings=None, **_):
+                     settings=None, sizes=SIZES, **_):
     """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
     fastest step setting, with a training augmentation: what an epoch runs at, data included."""
     from pipelines import AugSpec, make_loader
@@ -216,13 +225,13 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
     backends = backends or ["tutorial", "dali" if dali_available() else "torch"]
     models = models or (MODELS[:1] if quick and device.type != "cuda" else MODELS)
     for model_name in models:
-        for size in (32, 224):
+        for size in sizes:
             bs = _step_batch(device, size, batch_size)
             torch.manual_seed(0)
             step = make_train_step(model_name, device, compiled, channels_last, amp)
             # crop + flip at 32 (as r18_cifar_32), flip + resize at 224 (as the pretrained recipes)
-            spec = AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar",
-                           dtype="bfloat16" if amp and _amp_dtype(device) == torch.bfloat16 else "float32")
+            dtype = str(_input_dtype(device, amp)).removeprefix("torch.")
+            spec = AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar", dtype=dtype)
             for backend in backends:
                 loader = make_loader(store, "train", spec, bs, backend=backend, device=device, seed=0)
                 if len(loader) < warmup + repeats * per_repeat:
@@ -231,7 +240,7 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
                 rate, warm = _time_steps(step, iter(loader), device, warmup, repeats, per_repeat)
                 row = {"stage": "end_to_end", "backend": loader.backend, "model": model_name, "image_size": size,
                        "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
-                       "images_per_sec": round(rate), "warmup_seconds": round(warm, 1),
+                       "input_dtype": dtype, "images_per_sec": round(rate), "warmup_seconds": round(warm, 1),
                        "aug": "crop+flip" if size == 32 else "flip"}
                 log(f"  end_to_end {model_name} {size:3d}px {loader.backend:9s} {rate:8.0f} img/s")
                 del loader
@@ -310,7 +319,7 @@ class Stopped(Exception):
 
 
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,
-        models=None, settings=None, log=print, plot_path=None) -> list[dict]:
+        models=None, settings=None, log=print, plot_path=None, sizes=None) -> list[dict]:
     """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom}
     (after every row: meta.complete says whether the bench ran to its end) and the picture
     (plot()) if asked; returns the rows. Ctrl-C or SIGTERM: the same for the rows measured so far,
@@ -324,6 +333,11 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         raise BadInput(f"Unknown pipeline backend {bad[0]!r}; choose from {', '.join(PIPELINE_BACKENDS)}.")
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
+    bad = [x for x in sizes or () if x not in SIZES]
+    if bad:
+        raise BadInput(f"--size {bad[0]}: the bench measures {' or '.join(map(str, SIZES))} px (the stored side "
+                       f"and the pretrained recipes').")
+    sizes = tuple(dict.fromkeys(sizes or SIZES))
     bad = [x for x in settings or () if x not in STEP_SETTINGS]
     if bad:
         raise BadInput(f"Unknown step setting {bad[0]!r}; choose from {', '.join(STEP_SETTINGS)}.")
@@ -362,7 +376,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         try:
             for name in stages:
                 for row in STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size,
-                                        backends=backends, models=models, settings=settings, log=log):
+                                        backends=backends, models=models, settings=settings, sizes=sizes, log=log):
                     rows.append(row)
                     vs_tutorial(rows)
                     save(complete=False)

@@ -202,6 +202,8 @@ def bench(
     setting: Optional[List[str]] = typer.Option(None, "--setting", help="train_step setting, repeatable: nchw_fp32, "
                                                 "cl_fp32, cl_amp, compiled_cl_amp (default: all; --quick on a CPU "
                                                 "skips compiling). end_to_end uses the last one."),
+    size: Optional[List[int]] = typer.Option(None, "--size", help="Image side in px, repeatable, measured in the "
+                                             "order given: 32, 224 (default: both)."),
     batch_size: int = typer.Option(250, "--batch-size", help="Images per batch (the tutorial's 250); train steps on a CPU take at most 64 at 32 px and 8 at 224 px."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there is one)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Store directory (default: $FASTCIFAR_DATA, "
@@ -226,7 +228,8 @@ def bench(
 
     try:
         run_bench(stages=stage, json_path=json_path, quick=quick, backends=backend, batch_size=batch_size,
-                  data_dir=data_dir, device=device, models=model, settings=setting, log=typer.echo, plot_path=plot_path)
+                  data_dir=data_dir, device=device, models=model, settings=setting, log=typer.echo, plot_path=plot_path,
+                  sizes=size)
     except Stopped:
         sys.exit(130)  # the rows measured so far are printed and in --json (meta.complete: false)
 

@@ -59,6 +59,10 @@ def test_end_to_end_and_headroom(store, tiny_models, tmp_path):
     assert [(r["model"], r["image_size"], r["backend"]) for r in e2e] == [
         ("test_resnet", s, b) for s in (32, 224) for b in ("tutorial", "torch")]
     assert all(r["images_per_sec"] > 0 and r["precision"] == "amp" for r in e2e)  # the last (fastest) setting
+    # the step alone is fed what the loader feeds it (bf16 under AMP): one graph, the data the only difference
+    fed = {(r["image_size"], r["precision"]): r["input_dtype"] for r in rows if r["stage"] == "train_step"}
+    assert fed[(32, "fp32")] == "float32" and fed[(32, "amp")] == "bfloat16"
+    assert all(r["input_dtype"] == fed[(r["image_size"], "amp")] for r in e2e)
     saved = json.loads(out.read_text())
     assert saved["rows"] == rows and saved["meta"]["complete"] is True
     pipe = {(r["backend"], r["image_size"]): r["images_per_sec"] for r in rows
@@ -73,6 +77,15 @@ def test_end_to_end_and_headroom(store, tiny_models, tmp_path):
         assert h["headroom"] == round(h["pipeline_img_s"] / h["train_step_img_s"], 2)
         assert h["end_to_end_img_s"] == next(r["images_per_sec"] for r in e2e
                                             if (r["backend"], r["image_size"]) == (h["pipeline"], h["image_size"]))
+
+
+def test_size_picks_the_sides_and_their_order(store, tiny_models):
+    rows = bench.run(stages=["pipeline", "train_step"], quick=True, backends=["torch"], sizes=[224, 32, 224],
+                     settings=["cl_amp"], batch_size=16, data_dir=store.dir, device="cpu", log=lambda *_: None)
+    assert [r["image_size"] for r in rows if r["stage"] == "train_step"] == [224, 32]
+    assert [r["image_size"] for r in rows if r["stage"] == "pipeline"] == [224] * 4 + [32] * 4
+    with pytest.raises(BadInput, match="--size 64: the bench measures 32 or 224 px"):
+        bench.run(stages=["pipeline"], sizes=[64], data_dir=store.dir, device="cpu", log=lambda *_: None)
 
 
 def test_cli_bench_writes_json_atomically(store, tmp_path):
@@ -191,12 +204,14 @@ def test_bad_models_and_settings(store):
     assert ladder == [(False, True, True), (True, True, True)]
 
 
-GPU_CHECK_STEPS = ["env", "store", "agree", "train_compiled", "resume", "fp16", "arcface224", "teacher", "distill",
-                   "bench", "end_to_end"]
-GPU_CHECK_FILES = {"env": "env.json", "agree": "agree.json", "train_compiled": "train_compiled_summary.json",
-                   "resume": "resume_summary.json", "fp16": "fp16_summary.json", "arcface224": "arcface224_summary.json",
-                   "teacher": "teacher_summary.json", "distill": "distill_summary.json", "bench": "bench.json",
-                   "end_to_end": "end_to_end.json"}
+GPU_CHECK_STEPS = ["env", "store", "agree", "pipeline", "train_compiled", "resume", "train_step", "end_to_end", "fp16",
+                   "arcface224", "teacher", "distill"]
+GPU_CHECK_FILES = {"env": "env.json", "agree": "agree.json", "pipeline": "pipeline.json",
+                   "train_compiled": "train_compiled_summary.json", "resume": "resume_summary.json",
+                   "train_step": "train_step.json", "end_to_end": "end_to_end.json", "fp16": "fp16_summary.json",
+                   "arcface224": "arcface224_summary.json", "teacher": "teacher_summary.json",
+                   "distill": "distill_summary.json"}
+NEED_NO_DALI = ("store", "pipeline", "train_step")  # the rest run DALI (the pipeline bench leaves it out when missing)
 
 
 def test_gpu_check_script_runs_end_to_end(tmp_path):
@@ -211,22 +226,44 @@ def test_gpu_check_script_runs_end_to_end(tmp_path):
     out = r.stdout.strip().splitlines()
     assert any(line.startswith("## GPU check:") for line in out)
     assert out[-1].startswith("| resnet50 at 224, compiled bf16") and (tmp_path / "summary.md").is_file()  # the table is last
-    assert "| store | ok |" in r.stdout and "| bench | ok |" in r.stdout
+    assert all(f"| {s} | ok |" in r.stdout for s in NEED_NO_DALI)
     if not dali_available():
         assert r.returncode == 1, r.stdout[-3000:]
-        assert all(steps[s].startswith("FAILED") for s in GPU_CHECK_STEPS if s not in ("store", "bench"))
+        assert all(steps[s].startswith("FAILED") for s in GPU_CHECK_STEPS if s not in NEED_NO_DALI)
         assert json.loads((tmp_path / "env.json").read_text())["dali"] is None
         return
     assert r.returncode == 0 and set(steps.values()) == {"ok"}, r.stdout[-3000:] + r.stderr[-3000:]
     for step, name in GPU_CHECK_FILES.items():
         assert (tmp_path / name).is_file(), f"step {step} left no {name}"
     assert json.loads((tmp_path / "agree.json").read_text())["ok"] is True
-    runs = {s: json.loads((tmp_path / GPU_CHECK_FILES[s]).read_text()) for s in GPU_CHECK_STEPS[3:9]}
+    runs = {s: json.loads((tmp_path / GPU_CHECK_FILES[s]).read_text()) for s in GPU_CHECK_FILES if "summary" in GPU_CHECK_FILES[s]}
+    assert len(runs) == 6
     assert all(s["finished"] and s["backend"] == "dali-cpu" for s in runs.values())
     assert (runs["train_compiled"]["epochs_done"], runs["resume"]["epochs_done"]) == (3, 4)
     assert "| train_compiled | r18_cifar_32, compiled bf16, DALI | dali-cpu | cpu | 3 |" in r.stdout  # with its recompiles
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"] + json.loads(
-        (tmp_path / "end_to_end.json").read_text())["rows"]
+    benches = [json.loads((tmp_path / f"{s}.json").read_text()) for s in ("pipeline", "train_step", "end_to_end")]
+    assert all(b["meta"]["complete"] for b in benches)
+    rows = [r for b in benches for r in b["rows"]]
+    # the step targets are at 224 px: measured first
+    assert [r["image_size"] for r in benches[1]["rows"]][:2] == [224, 224] and benches[2]["rows"][0]["image_size"] == 224
     assert {(r["stage"], r["backend"]) for r in rows} >= {("pipeline", "dali-cpu"), ("pipeline", "torch"),
                                                          ("pipeline", "tutorial"), ("end_to_end", "dali-cpu")}
     assert {r["stage"] for r in rows} == {"pipeline", "train_step", "end_to_end"}
+
+
+def test_gpu_report_shows_the_rows_of_a_bench_step_cut_short(tmp_path):
+    """A bench step that ran out of time left the rows it measured (meta.complete false): the GPU
+    check's table shows them, says the step stopped early, and holds them to the targets."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        import gpu_report
+    finally:
+        sys.path.pop(0)
+    row = {"stage": "pipeline", "backend": "dali-gpu", "image_size": 224, "batch_size": 250, "device": "H200",
+           "images_per_sec": 123456, "aug": "oneof"}
+    (tmp_path / "pipeline.json").write_text(json.dumps({"meta": {"complete": False}, "rows": [row], "headroom": []}))
+    (tmp_path / "env.json").write_text(json.dumps({"python": "3.12", "torch": "2.11", "cuda": "13.0", "timm": "1",
+                                                   "gpu": "NVIDIA H200", "nvidia_smi": None, "dali": "2.4.0"}))
+    text = gpu_report.report(tmp_path)
+    assert "pipeline.json: stopped before its end" in text and "the 1 row it measured" in text
+    assert "| DALI OneOf pipeline at 224, img/s | 123,456 | >= 100,000 | yes |" in text
