@@ -9,8 +9,8 @@
 #   agree          DALI-GPU, DALI-CPU and torch give the same images for one seed (bench/agree.py:
 #                  OneOf, TrivialAugment, RandAugment), batches of 1-4 with empty conditional
 #                  branches, torch's images with TF32 on
-#   pipeline       img/s of DALI, torch and the tutorial's path at 32/224: no aug, OneOf,
-#                  TrivialAugment, RandAugment
+#   pipeline       img/s of DALI, torch and the tutorial's path at 224/32 (in that order): no aug,
+#                  OneOf, TrivialAugment, RandAugment
 #   train_compiled r18_cifar_32 compiled, bf16, on DALI-GPU: 3 epochs (291 steps), 1000 test
 #                  images (eval batches of 512 and 488), TORCH_LOGS=recompiles: recompiles counted
 #   resume         --resume it for a 4th epoch (the compiled graphs come from inductor's cache)
@@ -133,8 +133,9 @@ EOF
 
 step store 120 "$py" -m fastcifar prepare --synthetic "${store[@]}" --data-dir "$data"
 step agree 150 "$py" bench/agree.py --data-dir "$data" --json "$out/agree.json" "${agree[@]}"
-step pipeline 120 "$py" -m fastcifar bench --stage pipeline --backend tutorial --backend torch --backend dali \
-  "${pipeline[@]}" --data-dir "$data" --json "$out/pipeline.json"
+# DALI at 224 first (the pipeline target), the tutorial's slow per-image path last
+step pipeline 120 "$py" -m fastcifar bench --stage pipeline --size 224 --size 32 --backend dali --backend torch \
+  --backend tutorial "${pipeline[@]}" --data-dir "$data" --json "$out/pipeline.json"
 
 TORCH_LOGS=recompiles step train_compiled 180 "${train[@]}" r18_cifar_32 --set train.epochs=3 "${compiled[@]}" --out "$work/compiled"
 keep "$work/compiled" train_compiled

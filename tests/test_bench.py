@@ -244,7 +244,8 @@ def test_gpu_check_script_runs_end_to_end(tmp_path):
     benches = [json.loads((tmp_path / f"{s}.json").read_text()) for s in ("pipeline", "train_step", "end_to_end")]
     assert all(b["meta"]["complete"] for b in benches)
     rows = [r for b in benches for r in b["rows"]]
-    # the step targets are at 224 px: measured first
+    # the targets first: DALI at 224 px, the steps at 224 px
+    assert (benches[0]["rows"][0]["image_size"], benches[0]["rows"][0]["backend"]) == (224, "dali-cpu")
     assert [r["image_size"] for r in benches[1]["rows"]][:2] == [224, 224] and benches[2]["rows"][0]["image_size"] == 224
     assert {(r["stage"], r["backend"]) for r in rows} >= {("pipeline", "dali-cpu"), ("pipeline", "torch"),
                                                          ("pipeline", "tutorial"), ("end_to_end", "dali-cpu")}
