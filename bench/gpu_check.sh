@@ -14,9 +14,10 @@
 #   train_compiled r18_cifar_32 compiled, bf16, on DALI-GPU: 3 epochs (291 steps), 1000 test
 #                  images (eval batches of 512 and 488), TORCH_LOGS=recompiles: recompiles counted
 #   resume         --resume it for a 4th epoch (the compiled graphs come from inductor's cache)
-#   train_step     the ladder, 224 px first: resnet18/50, eager vs compiled, bf16 channels_last
+#   train_step     the ladder for resnet18 at 224 and 32: eager vs compiled, bf16 channels_last
 #   end_to_end     DALI feeding the compiled resnet18 step at 224 and 32: the graphs train_step
 #                  compiled (same inputs), so inductor's cache spares a second compile
+#   train_step_r50 the same ladder for resnet50 (each compile of it takes longest)
 #   fp16           r18_cifar_32 in fp16 with a GradScaler, a fifth of an epoch, eager
 #   arcface224     a few steps of r18_arcface_224 (no pretrained weights offline)
 #   teacher        a tiny r50_arcface_224 run, the teacher of ...
@@ -58,6 +59,7 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   pipeline=(--quick --device cpu --batch-size 2)
   ladder=(--quick --device cpu --batch-size 2 --model test_resnet --setting cl_fp32 --setting cl_amp)
   e2e=(--quick --device cpu --batch-size 2 --model test_resnet --setting cl_amp)
+  ladder_r50=(--quick --device cpu --batch-size 2 --model test_resnet --setting cl_amp)
 else
   budget=${GPU_CHECK_BUDGET:-420}
   store=(--train 50000 --test 10000)
@@ -66,8 +68,9 @@ else
   fp16=(--set data.subset=0.2 --set data.test_subset=0.1)
   few=(--set model.pretrained=false --set data.subset=0.05 --set data.test_subset=0.05)
   pipeline=(--device cuda)
-  ladder=(--model resnet18 --model resnet50 --setting cl_amp --setting compiled_cl_amp)
+  ladder=(--model resnet18 --setting cl_amp --setting compiled_cl_amp)
   e2e=(--model resnet18 --setting compiled_cl_amp)
+  ladder_r50=(--model resnet50 --setting cl_amp --setting compiled_cl_amp)
 fi
 train=("$py" -m fastcifar train --data-dir "$data" --set data.backend=dali)
 
@@ -142,11 +145,14 @@ keep "$work/compiled" train_compiled
 TORCH_LOGS=recompiles step resume 120 "${train[@]}" --resume "$work/compiled" --set train.epochs=4 "${compiled[@]}"
 keep "$work/compiled" resume
 
-# the step targets are at 224 px: measured first
-step train_step 300 "$py" -m fastcifar bench --stage train_step --size 224 --size 32 "${ladder[@]}" --data-dir "$data" \
+# resnet18's step and what DALI feeding it gives (the end_to_end / step targets), then resnet50's
+# step; the step targets are at 224 px: measured first
+step train_step 200 "$py" -m fastcifar bench --stage train_step --size 224 --size 32 "${ladder[@]}" --data-dir "$data" \
   --json "$out/train_step.json"
-step end_to_end 150 "$py" -m fastcifar bench --stage end_to_end --size 224 --size 32 --backend dali "${e2e[@]}" \
+step end_to_end 120 "$py" -m fastcifar bench --stage end_to_end --size 224 --size 32 --backend dali "${e2e[@]}" \
   --data-dir "$data" --json "$out/end_to_end.json"
+step train_step_r50 200 "$py" -m fastcifar bench --stage train_step --size 224 --size 32 "${ladder_r50[@]}" \
+  --data-dir "$data" --json "$out/train_step_r50.json"
 
 step fp16 90 "${train[@]}" r18_cifar_32 --set train.amp=fp16 --set train.compile=false --set train.epochs=1 "${fp16[@]}" \
   --out "$work/fp16"

@@ -24,7 +24,7 @@ RUNS = {"train_compiled": "r18_cifar_32, compiled bf16, DALI", "resume": "the sa
         "teacher": "r50_arcface_224, tiny teacher", "distill": "r18_arcface_kd, two views (32 + 224)"}
 
 
-BENCH_FILES = ("pipeline.json", "train_step.json", "end_to_end.json")  # one per bench step of gpu_check.sh
+BENCH_FILES = ("pipeline.json", "train_step.json", "end_to_end.json", "train_step_r50.json")  # gpu_check.sh's bench steps
 
 
 def _json(path: Path):

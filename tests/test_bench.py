@@ -204,14 +204,15 @@ def test_bad_models_and_settings(store):
     assert ladder == [(False, True, True), (True, True, True)]
 
 
-GPU_CHECK_STEPS = ["env", "store", "agree", "pipeline", "train_compiled", "resume", "train_step", "end_to_end", "fp16",
-                   "arcface224", "teacher", "distill"]
+GPU_CHECK_STEPS = ["env", "store", "agree", "pipeline", "train_compiled", "resume", "train_step", "end_to_end",
+                   "train_step_r50", "fp16", "arcface224", "teacher", "distill"]
 GPU_CHECK_FILES = {"env": "env.json", "agree": "agree.json", "pipeline": "pipeline.json",
                    "train_compiled": "train_compiled_summary.json", "resume": "resume_summary.json",
-                   "train_step": "train_step.json", "end_to_end": "end_to_end.json", "fp16": "fp16_summary.json",
+                   "train_step": "train_step.json", "end_to_end": "end_to_end.json",
+                   "train_step_r50": "train_step_r50.json", "fp16": "fp16_summary.json",
                    "arcface224": "arcface224_summary.json", "teacher": "teacher_summary.json",
                    "distill": "distill_summary.json"}
-NEED_NO_DALI = ("store", "pipeline", "train_step")  # the rest run DALI (the pipeline bench leaves it out when missing)
+NEED_NO_DALI = ("store", "pipeline", "train_step", "train_step_r50")  # the rest run DALI (the pipeline bench leaves it out when missing)
 
 
 def test_gpu_check_script_runs_end_to_end(tmp_path):
@@ -241,7 +242,8 @@ def test_gpu_check_script_runs_end_to_end(tmp_path):
     assert all(s["finished"] and s["backend"] == "dali-cpu" for s in runs.values())
     assert (runs["train_compiled"]["epochs_done"], runs["resume"]["epochs_done"]) == (3, 4)
     assert "| train_compiled | r18_cifar_32, compiled bf16, DALI | dali-cpu | cpu | 3 |" in r.stdout  # with its recompiles
-    benches = [json.loads((tmp_path / f"{s}.json").read_text()) for s in ("pipeline", "train_step", "end_to_end")]
+    benches = [json.loads((tmp_path / f"{s}.json").read_text())
+               for s in ("pipeline", "train_step", "end_to_end", "train_step_r50")]
     assert all(b["meta"]["complete"] for b in benches)
     rows = [r for b in benches for r in b["rows"]]
     # the targets first: DALI at 224 px, the steps at 224 px
