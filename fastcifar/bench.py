@@ -67,12 +67,14 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
             "randaugment": {"policy": "randaugment"}}
     backends = [b for b in (backends or PIPELINE_BACKENDS) if b != "dali" or dali_available()]
     plan = PLAN["quick" if quick else "full"]
-    for size in sizes:
+    for size in sizes:  # every size checked before the first is measured
         warmup, repeats, batches = plan[size]
         need = (warmup + repeats * batches) * batch_size
         if need > len(store.labels("train")):
             raise BadInput(f"The pipeline bench reads {need} train images in one epoch at {size} px, but the "
                            f"store has {len(store.labels('train'))}; use --quick or a smaller --batch-size.")
+    for size in sizes:
+        warmup, repeats, batches = plan[size]
         for aug, fields in augs.items():
             spec = AugSpec(image_size=size, **fields)
             for backend in backends:

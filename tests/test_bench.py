@@ -88,6 +88,16 @@ def test_size_picks_the_sides_and_their_order(store, tiny_models):
         bench.run(stages=["pipeline"], sizes=[64], data_dir=store.dir, device="cpu", log=lambda *_: None)
 
 
+def test_a_store_too_small_for_any_size_is_refused_before_measuring(store):
+    """224 px needs 33 batches of 4 and fits the 500-image store; 32 px needs 155 and does not:
+    refused before the 224 px rows are measured, not after."""
+    said = []
+    with pytest.raises(BadInput, match="reads 620 train images in one epoch at 32 px, but the store has 500"):
+        bench.run(stages=["pipeline"], backends=["torch"], sizes=[224, 32], batch_size=4, data_dir=store.dir,
+                  device="cpu", log=said.append)
+    assert not [line for line in said if "pipeline torch" in line]
+
+
 def test_cli_bench_writes_json_atomically(store, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
