@@ -226,6 +226,11 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
     compiled, channels_last, amp = _ladder(device, quick, settings)[-1]
     backends = backends or ["tutorial", "dali" if dali_available() else "torch"]
     models = models or (MODELS[:1] if quick and device.type != "cuda" else MODELS)
+    need, have = warmup + repeats * per_repeat, len(store.labels("train"))
+    for size in sizes:  # every size checked before the first is measured
+        if have // _step_batch(device, size, batch_size) < need:
+            raise BadInput(f"end_to_end needs {need} batches of {_step_batch(device, size, batch_size)} in one "
+                           f"epoch at {size} px; the store has {have} train images.")
     for model_name in models:
         for size in sizes:
             bs = _step_batch(device, size, batch_size)
@@ -236,9 +241,6 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
             spec = AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar", dtype=dtype)
             for backend in backends:
                 loader = make_loader(store, "train", spec, bs, backend=backend, device=device, seed=0)
-                if len(loader) < warmup + repeats * per_repeat:
-                    raise BadInput(f"end_to_end needs {warmup + repeats * per_repeat} batches of {bs} in one epoch; "
-                                   f"the store has {len(store.labels('train'))} train images.")
                 rate, warm = _time_steps(step, iter(loader), device, warmup, repeats, per_repeat)
                 row = {"stage": "end_to_end", "backend": loader.backend, "model": model_name, "image_size": size,
                        "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),

@@ -89,13 +89,17 @@ def test_size_picks_the_sides_and_their_order(store, tiny_models):
 
 
 def test_a_store_too_small_for_any_size_is_refused_before_measuring(store):
-    """224 px needs 33 batches of 4 and fits the 500-image store; 32 px needs 155 and does not:
-    refused before the 224 px rows are measured, not after."""
+    """224 px fits the 500-image store and 32 px does not (pipeline: 155 batches of 4; end_to_end: 55
+    of 64): refused before the 224 px rows are measured, not after them."""
     said = []
     with pytest.raises(BadInput, match="reads 620 train images in one epoch at 32 px, but the store has 500"):
         bench.run(stages=["pipeline"], backends=["torch"], sizes=[224, 32], batch_size=4, data_dir=store.dir,
                   device="cpu", log=said.append)
     assert not [line for line in said if "pipeline torch" in line]
+    with pytest.raises(BadInput, match="end_to_end needs 55 batches of 64 in one epoch at 32 px; the store has 500"):
+        bench.run(stages=["end_to_end"], backends=["torch"], sizes=[224, 32], models=["test_resnet"],
+                  settings=["cl_amp"], data_dir=store.dir, device="cpu", log=said.append)
+    assert not [line for line in said if "end_to_end" in line]
 
 
 def test_cli_bench_writes_json_atomically(store, tmp_path):
