@@ -284,3 +284,24 @@ def test_gpu_report_shows_the_rows_of_a_bench_step_cut_short(tmp_path):
     text = gpu_report.report(tmp_path)
     assert "pipeline.json: stopped before its end" in text and "the 1 row it measured" in text
     assert "| DALI OneOf pipeline at 224, img/s | 123,456 | >= 100,000 | yes |" in text
+
+
+def test_gpu_check_runs_only_the_steps_asked_and_skips_what_the_budget_cannot_fit(tmp_path):
+    """GPU_CHECK_STEPS picks steps (the store is always made), and steps past GPU_CHECK_BUDGET are
+    skipped and named, the table still printed last: the two ways a short GPU session finishes."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GPU_CHECK_TINY": "1", "PYTHON": sys.executable}
+
+    def check(out, **extra):
+        r = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                           env={**env, **extra}, timeout=600)
+        steps = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines()[1:])
+        assert r.stdout.strip().splitlines()[-1].startswith("| resnet50 at 224, compiled bf16")  # the table, last
+        return r, steps
+
+    r, steps = check(tmp_path / "only", GPU_CHECK_STEPS="env")
+    assert list(steps) == ["env", "store"] and steps["store"] == "ok"
+    r, steps = check(tmp_path / "spent", GPU_CHECK_BUDGET="5")
+    assert r.returncode == 1 and list(steps) == GPU_CHECK_STEPS
+    assert set(steps.values()) == {"SKIPPED (no time left)"}
+    assert "== distill: SKIPPED, the 5 s budget is spent" in r.stdout
