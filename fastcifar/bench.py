@@ -227,10 +227,10 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
     backends = backends or ["tutorial", "dali" if dali_available() else "torch"]
     models = models or (MODELS[:1] if quick and device.type != "cuda" else MODELS)
     need, have = warmup + repeats * per_repeat, len(store.labels("train"))
-    for size in sizes:  # every size checked before the first is measured
-        if have // _step_batch(device, size, batch_size) < need:
-            raise BadInput(f"end_to_end needs {need} batches of {_step_batch(device, size, batch_size)} in one "
-                           f"epoch at {size} px; the store has {have} train images.")
+    for size, bs in ((size, _step_batch(device, size, batch_size)) for size in sizes):  # all before measuring
+        if have // bs < need:
+            raise BadInput(f"end_to_end needs {need} batches of {bs} in one epoch at {size} px; the store has "
+                           f"{have} train images.")
     for model_name in models:
         for size in sizes:
             bs = _step_batch(device, size, batch_size)

@@ -15,28 +15,20 @@ from pathlib import Path
 import pytest
 
 from fastcifar import BadInput
+from fastcifar.config import to_dict
 from fastcifar.data import prepare
 from fastcifar.reproduce import collect, plan, published, results_md, state
 from test_recipes import TUTORIAL
+from test_train import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TEACHER = '''"""A tiny teacher: tutorial 12.5% (a made-up figure)."""
-from fastcifar.config import Recipe
+TEACHER = f'''"""A tiny teacher: tutorial 12.5% (a made-up figure)."""
+from fastcifar.config import from_dict
 
 
-def recipe():
-    r = Recipe()
-    r.data.batch_size = 50
-    r.data.backend = "torch"
-    r.aug.normalize = "cifar"
-    r.model.name = "test_resnet"
-    r.optim.lr = 3e-3
-    r.train.epochs = 2
-    r.train.compile = False
-    r.train.device = "cpu"
-    r.train.log_every = 2
-    return r
+def recipe():  # test_train.tiny() for two epochs, written out as data
+    return from_dict({to_dict(tiny(train__epochs=2, train__log_every=2))!r})
 '''
 STUDENT = '''"""A tiny student distilled from tiny_teacher."""
 from fastcifar.config import derive

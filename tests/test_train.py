@@ -94,6 +94,21 @@ def untimed(ms):
     return [{k: v for k, v in m.items() if k not in TIMING} for m in ms]
 
 
+def resume_matches_straight(recipe, store, tmp_path, batch: int) -> dict:
+    """Train recipe straight through, and again stopped by Ctrl-C at batch `batch` of its first
+    epoch and resumed: assert the two runs log the same metrics and end with the same weights;
+    return the resumed run's summary."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    T.train(recipe, info(), out=straight, data_dir=store, **QUIET)
+    interrupt_at(recipe, run, store, epoch=0, batch=batch)
+    assert checkpoint.load(run / "last.pt")["step_in_epoch"] == batch + 1
+    s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
+    assert s["finished"] and untimed(metrics(run)) == untimed(metrics(straight))
+    a, b = checkpoint.load(run / "last.pt")["model"], checkpoint.load(straight / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    return s
+
+
 # ----------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from fastcifar import BadInput, checkpoint
 from fastcifar.optim import build_optimizer
 from fastcifar.models import build_model
 from pipelines.loader import dali_available
-from test_train import QUIET, fit, info, interrupt_at, metrics, store, tiny, untimed  # noqa: F401 (store: the fixture)
+from test_train import QUIET, fit, info, metrics, resume_matches_straight, store, tiny  # noqa: F401 (store: the fixture)
 
 NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="DALI is not installed here")
 
@@ -68,17 +68,8 @@ def test_mid_epoch_resume_matches_a_straight_run(store, tmp_path, fields):
     """Dropout and drop path (stochastic depth) draw from torch's global RNG, which only a restored
     RNG state reproduces; the DALI
     backend (CPU mode) must train, stop mid-epoch, resume and evaluate like the torch one."""
-    recipe = tiny(train__epochs=2, **fields)
-    straight = tmp_path / "straight"
-    T.train(recipe, info(), out=straight, data_dir=store, **QUIET)
-    run = tmp_path / "run"
-    interrupt_at(recipe, run, store, epoch=0, batch=6)
-    assert checkpoint.load(run / "last.pt")["step_in_epoch"] == 7
-    s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
-    assert s["finished"] and s["backend"] == ("dali-cpu" if fields.get("data__backend") == "dali" else "torch")
-    assert untimed(metrics(run)) == untimed(metrics(straight))
-    a, b = checkpoint.load(run / "last.pt")["model"], checkpoint.load(straight / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    s = resume_matches_straight(tiny(train__epochs=2, **fields), store, tmp_path, batch=6)
+    assert s["backend"] == ("dali-cpu" if fields.get("data__backend") == "dali" else "torch")
 
 
 def test_auto_backend_trains_on_dali_where_it_imports(store, tmp_path):

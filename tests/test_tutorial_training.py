@@ -13,7 +13,7 @@ import fastcifar.train as T
 from fastcifar import BadInput, checkpoint
 from fastcifar.config import from_dict
 from fastcifar.models import build_model, init_from
-from test_train import QUIET, fit, info, interrupt_at, metrics, store, tiny, untimed  # noqa: F401 (store: the fixture)
+from test_train import QUIET, fit, info, interrupt_at, resume_matches_straight, store, tiny  # noqa: F401 (store: the fixture)
 
 
 @pytest.fixture(scope="module")
@@ -178,16 +178,7 @@ def test_multiscale_run_trains_both_scales_and_tests_at_one(store, tmp_path):
 
 
 def test_multiscale_mid_epoch_resume_matches_a_straight_run(store, tmp_path):
-    recipe = tiny(train__epochs=1, data__subset=0.4, loss__scales=(32, 48))
-    straight = tmp_path / "straight"
-    T.train(recipe, info(), out=straight, data_dir=store, **QUIET)
-    run = tmp_path / "run"
-    interrupt_at(recipe, run, store, epoch=0, batch=3)
-    assert checkpoint.load(run / "last.pt")["step_in_epoch"] == 4
-    s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
-    assert s["finished"] and untimed(metrics(run)) == untimed(metrics(straight))
-    a, b = checkpoint.load(run / "last.pt")["model"], checkpoint.load(straight / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    resume_matches_straight(tiny(train__epochs=1, data__subset=0.4, loss__scales=(32, 48)), store, tmp_path, batch=3)
 
 
 # ---- run files from before these fields
