@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import shlex
@@ -154,8 +155,7 @@ def check_out(out: Path, names: list[str]) -> None:
 
 
 def _read(path: Path) -> dict | None:
-    import json
-
+    """A JSON object file, or None when it is missing or damaged."""
     try:
         obj = json.loads(path.read_text())
     except (OSError, ValueError):
