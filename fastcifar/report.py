@@ -229,9 +229,7 @@ def warnings(runs: list[Run]) -> list[str]:
 
 def plot_curves(runs: list[Run], key: str, ylabel: str, path: Path) -> None:
     """One line per run of metrics.jsonl's `key` over epochs, saved as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # curves_figure has chosen the Agg backend
 
     fig = curves_figure(runs, key, ylabel)
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
@@ -242,7 +240,7 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
     """The figure plot_curves saves: a line per run over integer epochs, a star at each run's best
     (selected) epoch."""
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
