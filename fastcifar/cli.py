@@ -44,11 +44,6 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-def _not_yet(what: str, issue: int):
-    typer.echo(f"fastcifar {what} is not built yet (issue #{issue}).", err=True)
-    raise typer.Exit(1)
-
-
 @app.command()
 def prepare(
     dataset: str = typer.Option("cifar100", "--dataset", help="cifar100 or cifar10 (the official "
