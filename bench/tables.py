@@ -67,8 +67,7 @@ def policy_table(rows: list[dict]) -> str:
 
 
 def _keyed(rows, stage):
-    return {(r["model"], r["image_size"], r["compiled"], r["memory_format"], r["precision"]): r
-            for r in rows if r["stage"] == stage}
+    return {_setting_key(r): r for r in rows if r["stage"] == stage}
 
 
 def train_step_table(rows: list[dict]) -> str:
@@ -87,21 +86,29 @@ def train_step_table(rows: list[dict]) -> str:
 
 
 def end_to_end_table(rows: list[dict], headroom: list[dict]) -> str:
-    """Per model and size: each loader feeding the step, the step alone, and each pipeline's headroom."""
+    """Per model and size: each loader feeding the step, that same step alone (its train_step row:
+    the loaders' cost is the gap between them), and each pipeline's headroom over the fastest step."""
     e2e = [r for r in rows if r["stage"] == "end_to_end"]
+    steps = _keyed(rows, "train_step")
     backends = list(dict.fromkeys(r["backend"] for r in e2e))
     room_backends = list(dict.fromkeys(h["pipeline"] for h in headroom))
     out = []
     for model, size in dict.fromkeys((r["model"], r["image_size"]) for r in e2e + headroom):
-        cells = [_n(next((r["images_per_sec"] for r in e2e if (r["model"], r["image_size"], r["backend"]) ==
-                          (model, size, b)), None)) for b in backends]
-        step = next((h["train_step_img_s"] for h in headroom if (h["model"], h["image_size"]) == (model, size)), None)
+        fed = [next((r for r in e2e if (r["model"], r["image_size"], r["backend"]) == (model, size, b)), None)
+               for b in backends]
+        same = next((steps.get(k) for k in map(_setting_key, filter(None, fed)) if k in steps), None)
         room = [next((f"{h['headroom']}x" for h in headroom if (h["model"], h["image_size"], h["pipeline"]) ==
                       (model, size, b)), "—") for b in room_backends]
-        out.append([model, size, *cells, _n(step), *room])
-    head = ["end to end, img/s", "px", *[f"fed by {b}" for b in backends], "step alone",
+        fastest = next((h["train_step_img_s"] for h in headroom if (h["model"], h["image_size"]) == (model, size)), None)
+        out.append([model, size, *[_n(r and r["images_per_sec"]) for r in fed], _n(same and same["images_per_sec"]),
+                    _n(fastest), *room])
+    head = ["end to end, img/s", "px", *[f"fed by {b}" for b in backends], "that step alone", "fastest step",
             *[f"headroom {b}" for b in room_backends]]
     return _md(head, out)
+
+
+def _setting_key(r: dict) -> tuple:
+    return r["model"], r["image_size"], r["compiled"], r["memory_format"], r["precision"]
 
 
 def tables(bench: dict) -> str:

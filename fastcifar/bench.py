@@ -84,10 +84,10 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                 loader = make_loader(store, "train", spec, batch_size, backend=backend, device=device, seed=0)
                 rate = measure(loader, device, warmup, repeats, batches)
                 row = {"stage": "pipeline", "backend": loader.backend, "image_size": size, "batch_size": batch_size,
-                       "device": device_label(device), "images_per_sec": round(rate), "aug": aug}
+                       "device": device_label(device), "images_per_sec": img_s(rate), "aug": aug}
                 if backend == "tutorial":
                     row["note"] = "cv2 + albumentations" if albumentations_available() else "torch per-sample fallback"
-                log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:14s} {rate:9.0f} img/s")
+                log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:14s} {img_s(rate):9} img/s")
                 del loader
                 yield row
 
@@ -172,6 +172,12 @@ def _time_steps(step, batches, device, warmup, repeats, per_repeat) -> tuple[flo
     return statistics.median(rates), warm
 
 
+def img_s(rate: float) -> int | float:
+    """A measured rate as the rows keep it: whole img/s from 100 up, three significant figures below
+    (a slow CPU's resnet50 at 224 runs under 1 img/s; rounded to 0 it would divide the headroom by 0)."""
+    return round(rate) if rate >= 100 else float(f"{rate:.3g}")
+
+
 def _step_batch(device, size, batch_size):
     return batch_size if device.type == "cuda" else min(batch_size, CPU_STEP_BATCH[size])
 
@@ -207,10 +213,10 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
                 rate, warm = _time_steps(step, iter(lambda: (images, labels), None), device, warmup, repeats, per_repeat)
                 row = {"stage": "train_step", "backend": "device tensors", "model": model_name, "image_size": size,
                        "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
-                       "input_dtype": str(images.dtype).removeprefix("torch."), "images_per_sec": round(rate),
+                       "input_dtype": str(images.dtype).removeprefix("torch."), "images_per_sec": img_s(rate),
                        "warmup_seconds": round(warm, 1)}
                 log(f"  train_step {model_name} {size:3d}px compiled={compiled!s:5} {row['memory_format']:13s} "
-                    f"{row['precision']:4s} {rate:8.0f} img/s (warm-up {warm:.1f} s)")
+                    f"{row['precision']:4s} {img_s(rate):8} img/s (warm-up {warm:.1f} s)")
                 del step
                 yield row
 
@@ -244,9 +250,9 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
                 rate, warm = _time_steps(step, iter(loader), device, warmup, repeats, per_repeat)
                 row = {"stage": "end_to_end", "backend": loader.backend, "model": model_name, "image_size": size,
                        "batch_size": bs, "device": device_label(device), **_settings(compiled, channels_last, amp),
-                       "input_dtype": dtype, "images_per_sec": round(rate), "warmup_seconds": round(warm, 1),
+                       "input_dtype": dtype, "images_per_sec": img_s(rate), "warmup_seconds": round(warm, 1),
                        "aug": "crop+flip" if size == 32 else "flip"}
-                log(f"  end_to_end {model_name} {size:3d}px {loader.backend:9s} {rate:8.0f} img/s")
+                log(f"  end_to_end {model_name} {size:3d}px {loader.backend:9s} {img_s(rate):8} img/s")
                 del loader
                 yield row
             del step

@@ -39,6 +39,19 @@ def test_train_step_climbs_the_ladder(store, tiny_models):
     assert full[-1] == (True, True, True) and len(full) == 4  # the full run compiles, after the three eager settings
 
 
+def test_a_rate_under_one_image_per_second_is_kept_and_divides_the_headroom(store, tiny_models, monkeypatch):
+    """A slow machine's step (resnet50 at 224 on a small CPU: under 1 img/s) is a rate, not 0: the row
+    keeps three significant figures and the headroom divides by it."""
+    monkeypatch.setattr(bench, "_time_steps", lambda *a, **k: (0.4321, 0.0))
+    rows = bench.run(stages=["train_step"], quick=True, data_dir=store.dir, device="cpu", sizes=[32],
+                     settings=["nchw_fp32"], log=lambda *_: None)
+    assert [r["images_per_sec"] for r in rows] == [0.432]
+    pipe = {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "oneof", "images_per_sec": 1000}
+    (room,) = bench.headroom(rows + [pipe])
+    assert room["headroom"] == round(1000 / 0.432, 2)
+    assert bench.img_s(1234.6) == 1235 and bench.img_s(12.345) == 12.3
+
+
 def test_train_step_trains():
     """The timed step is a real training step: on a fixed batch the loss goes down."""
     torch.manual_seed(0)
@@ -266,6 +279,36 @@ def test_gpu_check_script_runs_end_to_end(tmp_path):
     assert {(r["stage"], r["backend"]) for r in rows} >= {("pipeline", "dali-cpu"), ("pipeline", "torch"),
                                                          ("pipeline", "tutorial"), ("end_to_end", "dali-cpu")}
     assert {r["stage"] for r in rows} == {"pipeline", "train_step", "end_to_end"}
+
+
+def test_end_to_end_table_sets_each_loader_beside_the_step_it_fed():
+    """end_to_end runs one step setting (the compiled one); the step alone it is compared with is that
+    setting's train_step row, not the fastest rung (on a CPU an eager one), which the headroom uses."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        import tables
+    finally:
+        sys.path.pop(0)
+    key = {"model": "resnet18", "image_size": 32, "memory_format": "channels_last", "precision": "amp"}
+    rows = [{"stage": "train_step", **key, "compiled": False, "images_per_sec": 500},
+            {"stage": "train_step", **key, "compiled": True, "images_per_sec": 300},
+            {"stage": "end_to_end", **key, "compiled": True, "backend": "dali-cpu", "images_per_sec": 290}]
+    room = [{"pipeline": "dali-cpu", "model": "resnet18", "image_size": 32, "train_step_img_s": 500, "headroom": 40.0}]
+    text = tables.end_to_end_table(rows, room)
+    assert "| that step alone | fastest step |" in text.splitlines()[0]
+    assert text.splitlines()[2] == "| resnet18 | 32 | 290 | 300 | 500 | 40.0x |"
+
+
+def test_readme_cpu_tables_are_the_committed_bench_json():
+    """The README's measured tables are what bench/tables.py prints from bench/cpu_bench.json, so a
+    re-measured JSON without its README tables (or the reverse) fails here."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "bench"))
+    try:
+        import tables
+    finally:
+        sys.path.pop(0)
+    assert tables.tables(json.loads((root / "bench" / "cpu_bench.json").read_text())) in (root / "README.md").read_text()
 
 
 def test_gpu_report_shows_the_rows_of_a_bench_step_cut_short(tmp_path):
