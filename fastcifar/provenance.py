@@ -49,7 +49,8 @@ def git_state(root: Path | None = None) -> dict | None:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
-def _version(module: str) -> str | None:
+def version(module: str) -> str | None:
+    """An installed package's __version__, None when it is missing or fails to import."""
     try:
         return __import__(module, fromlist=["__version__"]).__version__
     except Exception:  # an optional package may fail to import in any way (DALI without its CUDA libs)
@@ -83,7 +84,10 @@ def data_info(store) -> dict:
     """The store a run trains on: data set, where it came from and the checksums meta.json holds."""
     meta = store.meta
     sums = meta.get("checksums") or {}
-    return {"dataset": "synthetic" if store.synthetic else "cifar100", "dir": str(Path(store.dir).resolve()),
+    # CIFAR-100 runs keep the labels they had before CIFAR-10 ("cifar100", "synthetic"), so report
+    # does not tell old and new runs of one store apart; CIFAR-10's are "cifar10", "synthetic cifar10"
+    dataset = (f"synthetic {store.dataset}" if store.synthetic else store.dataset).replace("synthetic cifar100", "synthetic")
+    return {"dataset": dataset, "dir": str(Path(store.dir).resolve()),
             "source": meta.get("source"), "counts": meta.get("counts"),
             "outputs_sha256": sums.get("outputs_sha256"), "source_md5": sums.get("source_md5")}
 
@@ -93,8 +97,8 @@ def collect(device: torch.device, world: int, store) -> dict:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     p = {
         "fastcifar": __version__, "git": git_state(),
-        "python": platform.python_version(), "torch": torch.__version__, "timm": _version("timm"),
-        "dali": _version("nvidia.dali"), "cuda": torch.version.cuda, "cudnn": cudnn,
+        "python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
+        "dali": version("nvidia.dali"), "cuda": torch.version.cuda, "cudnn": cudnn,
         "device": str(device), "gpu": gpu_info(device), "cpu": cpu_model(), "cpu_cores": len(os.sched_getaffinity(0)),
         "platform": platform.platform(), "world_size": world, "data": data_info(store),
         "argv": list(sys.argv), "cwd": os.getcwd(),

@@ -249,6 +249,7 @@ def test_a_cifar10_recipe_trains_ten_classes_and_evaluates_on_its_store(store10,
     ck = checkpoint.load(run / "last.pt")
     assert ck["model"]["head.fc.weight"].shape[0] == 10 and ck["recipe"]["data"]["dataset"] == "cifar10"
     assert s["finished"] and s["best_acc"] > 25, s  # chance is 10%
+    assert s["provenance"]["data"]["dataset"] == "synthetic cifar10"  # what report names when runs' data differ
     assert 0 <= metrics(run)[0]["test_acc"] <= metrics(run)[0]["test_top5"] <= 100
     # eval finds CIFAR-10's store where it lives by default (./data/cifar10), not CIFAR-100's
     monkeypatch.chdir(tmp_path)
