@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, runtime
+from fastcifar import BadInput, __version__, provenance, runtime
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 SIZES = (32, 224)  # output sides in px: the stored 32 and the pretrained recipes' 224 (--size picks, in its order)
@@ -315,13 +315,8 @@ def host_info(device: torch.device) -> dict:
     info = {"fastcifar": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "device": device_label(device), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        import nvidia.dali
-
-        info["dali"] = nvidia.dali.__version__
-    except ImportError:
-        pass
-    return info
+    dali = provenance.version("nvidia.dali")
+    return {**info, "dali": dali} if dali else info
 
 
 class Stopped(Exception):
