@@ -80,10 +80,11 @@ def gpu_info(device: torch.device) -> dict | None:
 
 
 def data_info(store) -> dict:
-    """The store a run trains on: data set, where it came from and the checksums meta.json holds."""
+    """The store a run trains on: data set (cifar100, cifar10, or synthetic), where it came from and
+    the checksums meta.json holds."""
     meta = store.meta
     sums = meta.get("checksums") or {}
-    return {"dataset": "synthetic" if store.synthetic else "cifar100", "dir": str(Path(store.dir).resolve()),
+    return {"dataset": "synthetic" if store.synthetic else store.dataset, "dir": str(Path(store.dir).resolve()),
             "source": meta.get("source"), "counts": meta.get("counts"),
             "outputs_sha256": sums.get("outputs_sha256"), "source_md5": sums.get("source_md5")}
 
