@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, runtime
+from fastcifar import BadInput, __version__, provenance, runtime
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 SIZES = (32, 224)  # output sides in px: the stored 32 and the pretrained recipes' 224 (--size picks, in its order)
@@ -257,7 +257,7 @@ STAGES = {"pipeline": bench_pipeline, "train_step": bench_train_step, "end_to_en
 
 def headroom(rows: list[dict]) -> list[dict]:
     """Per pipeline backend, model and size: the loader's img/s with the tutorial's OneOf policy
-    (the heavier of the two measured) over the fastest train step's. Above 1 the device waits on
+    over the fastest train step's. Above 1 the device waits on
     compute, not on data; below 1 the pipeline is the bottleneck."""
     steps = {}
     for r in rows:
@@ -366,7 +366,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     if plot_path is not None:
         check_json_path(Path(plot_path), "--plot")
     store = bench_store(data_dir, quick, log)
-    meta = {**host_info(device), "quick": quick, "store": "synthetic" if store.synthetic else "cifar100"}
+    meta = {**host_info(device), "quick": quick, "store": provenance.data_info(store)["dataset"]}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
     rows, stopped = [], None
 

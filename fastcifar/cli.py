@@ -208,9 +208,9 @@ def bench(
 
     Each row gives images/s after warm-up (the median of several timed repeats; warm-up and compile time are reported apart).
 
-    - pipeline: each loader backend at 32 and 224 px, augmentation off and the tutorial's OneOf, beside the tutorial's per-sample DataLoader path.
+    - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path.
     - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP, then torch.compile.
-    - end_to_end: the default loader feeding the fastest step.
+    - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the fastest step.
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
     bench/pipeline.sh and bench/gpu_check.sh make the README and bench/RESULTS.md tables.
