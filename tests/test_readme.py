@@ -87,6 +87,10 @@ def test_each_synopsis_names_exactly_the_options_of_its_command():
         named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
         assert named <= opts, f"README's `fastcifar {name}` synopsis names {named - opts}, which it does not take"
         assert opts <= named, f"`fastcifar {name}` takes {opts - named}, which its README synopsis leaves out"
+        words = text.split()[2:]
+        positional = words[:next((i for i, w in enumerate(words) if w.startswith(("[", "--"))), len(words))]
+        metavars = [p.metavar for p in commands[name].params if p.param_type_name == "argument"]
+        assert positional == metavars, f"`fastcifar {name}` --help shows {metavars}, its README synopsis {positional}"
 
 
 def test_where_things_are_names_files_and_symbols_that_exist():
