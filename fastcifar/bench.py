@@ -218,7 +218,8 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
 def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
                      settings=None, sizes=SIZES, **_):
     """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
-    fastest step setting, with a training augmentation: what an epoch runs at, data included."""
+    ladder's last step setting (_ladder), with a training augmentation: what an epoch runs at,
+    data included."""
     from pipelines import AugSpec, make_loader
     from pipelines.loader import dali_available
 

@@ -210,7 +210,7 @@ def bench(
 
     - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path.
     - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP, then torch.compile.
-    - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the fastest step.
+    - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the last --setting (the ladder's top).
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
     bench/pipeline.sh and bench/gpu_check.sh make the README and bench/RESULTS.md tables.
