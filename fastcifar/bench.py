@@ -224,7 +224,8 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
 def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
                      settings=None, sizes=SIZES, **_):
     """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
-    fastest step setting, with a training augmentation: what an epoch runs at, data included."""
+    ladder's last step setting (_ladder), with a training augmentation: what an epoch runs at,
+    data included."""
     from pipelines import AugSpec, make_loader
     from pipelines.loader import dali_available
 
@@ -263,7 +264,7 @@ STAGES = {"pipeline": bench_pipeline, "train_step": bench_train_step, "end_to_en
 
 def headroom(rows: list[dict]) -> list[dict]:
     """Per pipeline backend, model and size: the loader's img/s with the tutorial's OneOf policy
-    (the heavier of the two measured) over the fastest train step's. Above 1 the device waits on
+    over the fastest train step's. Above 1 the device waits on
     compute, not on data; below 1 the pipeline is the bottleneck."""
     steps = {}
     for r in rows:
@@ -367,7 +368,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     if plot_path is not None:
         check_json_path(Path(plot_path), "--plot")
     store = bench_store(data_dir, quick, log)
-    meta = {**host_info(device), "quick": quick, "store": "synthetic" if store.synthetic else "cifar100"}
+    meta = {**host_info(device), "quick": quick, "store": provenance.data_info(store)["dataset"]}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
     rows, stopped = [], None
 

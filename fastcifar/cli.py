@@ -12,8 +12,8 @@ import typer
 from fastcifar import BadInput, __version__
 
 app = typer.Typer(
-    help="CIFAR-100 training at the speed of the GPU: prepare the data once, then train recipes "
-         "with a DALI (or torch) GPU pipeline, benchmark and report.",
+    help="CIFAR-100 (and CIFAR-10) training at the speed of the GPU: prepare the data once, then train "
+         "recipes with a DALI (or torch) GPU pipeline; benchmark, report, reproduce tables, export and predict.",
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion: commands, options, recipe names
     pretty_exceptions_enable=False,
@@ -160,8 +160,8 @@ def train(
 
 @app.command(name="eval")
 def evaluate(
-    checkpoint_ref: str = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint (.pt) or a run directory "
-                                         "(its best.pt)."),
+    checkpoint_ref: str = typer.Argument(..., metavar="RUN_OR_CHECKPOINT", help="A run directory (its best.pt), a "
+                                         "checkpoint (.pt) or a recipe name (its newest run under runs/)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     backend: Optional[str] = typer.Option(None, "--backend", help="Loader backend [default: the recipe's]."),
     batch_size: int = typer.Option(500, "--batch-size", help="Images per evaluation batch."),
@@ -208,9 +208,9 @@ def bench(
 
     Each row gives images/s after warm-up (the median of several timed repeats; warm-up and compile time are reported apart).
 
-    - pipeline: each loader backend at 32 and 224 px, augmentation off and the tutorial's OneOf, beside the tutorial's per-sample DataLoader path.
+    - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path.
     - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP, then torch.compile.
-    - end_to_end: the default loader feeding the fastest step.
+    - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the last --setting (the ladder's top).
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
     bench/pipeline.sh and bench/gpu_check.sh make the README and bench/RESULTS.md tables.
@@ -231,7 +231,8 @@ def bench(
 
 @app.command()
 def report(
-    runs: List[Path] = typer.Argument(..., help="Run directories, or folders of them (e.g. runs/)."),
+    runs: List[Path] = typer.Argument(..., metavar="RUN_DIR_OR_FOLDER...", help="Run directories, or folders of "
+                                      "them (e.g. runs/)."),
     out: Path = typer.Option(Path("report"), "--out", help="Where results.md and the PNG plots go."),
     sort: str = typer.Option("run", "--sort", help="Row order: run (as given), best_acc (highest first), "
                              "time_to_target (fastest to its train.target_acc first; runs that did not reach one last)."),

@@ -1,5 +1,7 @@
-"""Loss functions. Each returns a dict of parts: `loss` (what backward() sees) plus its terms,
-all computed in fp32 whatever precision the logits come in."""
+"""Where the loss is computed: the loss functions, and the objectives built on them that a training
+step calls (`Classify`, `Distill`, `MultiScale`: the Trainer picks one per run). Each returns a dict
+of parts: `loss` (what backward() sees) plus its terms, all in fp32 whatever precision the logits
+come in."""
 
 from __future__ import annotations
 

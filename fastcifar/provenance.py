@@ -81,7 +81,8 @@ def gpu_info(device: torch.device) -> dict | None:
 
 
 def data_info(store) -> dict:
-    """The store a run trains on: data set, where it came from and the checksums meta.json holds."""
+    """The store a run trains on: data set (cifar100, cifar10, synthetic or synthetic cifar10), where
+    it came from and the checksums meta.json holds."""
     meta = store.meta
     sums = meta.get("checksums") or {}
     # CIFAR-100 runs keep the labels they had before CIFAR-10 ("cifar100", "synthetic"), so report

@@ -73,9 +73,9 @@ class AugSpec:
     # the tutorial's policy: exactly one of these ops, with probability oneof_p
     oneof: tuple[str, ...] = ()
     oneof_p: float = 0.0
-    # an automatic augmentation policy, after the crop and flips: none | trivialaugment (one op per
-    # image, magnitude uniform over torchvision's 31 wide bins) | randaugment (ra_n ops per image,
-    # drawn with replacement, each at magnitude ra_m of 30)
+    # an automatic augmentation policy, its colour ops first and its geometry in the crop's warp:
+    # none | trivialaugment (one op per image, magnitude uniform over torchvision's 31 wide bins) |
+    # randaugment (ra_n ops per image, drawn with replacement, each at magnitude ra_m of 30)
     policy: str = "none"
     ra_n: int = 2
     ra_m: int = 9

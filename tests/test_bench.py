@@ -150,6 +150,19 @@ def test_json_is_rewritten_after_every_row_and_a_stop_keeps_the_rows(store, tmp_
     assert "train_step:" not in text  # a stage that never started has no table
 
 
+def test_meta_names_the_data_set_of_the_store(tmp_path, monkeypatch):
+    """A bench on a CIFAR-10 store says so in meta.store (the tables' caption), not cifar100."""
+    from cifar_fixture import write_official
+    from fastcifar.data import prepare
+
+    src, _ = write_official(tmp_path / "src", n_train=50, n_test=10, dataset="cifar10")
+    prepare(tmp_path / "c10", source=src, verify=False, dataset="cifar10", log=lambda *_: None)
+    monkeypatch.setitem(bench.STAGES, "pipeline", lambda **_: iter(()))
+    bench.run(stages=["pipeline"], json_path=tmp_path / "b.json", quick=True, data_dir=tmp_path / "c10", device="cpu",
+              log=lambda *_: None)
+    assert json.loads((tmp_path / "b.json").read_text())["meta"]["store"] == "cifar10"
+
+
 def test_cli_bench_stopped_by_sigterm_keeps_what_it_measured(store, tmp_path):
     """A job's time limit (SIGTERM) in the middle of a bench: exit 130, no traceback, the rows
     measured so far printed and in --json."""

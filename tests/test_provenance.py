@@ -51,6 +51,17 @@ def test_collect_names_software_hardware_data_and_command(store, monkeypatch):
         assert p["git"]["commit"] == head and isinstance(p["git"]["dirty"], bool)
 
 
+def test_data_names_the_data_set_of_a_real_store(store, tmp_path):
+    """A CIFAR-10 store is named cifar10 (report tells its runs from CIFAR-100's by it), not cifar100."""
+    import types
+
+    for dataset in ("cifar100", "cifar10"):
+        real = types.SimpleNamespace(meta={"dataset": dataset, "checksums": {}}, synthetic=False, dataset=dataset,
+                                     dir=tmp_path)
+        assert provenance.data_info(real)["dataset"] == dataset
+    assert provenance.data_info(store)["dataset"] == "synthetic"
+
+
 def git(repo, *args):
     subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
                    env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
