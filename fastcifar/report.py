@@ -184,7 +184,7 @@ def results_table(runs: list[Run], skipped: list = (), warnings: list[str] = ())
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
     if any(r.summary.get("synthetic") for r in runs):
         notes.append("Runs marked *synthetic data* trained on the generated stand-in set (`fastcifar prepare "
-                     "--synthetic`): their accuracies say nothing about CIFAR-100.")
+                     "--synthetic`): their accuracies say nothing about the real CIFAR-100 or CIFAR-10.")
     if with_val:
         notes.append("Runs with a validation split chose their epoch on validation; the test accuracy at that "
                      "epoch is the honest figure. 'Best test acc' picks the epoch on the test set, as the tutorial did.")

@@ -150,6 +150,7 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
         impl = TutorialBackend(*args)
     loader = Loader(impl, rows, batch_size, seed, shard, shuffle, drop_last, train, multi)
     if train and loader.num_batches == 0:
-        raise BadInput(f"batch_size = {batch_size} is larger than this shard's {len(rows) // world} images, "
-                       f"so a training epoch would have no batch; lower it or pass drop_last=False.")
+        raise BadInput(f"A training batch of {batch_size} images is larger than this shard's {len(rows) // world} "
+                       f"images, so a training epoch would have no batch; lower data.batch_size or set "
+                       f"data.drop_last=false (from Python: make_loader(..., drop_last=False)).")
     return loader

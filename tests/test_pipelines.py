@@ -138,7 +138,7 @@ def test_bad_input(store):
         make_loader(store, "train", AugSpec(), 10, backend="jax")
     with pytest.raises(BadInput, match="shard"):
         make_loader(store, "train", AugSpec(), 10, backend="torch", shard=(3, 3))
-    with pytest.raises(BadInput, match="no batch"):
+    with pytest.raises(BadInput, match="no batch; lower data.batch_size or set data.drop_last=false"):
         make_loader(store, "train", AugSpec(), 10_000, backend="torch")
     with pytest.raises(BadInput, match="drop_last"):
         make_loader(store, "test", AugSpec(), 10, backend="torch", drop_last=True)

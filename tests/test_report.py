@@ -60,7 +60,7 @@ def test_table_has_tutorial_shape_and_flags(tmp_path):
                                              "44.26% (2)", "41.00%", "3/3", "0m 30s", "1,234"]
     assert "synthetic data" in _row(table, "smoke-1")[1]
     assert "synthetic data" not in _row(table, "r18_baseline-1")[1]
-    assert "say nothing about CIFAR-100" in table
+    assert "say nothing about the real CIFAR-100 or CIFAR-10" in table
     assert _row(table, "slow")[6] == "1h 02m"
 
 
