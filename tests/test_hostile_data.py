@@ -446,6 +446,24 @@ def test_cli_synthetic_train_out_of_bounds_is_exit_2_at_once(tmp_path, n):
     assert time.time() - t < 60 and not (tmp_path / "syn").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--synthetic", "--seed", "-1"], "--seed -1"),
+    (["--train", "300"], "--train shapes a --synthetic data set only"),
+    (["--seed", "3", "--test", "50"], "--test and --seed shape a --synthetic"),
+    (["--from", "{fifo}"], "is neither a file nor a directory"),
+    (["--from", "{dangling}"], "a link that leads nowhere"),
+])
+def test_cli_prepare_options_that_cannot_apply_are_exit_2_at_once(tmp_path, args, message):
+    os.mkfifo(tmp_path / "fifo")  # reading it would wait for a writer for ever
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.tar.gz")
+    args = [a.format(fifo=tmp_path / "fifo", dangling=tmp_path / "dangling") for a in args]
+    if "--from" not in args and "--synthetic" not in args:
+        args += ["--from", str(tmp_path / "missing.tar.gz")]  # never a download, bug or not
+    r = _cli("prepare", *args, "--data-dir", str(tmp_path / "store"))
+    _one_paragraph_exit_2(r, message)
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "fifo"]
+
+
 def test_synthetic_store_larger_than_the_free_disk_is_refused_before_writing(tmp_path, monkeypatch):
     import shutil
 
