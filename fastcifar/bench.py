@@ -10,6 +10,7 @@ closed by a device sync; the row reports the median repeat.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -330,7 +331,8 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     (after every row: meta.complete says whether the bench ran to its end) and the picture
     (plot()) if asked; returns the rows. Ctrl-C or SIGTERM: the same for the rows measured so far,
     then Stopped."""
-    stages = list(stages or STAGES)
+    # a flag given twice is measured once (as --size), not its stage or model all over again
+    stages, backends, models = (list(dict.fromkeys(x)) if x else x for x in (stages or STAGES, backends, models))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise BadInput(f"Unknown bench stage {unknown[0]!r}; the stages are: {', '.join(STAGES)}.")
@@ -354,7 +356,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         if bad:
             raise BadInput(f"--model {bad[0]!r} is not a timm model name (see timm.list_models()).")
     try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, ValueError, TypeError):
         raise BadInput(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.")
     if device.type not in ("cpu", "cuda"):
@@ -363,6 +365,9 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         raise BadInput(f"--device {device} asked for a GPU, but torch sees none here; use --device cpu.")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise BadInput(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0.")
+    if json_path is not None and plot_path is not None and _same_file(Path(json_path), Path(plot_path)):
+        raise BadInput(f"--json {json_path} and --plot {plot_path} name the same file; the picture would replace "
+                       f"the JSON. Give each its own path.")
     if json_path is not None:
         check_json_path(Path(json_path))  # now, not after minutes of benchmarking
     if plot_path is not None:
@@ -381,11 +386,19 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     with runtime.backend_settings(deterministic=False), runtime.sigterm_as_ctrl_c():
         try:
             for name in stages:
-                for row in STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size,
-                                        backends=backends, models=models, settings=settings, sizes=sizes, log=log):
-                    rows.append(row)
-                    vs_tutorial(rows)
-                    save(complete=False)
+                try:
+                    for row in STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size,
+                                            backends=backends, models=models, settings=settings, sizes=sizes, log=log):
+                        rows.append(row)
+                        vs_tutorial(rows)
+                        save(complete=False)
+                except torch.OutOfMemoryError as e:
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    kept = f" The {len(rows)} rows measured before are in {json_path} (meta.complete: false)." \
+                        if json_path is not None and rows else ""
+                    raise BadInput(f"The {name} stage ran out of device memory at --batch-size {batch_size} on "
+                                   f"{device_label(device)} ({first[:200]}); use a smaller --batch-size, or a smaller "
+                                   f"--model or --size.{kept}")
         except KeyboardInterrupt:
             stopped = f"Stopped after {len(rows)} row{'s' * (len(rows) != 1)}; the tables below hold them."
             log(f"\n{stopped}")
@@ -408,11 +421,40 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     return rows
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _bench_output(path: Path, option: str) -> bool:
+    """Whether the file at path is one the bench wrote (a bench JSON {meta, rows}, or a matplotlib
+    PNG) or empty: only those may be replaced."""
+    try:
+        if path.stat().st_size == 0:
+            return True
+        with open(path, "rb") as f:
+            head = f.read(1 << 12)  # a PNG's text chunks (matplotlib's Software tag) precede its pixels
+            if option == "--plot":
+                return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
+            if path.stat().st_size > 64 << 20:  # far more than any bench JSON: not one
+                return False
+            obj = json.loads(head + f.read())
+        return isinstance(obj, dict) and {"meta", "rows"} <= set(obj)
+    except (OSError, ValueError):
+        return False
+
+
 def check_json_path(path: Path, option: str = "--json") -> None:
-    """BadInput unless a file can be written at path (its folder is made if missing)."""
+    """BadInput unless a file can be written at path (its folder is made if missing) without
+    replacing anything but an earlier bench output."""
     example = "bench.json" if option == "--json" else "bench.png"
     if path.is_dir():
         raise BadInput(f"{option} {path} is a directory; give a file path such as {path / example}.")
+    if option == "--plot" and path.suffix.lower() != ".png":
+        raise BadInput(f"--plot {path}: the picture is a PNG; name it *.png, e.g. {path.with_suffix('.png')}.")
+    if os.path.lexists(path) and not (path.is_file() and _bench_output(path, option)):
+        what = "a bench JSON" if option == "--json" else "a bench picture"
+        raise BadInput(f"{option} {path} already exists and is not {what} (fastcifar replaces only its own): move "
+                       f"it away, or choose another {option} path.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):  # a file made and removed: the folder takes new files

@@ -55,9 +55,11 @@ def prepare(
                                    "differ from the official ones (it is still validated in full)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Generate a learnable stand-in data set (classes "
                                    "told apart by shape, texture and colour) for machines without internet."),
-    n_train: int = typer.Option(50000, "--train", help="Synthetic train images (1 to 2,000,000)."),
-    n_test: int = typer.Option(10000, "--test", help="Synthetic test images (1 to 2,000,000)."),
-    seed: int = typer.Option(0, "--seed", help="Synthetic data seed."),
+    n_train: Optional[int] = typer.Option(None, "--train", help="Synthetic train images (1 to 2,000,000) "
+                                          "[default: 50000]."),
+    n_test: Optional[int] = typer.Option(None, "--test", help="Synthetic test images (1 to 2,000,000) "
+                                         "[default: 10000]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Synthetic data seed, 0 or more [default: 0]."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a complete store from the same source exists."),
 ):
@@ -73,8 +75,14 @@ def prepare(
 
     if synthetic and source is not None:
         raise BadInput("--synthetic and --from exclude each other: pick one source.")
-    run_prepare(data_dir=data_dir, source=source, synthetic=synthetic, n_train=n_train, n_test=n_test,
-                seed=seed, verify=not no_verify, force=force, dataset=dataset)
+    given = [flag for flag, v in (("--train", n_train), ("--test", n_test), ("--seed", seed)) if v is not None]
+    if given and not synthetic:  # the official data's splits are fixed: a subset is data.subset at training
+        raise BadInput(f"{' and '.join(given)} shape{'s' * (len(given) == 1)} a --synthetic data set only, and the "
+                       f"official one has fixed splits; add --synthetic, or drop {' and '.join(given)} (to train on "
+                       f"part of the official data, set data.subset).")
+    run_prepare(data_dir=data_dir, source=source, synthetic=synthetic, n_train=50000 if n_train is None else n_train,
+                n_test=10000 if n_test is None else n_test, seed=seed or 0, verify=not no_verify, force=force,
+                dataset=dataset)
 
 
 @app.command()

@@ -855,6 +855,8 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
     if synthetic and not (1 <= n_train <= SYNTHETIC_MAX and 1 <= n_test <= SYNTHETIC_MAX):
         raise BadInput(f"--train and --test must be at least 1 and at most {SYNTHETIC_MAX:,} synthetic images "
                        f"(got {n_train:,} and {n_test:,}); {title} has 50,000 and 10,000.")
+    if synthetic and seed < 0:  # numpy's generators take seeds of 0 and up (of any size)
+        raise BadInput(f"--seed {seed}: a synthetic data seed is a whole number of 0 or more.")
     check_replaceable(dest, None if synthetic or source is None else Path(source),
                        from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))
     _recover(_real(dest), log)
@@ -920,7 +922,11 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
 
     source = Path(source)
     if not source.exists():
-        raise BadInput(f"{source} does not exist; --from takes a {o['tarball']} or its extracted directory.")
+        what = "is a link that leads nowhere (dangling, or a loop)" if os.path.lexists(source) else "does not exist"
+        raise BadInput(f"{source} {what}; --from takes a {o['tarball']} or its extracted directory.")
+    if not (source.is_file() or source.is_dir()):  # a FIFO or a device: reading it could block or never end
+        raise BadInput(f"{source} is neither a file nor a directory (a FIFO, socket or device); --from takes a "
+                       f"{o['tarball']} or its extracted directory.")
     stat = _source_stat(source, dataset)
     if existing:
         old = existing["source"]

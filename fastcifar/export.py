@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,9 @@ N_CHECK = 8  # images the export check runs through both sides
 # of the logit scale here, while a broken export (training-mode BN, a margin applied, a wrong
 # stem) moves logits by a large fraction of it.
 REL_TOL = 1e-3
+# Largest input side a card may ask for: 64 images at 4096 px are 13 GB of float32 input. A card
+# is read from a file, and a hostile one must not make predict allocate terabytes.
+MAX_SIDE = 4096
 
 
 class CheckFailed(Exception):
@@ -114,9 +118,10 @@ def check_card(c, where) -> dict:
         n, names, p = c["num_classes"], c["class_names"], c["preprocess"]
         if not (isinstance(names, list) and all(isinstance(s, str) for s in names) and len(names) == n):
             bad(f"{len(names) if isinstance(names, list) else 'no'} class names for {n} classes")
-        if not (isinstance(p["image_size"], int) and p["image_size"] >= 8 and p["interpolation"] in INTERPOLATIONS):
-            bad(f"input size {p['image_size']!r}, interpolation {p['interpolation']!r}")
-        if not all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+        if not (type(p["image_size"]) is int and 8 <= p["image_size"] <= MAX_SIDE
+                and p["interpolation"] in INTERPOLATIONS):
+            bad(f"input size {p['image_size']!r} (8 to {MAX_SIDE} px), interpolation {p['interpolation']!r}")
+        if not all(isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in v)
                    for v in (p["mean"], p["std"])) or min(p["std"]) <= 0:
             bad(f"mean {p['mean']!r}, std {p['std']!r}")
         if not (isinstance(c["model"]["name"], str) and isinstance(c["model"]["cifar_stem"], bool)):
@@ -125,13 +130,17 @@ def check_card(c, where) -> dict:
         if h["kind"] not in HEADS or not set(h) <= {"kind", "s", "m", "embed_dim"} \
                 or (h["kind"] != "linear" and not (isinstance(h["embed_dim"], int) and isinstance(h["s"], (int, float)))):
             bad(f"head {h!r}")
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, OverflowError) as e:  # OverflowError: an integer beyond any float
         bad(f"{type(e).__name__}: {e}")
     return c
 
 
 def net_from_card(c: dict, state: dict, where) -> Net:
-    """The Net an export's card and weights describe."""
+    """The Net an export's card and weights describe (BadInput where they disagree)."""
+    n = num_classes(state, c["head"]["kind"], where)
+    if n != c["num_classes"]:
+        raise BadInput(f"{where}: its weights have {n} classes, but its fastcifar metadata names {c['num_classes']}; "
+                       f"the file was altered after `fastcifar export`. Export the model again.")
     return net_from_state(Model(name=c["model"]["name"], cifar_stem=bool(c["model"]["cifar_stem"])),
                           Head(**c["head"]), state, where)
 
@@ -319,7 +328,22 @@ def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
             raise BadInput(f"{path} already exists; pass --force to replace it, or choose another --out.")
         if not path.is_file():
             raise BadInput(f"{path} exists and is not a regular file; choose another --out.")
+        if fmt == "timm" and _is_checkpoint(path):  # e.g. the run's last.pt, or another run's best.pt
+            raise BadInput(f"--out {path} is a fastcifar checkpoint (a run's, to resume or evaluate), which --force "
+                           f"does not replace; choose another --out (default: {default_out(src, fmt).name} beside "
+                           f"the checkpoint).")
+    # now, not after the export and its check (an existing file, replaced with --force: its folder)
+    checkpoint.check_writable_parent(path.parent if path.exists() else path)
     return path
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether path holds a fastcifar checkpoint (a dict with its model and recipe)."""
+    try:
+        ck = checkpoint.torch_load(path)
+    except BadInput:
+        return False
+    return isinstance(ck, dict) and "model" in ck and "recipe" in ck
 
 
 def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=print) -> Path:

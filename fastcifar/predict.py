@@ -54,7 +54,16 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
             c = ex.check_card(json.loads(meta), p)
         except ValueError as e:
             raise BadInput(f"{p}: its fastcifar metadata is not JSON ({e}).")
-        return c, lambda x: ex.run_onnx(sess, x), kind
+
+        def run_onnx(x):
+            try:
+                return ex.run_onnx(sess, x)
+            except Exception as e:  # onnxruntime's own types: an input shape or dtype the model does not take
+                raise BadInput(f"{p} does not run on the input its fastcifar metadata describes (float32 batches of "
+                               f"3x{c['preprocess']['image_size']}x{c['preprocess']['image_size']}): {type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:300] if str(e) else ''}. Export the model again.")
+
+        return c, run_onnx, kind
     if kind == "safetensors":
         ex.require("fastcifar predict on a .safetensors export", ("safetensors",))
         c, state = ex.read_safetensors(p)
@@ -116,6 +125,8 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)  # decodes the whole image: a truncated file fails here
+            if im.mode == "P" and "transparency" in im.info:
+                im = im.convert("RGBA")  # what Pillow warns (on stderr) that convert("RGB") should go through
             if im.mode.startswith("I;16") or im.mode == "I":
                 # Pillow's convert() clips 16-bit values to 255 instead of scaling them
                 a = np.asarray(im, dtype=np.float64).clip(0, 65535) / 257
@@ -158,6 +169,9 @@ def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
                     log(f"skipped {f}: {e}")
             if images:
                 logits = torch.as_tensor(np.asarray(run(ex.preprocess(torch.from_numpy(np.stack(images)), c))))
+                if logits.shape != (len(images), c["num_classes"]):  # an export's graph and card disagree
+                    raise BadInput(f"{ref} gives logits of shape {tuple(logits.shape)} for {len(images)} images, but "
+                                   f"its fastcifar metadata names {c['num_classes']} classes; export the model again.")
                 prob, idx = torch.softmax(logits.float(), 1).topk(k, 1)
                 preds += [{"file": str(f), "top": [{"class": names[j], "index": j, "prob": round(q, 6)}
                                                    for q, j in zip(pr.tolist(), ix.tolist())]}

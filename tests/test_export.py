@@ -285,6 +285,20 @@ def test_read_image_makes_any_picture_a_32px_rgb_cifar_image(tmp_path):
             read_image(tmp_path / bad)
 
 
+def test_a_palette_image_with_alpha_is_read_without_a_pillow_warning(tmp_path):
+    import warnings
+
+    rgba = np.random.default_rng(0).integers(0, 4, (32, 32, 4), dtype=np.uint8) * 85  # 256 colours with alpha
+    Image.fromarray(rgba).quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+        tmp_path / "pal.png")
+    with Image.open(tmp_path / "pal.png") as im:
+        assert im.mode == "P" and isinstance(im.info.get("transparency"), bytes)
+        expected = np.asarray(im.convert("RGBA"))[..., :3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's "should be converted to RGBA" would be a line on the user's stderr
+        assert np.array_equal(read_image(tmp_path / "pal.png"), expected)
+
+
 def _palette(path: Path, rgb: np.ndarray) -> Path:
     Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE).save(path)
     assert Image.open(path).mode == "P"
@@ -337,6 +351,35 @@ def test_predict_prints_each_file_then_its_classes(runs, data, tmp_path, monkeyp
     assert old.out.splitlines()[1:6] == lines[1:6]
 
 
+@pytest.fixture(scope="module")
+def crafted(runs, data, onnx_files, tmp_path_factory):
+    """Exports of the linear run whose fastcifar metadata was changed after export: 10 classes named
+    for 100 logits, a NaN mean, a 100000 px input side, a std beyond any float, and (ONNX) a side
+    the graph does not take."""
+    import onnx
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("crafted")
+    c, state = ex.read_safetensors(ex.export(runs / "linear", "safetensors", out=d / "good.safetensors",
+                                             data_dir=data, log=QUIET))
+    few = dict(c, num_classes=10, class_names=c["class_names"][:10])
+    nan = copy.deepcopy(c)
+    nan["preprocess"]["mean"] = [float("nan")] * 3
+    huge = copy.deepcopy(c)
+    huge["preprocess"]["image_size"] = 100000
+    vast = copy.deepcopy(c)
+    vast["preprocess"]["std"] = [10 ** 400] * 3  # an integer beyond any float
+    for name, card in (("classes", few), ("nan_mean", nan), ("huge_side", huge), ("vast_std", vast)):
+        save_file(state, str(d / f"{name}.safetensors"), metadata={ex.CARD_KEY: json.dumps(card)})
+    side = copy.deepcopy(c)
+    side["preprocess"]["image_size"] = 48  # the graph takes 32x32
+    for name, card in (("side", side), ("classes", few)):
+        model = onnx.load(str(onnx_files["linear"]))
+        next(p for p in model.metadata_props if p.key == ex.CARD_KEY).value = json.dumps(card)
+        onnx.save(model, str(d / f"{name}.onnx"))
+    return d
+
+
 @pytest.mark.parametrize("args, message", [
     (["predict", "{run}", "{empty}"], "No image to predict"),
     (["predict", "{run}", "{text}"], "not an image"),
@@ -351,14 +394,23 @@ def test_predict_prints_each_file_then_its_classes(runs, data, tmp_path, monkeyp
     (["export", "{run}", "--format", "safetensors", "--out", "{text}"], "*.safetensors"),
     (["export", "{run}", "--format", "safetensors", "--out", "{user_st}"], "--force"),
     (["export", "{run}", "--format", "timm", "--out", "{run}/best.pt", "--force"], "the checkpoint being exported"),
-    (["export", "{run}", "--format", "safetensors", "--out", "{text}/x.safetensors"], "Cannot write"),
+    (["export", "{run}", "--format", "safetensors", "--out", "{text}/x.safetensors"], "is not a writable directory"),
+    # --force replaces an export, never a run's checkpoint (here the run's last.pt: its resume point)
+    (["export", "{run}", "--format", "timm", "--out", "{run}/last.pt", "--force"], "is a fastcifar checkpoint"),
+    # exports whose fastcifar metadata was altered after export (a hostile or damaged file)
+    (["predict", "{crafted}/classes.safetensors", "{img}"], "its weights have 100 classes"),
+    (["predict", "{crafted}/nan_mean.safetensors", "{img}"], "unusable (mean [nan"),
+    (["predict", "{crafted}/huge_side.safetensors", "{img}"], "unusable (input size 100000"),
+    (["predict", "{crafted}/vast_std.safetensors", "{img}"], "unusable (OverflowError"),
+    (["predict", "{crafted}/side.onnx", "{img}"], "does not run on the input"),
+    (["predict", "{crafted}/classes.onnx", "{img}"], "names 10 classes"),
 ])
-def test_bad_input_exits_2_and_leaves_files_alone(runs, data, tmp_path, monkeypatch, capsys, args, message):
+def test_bad_input_exits_2_and_leaves_files_alone(runs, data, crafted, tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "empty").mkdir()
     paths = {"run": runs / "linear", "empty": tmp_path / "empty", "text": tmp_path / "notes.txt",
              "img": _write(tmp_path / "img.png", np.zeros((32, 32, 3), np.uint8)), "nowhere": tmp_path / "nowhere",
              "fake_onnx": tmp_path / "fake.onnx", "plain_st": tmp_path / "plain.safetensors",
-             "user_st": tmp_path / "mine.safetensors"}
+             "user_st": tmp_path / "mine.safetensors", "crafted": crafted}
     paths["text"].write_text("a user's notes")
     paths["fake_onnx"].write_bytes(b"\x08\x07garbage")
     from safetensors.torch import save_file
@@ -372,6 +424,23 @@ def test_bad_input_exits_2_and_leaves_files_alone(runs, data, tmp_path, monkeypa
     assert "\nerror: " in "\n" + out.err  # the one-paragraph message
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or changed
     assert {p.name: p.stat().st_mtime_ns for p in (runs / "linear").iterdir()} == run_files
+
+
+def test_an_unwritable_out_is_refused_before_the_checkpoint_is_loaded(runs, data, tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("a user's notes")
+    monkeypatch.setattr(ex.checkpoint, "load", lambda *a, **k: pytest.fail("loaded the checkpoint first"))
+    with pytest.raises(BadInput, match="is not a writable directory"):  # not after a minute of ONNX export
+        ex.export(runs / "linear", "onnx", out=tmp_path / "notes.txt" / "model.onnx", data_dir=data, log=QUIET)
+
+
+def test_force_replaces_a_timm_export_but_not_a_checkpoint(runs, data, tmp_path):
+    path = ex.export(runs / "linear", "timm", out=tmp_path / "model.pth", data_dir=data, log=QUIET)
+    assert ex.export(runs / "linear", "timm", out=path, force=True, data_dir=data, log=QUIET) == path
+    checkpoint.save(tmp_path / "other-run.pt", checkpoint.load(runs / "linear" / "best.pt"))
+    before = (tmp_path / "other-run.pt").read_bytes()
+    with pytest.raises(BadInput, match="is a fastcifar checkpoint"):
+        ex.export(runs / "linear", "timm", out=tmp_path / "other-run.pt", force=True, data_dir=data, log=QUIET)
+    assert (tmp_path / "other-run.pt").read_bytes() == before
 
 
 def test_out_force_and_directory(runs, data, tmp_path, monkeypatch, capsys):

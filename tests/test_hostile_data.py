@@ -446,6 +446,24 @@ def test_cli_synthetic_train_out_of_bounds_is_exit_2_at_once(tmp_path, n):
     assert time.time() - t < 60 and not (tmp_path / "syn").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--synthetic", "--seed", "-1"], "--seed -1"),
+    (["--train", "300"], "--train shapes a --synthetic data set only"),
+    (["--seed", "3", "--test", "50"], "--test and --seed shape a --synthetic"),
+    (["--from", "{fifo}"], "is neither a file nor a directory"),
+    (["--from", "{dangling}"], "a link that leads nowhere"),
+])
+def test_cli_prepare_options_that_cannot_apply_are_exit_2_at_once(tmp_path, args, message):
+    os.mkfifo(tmp_path / "fifo")  # reading it would wait for a writer for ever
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone.tar.gz")
+    args = [a.format(fifo=tmp_path / "fifo", dangling=tmp_path / "dangling") for a in args]
+    if "--from" not in args and "--synthetic" not in args:
+        args += ["--from", str(tmp_path / "missing.tar.gz")]  # never a download, bug or not
+    r = _cli("prepare", *args, "--data-dir", str(tmp_path / "store"))
+    _one_paragraph_exit_2(r, message)
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "fifo"]
+
+
 def test_synthetic_store_larger_than_the_free_disk_is_refused_before_writing(tmp_path, monkeypatch):
     import shutil
 
@@ -583,6 +601,73 @@ def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path):
              env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
     _one_paragraph_exit_2(r, tmp_path / "afile" / "b.json")
     assert time.time() - t < 60 and sorted(os.listdir(tmp_path)) == ["afile"]  # no synthetic store made first
+
+
+def _bench_paths(tmp_path: Path) -> dict:
+    """A user's JSON and picture, an earlier bench's JSON and picture, and an empty file."""
+    from PIL import Image
+
+    from fastcifar import bench
+
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    Image.new("RGB", (4, 4)).save(tmp_path / "holiday.png")
+    (tmp_path / "old.json").write_text(json.dumps({"meta": {}, "rows": []}))
+    bench.plot({"meta": {}, "rows": [], "headroom": [{"pipeline": "torch", "model": "m", "image_size": 32,
+                                                      "headroom": 2.0}]}, tmp_path / "old.png")
+    (tmp_path / "empty.json").write_text("")
+    return {name: tmp_path / name for name in ("notes.json", "holiday.png", "old.json", "old.png", "empty.json")}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "{tmp}/b.json", "--plot", "{tmp}/b.json"], "name the same file"),
+    (["--plot", "{tmp}/bench.jpg"], "name it *.png"),
+    (["--json", "{tmp}/notes.json"], "already exists and is not a bench JSON"),
+    (["--plot", "{tmp}/holiday.png"], "already exists and is not a bench picture"),
+    (["--device", ""], "--device ''"),
+])
+def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_path, args, message):
+    paths = _bench_paths(tmp_path)
+    before = _tree(tmp_path)
+    r = _cli("bench", "--quick", "--stage", "pipeline", *[a.format(tmp=tmp_path) for a in args],
+             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
+    _one_paragraph_exit_2(r, message)
+    assert _tree(tmp_path) == before and paths  # nothing written, replaced or made (no synthetic store)
+
+
+def test_bench_replaces_only_its_own_outputs(tmp_path, bench_spy):
+    bench, ran = bench_spy
+    paths = _bench_paths(tmp_path)
+    bench.check_json_path(paths["empty.json"])  # an empty file holds nothing to lose
+    bench.check_json_path(paths["old.png"], "--plot")
+    bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=paths["old.json"], log=lambda *_: None)
+    assert json.loads(paths["old.json"].read_text())["meta"]["complete"] is True
+
+
+def test_bench_measures_a_stage_or_model_named_twice_once(bench_spy, monkeypatch):
+    bench, ran = bench_spy
+    seen = []
+    monkeypatch.setitem(bench.STAGES, "train_step", lambda models, backends, **k: seen.append((models, backends)) or [])
+    bench.run(stages=["train_step", "pipeline", "train_step"], models=["test_resnet", "test_resnet"],
+              backends=["torch", "torch"], quick=True, device="cpu", log=lambda *_: None)
+    assert ran == ["store", "pipeline"] and seen == [(["test_resnet"], ["torch"])]
+
+
+def test_bench_out_of_device_memory_is_bad_input_keeping_the_rows(tmp_path, bench_spy, monkeypatch):
+    import torch
+
+    bench, ran = bench_spy
+
+    def stage(**k):
+        yield {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "none", "images_per_sec": 1}
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 600.00 TiB")
+
+    monkeypatch.setitem(bench.STAGES, "pipeline", stage)
+    with pytest.raises(BadInput, match=r"ran out of device memory at --batch-size 1000000000 .* smaller --batch-size"
+                                       r".* 1 rows measured before are in"):
+        bench.run(stages=["pipeline"], quick=True, device="cpu", batch_size=10 ** 9, json_path=tmp_path / "b.json",
+                  log=lambda *_: None)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert len(saved["rows"]) == 1 and saved["meta"]["complete"] is False
 
 
 # ---- 8. report over a folder where some runs died early or are damaged
