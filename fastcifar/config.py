@@ -565,10 +565,13 @@ def _is_path(ref: str) -> bool:
 
 def find(ref: str) -> Path:
     """The recipe file for a path or a name."""
+    if not ref.strip():
+        raise BadInput("The recipe name is empty: name a recipe (`fastcifar recipes` lists them) or give a path.")
     if _is_path(ref):
         p = Path(ref)
         if not p.is_file():
-            raise BadInput(f"Recipe file {ref} does not exist.")
+            what = "is a directory" if p.is_dir() else "is not a regular file" if p.exists() else "does not exist"
+            raise BadInput(f"Recipe file {ref} {what}; give a recipe file (a .py defining recipe()) or a recipe name.")
         return p
     recipes = available()
     if ref not in recipes:
@@ -617,17 +620,24 @@ def load(ref: str) -> tuple[Recipe, dict]:
     """(Recipe, info) from a recipe path or name; info = {name, description, parent, path, source}."""
     path = _resolve(ref)
     name = path.stem
+    try:  # the text each run keeps as recipe.py: read once, before it runs
+        source = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"Recipe {path} is not UTF-8 text (byte {e.start}); a recipe is a Python file saved as UTF-8, "
+                       f"which each run keeps beside its results as recipe.py. Save it as UTF-8.")
+    except OSError as e:
+        raise BadInput(f"Cannot read the recipe {path} ({e.strerror or e}).")
     spec = importlib.util.spec_from_file_location(f"fastcifar_recipe_{name}", path)
     module = importlib.util.module_from_spec(spec)
     _loading.append((path, []))
     try:
         try:
             spec.loader.exec_module(module)
-        except BadInput:
+        except (BadInput, KeyboardInterrupt):
             raise
         except SystemExit as e:
             raise BadInput(f"Recipe {path} called sys.exit({e.code!r}) while loading; a recipe only defines recipe().")
-        except Exception as e:
+        except BaseException as e:  # GeneratorExit or a recipe's own BaseException too: still the recipe's fault
             raise BadInput(f"Recipe {path} failed to load: {type(e).__name__}: {e}.")
         fn = getattr(module, "recipe", None)
         if not callable(fn):
@@ -635,11 +645,11 @@ def load(ref: str) -> tuple[Recipe, dict]:
                            f"`def recipe() -> Recipe`.")
         try:
             r = fn()
-        except BadInput:
+        except (BadInput, KeyboardInterrupt):
             raise
         except SystemExit as e:
             raise BadInput(f"Recipe {path}: recipe() called sys.exit({e.code!r}); it should return a Recipe.")
-        except Exception as e:
+        except BaseException as e:
             raise BadInput(f"Recipe {path}: recipe() raised {type(e).__name__}: {e}.")
         parents = _loading[-1][1]
     finally:
@@ -652,7 +662,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         raise BadInput(f"Recipe {path}: {e}")
     doc = inspect.getdoc(module) or ""
     info = {"name": name, "description": doc.strip().splitlines()[0] if doc.strip() else "",
-            "path": str(path), "source": path.read_text()}
+            "path": str(path), "source": source}
     if parents:
         info["parent"] = parents[0]
     return r, info

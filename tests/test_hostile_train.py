@@ -3,6 +3,7 @@ nothing of a run (or of the user's) is lost or half-written. The resume contract
 exactly as it was, on its own store, changing only what cannot change its meaning."""
 
 import json
+import os
 import resource
 import signal
 import sys
@@ -172,6 +173,8 @@ def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path
     ("r.optim.betas = 0.9", "expected 2 comma-separated"),
     ("r.train = 5", "section train was replaced"),
     ("import sys; sys.exit(3)", "sys.exit(3)"),
+    ("raise GeneratorExit", "raised GeneratorExit"),  # BaseExceptions that are not Ctrl-C are the recipe's fault too
+    ("raise type('Stop', (BaseException,), {})('stop')", "raised Stop: stop"),
 ])
 def test_recipes_with_wrong_types_or_sys_exit_exit_2(tmp_path, monkeypatch, capsys, body, message):
     (tmp_path / "bad.py").write_text(f'"""A careless recipe."""\nfrom fastcifar.config import Recipe\n\n\n'
@@ -186,3 +189,21 @@ def test_a_recipe_exiting_at_import_exits_2(tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "train", tmp_path / "exits.py")
     assert code == 2 and one_paragraph(err) and "sys.exit" in err
     assert sys.modules.get("fastcifar_recipe_exits") is None
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b'"""Caf\xe9."""\n# -*- coding: latin-1 -*-\ndef recipe():\n    pass\n'), "not UTF-8 text"),
+    (lambda p: p.write_bytes(b"\x7fELF\x00\x01garbage\xff"), "not UTF-8 text"),
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: os.mkfifo(p), "is not a regular file"),  # never opened: reading a FIFO would hang
+])
+def test_recipe_files_that_are_not_recipes_exit_2(tmp_path, monkeypatch, capsys, make, message):
+    make(tmp_path / "bad.py")
+    code, _, err = cli(monkeypatch, capsys, "train", tmp_path / "bad.py", "--out", tmp_path / "run")
+    assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_recipe_name_exits_2(tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "train", "", "--out", tmp_path / "run")
+    assert code == 2 and one_paragraph(err) and "recipe name is empty" in err, err
