@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,7 +234,7 @@ class Train:
             ("epochs", lambda v: v >= 1, "must be at least 1"),
             ("seed", lambda v: 0 <= v < 2 ** 32, "must lie in 0 .. 2**32 - 1 (numpy and torch seeds are unsigned)"),
             ("log_every", lambda v: v >= 1, "must be at least 1"),
-            ("device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+            ("device", lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None,
              "must be auto, cpu, cuda or cuda:N"),
             ("target_acc", lambda v: 0.0 <= v <= 100.0, "is a top-1 accuracy in percent and must lie in [0, 100] (0 = off)"),
             ("stop_at_target", lambda v: not v or self.target_acc > 0,

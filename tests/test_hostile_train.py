@@ -161,6 +161,7 @@ def test_a_full_disk_mid_run_stops_with_last_pt_intact(store, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=nan", "finite"), ("optim.lr=inf", "finite"), ("optim.weight_decay=nan", "finite"),
     ("train.seed=-1", "train.seed"), ("head.s=inf", "finite"),
+    ("train.device=cuda:abc", "cuda:N"), ("train.device=cuda:-1", "cuda:N"),  # not a torch.device: a traceback on a GPU
 ])
 def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path, override, message):
     code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--set", override, "--out", tmp_path / "run")
@@ -207,3 +208,17 @@ def test_recipe_files_that_are_not_recipes_exit_2(tmp_path, monkeypatch, capsys,
 def test_an_empty_recipe_name_exits_2(tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "train", "", "--out", tmp_path / "run")
     assert code == 2 and one_paragraph(err) and "recipe name is empty" in err, err
+
+
+def test_a_cuda_index_past_the_devices_is_bad_input(run, store, monkeypatch):
+    """On a one-GPU machine, cuda:3 would fail inside torch (set_device, .to) with a RuntimeError."""
+    from fastcifar import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    with pytest.raises(BadInput, match=r"torch sees 1 CUDA device"):
+        with runtime.distributed("cuda:3"):
+            pass
+    with pytest.raises(BadInput, match=r"--device cuda:3: torch sees 1 CUDA device"):
+        T.evaluate_checkpoint(str(run), data_dir=store, device="cuda:3")
