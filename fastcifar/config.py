@@ -26,7 +26,7 @@ from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
 from fastcifar.optim import DECAY_GROUPS, LR_SCALING, OPTIMIZERS, SCHEDULES
 from fastcifar.runtime import AMP_DTYPES, TF32
 from pipelines.loader import BACKENDS
-from pipelines.spec import AugSpec
+from pipelines.spec import MAX_SIDE, AugSpec
 
 def _check(section: str, obj, rules) -> None:
     """Raise BadInput naming the first field of `obj` whose rule fails: rules are
@@ -122,8 +122,9 @@ class Loss:
     def validate(self):
         _check("loss", self, [
             ("label_smoothing", lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
-            ("scales", lambda v: not v or (len(v) >= 2 and len(set(v)) == len(v) and min(v) >= 8),
-             "must be () (off) or two or more different image sides of at least 8 px, e.g. 32,64"),
+            ("scales", lambda v: not v or (len(v) >= 2 and len(set(v)) == len(v) and 8 <= min(v) and max(v) <= MAX_SIDE),
+             f"must be () (off) or two or more different image sides of at least 8 px and at most {MAX_SIDE} px, "
+             f"e.g. 32,64"),
         ])
 
 

@@ -162,6 +162,7 @@ def test_a_full_disk_mid_run_stops_with_last_pt_intact(store, tmp_path):
     ("optim.lr=nan", "finite"), ("optim.lr=inf", "finite"), ("optim.weight_decay=nan", "finite"),
     ("train.seed=-1", "train.seed"), ("head.s=inf", "finite"),
     ("train.device=cuda:abc", "cuda:N"), ("train.device=cuda:-1", "cuda:N"),  # not a torch.device: a traceback on a GPU
+    ("aug.image_size=100000", "at most 1024 px"), ("loss.scales=32,100000", "at most 1024 px"),  # DALI's bad_alloc
 ])
 def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path, override, message):
     code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--set", override, "--out", tmp_path / "run")
