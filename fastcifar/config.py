@@ -506,6 +506,8 @@ def from_dict(d: dict) -> Recipe:
     """A Recipe from to_dict()'s output (recipe.json, a checkpoint), type-checked field by field.
     Older files load too: renamed fields are translated (RENAMED), and fields they lack take the
     value that does what the old run did (_missing), else the default."""
+    if not isinstance(d, dict):
+        raise BadInput(f"A stored recipe must be a mapping of sections, got a {type(d).__name__}.")
     r = Recipe()
     for (section, name), value in _missing(d).items():
         if name not in (d.get(section) or {}):

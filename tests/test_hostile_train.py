@@ -223,3 +223,23 @@ def test_a_cuda_index_past_the_devices_is_bad_input(run, store, monkeypatch):
             pass
     with pytest.raises(BadInput, match=r"--device cuda:3: torch sees 1 CUDA device"):
         T.evaluate_checkpoint(str(run), data_dir=store, device="cuda:3")
+
+
+# ---- a damaged last.pt or checkpoint: named, nothing written
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda ck: {"model": ck["model"], "recipe": ck["recipe"], "epoch": 1}, "lacks info, optimizer"),
+    (lambda ck: {**ck, "recipe": [1, 2]}, "its recipe is not what"),
+    (lambda ck: {**ck, "info": [1]}, "its info is not what"),
+    (lambda ck: {**ck, "info": {}}, "its info is not what"),  # no recipe name
+    (lambda ck: {**ck, "epoch": "3"}, "its epoch is not what"),
+    (lambda ck: b"", "is empty (0 bytes)"),
+])
+def test_resume_of_a_damaged_last_pt_exits_2_and_writes_nothing(run, monkeypatch, capsys, damage, message):
+    bad = damage(checkpoint.load(run / "last.pt", need="resume"))
+    (run / "last.pt").write_bytes(bad) if isinstance(bad, bytes) else torch.save(bad, run / "last.pt")
+    before = snapshot(run)
+    code, _, err = cli(monkeypatch, capsys, "train", "--resume", run, "--set", "train.epochs=3")
+    assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
+    assert snapshot(run) == before
