@@ -243,3 +243,14 @@ def test_resume_of_a_damaged_last_pt_exits_2_and_writes_nothing(run, monkeypatch
     code, _, err = cli(monkeypatch, capsys, "train", "--resume", run, "--set", "train.epochs=3")
     assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
     assert snapshot(run) == before
+
+
+def test_eval_with_a_batch_larger_than_the_test_split(run, store, monkeypatch, capsys):
+    """A batch is never padded (nor a DALI buffer sized) past the images there are: a huge
+    --batch-size evaluates the same images, not a 12 TB allocation."""
+    args = ("eval", run, "--data-dir", store, "--device", "cpu")
+    code, small, err = cli(monkeypatch, capsys, *args, "--batch-size", 64)
+    assert code == 0, err
+    code, huge, err = cli(monkeypatch, capsys, *args, "--batch-size", 10 ** 9)
+    assert code == 0, err
+    assert huge.split(": ", 1)[1] == small.split(": ", 1)[1]  # the same top-1, top-5, loss and images
