@@ -254,3 +254,19 @@ def test_eval_with_a_batch_larger_than_the_test_split(run, store, monkeypatch, c
     code, huge, err = cli(monkeypatch, capsys, *args, "--batch-size", 10 ** 9)
     assert code == 0, err
     assert huge.split(": ", 1)[1] == small.split(": ", 1)[1]  # the same top-1, top-5, loss and images
+
+
+# ---- --out where a run must not go
+
+
+def test_out_inside_a_store_a_dangling_link_or_a_non_utf8_name(store, tmp_path, monkeypatch, capsys):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    store_before = sorted(p.name for p in store.iterdir())
+    for out, message in [(store / "runs" / "mine", "inside the data store"), (store, "inside the data store"),
+                         (tmp_path / "dangling", "does not exist"),
+                         (tmp_path / b"run\xff".decode("utf-8", "surrogateescape"), "not UTF-8")]:
+        code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--data-dir", store, "--out", out, "--set",
+                           "data.batch_size=20")
+        assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
+    assert sorted(p.name for p in store.iterdir()) == store_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]
