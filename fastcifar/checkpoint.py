@@ -115,7 +115,7 @@ def load(path: Path, need: str = "eval") -> dict:
                        f"was not written by `fastcifar train`" + (" (best.pt and last.pt both hold them)." if need ==
                                                                   "resume" else "."))
     # what a run writes there: its recipe as a mapping, its info with the recipe's name, whole epochs
-    wrong = [k for k, ok in (("recipe", lambda v: isinstance(v, dict)),
+    wrong = [k for k, ok in (("model", lambda v: isinstance(v, dict)), ("recipe", lambda v: isinstance(v, dict)),
                              ("info", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)),
                              ("epoch", lambda v: type(v) is int and v >= 0)) if k in ck and not ok(ck[k])]
     if wrong:

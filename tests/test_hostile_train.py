@@ -234,6 +234,7 @@ def test_a_cuda_index_past_the_devices_is_bad_input(run, store, monkeypatch):
     (lambda ck: {**ck, "info": [1]}, "its info is not what"),
     (lambda ck: {**ck, "info": {}}, "its info is not what"),  # no recipe name
     (lambda ck: {**ck, "epoch": "3"}, "its epoch is not what"),
+    (lambda ck: {**ck, "model": 5}, "its model is not what"),  # eval raised AttributeError on it
     (lambda ck: b"", "is empty (0 bytes)"),
 ])
 def test_resume_of_a_damaged_last_pt_exits_2_and_writes_nothing(run, monkeypatch, capsys, damage, message):
