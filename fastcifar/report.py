@@ -258,7 +258,9 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
     for r in runs:
         pts = [(e["epoch"], e[key]) for e in r.epochs if e.get(key) is not None]
         if pts:
-            label = r.label + (" (synthetic)" if r.summary.get("synthetic") else "")
+            # matplotlib cannot draw a name's undecodable bytes (surrogates): they show as U+FFFD
+            label = r.label.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            label += " (synthetic)" if r.summary.get("synthetic") else ""
             (line,) = ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, markersize=3, label=label)
             best = dict(pts).get(r.summary.get("best_epoch"))
             if best is not None:
@@ -319,7 +321,8 @@ def report(paths: list[Path], out: Path, warn=lambda msg: None, sort: str = "run
     table = results_table(runs, skipped, notes)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "results.md", lambda f: f.write(table.encode()))
+        # a run directory's name that is not UTF-8 goes back as the bytes it was (surrogateescape)
+        atomic_write(out / "results.md", lambda f: f.write(table.encode("utf-8", "surrogateescape")))
         plot_curves(runs, "test_acc", "test top-1 accuracy (%)", out / "test_accuracy.png")
         plot_curves(runs, "test_loss", "test loss", out / "test_loss.png")
     except OSError as e:

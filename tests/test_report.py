@@ -230,3 +230,13 @@ def test_out_never_replaces_what_report_did_not_write(tmp_path):
     (tmp_path / "rep" / "extra.txt").write_text("mine too")
     table, _ = report([tmp_path / "runs"], tmp_path / "rep")  # its own earlier report is rewritten
     assert (tmp_path / "rep" / "results.md").read_text() == table
+
+
+def test_a_run_directory_whose_name_is_not_utf8_is_reported(tmp_path):
+    """Its name goes into results.md as the bytes it is, and into the plots' legends as U+FFFD
+    (results.md's encoding, then matplotlib, raised UnicodeEncodeError on it)."""
+    name = b"run\xff".decode("utf-8", "surrogateescape")
+    make_run(tmp_path / "runs", name, [10.0])
+    _, files = report([tmp_path / "runs"], tmp_path / "out")
+    assert b"| run\xff |" in (tmp_path / "out" / "results.md").read_bytes()
+    assert all(f.is_file() for f in files)
