@@ -329,7 +329,7 @@ def _type_name(t) -> str:
         args = typing.get_args(t)
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a comma-separated list of {_type_name(args[0])}"
-        return f"{len(args)} comma-separated {' , '.join(_type_name(a) for a in args)}"
+        return f"{len(args)} comma-separated values ({', '.join(_type_name(a) for a in args)})"
     return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}.get(t, str(t))
 
 
@@ -620,6 +620,11 @@ def _resolve(ref: str) -> Path:
     return path
 
 
+def _what(e: BaseException) -> str:
+    """'TypeError: why', or the bare name of an exception raised without a message (GeneratorExit)."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 def load(ref: str) -> tuple[Recipe, dict]:
     """(Recipe, info) from a recipe path or name; info = {name, description, parent, path, source}."""
     path = _resolve(ref)
@@ -642,7 +647,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         except SystemExit as e:
             raise BadInput(f"Recipe {path} called sys.exit({e.code!r}) while loading; a recipe only defines recipe().")
         except BaseException as e:  # GeneratorExit or a recipe's own BaseException too: still the recipe's fault
-            raise BadInput(f"Recipe {path} failed to load: {type(e).__name__}: {e}.")
+            raise BadInput(f"Recipe {path} failed to load: {_what(e)}.")
         fn = getattr(module, "recipe", None)
         if not callable(fn):
             raise BadInput(f"Recipe {path} defines no recipe() function; a recipe file defines "
@@ -654,7 +659,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         except SystemExit as e:
             raise BadInput(f"Recipe {path}: recipe() called sys.exit({e.code!r}); it should return a Recipe.")
         except BaseException as e:
-            raise BadInput(f"Recipe {path}: recipe() raised {type(e).__name__}: {e}.")
+            raise BadInput(f"Recipe {path}: recipe() raised {_what(e)}.")
         parents = _loading[-1][1]
     finally:
         _loading.pop()

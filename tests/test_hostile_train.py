@@ -175,7 +175,7 @@ def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path
     ("r.optim.betas = 0.9", "expected 2 comma-separated"),
     ("r.train = 5", "section train was replaced"),
     ("import sys; sys.exit(3)", "sys.exit(3)"),
-    ("raise GeneratorExit", "raised GeneratorExit"),  # BaseExceptions that are not Ctrl-C are the recipe's fault too
+    ("raise GeneratorExit", "raised GeneratorExit."),  # BaseExceptions that are not Ctrl-C are the recipe's fault too
     ("raise type('Stop', (BaseException,), {})('stop')", "raised Stop: stop"),
 ])
 def test_recipes_with_wrong_types_or_sys_exit_exit_2(tmp_path, monkeypatch, capsys, body, message):
