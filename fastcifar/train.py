@@ -601,7 +601,8 @@ def check_out(out: Path, resumed: bool) -> None:
     if out.is_symlink() and not out.exists():
         raise BadInput(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist (or is a loop); "
                        f"choose another --out, or fix the link.")
-    check_outside_stores(out)
+    if not resumed:  # a run already there (from before this check) may still be continued
+        check_outside_stores(out)
     try:
         str(out).encode("utf-8")
     except UnicodeEncodeError:  # TensorBoard's writer takes the directory as UTF-8 text, and would fail mid-setup

@@ -271,3 +271,13 @@ def test_out_inside_a_store_a_dangling_link_or_a_non_utf8_name(store, tmp_path, 
         assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
     assert sorted(p.name for p in store.iterdir()) == store_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]
+
+
+def test_a_run_left_inside_a_store_is_still_resumed(run, tmp_path):
+    """Only a new run is kept out of stores: one made there before that check is continued where it is."""
+    import shutil
+
+    other = prepare(tmp_path / "s2", synthetic=True, n_train=20, n_test=10, log=lambda *_: None)
+    shutil.move(run, other / "old-run")
+    s = T.train(tiny(train__epochs=3), {}, resume=other / "old-run", **QUIET)
+    assert s["finished"] and s["epochs_done"] == 3
