@@ -78,7 +78,11 @@ def torch_load(path: Path, what: str = "checkpoint"):
                            f"torch.save of a state dict)?")
         raise BadInput(f"{path} is not a readable {what} (not a torch file of tensors and plain data).")
     except Exception as e:
-        raise BadInput(f"{path} is not a readable {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).")
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_size == 0:
+                raise BadInput(f"The {what} {path} is empty (0 bytes): a write that never finished, or not a {what}.")
+        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
+        raise BadInput(f"{path} is not a readable {what} ({why}).")
 
 
 # What each use of a checkpoint needs; a file without them is bad input, not a KeyError later
@@ -110,6 +114,13 @@ def load(path: Path, need: str = "eval") -> dict:
         raise BadInput(f"The checkpoint {path} lacks {', '.join(missing)}, which {need} needs; it is damaged or "
                        f"was not written by `fastcifar train`" + (" (best.pt and last.pt both hold them)." if need ==
                                                                   "resume" else "."))
+    # what a run writes there: its recipe as a mapping, its info with the recipe's name, whole epochs
+    wrong = [k for k, ok in (("model", lambda v: isinstance(v, dict)), ("recipe", lambda v: isinstance(v, dict)),
+                             ("info", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)),
+                             ("epoch", lambda v: type(v) is int and v >= 0)) if k in ck and not ok(ck[k])]
+    if wrong:
+        raise BadInput(f"The checkpoint {path} is damaged: its {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} "
+                       f"not what `fastcifar train` writes. Use another checkpoint of the run (best.pt, last.pt).")
     return ck
 
 

@@ -142,7 +142,7 @@ def train(
 
     try:  # a Ctrl-C anywhere in here (loading a recipe, preparing the store) exits 130 too
         if resume is not None:
-            ck = checkpoint.load(resume / "last.pt")
+            ck = checkpoint.load(resume / "last.pt", need="resume")
             r, info = config.from_dict(ck["recipe"]), dict(ck["info"])
             if recipe is not None and recipe not in (info["name"], info.get("path")):
                 raise BadInput(f"--resume {resume} continues a run of {info['name']!r}, not {recipe!r}; drop RECIPE "

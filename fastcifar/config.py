@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
 from fastcifar.optim import DECAY_GROUPS, LR_SCALING, OPTIMIZERS, SCHEDULES
 from fastcifar.runtime import AMP_DTYPES, TF32
 from pipelines.loader import BACKENDS
-from pipelines.spec import AugSpec
+from pipelines.spec import MAX_SIDE, AugSpec
 
 def _check(section: str, obj, rules) -> None:
     """Raise BadInput naming the first field of `obj` whose rule fails: rules are
@@ -121,8 +122,9 @@ class Loss:
     def validate(self):
         _check("loss", self, [
             ("label_smoothing", lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)"),
-            ("scales", lambda v: not v or (len(v) >= 2 and len(set(v)) == len(v) and min(v) >= 8),
-             "must be () (off) or two or more different image sides of at least 8 px, e.g. 32,64"),
+            ("scales", lambda v: not v or (len(v) >= 2 and len(set(v)) == len(v) and 8 <= min(v) and max(v) <= MAX_SIDE),
+             f"must be () (off) or two or more different image sides of at least 8 px and at most {MAX_SIDE} px, "
+             f"e.g. 32,64"),
         ])
 
 
@@ -233,7 +235,7 @@ class Train:
             ("epochs", lambda v: v >= 1, "must be at least 1"),
             ("seed", lambda v: 0 <= v < 2 ** 32, "must lie in 0 .. 2**32 - 1 (numpy and torch seeds are unsigned)"),
             ("log_every", lambda v: v >= 1, "must be at least 1"),
-            ("device", lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+            ("device", lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None,
              "must be auto, cpu, cuda or cuda:N"),
             ("target_acc", lambda v: 0.0 <= v <= 100.0, "is a top-1 accuracy in percent and must lie in [0, 100] (0 = off)"),
             ("stop_at_target", lambda v: not v or self.target_acc > 0,
@@ -327,7 +329,7 @@ def _type_name(t) -> str:
         args = typing.get_args(t)
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a comma-separated list of {_type_name(args[0])}"
-        return f"{len(args)} comma-separated {' , '.join(_type_name(a) for a in args)}"
+        return f"{len(args)} comma-separated values ({', '.join(_type_name(a) for a in args)})"
     return {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}.get(t, str(t))
 
 
@@ -504,6 +506,8 @@ def from_dict(d: dict) -> Recipe:
     """A Recipe from to_dict()'s output (recipe.json, a checkpoint), type-checked field by field.
     Older files load too: renamed fields are translated (RENAMED), and fields they lack take the
     value that does what the old run did (_missing), else the default."""
+    if not isinstance(d, dict):
+        raise BadInput(f"A stored recipe must be a mapping of sections, got a {type(d).__name__}.")
     r = Recipe()
     for (section, name), value in _missing(d).items():
         if name not in (d.get(section) or {}):
@@ -565,10 +569,13 @@ def _is_path(ref: str) -> bool:
 
 def find(ref: str) -> Path:
     """The recipe file for a path or a name."""
+    if not ref.strip():
+        raise BadInput("The recipe name is empty: name a recipe (`fastcifar recipes` lists them) or give a path.")
     if _is_path(ref):
         p = Path(ref)
         if not p.is_file():
-            raise BadInput(f"Recipe file {ref} does not exist.")
+            what = "is a directory" if p.is_dir() else "is not a regular file" if p.exists() else "does not exist"
+            raise BadInput(f"Recipe file {ref} {what}; give a recipe file (a .py defining recipe()) or a recipe name.")
         return p
     recipes = available()
     if ref not in recipes:
@@ -613,34 +620,46 @@ def _resolve(ref: str) -> Path:
     return path
 
 
+def _what(e: BaseException) -> str:
+    """'TypeError: why', or the bare name of an exception raised without a message (GeneratorExit)."""
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 def load(ref: str) -> tuple[Recipe, dict]:
     """(Recipe, info) from a recipe path or name; info = {name, description, parent, path, source}."""
     path = _resolve(ref)
     name = path.stem
+    try:  # the text each run keeps as recipe.py: read once, before it runs
+        source = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"Recipe {path} is not UTF-8 text (byte {e.start}); a recipe is a Python file saved as UTF-8, "
+                       f"which each run keeps beside its results as recipe.py. Save it as UTF-8.")
+    except OSError as e:
+        raise BadInput(f"Cannot read the recipe {path} ({e.strerror or e}).")
     spec = importlib.util.spec_from_file_location(f"fastcifar_recipe_{name}", path)
     module = importlib.util.module_from_spec(spec)
     _loading.append((path, []))
     try:
         try:
             spec.loader.exec_module(module)
-        except BadInput:
+        except (BadInput, KeyboardInterrupt):
             raise
         except SystemExit as e:
             raise BadInput(f"Recipe {path} called sys.exit({e.code!r}) while loading; a recipe only defines recipe().")
-        except Exception as e:
-            raise BadInput(f"Recipe {path} failed to load: {type(e).__name__}: {e}.")
+        except BaseException as e:  # GeneratorExit or a recipe's own BaseException too: still the recipe's fault
+            raise BadInput(f"Recipe {path} failed to load: {_what(e)}.")
         fn = getattr(module, "recipe", None)
         if not callable(fn):
             raise BadInput(f"Recipe {path} defines no recipe() function; a recipe file defines "
                            f"`def recipe() -> Recipe`.")
         try:
             r = fn()
-        except BadInput:
+        except (BadInput, KeyboardInterrupt):
             raise
         except SystemExit as e:
             raise BadInput(f"Recipe {path}: recipe() called sys.exit({e.code!r}); it should return a Recipe.")
-        except Exception as e:
-            raise BadInput(f"Recipe {path}: recipe() raised {type(e).__name__}: {e}.")
+        except BaseException as e:
+            raise BadInput(f"Recipe {path}: recipe() raised {_what(e)}.")
         parents = _loading[-1][1]
     finally:
         _loading.pop()
@@ -652,7 +671,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         raise BadInput(f"Recipe {path}: {e}")
     doc = inspect.getdoc(module) or ""
     info = {"name": name, "description": doc.strip().splitlines()[0] if doc.strip() else "",
-            "path": str(path), "source": path.read_text()}
+            "path": str(path), "source": source}
     if parents:
         info["parent"] = parents[0]
     return r, info

@@ -304,6 +304,17 @@ def _is_store(d: Path) -> bool:
         "format_version" in meta and isinstance(sums, dict) and isinstance(sums.get("outputs_sha256"), dict))
 
 
+def check_outside_stores(out: Path, option: str = "--out") -> None:
+    """BadInput when out is a store or lies inside one: a store holds only what prepare writes, and
+    anything else there stops `prepare --force` from ever rebuilding it."""
+    real = _real(Path(out))
+    for d in (real, *real.parents):
+        if _is_store(d):
+            raise BadInput(f"{option} {out} is inside the data store {d}, which holds only what `fastcifar prepare` "
+                           f"writes (files of yours there keep prepare from rebuilding it). Choose an {option} "
+                           f"outside the store.")
+
+
 def check_replaceable(dest: Path, source: Path | None = None, from_env: bool = False) -> None:
     """BadInput unless dest is missing, an empty directory, or a store holding only its own files:
     prepare never replaces what fastcifar did not create."""

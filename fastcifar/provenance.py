@@ -144,7 +144,8 @@ def mismatches(runs: list[tuple[str, dict | None]]) -> list[str]:
         parts = []
         for key, labels in groups.items():
             dataset, sha = json.loads(key) if key else (None, None)
-            tag = "unknown data" if key is None else dataset + (f" (store {_short(sha)})" if sha else "")
+            name = f"{dataset or 'unnamed data'}"  # a damaged summary may name no data set, or not as a string
+            tag = "unknown data" if key is None else name + (f" (store {_short(sha)})" if sha else "")
             parts.append(f"{tag}: {', '.join(labels)}")
         out.append("These runs trained on different data, so their accuracies do not compare: " + "; ".join(parts) + ".")
     for name in SOFTWARE:

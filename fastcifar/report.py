@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from fastcifar import BadInput, provenance
@@ -64,12 +65,21 @@ def _read_metrics(path: Path) -> list[dict]:
 
 # metrics.jsonl and summary.json fields the table and plots compute with: numbers or null
 NUMBERS = ("epoch", "test_acc", "test_loss", "images_per_sec", "wall_seconds", "val_acc")
-SUMMARY_NUMBERS = ("best_acc", "final_acc", "train_images_per_sec", "wall_seconds", "best_val_acc",
+SUMMARY_NUMBERS = ("best_acc", "best_epoch", "final_acc", "train_images_per_sec", "wall_seconds", "best_val_acc",
                    "test_acc_at_best_val", "data_wait_fraction", "target_acc", "seconds_to_target", "epoch_to_target")
 
 
-def _number(x) -> bool:
-    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+def _number(x, finite: bool = False) -> bool:
+    """None or a number; finite: not NaN or inf either (a metrics line may hold a NaN loss, a summary
+    never does). An int past a float's range is never a number here."""
+    if x is None:
+        return True
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x) or not finite
+    except OverflowError:
+        return False
 
 
 def _summary_from_metrics(d: Path, epochs: list[dict]) -> dict:
@@ -96,9 +106,9 @@ def load_run(d: Path) -> Run:
     epochs = _read_metrics(d / "metrics.jsonl")
     if (d / "summary.json").is_file():
         summary = _read_json(d / "summary.json")
-        bad = [k for k in SUMMARY_NUMBERS if k in summary and not _number(summary[k])]
+        bad = [k for k in SUMMARY_NUMBERS if k in summary and not _number(summary[k], finite=True)]
         if bad:
-            raise BadInput(f"{d / 'summary.json'} is damaged: {', '.join(bad)} must be numbers.")
+            raise BadInput(f"{d / 'summary.json'} is damaged: {', '.join(bad)} must be numbers, and finite.")
     elif epochs:
         summary = _summary_from_metrics(d, epochs)
     else:
@@ -140,7 +150,7 @@ def _pct(x) -> str:
 
 def duration(seconds) -> str:
     """'3m 05s' or '2h 01m'; a dash for None."""
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):  # a NaN or inf from a damaged metrics.jsonl
         return "—"
     s = int(round(seconds))
     return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
@@ -248,7 +258,9 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
     for r in runs:
         pts = [(e["epoch"], e[key]) for e in r.epochs if e.get(key) is not None]
         if pts:
-            label = r.label + (" (synthetic)" if r.summary.get("synthetic") else "")
+            # matplotlib cannot draw a name's undecodable bytes (surrogates): they show as U+FFFD
+            label = r.label.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            label += " (synthetic)" if r.summary.get("synthetic") else ""
             (line,) = ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, markersize=3, label=label)
             best = dict(pts).get(r.summary.get("best_epoch"))
             if best is not None:
@@ -264,12 +276,41 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
     return fig
 
 
+REPORT_FILES = ("results.md", "test_accuracy.png", "test_loss.png")
+TABLE_HEAD = "| run | recipe |"  # how every results.md report writes begins
+
+
+def check_out(out: Path) -> None:
+    """BadInput unless --out can take the report without replacing anything fastcifar did not write:
+    a new or existing directory, not a run's or a store, whose report files (if any) are a report's."""
+    from fastcifar.data import check_outside_stores
+
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file; the report is a directory of files ({', '.join(REPORT_FILES)}). "
+                       f"Choose another --out.")
+    if any((out / f).exists() for f in RUN_FILES + ("last.pt", "best.pt")):
+        raise BadInput(f"--out {out} is a run directory; a report goes beside the runs, not into one. Choose another "
+                       f"--out (the default is ./report).")
+    check_outside_stores(out)
+    present = [f for f in REPORT_FILES if (out / f).exists() or (out / f).is_symlink()]
+    md = out / "results.md"
+    try:
+        ours = md.is_file() and not md.is_symlink() and md.read_bytes()[:len(TABLE_HEAD)] == TABLE_HEAD.encode()
+    except OSError:
+        ours = False
+    if present and not ours:
+        raise BadInput(f"--out {out} holds {', '.join(present)}, which `fastcifar report` did not write (there is no "
+                       f"results.md of an earlier report beside them); the report would replace them. Choose another "
+                       f"--out, or move them away.")
+
+
 def report(paths: list[Path], out: Path, warn=lambda msg: None, sort: str = "run") -> tuple[str, list[Path]]:
     """Write results.md, test_accuracy.png and test_loss.png to out; return the table and files.
     warn(message) names each run left out, and why, and each warning the table carries. sort: a
     key of SORTS."""
     if sort not in SORTS:
         raise BadInput(f"--sort {sort!r}: choose one of {', '.join(SORTS)}.")
+    check_out(out)
     skipped = []
     runs = SORTS[sort](find_runs(paths, skipped))
     for d, why in skipped:
@@ -280,7 +321,8 @@ def report(paths: list[Path], out: Path, warn=lambda msg: None, sort: str = "run
     table = results_table(runs, skipped, notes)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "results.md", lambda f: f.write(table.encode()))
+        # a run directory's name that is not UTF-8 goes back as the bytes it was (surrogateescape)
+        atomic_write(out / "results.md", lambda f: f.write(table.encode("utf-8", "surrogateescape")))
         plot_curves(runs, "test_acc", "test top-1 accuracy (%)", out / "test_accuracy.png")
         plot_curves(runs, "test_loss", "test loss", out / "test_loss.png")
     except OSError as e:

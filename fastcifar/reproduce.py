@@ -31,6 +31,7 @@ import torch
 
 from fastcifar import BadInput, config, runtime
 from fastcifar.checkpoint import atomic_write, check_writable_parent, write_json
+from fastcifar.data import check_outside_stores
 from fastcifar.report import duration
 
 TABLES = {  # name -> recipes, in the order results list them
@@ -49,6 +50,7 @@ HOW = ("train.log_every", "train.device", "train.compile", "data.backend")
 # target from the epochs it has (any other change, train.epochs included, is another experiment: a
 # dry run of 2 epochs is not extended into a 200-epoch run whose LR schedule would differ)
 EXTENDABLE = ("train.target_acc",)
+MAX_SEEDS = 1000  # --seeds: runs per recipe; every run is planned (its recipe loaded) before the first trains
 RUN_FILES = re.compile(r"recipe\.json|recipe\.py|metrics\.jsonl|summary\.json|events\.out\.tfevents\..*|\..*\.tmp")
 
 
@@ -99,8 +101,9 @@ def read_table(table: str) -> tuple[str, list[str]]:
 def plan(table: str, seeds: int, out: Path, overrides=()) -> tuple[str, list[Job], list[str]]:
     """(label, jobs in the order they run, recipe names in the table's order). Every recipe is
     loaded, overridden and validated here, so bad input fails before anything trains."""
-    if seeds < 1:
-        raise BadInput(f"--seeds {seeds}: run each recipe at least once (--seeds 1 or more).")
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise BadInput(f"--seeds {seeds}: run each recipe 1 to {MAX_SEEDS:,} times (train.seed = 0 .. N-1); a table "
+                       f"plans every run before the first one trains.")
     if any(o.partition("=")[0].strip() == "train.seed" for o in overrides):
         raise BadInput("--set train.seed: reproduce sets each run's seed itself (0 .. --seeds - 1); use --seeds.")
     label, refs = read_table(table)
@@ -143,6 +146,7 @@ def check_out(out: Path, names: list[str]) -> None:
     """BadInput unless out is missing or a directory holding only this table's runs and results."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; reproduce writes a directory of runs there. Choose another --out.")
+    check_outside_stores(out)
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if not (
             p.name in RESULT_FILES or (p.is_dir() and (m := RUN_DIR.fullmatch(p.name)) and m["name"] in names)
@@ -173,7 +177,8 @@ def state(job: Job) -> str:
     if not d.is_dir():
         raise BadInput(f"{d} is a file where reproduce keeps the run {job.name} seed {job.seed}; move it away.")
     if not (d / "last.pt").is_file():
-        if all(RUN_FILES.fullmatch(p.name) and p.is_file() for p in d.iterdir()):
+        # a run that died before its first checkpoint: its recipe.json (written first) and other run files only
+        if (d / "recipe.json").is_file() and all(RUN_FILES.fullmatch(p.name) and p.is_file() for p in d.iterdir()):
             return "restart"
         raise BadInput(f"{d} holds files that are not a fastcifar run; reproduce keeps the run {job.name} seed "
                        f"{job.seed} there. Move them away, or choose another --out.")

@@ -36,6 +36,9 @@ def distributed(device: str):
     try:
         if cuda:
             index = int(device.split(":")[1]) if device.startswith("cuda:") and world == 1 else local_rank
+            if index >= torch.cuda.device_count():
+                raise BadInput(f"train.device = {device!r}, but torch sees {torch.cuda.device_count()} CUDA "
+                               f"device(s), numbered from 0; use train.device=cuda or auto.")
             dev = torch.device("cuda", index)
             torch.cuda.set_device(dev)
         else:

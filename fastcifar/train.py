@@ -33,7 +33,7 @@ from fastcifar import dist as fdist
 from fastcifar.averaging import EMA, TTA, pick_weights, predict
 from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
-from fastcifar.data import check_replaceable, default_data_dir, open_store, prepare
+from fastcifar.data import check_outside_stores, check_replaceable, default_data_dir, open_store, prepare
 from fastcifar.losses import Classify, Distill, MultiScale
 from fastcifar.models import (SCALED_LOGITS, build_model, init_from, load_weights, net_from_checkpoint, num_classes,
                               sync_batchnorm)
@@ -535,6 +535,8 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
         raise BadInput(f"--device {device!r}: use auto, cpu, cuda or cuda:N.")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"--device {device}: torch sees no CUDA device.")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise BadInput(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
     if tta is not None and tta not in TTA:
@@ -596,6 +598,16 @@ def check_out(out: Path, resumed: bool) -> None:
     a new path in a writable directory, an empty directory, or (resuming) the run's own directory."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; a run writes a directory of files there. Choose another --out.")
+    if out.is_symlink() and not out.exists():
+        raise BadInput(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist (or is a loop); "
+                       f"choose another --out, or fix the link.")
+    if not resumed:  # a run already there (from before this check) may still be continued
+        check_outside_stores(out)
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:  # TensorBoard's writer takes the directory as UTF-8 text, and would fail mid-setup
+        raise BadInput(f"--out {str(out)!r}: the name holds bytes that are not UTF-8, and a run's TensorBoard events "
+                       f"cannot be written there. Choose an --out with a UTF-8 name.")
     if out.is_dir() and not resumed and any(out.iterdir()):
         if (out / "last.pt").exists():
             raise BadInput(f"{out} already holds a run; continue it with --resume {out}, or choose another --out.")

@@ -126,6 +126,8 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
     rows = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
     if len(rows) and (rows.min() < 0 or rows.max() >= n or len(np.unique(rows)) != len(rows)):
         raise BadInput(f"indices must be distinct rows of the {split} split, within 0..{n - 1}.")
+    if not drop_last:  # a batch never outgrows the shard (the same batches either way), so a huge batch_size
+        batch_size = min(batch_size, max(1, -(-len(rows) // world)))  # pads no giant batch, sizes no giant DALI buffer
     multi = sizes is not None
     sizes = tuple(int(s) for s in sizes) if multi else (spec.image_size,)
     if not sizes or min(sizes) < 8:

@@ -31,6 +31,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DTYPES = ("float32", "bfloat16", "float16")
 INTERPOLATIONS = ("linear", "cubic")
+MAX_SIDE = 1024  # px: 32x the stored 32x32 images; a larger side adds no detail, only memory (a typo's 100000 px
+                 # would fail deep in the loader's allocation instead of here)
 POLICIES = ("none", "trivialaugment", "randaugment")
 # the ops both policies draw from, uniformly: torchvision's TrivialAugmentWide / RandAugment list
 POLICY_OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
@@ -89,8 +91,8 @@ class AugSpec:
         def bad(field, why):
             raise BadInput(f"aug.{field} = {getattr(self, field)!r}: {why}.")
 
-        if self.image_size < 8:
-            bad("image_size", "must be at least 8 px")
+        if not 8 <= self.image_size <= MAX_SIDE:
+            bad("image_size", f"must be at least 8 px and at most {MAX_SIDE} px")
         if self.interpolation not in INTERPOLATIONS:
             bad("interpolation", f"must be one of {', '.join(INTERPOLATIONS)}")
         if self.normalize not in NORMALIZE:

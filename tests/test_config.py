@@ -33,7 +33,7 @@ def test_overrides_convert_to_the_field_type():
 @pytest.mark.parametrize("item, expected", [
     ("train.epochs=abc", "expects an int"), ("train.epochs=1.5", "expects an int"),
     ("optim.lr=fast", "expects a float"), ("train.deterministic=maybe", "expects a bool"),
-    ("optim.betas=0.9", "2 comma-separated"),
+    ("optim.betas=0.9", r"2 comma-separated values \(a float, a float\)"),
 ])
 def test_wrong_type_names_the_expected_one(item, expected):
     with pytest.raises(BadInput, match=expected):

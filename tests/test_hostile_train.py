@@ -3,6 +3,7 @@ nothing of a run (or of the user's) is lost or half-written. The resume contract
 exactly as it was, on its own store, changing only what cannot change its meaning."""
 
 import json
+import os
 import resource
 import signal
 import sys
@@ -160,6 +161,8 @@ def test_a_full_disk_mid_run_stops_with_last_pt_intact(store, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=nan", "finite"), ("optim.lr=inf", "finite"), ("optim.weight_decay=nan", "finite"),
     ("train.seed=-1", "train.seed"), ("head.s=inf", "finite"),
+    ("train.device=cuda:abc", "cuda:N"), ("train.device=cuda:-1", "cuda:N"),  # not a torch.device: a traceback on a GPU
+    ("aug.image_size=100000", "at most 1024 px"), ("loss.scales=32,100000", "at most 1024 px"),  # DALI's bad_alloc
 ])
 def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path, override, message):
     code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--set", override, "--out", tmp_path / "run")
@@ -172,6 +175,8 @@ def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path
     ("r.optim.betas = 0.9", "expected 2 comma-separated"),
     ("r.train = 5", "section train was replaced"),
     ("import sys; sys.exit(3)", "sys.exit(3)"),
+    ("raise GeneratorExit", "raised GeneratorExit."),  # BaseExceptions that are not Ctrl-C are the recipe's fault too
+    ("raise type('Stop', (BaseException,), {})('stop')", "raised Stop: stop"),
 ])
 def test_recipes_with_wrong_types_or_sys_exit_exit_2(tmp_path, monkeypatch, capsys, body, message):
     (tmp_path / "bad.py").write_text(f'"""A careless recipe."""\nfrom fastcifar.config import Recipe\n\n\n'
@@ -186,3 +191,93 @@ def test_a_recipe_exiting_at_import_exits_2(tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "train", tmp_path / "exits.py")
     assert code == 2 and one_paragraph(err) and "sys.exit" in err
     assert sys.modules.get("fastcifar_recipe_exits") is None
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b'"""Caf\xe9."""\n# -*- coding: latin-1 -*-\ndef recipe():\n    pass\n'), "not UTF-8 text"),
+    (lambda p: p.write_bytes(b"\x7fELF\x00\x01garbage\xff"), "not UTF-8 text"),
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: os.mkfifo(p), "is not a regular file"),  # never opened: reading a FIFO would hang
+])
+def test_recipe_files_that_are_not_recipes_exit_2(tmp_path, monkeypatch, capsys, make, message):
+    make(tmp_path / "bad.py")
+    code, _, err = cli(monkeypatch, capsys, "train", tmp_path / "bad.py", "--out", tmp_path / "run")
+    assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_recipe_name_exits_2(tmp_path, monkeypatch, capsys):
+    code, _, err = cli(monkeypatch, capsys, "train", "", "--out", tmp_path / "run")
+    assert code == 2 and one_paragraph(err) and "recipe name is empty" in err, err
+
+
+def test_a_cuda_index_past_the_devices_is_bad_input(run, store, monkeypatch):
+    """On a one-GPU machine, cuda:3 would fail inside torch (set_device, .to) with a RuntimeError."""
+    from fastcifar import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    with pytest.raises(BadInput, match=r"torch sees 1 CUDA device"):
+        with runtime.distributed("cuda:3"):
+            pass
+    with pytest.raises(BadInput, match=r"--device cuda:3: torch sees 1 CUDA device"):
+        T.evaluate_checkpoint(str(run), data_dir=store, device="cuda:3")
+
+
+# ---- a damaged last.pt or checkpoint: named, nothing written
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda ck: {"model": ck["model"], "recipe": ck["recipe"], "epoch": 1}, "lacks info, optimizer"),
+    (lambda ck: {**ck, "recipe": [1, 2]}, "its recipe is not what"),
+    (lambda ck: {**ck, "info": [1]}, "its info is not what"),
+    (lambda ck: {**ck, "info": {}}, "its info is not what"),  # no recipe name
+    (lambda ck: {**ck, "epoch": "3"}, "its epoch is not what"),
+    (lambda ck: {**ck, "model": 5}, "its model is not what"),  # eval raised AttributeError on it
+    (lambda ck: b"", "is empty (0 bytes)"),
+])
+def test_resume_of_a_damaged_last_pt_exits_2_and_writes_nothing(run, monkeypatch, capsys, damage, message):
+    bad = damage(checkpoint.load(run / "last.pt", need="resume"))
+    (run / "last.pt").write_bytes(bad) if isinstance(bad, bytes) else torch.save(bad, run / "last.pt")
+    before = snapshot(run)
+    code, _, err = cli(monkeypatch, capsys, "train", "--resume", run, "--set", "train.epochs=3")
+    assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
+    assert snapshot(run) == before
+
+
+def test_eval_with_a_batch_larger_than_the_test_split(run, store, monkeypatch, capsys):
+    """A batch is never padded (nor a DALI buffer sized) past the images there are: a huge
+    --batch-size evaluates the same images, not a 12 TB allocation."""
+    args = ("eval", run, "--data-dir", store, "--device", "cpu")
+    code, small, err = cli(monkeypatch, capsys, *args, "--batch-size", 64)
+    assert code == 0, err
+    code, huge, err = cli(monkeypatch, capsys, *args, "--batch-size", 10 ** 9)
+    assert code == 0, err
+    assert huge.split(": ", 1)[1] == small.split(": ", 1)[1]  # the same top-1, top-5, loss and images
+
+
+# ---- --out where a run must not go
+
+
+def test_out_inside_a_store_a_dangling_link_or_a_non_utf8_name(store, tmp_path, monkeypatch, capsys):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    store_before = sorted(p.name for p in store.iterdir())
+    for out, message in [(store / "runs" / "mine", "inside the data store"), (store, "inside the data store"),
+                         (tmp_path / "dangling", "does not exist"),
+                         (tmp_path / b"run\xff".decode("utf-8", "surrogateescape"), "not UTF-8")]:
+        code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--data-dir", store, "--out", out, "--set",
+                           "data.batch_size=20")
+        assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
+    assert sorted(p.name for p in store.iterdir()) == store_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]
+
+
+def test_a_run_left_inside_a_store_is_still_resumed(run, tmp_path):
+    """Only a new run is kept out of stores: one made there before that check is continued where it is."""
+    import shutil
+
+    other = prepare(tmp_path / "s2", synthetic=True, n_train=20, n_test=10, log=lambda *_: None)
+    shutil.move(run, other / "old-run")
+    s = T.train(tiny(train__epochs=3), {}, resume=other / "old-run", **QUIET)
+    assert s["finished"] and s["epochs_done"] == 3

@@ -175,3 +175,68 @@ def test_plots_have_integer_epochs_and_a_star_at_the_best_epoch(tmp_path):
     stars = [(tuple(l.get_xdata()), tuple(l.get_ydata())) for l in ax.get_lines() if l.get_gid() == "best"]
     assert sorted(stars) == [((2,), (30.0,)), ((3,), (7.0,))]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]  # the stars stay out of the legend
+
+
+# ---- damaged numbers and an --out that is not the report's
+
+
+@pytest.mark.parametrize("field, value", [
+    ("wall_seconds", float("nan")), ("wall_seconds", float("inf")),  # duration() raised on them
+    ("best_acc", 10 ** 400),  # an int past a float's range: formatting it raised OverflowError
+    ("best_epoch", [1]),  # the plots look the best epoch up in a dict: unhashable
+])
+def test_a_summary_with_numbers_that_are_not_finite_numbers_is_skipped_and_named(tmp_path, field, value):
+    make_run(tmp_path / "runs", "good", [10.0])
+    make_run(tmp_path / "runs", "bad", [20.0], **{field: value})
+    warned = []
+    table, _ = report([tmp_path / "runs"], tmp_path / "out", warn=warned.append)
+    assert _row(table, "good")[3] == "10.00% (1)" and "| bad |" not in table
+    assert any(w.startswith(f"skipped {tmp_path / 'runs' / 'bad'}:") and f"{field} must be numbers" in w for w in warned)
+
+
+def test_a_nan_wall_time_in_metrics_shows_as_a_dash(tmp_path):
+    d = make_run(tmp_path, "crashed", [12.0], summary=False)
+    (d / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 12.0, "test_loss": NaN, "wall_seconds": NaN}\n')
+    assert _row(results_table(find_runs([d])), "crashed")[6] == "—"
+
+
+def test_provenance_that_names_no_data_set_still_warns(tmp_path):
+    make_run(tmp_path, "a", [10.0], provenance={"data": {}})
+    make_run(tmp_path, "b", [12.0], provenance=prov())
+    warned = []
+    report([tmp_path / "a", tmp_path / "b"], tmp_path / "out", warn=warned.append)
+    assert any("different data" in w and "unnamed data: a" in w for w in warned), warned
+
+
+def test_out_never_replaces_what_report_did_not_write(tmp_path):
+    from fastcifar.data import prepare
+
+    run = make_run(tmp_path / "runs", "r", [10.0])
+    store = prepare(tmp_path / "store", synthetic=True, n_train=20, n_test=10, log=lambda *_: None)
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "results.md").write_text("my own results\n")
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "test_loss.png").write_bytes(b"my plot")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out, message in [(tmp_path / "afile", "is a file"), (run, "is a run directory"),
+                         (store, "inside the data store"), (store / "report", "inside the data store"),
+                         (tmp_path / "notes", "results.md, which `fastcifar report` did not write"),
+                         (tmp_path / "pics", "test_loss.png, which `fastcifar report` did not write")]:
+        with pytest.raises(BadInput, match=message):
+            report([tmp_path / "runs"], out)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    report([tmp_path / "runs"], tmp_path / "rep")
+    (tmp_path / "rep" / "extra.txt").write_text("mine too")
+    table, _ = report([tmp_path / "runs"], tmp_path / "rep")  # its own earlier report is rewritten
+    assert (tmp_path / "rep" / "results.md").read_text() == table
+
+
+def test_a_run_directory_whose_name_is_not_utf8_is_reported(tmp_path):
+    """Its name goes into results.md as the bytes it is, and into the plots' legends as U+FFFD
+    (results.md's encoding, then matplotlib, raised UnicodeEncodeError on it)."""
+    name = b"run\xff".decode("utf-8", "surrogateescape")
+    make_run(tmp_path / "runs", name, [10.0])
+    _, files = report([tmp_path / "runs"], tmp_path / "out")
+    assert b"| run\xff |" in (tmp_path / "out" / "results.md").read_bytes()
+    assert all(f.is_file() for f in files)

@@ -261,3 +261,35 @@ def test_cli_bad_input_exits_2(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "No table named" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_seed_counts_out_of_range_are_refused_before_any_recipe_loads(tmp_path, monkeypatch):
+    """--seeds 1000000000 planned (loaded a recipe for) 12e9 runs before training the first."""
+    from fastcifar import config
+
+    monkeypatch.setattr(config, "load", lambda ref: pytest.fail("a recipe was loaded"))
+    for seeds in (-1, 10 ** 9):
+        with pytest.raises(BadInput, match=f"--seeds {seeds}: run each recipe 1 to 1,000 times"):
+            plan("tutorial", seeds, tmp_path / "out")
+
+
+def test_a_users_directory_named_like_a_run_is_never_emptied(tmp_path):
+    """Without last.pt, a run directory is restarted (its files deleted) only when its recipe.json,
+    the first file a run writes, says it is one: a folder of the user's own recipe.py is not."""
+    (tmp_path / "t.txt").write_text("r18_baseline\n")
+    _, jobs, _ = plan(str(tmp_path / "t.txt"), 1, tmp_path / "out")
+    jobs[0].dir.mkdir(parents=True)
+    (jobs[0].dir / "recipe.py").write_text("# my own recipe\n")
+    with pytest.raises(BadInput, match="not a fastcifar run"):
+        state(jobs[0])
+    assert (jobs[0].dir / "recipe.py").read_text() == "# my own recipe\n"
+
+
+def test_out_inside_a_store_is_refused(tmp_path):
+    from fastcifar.data import prepare
+    from fastcifar.reproduce import check_out
+
+    store = prepare(tmp_path / "store", synthetic=True, n_train=20, n_test=10, log=lambda *_: None)
+    for out in (store, store / "tables"):
+        with pytest.raises(BadInput, match="inside the data store"):
+            check_out(out, ["r18_baseline"])
