@@ -558,13 +558,17 @@ def test_unreadable_store_meta_advises_what_prepare_will_accept(tmp_path):
 # ---- 7. bench: a bad --device or an unwritable --json is exit 2 before anything runs
 
 
+# what bench reads of a store before measuring: whether it is synthetic and its data set (meta.store)
+STUB_STORE = SimpleNamespace(synthetic=True, dataset="cifar100", meta={}, dir=Path("stub-store"))
+
+
 @pytest.fixture
 def bench_spy(monkeypatch):
     """Records whether the bench got as far as its store or a stage."""
     from fastcifar import bench
 
     ran = []
-    monkeypatch.setattr(bench, "bench_store", lambda *a, **k: ran.append("store") or SimpleNamespace(synthetic=True))
+    monkeypatch.setattr(bench, "bench_store", lambda *a, **k: ran.append("store") or STUB_STORE)
     monkeypatch.setattr(bench, "STAGES", {name: (lambda name=name, **k: ran.append(name) or []) for name in bench.STAGES})
     return bench, ran
 
