@@ -459,6 +459,9 @@ def check_json_path(path: Path, option: str = "--json") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):  # a file made and removed: the folder takes new files
             pass
+    except (FileExistsError, NotADirectoryError):  # mkdir met a file where a folder of the path should be
+        in_way = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), path.parent)
+        raise BadInput(f"Cannot write {path}: {in_way} is a file, not a directory; choose another {option} path.")
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable {option} path.")
 

@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -81,6 +82,8 @@ def torch_load(path: Path, what: str = "checkpoint"):
         with contextlib.suppress(OSError):
             if os.stat(path).st_size == 0:
                 raise BadInput(f"The {what} {path} is empty (0 bytes): a write that never finished, or not a {what}.")
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip; unpickling anything else fails with noise
+            raise BadInput(f"{path} is not a readable {what}: not a file torch.save wrote (that is a zip archive).")
         why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
         raise BadInput(f"{path} is not a readable {what} ({why}).")
 

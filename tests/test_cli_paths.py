@@ -87,6 +87,7 @@ def test_eval_through_the_cli(store, trained, monkeypatch, capsys):
 @pytest.mark.parametrize("args, message", [
     (("{tmp}/nothing_here",), "does not exist"),
     (("{tmp}/not_a_checkpoint.pt",), "not a readable checkpoint"),
+    (("{tmp}/notes.pt",), "not a readable checkpoint: not a file torch.save wrote"),  # was "(KeyError: 101)"
     (("{tmp}",), "holds no checkpoint"),
     (("{run}", "--device", "tpu"), "--device 'tpu'"),
     (("{run}", "--batch-size", "0"), "--batch-size 0"),
@@ -95,6 +96,7 @@ def test_eval_through_the_cli(store, trained, monkeypatch, capsys):
 ])
 def test_eval_bad_input_exits_2_with_one_paragraph(store, trained, tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "not_a_checkpoint.pt").write_bytes(b"not a zip file")
+    (tmp_path / "notes.pt").write_text("hello text\n")
     run, _ = trained
     args = [a.format(tmp=tmp_path, run=run) for a in args]
     if "--data-dir" not in args:

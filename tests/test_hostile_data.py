@@ -591,7 +591,8 @@ def test_bench_unwritable_json_is_refused_before_the_run(tmp_path, bench_spy, ca
     (tmp_path / "afile").write_text("x")
     (tmp_path / "adir").mkdir()
     path = {"under a file": tmp_path / "afile" / "bench.json", "a directory": tmp_path / "adir"}[case]
-    with pytest.raises(BadInput, match=f"{path}"):
+    why = {"under a file": f"{tmp_path / 'afile'} is a file, not a directory", "a directory": "is a directory"}[case]
+    with pytest.raises(BadInput, match=f"{path}.*{why}"):
         bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=path, log=lambda *_: None)
     assert ran == []  # found before the store or a stage, not after minutes of benchmarking
     bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=tmp_path / "new" / "b.json", log=lambda *_: None)
