@@ -393,11 +393,10 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
                         vs_tutorial(rows)
                         save(complete=False)
                 except torch.OutOfMemoryError as e:
-                    first = str(e).splitlines()[0] if str(e) else ""
                     kept = f" The {len(rows)} rows measured before are in {json_path} (meta.complete: false)." \
                         if json_path is not None and rows else ""
                     raise BadInput(f"The {name} stage ran out of device memory at --batch-size {batch_size} on "
-                                   f"{device_label(device)} ({first[:200]}); use a smaller --batch-size, or a smaller "
+                                   f"{device_label(device)} ({runtime.memory_error(e)}); use a smaller --batch-size, or a smaller "
                                    f"--model or --size.{kept}")
         except KeyboardInterrupt:
             stopped = f"Stopped after {len(rows)} row{'s' * (len(rows) != 1)}; the tables below hold them."

@@ -135,3 +135,10 @@ def sigterm_as_ctrl_c():
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def memory_error(e: torch.OutOfMemoryError) -> str:
+    """The first line of torch's out-of-memory message (what it tried to allocate), without the
+    allocator advice that follows it."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+    return first[:200].rstrip(". ")

@@ -244,13 +244,16 @@ class Trainer:
         with self.stop, self.run.open(self.recipe_json(), self.info.get("source"), self.progress.history):
             self.say(self.banner())
             self.progress.started = time.perf_counter()  # wall_seconds continues across resumes
-            for epoch in range(self.progress.epoch, self.r.train.epochs):
-                if self.at_target():
-                    break
-                stats = self.train_epoch(epoch, self.progress.batch)
-                self.end_epoch(epoch, stats)
-                if fdist.any_rank(self.stop.requested, self.device):
-                    self.interrupt(f"Interrupted after epoch {epoch + 1}")
+            try:
+                for epoch in range(self.progress.epoch, self.r.train.epochs):
+                    if self.at_target():
+                        break
+                    stats = self.train_epoch(epoch, self.progress.batch)
+                    self.end_epoch(epoch, stats)
+                    if fdist.any_rank(self.stop.requested, self.device):
+                        self.interrupt(f"Interrupted after epoch {epoch + 1}")
+            except torch.OutOfMemoryError as e:
+                raise self.out_of_memory(e) from None
             result = self.run.finish(self.at_target() or "completed")
             self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
                      + (f" (selected on val: {result['best_val_acc']:.2f}%)" if result["selection"] == "val" else "")
@@ -385,6 +388,16 @@ class Trainer:
     def at_target(self) -> str | None:
         """Why the run ends here, when train.stop_at_target is set and an epoch reached train.target_acc."""
         return timing.target_stop(self.r.train, self.progress.history, "val" if self.val_loader is not None else "test")
+
+    def out_of_memory(self, e: torch.OutOfMemoryError) -> BadInput:
+        """A batch the device cannot hold: summary.json says so, last.pt keeps the last whole epoch
+        (a step that ran out of memory is not saved), and the error says what to lower."""
+        p, r = self.progress, self.r
+        self.run.stop("out of device memory")
+        kept = f"last.pt holds epoch {len(p.history)}" if p.history else "no checkpoint was written"
+        return BadInput(f"{self.info['name']} ran out of memory on {self.device_name()} in epoch {p.epoch + 1} "
+                        f"({runtime.memory_error(e)}); {kept}. Lower data.batch_size (now {r.data.batch_size}) or "
+                        f"aug.image_size (now {r.aug.image_size}), use train.amp=bf16, or pick a smaller model.")
 
     def interrupt(self, where: str):
         """Stop on Ctrl-C/SIGTERM once last.pt holds the run: summary.json says so, and the other
@@ -547,7 +560,11 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     loader = make_loader(store, "test", r.aug, batch_size, backend=backend or r.data.backend, device=dev,
                          seed=r.train.seed, augment=False)
     tta = r.train.tta if tta is None else tta
-    res = evaluate(model, loader, runtime.autocast(dev, r.train.amp), tta)
+    try:
+        res = evaluate(model, loader, runtime.autocast(dev, r.train.amp), tta)
+    except torch.OutOfMemoryError as e:
+        raise BadInput(f"Evaluating {path} ran out of memory on {dev} ({runtime.memory_error(e)}); lower --batch-size "
+                       f"(now {batch_size})" + (", or use --device cpu." if dev.type == "cuda" else ".")) from None
     return {**res, "checkpoint": str(path), "recipe": ck.get("info", {}).get("name", "?"), "epoch": ck["epoch"],
             "synthetic": store.synthetic, "weights": weights, "tta": tta}
 

@@ -155,6 +155,32 @@ def test_a_full_disk_mid_run_stops_with_last_pt_intact(store, tmp_path):
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_running_out_of_device_memory_is_one_paragraph_keeping_the_last_epoch(store, tmp_path, monkeypatch, capsys):
+    """A batch the GPU cannot hold (torch.OutOfMemoryError, raised here in epoch 2's first step as
+    CUDA's allocator would): exit 2 naming what to lower, summary.json says why, last.pt is epoch 1's.
+    eval --batch-size too big for the device is the same kind of error."""
+    step = T.Trainer.train_step
+
+    def tight(self, *a):
+        if self.progress.epoch == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity "
+                                         "of 79.00 GiB\nIf reserved but unallocated memory is large try setting ...")
+        return step(self, *a)
+
+    monkeypatch.setattr(T.Trainer, "train_step", tight)
+    run = tmp_path / "run"
+    with pytest.raises(BadInput, match=r"ran out of memory on cpu in epoch 2 \(CUDA out of memory\. Tried to "
+                                       r"allocate 9\.00 GiB.*\); last\.pt holds epoch 1\. Lower data\.batch_size"):
+        T.train(tiny(train__epochs=2), info(), out=run, data_dir=store, **QUIET)
+    assert checkpoint.load(run / "last.pt")["epoch"] == 1
+    s = json.loads((run / "summary.json").read_text())
+    assert not s["finished"] and s["stop_reason"] == "out of device memory" and s["epochs_done"] == 1
+    capsys.readouterr()
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
+    code, _, err = cli(monkeypatch, capsys, "eval", run, "--data-dir", store, "--device", "cpu", "--batch-size", 100)
+    assert code == 2 and one_paragraph(err) and "lower --batch-size (now 100)" in err.replace("\n", " "), err
+
+
 # ---- recipes and values a careless user writes
 
 
