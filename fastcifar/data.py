@@ -838,8 +838,13 @@ def _check_disk(real: Path, need: int) -> None:
     except OSError:
         return  # cannot tell: the write itself reports a full disk
     if need > free:
-        raise BadInput(f"The store at {real} needs {need / 1e9:.2f} GB but its file system has {free / 1e9:.2f} GB "
-                       f"free; free space, choose another --data-dir, or ask for fewer images.")
+        raise BadInput(f"The store at {real} needs {_bytes(need)} but its file system has {_bytes(free)} free; "
+                       f"free space, choose another --data-dir, or ask for fewer images.")
+
+
+def _bytes(n: int) -> str:
+    """A size as people read it: GB from 0.1 GB up, MB below (a small store's 15 MB is not '0.02 GB')."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _source_stat(source: Path, dataset: str = "cifar100") -> dict:

@@ -469,7 +469,7 @@ def test_synthetic_store_larger_than_the_free_disk_is_refused_before_writing(tmp
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(fdata.shutil, "disk_usage", lambda p: usage._replace(free=10 << 20))  # 10 MB free
-    with pytest.raises(BadInput, match=r"needs 0\.\d+ GB but its file system has 0\.01 GB free"):
+    with pytest.raises(BadInput, match=r"needs 1\d\.\d MB but its file system has 10\.5 MB free"):
         fdata.prepare(tmp_path / "syn", synthetic=True, n_train=5000, n_test=100, **QUIET)
     assert os.listdir(tmp_path) == []
 
