@@ -355,16 +355,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         bad = [m for m in models if not timm.is_model(m)]
         if bad:
             raise BadInput(f"--model {bad[0]!r} is not a timm model name (see timm.list_models()).")
-    try:
-        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, ValueError, TypeError):
-        raise BadInput(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.")
-    if device.type not in ("cpu", "cuda"):
-        raise BadInput(f"--device {device}: the bench runs on cpu, cuda or cuda:N.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {device} asked for a GPU, but torch sees none here; use --device cpu.")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise BadInput(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0.")
+    device = runtime.command_device(device)
     if json_path is not None and plot_path is not None and _same_file(Path(json_path), Path(plot_path)):
         raise BadInput(f"--json {json_path} and --plot {plot_path} name the same file; the picture would replace "
                        f"the JSON. Give each its own path.")

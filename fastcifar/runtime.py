@@ -142,3 +142,21 @@ def memory_error(e: torch.OutOfMemoryError) -> str:
     allocator advice that follows it."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
     return first[:200].rstrip(". ")
+
+
+def command_device(spec: str | None, option: str = "--device") -> torch.device:
+    """The device a command's --device names (None or auto: cuda when torch sees one, else cpu),
+    or BadInput saying why it cannot be used here (eval and bench; training's is `distributed`)."""
+    if spec is None or spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise BadInput(f"{option} {spec!r} is not a device; use auto, cpu, cuda or cuda:N.")
+    if dev.type not in ("cpu", "cuda"):
+        raise BadInput(f"{option} {spec!r}: use auto, cpu, cuda or cuda:N.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"{option} {dev} asked for a GPU, but torch sees no CUDA device here; use {option} cpu.")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise BadInput(f"{option} {dev}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
+    return dev

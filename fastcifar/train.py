@@ -540,16 +540,7 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     weights when it has them (`weights`: auto | raw | ema), with `tta` (default: its recipe's)."""
     path = checkpoint.resolve(ref, prefer="best.pt")
     ck, weights = pick_weights(checkpoint.load(path), weights)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"--device {device!r}: use auto, cpu, cuda or cuda:N.")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: torch sees no CUDA device.")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise BadInput(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
+    dev = runtime.command_device(device)
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
     if tta is not None and tta not in TTA:
