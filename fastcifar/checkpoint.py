@@ -4,6 +4,7 @@ the previous complete file, never a torn one."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pickle
@@ -167,6 +168,48 @@ def set_rng_state(state: dict) -> None:
 def _tuples(x):
     """random.setstate needs tuples where a round trip may have left lists."""
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@contextlib.contextmanager
+def claimed(path: Path, recheck):
+    """Make run directory `path` (and its missing parents) and hold an exclusive lock on it while
+    the run lives, so that no second fastcifar process writes the same files: a second `train
+    --out` of one path, or a `--resume` of a run still going. recheck() runs again under the lock:
+    another run may have filled the directory since it was first checked. Directories made here
+    are removed on the way out while empty (a run that stopped before writing leaves nothing)."""
+    missing, p = [], Path(path)
+    while not p.exists() and not p.is_symlink():
+        missing.append(p)
+        p = p.parent
+    made = []
+    try:
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another process made it meanwhile: the lock decides
+                d.mkdir()
+                made.append(d)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise BadInput(f"Cannot create the run directory {path} ({e.strerror or e}); choose another --out.")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it when the holder dies, kill -9 included
+        except BlockingIOError:
+            made = []  # the holder's directory, not ours to remove
+            raise BadInput(f"{path} is in use: another fastcifar process is writing that run (a train or a --resume "
+                           f"still going). Wait for it to end, or stop it (Ctrl-C saves last.pt) and continue it "
+                           f"with `fastcifar train --resume {path}`; to start a new run, choose another --out.")
+        except OSError:
+            pass  # a file system without locks (some network ones): the run goes on unguarded
+        recheck()
+        yield
+    finally:
+        for d in reversed(made):  # removed while still locked: no other process can be inside
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        os.close(fd)
 
 
 class RunDir:

@@ -94,7 +94,7 @@ class Progress:
 
 class Trainer:
     """One run of a recipe, built once; `fit()` trains it. A context manager: leaving it restores
-    the backend flags and leaves the process group."""
+    the backend flags, leaves the process group and unlocks the run directory."""
 
     def __init__(self, r: Recipe, info: dict, out=None, data_dir=None, resume=None, log=print):
         r.validate()
@@ -117,6 +117,8 @@ class Trainer:
         """The run's parts, each built from the ones before: where it runs, the checkpoint it
         continues, the data, the model and its optimizer, the resumed state, the nets the steps run."""
         self._place()
+        if self.main:  # one writer per run directory, from here to the end of the run
+            self._exit.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resume is not None)))
         ck = None
         if resume is not None:  # checked before anything is written; the run continues on its own store
             ck = self._resume_checkpoint(resume)

@@ -307,3 +307,51 @@ def test_a_run_left_inside_a_store_is_still_resumed(run, tmp_path):
     shutil.move(run, other / "old-run")
     s = T.train(tiny(train__epochs=3), {}, resume=other / "old-run", **QUIET)
     assert s["finished"] and s["epochs_done"] == 3
+
+
+# ---- one writer per run directory
+
+
+def test_a_run_directory_in_use_is_refused_and_left_as_it_was(run, store, tmp_path, monkeypatch, capsys):
+    # another process training into, or resuming, the same directory: its lock is held meanwhile
+    before = snapshot(run)
+    with checkpoint.claimed(run, lambda: None):
+        with pytest.raises(BadInput, match="in use: another fastcifar process"):
+            T.train(tiny(train__epochs=3), {}, resume=run, **QUIET)
+        assert snapshot(run) == before
+        fresh = tmp_path / "fresh"
+        with checkpoint.claimed(fresh, lambda: None):
+            code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--data-dir", store, "--out", fresh)
+            assert code == 2 and one_paragraph(err) and "in use" in err
+            assert list(fresh.iterdir()) == []
+        assert not fresh.exists()  # made by the holder, removed by it while still empty
+    s = T.train(tiny(train__epochs=3), {}, resume=run, **QUIET)  # released: the run continues
+    assert s["epochs_done"] == 3
+
+
+def test_the_out_check_is_repeated_under_the_lock_and_what_was_made_is_removed(tmp_path):
+    import fcntl
+    out = tmp_path / "runs" / "a" / "b"
+    seen = []
+
+    def recheck():  # the lock is held here: a second process could not take it
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        seen.append(True)
+        raise BadInput("a run finished there meanwhile")
+
+    with pytest.raises(BadInput, match="meanwhile"):
+        with checkpoint.claimed(out, recheck):
+            pass
+    assert seen and not (tmp_path / "runs").exists()  # the three directories it made, gone again
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory(tmp_path):
+    out = tmp_path / "runs" / "r"
+    with pytest.raises(BadInput):
+        T.train(tiny(), info(), out=out, data_dir=tmp_path / "no-store", **QUIET)
+    assert not (tmp_path / "runs").exists()
