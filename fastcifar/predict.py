@@ -3,7 +3,8 @@ checkpoint, or an export of `fastcifar export` (.onnx in onnxruntime, .safetenso
 
 An image becomes what the model saw in training in two steps:
 1. a 32x32 RGB uint8 image, as CIFAR's are: decoded by Pillow (EXIF rotation applied; grey,
-   palette, CMYK and 16-bit images made 8-bit RGB; alpha dropped, as `convert("RGB")` does),
+   palette, CMYK, 16-bit and float images made 8-bit RGB (float: 0..1 scaled, else 0..255
+   clipped); alpha dropped, as `convert("RGB")` does),
    centre-cropped to its largest square (objects keep their shape, as in CIFAR's square
    pictures), then resized to 32x32 with Pillow's antialiased bilinear filter (the filter widens
    with the shrink factor, so a photo does not alias; a smaller image is upsampled).
@@ -120,6 +121,18 @@ def gather(inputs, log=print) -> tuple[list[Path], list[dict]]:
 def read_image(path: Path) -> np.ndarray:
     """An image file as a (32, 32, 3) uint8 RGB array (step 1 of the module docstring); ValueError
     saying why when it is not a readable image."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Pillow warns of images over 89 Mpx and refuses those over 179 Mpx: the ones between are
+        # decoded (at most about 540 MB) and shrunk to 32 px, so its warning on stderr is noise
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _decode(path)
+
+
+def _decode(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -131,6 +144,12 @@ def read_image(path: Path) -> np.ndarray:
                 # Pillow's convert() clips 16-bit values to 255 instead of scaling them
                 a = np.asarray(im, dtype=np.float64).clip(0, 65535) / 257
                 im = Image.fromarray(a.round().astype(np.uint8))
+            elif im.mode == "F":  # a float image (TIFF): convert() would clip, so 0..1 would be near black
+                a = np.asarray(im, dtype=np.float64)
+                if not np.isfinite(a).all():
+                    raise ValueError("a float image holding NaN or infinite values")
+                a = a * 255 if a.min() >= 0 and a.max() <= 1 else a  # 0..1 is the float convention; else 0..255
+                im = Image.fromarray(a.clip(0, 255).round().astype(np.uint8))
             im = im.convert("RGB")
             w, h = im.size
             s = min(w, h)

@@ -542,3 +542,26 @@ def test_readme_preprocessing_is_what_predict_does(runs, data, tmp_path, kind):
         theirs = scope["preprocess_image"](str(f), c)
         assert ours.shape == theirs.shape == (1, 3, c["preprocess"]["image_size"], c["preprocess"]["image_size"])
         assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_float_images_are_scaled_and_big_ones_read_without_a_pillow_warning(tmp_path, monkeypatch):
+    import warnings
+
+    ramp = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)  # a float TIFF's usual 0..1
+    Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")
+    got = read_image(tmp_path / "unit.tif")
+    assert np.array_equal(got[..., 0], np.round(ramp * 255).astype(np.uint8))  # not clipped to 0..1 (black)
+    Image.fromarray(ramp * 300, mode="F").save(tmp_path / "wide.tif")  # not 0..1: taken as 0..255, clipped
+    assert np.array_equal(read_image(tmp_path / "wide.tif")[..., 0], np.round(ramp * 300).clip(0, 255).astype(np.uint8))
+    ramp[3, 4] = np.nan
+    Image.fromarray(ramp, mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(ValueError, match="NaN"):
+        read_image(tmp_path / "nan.tif")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # 32x32 = 1024 px: between 1x and 2x the limit
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert read_image(tmp_path / "unit.tif").shape == (32, 32, 3)
+    assert not seen
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # over twice the limit: Pillow refuses, we name it
+    with pytest.raises(ValueError, match="DecompressionBomb"):
+        read_image(tmp_path / "unit.tif")
