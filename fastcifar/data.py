@@ -866,6 +866,7 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
     """Build the store of `dataset` (cifar100 | cifar10) at data_dir from the official download
     (default), a local source, or a synthetic set. Returns the store directory. Raises BadInput on
     bad input."""
+    dataset = dataset.lower() if isinstance(dataset, str) else dataset  # --dataset CIFAR10, as --format ONNX
     title = check_dataset(dataset)["title"]
     dest = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
     if synthetic and not (1 <= n_train <= SYNTHETIC_MAX and 1 <= n_test <= SYNTHETIC_MAX):

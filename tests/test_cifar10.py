@@ -224,7 +224,7 @@ def _cli(*args):
 
 def test_cli_prepare_dataset(tmp_path, official10):
     tarball, objs = official10
-    r = _cli("prepare", "--dataset", "cifar10", "--from", str(tarball), "--no-verify", "--data-dir", str(tmp_path / "s"))
+    r = _cli("prepare", "--dataset", "CIFAR10", "--from", str(tarball), "--no-verify", "--data-dir", str(tmp_path / "s"))
     assert r.returncode == 0, r.stderr
     check_store(tmp_path / "s", objs)
     r = _cli("prepare", "--dataset", "cifar1000", "--synthetic", "--data-dir", str(tmp_path / "x"))
