@@ -5,3 +5,10 @@ __version__ = "0.1.0"
 
 class BadInput(Exception):
     """Bad usage or bad input: the CLI prints the message as one paragraph and exits 2."""
+
+
+def shown(value, limit: int = 60) -> str:
+    """repr(value) for an error message, its middle cut when longer than `limit` characters: a
+    5,000-digit --set value or a pasted file must not fill the terminal."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit - 16]}...{r[-10:]} ({len(r):,} characters)"

@@ -383,7 +383,9 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
                         rows.append(row)
                         vs_tutorial(rows)
                         save(complete=False)
-                except torch.OutOfMemoryError as e:
+                except RuntimeError as e:
+                    if not runtime.out_of_memory(e):
+                        raise
                     kept = f" The {len(rows)} rows measured before are in {json_path} (meta.complete: false)." \
                         if json_path is not None and rows else ""
                     raise BadInput(f"The {name} stage ran out of device memory at --batch-size {batch_size} on "

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastcifar import BadInput
+from fastcifar import BadInput, shown
 from fastcifar.averaging import TTA
 from fastcifar.data import DATASETS
 from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
@@ -28,13 +28,16 @@ from fastcifar.runtime import AMP_DTYPES, TF32
 from pipelines.loader import BACKENDS
 from pipelines.spec import MAX_SIDE, AugSpec
 
+INT_MAX = 2 ** 63 - 1  # the largest whole number a recipe field takes: torch's and numpy's int64
+
+
 def _check(section: str, obj, rules) -> None:
     """Raise BadInput naming the first field of `obj` whose rule fails: rules are
     (field, ok(value) -> bool, why) triples, checked in order."""
     for name, ok, why in rules:
         value = getattr(obj, name)
         if not ok(value):
-            raise BadInput(f"{section}.{name} = {value!r}: {why}.")
+            raise BadInput(f"{section}.{name} = {shown(value)}: {why}.")
 
 
 def _one_of(options) -> tuple:
@@ -262,15 +265,19 @@ class Recipe:
         for section, obj in sections(self):
             for f in dataclasses.fields(obj):
                 v = getattr(obj, f.name)
-                if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))):
-                    raise BadInput(f"{section}.{f.name} = {v!r}: must be a finite number.")
+                values = v if isinstance(v, tuple) else (v,)
+                if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+                    raise BadInput(f"{section}.{f.name} = {shown(v)}: must be a finite number.")
+                if any(isinstance(x, int) and abs(x) > INT_MAX for x in values):  # torch, numpy and float() overflow
+                    raise BadInput(f"{section}.{f.name} = {shown(v)}: too large; whole numbers here lie within "
+                                   f"+-(2**63 - 1).")
             obj.validate()
         if self.head.kind != "linear" and (self.aug.mixup_alpha > 0 or self.aug.cutmix_alpha > 0):
-            raise BadInput(f"head.kind = {self.head.kind!r}: a margin head needs hard labels, but MixUp/CutMix give "
+            raise BadInput(f"head.kind = {shown(self.head.kind)}: a margin head needs hard labels, but MixUp/CutMix give "
                            f"soft targets; use head.kind=linear or set aug.mixup_alpha and aug.cutmix_alpha to 0.")
         if self.loss.scales and self.distill.teacher:
-            raise BadInput(f"loss.scales = {self.loss.scales!r} (multi-scale training) and distill.teacher = "
-                           f"{self.distill.teacher!r} (distillation) are two objectives; set loss.scales=() or "
+            raise BadInput(f"loss.scales = {shown(self.loss.scales)} (multi-scale training) and distill.teacher = "
+                           f"{shown(self.distill.teacher)} (distillation) are two objectives; set loss.scales=() or "
                            f"distill.teacher=''.")
         return self
 
@@ -298,7 +305,7 @@ def check_types(r: Recipe) -> Recipe:
             try:
                 setattr(obj, name, _strict(value, t))
             except _Wrong:
-                raise BadInput(f"{section}.{name} = {value!r}: expected {_type_name(t)}, got a {type(value).__name__}.")
+                raise BadInput(f"{section}.{name} = {shown(value)}: expected {_type_name(t)}, got a {type(value).__name__}.")
     return r
 
 
@@ -443,7 +450,7 @@ def _strict(value, t):
 def _field_type(section: str, name: str):
     cls = section_types().get(section)
     if cls is None:
-        raise BadInput(f"Unknown recipe section {section!r}; the sections are {', '.join(SECTIONS)}. "
+        raise BadInput(f"Unknown recipe section {shown(section)}; the sections are {', '.join(SECTIONS)}. "
                        f"Valid keys: {', '.join(valid_keys())}.")
     hints = _hints(cls)
     if name not in hints or name.startswith("_"):
@@ -465,7 +472,7 @@ def _renamed(section: str, name: str, value, where: str):
     try:
         return new, convert(_coerce(value, old_type))
     except _Wrong:
-        raise BadInput(f"{where} {section}.{name} = {value!r}: expected {_type_name(old_type)} "
+        raise BadInput(f"{where} {section}.{name} = {shown(value)}: expected {_type_name(old_type)} "
                        f"(it is now {section}.{new}).")
 
 
@@ -483,7 +490,7 @@ def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key.count(".") != 1:
-            raise BadInput(f"--set {item!r}: write section.field=VALUE, e.g. train.epochs=30. "
+            raise BadInput(f"--set {shown(item)}: write section.field=VALUE, e.g. train.epochs=30. "
                            f"Valid keys: {', '.join(valid_keys())}.")
         section, name = key.split(".")
         name, value = _renamed(section, name, value, "--set")
@@ -492,7 +499,7 @@ def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
         try:
             v = _coerce(value, t)
         except _Wrong:
-            raise BadInput(f"--set {key}={value!r}: {key} expects {_type_name(t)}.")
+            raise BadInput(f"--set {key}={shown(value)}: {key} expects {_type_name(t)}.")
         setattr(getattr(r, section), name, v)
     return r
 
@@ -516,14 +523,14 @@ def from_dict(d: dict) -> Recipe:
         if section not in SECTIONS:
             continue  # run metadata stored beside the sections: name, description, parent
         if not isinstance(fields, dict):
-            raise BadInput(f"recipe section {section!r} must be a mapping, got {type(fields).__name__}.")
+            raise BadInput(f"recipe section {shown(section)} must be a mapping, got {type(fields).__name__}.")
         for name, value in fields.items():
             name, value = _renamed(section, name, value, "recipe field")
             t = _field_type(section, name)
             try:
                 setattr(getattr(r, section), name, _coerce(value, t))
             except _Wrong:
-                raise BadInput(f"recipe field {section}.{name} = {value!r}: expected {_type_name(t)}.")
+                raise BadInput(f"recipe field {section}.{name} = {shown(value)}: expected {_type_name(t)}.")
     return r
 
 
@@ -582,7 +589,7 @@ def find(ref: str) -> Path:
         near = [n for n in recipes if ref.lower() in n.lower() or n.lower() in ref.lower()]
         hint = f" Did you mean {', '.join(near)}?" if near else ""
         where = " and ".join(f"{label} ({d.resolve()})" for label, d in recipe_dirs().items()) or "no recipe directory"
-        raise BadInput(f"No recipe named {ref!r}.{hint} Known recipes: {', '.join(recipes) or 'none'} "
+        raise BadInput(f"No recipe named {shown(ref)}.{hint} Known recipes: {', '.join(recipes) or 'none'} "
                        f"(looked in {where}; run `fastcifar recipes`), or give a path to a recipe file.")
     return recipes[ref]
 
@@ -610,7 +617,7 @@ def _resolve(ref: str) -> Path:
     if path.resolve() == _loading[-1][0].resolve():  # it derives its own name: take the recipe it shadows
         shadowed = [p for _, p in recipe_sources()[ref]][1:]
         if not shadowed:
-            raise BadInput(f"Recipe {path} derives from {ref!r}, its own name, and no other recipe is named {ref!r} "
+            raise BadInput(f"Recipe {path} derives from {shown(ref)}, its own name, and no other recipe is named {shown(ref)} "
                            f"(see `fastcifar recipes`).")
         path = shadowed[0]
     chain = [p.resolve() for p, _ in _loading]
@@ -645,7 +652,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         except (BadInput, KeyboardInterrupt):
             raise
         except SystemExit as e:
-            raise BadInput(f"Recipe {path} called sys.exit({e.code!r}) while loading; a recipe only defines recipe().")
+            raise BadInput(f"Recipe {path} called sys.exit({shown(e.code)}) while loading; a recipe only defines recipe().")
         except BaseException as e:  # GeneratorExit or a recipe's own BaseException too: still the recipe's fault
             raise BadInput(f"Recipe {path} failed to load: {_what(e)}.")
         fn = getattr(module, "recipe", None)
@@ -657,7 +664,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         except (BadInput, KeyboardInterrupt):
             raise
         except SystemExit as e:
-            raise BadInput(f"Recipe {path}: recipe() called sys.exit({e.code!r}); it should return a Recipe.")
+            raise BadInput(f"Recipe {path}: recipe() called sys.exit({shown(e.code)}); it should return a Recipe.")
         except BaseException as e:
             raise BadInput(f"Recipe {path}: recipe() raised {_what(e)}.")
         parents = _loading[-1][1]

@@ -137,10 +137,18 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, old)
 
 
-def memory_error(e: torch.OutOfMemoryError) -> str:
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e is an allocation that failed: torch.OutOfMemoryError on a GPU; on a CPU torch
+    raises a plain RuntimeError from its allocator instead."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
+def memory_error(e: RuntimeError) -> str:
     """The first line of torch's out-of-memory message (what it tried to allocate), without the
     allocator advice that follows it."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+    first = first.split("DefaultCPUAllocator: ", 1)[-1]  # the CPU's: after "[enforce fail at alloc_cpu.cpp:N] ..."
     return first[:200].rstrip(". ")
 
 

@@ -107,8 +107,12 @@ class Trainer:
         self._exit = contextlib.ExitStack()
         try:
             self._build(data_dir, resume)
-        except BaseException:
+        except BaseException as e:
             self._exit.close()
+            if runtime.out_of_memory(e):  # the model itself does not fit (e.g. a huge head.embed_dim)
+                raise BadInput(f"Building {info.get('name', 'the run')} ran out of memory on {self.device_name()} "
+                               f"({runtime.memory_error(e)}); check model.name and head.embed_dim (now "
+                               f"{r.head.embed_dim}), or use a smaller model.") from None
             raise
         self.run = RunDir(self.out, self.summary, writes=self.main)
         self.stop = runtime.StopSignals(self.say)
@@ -254,7 +258,9 @@ class Trainer:
                     self.end_epoch(epoch, stats)
                     if fdist.any_rank(self.stop.requested, self.device):
                         self.interrupt(f"Interrupted after epoch {epoch + 1}")
-            except torch.OutOfMemoryError as e:
+            except RuntimeError as e:
+                if not runtime.out_of_memory(e):
+                    raise
                 raise self.out_of_memory(e) from None
             result = self.run.finish(self.at_target() or "completed")
             self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
@@ -391,7 +397,7 @@ class Trainer:
         """Why the run ends here, when train.stop_at_target is set and an epoch reached train.target_acc."""
         return timing.target_stop(self.r.train, self.progress.history, "val" if self.val_loader is not None else "test")
 
-    def out_of_memory(self, e: torch.OutOfMemoryError) -> BadInput:
+    def out_of_memory(self, e: RuntimeError) -> BadInput:
         """A batch the device cannot hold: summary.json says so, last.pt keeps the last whole epoch
         (a step that ran out of memory is not saved), and the error says what to lower."""
         p, r = self.progress, self.r
@@ -555,7 +561,9 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     tta = r.train.tta if tta is None else tta
     try:
         res = evaluate(model, loader, runtime.autocast(dev, r.train.amp), tta)
-    except torch.OutOfMemoryError as e:
+    except RuntimeError as e:
+        if not runtime.out_of_memory(e):
+            raise
         raise BadInput(f"Evaluating {path} ran out of memory on {dev} ({runtime.memory_error(e)}); lower --batch-size "
                        f"(now {batch_size})" + (", or use --device cpu." if dev.type == "cuda" else ".")) from None
     return {**res, "checkpoint": str(path), "recipe": ck.get("info", {}).get("name", "?"), "epoch": ck["epoch"],

@@ -181,6 +181,35 @@ def test_running_out_of_device_memory_is_one_paragraph_keeping_the_last_epoch(st
     assert code == 2 and one_paragraph(err) and "lower --batch-size (now 100)" in err.replace("\n", " "), err
 
 
+CPU_ALLOC = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+             "to allocate 9663676416 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_running_out_of_cpu_memory_is_one_paragraph_too(store, tmp_path, monkeypatch):
+    """On a CPU torch's allocator raises a plain RuntimeError, not torch.OutOfMemoryError: in a step
+    (a batch too big) and while building the model (here for real: a 2**40-wide embedding)."""
+    step = T.Trainer.train_step
+
+    def tight(self, *a):
+        if self.progress.epoch == 1:
+            raise RuntimeError(CPU_ALLOC)
+        return step(self, *a)
+
+    monkeypatch.setattr(T.Trainer, "train_step", tight)
+    run = tmp_path / "run"
+    with pytest.raises(BadInput, match=r"ran out of memory on cpu in epoch 2 \(can't allocate memory: you tried to "
+                                       r"allocate 9663676416 bytes.*last\.pt holds epoch 1"):
+        T.train(tiny(train__epochs=2), info(), out=run, data_dir=store, **QUIET)
+    monkeypatch.setattr(T.Trainer, "train_step", step)
+    with pytest.raises(BadInput, match=r"Building .* ran out of memory on cpu \(can't allocate memory.*head\.embed_dim "
+                                       r"\(now 1099511627776\)"):
+        T.train(tiny(head__kind="arcface", head__embed_dim=2 ** 40), info(), out=tmp_path / "big", data_dir=store, **QUIET)
+    assert not (tmp_path / "big").exists()
+    monkeypatch.setattr(T.Trainer, "train_step", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not called a memory error
+        T.train(tiny(), info(), out=tmp_path / "other", data_dir=store, **QUIET)
+
+
 # ---- recipes and values a careless user writes
 
 
@@ -189,10 +218,13 @@ def test_running_out_of_device_memory_is_one_paragraph_keeping_the_last_epoch(st
     ("train.seed=-1", "train.seed"), ("head.s=inf", "finite"),
     ("train.device=cuda:abc", "cuda:N"), ("train.device=cuda:-1", "cuda:N"),  # not a torch.device: a traceback on a GPU
     ("aug.image_size=100000", "at most 1024 px"), ("loss.scales=32,100000", "at most 1024 px"),  # DALI's bad_alloc
+    ("train.epochs=" + "9" * 500, "too large"), ("optim.lr_ref_batch=" + "9" * 400, "too large"),  # float() overflows
+    ("loss.scales=32," + "9" * 30, "too large"),
 ])
 def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path, override, message):
     code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--set", override, "--out", tmp_path / "run")
     assert code == 2 and one_paragraph(err) and message in err and override.split("=")[0] in err
+    assert len(err) < 400  # a 500-digit value is shown cut, not whole
     assert not (tmp_path / "run").exists()
 
 
