@@ -12,3 +12,10 @@ def shown(value, limit: int = 60) -> str:
     5,000-digit --set value or a pasted file must not fill the terminal."""
     r = repr(value)
     return r if len(r) <= limit else f"{r[:limit - 16]}...{r[-10:]} ({len(r):,} characters)"
+
+
+def why(e: BaseException, limit: int = 300) -> str:
+    """An exception for an error message: 'TypeError: its first line' (cut at `limit` characters),
+    or its bare name when it has no message. Libraries' multi-line messages and advice stay out."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit].rstrip()}" if lines else type(e).__name__

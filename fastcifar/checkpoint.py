@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput
+from fastcifar import BadInput, why
 
 
 def atomic_write(path: Path, write) -> None:
@@ -85,8 +85,7 @@ def torch_load(path: Path, what: str = "checkpoint"):
                 raise BadInput(f"The {what} {path} is empty (0 bytes): a write that never finished, or not a {what}.")
         if not zipfile.is_zipfile(path):  # torch.save writes a zip; unpickling anything else fails with noise
             raise BadInput(f"{path} is not a readable {what}: not a file torch.save wrote (that is a zip archive).")
-        why = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e).strip() else type(e).__name__
-        raise BadInput(f"{path} is not a readable {what} ({why}).")
+        raise BadInput(f"{path} is not a readable {what} ({why(e)}).")
 
 
 # What each use of a checkpoint needs; a file without them is bad input, not a KeyError later

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastcifar import BadInput, shown
+from fastcifar import BadInput, shown, why
 from fastcifar.averaging import TTA
 from fastcifar.data import DATASETS
 from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
@@ -33,11 +33,11 @@ INT_MAX = 2 ** 63 - 1  # the largest whole number a recipe field takes: torch's 
 
 def _check(section: str, obj, rules) -> None:
     """Raise BadInput naming the first field of `obj` whose rule fails: rules are
-    (field, ok(value) -> bool, why) triples, checked in order."""
-    for name, ok, why in rules:
+    (field, ok(value) -> bool, rule) triples, checked in order."""
+    for name, ok, rule in rules:
         value = getattr(obj, name)
         if not ok(value):
-            raise BadInput(f"{section}.{name} = {shown(value)}: {why}.")
+            raise BadInput(f"{section}.{name} = {shown(value)}: {rule}.")
 
 
 def _one_of(options) -> tuple:
@@ -627,11 +627,6 @@ def _resolve(ref: str) -> Path:
     return path
 
 
-def _what(e: BaseException) -> str:
-    """'TypeError: why', or the bare name of an exception raised without a message (GeneratorExit)."""
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
 def load(ref: str) -> tuple[Recipe, dict]:
     """(Recipe, info) from a recipe path or name; info = {name, description, parent, path, source}."""
     path = _resolve(ref)
@@ -654,7 +649,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         except SystemExit as e:
             raise BadInput(f"Recipe {path} called sys.exit({shown(e.code)}) while loading; a recipe only defines recipe().")
         except BaseException as e:  # GeneratorExit or a recipe's own BaseException too: still the recipe's fault
-            raise BadInput(f"Recipe {path} failed to load: {_what(e)}.")
+            raise BadInput(f"Recipe {path} failed to load: {why(e)}.")
         fn = getattr(module, "recipe", None)
         if not callable(fn):
             raise BadInput(f"Recipe {path} defines no recipe() function; a recipe file defines "
@@ -666,7 +661,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         except SystemExit as e:
             raise BadInput(f"Recipe {path}: recipe() called sys.exit({shown(e.code)}); it should return a Recipe.")
         except BaseException as e:
-            raise BadInput(f"Recipe {path}: recipe() raised {_what(e)}.")
+            raise BadInput(f"Recipe {path}: recipe() raised {why(e)}.")
         parents = _loading[-1][1]
     finally:
         _loading.pop()

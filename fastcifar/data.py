@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastcifar import BadInput
+from fastcifar import BadInput, why
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -468,7 +468,7 @@ def _load_pickle(raw: bytes, what: str) -> dict:
     except MemoryError:
         raise  # not garbage: prepare says what ran out
     except Exception as e:  # pickle raises many types on garbage: report them all as bad input
-        raise BadInput(f"{what} is not a readable CIFAR pickle ({type(e).__name__}: {e}).")
+        raise BadInput(f"{what} is not a readable CIFAR pickle ({why(e)}).")
     if not isinstance(obj, dict):
         raise BadInput(f"{what} holds a {type(obj).__name__}, but a CIFAR pickle holds a dict.")
     return {_str(k): v for k, v in obj.items()}
@@ -598,7 +598,7 @@ def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tupl
                     raise BadInput(f"{source} has no member {folder}/{name}; it is not a complete {title} tarball.")
                 raw[name] = tar.extractfile(members[name]).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise BadInput(f"{source} is truncated or not a valid tar.gz ({type(e).__name__}: {e}); download it again.")
+        raise BadInput(f"{source} is truncated or not a valid tar.gz ({why(e)}); download it again.")
     return raw, {"kind": "tarball", "path": str(source.resolve()), "md5": {o["tarball"]: md5}}
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import BadInput, __version__, checkpoint
+from fastcifar import BadInput, __version__, checkpoint, why
 from fastcifar.config import Head, Model
 from fastcifar.heads import HEADS
 from fastcifar.averaging import pick_weights
@@ -131,7 +131,7 @@ def check_card(c, where) -> dict:
                 or (h["kind"] != "linear" and not (isinstance(h["embed_dim"], int) and isinstance(h["s"], (int, float)))):
             bad(f"head {h!r}")
     except (KeyError, TypeError, OverflowError) as e:  # OverflowError: an integer beyond any float
-        bad(f"{type(e).__name__}: {e}")
+        bad(why(e))
     return c
 
 
@@ -196,8 +196,8 @@ def to_onnx(net: Net, c: dict, x: torch.Tensor) -> bytes:
                                     dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
         proto = program.model_proto
     except Exception as e:
-        raise CheckFailed(f"torch.onnx.export could not export {c['model']['name']}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''} Try --format safetensors.")
+        raise CheckFailed(f"torch.onnx.export could not export {c['model']['name']}: {why(e)}. "
+                          f"Try --format safetensors.")
     entry = proto.metadata_props.add()
     entry.key, entry.value = CARD_KEY, json.dumps(c)
     proto.doc_string = f"fastcifar export of {c['source']['checkpoint']}: {c['model']['name']} + {c['head']['kind']} head"
@@ -238,7 +238,7 @@ def read_safetensors(data) -> tuple[dict, dict]:
                 meta = f.metadata() or {}
             state = load_file(str(data))
     except (SafetensorError, OSError, ValueError) as e:
-        raise BadInput(f"{where} is not a readable safetensors file ({type(e).__name__}: {e}).")
+        raise BadInput(f"{where} is not a readable safetensors file ({why(e)}).")
     if CARD_KEY not in meta:
         raise BadInput(f"{where} is a safetensors file without fastcifar metadata: not a `fastcifar export`.")
     try:
@@ -371,8 +371,8 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
         try:
             theirs = run_onnx(data, x)
         except Exception as e:  # onnxruntime's own exception types
-            raise CheckFailed(f"onnxruntime cannot run the exported model ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300] if str(e) else ''}). Nothing was written.")
+            raise CheckFailed(f"onnxruntime cannot run the exported model ({why(e)}). "
+                              f"Nothing was written.")
         line = compare(ours, theirs, "onnxruntime vs torch", what)
     elif fmt == "safetensors":
         data = to_safetensors(net, c)

@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from fastcifar import BadInput, checkpoint
+from fastcifar import BadInput, checkpoint, why
 from fastcifar.checkpoint import torch_load
 from fastcifar.config import apply_overrides, from_dict
 from fastcifar.heads import HEADS
@@ -142,7 +142,7 @@ def build_backbone(cfg) -> nn.Module:
             raise
         raise BadInput(
             f"Could not get ImageNet weights for {cfg.name} from timm's hub (Hugging Face): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} Without internet, fetch the "
+            f"{why(e)}. Without internet, fetch the "
             f"weights elsewhere (e.g. timm.create_model('{cfg.name}', pretrained=True).state_dict() saved "
             f"with torch.save), then set model.pretrained_file=PATH; or train from scratch with "
             f"model.pretrained=false.")

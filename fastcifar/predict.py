@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import BadInput, checkpoint
+from fastcifar import BadInput, checkpoint, why
 from fastcifar import export as ex
 from fastcifar.averaging import pick_weights
 from fastcifar.models import SCALED_LOGITS, net_from_checkpoint
@@ -45,7 +45,7 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
         try:
             sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for a bad file
-            raise BadInput(f"{p} is not a readable ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:300]}).")
+            raise BadInput(f"{p} is not a readable ONNX model ({why(e)}).")
         meta = sess.get_modelmeta().custom_metadata_map.get(ex.CARD_KEY)
         if meta is None:
             raise BadInput(f"{p} is an ONNX model without fastcifar metadata (class names, preprocessing): "
@@ -61,8 +61,8 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
                 return ex.run_onnx(sess, x)
             except Exception as e:  # onnxruntime's own types: an input shape or dtype the model does not take
                 raise BadInput(f"{p} does not run on the input its fastcifar metadata describes (float32 batches of "
-                               f"3x{c['preprocess']['image_size']}x{c['preprocess']['image_size']}): {type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:300] if str(e) else ''}. Export the model again.")
+                               f"3x{c['preprocess']['image_size']}x{c['preprocess']['image_size']}): {why(e)}. "
+                               f"Export the model again.")
 
         return c, run_onnx, kind
     if kind == "safetensors":
@@ -159,7 +159,7 @@ def _decode(path: Path) -> np.ndarray:
     except UnidentifiedImageError:
         raise ValueError("not an image Pillow can read (PNG, JPEG, ...)")
     except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise ValueError(f"unreadable image ({type(e).__name__}: {e})")
+        raise ValueError(f"unreadable image ({why(e)})")
 
 
 def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
