@@ -101,6 +101,7 @@ class Trainer:
         if resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
             raise BadInput(f"--resume {resume} continues that run in its own directory; --out {out} names another. "
                            f"Drop --out (a run is never continued into, or over, a different directory).")
+        self.default_out = out is None and resume is None
         self.out = Path(out if out is not None else resume if resume is not None else new_run_dir(info["name"]))
         check_out(self.out, resumed=resume is not None)
         self.r, self.info, self.log = r, dict(info), log
@@ -121,8 +122,8 @@ class Trainer:
         """The run's parts, each built from the ones before: where it runs, the checkpoint it
         continues, the data, the model and its optimizer, the resumed state, the nets the steps run."""
         self._place()
-        if self.main:  # one writer per run directory, from here to the end of the run
-            self._exit.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resume is not None)))
+        if self.main:
+            self._claim(resume is not None)
         ck = None
         if resume is not None:  # checked before anything is written; the run continues on its own store
             ck = self._resume_checkpoint(resume)
@@ -151,6 +152,19 @@ class Trainer:
         self._exit.enter_context(runtime.backend_settings(rt.deterministic, rt.tf32))
         random.seed(rt.seed)
         torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
+
+    def _claim(self, resumed: bool) -> None:
+        """Lock the run directory until the run ends: one writer per directory. A default directory
+        that a run started in the same second took meanwhile (`for s in 1 2 3; do fastcifar train
+        ... & done`) gives way to the next free name."""
+        for attempt in range(100):
+            try:
+                self._exit.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resumed)))
+                return
+            except BadInput:
+                if not (self.default_out and self.out.exists()) or attempt == 99:
+                    raise
+                self.out = new_run_dir(self.info["name"])
 
     def _resume_checkpoint(self, resume) -> dict:
         """The last.pt of the run `resume` continues, checked against this recipe."""

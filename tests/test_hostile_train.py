@@ -388,3 +388,25 @@ def test_a_run_that_fails_before_writing_leaves_no_directory(tmp_path):
     with pytest.raises(BadInput):
         T.train(tiny(), info(), out=out, data_dir=tmp_path / "no-store", **QUIET)
     assert not (tmp_path / "runs").exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_default_directories(store, tmp_path, monkeypatch):
+    import contextlib
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(T.time, "strftime", lambda *a: "20260101-000000")
+    taken = tmp_path / "runs" / "tiny-20260101-000000"
+    other, place = contextlib.ExitStack(), T.Trainer._place
+
+    def race(self):  # the other run takes the name after this one picked it, before it locks it
+        place(self)
+        other.enter_context(checkpoint.claimed(taken, lambda: None))
+
+    monkeypatch.setattr(T.Trainer, "_place", race)
+    lines = []
+    with other:
+        s = T.train(tiny(train__epochs=1), info(), data_dir=store, log=lines.append)
+        assert list(taken.iterdir()) == []  # nothing written into the other run's directory
+    assert s["finished"] and "Run: runs/tiny-20260101-000000-2" in lines[-1]
+    assert (tmp_path / "runs" / "tiny-20260101-000000-2" / "last.pt").exists()
+    with pytest.raises(BadInput, match="in use"), checkpoint.claimed(tmp_path / "mine", lambda: None):
+        T.train(tiny(train__epochs=1), info(), out=tmp_path / "mine", data_dir=store, **QUIET)  # named: no other
