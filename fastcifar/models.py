@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-from fastcifar import BadInput, checkpoint, why
+from fastcifar import BadInput, checkpoint, shown, why
 from fastcifar.checkpoint import torch_load
 from fastcifar.config import apply_overrides, from_dict
 from fastcifar.heads import HEADS
@@ -89,9 +89,9 @@ def init_from(net: nn.Module, ref: str, log=print) -> dict:
         path = checkpoint.resolve(ref, prefer="last.pt")
         sd = checkpoint.load(path, need="weights")["model"]
     except BadInput as e:
-        raise BadInput(f"model.init_from = {ref!r}: {e}")  # each message already says what to give instead
+        raise BadInput(f"model.init_from = {shown(ref)}: {e}")  # each message already says what to give instead
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BadInput(f"model.init_from = {ref!r}: {path} holds no state dict (a mapping of names to tensors).")
+        raise BadInput(f"model.init_from = {shown(ref)}: {path} holds no state dict (a mapping of names to tensors).")
     own = net.state_dict()
     fits = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
     report = {"path": str(path), "loaded": sorted(fits), "missing": [k for k in own if k not in sd],
@@ -100,7 +100,7 @@ def init_from(net: nn.Module, ref: str, log=print) -> dict:
                               if k in own and own[k].shape != sd[k].shape]}
     if not fits:
         unknown = report["unexpected"]
-        raise BadInput(f"model.init_from = {ref!r}: no weight in {path} fits this model (by name and shape): "
+        raise BadInput(f"model.init_from = {shown(ref)}: no weight in {path} fits this model (by name and shape): "
                        f"{len(unknown)} unknown names (e.g. {', '.join(unknown[:3]) or '-'}), "
                        f"{len(report['other_shape'])} of another shape. Was it written by another model.name?")
     net.load_state_dict(fits, strict=False)
@@ -114,12 +114,17 @@ def init_from(net: nn.Module, ref: str, log=print) -> dict:
     return report
 
 
+def check_name(name: str) -> None:
+    """BadInput unless `name` is a timm model, naming close ones."""
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, timm.list_models(), n=8, cutoff=0.7)
+        raise BadInput(f"model.name = {shown(name)} is not a timm model."
+                       + (f" Close names: {', '.join(near)}." if near else " See timm.list_models()."))
+
+
 def build_backbone(cfg) -> nn.Module:
     """timm model `cfg.name` without its classifier (forward gives globally pooled features)."""
-    if not timm.is_model(cfg.name):
-        near = difflib.get_close_matches(cfg.name, timm.list_models(), n=8, cutoff=0.7)
-        raise BadInput(f"model.name = {cfg.name!r} is not a timm model."
-                       + (f" Close names: {', '.join(near)}." if near else " See timm.list_models()."))
+    check_name(cfg.name)
     hub = cfg.pretrained and not cfg.pretrained_file
     if hub and not hub_reachable():
         # Offline: use the local hub cache only. Otherwise the hub client retries for ~50 s
@@ -225,7 +230,7 @@ def cifar_stem(m: nn.Module) -> str:
     conv = m.get_submodule(name) if isinstance(name, str) else None
     if not isinstance(conv, nn.Conv2d):
         raise BadInput(f"model.cifar_stem: {type(m).__name__} names no single first conv "
-                       f"(pretrained_cfg first_conv = {name!r}); use a ResNet-like timm model or cifar_stem=false.")
+                       f"(pretrained_cfg first_conv = {shown(name)}); use a ResNet-like timm model or cifar_stem=false.")
     m.set_submodule(name, nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1,
                                     bias=conv.bias is not None))
     if isinstance(getattr(m, "maxpool", None), nn.Module):
@@ -237,7 +242,7 @@ def _load_file(m: nn.Module, path: Path, skip: str | None) -> None:
     """Load backbone weights from a state-dict file: a plain timm/torchvision state dict (its
     classifier is ignored) or a fastcifar checkpoint (its `backbone.` part)."""
     if not path.is_file():
-        raise BadInput(f"model.pretrained_file = {str(path)!r} does not exist.")
+        raise BadInput(f"model.pretrained_file = {shown(str(path))} does not exist.")
     sd = torch_load(path, what="model.pretrained_file state dict")
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):

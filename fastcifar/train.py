@@ -28,15 +28,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastcifar import BadInput, checkpoint, provenance, runtime, timing
+from fastcifar import BadInput, checkpoint, provenance, runtime, shown, timing
 from fastcifar import dist as fdist
 from fastcifar.averaging import EMA, TTA, pick_weights, predict
 from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import check_outside_stores, check_replaceable, default_data_dir, open_store, prepare
 from fastcifar.losses import Classify, Distill, MultiScale
-from fastcifar.models import (SCALED_LOGITS, build_model, init_from, load_weights, net_from_checkpoint, num_classes,
-                              sync_batchnorm)
+from fastcifar.models import (SCALED_LOGITS, build_model, check_name, init_from, load_weights, net_from_checkpoint,
+                              num_classes, sync_batchnorm)
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.report import duration
 from pipelines.loader import make_loader
@@ -124,6 +124,9 @@ class Trainer:
         self._place()
         if self.main:
             self._claim(resume is not None)
+        check_name(self.r.model.name)  # what takes a moment to check, before the data set's download
+        if self.r.distill.teacher:
+            teacher_path(self.r)
         ck = None
         if resume is not None:  # checked before anything is written; the run continues on its own store
             ck = self._resume_checkpoint(resume)
@@ -566,7 +569,7 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
     if tta is not None and tta not in TTA:
-        raise BadInput(f"--tta {tta!r}: use one of {', '.join(TTA)} (none = the images as they are).")
+        raise BadInput(f"--tta {shown(tta)}: use one of {', '.join(TTA)} (none = the images as they are).")
     store = open_store(data_dir, from_dict(ck["recipe"]).data.dataset)  # its data set's default dir, and no other
     check_classes(ck, store, path)
     model, r = net_from_checkpoint(ck, path, dev)
@@ -595,7 +598,7 @@ def check_resume(r: Recipe, ck: dict, run_dir) -> None:
     """Raise BadInput unless r continues the checkpoint's run: the same recipe but for RESUMABLE
     fields, and at least as many epochs as it has done."""
     was, now = to_dict(from_dict(ck["recipe"])), to_dict(r)
-    changed = [f"{s}.{k} ({was[s][k]!r} -> {v!r})" for s, fields in now.items() for k, v in fields.items()
+    changed = [f"{s}.{k} ({shown(was[s][k])} -> {shown(v)})" for s, fields in now.items() for k, v in fields.items()
                if v != was[s][k] and f"{s}.{k}" not in RESUMABLE]
     if changed:
         raise BadInput(f"--resume {run_dir} would change {', '.join(changed)}: that is a different run, and its "
@@ -638,7 +641,7 @@ def check_out(out: Path, resumed: bool) -> None:
     try:
         str(out).encode("utf-8")
     except UnicodeEncodeError:  # TensorBoard's writer takes the directory as UTF-8 text, and would fail mid-setup
-        raise BadInput(f"--out {str(out)!r}: the name holds bytes that are not UTF-8, and a run's TensorBoard events "
+        raise BadInput(f"--out {shown(str(out))}: the name holds bytes that are not UTF-8, and a run's TensorBoard events "
                        f"cannot be written there. Choose an --out with a UTF-8 name.")
     if out.is_dir() and not resumed and any(out.iterdir()):
         if (out / "last.pt").exists():
@@ -673,21 +676,26 @@ def check_classes(ck: dict, store, path) -> None:
                        f"not the data it was trained on. Pass --data-dir with that store.")
 
 
+def teacher_path(r: Recipe) -> Path:
+    """The checkpoint r.distill.teacher names (run dir, checkpoint or recipe name)."""
+    try:
+        return checkpoint.resolve(r.distill.teacher, prefer="best.pt")
+    except BadInput as e:
+        raise BadInput(f"distill.teacher = {shown(r.distill.teacher)}: {e} Train the teacher first (e.g. `fastcifar "
+                       f"train {r.distill.teacher}`), or --set distill.teacher=RUN_DIR_OR_CHECKPOINT.")
+
+
 def load_teacher(r: Recipe, device: torch.device, store) -> tuple[torch.nn.Module, Recipe]:
     """The frozen teacher of r.distill.teacher (run dir, checkpoint or recipe name) and its recipe,
     read from its checkpoint: it sees its own image size and must share the student's normalisation."""
-    try:
-        path = checkpoint.resolve(r.distill.teacher, prefer="best.pt")
-    except BadInput as e:
-        raise BadInput(f"distill.teacher = {r.distill.teacher!r}: {e} Train the teacher first (e.g. `fastcifar "
-                       f"train {r.distill.teacher}`), or --set distill.teacher=RUN_DIR_OR_CHECKPOINT.")
+    path = teacher_path(r)
     ck, _ = pick_weights(checkpoint.load(path))  # the EMA weights when the teacher kept them, as eval does
     check_classes(ck, store, path)
     # KD's temperature applies to s-scaled logits, whatever the teacher's recipe evaluated on
     teacher, tr = net_from_checkpoint(ck, path, device, SCALED_LOGITS)
     if tr.aug.normalize != r.aug.normalize:
-        raise BadInput(f"The teacher {path} was trained with aug.normalize={tr.aug.normalize!r}, the student "
-                       f"uses {r.aug.normalize!r}; both see one augmented batch, so set aug.normalize={tr.aug.normalize}.")
+        raise BadInput(f"The teacher {path} was trained with aug.normalize={shown(tr.aug.normalize)}, the student "
+                       f"uses {shown(r.aug.normalize)}; both see one augmented batch, so set aug.normalize={tr.aug.normalize}.")
     return teacher.requires_grad_(False), tr
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastcifar import BadInput
+from fastcifar import BadInput, shown
 from pipelines.spec import AugSpec, mean_std
 
 BACKENDS = ("auto", "dali", "torch", "tutorial")
@@ -108,9 +108,9 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
                 sizes: tuple[int, ...] | None = None) -> Loader:
     """A loader of `split` from the store: see the module docstring for the contract."""
     if split not in SPLITS:
-        raise BadInput(f"split {split!r} is not one of {', '.join(SPLITS)}.")
+        raise BadInput(f"split {shown(split)} is not one of {', '.join(SPLITS)}.")
     if backend not in BACKENDS:
-        raise BadInput(f"backend {backend!r} is not one of {', '.join(BACKENDS)}.")
+        raise BadInput(f"backend {shown(backend)} is not one of {', '.join(BACKENDS)}.")
     spec.validate()
     train = split == "train" if augment is None else bool(augment)
     shuffle = train if shuffle is None else shuffle
@@ -119,7 +119,7 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
         raise BadInput("An evaluation loader (augment=False) yields every image exactly once; it cannot drop_last.")
     rank, world = shard
     if not (world >= 1 and 0 <= rank < world):
-        raise BadInput(f"shard={shard!r}: needs (rank, world) with world >= 1 and 0 <= rank < world.")
+        raise BadInput(f"shard={shown(shard)}: needs (rank, world) with world >= 1 and 0 <= rank < world.")
     if batch_size < 1:
         raise BadInput(f"batch_size = {batch_size}: must be at least 1.")
     n = len(store.labels(split))
@@ -131,7 +131,7 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
     multi = sizes is not None
     sizes = tuple(int(s) for s in sizes) if multi else (spec.image_size,)
     if not sizes or min(sizes) < 8:
-        raise BadInput(f"sizes={sizes!r}: give one or more output sides of at least 8 px.")
+        raise BadInput(f"sizes={shown(sizes)}: give one or more output sides of at least 8 px.")
     device = _device(device)
     mean, std = mean_std(spec, store)
 

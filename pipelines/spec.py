@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastcifar import BadInput
+from fastcifar import BadInput, shown
 
 ONEOF_OPS = ("shift_scale_rotate", "coarse_dropout", "color_jitter", "hflip", "vflip")
 TUTORIAL_ONEOF = ONEOF_OPS  # the tutorial's DefaultImageAug: A.OneOf over all five
@@ -89,7 +89,7 @@ class AugSpec:
     def validate(self) -> "AugSpec":
         """Raise BadInput naming the first field that is out of range."""
         def bad(field, why):
-            raise BadInput(f"aug.{field} = {getattr(self, field)!r}: {why}.")
+            raise BadInput(f"aug.{field} = {shown(getattr(self, field))}: {why}.")
 
         if not 8 <= self.image_size <= MAX_SIDE:
             bad("image_size", f"must be at least 8 px and at most {MAX_SIDE} px")
@@ -114,7 +114,7 @@ class AugSpec:
             bad("hue", "must lie in [0, 0.5] turns")
         unknown = [op for op in self.oneof if op not in ONEOF_OPS]
         if unknown:
-            bad("oneof", f"unknown op {unknown[0]!r}; choose from {', '.join(ONEOF_OPS)}")
+            bad("oneof", f"unknown op {shown(unknown[0])}; choose from {', '.join(ONEOF_OPS)}")
         if self.rrc_scale is not None and not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             bad("rrc_scale", "must be (lo, hi) with 0 < lo <= hi <= 1")
         if not 1 <= self.erase_holes[0] <= self.erase_holes[1]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastcifar import BadInput
+from fastcifar import BadInput, shown
 from pipelines import torch_backend as tb
 from pipelines.draw import SIDE, draw
 from pipelines.spec import AugSpec
@@ -143,7 +143,7 @@ class TutorialBackend:
         self.workers = min(workers, len(os.sched_getaffinity(0)))
         alb = albumentations_available()
         if alb and augment and spec.policy != "none":
-            raise BadInput(f"aug.policy = {spec.policy!r}: backend 'tutorial' runs albumentations here (the bench "
+            raise BadInput(f"aug.policy = {shown(spec.policy)}: backend 'tutorial' runs albumentations here (the bench "
                            f"extra), which has no TrivialAugment or RandAugment. Use backend 'dali' or 'torch' (or "
                            f"'auto'), which run the policy; the tutorial path runs it only without albumentations.")
         self.dataset = TutorialDataset(store.images(split), store.labels(split), spec, sizes, augment,

@@ -219,7 +219,8 @@ def test_running_out_of_cpu_memory_is_one_paragraph_too(store, tmp_path, monkeyp
     ("train.device=cuda:abc", "cuda:N"), ("train.device=cuda:-1", "cuda:N"),  # not a torch.device: a traceback on a GPU
     ("aug.image_size=100000", "at most 1024 px"), ("loss.scales=32,100000", "at most 1024 px"),  # DALI's bad_alloc
     ("train.epochs=" + "9" * 500, "too large"), ("optim.lr_ref_batch=" + "9" * 400, "too large"),  # float() overflows
-    ("loss.scales=32," + "9" * 30, "too large"),
+    ("loss.scales=32," + "9" * 30, "too large"), ("aug.oneof=" + "x" * 5000, "unknown op"),
+    ("model.name=" + "x" * 5000, "not a timm model"),  # checked before the data set is downloaded
 ])
 def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path, override, message):
     code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--set", override, "--out", tmp_path / "run")
@@ -410,3 +411,13 @@ def test_runs_started_in_the_same_second_get_their_own_default_directories(store
     assert (tmp_path / "runs" / "tiny-20260101-000000-2" / "last.pt").exists()
     with pytest.raises(BadInput, match="in use"), checkpoint.claimed(tmp_path / "mine", lambda: None):
         T.train(tiny(train__epochs=1), info(), out=tmp_path / "mine", data_dir=store, **QUIET)  # named: no other
+
+
+@pytest.mark.parametrize("field, message", [("model__name", "not a timm model. Close names: resnet18"),
+                                            ("distill__teacher", "Train the teacher first")])
+def test_a_misspelt_model_or_teacher_is_named_before_the_data_set_is_downloaded(tmp_path, monkeypatch, field, message):
+    monkeypatch.chdir(tmp_path)  # no store here: train would download CIFAR-100 first
+    monkeypatch.setattr(T, "prepare", lambda *a, **k: pytest.fail("downloaded before checking the recipe"))
+    with pytest.raises(BadInput, match=message):
+        T.train(tiny(**{field: "resnt18"}), info(), out=tmp_path / "run", **QUIET)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
