@@ -80,16 +80,35 @@ def load_weights(module: nn.Module, state_dict: dict, path) -> None:
                        f"was the file written by another model, head or number of classes?")
 
 
+def check_refs(cfg, resumed: bool = False) -> None:
+    """BadInput for what the model section names that is not there: a timm model name, the
+    model.init_from run or checkpoint (unless resuming: last.pt has the weights), the
+    model.pretrained_file. A moment's check, before the data set's download and the model's build."""
+    check_name(cfg.name)
+    if cfg.init_from and not resumed:
+        init_path(cfg.init_from)
+    if cfg.pretrained_file and not Path(cfg.pretrained_file).is_file():
+        raise BadInput(f"model.pretrained_file = {shown(cfg.pretrained_file)} does not exist.")
+
+
+def init_path(ref: str) -> Path:
+    """The checkpoint model.init_from names (a run dir's last.pt, a checkpoint file, a recipe's newest run)."""
+    try:
+        return checkpoint.resolve(ref, prefer="last.pt")
+    except BadInput as e:
+        raise BadInput(f"model.init_from = {shown(ref)}: {e}")  # each message already says what to give instead
+
+
 def init_from(net: nn.Module, ref: str, log=print) -> dict:
     """Start net from the weights of `model.init_from` (a run dir's last.pt, a checkpoint file or a
     recipe name's newest run): weights only (no optimizer, step or RNG), matched by name; tensors
     missing there, or of another shape, keep the values net was built with. Logs and returns
     {path, loaded, missing, unexpected, other_shape}; BadInput when nothing matches."""
+    path = init_path(ref)
     try:
-        path = checkpoint.resolve(ref, prefer="last.pt")
         sd = checkpoint.load(path, need="weights")["model"]
     except BadInput as e:
-        raise BadInput(f"model.init_from = {shown(ref)}: {e}")  # each message already says what to give instead
+        raise BadInput(f"model.init_from = {shown(ref)}: {e}")
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BadInput(f"model.init_from = {shown(ref)}: {path} holds no state dict (a mapping of names to tensors).")
     own = net.state_dict()
@@ -242,7 +261,7 @@ def _load_file(m: nn.Module, path: Path, skip: str | None) -> None:
     """Load backbone weights from a state-dict file: a plain timm/torchvision state dict (its
     classifier is ignored) or a fastcifar checkpoint (its `backbone.` part)."""
     if not path.is_file():
-        raise BadInput(f"model.pretrained_file = {shown(str(path))} does not exist.")
+        raise BadInput(f"model.pretrained_file = {shown(str(path))} does not exist.")  # as check_refs says
     sd = torch_load(path, what="model.pretrained_file state dict")
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):

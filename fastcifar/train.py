@@ -35,7 +35,7 @@ from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import check_outside_stores, check_replaceable, default_data_dir, open_store, prepare
 from fastcifar.losses import Classify, Distill, MultiScale
-from fastcifar.models import (SCALED_LOGITS, build_model, check_name, init_from, load_weights, net_from_checkpoint,
+from fastcifar.models import (SCALED_LOGITS, build_model, check_refs, init_from, load_weights, net_from_checkpoint,
                               num_classes, sync_batchnorm)
 from fastcifar.optim import build_optimizer, build_scheduler
 from fastcifar.report import duration
@@ -124,7 +124,7 @@ class Trainer:
         self._place()
         if self.main:
             self._claim(resume is not None)
-        check_name(self.r.model.name)  # what takes a moment to check, before the data set's download
+        check_refs(self.r.model, resume is not None)  # what takes a moment to check, before the data set's download
         if self.r.distill.teacher:
             teacher_path(self.r)
         ck = None

@@ -414,8 +414,10 @@ def test_runs_started_in_the_same_second_get_their_own_default_directories(store
 
 
 @pytest.mark.parametrize("field, message", [("model__name", "not a timm model. Close names: resnet18"),
-                                            ("distill__teacher", "Train the teacher first")])
-def test_a_misspelt_model_or_teacher_is_named_before_the_data_set_is_downloaded(tmp_path, monkeypatch, field, message):
+                                            ("distill__teacher", "Train the teacher first"),
+                                            ("model__init_from", "model.init_from = 'resnt18'"),
+                                            ("model__pretrained_file", "model.pretrained_file = 'resnt18' does not exist")])
+def test_a_misspelt_model_or_weights_or_teacher_is_named_before_the_data_set_is_downloaded(tmp_path, monkeypatch, field, message):
     monkeypatch.chdir(tmp_path)  # no store here: train would download CIFAR-100 first
     monkeypatch.setattr(T, "prepare", lambda *a, **k: pytest.fail("downloaded before checking the recipe"))
     with pytest.raises(BadInput, match=message):
