@@ -155,19 +155,25 @@ def test_a_full_disk_mid_run_stops_with_last_pt_intact(store, tmp_path):
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_running_out_of_device_memory_is_one_paragraph_keeping_the_last_epoch(store, tmp_path, monkeypatch, capsys):
-    """A batch the GPU cannot hold (torch.OutOfMemoryError, raised here in epoch 2's first step as
-    CUDA's allocator would): exit 2 naming what to lower, summary.json says why, last.pt is epoch 1's.
-    eval --batch-size too big for the device is the same kind of error."""
+def fail_in_epoch_2(monkeypatch, error: Exception) -> None:
+    """Trainer.train_step raises `error` in epoch 2's first step, as the device's allocator would."""
     step = T.Trainer.train_step
 
     def tight(self, *a):
         if self.progress.epoch == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity "
-                                         "of 79.00 GiB\nIf reserved but unallocated memory is large try setting ...")
+            raise error
         return step(self, *a)
 
     monkeypatch.setattr(T.Trainer, "train_step", tight)
+
+
+def test_running_out_of_device_memory_is_one_paragraph_keeping_the_last_epoch(store, tmp_path, monkeypatch, capsys):
+    """A batch the GPU cannot hold (torch.OutOfMemoryError, raised here in epoch 2's first step as
+    CUDA's allocator would): exit 2 naming what to lower, summary.json says why, last.pt is epoch 1's.
+    eval --batch-size too big for the device is the same kind of error."""
+    fail_in_epoch_2(monkeypatch, torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity of 79.00 GiB\nIf reserved but "
+        "unallocated memory is large try setting ..."))
     run = tmp_path / "run"
     with pytest.raises(BadInput, match=r"ran out of memory on cpu in epoch 2 \(CUDA out of memory\. Tried to "
                                        r"allocate 9\.00 GiB.*\); last\.pt holds epoch 1\. Lower data\.batch_size"):
@@ -189,13 +195,7 @@ def test_running_out_of_cpu_memory_is_one_paragraph_too(store, tmp_path, monkeyp
     """On a CPU torch's allocator raises a plain RuntimeError, not torch.OutOfMemoryError: in a step
     (a batch too big) and while building the model (here for real: a 2**40-wide embedding)."""
     step = T.Trainer.train_step
-
-    def tight(self, *a):
-        if self.progress.epoch == 1:
-            raise RuntimeError(CPU_ALLOC)
-        return step(self, *a)
-
-    monkeypatch.setattr(T.Trainer, "train_step", tight)
+    fail_in_epoch_2(monkeypatch, RuntimeError(CPU_ALLOC))
     run = tmp_path / "run"
     with pytest.raises(BadInput, match=r"ran out of memory on cpu in epoch 2 \(can't allocate memory: you tried to "
                                        r"allocate 9663676416 bytes.*last\.pt holds epoch 1"):
