@@ -119,8 +119,9 @@ class Trainer:
         self.stop = runtime.StopSignals(self.say)
 
     def _build(self, data_dir, resume) -> None:
-        """The run's parts, each built from the ones before: where it runs, the checkpoint it
-        continues, the data, the model and its optimizer, the resumed state, the nets the steps run."""
+        """The run's parts, each built from the ones before: where it runs, the lock on its directory,
+        what the recipe names outside itself (checked in a moment), the checkpoint it continues, the
+        data, the model and its optimizer, the resumed state, the nets the steps run."""
         self._place()
         if self.main:
             self._claim(resume is not None)
