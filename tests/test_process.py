@@ -2,11 +2,24 @@
 standard streams that are closed or whose reader went away, hang-ups and signals, and the command
 line itself (--help, --version, python -m fastcifar)."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from fastcifar import BadInput
+import fastcifar.data as D
+import fastcifar.train as T
+from fastcifar import BadInput, checkpoint
 from fastcifar import dist as fdist
 from test_cli_paths import cli, one_paragraph
+from test_train import fit, info, store, tiny  # noqa: F401 (store: the fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 LAUNCH = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
@@ -47,3 +60,88 @@ def test_train_with_a_stray_world_size_exits_2_before_writing(monkeypatch, capsy
     code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--out", tmp_path / "run", "--data-dir", tmp_path / "none")
     assert code == 2 and one_paragraph(err) and "WORLD_SIZE=2 needs RANK" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_outlives_a_closed_stderr_and_a_stdout_nobody_reads(store, tmp_path):
+    """`fastcifar train ... 2>&- | head -1`: with stderr closed the progress bar had nowhere to go,
+    and once the reader of stdout left, the next line killed the run (exit 1, no last.pt, no
+    summary). The output is dropped now, and the run finishes."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store), "--out",
+                             str(run), "--set", "data.backend=torch", "--set", "train.epochs=1"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
+    proc.stdout.close()  # the reader has gone before the first line
+    assert proc.wait(timeout=120) == 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["finished"] and (run / "last.pt").is_file()
+
+
+def test_a_listing_into_a_closed_pipe_exits_0_without_noise(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fastcifar", "recipes"], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == ""
+
+
+class Unhandled(Exception):
+    pass
+
+
+@pytest.fixture
+def tripwire():
+    """tripwire(sig): until the test ends, sig raises Unhandled where fastcifar does not handle it
+    (rather than killing the test process as it would kill fastcifar)."""
+    saved = {}
+
+    def arm(sig):
+        def handler(signum, frame):
+            raise Unhandled(signal.Signals(signum).name)
+        saved[sig] = signal.signal(sig, handler)
+        return handler
+
+    yield arm
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_hangup_saves_like_ctrl_c_unless_nohup_ignores_it(store, tmp_path, tripwire):
+    """Closing the terminal (SIGHUP) killed a run outright, mid-epoch, with no summary; it now
+    stops it as Ctrl-C does. Under nohup (SIGHUP ignored) the run goes on."""
+    def hang_up(epoch, i, images):
+        if (epoch, i) == (0, 1):
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    recipe = dict(train__epochs=1, data__subset=0.2, data__test_subset=0.2)
+    tripwire(signal.SIGHUP)
+    with pytest.raises(T.Interrupted):
+        fit(tiny(**recipe), info(), out=tmp_path / "run", data_dir=store, train_fn=hang_up)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["stop_reason"] == "interrupted" and checkpoint.load(tmp_path / "run" / "last.pt")["step_in_epoch"] == 2
+
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        s = fit(tiny(**recipe), info(), out=tmp_path / "nohup", data_dir=store, train_fn=hang_up)
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    assert s["finished"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_or_a_hangup_during_prepare_exits_130_leaving_no_temporary_store(monkeypatch, capsys, tmp_path, sig,
+                                                                                  tripwire):
+    """prepare died at once on SIGTERM (exit 143), leaving its half-built .NAME.tmp-* directory."""
+    save = D._save_chunks
+
+    def killed(*a, **k):
+        save(*a, **k)
+        os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(D, "_save_chunks", killed)
+    before = tripwire(sig)
+    code, _, _ = cli(monkeypatch, capsys, "prepare", "--synthetic", "--train", "50", "--test", "10", "--data-dir",
+                     tmp_path / "data")
+    assert code == 130
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(sig) is before  # the command put the handler back
+
