@@ -145,3 +145,23 @@ def test_sigterm_or_a_hangup_during_prepare_exits_130_leaving_no_temporary_store
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(sig) is before  # the command put the handler back
 
+
+@pytest.mark.parametrize("sig, error, reason", [
+    (signal.SIGINT, KeyboardInterrupt, "quit at once (a second Ctrl-C, SIGTERM or SIGHUP)"),
+    (None, RuntimeError, "stopped by RuntimeError: the loader died"),
+], ids=["second-ctrl-c", "error"])
+def test_a_run_that_ends_at_once_says_why_in_its_summary(store, tmp_path, sig, error, reason):
+    """A second Ctrl-C (or an error) in epoch 2 left summary.json saying "running" from epoch 1."""
+    def end(epoch, i, images):
+        if (epoch, i) == (1, 0):
+            if sig is None:
+                raise RuntimeError("the loader died")
+            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), sig)
+
+    with pytest.raises(error):
+        fit(tiny(train__epochs=2, data__subset=0.1, data__test_subset=0.2), info(), out=tmp_path / "run",
+            data_dir=store, train_fn=end)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (s["finished"], s["stop_reason"], s["epochs_done"]) == (False, reason, 1)
+    assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1  # what --resume continues
