@@ -394,7 +394,8 @@ class Dropping:
 
 def standard_streams():
     """Closed stdin/stdout/stderr (`>&-`) become /dev/null, so no file fastcifar opens takes their
-    number (and prints land in it); stdout and stderr become Dropping streams. Returns the old pair."""
+    number (and prints land in it); stdout and stderr become Dropping streams that an ASCII locale
+    cannot crash. Returns the old pair."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -404,6 +405,9 @@ def standard_streams():
                 os.dup2(null, fd)
                 os.close(null)
     saved = sys.stdout, sys.stderr
+    for s in saved:  # an ASCII locale (LC_ALL=C without UTF-8 mode): a ± or a path's ü is escaped, not a crash
+        if s is not None and hasattr(s, "reconfigure") and "utf" not in (s.encoding or "").lower():
+            s.reconfigure(errors="backslashreplace")
     sys.stdout, sys.stderr = (Dropping(s if s is not None else open(os.devnull, "w")) for s in saved)
     return saved
 

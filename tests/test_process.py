@@ -165,3 +165,13 @@ def test_a_run_that_ends_at_once_says_why_in_its_summary(store, tmp_path, sig, e
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (s["finished"], s["stop_reason"], s["epochs_done"]) == (False, reason, 1)
     assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1  # what --resume continues
+
+
+@pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"}, {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}],
+                         ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
+def test_help_on_an_ascii_terminal_escapes_what_it_cannot_show(tmp_path, env):
+    """reproduce's help says 'mean ± std': on an ASCII stdout that was a UnicodeEncodeError traceback."""
+    r = subprocess.run([sys.executable, "-m", "fastcifar", "reproduce", "--help"], cwd=tmp_path, env={**ENV, **env},
+                       capture_output=True)
+    assert r.returncode == 0 and r.stderr == b"", r.stderr.decode()
+    assert b"mean \\xb1 std" in r.stdout
