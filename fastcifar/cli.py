@@ -412,6 +412,10 @@ def standard_streams():
     return saved
 
 
+# where torch.compile (inductor, triton) and other libraries keep caches, when the environment says
+CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "MPLCONFIGDIR")
+
+
 def main():
     saved = standard_streams()
     # SIGTERM and SIGHUP stop every command as Ctrl-C does (exit 130), so its temporary files are removed
@@ -424,9 +428,14 @@ def main():
         # A backstop: each command names its own failures; this is for one that slipped through
         # (a disk filling up, a permission), so it is a paragraph and not a traceback.
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
-        paths = " and ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        files = [str(f) for f in (e.filename, e.filename2) if f is not None]
+        paths = " and ".join(files)
+        # a cache directory named by the environment: the user typed no such path, so name the variable
+        var = next((k for k in CACHE_VARS if os.environ.get(k) and any(
+            Path(f).absolute().is_relative_to(Path(os.environ[k]).absolute()) for f in files)), None)
+        fix = f"set {var} (now {os.environ[var]}) to a directory you can write" if var else "choose another path"
         fail(f"`fastcifar {command}` stopped: {e.strerror or e}{f' ({paths})' if paths else ''}. Check the free "
-             f"space and permissions there, or choose another path.")
+             f"space and permissions there, or {fix}.")
     finally:
         sys.stdout, sys.stderr = saved
         for s, handler in handlers.items():

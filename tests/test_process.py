@@ -175,3 +175,20 @@ def test_help_on_an_ascii_terminal_escapes_what_it_cannot_show(tmp_path, env):
                        capture_output=True)
     assert r.returncode == 0 and r.stderr == b"", r.stderr.decode()
     assert b"mean \\xb1 std" in r.stdout
+
+
+def test_an_unusable_cache_directory_from_the_environment_is_named(monkeypatch, capsys, tmp_path):
+    """TORCHINDUCTOR_CACHE_DIR under a file (train.compile): the backstop said 'choose another path'
+    of a path the user never typed; it names the variable now."""
+    import fastcifar.config
+
+    cache = tmp_path / "a-file" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+
+    def compile_cache(*a, **k):
+        raise NotADirectoryError(20, "Not a directory", str(cache / "fxgraph"))
+
+    monkeypatch.setattr(fastcifar.config, "load", compile_cache)
+    code, _, err = cli(monkeypatch, capsys, "train", "smoke")
+    assert code == 2 and one_paragraph(err)
+    assert f"set TORCHINDUCTOR_CACHE_DIR (now {cache}) to a directory you can write" in err.replace("\n", " ")
