@@ -645,7 +645,8 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", disable=not progress) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
+                      disable=None if progress else True) as bar:  # None: on a terminal only
                 while block := resp.read(1 << 20):
                     out.write(block)
                     h.update(block)
@@ -909,7 +910,8 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
 
             for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
                 labels, chunks = synthetic_chunks(n, split_seed, classes=classes)
-                with tqdm(total=n, unit="img", desc=f"synthetic {split}", disable=not progress or n < 100_000) as bar:
+                with tqdm(total=n, unit="img", desc=f"synthetic {split}",
+                          disable=None if progress and n >= 100_000 else True) as bar:
                     _save_chunks(tmp / f"{split}_images.npy", (n, *IMAGE_SHAPE), chunks, bar.update)
                 np.save(tmp / f"{split}_labels.npy", labels)
                 if coarse:

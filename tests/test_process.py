@@ -192,3 +192,12 @@ def test_an_unusable_cache_directory_from_the_environment_is_named(monkeypatch, 
     code, _, err = cli(monkeypatch, capsys, "train", "smoke")
     assert code == 2 and one_paragraph(err)
     assert f"set TORCHINDUCTOR_CACHE_DIR (now {cache}) to a directory you can write" in err.replace("\n", " ")
+
+
+def test_no_progress_bar_spams_a_log_file(store, tmp_path, capfd):
+    """Without a terminal (a log file, a pipe) the progress bar's carriage-return updates went to the
+    log every second; the epoch lines say what it said."""
+    T.train(tiny(train__epochs=1, data__subset=0.1, data__test_subset=0.2), info(), out=tmp_path / "run",
+            data_dir=store, log=print)
+    out, err = capfd.readouterr()
+    assert "epoch 1/1" in out and "\r" not in out + err and "img/s]" not in err
