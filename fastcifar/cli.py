@@ -412,6 +412,16 @@ def standard_streams():
     return saved
 
 
+def expand_home(args: list[str]) -> list[str]:
+    """args with a leading ~ expanded where no shell did: --data-dir=~/x, --set a.b=~/x, '~/x'
+    (fastcifar would otherwise make a directory named ~ in the current one)."""
+    def expand(a: str) -> str:
+        key, eq, value = a.rpartition("=") if a.startswith("-") or "=" in a else ("", "", a)
+        return key + eq + os.path.expanduser(value) if value == "~" or value.startswith("~/") else a
+
+    return [expand(a) for a in args]
+
+
 # where torch.compile (inductor, triton) and other libraries keep caches, when the environment says
 CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "MPLCONFIGDIR")
 
@@ -421,7 +431,7 @@ def main():
     # SIGTERM and SIGHUP stop every command as Ctrl-C does (exit 130), so its temporary files are removed
     handlers = {s: signal.signal(s, signal.default_int_handler) for s in stop_signals()[1:]}
     try:
-        app(prog_name="fastcifar")  # also under `python -m fastcifar`: one name for help and completion
+        app(args=expand_home(sys.argv[1:]), prog_name="fastcifar")  # also under `python -m fastcifar`: one name
     except BadInput as e:
         fail(str(e))
     except OSError as e:

@@ -123,7 +123,8 @@ def check_dataset(dataset: str) -> dict:
 def default_data_dir(dataset: str = "cifar100") -> Path:
     """A data set's store directory. CIFAR-100's is $FASTCIFAR_DATA, else ./data/cifar100; the others
     live beside it, named after the data set: ./data/cifar10, or cifar10 next to $FASTCIFAR_DATA."""
-    cifar100 = Path(os.environ.get("FASTCIFAR_DATA") or "data/cifar100")
+    # expanduser: a ~ no shell expanded (a Dockerfile's ENV, a .env file) would make a directory named ~
+    cifar100 = Path(os.environ.get("FASTCIFAR_DATA") or "data/cifar100").expanduser()
     return cifar100 if dataset == "cifar100" else cifar100.parent / dataset
 
 

@@ -201,3 +201,18 @@ def test_no_progress_bar_spams_a_log_file(store, tmp_path, capfd):
             data_dir=store, log=print)
     out, err = capfd.readouterr()
     assert "epoch 1/1" in out and "\r" not in out + err and "img/s]" not in err
+
+
+def test_a_tilde_no_shell_expanded_means_home_not_a_directory_named_tilde(monkeypatch, capsys, tmp_path):
+    """bash leaves the ~ of --data-dir=~/x alone, as a Dockerfile's ENV FASTCIFAR_DATA=~/x does:
+    prepare made ./~/x (and a later `rm -rf ~` of it would remove the user's home)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    code, _, _ = cli(monkeypatch, capsys, "prepare", "--synthetic", "--train", "20", "--test", "10",
+                     "--data-dir=~/store")
+    assert code == 0 and (home / "store" / "meta.json").is_file()
+    monkeypatch.setenv("FASTCIFAR_DATA", "~/env-store")
+    assert D.default_data_dir() == home / "env-store"
+    assert os.listdir(cwd) == []
