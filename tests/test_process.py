@@ -216,3 +216,43 @@ def test_a_tilde_no_shell_expanded_means_home_not_a_directory_named_tilde(monkey
     monkeypatch.setenv("FASTCIFAR_DATA", "~/env-store")
     assert D.default_data_dir() == home / "env-store"
     assert os.listdir(cwd) == []
+
+
+def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store, tmp_path, monkeypatch):
+    """Ctrl-C in epoch 2, and again while that stop's last.pt is being written: the half-written file
+    is removed, last.pt stays epoch 1's, and resume continues from it to the end."""
+    run = tmp_path / "run"
+    recipe = tiny(train__epochs=2, data__subset=0.1, data__test_subset=0.2)
+    save = checkpoint.save
+
+    def interrupted_save(path, state):
+        if state["step_in_epoch"]:  # the stop's mid-epoch save
+            torch_save = checkpoint.torch.save
+
+            def half_then_ctrl_c(obj, f, **kw):
+                f.write(b"half a checkpoint")
+                os.kill(os.getpid(), signal.SIGINT)
+
+            monkeypatch.setattr(checkpoint.torch, "save", half_then_ctrl_c)
+            try:
+                return save(path, state)
+            finally:
+                monkeypatch.setattr(checkpoint.torch, "save", torch_save)
+        return save(path, state)
+
+    monkeypatch.setattr(checkpoint, "save", interrupted_save)
+
+    def ctrl_c(epoch, i, images):
+        if (epoch, i) == (1, 0):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(recipe, info(), out=run, data_dir=store, train_fn=ctrl_c)
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == [
+        "best.pt", "last.pt", "metrics.jsonl", "recipe.json", "recipe.py", "summary.json"]
+    ck = checkpoint.load(run / "last.pt")
+    assert (ck["epoch"], ck["step_in_epoch"]) == (1, 0)
+    assert json.loads((run / "summary.json").read_text())["stop_reason"].startswith("quit at once")
+    monkeypatch.setattr(checkpoint, "save", save)
+    s = T.train(recipe, {}, resume=run, log=lambda *a, **k: None)
+    assert s["finished"] and s["epochs_done"] == 2
