@@ -256,3 +256,11 @@ def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store, 
     monkeypatch.setattr(checkpoint, "save", save)
     s = T.train(recipe, {}, resume=run, log=lambda *a, **k: None)
     assert s["finished"] and s["epochs_done"] == 2
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_bench_output_dash_is_refused_not_a_file_named_dash(monkeypatch, capsys, tmp_path, option):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(monkeypatch, capsys, "bench", "--quick", "--stage", "pipeline", "--device", "cpu", option, "-")
+    assert code == 2 and one_paragraph(err) and "give a path such as bench." in err.replace("\n", " ")
+    assert os.listdir(tmp_path) == []
