@@ -1,5 +1,7 @@
 """fastcifar: CIFAR-100 training at the speed of the GPU, not of the data loader."""
 
+import signal
+
 __version__ = "0.1.0"
 
 
@@ -19,3 +21,10 @@ def why(e: BaseException, limit: int = 300) -> str:
     or its bare name when it has no message. Libraries' multi-line messages and advice stay out."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:limit].rstrip()}" if lines else type(e).__name__
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that ask fastcifar to stop: Ctrl-C, SIGTERM (a job's time limit, `kill`) and
+    SIGHUP (the terminal or ssh session closed), unless SIGHUP is ignored on purpose (`nohup`)."""
+    hup = getattr(signal, "SIGHUP", None)
+    return [signal.SIGINT, signal.SIGTERM] + ([hup] if hup and signal.getsignal(hup) is not signal.SIG_IGN else [])

@@ -439,6 +439,9 @@ def check_json_path(path: Path, option: str = "--json") -> None:
     """BadInput unless a file can be written at path (its folder is made if missing) without
     replacing anything but an earlier bench output."""
     example = "bench.json" if option == "--json" else "bench.png"
+    if str(path) == "-":  # the usual name of stdout, where the tables go; not a file named -
+        raise BadInput(f"{option} - : bench prints its tables to stdout and writes {option} to a file; give a "
+                       f"path such as {example}.")
     if path.is_dir():
         raise BadInput(f"{option} {path} is a directory; give a file path such as {path / example}.")
     if option == "--plot" and path.suffix.lower() != ".png":

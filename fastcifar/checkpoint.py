@@ -215,12 +215,14 @@ class RunDir:
     """A run's directory (DESIGN.md's contract), written by rank 0 alone: recipe.json, recipe.py,
     TensorBoard events, metrics.jsonl, last.pt / best.pt and summary.json. summary.json is written
     here only, from the run's own `summary(finished, reason)`: after each epoch ("running"), when
-    the run stops (`stop(reason)`: interrupted, diverged, ...) and when it finishes. On other ranks
+    the run stops (`stop(reason)`: interrupted, diverged, ...), when it finishes, and when it ends
+    on anything else (a second Ctrl-C, an error: the context manager's exit). On other ranks
     every method writes nothing (and stop/finish still return the summary)."""
 
     def __init__(self, path: str | os.PathLike, summary, writes: bool = True):
         self.path, self.summary, self.writes = Path(path), summary, writes
         self._tb = self._metrics = None
+        self._ended = False  # summary.json says why the run ended
 
     def open(self, recipe_json: dict, source: str | None, history: list[dict]) -> "RunDir":
         """Create the directory and its recipe files; metrics.jsonl restarts from `history` (a
@@ -256,6 +258,7 @@ class RunDir:
             with contextlib.suppress(OSError):
                 if self.path.is_dir():
                     write_json(self.path / "summary.json", self.summary(False, f"could not write {what}: {why}"))
+                    self._ended = True
             raise BadInput(f"Could not write {what} in {self.path} ({why}): is the disk full or the directory "
                            f"read-only? The run stopped there; every file fastcifar writes is replaced whole, so "
                            f"last.pt, if there is one, still holds the last complete epoch. Free some space and "
@@ -303,6 +306,7 @@ class RunDir:
 
     def _write_summary(self, finished: bool, reason: str) -> dict:
         s = self.summary(finished, reason)
+        self._ended = reason != "running"
         if self.writes:
             self._guard("summary.json", lambda: write_json(self.path / "summary.json", s))
         return s
@@ -310,7 +314,13 @@ class RunDir:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and not self._ended and self._metrics is not None:
+            # the run ends on something that did not say why in summary.json (a second Ctrl-C, an error)
+            why = ("quit at once (a second Ctrl-C, SIGTERM or SIGHUP)" if exc_type is KeyboardInterrupt
+                   else f"stopped by {exc_type.__name__}: {str(exc)[:200]}")
+            with contextlib.suppress(BadInput):  # the error in flight says more than a failed write would
+                self._write_summary(False, why)
         if self._tb is not None:
             self._tb.close()
         if self._metrics is not None:

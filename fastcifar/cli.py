@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -9,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from fastcifar import BadInput, __version__
+from fastcifar import BadInput, __version__, stop_signals
 
 app = typer.Typer(
     help="CIFAR-100 (and CIFAR-10) training at the speed of the GPU: prepare the data once, then train "
@@ -133,7 +136,7 @@ def train(
     """Train a recipe (a path like recipes/r18_arcface_224.py or a name like r18_arcface_224).
 
     Writes a run directory: recipe.json, recipe.py, TensorBoard events, metrics.jsonl, last.pt, best.pt, summary.json.
-    Ctrl-C or SIGTERM saves last.pt and exits 130; --resume RUN_DIR continues the run.
+    Ctrl-C, SIGTERM or SIGHUP saves last.pt and exits 130; --resume RUN_DIR continues the run.
     Under torchrun (torchrun --nproc-per-node N -m fastcifar train ...) data.batch_size is the global batch.
     """
     from fastcifar import checkpoint, config
@@ -361,15 +364,89 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+class Dropping:
+    """A text stream that drops what is written once its reader has gone (`| head -1`, a pager
+    quit, a terminal hung up), so a run carries on, and saves, instead of dying on its next line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _call(self, method, *args):
+        try:
+            return getattr(self.stream, method)(*args)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.EIO):
+                raise
+            null = os.open(os.devnull, os.O_WRONLY)  # in the pipe's place: what is still buffered goes nowhere
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+            return len(args[0]) if args else None
+
+    def write(self, s):
+        return self._call("write", s)
+
+    def flush(self):
+        return self._call("flush")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def standard_streams():
+    """Closed stdin/stdout/stderr (`>&-`) become /dev/null, so no file fastcifar opens takes their
+    number (and prints land in it); stdout and stderr become Dropping streams that an ASCII locale
+    cannot crash. Returns the old pair."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself when all below are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    saved = sys.stdout, sys.stderr
+    for s in saved:  # an ASCII locale (LC_ALL=C without UTF-8 mode): a ± or a path's ü is escaped, not a crash
+        if s is not None and hasattr(s, "reconfigure") and "utf" not in (s.encoding or "").lower():
+            s.reconfigure(errors="backslashreplace")
+    sys.stdout, sys.stderr = (Dropping(s if s is not None else open(os.devnull, "w")) for s in saved)
+    return saved
+
+
+def expand_home(args: list[str]) -> list[str]:
+    """args with a leading ~ expanded where no shell did: --data-dir=~/x, --set a.b=~/x, '~/x'
+    (fastcifar would otherwise make a directory named ~ in the current one)."""
+    def expand(a: str) -> str:
+        key, eq, value = a.rpartition("=") if a.startswith("-") or "=" in a else ("", "", a)
+        return key + eq + os.path.expanduser(value) if value == "~" or value.startswith("~/") else a
+
+    return [expand(a) for a in args]
+
+
+# where torch.compile (inductor, triton) and other libraries keep caches, when the environment says
+CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "MPLCONFIGDIR")
+
+
 def main():
+    saved = standard_streams()
+    # SIGTERM and SIGHUP stop every command as Ctrl-C does (exit 130), so its temporary files are removed
+    handlers = {s: signal.signal(s, signal.default_int_handler) for s in stop_signals()[1:]}
     try:
-        app(prog_name="fastcifar")  # also under `python -m fastcifar`: one name for help and completion
+        app(args=expand_home(sys.argv[1:]), prog_name="fastcifar")  # also under `python -m fastcifar`: one name
     except BadInput as e:
         fail(str(e))
     except OSError as e:
         # A backstop: each command names its own failures; this is for one that slipped through
         # (a disk filling up, a permission), so it is a paragraph and not a traceback.
         command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
-        paths = " and ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        files = [str(f) for f in (e.filename, e.filename2) if f is not None]
+        paths = " and ".join(files)
+        # a cache directory named by the environment: the user typed no such path, so name the variable
+        var = next((k for k in CACHE_VARS if os.environ.get(k) and any(
+            Path(f).absolute().is_relative_to(Path(os.environ[k]).absolute()) for f in files)), None)
+        fix = f"set {var} (now {os.environ[var]}) to a directory you can write" if var else "choose another path"
         fail(f"`fastcifar {command}` stopped: {e.strerror or e}{f' ({paths})' if paths else ''}. Check the free "
-             f"space and permissions there, or choose another path.")
+             f"space and permissions there, or {fix}.")
+    finally:
+        sys.stdout, sys.stderr = saved
+        for s, handler in handlers.items():
+            signal.signal(s, handler)

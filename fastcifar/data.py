@@ -123,7 +123,8 @@ def check_dataset(dataset: str) -> dict:
 def default_data_dir(dataset: str = "cifar100") -> Path:
     """A data set's store directory. CIFAR-100's is $FASTCIFAR_DATA, else ./data/cifar100; the others
     live beside it, named after the data set: ./data/cifar10, or cifar10 next to $FASTCIFAR_DATA."""
-    cifar100 = Path(os.environ.get("FASTCIFAR_DATA") or "data/cifar100")
+    # expanduser: a ~ no shell expanded (a Dockerfile's ENV, a .env file) would make a directory named ~
+    cifar100 = Path(os.environ.get("FASTCIFAR_DATA") or "data/cifar100").expanduser()
     return cifar100 if dataset == "cifar100" else cifar100.parent / dataset
 
 
@@ -645,7 +646,8 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}", disable=not progress) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
+                      disable=None if progress else True) as bar:  # None: on a terminal only
                 while block := resp.read(1 << 20):
                     out.write(block)
                     h.update(block)
@@ -910,7 +912,8 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
 
             for split, n, split_seed in (("train", n_train, seed), ("test", n_test, seed + 1)):
                 labels, chunks = synthetic_chunks(n, split_seed, classes=classes)
-                with tqdm(total=n, unit="img", desc=f"synthetic {split}", disable=not progress or n < 100_000) as bar:
+                with tqdm(total=n, unit="img", desc=f"synthetic {split}",
+                          disable=None if progress and n >= 100_000 else True) as bar:
                     _save_chunks(tmp / f"{split}_images.npy", (n, *IMAGE_SHAPE), chunks, bar.update)
                 np.save(tmp / f"{split}_labels.npy", labels)
                 if coarse:

@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from fastcifar import BadInput
+from fastcifar import BadInput, stop_signals
 from fastcifar import dist as fdist
 
 # train.amp -> autocast dtype (None = fp32). fp16 also needs a GradScaler; bf16 has fp32's range.
@@ -90,9 +90,9 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 class StopSignals:
-    """Ctrl-C / SIGTERM as a request to stop after the current step (`requested`); a second one
-    quits at once (KeyboardInterrupt). A context manager: the previous handlers come back on exit.
-    Outside the main thread (where Python cannot take signals) it does nothing."""
+    """Ctrl-C / SIGTERM / SIGHUP as a request to stop after the current step (`requested`); a second
+    one quits at once (KeyboardInterrupt). A context manager: the previous handlers come back on
+    exit. Outside the main thread (where Python cannot take signals) it does nothing."""
 
     def __init__(self, say=print):
         self.signal, self.say, self._saved = None, say, {}
@@ -109,7 +109,7 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._saved = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+            self._saved = {s: signal.signal(s, self._handle) for s in stop_signals()}
         return self
 
     def __exit__(self, *exc):
@@ -120,21 +120,18 @@ class StopSignals:
 
 @contextlib.contextmanager
 def sigterm_as_ctrl_c():
-    """SIGTERM (a job's time limit, `timeout`, `kill`) raises KeyboardInterrupt as Ctrl-C does, so
-    what stops on one stops on the other: a reproduce table between runs, a bench. Outside the main
-    thread it does nothing."""
+    """SIGTERM (a job's time limit, `timeout`, `kill`) and SIGHUP raise KeyboardInterrupt as Ctrl-C
+    does, so what stops on one stops on the other: a reproduce table between runs, a bench. Outside
+    the main thread it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, handler)
+    saved = {s: signal.signal(s, signal.default_int_handler) for s in stop_signals() if s != signal.SIGINT}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 def out_of_memory(e: BaseException) -> bool:

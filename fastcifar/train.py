@@ -302,8 +302,8 @@ class Trainer:
             sums += p.partial.to(self.device)
         p.partial = None
         bar = tqdm(total=len(self.train_loader) * self.batch * world, initial=start_batch * self.batch * world,
-                   unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{rt.epochs}", disable=not self.main,
-                   leave=False, mininterval=1.0)
+                   unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{rt.epochs}", leave=False, mininterval=1.0,
+                   disable=None if self.main else True)  # None: on a terminal only (a log file gets the epoch lines)
         t0, images_trained = time.perf_counter(), 0
         self.clock.start(p.partial_time)
         p.partial_time = None
