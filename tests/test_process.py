@@ -57,7 +57,7 @@ def test_train_with_a_stray_world_size_exits_2_before_writing(monkeypatch, capsy
     for k in fdist.LAUNCH_VARS:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--out", tmp_path / "run", "--data-dir", tmp_path / "none")
+    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--out", tmp_path / "run", "--data-dir", tmp_path)
     assert code == 2 and one_paragraph(err) and "WORLD_SIZE=2 needs RANK" in err
     assert not (tmp_path / "run").exists()
 
