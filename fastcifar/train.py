@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -642,8 +643,11 @@ def check_out(out: Path, resumed: bool) -> None:
     try:
         str(out).encode("utf-8")
     except UnicodeEncodeError:  # TensorBoard's writer takes the directory as UTF-8 text, and would fail mid-setup
-        raise BadInput(f"--out {shown(str(out))}: the name holds bytes that are not UTF-8, and a run's TensorBoard events "
-                       f"cannot be written there. Choose an --out with a UTF-8 name.")
+        c_locale = "" if sys.flags.utf8_mode or sys.getfilesystemencoding().lower() in ("utf-8", "utf8") else (
+            f" (or Python reads file names as {sys.getfilesystemencoding()} here, the C locale without UTF-8 mode: "
+            f"set PYTHONUTF8=1)")
+        raise BadInput(f"--out {shown(str(out))}: the name holds bytes that are not UTF-8{c_locale}, and a run's "
+                       f"TensorBoard events cannot be written there. Choose an --out with a UTF-8 name.")
     if out.is_dir() and not resumed and any(out.iterdir()):
         if (out / "last.pt").exists():
             raise BadInput(f"{out} already holds a run; continue it with --resume {out}, or choose another --out.")

@@ -331,6 +331,12 @@ def test_out_inside_a_store_a_dangling_link_or_a_non_utf8_name(store, tmp_path, 
         assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
     assert sorted(p.name for p in store.iterdir()) == store_before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]
+    # the same name read in the C locale without UTF-8 mode (PYTHONUTF8=0 LC_ALL=C): the way out is named
+    import types
+    monkeypatch.setattr(T, "sys", types.SimpleNamespace(flags=types.SimpleNamespace(utf8_mode=0),
+                                                        getfilesystemencoding=lambda: "ascii"))
+    with pytest.raises(BadInput, match="set PYTHONUTF8=1"):
+        T.check_out(tmp_path / b"run\xc3\xa9".decode("ascii", "surrogateescape"), resumed=False)
 
 
 def test_a_run_left_inside_a_store_is_still_resumed(run, tmp_path):
