@@ -367,3 +367,26 @@ def test_param_groups_and_lr_scaling():
     assert peak_lr(r.optim, 512) == pytest.approx(0.2)
     r.optim.lr_scaling = "sqrt"
     assert peak_lr(r.optim, 1024) == pytest.approx(0.2)
+
+
+def test_optimizer_gets_the_recipes_hyperparameters_and_the_scheduler_steps_lr_factor():
+    """build_optimizer hands the optimizer optim.betas / momentum / nesterov and peak_lr (not
+    optim.lr); nesterov needs momentum (torch refuses it at 0); the scheduler's LR at optimizer
+    step k is the peak times lr_factor(k), from k = 0; cosine ends at final_lr of the peak."""
+    from fastcifar.optim import build_optimizer, build_scheduler
+
+    net = torch.nn.Linear(3, 2)
+    adam = build_optimizer(net, tiny(optim__betas=(0.8, 0.95), optim__lr=0.1, optim__lr_ref_batch=25).optim, 50)
+    assert adam.defaults["betas"] == (0.8, 0.95) and adam.defaults["lr"] == pytest.approx(0.2)
+    sgd = build_optimizer(net, tiny(optim__name="sgd", optim__momentum=0.7, optim__nesterov=True).optim, 50)
+    assert sgd.defaults["momentum"] == 0.7 and sgd.defaults["nesterov"] is True
+    flat = build_optimizer(net, tiny(optim__name="sgd", optim__momentum=0.0, optim__nesterov=True).optim, 50)
+    assert flat.defaults["nesterov"] is False
+    s = Schedule(kind="cosine", warmup=0.1, final_lr=0.2)
+    assert lr_factor(10, 100, s) == pytest.approx(1.0) and lr_factor(99, 100, s) == pytest.approx(0.2, abs=1e-3)
+    sched, lrs = build_scheduler(adam, 100, s), []
+    for _ in range(12):
+        lrs.append(adam.param_groups[0]["lr"])
+        adam.step()
+        sched.step()
+    assert lrs == pytest.approx([0.2 * lr_factor(k, 100, s) for k in range(12)])
