@@ -469,15 +469,20 @@ def test_evaluate_counts_top1_top5_and_mean_loss_over_a_padded_last_batch():
     assert out["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("scales", [(), (32, 48)], ids=["classify", "multiscale"])
-def test_the_objective_gets_the_recipes_label_smoothing(store, tmp_path, scales):
-    """loss.label_smoothing reaches the objective the Trainer picks: its loss on a batch is the
+@pytest.mark.parametrize("kind", ["classify", "multiscale", "distill"])
+def test_the_objective_gets_the_recipes_label_smoothing(store, tmp_path, kind):
+    """loss.label_smoothing reaches the objective the Trainer picks: its CE term on a batch is the
     smoothed cross-entropy of the logits it returns."""
-    r = tiny(loss__label_smoothing=0.2, loss__scales=scales, data__subset=0.1)
-    with T.Trainer(r, info(), out=tmp_path / "run", data_dir=store, **QUIET) as trainer:
+    fields = dict(loss__label_smoothing=0.2, data__subset=0.1)
+    if kind == "multiscale":
+        fields["loss__scales"] = (32, 48)
+    if kind == "distill":
+        T.train(tiny(train__epochs=1, data__subset=0.1), info("teach"), out=tmp_path / "teacher", data_dir=store, **QUIET)
+        fields["distill__teacher"] = str(tmp_path / "teacher")
+    with T.Trainer(tiny(**fields), info(), out=tmp_path / "run", data_dir=store, **QUIET) as trainer:
         trainer.train_loader.set_epoch(0)
         images, labels = next(iter(trainer.train_loader))
         out = trainer.objective(images, labels, labels)  # as train_step calls it
         want = torch.nn.functional.cross_entropy(out["logits"].float(), labels, label_smoothing=0.2)
-        assert torch.allclose(out["loss"], want, atol=1e-6)
+        assert torch.allclose(out["ce"], want, atol=1e-6)
         assert not torch.allclose(want, torch.nn.functional.cross_entropy(out["logits"].float(), labels), atol=1e-3)
