@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcifar import checkpoint
+from fastcifar import BadInput, checkpoint
 from pipelines.loader import dali_available
 from test_train import QUIET, fit, info, store, tiny  # noqa: F401 (store: the fixture)
 
@@ -133,6 +133,48 @@ def test_a_write_that_fails_half_way_keeps_the_old_file(tmp_path, kind):
             checkpoint.atomic_write(path, half)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left behind
+
+
+def test_atomic_writes_are_readable_as_the_umask_allows(tmp_path):
+    """mkstemp makes its temp file 0600; the file fastcifar renames into place gets 0666 less the
+    umask (0644 under 022), as any file the user writes (others read a shared run's files)."""
+    old = os.umask(0o022)
+    try:
+        checkpoint.write_json(tmp_path / "summary.json", {"a": 1})
+        checkpoint.save(tmp_path / "last.pt", {"model": {}})
+    finally:
+        os.umask(old)
+    for name in ("summary.json", "last.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_resolve_takes_a_file_a_run_dir_by_preference_or_the_newest_run_of_a_recipe(tmp_path):
+    runs = tmp_path / "runs"
+    old, new = runs / "r18-1", runs / "r18-2"
+    for i, d in enumerate((old, new, runs / "r18-empty")):
+        d.mkdir(parents=True)
+        if d.name != "r18-empty":
+            (d / "last.pt").write_bytes(b"x")
+        os.utime(d, (1_000_000 + i, 1_000_000 + i))
+    (old / "best.pt").write_bytes(b"x")
+    os.utime(old, (1_000_000, 1_000_000))
+    assert checkpoint.resolve(old) == old / "best.pt"  # a run directory: best.pt by default
+    assert checkpoint.resolve(old, prefer="last.pt") == old / "last.pt"  # resuming / init_from: last.pt first
+    assert checkpoint.resolve(new) == new / "last.pt"  # no best.pt: last.pt
+    assert checkpoint.resolve(old / "last.pt") == old / "last.pt"
+    assert checkpoint.resolve("r18", runs_dir=runs) == new / "last.pt"  # the newest run holding a checkpoint
+    with pytest.raises(BadInput, match="holds no checkpoint"):
+        checkpoint.resolve(runs / "r18-empty")
+    with pytest.raises(BadInput, match="neither a checkpoint file, a run directory, nor the name of a recipe"):
+        checkpoint.resolve("r50", runs_dir=runs)
+
+
+def test_a_checkpoint_with_a_negative_epoch_is_damaged(tmp_path):
+    torch.save({"model": {}, "recipe": {}, "epoch": -1}, tmp_path / "neg.pt")
+    with pytest.raises(BadInput, match="its epoch is not what"):
+        checkpoint.load(tmp_path / "neg.pt")
+    torch.save({"model": {}, "recipe": {}, "epoch": 0}, tmp_path / "zero.pt")
+    assert checkpoint.load(tmp_path / "zero.pt")["epoch"] == 0
 
 
 # ---- the README's offline main job, exactly as written

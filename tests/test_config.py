@@ -1,6 +1,7 @@
 """Recipes as typed config: overrides are type-checked, unknown keys list the valid ones, typos
 fail, recipe files load by name or path, derived recipes record their parent, bad input exits 2."""
 
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -170,3 +171,48 @@ def test_recipes_deriving_in_a_cycle_or_from_nothing_fail_clearly(tmp_path, monk
         load("nope")
     code, out = _cli(monkeypatch, capsys, "train", "a")
     assert code == 2 and "cycle" in out.err and "Traceback" not in out.err
+
+
+# each recipe range, refused just past its bound and accepted at it: a loosened or dropped check
+# would let the value into a run, where it fails late (an empty split, a NaN loss) or means nothing
+RECIPE_BOUNDS = [
+    ("data.batch_size", "0", "1", "at least 1"), ("data.val_split", "1.0", "0.0", r"\[0, 1\)"),
+    ("data.subset", "0.0", "1.0", r"\(0, 1\]"), ("data.test_subset", "1.5", "1.0", r"\(0, 1\]"),
+    ("model.drop_rate", "1.0", "0.0", r"\[0, 1\)"), ("head.embed_dim", "0", "1", "at least 1"),
+    ("head.s", "0", "0.5", "> 0"), ("loss.label_smoothing", "1.0", "0.0", r"\[0, 1\)"),
+    ("loss.scales", "32", "32,64", "two or more"), ("loss.scales", "32,32", "8,1024", "different"),
+    ("loss.scales", "4,32", "8,32", "at least 8 px"), ("distill.alpha", "1.01", "1.0", r"\[0, 1\]"),
+    ("distill.temperature", "0", "0.1", "> 0"), ("optim.lr", "0", "1e-9", "> 0"),
+    ("optim.weight_decay", "-0.1", "0", ">= 0"), ("optim.grad_clip", "-1", "0", ">= 0"),
+    ("optim.lr_ref_batch", "-1", "0", ">= 0"), ("schedule.warmup", "1.0", "0.0", r"\[0, 1\)"),
+    ("schedule.milestones", "0.75,0.5", "0.5,0.75", "increasing"), ("schedule.milestones", "0.5,1.0", "0.5,0.99", r"\(0, 1\)"),
+    ("schedule.gamma", "0", "0.01", "> 0"), ("schedule.final_lr", "1.1", "1.0", r"\[0, 1\]"),
+    ("train.epochs", "0", "1", "at least 1"), ("train.log_every", "0", "1", "at least 1"),
+    ("train.ema_every", "0", "1", "at least 1"), ("train.seed", str(2 ** 32), str(2 ** 32 - 1), "2\\*\\*32"),
+    ("train.target_acc", "100.5", "100", r"\[0, 100\]"),
+]
+
+
+@pytest.mark.parametrize("key,bad,good,says", RECIPE_BOUNDS, ids=[f"{k}={b}" for k, b, _, _ in RECIPE_BOUNDS])
+def test_each_recipe_range_is_refused_past_its_bound_and_taken_at_it(key, bad, good, says):
+    with pytest.raises(BadInput, match=re.escape(key) + f" = .*{says}"):
+        apply_overrides(Recipe(), [f"{key}={bad}"]).validate()
+    apply_overrides(Recipe(), [f"{key}={good}"]).validate()
+
+
+def test_arcface_margin_range_and_the_cross_section_checks():
+    """head.m is an angle only for ArcFace ([0, pi/2]); a margin head cannot take MixUp's soft
+    targets; multi-scale training and distillation are two objectives."""
+    arc = ["head.kind=arcface"]
+    with pytest.raises(BadInput, match=r"head\.m = 1\.6: is ArcFace's angular margin"):
+        apply_overrides(Recipe(), [*arc, "head.m=1.6"]).validate()
+    with pytest.raises(BadInput, match=r"head\.m = -0\.1"):
+        apply_overrides(Recipe(), [*arc, "head.m=-0.1"]).validate()
+    apply_overrides(Recipe(), [*arc, "head.m=1.57"]).validate()
+    apply_overrides(Recipe(), ["head.kind=cosface", "head.m=2.0"]).validate()  # a cosine margin: no angle range
+    for mix in ("aug.mixup_alpha=0.2", "aug.cutmix_alpha=1.0"):
+        with pytest.raises(BadInput, match="a margin head needs hard labels"):
+            apply_overrides(Recipe(), [*arc, mix]).validate()
+        apply_overrides(Recipe(), [mix]).validate()  # a linear head takes soft targets
+    with pytest.raises(BadInput, match="are two objectives"):
+        apply_overrides(Recipe(), ["loss.scales=32,64", "distill.teacher=some_run"]).validate()

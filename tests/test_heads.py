@@ -175,3 +175,33 @@ def test_linear_head_logits_are_fp32_under_autocast_so_near_ties_keep_their_orde
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = head(x)
     assert logits.dtype == torch.float32 and logits.argmax(1).item() == 1
+
+
+def test_linear_head_takes_bf16_features_and_gives_fp32_logits():
+    """Under autocast the backbone's pooled features come in bf16; the head casts them to fp32 itself
+    (inside its autocast-off block a bf16 input against fp32 weights would be a dtype error)."""
+    from fastcifar.heads import LinearHead
+
+    torch.manual_seed(0)
+    head = LinearHead(C, K)
+    x = torch.randn(N, C)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x.bfloat16())
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, head(x.bfloat16().float()))
+
+
+@pytest.mark.parametrize("kind", ["arcface", "cosface"])
+def test_cosine_is_the_cosine_to_each_class_centre(kind):
+    """Both the embedding and the class weights are L2-normalised: the values are true cosines
+    (in -1..1, not changed by rescaling a class centre) and match a hand computation."""
+    head = make(kind).eval()
+    x = torch.randn(N, C)
+    with torch.no_grad():
+        e = head.bn(head.embed(x))
+        w = head.weight
+        want = (e @ w.T) / (e.norm(dim=1, keepdim=True) * w.norm(dim=1)[None, :])
+        got = head.cosine(x)
+        assert torch.allclose(got, want, atol=1e-5)
+        head.weight[3] *= 50.0  # a class centre's length says nothing about the angle to it
+        assert torch.allclose(head.cosine(x), got, atol=1e-5)

@@ -59,6 +59,24 @@ def test_kd_matches_hand_computation():
     assert math.isclose(out["loss"].item(), (1 - a) * ce + a * T * T * kl, rel_tol=1e-5)
 
 
+def test_kd_ce_term_is_label_smoothed_in_the_loss_and_the_objective():
+    """distill.label_smoothing reaches the CE term, both in distillation() and through Distill
+    (a dropped argument would train KD runs without the smoothing their recipe asks for)."""
+    from fastcifar.losses import Distill
+    from fastcifar.runtime import autocast
+
+    torch.manual_seed(4)
+    s, t, y = torch.randn(6, 5) * 3, torch.randn(6, 5), torch.randint(0, 5, (6,))
+    smoothed = F.cross_entropy(s, y, label_smoothing=0.2)
+    assert not torch.allclose(smoothed, F.cross_entropy(s, y))
+    out = distillation(s, y, t, alpha=0.7, temperature=4.0, label_smoothing=0.2)
+    assert torch.allclose(out["ce"], smoothed) and torch.allclose(out["loss"], 0.3 * smoothed + 0.7 * out["kd"])
+    student, teacher = Recorder(12), Recorder(12)
+    x = torch.randn(6, 3, 2, 2)
+    got = Distill(student, teacher, autocast(torch.device("cpu"), "none"), 0.7, 4.0, label_smoothing=0.2)((x, x), y, y)
+    assert torch.allclose(got["ce"], F.cross_entropy(got["logits"], y, label_smoothing=0.2))
+
+
 def test_kd_sends_no_gradient_to_the_teacher_and_computes_in_fp32():
     s = torch.randn(4, 6, dtype=torch.bfloat16, requires_grad=True)
     t = torch.randn(4, 6, dtype=torch.bfloat16, requires_grad=True)

@@ -148,6 +148,53 @@ def test_bad_input(store):
         make_loader(store, "train", AugSpec(), 10, backend="torch", indices=[0, 0, 1])
 
 
+# each AugSpec range, refused just past its bound and accepted at it (a dropped or loosened check
+# would let the value through to a backend, where it fails obscurely or silently does something else)
+SPEC_BOUNDS = [
+    ("image_size", 7, 8, "at least 8 px"), ("image_size", 1025, 1024, "at most 1024 px"),
+    ("pad_crop", -1, 0, ">= 0"), ("mix_p", 1.01, 1.0, "probability"), ("erase_p", -0.1, 0.0, "probability"),
+    ("vflip", 1.5, 1.0, "probability"), ("hue", 0.51, 0.5, r"\[0, 0\.5\] turns"), ("hue", -0.1, 0.0, "turns"),
+    ("cutmix_alpha", -1.0, 0.0, ">= 0"), ("ssr_degrees", -1.0, 0.0, ">= 0"), ("saturation", -0.5, 0.0, ">= 0"),
+    ("rrc_scale", (0.5, 0.4), (0.4, 0.4), "lo <= hi"), ("rrc_scale", (0.0, 0.5), (0.01, 1.0), "0 < lo"),
+    ("rrc_scale", (0.5, 1.2), (0.5, 1.0), "hi <= 1"), ("erase_holes", (0, 2), (1, 1), "1 <= lo"),
+    ("erase_holes", (3, 2), (2, 2), "lo <= hi"), ("erase_size", (0.0, 0.2), (0.01, 1.0), "0 < lo"),
+    ("erase_size", (0.3, 0.2), (0.2, 0.2), "lo <= hi"), ("erase_fill", 256, 255, "0..255"),
+    ("erase_fill", -1, 0, "0..255"), ("oneof", ("hflip", "blur"), ("hflip", "vflip"), "unknown op 'blur'"),
+    ("interpolation", "nearest", "cubic", "one of linear, cubic"), ("normalize", "minmax", "imagenet", "one of"),
+    ("dtype", "int8", "float16", "one of"),
+]
+
+
+@pytest.mark.parametrize("field,bad,good,says", SPEC_BOUNDS, ids=[f"{f}={b}" for f, b, _, _ in SPEC_BOUNDS])
+def test_aug_spec_refuses_each_out_of_range_field_and_takes_its_bound(field, bad, good, says):
+    with pytest.raises(BadInput, match=rf"aug\.{field} = .*{says}"):
+        AugSpec(**{field: bad}).validate()
+    AugSpec(**{field: good}).validate()
+
+
+def test_aug_spec_crops_exclude_each_other_and_every_op_counts_as_augmenting():
+    with pytest.raises(BadInput, match=r"aug\.pad_crop = 4: pad-and-crop and random resized crop exclude each other"):
+        AugSpec(pad_crop=4, rrc_scale=(0.35, 1.0)).validate()
+    assert not AugSpec().augments and not AugSpec(oneof=("hflip",), oneof_p=0.0).augments
+    for on in [dict(pad_crop=4), dict(rrc_scale=(0.35, 1.0)), dict(hflip=0.5), dict(vflip=0.5), dict(ssr_p=0.5),
+               dict(jitter_p=0.5), dict(erase_p=0.5), tutorial_oneof(0.5), dict(policy="trivialaugment")]:
+        assert AugSpec(**on).augments, on  # a spec that augments must not be taken for a pure resize
+
+
+def test_mean_std_for_each_normalize():
+    from types import SimpleNamespace
+
+    from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, mean_std
+
+    assert mean_std(AugSpec()) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert mean_std(AugSpec(normalize="imagenet")) == (IMAGENET_MEAN, IMAGENET_STD)
+    assert IMAGENET_MEAN[0] == 0.485 and IMAGENET_STD[0] == 0.229
+    store = SimpleNamespace(mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3])
+    assert mean_std(AugSpec(normalize="cifar"), store) == ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    with pytest.raises(BadInput, match="needs the store's mean/std"):
+        mean_std(AugSpec(normalize="cifar"))
+
+
 def test_indices_subset(store):
     """indices picks rows of the split (a train/validation partition)."""
     val = np.arange(0, 120, 3)

@@ -81,3 +81,57 @@ def test_seeded_and_both_modes():
         # CutMix leaves whole pixels of one image; MixUp blends them into new values
         kinds.add("cutmix" if torch.isin(out[:, 0], x[:, 0, 0, 0]).all() else "mixup")
     assert kinds == {"mixup", "cutmix"}
+
+
+def test_cutmix_box_covers_one_minus_lam_and_stays_in_the_image():
+    """The box's side is sqrt(1 - lam) of the image's, so an unclipped box covers 1 - lam of it; a
+    box that would cross an edge is clipped to [0, 1] (its area is then less)."""
+    import numpy as np
+
+    from pipelines.mix import cutmix_box
+
+    rng, inside, clipped = np.random.default_rng(0), 0, 0
+    for lam in np.linspace(0.05, 0.95, 200):
+        y0, x0, y1, x1 = cutmix_box(float(lam), rng)
+        assert 0.0 <= y0 <= y1 <= 1.0 and 0.0 <= x0 <= x1 <= 1.0
+        side = (1 - lam) ** 0.5
+        if y1 - y0 < side - 1e-9 or x1 - x0 < side - 1e-9:
+            clipped += 1
+        else:
+            inside += 1
+            assert (y1 - y0) * (x1 - x0) == pytest.approx(1 - lam)
+    assert inside > 20 and clipped > 20
+
+
+def test_cutmix_targets_match_pixels_for_every_draw_and_follow_the_first_view():
+    """Over many draws (boxes clipped at the edges included) each image's mean pixel equals its
+    targets' share; with two views the targets follow the first (student) view's pixels exactly,
+    whose whole-pixel rounding differs from the second's."""
+    (a, y, values), (b, _, _) = _batch(8), _batch(13)
+    class_value = torch.zeros(C)
+    class_value[:N] = values
+    differs = 0
+    for seed in range(30):
+        (oa, ob), t = mix((a, b), y, AugSpec(cutmix_alpha=1.0), C, _gen(seed))
+        torch.testing.assert_close(oa.mean((1, 2, 3)), t @ class_value, atol=1e-5, rtol=0)
+        differs += not torch.allclose(ob.mean((1, 2, 3)), t @ class_value, atol=1e-5)
+        out, t1 = mix(a, y, AugSpec(cutmix_alpha=1.0), C, _gen(seed))
+        torch.testing.assert_close(out.mean((1, 2, 3)), t1 @ class_value, atol=1e-5, rtol=0)
+    assert differs > 5  # the second view's rounding really keeps other areas
+
+
+def test_with_both_on_each_mode_draws_lam_with_its_own_alpha():
+    """mixup_alpha = 50 puts MixUp's lam near 0.5; cutmix_alpha = 0.1 puts CutMix's near 0 or 1, so
+    often a box too small to cut a pixel (kept area > 0.95), which CutMix at alpha 50 (a box of
+    side about 0.7, kept area 0.5 to 0.9) never gives."""
+    x, y, _ = _batch()
+    spec = AugSpec(mixup_alpha=50.0, cutmix_alpha=0.1)
+    spread = {"mixup": [], "cutmix": []}
+    for seed in range(40):
+        out, t = mix(x, y, spec, C, _gen(seed))
+        kind = "cutmix" if torch.isin(out[:, 0], x[:, 0, 0, 0]).all() else "mixup"
+        lam = t[torch.arange(N), y].median().item()  # own-label weight (a partner that is itself: 1)
+        spread[kind].append(abs(lam - 0.5))
+    assert len(spread["mixup"]) >= 5 and len(spread["cutmix"]) >= 5
+    assert max(spread["mixup"]) < 0.2
+    assert sum(s > 0.45 for s in spread["cutmix"]) >= 3

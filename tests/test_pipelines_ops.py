@@ -199,6 +199,19 @@ def test_resume_repeats_an_epoch(store, backend):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def test_downscaling_averages_the_whole_footprint():
+    """A resize below the stored 32 px (aug.image_size >= 8 is allowed) is antialiased: at 8 px each
+    output pixel averages a 4x4-pixel footprint or more, so uniform noise (std 0.29) drops below
+    0.29 / 4; a plain bilinear sample averages 2x2 pixels and only halves it (aliasing)."""
+    from pipelines.torch_backend import finish
+
+    x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = finish(x, 8, AugSpec(image_size=8), torch.full((1, 3, 1, 1), 1 / 255), torch.zeros(1, 3, 1, 1))
+    assert y.shape == (4, 3, 8, 8)
+    assert x.float().div(255).std() > 0.28 and y.std() < 0.29 / 4
+    assert (y.mean() - x.float().div(255).mean()).abs() < 0.01  # averaging keeps the mean
+
+
 @needs_dali
 def test_cubic_resize_in_range_and_close(store):
     """interpolation='cubic': each backend uses its own bicubic kernel (DALI's differs from torch's

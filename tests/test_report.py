@@ -240,3 +240,34 @@ def test_a_run_directory_whose_name_is_not_utf8_is_reported(tmp_path):
     _, files = report([tmp_path / "runs"], tmp_path / "out")
     assert b"| run\xff |" in (tmp_path / "out" / "results.md").read_bytes()
     assert all(f.is_file() for f in files)
+
+
+def test_duration_switches_to_hours_at_one_hour_and_dashes_what_is_not_a_time():
+    from fastcifar.report import duration
+
+    assert [duration(s) for s in (0, 59.4, 61, 3599, 3600, 3661, 7322)] == \
+        ["0m 00s", "0m 59s", "1m 01s", "59m 59s", "1h 00m", "1h 01m", "2h 02m"]
+    assert duration(None) == duration(float("nan")) == duration(float("inf")) == "—"
+
+
+def test_a_damaged_line_before_the_last_is_named_not_skipped(tmp_path):
+    """Only the last line may be cut short (a crash mid-write); a bad line earlier means the file was
+    damaged, and dropping it would silently report a run with an epoch missing."""
+    d = make_run(tmp_path, "damaged", [12.0, 30.0, 25.0])
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:20]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    skipped = []
+    with pytest.raises(BadInput, match="No run could be reported"):
+        find_runs([d], skipped)
+    assert "line 2 is not JSON" in skipped[0][1]
+
+
+def test_a_run_without_summary_gets_its_mean_speed_and_the_test_selection_warning(tmp_path):
+    from fastcifar.report import warnings
+
+    make_run(tmp_path, "crashed", [12.0, 30.0, 25.0], summary=False)  # images_per_sec 1001, 1002, 1003
+    (run,) = find_runs([tmp_path / "crashed"])
+    assert run.summary["train_images_per_sec"] == pytest.approx(1002.0)
+    assert run.summary["finished"] is False and run.summary["selection"] == "test"
+    assert any(w.startswith("crashed selected its best epoch on the test set") for w in warnings([run]))

@@ -367,3 +367,122 @@ def test_param_groups_and_lr_scaling():
     assert peak_lr(r.optim, 512) == pytest.approx(0.2)
     r.optim.lr_scaling = "sqrt"
     assert peak_lr(r.optim, 1024) == pytest.approx(0.2)
+
+
+def test_optimizer_gets_the_recipes_hyperparameters_and_the_scheduler_steps_lr_factor():
+    """build_optimizer hands the optimizer optim.betas / momentum / nesterov and peak_lr (not
+    optim.lr); nesterov needs momentum (torch refuses it at 0); the scheduler's LR at optimizer
+    step k is the peak times lr_factor(k), from k = 0; cosine ends at final_lr of the peak."""
+    from fastcifar.optim import build_optimizer, build_scheduler
+
+    net = torch.nn.Linear(3, 2)
+    adam = build_optimizer(net, tiny(optim__betas=(0.8, 0.95), optim__lr=0.1, optim__lr_ref_batch=25).optim, 50)
+    assert adam.defaults["betas"] == (0.8, 0.95) and adam.defaults["lr"] == pytest.approx(0.2)
+    sgd = build_optimizer(net, tiny(optim__name="sgd", optim__momentum=0.7, optim__nesterov=True).optim, 50)
+    assert sgd.defaults["momentum"] == 0.7 and sgd.defaults["nesterov"] is True
+    flat = build_optimizer(net, tiny(optim__name="sgd", optim__momentum=0.0, optim__nesterov=True).optim, 50)
+    assert flat.defaults["nesterov"] is False
+    s = Schedule(kind="cosine", warmup=0.1, final_lr=0.2)
+    assert lr_factor(10, 100, s) == pytest.approx(1.0) and lr_factor(99, 100, s) == pytest.approx(0.2, abs=1e-3)
+    sched, lrs = build_scheduler(adam, 100, s), []
+    for _ in range(12):
+        lrs.append(adam.param_groups[0]["lr"])
+        adam.step()
+        sched.step()
+    assert lrs == pytest.approx([0.2 * lr_factor(k, 100, s) for k in range(12)])
+
+
+# ---- the loop's wiring of its parts: each recipe field reaches the part that uses it
+
+
+def test_the_loop_steps_the_schedule_and_logs_each_epochs_last_lr(store, tmp_path):
+    """One scheduler step per optimizer step: metrics.jsonl's lr is the LR the epoch's last step
+    used, peak * lr_factor(that step) (4 steps an epoch here, 8 in all)."""
+    r = tiny(train__epochs=2, data__subset=0.2, schedule__warmup=0.25)
+    s = fit(r, info(), out=tmp_path / "run", data_dir=store)
+    ms = metrics(tmp_path / "run")
+    assert s["finished"] and [m["lr"] for m in ms] == pytest.approx([3e-3 * lr_factor(k, 8, r.schedule) for k in (3, 7)])
+    assert ms[0]["lr"] != pytest.approx(ms[1]["lr"])
+
+
+def test_mixing_draws_differ_from_epoch_to_epoch(store, tmp_path):
+    """The mixing generator is seeded from (seed, epoch): in an unshuffled run, epoch 2 sees the
+    same images in the same order, but mixed with other partners and weights."""
+    seen = []
+
+    def spy_on_objective(trainer):
+        objective = trainer.objective
+
+        def spy(images, labels, targets):
+            seen.append(targets.detach().clone())
+            return objective(images, labels, targets)
+
+        trainer.objective = spy
+
+    fit(tiny(train__epochs=2, data__subset=0.1, data__shuffle=False, **MIXED), info(), out=tmp_path / "run",
+        data_dir=store, setup=spy_on_objective)
+    assert len(seen) == 4  # 2 batches an epoch
+    assert not torch.equal(seen[0], seen[2]) and not torch.equal(seen[1], seen[3])
+
+
+def test_the_recipes_ema_fields_reach_the_ema(store, tmp_path):
+    with T.Trainer(tiny(train__ema_decay=0.95, train__ema_every=3, train__ema_warmup=False, data__subset=0.1),
+                   info(), out=tmp_path / "run", data_dir=store, **QUIET) as trainer:
+        ema = trainer.ema
+        assert (ema.decay, ema.every, ema.warmup) == (0.95, 3, False)
+
+
+class FixedLogits(torch.nn.Module):
+    """Logits read from the image: image i is the row of logits it should give."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # evaluate() finds the device from a parameter
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+class ListLoader:
+    """The loader interface evaluate() reads: set_epoch, batch_size, batches of (images, labels)."""
+
+    def __init__(self, batches, batch_size):
+        self.batches, self.batch_size = batches, batch_size
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_evaluate_counts_top1_top5_and_mean_loss_over_a_padded_last_batch():
+    """Image k's label ranks k-th (1..6) in its logits: top-1 hits 1 of 6, top-5 hits 5 of 6; the
+    loss is the mean cross-entropy over the 6 images, whatever the last batch is padded with."""
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    order = logits.argsort(1, descending=True)
+    labels = order[torch.arange(6), torch.arange(6)]  # image k's label is its (k+1)-th largest logit
+    loader = ListLoader([(logits[:4], labels[:4]), (logits[4:], labels[4:])], batch_size=4)
+    out = T.evaluate(FixedLogits(), loader)
+    assert out["images"] == 6
+    assert out["acc"] == pytest.approx(100 / 6) and out["top5"] == pytest.approx(500 / 6)
+    assert out["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["classify", "multiscale", "distill"])
+def test_the_objective_gets_the_recipes_label_smoothing(store, tmp_path, kind):
+    """loss.label_smoothing reaches the objective the Trainer picks: its CE term on a batch is the
+    smoothed cross-entropy of the logits it returns."""
+    fields = dict(loss__label_smoothing=0.2, data__subset=0.1)
+    if kind == "multiscale":
+        fields["loss__scales"] = (32, 48)
+    if kind == "distill":
+        T.train(tiny(train__epochs=1, data__subset=0.1), info("teach"), out=tmp_path / "teacher", data_dir=store, **QUIET)
+        fields["distill__teacher"] = str(tmp_path / "teacher")
+    with T.Trainer(tiny(**fields), info(), out=tmp_path / "run", data_dir=store, **QUIET) as trainer:
+        trainer.train_loader.set_epoch(0)
+        images, labels = next(iter(trainer.train_loader))
+        out = trainer.objective(images, labels, labels)  # as train_step calls it
+        want = torch.nn.functional.cross_entropy(out["logits"].float(), labels, label_smoothing=0.2)
+        assert torch.allclose(out["ce"], want, atol=1e-6)
+        assert not torch.allclose(want, torch.nn.functional.cross_entropy(out["logits"].float(), labels), atol=1e-3)

@@ -171,3 +171,22 @@ def test_validation_rows_are_disjoint_from_training_and_the_same_for_every_seed(
         assert sorted(np.concatenate([train, val])) == list(range(1000))
     np.testing.assert_array_equal(rows[0][0], rows[1][0])  # train.seed does not move them
     np.testing.assert_array_equal(rows[0][1], rows[1][1])
+
+
+def test_split_rows_takes_subsets_and_holds_validation_out_of_the_subset():
+    """data.subset keeps a fraction of the train rows (validation included), data.val_split holds a
+    fraction of those out, data.test_subset keeps a fraction of the test rows; all sorted, no row twice."""
+    from types import SimpleNamespace as D
+
+    assert T.split_rows(1000, 300, D(subset=1.0, val_split=0.0, test_subset=1.0)) == (None, None, None)
+    train, val, test = T.split_rows(1000, 300, D(subset=0.2, val_split=0.0, test_subset=1.0))
+    assert len(train) == 200 and val is None and test is None
+    train, val, test = T.split_rows(1000, 300, D(subset=0.5, val_split=0.2, test_subset=0.3))
+    assert (len(train), len(val), len(test)) == (400, 100, 90)
+    assert not set(train) & set(val) and len(set(train) | set(val)) == 500
+    for rows, n in ((train, 1000), (val, 1000), (test, 300)):
+        assert list(rows) == sorted(set(rows)) and 0 <= rows[0] and rows[-1] < n
+    whole, held, _ = T.split_rows(1000, 300, D(subset=1.0, val_split=0.2, test_subset=1.0))
+    assert (len(whole), len(held)) == (800, 200)
+    with pytest.raises(BadInput, match="leaves no validation"):
+        T.split_rows(10, 10, D(subset=1.0, val_split=0.01, test_subset=1.0))
