@@ -32,7 +32,9 @@ def test_pipeline_rows_table_json(store, tmp_path):
     tutorial_augs = AUGS[:2] if albumentations_available() else AUGS
     for r in rows:
         assert KEYS <= set(r) and r["stage"] == "pipeline" and r["device"] == "cpu" and r["batch_size"] == 16
-        assert isinstance(r["images_per_sec"], int) and r["images_per_sec"] > 0
+        # whole numbers from 100 img/s up, three significant figures below (bench.img_s): a loaded machine gives those
+        assert isinstance(r["images_per_sec"], int if r["images_per_sec"] >= 100 else (int, float))
+        assert r["images_per_sec"] > 0
     assert sorted((r["backend"], r["image_size"], r["aug"]) for r in rows) == sorted(
         [("tutorial", s, a) for s in (32, 224) for a in tutorial_augs] + [("torch", s, a) for s in (32, 224) for a in AUGS])
     if albumentations_available():
