@@ -197,10 +197,9 @@ def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path,
         assert set(a[part]) == set(b[part]) and all(torch.equal(a[part][k], b[part][k]) for k in b[part]), part
 
 
-def test_mixing_gives_the_loss_soft_targets(store, tmp_path):
-    seen = []
-
-    def spy_on_objective(trainer):
+def spy_on_targets(seen: list):
+    """A fit() setup that records the targets each training step's objective gets."""
+    def setup(trainer):
         objective = trainer.objective
 
         def spy(images, labels, targets):
@@ -209,7 +208,12 @@ def test_mixing_gives_the_loss_soft_targets(store, tmp_path):
 
         trainer.objective = spy
 
-    s = fit(tiny(train__epochs=1, **MIXED), info(), out=tmp_path / "run", data_dir=store, setup=spy_on_objective)
+    return setup
+
+
+def test_mixing_gives_the_loss_soft_targets(store, tmp_path):
+    seen = []
+    s = fit(tiny(train__epochs=1, **MIXED), info(), out=tmp_path / "run", data_dir=store, setup=spy_on_targets(seen))
     assert s["finished"] and seen
     assert all(t.shape == (50, 100) and t.is_floating_point() for t in seen)
     assert all(torch.allclose(t.sum(1), torch.ones(50)) for t in seen)
@@ -409,18 +413,8 @@ def test_mixing_draws_differ_from_epoch_to_epoch(store, tmp_path):
     """The mixing generator is seeded from (seed, epoch): in an unshuffled run, epoch 2 sees the
     same images in the same order, but mixed with other partners and weights."""
     seen = []
-
-    def spy_on_objective(trainer):
-        objective = trainer.objective
-
-        def spy(images, labels, targets):
-            seen.append(targets.detach().clone())
-            return objective(images, labels, targets)
-
-        trainer.objective = spy
-
     fit(tiny(train__epochs=2, data__subset=0.1, data__shuffle=False, **MIXED), info(), out=tmp_path / "run",
-        data_dir=store, setup=spy_on_objective)
+        data_dir=store, setup=spy_on_targets(seen))
     assert len(seen) == 4  # 2 batches an epoch
     assert not torch.equal(seen[0], seen[2]) and not torch.equal(seen[1], seen[3])
 
