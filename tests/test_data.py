@@ -266,6 +266,15 @@ def test_data_dir_from_environment(tmp_path, monkeypatch):
     assert fdata.open_store().meta["counts"] == {"train": 100, "test": 100}
 
 
+def test_data_dir_from_environment_expands_a_tilde(tmp_path, monkeypatch):
+    """$FASTCIFAR_DATA=~/... that no shell expanded (a Dockerfile ENV, a .env file) names the home
+    directory's folder, not a directory called '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FASTCIFAR_DATA", "~/stores/c100")
+    assert fdata.default_data_dir() == tmp_path / "home" / "stores" / "c100"
+    assert fdata.default_data_dir("cifar10") == tmp_path / "home" / "stores" / "cifar10"
+
+
 def test_synthetic_store_is_balanced_deterministic_and_learnable(tmp_path):
     a = fdata.open_store(fdata.prepare(tmp_path / "a", synthetic=True, n_train=3000, n_test=1000, log=lambda *_: None))
     b = fdata.open_store(fdata.prepare(tmp_path / "b", synthetic=True, n_train=3000, n_test=1000, log=lambda *_: None))

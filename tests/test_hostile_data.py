@@ -546,6 +546,19 @@ def test_malformed_store_meta_json_is_bad_input_at_open(tmp_path, case):
         fdata.open_store(store)
 
 
+def test_a_store_with_an_empty_split_is_bad_input_at_open(tmp_path):
+    """A store whose meta.json and arrays agree on 0 train images is damaged (prepare never writes
+    one): BadInput naming counts, not a numpy traceback from the label range check."""
+    store = fdata.prepare(tmp_path / "store", **SMALL)
+    np.save(store / "train_images.npy", np.zeros((0, 32, 32, 3), np.uint8))
+    for name in ("train_labels.npy", "train_coarse.npy"):
+        np.save(store / name, np.zeros(0, np.int64))
+    meta = json.loads((store / "meta.json").read_text())
+    (store / "meta.json").write_text(json.dumps({**meta, "counts": {"train": 0, "test": meta["counts"]["test"]}}))
+    with pytest.raises(BadInput, match="at least 1 image per split"):
+        fdata.open_store(store)
+
+
 def test_unreadable_store_meta_advises_what_prepare_will_accept(tmp_path):
     store = fdata.prepare(tmp_path / "store", **SMALL)
     (store / "meta.json").write_text("{ cut short")
