@@ -292,6 +292,14 @@ def test_synthetic_store_is_balanced_deterministic_and_learnable(tmp_path):
     assert (pred == a.labels("test")).mean() > 0.05
 
 
+def test_synthetic_test_split_is_not_the_train_split(tmp_path):
+    """The test split is drawn from its own seed: with as many test as train images it must not be a
+    copy of the train split (a test set equal to the train set reports memorisation as accuracy)."""
+    s = fdata.open_store(fdata.prepare(tmp_path / "s", synthetic=True, n_train=100, n_test=100, log=lambda *_: None))
+    assert not np.array_equal(s.images("train"), s.images("test"))
+    assert not np.array_equal(s.labels("train"), s.labels("test"))
+
+
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "fastcifar", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})

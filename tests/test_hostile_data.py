@@ -559,6 +559,16 @@ def test_a_store_with_an_empty_split_is_bad_input_at_open(tmp_path):
         fdata.open_store(store)
 
 
+@pytest.mark.parametrize("name", ["train_labels.npy", "test_coarse.npy"])
+def test_store_labels_of_another_dtype_are_found_at_open(tmp_path, name):
+    """Labels saved as int32 (another tool's store, a hand edit) would reach the loss as int32 and
+    break the loader's int64 contract: open_store refuses them, saying what it expected."""
+    store = fdata.prepare(tmp_path / "store", **SMALL)
+    np.save(store / name, np.load(store / name).astype(np.int32))
+    with pytest.raises(BadInput, match="int64 labels"):
+        fdata.open_store(store)
+
+
 def test_unreadable_store_meta_advises_what_prepare_will_accept(tmp_path):
     store = fdata.prepare(tmp_path / "store", **SMALL)
     (store / "meta.json").write_text("{ cut short")
