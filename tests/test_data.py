@@ -175,6 +175,19 @@ def test_idempotent_and_force(tmp_path, official):
     assert after["train_images.npy"][1] != before["train_images.npy"][1]  # rebuilt: a new file
 
 
+def test_a_changed_source_at_the_same_path_is_read_again(tmp_path):
+    """The idempotence check keys on the source's size and mtime, not only its path: a new tarball
+    written over the old one (another download, other data) rebuilds the store."""
+    tarball, _ = write_official(tmp_path / "src", n_train=300)
+    store = fdata.prepare(tmp_path / "store", source=tarball, verify=False, log=lambda *_: None)
+    assert fdata.open_store(store).meta["counts"]["train"] == 300
+    assert write_official(tmp_path / "src", n_train=200)[0] == tarball
+    messages = []
+    fdata.prepare(tmp_path / "store", source=tarball, verify=False, log=messages.append)
+    assert not any("already there" in m for m in messages)
+    assert fdata.open_store(store).meta["counts"]["train"] == 200
+
+
 def test_failure_part_way_leaves_no_store(tmp_path, official, monkeypatch):
     tarball, _ = official
     real_save, calls = np.save, []
