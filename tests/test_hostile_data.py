@@ -262,6 +262,29 @@ def test_kill_9_leaves_old_or_new_store(tmp_path, point, recover_with):
     assert sorted(os.listdir(tmp_path)) == ["store"]
 
 
+def test_a_moved_aside_dir_that_is_no_store_is_kept_while_nothing_replaced_it(tmp_path):
+    """With no store at the data dir, a .NAME.old-* that is not a store (its meta.json gone or never
+    there) was not replaced by anything: recovery neither puts it back nor deletes it."""
+    old = tmp_path / ".store.old-123-abcdef"
+    old.mkdir()
+    (old / "train_images.npy").write_bytes(b"what may be the only copy")
+    with pytest.raises(BadInput, match="No prepared"):
+        fdata.open_store(tmp_path / "store")
+    assert (old / "train_images.npy").read_bytes() == b"what may be the only copy"
+
+
+def test_a_meta_json_without_output_checksums_is_not_a_store(tmp_path):
+    """Stores from before the creator field are told apart by format_version with the sha256s of their
+    outputs: another tool's meta.json with a format_version and other checksums is not replaced."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "meta.json").write_text(json.dumps({"format_version": 1, "checksums": {"md5": "0" * 32}}))
+    before = _tree(theirs)
+    with pytest.raises(BadInput, match="not a fastcifar store"):
+        fdata.prepare(theirs, **SMALL, force=True)
+    assert _tree(theirs) == before
+
+
 PAUSED = r"""
 import os, sys, time
 import numpy as np
