@@ -592,6 +592,17 @@ def test_store_labels_of_another_dtype_are_found_at_open(tmp_path, name):
         fdata.open_store(store)
 
 
+def test_a_store_meta_without_its_source_is_bad_input_at_open(tmp_path):
+    """prepare's already-there check reads meta["source"]: a meta.json without it is malformed at
+    open_store, not a KeyError in the next prepare."""
+    store = fdata.prepare(tmp_path / "store", **SMALL)
+    meta = json.loads((store / "meta.json").read_text())
+    del meta["source"]
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match="source must be an object"):
+        fdata.open_store(store)
+
+
 def test_unreadable_store_meta_advises_what_prepare_will_accept(tmp_path):
     store = fdata.prepare(tmp_path / "store", **SMALL)
     (store / "meta.json").write_text("{ cut short")
