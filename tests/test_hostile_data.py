@@ -285,6 +285,17 @@ def test_a_meta_json_without_output_checksums_is_not_a_store(tmp_path):
     assert _tree(theirs) == before
 
 
+def test_a_store_directory_is_as_readable_as_any_directory(tmp_path):
+    """The store is built in a mkdtemp directory (mode 0700) and renamed into place: it gets the
+    umask's mode, so other users of a shared machine can read it as they could a mkdir'd one."""
+    umask = os.umask(0o022)
+    try:
+        store = fdata.prepare(tmp_path / "store", **SMALL)
+    finally:
+        os.umask(umask)
+    assert store.stat().st_mode & 0o777 == 0o755
+
+
 PAUSED = r"""
 import os, sys, time
 import numpy as np
