@@ -288,3 +288,16 @@ def test_an_evaluation_batch_never_outgrows_its_shard(store):
     n = len(store.labels("test"))
     loader = make_loader(store, "test", AugSpec(), batch_size=10 ** 6, backend="torch", shard=(0, 2))
     assert loader.batch_size == -(-n // 2) and len(loader) == 1
+
+
+def test_epoch_rows_cuts_disjoint_equal_training_shards():
+    """Training shards are equal, disjoint blocks of one permutation (the n % world left over sit
+    out), whatever the batch size later drops; evaluation shards cover every row once."""
+    from pipelines.loader import epoch_rows
+
+    rows = np.arange(10)
+    train = [epoch_rows(rows, 3, 1, True, (r, 3), True) for r in range(3)]
+    assert [len(s) for s in train] == [3, 3, 3]
+    assert len(np.unique(np.concatenate(train))) == 9
+    evals = [epoch_rows(rows, 3, 1, True, (r, 3), False) for r in range(3)]
+    assert sorted(np.concatenate(evals)) == list(range(10)) and [len(s) for s in evals] == [4, 3, 3]
