@@ -188,6 +188,16 @@ def test_a_changed_source_at_the_same_path_is_read_again(tmp_path):
     assert fdata.open_store(store).meta["counts"]["train"] == 200
 
 
+def test_a_synthetic_store_of_other_settings_is_rebuilt_without_force(tmp_path):
+    """"already there" only for the same synthetic settings: another seed or test count rebuilds."""
+    quiet = lambda *_: None
+    store = fdata.prepare(tmp_path / "s", synthetic=True, n_train=100, n_test=50, log=quiet)
+    fdata.prepare(store, synthetic=True, n_train=100, n_test=50, seed=1, log=quiet)
+    assert fdata.open_store(store).meta["source"]["seed"] == 1
+    fdata.prepare(store, synthetic=True, n_train=100, n_test=60, seed=1, log=quiet)
+    assert fdata.open_store(store).meta["counts"] == {"train": 100, "test": 60}
+
+
 def test_failure_part_way_leaves_no_store(tmp_path, official, monkeypatch):
     tarball, _ = official
     real_save, calls = np.save, []
