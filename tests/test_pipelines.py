@@ -264,6 +264,9 @@ def test_loader_inputs_refused_at_their_bounds(store):
     make_loader(store, "train", AugSpec(), 10, backend="torch", sizes=(32, 8))
     with pytest.raises(BadInput, match="batch_size = 0"):
         make_loader(store, "train", AugSpec(), 0, backend="torch")
+    with pytest.raises(BadInput, match=r"shard=\(2, 2\)"):
+        make_loader(store, "test", AugSpec(), 10, backend="torch", shard=(2, 2))
+    make_loader(store, "test", AugSpec(), 10, backend="torch", shard=(1, 2))
 
 
 def test_each_epoch_has_its_own_order_and_batches_names_an_epoch(store):
