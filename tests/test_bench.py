@@ -361,3 +361,28 @@ def test_gpu_check_runs_only_the_steps_asked_and_skips_what_the_budget_cannot_fi
     assert r.returncode == 1 and list(steps) == GPU_CHECK_STEPS
     assert set(steps.values()) == {"SKIPPED (no time left)"}
     assert "== distill: SKIPPED, the 5 s budget is spent" in r.stdout
+
+
+def _tables_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    try:
+        import tables
+    finally:
+        sys.path.pop(0)
+    return tables
+
+
+def test_tables_show_the_headroom_without_end_to_end_rows_and_the_meta_note(capsys):
+    """A bench of the pipeline and train_step stages has a headroom but no end_to_end rows: its
+    headroom is still tabled; meta.note (stages re-measured apart) is in the caption; --plot
+    without a path is a usage error (exit 2), not a traceback."""
+    tables = _tables_module()
+    key = {"model": "resnet18", "image_size": 32, "memory_format": "channels_last", "precision": "amp"}
+    rows = [{"stage": "pipeline", "backend": "dali-cpu", "image_size": 32, "aug": "oneof", "batch_size": 250,
+             "images_per_sec": 9000},
+            {"stage": "train_step", **key, "compiled": False, "batch_size": 64, "images_per_sec": 300}]
+    text = tables.tables({"meta": {"note": "train_step re-measured apart."}, "rows": rows,
+                          "headroom": bench.headroom(rows)})
+    assert text.splitlines()[0].endswith("store. train_step re-measured apart.")
+    assert "headroom dali-cpu" in text and "| 30.0x |" in text
+    assert tables.main(["x.json", "--plot"]) == 2 and "usage" in capsys.readouterr().err

@@ -175,6 +175,29 @@ def test_idempotent_and_force(tmp_path, official):
     assert after["train_images.npy"][1] != before["train_images.npy"][1]  # rebuilt: a new file
 
 
+def test_a_changed_source_at_the_same_path_is_read_again(tmp_path):
+    """The idempotence check keys on the source's size and mtime, not only its path: a new tarball
+    written over the old one (another download, other data) rebuilds the store."""
+    tarball, _ = write_official(tmp_path / "src", n_train=300)
+    store = fdata.prepare(tmp_path / "store", source=tarball, verify=False, log=lambda *_: None)
+    assert fdata.open_store(store).meta["counts"]["train"] == 300
+    assert write_official(tmp_path / "src", n_train=200)[0] == tarball
+    messages = []
+    fdata.prepare(tmp_path / "store", source=tarball, verify=False, log=messages.append)
+    assert not any("already there" in m for m in messages)
+    assert fdata.open_store(store).meta["counts"]["train"] == 200
+
+
+def test_a_synthetic_store_of_other_settings_is_rebuilt_without_force(tmp_path):
+    """"already there" only for the same synthetic settings: another seed or test count rebuilds."""
+    quiet = lambda *_: None
+    store = fdata.prepare(tmp_path / "s", synthetic=True, n_train=100, n_test=50, log=quiet)
+    fdata.prepare(store, synthetic=True, n_train=100, n_test=50, seed=1, log=quiet)
+    assert fdata.open_store(store).meta["source"]["seed"] == 1
+    fdata.prepare(store, synthetic=True, n_train=100, n_test=60, seed=1, log=quiet)
+    assert fdata.open_store(store).meta["counts"] == {"train": 100, "test": 60}
+
+
 def test_failure_part_way_leaves_no_store(tmp_path, official, monkeypatch):
     tarball, _ = official
     real_save, calls = np.save, []
@@ -266,6 +289,15 @@ def test_data_dir_from_environment(tmp_path, monkeypatch):
     assert fdata.open_store().meta["counts"] == {"train": 100, "test": 100}
 
 
+def test_data_dir_from_environment_expands_a_tilde(tmp_path, monkeypatch):
+    """$FASTCIFAR_DATA=~/... that no shell expanded (a Dockerfile ENV, a .env file) names the home
+    directory's folder, not a directory called '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FASTCIFAR_DATA", "~/stores/c100")
+    assert fdata.default_data_dir() == tmp_path / "home" / "stores" / "c100"
+    assert fdata.default_data_dir("cifar10") == tmp_path / "home" / "stores" / "cifar10"
+
+
 def test_synthetic_store_is_balanced_deterministic_and_learnable(tmp_path):
     a = fdata.open_store(fdata.prepare(tmp_path / "a", synthetic=True, n_train=3000, n_test=1000, log=lambda *_: None))
     b = fdata.open_store(fdata.prepare(tmp_path / "b", synthetic=True, n_train=3000, n_test=1000, log=lambda *_: None))
@@ -281,6 +313,23 @@ def test_synthetic_store_is_balanced_deterministic_and_learnable(tmp_path):
     means = np.stack([xtr[a.labels("train") == c].mean(0) for c in range(100)])
     pred = ((xte[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
     assert (pred == a.labels("test")).mean() > 0.05
+
+
+def test_synthetic_test_split_is_not_the_train_split(tmp_path):
+    """The test split is drawn from its own seed: with as many test as train images it must not be a
+    copy of the train split (a test set equal to the train set reports memorisation as accuracy)."""
+    s = fdata.open_store(fdata.prepare(tmp_path / "s", synthetic=True, n_train=100, n_test=100, log=lambda *_: None))
+    assert not np.array_equal(s.images("train"), s.images("test"))
+    assert not np.array_equal(s.labels("train"), s.labels("test"))
+
+
+def test_synthetic_labels_are_shuffled_not_cyclic():
+    """synthetic_split's classes are balanced and shuffled (its docstring): not 0, 1, .., 99, 0, ..,
+    whose every run of 100 rows (a validation tail, a batch) would hold each class exactly once."""
+    labels, _ = fdata.synthetic_chunks(1000, seed=0)
+    assert np.bincount(labels, minlength=100).tolist() == [10] * 100
+    assert not np.array_equal(labels, np.arange(1000) % 100)
+    assert len(np.unique(labels[:100])) < 100
 
 
 def _cli(*args, env=None):

@@ -565,3 +565,50 @@ def test_float_images_are_scaled_and_big_ones_read_without_a_pillow_warning(tmp_
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # over twice the limit: Pillow refuses, we name it
     with pytest.raises(ValueError, match="DecompressionBomb"):
         read_image(tmp_path / "unit.tif")
+
+
+def _card(**change) -> dict:
+    """A well-formed card by hand (what `card` writes), with fields replaced: check_card's input."""
+    c = {"fastcifar_export": ex.CARD_VERSION, "model": {"name": "resnet18", "cifar_stem": True},
+         "head": {"kind": "linear"}, "num_classes": 3, "class_names": ["a", "b", "c"],
+         "preprocess": {"image_size": 32, "interpolation": "linear", "normalize": "cifar",
+                        "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    for key, value in change.items():
+        if key in c["preprocess"]:
+            c["preprocess"] = {**c["preprocess"], key: value}
+        else:
+            c[key] = value
+    return c
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"image_size": 7}, "input size 7"), ({"std": [0.25, 0.0, 0.25]}, "std"),
+    ({"class_names": ["a", "b"]}, "2 class names for 3 classes"),
+])
+def test_check_card_refuses_each_field_past_its_bound(change, says):
+    ex.check_card(_card(), "x.safetensors")
+    ex.check_card(_card(image_size=8), "x.safetensors")  # the bound itself is taken
+    with pytest.raises(BadInput, match=says):
+        ex.check_card(_card(**change), "x.safetensors")
+
+
+def test_compare_scales_its_tolerance_and_fails_on_nan():
+    """The tolerance is REL_TOL relative to the largest logit (absolute below 1); NaN fails."""
+    ours = torch.tensor([[100.0, -50.0], [3.0, 1.0]])
+    line = ex.compare(ours, ours + 0.05, "onnx", "2 images")  # 5e-4 of the largest logit: within
+    assert "top-1 agrees on 2/2" in line
+    with pytest.raises(ex.CheckFailed):
+        ex.compare(ours, ours + 0.2, "onnx", "2 images")
+    with pytest.raises(ex.CheckFailed):
+        ex.compare(ours, torch.full_like(ours, float("nan")), "onnx", "2 images")
+
+
+def test_out_path_of_a_directory_and_never_the_checkpoint(tmp_path):
+    src = tmp_path / "run" / "best.pt"
+    src.parent.mkdir()
+    src.write_bytes(b"checkpoint")
+    (tmp_path / "exports").mkdir()
+    assert ex.out_path(tmp_path / "exports", src, "onnx", False) == tmp_path / "exports" / "best.onnx"
+    assert ex.out_path(None, src, "timm", False) == tmp_path / "run" / "best-timm.pth"
+    with pytest.raises(BadInput, match="the checkpoint being exported"):
+        ex.out_path(src, src, "timm", True)

@@ -262,6 +262,40 @@ def test_kill_9_leaves_old_or_new_store(tmp_path, point, recover_with):
     assert sorted(os.listdir(tmp_path)) == ["store"]
 
 
+def test_a_moved_aside_dir_that_is_no_store_is_kept_while_nothing_replaced_it(tmp_path):
+    """With no store at the data dir, a .NAME.old-* that is not a store (its meta.json gone or never
+    there) was not replaced by anything: recovery neither puts it back nor deletes it."""
+    old = tmp_path / ".store.old-123-abcdef"
+    old.mkdir()
+    (old / "train_images.npy").write_bytes(b"what may be the only copy")
+    with pytest.raises(BadInput, match="No prepared"):
+        fdata.open_store(tmp_path / "store")
+    assert (old / "train_images.npy").read_bytes() == b"what may be the only copy"
+
+
+def test_a_meta_json_without_output_checksums_is_not_a_store(tmp_path):
+    """Stores from before the creator field are told apart by format_version with the sha256s of their
+    outputs: another tool's meta.json with a format_version and other checksums is not replaced."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "meta.json").write_text(json.dumps({"format_version": 1, "checksums": {"md5": "0" * 32}}))
+    before = _tree(theirs)
+    with pytest.raises(BadInput, match="not a fastcifar store"):
+        fdata.prepare(theirs, **SMALL, force=True)
+    assert _tree(theirs) == before
+
+
+def test_a_store_directory_is_as_readable_as_any_directory(tmp_path):
+    """The store is built in a mkdtemp directory (mode 0700) and renamed into place: it gets the
+    umask's mode, so other users of a shared machine can read it as they could a mkdir'd one."""
+    umask = os.umask(0o022)
+    try:
+        store = fdata.prepare(tmp_path / "store", **SMALL)
+    finally:
+        os.umask(umask)
+    assert store.stat().st_mode & 0o777 == 0o755
+
+
 PAUSED = r"""
 import os, sys, time
 import numpy as np
@@ -543,6 +577,40 @@ def test_malformed_store_meta_json_is_bad_input_at_open(tmp_path, case):
     assert hint in str(e.value)
     if hint == "fastcifar prepare --force":  # the advice works
         fdata.prepare(store, **SMALL, force=True)
+        fdata.open_store(store)
+
+
+def test_a_store_with_an_empty_split_is_bad_input_at_open(tmp_path):
+    """A store whose meta.json and arrays agree on 0 train images is damaged (prepare never writes
+    one): BadInput naming counts, not a numpy traceback from the label range check."""
+    store = fdata.prepare(tmp_path / "store", **SMALL)
+    np.save(store / "train_images.npy", np.zeros((0, 32, 32, 3), np.uint8))
+    for name in ("train_labels.npy", "train_coarse.npy"):
+        np.save(store / name, np.zeros(0, np.int64))
+    meta = json.loads((store / "meta.json").read_text())
+    (store / "meta.json").write_text(json.dumps({**meta, "counts": {"train": 0, "test": meta["counts"]["test"]}}))
+    with pytest.raises(BadInput, match="at least 1 image per split"):
+        fdata.open_store(store)
+
+
+@pytest.mark.parametrize("name", ["train_labels.npy", "test_coarse.npy"])
+def test_store_labels_of_another_dtype_are_found_at_open(tmp_path, name):
+    """Labels saved as int32 (another tool's store, a hand edit) would reach the loss as int32 and
+    break the loader's int64 contract: open_store refuses them, saying what it expected."""
+    store = fdata.prepare(tmp_path / "store", **SMALL)
+    np.save(store / name, np.load(store / name).astype(np.int32))
+    with pytest.raises(BadInput, match="int64 labels"):
+        fdata.open_store(store)
+
+
+def test_a_store_meta_without_its_source_is_bad_input_at_open(tmp_path):
+    """prepare's already-there check reads meta["source"]: a meta.json without it is malformed at
+    open_store, not a KeyError in the next prepare."""
+    store = fdata.prepare(tmp_path / "store", **SMALL)
+    meta = json.loads((store / "meta.json").read_text())
+    del meta["source"]
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match="source must be an object"):
         fdata.open_store(store)
 
 

@@ -250,3 +250,57 @@ def test_draws_and_order_change_with_the_epoch(store, backend):
         rows.append(np.concatenate(shuffled.batches(epoch)))
         np.testing.assert_array_equal(torch.cat(ys).numpy(), store.labels("train")[rows[-1]])
     assert not np.array_equal(rows[0], rows[1])
+
+
+def test_loader_inputs_refused_at_their_bounds(store):
+    """indices past the split's end, an output side under 8 px and a batch of 0 are BadInput at
+    make_loader (each otherwise fails deep in a backend, or divides by zero)."""
+    n = len(store.labels("train"))
+    with pytest.raises(BadInput, match=rf"within 0\.\.{n - 1}"):
+        make_loader(store, "train", AugSpec(), 10, backend="torch", indices=[0, n])
+    make_loader(store, "train", AugSpec(), 10, backend="torch", indices=[0, n - 1], augment=False)
+    with pytest.raises(BadInput, match="at least 8 px"):
+        make_loader(store, "train", AugSpec(), 10, backend="torch", sizes=(32, 7))
+    make_loader(store, "train", AugSpec(), 10, backend="torch", sizes=(32, 8))
+    with pytest.raises(BadInput, match="batch_size = 0"):
+        make_loader(store, "train", AugSpec(), 0, backend="torch")
+    with pytest.raises(BadInput, match=r"shard=\(2, 2\)"):
+        make_loader(store, "test", AugSpec(), 10, backend="torch", shard=(2, 2))
+    make_loader(store, "test", AugSpec(), 10, backend="torch", shard=(1, 2))
+
+
+def test_each_epoch_has_its_own_order_and_batches_names_an_epoch(store):
+    """The shuffle is a function of (seed, epoch): epochs differ in order, not only in augmentation
+    draws; batches(e) is epoch e's order whatever set_epoch last chose; with drop_last=False a
+    training loader keeps the short last batch."""
+    loader = make_loader(store, "train", AugSpec(), batch_size=64, backend="torch", seed=4)
+    assert not np.array_equal(np.concatenate(loader.batches(1)), np.concatenate(loader.batches(2)))
+    loader.set_epoch(1)
+    two = loader.batches(2)
+    loader.set_epoch(2)
+    assert all(np.array_equal(a, b) for a, b in zip(two, loader.batches()))
+    n = len(store.labels("train"))
+    assert n % 64, "the store must not be a multiple of the batch for the short last batch to exist"
+    keep = make_loader(store, "train", AugSpec(), batch_size=64, backend="torch", seed=4, drop_last=False)
+    assert (len(keep), keep.num_samples) == (-(-n // 64), n)
+    assert sorted(np.concatenate(keep.batches(0))) == list(range(n))
+
+
+def test_an_evaluation_batch_never_outgrows_its_shard(store):
+    """batch_size above the shard's images is cut to it (the same batches; no giant DALI buffer)."""
+    n = len(store.labels("test"))
+    loader = make_loader(store, "test", AugSpec(), batch_size=10 ** 6, backend="torch", shard=(0, 2))
+    assert loader.batch_size == -(-n // 2) and len(loader) == 1
+
+
+def test_epoch_rows_cuts_disjoint_equal_training_shards():
+    """Training shards are equal, disjoint blocks of one permutation (the n % world left over sit
+    out), whatever the batch size later drops; evaluation shards cover every row once."""
+    from pipelines.loader import epoch_rows
+
+    rows = np.arange(10)
+    train = [epoch_rows(rows, 3, 1, True, (r, 3), True) for r in range(3)]
+    assert [len(s) for s in train] == [3, 3, 3]
+    assert len(np.unique(np.concatenate(train))) == 9
+    evals = [epoch_rows(rows, 3, 1, True, (r, 3), False) for r in range(3)]
+    assert sorted(np.concatenate(evals)) == list(range(10)) and [len(s) for s in evals] == [4, 3, 3]

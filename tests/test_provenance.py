@@ -102,6 +102,29 @@ def test_missing_or_slow_git_never_fails_or_holds_up_a_run(tmp_path, monkeypatch
     assert time.perf_counter() - t < 5
 
 
+def test_a_git_status_that_fails_leaves_dirty_unknown(tmp_path, monkeypatch):
+    """rev-parse answers but status fails (a lock, a damaged index): the commit is kept and dirty is
+    None (unknown), neither False (a clean tree) nor read from the failed command's output."""
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "git").write_text('#!/bin/sh\ncase "$3" in\n  rev-parse) echo abc123; exit 0;;\n'
+                              '  status) echo " M a.py"; exit 128;;\nesac\nexit 1\n')
+    (bin_ / "git").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_))
+    assert provenance.git_state(repo) == {"commit": "abc123", "dirty": None}
+
+
+def test_cpu_model_is_the_model_name_line(monkeypatch):
+    """/proc/cpuinfo has a 'model' line (a number) before 'model name': the name is what is reported."""
+    from types import SimpleNamespace
+
+    cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9654 96-Core\n"
+    monkeypatch.setattr(provenance, "Path", lambda p: SimpleNamespace(read_text=lambda: cpuinfo))
+    assert provenance.cpu_model() == "AMD EPYC 9654 96-Core"
+
+
 def test_summary_keeps_the_earlier_processes_of_a_resumed_run():
     a, b = {"torch": "2.10", "argv": ["x"]}, {"torch": "2.14", "argv": ["y"]}
     assert provenance.for_summary([]) is None
@@ -129,3 +152,9 @@ def test_mismatches_name_runs_that_differ_in_data_or_software():
     assert "r was resumed under other software" in msg and "timm" in msg
     # a damaged summary's provenance is not a reason to fail
     assert provenance.mismatches([("a", {"earlier": 3, "data": 5}), ("b", "junk")])
+
+
+def test_runs_all_without_provenance_get_no_warning():
+    """'No provenance for X ... cannot be checked against the others'' needs others: a table of
+    old runs only has nothing to compare them with."""
+    assert provenance.mismatches([("old", None), ("older", None)]) == []

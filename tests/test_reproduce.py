@@ -293,3 +293,41 @@ def test_out_inside_a_store_is_refused(tmp_path):
     for out in (store, store / "tables"):
         with pytest.raises(BadInput, match="inside the data store"):
             check_out(out, ["r18_baseline"])
+
+
+def test_state_of_a_diverged_run_and_of_one_run_another_way(tmp_path):
+    """A run whose summary says the loss went non-finite is "failed" (skipped, never resumed); one
+    that differs from the plan only in how it ran (data.backend) is the same finished experiment."""
+    (tmp_path / "t.txt").write_text("r18_baseline\n")
+    _, (job,), _ = plan(str(tmp_path / "t.txt"), 1, tmp_path / "out")
+    job.dir.mkdir(parents=True)
+    (job.dir / "last.pt").write_bytes(b"")
+    (job.dir / "recipe.json").write_text(json.dumps(to_dict(job.recipe)))
+    (job.dir / "summary.json").write_text(json.dumps({"finished": False, "stop_reason": "non-finite loss at step 7"}))
+    assert state(job) == "failed"
+    (job.dir / "summary.json").write_text(json.dumps({"finished": True, "stop_reason": "completed"}))
+    job.recipe.data.backend = "tutorial" if job.recipe.data.backend != "tutorial" else "torch"
+    assert state(job) == "done"
+
+
+def test_results_count_only_finished_numbers_and_flag_any_synthetic_run(tmp_path):
+    """Wall time is the finished runs' mean (an interrupted run's time is not a run's); a best_acc of
+    true is not a number; one synthetic run marks the whole table synthetic."""
+    (tmp_path / "t.txt").write_text("r18_baseline\n")
+    _, jobs, names = plan(str(tmp_path / "t.txt"), 3, tmp_path / "out")
+    for j, (best, finished, wall, synthetic) in zip(jobs, [(40.0, True, 100.0, False), (True, True, 50.0, False),
+                                                           (30.0, False, 1000.0, True)]):
+        j.dir.mkdir(parents=True)
+        (j.dir / "summary.json").write_text(json.dumps({"best_acc": best, "final_acc": 39.0, "finished": finished,
+                                                        "wall_seconds": wall, "synthetic": synthetic}))
+    res = collect(tmp_path / "out", "t", 3, [], names, jobs)
+    (r,) = res["recipes"]
+    assert (r["n"], r["best_acc"]["mean"], r["wall_seconds"]) == (1, 40.0, 100.0)
+    assert res["synthetic"] is True and "SYNTHETIC" in results_md(res)
+
+
+def test_the_continue_command_repeats_every_option():
+    from fastcifar.reproduce import command
+
+    assert command("t.txt", 2, Path("o d"), ["train.epochs=3"], "/data/c100") == (
+        "fastcifar reproduce t.txt --seeds 2 --out 'o d' --set train.epochs=3 --data-dir /data/c100")

@@ -240,3 +240,49 @@ def test_cuda_event_pairs_are_read_only_when_done_and_all_at_the_end(monkeypatch
     for _ in clock.batches(loader()):
         pass
     assert clock.wait > 0 and len(clock._pending) < timing.DRAIN_EVERY
+
+
+def test_run_fields_by_hand():
+    """summary.json's timing fields from a hand-made history: the wait share leaves warm-up out, the
+    target is the first epoch at or above it (not the last, not strictly above), its seconds are the
+    training seconds up to it without warm-up, and an untimed epoch before it makes them unknown."""
+    history = [{"epoch": 1, "train_seconds": 10.0, "warmup_seconds": 4.0, "data_wait_seconds": 1.0, "test_acc": 29.0,
+                "val_acc": 31.0, "wall_seconds": 20.0},
+               {"epoch": 2, "train_seconds": 6.0, "data_wait_seconds": 2.0, "test_acc": 30.0, "wall_seconds": 30.0},
+               {"epoch": 3, "train_seconds": 6.0, "data_wait_seconds": 0.0, "test_acc": 35.0, "wall_seconds": 40.0}]
+    s = timing.run_fields(history, 30.0, "test")
+    assert s["data_wait_seconds"] == 3.0 and s["data_wait_fraction"] == pytest.approx(3.0 / 18.0)
+    assert (s["target_acc"], s["target_on"], s["epoch_to_target"]) == (30.0, "test", 2)
+    assert (s["seconds_to_target"], s["wall_seconds_to_target"]) == (12.0, 30.0)
+    assert timing.run_fields(history, 30.0, "val")["epoch_to_target"] == 1  # the selection's accuracy counts
+    assert timing.run_fields(history, 36.0, "test")["epoch_to_target"] is None
+    assert "target_acc" not in timing.run_fields(history, 0.0, "test")  # no target: no target fields
+    old = [{"epoch": 1, "test_acc": 40.0}, *history[1:]]  # epoch 1 from an fastcifar that did not time it
+    s = timing.run_fields(old, 30.0, "test")
+    assert s["epoch_to_target"] == 1 and s["seconds_to_target"] is None
+    assert timing.run_fields([{"epoch": 2, "test_acc": 10.0}, history[1]], 30.0, "test")["seconds_to_target"] is None
+
+
+def test_target_stop_needs_both_the_switch_and_a_target():
+    from types import SimpleNamespace
+
+    history = [{"epoch": 1, "test_acc": 20.0}, {"epoch": 2, "test_acc": 31.0}]
+    assert timing.target_stop(SimpleNamespace(stop_at_target=False, target_acc=30.0), history, "test") is None
+    assert timing.target_stop(SimpleNamespace(stop_at_target=True, target_acc=0.0), history, "test") is None
+    assert timing.target_stop(SimpleNamespace(stop_at_target=True, target_acc=40.0), history, "test") is None
+    reason = timing.target_stop(SimpleNamespace(stop_at_target=True, target_acc=30.0), history, "test")
+    assert "30%" in reason and "(test)" in reason and "epoch 2" in reason
+
+
+def test_epoch_clock_carries_a_stopped_epoch_and_names_a_high_wait_once():
+    """start(earlier) adds the stopped part's training, wait and warm-up to the epoch's; the share
+    leaves warm-up out; note() is quiet at WAIT_SHOWN and gives the hint with the first line only."""
+    clock = timing.EpochClock(torch.device("cpu"))
+    clock.start({"train_seconds": 5.0, "data_wait_seconds": 1.0, "warmup_seconds": 1.0})
+    m = clock.metrics(train_seconds=3.0)
+    assert m == {"train_seconds": 8.0, "data_wait_seconds": 1.0, "data_wait_fraction": pytest.approx(1.0 / 7.0),
+                 "warmup_seconds": 1.0}
+    assert clock.note({"data_wait_fraction": timing.WAIT_SHOWN}, "torch") == ""
+    first, second = clock.note({"data_wait_fraction": 0.2}, "torch"), clock.note({"data_wait_fraction": 0.3}, "torch")
+    assert first.startswith("  data wait 20% (") and "data.backend=dali" in first
+    assert second == "  data wait 30%"
