@@ -1,6 +1,8 @@
 """fastcifar: CIFAR-100 training at the speed of the GPU, not of the data loader."""
 
+import contextlib
 import signal
+import threading
 
 __version__ = "0.1.0"
 
@@ -28,3 +30,19 @@ def stop_signals() -> list[signal.Signals]:
     SIGHUP (the terminal or ssh session closed), unless SIGHUP is ignored on purpose (`nohup`)."""
     hup = getattr(signal, "SIGHUP", None)
     return [signal.SIGINT, signal.SIGTERM] + ([hup] if hup and signal.getsignal(hup) is not signal.SIG_IGN else [])
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (a job's time limit, `timeout`, `kill`) and SIGHUP raise KeyboardInterrupt as Ctrl-C
+    does, so what stops on one stops on the other: every command (cli.main), and a reproduce table or
+    a bench called from Python. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.signal(s, signal.default_int_handler) for s in stop_signals() if s != signal.SIGINT}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -377,20 +377,19 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     with runtime.backend_settings(deterministic=False), runtime.sigterm_as_ctrl_c():
         try:
             for name in stages:
-                try:
+                def too_big(e):
+                    kept = f" The {len(rows)} rows measured before are in {json_path} (meta.complete: false)." \
+                        if json_path is not None and rows else ""
+                    return BadInput(f"The {name} stage ran out of device memory at --batch-size {batch_size} on "
+                                    f"{device_label(device)} ({runtime.memory_error(e)}); use a smaller --batch-size, "
+                                    f"or a smaller --model or --size.{kept}")
+
+                with runtime.out_of_memory_as(too_big):
                     for row in STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size,
                                             backends=backends, models=models, settings=settings, sizes=sizes, log=log):
                         rows.append(row)
                         vs_tutorial(rows)
                         save(complete=False)
-                except RuntimeError as e:
-                    if not runtime.out_of_memory(e):
-                        raise
-                    kept = f" The {len(rows)} rows measured before are in {json_path} (meta.complete: false)." \
-                        if json_path is not None and rows else ""
-                    raise BadInput(f"The {name} stage ran out of device memory at --batch-size {batch_size} on "
-                                   f"{device_label(device)} ({runtime.memory_error(e)}); use a smaller --batch-size, or a smaller "
-                                   f"--model or --size.{kept}")
         except KeyboardInterrupt:
             stopped = f"Stopped after {len(rows)} row{'s' * (len(rows) != 1)}; the tables below hold them."
             log(f"\n{stopped}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from fastcifar import BadInput, __version__, stop_signals
+from fastcifar import BadInput, __version__, sigterm_as_ctrl_c
 
 app = typer.Typer(
     help="CIFAR-100 (and CIFAR-10) training at the speed of the GPU: prepare the data once, then train "
@@ -428,10 +427,10 @@ CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "
 
 def main():
     saved = standard_streams()
-    # SIGTERM and SIGHUP stop every command as Ctrl-C does (exit 130), so its temporary files are removed
-    handlers = {s: signal.signal(s, signal.default_int_handler) for s in stop_signals()[1:]}
     try:
-        app(args=expand_home(sys.argv[1:]), prog_name="fastcifar")  # also under `python -m fastcifar`: one name
+        # SIGTERM and SIGHUP stop every command as Ctrl-C does (exit 130), so its temporary files are removed
+        with sigterm_as_ctrl_c():
+            app(args=expand_home(sys.argv[1:]), prog_name="fastcifar")  # also under `python -m fastcifar`: one name
     except BadInput as e:
         fail(str(e))
     except OSError as e:
@@ -448,5 +447,3 @@ def main():
              f"space and permissions there, or {fix}.")
     finally:
         sys.stdout, sys.stderr = saved
-        for s, handler in handlers.items():
-            signal.signal(s, handler)

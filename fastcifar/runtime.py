@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from fastcifar import BadInput, stop_signals
+from fastcifar import BadInput, sigterm_as_ctrl_c, stop_signals  # noqa: F401 (sigterm_as_ctrl_c: bench, reproduce)
 from fastcifar import dist as fdist
 
 # train.amp -> autocast dtype (None = fp32). fp16 also needs a GradScaler; bf16 has fp32's range.
@@ -118,27 +118,23 @@ class StopSignals:
         return False
 
 
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """SIGTERM (a job's time limit, `timeout`, `kill`) and SIGHUP raise KeyboardInterrupt as Ctrl-C
-    does, so what stops on one stops on the other: a reproduce table between runs, a bench. Outside
-    the main thread it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.signal(s, signal.default_int_handler) for s in stop_signals() if s != signal.SIGINT}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
 def out_of_memory(e: BaseException) -> bool:
     """Whether e is an allocation that failed: torch.OutOfMemoryError on a GPU; on a CPU torch
     raises a plain RuntimeError from its allocator instead."""
     return isinstance(e, torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
+@contextlib.contextmanager
+def out_of_memory_as(error):
+    """Run the block; an allocation that fails in it (out_of_memory) raises error(e), a BadInput
+    saying what to lower, instead of torch's allocator traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        raise error(e) from None
 
 
 def memory_error(e: RuntimeError) -> str:

@@ -107,14 +107,14 @@ class Trainer:
         check_out(self.out, resumed=resume is not None)
         self.r, self.info, self.log = r, dict(info), log
         self._exit = contextlib.ExitStack()
+        too_big = (lambda e: BadInput(  # the model itself does not fit (e.g. a huge head.embed_dim)
+            f"Building {info.get('name', 'the run')} ran out of memory on {self.device_name()} ({runtime.memory_error(e)}); "
+            f"check model.name and head.embed_dim (now {r.head.embed_dim}), or use a smaller model."))
         try:
-            self._build(data_dir, resume)
-        except BaseException as e:
+            with runtime.out_of_memory_as(too_big):
+                self._build(data_dir, resume)
+        except BaseException:
             self._exit.close()
-            if runtime.out_of_memory(e):  # the model itself does not fit (e.g. a huge head.embed_dim)
-                raise BadInput(f"Building {info.get('name', 'the run')} ran out of memory on {self.device_name()} "
-                               f"({runtime.memory_error(e)}); check model.name and head.embed_dim (now "
-                               f"{r.head.embed_dim}), or use a smaller model.") from None
             raise
         self.run = RunDir(self.out, self.summary, writes=self.main)
         self.stop = runtime.StopSignals(self.say)
@@ -269,7 +269,7 @@ class Trainer:
         with self.stop, self.run.open(self.recipe_json(), self.info.get("source"), self.progress.history):
             self.say(self.banner())
             self.progress.started = time.perf_counter()  # wall_seconds continues across resumes
-            try:
+            with runtime.out_of_memory_as(self.out_of_memory):
                 for epoch in range(self.progress.epoch, self.r.train.epochs):
                     if self.at_target():
                         break
@@ -277,10 +277,6 @@ class Trainer:
                     self.end_epoch(epoch, stats)
                     if fdist.any_rank(self.stop.requested, self.device):
                         self.interrupt(f"Interrupted after epoch {epoch + 1}")
-            except RuntimeError as e:
-                if not runtime.out_of_memory(e):
-                    raise
-                raise self.out_of_memory(e) from None
             result = self.run.finish(self.at_target() or "completed")
             self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
                      + (f" (selected on val: {result['best_val_acc']:.2f}%)" if result["selection"] == "val" else "")
@@ -578,13 +574,10 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     loader = make_loader(store, "test", r.aug, batch_size, backend=backend or r.data.backend, device=dev,
                          seed=r.train.seed, augment=False)
     tta = r.train.tta if tta is None else tta
-    try:
+    too_big = (lambda e: BadInput(f"Evaluating {path} ran out of memory on {dev} ({runtime.memory_error(e)}); lower "
+                                  f"--batch-size (now {batch_size})" + (", or use --device cpu." if dev.type == "cuda" else ".")))
+    with runtime.out_of_memory_as(too_big):
         res = evaluate(model, loader, runtime.autocast(dev, r.train.amp), tta)
-    except RuntimeError as e:
-        if not runtime.out_of_memory(e):
-            raise
-        raise BadInput(f"Evaluating {path} ran out of memory on {dev} ({runtime.memory_error(e)}); lower --batch-size "
-                       f"(now {batch_size})" + (", or use --device cpu." if dev.type == "cuda" else ".")) from None
     return {**res, "checkpoint": str(path), "recipe": ck.get("info", {}).get("name", "?"), "epoch": ck["epoch"],
             "synthetic": store.synthetic, "weights": weights, "tta": tta}
 
