@@ -87,8 +87,15 @@ def check_refs(cfg, resumed: bool = False) -> None:
     check_name(cfg.name)
     if cfg.init_from and not resumed:
         init_path(cfg.init_from)
-    if cfg.pretrained_file and not Path(cfg.pretrained_file).is_file():
-        raise BadInput(f"model.pretrained_file = {shown(cfg.pretrained_file)} does not exist.")
+    if cfg.pretrained_file:
+        pretrained_path(cfg.pretrained_file)
+
+
+def pretrained_path(file: str) -> Path:
+    """model.pretrained_file as a path to a file, or BadInput."""
+    if not Path(file).is_file():
+        raise BadInput(f"model.pretrained_file = {shown(str(file))} does not exist.")
+    return Path(file)
 
 
 def init_path(ref: str) -> Path:
@@ -260,8 +267,7 @@ def cifar_stem(m: nn.Module) -> str:
 def _load_file(m: nn.Module, path: Path, skip: str | None) -> None:
     """Load backbone weights from a state-dict file: a plain timm/torchvision state dict (its
     classifier is ignored) or a fastcifar checkpoint (its `backbone.` part)."""
-    if not path.is_file():
-        raise BadInput(f"model.pretrained_file = {shown(str(path))} does not exist.")  # as check_refs says
+    pretrained_path(path)
     sd = torch_load(path, what="model.pretrained_file state dict")
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
