@@ -180,19 +180,16 @@ def claimed(path: Path, recheck):
     while not p.exists() and not p.is_symlink():
         missing.append(p)
         p = p.parent
-    made = []
+    made, fd = [], None
     try:
-        for d in reversed(missing):
-            with contextlib.suppress(FileExistsError):  # another process made it meanwhile: the lock decides
-                d.mkdir()
-                made.append(d)
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        for d in reversed(made):
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise BadInput(f"Cannot create the run directory {path} ({e.strerror or e}); choose another --out.")
-    try:
+        try:
+            for d in reversed(missing):
+                with contextlib.suppress(FileExistsError):  # another process made it meanwhile: the lock decides
+                    d.mkdir()
+                    made.append(d)
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise BadInput(f"Cannot create the run directory {path} ({e.strerror or e}); choose another --out.")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it when the holder dies, kill -9 included
         except BlockingIOError:
@@ -208,7 +205,8 @@ def claimed(path: Path, recheck):
         for d in reversed(made):  # removed while still locked: no other process can be inside
             with contextlib.suppress(OSError):
                 d.rmdir()
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 class RunDir:
