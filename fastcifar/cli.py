@@ -13,7 +13,20 @@ import typer
 
 from fastcifar import BadInput, __version__, sigterm_as_ctrl_c
 
+class Commands(typer.core.TyperGroup):
+    """The command group: a Ctrl-C (or SIGTERM, SIGHUP) that no command catches itself is said on stderr, as train
+    says it, instead of typer's silent exit 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            typer.echo("Interrupted.", err=True)
+            raise
+
+
 app = typer.Typer(
+    cls=Commands,
     help="CIFAR-100 (and CIFAR-10) training at the speed of the GPU: prepare the data once, then train "
          "recipes with a DALI (or torch) GPU pipeline; benchmark, report, reproduce tables, export and predict.",
     no_args_is_help=True,

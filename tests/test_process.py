@@ -139,9 +139,10 @@ def test_sigterm_or_a_hangup_during_prepare_exits_130_leaving_no_temporary_store
 
     monkeypatch.setattr(D, "_save_chunks", killed)
     before = tripwire(sig)
-    code, _, _ = cli(monkeypatch, capsys, "prepare", "--synthetic", "--train", "50", "--test", "10", "--data-dir",
-                     tmp_path / "data")
+    code, _, err = cli(monkeypatch, capsys, "prepare", "--synthetic", "--train", "50", "--test", "10", "--data-dir",
+                       tmp_path / "data")
     assert code == 130
+    assert err.strip().endswith("Interrupted.")  # said, as train says it, not typer's silent exit
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(sig) is before  # the command put the handler back
 
