@@ -3,6 +3,7 @@
 import contextlib
 import signal
 import threading
+from pathlib import Path
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,33 @@ def why(e: BaseException, limit: int = 300) -> str:
     or its bare name when it has no message. Libraries' multi-line messages and advice stay out."""
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:limit].rstrip()}" if lines else type(e).__name__
+
+
+def make_dirs(path) -> list[Path]:
+    """`mkdir -p path`, returning the directories it made, outermost first, for remove_empty to undo
+    when the command stops before writing into them. On an OSError it removes what it made, then raises."""
+    missing, p = [], Path(path)
+    while not p.exists() and not p.is_symlink():
+        missing.append(p)
+        p = p.parent
+    made = []
+    try:
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another process made it meanwhile: then it is not ours
+                d.mkdir()
+                made.append(d)
+    except OSError:
+        remove_empty(made)
+        raise
+    return made
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Remove the directories make_dirs made, innermost first, while they are empty: rmdir refuses a
+    directory that something else has filled, so only our own traces go."""
+    for d in reversed(made):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def stop_signals() -> list[signal.Signals]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, provenance, runtime
+from fastcifar import BadInput, __version__, provenance, runtime, sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 SIZES = (32, 224)  # output sides in px: the stored 32 and the pretrained recipes' 224 (--size picks, in its order)
@@ -374,7 +374,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
                                          "headroom": headroom(rows)})
 
     # the kernel choices a training run makes; SIGTERM (a job's time limit) stops as Ctrl-C does
-    with runtime.backend_settings(deterministic=False), runtime.sigterm_as_ctrl_c():
+    with runtime.backend_settings(deterministic=False), sigterm_as_ctrl_c():
         try:
             for name in stages:
                 def too_big(e):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, why
+from fastcifar import BadInput, make_dirs, remove_empty, why
 
 
 def atomic_write(path: Path, write) -> None:
@@ -176,17 +176,10 @@ def claimed(path: Path, recheck):
     --out` of one path, or a `--resume` of a run still going. recheck() runs again under the lock:
     another run may have filled the directory since it was first checked. Directories made here
     are removed on the way out while empty (a run that stopped before writing leaves nothing)."""
-    missing, p = [], Path(path)
-    while not p.exists() and not p.is_symlink():
-        missing.append(p)
-        p = p.parent
     made, fd = [], None
     try:
         try:
-            for d in reversed(missing):
-                with contextlib.suppress(FileExistsError):  # another process made it meanwhile: the lock decides
-                    d.mkdir()
-                    made.append(d)
+            made = make_dirs(path)  # one made meanwhile by another process is not ours: the lock decides
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             raise BadInput(f"Cannot create the run directory {path} ({e.strerror or e}); choose another --out.")
@@ -202,9 +195,7 @@ def claimed(path: Path, recheck):
         recheck()
         yield
     finally:
-        for d in reversed(made):  # removed while still locked: no other process can be inside
-            with contextlib.suppress(OSError):
-                d.rmdir()
+        remove_empty(made)  # while still locked: no other process can be inside
         if fd is not None:
             os.close(fd)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastcifar import BadInput, why
+from fastcifar import BadInput, make_dirs, remove_empty, why
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -636,8 +636,7 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
     not even the folders it made for dest."""
     from tqdm import tqdm
 
-    made = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]  # deepest first
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    made = make_dirs(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     # held until the download ends: a later prepare deletes the .part of a killed one
     with contextlib.suppress(OSError):
@@ -663,10 +662,7 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if not dest.exists():
-            for d in made:  # ours and empty only: rmdir refuses a folder something else has filled
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+        remove_empty(made)  # none left empty once dest is there
     return dest
 
 
@@ -775,9 +771,9 @@ def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, d
     it in with renames under the parent's lock, so dest is always either the old complete store or
     the new complete one; a builder killed at any point leaves what _recover undoes."""
     real = _real(dest)
-    parent, tmp, lock_fd = real.parent, None, None
+    parent, tmp, lock_fd, made = real.parent, None, None, []
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(parent)
         with _dir_lock(parent):  # a cleaner holding this lock never sees our temp dir unlocked
             tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=parent))
             lock_fd = os.open(tmp, os.O_RDONLY)
@@ -791,6 +787,7 @@ def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, d
             os.close(lock_fd)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
         raise BadInput(f"Cannot write the store to {dest} ({e.strerror or e}); choose a writable --data-dir.")
     old = None
     try:
@@ -823,6 +820,7 @@ def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, d
     finally:
         os.close(lock_fd)
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)  # a build that failed or was interrupted leaves no empty parents behind
     if old is not None:
         # meta.json first: a half-deleted old store no longer reads as one, so _recover never puts it back
         with contextlib.suppress(OSError):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, config, runtime
+from fastcifar import BadInput, config, sigterm_as_ctrl_c
 from fastcifar.checkpoint import atomic_write, check_writable_parent, write_json
 from fastcifar.data import check_outside_stores
 from fastcifar.report import duration
@@ -233,7 +233,7 @@ def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None,
     again = command(table, seeds, out, overrides, data_dir)
     failed: dict[tuple[str, int], str] = {}
     k, job = 0, jobs[0]
-    with runtime.sigterm_as_ctrl_c():
+    with sigterm_as_ctrl_c():
         try:
             for k, job in enumerate(jobs, 1):
                 head = f"[{k}/{len(jobs)}] {job.name} seed {job.seed}"

@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from fastcifar import BadInput, sigterm_as_ctrl_c, stop_signals  # noqa: F401 (sigterm_as_ctrl_c: bench, reproduce)
+from fastcifar import BadInput, stop_signals
 from fastcifar import dist as fdist
 
 # train.amp -> autocast dtype (None = fp32). fp16 also needs a GradScaler; bf16 has fp32's range.

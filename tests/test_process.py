@@ -130,7 +130,8 @@ def test_a_hangup_saves_like_ctrl_c_unless_nohup_ignores_it(store, tmp_path, tri
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_sigterm_or_a_hangup_during_prepare_exits_130_leaving_no_temporary_store(monkeypatch, capsys, tmp_path, sig,
                                                                                   tripwire):
-    """prepare died at once on SIGTERM (exit 143), leaving its half-built .NAME.tmp-* directory."""
+    """prepare died at once on SIGTERM (exit 143), leaving its half-built .NAME.tmp-* directory (and, once
+    that was fixed, the empty parent directories it had made)."""
     save = D._save_chunks
 
     def killed(*a, **k):
@@ -140,7 +141,7 @@ def test_sigterm_or_a_hangup_during_prepare_exits_130_leaving_no_temporary_store
     monkeypatch.setattr(D, "_save_chunks", killed)
     before = tripwire(sig)
     code, _, err = cli(monkeypatch, capsys, "prepare", "--synthetic", "--train", "50", "--test", "10", "--data-dir",
-                       tmp_path / "data")
+                       tmp_path / "new" / "data")
     assert code == 130
     assert err.strip().endswith("Interrupted.")  # said, as train says it, not typer's silent exit
     assert os.listdir(tmp_path) == []
