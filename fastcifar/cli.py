@@ -434,6 +434,19 @@ def expand_home(args: list[str]) -> list[str]:
     return [expand(a) for a in args]
 
 
+def refuse_empty(args: list[str]) -> None:
+    """BadInput for an empty argument (`--out "$OUT"` with OUT unset): a path option would take it as
+    the current directory, and a run, a store or a report would land there."""
+    for i, a in enumerate(args):
+        option = a[:-1] if a.startswith("--") and a.endswith("=") else (
+            args[i - 1] if a == "" and i and args[i - 1].startswith("-") else None)
+        if a == "" or option:
+            what = (f"{option} is given an empty value" if option
+                    else f"argument {i + 1}{f' (after {args[i - 1]})' if i else ''} is empty")
+            raise BadInput(f"{what} (an unset shell variable?); an empty path would mean the current directory. "
+                           f"Give a value, or leave it out for the default (see `fastcifar COMMAND --help`).")
+
+
 # where torch.compile (inductor, triton) and other libraries keep caches, when the environment says
 CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "MPLCONFIGDIR")
 
@@ -443,6 +456,7 @@ def main():
     try:
         # SIGTERM and SIGHUP stop every command as Ctrl-C does (exit 130), so its temporary files are removed
         with sigterm_as_ctrl_c():
+            refuse_empty(sys.argv[1:])
             app(args=expand_home(sys.argv[1:]), prog_name="fastcifar")  # also under `python -m fastcifar`: one name
     except BadInput as e:
         fail(str(e))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint
+from fastcifar import BadInput, checkpoint, config
 from fastcifar.data import prepare
 from test_cli_paths import cli, one_paragraph
 from test_train import QUIET, fit, info, store, tiny  # noqa: F401 (store: the fixture)
@@ -268,7 +268,9 @@ def test_recipe_files_that_are_not_recipes_exit_2(tmp_path, monkeypatch, capsys,
 
 def test_an_empty_recipe_name_exits_2(tmp_path, monkeypatch, capsys):
     code, _, err = cli(monkeypatch, capsys, "train", "", "--out", tmp_path / "run")
-    assert code == 2 and one_paragraph(err) and "recipe name is empty" in err, err
+    assert code == 2 and one_paragraph(err) and "argument 2 (after train) is empty" in err, err
+    with pytest.raises(BadInput, match="recipe name is empty"):  # from Python, where no command line checks it
+        config.load("")
 
 
 def test_a_cuda_index_past_the_devices_is_bad_input(run, store, monkeypatch):

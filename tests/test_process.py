@@ -220,6 +220,20 @@ def test_a_tilde_no_shell_expanded_means_home_not_a_directory_named_tilde(monkey
     assert os.listdir(cwd) == []
 
 
+@pytest.mark.parametrize("args, named", [
+    (["train", "smoke", "--out", ""], "--out is given an empty value"),
+    (["prepare", "--synthetic", "--data-dir="], "--data-dir is given an empty value"),
+    (["report", ""], "argument 2 (after report) is empty"),
+], ids=["out", "data-dir=", "positional"])
+def test_an_empty_argument_is_refused_not_taken_for_the_current_directory(monkeypatch, capsys, tmp_path, args, named):
+    """`--out "$OUT"` with OUT unset: typer's Path('') is '.', so an empty current directory became the run
+    directory (a store, a report's input) and a full one got a puzzling '--out . is not empty'."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 2 and one_paragraph(err) and named in err and "unset shell variable" in err
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store, tmp_path, monkeypatch):
     """Ctrl-C in epoch 2, and again while that stop's last.pt is being written: the half-written file
     is removed, last.pt stays epoch 1's, and resume continues from it to the end."""
