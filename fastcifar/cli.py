@@ -13,16 +13,17 @@ import typer
 
 from fastcifar import BadInput, __version__, sigterm_as_ctrl_c
 
+
 class Commands(typer.core.TyperGroup):
-    """The command group: a Ctrl-C (or SIGTERM, SIGHUP) that no command catches itself is said on stderr, as train
-    says it, instead of typer's silent exit 130."""
+    """The command group: a Ctrl-C (or SIGTERM, SIGHUP) that no command catches itself says so on
+    stderr, as train does, and exits 130 (typer's own handling is silent, or exit 1 in older versions)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
-            raise
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(
