@@ -15,7 +15,7 @@ from fastcifar import BadInput
 from pipelines import AugSpec, make_loader
 from pipelines.loader import dali_available
 from pipelines.spec import tutorial_oneof
-from pipelines_helpers import BACKENDS, stored
+from pipelines_helpers import BACKENDS, BATCHED, stored
 
 
 def _collect(loader, epoch=0):
@@ -55,6 +55,18 @@ def test_aug_off_epoch_is_the_store(store, backend):
     x, y = torch.cat(xs), torch.cat(ys)
     np.testing.assert_array_equal(y.numpy(), store.labels("train")[rows])
     np.testing.assert_allclose(x.numpy(), stored(store, "train", rows), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BATCHED)
+def test_a_spec_with_no_random_op_draws_nothing(store, backend, monkeypatch):
+    """A training loader whose spec has no random op is the pure resize of the store: it makes no
+    augmentation draws (host work per batch) for images that no draw could change."""
+    def refuse(*_):
+        raise AssertionError("drew augmentation for a spec with no random op")
+
+    monkeypatch.setattr(f"pipelines.{'dali' if backend == 'dali' else 'torch_backend'}.draw", refuse)
+    loader = make_loader(store, "train", AugSpec(), batch_size=100, backend=backend, seed=1)
+    assert len(list(loader)) == len(loader)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -162,6 +174,10 @@ SPEC_BOUNDS = [
     ("erase_fill", -1, 0, "0..255"), ("oneof", ("hflip", "blur"), ("hflip", "vflip"), "unknown op 'blur'"),
     ("interpolation", "nearest", "cubic", "one of linear, cubic"), ("normalize", "minmax", "imagenet", "one of"),
     ("dtype", "int8", "float16", "one of"),
+    # the rest of the probabilities and non-negative ranges, one each
+    ("hflip", -0.5, 1.0, "probability"), ("ssr_p", 1.5, 0.0, "probability"), ("jitter_p", 2.0, 1.0, "probability"),
+    ("oneof_p", -1.0, 1.0, "probability"), ("brightness", -0.1, 0.0, ">= 0"), ("contrast", -0.1, 0.0, ">= 0"),
+    ("ssr_shift", -0.1, 0.0, ">= 0"), ("ssr_scale", -0.1, 0.0, ">= 0"), ("mixup_alpha", -0.1, 0.0, ">= 0"),
 ]
 
 

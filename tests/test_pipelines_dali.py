@@ -65,6 +65,14 @@ def test_dali_older_than_2_is_bad_input(store, monkeypatch, backend):
         make_loader(store, "test", AugSpec(), 50, backend=backend)
 
 
+def test_dali_version_that_does_not_parse_is_refused(monkeypatch):
+    """A version string whose major part is not a number (a local build, say) is not taken for a
+    new enough DALI: the same clear refusal, naming what is installed."""
+    monkeypatch.setattr(nvidia_dali, "__version__", "custom-build")
+    with pytest.raises(BadInput, match=r"DALI >= 2\.0.*DALI custom-build is installed"):
+        pd.check_dali()
+
+
 SPECS = {
     "eval": (AugSpec(), ("images", "labels")),
     "flip": (AugSpec(hflip=0.5), ("images", "labels", "flip")),
@@ -72,6 +80,7 @@ SPECS = {
     "jitter": (AugSpec(jitter_p=0.5), ("images", "labels", "jitter", "colour", "offset")),
     "erase": (AugSpec(erase_p=0.5), ("images", "labels", "erase", "anchor", "shape")),
     "rrc": (AugSpec(rrc_scale=(0.3, 1.0)), ("images", "labels", "warp", "affine")),
+    "oneof off": (AugSpec(**tutorial_oneof(0.0), hflip=0.5), ("images", "labels")),  # listed ops ignore their own p
     "oneof": (AugSpec(**tutorial_oneof(1.0)),
               ("images", "labels", "warp", "affine", "flip", "jitter", "colour", "offset", "erase", "anchor", "shape")),
     "trivialaugment": (AugSpec(policy="trivialaugment", pad_crop=2),

@@ -199,6 +199,21 @@ def test_resume_repeats_an_epoch(store, backend):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.parametrize("backend", BATCHED)
+def test_each_rank_applies_its_own_draws(store, backend):
+    """Batch b of epoch e on rank r gets the draws of (seed, e, r, b): rank 1's second batch of
+    epoch 1 in a two-rank run is flipped as drawn for exactly that (two ranks with one seed must
+    not augment alike, and a resumed rank must repeat its own draws)."""
+    spec = AugSpec(hflip=0.5)
+    loader = make_loader(store, "train", spec, batch_size=100, backend=backend, seed=SEED, shard=(1, 2))
+    loader.set_epoch(1)
+    x = [x for x, _ in loader][1]
+    rows = loader.batches(1)[1]
+    src = np.array(store.images("train")[rows])
+    flip = draw(spec, len(rows), batch_rng(SEED, 1, 1, 1))["flip"][:, 0].astype(bool)
+    assert not np.array_equal(flip, draw(spec, len(rows), batch_rng(SEED, 1, 0, 1))["flip"][:, 0])
+    np.testing.assert_array_equal(as_uint8_nhwc(x), np.where(flip[:, None, None, None], src[:, :, ::-1], src))
+
 def test_downscaling_averages_the_whole_footprint():
     """A resize below the stored 32 px (aug.image_size >= 8 is allowed) is antialiased: at 8 px each
     output pixel averages a 4x4-pixel footprint or more, so uniform noise (std 0.29) drops below
@@ -212,6 +227,17 @@ def test_downscaling_averages_the_whole_footprint():
     assert (y.mean() - x.float().div(255).mean()).abs() < 0.01  # averaging keeps the mean
 
 
+
+@pytest.mark.parametrize("backend", BATCHED)
+def test_loader_downscaling_is_antialiased(backend, tmp_path):
+    """The same through each batched backend's loader (aug.image_size=8 of the stored 32): noise
+    averaged over each pixel's whole footprint, not sampled (DALI resizes in its own graph)."""
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    loader = make_loader(ArrayStore(x, tmp_path), "test", AugSpec(image_size=8), batch_size=8, backend=backend)
+    y, _ = next(iter(loader))
+    assert y.shape == (8, 3, 8, 8) and y.std() < 0.29 / 4, f"std {y.std():.3f}"
+    assert abs(y.mean() - x.mean() / 255) < 0.01
+
 @needs_dali
 def test_cubic_resize_in_range_and_close(store):
     """interpolation='cubic': each backend uses its own bicubic kernel (DALI's differs from torch's
@@ -224,6 +250,20 @@ def test_cubic_resize_in_range_and_close(store):
     diff = (outs[0] - outs[1]).abs() * 255
     assert diff.mean() <= 1.5, f"mean {diff.mean():.2f}/255"
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cubic_is_cubic(backend, tmp_path):
+    """interpolation='cubic' resizes with a cubic kernel, which overshoots beside a sharp edge (a
+    step from 60 to 180 upscaled to 96 px goes past 180), where 'linear' stays within the step."""
+    x = np.full((2, 32, 32, 3), 60, np.uint8)
+    x[:, :, 16:] = 180
+    peak = {}
+    for interpolation in ("cubic", "linear"):
+        spec = AugSpec(image_size=96, interpolation=interpolation)
+        y, _ = next(iter(make_loader(ArrayStore(x, tmp_path), "test", spec, 2, backend=backend)))
+        peak[interpolation] = y.float().max().item() * 255
+    assert peak["cubic"] > 180 + 3 and peak["linear"] <= 180 + 1e-3, peak
 
 @pytest.mark.parametrize("alb", [True, False], ids=["albumentations", "torch-fallback"])
 def test_tutorial_both_paths(store, monkeypatch, alb):

@@ -325,6 +325,38 @@ def test_dali_matches_torch(spec, tmp_path):
     assert (d[warp] > 0).mean() <= 0.02, f"{(d[warp] > 0).mean():.2%} of warped values differ"
 
 
+COLOUR_OPS = ("brightness", "color", "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
+
+
+@needs_dali
+def test_dali_colour_ops_are_torchs_one_by_one(monkeypatch, tmp_path):
+    """Each colour op alone, at a spread of its magnitudes (both signs) from smallest to largest,
+    on the pictures plus a one-value and a two-value picture (the cases autocontrast and equalize
+    must keep or stretch exactly): DALI's graph gives torch's images bit for bit. The graph's draws
+    are made to pick that op for every image, so no op hides behind another or behind a warp."""
+    from pipelines import dali as pd
+
+    ms = {op: magnitudes(op) for op in COLOUR_OPS}  # about 10 of each op's, posterize's 7 all
+    combos = [(op, m) for op in COLOUR_OPS for m in sorted(set(ms[op][::len(ms[op]) // 8 + 1]) | {max(ms[op])})]
+    n = len(PICTURES)
+    real = pd.draw
+
+    def forced(spec, size, rng):  # the real draws, with step 0 of image i set to its combo
+        p = real(spec, size, rng)
+        ops = np.repeat([POLICY_OPS.index(op) for op, _ in combos], n)[None]
+        params = policy_params(ops, np.repeat([m for _, m in combos], n)[None].astype(float))
+        params.pop("geometry")  # colour ops only: nothing moves
+        return {**p, **params, "warp": np.zeros(size, bool)}
+
+    monkeypatch.setattr(pd, "draw", forced)
+    src = np.tile(PICTURES.numpy(), (len(combos), 1, 1, 1))
+    loader = make_loader(ArrayStore(src, tmp_path), "train", AugSpec(policy="randaugment", ra_n=1), len(src),
+                         backend="dali", shuffle=False)
+    out = as_uint8_nhwc(next(iter(loader))[0])
+    for i, (op, m) in enumerate(combos):
+        np.testing.assert_array_equal(out[i * n:(i + 1) * n], one_op(PICTURES, op, m).numpy(), err_msg=f"{op} at {m}")
+
+
 # ---- policy none, bad input, the tutorial path, TF32, the CLI
 
 def test_policy_none_is_the_output_before_policies():
