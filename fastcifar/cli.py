@@ -442,10 +442,9 @@ def refuse_empty(args: list[str]) -> None:
         option = a[:-1] if a.startswith("--") and a.endswith("=") else (
             args[i - 1] if a == "" and i and args[i - 1].startswith("-") else None)
         if a == "" or option:
-            what = (f"{option} is given an empty value" if option
-                    else f"argument {i + 1}{f' (after {args[i - 1]})' if i else ''} is empty")
-            raise BadInput(f"{what} (an unset shell variable?); an empty path would mean the current directory. "
-                           f"Give a value, or leave it out for the default (see `fastcifar COMMAND --help`).")
+            what = f"{option} ''" if option else f"argument {i + 1}{f' (after {args[i - 1]})' if i else ''}"
+            raise BadInput(f"{what} is empty (an unset shell variable?). Give a value, or leave it out for its default "
+                           f"(`fastcifar COMMAND --help`); an empty path is never taken as the current directory.")
 
 
 # where torch.compile (inductor, triton) and other libraries keep caches, when the environment says

@@ -221,8 +221,8 @@ def test_a_tilde_no_shell_expanded_means_home_not_a_directory_named_tilde(monkey
 
 
 @pytest.mark.parametrize("args, named", [
-    (["train", "smoke", "--out", ""], "--out is given an empty value"),
-    (["prepare", "--synthetic", "--data-dir="], "--data-dir is given an empty value"),
+    (["train", "smoke", "--out", ""], "--out '' is empty"),
+    (["prepare", "--synthetic", "--data-dir="], "--data-dir '' is empty"),
     (["report", ""], "argument 2 (after report) is empty"),
 ], ids=["out", "data-dir=", "positional"])
 def test_an_empty_argument_is_refused_not_taken_for_the_current_directory(monkeypatch, capsys, tmp_path, args, named):
