@@ -386,3 +386,21 @@ def test_tables_show_the_headroom_without_end_to_end_rows_and_the_meta_note(caps
     assert text.splitlines()[0].endswith("store. train_step re-measured apart.")
     assert "headroom dali-cpu" in text and "| 30.0x |" in text
     assert tables.main(["x.json", "--plot"]) == 2 and "usage" in capsys.readouterr().err
+
+
+def test_time_steps_reports_the_median_timed_repeat_and_the_warm_up_apart(monkeypatch):
+    """_time_steps: the warm-up steps' seconds (a compile) are reported apart and kept out of the
+    rate; a repeat's rate is its images (not steps) over its seconds; the median repeat is kept."""
+    from types import SimpleNamespace
+
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    costs = iter([30.0, 1.0, 1.0, 2.0, 2.0, 0.5, 0.5])  # seconds per step: 1 warm-up, then 3 repeats of 2
+
+    def step(images, labels):
+        now[0] += next(costs)
+
+    batch = (torch.zeros(8, 3, 4, 4), torch.zeros(8))  # 8 images a step
+    # repeats: 16 images in 2 s, 4 s and 1 s -> 8, 4 and 16 img/s
+    assert bench._time_steps(step, iter(lambda: batch, None), torch.device("cpu"), 1, 3, 2) == (8.0, 30.0)
+    assert next(costs, None) is None  # every planned step ran, and no more

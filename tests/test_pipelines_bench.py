@@ -66,3 +66,41 @@ def test_cli_bad_stage_exits_2(store):
     r = subprocess.run([sys.executable, "-m", "fastcifar", "bench", "--stage", "nope", "--data-dir", str(store.dir)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Unknown bench stage 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def _clock(monkeypatch):
+    """A fake bench clock (seconds); the code under test advances it by what each batch or step costs."""
+    from types import SimpleNamespace
+
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    return now
+
+
+def test_measure_is_the_median_repeat_in_images_per_second_after_the_warm_up(monkeypatch):
+    """The warm-up batches (a loader's start-up: slow) are read and not timed; a repeat's rate is its
+    images (not batches) over its seconds; the row takes the median repeat, not the best or worst."""
+    import torch
+
+    now = _clock(monkeypatch)
+    costs = [50.0, 50.0, 1.0, 1.0, 2.0, 2.0, 0.5, 0.5]  # seconds per batch: 2 warm-up, then 3 repeats of 2
+    read = []
+
+    def loader():
+        for k, cost in enumerate(costs + [99.0]):  # one batch more than the plan reads
+            now[0] += cost
+            read.append(k)
+            yield torch.zeros(10, 3, 4, 4), torch.zeros(10)  # 10 images a batch
+
+    # repeats: 20 images in 2 s, 4 s and 1 s -> 10, 5 and 20 img/s
+    assert bench.measure(loader(), torch.device("cpu"), warmup=2, repeats=3, batches=2) == 10.0
+    assert read == list(range(len(costs)))
+
+
+def test_vs_tutorial_is_each_rows_speed_over_the_tutorials_at_the_same_size_and_aug():
+    rows = [{"stage": "pipeline", "backend": "tutorial", "image_size": 32, "aug": "oneof", "images_per_sec": 1000},
+            {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "oneof", "images_per_sec": 4000},
+            {"stage": "pipeline", "backend": "torch", "image_size": 224, "aug": "oneof", "images_per_sec": 500},
+            {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "none", "images_per_sec": 9000}]
+    bench.vs_tutorial(rows)
+    assert [r.get("vs_tutorial") for r in rows] == [1.0, 4.0, None, None]  # no tutorial row to compare with: none
