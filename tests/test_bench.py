@@ -404,3 +404,19 @@ def test_time_steps_reports_the_median_timed_repeat_and_the_warm_up_apart(monkey
     # repeats: 16 images in 2 s, 4 s and 1 s -> 8, 4 and 16 img/s
     assert bench._time_steps(step, iter(lambda: batch, None), torch.device("cpu"), 1, 3, 2) == (8.0, 30.0)
     assert next(costs, None) is None  # every planned step ran, and no more
+
+
+def test_end_to_end_fits_a_store_of_exactly_its_batches_and_quick_on_a_cpu_runs_the_first_model(store, monkeypatch):
+    """need = warm-up + timed steps: a store of exactly that many batches is measured, a larger batch
+    refused before measuring; --quick on a CPU runs the first default model only (a resnet50 step
+    there takes seconds)."""
+    monkeypatch.setattr(bench, "MODELS", ("test_resnet", "test_efficientnet"))
+    monkeypatch.setitem(bench.STEP_PLAN, "quick", (1, 1, 4))  # 5 steps
+    monkeypatch.setattr(bench, "CPU_STEP_BATCH", {32: 100, 224: 2})  # 5 x 100: the store's 500 images
+    kw = dict(stages=["end_to_end"], quick=True, backends=["torch"], sizes=[32], settings=["nchw_fp32"],
+              data_dir=store.dir, device="cpu", log=lambda *_: None)
+    rows = bench.run(**kw)
+    assert [(r["model"], r["image_size"], r["batch_size"]) for r in rows] == [("test_resnet", 32, 100)]
+    monkeypatch.setattr(bench, "CPU_STEP_BATCH", {32: 101, 224: 2})
+    with pytest.raises(BadInput, match="end_to_end needs 5 batches of 101 in one epoch at 32 px; the store has 500"):
+        bench.run(**kw)

@@ -104,3 +104,15 @@ def test_vs_tutorial_is_each_rows_speed_over_the_tutorials_at_the_same_size_and_
             {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "none", "images_per_sec": 9000}]
     bench.vs_tutorial(rows)
     assert [r.get("vs_tutorial") for r in rows] == [1.0, 4.0, None, None]  # no tutorial row to compare with: none
+
+
+def test_a_store_of_exactly_the_plans_images_is_measured_and_one_batch_short_is_refused(store, monkeypatch):
+    """The warm-up and the repeats read one epoch at most: a store that holds exactly their images is
+    measured; a batch size that needs 5 more images than the store holds is refused before measuring."""
+    monkeypatch.setitem(bench.PLAN, "quick", {32: (1, 1, 4), 224: (1, 1, 4)})  # 5 batches
+    rows = bench.run(stages=["pipeline"], quick=True, backends=["torch"], sizes=[32], batch_size=100,
+                     data_dir=store.dir, device="cpu", log=lambda *_: None)  # 5 x 100 = the store's 500 images
+    assert len(rows) == len(AUGS) and all(r["images_per_sec"] > 0 for r in rows)
+    with pytest.raises(BadInput, match="reads 505 train images in one epoch at 32 px, but the store has 500"):
+        bench.run(stages=["pipeline"], quick=True, backends=["torch"], sizes=[32], batch_size=101,
+                  data_dir=store.dir, device="cpu", log=lambda *_: None)
