@@ -268,7 +268,8 @@ def test_read_image_makes_any_picture_a_32px_rgb_cifar_image(tmp_path):
     assert np.array_equal(read_image(_write(tmp_path / "wide.jpg", wide, quality=100)).argmax(-1), np.full((32, 32), 2))
     tall = np.zeros((300, 100, 3), np.uint8)
     tall[100:200, :, 1] = 200
-    assert read_image(_write(tmp_path / "tall.png", tall)).shape == (32, 32, 3)
+    got = read_image(_write(tmp_path / "tall.png", tall))
+    assert got.shape == (32, 32, 3) and (got == [0, 200, 0]).all()  # the centre square, not the top one
     tiny_img = read_image(_write(tmp_path / "tiny.png", rgb[:8, :8]))  # upsampled
     assert tiny_img.shape == (32, 32, 3)
     # EXIF orientation 6 (rotate 90 degrees clockwise to view): the white top edge ends up on the right
@@ -283,6 +284,20 @@ def test_read_image_makes_any_picture_a_32px_rgb_cifar_image(tmp_path):
         (tmp_path / bad).write_bytes(content)
         with pytest.raises(ValueError):
             read_image(tmp_path / bad)
+
+
+def test_a_shrunk_photo_is_filtered_not_sampled_and_32_bit_images_are_scaled(tmp_path):
+    """Stripes of one pixel shrunk 10x become their average grey (an antialiased filter), not
+    stripes or one flat colour of them (sampling: aliasing); a 32-bit integer image (Pillow's mode I,
+    e.g. a TIFF) is scaled as a 16-bit one, not clipped at 255."""
+    stripes = np.zeros((320, 320, 3), np.uint8)
+    stripes[:, ::2] = 255
+    got = read_image(_write(tmp_path / "stripes.png", stripes)).astype(int)
+    assert np.abs(got - 127.5).max() < 10
+    deep = np.random.default_rng(0).integers(0, 65536, (32, 32), dtype=np.int32)
+    Image.fromarray(deep).save(tmp_path / "deep.tif")
+    assert Image.open(tmp_path / "deep.tif").mode == "I"
+    assert np.array_equal(read_image(tmp_path / "deep.tif")[..., 0], np.round(deep / 257).astype(np.uint8))
 
 
 def test_a_palette_image_with_alpha_is_read_without_a_pillow_warning(tmp_path):
