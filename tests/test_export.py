@@ -670,7 +670,7 @@ def _card(**change) -> dict:
     ({"image_size": 7}, "input size 7"), ({"std": [0.25, 0.0, 0.25]}, "std"),
     ({"class_names": ["a", "b"]}, "2 class names for 3 classes"), ({"interpolation": "sinc"}, "interpolation 'sinc'"),
     ({"model": {"name": "resnet18", "cifar_stem": "yes"}}, "'cifar_stem': 'yes'"),
-    ({"head": {"kind": "linear", "bias": 1}}, "'bias': 1"),
+    ({"head": {"kind": "linear", "bias": 1}}, "'bias': 1"), ({"fastcifar_export": 2}, "format version 2"),
 ])
 def test_check_card_refuses_each_field_past_its_bound(change, says):
     ex.check_card(_card(), "x.safetensors")
