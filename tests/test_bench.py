@@ -420,3 +420,28 @@ def test_end_to_end_fits_a_store_of_exactly_its_batches_and_quick_on_a_cpu_runs_
     monkeypatch.setattr(bench, "CPU_STEP_BATCH", {32: 101, 224: 2})
     with pytest.raises(BadInput, match="end_to_end needs 5 batches of 101 in one epoch at 32 px; the store has 500"):
         bench.run(**kw)
+
+
+def test_a_full_disk_keeps_the_earlier_json_and_picture_whole(tmp_path):
+    """The JSON and the picture are written beside and renamed: when the disk fills mid-write
+    (RLIMIT_FSIZE: writes fail with EFBIG) the earlier files are left as they were, with no
+    temporary file, and the error is bad input."""
+    import resource
+
+    bench.write_json(tmp_path / "bench.json", {"meta": {}, "rows": []})
+    room = [{"pipeline": "torch", "model": "m", "image_size": 32, "headroom": 2.0}]
+    bench.plot({"meta": {}, "rows": [], "headroom": room}, tmp_path / "bench.png")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bigger = {"meta": {"note": "x" * 20_000}, "rows": [], "headroom": room * 50}
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 10, limits[1]))
+        with pytest.raises(BadInput, match="Cannot write"):
+            bench.write_json(tmp_path / "bench.json", bigger)
+        with pytest.raises(BadInput, match="Cannot write"):
+            bench.plot(bigger, tmp_path / "bench.png")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
