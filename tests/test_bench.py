@@ -445,3 +445,13 @@ def test_a_full_disk_keeps_the_earlier_json_and_picture_whole(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, old_handler)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_a_dash_for_an_output_path_is_refused_not_written_as_a_file(tmp_path, monkeypatch, option):
+    """`--json -` means stdout to most tools; bench prints its tables there, so '-' is refused with
+    an example path instead of becoming a file named '-'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInput, match=f"{option} - : bench prints its tables to stdout"):
+        bench.check_json_path(Path("-"), option)
+    assert list(tmp_path.iterdir()) == []
