@@ -386,3 +386,83 @@ def test_tables_show_the_headroom_without_end_to_end_rows_and_the_meta_note(caps
     assert text.splitlines()[0].endswith("store. train_step re-measured apart.")
     assert "headroom dali-cpu" in text and "| 30.0x |" in text
     assert tables.main(["x.json", "--plot"]) == 2 and "usage" in capsys.readouterr().err
+
+
+def test_time_steps_reports_the_median_timed_repeat_and_the_warm_up_apart(monkeypatch):
+    """_time_steps: the warm-up steps' seconds (a compile) are reported apart and kept out of the
+    rate; a repeat's rate is its images (not steps) over its seconds; the median repeat is kept."""
+    from types import SimpleNamespace
+
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    costs = iter([30.0, 1.0, 1.0, 2.0, 2.0, 0.5, 0.5])  # seconds per step: 1 warm-up, then 3 repeats of 2
+
+    def step(images, labels):
+        now[0] += next(costs)
+
+    batch = (torch.zeros(8, 3, 4, 4), torch.zeros(8))  # 8 images a step
+    # repeats: 16 images in 2 s, 4 s and 1 s -> 8, 4 and 16 img/s
+    assert bench._time_steps(step, iter(lambda: batch, None), torch.device("cpu"), 1, 3, 2) == (8.0, 30.0)
+    assert next(costs, None) is None  # every planned step ran, and no more
+
+
+def test_end_to_end_fits_a_store_of_exactly_its_batches_and_quick_on_a_cpu_runs_the_first_model(store, monkeypatch):
+    """need = warm-up + timed steps: a store of exactly that many batches is measured, a larger batch
+    refused before measuring; --quick on a CPU runs the first default model only (a resnet50 step
+    there takes seconds)."""
+    monkeypatch.setattr(bench, "MODELS", ("test_resnet", "test_efficientnet"))
+    monkeypatch.setitem(bench.STEP_PLAN, "quick", (1, 1, 4))  # 5 steps
+    monkeypatch.setattr(bench, "CPU_STEP_BATCH", {32: 100, 224: 2})  # 5 x 100: the store's 500 images
+    kw = dict(stages=["end_to_end"], quick=True, backends=["torch"], sizes=[32], settings=["nchw_fp32"],
+              data_dir=store.dir, device="cpu", log=lambda *_: None)
+    rows = bench.run(**kw)
+    assert [(r["model"], r["image_size"], r["batch_size"]) for r in rows] == [("test_resnet", 32, 100)]
+    monkeypatch.setattr(bench, "CPU_STEP_BATCH", {32: 101, 224: 2})
+    with pytest.raises(BadInput, match="end_to_end needs 5 batches of 101 in one epoch at 32 px; the store has 500"):
+        bench.run(**kw)
+
+
+def test_a_full_disk_keeps_the_earlier_json_and_picture_whole(tmp_path):
+    """The JSON and the picture are written beside and renamed: when the disk fills mid-write
+    (RLIMIT_FSIZE: writes fail with EFBIG) the earlier files are left as they were, with no
+    temporary file, and the error is bad input."""
+    import resource
+
+    bench.write_json(tmp_path / "bench.json", {"meta": {}, "rows": []})
+    room = [{"pipeline": "torch", "model": "m", "image_size": 32, "headroom": 2.0}]
+    bench.plot({"meta": {}, "rows": [], "headroom": room}, tmp_path / "bench.png")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bigger = {"meta": {"note": "x" * 20_000}, "rows": [], "headroom": room * 50}
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 10, limits[1]))
+        with pytest.raises(BadInput, match="Cannot write"):
+            bench.write_json(tmp_path / "bench.json", bigger)
+        with pytest.raises(BadInput, match="Cannot write"):
+            bench.plot(bigger, tmp_path / "bench.png")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_a_dash_for_an_output_path_is_refused_not_written_as_a_file(tmp_path, monkeypatch, option):
+    """`--json -` means stdout to most tools; bench prints its tables there, so '-' is refused with
+    an example path instead of becoming a file named '-'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInput, match=f"{option} - : bench prints its tables to stdout"):
+        bench.check_json_path(Path("-"), option)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_users_json_with_a_meta_key_is_not_taken_for_a_bench_json(tmp_path):
+    """Only a JSON with both meta and rows is an earlier bench's, which --json may replace; a user's
+    file that merely has a "meta" key is refused and left as it was."""
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"meta": {"author": "me"}, "notes": []}')
+    with pytest.raises(BadInput, match="already exists and is not a bench JSON"):
+        bench.check_json_path(mine)
+    bench.check_json_path(tmp_path / "new.json")  # a new path is fine
+    assert mine.read_text() == '{"meta": {"author": "me"}, "notes": []}'

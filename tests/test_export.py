@@ -21,7 +21,8 @@ from fastcifar import BadInput, checkpoint
 from fastcifar.config import from_dict
 from fastcifar.data import open_store, prepare
 from fastcifar.models import build_model
-from fastcifar.predict import predict, read_image
+import fastcifar.predict as pr
+from fastcifar.predict import gather, predict, read_image
 from fastcifar.train import evaluate_checkpoint, train
 from pipelines.loader import make_loader
 from test_train import info, tiny
@@ -268,7 +269,8 @@ def test_read_image_makes_any_picture_a_32px_rgb_cifar_image(tmp_path):
     assert np.array_equal(read_image(_write(tmp_path / "wide.jpg", wide, quality=100)).argmax(-1), np.full((32, 32), 2))
     tall = np.zeros((300, 100, 3), np.uint8)
     tall[100:200, :, 1] = 200
-    assert read_image(_write(tmp_path / "tall.png", tall)).shape == (32, 32, 3)
+    got = read_image(_write(tmp_path / "tall.png", tall))
+    assert got.shape == (32, 32, 3) and (got == [0, 200, 0]).all()  # the centre square, not the top one
     tiny_img = read_image(_write(tmp_path / "tiny.png", rgb[:8, :8]))  # upsampled
     assert tiny_img.shape == (32, 32, 3)
     # EXIF orientation 6 (rotate 90 degrees clockwise to view): the white top edge ends up on the right
@@ -283,6 +285,20 @@ def test_read_image_makes_any_picture_a_32px_rgb_cifar_image(tmp_path):
         (tmp_path / bad).write_bytes(content)
         with pytest.raises(ValueError):
             read_image(tmp_path / bad)
+
+
+def test_a_shrunk_photo_is_filtered_not_sampled_and_32_bit_images_are_scaled(tmp_path):
+    """Stripes of one pixel shrunk 10x become their average grey (an antialiased filter), not
+    stripes or one flat colour of them (sampling: aliasing); a 32-bit integer image (Pillow's mode I,
+    e.g. a TIFF) is scaled as a 16-bit one, not clipped at 255."""
+    stripes = np.zeros((320, 320, 3), np.uint8)
+    stripes[:, ::2] = 255
+    got = read_image(_write(tmp_path / "stripes.png", stripes)).astype(int)
+    assert np.abs(got - 127.5).max() < 10
+    deep = np.random.default_rng(0).integers(0, 65536, (32, 32), dtype=np.int32)
+    Image.fromarray(deep).save(tmp_path / "deep.tif")
+    assert Image.open(tmp_path / "deep.tif").mode == "I"
+    assert np.array_equal(read_image(tmp_path / "deep.tif")[..., 0], np.round(deep / 257).astype(np.uint8))
 
 
 def test_a_palette_image_with_alpha_is_read_without_a_pillow_warning(tmp_path):
@@ -351,11 +367,76 @@ def test_predict_prints_each_file_then_its_classes(runs, data, tmp_path, monkeyp
     assert old.out.splitlines()[1:6] == lines[1:6]
 
 
+def test_gather_gives_a_folders_pictures_sorted_once_each_without_hidden_ones(tmp_path):
+    """A folder gives its pictures in name order; hidden files and folders (.thumbnails, .git) are
+    left out, a FIFO is skipped unopened; a file named twice, or named and found again in its
+    folder, is predicted once."""
+    d = tmp_path / "imgs"
+    pics = [_write(d / f"{name}.png", np.zeros((4, 4, 3), np.uint8)) for name in ("b", "f", "a", "e", "c", "d")]
+    _write(d / ".hidden.png", np.zeros((4, 4, 3), np.uint8))
+    _write(d / ".thumbnails" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    os.mkfifo(d / "pipe.png")
+    files, skipped = gather([d, pics[0], d / "." / "b.png"], log=QUIET)
+    assert files == sorted(pics) and skipped == [{"file": str(d / "pipe.png"), "error": "not a regular file"}]
+
+
+def test_predict_takes_the_ema_weights_and_every_image_across_forward_batches(runs, data, tmp_path, monkeypatch):
+    """A checkpoint that holds EMA weights is predicted with them, as eval and export use them; images
+    beyond one forward batch are all predicted, each under its own file name, in order."""
+    ck = checkpoint.load(runs / "linear" / "best.pt")
+    ema = {k: v.clone() for k, v in ck["model"].items()}
+    ema["head.fc.bias"][7] += 1000.0  # the EMA weights say class 7, surely, whatever the image
+    checkpoint.save(tmp_path / "ema.pt", {**ck, "ema": ema})
+    monkeypatch.setattr(pr, "BATCH", 3)  # 7 images: batches of 3, 3 and 1
+    rng = np.random.default_rng(3)
+    files = [_write(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(7)]
+    res = predict(tmp_path / "ema.pt", [tmp_path / "imgs"], top=2, data_dir=data, log=QUIET)
+    assert [p["file"] for p in res["predictions"]] == [str(f) for f in files]
+    assert all(p["top"][0]["index"] == 7 and p["top"][0]["prob"] == 1.0 for p in res["predictions"])
+    raw = predict(runs / "linear", files, top=2, data_dir=data, log=QUIET)
+    assert [p["file"] for p in raw["predictions"]] == [str(f) for f in files]
+    assert all(p["top"][0]["prob"] < 0.99 for p in raw["predictions"])  # the raw weights are not that sure
+
+
+def test_export_takes_the_ema_weights_and_says_so_in_its_card(runs, data, tmp_path):
+    """A checkpoint that holds EMA weights is exported with them (as eval and predict use them), and
+    the card's source names them."""
+    ck = checkpoint.load(runs / "linear" / "best.pt")
+    ema = {k: v.clone() for k, v in ck["model"].items()}
+    ema["head.fc.bias"][7] += 1000.0
+    checkpoint.save(tmp_path / "ema.pt", {**ck, "ema": ema})
+    path = ex.export(tmp_path / "ema.pt", "safetensors", data_dir=data, log=QUIET)
+    c, state = ex.read_safetensors(path)
+    assert c["source"]["weights"] == "ema" and state["head.fc.bias"][7] > 500
+    assert ex.read_safetensors(ex.export(runs / "linear", "safetensors", out=tmp_path / "raw.safetensors",
+                                         data_dir=data, log=QUIET))[0]["source"]["weights"] == "raw"
+
+
+def test_a_full_disk_during_export_leaves_the_earlier_export_whole(runs, data, tmp_path):
+    """--force replaces an export by a rename: when the disk fills mid-write (RLIMIT_FSIZE: writes
+    fail with EFBIG) the earlier export is left as it was, with no temporary file, and it is bad input."""
+    import resource
+    import signal
+
+    path = ex.export(runs / "linear", "safetensors", out=tmp_path / "model.safetensors", data_dir=data, log=QUIET)
+    before = path.read_bytes()
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, limits[1]))  # the export is ~1 MB
+        with pytest.raises(BadInput, match="Cannot write"):
+            ex.export(runs / "linear", "safetensors", out=path, force=True, data_dir=data, log=QUIET)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
 @pytest.fixture(scope="module")
 def crafted(runs, data, onnx_files, tmp_path_factory):
     """Exports of the linear run whose fastcifar metadata was changed after export: 10 classes named
     for 100 logits, a NaN mean, a 100000 px input side, a std beyond any float, and (ONNX) a side
-    the graph does not take."""
+    the graph does not take, and an ONNX model with no metadata at all."""
     import onnx
     from safetensors.torch import save_file
 
@@ -377,6 +458,9 @@ def crafted(runs, data, onnx_files, tmp_path_factory):
         model = onnx.load(str(onnx_files["linear"]))
         next(p for p in model.metadata_props if p.key == ex.CARD_KEY).value = json.dumps(card)
         onnx.save(model, str(d / f"{name}.onnx"))
+    model = onnx.load(str(onnx_files["linear"]))
+    model.ClearField("metadata_props")  # an ONNX model from elsewhere: no card
+    onnx.save(model, str(d / "plain.onnx"))
     return d
 
 
@@ -404,6 +488,7 @@ def crafted(runs, data, onnx_files, tmp_path_factory):
     (["predict", "{crafted}/vast_std.safetensors", "{img}"], "unusable (OverflowError"),
     (["predict", "{crafted}/side.onnx", "{img}"], "does not run on the input"),
     (["predict", "{crafted}/classes.onnx", "{img}"], "names 10 classes"),
+    (["predict", "{crafted}/plain.onnx", "{img}"], "is an ONNX model without fastcifar metadata"),
 ])
 def test_bad_input_exits_2_and_leaves_files_alone(runs, data, crafted, tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "empty").mkdir()
@@ -583,7 +668,9 @@ def _card(**change) -> dict:
 
 @pytest.mark.parametrize("change,says", [
     ({"image_size": 7}, "input size 7"), ({"std": [0.25, 0.0, 0.25]}, "std"),
-    ({"class_names": ["a", "b"]}, "2 class names for 3 classes"),
+    ({"class_names": ["a", "b"]}, "2 class names for 3 classes"), ({"interpolation": "sinc"}, "interpolation 'sinc'"),
+    ({"model": {"name": "resnet18", "cifar_stem": "yes"}}, "'cifar_stem': 'yes'"),
+    ({"head": {"kind": "linear", "bias": 1}}, "'bias': 1"), ({"fastcifar_export": 2}, "format version 2"),
 ])
 def test_check_card_refuses_each_field_past_its_bound(change, says):
     ex.check_card(_card(), "x.safetensors")
@@ -599,6 +686,8 @@ def test_compare_scales_its_tolerance_and_fails_on_nan():
     assert "top-1 agrees on 2/2" in line
     with pytest.raises(ex.CheckFailed):
         ex.compare(ours, ours + 0.2, "onnx", "2 images")
+    small = torch.tensor([[0.01, -0.02]])
+    ex.compare(small, small + 5e-4, "onnx", "1 image")  # logits under 1: an absolute REL_TOL, not REL_TOL * 0.02
     with pytest.raises(ex.CheckFailed):
         ex.compare(ours, torch.full_like(ours, float("nan")), "onnx", "2 images")
 

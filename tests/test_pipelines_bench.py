@@ -66,3 +66,53 @@ def test_cli_bad_stage_exits_2(store):
     r = subprocess.run([sys.executable, "-m", "fastcifar", "bench", "--stage", "nope", "--data-dir", str(store.dir)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Unknown bench stage 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+def _clock(monkeypatch):
+    """A fake bench clock (seconds); the code under test advances it by what each batch or step costs."""
+    from types import SimpleNamespace
+
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    return now
+
+
+def test_measure_is_the_median_repeat_in_images_per_second_after_the_warm_up(monkeypatch):
+    """The warm-up batches (a loader's start-up: slow) are read and not timed; a repeat's rate is its
+    images (not batches) over its seconds; the row takes the median repeat, not the best or worst."""
+    import torch
+
+    now = _clock(monkeypatch)
+    costs = [50.0, 50.0, 1.0, 1.0, 2.0, 2.0, 0.5, 0.5]  # seconds per batch: 2 warm-up, then 3 repeats of 2
+    read = []
+
+    def loader():
+        for k, cost in enumerate(costs + [99.0]):  # one batch more than the plan reads
+            now[0] += cost
+            read.append(k)
+            yield torch.zeros(10, 3, 4, 4), torch.zeros(10)  # 10 images a batch
+
+    # repeats: 20 images in 2 s, 4 s and 1 s -> 10, 5 and 20 img/s
+    assert bench.measure(loader(), torch.device("cpu"), warmup=2, repeats=3, batches=2) == 10.0
+    assert read == list(range(len(costs)))
+
+
+def test_vs_tutorial_is_each_rows_speed_over_the_tutorials_at_the_same_size_and_aug():
+    rows = [{"stage": "pipeline", "backend": "tutorial", "image_size": 32, "aug": "oneof", "images_per_sec": 1000},
+            {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "oneof", "images_per_sec": 4000},
+            {"stage": "pipeline", "backend": "torch", "image_size": 224, "aug": "oneof", "images_per_sec": 500},
+            {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "none", "images_per_sec": 9000}]
+    bench.vs_tutorial(rows)
+    assert [r.get("vs_tutorial") for r in rows] == [1.0, 4.0, None, None]  # no tutorial row to compare with: none
+
+
+def test_a_store_of_exactly_the_plans_images_is_measured_and_one_batch_short_is_refused(store, monkeypatch):
+    """The warm-up and the repeats read one epoch at most: a store that holds exactly their images is
+    measured; a batch size that needs 5 more images than the store holds is refused before measuring."""
+    monkeypatch.setitem(bench.PLAN, "quick", {32: (1, 1, 4), 224: (1, 1, 4)})  # 5 batches
+    rows = bench.run(stages=["pipeline"], quick=True, backends=["torch"], sizes=[32], batch_size=100,
+                     data_dir=store.dir, device="cpu", log=lambda *_: None)  # 5 x 100 = the store's 500 images
+    assert len(rows) == len(AUGS) and all(r["images_per_sec"] > 0 for r in rows)
+    with pytest.raises(BadInput, match="reads 505 train images in one epoch at 32 px, but the store has 500"):
+        bench.run(stages=["pipeline"], quick=True, backends=["torch"], sizes=[32], batch_size=101,
+                  data_dir=store.dir, device="cpu", log=lambda *_: None)
