@@ -395,7 +395,8 @@ def test_predict_takes_the_ema_weights_and_every_image_across_forward_batches(ru
     assert all(p["top"][0]["index"] == 7 and p["top"][0]["prob"] == 1.0 for p in res["predictions"])
     raw = predict(runs / "linear", files, top=2, data_dir=data, log=QUIET)
     assert [p["file"] for p in raw["predictions"]] == [str(f) for f in files]
-    assert all(p["top"][0]["prob"] < 0.99 for p in raw["predictions"])  # the raw weights are not that sure
+    # the raw weights (no +1000 on class 7) do not give that same certain answer for all seven noise images
+    assert not all(p["top"][0]["index"] == 7 and p["top"][0]["prob"] == 1.0 for p in raw["predictions"])
 
 
 def test_export_takes_the_ema_weights_and_says_so_in_its_card(runs, data, tmp_path):
