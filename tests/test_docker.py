@@ -89,7 +89,7 @@ def test_deps_requirements_leave_the_bases_torch_and_dali_alone(tmp_path):
         z.writestr("fastcifar-0.dist-info/METADATA", meta)
     got = deps.image_requirements(str(wheel))
     assert got == [r for r in _floors() if not r.startswith(("torch>", "torchvision>", "nvidia-dali"))]
-    assert "timm>=1.0" in got and not [r for r in got if "pytest" in r]
+    assert any(r.startswith("timm>=") for r in got) and not [r for r in got if "pytest" in r]
 
 
 def test_train_script_needs_a_recipe():
