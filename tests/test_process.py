@@ -33,6 +33,7 @@ LAUNCH = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127
     ({"RANK": "1"}, "must be below WORLD_SIZE (1)"),
     ({**LAUNCH, "RANK": "2"}, "must be below WORLD_SIZE (2)"),
     ({**LAUNCH, "MASTER_PORT": "http"}, "MASTER_PORT='http' is not a port"),
+    ({**LAUNCH, "MASTER_ADDR": "{host}", "MASTER_PORT": "{port}"}, "MASTER_PORT='{port}' is not a port"),  # braces
 ])
 def test_torchrun_variables_that_do_not_fit_are_bad_input(monkeypatch, env, message):
     for k in fdist.LAUNCH_VARS:
