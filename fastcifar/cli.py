@@ -439,12 +439,15 @@ def refuse_empty(args: list[str]) -> None:
     """BadInput for an empty argument (`--out "$OUT"` with OUT unset): a path option would take it as
     the current directory, and a run, a store or a report would land there."""
     for i, a in enumerate(args):
-        option = a[:-1] if a.startswith("--") and a.endswith("=") else (
-            args[i - 1] if a == "" and i and args[i - 1].startswith("-") else None)
-        if a == "" or option:
-            what = f"{option} ''" if option else f"argument {i + 1}{f' (after {args[i - 1]})' if i else ''}"
-            raise BadInput(f"{what} is empty (an unset shell variable?). Give a value, or leave it out for its default "
-                           f"(`fastcifar COMMAND --help`); an empty path is never taken as the current directory.")
+        before = args[i - 1] if i else ""
+        if a.startswith("--") and a.endswith("="):  # --out=
+            what = f"{a[:-1]} ''"
+        elif a == "":  # --out "" or an empty positional
+            what = f"{before} ''" if before.startswith("-") else f"argument {i + 1}" + (f" (after {before})" if i else "")
+        else:
+            continue
+        raise BadInput(f"{what} is empty (an unset shell variable?). Give a value, or leave it out for its default "
+                       f"(`fastcifar COMMAND --help`); an empty path is never taken as the current directory.")
 
 
 # where torch.compile (inductor, triton) and other libraries keep caches, when the environment says
