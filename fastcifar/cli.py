@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from fastcifar import BadInput, __version__, sigterm_as_ctrl_c
+from fastcifar import BadInput, __version__, sigterm_as_ctrl_c, why
 
 
 class Commands(typer.core.TyperGroup):
@@ -120,9 +120,9 @@ def recipes():
     for name, sources in found.items():
         label, path = sources[0]
         try:
-            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        except (OSError, SyntaxError, ValueError) as e:
-            doc = f"(unreadable: {e})"
+            doc = ast.get_docstring(ast.parse(path.read_bytes())) or ""
+        except (OSError, SyntaxError, ValueError, RecursionError, MemoryError) as e:  # RecursionError: a huge expression
+            doc = f"(unreadable: {why(e)})"
         rows.append((name, label + ("*" if len(sources) > 1 else ""), doc.strip().splitlines()[0] if doc.strip() else ""))
     w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
     for name, label, doc in rows:
