@@ -70,12 +70,14 @@ def test_json_that_is_not_fastcifars_is_one_bad_input_naming_where(text, says):
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
-def test_json_files_that_are_too_big_fifos_or_directories_are_refused_before_reading(tmp_path):
+def test_json_files_that_are_too_big_fifos_or_directories_are_refused_before_reading(tmp_path, monkeypatch):
     big = tmp_path / "summary.json"
     with open(big, "wb") as f:
         f.truncate(jsonio.MAX_BYTES + 1)  # sparse: 64 MB that no disk holds
-    with pytest.raises(BadInput, match="larger than any such file fastcifar writes"):
-        jsonio.load(big)
+    with monkeypatch.context() as m:
+        m.setattr(os, "fdopen", lambda *a: pytest.fail("read a file its size already refuses"))
+        with pytest.raises(BadInput, match="larger than any such file fastcifar writes"):
+            jsonio.load(big)
     os.mkfifo(tmp_path / "fifo.json")  # no writer: reading it would wait for ever
     with pytest.raises(BadInput, match="not a regular file"):
         jsonio.load(tmp_path / "fifo.json")
@@ -331,6 +333,7 @@ def test_report_formats_and_draws_extreme_finite_values(tmp_path):
     lines = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
     lines[0].update(test_acc=1e308, test_loss=-1e308)
     lines[1].update(epoch=1e308, test_acc=float("inf"))
+    lines[2].update(test_acc=-1e308, test_loss=1e308)  # one axis from -1e308 to 1e308: its range overflows
     (d / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     make_run(runs, "tame", [5.0, 6.0])
     r = _subprocess_cli("report", runs, "--out", tmp_path / "out")
