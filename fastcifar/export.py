@@ -44,6 +44,7 @@ REL_TOL = 1e-3
 # A card's input side lies in 8..MAX_SIDE (pipelines.spec: the largest aug.image_size a recipe
 # takes): a card is read from a file, and a hostile one must not make predict run the network on
 # 4096 px inputs (gigabytes). Predict sizes its batches by that side (predict.batch_for).
+
 # A card is a few KB (1000 class names of 20 characters: 30 KB); a larger one is not fastcifar's.
 MAX_CARD = 1 << 20
 
@@ -249,7 +250,8 @@ def read_safetensors(data) -> tuple[dict, dict]:
 def read_card(text, where) -> dict:
     """The card an export's metadata holds (JSON text), checked; BadInput naming the file otherwise."""
     if not isinstance(text, str) or len(text) > MAX_CARD:
-        raise BadInput(f"{where}: its fastcifar metadata is not a card this fastcifar wrote (over {MAX_CARD >> 10} KB).")
+        raise BadInput(f"{where}: its fastcifar metadata is not a card this fastcifar wrote (over "
+                       f"{MAX_CARD >> 10} KB).")
     return check_card(jsonio.loads(text, f"{where}: its fastcifar metadata"), where)
 
 

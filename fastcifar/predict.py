@@ -107,7 +107,8 @@ def gather(inputs, log=print) -> tuple[list[Path], list[dict]]:
             continue
         if is_dir:
             found, others = [], 0
-            for root, dirs, names in os.walk(p, onerror=lambda e: unreadable(e, p)):  # links to folders not followed: no loops
+            # os.walk does not follow links to folders (no loops), and names the ones it cannot list
+            for root, dirs, names in os.walk(p, onerror=lambda e: unreadable(e, p)):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for n in sorted(names):
                     path = Path(root) / n

@@ -156,7 +156,8 @@ def find_runs(paths: list[Path], skipped: list | None = None) -> list[Run]:
 
 
 def _pct(x, digits: int = 2) -> str:
-    return "—" if x is None else f"{x:.{digits}f}%" if abs(x) < 1e6 else f"{x:.3g}%"  # no 300 digits from a damaged file
+    """A percentage; 3 digits past any real one (a damaged file's 1e308 is not 300 digits)."""
+    return "—" if x is None else f"{x:.{digits}f}%" if abs(x) < 1e6 else f"{x:.3g}%"
 
 
 def duration(seconds) -> str:

@@ -622,9 +622,10 @@ def check_same_store(store, recorded: dict, run_dir) -> None:
         raise BadInput(f"--resume {run_dir}: cannot read the store at {store.dir} to check it ({e.strerror or e}).")
     if changed:
         raise BadInput(f"--resume {run_dir}: the store at {store.dir} no longer holds the data the run trained on: "
-                       f"{', '.join(changed)} changed on disk since prepare wrote {'it' if len(changed) == 1 else 'them'} "
-                       f"(their sha256 differ from those in its meta.json), so the run would continue on other data. "
-                       f"Rebuild the store with `fastcifar prepare --force --data-dir {store.dir}` from the same source.")
+                       f"{', '.join(changed)} changed on disk since prepare wrote "
+                       f"{'it' if len(changed) == 1 else 'them'} (their sha256 differ from those in its meta.json), "
+                       f"so the run would continue on other data. Rebuild the store with `fastcifar prepare --force "
+                       f"--data-dir {store.dir}` from the same source.")
 
 
 def new_run_dir(name: str) -> Path:

@@ -124,7 +124,8 @@ def test_a_store_meta_json_nested_deep_or_malformed_is_exit_2(store, tmp_path, m
 def test_bench_tables_and_bench_json_refuse_deep_or_foreign_json(tmp_path):
     from fastcifar.bench import check_json_path
 
-    for name, content, says in (("deep.json", DEEP, "nests deeper"), ("rows.json", '{"rows": 5}', "is not a `fastcifar bench")):
+    for name, content, says in (("deep.json", DEEP, "nests deeper"),
+                                ("rows.json", '{"rows": 5}', "is not a `fastcifar bench")):
         (tmp_path / name).write_text(content)
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "tables.py"), str(tmp_path / name)],
                            capture_output=True, text=True, timeout=120)
