@@ -8,13 +8,13 @@ when some of them failed.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fastcifar import BadInput, jsonio  # noqa: E402
 from fastcifar.bench import headroom  # noqa: E402
 from fastcifar.checkpoint import atomic_write  # noqa: E402
 from tables import _md, end_to_end_table, pipeline_table, policy_table, train_step_table  # noqa: E402
@@ -28,7 +28,11 @@ BENCH_FILES = ("pipeline.json", "train_step.json", "end_to_end.json", "train_ste
 
 
 def _json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A step's JSON, or None when the step left none or a damaged one (its status says why)."""
+    try:
+        return jsonio.load(path) if path.is_file() else None
+    except BadInput:
+        return None
 
 
 def recompiles(log: Path) -> int | None:

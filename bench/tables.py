@@ -7,7 +7,6 @@ bench/RESULTS.md: one pivot table per stage, plus the headroom.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -139,18 +138,22 @@ def main(argv: list[str]) -> int:
             print("usage: python bench/tables.py BENCH.json... [--plot PNG]", file=sys.stderr)
             return 2
         plot_to, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # fastcifar from this checkout
+    from fastcifar import BadInput, jsonio, why
+
     benches = []
     for path in argv:
         try:
-            with open(path) as f:
-                benches.append(json.load(f))
-        except (OSError, ValueError) as e:
-            print(f"error: cannot read {path} ({e})", file=sys.stderr)
+            benches.append(jsonio.load(path))
+            text = tables(benches[-1])
+        except BadInput as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
-        print(tables(benches[-1]))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:  # JSON, but not what `fastcifar bench` writes
+            print(f"error: {path} is not a `fastcifar bench --json` file ({why(e)}).", file=sys.stderr)
+            return 2
+        print(text)
     if plot_to is not None and benches:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # fastcifar from this checkout
-        from fastcifar import BadInput
         from fastcifar.bench import plot
 
         try:

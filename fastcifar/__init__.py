@@ -15,7 +15,10 @@ class BadInput(Exception):
 def shown(value, limit: int = 60) -> str:
     """repr(value) for an error message, its middle cut when longer than `limit` characters: a
     5,000-digit --set value or a pasted file must not fill the terminal."""
-    r = repr(value)
+    try:
+        r = repr(value)
+    except (RecursionError, MemoryError):  # a value read from a file, nested thousands of levels deep
+        return f"a {type(value).__name__} nested too deep to show"
     return r if len(r) <= limit else f"{r[:limit - 16]}...{r[-10:]} ({len(r):,} characters)"
 
 

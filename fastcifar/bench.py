@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, provenance, runtime, sigterm_as_ctrl_c
+from fastcifar import BadInput, __version__, jsonio, provenance, runtime, sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 SIZES = (32, 224)  # output sides in px: the stored 32 and the pretrained recipes' 224 (--size picks, in its order)
@@ -426,11 +426,9 @@ def _bench_output(path: Path, option: str) -> bool:
             head = f.read(1 << 12)  # a PNG's text chunks (matplotlib's Software tag) precede its pixels
             if option == "--plot":
                 return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
-            if path.stat().st_size > 64 << 20:  # far more than any bench JSON: not one
-                return False
-            obj = json.loads(head + f.read())
+        obj = jsonio.load(path)  # far more than any bench JSON (jsonio.MAX_BYTES), or nested deep: not one
         return isinstance(obj, dict) and {"meta", "rows"} <= set(obj)
-    except (OSError, ValueError):
+    except (OSError, BadInput):
         return False
 
 

@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -117,19 +118,41 @@ def load(path: Path, need: str = "eval") -> dict:
         raise BadInput(f"The checkpoint {path} lacks {', '.join(missing)}, which {need} needs; it is damaged or "
                        f"was not written by `fastcifar train`" + (" (best.pt and last.pt both hold them)." if need ==
                                                                   "resume" else "."))
-    # what a run writes there: its recipe as a mapping, its info with the recipe's name, whole epochs
+    # what a run writes there: its recipe as a mapping, its info with the recipe's name, whole epochs,
+    # its input as a mapping (export and predict read it), its store's dir and checksums (resume)
     wrong = [k for k, ok in (("model", lambda v: isinstance(v, dict)), ("recipe", lambda v: isinstance(v, dict)),
                              ("info", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)),
-                             ("epoch", lambda v: type(v) is int and v >= 0)) if k in ck and not ok(ck[k])]
+                             ("epoch", lambda v: type(v) is int and v >= 0),
+                             ("preprocess", lambda v: isinstance(v, dict)),
+                             ("store", lambda v: isinstance(v, dict) and isinstance(v.get("dir"), str)
+                              and isinstance(v.get("sha256"), (dict, type(None))))) if k in ck and not ok(ck[k])]
     if wrong:
         raise BadInput(f"The checkpoint {path} is damaged: its {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} "
                        f"not what `fastcifar train` writes. Use another checkpoint of the run (best.pt, last.pt).")
     return ck
 
 
+# What follows a recipe's name in the run directories `fastcifar train` makes (train.new_run_dir):
+# -YYYYmmdd-HHMMSS, and -2, -3, ... for runs started in the same second
+RUN_SUFFIX = r"-\d{8}-\d{6}(?:-\d+)?"
+
+
+def runs_of(name: str, runs_dir: Path = Path("runs")) -> list[Path]:
+    """The run directories of recipe `name` under runs_dir: <name><RUN_SUFFIX> exactly. A name is
+    never a pattern ('a*') or a prefix (smoke's runs are not smoke-v2's)."""
+    pattern = re.compile(re.escape(name) + RUN_SUFFIX)
+    try:
+        with os.scandir(runs_dir) as it:
+            return sorted(Path(e.path) for e in it if pattern.fullmatch(e.name) and e.is_dir())
+    except OSError:  # no runs_dir, or one this user cannot list
+        return []
+
+
 def resolve(ref: str | os.PathLike, prefer: str = "best.pt", runs_dir: Path = Path("runs")) -> Path:
     """A checkpoint file from a file path, a run directory (its best.pt, else last.pt), or a recipe
-    name (the newest runs/<name>-*/ that holds one)."""
+    name (the newest runs/<name>-<YYYYmmdd-HHMMSS>[-k]/ that holds one)."""
+    if "\0" in str(ref):  # the OS takes no such path; pathlib would raise ValueError
+        raise BadInput(f"{ref!r} holds a NUL character; give a checkpoint file, a run directory or a recipe name.")
     p = Path(ref)
     if p.is_file():
         return p
@@ -141,12 +164,12 @@ def resolve(ref: str | os.PathLike, prefer: str = "best.pt", runs_dir: Path = Pa
         raise BadInput(f"Run directory {p} holds no checkpoint (best.pt or last.pt).")
     if len(p.parts) != 1 or p.is_absolute():
         raise BadInput(f"{ref} does not exist; give a checkpoint file, a run directory or a recipe name.")
-    runs = sorted((d for d in runs_dir.glob(f"{ref}-*") if d.is_dir() and any((d / n).is_file() for n in order)),
-                  key=lambda d: d.stat().st_mtime)
+    runs = [d for d in runs_of(str(ref), runs_dir) if any((d / n).is_file() for n in order)]
     if runs:
-        return resolve(runs[-1], prefer, runs_dir)
+        return resolve(max(runs, key=lambda d: d.stat().st_mtime), prefer, runs_dir)
     raise BadInput(f"{ref} is neither a checkpoint file, a run directory, nor the name of a recipe with a "
-                   f"finished run under {runs_dir}/.")
+                   f"finished run under {runs_dir}/ (a directory {runs_dir}/{ref}-YYYYmmdd-HHMMSS holding best.pt "
+                   f"or last.pt).")
 
 
 def rng_state() -> dict:

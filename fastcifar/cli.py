@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from fastcifar import BadInput, __version__, sigterm_as_ctrl_c
+from fastcifar import BadInput, __version__, sigterm_as_ctrl_c, why
 
 
 class Commands(typer.core.TyperGroup):
@@ -119,10 +119,10 @@ def recipes():
     rows = [("NAME", "FROM", "DESCRIPTION")]
     for name, sources in found.items():
         label, path = sources[0]
-        try:
-            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        except (OSError, SyntaxError, ValueError) as e:
-            doc = f"(unreadable: {e})"
+        try:  # bytes: ast honours the file's coding line; a huge expression is a RecursionError
+            doc = ast.get_docstring(ast.parse(path.read_bytes())) or ""
+        except (OSError, SyntaxError, ValueError, RecursionError, MemoryError) as e:
+            doc = f"(unreadable: {why(e)})"
         rows.append((name, label + ("*" if len(sources) > 1 else ""), doc.strip().splitlines()[0] if doc.strip() else ""))
     w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
     for name, label, doc in rows:

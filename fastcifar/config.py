@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import inspect
-import json
 import math
+import os
 import re
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastcifar import BadInput, shown, why
+from fastcifar import BadInput, jsonio, shown, why
 from fastcifar.averaging import TTA
 from fastcifar.data import DATASETS
 from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
@@ -365,8 +366,8 @@ def _coerce(value, t):
             text = value.strip()
             if text.startswith("["):
                 try:
-                    items = json.loads(text)
-                except ValueError:
+                    items = jsonio.loads(text, "the list")
+                except BadInput:  # not JSON, or nested deeper than any field's type
                     raise _Wrong
             else:
                 text = text.strip("()")
@@ -627,6 +628,21 @@ def _resolve(ref: str) -> Path:
     return path
 
 
+def _at(e: BaseException, path: Path, source: str) -> str:
+    """' At FILE:LINE: the line' for the recipe's own line that raised e (its deepest frame in
+    the recipe file; a SyntaxError's own line), or '' when no frame is in it."""
+    own = os.path.abspath(path)  # importlib names the code by its absolute path
+    line = e.lineno if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == own else None
+    for frame in traceback.extract_tb(e.__traceback__):
+        if os.path.abspath(frame.filename) == own:
+            line = frame.lineno
+    lines = source.splitlines()
+    if not line or not 1 <= line <= len(lines):
+        return ""
+    code = lines[line - 1].strip()
+    return f" At {path}:{line}: {code if len(code) <= 200 else code[:180] + ' ...'}"
+
+
 def load(ref: str) -> tuple[Recipe, dict]:
     """(Recipe, info) from a recipe path or name; info = {name, description, parent, path, source}."""
     path = _resolve(ref)
@@ -638,6 +654,9 @@ def load(ref: str) -> tuple[Recipe, dict]:
                        f"which each run keeps beside its results as recipe.py. Save it as UTF-8.")
     except OSError as e:
         raise BadInput(f"Cannot read the recipe {path} ({e.strerror or e}).")
+    if path.suffix != ".py":  # importlib loads only .py files as source (and each run keeps it as recipe.py)
+        raise BadInput(f"Recipe file {path} does not end in .py; a recipe is a Python file defining recipe(). "
+                       f"Rename it to {path.name}.py, or give a recipe name (`fastcifar recipes` lists them).")
     spec = importlib.util.spec_from_file_location(f"fastcifar_recipe_{name}", path)
     module = importlib.util.module_from_spec(spec)
     _loading.append((path, []))
@@ -649,7 +668,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         except SystemExit as e:
             raise BadInput(f"Recipe {path} called sys.exit({shown(e.code)}) while loading; a recipe only defines recipe().")
         except BaseException as e:  # GeneratorExit or a recipe's own BaseException too: still the recipe's fault
-            raise BadInput(f"Recipe {path} failed to load: {why(e)}.")
+            raise BadInput(f"Recipe {path} failed to load: {why(e)}.{_at(e, path, source)}")
         fn = getattr(module, "recipe", None)
         if not callable(fn):
             raise BadInput(f"Recipe {path} defines no recipe() function; a recipe file defines "
@@ -661,7 +680,7 @@ def load(ref: str) -> tuple[Recipe, dict]:
         except SystemExit as e:
             raise BadInput(f"Recipe {path}: recipe() called sys.exit({shown(e.code)}); it should return a Recipe.")
         except BaseException as e:
-            raise BadInput(f"Recipe {path}: recipe() raised {why(e)}.")
+            raise BadInput(f"Recipe {path}: recipe() raised {why(e)}.{_at(e, path, source)}")
         parents = _loading[-1][1]
     finally:
         _loading.pop()

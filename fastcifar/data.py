@@ -43,8 +43,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.format as npformat
 
-from fastcifar import BadInput, make_dirs, remove_empty, why
+from fastcifar import BadInput, jsonio, make_dirs, remove_empty, why
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -63,6 +64,7 @@ MEMBER_MD5 = {  # the three files inside cifar-100-python/
 ARRAY_FILES = tuple(f"{split}_{kind}.npy" for split in SPLITS for kind in ("images", "labels", "coarse"))
 STORE_FILES = (*ARRAY_FILES, "meta.json")
 CREATOR = "fastcifar"  # meta.json's "creator": this directory is a store fastcifar may replace
+META_BYTES = 1 << 20  # a store's meta.json is ~5 KB (class names, checksums); a larger one is not one
 # The official train pickle is 155 MB, test 31 MB, meta 1.5 KB. A member far bigger is not CIFAR
 # (the wrong file, or a small gzip that inflates to gigabytes): refused before it is read.
 MAX_MEMBER_BYTES = {"train": 512 << 20, "test": 512 << 20, "meta": 1 << 20}
@@ -173,6 +175,15 @@ class Store:
     def class_names(self) -> list[str]:
         return list(self.meta[DATASETS[self.dataset]["names"]])
 
+    @property
+    def recorded_sha256(self) -> dict | None:
+        """{array file: sha256} that prepare recorded in meta.json (what the store claims to hold)."""
+        return self.meta.get("checksums", {}).get("outputs_sha256")
+
+    def sha256(self) -> dict:
+        """{array file: sha256} of the arrays as they are on disk now (reads every byte once)."""
+        return {name: _digest(self.dir / name, "sha256") for name in array_files(self.dataset)}
+
 
 def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> Store:
     """Open a prepared store read-only (memory-mapped), checking its meta.json, shapes and labels;
@@ -194,9 +205,10 @@ def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = 
             f"already have, or `fastcifar prepare{flag} --synthetic --data-dir {d}` on a machine without internet."
         )
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput(f"The store's {meta_path} cannot be read ({e}); {_rebuild_hint(d)}")
+        meta = jsonio.load(meta_path, META_BYTES)
+    except BadInput as e:
+        hint = _rebuild_hint(d)
+        raise BadInput(f"The store's meta.json cannot be read: {e} {hint[0].upper()}{hint[1:]}")
     bad = _meta_problem(meta)
     if bad:
         raise BadInput(f"The store at {d} has a malformed meta.json ({bad}); {_rebuild_hint(d)}")
@@ -215,7 +227,7 @@ def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = 
     arrays = {}
     for name in array_files(held):
         try:
-            arrays[name[:-4]] = np.load(d / name, mmap_mode="r")
+            arrays[name[:-4]] = _open_array(d / name)
         except (OSError, ValueError) as e:
             raise BadInput(f"The store at {d} is incomplete or damaged ({name}: {e}); {_rebuild_hint(d)}")
     for split in SPLITS:
@@ -236,6 +248,21 @@ def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = 
                 raise BadInput(f"The store at {d} holds {split} {what} from {lo_} to {hi_}, outside 0..{hi - 1}: it "
                                f"is damaged; {_rebuild_hint(d)}")
     return Store(dir=d, meta=meta, arrays=arrays)
+
+
+def _open_array(path: Path) -> np.memmap:
+    """A store's .npy file memory-mapped read-only, once its size is exactly what its header
+    describes; ValueError saying how it differs otherwise (a copy cut short, bytes appended)."""
+    with open(path, "rb") as f:
+        version = npformat.read_magic(f)
+        read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0
+        shape, _, dtype = read(f)
+        want = f.tell() + math.prod(shape) * dtype.itemsize
+        size = os.fstat(f.fileno()).st_size
+    if size != want:
+        raise ValueError(f"{size:,} bytes where its header describes {want:,}: "
+                         + ("cut short" if size < want else "bytes added at its end"))
+    return np.load(path, mmap_mode="r")
 
 
 def _meta_problem(meta) -> str | None:
@@ -262,6 +289,9 @@ def _meta_problem(meta) -> str | None:
             return f"{key} must be {count} strings"
     if not isinstance(meta.get("source"), dict):
         return "source must be an object"
+    sums = meta.get("checksums", {})
+    if not (isinstance(sums, dict) and isinstance(sums.get("outputs_sha256", {}), dict)):
+        return "checksums must be an object, its outputs_sha256 an object of file names and sha256s"
     return None
 
 
@@ -295,8 +325,8 @@ def _is_store(d: Path) -> bool:
     """Whether d's meta.json says fastcifar wrote it: "creator": "fastcifar", or (stores from before
     that field) a format_version with the sha256s of the outputs."""
     try:
-        meta = json.loads((d / "meta.json").read_text())
-    except (OSError, ValueError):
+        meta = jsonio.load(d / "meta.json", META_BYTES)
+    except BadInput:
         return False
     if not isinstance(meta, dict):
         return False

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import BadInput, __version__, checkpoint, why
+from fastcifar import BadInput, __version__, checkpoint, jsonio, why
 from fastcifar.config import Head, Model
 from fastcifar.heads import HEADS
 from fastcifar.averaging import pick_weights
 from fastcifar.models import SCALED_LOGITS, Net, cifar_stem, net_from_checkpoint, net_from_state, num_classes
-from pipelines.spec import INTERPOLATIONS, AugSpec, mean_std
+from pipelines.spec import INTERPOLATIONS, MAX_SIDE, AugSpec, mean_std
 
 FORMATS = ("onnx", "safetensors", "timm")
 SUFFIXES = {"onnx": (".onnx",), "safetensors": (".safetensors",), "timm": (".pth", ".pt", ".bin")}
@@ -41,9 +41,12 @@ N_CHECK = 8  # images the export check runs through both sides
 # of the logit scale here, while a broken export (training-mode BN, a margin applied, a wrong
 # stem) moves logits by a large fraction of it.
 REL_TOL = 1e-3
-# Largest input side a card may ask for: 64 images at 4096 px are 13 GB of float32 input. A card
-# is read from a file, and a hostile one must not make predict allocate terabytes.
-MAX_SIDE = 4096
+# A card's input side lies in 8..MAX_SIDE (pipelines.spec: the largest aug.image_size a recipe
+# takes): a card is read from a file, and a hostile one must not make predict run the network on
+# 4096 px inputs (gigabytes). Predict sizes its batches by that side (predict.batch_for).
+
+# A card is a few KB (1000 class names of 20 characters: 30 KB); a larger one is not fastcifar's.
+MAX_CARD = 1 << 20
 
 
 class CheckFailed(Exception):
@@ -241,11 +244,15 @@ def read_safetensors(data) -> tuple[dict, dict]:
         raise BadInput(f"{where} is not a readable safetensors file ({why(e)}).")
     if CARD_KEY not in meta:
         raise BadInput(f"{where} is a safetensors file without fastcifar metadata: not a `fastcifar export`.")
-    try:
-        c = json.loads(meta[CARD_KEY])
-    except ValueError as e:
-        raise BadInput(f"{where}: its fastcifar metadata is not JSON ({e}).")
-    return check_card(c, where), state
+    return read_card(meta[CARD_KEY], where), state
+
+
+def read_card(text, where) -> dict:
+    """The card an export's metadata holds (JSON text), checked; BadInput naming the file otherwise."""
+    if not isinstance(text, str) or len(text) > MAX_CARD:
+        raise BadInput(f"{where}: its fastcifar metadata is not a card this fastcifar wrote (over "
+                       f"{MAX_CARD >> 10} KB).")
+    return check_card(jsonio.loads(text, f"{where}: its fastcifar metadata"), where)
 
 
 def timm_model(c: dict):

@@ -24,14 +24,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import BadInput, checkpoint, why
+from fastcifar import BadInput, checkpoint, runtime, why
 from fastcifar import export as ex
 from fastcifar.averaging import pick_weights
 from fastcifar.models import SCALED_LOGITS, net_from_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a directory is searched for
-BATCH = 64  # images per forward pass: 38 MB of input at 224 px
+BATCH = 64  # images per forward pass at up to 224 px (38 MB of input); fewer past it (batch_for)
 SIDE = 32   # CIFAR's stored side in px
+
+
+def batch_for(side: int) -> int:
+    """Images per forward pass at an input side: BATCH, and fewer past 224 px, so that a batch's
+    input (and the activations it makes) stays the size of 64 images at 224 px: a card claiming
+    1024 px predicts in batches of 3, not 64 (gigabytes)."""
+    return max(1, min(BATCH, BATCH * 224 ** 2 // side ** 2))
 
 
 def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
@@ -50,11 +57,12 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
         if meta is None:
             raise BadInput(f"{p} is an ONNX model without fastcifar metadata (class names, preprocessing): "
                            f"not a `fastcifar export`.")
-        try:
-            import json
-            c = ex.check_card(json.loads(meta), p)
-        except ValueError as e:
-            raise BadInput(f"{p}: its fastcifar metadata is not JSON ({e}).")
+        c = ex.read_card(meta, p)
+        side, takes = c["preprocess"]["image_size"], sess.get_inputs()[0].shape  # e.g. ["batch", 3, 32, 32]
+        if len(takes) != 4 or any(isinstance(n, int) and n != want for n, want in zip(takes[1:], (3, side, side))):
+            # checked before a batch is made: a card claiming 1024 px would cost gigabytes first
+            raise BadInput(f"{p} does not run on the input its fastcifar metadata describes (float32 batches of "
+                           f"3x{side}x{side}): its graph takes {takes}. Export the model again.")
 
         def run_onnx(x):
             try:
@@ -86,30 +94,44 @@ def gather(inputs, log=print) -> tuple[list[Path], list[dict]]:
     """(image files in order, skipped inputs with why). A directory gives its .png/.jpg/.jpeg files,
     recursively and sorted (hidden ones left out); a file named on the command line is always tried."""
     files, skipped = [], []
+
+    def unreadable(e: OSError, path: Path) -> None:  # a file or folder this user may not read or list
+        skipped.append({"file": str(e.filename or path), "error": f"cannot be read ({e.strerror or e})"})
+
     for arg in inputs:
         p = Path(arg)
-        if p.is_dir():
+        try:
+            is_dir, is_file = p.is_dir(), p.is_file()
+        except OSError as e:  # pathlib raises EACCES (a folder on the way that this user cannot enter)
+            unreadable(e, p)
+            continue
+        if is_dir:
             found, others = [], 0
-            for root, dirs, names in os.walk(p):  # does not follow links to directories: no loops
+            # os.walk does not follow links to folders (no loops), and names the ones it cannot list
+            for root, dirs, names in os.walk(p, onerror=lambda e: unreadable(e, p)):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for n in sorted(names):
+                    path = Path(root) / n
                     if n.startswith("."):
                         continue
                     if not n.lower().endswith(IMAGE_SUFFIXES):
                         others += 1
-                    elif (Path(root) / n).is_file():
-                        found.append(Path(root) / n)
-                    else:  # a FIFO would block the reader for ever; a dangling link names nothing
-                        path = Path(root) / n
-                        skipped.append({"file": str(path), "error": "not a regular file" if path.exists()
-                                        else "a link to nothing"})
+                        continue
+                    try:
+                        if path.is_file():
+                            found.append(path)
+                        else:  # a FIFO would block the reader for ever; a dangling link names nothing
+                            skipped.append({"file": str(path), "error": "not a regular file" if path.exists()
+                                            else "a link to nothing"})
+                    except OSError as e:
+                        unreadable(e, path)
             files += found
             if found and others:
                 log(f"note: {p}: left out {others} files not named {'/'.join(IMAGE_SUFFIXES)}")
             if not found:
                 skipped.append({"file": str(p), "error": f"a directory with no {'/'.join(IMAGE_SUFFIXES)} files"
                                 + (f" (it holds {others} other files)" if others else "")})
-        elif p.is_file():
+        elif is_file:
             files.append(p)
         else:
             skipped.append({"file": str(p), "error": "not a regular file" if p.exists() else "does not exist"})
@@ -120,46 +142,74 @@ def gather(inputs, log=print) -> tuple[list[Path], list[dict]]:
 
 def read_image(path: Path) -> np.ndarray:
     """An image file as a (32, 32, 3) uint8 RGB array (step 1 of the module docstring); ValueError
-    saying why when it is not a readable image."""
+    saying why when it is not a readable image, or one over Pillow's MAX_IMAGE_PIXELS."""
     import warnings
 
     from PIL import Image
 
     with warnings.catch_warnings():
-        # Pillow warns of images over 89 Mpx and refuses those over 179 Mpx: the ones between are
-        # decoded (at most about 540 MB) and shrunk to 32 px, so its warning on stderr is noise
+        # the size is checked before decoding (_decode), so Pillow's warning of a large one is noise
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return _decode(path)
+
+
+class Unreadable(ValueError):
+    """An image predict skips; the message says why."""
+
+
+ROWS = 256  # rows of a 16-bit or float image converted at a time (the whole in float64: 8 bytes a pixel)
 
 
 def _decode(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)  # decodes the whole image: a truncated file fails here
+        with Image.open(path) as im:  # reads the header only: the size is known before anything is decoded
+            w, h = im.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and w * h > limit:  # a few KB of PNG can claim 100 Mpx: gigabytes once decoded
+                raise Unreadable(f"{w}x{h} pixels, over the {limit:,} that fastcifar decodes (Pillow's "
+                                 f"MAX_IMAGE_PIXELS); shrink it first")
+            im.load()  # decodes the whole image: a truncated file fails here
+            if im.getexif().get(0x0112, 1) != 1:  # an EXIF orientation: turn it upright (a copy only then)
+                im = ImageOps.exif_transpose(im)
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")  # what Pillow warns (on stderr) that convert("RGB") should go through
-            if im.mode.startswith("I;16") or im.mode == "I":
-                # Pillow's convert() clips 16-bit values to 255 instead of scaling them
-                a = np.asarray(im, dtype=np.float64).clip(0, 65535) / 257
-                im = Image.fromarray(a.round().astype(np.uint8))
-            elif im.mode == "F":  # a float image (TIFF): convert() would clip, so 0..1 would be near black
-                a = np.asarray(im, dtype=np.float64)
-                if not np.isfinite(a).all():
-                    raise ValueError("a float image holding NaN or infinite values")
-                a = a * 255 if a.min() >= 0 and a.max() <= 1 else a  # 0..1 is the float convention; else 0..255
-                im = Image.fromarray(a.clip(0, 255).round().astype(np.uint8))
-            im = im.convert("RGB")
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                im = Image.fromarray(_eight_bit(np.asarray(im), im.mode == "F"))  # grey, 8-bit
             w, h = im.size
             s = min(w, h)
             box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)  # the centred square
-            im = im.crop(box).resize((SIDE, SIDE), Image.Resampling.BILINEAR)  # crop first: nothing outside bleeds in
+            if box != (0, 0, w, h):
+                im = im.crop(box)  # first: nothing outside the square bleeds into the resize
+            if im.mode not in ("RGB", "L"):  # grey stays one channel until it is 32x32
+                im = im.convert("RGB")
+            im = im.resize((SIDE, SIDE), Image.Resampling.BILINEAR).convert("RGB")
             return np.asarray(im, dtype=np.uint8).copy()
+    except Unreadable:
+        raise
     except UnidentifiedImageError:
-        raise ValueError("not an image Pillow can read (PNG, JPEG, ...)")
-    except Exception as e:  # decoders raise OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise ValueError(f"unreadable image ({why(e)})")
+        raise Unreadable("not an image Pillow can read (PNG, JPEG, ...)")
+    except Exception as e:  # decoders raise OSError, SyntaxError, DecompressionBombError, MemoryError, ...
+        raise Unreadable(f"unreadable image ({why(e)})")
+
+
+def _eight_bit(a: np.ndarray, is_float: bool) -> np.ndarray:
+    """A 16/32-bit integer or a float image's pixels as uint8: integers scaled from 0..65535
+    (clipped there), floats from 0..1 when all lie in it, else taken as 0..255 and clipped. A band
+    of ROWS rows at a time, so memory stays at the image's own size."""
+    bands = range(0, a.shape[0], ROWS)
+    unit = False
+    if is_float:
+        if not all(np.isfinite(a[i:i + ROWS]).all() for i in bands):
+            raise Unreadable("a float image holding NaN or infinite values")
+        unit = min(a[i:i + ROWS].min() for i in bands) >= 0 and max(a[i:i + ROWS].max() for i in bands) <= 1
+    out = np.empty(a.shape, np.uint8)
+    for i in bands:
+        b = a[i:i + ROWS].astype(np.float64)
+        b = (b * 255 if unit else b).clip(0, 255) if is_float else b.clip(0, 65535) / 257
+        out[i:i + ROWS] = b.round()
+    return out
 
 
 def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
@@ -176,10 +226,14 @@ def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
     c, run, kind = open_model(ref, data_dir, log)
     k = min(top, c["num_classes"])
     names, preds = c["class_names"], []
+    side = c["preprocess"]["image_size"]
+    batch = batch_for(side)
+    too_big = (lambda e: BadInput(f"Predicting with {ref} ran out of memory ({runtime.memory_error(e)}) on batches of "
+                                  f"{batch} images of {side}x{side} px; free some memory and run it again."))
     with tqdm(total=len(files), unit="img", desc="predict", disable=None, leave=False) as bar:
-        for start in range(0, len(files), BATCH):
+        for start in range(0, len(files), batch):
             images, ok = [], []
-            for f in files[start:start + BATCH]:
+            for f in files[start:start + batch]:
                 try:
                     images.append(read_image(f))
                     ok.append(f)
@@ -187,7 +241,12 @@ def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
                     skipped.append({"file": str(f), "error": str(e)})
                     log(f"skipped {f}: {e}")
             if images:
-                logits = torch.as_tensor(np.asarray(run(ex.preprocess(torch.from_numpy(np.stack(images)), c))))
+                try:
+                    with runtime.out_of_memory_as(too_big):  # torch's allocator
+                        x = ex.preprocess(torch.from_numpy(np.stack(images)), c)
+                        logits = torch.as_tensor(np.asarray(run(x)))
+                except MemoryError as e:  # numpy's
+                    raise too_big(e) from None
                 if logits.shape != (len(images), c["num_classes"]):  # an export's graph and card disagree
                     raise BadInput(f"{ref} gives logits of shape {tuple(logits.shape)} for {len(images)} images, but "
                                    f"its fastcifar metadata names {c['num_classes']} classes; export the model again.")
@@ -195,7 +254,7 @@ def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
                 preds += [{"file": str(f), "top": [{"class": names[j], "index": j, "prob": round(q, 6)}
                                                    for q, j in zip(pr.tolist(), ix.tolist())]}
                           for f, pr, ix in zip(ok, prob, idx)]
-            bar.update(len(files[start:start + BATCH]))
+            bar.update(len(files[start:start + batch]))
     if not preds:
         raise BadInput("No image to predict: " + "; ".join(f"{s['file']}: {s['error']}" for s in skipped[:5])
                        + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "") + ".")

@@ -8,11 +8,10 @@ from its metrics.jsonl and marked unfinished.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
-from fastcifar import BadInput, provenance
+from fastcifar import BadInput, jsonio, provenance
 from fastcifar.checkpoint import atomic_write
 
 
@@ -29,9 +28,9 @@ class Run:
 
 def _read_json(path: Path) -> dict:
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput(f"Cannot read {path} ({e}); is {path.parent} a complete fastcifar run directory?")
+        obj = jsonio.load(path)
+    except BadInput as e:
+        raise BadInput(f"Cannot read {path.name}: {e} Is {path.parent} a complete fastcifar run directory?")
     if not isinstance(obj, dict):
         raise BadInput(f"Cannot read {path}: it holds a {type(obj).__name__}, not an object.")
     return obj
@@ -40,20 +39,17 @@ def _read_json(path: Path) -> dict:
 def _read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, ValueError) as e:
-        raise BadInput(f"Cannot read {path} ({e}).")
+    lines = jsonio.read_text(path).splitlines()
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except ValueError:
-            if n == len(lines):
+            row = jsonio.loads(line, f"{path} line {n}")
+        except BadInput as e:
+            if n == len(lines) and isinstance(e, jsonio.NotJSON):
                 break  # a last line cut short by a crash: the epochs before it still count
-            raise BadInput(f"{path} line {n} is not JSON; the run directory is damaged.")
+            raise BadInput(f"{e} The run directory is damaged.")
         if not isinstance(row, dict) or row.get("epoch") is None:
             raise BadInput(f"{path} line {n} is not an epoch's metrics (an object with an epoch number).")
         bad = [k for k in NUMBERS if not _number(row.get(k))]
@@ -120,6 +116,15 @@ def load_run(d: Path) -> Run:
 RUN_FILES = ("summary.json", "metrics.jsonl", "recipe.json")  # any of them: a run directory, maybe a broken one
 
 
+def _holds_run_files(d: Path) -> bool:
+    """Whether d holds one of RUN_FILES; True when d cannot be looked into, so that it is tried, and
+    named as skipped with why, rather than silently passed over."""
+    try:
+        return any((d / f).is_file() for f in RUN_FILES)
+    except OSError:  # EACCES: pathlib's is_file() raises it instead of answering False
+        return True
+
+
 def find_runs(paths: list[Path], skipped: list | None = None) -> list[Run]:
     """Each path is a run directory, or a directory whose subdirectories are runs. A run that cannot
     be reported (died in its first epoch, damaged files) is left out and (dir, why) appended to
@@ -128,10 +133,14 @@ def find_runs(paths: list[Path], skipped: list | None = None) -> list[Run]:
     for p in paths:
         if not p.is_dir():
             raise BadInput(f"{p} is not a directory; `fastcifar report` takes run directories or a folder of them.")
-        if any((p / f).is_file() for f in RUN_FILES):
+        if _holds_run_files(p):
             candidates = [p]
         else:
-            candidates = sorted(s for s in p.iterdir() if s.is_dir() and any((s / f).is_file() for f in RUN_FILES))
+            try:
+                candidates = sorted(s for s in p.iterdir() if s.is_dir() and _holds_run_files(s))
+            except OSError as e:
+                raise BadInput(f"Cannot list {p} ({e.strerror or e}); `fastcifar report` takes run directories or a "
+                               f"folder of them that it can read.")
             if not candidates:
                 raise BadInput(f"{p} holds no run directories (none has a summary.json, metrics.jsonl or recipe.json).")
         for d in candidates:
@@ -139,19 +148,24 @@ def find_runs(paths: list[Path], skipped: list | None = None) -> list[Run]:
                 runs.append(load_run(d))
             except BadInput as e:
                 skipped.append((d, str(e)))
+            except OSError as e:  # a run directory or file this user cannot read: the others are still reported
+                skipped.append((d, f"Cannot read {e.filename or d} ({e.strerror or e})."))
     if not runs:
         raise BadInput("No run could be reported: " + " ".join(f"{d}: {why}" for d, why in skipped))
     return runs
 
 
-def _pct(x) -> str:
-    return "—" if x is None else f"{x:.2f}%"
+def _pct(x, digits: int = 2) -> str:
+    """A percentage; 3 digits past any real one (a damaged file's 1e308 is not 300 digits)."""
+    return "—" if x is None else f"{x:.{digits}f}%" if abs(x) < 1e6 else f"{x:.3g}%"
 
 
 def duration(seconds) -> str:
     """'3m 05s' or '2h 01m'; a dash for None."""
     if seconds is None or not math.isfinite(seconds):  # a NaN or inf from a damaged metrics.jsonl
         return "—"
+    if abs(seconds) >= 1e9:  # past 30 years: a damaged file, shown as a number rather than 300 digits of hours
+        return f"{seconds:.3g} s"
     s = int(round(seconds))
     return f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
 
@@ -181,9 +195,9 @@ def results_table(runs: list[Run], skipped: list = (), warnings: list[str] = ())
         epochs = f"{s.get('epochs_done', '?')}/{s.get('epochs') or '?'}"
         row = [r.label, name, s.get("description", ""), f"{_pct(s.get('best_acc'))} ({s.get('best_epoch', '?')})",
                _pct(s.get("final_acc")), epochs, duration(s.get("wall_seconds")),
-               f"{s['train_images_per_sec']:,.0f}" if s.get("train_images_per_sec") else "—"]
+               _rate(s.get("train_images_per_sec"))]
         if with_wait:
-            row.append("—" if s.get("data_wait_fraction") is None else f"{100 * s['data_wait_fraction']:.1f}%")
+            row.append("—" if s.get("data_wait_fraction") is None else _pct(100 * s["data_wait_fraction"], 1))
         if with_target:
             row.append(_to_target(s))
         if with_val:
@@ -205,6 +219,11 @@ def results_table(runs: list[Run], skipped: list = (), warnings: list[str] = ())
     notes += [f"Warning: {w}" for w in warnings]
     notes += [f"Skipped {d}: {why}" for d, why in skipped]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _rate(x) -> str:
+    """Images per second with thousands separators; a dash for none; 3 digits past any real rate."""
+    return "—" if not x else f"{x:,.0f}" if abs(x) < 1e12 else f"{x:.3g}"
 
 
 def _to_target(s: dict) -> str:
@@ -246,6 +265,15 @@ def plot_curves(runs: list[Run], key: str, ylabel: str, path: Path) -> None:
     plt.close(fig)
 
 
+# Largest |value| a curve draws: matplotlib cannot lay out an axis from -1e308 to 1e308 (the range
+# overflows), and a loss past 1e15 is a diverged run whose point would flatten every other curve
+PLOT_LIMIT = 1e15
+
+
+def _drawable(x) -> bool:
+    return x is not None and math.isfinite(x) and abs(x) <= PLOT_LIMIT
+
+
 def curves_figure(runs: list[Run], key: str, ylabel: str):
     """The figure plot_curves saves: a line per run over integer epochs, a star at each run's best
     (selected) epoch."""
@@ -256,7 +284,7 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for r in runs:
-        pts = [(e["epoch"], e[key]) for e in r.epochs if e.get(key) is not None]
+        pts = [(e["epoch"], e[key]) for e in r.epochs if _drawable(e["epoch"]) and _drawable(e.get(key))]
         if pts:
             # matplotlib cannot draw a name's undecodable bytes (surrogates): they show as U+FFFD
             label = r.label.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -271,7 +299,8 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no run had a point to draw
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

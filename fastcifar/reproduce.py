@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import re
 import shlex
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, config, sigterm_as_ctrl_c
+from fastcifar import BadInput, config, jsonio, sigterm_as_ctrl_c
 from fastcifar.checkpoint import atomic_write, check_writable_parent, write_json
 from fastcifar.data import check_outside_stores
 from fastcifar.report import duration
@@ -161,8 +160,8 @@ def check_out(out: Path, names: list[str]) -> None:
 def _read(path: Path) -> dict | None:
     """A JSON object file, or None when it is missing or damaged."""
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
+        obj = jsonio.load(path)
+    except BadInput:
         return None
     return obj if isinstance(obj, dict) else None
 

@@ -132,7 +132,7 @@ def wait_hint(backend: str, device_type: str, dali: bool) -> str:
         return ("the tutorial's per-image loader feeds this run; data.backend=auto makes the same kind of "
                 "batches with DALI (or torch) instead")
     if backend == "dali-gpu":
-        return (f"DALI's host stage (index batches from the memmap) or its GPU ops fall behind: try "
+        return (f"DALI's host stage (index batches from the split in RAM) or its GPU ops fall behind: try "
                 f"data.backend=torch (the whole split on the GPU), or {lighter}")
     if backend == "dali-cpu":
         return (f"DALI runs on the CPU here, beside the model; at 32 px data.backend=torch is often faster "

@@ -450,7 +450,7 @@ class Trainer:
     def store_record(self) -> dict:
         """Which store the run trains on: where it was and its arrays' checksums (resume checks them)."""
         return {"dir": str(self.store.dir.resolve()), "synthetic": self.store.synthetic,
-                "sha256": self.store.meta.get("checksums", {}).get("outputs_sha256")}
+                "sha256": self.store.recorded_sha256}
 
     def load_state_dict(self, ck: dict, path) -> None:
         load_weights(self.model, ck["model"], path)
@@ -606,15 +606,31 @@ def check_resume(r: Recipe, ck: dict, run_dir) -> None:
 
 
 def check_same_store(store, recorded: dict, run_dir) -> None:
-    """Raise BadInput unless the store holds exactly the arrays the run trained on."""
-    if recorded.get("sha256") and store.meta.get("checksums", {}).get("outputs_sha256") != recorded["sha256"]:
+    """Raise BadInput unless the store holds exactly the arrays the run trained on: what its
+    meta.json records, and then what is on disk (hashed: an array changed in place leaves
+    meta.json as it was)."""
+    want = recorded.get("sha256")
+    if not want:  # a run on a store without checksums: nothing to compare
+        return
+    if store.recorded_sha256 != want:
         raise BadInput(f"--resume {run_dir} trained on the store at {recorded['dir']}, but the store at {store.dir} "
                        f"holds other data (its arrays' sha256 differ), so the run would not continue as it was. "
                        f"Resume without --data-dir (the run's own store), or rebuild that store from the same source.")
+    try:
+        changed = [name for name, sha in store.sha256().items() if sha != want.get(name)]
+    except OSError as e:
+        raise BadInput(f"--resume {run_dir}: cannot read the store at {store.dir} to check it ({e.strerror or e}).")
+    if changed:
+        raise BadInput(f"--resume {run_dir}: the store at {store.dir} no longer holds the data the run trained on: "
+                       f"{', '.join(changed)} changed on disk since prepare wrote "
+                       f"{'it' if len(changed) == 1 else 'them'} (their sha256 differ from those in its meta.json), "
+                       f"so the run would continue on other data. Rebuild the store with `fastcifar prepare --force "
+                       f"--data-dir {store.dir}` from the same source.")
 
 
 def new_run_dir(name: str) -> Path:
-    """./runs/<recipe>-<YYYYmmdd-HHMMSS>, with -2, -3, ... when a run of that second exists."""
+    """./runs/<recipe>-<YYYYmmdd-HHMMSS>, with -2, -3, ... when a run of that second exists (the
+    names checkpoint.runs_of finds by the recipe's name)."""
     base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out, k = base, 1
     while out.exists():

@@ -1,6 +1,6 @@
 """The DALI backend: a `@pipeline_def` graph for training and one for evaluation.
 
-Index batches are read from the memmap on the host and enter through `fn.external_source` (batch
+Index batches are taken from the split (read into RAM once) on the host and enter through `fn.external_source` (batch
 mode) with their labels and the batch's augmentation draws (pipelines.draw): only the inputs this
 spec's graph reads (`graph_inputs`). Every image op after it runs on the GPU when a device is given
 (`.gpu()`), and the very same graph runs in DALI's CPU mode (`device_id=None`) when there is none.
@@ -238,7 +238,9 @@ class DaliBackend:
         self.spec, self.sizes, self.device, self.seed, self.rank = spec, sizes, device, seed, rank
         self.augment, self.mean, self.std, self.batch_size = augment and spec.augments, mean, std, batch_size
         self.names = graph_inputs(spec, self.augment)
-        self.images, self.labels = store.images(split), store.labels(split)  # memmaps: read per batch
+        # read into RAM once, as the torch backend does: a store file cut short or rewritten in place
+        # while the run reads a memmap would kill the process (SIGBUS) mid-epoch, unsaved
+        self.images, self.labels = np.array(store.images(split)), np.array(store.labels(split))
         self.gpu = device.type == "cuda"
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
         self.pipe, self.feed, self._clean = None, _Feed(), False

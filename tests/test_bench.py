@@ -231,7 +231,7 @@ def test_tables_script_draws_a_written_bench(tmp_path):
     assert "`bench/cpu_bench.png`" in readme and (root / "bench" / "cpu_bench.png").is_file()
     r = subprocess.run([sys.executable, str(root / "bench" / "tables.py"), str(tmp_path / "missing.json")],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Cannot read" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_models_and_settings(store):

@@ -150,10 +150,10 @@ def test_atomic_writes_are_readable_as_the_umask_allows(tmp_path):
 
 def test_resolve_takes_a_file_a_run_dir_by_preference_or_the_newest_run_of_a_recipe(tmp_path):
     runs = tmp_path / "runs"
-    old, new = runs / "r18-1", runs / "r18-2"
-    for i, d in enumerate((old, new, runs / "r18-empty")):
+    old, new, empty = runs / "r18-20240101-120000", runs / "r18-20240101-120000-2", runs / "r18-20240101-130000"
+    for i, d in enumerate((old, new, empty)):
         d.mkdir(parents=True)
-        if d.name != "r18-empty":
+        if d != empty:
             (d / "last.pt").write_bytes(b"x")
         os.utime(d, (1_000_000 + i, 1_000_000 + i))
     (old / "best.pt").write_bytes(b"x")
@@ -164,7 +164,7 @@ def test_resolve_takes_a_file_a_run_dir_by_preference_or_the_newest_run_of_a_rec
     assert checkpoint.resolve(old / "last.pt") == old / "last.pt"
     assert checkpoint.resolve("r18", runs_dir=runs) == new / "last.pt"  # the newest run holding a checkpoint
     with pytest.raises(BadInput, match="holds no checkpoint"):
-        checkpoint.resolve(runs / "r18-empty")
+        checkpoint.resolve(empty)
     with pytest.raises(BadInput, match="neither a checkpoint file, a run directory, nor the name of a recipe"):
         checkpoint.resolve("r50", runs_dir=runs)
 

@@ -630,8 +630,10 @@ def test_readme_preprocessing_is_what_predict_does(runs, data, tmp_path, kind):
         assert (ours - theirs).abs().max() < 1e-5
 
 
-def test_float_images_are_scaled_and_big_ones_read_without_a_pillow_warning(tmp_path, monkeypatch):
+def test_float_images_are_scaled_and_big_ones_refused_before_decoding(tmp_path, monkeypatch):
     import warnings
+
+    from PIL import ImageFile
 
     ramp = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)  # a float TIFF's usual 0..1
     Image.fromarray(ramp, mode="F").save(tmp_path / "unit.tif")
@@ -643,11 +645,18 @@ def test_float_images_are_scaled_and_big_ones_read_without_a_pillow_warning(tmp_
     Image.fromarray(ramp, mode="F").save(tmp_path / "nan.tif")
     with pytest.raises(ValueError, match="NaN"):
         read_image(tmp_path / "nan.tif")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # 32x32 = 1024 px: between 1x and 2x the limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1024)  # 32x32 = 1024 px: at the limit, read without a warning
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert read_image(tmp_path / "unit.tif").shape == (32, 32, 3)
     assert not seen
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # between 1x and 2x the limit, where Pillow only warns
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im))
+    with pytest.raises(ValueError, match="32x32 pixels, over the 600 that fastcifar decodes"):
+        read_image(tmp_path / "unit.tif")
+    assert decoded == []  # refused from the header, before a pixel was decoded
+    monkeypatch.undo()
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # over twice the limit: Pillow refuses, we name it
     with pytest.raises(ValueError, match="DecompressionBomb"):
         read_image(tmp_path / "unit.tif")

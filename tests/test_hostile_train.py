@@ -236,7 +236,9 @@ def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path
     ("import sys; sys.exit(3)", "sys.exit(3)"),
     ("raise GeneratorExit", "raised GeneratorExit."),  # BaseExceptions that are not Ctrl-C are the recipe's fault too
     ("raise type('Stop', (BaseException,), {})('stop')", "raised Stop: stop"),
-    ("raise ValueError('bad lr\\n\\nTraceback (most recent call last):\\n  advice')", "raised ValueError: bad lr."),
+    # the message's first line only (the line of code shown after it names the variable, not its text)
+    ("advice = 'bad lr\\n\\nTraceback (most recent call last):\\n  advice'\n    raise ValueError(advice)",
+     "raised ValueError: bad lr. At"),
 ])
 def test_recipes_with_wrong_types_or_sys_exit_exit_2(tmp_path, monkeypatch, capsys, body, message):
     (tmp_path / "bad.py").write_text(f'"""A careless recipe."""\nfrom fastcifar.config import Recipe\n\n\n'
