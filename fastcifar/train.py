@@ -426,8 +426,10 @@ class Trainer:
         steps = self.schedule_epochs * len(self.train_loader)
         lr = self.optimizer.param_groups[0]["initial_lr"] * lr_factor(steps, steps, self.r.schedule)
         first = max(p.epoch, self.schedule_epochs) + 1
-        return (f" The LR schedule keeps the {self.schedule_epochs} epochs it was built for; epochs {first}-{rt.epochs} "
-                f"continue at its final LR {lr:.3g}.")
+        extra = f"epoch {first}" if first == rt.epochs else f"epochs {first}-{rt.epochs}"
+        n = self.schedule_epochs
+        return (f" The LR schedule keeps the {n} epoch{'s' * (n != 1)} it was built for; {extra} "
+                f"{'trains' if first == rt.epochs else 'train'} at its final LR {lr:.3g}.")
 
     def at_target(self) -> str | None:
         """Why the run ends here, when train.stop_at_target is set and an epoch reached train.target_acc."""
@@ -665,7 +667,7 @@ def check_resume(r: Recipe, ck: dict, run_dir) -> None:
     horizon = schedule_epochs(ck)
     if r.train.epochs > horizon and lr_factor(1 << 40, 1 << 40, r.schedule) == 0:  # the factor from the end on
         raise BadInput(f"train.epochs = {r.train.epochs}: {run_dir}'s LR schedule ({r.schedule.kind}, final_lr = "
-                       f"{r.schedule.final_lr:g}) was built for {horizon} epochs and ends at LR 0, and a resumed run keeps "
+                       f"{r.schedule.final_lr:g}) was built for {horizon} epoch{'s' * (horizon != 1)} and ends at LR 0, and a resumed run keeps "
                        f"its schedule (changing its length would make the LR jump at the resume point), so the "
                        f"epochs past {horizon} would train nothing. To train longer, start a new run with "
                        f"train.epochs={r.train.epochs}, or fine-tune from this one's weights with a schedule of its own: "

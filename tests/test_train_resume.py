@@ -139,7 +139,7 @@ def test_more_epochs_on_resume_continue_at_the_schedules_final_lr(store, tmp_pat
     assert s["finished"] and s["epochs_done"] == 2 and len(lrs) == steps
     assert lrs == pytest.approx([0.1 * peak] * steps)  # the final LR from the first new step on
     assert lrs[0] < last_lr  # down from the last LR of the first run, not back up: no jump at the resume point
-    assert any("keeps the 1 epochs it was built for; epochs 2-2 continue at its final LR" in l for l in lines)
+    assert any(f"keeps the 1 epoch it was built for; epoch 2 trains at its final LR {0.1 * peak:.3g}" in l for l in lines)
     assert checkpoint.load(run / "last.pt")["schedule_epochs"] == 1  # and a later resume keeps it too
 
 
