@@ -1,7 +1,8 @@
 """Where and how a run executes, shared by `train`, `eval` and `bench`: the device and the process
-group, precision (autocast and the AMP dtypes), memory format, the backend flags (cuDNN autotune,
-TF32, deterministic kernels) as a context manager that puts every flag back, and Ctrl-C/SIGTERM
-as a request to stop after the current step."""
+group, precision (what train.amp=auto picks for a device, autocast and the AMP dtypes), whether to
+compile, memory format, the backend flags (cuDNN autotune, TF32, deterministic kernels) as a
+context manager that puts every flag back, and Ctrl-C/SIGTERM as a request to stop after the
+current step."""
 
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ def resolve_amp(device: torch.device, amp: str) -> tuple[str, str]:
         native = bool(torch.version.hip) or props.major >= 8  # Ampere (8.0) and later have bf16 tensor cores
         gpu = f"{props.name} (compute capability {props.major}.{props.minor})"
         if amp != "auto":
-            return amp, f"train.amp = {amp}" + ("; this GPU has no bf16 tensor cores, so bf16 runs slowly here: "
-                                               "train.amp=auto picks fp16" if amp == "bf16" and not native else "")
+            return amp, f"train.amp = {amp}" + (f"; {gpu} has no bf16 tensor cores (8.0 and later do): "
+                                               f"train.amp=auto picks fp16" if amp == "bf16" and not native else "")
         if native:
             return "bf16", f"auto: {gpu} has bf16 tensor cores"
         return "fp16", f"auto: {gpu} has no bf16 tensor cores: fp16 with a loss-scaling GradScaler"
