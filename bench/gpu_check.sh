@@ -12,8 +12,10 @@
 #   pipeline       img/s of DALI, torch and the tutorial's path at 224/32 (in that order): no aug,
 #                  OneOf, TrivialAugment, RandAugment
 #   train_compiled r18_cifar_32 compiled, bf16, on DALI-GPU: 3 epochs (291 steps), 1000 test
-#                  images (eval batches of 512 and 488), TORCH_LOGS=recompiles: recompiles counted
-#   resume         --resume it for a 4th epoch (the compiled graphs come from inductor's cache)
+#                  images (eval batches of 512 and 488), TORCH_LOGS=recompiles: recompiles counted;
+#                  its one-cycle schedule ends at 1% of the peak LR, not 0, so that ...
+#   resume         --resume it for a 4th epoch, at that final LR (the compiled graphs come from
+#                  inductor's cache)
 #   train_step     the ladder for resnet18 at 224 and 32: eager vs compiled, bf16 channels_last
 #   end_to_end     DALI feeding the compiled resnet18 step at 224 and 32: the graphs train_step
 #                  compiled (same inputs), so inductor's cache spares a second compile
@@ -53,7 +55,8 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   agree=(--device cpu --rows 100 --batch 50 --specs oneof)
   # the recipes' own settings, shrunk: timm's 0.4M-parameter test_resnet, a step or two per epoch
   tiny=(--set model.name=test_resnet --set model.pretrained=false --set train.compile=false --set train.device=cpu)
-  compiled=("${tiny[@]}" --set data.batch_size=50 --set data.subset=0.05 --set data.test_subset=0.3)  # eval 50 + 40
+  compiled=("${tiny[@]}" --set data.batch_size=50 --set data.subset=0.05 --set data.test_subset=0.3  # eval 50 + 40
+            --set schedule.final_lr=0.01)
   fp16=("${tiny[@]}" --set data.batch_size=50 --set data.subset=0.05 --set data.test_subset=0.2)
   few=("${tiny[@]}" --set data.batch_size=10 --set data.subset=0.01 --set data.test_subset=0.02)  # 224 px on a CPU
   pipeline=(--quick --device cpu --batch-size 2)
@@ -64,7 +67,7 @@ else
   budget=${GPU_CHECK_BUDGET:-420}
   store=(--train 50000 --test 10000)
   agree=(--device cuda)
-  compiled=(--set data.test_subset=0.1)                                      # eval batches of 512 and 488
+  compiled=(--set data.test_subset=0.1 --set schedule.final_lr=0.01)         # eval batches of 512 and 488
   fp16=(--set data.subset=0.2 --set data.test_subset=0.1)
   few=(--set model.pretrained=false --set data.subset=0.05 --set data.test_subset=0.05)
   pipeline=(--device cuda)

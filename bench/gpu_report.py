@@ -90,13 +90,15 @@ def report(out: Path) -> str:
     for name, what in RUNS.items():
         s = _json(out / f"{name}_summary.json")
         n = recompiles(out / f"{name}.log") if name in ("train_compiled", "resume") else None
-        if s:
-            runs.append([name, what, s["backend"], s["device"], s["epochs_done"], f"{s['train_images_per_sec']:,.0f}",
-                         f"{s['best_acc']:.2f}", f"{s['wall_seconds']:.0f}", "—" if n is None else n])
+        if s:  # img/s is steady state (null when every epoch was the warm-up step alone); the warm-up apart
+            rate, warm = s.get("train_images_per_sec"), s.get("warmup_seconds")
+            runs.append([name, what, s["backend"], s["device"], s["epochs_done"], "—" if rate is None else f"{rate:,.0f}",
+                         "—" if warm is None else f"{warm:.1f}", f"{s['best_acc']:.2f}", f"{s['wall_seconds']:.0f}",
+                         "—" if n is None else n])
         else:
-            runs.append([name, what, "—", "—", "—", "—", "—", "—", "—" if n is None else n])
-    parts.append(_md(["run", "what", "loader", "device", "epochs", "train img/s", "best test % (synthetic)", "wall s",
-                      "recompiles"], runs))
+            runs.append([name, what, "—", "—", "—", "—", "—", "—", "—", "—" if n is None else n])
+    parts.append(_md(["run", "what", "loader", "device", "epochs", "train img/s", "warm-up s", "best test % (synthetic)",
+                      "wall s", "recompiles"], runs))
 
     rows = []
     for name in BENCH_FILES:

@@ -116,10 +116,10 @@ CPU_STEP_BATCH = {32: 64, 224: 8}
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware has it (fp32's range: no loss scaling), else fp16."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    """The AMP rungs' autocast dtype: on a GPU what train.amp=auto picks (runtime.resolve_amp: bf16, or
+    fp16 without bf16 tensor cores); bf16 on every CPU, so that where auto picks fp32 the ladder shows
+    what emulated bf16 would cost."""
+    return runtime.AMP_DTYPES[runtime.resolve_amp(device, "auto")[0]] or torch.bfloat16
 
 
 def _input_dtype(device: torch.device, amp: bool) -> torch.dtype:
@@ -366,6 +366,10 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     store = bench_store(data_dir, quick, log)
     meta = {**host_info(device), "quick": quick, "store": provenance.data_info(store)["dataset"]}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
+    amp, why = runtime.resolve_amp(device, "auto")
+    meta["amp_auto"] = amp  # what a training run's train.amp=auto picks on this device
+    log(f"train.amp=auto picks {amp} here ({why.removeprefix('auto: ')}); the AMP rungs run "
+        f"{str(_amp_dtype(device)).removeprefix('torch.')}")
     rows, stopped = [], None
 
     def save(complete: bool):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fastcifar import BadInput, make_dirs, remove_empty, why
+from fastcifar import dist as fdist
 
 
 def atomic_write(path: Path, write) -> None:
@@ -172,19 +173,29 @@ def resolve(ref: str | os.PathLike, prefer: str = "best.pt", runs_dir: Path = Pa
                    f"or last.pt).")
 
 
-def rng_state() -> dict:
-    """The global RNG states a run uses (Python, torch CPU, every CUDA device)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def rng_state(device: torch.device | None = None) -> dict:
+    """The global RNG states of every rank, {"ranks": [...]}: each rank's Python and torch CPU state and
+    that of its own CUDA device (device), so that each rank restores its own. A collective: every
+    rank calls it."""
+    own = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        own["cuda_device"] = torch.cuda.get_rng_state(device)
+    return {"ranks": fdist.all_gather_object(own)}
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(_tuples(state["python"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(state: dict, rank: int = 0, world: int = 1, device: torch.device | None = None) -> None:
+    """Restore rng_state()'s states: this rank's own (rank 0's when the run had another number of
+    ranks: the data is sharded otherwise, so nothing continues exactly anyway)."""
+    ranks = state.get("ranks")
+    if ranks is None:  # written before states were kept per rank: every CUDA device's, as rank 0 saw them
+        ranks = [state]
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+    own = ranks[rank] if len(ranks) == world else ranks[0]
+    random.setstate(_tuples(own["python"]))
+    torch.set_rng_state(own["torch"])
+    if device is not None and device.type == "cuda" and "cuda_device" in own:
+        torch.cuda.set_rng_state(own["cuda_device"], device)
 
 
 def _tuples(x):
@@ -304,7 +315,7 @@ class RunDir:
             self._metrics.flush()
 
         self._guard("metrics.jsonl", log)
-        self.scalars(m["epoch"], {f"epoch/{k}": v for k, v in m.items() if k != "epoch"})
+        self.scalars(m["epoch"], {f"epoch/{k}": v for k, v in m.items() if k != "epoch" and v is not None})
         self._tb.flush()
         self._write_summary(False, "running")
 

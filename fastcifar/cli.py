@@ -143,7 +143,9 @@ def train(
                                         "type-checked; repeatable. E.g. --set train.epochs=30 --set optim.lr=3e-4."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: `./runs/<recipe>-<YYYYmmdd-HHMMSS>`)."),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR "
-                                          "from its last.pt (exactly where it stopped)."),
+                                          "from its last.pt (exactly where it stopped). More epochs (--set "
+                                          "train.epochs=N) keep its LR schedule and train at its final LR; after a "
+                                          "schedule that ends at LR 0 they are refused."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
 ):
     """Train a recipe (a path like recipes/r18_arcface_224.py or a name like r18_arcface_224).
@@ -151,6 +153,8 @@ def train(
     Writes a run directory: recipe.json, recipe.py, TensorBoard events, metrics.jsonl, last.pt, best.pt, summary.json.
     Ctrl-C, SIGTERM or SIGHUP saves last.pt and exits 130; --resume RUN_DIR continues the run.
     Under torchrun (torchrun --nproc-per-node N -m fastcifar train ...) data.batch_size is the global batch.
+    train.amp=auto (the default) trains in bf16 on GPUs with bf16 tensor cores, fp16 on older ones and
+    fp32 on CPUs without native bf16; the first lines say which and why.
     """
     from fastcifar import checkpoint, config
     from fastcifar.train import Diverged, Interrupted
@@ -189,7 +193,9 @@ def evaluate(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     backend: Optional[str] = typer.Option(None, "--backend", help="Loader backend [default: the recipe's]."),
     batch_size: int = typer.Option(500, "--batch-size", help="Images per evaluation batch."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when present) | cpu | cuda | cuda:N."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present) | cpu | cuda | cuda:N (made the "
+                               "current GPU). The run's train.amp is resolved for this device (auto: fp32 on a CPU "
+                               "without native bf16)."),
     weights: str = typer.Option("auto", "--weights", help="auto (the EMA weights when the checkpoint has them, "
                                 "else the raw ones) | raw | ema."),
     tta: Optional[str] = typer.Option(None, "--tta", help="Test-time augmentation: none | flip (logits averaged "
@@ -200,8 +206,9 @@ def evaluate(
 
     res = evaluate_checkpoint(checkpoint_ref, data_dir=data_dir, backend=backend, batch_size=batch_size, device=device,
                               tta=tta, weights=weights)
+    precision = "fp32" if res["amp"] == "none" else res["amp"]
     typer.echo(f"{res['checkpoint']} ({res['recipe']}, epoch {res['epoch']}, {res['weights']} weights, TTA "
-               f"{res['tta']}): test top-1 {res['acc']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
+               f"{res['tta']}, {precision}): test top-1 {res['acc']:.2f}%  top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  "
                f"on {res['images']} images" + (" of a SYNTHETIC store" if res["synthetic"] else ""))
 
 
@@ -224,7 +231,8 @@ def bench(
     size: Optional[List[int]] = typer.Option(None, "--size", help="Image side in px, repeatable, measured in the "
                                              "order given: 32, 224 (default: both)."),
     batch_size: int = typer.Option(250, "--batch-size", help="Images per batch (the tutorial's 250); train steps on a CPU take at most 64 at 32 px and 8 at 224 px."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if there is one)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (made the current GPU; "
+                                         "default: cuda if there is one)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Store directory (default: $FASTCIFAR_DATA, "
                                             "else ./data/cifar100); without a store, a synthetic stand-in in the temp dir."),
 ):
@@ -233,7 +241,7 @@ def bench(
     Each row gives images/s after warm-up (the median of several timed repeats; warm-up and compile time are reported apart).
 
     - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path.
-    - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP, then torch.compile.
+    - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP (on a GPU what train.amp=auto picks there; bf16 on a CPU), then torch.compile.
     - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the last --setting (the ladder's top).
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.

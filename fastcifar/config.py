@@ -25,7 +25,7 @@ from fastcifar.averaging import TTA
 from fastcifar.data import DATASETS
 from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
 from fastcifar.optim import DECAY_GROUPS, LR_SCALING, OPTIMIZERS, SCHEDULES
-from fastcifar.runtime import AMP_DTYPES, TF32
+from fastcifar.runtime import AMP_CHOICES, TF32
 from pipelines.loader import BACKENDS
 from pipelines.spec import MAX_SIDE, AugSpec
 
@@ -212,7 +212,8 @@ class Train:
     epochs: int = 200
     seed: int = 0                # model init, data order, augmentation draws, mixing
     compile: bool | None = None  # torch.compile; None = on when CUDA, off on a CPU
-    amp: str = "none"            # none (fp32) | bf16 | fp16 (with a GradScaler)
+    amp: str = "auto"            # auto (bf16 on GPUs with bf16 tensor cores, fp16 on older ones, fp32 on CPUs
+                                 # without native bf16; the run says which) | none (fp32) | bf16 | fp16 (+ GradScaler)
     tf32: str = "on"             # fp32 on tensor cores (10-bit mantissa): on (convolutions and matmuls) | conv
                                  # (PyTorch's defaults: convolutions only; the tutorial's "precision 32") | off
     deterministic: bool = False  # deterministic kernels (slower); resumed runs match straight ones
@@ -234,7 +235,7 @@ class Train:
             ("select_on", lambda v: v == "raw" or self.ema_decay > 0,
              "selects on the EMA weights, but train.ema_decay = 0 keeps none; set train.ema_decay (e.g. 0.999)"),
             ("tta", *_one_of(TTA)),
-            ("amp", *_one_of(AMP_DTYPES)),
+            ("amp", *_one_of(AMP_CHOICES)),
             ("tf32", *_one_of(TF32)),
             ("epochs", lambda v: v >= 1, "must be at least 1"),
             ("seed", lambda v: 0 <= v < 2 ** 32, "must lie in 0 .. 2**32 - 1 (numpy and torch seeds are unsigned)"),
@@ -276,6 +277,11 @@ class Recipe:
         if self.head.kind != "linear" and (self.aug.mixup_alpha > 0 or self.aug.cutmix_alpha > 0):
             raise BadInput(f"head.kind = {shown(self.head.kind)}: a margin head needs hard labels, but MixUp/CutMix give "
                            f"soft targets; use head.kind=linear or set aug.mixup_alpha and aug.cutmix_alpha to 0.")
+        if self.aug.dtype != "float32" and self.train.amp == "none":
+            raise BadInput(f"aug.dtype = {shown(self.aug.dtype)} hands the model {self.aug.dtype} images, but train.amp = "
+                           f"none runs it in fp32, and an fp32 layer refuses {self.aug.dtype} input at the first step. "
+                           f"Reduced-precision images are for autocast: set train.amp=auto (or bf16 / fp16), or "
+                           f"aug.dtype=float32.")
         if self.loss.scales and self.distill.teacher:
             raise BadInput(f"loss.scales = {shown(self.loss.scales)} (multi-scale training) and distill.teacher = "
                            f"{shown(self.distill.teacher)} (distillation) are two objectives; set loss.scales=() or "

@@ -73,6 +73,15 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def all_gather_object(obj) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (picklable objects); [obj] when running alone."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when flag is true on any (one host sync when there are several ranks)."""
     if not active():

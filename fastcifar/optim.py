@@ -56,9 +56,10 @@ def build_optimizer(model: nn.Module, cfg, batch_size: int) -> torch.optim.Optim
 
 
 def _after_warmup(step: int, total_steps: int, s) -> float:
-    """Progress through the steps after warmup, 0..1."""
+    """Progress through the steps after warmup, 0..1 (1 from total_steps on: past the end, the
+    schedule stays at its final value)."""
     warm = round(s.warmup * total_steps)
-    return min(1.0, (step - warm) / max(1, total_steps - warm))
+    return min(1.0, (step - warm) / (total_steps - warm)) if total_steps > warm else 1.0
 
 
 # schedule.kind -> multiplier of the peak LR at optimizer step `step` (0-based) of `total_steps`,
@@ -73,7 +74,8 @@ SCHEDULES = {
 
 def lr_factor(step: int, total_steps: int, s) -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based) of `total_steps`: a linear
-    warmup over the first `s.warmup` fraction of the steps, then SCHEDULES[s.kind]."""
+    warmup over the first `s.warmup` fraction of the steps, then SCHEDULES[s.kind]; steps past
+    total_steps (a resumed run given more epochs) keep the final value."""
     warm = round(s.warmup * total_steps)
     if step < warm:
         return (step + 1) / warm

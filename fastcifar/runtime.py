@@ -1,15 +1,18 @@
 """Where and how a run executes, shared by `train`, `eval` and `bench`: the device and the process
-group, precision (autocast and the AMP dtypes), memory format, the backend flags (cuDNN autotune,
-TF32, deterministic kernels) as a context manager that puts every flag back, and Ctrl-C/SIGTERM
-as a request to stop after the current step."""
+group, precision (what train.amp=auto picks for a device, autocast and the AMP dtypes), whether to
+compile, memory format, the backend flags (cuDNN autotune, TF32, deterministic kernels) as a
+context manager that puts every flag back, and Ctrl-C/SIGTERM as a request to stop after the
+current step."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import platform
 import signal
 import threading
+from pathlib import Path
 
 import torch
 
@@ -18,6 +21,50 @@ from fastcifar import dist as fdist
 
 # train.amp -> autocast dtype (None = fp32). fp16 also needs a GradScaler; bf16 has fp32's range.
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_CHOICES = ("auto", *AMP_DTYPES)  # train.amp: auto = resolve_amp's pick for the device
+# CPU features that do bf16 arithmetic in hardware, as Linux's /proc/cpuinfo names them: x86
+# AVX512-BF16 and AMX-BF16, aarch64 FEAT_BF16. Without one, bf16 autocast is emulated in software
+# and runs slower than fp32 (`fastcifar bench --device cpu --stage train_step` shows both)
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
+    """The CPU feature (CPU_BF16_FLAGS) that gives this CPU native bf16 arithmetic, or None."""
+    try:
+        lines = Path(cpuinfo).read_text(errors="replace").splitlines()
+    except OSError:  # not Linux: what torch itself checks (x86 only)
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return "avx512_bf16" if probe is not None and platform.machine().lower() in ("x86_64", "amd64") and probe() \
+            else None
+    flags = set()
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):  # x86 names them flags, aarch64 features
+            flags.update(value.split())
+    return next((f for f in CPU_BF16_FLAGS if f in flags), None)
+
+
+def resolve_amp(device: torch.device, amp: str) -> tuple[str, str]:
+    """(precision, why) that train.amp means on device: "auto" becomes bf16, fp16 or none (fp32)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        native = bool(torch.version.hip) or props.major >= 8  # Ampere (8.0) and later have bf16 tensor cores
+        gpu = f"{props.name} (compute capability {props.major}.{props.minor})"
+        if amp != "auto":
+            return amp, f"train.amp = {amp}" + (f"; {gpu} has no bf16 tensor cores (8.0 and later do): "
+                                               f"train.amp=auto picks fp16" if amp == "bf16" and not native else "")
+        if native:
+            return "bf16", f"auto: {gpu} has bf16 tensor cores"
+        return "fp16", f"auto: {gpu} has no bf16 tensor cores: fp16 with a loss-scaling GradScaler"
+    flag = cpu_bf16()
+    if amp != "auto":
+        return amp, f"train.amp = {amp}" + ("; this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16), so it is "
+                                           "emulated, slower than fp32: train.amp=auto picks fp32"
+                                           if amp == "bf16" and flag is None else "")
+    if flag is not None:
+        return "bf16", f"auto: this CPU has native bf16 ({flag})"
+    return "none", "auto: this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16), where bf16 is emulated and slower than fp32"
 
 
 def wants_cuda(device: str) -> bool:
@@ -54,9 +101,10 @@ TF32 = {"on": (True, True), "conv": (True, False), "off": (False, False)}
 
 
 @contextlib.contextmanager
-def backend_settings(deterministic: bool, tf32: str = "on"):
-    """The kernel-choice flags a run sets, restored on exit: deterministic kernels or cuDNN autotune,
-    and where fp32 may use TF32 (TF32[tf32])."""
+def backend_settings(deterministic: bool, tf32: str = "on", autotune: bool = True):
+    """The kernel-choice flags a run sets, restored on exit: deterministic kernels, or cuDNN autotune
+    unless autotune is False (shapes that vary: see autotune_note), and where fp32 may use TF32
+    (TF32[tf32])."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32,
              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
@@ -66,7 +114,7 @@ def backend_settings(deterministic: bool, tf32: str = "on"):
             torch.use_deterministic_algorithms(True)
             cudnn.benchmark = False
         else:
-            cudnn.benchmark = True  # fixed shapes: cuDNN times its kernels once and keeps the fastest
+            cudnn.benchmark = autotune  # fixed shapes: cuDNN times its kernels once per shape, keeps the fastest
         cudnn.allow_tf32, matmul.allow_tf32 = TF32[tf32]
         yield
     finally:
@@ -78,8 +126,30 @@ def backend_settings(deterministic: bool, tf32: str = "on"):
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
 
 
+def autotune_note(scales: tuple) -> str | None:
+    """Why cuDNN autotune is off for a run, or None when it is on: multi-scale training (loss.scales)
+    splits each batch by a random draw, so nearly every step brings new sub-batch shapes, and
+    autotune would time every kernel candidate again for each one."""
+    return f"cuDNN autotune off: loss.scales = {','.join(map(str, scales))} gives each step new sub-batch shapes" \
+        if scales else None
+
+
+def compile_choice(compile: bool | None, device: torch.device, sync_bn_ddp: bool) -> tuple[bool, str | None]:
+    """(compiled, why it is off when asked for) for train.compile (None = on with CUDA) on device;
+    sync_bn_ddp: model.sync_bn under DDP, which trains eagerly. torch.compile breaks its graph at every
+    SyncBatchNorm (about 20 in a ResNet-18) and compile + DDP + SyncBatchNorm has open bug reports
+    in torch, so that combination is not run."""
+    wanted = device.type == "cuda" if compile is None else compile
+    if wanted and sync_bn_ddp:
+        return False, (f"{'train.compile=true' if compile else 'compile'} set aside: model.sync_bn under DDP trains "
+                       f"eagerly (torch.compile breaks its graph at each SyncBatchNorm and is unreliable with DDP + "
+                       f"SyncBatchNorm); model.sync_bn=false compiles")
+    return wanted, None
+
+
 def autocast(device: torch.device, amp: str):
-    """A factory of autocast contexts for `train.amp` (fp32 = a disabled one): `with autocast(): ...`."""
+    """A factory of autocast contexts for a resolved `train.amp` (resolve_amp; fp32 = a disabled one):
+    `with autocast(): ...`."""
     dtype = AMP_DTYPES[amp]
     return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -146,8 +216,9 @@ def memory_error(e: RuntimeError) -> str:
 
 
 def command_device(spec: str | None, option: str = "--device") -> torch.device:
-    """The device a command's --device names (None or auto: cuda when torch sees one, else cpu),
-    or BadInput saying why it cannot be used here (eval and bench; training's is `distributed`)."""
+    """The device a command's --device names (None or auto: cuda when torch sees one, else cpu), made
+    the current CUDA device, or BadInput saying why it cannot be used here (eval and bench;
+    training's is `distributed`)."""
     if spec is None or spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -160,4 +231,7 @@ def command_device(spec: str | None, option: str = "--device") -> torch.device:
         raise BadInput(f"{option} {dev} asked for a GPU, but torch sees no CUDA device here; use {option} cpu.")
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise BadInput(f"{option} {dev}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
+    if dev.type == "cuda":  # the current device: where DALI and torch put what names no index, and whose stream they use
+        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+        torch.cuda.set_device(dev)
     return dev

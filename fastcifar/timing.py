@@ -1,5 +1,9 @@
 """Where a run's time goes: how long the training loop waited for data, the first step's warm-up,
-and how long the run took to reach a target accuracy.
+the steady-state speed, and how long the run took to reach a target accuracy.
+
+Speed: an epoch's `images_per_sec` is steady state: this process's images over its training
+seconds, both without the warm-up step (torch.compile, cuDNN autotune, first allocations), whose
+seconds are `warmup_seconds` apart; a 1-3 epoch run's figure would otherwise be mostly compile.
 
 Data wait, without a host sync per step:
 - on a GPU, a CUDA event is recorded on the training stream just before the loop asks the loader
@@ -45,6 +49,7 @@ class EpochClock:
         self.before = earlier.get("train_seconds", 0.0)
         self.wait = earlier.get("data_wait_seconds", 0.0)
         self.warmup = earlier.get("warmup_seconds", 0.0)
+        self.own_warmup, self.warm_images = 0.0, 0  # this process's warm-up in this epoch, and its images
         self._pending: list[tuple] = []  # CUDA (start, end) event pairs not read yet
 
     def batches(self, loader):
@@ -81,17 +86,26 @@ class EpochClock:
                 left.append((start, end))
         self._pending = left
 
-    def step(self, fn, *args):
-        """fn(*args), the training step; the first one of this process is timed as warm-up (one sync)."""
+    def step(self, fn, *args, images: int):
+        """fn(*args), the training step on `images` images; the first one of this process is timed as
+        warm-up (one sync)."""
         if self.warmed:
             return fn(*args)
         t = time.perf_counter()
         out = fn(*args)
         if self.cuda:
             torch.cuda.synchronize(self.device)  # once per process: the compile and autotune are done
-        self.warmup += time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        self.warmup += seconds
+        self.own_warmup, self.warm_images = seconds, images
         self.warmed = True
         return out
+
+    def images_per_sec(self, train_seconds: float, images: int, world: int = 1) -> float | None:
+        """Steady-state speed of this process's part of the epoch: its `images` (one rank's) x `world`
+        ranks over its `train_seconds`, both without the warm-up step; None when that step was all."""
+        steady, seconds = images - self.warm_images, train_seconds - self.own_warmup
+        return steady * world / seconds if steady > 0 and seconds > 0 else None
 
     def saved(self) -> dict:
         """The epoch's part so far, for last.pt when it stops mid-epoch."""
@@ -145,8 +159,8 @@ def wait_hint(backend: str, device_type: str, dali: bool) -> str:
 
 
 def run_fields(history: list[dict], target: float, selection: str) -> dict:
-    """summary.json's data-wait and time-to-target fields from the epochs' metrics: the run's data
-    wait and its share; with a target, the first epoch whose selection accuracy (val when held
+    """summary.json's data-wait, warm-up and time-to-target fields from the epochs' metrics: the run's
+    data wait and its share, its warm-up seconds; with a target, the first epoch whose selection accuracy (val when held
     out, else test) reaches it, the training seconds to its end (warm-up left out) and the wall
     seconds (with warm-up, compile, evaluation and checkpoints)."""
     timed = [m for m in history if "data_wait_seconds" in m]
@@ -154,7 +168,8 @@ def run_fields(history: list[dict], target: float, selection: str) -> dict:
     if timed:
         wait = sum(m["data_wait_seconds"] for m in timed)
         train = sum(m["train_seconds"] - m.get("warmup_seconds", 0.0) for m in timed)
-        s.update(data_wait_seconds=wait, data_wait_fraction=wait / max(train, 1e-9))
+        s.update(data_wait_seconds=wait, data_wait_fraction=wait / max(train, 1e-9),
+                 warmup_seconds=sum(m.get("warmup_seconds", 0.0) for m in timed))  # every process's first step
     if target > 0:
         key = f"{selection}_acc"
         s.update(target_acc=target, target_on=selection, epoch_to_target=None, seconds_to_target=None,

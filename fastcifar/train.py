@@ -38,7 +38,7 @@ from fastcifar.data import check_outside_stores, check_replaceable, default_data
 from fastcifar.losses import Classify, Distill, MultiScale
 from fastcifar.models import (SCALED_LOGITS, build_model, check_refs, init_from, load_weights, net_from_checkpoint,
                               num_classes, sync_batchnorm)
-from fastcifar.optim import build_optimizer, build_scheduler
+from fastcifar.optim import build_optimizer, build_scheduler, lr_factor
 from fastcifar.report import duration
 from pipelines.loader import make_loader
 from pipelines.spec import mean_std
@@ -134,18 +134,19 @@ class Trainer:
             ck = self._resume_checkpoint(resume)
             data_dir = ck["store"]["dir"] if data_dir is None and "store" in ck else data_dir
         self._data(data_dir, ck, resume)
-        self._model(resume)
+        self._model(ck)
         # everything that decides the next step comes from last.pt
         self.progress = Progress()
         if ck is not None:
             self.load_state_dict(ck, Path(resume) / "last.pt")
             p = self.progress
-            self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batch + 1}" if p.batch else "") + ".")
+            self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batch + 1}" if p.batch else "") + "."
+                     + self.extension_note())
         self._nets()
 
     def _place(self) -> None:
-        """Device and ranks (one process per GPU under torchrun; data.batch_size is global), backend
-        flags, seeds."""
+        """Device and ranks (one process per GPU under torchrun; data.batch_size is global), precision,
+        backend flags, seeds."""
         r, rt = self.r, self.r.train
         self.device, self.rank, self.world = self._exit.enter_context(runtime.distributed(rt.device))
         self.main = self.rank == 0
@@ -154,7 +155,12 @@ class Trainer:
             raise BadInput(f"data.batch_size = {r.data.batch_size} is the global batch and must divide evenly "
                            f"over the {self.world} ranks; pick a multiple of {self.world}.")
         self.batch = r.data.batch_size // self.world  # per rank
-        self._exit.enter_context(runtime.backend_settings(rt.deterministic, rt.tf32))
+        self.amp, self.amp_reason = runtime.resolve_amp(self.device, rt.amp)
+        self.aug = fed_aug(r.aug, self.amp)
+        self.dtype_note = (f"aug.dtype = {r.aug.dtype} read as float32: the step runs in fp32 here"
+                           if self.aug is not r.aug else None)
+        self.autotune_note = runtime.autotune_note(r.loss.scales) if self.device.type == "cuda" else None
+        self._exit.enter_context(runtime.backend_settings(rt.deterministic, rt.tf32, autotune=not r.loss.scales))
         random.seed(rt.seed)
         torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
 
@@ -197,27 +203,30 @@ class Trainer:
         # distillation: the student's and the teacher's view; multi-scale training: one view per scale
         sizes = ((r.aug.image_size, teacher_recipe.aug.image_size) if self.teacher is not None
                  else tuple(r.loss.scales) or None)
-        self.train_loader = make_loader(self.store, "train", r.aug, self.batch, shuffle=r.data.shuffle,
+        self.train_loader = make_loader(self.store, "train", self.aug, self.batch, shuffle=r.data.shuffle,
                                         drop_last=r.data.drop_last, indices=train_rows, augment=True, sizes=sizes, **common)
-        self.test_loader = make_loader(self.store, "test", r.aug, self.batch, indices=test_rows, augment=False, **common)
-        self.val_loader = (make_loader(self.store, "train", r.aug, self.batch, indices=val_rows, augment=False, **common)
+        self.test_loader = make_loader(self.store, "test", self.aug, self.batch, indices=test_rows, augment=False, **common)
+        self.val_loader = (make_loader(self.store, "train", self.aug, self.batch, indices=val_rows, augment=False, **common)
                            if val_rows is not None else None)
 
-    def _model(self, resume) -> None:
-        """Model, EMA, optimizer, LR schedule, precision, mixing."""
+    def _model(self, ck) -> None:
+        """Model, EMA, optimizer, LR schedule (over the epochs it was first built for: schedule_epochs),
+        GradScaler and autocast, mixing."""
         r, rt = self.r, self.r.train
+        resume = ck is not None
         self.model = build_model(r.model, r.head, self.num_classes).to(
             self.device, memory_format=runtime.memory_format(r.model.channels_last))
-        if r.model.init_from and resume is None:  # a resumed run's weights come from its last.pt
+        if r.model.init_from and not resume:  # a resumed run's weights come from its last.pt
             init_from(self.model, r.model.init_from, log=self.say)
         if r.model.sync_bn and self.world > 1:  # before DDP wraps it; alone there is nothing to sync
             self.model = sync_batchnorm(self.model, self.device)
         self.ema = EMA(self.model, rt.ema_decay, rt.ema_every, rt.ema_warmup) if rt.ema_decay > 0 else None
         self.optimizer = build_optimizer(self.model, r.optim, r.data.batch_size)
-        self.scheduler = build_scheduler(self.optimizer, rt.epochs * len(self.train_loader), r.schedule)
+        self.schedule_epochs = schedule_epochs(ck) if ck is not None else rt.epochs
+        self.scheduler = build_scheduler(self.optimizer, self.schedule_epochs * len(self.train_loader), r.schedule)
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none (disabled = pass-through)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=rt.amp == "fp16")
-        self.autocast = runtime.autocast(self.device, rt.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+        self.autocast = runtime.autocast(self.device, self.amp)
         self.mix_gen = torch.Generator(device="cpu")
         self.mix = no_mix
         if r.aug.mixup_alpha > 0 or r.aug.cutmix_alpha > 0:  # MixUp/CutMix on the device: soft targets
@@ -233,7 +242,7 @@ class Trainer:
         if self.world > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.compiled = (self.device.type == "cuda") if rt.compile is None else rt.compile
+        self.compiled, self.compile_note = runtime.compile_choice(rt.compile, self.device, r.model.sync_bn and self.world > 1)
         if self.compiled:
             # the DDP module is what gets compiled, so the graph sees DDP's hooks and overlaps the
             # all-reduce with backward. Static shapes: a smaller batch gets a graph of its own instead
@@ -260,7 +269,7 @@ class Trainer:
         self.lr = self.optimizer.param_groups[0]["lr"]  # of the last step taken
         self.clock = timing.EpochClock(self.device)  # data wait and warm-up per epoch (fastcifar/timing.py)
         if self.main:
-            self.progress.provenance.append(provenance.collect(self.device, self.world, self.store))
+            self.progress.provenance.append({**provenance.collect(self.device, self.world, self.store), "amp": self.amp})
 
     # ---- The loop
 
@@ -308,7 +317,7 @@ class Trainer:
             images, targets = self.mix(images, labels)
             if p.step == 0 and self.main:
                 self.run.image("train/augmented_batch", image_grid(images, self.r.aug, self.store))
-            parts = self.clock.step(self.train_step, images, labels, targets)
+            parts = self.clock.step(self.train_step, images, labels, targets, images=labels.shape[0])
             # running sums stay on the device: no host sync here
             n = labels.shape[0]
             loss = parts["loss"].detach()
@@ -359,7 +368,8 @@ class Trainer:
             kept = f"last.pt holds epoch {len(p.history)}" if p.history else "no checkpoint was written"
             self.run.stop(reason)
             raise Diverged(f"{self.info['name']}: {reason}. {kept} (the last good one); lower optim.lr, add "
-                           f"optim.grad_clip, or use train.amp=bf16 instead of fp16.")
+                           f"optim.grad_clip" + (", or use train.amp=bf16 (on a GPU with bf16) or none instead of fp16"
+                                                 if self.amp == "fp16" else "") + ".")
         loss_now = (sums[0] / sums[2].clamp(min=1)).item()
         bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{self.lr:.2e}", refresh=False)
         self.run.scalars(p.step, {"train/loss_running": loss_now, "train/lr": self.lr})
@@ -382,7 +392,7 @@ class Trainer:
             if self.ema is not None and loader is not None:  # the EMA weights on the same images
                 e = self.evaluate(loader, ema=True)
                 m.update({f"{split}_acc_ema": e["acc"], f"{split}_top5_ema": e["top5"], f"{split}_loss_ema": e["loss"]})
-        m.update(lr=self.lr, images_per_sec=stats["images"] * self.world / train_seconds,
+        m.update(lr=self.lr, images_per_sec=self.clock.images_per_sec(train_seconds, stats["images"], self.world),
                  epoch_seconds=time.perf_counter() - stats["t0"], wall_seconds=p.wall_seconds())
         m.update(self.clock.metrics(train_seconds))
         p.history.append(m)
@@ -400,13 +410,26 @@ class Trainer:
                  + (f"val {m['val_acc']:.2f}%  " if self.val_loader is not None else "")
                  + f"test {m['test_acc']:.2f}% (top-5 {m['test_top5']:.2f}%)  "
                  + (f"EMA {m['test_acc_ema']:.2f}%  " if self.ema is not None else "") + f"lr {self.lr:.2e}  "
-                 + f"{m['images_per_sec']:,.0f} img/s  {m['epoch_seconds']:.1f}s  ETA {duration(left)}"
+                 + speed(m) + f"  {m['epoch_seconds']:.1f}s  ETA {duration(left)}"
                  + self.clock.note(m, self.train_loader.backend))
         return m
 
     def evaluate(self, loader, ema: bool = False) -> dict:
         """evaluate() of the raw weights, or of the EMA's, with the recipe's test-time augmentation."""
         return evaluate(self.ema_net if ema else self.eval_net, loader, self.autocast, self.r.train.tta)
+
+    def extension_note(self) -> str:
+        """What a resume past the schedule's horizon trains at (" " + a sentence), or ''."""
+        rt, p = self.r.train, self.progress
+        if rt.epochs <= self.schedule_epochs:
+            return ""
+        steps = self.schedule_epochs * len(self.train_loader)
+        lr = self.optimizer.param_groups[0]["initial_lr"] * lr_factor(steps, steps, self.r.schedule)
+        first = max(p.epoch, self.schedule_epochs) + 1
+        extra = f"epoch {first}" if first == rt.epochs else f"epochs {first}-{rt.epochs}"
+        n = self.schedule_epochs
+        return (f" The LR schedule keeps the {n} epoch{'s' * (n != 1)} it was built for; {extra} "
+                f"{'trains' if first == rt.epochs else 'train'} at its final LR {lr:.3g}.")
 
     def at_target(self) -> str | None:
         """Why the run ends here, when train.stop_at_target is set and an epoch reached train.target_acc."""
@@ -420,7 +443,9 @@ class Trainer:
         kept = f"last.pt holds epoch {len(p.history)}" if p.history else "no checkpoint was written"
         return BadInput(f"{self.info['name']} ran out of memory on {self.device_name()} in epoch {p.epoch + 1} "
                         f"({runtime.memory_error(e)}); {kept}. Lower data.batch_size (now {r.data.batch_size}) or "
-                        f"aug.image_size (now {r.aug.image_size}), use train.amp=bf16, or pick a smaller model.")
+                        f"aug.image_size (now {r.aug.image_size}), "
+                        + ("use train.amp=auto (half-precision activations), " if self.amp == "none" and self.device.type == "cuda" else "")
+                        + "or pick a smaller model.")
 
     def interrupt(self, where: str):
         """Stop on Ctrl-C/SIGTERM once last.pt holds the run: summary.json says so, and the other
@@ -435,7 +460,8 @@ class Trainer:
         """What last.pt and best.pt hold: the modules' states, the RNGs, the Progress and the recipe."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": checkpoint.rng_state(), "mix_rng": self.mix_gen.get_state(),
+                "rng": checkpoint.rng_state(self.device), "mix_rng": self.mix_gen.get_state(),
+                "amp": self.amp, "schedule_epochs": self.schedule_epochs,
                 "recipe": to_dict(self.r), "info": self.info, "world_size": self.world, "store": self.store_record(),
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 # what the model means outside fastcifar (export, predict): its classes and its input
@@ -461,8 +487,12 @@ class Trainer:
             load_weights(self.ema.module, ck["ema"], path)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        checkpoint.set_rng_state(ck["rng"])
+        was = ck.get("amp")
+        if was is not None and was != self.amp:
+            self.say(f"This run trained in {was} and continues in {self.amp} ({self.amp_reason}).")
+        if ck["scaler"] or not self.scaler.is_enabled():  # a disabled scaler saved {}: fp16 starts a fresh one
+            self.scaler.load_state_dict(ck["scaler"])
+        checkpoint.set_rng_state(ck["rng"], self.rank, self.world, self.device)
         self.mix_gen.set_state(ck["mix_rng"])
         self.progress.load_state_dict(ck)
         self.info = {**ck["info"], **{k: v for k, v in self.info.items() if v}}
@@ -477,12 +507,17 @@ class Trainer:
         return f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
 
     def banner(self) -> str:
-        r = self.r
-        return (f"Training {self.info['name']} on {self.device_name()}" + (f" x {self.world} ranks" if self.world > 1 else "")
+        """The run's first line, and a line for each choice made for this machine that the recipe did not spell out."""
+        r, precision = self.r, "fp32" if self.amp == "none" else self.amp
+        # the precision's reason when the recipe left it to the machine (auto) or it runs slowly here
+        amp_note = f"amp {precision} ({self.amp_reason})" if self.amp_reason != f"train.amp = {self.amp}" else None
+        line = (f"Training {self.info['name']} on {self.device_name()}" + (f" x {self.world} ranks" if self.world > 1 else "")
                 + f": {r.train.epochs} epochs x {len(self.train_loader)} steps of {r.data.batch_size} images"
-                + f" ({self.train_loader.backend} loader, {r.aug.image_size}px, amp {r.train.amp}, "
+                + f" ({self.train_loader.backend} loader, {r.aug.image_size}px, amp {precision}, "
                 + f"compile {'on' if self.compiled else 'off'})"
                 + (" on a SYNTHETIC store" if self.store.synthetic else "") + f" -> {self.out}")
+        notes = (amp_note, self.compile_note, self.autotune_note, self.dtype_note)
+        return "\n".join([line] + [f"  {note}." for note in notes if note])
 
     def summary(self, finished: bool, reason: str) -> dict:
         """summary.json's dict (RunDir writes it)."""
@@ -493,11 +528,11 @@ class Trainer:
              "best_acc": p.best.get("test_acc"), "best_epoch": p.best["epoch"] or None,
              "final_acc": last.get("test_acc"), "final_top5": last.get("test_top5"),
              "epochs_done": len(history), "epochs": self.r.train.epochs,
-             "train_images_per_sec": float(np.mean([m["images_per_sec"] for m in history])) if history else None,
+             "train_images_per_sec": mean_speed(history),
              "wall_seconds": p.wall_seconds(), "device": self.device_name(),
              "backend": self.train_loader.backend, "world_size": self.world, "synthetic": self.store.synthetic,
              "selection": selection, "model": self.r.model.name, "image_size": self.r.aug.image_size,
-             "finished": finished, "stop_reason": reason}
+             "amp": self.amp, "finished": finished, "stop_reason": reason}
         s.update(select_on=self.r.train.select_on, tta=self.r.train.tta,  # which weights best_acc is, and how evaluated
                  **({"final_acc_ema": last.get("test_acc_ema")} if self.ema is not None else {}))
         if selection == "val":
@@ -513,6 +548,24 @@ class Trainer:
     def __exit__(self, *exc):
         self._exit.close()
         return False
+
+
+def speed(m: dict) -> str:
+    """The epoch line's speed: steady-state img/s, and the warm-up seconds apart when the epoch had one."""
+    rate = f"{m['images_per_sec']:,.0f} img/s" if m.get("images_per_sec") is not None else "img/s n/a (warm-up only)"
+    return rate + (f" (+{m['warmup_seconds']:.1f}s warm-up)" if m.get("warmup_seconds") else "")
+
+
+def mean_speed(history: list[dict]) -> float | None:
+    """summary.json's train_images_per_sec: the mean of the epochs' steady-state img/s."""
+    rates = [m["images_per_sec"] for m in history if m.get("images_per_sec") is not None]
+    return float(np.mean(rates)) if rates else None
+
+
+def fed_aug(aug, amp: str):
+    """The loaders' augmentation spec: aug, with float32 images where the step runs in fp32 (resolved
+    amp none: an fp32 layer refuses bf16/fp16 input; reduced-precision images are for autocast)."""
+    return dataclasses.replace(aug, dtype="float32") if amp == "none" and aug.dtype != "float32" else aug
 
 
 def no_mix(images, labels):
@@ -571,22 +624,30 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
     store = open_store(data_dir, from_dict(ck["recipe"]).data.dataset)  # its data set's default dir, and no other
     check_classes(ck, store, path)
     model, r = net_from_checkpoint(ck, path, dev)
-    loader = make_loader(store, "test", r.aug, batch_size, backend=backend or r.data.backend, device=dev,
+    amp, amp_reason = runtime.resolve_amp(dev, r.train.amp)
+    loader = make_loader(store, "test", fed_aug(r.aug, amp), batch_size, backend=backend or r.data.backend, device=dev,
                          seed=r.train.seed, augment=False)
     tta = r.train.tta if tta is None else tta
     too_big = (lambda e: BadInput(f"Evaluating {path} ran out of memory on {dev} ({runtime.memory_error(e)}); lower "
                                   f"--batch-size (now {batch_size})" + (", or use --device cpu." if dev.type == "cuda" else ".")))
     with runtime.out_of_memory_as(too_big):
-        res = evaluate(model, loader, runtime.autocast(dev, r.train.amp), tta)
+        res = evaluate(model, loader, runtime.autocast(dev, amp), tta)
     return {**res, "checkpoint": str(path), "recipe": ck.get("info", {}).get("name", "?"), "epoch": ck["epoch"],
-            "synthetic": store.synthetic, "weights": weights, "tta": tta}
+            "synthetic": store.synthetic, "weights": weights, "tta": tta, "amp": amp, "amp_reason": amp_reason}
 
 
 # What --resume may change: only what cannot change the run's meaning - how long it trains, how it
-# logs, where it runs, which loader backend makes the (same) batches
-RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.compile", "data.backend", "train.target_acc",
-             "train.stop_at_target",
+# logs, where it runs and at which precision (a run moved to another machine), which loader backend
+# makes the (same) batches
+RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.amp", "train.compile", "data.backend",
+             "train.target_acc", "train.stop_at_target",
              "model.sync_bn")  # SyncBN: how the global batch's statistics are gathered, as the number of ranks is
+
+
+def schedule_epochs(ck: dict) -> int:
+    """The epochs a checkpoint's LR schedule was built for: its horizon, which --resume keeps (older
+    checkpoints: the epochs of their recipe)."""
+    return int(ck.get("schedule_epochs", from_dict(ck["recipe"]).train.epochs))
 
 
 def check_resume(r: Recipe, ck: dict, run_dir) -> None:
@@ -603,6 +664,14 @@ def check_resume(r: Recipe, ck: dict, run_dir) -> None:
         raise BadInput(f"train.epochs = {r.train.epochs}, but {run_dir} has already trained {ck['epoch']} epochs; "
                        f"resume with train.epochs >= {ck['epoch']} (it keeps its recipe's {was['train']['epochs']} "
                        f"when not set).")
+    horizon = schedule_epochs(ck)
+    if r.train.epochs > horizon and lr_factor(1 << 40, 1 << 40, r.schedule) == 0:  # the factor from the end on
+        raise BadInput(f"train.epochs = {r.train.epochs}: {run_dir}'s LR schedule ({r.schedule.kind}, final_lr = "
+                       f"{r.schedule.final_lr:g}) was built for {horizon} epoch{'s' * (horizon != 1)} and ends at LR 0, and a resumed run keeps "
+                       f"its schedule (changing its length would make the LR jump at the resume point), so the "
+                       f"epochs past {horizon} would train nothing. To train longer, start a new run with "
+                       f"train.epochs={r.train.epochs}, or fine-tune from this one's weights with a schedule of its own: "
+                       f"`fastcifar train RECIPE --set model.init_from={run_dir} --set train.epochs=N`.")
 
 
 def check_same_store(store, recorded: dict, run_dir) -> None:

@@ -8,7 +8,7 @@ def recipe():
     # A ResNet-18 with the CIFAR stem and a one-cycle SGD schedule is expected to reach about 94% in
     # 20 epochs (not yet measured on a GPU here); it is a far bigger net than airbench's, so it is
     # the accuracy, not the seconds, that it is built to match.
-    r = derive("r18_cifar_32")         # CIFAR stem, pad-crop 4 + flip, mean/std, SGD nesterov one-cycle, bf16
+    r = derive("r18_cifar_32")         # CIFAR stem, pad-crop 4 + flip, mean/std, SGD nesterov one-cycle, amp auto
     r.data.dataset = "cifar10"         # the store at ./data/cifar10 (`fastcifar prepare --dataset cifar10`)
     r.loss.label_smoothing = 0.2       # airbench's: 10 classes carry more smoothing than 100
     r.train.epochs = 20                # 97 steps of 512 images each

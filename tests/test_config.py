@@ -216,3 +216,18 @@ def test_arcface_margin_range_and_the_cross_section_checks():
         apply_overrides(Recipe(), [mix]).validate()  # a linear head takes soft targets
     with pytest.raises(BadInput, match="are two objectives"):
         apply_overrides(Recipe(), ["loss.scales=32,64", "distill.teacher=some_run"]).validate()
+
+
+def test_amp_is_auto_by_default_and_reduced_precision_images_need_autocast():
+    """train.amp defaults to auto (the device's native precision); aug.dtype bfloat16/float16 hands
+    the model images that only an autocast step takes, so with train.amp=none it is refused before
+    anything runs (with auto, a machine that trains in fp32 reads float32 images: test_train_resume)."""
+    assert Recipe().train.amp == "auto"
+    apply_overrides(Recipe(), ["train.amp=auto", "aug.dtype=bfloat16"]).validate()
+    apply_overrides(Recipe(), ["train.amp=fp16", "aug.dtype=bfloat16"]).validate()
+    apply_overrides(Recipe(), ["train.amp=none", "aug.dtype=float32"]).validate()
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(BadInput, match=f"aug.dtype = '{dtype}' hands the model {dtype} images, but train.amp = none"):
+            apply_overrides(Recipe(), ["train.amp=none", f"aug.dtype={dtype}"]).validate()
+    with pytest.raises(BadInput, match="train.amp = 'fp8': must be one of auto, none, bf16, fp16"):
+        apply_overrides(Recipe(), ["train.amp=fp8"]).validate()

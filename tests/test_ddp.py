@@ -3,7 +3,8 @@ every training image exactly once per epoch, metrics are all-reduced, only rank 
 and --resume continues it. The run uses SyncBatchNorm and an EMA: BatchNorm statistics end identical
 on both ranks (a second, short run without SyncBN in the same processes shows they differ without
 it), the EMA is the same on both, and the CPU SyncBatchNorm computes what one BatchNorm over the
-whole batch does."""
+whole batch does. With SyncBN under DDP the run trains eagerly, even when asked to compile, and
+says so; last.pt holds each rank's RNG states."""
 
 import json
 import os
@@ -39,20 +40,28 @@ def test_two_gloo_ranks_cover_each_epoch_once_and_write_one_run(tmp_path):
     prepare(data, synthetic=True, n_train=N_TRAIN, n_test=N_TEST, log=lambda *_: None)
     run = tmp_path / "run"
     common = ["--data-dir", str(data), "--set", "data.backend=torch", "--set", "data.subset=1",
-              "--set", "data.test_subset=1", "--set", f"data.batch_size={BATCH}", "--set", "train.device=cpu"]
-    features = ["--set", "model.sync_bn=true", "--set", "train.ema_decay=0.9", "--set", "model.drop_path=0.1"]
+              "--set", "data.test_subset=1", "--set", f"data.batch_size={BATCH}", "--set", "train.device=cpu",
+              "--set", "schedule.final_lr=0.1"]  # ends above LR 0: the resume below may add an epoch
+    # train.compile=true with SyncBN under DDP: the run trains eagerly instead, and says so
+    features = ["--set", "model.sync_bn=true", "--set", "train.ema_decay=0.9", "--set", "model.drop_path=0.1",
+                "--set", "train.compile=true"]
     p = torchrun(tmp_path / "rec1", "smoke", "--out", str(run), "--set", "train.epochs=2", *common, *features,
                  "--second-out", str(tmp_path / "nosync"), "--second-set", "model.sync_bn=false",
-                 "--second-set", "train.epochs=1")
+                 "--second-set", "train.compile=false", "--second-set", "train.epochs=1")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    banner = next(line for line in p.stdout.splitlines() if line.startswith("Training smoke"))
+    assert "x 2 ranks" in banner and "compile off" in banner
+    assert "train.compile=true set aside: model.sync_bn under DDP trains eagerly" in p.stdout
+    assert p.stdout.count("set aside") == 1  # rank 0 alone speaks, and the second run (no SyncBN) had nothing to say
 
     # SyncBN: every BatchNorm's running statistics are the same on both ranks, and not without it
     synced, alone = ([torch.load(tmp_path / "rec1" / f"rank{r}{sfx}.pt") for r in range(2)] for sfx in ("", "_second"))
     assert len(synced[0]["bn"]) >= 10
     assert all(torch.equal(synced[0]["bn"][k], synced[1]["bn"][k]) for k in synced[0]["bn"])
     assert not all(torch.equal(alone[0]["bn"][k], alone[1]["bn"][k]) for k in alone[0]["bn"])
-    # the EMA lives on both ranks, identically, and last.pt holds it
+    # the EMA lives on both ranks, identically, and last.pt holds it; and each rank's RNG states
     ema = checkpoint.load(run / "last.pt")["ema"]
+    assert len(checkpoint.load(run / "last.pt")["rng"]["ranks"]) == 2
     assert all(torch.equal(synced[r]["ema"][k], ema[k]) for r in range(2) for k in ema)
 
     labels = np.asarray(open_store(data).labels("train"))

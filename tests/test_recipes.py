@@ -45,5 +45,5 @@ def test_beyond_the_tutorial():
     r, info = load("r18_cifar_32")
     assert r.model.cifar_stem and r.aug.pad_crop and r.aug.hflip and r.aug.normalize == "cifar"
     assert r.schedule.kind in ("cosine", "onecycle") and r.loss.label_smoothing > 0
-    assert r.train.amp == "bf16" and r.train.epochs <= 30 and r.aug.image_size == 32
+    assert r.train.amp == "auto" and r.train.epochs <= 30 and r.aug.image_size == 32
     assert re.search(r"\d+%", info["description"])

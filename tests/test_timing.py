@@ -96,6 +96,35 @@ def warm_first_step(seconds):
     return setup
 
 
+def test_images_per_sec_is_steady_state_and_the_warm_up_is_apart(store, tmp_path):
+    """A first step that takes 1.5 s longer (a stand-in for torch.compile) is warmup_seconds, and
+    stays out of img/s in metrics.jsonl, summary.json and the epoch line."""
+    warm = 1.5
+    s, lines = fit_logged(tiny(train__epochs=2), out=tmp_path / "run", data_dir=store, setup=warm_first_step(warm))
+    first, second = metrics(tmp_path / "run")
+    assert first["warmup_seconds"] >= warm and "warmup_seconds" not in second
+    # the five steps after the warm-up one, over their own seconds (data wait included: it is throughput)
+    steady = (STEPS - 1) * 50 / (first["train_seconds"] - first["warmup_seconds"])
+    assert first["images_per_sec"] == pytest.approx(steady)
+    assert first["images_per_sec"] > STEPS * 50 / first["train_seconds"]  # what counting the warm-up in gave
+    assert second["images_per_sec"] == pytest.approx(STEPS * 50 / second["train_seconds"])
+    assert s["train_images_per_sec"] == pytest.approx((first["images_per_sec"] + second["images_per_sec"]) / 2)
+    assert s["warmup_seconds"] == first["warmup_seconds"]
+    line = next(l for l in lines if l.startswith("epoch 1/2"))
+    assert f"{first['images_per_sec']:,.0f} img/s (+{first['warmup_seconds']:.1f}s warm-up)" in line
+    assert "warm-up" not in next(l for l in lines if l.startswith("epoch 2/2"))
+
+
+def test_an_epoch_of_only_the_warm_up_step_has_no_speed(store, tmp_path):
+    """One step per epoch: the first epoch's only step is the warm-up, so its speed is unknown (None),
+    not a compile-bound figure; the run's speed is the second epoch's."""
+    s, lines = fit_logged(tiny(train__epochs=2, data__batch_size=300), out=tmp_path / "run", data_dir=store)
+    first, second = metrics(tmp_path / "run")
+    assert first["images_per_sec"] is None and second["images_per_sec"] > 0
+    assert s["train_images_per_sec"] == second["images_per_sec"]
+    assert "img/s n/a (warm-up only)" in next(l for l in lines if l.startswith("epoch 1/2"))
+
+
 def test_time_to_target_counts_training_without_warm_up(store, tmp_path):
     run = tmp_path / "run"
     scores = fixed_scores([], [40.0, 50.0])

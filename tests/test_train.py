@@ -47,6 +47,7 @@ def tiny(**fields) -> Recipe:
     r.optim.weight_decay = 0.05
     r.schedule.kind = "onecycle"
     r.schedule.warmup = 0.1
+    r.schedule.final_lr = 0.05  # ends above 0, so that a finished run may be resumed for more epochs
     r.train.epochs = 3
     r.train.compile = False
     r.train.device = "cpu"
