@@ -286,6 +286,25 @@ def test_cubic_is_cubic(backend, tmp_path):
         peak[interpolation] = y.float().max().item() * 255
     assert peak["cubic"] > 180 + 3 and peak["linear"] <= 180 + 1e-3, peak
 
+def test_tutorial_batches_leave_the_workers_in_their_dtype(store, monkeypatch):
+    """The tutorial path's workers cast to spec.dtype, so the copy to the device changes the device
+    only: on a GPU it reads the batch the DataLoader pinned (a cast in that copy would convert
+    through pageable memory). The CPU runs the same conversion code."""
+    seen = []
+
+    class Spy(torch.utils.data.DataLoader):
+        def __iter__(self):
+            for images, labels in super().__iter__():
+                seen.append([x.dtype for x in images])
+                yield images, labels
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Spy)
+    spec = AugSpec(image_size=48, dtype="bfloat16", hflip=0.5)
+    (x32, x48), _ = next(iter(make_loader(store, "train", spec, 16, backend="tutorial", sizes=(32, 48))))
+    assert seen == [[torch.bfloat16, torch.bfloat16]]
+    assert all(x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last) for x in (x32, x48))
+
+
 @pytest.mark.parametrize("alb", [True, False], ids=["albumentations", "torch-fallback"])
 def test_tutorial_both_paths(store, monkeypatch, alb):
     """The tutorial path with albumentations + cv2 (the bench extra) and without (CI): flips flip,
