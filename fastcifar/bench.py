@@ -124,8 +124,8 @@ def _amp_dtype(device: torch.device) -> torch.dtype:
 
 def _input_dtype(device: torch.device, amp: bool) -> torch.dtype:
     """What the step is fed: under bf16 AMP the loader hands over bf16 images (half the bytes), so
-    train_step's tensors are bf16 too and end_to_end compiles the very graph train_step did (a
-    cache hit on the GPU rather than a second compile), and the two figures differ by the data only."""
+    train_step's tensors are bf16 too and end_to_end compiles the very graph train_step did (each
+    step its own copy, in its warm-up), and the two figures differ by the data only."""
     return torch.bfloat16 if amp and _amp_dtype(device) == torch.bfloat16 else torch.float32
 
 
@@ -138,7 +138,13 @@ def make_train_step(model_name: str, device: torch.device, compiled: bool, chann
     fmt = runtime.memory_format(channels_last)
     model = build_model(Model(name=model_name), Head(kind="linear"), 100).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    net = torch.compile(model) if compiled else model
+    if compiled:
+        # One static graph per step made (a model at one size and setting): dynamo keeps its cache
+        # per code object, and every timm model of a kind shares its forward's code, so a second
+        # size would recompile into a dynamic-shape graph (automatic dynamic) and be measured as
+        # such. A fresh cache and dynamic=False: no recompile, and the warm-up holds this compile.
+        torch._dynamo.reset()
+    net = torch.compile(model, dynamic=False) if compiled else model
     # fp16 without a GradScaler would underflow in real training; for timing, a step is a step
     dtype = _amp_dtype(device)
 
