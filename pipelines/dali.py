@@ -248,11 +248,12 @@ class _Feed:
 
 class Ahead:
     """The items of an iterator, made `depth` ahead in a daemon thread and handed over in order: the
-    host side of the next batches (memmap reads, draws: 0.1-2 ms per batch of 250, numpy, much of it
-    outside the GIL) is done while the training thread runs the step, and external_source, which
-    DALI calls on the training thread, only takes what is ready. The items are the same, in the same
-    order, as the iterator's own. An error in the thread is raised by the next(); close() (an
-    epoch's end, an early break, an exception, Ctrl-C) stops the thread and joins it."""
+    host side of the next batches (memmap reads and draws, up to about 1 ms of a CPU core per batch
+    of 250: `fastcifar bench`'s dali-host rows) is done while the training thread runs the step,
+    and external_source, which DALI calls on the training thread, only takes what is ready. The
+    items are the iterator's own, in its order, so the draws stay a function of (seed, epoch, rank,
+    batch). An error in the thread is raised by next(); close() (an epoch's end, an early break,
+    an exception, Ctrl-C) stops the thread and joins it."""
 
     def __init__(self, items, depth: int, name: str = "fastcifar-dali-inputs"):
         self._queue, self._stop = queue.Queue(depth), threading.Event()
@@ -328,8 +329,8 @@ class DaliBackend:
         # run (_release). Cost at 224 px, batch 250, float32: 150 MB read and written, about 0.1 ms
         # at an H100's 3 TB/s, against a step of tens of ms; a bf16/fp16 batch's cast is that copy.
         # On the CPU every read of a tensor ends before the call that reads it returns, so a float32
-        # batch stays in DALI's memory (never reused: the dynamic executor), where the copy would
-        # cost 15-150 ms per batch, half of DALI's own time or more.
+        # batch stays in DALI's memory (never reused: the dynamic executor): there the 150 MB copy
+        # would cost tens of ms per batch, as much as DALI's own work on a 224 px batch.
         self.copy = self.gpu  # GPU only: DALI's outputs copied into torch's memory
         self.held = collections.deque()  # (DALI's outputs, event after their copies), oldest first
         self.pipe, self.feed, self._clean = None, _Feed(), False

@@ -29,9 +29,7 @@ _EYE_TOL = 1e-9 + 1e-5 * _EYE
 
 def _eye(n: int) -> np.ndarray:
     """(n, 3, 3) identity maps."""
-    m = np.zeros((n, 3, 3))
-    m[:, [0, 1, 2], [0, 1, 2]] = 1
-    return m
+    return np.broadcast_to(_EYE, (n, 3, 3)).copy()
 
 
 def _identity(maps: np.ndarray) -> np.ndarray:
@@ -50,11 +48,18 @@ def may(spec: AugSpec, op: str) -> bool:
     return (op in spec.oneof and spec.oneof_p > 0) or (op not in spec.oneof and getattr(spec, _OP_P[op]) > 0)
 
 
+def _uniform(rng: np.random.Generator, n: int, *ranges) -> list[np.ndarray]:
+    """n draws uniform in each (lo, hi) of `ranges`, in that order: the values of as many
+    rng.uniform(lo, hi, n) calls (lo + (hi - lo) * a double, as numpy computes them), from one call."""
+    return [lo + (hi - lo) * r for (lo, hi), r in zip(ranges, rng.random((len(ranges), n)))]
+
+
 def _on(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Which images get which of the five OneOf-able ops (bool (n,) per op)."""
     pick = rng.integers(len(spec.oneof), size=n) if spec.oneof else np.zeros(n, int)
-    hit = rng.random(n) < spec.oneof_p
-    own = {op: rng.random(n) < getattr(spec, p) for op, p in _OP_P.items()}
+    hit, *drawn = rng.random((1 + len(_OP_P), n))
+    hit = hit < spec.oneof_p
+    own = {op: r < getattr(spec, p) for (op, p), r in zip(_OP_P.items(), drawn)}
     on = {}
     for op in _OP_P:
         if op in spec.oneof:  # the op's own p is ignored, as in albumentations' OneOf
@@ -90,9 +95,10 @@ def _crop(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
 def _ssr(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> np.ndarray:
     """(n, 3, 3) destination -> source maps of shift-scale-rotate about the image centre, for the
     images `on` (the others: identity; their parameters are drawn all the same)."""
-    angle = np.deg2rad(rng.uniform(-spec.ssr_degrees, spec.ssr_degrees, size=n)[on])
-    scale = rng.uniform(1 - spec.ssr_scale, 1 + spec.ssr_scale, size=n)[on]
-    shift = rng.uniform(-spec.ssr_shift, spec.ssr_shift, size=(n, 2))[on] * SIDE  # px
+    angle, scale, *shift = _uniform(rng, n, (-spec.ssr_degrees, spec.ssr_degrees),
+                                    (1 - spec.ssr_scale, 1 + spec.ssr_scale), *[(-spec.ssr_shift, spec.ssr_shift)] * 2)
+    angle, scale = np.deg2rad(angle[on]), scale[on]
+    shift = np.concatenate(shift).reshape(n, 2)[on] * SIDE  # px; 2n draws in a row, as rng.uniform(size=(n, 2))
     c = SIDE / 2
     # forward: dst = c + scale * R(angle) (src - c) + shift; inverted here: src = c + R(-angle) (dst - c - shift) / scale
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
@@ -114,24 +120,26 @@ def _flip(on_h: np.ndarray, on_v: np.ndarray) -> np.ndarray:
     return m
 
 
+_AXIS = np.full(3, 1 / math.sqrt(3))  # the grey axis, unit length
+_AXIS_CROSS = np.array([[0, -_AXIS[2], _AXIS[1]], [_AXIS[2], 0, -_AXIS[0]], [-_AXIS[1], _AXIS[0], 0]])
+_AXIS_OUTER = np.outer(_AXIS, _AXIS)
+
+
 def _hue_rotation(turns: np.ndarray) -> np.ndarray:
     """(n, 3, 3) rotations of RGB about the grey axis by `turns` of the colour wheel (greys stay)."""
     a = 2 * math.pi * turns
-    k = np.full(3, 1 / math.sqrt(3))
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
     cos, sin = np.cos(a)[:, None, None], np.sin(a)[:, None, None]
-    return cos * np.eye(3) + sin * kx + (1 - cos) * np.outer(k, k)
+    return cos * _EYE + sin * _AXIS_CROSS + (1 - cos) * _AXIS_OUTER
 
 
 def _colour(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Colour jitter as out = M @ rgb + k * mean_luma: brightness, then contrast about the image's
     mean grey, then saturation (blend with grey), then hue rotation, composed into one matrix; for
     the images `on` (the others: M = I, k = 0; their factors are drawn all the same)."""
-    b = rng.uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness, size=n)[on]
-    c = rng.uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast, size=n)[on]
-    s = rng.uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation, size=n)[on]
-    h = rng.uniform(-spec.hue, spec.hue, size=n)[on]
-    sat = s[:, None, None] * np.eye(3) + (1 - s)[:, None, None] * _GREY
+    b, c, s, h = (x[on] for x in _uniform(rng, n, (max(0.0, 1 - spec.brightness), 1 + spec.brightness),
+                                          (max(0.0, 1 - spec.contrast), 1 + spec.contrast),
+                                          (max(0.0, 1 - spec.saturation), 1 + spec.saturation), (-spec.hue, spec.hue)))
+    sat = s[:, None, None] * _EYE + (1 - s)[:, None, None] * _GREY
     m, k = _eye(n), np.zeros(n)
     m[on] = _hue_rotation(h) @ sat * (b * c)[:, None, None]
     # contrast: c * (b x - b mean) + b mean = c b x + (1 - c) b mean; sat and hue keep greys, so
@@ -145,8 +153,9 @@ def _holes(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> n
     (and every hole of the other images, whose boxes are drawn all the same) have h = w = 0."""
     lo, hi = spec.erase_holes
     count = rng.integers(lo, hi + 1, size=n)[on]
-    hw = np.maximum(1, np.rint(rng.uniform(*spec.erase_size, size=(n, hi, 2))[on] * SIDE))
-    yx = np.floor(rng.random((n, hi, 2))[on] * (SIDE - hw + 1))
+    side, corner = _uniform(rng, n * hi * 2, spec.erase_size, (0.0, 1.0))  # as rng.uniform, then rng.random
+    hw = np.maximum(1, np.rint(side.reshape(n, hi, 2)[on] * SIDE))
+    yx = np.floor(corner.reshape(n, hi, 2)[on] * (SIDE - hw + 1))
     drawn = np.concatenate([yx, hw], axis=2).astype(np.int32)
     drawn[np.arange(hi)[None, :] >= count[:, None], 2:] = 0
     boxes = np.zeros((n, hi, 4), np.int32)
@@ -196,7 +205,10 @@ def _policy_draw(spec: AugSpec, n: int, rng: np.random.Generator) -> tuple[np.nd
 
 
 _OP = {op: i for i, op in enumerate(POLICY_OPS)}
-_GEOMETRIC = [_OP[op] for op in ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")]
+_MOVES = np.isin(np.array(POLICY_OPS), ("shear_x", "shear_y", "translate_x", "translate_y", "rotate"))
+# the ops that set one entry of the 3x3 map (row-major index; -1: none): shears the slope, translations -px
+_SLOT = np.array([{"shear_x": 1, "shear_y": 3, "translate_x": 2, "translate_y": 5}.get(op, -1) for op in POLICY_OPS])
+_SHIFTS = np.isin(np.array(POLICY_OPS), ("translate_x", "translate_y"))
 _SIGNED = np.isin(np.array(POLICY_OPS), SIGNED)
 # each policy op's COLOUR_STEPS code (the geometric ops and identity: none)
 _STEP = {"brightness": "linear", "color": "linear", "contrast": "linear", "sharpness": "sharpness",
@@ -219,13 +231,11 @@ def policy_params(ops: np.ndarray, mag: np.ndarray) -> dict[str, np.ndarray]:
         op, m = ops[k], mag[k]
         # torchvision's maps: shears about the corner (0, 0), translations by whole px (truncated),
         # rotations about the centre, counter-clockwise on screen for m > 0
-        moves = np.flatnonzero(np.isin(op, _GEOMETRIC))
+        moves = np.flatnonzero(_MOVES[op])
         o, mm = op[moves], m[moves]
         g = _eye(len(moves))
-        g[o == _OP["shear_x"], 0, 1] = mm[o == _OP["shear_x"]]
-        g[o == _OP["shear_y"], 1, 0] = mm[o == _OP["shear_y"]]
-        g[o == _OP["translate_x"], 0, 2] = -np.trunc(mm[o == _OP["translate_x"]])
-        g[o == _OP["translate_y"], 1, 2] = -np.trunc(mm[o == _OP["translate_y"]])
+        one = np.flatnonzero(_SLOT[o] >= 0)  # shear: the slope; translation: whole px, truncated, backwards
+        g.reshape(-1, 9)[one, _SLOT[o[one]]] = np.where(_SHIFTS[o[one]], -np.trunc(mm[one]), mm[one])
         turn = o == _OP["rotate"]
         a = np.deg2rad(mm[turn])
         cos, sin, c = np.cos(a), np.sin(a), SIDE / 2
@@ -310,6 +320,15 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 def mean_grey(images: np.ndarray) -> np.ndarray:
-    """(n,) float32 mean grey level (0..255) of uint8 NHWC images: the pivot of contrast jitter."""
-    n = len(images)
-    return (images.reshape(n, -1, 3) @ LUMA.astype(np.float32)).mean(1).astype(np.float32)
+    """(n,) float32 mean grey level (0..255) of uint8 NHWC images: the pivot of contrast jitter.
+    One float32 matrix-vector product with the weights of every pixel's channels (a BLAS call)."""
+    n, h, w, _ = images.shape
+    return images.reshape(n, -1).astype(np.float32) @ _pixel_weights(h * w)
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_weights(pixels: int) -> np.ndarray:
+    """LUMA / pixels for each channel of each pixel, float32: the mean grey as one dot product."""
+    weights = np.tile(LUMA.astype(np.float32), pixels) / pixels
+    weights.flags.writeable = False
+    return weights

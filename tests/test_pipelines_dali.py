@@ -102,19 +102,24 @@ def _input_threads(before=()) -> list:
 def test_host_inputs_are_made_ahead_in_a_thread_that_ends_with_the_epoch(store, monkeypatch):
     """The memmap reads and draws of the next batches are made by a thread, AHEAD batches before
     DALI asks; an early break (or Ctrl-C) stops and joins it, and the next epoch is still exact."""
-    made, drawn = [], pd.draw
+    made, drawn, taken, feed = [], pd.draw, [], pd._Feed.__call__
     monkeypatch.setattr(pd, "draw", lambda *a: (made.append(threading.current_thread().name), drawn(*a))[1])
+    monkeypatch.setattr(pd._Feed, "__call__", lambda self: (taken.append(1), feed(self))[1])  # DALI asks
     spec = AugSpec(pad_crop=4, hflip=0.5)
     loader = make_loader(store, "train", spec, batch_size=25, backend="dali", seed=5)
     want = [x for x, _ in make_loader(store, "train", spec, batch_size=25, backend="dali", seed=5)]
+    made.clear()
+    taken.clear()
     before = _input_threads()
     it = iter(loader)
     next(it)
-    taken = len(made)  # what DALI has asked for so far (its own prefetch included)
     deadline = time.monotonic() + 30
-    while len(made) < taken + pd.AHEAD and time.monotonic() < deadline:
+    while len(made) < len(taken) + pd.AHEAD and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(made) >= taken + pd.AHEAD and set(made) == {"fastcifar-dali-inputs"}
+    time.sleep(0.2)  # had the thread no bound, it would go on
+    # AHEAD ready in the queue, and at most one more made, waiting for room
+    assert len(taken) + pd.AHEAD <= len(made) <= len(taken) + pd.AHEAD + 1 < len(loader)
+    assert set(made) == {"fastcifar-dali-inputs"}
     assert len(_input_threads(before)) == 1
     del it  # an early break: the epoch's generator is closed
     assert not _input_threads(before)
