@@ -326,8 +326,8 @@ class DaliBackend:
         # (they are queued on torch's stream). torch orders the reuse of its own memory on that
         # stream, but nothing orders DALI's reuse of its buffers with it, so each batch is copied
         # into torch's memory, on torch's stream, and DALI's outputs are held until that copy has
-        # run (_release). Cost at 224 px, batch 250, float32: 150 MB read and written, about 0.1 ms
-        # at an H100's 3 TB/s, against a step of tens of ms; a bf16/fp16 batch's cast is that copy.
+        # run (_release). Cost at 224 px, batch 250, float32: 150 MB read and written, 0.1 ms at
+        # 3 TB/s (an H100's memory), against a step of tens of ms; a bf16/fp16 batch's cast is that copy.
         # On the CPU every read of a tensor ends before the call that reads it returns, so a float32
         # batch stays in DALI's memory (never reused: the dynamic executor): there the 150 MB copy
         # would cost tens of ms per batch, as much as DALI's own work on a 224 px batch.
