@@ -23,6 +23,7 @@ import torch
 from fastcifar import BadInput, __version__, jsonio, provenance, runtime, sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
+HOST = "dali-host"  # the pipeline rows of the DALI backend's host side alone (index reads and draws)
 SIZES = (32, 224)  # output sides in px: the stored 32 and the pretrained recipes' 224 (--size picks, in its order)
 # (warm-up batches, repeats, batches per repeat): 5 + 5 * 30 = 155 batches fit the 200 of one
 # CIFAR epoch at batch 250, so no epoch restart lands in a timed repeat
@@ -56,9 +57,22 @@ def measure(loader, device: torch.device, warmup: int, repeats: int, batches: in
     return statistics.median(rates)
 
 
+class HostSide:
+    """The DALI backend's host side alone, iterated as `measure` iterates a loader: per batch, the
+    inputs its thread makes for external_source (index reads and draws), and the labels."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for a in self.loader.impl.inputs(list(enumerate(self.loader.batches())), self.loader.epoch):
+            yield a, a[1]  # (images, labels, draws...): labels second
+
+
 def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, sizes=SIZES, **_):
     """Loader images/s per backend at 32 and 224, with augmentation off, the tutorial's OneOf (p=1),
-    TrivialAugment-wide and RandAugment (N=2, M=9)."""
+    TrivialAugment-wide and RandAugment (N=2, M=9); after each DALI row its host side alone (HOST:
+    the reads and draws a thread makes ahead of the training thread, on the CPU whatever the device)."""
     from pipelines import AugSpec, make_loader
     from pipelines.loader import dali_available
     from pipelines.spec import tutorial_oneof
@@ -89,8 +103,15 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                 if backend == "tutorial":
                     row["note"] = "cv2 + albumentations" if albumentations_available() else "torch per-sample fallback"
                 log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:14s} {img_s(rate):9} img/s")
-                del loader
                 yield row
+                if backend == "dali":
+                    host = measure(HostSide(loader), torch.device("cpu"), warmup, repeats, batches)
+                    yield {"stage": "pipeline", "backend": HOST, "image_size": size, "batch_size": batch_size,
+                           "device": "cpu", "images_per_sec": img_s(host), "aug": aug,
+                           "ms_per_batch": round(1000 * batch_size / host, 3), "note": "host side alone: reads + draws"}
+                    log(f"  pipeline {HOST:9s} {size:3d}px aug={aug:14s} {img_s(host):9} img/s "
+                        f"({1000 * batch_size / host:.2f} ms per batch of {batch_size})")
+                del loader
 
 
 def vs_tutorial(rows: list[dict]) -> None:
@@ -99,7 +120,7 @@ def vs_tutorial(rows: list[dict]) -> None:
     base = {(r["image_size"], r["aug"]): r["images_per_sec"] for r in rows
             if r["stage"] == "pipeline" and r["backend"] == "tutorial"}
     for r in rows:
-        if r["stage"] == "pipeline" and (r["image_size"], r["aug"]) in base:
+        if r["stage"] == "pipeline" and r["backend"] != HOST and (r["image_size"], r["aug"]) in base:
             r["vs_tutorial"] = round(r["images_per_sec"] / base[(r["image_size"], r["aug"])], 2)
 
 
@@ -124,8 +145,8 @@ def _amp_dtype(device: torch.device) -> torch.dtype:
 
 def _input_dtype(device: torch.device, amp: bool) -> torch.dtype:
     """What the step is fed: under bf16 AMP the loader hands over bf16 images (half the bytes), so
-    train_step's tensors are bf16 too and end_to_end compiles the very graph train_step did (a
-    cache hit on the GPU rather than a second compile), and the two figures differ by the data only."""
+    train_step's tensors are bf16 too and end_to_end compiles the very graph train_step did (each
+    step its own copy, in its warm-up), and the two figures differ by the data only."""
     return torch.bfloat16 if amp and _amp_dtype(device) == torch.bfloat16 else torch.float32
 
 
@@ -138,7 +159,13 @@ def make_train_step(model_name: str, device: torch.device, compiled: bool, chann
     fmt = runtime.memory_format(channels_last)
     model = build_model(Model(name=model_name), Head(kind="linear"), 100).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    net = torch.compile(model) if compiled else model
+    if compiled:
+        # One static graph per step made (a model at one size and setting): dynamo keeps its cache
+        # per code object, and every timm model of a kind shares its forward's code, so a second
+        # size would recompile into a dynamic-shape graph (automatic dynamic) and be measured as
+        # such. A fresh cache and dynamic=False: no recompile, and the warm-up holds this compile.
+        torch._dynamo.reset()
+    net = torch.compile(model, dynamic=False) if compiled else model
     # fp16 without a GradScaler would underflow in real training; for timing, a step is a step
     dtype = _amp_dtype(device)
 
@@ -275,7 +302,7 @@ def headroom(rows: list[dict]) -> list[dict]:
     e2e = {(r["backend"], r["model"], r["image_size"]): r["images_per_sec"] for r in rows if r["stage"] == "end_to_end"}
     out = []
     for r in rows:
-        if r["stage"] != "pipeline" or r["aug"] != "oneof":
+        if r["stage"] != "pipeline" or r["aug"] != "oneof" or r["backend"] == HOST:
             continue
         for (model, size), step_rate in steps.items():
             if size == r["image_size"]:
@@ -489,7 +516,7 @@ def figure(bench: dict):
     import matplotlib.pyplot as plt
 
     rows, room, m = bench.get("rows", []), bench.get("headroom", []), bench.get("meta", {})
-    pipe = [r for r in rows if r.get("stage") == "pipeline"]
+    pipe = [r for r in rows if r.get("stage") == "pipeline" and r.get("backend") != HOST]  # loaders only
     if not pipe and not room:
         raise BadInput("The bench result has no pipeline rows and no headroom to draw; run the pipeline stage.")
     panels = [p for p, present in (("pipeline", pipe), ("headroom", room)) if present]

@@ -240,8 +240,8 @@ def bench(
 
     Each row gives images/s after warm-up (the median of several timed repeats; warm-up and compile time are reported apart).
 
-    - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path.
-    - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP (on a GPU what train.amp=auto picks there; bf16 on a CPU), then torch.compile.
+    - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path; after each DALI row, dali-host: its host side alone (index reads and draws, ms per batch).
+    - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP (on a GPU what train.amp=auto picks there; bf16 on a CPU), then torch.compile (one static graph per model and size).
     - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the last --setting (the ladder's top).
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
