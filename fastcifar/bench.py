@@ -426,7 +426,7 @@ def check_json_path(path: Path, option: str = "--json") -> None:
         raise BadInput(f"{option} {path} is a directory; give a file path such as {path / example}.")
     if option == "--plot" and path.suffix.lower() != ".png":
         raise BadInput(f"--plot {path}: the picture is a PNG; name it *.png, e.g. {path.with_suffix('.png')}.")
-    owned.check([path], "bench", f"The bench would replace it: move it away, or choose another {option} path.")
+    owned.check([path], "bench", f"The bench would replace {{it}}: move {{it}} away, or choose another {option} path.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):  # a file made and removed: the folder takes new files

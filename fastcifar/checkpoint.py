@@ -23,7 +23,7 @@ def atomic_write(path: Path, write, by: str | None = None) -> None:
     recorded as written."""
     path = Path(path)
     if by is not None:
-        owned.check([path], by, "Move it away, or choose another path.")
+        owned.check([path], by, "Move {it} away, or choose another path.")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -195,7 +195,7 @@ REWRITTEN = ("recipe.json", "metrics.jsonl", "best.pt", "last.pt", "summary.json
 def check_own_run(path: Path, hint: str) -> None:
     """BadInput (ending in hint) unless each file a resume rewrites in run directory path is missing
     or one this run wrote there (a copied run's are not)."""
-    owned.check([Path(path) / n for n in REWRITTEN], "run", hint)
+    owned.check([Path(path) / n for n in REWRITTEN], "train", hint)
 
 
 class RunDir:
@@ -220,12 +220,12 @@ class RunDir:
 
         def create():
             self.path.mkdir(parents=True, exist_ok=True)
-            write_json(self.path / "recipe.json", recipe_json, by="run")
+            write_json(self.path / "recipe.json", recipe_json, by="train")
             if source and not (self.path / "recipe.py").exists():
-                atomic_write(self.path / "recipe.py", lambda f: f.write(source.encode()), by="run")
+                atomic_write(self.path / "recipe.py", lambda f: f.write(source.encode()), by="train")
             atomic_write(self.path / "metrics.jsonl", lambda f: f.writelines((json.dumps(m) + "\n").encode()
-                                                                              for m in history), by="run")
-            owned.record([self.path / "metrics.jsonl"], "run", grows=True)  # appended to from here on
+                                                                              for m in history), by="train")
+            owned.record([self.path / "metrics.jsonl"], "train", grows=True)  # appended to from here on
             self._metrics = open(self.path / "metrics.jsonl", "a")
 
         try:
@@ -237,7 +237,7 @@ class RunDir:
         before = set(self.path.glob("events.out.tfevents.*"))
         self._tb = SummaryWriter(str(self.path))
         self._guard("the TensorBoard events", lambda: owned.record(sorted(set(self.path.glob("events.out.tfevents.*"))
-                                                                          - before), "run", grows=True))
+                                                                          - before), "train", grows=True))
         return self
 
     def _guard(self, what: str, write, undo=lambda: None) -> None:
@@ -252,7 +252,7 @@ class RunDir:
             undo()
             with contextlib.suppress(OSError, BadInput):
                 if self.path.is_dir():
-                    write_json(self.path / "summary.json", self.summary(False, f"could not write {what}: {why}"), by="run")
+                    write_json(self.path / "summary.json", self.summary(False, f"could not write {what}: {why}"), by="train")
                     self._ended = True
             raise BadInput(f"Could not write {what} in {self.path} ({why}): is the disk full or the directory "
                            f"read-only? The run stopped there; every file fastcifar writes is replaced whole, so "
@@ -275,8 +275,8 @@ class RunDir:
         epoch (or a best epoch) whose checkpoint is not on disk."""
         if self.writes:
             if best:
-                self._guard("best.pt", lambda: save(self.path / "best.pt", state, by="run"), undo)
-            self._guard("last.pt", lambda: save(self.path / "last.pt", state, by="run"), undo)
+                self._guard("best.pt", lambda: save(self.path / "best.pt", state, by="train"), undo)
+            self._guard("last.pt", lambda: save(self.path / "last.pt", state, by="train"), undo)
 
     def epoch(self, m: dict) -> None:
         """An epoch's metrics: a metrics.jsonl line, TensorBoard, and summary.json (still running).
@@ -305,7 +305,7 @@ class RunDir:
         s = self.summary(finished, reason)
         self._ended = reason != "running"
         if self.writes:
-            self._guard("summary.json", lambda: write_json(self.path / "summary.json", s, by="run"))
+            self._guard("summary.json", lambda: write_json(self.path / "summary.json", s, by="train"))
         return s
 
     def __enter__(self):

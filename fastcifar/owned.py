@@ -67,22 +67,25 @@ def is_ours(path, by: str | None = None) -> bool:
 
 
 def check(paths, by: str, hint: str) -> None:
-    """BadInput, one paragraph ending in `hint` (what to do), unless fastcifar may write each path:
+    """BadInput, one paragraph ending in `hint` (what to do; see refuse), unless fastcifar may write each path:
     missing, or written by fastcifar as `by`; and its folder's manifest is fastcifar's own."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     theirs = [p for p in paths if (os.path.lexists(p) and not is_ours(p, by))]
     theirs += sorted({p.parent / MANIFEST for p in paths if _read(p.parent) is None} - set(theirs))
     if theirs:
-        refuse(theirs, hint)
+        refuse(theirs, hint, by)
 
 
-def refuse(paths: list[Path], hint: str):
-    """Raise the one paragraph that says fastcifar will not touch paths, and what to do (hint)."""
-    one = len(paths) == 1
-    names = ", ".join(map(str, paths[:4])) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
-    raise BadInput(f"{names}: fastcifar did not write {'it' if one else 'them'} there, or {'it was' if one else 'they were'} "
+def refuse(paths: list[Path], hint: str, by: str | None = None):
+    """Raise the one paragraph that says fastcifar (`fastcifar by`) will not touch paths, and what to
+    do: hint, where {it} reads "it" or "them"."""
+    one, who = len(paths) == 1, f"`fastcifar {by}`" if by else "fastcifar"
+    same = not one and len({p.parent for p in paths}) == 1  # "a, b in DIR"
+    names = ", ".join(p.name if same else str(p) for p in paths[:6])
+    names += (f" and {len(paths) - 6} more" if len(paths) > 6 else "") + (f" in {paths[0].parent}" if same else "")
+    raise BadInput(f"{names}: {who} did not write {'it' if one else 'them'} there, or {'it was' if one else 'they were'} "
                    f"changed since (edited, copied, or put in place by something else), and fastcifar deletes or "
-                   f"replaces only what it can prove it wrote. {hint}")
+                   f"replaces only what it can prove it wrote. " + hint.replace("{it}", "it" if one else "them"))
 
 
 def _write(folder: Path, entries: dict, create: bool = False) -> None:
