@@ -355,7 +355,7 @@ def check_replaceable(dest: Path, source: Path | None = None, from_env: bool = F
         raise BadInput(f"The data dir {where} is a directory that is not a fastcifar store (it holds {listed}); "
                        f"prepare would delete it, and fastcifar never replaces what it did not create. Point "
                        f"--data-dir (or $FASTCIFAR_DATA) at a new or empty directory, e.g. {real / 'cifar100'}.")
-    foreign = [e for e in entries if e != owned.MANIFEST and not owned.is_ours(real / e, "prepare")]
+    foreign = [e for e in entries if not owned.is_ours(real / e, "prepare")]
     if foreign:
         raise BadInput(f"The store at {where} also holds files fastcifar did not write there, or that changed since "
                        f"({', '.join(foreign[:5])}); replacing the store would delete them. Move them out of {real} "

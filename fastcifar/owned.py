@@ -56,11 +56,14 @@ def _read(folder: Path) -> dict | None:
 
 
 def is_ours(path, by: str | None = None) -> bool:
-    """Whether fastcifar wrote path (as command `by`, if given) and it is still as written."""
+    """Whether fastcifar wrote path (as command `by`, if given) and it is still as written. The
+    manifest is fastcifar's when it proves itself (whichever command)."""
     try:
         folder, name, st = _where(Path(path))
     except OSError:
         return False
+    if name == MANIFEST:
+        return _read(folder) is not None
     e = (_read(folder) or {}).get(name)
     return (isinstance(e, dict) and (by is None or e.get("by") == by) and isinstance(e.get("id"), list)
             and e["id"] == _ident(st, len(e["id"]) == 2))
@@ -79,13 +82,14 @@ def check(paths, by: str, hint: str) -> None:
 def refuse(paths: list[Path], hint: str, by: str | None = None):
     """Raise the one paragraph that says fastcifar (`fastcifar by`) will not touch paths, and what to
     do: hint, where {it} reads "it" or "them"."""
-    one, who = len(paths) == 1, f"`fastcifar {by}`" if by else "fastcifar"
+    one = len(paths) == 1
     same = not one and len({p.parent for p in paths}) == 1  # "a, b in DIR"
     names = ", ".join(p.name if same else str(p) for p in paths[:6])
     names += (f" and {len(paths) - 6} more" if len(paths) > 6 else "") + (f" in {paths[0].parent}" if same else "")
-    raise BadInput(f"{names}: {who} did not write {'it' if one else 'them'} there, or {'it was' if one else 'they were'} "
-                   f"changed since (edited, copied, or put in place by something else), and fastcifar deletes or "
-                   f"replaces only what it can prove it wrote. " + hint.replace("{it}", "it" if one else "them"))
+    raise BadInput(f"{f'`fastcifar {by}`' if by else 'fastcifar'} did not write {names}, or "
+                   f"{'it was' if one else 'they were'} changed since (edited, copied, or put in place by something "
+                   f"else); fastcifar deletes or replaces only what it can prove it wrote. "
+                   + hint.replace("{it}", "it" if one else "them"))
 
 
 def _write(folder: Path, entries: dict, create: bool = False) -> None:

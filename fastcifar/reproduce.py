@@ -203,7 +203,7 @@ def state(job: Job) -> str:
         if (_read(d / "summary.json") or {}).get("finished"):
             return "done"  # a finished run whose checkpoints were deleted (to free disk): reported, never retrained
         # a run that died before its first checkpoint: restarted, its files deleted, if it wrote them all
-        theirs = [p for p in sorted(d.iterdir()) if p.name != owned.MANIFEST and not owned.is_ours(p, "train")]
+        theirs = [p for p in sorted(d.iterdir()) if not owned.is_ours(p, "train")]
         if not theirs:
             return "restart"
         owned.refuse(theirs, f"reproduce keeps the run {job.name} seed {job.seed} in {d}, and restarting "

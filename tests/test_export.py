@@ -482,7 +482,7 @@ def crafted(runs, data, onnx_files, tmp_path_factory):
     (["export", "{run}", "--format", "timm", "--out", "{run}/best.pt", "--force"], "the checkpoint being exported"),
     (["export", "{run}", "--format", "safetensors", "--out", "{text}/x.safetensors"], "is not a writable directory"),
     # --force replaces an export, never a run's checkpoint (here the run's last.pt: its resume point)
-    (["export", "{run}", "--format", "timm", "--out", "{run}/last.pt", "--force"], "`fastcifar export` did not write it"),
+    (["export", "{run}", "--format", "timm", "--out", "{run}/last.pt", "--force"], "`fastcifar export` did not write"),
     # exports whose fastcifar metadata was altered after export (a hostile or damaged file)
     (["predict", "{crafted}/classes.safetensors", "{img}"], "its weights have 100 classes"),
     (["predict", "{crafted}/nan_mean.safetensors", "{img}"], "unusable (mean [nan"),
@@ -525,7 +525,7 @@ def test_force_replaces_a_timm_export_but_not_a_checkpoint(runs, data, tmp_path)
     assert ex.export(runs / "linear", "timm", out=path, force=True, data_dir=data, log=QUIET) == path
     checkpoint.save(tmp_path / "other-run.pt", checkpoint.load(runs / "linear" / "best.pt"))
     before = (tmp_path / "other-run.pt").read_bytes()
-    with pytest.raises(BadInput, match="did not write it"):  # a checkpoint, or any file export did not write
+    with pytest.raises(BadInput, match="did not write"):  # a checkpoint, or any file export did not write
         ex.export(runs / "linear", "timm", out=tmp_path / "other-run.pt", force=True, data_dir=data, log=QUIET)
     assert (tmp_path / "other-run.pt").read_bytes() == before
 

@@ -719,7 +719,7 @@ USERS = ["notes.json", "holiday.png", "lookalike.json", "figure.png", "empty.jso
     (["--json", "{tmp}/b.json", "--plot", "{tmp}/b.json"], "name the same file"),
     (["--plot", "{tmp}/bench.jpg"], "name it *.png"),
     (["--device", ""], "--device ''"),
-] + [(["--json" if name.endswith(".json") else "--plot", "{tmp}/" + name], "did not write it") for name in USERS])
+] + [(["--json" if name.endswith(".json") else "--plot", "{tmp}/" + name], "did not write") for name in USERS])
 def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_path, args, message):
     paths = _bench_paths(tmp_path)
     before = _tree(tmp_path)
@@ -733,7 +733,7 @@ def test_bench_replaces_only_its_own_outputs(tmp_path, bench_spy):
     bench, ran = bench_spy
     paths = _bench_paths(tmp_path)
     for name in USERS:  # by name, extension or content alike: not the bench's
-        with pytest.raises(BadInput, match="did not write it"):
+        with pytest.raises(BadInput, match="did not write"):
             bench.check_json_path(paths[name], "--json" if name.endswith(".json") else "--plot")
     bench.check_json_path(paths["old.png"], "--plot")
     bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=paths["old.json"], log=lambda *_: None)
