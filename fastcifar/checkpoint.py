@@ -252,7 +252,8 @@ class RunDir:
             undo()
             with contextlib.suppress(OSError, BadInput):
                 if self.path.is_dir():
-                    write_json(self.path / "summary.json", self.summary(False, f"could not write {what}: {why}"), by="train")
+                    s = self.summary(False, f"could not write {what}: {why}")
+                    write_json(self.path / "summary.json", s, by="train")
                     self._ended = True
             raise BadInput(f"Could not write {what} in {self.path} ({why}): is the disk full or the directory "
                            f"read-only? The run stopped there; every file fastcifar writes is replaced whole, so "

@@ -666,7 +666,7 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
         if md5 is not None and h.hexdigest() != md5:
             raise BadInput(f"The download from {url} has md5 {h.hexdigest()}, expected {md5}; try again later.")
         os.replace(tmp, dest)
-        owned.record([tmp, dest], "prepare")
+        owned.record([dest], "prepare")  # and the .part's entry, gone, is struck off
     except OSError as e:  # URLError, timeouts, a full disk
         raise BadInput(
             f"Could not download {url} ({e}). On a machine without internet, copy the tarball here and run "
@@ -675,8 +675,6 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
     finally:
         if os.path.exists(tmp):  # made by mkstemp above, in this process
             os.unlink(tmp)
-            with contextlib.suppress(OSError):
-                owned.record([tmp], "prepare")  # strikes it off
         remove_empty(made)  # none left empty once dest is there
     return dest
 

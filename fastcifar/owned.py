@@ -1,15 +1,11 @@
 """The one ownership rule: fastcifar deletes, replaces or recovers a path only if it can prove it
-wrote it. Every command that does any of these goes through this module.
-
-The proof: each folder fastcifar writes into holds a manifest (MANIFEST) naming what fastcifar
-wrote there, by which command, and the identity each had on disk: (st_dev, st_ino, size,
-mtime_ns) for a file written whole; (st_dev, st_ino) for one it keeps appending to (metrics.jsonl,
-TensorBoard events) and for a folder it made itself (entry "."). A path is fastcifar's while that
-identity holds: a file the user wrote, edited, copied in or put in its place is not, nor is any
-file of a copied folder; a folder moved whole keeps its inodes and stays fastcifar's. The manifest
-proves itself the same way (it names its own inode), so a look-alike or copied manifest counts for
-nothing and is never replaced. Names, extensions and contents prove nothing.
-"""
+wrote it; every command that does goes through here. The proof: each folder fastcifar writes into
+holds a manifest (MANIFEST) naming what it wrote there, by which command, with each one's identity
+on disk: (st_dev, st_ino, size, mtime_ns) for a file written whole; (st_dev, st_ino) for a file it
+appends to (metrics.jsonl, TensorBoard events) and for a folder it made (entry "."). A file the
+user wrote, edited, copied in or put in its place fails that check, as does every file of a copied
+folder; a folder moved whole keeps its inodes. The manifest proves itself the same way (it names
+its own inode). Names, extensions and contents prove nothing."""
 
 from __future__ import annotations
 
@@ -30,15 +26,19 @@ def _ident(st: os.stat_result, grows: bool) -> list[int]:
     return [st.st_dev, st.st_ino] + ([] if grows else [st.st_size, st.st_mtime_ns])
 
 
+def _paths(paths) -> list[Path]:
+    return [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+
+
 def _where(path: Path) -> tuple[Path, str, os.stat_result]:
-    """(folder whose manifest names path, its name there, its lstat): a folder names itself "."."""
+    """(folder whose manifest names path, its name there, its lstat); a folder is "." in its own."""
     st = os.lstat(path)
     return (path, ".", st) if stat.S_ISDIR(st.st_mode) else (path.parent, path.name, st)
 
 
 def _read(folder: Path) -> dict | None:
-    """The folder's manifest entries {name: {"by", "id"}}: {} where there is none; None where the file
-    of that name is not one fastcifar wrote there (a look-alike, a copy, a link, damaged)."""
+    """The folder's manifest entries {name: {"by", "id"}}: {} where there is none; None where that
+    file is not one fastcifar wrote there (a look-alike, a copy, a link, damaged)."""
     try:
         fd = os.open(folder / MANIFEST, os.O_RDONLY | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
@@ -56,8 +56,7 @@ def _read(folder: Path) -> dict | None:
 
 
 def is_ours(path, by: str | None = None) -> bool:
-    """Whether fastcifar wrote path (as command `by`, if given) and it is still as written. The
-    manifest is fastcifar's when it proves itself (whichever command)."""
+    """Whether fastcifar wrote path (as command `by`, if given) and it is still as written."""
     try:
         folder, name, st = _where(Path(path))
     except OSError:
@@ -70,18 +69,17 @@ def is_ours(path, by: str | None = None) -> bool:
 
 
 def check(paths, by: str, hint: str) -> None:
-    """BadInput, one paragraph ending in `hint` (what to do; see refuse), unless fastcifar may write each path:
-    missing, or written by fastcifar as `by`; and its folder's manifest is fastcifar's own."""
-    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    theirs = [p for p in paths if (os.path.lexists(p) and not is_ours(p, by))]
+    """BadInput (refuse) unless each path is missing or `fastcifar by` wrote it, and its folder's
+    manifest is fastcifar's."""
+    paths = _paths(paths)
+    theirs = [p for p in paths if os.path.lexists(p) and not is_ours(p, by)]
     theirs += sorted({p.parent / MANIFEST for p in paths if _read(p.parent) is None} - set(theirs))
     if theirs:
         refuse(theirs, hint, by)
 
 
 def refuse(paths: list[Path], hint: str, by: str | None = None):
-    """Raise the one paragraph that says fastcifar (`fastcifar by`) will not touch paths, and what to
-    do: hint, where {it} reads "it" or "them"."""
+    """BadInput: fastcifar will not touch paths; hint says what to do ({it}: "it" or "them")."""
     one = len(paths) == 1
     same = not one and len({p.parent for p in paths}) == 1  # "a, b in DIR"
     names = ", ".join(p.name if same else str(p) for p in paths[:6])
@@ -114,8 +112,8 @@ def _write(folder: Path, entries: dict, create: bool = False) -> None:
 
 @contextlib.contextmanager
 def _editing(folder: Path):
-    """Yield the folder's manifest entries to change, under an exclusive lock on the manifest (two
-    processes recording in one folder); written back on the way out, deleted once it lists nothing."""
+    """The folder's manifest entries to change, under a lock on the manifest (processes recording in
+    one folder take turns); written back on the way out, deleted once it lists nothing."""
     m = folder / MANIFEST
     while True:
         try:
@@ -150,22 +148,16 @@ def _editing(folder: Path):
 
 def record(paths, by: str, grows: bool = False) -> None:
     """Enter paths, just written (a folder: just made) by `fastcifar by`, in their folders'
-    manifests; a path fastcifar has since renamed away is struck off. grows: files fastcifar goes
-    on appending to (checked by inode alone)."""
-    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    found = {p: _where(p) if os.path.lexists(p) else (p.parent, p.name, None) for p in paths}
-    for folder in dict.fromkeys(f for f, _, _ in found.values()):
+    manifests. grows: files fastcifar goes on appending to (checked by inode alone)."""
+    found = [_where(p) for p in _paths(paths)]
+    for folder in dict.fromkeys(f for f, _, _ in found):
         with _editing(folder) as entries:
-            for f, name, st in found.values():
-                if f == folder and st is None:
-                    entries.pop(name, None)
-                elif f == folder:
-                    entries[name] = {"by": by, "id": _ident(st, grows or name == ".")}
+            entries.update({name: {"by": by, "id": _ident(st, grows or name == ".")} for f, name, st in found
+                            if f == folder})
 
 
 def remove(path, by: str) -> bool:
-    """Delete the file path if `fastcifar by` wrote it (and strike it from the manifest); False,
-    touching nothing, if it did not."""
+    """Delete the file path if `fastcifar by` wrote it; False, touching nothing, if not."""
     path = Path(path)
     if not is_ours(path, by):
         return False
@@ -178,8 +170,8 @@ def remove(path, by: str) -> bool:
 
 
 def remove_tree(folder, by: str) -> bool:
-    """Delete a folder `fastcifar by` made, with the files fastcifar wrote in it. Anything else
-    inside is the user's: it stays, and so does the folder (False)."""
+    """Delete a folder `fastcifar by` made with the files fastcifar wrote in it; False where anything
+    else is inside (kept, and the folder with it) or the folder is not fastcifar's."""
     folder = Path(folder)
     if not is_ours(folder, by):
         return False
@@ -197,10 +189,9 @@ def remove_tree(folder, by: str) -> bool:
 
 @contextlib.contextmanager
 def hold(folder, busy: str):
-    """Make folder (and its missing parents) and hold an exclusive lock on it while the block runs,
-    so that no second fastcifar process works in it: BadInput(busy) where another one holds it. The
-    kernel drops the lock when the holder dies, kill -9 included; folders made here are removed on
-    the way out while empty."""
+    """Make folder (and parents) and hold an exclusive lock on it while the block runs: BadInput(busy)
+    where another process holds it (the kernel drops a lock when its holder dies, kill -9 included).
+    Folders made here are removed on the way out while empty."""
     folder, made, fd = Path(folder), [], None
     try:
         try:
