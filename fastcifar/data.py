@@ -666,7 +666,7 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
         if md5 is not None and h.hexdigest() != md5:
             raise BadInput(f"The download from {url} has md5 {h.hexdigest()}, expected {md5}; try again later.")
         os.replace(tmp, dest)
-        owned.record([dest], "prepare")  # and the .part's entry, gone, is struck off
+        owned.record([tmp], "prepare")  # renamed away: struck off
     except OSError as e:  # URLError, timeouts, a full disk
         raise BadInput(
             f"Could not download {url} ({e}). On a machine without internet, copy the tarball here and run "
@@ -674,7 +674,10 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
         )
     finally:
         if os.path.exists(tmp):  # made by mkstemp above, in this process
-            os.unlink(tmp)
+            with contextlib.suppress(OSError):
+                owned.remove(tmp, "prepare")  # with its entry
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         remove_empty(made)  # none left empty once dest is there
     return dest
 
@@ -805,9 +808,9 @@ def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, d
     except OSError as e:
         if lock_fd is not None:
             os.close(lock_fd)
-        if tmp is not None and not owned.remove_tree(tmp, "prepare"):
-            with contextlib.suppress(OSError):
-                os.rmdir(tmp)  # made a moment ago and still empty: the manifest could not be written
+        if tmp is not None:
+            with contextlib.suppress(OSError):  # else made a moment ago and still empty: no manifest was written
+                owned.remove_tree(tmp, "prepare") or os.rmdir(tmp)
         remove_empty(made)
         raise BadInput(f"Cannot write the store to {dest} ({e.strerror or e}); choose a writable --data-dir.")
     old = None
@@ -992,7 +995,8 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
 
 
 def _clean_downloads(tarball: Path) -> None:
-    """Delete the .part files of downloads that were killed (no live process holds their lock)."""
+    """Delete the .part files of downloads that were killed (no live process holds their lock) and
+    that download() recorded as prepare's (owned.py)."""
     with contextlib.suppress(OSError), os.scandir(tarball.parent) as it:
         for e in it:
             if e.name.startswith(tarball.name + ".") and e.name.endswith(".part") and e.is_file(follow_symlinks=False) \

@@ -148,12 +148,12 @@ def _editing(folder: Path):
 
 def record(paths, by: str, grows: bool = False) -> None:
     """Enter paths, just written (a folder: just made) by `fastcifar by`, in their folders'
-    manifests. grows: files fastcifar goes on appending to (checked by inode alone)."""
-    found = [_where(p) for p in _paths(paths)]
+    manifests; one no longer there (renamed away) is struck off. grows: files fastcifar appends to."""
+    found = [_where(p) if os.path.lexists(p) else (p.parent, p.name, None) for p in _paths(paths)]
     for folder in dict.fromkeys(f for f, _, _ in found):
-        with _editing(folder) as entries:
+        with _editing(folder) as entries:  # which strikes off every entry whose file is gone
             entries.update({name: {"by": by, "id": _ident(st, grows or name == ".")} for f, name, st in found
-                            if f == folder})
+                            if f == folder and st is not None})
 
 
 def remove(path, by: str) -> bool:
