@@ -10,7 +10,6 @@ closed by a device sync; the row reports the median repeat.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, jsonio, provenance, runtime, sigterm_as_ctrl_c
+from fastcifar import BadInput, __version__, owned, provenance, runtime, sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 HOST = "dali-host"  # the pipeline rows of the DALI backend's host side alone (index reads and draws)
@@ -447,25 +446,9 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _bench_output(path: Path, option: str) -> bool:
-    """Whether the file at path is one the bench wrote (a bench JSON {meta, rows}, or a matplotlib
-    PNG) or empty: only those may be replaced."""
-    try:
-        if path.stat().st_size == 0:
-            return True
-        with open(path, "rb") as f:
-            head = f.read(1 << 12)  # a PNG's text chunks (matplotlib's Software tag) precede its pixels
-            if option == "--plot":
-                return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
-        obj = jsonio.load(path)  # far more than any bench JSON (jsonio.MAX_BYTES), or nested deep: not one
-        return isinstance(obj, dict) and {"meta", "rows"} <= set(obj)
-    except (OSError, BadInput):
-        return False
-
-
 def check_json_path(path: Path, option: str = "--json") -> None:
     """BadInput unless a file can be written at path (its folder is made if missing) without
-    replacing anything but an earlier bench output."""
+    replacing anything but a file a bench wrote there (owned.py)."""
     example = "bench.json" if option == "--json" else "bench.png"
     if str(path) == "-":  # the usual name of stdout, where the tables go; not a file named -
         raise BadInput(f"{option} - : bench prints its tables to stdout and writes {option} to a file; give a "
@@ -474,10 +457,7 @@ def check_json_path(path: Path, option: str = "--json") -> None:
         raise BadInput(f"{option} {path} is a directory; give a file path such as {path / example}.")
     if option == "--plot" and path.suffix.lower() != ".png":
         raise BadInput(f"--plot {path}: the picture is a PNG; name it *.png, e.g. {path.with_suffix('.png')}.")
-    if os.path.lexists(path) and not (path.is_file() and _bench_output(path, option)):
-        what = "a bench JSON" if option == "--json" else "a bench picture"
-        raise BadInput(f"{option} {path} already exists and is not {what} (fastcifar replaces only its own): move "
-                       f"it away, or choose another {option} path.")
+    owned.check([path], "bench", f"The bench would replace {{it}}: move {{it}} away, or choose another {option} path.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):  # a file made and removed: the folder takes new files
@@ -490,12 +470,12 @@ def check_json_path(path: Path, option: str = "--json") -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    """checkpoint.write_json (atomic), with an unwritable path as bad input."""
+    """checkpoint.write_json (atomic; replacing only a file a bench wrote), with an unwritable path as bad input."""
     from fastcifar.checkpoint import write_json as atomic_json
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_json(path, obj)
+        atomic_json(path, obj, by="bench")
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")
 
@@ -564,7 +544,7 @@ def figure(bench: dict):
 
 
 def plot(bench: dict, path: Path) -> None:
-    """figure(bench) saved as a PNG at path (atomically)."""
+    """figure(bench) saved as a PNG at path (atomically; replacing only a file a bench wrote)."""
     import matplotlib.pyplot as plt
 
     from fastcifar.checkpoint import atomic_write
@@ -572,7 +552,7 @@ def plot(bench: dict, path: Path) -> None:
     fig = figure(bench)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        atomic_write(path, lambda f: fig.savefig(f, format="png"), by="bench")
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --plot path.")
     finally:

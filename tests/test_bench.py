@@ -483,11 +483,11 @@ def test_a_dash_for_an_output_path_is_refused_not_written_as_a_file(tmp_path, mo
 
 
 def test_a_users_json_with_a_meta_key_is_not_taken_for_a_bench_json(tmp_path):
-    """Only a JSON with both meta and rows is an earlier bench's, which --json may replace; a user's
-    file that merely has a "meta" key is refused and left as it was."""
+    """Only a JSON a bench wrote (owned.py) may be replaced by --json; a user's file with a "meta"
+    key (or meta and rows) is refused and left as it was."""
     mine = tmp_path / "notes.json"
     mine.write_text('{"meta": {"author": "me"}, "notes": []}')
-    with pytest.raises(BadInput, match="already exists and is not a bench JSON"):
+    with pytest.raises(BadInput, match="`fastcifar bench` did not write"):
         bench.check_json_path(mine)
     bench.check_json_path(tmp_path / "new.json")  # a new path is fine
     assert mine.read_text() == '{"meta": {"author": "me"}, "notes": []}'
