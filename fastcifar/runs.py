@@ -116,8 +116,11 @@ def state(job: Job, by: str = "reproduce") -> str:
     if not d.is_dir():
         raise BadInput(f"{d} is a file where {by} keeps the run {job}; move it away.")
     if not (d / "last.pt").is_file():
-        if (read_object(d / "summary.json") or {}).get("finished"):
+        summary = read_object(d / "summary.json") or {}
+        if summary.get("finished"):
             return "done"  # a finished run whose checkpoints were deleted (to free disk): reported, never retrained
+        if str(summary.get("stop_reason", "")).startswith("non-finite loss"):
+            return "failed"  # it diverged before its first checkpoint: recorded, not run again
         # a run that died before its first checkpoint: restarted, its files deleted, if it wrote them all
         theirs = [p for p in sorted(d.iterdir()) if not owned.is_ours(p, "train")]
         if not theirs:
@@ -496,7 +499,8 @@ def outcome(job: Job, code: int | None, err: str) -> tuple[str, str]:
         return "finished", (f"finished, best {best:.2f}% (epoch {s.get('best_epoch')})" if isinstance(best, float)
                             else "finished") + f", {duration(s.get('wall_seconds'))}"
     if code in (130, -signal.SIGINT, -signal.SIGTERM):
-        return "stopped", f"stopped at epoch {s.get('epochs_done', 0)}; it resumes from its last.pt"
+        n = s.get("epochs_done") or 0
+        return "stopped", f"stopped with {n} epoch{'s' * (n != 1)} done; it resumes from its last.pt"
     if str(s.get("stop_reason", "")).startswith("non-finite loss"):
         return "diverged", f"diverged: {s['stop_reason']}"
     if code == 2:
@@ -643,8 +647,8 @@ class Scheduler:
                 + (duration(eta) if eta is not None else "after a first epoch"))
 
     def stop(self) -> None:
-        """Stop every running run and wait for each to save its last.pt and exit; a second Ctrl-C (or
-        SIGTERM) stops them at once. The results are written as the runs left them."""
+        """Stop every running run and wait for each to save its last.pt and exit (each rewrites the
+        results as it ends); a second Ctrl-C (or SIGTERM) stops them at once."""
         n, hurried = len(self.running), False
         if n:
             self.board.say(f"Stopping {n} running run{'s' * (n > 1)}: each saves its last.pt after its current step "
@@ -659,8 +663,6 @@ class Scheduler:
                     hurried = True
                     self.board.say("Stopping at once.")
                     self.pool.kill()
-        with contextlib.suppress(OSError, BadInput):
-            self.results()
 
 
 def prepare_stores(jobs: list[Job], pool, data_dir, out: Path) -> None:

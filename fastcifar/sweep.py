@@ -174,7 +174,8 @@ def sweep(recipe: str, grids: list[str], seeds: int = 1, out=None, overrides=(),
         check_out(out, labels, "sweep")  # again, under the lock
         pool = runs.make_pool(jobs, per_gpu, threads, ray)
         sizes = " x ".join(str(len(t)) for t in grid.values())
-        log(f"Sweeping {name}: {sizes} settings x {seeds} seed{'s' * (seeds > 1)} = {len(planned)} runs in {out}, "
+        log(f"Sweeping {name}: {sizes} setting{'s' * (len(settings) > 1)} x {seeds} seed{'s' * (seeds > 1)} = "
+            f"{len(planned)} run{'s' * (len(planned) > 1)} in {out}, "
             f"{pool.describe()}" + (f", with {' '.join('--set ' + o for o in overrides)}" if overrides else ""))
         again = command(recipe, grids, seeds, out, overrides, data_dir, scheduling(jobs, per_gpu, threads, ray))
         failed = runs.run(planned, pool, "sweep", write, again, data_dir, log)
