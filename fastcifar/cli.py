@@ -220,7 +220,8 @@ def evaluate(
 @app.command()
 def bench(
     stage: Optional[List[str]] = typer.Option(None, "--stage", help="Stage to measure, repeatable: pipeline, "
-                                              "train_step, end_to_end (default: every stage)."),
+                                              "train_step, end_to_end (default: these three), packing (only when "
+                                              "named: minutes of training runs)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write {meta, rows, headroom} as JSON to this file "
                                               "(replacing a file only if a bench wrote it; also for --plot)."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", metavar="PNG", help="Also draw the pipeline table (img/s "
@@ -249,6 +250,7 @@ def bench(
     - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path; after each DALI row, dali-host: its host side alone (index reads and draws, ms per batch).
     - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP (on a GPU what train.amp=auto picks there; bf16 on a CPU), then torch.compile (one static graph per model and size).
     - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the last --setting (the ladder's top).
+    - packing (only with --stage packing): runs per hour of 1, 2 and 4 short r18_cifar_32 runs at once, each a `fastcifar train` process started by the scheduler of `reproduce` and `sweep` (on a GPU all pinned to it, as --per-gpu K; on a CPU splitting the cores, as --jobs K), beside one at a time (vs_one). Start-up, compile and evaluation count. The runs use the recipe's batch (--batch-size is for the other stages).
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
     bench/pipeline.sh and bench/gpu_check.sh make the README and bench/RESULTS.md tables.

@@ -246,8 +246,8 @@ class LocalPool:
     """Runs as processes on this machine: on GPUs each pinned to one GPU (CUDA_VISIBLE_DEVICES), K
     per GPU; on a CPU, N at once. Each gets `threads` CPU threads."""
 
-    def __init__(self, jobs: int | None = None, per_gpu: int | None = None, threads: int | None = None):
-        self.gpus = visible_gpus()
+    def __init__(self, jobs: int | None = None, per_gpu: int | None = None, threads: int | None = None, gpus=None):
+        self.gpus = visible_gpus() if gpus is None else list(gpus)  # gpus: these only (the packing bench)
         if self.gpus:
             most = len(self.gpus) * (per_gpu or 1)
             if jobs is not None and jobs > most:
@@ -536,7 +536,8 @@ class Board:
     that starts or ends and every STATUS_EVERY seconds."""
 
     def __init__(self, log):
-        self.log, self.live = log, sys.stdout.isatty()
+        # log None: nothing shown (the packing bench)
+        self.log, self.live = log or (lambda *a, **k: None), log is not None and sys.stdout.isatty()
         self.shown, self.last = False, float("-inf")
 
     def say(self, line: str) -> None:

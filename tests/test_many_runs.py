@@ -370,3 +370,51 @@ def test_a_real_ray_cluster_gives_the_local_table(project, ray_cluster):
     same_runs(project / "rayout", project / "ref", ["tiny_teacher-seed0", "tiny_teacher-seed1"])
     assert sorted(p.name for p in (project / "rayout").iterdir() if p.name != owned.MANIFEST) == [
         "results.json", "results.md", "tiny_teacher-seed0", "tiny_teacher-seed1"]  # the probe's file is gone
+
+
+# ---- The packing bench (fastcifar bench --stage packing)
+
+
+def test_the_packing_bench_runs_k_at_once_through_the_scheduler(tmp_path, monkeypatch):
+    """bench --stage packing with K = 1, 2 (the quick CPU run, of tiny_teacher's test_resnet instead of
+    a ResNet-18, on a tiny store): each row's K runs go through the scheduler K at once and finish,
+    each with its summary; the first row is the one-at-a-time baseline of vs_one. (Speed is the
+    bench's to measure, not this test's.)"""
+    from fastcifar import bench, jsonio, runs
+
+    prepare(tmp_path / "store", synthetic=True, n_train=300, n_test=60, log=lambda *_: None)
+    (tmp_path / "tiny.py").write_text(TEACHER)
+    monkeypatch.setattr(bench, "PACKING", (1, 2))
+    monkeypatch.setattr(bench, "PACKING_RECIPE", str(tmp_path / "tiny.py"))
+    seen, real = [], runs.run
+
+    def spy(jobs, pool, *args, **kwargs):  # the runs' directories, read before the bench deletes them
+        failed = real(jobs, pool, *args, **kwargs)
+        seen.append((pool.slots, [jsonio.load(j.dir / "summary.json") for j in jobs],
+                     [jsonio.load(j.dir / "recipe.json") for j in jobs]))
+        return failed
+
+    monkeypatch.setattr(runs, "run", spy)
+    rows = bench.run(stages=["packing"], quick=True, device="cpu", data_dir=tmp_path / "store", log=lambda *_: None)
+    assert [r["runs_at_once"] for r in rows] == [1, 2] and rows[0]["vs_one"] == 1.0
+    assert rows[1]["vs_one"] == pytest.approx(rows[1]["runs_per_hour"] / rows[0]["runs_per_hour"], abs=0.01)
+    assert [slots for slots, _, _ in seen] == [1, 2]
+    for (k, summaries, recipes), row in zip(seen, rows):
+        assert len(summaries) == k and all(s["finished"] and s["epochs_done"] == 1 for s in summaries)
+        assert [r["train"]["seed"] for r in recipes] == list(range(k))  # K different runs, not one K times
+        assert all(r["model"]["name"] == row["model"] == "test_resnet" and r["data"]["subset"] < 1 for r in recipes)
+        assert row["images_per_sec"] == pytest.approx(sum(s["train_images_per_sec"] for s in summaries), rel=0.01)
+
+
+def test_packing_runs_only_when_named(tmp_path, monkeypatch):
+    """A plain `fastcifar bench` measures the three throughput stages, not minutes of packed runs."""
+    from fastcifar import bench
+
+    prepare(tmp_path / "store", synthetic=True, n_train=20, n_test=10, log=lambda *_: None)
+    ran = []
+    monkeypatch.setattr(bench, "STAGES", {name: (lambda name: lambda **_: ran.append(name) or iter(()))(name)
+                                          for name in bench.STAGES})
+    bench.run(data_dir=tmp_path / "store", device="cpu", log=lambda *_: None)
+    assert ran == ["pipeline", "train_step", "end_to_end"]
+    bench.run(stages=["packing"], data_dir=tmp_path / "store", device="cpu", log=lambda *_: None)
+    assert ran[-1] == "packing"
