@@ -232,7 +232,8 @@ def check_resume(ctx: dict, emit) -> dict:
     a, b = (checkpoint.load(work / run / "last.pt") for run in ("straight", "stopped"))
     differ = [k for k in ("model", "optimizer", "step") if not same(a[k], b[k])]
     detail = f"{steps} steps straight == {RESUME['stop']} steps, a stop and a resume, bit for bit"
-    return {"ok": not differ, "detail": detail if not differ else f"{detail}: NOT so, {' and '.join(differ)} differ"}
+    named = ", ".join(differ[:-1]) + " and " + differ[-1] if len(differ) > 1 else "".join(differ)
+    return {"ok": not differ, "detail": detail if not differ else f"{detail}: NOT so, {named} differ{'s' * (len(differ) == 1)}"}
 
 
 # ---- The throughput rows
@@ -510,9 +511,10 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
                 (work / step.name).mkdir()
                 entry.update(_step(step, {**ctx, "work": str(work / step.name)}, min(step.cap[k], left),
                                    step.cap[k], work / f"{step.name}.log", isolate, log, report, meta))
-            log(f"{entry['status'].upper():5} {step.name} ({entry['seconds']:.0f} s): {entry['detail']}")
+            took = "" if entry["status"] == "skipped" else f" ({entry['seconds']:.0f} s)"
+            log(f"{entry['status'].upper():7} {step.name}{took}: {entry['detail']}")
             for line in entry.get("log", []):
-                log(f"      | {line}")
+                log(f"{'':7} | {line}")
     except KeyboardInterrupt:
         meta["stopped"] = True
     finally:
@@ -531,7 +533,7 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
 def _step(step: Step, ctx: dict, cap: float, own_cap: float, log_path: Path, isolate: bool, log, report, meta) -> dict:
     """Run one step for at most cap seconds: its entry (status, detail, seconds; a failure's log tail);
     the rows it measured go into report["rows"], even when it stopped part-way."""
-    log(f"..    {step.name} (at most {cap:.0f} s)")
+    log(f"{'...':7} {step.name} (at most {cap:.0f} s)")
     rows, t = [], time.monotonic()
     try:
         result = run_isolated(step, ctx, cap, log_path, rows) if isolate else run_inline(step, ctx, log_path, rows)
