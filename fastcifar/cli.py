@@ -245,7 +245,7 @@ def bench(
     - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the last --setting (the ladder's top).
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
-    bench/pipeline.sh and bench/gpu_check.sh make the README and bench/RESULTS.md tables.
+    bench/pipeline.sh reruns the README's pipeline table; `fastcifar doctor` is the three-minute check with the targets.
 
     --json is rewritten after every row, so Ctrl-C or SIGTERM keeps what was measured: the tables
     of those rows are printed, the JSON says meta.complete: false, and the exit code is 130.
