@@ -19,15 +19,15 @@ target is a measurement, marked, and never a failure.
 
 The GPU and the CPU run one code path; the CPU runs it at toy sizes. What differs:
 
-| line                              | why                                                             |
-|-----------------------------------|-----------------------------------------------------------------|
-| `SCALE[...]`                      | the store's size, the models (timm's test_resnet on a CPU), the |
-|                                   | batches and repeats of the throughput rows, the caps            |
-| `compiled = device.type == "cuda"` | the throughput rows' steps: a CPU compile costs ~40 s a graph;  |
-|                                   | the compile check compiles on every device                      |
-| `on_target_card`                  | the targets are for H100/H200-class cards, n/a elsewhere        |
-| `fails = device.type == "cuda"`   | without DALI a GPU fails the agreement check (the GPU pipeline  |
-|                                   | is missing); a CPU notes it (DALI is optional there)            |
+| line                               | why                                                           |
+|------------------------------------|---------------------------------------------------------------|
+| `SCALE[device.type]`, `Step.cap`   | the store's size, the models (timm's test_resnet on a CPU),   |
+|                                    | the throughput rows' batches and repeats, the caps            |
+| `compiled = device.type == "cuda"` | the throughput rows' steps: a CPU compile costs ~40 s a graph |
+|                                    | (the compile check compiles on every device)                  |
+| `on_target_card`                   | the targets are for H100/H200-class cards, n/a elsewhere      |
+| `fails = device.type == "cuda"`    | without DALI a GPU fails the agreement check (its pipeline is |
+|                                    | missing); a CPU notes it (DALI is optional there)             |
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import shutil
 import signal
 import tempfile
 import time
-from functools import partial as _
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -94,7 +94,7 @@ def check_agreement(ctx: dict, emit) -> dict:
     from pipelines import agree
     from pipelines.loader import dali_available
 
-    device, _ = _setup(ctx)
+    device = _setup(ctx)[0]
     store = open_store(ctx["store"])
     rows = agree.tf32(store, device, batch=50)
     if not dali_available():
@@ -107,7 +107,8 @@ def check_agreement(ctx: dict, emit) -> dict:
     rows += agree.branches(store, device, {k: agree.RARE[k] for k in ("oneof", "trivialaugment", "randaugment")})
     backends = sorted({r[k] for r in rows if r["check"] == "agreement" for k in ("a", "b")})
     empty = sorted({b for r in rows if r["check"] == "branches" for b in r["empty"]})
-    bound = {size: max(r["bound"] for r in rows if r["check"] == "agreement" and r["size"] == size) for size in (32, 224)}
+    bound = {size: max(r["bound"] for r in rows if r["check"] == "agreement" and r["size"] == size)
+             for size in (32, 224)}
     within = (f"within {bound[32]:g}/255" if bound[32] == bound[224] else
               f"within {bound[32]:g}/255 at 32 and {bound[224]:g}/255 at 224")
     ok = all(r["ok"] for r in rows) and bool(empty)
@@ -130,9 +131,9 @@ def _recipe(ctx: dict, sizes: dict, **train):
     n_train, n_test = len(store.labels("train")), len(store.labels("test"))
     r, info = config.load(str(config.installed_recipes_dir() / "r18_cifar_32.py"))  # never a ./recipes look-alike
     config.apply_overrides(r, ["model.name=test_resnet", f"data.batch_size={sizes['batch']}",
-                               f"data.subset={sizes['train'] / n_train!r}", f"data.test_subset={sizes['test'] / n_test!r}",
-                               f"train.device={ctx['device']}", "train.log_every=1"]
-                           + [f"train.{k}={v}" for k, v in train.items()])
+                               f"data.subset={sizes['train'] / n_train!r}",
+                               f"data.test_subset={sizes['test'] / n_test!r}", f"train.device={ctx['device']}",
+                               "train.log_every=1", *(f"train.{k}={v}" for k, v in train.items())])
     return r, {**info, "name": "doctor"}
 
 
@@ -173,10 +174,10 @@ def check_compile(ctx: dict, emit) -> dict:
         s = tr.fit()
         compiled, backend, amp = tr.compiled, tr.train_loader.backend, tr.amp
     shape = shape_recompiles(reasons)
-    detail = (f"test_resnet compiled, channels_last, {'fp32' if amp == 'none' else amp}, {backend} loader: 2 epochs of "
-              f"{COMPILE['train'] // COMPILE['batch']} steps of {COMPILE['batch']} ({COMPILE['train'] % COMPILE['batch']}"
-              f" images dropped), test batches of 100, 100 and 70 (padded): {len(shape)} shape recompiles, "
-              f"{len(reasons) - len(shape)} for evaluation")
+    steps, dropped = divmod(COMPILE["train"], COMPILE["batch"])
+    detail = (f"test_resnet compiled, channels_last, {'fp32' if amp == 'none' else amp}, {backend} loader: 2 epochs "
+              f"of {steps} steps of {COMPILE['batch']} ({dropped} images dropped), test batches of 100, 100 and 70 "
+              f"(padded): {len(shape)} shape recompiles, {len(reasons) - len(shape)} for evaluation")
     ok = compiled and s["finished"] and not shape
     return {"ok": ok, "detail": detail + ("" if ok else ". " + " | ".join(" ".join(x.split()) for x in shape)[:600])}
 
@@ -232,8 +233,10 @@ def check_resume(ctx: dict, emit) -> dict:
     a, b = (checkpoint.load(work / run / "last.pt") for run in ("straight", "stopped"))
     differ = [k for k in ("model", "optimizer", "step") if not same(a[k], b[k])]
     detail = f"{steps} steps straight == {RESUME['stop']} steps, a stop and a resume, bit for bit"
-    named = ", ".join(differ[:-1]) + " and " + differ[-1] if len(differ) > 1 else "".join(differ)
-    return {"ok": not differ, "detail": detail if not differ else f"{detail}: NOT so, {named} differ{'s' * (len(differ) == 1)}"}
+    if not differ:
+        return {"ok": True, "detail": detail}
+    named = ", ".join(differ[:-1]) + " and " + differ[-1] if len(differ) > 1 else f"{differ[0]} differs"
+    return {"ok": False, "detail": f"{detail}: NOT so, {named}" + (" differ" if len(differ) > 1 else "")}
 
 
 # ---- The throughput rows
@@ -276,7 +279,8 @@ def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dic
     with runtime.backend_settings(deterministic=False):
         step = bench.make_train_step(name, device, compiled, True, amp)
         dtype = bench._input_dtype(device, amp)
-        images = torch.randn(bs, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        images = torch.randn(bs, 3, size, size, device=device, dtype=dtype)
+        images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 100, (bs,), device=device)
         alone, warm = bench._time_steps(step, iter(lambda: (images, labels), None), device, *plan)
         emit({"name": f"{model}_{size}_step", "what": f"{what} train step ({setting}), img/s",
@@ -292,18 +296,22 @@ def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dic
     return {"ok": True, "detail": f"{setting}, batch {bs}, warm-up {warm:.0f} s"}
 
 
-STEPS = [  # priority order: the checks, the targets, the extras
+STEPS = [  # priority order: the checks, the targets, the extras; cap and need in seconds (on a GPU, on a CPU)
     Step("agreement", "check", check_agreement, cap=(90, 90), need=(20, 20)),
     Step("compile", "check", check_compile, cap=(120, 200), need=(30, 60)),
     Step("resume", "check", check_resume, cap=(60, 90), need=(10, 15)),
-    Step("dali_oneof_224", "target", _(pipeline, backend="dali", aug="oneof", size=224), cap=(45, 60), need=(8, 5)),
-    Step("resnet18_224", "target", _(train_step, model="resnet18", size=224, fed=True), cap=(120, 60), need=(40, 5)),
-    Step("resnet18_32", "target", _(train_step, model="resnet18", size=32, fed=True), cap=(100, 60), need=(35, 5)),
-    Step("resnet50_224", "target", _(train_step, model="resnet50", size=224), cap=(120, 60), need=(50, 5)),
-    Step("torch_oneof_224", "extra", _(pipeline, backend="torch", aug="oneof", size=224), cap=(30, 60), need=(5, 5)),
-    Step("dali_trivialaugment_224", "extra", _(pipeline, backend="dali", aug="trivialaugment", size=224),
+    Step("dali_oneof_224", "target", partial(pipeline, backend="dali", aug="oneof", size=224),
+         cap=(45, 60), need=(8, 5)),
+    Step("resnet18_224", "target", partial(train_step, model="resnet18", size=224, fed=True),
+         cap=(120, 60), need=(40, 5)),
+    Step("resnet18_32", "target", partial(train_step, model="resnet18", size=32, fed=True),
+         cap=(100, 60), need=(35, 5)),
+    Step("resnet50_224", "target", partial(train_step, model="resnet50", size=224), cap=(120, 60), need=(50, 5)),
+    Step("torch_oneof_224", "extra", partial(pipeline, backend="torch", aug="oneof", size=224),
          cap=(30, 60), need=(5, 5)),
-    Step("dali_randaugment_224", "extra", _(pipeline, backend="dali", aug="randaugment", size=224),
+    Step("dali_trivialaugment_224", "extra", partial(pipeline, backend="dali", aug="trivialaugment", size=224),
+         cap=(30, 60), need=(5, 5)),
+    Step("dali_randaugment_224", "extra", partial(pipeline, backend="dali", aug="randaugment", size=224),
          cap=(30, 60), need=(5, 5)),
 ]
 
@@ -409,7 +417,8 @@ def versions_line(v: dict) -> str:
     card = (f"{v['gpu']['name']} (compute capability {v['gpu']['capability']}, {v['gpu']['memory_gib']} GiB, driver "
             f"{v['driver'] or 'unknown'})" if v["gpu"] else f"no GPU ({v['cpu']})")
     return (f"fastcifar {v['fastcifar']}, torch {v['torch']} (CUDA {v['cuda'] or 'none'}), DALI "
-            f"{v['dali'] or 'not installed'}, timm {v['timm']}, Python {v['python']}; {card}; {v['cpu_cores']} CPU cores")
+            f"{v['dali'] or 'not installed'}, timm {v['timm']}, Python {v['python']}; {card}; "
+            f"{v['cpu_cores']} CPU cores")
 
 
 def on_target_card(v: dict) -> bool:
@@ -427,7 +436,8 @@ def table(report: dict) -> str:
     checks = [s for s in steps if s["kind"] == "check"]
     passed = sum(s["status"] == "pass" for s in checks)
     lines = [f"## fastcifar doctor on {m['device_name']}: {passed} of {len(checks)} checks passed, {m['seconds']:.0f} s"
-             + (" (stopped by Ctrl-C)" if m.get("stopped") else ""), "", versions_line(report["versions"]) + ".", f"Precision: {m['precision']} ({m['precision_why']}).",
+             + (" (stopped by Ctrl-C)" if m.get("stopped") else ""), "", versions_line(report["versions"]) + ".",
+             f"Precision: {m['precision']} ({m['precision_why']}).",
              f"Command: `{m['command']}` (budget {m['budget']:g} s).", "",
              "| check | result | seconds | what |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {s['detail']} |" for s in checks]
@@ -486,12 +496,13 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
     v = versions(dev)
     precision, precision_why = runtime.resolve_amp(dev, "auto")
     meta = {"device_name": v["gpu"]["name"] if v["gpu"] else "cpu", "toy": dev.type != "cuda",
-            "precision": "fp32" if precision == "none" else precision, "precision_why": precision_why.removeprefix("auto: "),
-            "budget": budget, "command": command, "targets_apply": on_target_card(v)}
+            "precision": "fp32" if precision == "none" else precision,
+            "precision_why": precision_why.removeprefix("auto: "), "budget": budget, "command": command,
+            "targets_apply": on_target_card(v)}
     log(versions_line(v))
     log(f"precision: {meta['precision']} ({meta['precision_why']})")
     if isolate:  # the steps' processes fork from one that imported these once, while the store is made
-        multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "fastcifar.doctor", "fastcifar.train"])
+        multiprocessing.get_context("forkserver").set_forkserver_preload(["fastcifar.doctor", "fastcifar.train"])
         multiprocessing.forkserver.ensure_running()
     report = {"doctor": __version__, "meta": meta, "versions": v, "steps": [], "rows": []}
     work, k = Path(tempfile.mkdtemp(prefix="fastcifar-doctor-")), 0 if dev.type == "cuda" else 1
@@ -525,8 +536,8 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
         write(json_path, report)
         log(f"wrote {json_path}")
     if meta.get("stopped"):
-        raise Stopped(f"Stopped by Ctrl-C or SIGTERM in step {report['steps'][-1]['name'] if report['steps'] else '1'}; "
-                      f"the table above holds what was done.")
+        where = f"in step {report['steps'][-1]['name']}" if report["steps"] else "before the first step"
+        raise Stopped(f"Stopped by Ctrl-C or SIGTERM {where}; the table above holds what was done.")
     return 1 if any(failed(e) for e in report["steps"]) else 0
 
 
