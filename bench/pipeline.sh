@@ -6,6 +6,7 @@
 # bench extra first: pip install -e ".[bench]". Run it on a quiet machine: the load is printed
 # before and after, and a busy CPU shows up in every figure.
 #   bench/pipeline.sh [OUT.json]      (default bench/pipeline_cpu.json; extra args go to fastcifar bench)
+# An existing OUT is replaced only if a bench wrote it: move the checkout's copy away to rerun into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/pipeline_cpu.json}

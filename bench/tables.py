@@ -3,6 +3,8 @@ bench/RESULTS.md: one pivot table per stage, plus the headroom.
 
     python bench/tables.py bench/cpu_bench.json
     python bench/tables.py bench/cpu_bench.json --plot bench/cpu_bench.png   # also the README's picture
+
+--plot replaces an existing PNG only if a bench drew it (the checkout's own: move it away first).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ closed by a device sync; the row reports the median repeat.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -20,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, jsonio, provenance, runtime, sigterm_as_ctrl_c
+from fastcifar import BadInput, __version__, owned, provenance, runtime, sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
+HOST = "dali-host"  # the pipeline rows of the DALI backend's host side alone (index reads and draws)
 SIZES = (32, 224)  # output sides in px: the stored 32 and the pretrained recipes' 224 (--size picks, in its order)
 # (warm-up batches, repeats, batches per repeat): 5 + 5 * 30 = 155 batches fit the 200 of one
 # CIFAR epoch at batch 250, so no epoch restart lands in a timed repeat
@@ -64,9 +64,22 @@ def pipeline_augs() -> dict[str, dict]:
             "randaugment": {"policy": "randaugment"}}
 
 
+class HostSide:
+    """The DALI backend's host side alone, iterated as `measure` iterates a loader: per batch, the
+    inputs its thread makes for external_source (index reads and draws), and the labels."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for a in self.loader.impl.inputs(list(enumerate(self.loader.batches())), self.loader.epoch):
+            yield a, a[1]  # (images, labels, draws...): labels second
+
+
 def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, sizes=SIZES, **_):
     """Loader images/s per backend at 32 and 224, with augmentation off, the tutorial's OneOf (p=1),
-    TrivialAugment-wide and RandAugment (N=2, M=9)."""
+    TrivialAugment-wide and RandAugment (N=2, M=9); after each DALI row its host side alone (HOST:
+    the reads and draws a thread makes ahead of the training thread, on the CPU whatever the device)."""
     from pipelines import AugSpec, make_loader
     from pipelines.loader import dali_available
     from pipelines.tutorial import albumentations_available
@@ -95,8 +108,15 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                 if backend == "tutorial":
                     row["note"] = "cv2 + albumentations" if albumentations_available() else "torch per-sample fallback"
                 log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:14s} {img_s(rate):9} img/s")
-                del loader
                 yield row
+                if backend == "dali":
+                    host = measure(HostSide(loader), torch.device("cpu"), warmup, repeats, batches)
+                    yield {"stage": "pipeline", "backend": HOST, "image_size": size, "batch_size": batch_size,
+                           "device": "cpu", "images_per_sec": img_s(host), "aug": aug,
+                           "ms_per_batch": round(1000 * batch_size / host, 3), "note": "host side alone: reads + draws"}
+                    log(f"  pipeline {HOST:9s} {size:3d}px aug={aug:14s} {img_s(host):9} img/s "
+                        f"({1000 * batch_size / host:.2f} ms per batch of {batch_size})")
+                del loader
 
 
 def vs_tutorial(rows: list[dict]) -> None:
@@ -105,7 +125,7 @@ def vs_tutorial(rows: list[dict]) -> None:
     base = {(r["image_size"], r["aug"]): r["images_per_sec"] for r in rows
             if r["stage"] == "pipeline" and r["backend"] == "tutorial"}
     for r in rows:
-        if r["stage"] == "pipeline" and (r["image_size"], r["aug"]) in base:
+        if r["stage"] == "pipeline" and r["backend"] != HOST and (r["image_size"], r["aug"]) in base:
             r["vs_tutorial"] = round(r["images_per_sec"] / base[(r["image_size"], r["aug"])], 2)
 
 
@@ -130,8 +150,8 @@ def _amp_dtype(device: torch.device) -> torch.dtype:
 
 def _input_dtype(device: torch.device, amp: bool) -> torch.dtype:
     """What the step is fed: under bf16 AMP the loader hands over bf16 images (half the bytes), so
-    train_step's tensors are bf16 too and end_to_end compiles the very graph train_step did (a
-    cache hit on the GPU rather than a second compile), and the two figures differ by the data only."""
+    train_step's tensors are bf16 too and end_to_end compiles the very graph train_step did (each
+    step its own copy, in its warm-up), and the two figures differ by the data only."""
     return torch.bfloat16 if amp and _amp_dtype(device) == torch.bfloat16 else torch.float32
 
 
@@ -144,7 +164,13 @@ def make_train_step(model_name: str, device: torch.device, compiled: bool, chann
     fmt = runtime.memory_format(channels_last)
     model = build_model(Model(name=model_name), Head(kind="linear"), 100).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    net = torch.compile(model) if compiled else model
+    if compiled:
+        # One static graph per step made (a model at one size and setting): dynamo keeps its cache
+        # per code object, and every timm model of a kind shares its forward's code, so a second
+        # size would recompile into a dynamic-shape graph (automatic dynamic) and be measured as
+        # such. A fresh cache and dynamic=False: no recompile, and the warm-up holds this compile.
+        torch._dynamo.reset()
+    net = torch.compile(model, dynamic=False) if compiled else model
     # fp16 without a GradScaler would underflow in real training; for timing, a step is a step
     dtype = _amp_dtype(device)
 
@@ -288,7 +314,7 @@ def headroom(rows: list[dict]) -> list[dict]:
     e2e = {(r["backend"], r["model"], r["image_size"]): r["images_per_sec"] for r in rows if r["stage"] == "end_to_end"}
     out = []
     for r in rows:
-        if r["stage"] != "pipeline" or r["aug"] != "oneof":
+        if r["stage"] != "pipeline" or r["aug"] != "oneof" or r["backend"] == HOST:
             continue
         for (model, size), step_rate in steps.items():
             if size == r["image_size"]:
@@ -433,25 +459,9 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _bench_output(path: Path, option: str) -> bool:
-    """Whether the file at path is one the bench wrote (a bench JSON {meta, rows}, or a matplotlib
-    PNG) or empty: only those may be replaced."""
-    try:
-        if path.stat().st_size == 0:
-            return True
-        with open(path, "rb") as f:
-            head = f.read(1 << 12)  # a PNG's text chunks (matplotlib's Software tag) precede its pixels
-            if option == "--plot":
-                return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
-        obj = jsonio.load(path)  # far more than any bench JSON (jsonio.MAX_BYTES), or nested deep: not one
-        return isinstance(obj, dict) and {"meta", "rows"} <= set(obj)
-    except (OSError, BadInput):
-        return False
-
-
 def check_json_path(path: Path, option: str = "--json") -> None:
     """BadInput unless a file can be written at path (its folder is made if missing) without
-    replacing anything but an earlier bench output."""
+    replacing anything but a file a bench wrote there (owned.py)."""
     example = "bench.json" if option == "--json" else "bench.png"
     if str(path) == "-":  # the usual name of stdout, where the tables go; not a file named -
         raise BadInput(f"{option} - : bench prints its tables to stdout and writes {option} to a file; give a "
@@ -460,10 +470,7 @@ def check_json_path(path: Path, option: str = "--json") -> None:
         raise BadInput(f"{option} {path} is a directory; give a file path such as {path / example}.")
     if option == "--plot" and path.suffix.lower() != ".png":
         raise BadInput(f"--plot {path}: the picture is a PNG; name it *.png, e.g. {path.with_suffix('.png')}.")
-    if os.path.lexists(path) and not (path.is_file() and _bench_output(path, option)):
-        what = "a bench JSON" if option == "--json" else "a bench picture"
-        raise BadInput(f"{option} {path} already exists and is not {what} (fastcifar replaces only its own): move "
-                       f"it away, or choose another {option} path.")
+    owned.check([path], "bench", f"The bench would replace {{it}}: move {{it}} away, or choose another {option} path.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):  # a file made and removed: the folder takes new files
@@ -476,12 +483,12 @@ def check_json_path(path: Path, option: str = "--json") -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    """checkpoint.write_json (atomic), with an unwritable path as bad input."""
+    """checkpoint.write_json (atomic; replacing only a file a bench wrote), with an unwritable path as bad input."""
     from fastcifar.checkpoint import write_json as atomic_json
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_json(path, obj)
+        atomic_json(path, obj, by="bench")
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")
 
@@ -502,7 +509,7 @@ def figure(bench: dict):
     import matplotlib.pyplot as plt
 
     rows, room, m = bench.get("rows", []), bench.get("headroom", []), bench.get("meta", {})
-    pipe = [r for r in rows if r.get("stage") == "pipeline"]
+    pipe = [r for r in rows if r.get("stage") == "pipeline" and r.get("backend") != HOST]  # loaders only
     if not pipe and not room:
         raise BadInput("The bench result has no pipeline rows and no headroom to draw; run the pipeline stage.")
     panels = [p for p, present in (("pipeline", pipe), ("headroom", room)) if present]
@@ -550,7 +557,7 @@ def figure(bench: dict):
 
 
 def plot(bench: dict, path: Path) -> None:
-    """figure(bench) saved as a PNG at path (atomically)."""
+    """figure(bench) saved as a PNG at path (atomically; replacing only a file a bench wrote)."""
     import matplotlib.pyplot as plt
 
     from fastcifar.checkpoint import atomic_write
@@ -558,7 +565,7 @@ def plot(bench: dict, path: Path) -> None:
     fig = figure(bench)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+        atomic_write(path, lambda f: fig.savefig(f, format="png"), by="bench")
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --plot path.")
     finally:

@@ -4,7 +4,6 @@ the previous complete file, never a torn one."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import pickle
@@ -16,13 +15,17 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, make_dirs, remove_empty, why
+from fastcifar import BadInput, owned, why
 from fastcifar import dist as fdist
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call write(binary file) on a temp file beside path, fsync, then rename it to path."""
+def atomic_write(path: Path, write, by: str | None = None) -> None:
+    """Call write(binary file) on a temp file beside path, fsync, then rename it to path. by: the
+    command writing it; path is then replaced only if fastcifar wrote it as `by` (owned.py), and
+    recorded as written."""
     path = Path(path)
+    if by is not None:
+        owned.check([path], by, "Move {it} away, or choose another path.")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -36,10 +39,12 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    if by is not None:
+        owned.record([path], by)
 
 
-def save(path: Path, state: dict) -> None:
-    """torch.save(state) to path atomically."""
+def save(path: Path, state: dict, by: str | None = None) -> None:
+    """torch.save(state) to path atomically (by: as atomic_write)."""
     def write(f):
         try:
             torch.save(state, f)
@@ -48,12 +53,12 @@ def save(path: Path, state: dict) -> None:
                 raise e.__context__ from None
             raise
 
-    atomic_write(path, write)
+    atomic_write(path, write, by)
 
 
-def write_json(path: Path, obj) -> None:
-    """JSON to path atomically."""
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+def write_json(path: Path, obj, by: str | None = None) -> None:
+    """JSON to path atomically (by: as atomic_write)."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), by)
 
 
 # weights_only loading can be made to run code before torch 2.6 (CVE-2025-32434) and before 2.10
@@ -210,28 +215,21 @@ def claimed(path: Path, recheck):
     --out` of one path, or a `--resume` of a run still going. recheck() runs again under the lock:
     another run may have filled the directory since it was first checked. Directories made here
     are removed on the way out while empty (a run that stopped before writing leaves nothing)."""
-    made, fd = [], None
-    try:
-        try:
-            made = make_dirs(path)  # one made meanwhile by another process is not ours: the lock decides
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise BadInput(f"Cannot create the run directory {path} ({e.strerror or e}); choose another --out.")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it when the holder dies, kill -9 included
-        except BlockingIOError:
-            made = []  # the holder's directory, not ours to remove
-            raise BadInput(f"{path} is in use: another fastcifar process is writing that run (a train or a --resume "
-                           f"still going). Wait for it to end, or stop it (Ctrl-C saves last.pt) and continue it "
-                           f"with `fastcifar train --resume {path}`; to start a new run, choose another --out.")
-        except OSError:
-            pass  # a file system without locks (some network ones): the run goes on unguarded
+    with owned.hold(path, f"{path} is in use: another fastcifar process is writing that run (a train, a --resume "
+                          f"or a reproduce still going). Wait for it to end, or stop it (Ctrl-C saves last.pt) and "
+                          f"continue it with `fastcifar train --resume {path}`; to start a new run, choose another --out."):
         recheck()
         yield
-    finally:
-        remove_empty(made)  # while still locked: no other process can be inside
-        if fd is not None:
-            os.close(fd)
+
+
+# What a resume rewrites in its run directory: only while fastcifar wrote each of them there
+REWRITTEN = ("recipe.json", "metrics.jsonl", "best.pt", "last.pt", "summary.json")
+
+
+def check_own_run(path: Path, hint: str) -> None:
+    """BadInput (ending in hint) unless each file a resume rewrites in run directory path is missing
+    or one this run wrote there (a copied run's are not)."""
+    owned.check([Path(path) / n for n in REWRITTEN], "train", hint)
 
 
 class RunDir:
@@ -249,16 +247,19 @@ class RunDir:
 
     def open(self, recipe_json: dict, source: str | None, history: list[dict]) -> "RunDir":
         """Create the directory and its recipe files; metrics.jsonl restarts from `history` (a
-        resumed run's log must agree with its last.pt), then grows a line per epoch."""
+        resumed run's log must agree with its last.pt), then grows a line per epoch. Each file is
+        recorded as the run's (owned.py): a resume replaces only those."""
         if not self.writes:
             return self
 
         def create():
             self.path.mkdir(parents=True, exist_ok=True)
-            write_json(self.path / "recipe.json", recipe_json)
+            write_json(self.path / "recipe.json", recipe_json, by="train")
             if source and not (self.path / "recipe.py").exists():
-                atomic_write(self.path / "recipe.py", lambda f: f.write(source.encode()))
-            atomic_write(self.path / "metrics.jsonl", lambda f: f.writelines((json.dumps(m) + "\n").encode() for m in history))
+                atomic_write(self.path / "recipe.py", lambda f: f.write(source.encode()), by="train")
+            atomic_write(self.path / "metrics.jsonl", lambda f: f.writelines((json.dumps(m) + "\n").encode()
+                                                                              for m in history), by="train")
+            owned.record([self.path / "metrics.jsonl"], "train", grows=True)  # appended to from here on
             self._metrics = open(self.path / "metrics.jsonl", "a")
 
         try:
@@ -267,20 +268,26 @@ class RunDir:
             raise BadInput(f"Cannot write the run directory {self.path} ({e.strerror or e}); choose another --out.")
         from torch.utils.tensorboard import SummaryWriter
 
+        before = set(self.path.glob("events.out.tfevents.*"))
         self._tb = SummaryWriter(str(self.path))
+        self._guard("the TensorBoard events", lambda: owned.record(sorted(set(self.path.glob("events.out.tfevents.*"))
+                                                                          - before), "train", grows=True))
         return self
 
-    def _guard(self, what: str, write) -> None:
+    def _guard(self, what: str, write, undo=lambda: None) -> None:
         """write(); a failed write (a full disk, a read-only directory) stops the run as bad input,
-        saying in summary.json why, if even that can be written. Files are replaced atomically, so
-        last.pt is still the previous complete one."""
+        saying in summary.json why, if even that can be written: after undo(), which takes the
+        run's state back to what its files hold. Files are replaced atomically, so last.pt is
+        still the previous complete one."""
         try:
             write()
         except OSError as e:
             why = e.strerror or str(e)
-            with contextlib.suppress(OSError):
+            undo()
+            with contextlib.suppress(OSError, BadInput):
                 if self.path.is_dir():
-                    write_json(self.path / "summary.json", self.summary(False, f"could not write {what}: {why}"))
+                    s = self.summary(False, f"could not write {what}: {why}")
+                    write_json(self.path / "summary.json", s, by="train")
                     self._ended = True
             raise BadInput(f"Could not write {what} in {self.path} ({why}): is the disk full or the directory "
                            f"read-only? The run stopped there; every file fastcifar writes is replaced whole, so "
@@ -297,12 +304,14 @@ class RunDir:
         if self._tb is not None:
             self._tb.add_image(tag, image, 0)
 
-    def checkpoint(self, state: dict, best: bool) -> None:
-        """last.pt, and best.pt too when this is the selected epoch so far."""
+    def checkpoint(self, state: dict, best: bool, undo=lambda: None) -> None:
+        """best.pt when this is the selected epoch so far, then last.pt. If either cannot be written,
+        undo() takes the run back to its last saved epoch first, so that summary.json never names an
+        epoch (or a best epoch) whose checkpoint is not on disk."""
         if self.writes:
-            self._guard("last.pt", lambda: save(self.path / "last.pt", state))
             if best:
-                self._guard("best.pt", lambda: save(self.path / "best.pt", state))
+                self._guard("best.pt", lambda: save(self.path / "best.pt", state, by="train"), undo)
+            self._guard("last.pt", lambda: save(self.path / "last.pt", state, by="train"), undo)
 
     def epoch(self, m: dict) -> None:
         """An epoch's metrics: a metrics.jsonl line, TensorBoard, and summary.json (still running).
@@ -331,7 +340,7 @@ class RunDir:
         s = self.summary(finished, reason)
         self._ended = reason != "running"
         if self.writes:
-            self._guard("summary.json", lambda: write_json(self.path / "summary.json", s))
+            self._guard("summary.json", lambda: write_json(self.path / "summary.json", s, by="train"))
         return s
 
     def __enter__(self):

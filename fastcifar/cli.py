@@ -143,15 +143,17 @@ def train(
                                         "type-checked; repeatable. E.g. --set train.epochs=30 --set optim.lr=3e-4."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: `./runs/<recipe>-<YYYYmmdd-HHMMSS>`)."),
     resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR "
-                                          "from its last.pt (exactly where it stopped). More epochs (--set "
-                                          "train.epochs=N) keep its LR schedule and train at its final LR; after a "
-                                          "schedule that ends at LR 0 they are refused."),
+                                          "from its last.pt (exactly where it stopped); with --out NEW_DIR, continue "
+                                          "it there instead, RUN_DIR only read (a run copied from elsewhere). More "
+                                          "epochs (--set train.epochs=N) keep its LR schedule and train at its final "
+                                          "LR; after a schedule that ends at LR 0 they are refused."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
 ):
     """Train a recipe (a path like recipes/r18_arcface_224.py or a name like r18_arcface_224).
 
     Writes a run directory: recipe.json, recipe.py, TensorBoard events, metrics.jsonl, last.pt, best.pt, summary.json.
     Ctrl-C, SIGTERM or SIGHUP saves last.pt and exits 130; --resume RUN_DIR continues the run.
+    fastcifar replaces only files it wrote in RUN_DIR; a run copied from elsewhere continues with --out NEW_DIR.
     Under torchrun (torchrun --nproc-per-node N -m fastcifar train ...) data.batch_size is the global batch.
     train.amp=auto (the default) trains in bf16 on GPUs with bf16 tensor cores, fp16 on older ones and
     fp32 on CPUs without native bf16; the first lines say which and why.
@@ -216,7 +218,8 @@ def evaluate(
 def bench(
     stage: Optional[List[str]] = typer.Option(None, "--stage", help="Stage to measure, repeatable: pipeline, "
                                               "train_step, end_to_end (default: every stage)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write {meta, rows, headroom} as JSON to this file."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write {meta, rows, headroom} as JSON to this file "
+                                              "(replacing a file only if a bench wrote it; also for --plot)."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", metavar="PNG", help="Also draw the pipeline table (img/s "
                                              "per backend and size, the tutorial's path hatched) and the headroom as "
                                              "a PNG. For a JSON already written: python bench/tables.py FILE --plot PNG."),
@@ -240,8 +243,8 @@ def bench(
 
     Each row gives images/s after warm-up (the median of several timed repeats; warm-up and compile time are reported apart).
 
-    - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path.
-    - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP (on a GPU what train.amp=auto picks there; bf16 on a CPU), then torch.compile.
+    - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path; after each DALI row, dali-host: its host side alone (index reads and draws, ms per batch).
+    - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP (on a GPU what train.amp=auto picks there; bf16 on a CPU), then torch.compile (one static graph per model and size).
     - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the last --setting (the ladder's top).
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
@@ -298,7 +301,8 @@ def doctor(
 def report(
     runs: List[Path] = typer.Argument(..., metavar="RUN_DIR_OR_FOLDER...", help="Run directories, or folders of "
                                       "them (e.g. runs/)."),
-    out: Path = typer.Option(Path("report"), "--out", help="Where results.md and the PNG plots go."),
+    out: Path = typer.Option(Path("report"), "--out", help="Where results.md and the PNG plots go (files there are "
+                             "replaced only if an earlier report wrote them)."),
     sort: str = typer.Option("run", "--sort", help="Row order: run (as given), best_acc (highest first), "
                              "time_to_target (fastest to its train.target_acc first; runs that did not reach one last)."),
 ):
@@ -329,14 +333,14 @@ def export_cmd(
                             "num_classes=N) loads with strict=True (linear heads only)."),
     out: Optional[Path] = typer.Option(None, "--out", help="File to write, or a directory to write it in (default: "
                                        "beside the checkpoint: best.onnx, best.safetensors, best-timm.pth)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --out file."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out file that fastcifar export wrote."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Supplies class names and "
                                             "mean/std to checkpoints that do not record them, and test images for "
                                             "the check."),
 ):
     """Export a trained model for use outside fastcifar: ONNX, safetensors, or a plain timm state dict.
 
-    Every export is checked before it is written: loaded back (onnxruntime, safetensors, timm) and compared with the fastcifar network on a few test images; the largest logit difference is printed. An existing file is replaced only with --force.
+    Every export is checked before it is written: loaded back (onnxruntime, safetensors, timm) and compared with the fastcifar network on a few test images; the largest logit difference is printed. An existing file is replaced only with --force, and only if an earlier fastcifar export wrote it.
 
     Needs the export extra: pip install "fastcifar[export]". `fastcifar predict` reads .onnx and .safetensors exports as well as checkpoints.
     """
@@ -395,9 +399,11 @@ def reproduce(
 
     Runs go to `DIR/<recipe>-seed<k>`, a distillation teacher before its student (seed k of the
     student learns from seed k of the teacher this table trained). Ctrl-C or SIGTERM stops the
-    table (exit 130); the same command continues it: finished runs are skipped, an interrupted
-    one resumes from its last.pt. The results list per recipe the best and final test accuracy
-    (mean ± std, n), the tutorial's figure and the difference, wall time and img/s.
+    table (exit 130); the same command continues it: finished runs are skipped (never retrained,
+    even with their .pt files deleted), an interrupted one resumes from its last.pt. A second
+    reproduce of the same DIR while one runs is refused. The results list per recipe the best and
+    final test accuracy (mean ± std, n), the tutorial's figure and the difference, wall time and
+    img/s. Only files fastcifar wrote in DIR are ever replaced or deleted.
     """
     from fastcifar.reproduce import Stopped
     from fastcifar.reproduce import reproduce as run_table

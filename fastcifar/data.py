@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import numpy.lib.format as npformat
 
-from fastcifar import BadInput, jsonio, make_dirs, remove_empty, why
+from fastcifar import BadInput, jsonio, make_dirs, owned, remove_empty, why
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -296,11 +296,13 @@ def _meta_problem(meta) -> str | None:
 
 
 def _rebuild_hint(d: Path) -> str:
-    """How to get a good store at d: prepare --force when it is a store, else move it away."""
-    if _is_store(_real(d)):
+    """How to get a good store at d: prepare --force where prepare may replace it, else move it away."""
+    try:
+        check_replaceable(d)
         return f"rebuild it with `fastcifar prepare --force --data-dir {d}`."
-    return (f"its meta.json does not say fastcifar wrote it, so prepare will not replace it: move {d} away "
-            f"(or point --data-dir elsewhere) and run `fastcifar prepare` again.")
+    except BadInput:
+        return (f"prepare cannot prove it wrote all of it (a copy, files of yours, or files changed since), so it will "
+                f"not replace it: move {d} away (or point --data-dir elsewhere) and run `fastcifar prepare` again.")
 
 
 def _store_is_complete(d: Path) -> dict | None:
@@ -322,8 +324,9 @@ def _real(d: Path) -> Path:
 
 
 def _is_store(d: Path) -> bool:
-    """Whether d's meta.json says fastcifar wrote it: "creator": "fastcifar", or (stores from before
-    that field) a format_version with the sha256s of the outputs."""
+    """Whether d's meta.json says it is a store ("creator": "fastcifar", or from before that field
+    a format_version with the sha256s of the outputs): nothing else goes into one. Whether prepare
+    may replace it is owned.py's question, not this one's."""
     try:
         meta = jsonio.load(d / "meta.json", META_BYTES)
     except BadInput:
@@ -347,8 +350,8 @@ def check_outside_stores(out: Path, option: str = "--out") -> None:
 
 
 def check_replaceable(dest: Path, source: Path | None = None, from_env: bool = False) -> None:
-    """BadInput unless dest is missing, an empty directory, or a store holding only its own files:
-    prepare never replaces what fastcifar did not create."""
+    """BadInput unless dest is missing, an empty directory, or a store prepare built there holding
+    only the files it wrote (owned.py): prepare never replaces what fastcifar did not create."""
     real = _real(dest)
     where = f"{dest}" + (" (from $FASTCIFAR_DATA)" if from_env else "")
     if Path(os.path.abspath(dest)) != real:
@@ -373,15 +376,20 @@ def check_replaceable(dest: Path, source: Path | None = None, from_env: bool = F
     if not entries:
         return
     listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-    if not _is_store(real):
-        raise BadInput(f"The data dir {where} is a directory that is not a fastcifar store (it holds {listed}, "
-                       f"and no meta.json written by fastcifar); prepare would delete it, and fastcifar never "
-                       f"replaces what it did not create. Point --data-dir (or $FASTCIFAR_DATA) at a new or empty "
-                       f"directory, e.g. {real / 'cifar100'}.")
-    foreign = [e for e in entries if e not in STORE_FILES]
+    if not owned.is_ours(real, "prepare") and _is_store(real):
+        raise BadInput(f"The data dir {where} holds a store that `fastcifar prepare` did not build there (a copy, a "
+                       f"restored backup, or one from an older fastcifar); prepare would delete it, and fastcifar "
+                       f"never replaces what it did not create. Move it away or delete it yourself, then run "
+                       f"prepare again; or point --data-dir (or $FASTCIFAR_DATA) at a new or empty directory.")
+    if not owned.is_ours(real, "prepare"):
+        raise BadInput(f"The data dir {where} is a directory that is not a fastcifar store (it holds {listed}); "
+                       f"prepare would delete it, and fastcifar never replaces what it did not create. Point "
+                       f"--data-dir (or $FASTCIFAR_DATA) at a new or empty directory, e.g. {real / 'cifar100'}.")
+    foreign = [e for e in entries if not owned.is_ours(real / e, "prepare")]
     if foreign:
-        raise BadInput(f"The store at {where} also holds files fastcifar did not write ({', '.join(foreign[:5])}); "
-                       f"replacing the store would delete them. Move them out of {real} and run prepare again.")
+        raise BadInput(f"The store at {where} also holds files fastcifar did not write there, or that changed since "
+                       f"({', '.join(foreign[:5])}); replacing the store would delete them. Move them out of {real} "
+                       f"and run prepare again.")
 
 
 @contextlib.contextmanager
@@ -422,12 +430,14 @@ def _abandoned(path: Path) -> bool:
 
 
 def _leftovers(real: Path) -> tuple[list[Path], list[Path]]:
-    """(temp dirs, moved-aside old stores) a prepare left beside real: .NAME.tmp-* and .NAME.old-*."""
+    """(temp dirs, moved-aside old stores) a prepare left beside real: the .NAME.tmp-* and .NAME.old-*
+    folders that prepare made (owned.py); look-alikes are someone else's."""
     tmps, olds = [], []
     try:
         with os.scandir(real.parent) as it:
             for e in it:
-                if e.name.startswith(f".{real.name}.") and e.is_dir(follow_symlinks=False):
+                if e.name.startswith(f".{real.name}.") and e.is_dir(follow_symlinks=False) and \
+                        owned.is_ours(e.path, "prepare"):
                     if e.name.startswith(f".{real.name}.tmp-"):
                         tmps.append(Path(e.path))
                     elif e.name.startswith(f".{real.name}.old-"):
@@ -448,7 +458,7 @@ def _recover(real: Path, log=lambda *_: None) -> None:
             return
         tmps, olds = _leftovers(real)  # again, under the lock: a swap may have finished meanwhile
         if olds and (not real.exists() or real.is_dir() and not any(real.iterdir())):
-            old = next((o for o in olds if _is_store(o)), None)
+            old = next((o for o in olds if owned.is_ours(o / "meta.json", "prepare")), None)
             if old is not None:
                 try:
                     os.replace(old, real)
@@ -458,11 +468,12 @@ def _recover(real: Path, log=lambda *_: None) -> None:
                     pass
         if real.exists():  # olds are replaced stores, half-deleted ones included
             for old in olds:
-                shutil.rmtree(old, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    owned.remove_tree(old, "prepare")
         for tmp in tmps:
-            if _abandoned(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-                log(f"Deleted {tmp}, left by a prepare that was killed.")
+            with contextlib.suppress(OSError):
+                if _abandoned(tmp) and owned.remove_tree(tmp, "prepare"):
+                    log(f"Deleted {tmp}, left by a prepare that was killed.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,6 +684,7 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     h = hashlib.md5()
     try:
+        owned.record([tmp], "prepare", grows=True)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}",
@@ -684,14 +696,18 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
         if md5 is not None and h.hexdigest() != md5:
             raise BadInput(f"The download from {url} has md5 {h.hexdigest()}, expected {md5}; try again later.")
         os.replace(tmp, dest)
+        owned.record([tmp], "prepare")  # renamed away: struck off
     except OSError as e:  # URLError, timeouts, a full disk
         raise BadInput(
             f"Could not download {url} ({e}). On a machine without internet, copy the tarball here and run "
             f"`fastcifar prepare --from {dest.name}`, or use `fastcifar prepare --synthetic`."
         )
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if os.path.exists(tmp):  # made by mkstemp above, in this process
+            with contextlib.suppress(OSError):
+                owned.remove(tmp, "prepare")  # with its entry
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         remove_empty(made)  # none left empty once dest is there
     return dest
 
@@ -799,16 +815,23 @@ def _save_chunks(path: Path, shape: tuple, chunks, done=lambda n: None) -> None:
 def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, dataset: str = "cifar100") -> None:
     """Build the store in a temporary sibling directory (fill(tmp) writes array_files(dataset)), then swap
     it in with renames under the parent's lock, so dest is always either the old complete store or
-    the new complete one; a builder killed at any point leaves what _recover undoes."""
+    the new complete one; a builder killed at any point leaves what _recover undoes. The temp dir and
+    each file are recorded as prepare's (owned.py) before anything is written into them, so the
+    next prepare can prove what a killed one left is its own."""
     real = _real(dest)
     parent, tmp, lock_fd, made = real.parent, None, None, []
+    files = [*array_files(dataset), "meta.json"]
     try:
         made = make_dirs(parent)
-        with _dir_lock(parent):  # a cleaner holding this lock never sees our temp dir unlocked
+        with _dir_lock(parent):  # a cleaner holding this lock never sees our temp dir unlocked or unrecorded
             tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=parent))
             lock_fd = os.open(tmp, os.O_RDONLY)
             with contextlib.suppress(OSError):  # no locks on this file system: it stays, never deleted
                 fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            owned.record([tmp], "prepare")
+        for name in files:  # fill writes into these same inodes (open "wb" truncates)
+            (tmp / name).touch()
+        owned.record([tmp / name for name in files], "prepare", grows=True)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a store is as readable as any directory
@@ -816,7 +839,8 @@ def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, d
         if lock_fd is not None:
             os.close(lock_fd)
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):  # else made a moment ago and still empty: no manifest was written
+                owned.remove_tree(tmp, "prepare") or os.rmdir(tmp)
         remove_empty(made)
         raise BadInput(f"Cannot write the store to {dest} ({e.strerror or e}); choose a writable --data-dir.")
     old = None
@@ -838,6 +862,7 @@ def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, d
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        owned.record([tmp / name for name in files], "prepare")  # now as written: size and mtime too
         with _dir_lock(parent):  # one swap at a time, and no _recover in the middle of one
             check_replaceable(dest)  # again: something may have appeared there while we built
             if real.is_dir() and any(real.iterdir()):
@@ -849,13 +874,15 @@ def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, d
                        f"(or free space).")
     finally:
         os.close(lock_fd)
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                owned.remove_tree(tmp, "prepare")
         remove_empty(made)  # a build that failed or was interrupted leaves no empty parents behind
     if old is not None:
-        # meta.json first: a half-deleted old store no longer reads as one, so _recover never puts it back
+        # meta.json first: a half-deleted old store is never put back by _recover
         with contextlib.suppress(OSError):
-            (old / "meta.json").unlink()
-        shutil.rmtree(old, ignore_errors=True)
+            owned.remove(old / "meta.json", "prepare")
+            owned.remove_tree(old, "prepare")
 
 
 def _check_disk(real: Path, need: int) -> None:
@@ -998,12 +1025,13 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
 
 
 def _clean_downloads(tarball: Path) -> None:
-    """Delete the .part files of downloads that were killed (no live process holds their lock)."""
+    """Delete the .part files of downloads that were killed (no live process holds their lock) and
+    that download() recorded as prepare's (owned.py)."""
     with contextlib.suppress(OSError), os.scandir(tarball.parent) as it:
         for e in it:
             if e.name.startswith(tarball.name + ".") and e.name.endswith(".part") and e.is_file(follow_symlinks=False) \
                     and _abandoned(Path(e.path)):
-                os.unlink(e.path)
+                owned.remove(e.path, "prepare")
 
 
 def _counts(splits: dict) -> str:

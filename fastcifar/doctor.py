@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, jsonio, provenance, runtime, why
+from fastcifar import BadInput, __version__, owned, provenance, runtime, why
 
 BUDGET = 180.0  # seconds: three minutes on one H100, compiles included
 TARGET_CARDS = ("H100", "H200", "H800", "GH200")  # the cards the targets are set for
@@ -107,10 +107,7 @@ def check_agreement(ctx: dict, emit) -> dict:
     rows += agree.branches(store, device, {k: agree.RARE[k] for k in ("oneof", "trivialaugment", "randaugment")})
     backends = sorted({r[k] for r in rows if r["check"] == "agreement" for k in ("a", "b")})
     empty = sorted({b for r in rows if r["check"] == "branches" for b in r["empty"]})
-    bound = {size: max(r["bound"] for r in rows if r["check"] == "agreement" and r["size"] == size)
-             for size in (32, 224)}
-    within = (f"within {bound[32]:g}/255" if bound[32] == bound[224] else
-              f"within {bound[32]:g}/255 at 32 and {bound[224]:g}/255 at 224")
+    within = f"within {max(r['bound'] for r in rows if r['check'] == 'agreement'):g}/255"
     ok = all(r["ok"] for r in rows) and bool(empty)
     detail = (f"{' and '.join(backends)}: OneOf, TrivialAugment, RandAugment at 32 and 224 {within}; batches of 1-4 "
               f"in which branches ({len(empty)}, e.g. {', '.join(empty[:3])}) were empty; TF32 on and off alike")
@@ -458,20 +455,13 @@ def table(report: dict) -> str:
 
 
 def check_json_path(path: Path) -> None:
-    """BadInput unless --json can be written at path without replacing anything but a doctor JSON."""
-    if str(path) == "-":
+    """BadInput unless --json can be written at path, replacing nothing but a JSON doctor wrote there."""
+    if str(path) == "-":  # the usual name of stdout, where the table goes; not a file named -
         raise BadInput("--json - : doctor prints its table to stdout and writes --json to a file; give a path such as "
                        "doctor.json.")
     if path.is_dir():
         raise BadInput(f"--json {path} is a directory; give a file path such as {path / 'doctor.json'}.")
-    if os.path.lexists(path):
-        try:
-            mine = path.is_file() and isinstance(obj := jsonio.load(path), dict) and "doctor" in obj
-        except BadInput:
-            mine = False
-        if not mine:
-            raise BadInput(f"--json {path} already exists and is not a doctor JSON (fastcifar replaces only its own): "
-                           f"move it away, or choose another --json path.")
+    owned.check([path], "doctor", "Move {it} away, or choose another --json path.")
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise BadInput(f"Cannot write --json {path}: {path.parent} is not a writable directory.")
 
@@ -577,6 +567,6 @@ def write(path: Path, report: dict) -> None:
     data = {**{k: v for k, v in report.items() if k != "steps"}, "checks": [e for e in steps if e["kind"] == "check"],
             "measurements": [e for e in steps if e["kind"] != "check"]}
     try:
-        write_json(path, data)
+        write_json(path, data, by="doctor")
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")

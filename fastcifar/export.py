@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import BadInput, __version__, checkpoint, jsonio, why
+from fastcifar import BadInput, __version__, checkpoint, jsonio, owned, why
 from fastcifar.config import Head, Model
 from fastcifar.heads import HEADS
 from fastcifar.averaging import pick_weights
@@ -318,7 +318,7 @@ def default_out(src: Path, fmt: str) -> Path:
 
 def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
     """Where the export goes, or BadInput: a directory takes the default name; an existing file is
-    replaced only with force, and never the checkpoint being exported."""
+    replaced only with force, and only if it is an export fastcifar wrote there (owned.py)."""
     path = default_out(src, fmt)
     if out is not None:
         out = Path(out)
@@ -331,26 +331,13 @@ def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
     if path.exists() or path.is_symlink():
         if path.exists() and path.resolve() == src.resolve():
             raise BadInput(f"--out {path} is the checkpoint being exported; name another file.")
+        owned.check([path], "export", f"--force replaces only an earlier export; choose another --out (default: "
+                                      f"{default_out(src, fmt).name} beside the checkpoint), or move it away.")
         if not force:
             raise BadInput(f"{path} already exists; pass --force to replace it, or choose another --out.")
-        if not path.is_file():
-            raise BadInput(f"{path} exists and is not a regular file; choose another --out.")
-        if fmt == "timm" and _is_checkpoint(path):  # e.g. the run's last.pt, or another run's best.pt
-            raise BadInput(f"--out {path} is a fastcifar checkpoint (a run's, to resume or evaluate), which --force "
-                           f"does not replace; choose another --out (default: {default_out(src, fmt).name} beside "
-                           f"the checkpoint).")
     # now, not after the export and its check (an existing file, replaced with --force: its folder)
     checkpoint.check_writable_parent(path.parent if path.exists() else path)
     return path
-
-
-def _is_checkpoint(path: Path) -> bool:
-    """Whether path holds a fastcifar checkpoint (a dict with its model and recipe)."""
-    try:
-        ck = checkpoint.torch_load(path)
-    except BadInput:
-        return False
-    return isinstance(ck, dict) and "model" in ck and "recipe" in ck
 
 
 def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=print) -> Path:
@@ -395,7 +382,7 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
         data = buf.getvalue()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write(path, lambda f: f.write(data))
+        checkpoint.atomic_write(path, lambda f: f.write(data), by="export")
     except OSError as e:
         raise BadInput(f"Cannot write {path}: {e.strerror or e}. Choose another --out.")
     p = c["preprocess"]

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from fastcifar import BadInput, jsonio, provenance
+from fastcifar import BadInput, jsonio, owned, provenance
 from fastcifar.checkpoint import atomic_write
 
 
@@ -257,12 +257,15 @@ def warnings(runs: list[Run]) -> list[str]:
 
 
 def plot_curves(runs: list[Run], key: str, ylabel: str, path: Path) -> None:
-    """One line per run of metrics.jsonl's `key` over epochs, saved as a PNG."""
+    """One line per run of metrics.jsonl's `key` over epochs, saved as a PNG (replacing only a
+    report's own)."""
     import matplotlib.pyplot as plt  # curves_figure has chosen the Agg backend
 
     fig = curves_figure(runs, key, ylabel)
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png"), by="report")
+    finally:
+        plt.close(fig)
 
 
 # Largest |value| a curve draws: matplotlib cannot lay out an axis from -1e308 to 1e308 (the range
@@ -306,12 +309,11 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
 
 
 REPORT_FILES = ("results.md", "test_accuracy.png", "test_loss.png")
-TABLE_HEAD = "| run | recipe |"  # how every results.md report writes begins
 
 
 def check_out(out: Path) -> None:
     """BadInput unless --out can take the report without replacing anything fastcifar did not write:
-    a new or existing directory, not a run's or a store, whose report files (if any) are a report's."""
+    a new or existing directory, not a run's or a store, whose report files (if any) a report wrote."""
     from fastcifar.data import check_outside_stores
 
     if out.exists() and not out.is_dir():
@@ -321,16 +323,8 @@ def check_out(out: Path) -> None:
         raise BadInput(f"--out {out} is a run directory; a report goes beside the runs, not into one. Choose another "
                        f"--out (the default is ./report).")
     check_outside_stores(out)
-    present = [f for f in REPORT_FILES if (out / f).exists() or (out / f).is_symlink()]
-    md = out / "results.md"
-    try:
-        ours = md.is_file() and not md.is_symlink() and md.read_bytes()[:len(TABLE_HEAD)] == TABLE_HEAD.encode()
-    except OSError:
-        ours = False
-    if present and not ours:
-        raise BadInput(f"--out {out} holds {', '.join(present)}, which `fastcifar report` did not write (there is no "
-                       f"results.md of an earlier report beside them); the report would replace them. Choose another "
-                       f"--out, or move them away.")
+    owned.check([out / f for f in REPORT_FILES], "report", "The report would replace {it}: choose another --out, or "
+                "move {it} away.")
 
 
 def report(paths: list[Path], out: Path, warn=lambda msg: None, sort: str = "run") -> tuple[str, list[Path]]:
@@ -350,10 +344,11 @@ def report(paths: list[Path], out: Path, warn=lambda msg: None, sort: str = "run
     table = results_table(runs, skipped, notes)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        # a run directory's name that is not UTF-8 goes back as the bytes it was (surrogateescape)
-        atomic_write(out / "results.md", lambda f: f.write(table.encode("utf-8", "surrogateescape")))
+        # the pictures first: results.md, which shows them, is never new while they are not
         plot_curves(runs, "test_acc", "test top-1 accuracy (%)", out / "test_accuracy.png")
         plot_curves(runs, "test_loss", "test loss", out / "test_loss.png")
+        # a run directory's name that is not UTF-8 goes back as the bytes it was (surrogateescape)
+        atomic_write(out / "results.md", lambda f: f.write(table.encode("utf-8", "surrogateescape")), by="report")
     except OSError as e:
         raise BadInput(f"Cannot write the report to {out} ({e.strerror or e}); choose a writable --out.")
     return table, [out / "results.md", out / "test_accuracy.png", out / "test_loss.png"]

@@ -8,12 +8,15 @@ results with error bars beside the published figures.
 - The runs go to DIR/<recipe>-seed<k> (train.seed = k), in dependency order: a recipe whose
   distill.teacher names another recipe of the table runs after it, and seed k of the student is
   distilled from seed k of the teacher that this table trained.
-- Run again, the same command continues: finished runs are skipped, interrupted ones resume from
-  their last.pt (`fastcifar train --resume`), so the table can be stopped (Ctrl-C, SIGTERM: exit
-  130) and continued any number of times without training anything twice.
+- Run again, the same command continues: finished runs are skipped (never retrained or changed,
+  even with their .pt files deleted), interrupted ones resume from their last.pt (`fastcifar train
+  --resume`), so the table can be stopped (Ctrl-C, SIGTERM: exit 130) and continued any number of
+  times without training anything twice. A second reproduce of the same DIR while one runs is
+  refused before it looks at any run (a lock on DIR).
 - DIR/results.md and DIR/results.json: per recipe the mean ± std over seeds (and n) of the best
   and final test accuracy, the tutorial's figure and the difference, wall time and img/s;
-  rewritten after every run.
+  rewritten after every run. Like every file reproduce deletes or replaces (a run that died before
+  its first checkpoint restarts without its old files), only while fastcifar wrote it (owned.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import re
 import shlex
 import statistics
@@ -28,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, config, jsonio, sigterm_as_ctrl_c
-from fastcifar.checkpoint import atomic_write, check_writable_parent, write_json
+from fastcifar import BadInput, config, jsonio, owned, sigterm_as_ctrl_c
+from fastcifar.checkpoint import atomic_write, check_own_run, check_writable_parent, write_json
 from fastcifar.data import check_outside_stores
 from fastcifar.report import duration
 
@@ -50,7 +54,9 @@ HOW = ("train.log_every", "train.device", "train.compile", "data.backend")
 # dry run of 2 epochs is not extended into a 200-epoch run whose LR schedule would differ)
 EXTENDABLE = ("train.target_acc",)
 MAX_SEEDS = 1000  # --seeds: runs per recipe; every run is planned (its recipe loaded) before the first trains
-RUN_FILES = re.compile(r"recipe\.json|recipe\.py|metrics\.jsonl|summary\.json|events\.out\.tfevents\..*|\..*\.tmp")
+# What DIR may hold besides runs and results: fastcifar's manifest and the temp files of a write cut short
+# (kept, never deleted: they are not provably fastcifar's)
+LEFTOVER = re.compile(rf"{re.escape(owned.MANIFEST)}|\.(results\.md|results\.json|{re.escape(owned.MANIFEST)})\..*\.tmp")
 
 
 class Stopped(Exception):
@@ -127,7 +133,7 @@ def plan(table: str, seeds: int, out: Path, overrides=()) -> tuple[str, list[Job
             raise BadInput(f"The recipes {', '.join(stuck)} distill from each other in a cycle (distill.teacher); "
                            f"none of them can run first.")
         order.append(ready[0])
-    out = Path(out).resolve()
+    out = resolved(Path(out))
     jobs = []
     for name in order:
         for seed in range(seeds):
@@ -141,19 +147,35 @@ def plan(table: str, seeds: int, out: Path, overrides=()) -> tuple[str, list[Job
     return label, jobs, names
 
 
+def resolved(out: Path) -> Path:
+    """out made absolute, its links followed; BadInput for a link that cannot be followed."""
+    try:
+        return out.resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError on a loop
+        raise BadInput(f"--out {out} is a symlink that cannot be followed (a loop); fix or remove the link, or "
+                       f"choose another --out.")
+
+
 def check_out(out: Path, names: list[str]) -> None:
-    """BadInput unless out is missing or a directory holding only this table's runs and results."""
+    """BadInput unless out is missing or a directory holding only this table's runs and the
+    results files reproduce wrote."""
+    resolved(out)
+    if out.is_symlink() and not out.exists():
+        raise BadInput(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist; fix the link, or "
+                       f"choose another --out.")
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; reproduce writes a directory of runs there. Choose another --out.")
     check_outside_stores(out)
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if not (
             p.name in RESULT_FILES or (p.is_dir() and (m := RUN_DIR.fullmatch(p.name)) and m["name"] in names)
-            or (p.name.startswith(".results.") and p.name.endswith(".tmp"))))
+            or LEFTOVER.fullmatch(p.name)))
         if foreign:
             raise BadInput(f"--out {out} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
                            f"are not runs of this table; reproduce writes only into a new directory or one of its own "
                            f"(runs named <recipe>-seed<k>). Choose another --out.")
+        owned.check([out / f for f in RESULT_FILES], "reproduce", "reproduce would replace {it} with this table's "
+                    "results: move {it} away, or choose another --out.")
     check_writable_parent(out)
 
 
@@ -167,20 +189,24 @@ def _read(path: Path) -> dict | None:
 
 
 def state(job: Job) -> str:
-    """What the job's directory asks for: "new", "done", "resume", "failed" (it diverged), or
-    "restart" (a run that died before its first checkpoint: only run files, no last.pt).
-    BadInput when it holds a run of another configuration, or files fastcifar did not write."""
+    """What the job's directory asks for: "new", "done" (finished, with or without its .pt files),
+    "resume", "failed" (it diverged), or "restart" (a run that died before its first checkpoint:
+    only files that run wrote, no last.pt). BadInput when it holds a run of another configuration,
+    or files that reproduce would have to replace or delete but fastcifar did not write there."""
     d = job.dir
     if not d.exists() or (d.is_dir() and not any(d.iterdir())):
         return "new"
     if not d.is_dir():
         raise BadInput(f"{d} is a file where reproduce keeps the run {job.name} seed {job.seed}; move it away.")
     if not (d / "last.pt").is_file():
-        # a run that died before its first checkpoint: its recipe.json (written first) and other run files only
-        if (d / "recipe.json").is_file() and all(RUN_FILES.fullmatch(p.name) and p.is_file() for p in d.iterdir()):
+        if (_read(d / "summary.json") or {}).get("finished"):
+            return "done"  # a finished run whose checkpoints were deleted (to free disk): reported, never retrained
+        # a run that died before its first checkpoint: restarted, its files deleted, if it wrote them all
+        theirs = [p for p in sorted(d.iterdir()) if not owned.is_ours(p, "train")]
+        if not theirs:
             return "restart"
-        raise BadInput(f"{d} holds files that are not a fastcifar run; reproduce keeps the run {job.name} seed "
-                       f"{job.seed} there. Move them away, or choose another --out.")
+        owned.refuse(theirs, f"reproduce keeps the run {job.name} seed {job.seed} in {d}, and restarting "
+                     f"it there would delete {{it}}. Move {{it}} away, or choose another --out.", "train")
     recorded = _read(d / "recipe.json")
     if recorded is None:
         raise BadInput(f"{d / 'recipe.json'} is missing or damaged; remove {d} to run {job.name} seed {job.seed} again.")
@@ -201,6 +227,8 @@ def state(job: Job) -> str:
         return "done"
     if str(summary.get("stop_reason", "")).startswith("non-finite loss"):
         return "failed"
+    check_own_run(d, f"Resuming {job.name} seed {job.seed} would replace {{it}}. Continue a copied run elsewhere "
+                     f"(`fastcifar train --resume {d} --out NEW_DIR`) and move {d} away, or choose another --out.")
     return "resume"
 
 
@@ -218,12 +246,22 @@ def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None,
     """Run (or continue) the table and write DIR/results.md and results.json; returns results.json's
     dict. Raises Stopped on Ctrl-C/SIGTERM, BadInput on bad input; a run that diverges is recorded
     and the table goes on (its students are skipped)."""
-    from fastcifar.train import Diverged, Interrupted, train
-
     overrides = list(overrides)
     out = Path(out) if out is not None else Path("runs") / f"reproduce-{read_table(table)[0]}"
     label, jobs, names = plan(table, seeds, out, overrides)
     check_out(out, names)
+    # one reproduce at a time per DIR, locked before any run is looked at (the kernel drops the lock with its holder)
+    with owned.hold(out, f"--out {out} is in use: another `fastcifar reproduce` is running a table there. Wait for "
+                         f"it to end (or stop it with Ctrl-C), then run this command again to continue the table; "
+                         f"or choose another --out."):
+        check_out(out, names)  # again, under the lock
+        return _run(table, label, jobs, names, seeds, out, overrides, data_dir, log)
+
+
+def _run(table, label, jobs, names, seeds, out, overrides, data_dir, log) -> dict:
+    """reproduce()'s table, run while it holds DIR's lock."""
+    from fastcifar.train import Diverged, Interrupted, train
+
     states = {id(j): state(j) for j in jobs}  # every run directory checked before anything trains
     todo = sum(s != "done" for s in states.values())
     log(f"Reproducing {label}: {len(names)} recipes x {seeds} seed{'s' * (seeds > 1)} = {len(jobs)} runs in {out} "
@@ -248,9 +286,8 @@ def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None,
                     failed[(job.name, job.seed)] = f"its teacher {job.teacher} seed {job.seed} did not finish"
                     log(f"{head}: skipped, {failed[(job.name, job.seed)]}")
                     continue
-                if s == "restart":  # died before its first checkpoint: only its own run files are there
-                    for p in job.dir.iterdir():
-                        p.unlink()
+                if s == "restart":  # died before its first checkpoint: only files it wrote are there
+                    restart(job)
                 log(f"{head}: " + ("resuming from its last.pt" if s == "resume" else "starting") + f" -> {job.dir}")
                 # each run compiles its own nets, as in a process of its own: without this, dynamo's
                 # per-function cache of earlier runs' graphs fills up and later runs fall back to eager
@@ -281,6 +318,18 @@ def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None,
     log(results_md(results))
     log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return results
+
+
+def restart(job: Job) -> None:
+    """Delete the files of a run that died before its first checkpoint (state() found that it wrote
+    every one), under the run's own lock: a `train --resume` of it may have started since."""
+    busy = (f"{job.dir} is in use: another fastcifar process is writing that run. Wait for it to end, then run "
+            f"this command again.")
+    with owned.hold(job.dir, busy):
+        for p in sorted(job.dir.iterdir()):
+            if p.name != owned.MANIFEST and not owned.remove(p, "train"):
+                owned.refuse([p], f"reproduce keeps the run {job.name} seed {job.seed} in {job.dir}, and restarting it "
+                             f"there would delete {{it}}. Move {{it}} away, or choose another --out.", "train")
 
 
 # ---- The results table
@@ -369,6 +418,6 @@ def write_results(out: Path, label: str, seeds: int, overrides, names: list[str]
     """Write DIR/results.json and results.md (atomically) from the runs as they are now."""
     res = collect(out, label, seeds, overrides, names, jobs)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", res)
-    atomic_write(out / "results.md", lambda f: f.write(results_md(res).encode()))
+    write_json(out / "results.json", res, by="reproduce")
+    atomic_write(out / "results.md", lambda f: f.write(results_md(res).encode()), by="reproduce")
     return res

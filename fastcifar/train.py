@@ -99,12 +99,11 @@ class Trainer:
 
     def __init__(self, r: Recipe, info: dict, out=None, data_dir=None, resume=None, log=print):
         r.validate()
-        if resume is not None and out is not None and Path(out).resolve() != Path(resume).resolve():
-            raise BadInput(f"--resume {resume} continues that run in its own directory; --out {out} names another. "
-                           f"Drop --out (a run is never continued into, or over, a different directory).")
+        # --resume RUN continues RUN in its own directory; with --out NEW, in NEW (new or empty), RUN only read
+        self.in_place = resume is not None and (out is None or Path(out).resolve() == Path(resume).resolve())
         self.default_out = out is None and resume is None
         self.out = Path(out if out is not None else resume if resume is not None else new_run_dir(info["name"]))
-        check_out(self.out, resumed=resume is not None)
+        check_out(self.out, resumed=self.in_place)
         self.r, self.info, self.log = r, dict(info), log
         self._exit = contextlib.ExitStack()
         too_big = (lambda e: BadInput(  # the model itself does not fit (e.g. a huge head.embed_dim)
@@ -125,13 +124,18 @@ class Trainer:
         data, the model and its optimizer, the resumed state, the nets the steps run."""
         self._place()
         if self.main:
-            self._claim(resume is not None)
+            self._claim(self.in_place)
         check_refs(self.r.model, resume is not None)  # what takes a moment to check, before the data set's download
         if self.r.distill.teacher:
             teacher_path(self.r)
         ck = None
         if resume is not None:  # checked before anything is written; the run continues on its own store
             ck = self._resume_checkpoint(resume)
+            if self.in_place and self.main:
+                checkpoint.check_own_run(self.out, f"Continuing the run here would replace {{it}}. To continue a run "
+                                         f"copied from elsewhere, continue it into a new directory, which reads "
+                                         f"{self.out} and writes nothing there: `fastcifar train --resume {self.out} "
+                                         f"--out NEW_DIR`.")
             data_dir = ck["store"]["dir"] if data_dir is None and "store" in ck else data_dir
         self._data(data_dir, ck, resume)
         self._model(ck)
@@ -395,6 +399,12 @@ class Trainer:
         m.update(lr=self.lr, images_per_sec=self.clock.images_per_sec(train_seconds, stats["images"], self.world),
                  epoch_seconds=time.perf_counter() - stats["t0"], wall_seconds=p.wall_seconds())
         m.update(self.clock.metrics(train_seconds))
+        saved = (p.epoch, p.batch, p.best, len(p.history))  # what the files hold until this epoch's are written
+
+        def undo():
+            p.epoch, p.batch, p.best = saved[:3]
+            del p.history[saved[3]:]
+
         p.history.append(m)
         w = "_ema" if self.r.train.select_on == "ema" else ""  # best.pt's epoch: on the raw or the EMA weights
         score = m[f"val_acc{w}"] if self.val_loader is not None else m[f"test_acc{w}"]
@@ -403,7 +413,7 @@ class Trainer:
             p.best = {"score": score, "epoch": epoch + 1, "test_acc": m[f"test_acc{w}"], "test_top5": m[f"test_top5{w}"],
                       **({"val_acc": m[f"val_acc{w}"]} if self.val_loader is not None else {})}
         p.epoch, p.batch = epoch + 1, 0
-        self.run.checkpoint(self.state_dict(), best=improved)  # checkpoints first: the log never names an epoch without one
+        self.run.checkpoint(self.state_dict(), best=improved, undo=undo)  # first: the log never names an epoch without one
         self.run.epoch(m)
         left = (self.r.train.epochs - epoch - 1) * (m["wall_seconds"] / max(1, len(p.history)))
         self.say(f"epoch {epoch + 1}/{self.r.train.epochs}  train loss {m['train_loss']:.3f} acc {m['train_acc']:.2f}%  "

@@ -9,8 +9,8 @@ Checks, each a row {check, a, b, size, max, mean, ties, bound, ok} in units of 1
   output buffer would show). At 32 every value within 1/255 and at most 0.05% of them differing at
   all (rounding ties of two float implementations); 0.5% with a policy, whose fixed shears put
   many samples halfway between two pixels, where DALI's warp (weights good to about 0.006/255,
-  measured) and torch's round either way. At 224 DALI resizes floats; so does torch on a GPU:
-  within 1/255 there, and within 2/255 on a CPU, where torch resizes uint8 with fixed-point weights.
+  measured) and torch's round either way. At 224 both resize floats (torch on a CPU as on a GPU):
+  within 1/255.
 - branches: batches of 1-4 where a conditional branch is taken by no image of the batch (DALI
   runs it on an empty batch), DALI against torch at 32, within 1/255.
 - tf32: the torch backend's batch with the trainer's TF32 flags on equals the batch with them off.
@@ -86,9 +86,7 @@ def agreement(store, device: torch.device, rows: int, batch: int, specs=None) ->
                 for k, size in enumerate((32, 224)):
                     x = torch.cat([v[k] for v, _ in epochs[a]])
                     y = torch.cat([v[k] for v, _ in epochs[b]])
-                    uint8_resize = size != 32 and "torch" in (a, b) and device.type == "cpu"
-                    row = compare("agreement", a, b, size, x, y, scale, 2.0 if uint8_resize else 1.0,
-                                  ties=ties if size == 32 else None)
+                    row = compare("agreement", a, b, size, x, y, scale, 1.0, ties=ties if size == 32 else None)
                     row["ok"] &= labels
                     row["spec"] = spec_name
                     out.append(row)

@@ -2,8 +2,10 @@
 
 Index batches are taken from the split (read into RAM once) on the host and enter through `fn.external_source` (batch
 mode) with their labels and the batch's augmentation draws (pipelines.draw): only the inputs this
-spec's graph reads (`graph_inputs`). Every image op after it runs on the GPU when a device is given
-(`.gpu()`), and the very same graph runs in DALI's CPU mode (`device_id=None`) when there is none.
+spec's graph reads (`graph_inputs`). A thread makes them AHEAD batches before DALI takes them
+(`Ahead`), so the training thread, on which DALI calls the source, does not wait for them. Every
+image op after the source runs on the GPU when a device is given (`.gpu()`), and the very same
+graph runs in DALI's CPU mode (`device_id=None`) when there is none.
 DALI's own random ops are not used: the draws are a function of (seed, epoch, rank, batch), so the
 same seed gives the same batches and a resumed run is exact. Per-image ops run only on the images
 that drew them (DALI conditionals split the batch; a branch no image takes runs on an empty batch).
@@ -12,28 +14,35 @@ arithmetic expressions (which move their CPU inputs to the GPU themselves), `fn.
 `fn.coord_transform`, `fn.filter` and `fn.equalize`; the statistics they need (mean grey, channel
 min/max, histograms) are computed where the images are.
 
-Outputs reach torch through one conversion, `to_torch`, on the CPU and the GPU alike, so CI runs
-the code the GPU runs. CI also defines the GPU graph (without building it, which needs CUDA) and
-checks its placement: every image op on the GPU with a GPU kernel in this DALI, the CPU keeping the
-source and the draws (tests/test_pipelines_dali.py). What only a GPU executes:
+Outputs reach torch through one conversion, `take`, on the CPU and the GPU alike, so CI runs the
+code the GPU runs: a DLPack view (`to_torch`), copied into torch's memory where that is needed (the
+GPU: `DaliBackend.__init__` says why) or where the dtype changes anyway, and DALI's outputs held
+until the copies have run (`_release`). CI also defines the GPU graph (without building it, which
+needs CUDA) and checks its placement: every image op on the GPU with a GPU kernel in this DALI, the
+CPU keeping the source and the draws (tests/test_pipelines_dali.py). What only a GPU executes:
 
-| line                                          | what it does                                         |
-|-----------------------------------------------|------------------------------------------------------|
-| `images.gpu()`, `labels.gpu()` (both graphs)  | move the batch to the GPU after the external source  |
-| `device_id=self.device.index`                 | the pipeline's GPU                                   |
-| `stream = torch.cuda.current_stream(...)`     | handed to `run`: outputs ordered on torch's stream   |
+| line                                          | what it does                                          |
+|-----------------------------------------------|-------------------------------------------------------|
+| `images.gpu()`, `labels.gpu()` (both graphs)  | move the batch to the GPU after the external source   |
+| `device_id=self.device.index`                 | the pipeline's GPU                                    |
+| `stream = torch.cuda.current_stream(...)`     | handed to `run`: outputs ordered on torch's stream    |
+| `self.copy = self.gpu`                        | float32 batches copied into torch's memory            |
+| `done = torch.cuda.Event()` (`_copied`)       | marks the copies on torch's stream; DALI's outputs are held until it has passed |
 | `threads = min(4, ...)`                       | fewer CPU threads: on a GPU they only feed the source |
 
 It relies on DALI 2.x (checked when the backend is made: `check_dali`, then `exec_dynamic` at
 build): `run(cuda_stream)`, and the dynamic executor, whose outputs DALI never writes again once
-returned (so torch may keep them without a copy, as DALI's own PyTorch plugin does since 1.44).
+returned (so a CPU batch may stay in DALI's memory while torch holds it).
 
 This module imports DALI at the top; pipelines.loader imports it only for backend="dali".
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -51,6 +60,8 @@ MIN_DALI = 2  # major version: run(cuda_stream) and the dynamic executor's outpu
 POLICY_INPUTS = ("op", "lin", "lin_c", "sharp", "thresh", "bits")  # per policy step k: op0, lin0, ...
 SHARPEN = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # torchvision's sharpness blur
 INNER = np.pad(np.ones((SIDE - 2, SIDE - 2, 1), np.float32), ((1, 1), (1, 1), (0, 0)))  # sharpness keeps the border
+AHEAD = 2  # batches whose host inputs (index reads, draws) a thread makes ahead of the one DALI takes
+HELD = 3  # output batches DALI's memory may be held for, before the oldest waits for torch's stream
 
 
 def check_dali() -> str:
@@ -61,8 +72,8 @@ def check_dali() -> str:
     except ValueError:
         major = 0
     if major < MIN_DALI:
-        raise BadInput(f"backend 'dali' needs NVIDIA DALI >= {MIN_DALI}.0 (its dynamic executor hands each batch "
-                       f"to torch without a copy, ordered on torch's CUDA stream), but DALI {version} is installed. "
+        raise BadInput(f"backend 'dali' needs NVIDIA DALI >= {MIN_DALI}.0 (its dynamic executor never reuses a batch "
+                       f"torch holds, and it orders batches on torch's CUDA stream), but DALI {version} is installed. "
                        f"Upgrade it (pip install --upgrade 'nvidia-dali-cuda120>={MIN_DALI}.0', or "
                        f"nvidia-dali-cuda130 for CUDA 13), or use --set data.backend=torch.")
     return version
@@ -75,6 +86,12 @@ def to_torch(batch) -> torch.Tensor:
     shape per image, which no torch tensor has). `torch.from_dlpack` hands DALI torch's current
     CUDA stream, and DALI makes that stream wait for the batch if needed (on the CPU: nothing)."""
     return torch.from_dlpack(batch.as_tensor())
+
+
+def take(batch, dtype: torch.dtype, copy: bool) -> torch.Tensor:
+    """One DALI output batch as a torch tensor of dtype: in torch's own memory when `copy` is set or
+    the dtype changes (the cast is the copy), else the view of DALI's memory that to_torch gives."""
+    return to_torch(batch).to(dtype, copy=copy)
 
 
 def graph_inputs(spec: AugSpec, augment: bool) -> tuple[str, ...]:
@@ -229,6 +246,70 @@ class _Feed:
         return next(self.inputs)  # StopIteration here ends DALI's epoch
 
 
+class Ahead:
+    """The items of an iterator, made `depth` ahead in a daemon thread and handed over in order: the
+    host side of the next batches (index reads and draws, up to about 1 ms of a CPU core per batch
+    of 250: `fastcifar bench`'s dali-host rows) is done while the training thread runs the step,
+    and external_source, which DALI calls on the training thread, only takes what is ready. The
+    items are the iterator's own, in its order, so the draws stay a function of (seed, epoch, rank,
+    batch). An error in the thread is raised by next(); close() (an epoch's end, an early break,
+    an exception, Ctrl-C) stops the thread and joins it."""
+
+    def __init__(self, items, depth: int, name: str = "fastcifar-dali-inputs"):
+        self._queue, self._stop = queue.Queue(depth), threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, items):
+        try:
+            for item in items:
+                if self._stop.is_set():
+                    return
+                self._queue.put((item, None))
+            self._queue.put((None, StopIteration()))
+        except BaseException as e:  # noqa: BLE001 - raised on the consumer's side
+            self._queue.put((None, e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item, error = self._queue.get()
+        if error is not None:
+            raise error
+        return item
+
+    def close(self):
+        """Stop making items and join the thread: after the stop, emptying the queue leaves room for
+        the one put the thread may be in (it checks the stop before making the next item)."""
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+
+
+def _copied(stream) -> torch.cuda.Event | None:
+    """An event on torch's stream after this batch's copies were queued; None on the CPU, where
+    they are done."""
+    if stream is None:
+        return None
+    done = torch.cuda.Event()  # GPU only
+    done.record(stream)
+    return done
+
+
+def _release(held: collections.deque) -> None:
+    """Drop DALI's outputs of the batches before the newest whose copies torch's stream has run;
+    past HELD batches, wait for the oldest (a host more than HELD batches ahead of the GPU)."""
+    while len(held) > 1 and (held[0][1] is None or held[0][1].query()):
+        held.popleft()
+    while len(held) > HELD:
+        held.popleft()[1].synchronize()
+
+
 class DaliBackend:
     """Batches of a split through the DALI graph (GPU, or CPU mode without one)."""
 
@@ -243,6 +324,17 @@ class DaliBackend:
         self.images, self.labels = np.array(store.images(split)), np.array(store.labels(split))
         self.gpu = device.type == "cuda"
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
+        # DALI's output lifetime. On a GPU the step's kernels read a batch after it is handed over
+        # (they are queued on torch's stream). torch orders the reuse of its own memory on that
+        # stream, but nothing orders DALI's reuse of its buffers with it, so each batch is copied
+        # into torch's memory, on torch's stream, and DALI's outputs are held until that copy has
+        # run (_release). Cost at 224 px, batch 250, float32: 150 MB read and written, 0.1 ms at
+        # 3 TB/s (an H100's memory), against a step of tens of ms; a bf16/fp16 batch's cast is that copy.
+        # On the CPU every read of a tensor ends before the call that reads it returns, so a float32
+        # batch stays in DALI's memory (never reused: the dynamic executor): there the 150 MB copy
+        # would cost tens of ms per batch, as much as DALI's own work on a 224 px batch.
+        self.copy = self.gpu  # GPU only: DALI's outputs copied into torch's memory
+        self.held = collections.deque()  # (DALI's outputs, event after their copies), oldest first
         self.pipe, self.feed, self._clean = None, _Feed(), False
 
     def _build(self):
@@ -251,12 +343,13 @@ class DaliBackend:
         self.pipe = graph(self.feed, self.spec, self.sizes, self.mean, self.std, self.gpu,
                           batch_size=self.batch_size, num_threads=threads, prefetch_queue_depth=2,
                           device_id=self.device.index if self.gpu else None, seed=self.seed, exec_dynamic=True)
-        if not self.pipe.exec_dynamic:  # to_torch keeps DALI's buffers: only the dynamic executor never reuses them
+        if not self.pipe.exec_dynamic:  # a CPU batch stays in DALI's memory: only the dynamic executor never reuses it
             raise RuntimeError(f"DALI {nvidia.dali.__version__} did not take the dynamic executor for this pipeline.")
         self.pipe.build()
 
-    def _inputs(self, batches, epoch):
-        """What external_source gets per batch: the arrays named by graph_inputs, in that order."""
+    def inputs(self, batches, epoch):
+        """What external_source gets per batch: the arrays named by graph_inputs, in that order (the
+        host side: index reads and draws; `fastcifar bench` times it as backend dali-host)."""
         for b, idx in batches:
             a = {"images": np.take(self.images, idx, axis=0), "labels": np.take(self.labels, idx)}
             if self.augment:
@@ -276,16 +369,27 @@ class DaliBackend:
     def epoch(self, batches, epoch: int):
         if self.pipe is None or not self._clean:  # new, or the last epoch was left half-way: rebuild
             self._build()
-        self.feed.inputs, self._clean = self._inputs(batches, epoch), False
-        stream = torch.cuda.current_stream(self.device) if self.gpu else None
-        while True:
-            try:
-                outs = self.pipe.run(stream)  # None on the CPU: host-synchronous
-            except StopIteration:
-                self.pipe.reset()
-                self._clean = True
-                return
-            images = tuple(to_torch(t).permute(0, 3, 1, 2) for t in outs[:-1])  # NHWC memory seen as NCHW
-            if self.spec.dtype != "float32":  # keeps channels_last
-                images = tuple(t.to(_TORCH[self.spec.dtype]) for t in images)
-            yield images, to_torch(outs[-1])
+        self._clean = False
+        dtype = _TORCH[self.spec.dtype]
+        self.feed.inputs = ahead = Ahead(self.inputs(batches, epoch), AHEAD)
+        try:
+            while True:
+                stream = torch.cuda.current_stream(self.device) if self.gpu else None
+                try:
+                    outs = self.pipe.run(stream)  # None on the CPU: host-synchronous
+                except StopIteration:
+                    self.pipe.reset()
+                    self._clean = True
+                    return
+                images = tuple(take(t, dtype, self.copy).permute(0, 3, 1, 2) for t in outs[:-1])  # NHWC seen as NCHW
+                labels = take(outs[-1], torch.int64, self.copy)
+                self.held.append((outs, _copied(stream)))
+                _release(self.held)  # the batches before this one, once their copies have run
+                yield images, labels
+        finally:
+            ahead.close()
+            self.feed.inputs = iter(())
+            while self.held:  # the last copies run before DALI's memory goes back to DALI
+                done = self.held.popleft()[1]
+                if done is not None:
+                    done.synchronize()

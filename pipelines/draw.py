@@ -20,8 +20,22 @@ from pipelines.spec import POLICY_OPS, AugSpec
 
 SIDE = 32  # the stored images are 32x32: every op before the resize works at this size
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights: grey level used by saturation and contrast
+_GREY = np.outer(np.ones(3), LUMA)  # M @ rgb with this M: each channel replaced by the pixel's grey
 _OP_P = {"shift_scale_rotate": "ssr_p", "coarse_dropout": "erase_p", "color_jitter": "jitter_p",
          "hflip": "hflip", "vflip": "vflip"}
+_EYE = np.eye(3)
+_EYE_TOL = 1e-9 + 1e-5 * _EYE
+
+
+def _eye(n: int) -> np.ndarray:
+    """(n, 3, 3) identity maps."""
+    return np.broadcast_to(_EYE, (n, 3, 3)).copy()
+
+
+def _identity(maps: np.ndarray) -> np.ndarray:
+    """(n,) whether each (n, 3, 3) map is the identity, as np.isclose(maps, eye, atol=1e-9) says
+    (|a - b| <= 1e-9 + 1e-5 |b|), without its generality's cost."""
+    return np.all(np.abs(maps - _EYE) <= _EYE_TOL, axis=(1, 2))
 
 
 def batch_rng(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generator:
@@ -34,11 +48,18 @@ def may(spec: AugSpec, op: str) -> bool:
     return (op in spec.oneof and spec.oneof_p > 0) or (op not in spec.oneof and getattr(spec, _OP_P[op]) > 0)
 
 
+def _uniform(rng: np.random.Generator, n: int, *ranges) -> list[np.ndarray]:
+    """n draws uniform in each (lo, hi) of `ranges`, in that order: the values of as many
+    rng.uniform(lo, hi, n) calls (lo + (hi - lo) * a double, as numpy computes them), from one call."""
+    return [lo + (hi - lo) * r for (lo, hi), r in zip(ranges, rng.random((len(ranges), n)))]
+
+
 def _on(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Which images get which of the five OneOf-able ops (bool (n,) per op)."""
     pick = rng.integers(len(spec.oneof), size=n) if spec.oneof else np.zeros(n, int)
-    hit = rng.random(n) < spec.oneof_p
-    own = {op: rng.random(n) < getattr(spec, p) for op, p in _OP_P.items()}
+    hit, *drawn = rng.random((1 + len(_OP_P), n))
+    hit = hit < spec.oneof_p
+    own = {op: r < getattr(spec, p) for (op, p), r in zip(_OP_P.items(), drawn)}
     on = {}
     for op in _OP_P:
         if op in spec.oneof:  # the op's own p is ignored, as in albumentations' OneOf
@@ -50,7 +71,7 @@ def _on(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray
 
 def _crop(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
     """(n, 3, 3) destination -> source maps of the random crop (identity when off)."""
-    m = np.tile(np.eye(3), (n, 1, 1))
+    m = _eye(n)
     if spec.pad_crop:  # shift by whole pixels in [-pad, pad]; what falls outside is filled with 0
         m[:, :2, 2] = rng.integers(-spec.pad_crop, spec.pad_crop + 1, size=(n, 2))
     elif spec.rrc_scale is not None:  # torchvision's RandomResizedCrop: 10 tries, else the whole image
@@ -71,61 +92,74 @@ def _crop(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
     return m
 
 
-def _ssr(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 3, 3) destination -> source maps of shift-scale-rotate about the image centre."""
-    angle = np.deg2rad(rng.uniform(-spec.ssr_degrees, spec.ssr_degrees, size=n))
-    scale = rng.uniform(1 - spec.ssr_scale, 1 + spec.ssr_scale, size=n)
-    shift = rng.uniform(-spec.ssr_shift, spec.ssr_shift, size=(n, 2)) * SIDE  # px
+def _ssr(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> np.ndarray:
+    """(n, 3, 3) destination -> source maps of shift-scale-rotate about the image centre, for the
+    images `on` (the others: identity; their parameters are drawn all the same)."""
+    angle, scale, *shift = _uniform(rng, n, (-spec.ssr_degrees, spec.ssr_degrees),
+                                    (1 - spec.ssr_scale, 1 + spec.ssr_scale), *[(-spec.ssr_shift, spec.ssr_shift)] * 2)
+    angle, scale = np.deg2rad(angle[on]), scale[on]
+    shift = np.concatenate(shift).reshape(n, 2)[on] * SIDE  # px; 2n draws in a row, as rng.uniform(size=(n, 2))
     c = SIDE / 2
     # forward: dst = c + scale * R(angle) (src - c) + shift; inverted here: src = c + R(-angle) (dst - c - shift) / scale
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
-    m = np.zeros((n, 3, 3))
+    m = np.zeros((len(angle), 3, 3))
     m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
     d = np.array([c, c]) + shift  # dst point that maps to the source centre
     m[:, :2, 2] = c - np.einsum("nij,nj->ni", m[:, :2, :2], d)
     m[:, 2, 2] = 1
-    return m
+    out = _eye(n)
+    out[on] = m
+    return out
 
 
 def _flip(on_h: np.ndarray, on_v: np.ndarray) -> np.ndarray:
     """(n, 3, 3) destination -> source maps of the flips: x -> SIDE - x."""
-    m = np.tile(np.eye(3), (len(on_h), 1, 1))
+    m = _eye(len(on_h))
     m[on_h, 0, 0], m[on_h, 0, 2] = -1, SIDE
     m[on_v, 1, 1], m[on_v, 1, 2] = -1, SIDE
     return m
 
 
+_AXIS = np.full(3, 1 / math.sqrt(3))  # the grey axis, unit length
+_AXIS_CROSS = np.array([[0, -_AXIS[2], _AXIS[1]], [_AXIS[2], 0, -_AXIS[0]], [-_AXIS[1], _AXIS[0], 0]])
+_AXIS_OUTER = np.outer(_AXIS, _AXIS)
+
+
 def _hue_rotation(turns: np.ndarray) -> np.ndarray:
     """(n, 3, 3) rotations of RGB about the grey axis by `turns` of the colour wheel (greys stay)."""
     a = 2 * math.pi * turns
-    k = np.full(3, 1 / math.sqrt(3))
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
     cos, sin = np.cos(a)[:, None, None], np.sin(a)[:, None, None]
-    return cos * np.eye(3) + sin * kx + (1 - cos) * np.outer(k, k)
+    return cos * _EYE + sin * _AXIS_CROSS + (1 - cos) * _AXIS_OUTER
 
 
-def _colour(spec: AugSpec, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _colour(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Colour jitter as out = M @ rgb + k * mean_luma: brightness, then contrast about the image's
-    mean grey, then saturation (blend with grey), then hue rotation, composed into one matrix."""
-    b = rng.uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness, size=n)
-    c = rng.uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast, size=n)
-    s = rng.uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation, size=n)
-    h = rng.uniform(-spec.hue, spec.hue, size=n)
-    sat = s[:, None, None] * np.eye(3) + (1 - s)[:, None, None] * np.outer(np.ones(3), LUMA)
-    m = _hue_rotation(h) @ sat * (b * c)[:, None, None]
+    mean grey, then saturation (blend with grey), then hue rotation, composed into one matrix; for
+    the images `on` (the others: M = I, k = 0; their factors are drawn all the same)."""
+    b, c, s, h = (x[on] for x in _uniform(rng, n, (max(0.0, 1 - spec.brightness), 1 + spec.brightness),
+                                          (max(0.0, 1 - spec.contrast), 1 + spec.contrast),
+                                          (max(0.0, 1 - spec.saturation), 1 + spec.saturation), (-spec.hue, spec.hue)))
+    sat = s[:, None, None] * _EYE + (1 - s)[:, None, None] * _GREY
+    m, k = _eye(n), np.zeros(n)
+    m[on] = _hue_rotation(h) @ sat * (b * c)[:, None, None]
     # contrast: c * (b x - b mean) + b mean = c b x + (1 - c) b mean; sat and hue keep greys, so
     # the offset passes through them unchanged
-    return m, (1 - c) * b
+    k[on] = (1 - c) * b
+    return m, k
 
 
-def _holes(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, max_holes, 4) int boxes (y0, x0, h, w) in px at 32x32; unused holes have h = w = 0."""
+def _holes(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> np.ndarray:
+    """(n, max_holes, 4) int boxes (y0, x0, h, w) in px at 32x32 for the images `on`; unused holes
+    (and every hole of the other images, whose boxes are drawn all the same) have h = w = 0."""
     lo, hi = spec.erase_holes
-    count = rng.integers(lo, hi + 1, size=n)
-    hw = np.maximum(1, np.rint(rng.uniform(*spec.erase_size, size=(n, hi, 2)) * SIDE))
-    yx = np.floor(rng.random((n, hi, 2)) * (SIDE - hw + 1))
-    boxes = np.concatenate([yx, hw], axis=2).astype(np.int32)
-    boxes[np.arange(hi)[None, :] >= count[:, None], 2:] = 0
+    count = rng.integers(lo, hi + 1, size=n)[on]
+    side, corner = _uniform(rng, n * hi * 2, spec.erase_size, (0.0, 1.0))  # as rng.uniform, then rng.random
+    hw = np.maximum(1, np.rint(side.reshape(n, hi, 2)[on] * SIDE))
+    yx = np.floor(corner.reshape(n, hi, 2)[on] * (SIDE - hw + 1))
+    drawn = np.concatenate([yx, hw], axis=2).astype(np.int32)
+    drawn[np.arange(hi)[None, :] >= count[:, None], 2:] = 0
+    boxes = np.zeros((n, hi, 4), np.int32)
+    boxes[on] = drawn
     return boxes
 
 
@@ -167,8 +201,19 @@ def _policy_draw(spec: AugSpec, n: int, rng: np.random.Generator) -> tuple[np.nd
     else:
         bins = np.full((steps, n), spec.ra_m)
     sign = np.where(rng.random((steps, n)) < 0.5, -1.0, 1.0)
-    signed = np.isin(np.array(POLICY_OPS), SIGNED)[ops]
-    return ops, policy_space(spec.policy)[ops, bins] * np.where(signed, sign, 1.0)
+    return ops, policy_space(spec.policy)[ops, bins] * np.where(_SIGNED[ops], sign, 1.0)
+
+
+_OP = {op: i for i, op in enumerate(POLICY_OPS)}
+_MOVES = np.isin(np.array(POLICY_OPS), ("shear_x", "shear_y", "translate_x", "translate_y", "rotate"))
+# the ops that set one entry of the 3x3 map (row-major index; -1: none): shears the slope, translations -px
+_SLOT = np.array([{"shear_x": 1, "shear_y": 3, "translate_x": 2, "translate_y": 5}.get(op, -1) for op in POLICY_OPS])
+_SHIFTS = np.isin(np.array(POLICY_OPS), ("translate_x", "translate_y"))
+_SIGNED = np.isin(np.array(POLICY_OPS), SIGNED)
+# each policy op's COLOUR_STEPS code (the geometric ops and identity: none)
+_STEP = {"brightness": "linear", "color": "linear", "contrast": "linear", "sharpness": "sharpness",
+         "solarize": "point", "posterize": "point", "autocontrast": "autocontrast", "equalize": "equalize"}
+_CODE = np.array([COLOUR_STEPS.index(_STEP.get(op, "none")) for op in POLICY_OPS], np.int32)  # op -> its colour step
 
 
 def policy_params(ops: np.ndarray, mag: np.ndarray) -> dict[str, np.ndarray]:
@@ -177,48 +222,40 @@ def policy_params(ops: np.ndarray, mag: np.ndarray) -> dict[str, np.ndarray]:
     translation or rotation, composed in order; per step k, colour code op{k} (n,) int32 into
     COLOUR_STEPS, lin{k} (n, 3, 3) and lin_c{k} (n,) (linear: M and the weight of the mean grey),
     sharp{k} (n,) (weight of the blurred image), thresh{k} (n,) (solarize pixels >= it; 256 = none)
-    and bits{k} (n,) uint8 (posterize: the mask of the bits kept)."""
+    and bits{k} (n,) uint8 (posterize: the mask of the bits kept). Each is computed for the images
+    whose op uses it; the others hold the identity (M = I, weights 0, threshold 256, all bits)."""
     steps, n = ops.shape
-    name = np.array(POLICY_OPS)[ops]
-    geometry = np.tile(np.eye(3), (n, 1, 1))
+    geometry = _eye(n)
     out = {}
     for k in range(steps):
-        op, m = name[k], mag[k]
-        g = np.tile(np.eye(3), (n, 1, 1))
+        op, m = ops[k], mag[k]
         # torchvision's maps: shears about the corner (0, 0), translations by whole px (truncated),
         # rotations about the centre, counter-clockwise on screen for m > 0
-        g[op == "shear_x", 0, 1] = m[op == "shear_x"]
-        g[op == "shear_y", 1, 0] = m[op == "shear_y"]
-        g[op == "translate_x", 0, 2] = -np.trunc(m[op == "translate_x"])
-        g[op == "translate_y", 1, 2] = -np.trunc(m[op == "translate_y"])
-        turn = op == "rotate"
-        a = np.deg2rad(m[turn])
+        moves = np.flatnonzero(_MOVES[op])
+        o, mm = op[moves], m[moves]
+        g = _eye(len(moves))
+        one = np.flatnonzero(_SLOT[o] >= 0)  # shear: the slope; translation: whole px, truncated, backwards
+        g.reshape(-1, 9)[one, _SLOT[o[one]]] = np.where(_SHIFTS[o[one]], -np.trunc(mm[one]), mm[one])
+        turn = o == _OP["rotate"]
+        a = np.deg2rad(mm[turn])
         cos, sin, c = np.cos(a), np.sin(a), SIDE / 2
         g[turn, 0, 0], g[turn, 0, 1], g[turn, 0, 2] = cos, -sin, c - c * cos + c * sin
         g[turn, 1, 0], g[turn, 1, 1], g[turn, 1, 2] = sin, cos, c - c * sin - c * cos
-        geometry = geometry @ g  # dst -> src: undo this step first, then the earlier ones
+        geometry[moves] = geometry[moves] @ g  # dst -> src: undo this step first, then the earlier ones
 
         f = 1 + m  # the enhancements' factor
-        code = np.zeros(n, np.int32)
-        lin = np.tile(np.eye(3), (n, 1, 1))
-        lin_c = np.zeros(n)
-        for e in ("brightness", "color", "contrast"):
-            on = op == e
-            code[on] = COLOUR_STEPS.index("linear")
-            lin[on] *= f[on, None, None]
-        on = op == "color"  # saturation: blend each channel with the pixel's grey
-        lin[on] += (1 - f[on])[:, None, None] * np.outer(np.ones(3), LUMA)
-        on = op == "contrast"  # blend with the mean grey of the image as it is at this step
-        lin_c[on] = 1 - f[on]
-        sharp = np.where(op == "sharpness", 1 - f, 0.0)
-        code[op == "sharpness"] = COLOUR_STEPS.index("sharpness")
+        code = _CODE[op]
+        lin = _eye(n)
+        on = code == COLOUR_STEPS.index("linear")  # brightness, colour and contrast scale rgb by f
+        lin[on] *= f[on, None, None]
+        on = op == _OP["color"]  # saturation: blend each channel with the pixel's grey
+        lin[on] += (1 - f[on])[:, None, None] * _GREY
+        lin_c = np.where(op == _OP["contrast"], 1 - f, 0.0)  # blend with the mean grey of the image at this step
+        sharp = np.where(op == _OP["sharpness"], 1 - f, 0.0)
         # solarize x >= m, compared in float32 as torch compares a uint8 image with a float: for
         # whole x, x >= ceil(float32(m)), which float32 holds exactly on every backend
-        thresh = np.where(op == "solarize", np.ceil(m.astype(np.float32)), 256.0)
-        keep = np.where(op == "posterize", m, 8).astype(int)
-        code[(op == "solarize") | (op == "posterize")] = COLOUR_STEPS.index("point")
-        code[op == "autocontrast"] = COLOUR_STEPS.index("autocontrast")
-        code[op == "equalize"] = COLOUR_STEPS.index("equalize")
+        thresh = np.where(op == _OP["solarize"], np.ceil(m.astype(np.float32)), 256.0)
+        keep = np.where(op == _OP["posterize"], m, 8).astype(int)
         out.update({f"op{k}": code, f"lin{k}": lin.astype(np.float32), f"lin_c{k}": lin_c.astype(np.float32),
                     f"sharp{k}": sharp.astype(np.float32), f"thresh{k}": thresh.astype(np.float32),
                     f"bits{k}": ((0xFF << (8 - keep)) & 0xFF).astype(np.uint8)})
@@ -239,23 +276,31 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
     (steps, n) (signed) and the per-step colour parameters of `policy_params`; its geometry is in
     affine (and warp).
     Every parameter is drawn whether its op is on or not, so switching one op on does not change
-    the draws of the others; the policy's draws come last, so it changes none of the others.
+    the draws of the others; the policy's draws come last, so it changes none of the others. What
+    follows from the draws is computed only for the images whose op is on (the host's time per
+    batch: `fastcifar bench`'s dali-host rows); the others hold the identity: colour I with
+    colour_k 0, no holes, and the identity among the maps composed into affine.
     """
     on = _on(spec, n, rng)
     crop = _crop(spec, n, rng)
-    ssr = _ssr(spec, n, rng)
-    flip = _flip(on["hflip"], on["vflip"])
-    ssr[~on["shift_scale_rotate"]] = np.eye(3)
-    colour, k = _colour(spec, n, rng)
-    holes = _holes(spec, n, rng)
-    policy, geometry = {}, np.tile(np.eye(3), (n, 1, 1))
+    ssr = _ssr(spec, n, rng, on["shift_scale_rotate"])
+    colour, k = _colour(spec, n, rng, on["color_jitter"])
+    holes = _holes(spec, n, rng, on["coarse_dropout"])
+    policy, bent = {}, np.zeros(n, bool)
+    # dst -> src: undo the policy, ssr, then the flips, then the crop; a factor that is the
+    # identity for every image is left out (multiplying by it changes no value)
+    affine = crop
+    if on["hflip"].any() or on["vflip"].any():
+        affine = affine @ _flip(on["hflip"], on["vflip"])
+    if on["shift_scale_rotate"].any():
+        affine = affine @ ssr
     if spec.policy != "none":
         ops, mag = _policy_draw(spec, n, rng)
         policy = {"policy": ops, "magnitude": mag, **policy_params(ops, mag)}
         geometry = policy.pop("geometry")
-    affine = crop @ flip @ ssr @ geometry  # dst -> src: undo the policy, ssr, then the flips, then the crop
-    moved = ~np.all(np.isclose(affine, np.eye(3), atol=1e-9), axis=(1, 2))
-    bent = ~np.all(np.isclose(geometry, np.eye(3), atol=1e-9), axis=(1, 2))
+        affine = affine @ geometry
+        bent = ~_identity(geometry)
+    moved = ~_identity(affine)
     return {
         "moved": moved,
         "affine": affine[:, :2].astype(np.float32),
@@ -275,6 +320,15 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 def mean_grey(images: np.ndarray) -> np.ndarray:
-    """(n,) float32 mean grey level (0..255) of uint8 NHWC images: the pivot of contrast jitter."""
-    n = len(images)
-    return (images.reshape(n, -1, 3) @ LUMA.astype(np.float32)).mean(1).astype(np.float32)
+    """(n,) float32 mean grey level (0..255) of uint8 NHWC images: the pivot of contrast jitter.
+    One float32 matrix-vector product with the weights of every pixel's channels (a BLAS call)."""
+    n, h, w, _ = images.shape
+    return images.reshape(n, -1).astype(np.float32) @ _pixel_weights(h * w)
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_weights(pixels: int) -> np.ndarray:
+    """LUMA / pixels for each channel of each pixel, float32: the mean grey as one dot product."""
+    weights = np.tile(LUMA.astype(np.float32), pixels) / pixels
+    weights.flags.writeable = False
+    return weights

@@ -1,7 +1,8 @@
 """The torch backend: the whole uint8 split moved to the device once, augmentation as batched
 tensor ops on NHWC uint8 (no per-image Python loop), then resize, normalise, cast.
 
-Images stay uint8 until the last step (a float copy at 224 costs more than the resize on a CPU).
+Images stay uint8 through the augmentation at 32 and become floats for the resize and the
+normalisation only (`finish`: the same arithmetic on the CPU and the GPU, in the DALI graph's order).
 Which image gets which op is known on the host (pipelines.draw), so each op runs on the subset
 of the batch it touches, indexed without a device sync. No op is a matmul or a convolution (colour
 jitter, the mean grey, the affine grid and the sharpness blur are multiply-adds in float32): with
@@ -180,15 +181,25 @@ def augment(x: torch.Tensor, p: dict, spec: AugSpec) -> torch.Tensor:
 
 
 def finish(x: torch.Tensor, size: int, spec: AugSpec, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC at 32 -> resized, normalised NCHW channels_last tensor of spec.dtype."""
-    x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: that is channels_last already
+    """uint8 NHWC at 32 -> resized, normalised NCHW channels_last tensor of spec.dtype, in the order of
+    the DALI graph (pipelines.dali._finish) and with the same arithmetic on every device: floats
+    throughout (CUDA has no uint8 resize, so a CPU-only uint8 kernel would give other images).
+    Linear normalises at 32, then resizes (one float pass over the output); cubic overshoots at
+    edges (a 0/255 step upscaled reaches -0.12 .. 1.18), so it resizes, rounds and clamps to
+    0..255, then normalises, as DALI's uint8 cubic resize does, with the kernel DALI uses (Keys'
+    a = -0.5: torch's antialiased bicubic; its plain one has a = -0.75)."""
+    x = x.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: that is channels_last already
     if size != x.shape[-1]:
-        # uint8 resize on the CPU (torch has a fast channels_last kernel); CUDA resizes floats
-        src = x if x.device.type == "cpu" else x.float()
-        x = F.interpolate(src, size=(size, size), mode=_MODES[spec.interpolation], align_corners=False,
-                          antialias=size < x.shape[-1])
-    y = torch.addcmul(shift, x, scale)  # x / 255 normalised in one pass: x * scale + shift, float32
-    return y if spec.dtype == "float32" else y.to(TORCH_DTYPES[spec.dtype])
+        mode, aa = _MODES[spec.interpolation], spec.interpolation == "cubic" or size < x.shape[-1]
+        resize = lambda t: F.interpolate(t, size=(size, size), mode=mode, align_corners=False, antialias=aa)
+    else:
+        resize = lambda t: t
+    if spec.interpolation == "cubic":
+        y = torch.addcmul(shift, round_u8(resize(x)), scale)  # x * scale + shift, float32
+    else:
+        y = resize(torch.addcmul(shift, x, scale))
+    # channels_last whatever layout a device's resize kernel returns; no copy when it is already
+    return y.to(TORCH_DTYPES[spec.dtype], memory_format=torch.channels_last)
 
 
 def to_device(store, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,13 +74,14 @@ def albumentations_pipeline(spec: AugSpec, size: int):
 
 
 class TutorialDataset(torch.utils.data.Dataset):
-    """One image at a time: augment at 32, resize, normalise; HWC float32 out (stacks to channels_last)."""
+    """One image at a time: augment at 32, resize, normalise, cast to spec.dtype; HWC out (stacks to
+    channels_last)."""
 
     def __init__(self, images, labels, spec: AugSpec, sizes, augment: bool, mean, std, use_albumentations: bool):
         # in RAM, as the tutorial held its unpickled arrays (indexing a memmap per image costs
         # 3x the rest of the per-image work); forked workers share these pages
         self.images, self.labels = np.array(images), np.array(labels).tolist()
-        self.spec, self.sizes = spec, sizes
+        self.spec, self.sizes, self.dtype = spec, sizes, tb.TORCH_DTYPES[spec.dtype]
         self.augment = augment and spec.augments
         self.mean = np.array(mean, np.float32) * 255
         self.inv_std = 1 / (np.array(std, np.float32) * 255)
@@ -101,8 +102,9 @@ class TutorialDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def _normalise(self, img: np.ndarray) -> torch.Tensor:
-        """(x - mean) / std with full-size scale and shift arrays: numpy broadcasting a length-3
-        channel axis runs 3-element inner loops, 4x slower than this per image."""
+        """(x - mean) / std with full-size scale and shift arrays (numpy broadcasting a length-3
+        channel axis runs 3-element inner loops, 4x slower than this per image), as spec.dtype: the
+        worker casts, so the batch the DataLoader pins is the one the device copy reads."""
         if img.shape not in self._norm:
             self._norm[img.shape] = (np.broadcast_to(self.inv_std, img.shape).copy(),
                                      np.broadcast_to(-self.mean * self.inv_std, img.shape).copy())
@@ -110,7 +112,7 @@ class TutorialDataset(torch.utils.data.Dataset):
         x = img.astype(np.float32)
         x *= scale
         x += shift
-        return torch.from_numpy(x)
+        return torch.from_numpy(x).to(self.dtype)
 
     def __getitem__(self, row):
         img = self.images[row]  # (32, 32, 3) uint8
@@ -160,12 +162,15 @@ class TutorialBackend:
             ds.seed(base)
         else:  # free garbage cycles now, not in a forked worker (where a dead DALI pipeline aborts)
             gc.collect()
+        # Batches come out of the workers in spec.dtype already, so the copy to the device changes
+        # nothing but the device: from page-locked memory (pinned by the DataLoader's own thread) it
+        # is asynchronous. A dtype change in the copy would convert through a pageable temporary.
+        pinned = self.device.type == "cuda"  # GPU only: page-locked batches
         loader = torch.utils.data.DataLoader(
             ds, batch_sampler=[idx.tolist() for _, idx in batches], num_workers=self.workers,
-            worker_init_fn=seed_worker if self.workers else None, pin_memory=self.device.type == "cuda",
+            worker_init_fn=seed_worker if self.workers else None, pin_memory=pinned,
             prefetch_factor=4 if self.workers else None)
-        dtype = tb.TORCH_DTYPES[self.spec.dtype]
         for images, labels in loader:
-            # (N, H, W, C) float32 -> NCHW view with channels_last memory, then dtype and device
-            images = tuple(x.permute(0, 3, 1, 2).to(self.device, dtype, non_blocking=True) for x in images)
+            # (N, H, W, C) -> NCHW view with channels_last memory, on the device
+            images = tuple(x.permute(0, 3, 1, 2).to(self.device, non_blocking=True) for x in images)
             yield images, labels.to(self.device, non_blocking=True)

@@ -1,5 +1,7 @@
 """Batches of the augmentations that existed before `aug.policy` (commit d58e9f7), kept in
-tests/data/aug_before_policies.npz so that policy "none" is pinned bit for bit to them.
+tests/data/aug_before_policies.npz so that policy "none" is pinned bit for bit to them: the
+images, and the draws as `draw` gives them (an op's parameters where an image gets the op, the
+identity elsewhere).
 
     PYTHONPATH=$PWD python tests/golden_aug.py     # rewrites the file: only to pin a deliberate change
 """

@@ -17,7 +17,7 @@ from fastcifar.data import open_store
 from pipelines.loader import dali_available, make_loader
 from pipelines.spec import AugSpec
 from test_cli_paths import cli, one_paragraph
-from test_train import fit, info, metrics, store, tiny  # noqa: F401 (store: the fixture)
+from test_train import copy_run, fit, info, metrics, store, tiny  # noqa: F401 (store: the fixture)
 
 
 # ---- the EMA itself
@@ -205,13 +205,10 @@ def test_cli_eval_says_which_weights_and_tta_and_refuses_bad_choices(store, ema_
 
 
 def test_resuming_a_checkpoint_that_lost_its_ema_is_bad_input(ema_run, tmp_path):
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(ema_run, run)
+    run = copy_run(ema_run, tmp_path / "run")
     ck = checkpoint.load(run / "last.pt")
     del ck["ema"]
-    checkpoint.save(run / "last.pt", ck)
+    checkpoint.save(run / "last.pt", ck, by="train")  # damaged as if written so
     before = (run / "metrics.jsonl").read_bytes()
     with pytest.raises(BadInput, match="holds no EMA weights although its recipe keeps them"):
         T.train(tiny(train__epochs=2, train__ema_decay=0.9, train__tta="flip"), {}, resume=run, log=lambda *a, **k: None)

@@ -50,6 +50,31 @@ def test_a_rate_under_one_image_per_second_is_kept_and_divides_the_headroom(stor
     assert bench.img_s(1234.6) == 1235 and bench.img_s(12.345) == 12.3
 
 
+def test_a_compiled_bench_of_two_sizes_compiles_one_static_graph_per_size(store, tiny_models, monkeypatch):
+    """Each compiled step is a static graph of its own: at 224 then 32 px in one process no step
+    recompiles (dynamo caches per code object, which every model of a kind shares, so the second
+    size used to recompile into a dynamic-shape graph and be timed as one), and end_to_end's step
+    takes every loader's batches without recompiling. Dynamo decides about recompiling before any
+    backend runs, so the graphs go to aot_eager here: seconds, not inductor's minutes on a CPU."""
+    calls, real = [], torch.compile
+
+    def compile_(model, **kw):
+        calls.append(kw)
+        return real(model, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setitem(bench.STEP_PLAN, "quick", (1, 1, 2))  # 3 steps per graph: a recompile shows by the 2nd
+    loaders = ["tutorial", "torch"] + (["dali"] if dali_available() else [])
+    run = lambda stage, sizes: bench.run(stages=[stage], quick=True, sizes=sizes, settings=["compiled_cl_amp"],
+                                         backends=loaders, batch_size=2, data_dir=store.dir, device="cpu",
+                                         log=lambda *_: None)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        steps, fed = run("train_step", [224, 32]), run("end_to_end", [32])
+    assert [(r["image_size"], r["batch_size"], r["compiled"]) for r in steps] == [(224, 2, True), (32, 2, True)]
+    assert [(r["backend"].split("-")[0], r["compiled"]) for r in fed] == [(b, True) for b in loaders]
+    assert calls == [{"dynamic": False}] * 3  # a step per size, and end_to_end's
+
+
 def test_train_step_trains():
     """The timed step is a real training step: on a fixed batch the loss goes down."""
     torch.manual_seed(0)
@@ -367,11 +392,11 @@ def test_a_dash_for_an_output_path_is_refused_not_written_as_a_file(tmp_path, mo
 
 
 def test_a_users_json_with_a_meta_key_is_not_taken_for_a_bench_json(tmp_path):
-    """Only a JSON with both meta and rows is an earlier bench's, which --json may replace; a user's
-    file that merely has a "meta" key is refused and left as it was."""
+    """Only a JSON a bench wrote (owned.py) may be replaced by --json; a user's file with a "meta"
+    key (or meta and rows) is refused and left as it was."""
     mine = tmp_path / "notes.json"
     mine.write_text('{"meta": {"author": "me"}, "notes": []}')
-    with pytest.raises(BadInput, match="already exists and is not a bench JSON"):
+    with pytest.raises(BadInput, match="`fastcifar bench` did not write"):
         bench.check_json_path(mine)
     bench.check_json_path(tmp_path / "new.json")  # a new path is fine
     assert mine.read_text() == '{"meta": {"author": "me"}, "notes": []}'

@@ -17,7 +17,7 @@ import pytest
 
 import fastcifar.train as T
 from cifar_fixture import CIFAR10_TRAIN, expected_images, field, make_split, md5, write_official
-from fastcifar import BadInput
+from fastcifar import BadInput, owned
 from fastcifar import data as fdata
 from test_train import QUIET, info, metrics, tiny
 
@@ -53,7 +53,7 @@ def check_store(store_dir: Path, objs: dict) -> fdata.Store:
     assert store.labels("train").dtype == np.int64 and store.images("train").flags.c_contiguous
     # CIFAR-10 has no coarse labels: the store holds none, and says which data set it is
     assert store.coarse("train") is None and store.coarse("test") is None
-    assert sorted(p.name for p in store_dir.iterdir()) == sorted([*fdata.array_files("cifar10"), "meta.json"])
+    assert sorted(p.name for p in store_dir.iterdir()) == sorted([*fdata.array_files("cifar10"), "meta.json", owned.MANIFEST])
     assert store.dataset == store.meta["dataset"] == "cifar10" and "coarse_label_names" not in store.meta
     assert store.class_names == [f"class{i}" for i in range(10)]
     assert store.meta["counts"] == {"train": 250, "test": 80}
@@ -210,7 +210,7 @@ def test_synthetic_cifar10_is_balanced_deterministic_and_learnable(tmp_path):
     np.testing.assert_array_equal(a.images("train"), b.images("train"))
     assert np.bincount(a.labels("train"), minlength=10).tolist() == [100] * 10
     assert len(set(a.class_names)) == 10 and a.synthetic and a.coarse("train") is None
-    assert sorted(p.name for p in a.dir.iterdir()) == sorted([*fdata.array_files("cifar10"), "meta.json"])
+    assert sorted(p.name for p in a.dir.iterdir()) == sorted([*fdata.array_files("cifar10"), "meta.json", owned.MANIFEST])
     thumbs = lambda x: x.astype(np.float32).reshape(len(x), 8, 4, 8, 4, 3).mean((2, 4)).reshape(len(x), -1)  # noqa: E731
     xtr, xte = thumbs(a.images("train")), thumbs(a.images("test"))
     means = np.stack([xtr[a.labels("train") == c].mean(0) for c in range(10)])

@@ -205,12 +205,17 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, kw, message):
         doctor.run(**{"device": "cpu", "log": QUIET, **kw})
 
 
-def test_json_never_replaces_a_file_doctor_did_not_write(tmp_path):
+def test_json_replaces_only_a_file_doctor_wrote(tmp_path):
+    """A user's file at --json is refused before anything runs and left as it was; doctor's own
+    JSON from an earlier run is replaced (owned.py's rule)."""
     mine = tmp_path / "notes.json"
-    mine.write_text('{"rows": []}')
-    with pytest.raises(BadInput, match="already exists and is not a doctor JSON"):
+    mine.write_text('{"doctor": "0.1.0"}')  # looks like one, but doctor did not write it
+    with pytest.raises(BadInput, match=f"`fastcifar doctor` did not write {mine}, or it was changed since"):
         doctor.run(device="cpu", json_path=mine, log=QUIET)
-    assert mine.read_text() == '{"rows": []}'
+    assert mine.read_text() == '{"doctor": "0.1.0"}'
+    quick = [Step("first", "target", passes, cap=(5, 5), need=(0, 0))]
+    for _ in range(2):  # the second run replaces the first one's file
+        assert inline(quick, tmp_path)[0] == 0
 
 
 def test_cuda_without_a_gpu_is_exit_2_in_one_paragraph():

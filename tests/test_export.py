@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import fastcifar.export as ex
-from fastcifar import BadInput, checkpoint
+from fastcifar import BadInput, checkpoint, owned
 from fastcifar.config import from_dict
 from fastcifar.data import open_store, prepare
 from fastcifar.models import build_model
@@ -430,7 +430,8 @@ def test_a_full_disk_during_export_leaves_the_earlier_export_whole(runs, data, t
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, old_handler)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [owned.MANIFEST,
+                                                                                          "model.safetensors"]
 
 
 @pytest.fixture(scope="module")
@@ -481,7 +482,7 @@ def crafted(runs, data, onnx_files, tmp_path_factory):
     (["export", "{run}", "--format", "timm", "--out", "{run}/best.pt", "--force"], "the checkpoint being exported"),
     (["export", "{run}", "--format", "safetensors", "--out", "{text}/x.safetensors"], "is not a writable directory"),
     # --force replaces an export, never a run's checkpoint (here the run's last.pt: its resume point)
-    (["export", "{run}", "--format", "timm", "--out", "{run}/last.pt", "--force"], "is a fastcifar checkpoint"),
+    (["export", "{run}", "--format", "timm", "--out", "{run}/last.pt", "--force"], "`fastcifar export` did not write"),
     # exports whose fastcifar metadata was altered after export (a hostile or damaged file)
     (["predict", "{crafted}/classes.safetensors", "{img}"], "its weights have 100 classes"),
     (["predict", "{crafted}/nan_mean.safetensors", "{img}"], "unusable (mean [nan"),
@@ -524,7 +525,7 @@ def test_force_replaces_a_timm_export_but_not_a_checkpoint(runs, data, tmp_path)
     assert ex.export(runs / "linear", "timm", out=path, force=True, data_dir=data, log=QUIET) == path
     checkpoint.save(tmp_path / "other-run.pt", checkpoint.load(runs / "linear" / "best.pt"))
     before = (tmp_path / "other-run.pt").read_bytes()
-    with pytest.raises(BadInput, match="is a fastcifar checkpoint"):
+    with pytest.raises(BadInput, match="did not write"):  # a checkpoint, or any file export did not write
         ex.export(runs / "linear", "timm", out=tmp_path / "other-run.pt", force=True, data_dir=data, log=QUIET)
     assert (tmp_path / "other-run.pt").read_bytes() == before
 
@@ -536,8 +537,13 @@ def test_out_force_and_directory(runs, data, tmp_path, monkeypatch, capsys):
                    "--data-dir", str(data))
     assert code == 2 and mine.read_bytes() == b"a user's file"
     code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(mine),
-                     "--force", "--data-dir", str(data))
-    assert code == 0 and ex.read_safetensors(mine)[0]["num_classes"] == 100
+                     "--force", "--data-dir", str(data))  # --force replaces only an export fastcifar wrote
+    assert code == 2 and mine.read_bytes() == b"a user's file" and "earlier export" in out.err.replace("\n", " ")
+    mine.unlink()
+    for force, want in (([], 0), ([], 2), (["--force"], 0)):  # an export of its own: replaced with --force only
+        code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(mine),
+                         *force, "--data-dir", str(data))
+        assert code == want and ex.read_safetensors(mine)[0]["num_classes"] == 100, out.err
     code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(tmp_path),
                      "--data-dir", str(data))
     assert code == 0 and (tmp_path / "best.safetensors").is_file()  # a directory takes the default name
@@ -546,7 +552,8 @@ def test_out_force_and_directory(runs, data, tmp_path, monkeypatch, capsys):
     code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out",
                      str(tmp_path / "deeper"), "--force", "--data-dir", str(data))
     assert code == 2 and "is a directory" in out.err.replace("\n", " ")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "deeper", "model.safetensors"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [owned.MANIFEST, "best.safetensors", "deeper",
+                                                          "model.safetensors"]  # no temp files
 
 
 # ---- class names and mean/std: from the checkpoint, else the store -------------------------------

@@ -128,16 +128,25 @@ def test_prepare_refuses_a_store_that_also_holds_user_files(tmp_path):
     assert fdata.open_store(store).meta["source"]["seed"] == 0
 
 
-def test_prepare_replaces_empty_dirs_new_stores_and_stores_from_before_the_creator_field(tmp_path):
+def test_prepare_replaces_empty_dirs_and_the_stores_it_built(tmp_path):
     (tmp_path / "empty").mkdir()
     assert fdata.open_store(fdata.prepare(tmp_path / "empty", **SMALL)).meta["creator"] == "fastcifar"
     store = fdata.prepare(tmp_path / "store", **SMALL)
-    meta = json.loads((store / "meta.json").read_text())
-    del meta["creator"]  # what stores written before the field hold: format_version + output checksums
-    (store / "meta.json").write_text(json.dumps(meta))
     fdata.prepare(store, **SMALL, seed=1, force=True)
     assert fdata.open_store(store).meta["source"]["seed"] == 1
     assert _leftovers(tmp_path) == [] and _leftovers(tmp_path, "empty") == []
+
+
+def test_a_store_whose_meta_json_was_rewritten_is_not_replaced(tmp_path):
+    """meta.json's "creator" is content anyone can write: only the store's manifest (owned.py) lets
+    prepare replace it, and a file rewritten by hand is no longer the one prepare wrote."""
+    store = fdata.prepare(tmp_path / "store", **SMALL)
+    meta = json.loads((store / "meta.json").read_text())
+    (store / "meta.json").write_text(json.dumps({**meta, "note": "mine"}))
+    before = _tree(store)
+    with pytest.raises(BadInput, match=r"changed since \(meta.json\)"):
+        fdata.prepare(store, **SMALL, seed=1, force=True)
+    assert _tree(store) == before
 
 
 def test_symlinked_data_dir_keeps_its_link(tmp_path):
@@ -196,13 +205,13 @@ def test_train_auto_prepare_refuses_user_files(tmp_path):
 # ---- 2. kill -9 at any point leaves the old store or the new one, and nothing else for long
 
 KILLER = r"""
-import os, shutil, signal, sys
+import os, signal, sys
 import numpy as np
 from fastcifar import data
 
 point, dest = sys.argv[1], os.path.realpath(sys.argv[2])
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_replace, real_rmtree, real_save = os.replace, shutil.rmtree, np.save
+real_replace, real_unlink, real_save = os.replace, os.unlink, np.save
 
 def save(*a, **k):  # building: the third array (test images went before it) -> half a store
     save.calls += 1
@@ -216,20 +225,20 @@ def replace(src, dst):  # the old store just moved aside; the new one not yet in
     if str(src) == dest:
         die()
 
-def rmtree(path, *a, **k):  # the new store is in; the old one about to go, or half gone
+def unlink(path, *a, **k):  # the new store is in; the old one about to go, or three of its files gone
     if ".old-" in str(path):
-        if point == "deleting the old store":
-            for name in sorted(os.listdir(path))[:3]:
-                os.unlink(os.path.join(path, name))
-        die()
-    return real_rmtree(path, *a, **k)
+        unlink.calls += 1
+        if point == "after the swap" or unlink.calls > 3:
+            die()
+    return real_unlink(path, *a, **k)
+unlink.calls = 0
 
 if point == "building":
     np.save = save
 elif point == "between the renames":
     os.replace = replace
 else:
-    shutil.rmtree = rmtree
+    os.unlink = unlink
 data.prepare(dest, synthetic=True, n_train=200, n_test=100, seed=1, force=True, log=lambda *_: None)
 """
 
@@ -351,6 +360,10 @@ def test_concurrent_prepares_all_succeed_and_leave_one_complete_store(tmp_path):
 
 
 def test_killed_download_part_file_is_deleted_a_live_one_kept(tmp_path, monkeypatch, official_tarball):
+    """download() records its .part file as prepare's (owned.py): a killed one's is deleted, a live
+    one's (it holds the lock) kept, and a look-alike of the user's kept too."""
+    from fastcifar import owned
+
     _official_md5s(monkeypatch, official_tarball)
     data = tmp_path / "data"
     data.mkdir()
@@ -358,10 +371,13 @@ def test_killed_download_part_file_is_deleted_a_live_one_kept(tmp_path, monkeypa
     dead.write_bytes(b"x" * 1000)
     live = data / "cifar-100-python.tar.gz.live.part"
     live.write_bytes(b"y" * 1000)
+    owned.record([dead, live], "prepare", grows=True)  # as download() does
+    mine = data / "cifar-100-python.tar.gz.mine.part"
+    mine.write_bytes(b"my own half download")
     with open(live, "rb") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # a download in progress holds its lock
         fdata.prepare(data / "cifar100", progress=False, **QUIET)
-        assert not dead.exists() and live.exists()
+        assert not dead.exists() and live.exists() and mine.read_bytes() == b"my own half download"
 
 
 def test_a_file_in_the_way_of_the_download_is_not_replaced(tmp_path, monkeypatch, official_tarball):
@@ -550,7 +566,7 @@ def test_store_labels_out_of_range_are_found_at_open(tmp_path, case):
     _damage(store, name, lambda a: a.__setitem__(7, value))
     with pytest.raises(BadInput, match=r"outside 0\.\.(99|19)") as e:
         fdata.open_store(store)
-    assert str(store) in str(e.value) and "fastcifar prepare --force" in str(e.value)
+    assert str(store) in str(e.value) and f"move {store} away" in str(e.value)  # an array rewritten: not prepare's
 
 
 META_DAMAGE = {
@@ -573,11 +589,9 @@ def test_malformed_store_meta_json_is_bad_input_at_open(tmp_path, case):
     with pytest.raises(BadInput) as e:
         fdata.open_store(store)
     assert str(store) in str(e.value)
-    hint = "fastcifar prepare --force" if fdata._is_store(store) else "move"
-    assert hint in str(e.value)
-    if hint == "fastcifar prepare --force":  # the advice works
-        fdata.prepare(store, **SMALL, force=True)
-        fdata.open_store(store)
+    assert "move" in str(e.value)  # a meta.json rewritten by hand is not the one prepare wrote...
+    with pytest.raises(BadInput, match="changed since"):
+        fdata.prepare(store, **SMALL, force=True)  # ...so prepare does not replace it: the advice is right
 
 
 def test_a_store_with_an_empty_split_is_bad_input_at_open(tmp_path):
@@ -619,7 +633,7 @@ def test_unreadable_store_meta_advises_what_prepare_will_accept(tmp_path):
     (store / "meta.json").write_text("{ cut short")
     with pytest.raises(BadInput, match=f"move {store} away"):
         fdata.open_store(store)
-    with pytest.raises(BadInput, match="not a fastcifar store"):  # as said: --force would not replace it
+    with pytest.raises(BadInput, match=r"changed since \(meta.json\)"):  # as said: --force would not replace it
         fdata.prepare(store, **SMALL, force=True)
 
 
@@ -677,27 +691,35 @@ def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path):
 
 
 def _bench_paths(tmp_path: Path) -> dict:
-    """A user's JSON and picture, an earlier bench's JSON and picture, and an empty file."""
+    """A user's JSON and picture, look-alikes of a bench's (a JSON with meta and rows, a figure
+    matplotlib saved, an empty file), and an earlier bench's JSON and picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from PIL import Image
 
     from fastcifar import bench
 
     (tmp_path / "notes.json").write_text('{"mine": 1}')
     Image.new("RGB", (4, 4)).save(tmp_path / "holiday.png")
-    (tmp_path / "old.json").write_text(json.dumps({"meta": {}, "rows": []}))
+    (tmp_path / "lookalike.json").write_text(json.dumps({"meta": {}, "rows": []}))
+    plt.figure().savefig(tmp_path / "figure.png")  # a PNG matplotlib wrote: the user's all the same
+    plt.close("all")
+    (tmp_path / "empty.json").write_text("")
+    bench.write_json(tmp_path / "old.json", {"meta": {}, "rows": []})
     bench.plot({"meta": {}, "rows": [], "headroom": [{"pipeline": "torch", "model": "m", "image_size": 32,
                                                       "headroom": 2.0}]}, tmp_path / "old.png")
-    (tmp_path / "empty.json").write_text("")
-    return {name: tmp_path / name for name in ("notes.json", "holiday.png", "old.json", "old.png", "empty.json")}
+    return {p.name: p for p in tmp_path.iterdir()}
+
+
+USERS = ["notes.json", "holiday.png", "lookalike.json", "figure.png", "empty.json"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--json", "{tmp}/b.json", "--plot", "{tmp}/b.json"], "name the same file"),
     (["--plot", "{tmp}/bench.jpg"], "name it *.png"),
-    (["--json", "{tmp}/notes.json"], "already exists and is not a bench JSON"),
-    (["--plot", "{tmp}/holiday.png"], "already exists and is not a bench picture"),
     (["--device", ""], "--device ''"),
-])
+] + [(["--json" if name.endswith(".json") else "--plot", "{tmp}/" + name], "did not write") for name in USERS])
 def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_path, args, message):
     paths = _bench_paths(tmp_path)
     before = _tree(tmp_path)
@@ -710,10 +732,15 @@ def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_pa
 def test_bench_replaces_only_its_own_outputs(tmp_path, bench_spy):
     bench, ran = bench_spy
     paths = _bench_paths(tmp_path)
-    bench.check_json_path(paths["empty.json"])  # an empty file holds nothing to lose
+    for name in USERS:  # by name, extension or content alike: not the bench's
+        with pytest.raises(BadInput, match="did not write"):
+            bench.check_json_path(paths[name], "--json" if name.endswith(".json") else "--plot")
     bench.check_json_path(paths["old.png"], "--plot")
     bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=paths["old.json"], log=lambda *_: None)
     assert json.loads(paths["old.json"].read_text())["meta"]["complete"] is True
+    paths["old.json"].write_text('{"meta": {}, "rows": [], "my note": 1}')  # edited since: the user's now
+    with pytest.raises(BadInput, match="changed since"):
+        bench.check_json_path(paths["old.json"])
 
 
 def test_bench_measures_a_stage_or_model_named_twice_once(bench_spy, monkeypatch):

@@ -4,6 +4,7 @@ exactly as it was, on its own store, changing only what cannot change its meanin
 
 import json
 import os
+import re
 import resource
 import signal
 import sys
@@ -15,7 +16,7 @@ import fastcifar.train as T
 from fastcifar import BadInput, checkpoint, config
 from fastcifar.data import prepare
 from test_cli_paths import cli, one_paragraph
-from test_train import QUIET, fit, info, store, tiny  # noqa: F401 (store: the fixture)
+from test_train import QUIET, copy_run, fit, info, store, tiny  # noqa: F401 (store: the fixture)
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,7 @@ def finished(store, tmp_path_factory):
 
 @pytest.fixture
 def run(finished, tmp_path):
-    import shutil
-    shutil.copytree(finished, tmp_path / "run")
-    return tmp_path / "run"
+    return copy_run(finished, tmp_path / "run")
 
 
 def snapshot(d):
@@ -56,10 +55,18 @@ def test_resume_refuses_a_different_store(run, tmp_path):
     assert snapshot(run) == before
 
 
-def test_resume_into_another_out_is_refused(run, tmp_path, store):
-    with pytest.raises(BadInput, match="--out"):
-        T.train(tiny(train__epochs=3), {}, resume=run, out=tmp_path / "elsewhere", data_dir=store, **QUIET)
-    assert not (tmp_path / "elsewhere").exists()
+def test_resume_into_another_out_continues_there_and_only_reads_the_run(run, tmp_path, store):
+    """--resume RUN --out NEW: how a run copied from elsewhere (whose files are not fastcifar's to
+    replace) is continued. NEW must be new or empty; RUN is read, never written."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(BadInput, match="not empty"):
+        T.train(tiny(train__epochs=3), {}, resume=run, out=tmp_path / "full", data_dir=store, **QUIET)
+    before = snapshot(run)
+    s = T.train(tiny(train__epochs=3), {}, resume=run, out=tmp_path / "elsewhere", data_dir=store, **QUIET)
+    assert s["finished"] and s["epochs_done"] == 3 and snapshot(run) == before
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "elsewhere" / "metrics.jsonl").open()] == [1, 2, 3]
+    assert checkpoint.load(tmp_path / "elsewhere" / "last.pt")["epoch"] == 3
 
 
 @pytest.mark.parametrize("override, allowed", [
@@ -144,14 +151,16 @@ def test_a_full_disk_mid_run_stops_with_last_pt_intact(store, tmp_path):
             resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, limits[1]))
 
     try:
-        with pytest.raises(BadInput, match=r"Could not write last\.pt.*--resume"):
+        with pytest.raises(BadInput, match=r"Could not write (best|last)\.pt.*--resume"):
             fit(tiny(), info(), out=run, data_dir=store, test_fn=disk_fills)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, old_handler)
     assert checkpoint.load(run / "last.pt")["epoch"] == 1  # the previous complete one
     s = json.loads((run / "summary.json").read_text())
-    assert not s["finished"] and "could not write last.pt" in s["stop_reason"]
+    assert not s["finished"] and re.search(r"could not write (best|last)\.pt", s["stop_reason"])
+    # summary.json names only epochs whose checkpoints are on disk: epoch 2 was never saved
+    assert s["epochs_done"] == 1 and s["best_epoch"] == checkpoint.load(run / "best.pt")["epoch"] == 1
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -72,7 +72,7 @@ def test_a_spec_with_no_random_op_draws_nothing(store, backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resize_matches_reference(store, backend):
     """At 64 and 224 the evaluation loader equals a float bilinear resize (torch, align_corners=False)
-    of the stored images within 1/255 + 1e-6 (the backends resize uint8 and round once)."""
+    of the stored images within 1/255 + 1e-6 (DALI and torch resize floats; the tutorial path uint8)."""
     for size in (64, 224):
         loader = make_loader(store, "test", AugSpec(image_size=size), batch_size=100, backend=backend)
         x = torch.cat(_collect(loader)[0][:1])

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fastcifar import BadInput
 from fastcifar import bench
+from pipelines_helpers import needs_dali
 
 KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec", "aug"}
 
@@ -44,6 +46,45 @@ def test_pipeline_rows_table_json(store, tmp_path):
     assert saved["rows"] == rows and saved["meta"]["quick"] is True and saved["meta"]["store"] == "synthetic"
     printed = "\n".join(lines)
     assert bench.table(rows) in printed and printed.count("| pipeline |") == len(rows)
+
+
+@needs_dali
+def test_each_dali_row_comes_with_its_host_side_alone(store, monkeypatch):
+    """After each DALI row, its host side alone (dali-host: the memmap reads and draws its thread
+    makes for external_source, timed over the row's own batches, in ms per batch too), on the CPU;
+    not a loader, so neither compared with the tutorial's path nor in the headroom or the picture;
+    bench/tables.py shows it with what it is."""
+    import threading
+
+    from pipelines.dali import DaliBackend
+
+    made, inputs = [], DaliBackend.inputs
+
+    def spy(self, batches, epoch):
+        for a in inputs(self, batches, epoch):
+            made.append(threading.current_thread() is threading.main_thread())
+            yield a
+
+    monkeypatch.setattr(DaliBackend, "inputs", spy)
+    rows = bench.run(stages=["pipeline"], quick=True, backends=["tutorial", "dali"], sizes=[32], batch_size=16,
+                     data_dir=store.dir, device="cpu", log=lambda *_: None)
+    warmup, repeats, batches = bench.PLAN["quick"][32]
+    assert sum(made) == len(AUGS) * (warmup + repeats * batches)  # the host rows' batches, made on the bench's thread
+    host = [r for r in rows if r["backend"] == bench.HOST]
+    assert [r["aug"] for r in host] == list(AUGS)
+    for r in host:
+        before = rows[rows.index(r) - 1]
+        assert (before["backend"], before["aug"]) == ("dali-cpu", r["aug"]) and KEYS <= set(r)
+        assert r["device"] == "cpu" and r["images_per_sec"] > 0 and "vs_tutorial" not in r
+        assert abs(r["ms_per_batch"] - 1000 * 16 / r["images_per_sec"]) <= 0.01 * r["ms_per_batch"] + 1e-3
+    step = {"stage": "train_step", "model": "m", "image_size": 32, "images_per_sec": 100}
+    assert {h["pipeline"] for h in bench.headroom(rows + [step])} == {"tutorial", "dali-cpu"}
+    fig = bench.figure({"meta": {}, "rows": rows, "headroom": []})
+    assert {b.get_gid() for b in fig.axes[0].patches} == {"tutorial", "dali-cpu"}
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import tables
+
+    assert "| dali-host (host side alone: reads + draws) |" in tables.pipeline_table(rows)
 
 
 def test_table_is_generic():

@@ -5,6 +5,8 @@ of a batch takes (DALI runs them on an empty batch). DALI in its CPU mode here; 
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -43,8 +45,8 @@ def test_to_torch_converts_a_whole_batch():
 
 
 def test_kept_batches_are_not_overwritten(store):
-    """to_torch keeps DALI's buffers (no copy): batches held while the pipeline runs on stay as
-    they were when yielded (DALI 2.x's dynamic executor never reuses an output)."""
+    """On the CPU a float32 batch stays in DALI's memory (no copy): batches held while the pipeline
+    runs on stay as they were when yielded (DALI 2.x's dynamic executor never reuses an output)."""
     spec = AugSpec(pad_crop=4, hflip=0.5, **tutorial_oneof(0.5))
     loader = make_loader(store, "train", spec, batch_size=50, backend="dali", seed=3)
     copies = [(x.clone(), y.clone()) for x, y in loader]
@@ -52,6 +54,93 @@ def test_kept_batches_are_not_overwritten(store):
     assert len(kept) == len(copies) == len(loader)
     for (xa, ya), (xb, yb) in zip(kept, copies):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_a_gpus_batch_is_copied_into_torch_memory_and_dalis_held_until_the_next_is_taken(store, monkeypatch):
+    """With the GPU's setting (copy on), run here on the CPU: no yielded tensor is in DALI's memory,
+    the values are those of the uncopied batches, and DALI's outputs of a batch are held until the
+    next batch is taken (on a GPU, until torch's stream has also run the copies), then released;
+    none are held after the epoch."""
+    make = lambda: make_loader(store, "train", AugSpec(hflip=0.5, pad_crop=2), batch_size=50, backend="dali", seed=3,
+                               sizes=(32, 40))
+    want = list(make())
+    spans = []  # DALI's memory: [start, end) of each view to_torch made for the batch being taken
+    view = pd.to_torch
+
+    def spy(batch):
+        t = view(batch)
+        spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+        return t
+
+    monkeypatch.setattr(pd, "to_torch", spy)
+    loader = make()
+    assert loader.impl.copy is False  # the CPU's setting: in DALI's memory, where nothing reads it later
+    loader.impl.copy = True
+    it, held = iter(loader), []
+    for (p32, p40), q in want:
+        spans.clear()
+        (x32, x40), y = next(it)
+        assert len(spans) == 3  # both views and the labels came from DALI (and are held: not reused yet)
+        for t in (x32, x40, y):
+            assert not any(a <= t.data_ptr() < b for a, b in spans), "a yielded tensor is in DALI's memory"
+        assert torch.equal(x32, p32) and torch.equal(x40, p40) and torch.equal(y, q)
+        assert x32.is_contiguous(memory_format=torch.channels_last) and x40.dtype == torch.float32
+        assert len(loader.impl.held) == 1  # this batch's outputs only: the previous ones are released
+        held.append(loader.impl.held[0][0])
+    with pytest.raises(StopIteration):
+        next(it)
+    assert len({id(h) for h in held}) == len(held) == len(loader) and not loader.impl.held
+
+
+def _input_threads(before=()) -> list:
+    """The backend's input threads alive now, but those in `before`."""
+    return [t for t in threading.enumerate() if t.name == "fastcifar-dali-inputs" and t not in before]
+
+
+def test_host_inputs_are_made_ahead_in_a_thread_that_ends_with_the_epoch(store, monkeypatch):
+    """The memmap reads and draws of the next batches are made by a thread, AHEAD batches before
+    DALI asks; an early break (or Ctrl-C) stops and joins it, and the next epoch is still exact."""
+    made, drawn, taken, feed = [], pd.draw, [], pd._Feed.__call__
+    monkeypatch.setattr(pd, "draw", lambda *a: (made.append(threading.current_thread().name), drawn(*a))[1])
+    monkeypatch.setattr(pd._Feed, "__call__", lambda self: (taken.append(1), feed(self))[1])  # DALI asks
+    spec = AugSpec(pad_crop=4, hflip=0.5)
+    loader = make_loader(store, "train", spec, batch_size=25, backend="dali", seed=5)
+    want = [x for x, _ in make_loader(store, "train", spec, batch_size=25, backend="dali", seed=5)]
+    made.clear()
+    taken.clear()
+    before = _input_threads()
+    it = iter(loader)
+    next(it)
+    deadline = time.monotonic() + 30
+    while len(made) < len(taken) + pd.AHEAD and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # had the thread no bound, it would go on
+    # AHEAD ready in the queue, and at most one more made, waiting for room
+    assert len(taken) + pd.AHEAD <= len(made) <= len(taken) + pd.AHEAD + 1 < len(loader)
+    assert set(made) == {"fastcifar-dali-inputs"}
+    assert len(_input_threads(before)) == 1
+    del it  # an early break: the epoch's generator is closed
+    assert not _input_threads(before)
+    assert all(torch.equal(x, w) for (x, _), w in zip(loader, want, strict=True)) and not _input_threads(before)
+
+
+def test_an_error_made_ahead_is_raised_by_the_loader_and_ends_the_thread(store, monkeypatch):
+    """A failure while making a batch's inputs ahead (here: the draws of the third batch) is raised
+    where the loader is iterated, as itself, and leaves no thread behind."""
+    calls, drawn = [], pd.draw
+
+    def fail_third(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("the third batch cannot be read")
+        return drawn(*a)
+
+    monkeypatch.setattr(pd, "draw", fail_third)
+    loader = make_loader(store, "train", AugSpec(hflip=0.5), batch_size=25, backend="dali", seed=5)
+    before = _input_threads()
+    with pytest.raises(OSError, match="the third batch cannot be read"):
+        list(loader)
+    assert not _input_threads(before)
 
 
 @pytest.mark.parametrize("backend", ["dali", "auto"])

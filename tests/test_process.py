@@ -13,7 +13,7 @@ import pytest
 
 import fastcifar.data as D
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint
+from fastcifar import BadInput, checkpoint, owned
 from fastcifar import dist as fdist
 from test_cli_paths import cli, one_paragraph
 from test_train import fit, info, store, tiny  # noqa: F401 (store: the fixture)
@@ -242,7 +242,7 @@ def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store, 
     recipe = tiny(train__epochs=2, data__subset=0.1, data__test_subset=0.2)
     save = checkpoint.save
 
-    def interrupted_save(path, state):
+    def interrupted_save(path, state, *a, **k):
         if state["step_in_epoch"]:  # the stop's mid-epoch save
             torch_save = checkpoint.torch.save
 
@@ -252,10 +252,10 @@ def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store, 
 
             monkeypatch.setattr(checkpoint.torch, "save", half_then_ctrl_c)
             try:
-                return save(path, state)
+                return save(path, state, *a, **k)
             finally:
                 monkeypatch.setattr(checkpoint.torch, "save", torch_save)
-        return save(path, state)
+        return save(path, state, *a, **k)
 
     monkeypatch.setattr(checkpoint, "save", interrupted_save)
 
@@ -266,7 +266,7 @@ def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store, 
     with pytest.raises(KeyboardInterrupt):
         fit(recipe, info(), out=run, data_dir=store, train_fn=ctrl_c)
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == [
-        "best.pt", "last.pt", "metrics.jsonl", "recipe.json", "recipe.py", "summary.json"]
+        owned.MANIFEST, "best.pt", "last.pt", "metrics.jsonl", "recipe.json", "recipe.py", "summary.json"]
     ck = checkpoint.load(run / "last.pt")
     assert (ck["epoch"], ck["step_in_epoch"]) == (1, 0)
     assert json.loads((run / "summary.json").read_text())["stop_reason"].startswith("quit at once")

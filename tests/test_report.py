@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import BadInput
+from fastcifar import BadInput, owned
 from fastcifar.report import find_runs, report, results_table
 
 
@@ -93,7 +93,8 @@ def test_report_writes_table_and_pngs(tmp_path):
     for png in files[1:]:
         data = png.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.md", "test_accuracy.png", "test_loss.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [owned.MANIFEST, "results.md", "test_accuracy.png",
+                                                                    "test_loss.png"]  # and the record of them
 
 
 def test_bad_input(tmp_path):
@@ -221,8 +222,8 @@ def test_out_never_replaces_what_report_did_not_write(tmp_path):
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for out, message in [(tmp_path / "afile", "is a file"), (run, "is a run directory"),
                          (store, "inside the data store"), (store / "report", "inside the data store"),
-                         (tmp_path / "notes", "results.md, which `fastcifar report` did not write"),
-                         (tmp_path / "pics", "test_loss.png, which `fastcifar report` did not write")]:
+                         (tmp_path / "notes", "`fastcifar report` did not write .*results.md"),
+                         (tmp_path / "pics", "`fastcifar report` did not write .*test_loss.png")]:
         with pytest.raises(BadInput, match=message):
             report([tmp_path / "runs"], out)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -230,6 +231,10 @@ def test_out_never_replaces_what_report_did_not_write(tmp_path):
     (tmp_path / "rep" / "extra.txt").write_text("mine too")
     table, _ = report([tmp_path / "runs"], tmp_path / "rep")  # its own earlier report is rewritten
     assert (tmp_path / "rep" / "results.md").read_text() == table
+    (tmp_path / "rep" / "test_loss.png").write_bytes(b"my edit")  # changed since: the user's now
+    with pytest.raises(BadInput, match="`fastcifar report` did not write .*test_loss.png"):
+        report([tmp_path / "runs"], tmp_path / "rep")
+    assert (tmp_path / "rep" / "test_loss.png").read_bytes() == b"my edit"
 
 
 def test_a_run_directory_whose_name_is_not_utf8_is_reported(tmp_path):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import BadInput
+from fastcifar import BadInput, owned
+from fastcifar.checkpoint import atomic_write
 from fastcifar.config import to_dict
 from fastcifar.data import prepare
 from fastcifar.reproduce import collect, plan, published, results_md, state
@@ -221,8 +222,12 @@ def test_the_out_directory_holds_only_this_tables_runs(tmp_path):
         check_out(tmp_path / "afile", names)
     out = tmp_path / "out"
     (out / "r18_baseline-seed7").mkdir(parents=True)
-    (out / "results.md").write_text("old results")
-    check_out(out, names)  # its own runs (any seed) and results are fine
+    atomic_write(out / "results.md", lambda f: f.write(b"old results"), by="reproduce")
+    check_out(out, names)  # its own runs (any seed) and the results it wrote are fine
+    (out / "results.json").write_text("{}")  # a look-alike: the user's
+    with pytest.raises(BadInput, match="`fastcifar reproduce` did not write .*results.json"):
+        check_out(out, names)
+    (out / "results.json").unlink()
     (out / "notes.txt").write_text("mine")
     (out / "r18_augment-seed0").mkdir()
     with pytest.raises(BadInput, match="notes.txt, r18_augment-seed0, which are not runs of this table"):
@@ -233,9 +238,12 @@ def test_the_out_directory_holds_only_this_tables_runs(tmp_path):
     job.dir.mkdir()
     (job.dir / "recipe.json").write_text("{}")
     (job.dir / "events.out.tfevents.1.host").write_text("")
-    assert state(job) == "restart"  # died before its first checkpoint: only fastcifar's run files
+    with pytest.raises(BadInput, match="they were changed since"):  # named like a run's files: not proof
+        state(job)
+    owned.record([job.dir / "recipe.json", job.dir / "events.out.tfevents.1.host"], "train")  # as a run does
+    assert state(job) == "restart"  # died before its first checkpoint: only files that run wrote
     (job.dir / "mine.txt").write_text("x")
-    with pytest.raises(BadInput, match="not a fastcifar run"):
+    with pytest.raises(BadInput, match="`fastcifar train` did not write .*mine.txt"):
         state(job)
     (job.dir / "mine.txt").unlink()
     (job.dir / "last.pt").write_bytes(b"")
@@ -250,6 +258,9 @@ def test_the_out_directory_holds_only_this_tables_runs(tmp_path):
     job.recipe.train.log_every = 7  # how a run logs or where it ran: the same experiment
     assert state(job) == "done"
     job.recipe.train.target_acc = 40.0  # a new target: resumed, so its summary times it (nothing trains)
+    with pytest.raises(BadInput, match="would replace them"):  # ...but not over files fastcifar did not write
+        state(job)
+    owned.record([job.dir / n for n in ("last.pt", "recipe.json", "summary.json")], "train")
     assert state(job) == "resume"
     job.recipe.train.epochs = 2  # a dry run's length is another experiment: never mixed into the results
     with pytest.raises(BadInput, match=r"train.epochs \(200 -> 2\)"):
@@ -274,13 +285,13 @@ def test_seed_counts_out_of_range_are_refused_before_any_recipe_loads(tmp_path, 
 
 
 def test_a_users_directory_named_like_a_run_is_never_emptied(tmp_path):
-    """Without last.pt, a run directory is restarted (its files deleted) only when its recipe.json,
-    the first file a run writes, says it is one: a folder of the user's own recipe.py is not."""
+    """Without last.pt, a run directory is restarted (its files deleted) only when a run wrote every
+    file in it (owned.py): a folder of the user's own recipe.py is not."""
     (tmp_path / "t.txt").write_text("r18_baseline\n")
     _, jobs, _ = plan(str(tmp_path / "t.txt"), 1, tmp_path / "out")
     jobs[0].dir.mkdir(parents=True)
     (jobs[0].dir / "recipe.py").write_text("# my own recipe\n")
-    with pytest.raises(BadInput, match="not a fastcifar run"):
+    with pytest.raises(BadInput, match="`fastcifar train` did not write .*recipe.py"):
         state(jobs[0])
     assert (jobs[0].dir / "recipe.py").read_text() == "# my own recipe\n"
 

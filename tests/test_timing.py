@@ -222,7 +222,7 @@ def test_an_old_checkpoint_without_the_new_fields_resumes(store, tmp_path):
     for m in ck["history"]:
         for key in ("train_seconds", "data_wait_seconds", "data_wait_fraction", "warmup_seconds"):
             m.pop(key, None)
-    torch.save(ck, run / "last.pt")
+    checkpoint.save(run / "last.pt", ck, by="train")  # as an older fastcifar wrote it
     s = T.train(apply_overrides(tiny(train__epochs=2), ["train.target_acc=1"]), {}, data_dir=store, resume=run, **QUIET)
     assert s["finished"] and s["epochs_done"] == 2 and "earlier" not in s["provenance"]
     assert s["epoch_to_target"] == 1 and s["seconds_to_target"] is None  # epoch 1 was not timed: unknown, not 0

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint
+from fastcifar import BadInput, checkpoint, owned
 from fastcifar.config import Recipe, Schedule
 from fastcifar.data import open_store, prepare
 from fastcifar.models import build_model, net_from_checkpoint
@@ -57,6 +57,16 @@ def tiny(**fields) -> Recipe:
         section, name = key.split("__")
         setattr(getattr(r, section), name, value)
     return r
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of run src at dst that counts as fastcifar's own, as if the run had been written there
+    (a plain copy does not: resume refuses to replace its files, owned.py)."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(owned.MANIFEST))
+    owned.record([p for p in dst.iterdir()], "train")
+    return dst
 
 
 def info(name="tiny"):
