@@ -273,7 +273,7 @@ def doctor(
     json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Also write the versions, checks "
                                              "and rows as JSON (replacing only an earlier doctor JSON)."),
 ):
-    """Does fastcifar work on this machine, and how fast: about three minutes on one H100, compiles included.
+    """Does fastcifar work on this machine, and how fast: within a three-minute budget, compiles included.
 
     Prints the versions (torch, CUDA, driver, DALI, timm, the card) and the precision train.amp=auto picks, then runs, each with a pass/fail line:
 

@@ -1,4 +1,4 @@
-"""`fastcifar doctor`: does fastcifar work on this machine, and how fast, in about three minutes.
+"""`fastcifar doctor`: does fastcifar work on this machine, and how fast, within a three-minute budget.
 
 It prints the versions and the precision train.amp=auto picks here, then runs its steps in
 priority order (STEPS), each in a child process of its own with a cap, so a crash or a hang is
@@ -52,7 +52,7 @@ import torch
 
 from fastcifar import BadInput, __version__, owned, provenance, runtime, why
 
-BUDGET = 180.0  # seconds: three minutes on one H100, compiles included
+BUDGET = 180.0  # seconds of wall clock for the whole run, compiles included
 TARGET_CARDS = ("H100", "H200", "H800", "GH200")  # the cards the targets are set for
 # What the steps run on a GPU, and at toy sizes on a CPU. The checks' own sizes are the same on both.
 SCALE = {
