@@ -283,12 +283,14 @@ def doctor(
 
     Then the throughput, each figure beside its target (for H100/H200-class cards; n/a elsewhere): DALI OneOf@224 img/s (>= 100,000), resnet18@224 compiled train step (>= 10,000), end_to_end / step at 224 and 32 (>= 0.95), resnet50@224 (>= 4,000); then extras (the torch backend, TrivialAugment, RandAugment at 224). On a CPU the same steps run at toy sizes (timm's test_resnet, a small synthetic store).
 
-    Each step runs in a process of its own with a cap: a crash or a hang is that step's failure and the rest still run. Exit status: 0 when every check passed; 1 when one failed or did not fit in the budget. A figure below its target is marked NO but is a measurement, not a failure. 2 for bad input (e.g. --device cuda with no GPU); 130 on Ctrl-C, after printing what was done. The longer, fuller measurement is `fastcifar bench`.
+    Each step runs in a process of its own with a cap: a crash or a hang is that step's failure and the rest still run. Exit status: 0 when every check passed; 1 when a check failed or did not fit in the budget, or a measurement crashed or hung past its cap. A figure below its target is marked NO but is a measurement, not a failure. 2 for bad input (e.g. --device cuda with no GPU); 130 on Ctrl-C, after printing what was done. The longer, fuller measurement is `fastcifar bench`.
     """
+    import shlex
+
     from fastcifar.doctor import Stopped
     from fastcifar.doctor import run as run_doctor
 
-    command = " ".join(["fastcifar", *(a if a and " " not in a else repr(a) for a in sys.argv[1:])])
+    command = shlex.join(["fastcifar", *sys.argv[1:]])  # what bench/RESULTS.md records
     try:
         code = run_doctor(device=device, budget=budget, json_path=json_path, log=typer.echo, command=command)
     except Stopped as e:

@@ -492,7 +492,8 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
     log(versions_line(v))
     log(f"precision: {meta['precision']} ({meta['precision_why']})")
     if isolate:  # the steps' processes fork from one that imported these once, while the store is made
-        multiprocessing.get_context("forkserver").set_forkserver_preload(["fastcifar.doctor", "fastcifar.train"])
+        multiprocessing.get_context("forkserver").set_forkserver_preload(
+            ["fastcifar.doctor", "fastcifar.train", "torch.utils.tensorboard"])  # not DALI: it is the steps' to start
         multiprocessing.forkserver.ensure_running()
     report = {"doctor": __version__, "meta": meta, "versions": v, "steps": [], "rows": []}
     work, k = Path(tempfile.mkdtemp(prefix="fastcifar-doctor-")), 0 if dev.type == "cuda" else 1
@@ -510,8 +511,15 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
                                                       f"{max(left, 0):.0f} s of the {budget:g} s budget left")
             else:
                 (work / step.name).mkdir()
-                entry.update(_step(step, {**ctx, "work": str(work / step.name)}, min(step.cap[k], left),
-                                   step.cap[k], work / f"{step.name}.log", isolate, log, report, meta))
+                rows = []
+                try:
+                    entry.update(_step(step, {**ctx, "work": str(work / step.name)}, min(step.cap[k], left), k,
+                                       isolate, rows, log))
+                finally:  # what it measured, also when it stopped part-way
+                    for r in rows:
+                        target = TARGETS.get(r["name"])
+                        met = None if target is None or not meta["targets_apply"] else r["value"] >= target
+                        report["rows"].append({**r, "step": step.name, "target": target, "met": met})
             took = "" if entry["status"] == "skipped" else f" ({entry['seconds']:.0f} s)"
             log(f"{entry['status'].upper():7} {step.name}{took}: {entry['detail']}")
             for line in entry.get("log", []):
@@ -531,20 +539,14 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
     return 1 if any(failed(e) for e in report["steps"]) else 0
 
 
-def _step(step: Step, ctx: dict, cap: float, own_cap: float, log_path: Path, isolate: bool, log, report, meta) -> dict:
-    """Run one step for at most cap seconds: its entry (status, detail, seconds; a failure's log tail);
-    the rows it measured go into report["rows"], even when it stopped part-way."""
+def _step(step: Step, ctx: dict, cap: float, k: int, isolate: bool, rows: list, log) -> dict:
+    """Run one step for at most cap seconds (its own cap is step.cap[k]), its output in ctx["work"].log;
+    returns its status, detail and seconds, and a failure's log tail. Its rows go into `rows`."""
     log(f"{'...':7} {step.name} (at most {cap:.0f} s)")
-    rows, t = [], time.monotonic()
-    try:
-        result = run_isolated(step, ctx, cap, log_path, rows) if isolate else run_inline(step, ctx, log_path, rows)
-    finally:
-        for r in rows:
-            target = TARGETS.get(r["name"])
-            met = None if target is None or not meta["targets_apply"] else r["value"] >= target
-            report["rows"].append({**r, "step": step.name, "target": target, "met": met})
+    log_path, t = Path(ctx["work"] + ".log"), time.monotonic()
+    result = run_isolated(step, ctx, cap, log_path, rows) if isolate else run_inline(step, ctx, log_path, rows)
     if result["status"] == "timeout":
-        cut = cap < own_cap
+        cut = cap < step.cap[k]
         result = {"status": "cut" if cut else "timeout",
                   "detail": f"stopped after {cap:.0f} s: " + ("the budget ran out" if cut else "its cap")}
     result["seconds"] = round(time.monotonic() - t, 1)
