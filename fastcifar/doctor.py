@@ -23,8 +23,8 @@ The GPU and the CPU run one code path; the CPU runs it at toy sizes. What differ
 |------------------------------------|---------------------------------------------------------------|
 | `SCALE[device.type]`, `Step.cap`   | the store's size, the models (timm's test_resnet on a CPU),   |
 |                                    | the throughput rows' batches and repeats, the caps            |
-| `compiled = device.type == "cuda"` | the throughput rows' steps: a CPU compile costs ~40 s a graph |
-|                                    | (the compile check compiles on every device)                  |
+| `compiled = device.type == "cuda"` | the throughput rows' steps: a CPU compile costs most of a     |
+|                                    | minute a graph (the compile check compiles on every device)   |
 | `on_target_card`                   | the targets are for H100/H200-class cards, n/a elsewhere      |
 | `fails = device.type == "cuda"`    | without DALI a GPU fails the agreement check (its pipeline is |
 |                                    | missing); a CPU notes it (DALI is optional there)             |
@@ -269,7 +269,7 @@ def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dic
     device, s = _setup(ctx)
     name, bs, plan = s["models"][model], s["step_batch"][size], s["step_plan"]
     amp = ctx["precision"] != "none"
-    compiled = device.type == "cuda"  # a CPU compile costs ~40 s a graph; the compile check compiles there
+    compiled = device.type == "cuda"  # a CPU compile costs most of a minute a graph; the compile check compiles there
     what = f"{model}@{size}" + ("" if name == model else f" ({name}, toy size)")
     setting = f"{'compiled' if compiled else 'eager'}, channels_last, {'fp32' if not amp else ctx['precision']}"
     torch.manual_seed(0)
