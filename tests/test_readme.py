@@ -102,10 +102,39 @@ def test_no_page_speaks_of_how_fastcifar_was_developed():
     told = re.compile(r"previous run|earlier the same day|pack-dali|\.dali\d|four pieces|MiB per call|\bsessions?\b"
                       r"|issue \d|this project|(?:19|20)\d\d-\d\d-\d\d", re.I)
     for page, text in PAGES.items():
-        if page == "README.md":  # the date a measurement was made is its caption, printed by bench/tables.py
+        if page == "README.md":  # the date a measurement was made is its caption (bench/tables.py prints
+            # it above the tables) and a cell of the Results table, never prose
             text = re.sub(r"^Measured on .*$", "", text, flags=re.M)
+            results = _section(text, "Results")
+            text = text.replace(results, re.sub(r"^(\|.*)\| (?:19|20)\d\d-\d\d-\d\d \|", r"\1| |", results, flags=re.M))
         found = told.findall(text)
         assert not found, f"{page}: {found}"
+
+
+
+def test_results_table_says_when_where_and_how_each_figure_was_measured():
+    """Each row of the README's Results table is either measured (a machine, a date, a command) or
+    says "not yet measured"; the CPU row's date and versions are those of bench/cpu_bench.json."""
+    import json
+
+    meta = json.loads((ROOT / "bench" / "cpu_bench.json").read_text())["meta"]
+    rows = _table(_section(README, "Results"), "result")
+    assert len(rows) >= 4
+    for result, figure, where, date, command in rows:
+        assert "`fastcifar " in command, result
+        if figure.startswith("not yet measured"):
+            assert where == date == "—", result
+        else:
+            assert re.fullmatch(r"(?:19|20)\d\d-\d\d-\d\d", date) and where not in ("", "—"), result
+    (cpu,) = [r for r in rows if "on a CPU" in r[0]]
+    assert cpu[3] == meta["time"][:10], f"the CPU row's date is {cpu[3]}, cpu_bench.json's {meta['time']}"
+    assert f"torch {meta['torch'].split('+')[0]}" in cpu[2] and f"DALI {meta['dali']}" in cpu[2]
+    assert f"{meta['cpu_cores']} CPU cores" in cpu[2]
+    (gpu,) = [r for r in rows if "on a GPU" in r[0]]
+    results = (ROOT / "bench" / "RESULTS.md").read_text()
+    runs = results[results.index("\n## Runs\n") + 9:]  # a pasted doctor block brings its own "## " heading
+    assert gpu[1].startswith("not yet measured") == (re.search(r"^#+ ", runs, re.M) is None), \
+        "the GPU row says not yet measured exactly while bench/RESULTS.md holds no run"
 
 
 # ---- commands
