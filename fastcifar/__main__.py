@@ -2,4 +2,5 @@
 
 from fastcifar.cli import main
 
-main()
+if __name__ == "__main__":  # not when a child process (doctor's steps) imports the main module again
+    main()

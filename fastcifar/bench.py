@@ -56,6 +56,14 @@ def measure(loader, device: torch.device, warmup: int, repeats: int, batches: in
     return statistics.median(rates)
 
 
+def pipeline_augs() -> dict[str, dict]:
+    """The pipeline rows' augmentations: AugSpec fields per `aug` name."""
+    from pipelines.spec import tutorial_oneof
+
+    return {"none": {}, "oneof": tutorial_oneof(1.0), "trivialaugment": {"policy": "trivialaugment"},
+            "randaugment": {"policy": "randaugment"}}
+
+
 class HostSide:
     """The DALI backend's host side alone, iterated as `measure` iterates a loader: per batch, the
     inputs its thread makes for external_source (index reads and draws), and the labels."""
@@ -74,11 +82,9 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
     the reads and draws a thread makes ahead of the training thread, on the CPU whatever the device)."""
     from pipelines import AugSpec, make_loader
     from pipelines.loader import dali_available
-    from pipelines.spec import tutorial_oneof
     from pipelines.tutorial import albumentations_available
 
-    augs = {"none": {}, "oneof": tutorial_oneof(1.0), "trivialaugment": {"policy": "trivialaugment"},
-            "randaugment": {"policy": "randaugment"}}
+    augs = pipeline_augs()
     backends = [b for b in (backends or PIPELINE_BACKENDS) if b != "dali" or dali_available()]
     plan = PLAN["quick" if quick else "full"]
     for size in sizes:  # every size checked before the first is measured
@@ -248,12 +254,20 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
                 yield row
 
 
+def end_to_end_spec(size: int, dtype: str):
+    """end_to_end's training augmentation: crop + flip at 32 (as r18_cifar_32), flip + resize at 224
+    (as the pretrained recipes)."""
+    from pipelines import AugSpec
+
+    return AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar", dtype=dtype)
+
+
 def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
                      settings=None, sizes=SIZES, **_):
     """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
     ladder's last step setting (_ladder), with a training augmentation: what an epoch runs at,
     data included."""
-    from pipelines import AugSpec, make_loader
+    from pipelines import make_loader
     from pipelines.loader import dali_available
 
     warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
@@ -270,9 +284,8 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
             bs = _step_batch(device, size, batch_size)
             torch.manual_seed(0)
             step = make_train_step(model_name, device, compiled, channels_last, amp)
-            # crop + flip at 32 (as r18_cifar_32), flip + resize at 224 (as the pretrained recipes)
             dtype = str(_input_dtype(device, amp)).removeprefix("torch.")
-            spec = AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar", dtype=dtype)
+            spec = end_to_end_spec(size, dtype)
             for backend in backends:
                 loader = make_loader(store, "train", spec, bs, backend=backend, device=device, seed=0)
                 rate, warm = _time_steps(step, iter(loader), device, warmup, repeats, per_repeat)

@@ -253,7 +253,7 @@ def bench(
     - packing (only with --stage packing): runs per hour of 1, 2 and 4 short r18_cifar_32 runs at once, each a `fastcifar train` process started by the scheduler of `reproduce` and `sweep` (on a GPU all pinned to it, as --per-gpu K; on a CPU splitting the cores, as --jobs K), beside one at a time (vs_one). Start-up, compile and evaluation count. The runs use the recipe's batch (--batch-size is for the other stages).
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
-    bench/pipeline.sh and bench/gpu_check.sh make the README and bench/RESULTS.md tables.
+    bench/pipeline.sh reruns the README's pipeline table; `fastcifar doctor` is the three-minute check with the targets.
 
     --json is rewritten after every row, so Ctrl-C or SIGTERM keeps what was measured: the tables
     of those rows are printed, the JSON says meta.complete: false, and the exit code is 130.
@@ -267,6 +267,41 @@ def bench(
                   sizes=size)
     except Stopped:
         sys.exit(130)  # the rows measured so far are printed and in --json (meta.complete: false)
+
+
+@app.command()
+def doctor(
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present) | cpu | cuda | cuda:N."),
+    budget: float = typer.Option(180.0, "--budget", metavar="SECONDS", help="Wall-clock seconds for the whole "
+                                 "run, compiles included; a step that does not fit in what is left is skipped and "
+                                 "named."),
+    json_path: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Also write the versions, checks "
+                                             "and rows as JSON (replacing only an earlier doctor JSON)."),
+):
+    """Does fastcifar work on this machine, and how fast: within a three-minute budget, compiles included.
+
+    Prints the versions (torch, CUDA, driver, DALI, timm, the card) and the precision train.amp=auto picks, then runs, each with a pass/fail line:
+
+    - agreement: DALI on this device gives the torch backend's images (one seed; OneOf, TrivialAugment, RandAugment; 32 and 224 px; within 1/255; batches of 1-4 whose conditional branches are empty).
+    - compile: a compiled channels_last Trainer at that precision trains two epochs whose last train and test batches are uneven, with no shape recompile.
+    - resume: 8 steps straight equal 3 steps, a stop and a resume, bit for bit.
+
+    Then the throughput, each figure beside its target (for H100/H200-class cards; n/a elsewhere): DALI OneOf@224 img/s (>= 100,000), resnet18@224 compiled train step (>= 10,000), end_to_end / step at 224 and 32 (>= 0.95), resnet50@224 (>= 4,000); then extras (the torch backend, TrivialAugment, RandAugment at 224). On a CPU the same steps run at toy sizes (timm's test_resnet, a small synthetic store).
+
+    Each step runs in a process of its own with a cap: a crash or a hang is that step's failure and the rest still run. Exit status: 0 when every check passed; 1 when a check failed or did not fit in the budget, or a measurement crashed or hung past its cap. A figure below its target is marked NO but is a measurement, not a failure. 2 for bad input (e.g. --device cuda with no GPU); 130 on Ctrl-C, after printing what was done. The longer, fuller measurement is `fastcifar bench`.
+    """
+    import shlex
+
+    from fastcifar.doctor import Stopped
+    from fastcifar.doctor import run as run_doctor
+
+    command = shlex.join(["fastcifar", *sys.argv[1:]])  # what bench/RESULTS.md records
+    try:
+        code = run_doctor(device=device, budget=budget, json_path=json_path, log=typer.echo, command=command)
+    except Stopped as e:
+        typer.echo(str(e), err=True)
+        sys.exit(130)
+    sys.exit(code)
 
 
 @app.command()

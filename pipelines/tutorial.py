@@ -28,7 +28,7 @@ from pipelines.draw import SIDE, draw
 from pipelines.spec import AugSpec
 
 # the tutorial's training DataLoader used 16 worker processes (its test loader 8); here at most
-# as many as the machine has cores (2 on the CI machine the README's tables were measured on)
+# as many as the machine has cores (2 for the README's CPU tables)
 WORKERS = 16
 
 

@@ -6,7 +6,7 @@ from fastcifar.config import derive
 def recipe():
     # airbench's ground: 94% test top-1 on CIFAR-10 (airbench: 2.59 s on one A100; FFCV: 92.6% in 36 s).
     # A ResNet-18 with the CIFAR stem and a one-cycle SGD schedule is expected to reach about 94% in
-    # 20 epochs (not yet measured on a GPU here); it is a far bigger net than airbench's, so it is
+    # 20 epochs (not yet measured on a GPU); it is a far bigger net than airbench's, so it is
     # the accuracy, not the seconds, that it is built to match.
     r = derive("r18_cifar_32")         # CIFAR stem, pad-crop 4 + flip, mean/std, SGD nesterov one-cycle, amp auto
     r.data.dataset = "cifar10"         # the store at ./data/cifar10 (`fastcifar prepare --dataset cifar10`)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 # FASTCIFAR_HIDE_DALI=1 runs the suite as on a machine without DALI, before anything imports it:
 # `import nvidia.dali` fails in this process and, through tests/hide_dali/sitecustomize.py, in
-# every Python process the tests start (CLI runs, torchrun ranks, bench/gpu_check.sh).
+# every Python process the tests start (CLI runs, torchrun ranks, doctor's steps).
 if os.environ.get("FASTCIFAR_HIDE_DALI") == "1":
     sys.modules["nvidia.dali"] = None
     os.environ["PYTHONPATH"] = os.pathsep.join(

@@ -160,18 +160,18 @@ def test_an_onnx_file_onnxruntime_cannot_run_is_not_written(runs, data, monkeypa
     assert code == 1 and "onnxruntime cannot run" in out.err and list(tmp_path.iterdir()) == []
 
 
-def _readme_block(marker: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    return next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if marker in b)
+def _example(name: str):
+    """A function of docs/examples/load_export.py, the code docs/export.md gives users without fastcifar."""
+    scope = {}
+    exec(compile((ROOT / "docs" / "examples" / "load_export.py").read_text(), "load_export.py", "exec"), scope)
+    return scope[name]
 
 
 @pytest.mark.parametrize("kind", ["linear", "stem", "arcface"])
-def test_safetensors_loads_in_plain_python_as_the_readme_says(runs, data, kind):
+def test_safetensors_loads_in_plain_python_as_the_docs_say(runs, data, kind):
     net, r, x, ours = reference(runs / kind, data)
     path = ex.export(runs / kind, "safetensors", data_dir=data, log=QUIET)
-    scope = {}
-    exec(_readme_block("def load_safetensors_export"), scope)
-    logits, card = scope["load_safetensors_export"](str(path))
+    logits, card = _example("load_safetensors_export")(str(path))
     store = open_store(data)
     assert card["class_names"] == store.class_names and card["num_classes"] == 100
     assert card["preprocess"]["mean"] == pytest.approx(store.mean) and card["preprocess"]["std"] == pytest.approx(store.std)
@@ -623,16 +623,15 @@ def test_without_the_export_extra_it_says_what_to_install(runs, data, onnx_files
 
 
 @pytest.mark.parametrize("kind", ["linear", "arcface"])
-def test_readme_preprocessing_is_what_predict_does(runs, data, tmp_path, kind):
+def test_docs_preprocessing_is_what_predict_does(runs, data, tmp_path, kind):
     c = ex.card(checkpoint.load(runs / kind / "best.pt"), from_dict(checkpoint.load(runs / kind / "best.pt")["recipe"]),
                 "run", data, log=QUIET)
-    scope = {}
-    exec(_readme_block("def preprocess_image"), scope)
+    preprocess_image = _example("preprocess_image")
     rng = np.random.default_rng(2)
     for name, shape in (("a.png", (32, 32, 3)), ("b.jpg", (120, 90, 3)), ("c.png", (17, 40, 3))):
         f = _write(tmp_path / name, rng.integers(0, 256, shape, dtype=np.uint8))
         ours = ex.preprocess(torch.from_numpy(read_image(f))[None], c)
-        theirs = scope["preprocess_image"](str(f), c)
+        theirs = preprocess_image(str(f), c)
         assert ours.shape == theirs.shape == (1, 3, c["preprocess"]["image_size"], c["preprocess"]["image_size"])
         assert (ours - theirs).abs().max() < 1e-5
 

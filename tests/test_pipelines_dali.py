@@ -1,15 +1,13 @@
 """The DALI backend's own contract: one conversion to torch for the CPU and the GPU, what it
 relies on in DALI 2.x, only the inputs its graph reads, and conditional branches that no image
 of a batch takes (DALI runs them on an empty batch). DALI in its CPU mode here; the GPU check
-(bench/gpu_check.sh) repeats the agreement on a GPU."""
+(`fastcifar doctor`) repeats the agreement on a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,23 +238,14 @@ def test_gpu_graph_runs_every_image_op_on_the_gpu(name):
     assert bool(splits) == bool(branched), (splits, branched)
 
 
-def _bench_script(name: str):
-    """A script of bench/ as a module (the GPU check runs the same functions on a GPU)."""
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-agree = _bench_script("agree")
+from pipelines import agree  # noqa: E402
 
 
 @pytest.mark.parametrize("name", agree.RARE)
 def test_branches_no_image_takes(store, name):
     """Batches of 1-4 images over two seeds and two epochs, where an op's branch is often taken by
     no image of the batch (and sometimes by some): DALI gives the torch backend's images, within
-    1/255, batch for batch (bench/agree.py; bench/gpu_check.sh repeats it on a GPU)."""
+    1/255, batch for batch (pipelines/agree.py; `fastcifar doctor` repeats it on the machine at hand)."""
     (row,) = agree.branches(store, torch.device("cpu"), specs={name: agree.RARE[name]}, seeds=(0, 1))
     assert row["ok"], row
     spec = agree.RARE[name]

@@ -373,7 +373,7 @@ def test_images_ignore_fast_math_flags(store, backend, fast_math):
     'medium') as without them, bit for bit. What a CPU can show: the TF32 flags act on CUDA only;
     'medium' lets oneDNN round float32 matmuls differently on a CPU with bfloat16 units (on this
     project's CI machine a colour-jitter einsum then changes a few of the 1.5M values below). On a
-    GPU the flags switch on TF32 (bench/gpu_check.sh repeats the check there), and
+    GPU the flags switch on TF32 (`fastcifar doctor`'s agreement check repeats it there), and
     test_torch_backend_runs_no_matmul shows on any machine that no op they act on runs."""
     spec = AugSpec(jitter_p=1.0, ssr_p=0.5)  # all 500 images: a CPU's changes are rare roundings of the last bit
     batch = lambda: next(iter(make_loader(store, "train", spec, batch_size=500, backend=backend, seed=SEED)))[0]

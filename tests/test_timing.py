@@ -232,7 +232,7 @@ def test_an_old_checkpoint_without_the_new_fields_resumes(store, tmp_path):
 
 class FakeEvent:
     """torch.cuda.Event's timing API on the host clock, for EpochClock's bookkeeping on a CPU
-    (the real events run on a GPU only: bench/RESULTS.md's GPU check)."""
+    (the real events run on a GPU only: `fastcifar doctor`'s compile and resume checks train there)."""
     done = True  # what query() answers: whether the GPU has reached the event yet
 
     def __init__(self, enable_timing=False):
