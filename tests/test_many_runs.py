@@ -276,6 +276,26 @@ def test_a_finished_run_is_done_whatever_its_target_and_a_resume_carries_what_ch
                                      "train.target_acc=40.0"]
 
 
+def test_a_finished_table_is_not_trained_again_for_a_new_target_or_log_interval(project, tmp_path, monkeypatch,
+                                                                                capsys):
+    """The teachers' table (its runs copied from the table run one at a time), continued with another
+    train.target_acc and train.log_every (fields that do not change what a run trains): every run is
+    done and skipped, nothing starts, and not one of their files changes."""
+    monkeypatch.chdir(project)
+    out = tmp_path / "ref"
+    teachers = RUNS[:2]
+    for name in teachers:  # the finished runs, without reproduce's results (they would not be its own here)
+        shutil.copytree(project / "ref" / name, out / name, ignore=shutil.ignore_patterns(owned.MANIFEST))
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, stdout, err = cli(monkeypatch, capsys, "reproduce", "teachers.txt", "--seeds", "2", "--out", out,
+                            "--data-dir", "store", "--set", EPOCHS, "--set", "train.target_acc=50", "--set",
+                            "train.log_every=1")
+    assert code is None or code == 0, stdout + err
+    assert stdout.count(": done, skipped") == 2 and "starting" not in stdout and "resuming" not in stdout, stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.parent != out or p.name in teachers} == files
+    assert [x["n"] for x in json.loads((out / "results.json").read_text())["recipes"]] == [2]
+
+
 def test_local_pool_options_are_checked(monkeypatch):
     import fastcifar.runs as runs
 
