@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, owned, why
+from fastcifar import BadInput, owned, signals_held, why
 from fastcifar import dist as fdist
 
 
@@ -35,12 +35,13 @@ def atomic_write(path: Path, write, by: str | None = None) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a run's files are as readable as any
-        os.replace(tmp, path)
+        with signals_held():  # in place and in its manifest, or neither: a Ctrl-C between the two would
+            os.replace(tmp, path)  # leave a file fastcifar wrote but may no longer replace
+            if by is not None:
+                owned.record([path], by)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    if by is not None:
-        owned.record([path], by)
 
 
 def save(path: Path, state: dict, by: str | None = None) -> None:

@@ -437,8 +437,8 @@ def reproduce(
 
     Runs go to `DIR/<recipe>-seed<k>`, a distillation teacher before its student (seed k of the
     student learns from seed k of the teacher this table trained). Each run is a `fastcifar train`
-    process of its own (its lines in DIR/<run>/train.log): --jobs N at once on this machine, --per-gpu K
-    on each GPU, or as tasks on a Ray cluster (--ray). One line per run as it starts and ends, and a
+    process of its own (its lines in the train.log of its run directory): --jobs N at once on this
+    machine, --per-gpu K on each GPU, or as tasks on a Ray cluster (--ray). One line per run as it starts and ends, and a
     summary (running, done, waiting, ETA). Ctrl-C or SIGTERM stops every run (each saves its last.pt;
     exit 130); the same command continues: finished runs are skipped (never retrained, even with their
     .pt files deleted), an interrupted one resumes from its last.pt. A second reproduce of the same DIR
