@@ -279,7 +279,11 @@ class Trainer:
             self.objective = Classify(self.net, self.autocast, ls)
         self.bad_step = torch.full((), NONE_YET, dtype=torch.int64, device=self.device)  # first step with a NaN/inf loss
         self.step_t = torch.full((), self.progress.step, dtype=torch.int64, device=self.device)  # the step, on the device
-        self.lr = self.optimizer.param_groups[0]["lr"]  # of the last step taken
+        # the LR of the last step taken, which the epoch line logs: a resumed optimizer holds the next
+        # step's (a run stopped after an epoch's last batch resumes into that epoch with no step to take)
+        step = self.progress.step
+        self.lr = (self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](step - 1) if step
+                   else self.optimizer.param_groups[0]["lr"])
         self.clock = timing.EpochClock(self.device)  # data wait and warm-up per epoch (fastcifar/timing.py)
         if self.main:
             self.progress.provenance.append({**provenance.collect(self.device, self.world, self.store), "amp": self.amp})
