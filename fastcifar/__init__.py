@@ -64,6 +64,25 @@ def stop_signals() -> list[signal.Signals]:
 
 
 @contextlib.contextmanager
+def signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP held back until the block ends, then acted on as they would have
+    been: for steps that must not be cut in two (a file renamed into place and entered in its
+    manifest). Outside the main thread it does nothing (Python runs signal handlers there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    saved = {s: signal.signal(s, lambda n, _: got.append(n)) for s in stop_signals()}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if got:
+            signal.raise_signal(got[0])  # to the handler now in place: KeyboardInterrupt, a stop flag, ...
+
+
+@contextlib.contextmanager
 def sigterm_as_ctrl_c():
     """SIGTERM (a job's time limit, `timeout`, `kill`) and SIGHUP raise KeyboardInterrupt as Ctrl-C
     does, so what stops on one stops on the other: every command (cli.main), and a reproduce table or

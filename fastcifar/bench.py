@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, owned, provenance, runtime, sigterm_as_ctrl_c
+from fastcifar import BadInput, __version__, jsonio, owned, provenance, runtime, sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 HOST = "dali-host"  # the pipeline rows of the DALI backend's host side alone (index reads and draws)
@@ -299,7 +299,79 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
             del step
 
 
-STAGES = {"pipeline": bench_pipeline, "train_step": bench_train_step, "end_to_end": bench_end_to_end}
+# ---- packing: runs per hour of K short training runs at once on one device
+
+PACKING = (1, 2, 4)  # runs at once on the one GPU (on a CPU: splitting its cores)
+PACKING_RECIPE = "r18_cifar_32"
+# The short run a packing row times K of, per device and --quick: (epochs, train images, test images,
+# batch size); None: the store's whole split, the recipe's batch. A CPU's is tiny (a CIFAR-stem ResNet-18
+# trains tens of img/s on a few cores) but a few batches long: the steady-state img/s leaves out the first step.
+PACKING_RUN = {("cuda", False): (3, None, None, None), ("cuda", True): (1, 10_000, 2_000, None),
+               ("cpu", False): (1, 500, 100, 50), ("cpu", True): (1, 100, 50, 25)}
+
+
+def packing_sets(store, device: torch.device, quick: bool) -> list[str]:
+    """The --set list of the packing bench's short run on this store and device."""
+    epochs, n_train, n_test, batch = PACKING_RUN[(device.type, quick)]
+    sets = [f"train.epochs={epochs}", f"train.device={device.type}"]
+    for field, n, split in (("subset", n_train, "train"), ("test_subset", n_test, "test")):
+        total = len(store.labels(split))
+        if n is not None and n < total:
+            sets.append(f"data.{field}={n / total:.6g}")
+    return sets + ([f"data.batch_size={batch}"] if batch else [])
+
+
+def bench_packing(store, device: torch.device, quick: bool, log, **_):
+    """Runs per hour of K = 1, 2, 4 short r18_cifar_32 runs at once, each its own `fastcifar train`
+    process, started and watched by the scheduler of `reproduce` (runs.py): on a GPU all K pinned to
+    it (--per-gpu K), on a CPU splitting its cores (--jobs K). The clock spans the first process's
+    start to the last one's end: start-up, compilation and evaluation count, as they do in a sweep.
+    images_per_sec: the K runs' steady-state training img/s, summed; vs_one: runs per hour over
+    those of one run at a time."""
+    from fastcifar import runs
+    from fastcifar.config import apply_overrides, load
+
+    sets = packing_sets(store, device, quick)
+    gpu = runs.visible_gpus()[device.index or 0] if device.type == "cuda" else None
+    one = None  # runs per hour of one at a time
+    for k in PACKING:
+        with tempfile.TemporaryDirectory(prefix="fastcifar-packing-") as tmp:
+            jobs = []
+            for seed in range(k):
+                r, info = load(PACKING_RECIPE)
+                extra = sets + [f"train.seed={seed}"]
+                jobs.append(runs.Job(PACKING_RECIPE, seed, apply_overrides(r, extra), {**info, "overrides": extra},
+                                     Path(tmp) / f"run-seed{seed}"))
+            pool = runs.LocalPool(per_gpu=k, gpus=[gpu]) if gpu is not None else runs.LocalPool(jobs=k)
+            t = time.perf_counter()
+            try:
+                failed = runs.run(jobs, pool, "bench", lambda: None, "", data_dir=store.dir, log=None)
+            except runs.Stopped:
+                raise KeyboardInterrupt from None  # the bench keeps the rows measured before
+            wall = time.perf_counter() - t
+            if failed:  # a run's own bad input (say, a store too small for its batch) is the user's; else a bug
+                text = "The packing bench's runs did not finish: " + "; ".join(
+                    f"seed {seed}: {text}" for (_, seed), (_, text) in failed.items())
+                raise (BadInput if any(kind == "bad input" for kind, _ in failed.values()) else RuntimeError)(text)
+            summaries = [jsonio.load(j.dir / "summary.json") for j in jobs]
+        rates = [s.get("train_images_per_sec") for s in summaries]
+        rate = sum(rates) if None not in rates else None  # None: a run too short for a steady state
+        recipe = jobs[0].recipe
+        row = {"stage": "packing", "backend": summaries[0]["backend"], "model": recipe.model.name,
+               "image_size": recipe.aug.image_size, "batch_size": recipe.data.batch_size,
+               "device": device_label(device), "runs_at_once": k, "threads_per_run": pool.threads,
+               "run": f"{PACKING_RECIPE} " + " ".join(sets), "wall_seconds": round(wall, 1),
+               "runs_per_hour": round(3600 * k / wall, 1), "images_per_sec": img_s(rate) if rate else None}
+        one = one or row["runs_per_hour"]
+        row["vs_one"] = round(row["runs_per_hour"] / one, 2)
+        log(f"  packing {k} at once on {row['device']}: {row['runs_per_hour']} runs/h ({wall:.0f} s for {k}, "
+            f"{row['vs_one']}x one at a time)" + (f", {row['images_per_sec']} img/s summed" if rate else ""))
+        yield row
+
+
+STAGES = {"pipeline": bench_pipeline, "train_step": bench_train_step, "end_to_end": bench_end_to_end,
+          "packing": bench_packing}
+OPT_IN = ("packing",)  # stages only --stage runs (minutes of training processes)
 
 
 def headroom(rows: list[dict]) -> list[dict]:
@@ -371,7 +443,8 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     (plot()) if asked; returns the rows. Ctrl-C or SIGTERM: the same for the rows measured so far,
     then Stopped."""
     # a flag given twice is measured once (as --size), not its stage or model all over again
-    stages, backends, models = (list(dict.fromkeys(x)) if x else x for x in (stages or STAGES, backends, models))
+    stages = stages or [s for s in STAGES if s not in OPT_IN]
+    stages, backends, models = (list(dict.fromkeys(x)) if x else x for x in (stages, backends, models))
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise BadInput(f"Unknown bench stage {unknown[0]!r}; the stages are: {', '.join(STAGES)}.")

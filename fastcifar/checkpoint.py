@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, owned, why
+from fastcifar import BadInput, owned, signals_held, why
 from fastcifar import dist as fdist
 
 
@@ -35,12 +35,13 @@ def atomic_write(path: Path, write, by: str | None = None) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a run's files are as readable as any
-        os.replace(tmp, path)
+        with signals_held():  # in place and in its manifest, or neither: a Ctrl-C between the two would
+            os.replace(tmp, path)  # leave a file fastcifar wrote but may no longer replace
+            if by is not None:
+                owned.record([path], by)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    if by is not None:
-        owned.record([path], by)
 
 
 def save(path: Path, state: dict, by: str | None = None) -> None:
@@ -222,8 +223,8 @@ def claimed(path: Path, recheck):
         yield
 
 
-# What a resume rewrites in its run directory: only while fastcifar wrote each of them there
-REWRITTEN = ("recipe.json", "metrics.jsonl", "best.pt", "last.pt", "summary.json")
+# What a resume rewrites (or appends to) in its run directory: only while fastcifar wrote each of them there
+REWRITTEN = ("recipe.json", "metrics.jsonl", "best.pt", "last.pt", "summary.json", "train.log")
 
 
 def check_own_run(path: Path, hint: str) -> None:
@@ -234,7 +235,8 @@ def check_own_run(path: Path, hint: str) -> None:
 
 class RunDir:
     """A run's directory (DESIGN.md's contract), written by rank 0 alone: recipe.json, recipe.py,
-    TensorBoard events, metrics.jsonl, last.pt / best.pt and summary.json. summary.json is written
+    TensorBoard events, metrics.jsonl, train.log (the lines the run printed, and why it stopped),
+    last.pt / best.pt and summary.json. summary.json is written
     here only, from the run's own `summary(finished, reason)`: after each epoch ("running"), when
     the run stops (`stop(reason)`: interrupted, diverged, ...), when it finishes, and when it ends
     on anything else (a second Ctrl-C, an error: the context manager's exit). On other ranks
@@ -242,13 +244,14 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike, summary, writes: bool = True):
         self.path, self.summary, self.writes = Path(path), summary, writes
-        self._tb = self._metrics = None
+        self._tb = self._metrics = self._log = None
         self._ended = False  # summary.json says why the run ended
 
-    def open(self, recipe_json: dict, source: str | None, history: list[dict]) -> "RunDir":
+    def open(self, recipe_json: dict, source: str | None, history: list[dict], said: list[str] = ()) -> "RunDir":
         """Create the directory and its recipe files; metrics.jsonl restarts from `history` (a
-        resumed run's log must agree with its last.pt), then grows a line per epoch. Each file is
-        recorded as the run's (owned.py): a resume replaces only those."""
+        resumed run's log must agree with its last.pt), then grows a line per epoch; train.log
+        grows by the lines `said` so far, then by each note(). Each file is recorded as the run's
+        (owned.py): a resume replaces or appends to only those."""
         if not self.writes:
             return self
 
@@ -261,6 +264,10 @@ class RunDir:
                                                                               for m in history), by="train")
             owned.record([self.path / "metrics.jsonl"], "train", grows=True)  # appended to from here on
             self._metrics = open(self.path / "metrics.jsonl", "a")
+            self._log = open(self.path / "train.log", "a")  # a resumed run's lines follow the earlier ones'
+            owned.record([self.path / "train.log"], "train", grows=True)
+            for line in said:
+                self.note(line)
 
         try:
             create()
@@ -293,6 +300,16 @@ class RunDir:
                            f"read-only? The run stopped there; every file fastcifar writes is replaced whole, so "
                            f"last.pt, if there is one, still holds the last complete epoch. Free some space and "
                            f"continue with `fastcifar train --resume {self.path}`.")
+
+    @property
+    def logging(self) -> bool:
+        """Whether note() writes to train.log now."""
+        return self._log is not None
+
+    def note(self, line: str) -> None:
+        """A line the run printed, appended to train.log."""
+        if self._log is not None:
+            self._guard("train.log", lambda: (self._log.write(line.rstrip("\n") + "\n"), self._log.flush()))
 
     def scalars(self, step: int, values: dict) -> None:
         """TensorBoard scalars {tag: value} at a step."""
@@ -353,9 +370,11 @@ class RunDir:
                    else f"stopped by {exc_type.__name__}: {str(exc)[:200]}")
             with contextlib.suppress(BadInput):  # the error in flight says more than a failed write would
                 self._write_summary(False, why)
-        if self._tb is not None:
-            self._tb.close()
-        if self._metrics is not None:
-            self._metrics.close()
-        self._tb = self._metrics = None
+        if exc_type is not None and self._log is not None:  # why it stopped, as the CLI says it on stderr
+            with contextlib.suppress(BadInput):
+                self.note(str(exc) if issubclass(exc_type, Exception) and str(exc) else exc_type.__name__)
+        for f in (self._tb, self._metrics, self._log):
+            if f is not None:
+                f.close()
+        self._tb = self._metrics = self._log = None
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from fastcifar import BadInput, __version__, sigterm_as_ctrl_c, why
+from fastcifar import BadInput, __version__, sigterm_as_ctrl_c, stop_signals, why
 
 
 class Commands(typer.core.TyperGroup):
@@ -159,9 +160,11 @@ def train(
     fp32 on CPUs without native bf16; the first lines say which and why.
     """
     from fastcifar import checkpoint, config
+    from fastcifar.runs import stop_with_parent
     from fastcifar.train import Diverged, Interrupted
     from fastcifar.train import train as run_train
 
+    stop_with_parent()  # a run that reproduce or sweep started stops (and saves) with them
     try:  # a Ctrl-C anywhere in here (loading a recipe, preparing the store) exits 130 too
         if resume is not None:
             ck = checkpoint.load(resume / "last.pt", need="resume")
@@ -217,7 +220,8 @@ def evaluate(
 @app.command()
 def bench(
     stage: Optional[List[str]] = typer.Option(None, "--stage", help="Stage to measure, repeatable: pipeline, "
-                                              "train_step, end_to_end (default: every stage)."),
+                                              "train_step, end_to_end (default: these three), packing (only when "
+                                              "named: minutes of training runs)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write {meta, rows, headroom} as JSON to this file "
                                               "(replacing a file only if a bench wrote it; also for --plot)."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", metavar="PNG", help="Also draw the pipeline table (img/s "
@@ -246,6 +250,7 @@ def bench(
     - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path; after each DALI row, dali-host: its host side alone (index reads and draws, ms per batch).
     - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP (on a GPU what train.amp=auto picks there; bf16 on a CPU), then torch.compile (one static graph per model and size).
     - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the last --setting (the ladder's top).
+    - packing (only with --stage packing): runs per hour of 1, 2 and 4 short r18_cifar_32 runs at once, each a `fastcifar train` process started by the scheduler of `reproduce` and `sweep` (on a GPU all pinned to it, as --per-gpu K; on a CPU splitting the cores, as --jobs K), beside one at a time (vs_one). Start-up, compile and evaluation count. The runs use the recipe's batch (--batch-size is for the other stages).
 
     The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
     bench/pipeline.sh reruns the README's pipeline table; `fastcifar doctor` is the three-minute check with the targets.
@@ -386,6 +391,33 @@ def predict(
             typer.echo(f"  {100 * t['prob']:6.2f}%  {t['class']}")
 
 
+# The scheduling options of reproduce and sweep (fastcifar/runs.py)
+JOBS_HELP = ("Runs at once on this machine (default: one per visible GPU times --per-gpu; on a CPU 1). Each run "
+             "is its own `fastcifar train` process, pinned to one GPU (CUDA_VISIBLE_DEVICES).")
+PER_GPU_HELP = "Runs packed onto each GPU (default 1); with --ray, each run holds 1/K of a GPU."
+THREADS_HELP = ("CPU threads per run (OMP_NUM_THREADS; a Ray task's num_cpus). Default: $OMP_NUM_THREADS, else "
+                "this machine's cores / --jobs (with --ray: 1). On a CPU a run's numbers depend on it.")
+RAY_HELP = ('Send the runs to a Ray cluster (HOST:PORT, or auto: $RAY_ADDRESS, else the one started on this machine) '
+            'as Ray tasks; --out must be on a file system every node shares (checked first). Needs pip install '
+            '"fastcifar[cluster]".')
+
+
+def run_many(make):
+    """Run a reproduce or sweep call: exit 130 when stopped (with the command that continues), 1 when
+    runs did not finish (2 when one was bad input), else 0."""
+    from fastcifar.runs import Stopped
+
+    try:
+        results = make()
+    except Stopped as e:
+        typer.echo(str(e), err=True)
+        sys.exit(130)
+    failed = results.get("failed") or {}
+    if failed:
+        code = 2 if any(kind == "bad input" for kind, _ in failed.values()) else 1
+        fail("These runs did not finish: " + "; ".join(f"{k}: {text}" for k, (_, text) in failed.items()), code=code)
+
+
 @app.command()
 def reproduce(
     table: str = typer.Argument(..., metavar="TABLE", help="tutorial (the tutorial's twelve experiments), or a file "
@@ -396,27 +428,62 @@ def reproduce(
     overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a field of every "
                                         "run, repeatable; e.g. --set train.epochs=2 for a dry run."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help=JOBS_HELP),
+    per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help=PER_GPU_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
 ):
     """Train a table of recipes, N seeds each, and write results.md / results.json with mean ± std.
 
     Runs go to `DIR/<recipe>-seed<k>`, a distillation teacher before its student (seed k of the
-    student learns from seed k of the teacher this table trained). Ctrl-C or SIGTERM stops the
-    table (exit 130); the same command continues it: finished runs are skipped (never retrained,
-    even with their .pt files deleted), an interrupted one resumes from its last.pt. A second
-    reproduce of the same DIR while one runs is refused. The results list per recipe the best and
-    final test accuracy (mean ± std, n), the tutorial's figure and the difference, wall time and
-    img/s. Only files fastcifar wrote in DIR are ever replaced or deleted.
+    student learns from seed k of the teacher this table trained). Each run is a `fastcifar train`
+    process of its own (its lines in the train.log of its run directory): --jobs N at once on this
+    machine, --per-gpu K on each GPU, or as tasks on a Ray cluster (--ray). One line per run as it starts and ends, and a
+    summary (running, done, waiting, ETA). Ctrl-C or SIGTERM stops every run (each saves its last.pt;
+    exit 130); the same command continues: finished runs are skipped (never retrained, even with their
+    .pt files deleted), an interrupted one resumes from its last.pt. A second reproduce of the same DIR
+    while one runs is refused. The results list per recipe the best and final test accuracy (mean ±
+    std, n), the tutorial's figure and the difference, wall time and img/s. Only files fastcifar wrote
+    in DIR are ever replaced or deleted. Exit 1 when runs did not finish (a diverged one's students are
+    skipped).
     """
-    from fastcifar.reproduce import Stopped
     from fastcifar.reproduce import reproduce as run_table
 
-    try:
-        results = run_table(table, seeds=seeds, out=out, overrides=overrides, data_dir=data_dir, log=typer.echo)
-    except Stopped as e:
-        typer.echo(str(e), err=True)
-        sys.exit(130)
-    if results.get("failed"):
-        fail("These runs did not finish: " + "; ".join(f"{k}: {v}" for k, v in results["failed"].items()), code=1)
+    run_many(lambda: run_table(table, seeds=seeds, out=out, overrides=overrides, data_dir=data_dir, log=typer.echo,
+                               jobs=jobs, per_gpu=per_gpu, threads=threads, ray=ray))
+
+
+@app.command()
+def sweep(
+    recipe: str = typer.Argument(..., metavar="RECIPE", autocompletion=_complete_recipe, help="A recipe path or name."),
+    grids: List[str] = typer.Option([], "--grid", metavar="SECTION.FIELD=V1,V2,...", help="A field and its values, "
+                                    "typed as --set values are (split at commas outside brackets: "
+                                    "optim.betas=(0.9,0.999),(0.9,0.99)); repeatable: every combination runs."),
+    seeds: int = typer.Option(1, "--seeds", help="Runs per setting, with train.seed = 0 .. N-1."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory of the sweep's runs and results (default: "
+                                       "`./runs/sweep-<recipe>`). Run the same command again to continue."),
+    overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a field of every "
+                                        "run, repeatable (not a --grid field)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help=JOBS_HELP),
+    per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help=PER_GPU_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+):
+    """Train every combination of the --grid values, N seeds each, and rank the settings by mean best accuracy.
+
+    `fastcifar sweep r18_cifar_32 --grid optim.lr=0.05,0.1,0.2 --grid loss.label_smoothing=0,0.1 --seeds 3`
+    runs 3 x 2 settings x 3 seeds = 18 runs, each named by its settings (`DIR/lr=0.05,label_smoothing=0-seed0`),
+    through reproduce's scheduler: --jobs, --per-gpu, --ray, Ctrl-C and the same command to continue, a lock
+    on DIR. DIR/results.md and results.json rank the settings by mean best test accuracy (± sample std over
+    the finished seeds, n); `fastcifar report DIR` draws them (sweep.png). At most 1,000 runs; empty or
+    repeated values, a field given twice or also in --set, train.seed (use --seeds) and values that would
+    give two settings one name are refused.
+    """
+    from fastcifar.sweep import sweep as run_sweep
+
+    run_many(lambda: run_sweep(recipe, grids, seeds=seeds, out=out, overrides=overrides, data_dir=data_dir,
+                               log=typer.echo, jobs=jobs, per_gpu=per_gpu, threads=threads, ray=ray))
 
 
 def fail(message: str, code: int = 2):
@@ -507,6 +574,9 @@ def main():
     saved = standard_streams()
     try:
         # SIGTERM and SIGHUP stop every command as Ctrl-C does (exit 130), so its temporary files are removed
+        # stop signals blocked where this process started (a Ray worker blocks SIGINT, and its children inherit
+        # that) would never reach it: Ctrl-C, SIGTERM and a scheduler's stop must
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
         with sigterm_as_ctrl_c():
             refuse_empty(sys.argv[1:])
             app(args=expand_home(sys.argv[1:]), prog_name="fastcifar")  # also under `python -m fastcifar`: one name

@@ -308,7 +308,59 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
     return fig
 
 
-REPORT_FILES = ("results.md", "test_accuracy.png", "test_loss.png")
+REPORT_FILES = ("results.md", "test_accuracy.png", "test_loss.png", "sweep.png")
+
+
+def sweep_of(paths: list[Path], warn) -> dict | None:
+    """The results.json of a sweep directory (`fastcifar sweep`'s), when it is the one path given;
+    None otherwise, and when that file cannot be drawn (warn says why)."""
+    f = paths[0] / "results.json" if len(paths) == 1 else None
+    if f is None or not f.is_file():
+        return None
+    try:
+        res = jsonio.load(f)
+    except BadInput as e:
+        warn(f"warning: no sweep.png: {e}")
+        return None
+    if not isinstance(res, dict) or res.get("kind") != "sweep":
+        return None  # a reproduce table's results
+    settings = res.get("settings")
+    ok = isinstance(settings, list) and settings and all(
+        isinstance(x, dict) and isinstance(x.get("setting"), str) and type(x.get("n")) is int
+        and all(isinstance(x.get(k), dict) and _number(x[k].get("mean"), finite=True)
+                and _number(x[k].get("std"), finite=True) for k in ("best_acc", "best_val_acc")) for x in settings)
+    if not ok:
+        warn(f"warning: no sweep.png: {f} is damaged (its settings are not what `fastcifar sweep` writes).")
+        return None
+    return res
+
+
+def plot_sweep(res: dict, path: Path) -> None:
+    """The sweep's settings in rank order as bars: mean best accuracy (validation where it ranked on
+    it) ± sample std over the seeds, n beside each; saved as a PNG (replacing only a report's own)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "best_val_acc" if res.get("ranked_on") == "val" else "best_acc"
+    rows = [x for x in res["settings"] if x[key]["mean"] is not None]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * max(1, len(rows))), dpi=120)
+    y = list(range(len(rows)))[::-1]  # rank 1 on top
+    ax.barh(y, [x[key]["mean"] for x in rows], xerr=[x[key]["std"] or 0.0 for x in rows], capsize=3, gid="settings",
+            color="tab:blue", alpha=0.8)
+    # matplotlib cannot draw a name's undecodable bytes (surrogates): they show as U+FFFD
+    names = [x["setting"].encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:60] for x in rows]
+    ax.set_yticks(y, [f"{name} (n={x['n']})" for name, x in zip(names, rows)], fontsize=7)
+    what = "validation" if key == "best_val_acc" else "test"
+    ax.set_xlabel(f"best {what} top-1 accuracy (%), mean ± sample std over seeds")
+    ax.set_title(f"sweep of {str(res.get('recipe', '?'))[:60]}" + (" (synthetic data)" if res.get("synthetic") else ""),
+                 fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png"), by="report")
+    finally:
+        plt.close(fig)
 
 
 def check_out(out: Path) -> None:
@@ -342,13 +394,20 @@ def report(paths: list[Path], out: Path, warn=lambda msg: None, sort: str = "run
     for w in notes:
         warn(f"warning: {w}")
     table = results_table(runs, skipped, notes)
+    swept = sweep_of(paths, warn)
+    if swept is not None:
+        table += (f"\nsweep.png: the settings of the sweep in {paths[0]} ranked by mean best accuracy, as its "
+                  f"results.md lists them.\n")
     try:
         out.mkdir(parents=True, exist_ok=True)
         # the pictures first: results.md, which shows them, is never new while they are not
         plot_curves(runs, "test_acc", "test top-1 accuracy (%)", out / "test_accuracy.png")
         plot_curves(runs, "test_loss", "test loss", out / "test_loss.png")
+        if swept is not None:
+            plot_sweep(swept, out / "sweep.png")
         # a run directory's name that is not UTF-8 goes back as the bytes it was (surrogateescape)
         atomic_write(out / "results.md", lambda f: f.write(table.encode("utf-8", "surrogateescape")), by="report")
     except OSError as e:
         raise BadInput(f"Cannot write the report to {out} ({e.strerror or e}); choose a writable --out.")
-    return table, [out / "results.md", out / "test_accuracy.png", out / "test_loss.png"]
+    return table, [out / "results.md", out / "test_accuracy.png", out / "test_loss.png"] + [out / "sweep.png"] * (
+        swept is not None)

@@ -8,6 +8,8 @@ results with error bars beside the published figures.
 - The runs go to DIR/<recipe>-seed<k> (train.seed = k), in dependency order: a recipe whose
   distill.teacher names another recipe of the table runs after it, and seed k of the student is
   distilled from seed k of the teacher that this table trained.
+- The runs go through the scheduler (runs.py): each a `fastcifar train` process of its own, --jobs
+  N at once on this machine (K per GPU with --per-gpu) or as tasks on a Ray cluster (--ray).
 - Run again, the same command continues: finished runs are skipped (never retrained or changed,
   even with their .pt files deleted), interrupted ones resume from their last.pt (`fastcifar train
   --resume`), so the table can be stopped (Ctrl-C, SIGTERM: exit 130) and continued any number of
@@ -21,8 +23,6 @@ results with error bars beside the published figures.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import os
 import re
@@ -30,12 +30,11 @@ import shlex
 import statistics
 from pathlib import Path
 
-import torch
-
-from fastcifar import BadInput, config, jsonio, owned, sigterm_as_ctrl_c
-from fastcifar.checkpoint import atomic_write, check_own_run, check_writable_parent, write_json
+from fastcifar import BadInput, config, owned, runs
+from fastcifar.checkpoint import atomic_write, check_writable_parent, write_json
 from fastcifar.data import check_outside_stores
 from fastcifar.report import duration
+from fastcifar.runs import Job, Stopped, read_object, state  # noqa: F401 (the table's Job and its states)
 
 TABLES = {  # name -> recipes, in the order results list them
     "tutorial": ("r18_baseline", "r18_augment", "r18_wd01", "r18_lbsmooth", "r18_pretrained", "r18_arcface",
@@ -46,32 +45,11 @@ TABLES = {  # name -> recipes, in the order results list them
 PUBLISHED = re.compile(r"\btutorial (\d+(?:\.\d+)?)%")
 RESULT_FILES = ("results.md", "results.json")
 RUN_DIR = re.compile(r"(?P<name>.+)-seed(?P<seed>\d+)")
-# Recipe fields that say how or where a run executed, not what it trains: a run that differs from
-# the plan only in these is the same experiment
-HOW = ("train.log_every", "train.device", "train.compile", "data.backend")
-# ... and the one field a finished run is resumed with to match the plan: its summary times the new
-# target from the epochs it has (any other change, train.epochs included, is another experiment: a
-# dry run of 2 epochs is not extended into a 200-epoch run whose LR schedule would differ)
-EXTENDABLE = ("train.target_acc",)
 MAX_SEEDS = 1000  # --seeds: runs per recipe; every run is planned (its recipe loaded) before the first trains
-# What DIR may hold besides runs and results: fastcifar's manifest and the temp files of a write cut short
-# (kept, never deleted: they are not provably fastcifar's)
-LEFTOVER = re.compile(rf"{re.escape(owned.MANIFEST)}|\.(results\.md|results\.json|{re.escape(owned.MANIFEST)})\..*\.tmp")
-
-
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM stopped the table; the message says how to continue (exit 130)."""
-
-
-@dataclasses.dataclass
-class Job:
-    """One run of the table: a recipe at one seed, in its own directory."""
-    name: str
-    seed: int
-    recipe: config.Recipe
-    info: dict
-    dir: Path
-    teacher: str | None = None  # the recipe of this table it distills from
+# What DIR may hold besides runs and results: fastcifar's manifest, the temp files of a write cut short
+# and a Ray probe's file (kept, never deleted: they are not provably fastcifar's)
+LEFTOVER = re.compile(rf"{re.escape(owned.MANIFEST)}|\.(results\.md|results\.json|{re.escape(owned.MANIFEST)}|"
+                      rf"fastcifar-probe)\..*\.tmp")
 
 
 def read_table(table: str) -> tuple[str, list[str]]:
@@ -156,180 +134,80 @@ def resolved(out: Path) -> Path:
                        f"choose another --out.")
 
 
-def check_out(out: Path, names: list[str]) -> None:
-    """BadInput unless out is missing or a directory holding only this table's runs and the
-    results files reproduce wrote."""
+def check_out(out: Path, names: list[str], by: str = "reproduce") -> None:
+    """BadInput unless out is missing or a directory holding only runs named <name>-seed<k> (name
+    in names) and the results files `fastcifar by` wrote (reproduce's table, or a sweep)."""
+    what = "this table" if by == "reproduce" else "this sweep"
     resolved(out)
     if out.is_symlink() and not out.exists():
         raise BadInput(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist; fix the link, or "
                        f"choose another --out.")
     if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} is a file; reproduce writes a directory of runs there. Choose another --out.")
+        raise BadInput(f"--out {out} is a file; {by} writes a directory of runs there. Choose another --out.")
     check_outside_stores(out)
     if out.is_dir():
+        names = set(names)
         foreign = sorted(p.name for p in out.iterdir() if not (
             p.name in RESULT_FILES or (p.is_dir() and (m := RUN_DIR.fullmatch(p.name)) and m["name"] in names)
             or LEFTOVER.fullmatch(p.name)))
         if foreign:
             raise BadInput(f"--out {out} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
-                           f"are not runs of this table; reproduce writes only into a new directory or one of its own "
-                           f"(runs named <recipe>-seed<k>). Choose another --out.")
-        owned.check([out / f for f in RESULT_FILES], "reproduce", "reproduce would replace {it} with this table's "
-                    "results: move {it} away, or choose another --out.")
+                           f"are not runs of {what}; {by} writes only into a new directory or one of its own "
+                           f"(runs named <{'recipe' if by == 'reproduce' else 'setting'}>-seed<k>). Choose another --out.")
+        owned.check([out / f for f in RESULT_FILES], by, f"{by} would replace {{it}} with the results of {what}: "
+                    f"move {{it}} away, or choose another --out.")
     check_writable_parent(out)
 
 
-def _read(path: Path) -> dict | None:
-    """A JSON object file, or None when it is missing or damaged."""
-    try:
-        obj = jsonio.load(path)
-    except BadInput:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def state(job: Job) -> str:
-    """What the job's directory asks for: "new", "done" (finished, with or without its .pt files),
-    "resume", "failed" (it diverged), or "restart" (a run that died before its first checkpoint:
-    only files that run wrote, no last.pt). BadInput when it holds a run of another configuration,
-    or files that reproduce would have to replace or delete but fastcifar did not write there."""
-    d = job.dir
-    if not d.exists() or (d.is_dir() and not any(d.iterdir())):
-        return "new"
-    if not d.is_dir():
-        raise BadInput(f"{d} is a file where reproduce keeps the run {job.name} seed {job.seed}; move it away.")
-    if not (d / "last.pt").is_file():
-        if (_read(d / "summary.json") or {}).get("finished"):
-            return "done"  # a finished run whose checkpoints were deleted (to free disk): reported, never retrained
-        # a run that died before its first checkpoint: restarted, its files deleted, if it wrote them all
-        theirs = [p for p in sorted(d.iterdir()) if not owned.is_ours(p, "train")]
-        if not theirs:
-            return "restart"
-        owned.refuse(theirs, f"reproduce keeps the run {job.name} seed {job.seed} in {d}, and restarting "
-                     f"it there would delete {{it}}. Move {{it}} away, or choose another --out.", "train")
-    recorded = _read(d / "recipe.json")
-    if recorded is None:
-        raise BadInput(f"{d / 'recipe.json'} is missing or damaged; remove {d} to run {job.name} seed {job.seed} again.")
-    try:
-        was = config.to_dict(config.from_dict(recorded))
-    except BadInput as e:
-        raise BadInput(f"{d / 'recipe.json'}: {e} Remove {d} to run {job.name} seed {job.seed} again.")
-    now = config.to_dict(job.recipe)
-    changed = [f"{s}.{k}" for s, fields in now.items() for k, v in fields.items() if v != was[s][k]]
-    other = [k for k in changed if k not in HOW + EXTENDABLE]
-    summary = _read(d / "summary.json") or {}
-    if other:
-        what = ", ".join(f"{k} ({was[k.split('.')[0]][k.split('.')[1]]!r} -> {now[k.split('.')[0]][k.split('.')[1]]!r})"
-                         for k in other)
-        raise BadInput(f"{d} holds a run of {job.name} seed {job.seed} made with other settings: {what}. Continue "
-                       f"with the same --set as before, or choose another --out for these settings.")
-    if summary.get("finished") and not any(k in EXTENDABLE for k in changed):
-        return "done"
-    if str(summary.get("stop_reason", "")).startswith("non-finite loss"):
-        return "failed"
-    check_own_run(d, f"Resuming {job.name} seed {job.seed} would replace {{it}}. Continue a copied run elsewhere "
-                     f"(`fastcifar train --resume {d} --out NEW_DIR`) and move {d} away, or choose another --out.")
-    return "resume"
-
-
-def command(table: str, seeds: int, out: Path, overrides, data_dir) -> str:
-    """The command line that continues this table."""
+def command(table: str, seeds: int, out: Path, overrides, data_dir, scheduling=()) -> str:
+    """The command line that continues this table (scheduling: its --jobs, --per-gpu, --threads, --ray)."""
     args = ["fastcifar", "reproduce", table, "--seeds", str(seeds), "--out", str(out)]
     for o in overrides:
         args += ["--set", o]
     if data_dir is not None:
         args += ["--data-dir", str(data_dir)]
-    return shlex.join(args)
+    return shlex.join(args + list(scheduling))
 
 
-def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None, log=print) -> dict:
+def scheduling(jobs=None, per_gpu=None, threads=None, ray=None) -> list[str]:
+    """The scheduling options as given, for the command that continues."""
+    given = (("--jobs", jobs), ("--per-gpu", per_gpu), ("--threads", threads), ("--ray", ray))
+    return [a for flag, v in given if v is not None for a in (flag, str(v))]
+
+
+def locked(out: Path, by: str):
+    """DIR's lock, held while `by` runs there: one scheduler at a time per DIR, locked before any run
+    is looked at (the kernel drops the lock with its holder)."""
+    return owned.hold(out, f"--out {out} is in use: another `fastcifar {by}` is running its runs there. Wait for it "
+                           f"to end (or stop it with Ctrl-C), then run this command again to continue; or choose "
+                           f"another --out.")
+
+
+def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None, log=print, jobs=None, per_gpu=None,
+              threads=None, ray=None) -> dict:
     """Run (or continue) the table and write DIR/results.md and results.json; returns results.json's
-    dict. Raises Stopped on Ctrl-C/SIGTERM, BadInput on bad input; a run that diverges is recorded
-    and the table goes on (its students are skipped)."""
+    dict, with "failed": {run: (kind, why)} when runs did not finish (a diverged run's students are
+    skipped). Raises Stopped on Ctrl-C/SIGTERM, BadInput on bad input."""
     overrides = list(overrides)
+    runs.check_options(jobs, per_gpu, threads)
     out = Path(out) if out is not None else Path("runs") / f"reproduce-{read_table(table)[0]}"
-    label, jobs, names = plan(table, seeds, out, overrides)
+    label, planned, names = plan(table, seeds, out, overrides)
     check_out(out, names)
-    # one reproduce at a time per DIR, locked before any run is looked at (the kernel drops the lock with its holder)
-    with owned.hold(out, f"--out {out} is in use: another `fastcifar reproduce` is running a table there. Wait for "
-                         f"it to end (or stop it with Ctrl-C), then run this command again to continue the table; "
-                         f"or choose another --out."):
+    with locked(out, "reproduce"):
         check_out(out, names)  # again, under the lock
-        return _run(table, label, jobs, names, seeds, out, overrides, data_dir, log)
-
-
-def _run(table, label, jobs, names, seeds, out, overrides, data_dir, log) -> dict:
-    """reproduce()'s table, run while it holds DIR's lock."""
-    from fastcifar.train import Diverged, Interrupted, train
-
-    states = {id(j): state(j) for j in jobs}  # every run directory checked before anything trains
-    todo = sum(s != "done" for s in states.values())
-    log(f"Reproducing {label}: {len(names)} recipes x {seeds} seed{'s' * (seeds > 1)} = {len(jobs)} runs in {out} "
-        f"({len(jobs) - todo} done, {sum(s == 'resume' for s in states.values())} to resume)"
-        + (f", with {' '.join('--set ' + o for o in overrides)}" if overrides else ""))
-    again = command(table, seeds, out, overrides, data_dir)
-    failed: dict[tuple[str, int], str] = {}
-    k, job = 0, jobs[0]
-    with sigterm_as_ctrl_c():
-        try:
-            for k, job in enumerate(jobs, 1):
-                head = f"[{k}/{len(jobs)}] {job.name} seed {job.seed}"
-                s = state(job)
-                if s == "done":
-                    log(f"{head}: done, skipped ({job.dir})")
-                    continue
-                if s == "failed":
-                    failed[(job.name, job.seed)] = "diverged (a NaN/inf loss) in an earlier attempt"
-                    log(f"{head}: diverged earlier, skipped; remove {job.dir} to run it again")
-                    continue
-                if job.teacher and (job.teacher, job.seed) in failed:
-                    failed[(job.name, job.seed)] = f"its teacher {job.teacher} seed {job.seed} did not finish"
-                    log(f"{head}: skipped, {failed[(job.name, job.seed)]}")
-                    continue
-                if s == "restart":  # died before its first checkpoint: only files it wrote are there
-                    restart(job)
-                log(f"{head}: " + ("resuming from its last.pt" if s == "resume" else "starting") + f" -> {job.dir}")
-                # each run compiles its own nets, as in a process of its own: without this, dynamo's
-                # per-function cache of earlier runs' graphs fills up and later runs fall back to eager
-                torch.compiler.reset()
-                try:
-                    if s == "resume":
-                        train(job.recipe, job.info, data_dir=data_dir, resume=job.dir, log=log)
-                    else:
-                        train(job.recipe, job.info, out=job.dir, data_dir=data_dir, log=log)
-                except Diverged as e:
-                    failed[(job.name, job.seed)] = str(e)
-                    log(f"{head}: {e}")
-                except BadInput as e:
-                    raise BadInput(f"{head}: {e}")
-                finally:
-                    with contextlib.suppress(OSError, BadInput):
-                        write_results(out, label, seeds, overrides, names, jobs)
-        except (Interrupted, KeyboardInterrupt) as e:
-            with contextlib.suppress(OSError, BadInput):
-                write_results(out, label, seeds, overrides, names, jobs)
-            where = f"{e} " if isinstance(e, Interrupted) else ""
-            raise Stopped(f"{where}Stopped the table at run {max(k, 1)} of {len(jobs)} ({job.name} seed {job.seed}); "
-                          f"finished runs are kept and an interrupted one resumes from its last.pt. Continue with: "
-                          f"{again}")
-    results = write_results(out, label, seeds, overrides, names, jobs)
+        pool = runs.make_pool(jobs, per_gpu, threads, ray)
+        n = len(planned)
+        log(f"Reproducing {label}: {len(names)} recipes x {seeds} seed{'s' * (seeds > 1)} = {n} runs in {out}, "
+            f"{pool.describe()}" + (f", with {' '.join('--set ' + o for o in overrides)}" if overrides else ""))
+        again = command(table, seeds, out, overrides, data_dir, scheduling(jobs, per_gpu, threads, ray))
+        failed = runs.run(planned, pool, "reproduce", lambda: write_results(out, label, seeds, overrides, names, planned),
+                          again, data_dir, log)
+    results = write_results(out, label, seeds, overrides, names, planned)
     if failed:
         results["failed"] = {f"{n} seed {s}": why for (n, s), why in failed.items()}
     log(results_md(results))
     log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return results
-
-
-def restart(job: Job) -> None:
-    """Delete the files of a run that died before its first checkpoint (state() found that it wrote
-    every one), under the run's own lock: a `train --resume` of it may have started since."""
-    busy = (f"{job.dir} is in use: another fastcifar process is writing that run. Wait for it to end, then run "
-            f"this command again.")
-    with owned.hold(job.dir, busy):
-        for p in sorted(job.dir.iterdir()):
-            if p.name != owned.MANIFEST and not owned.remove(p, "train"):
-                owned.refuse([p], f"reproduce keeps the run {job.name} seed {job.seed} in {job.dir}, and restarting it "
-                             f"there would delete {{it}}. Move {{it}} away, or choose another --out.", "train")
 
 
 # ---- The results table
@@ -341,10 +219,32 @@ def published(info: dict) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def _stats(values: list[float]) -> dict:
+def stats(values: list[float]) -> dict:
     """mean, sample std (None for one value), n and the values."""
     return {"mean": statistics.fmean(values) if values else None,
             "std": statistics.stdev(values) if len(values) > 1 else None, "n": len(values), "values": values}
+
+
+def run_row(j: Job, key: str = "recipe") -> dict:
+    """A run's row of results.json, from its summary.json (key: what its name is, recipe or setting)."""
+    s = read_object(j.dir / "summary.json") or {}
+    return {key: j.name, "seed": j.seed, "dir": str(j.dir), "finished": bool(s.get("finished")),
+            "stop_reason": s.get("stop_reason"), "best_acc": s.get("best_acc"), "final_acc": s.get("final_acc"),
+            "epochs_done": s.get("epochs_done"), "wall_seconds": s.get("wall_seconds"),
+            "train_images_per_sec": s.get("train_images_per_sec"), "synthetic": s.get("synthetic"),
+            "best_val_acc": s.get("best_val_acc")}
+
+
+def seed_stats(rows: list[dict]) -> dict:
+    """n (finished seeds) of, and mean ± std of the best and final accuracy, mean wall time and img/s
+    of a recipe's (or a setting's) run rows."""
+    done = [r for r in rows if r["finished"] and all(is_number(r[k]) for k in ("best_acc", "final_acc"))]
+    return {"n": len(done), "of": len(rows), "best_acc": stats([r["best_acc"] for r in done]),
+            "final_acc": stats([r["final_acc"] for r in done]),
+            "best_val_acc": stats([r["best_val_acc"] for r in done if is_number(r["best_val_acc"])]),
+            "wall_seconds": stats([r["wall_seconds"] for r in done if is_number(r["wall_seconds"])])["mean"],
+            "train_images_per_sec": stats([r["train_images_per_sec"] for r in done
+                                           if is_number(r["train_images_per_sec"])])["mean"]}
 
 
 def collect(out: Path, label: str, seeds: int, overrides, names: list[str], jobs: list[Job]) -> dict:
@@ -352,35 +252,23 @@ def collect(out: Path, label: str, seeds: int, overrides, names: list[str], jobs
     runs, recipes = [], []
     for name in names:
         mine = sorted((j for j in jobs if j.name == name), key=lambda j: j.seed)
-        done = []
-        for j in mine:
-            s = _read(j.dir / "summary.json") or {}
-            row = {"recipe": name, "seed": j.seed, "dir": str(j.dir), "finished": bool(s.get("finished")),
-                   "stop_reason": s.get("stop_reason"), "best_acc": s.get("best_acc"), "final_acc": s.get("final_acc"),
-                   "epochs_done": s.get("epochs_done"), "wall_seconds": s.get("wall_seconds"),
-                   "train_images_per_sec": s.get("train_images_per_sec"), "synthetic": s.get("synthetic")}
-            runs.append(row)
-            if row["finished"] and all(_num(row[k]) for k in ("best_acc", "final_acc")):
-                done.append(row)
+        rows = [run_row(j) for j in mine]
+        runs += rows
         pub = published(mine[0].info)
-        best = _stats([r["best_acc"] for r in done])
-        recipes.append({
-            "recipe": name, "description": mine[0].info.get("description", ""), "n": len(done), "of": len(mine),
-            "best_acc": best, "final_acc": _stats([r["final_acc"] for r in done]), "published": pub,
-            "difference": best["mean"] - pub if pub is not None and best["mean"] is not None else None,
-            "wall_seconds": _stats([r["wall_seconds"] for r in done if _num(r["wall_seconds"])])["mean"],
-            "train_images_per_sec": _stats([r["train_images_per_sec"] for r in done
-                                            if _num(r["train_images_per_sec"])])["mean"],
-        })
+        row = {"recipe": name, "description": mine[0].info.get("description", ""), **seed_stats(rows), "published": pub}
+        best = row["best_acc"]["mean"]
+        row["difference"] = best - pub if pub is not None and best is not None else None
+        recipes.append(row)
     return {"table": label, "seeds": seeds, "overrides": list(overrides), "out": str(out), "recipes": recipes,
             "runs": runs, "synthetic": any(r["synthetic"] for r in runs)}
 
 
-def _num(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _pm(s: dict) -> str:
+def pm(s: dict) -> str:
+    """mean ± std as the tables show it."""
     if s["mean"] is None:
         return "—"
     return f"{s['mean']:.2f}%" + (f" ± {s['std']:.2f}" if s["std"] is not None else "")
@@ -397,7 +285,7 @@ def results_md(res: dict) -> str:
         pub = "—" if r["published"] is None else f"{r['published']:.2f}%"
         diff = "—" if r["difference"] is None else f"{r['difference']:+.2f}"
         ips = "—" if r["train_images_per_sec"] is None else f"{r['train_images_per_sec']:,.0f}"
-        lines.append(f"| {r['recipe']} | {n} | {_pm(r['best_acc'])} | {_pm(r['final_acc'])} | {pub} | {diff} | "
+        lines.append(f"| {r['recipe']} | {n} | {pm(r['best_acc'])} | {pm(r['final_acc'])} | {pub} | {diff} | "
                      f"{duration(r['wall_seconds'])} | {ips} |")
     lines += ["", "Mean ± sample standard deviation over the finished seeds (n); best = test accuracy at the "
               "selected epoch (on test unless the runs held out a validation split; the tutorial selected on test)."]

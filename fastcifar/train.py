@@ -105,6 +105,7 @@ class Trainer:
         self.out = Path(out if out is not None else resume if resume is not None else new_run_dir(info["name"]))
         check_out(self.out, resumed=self.in_place)
         self.r, self.info, self.log = r, dict(info), log
+        self.run, self.early = None, []  # the run's files; the lines said before its train.log opens
         self._exit = contextlib.ExitStack()
         too_big = (lambda e: BadInput(  # the model itself does not fit (e.g. a huge head.embed_dim)
             f"Building {info.get('name', 'the run')} ran out of memory on {self.device_name()} ({runtime.memory_error(e)}); "
@@ -154,7 +155,7 @@ class Trainer:
         r, rt = self.r, self.r.train
         self.device, self.rank, self.world = self._exit.enter_context(runtime.distributed(rt.device))
         self.main = self.rank == 0
-        self.say = self.log if self.main else (lambda *a, **k: None)
+        self.say = self._say if self.main else (lambda *a, **k: None)
         if r.data.batch_size % self.world:
             raise BadInput(f"data.batch_size = {r.data.batch_size} is the global batch and must divide evenly "
                            f"over the {self.world} ranks; pick a multiple of {self.world}.")
@@ -167,6 +168,14 @@ class Trainer:
         self._exit.enter_context(runtime.backend_settings(rt.deterministic, rt.tf32, autotune=not r.loss.scales))
         random.seed(rt.seed)
         torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
+
+    def _say(self, msg: str) -> None:
+        """A line for the user, also kept in the run's train.log (lines said before it opens wait)."""
+        self.log(msg)
+        if self.run is not None and self.run.logging:
+            self.run.note(msg)
+        else:
+            self.early.append(msg)
 
     def _claim(self, resumed: bool) -> None:
         """Lock the run directory until the run ends: one writer per directory. A default directory
@@ -270,7 +279,11 @@ class Trainer:
             self.objective = Classify(self.net, self.autocast, ls)
         self.bad_step = torch.full((), NONE_YET, dtype=torch.int64, device=self.device)  # first step with a NaN/inf loss
         self.step_t = torch.full((), self.progress.step, dtype=torch.int64, device=self.device)  # the step, on the device
-        self.lr = self.optimizer.param_groups[0]["lr"]  # of the last step taken
+        # the LR of the last step taken, which the epoch line logs: a resumed optimizer holds the next
+        # step's (a run stopped after an epoch's last batch resumes into that epoch with no step to take)
+        step = self.progress.step
+        self.lr = (self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](step - 1) if step
+                   else self.optimizer.param_groups[0]["lr"])
         self.clock = timing.EpochClock(self.device)  # data wait and warm-up per epoch (fastcifar/timing.py)
         if self.main:
             self.progress.provenance.append({**provenance.collect(self.device, self.world, self.store), "amp": self.amp})
@@ -279,7 +292,7 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train epochs progress.epoch+1 .. train.epochs; returns summary.json's dict."""
-        with self.stop, self.run.open(self.recipe_json(), self.info.get("source"), self.progress.history):
+        with self.stop, self.run.open(self.recipe_json(), self.info.get("source"), self.progress.history, self.early):
             self.say(self.banner())
             self.progress.started = time.perf_counter()  # wall_seconds continues across resumes
             with runtime.out_of_memory_as(self.out_of_memory):

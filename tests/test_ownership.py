@@ -297,3 +297,25 @@ def test_a_copied_store_is_not_replaced_a_moved_one_is(tmp_path, monkeypatch, ca
     store.rename(tmp_path / "moved")
     fdata.prepare(tmp_path / "moved", **{**SMALL, "seed": 1}, force=True)
     assert fdata.open_store(tmp_path / "moved").meta["source"]["seed"] == 1
+
+
+def test_a_ctrl_c_between_the_rename_and_the_manifest_waits_for_both(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) the moment a file is renamed into place: it is entered in its manifest
+    before the KeyboardInterrupt, so the next write (a stopped bench's last --json, the results of
+    a stopped table) may replace it."""
+    import signal
+
+    record = owned.record
+
+    def interrupted(paths, by, **kw):  # the signal lands after the rename, before the manifest is written
+        os.kill(os.getpid(), signal.SIGINT)
+        record(paths, by, **kw)
+
+    path = tmp_path / "bench.json"
+    monkeypatch.setattr(owned, "record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"rows": [1]}, by="bench")
+    monkeypatch.setattr(owned, "record", record)
+    assert owned.is_ours(path, "bench")
+    write_json(path, {"rows": [1, 2]}, by="bench")  # the stopped bench's last write
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}

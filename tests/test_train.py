@@ -180,15 +180,16 @@ def straight(store, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("when", ["after_epoch", "mid_epoch", "mid_epoch_mixed_ema"])
+@pytest.mark.parametrize("when", ["after_epoch", "mid_epoch", "mid_epoch_mixed_ema", "last_batch"])
 def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path, when):
     def sigint(epoch, i, images):
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, through the loop's handler
 
     if when == "after_epoch":  # arrives while epoch 1 is being evaluated
         hooks = dict(test_fn=lambda e, i, x: sigint(e, i, x) if i == 0 else None)
-    else:  # arrives during batch 4 of epoch 2
-        hooks = dict(train_fn=lambda e, i, x: sigint(e, i, x) if (e, i) == (1, 3) else None)
+    else:  # arrives during batch 4 of epoch 2, or its last (20th: the resume trains none of it, only logs it)
+        stop = (1, 19) if when == "last_batch" else (1, 3)
+        hooks = dict(train_fn=lambda e, i, x: sigint(e, i, x) if (e, i) == stop else None)
     mixed = when.endswith("mixed_ema")
     recipe = tiny(**(MIXED_EMA if mixed else {}))
     run = tmp_path / "run"
@@ -197,7 +198,7 @@ def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path,
     s = json.loads((run / "summary.json").read_text())
     assert (s["finished"], s["stop_reason"]) == (False, "interrupted")
     ck = checkpoint.load(run / "last.pt")
-    assert (ck["epoch"], ck["step_in_epoch"]) == ((1, 0) if when == "after_epoch" else (1, 4))
+    assert (ck["epoch"], ck["step_in_epoch"]) == {"after_epoch": (1, 0), "last_batch": (1, 20)}.get(when, (1, 4))
 
     s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
     assert s["finished"] and s["epochs_done"] == 3

@@ -1,0 +1,248 @@
+"""`fastcifar sweep RECIPE --grid FIELD=V1,V2 ...`: every combination of the grid's values, N seeds
+each, through the scheduler of `reproduce` (runs.py), and the settings ranked by mean best accuracy.
+
+    sweep("r18_cifar_32", ["optim.lr=0.05,0.1,0.2", "loss.label_smoothing=0,0.1"], seeds=3)
+
+- A grid value is typed as a --set value is (config.apply_overrides); values are split at the
+  commas outside brackets, so optim.betas=(0.9,0.999),(0.9,0.99) is two values.
+- Each run goes to DIR/<setting>-seed<k>: the setting names its values, by field name where that
+  is unambiguous (`lr=0.05,label_smoothing=0-seed0`), with characters a file name should not hold
+  replaced by _. Two settings that would share a name are refused, as are empty or repeated values,
+  a field given twice (or also in --set), train.seed (that is --seeds) and grids past MAX_RUNS.
+- DIR/results.md and results.json: the settings ranked by mean best test accuracy (± sample std
+  over the finished seeds, n); rewritten as runs end; `fastcifar report DIR` draws them (sweep.png).
+- Stop, continue, locks and ownership are reproduce's: the same command continues a stopped sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+from pathlib import Path
+
+from fastcifar import BadInput, config, runs, shown
+from fastcifar.checkpoint import atomic_write, write_json
+from fastcifar.reproduce import (MAX_SEEDS, Job, check_out, locked, pm, resolved, run_row, scheduling, seed_stats)
+from fastcifar.report import duration
+
+MAX_RUNS = 1000  # settings x seeds: every run is planned (its recipe loaded) before the first trains
+MAX_NAME = 200  # characters of a run directory's name (file systems take 255 bytes)
+UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")  # what a setting's name holds of a value: the rest becomes _
+
+
+def split_values(text: str) -> list[str]:
+    """text split at the commas outside (), [] and {}, each part stripped."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur.strip()]
+
+
+def typed(key: str, text: str):
+    """The value `--set key=text` gives (BadInput for an unknown key or a value of the wrong type)."""
+    r = config.apply_overrides(config.Recipe(), [f"{key}={text}"])
+    section, name = key.split(".")
+    return getattr(getattr(r, section), name)
+
+
+def parse_grid(grids: list[str], overrides=()) -> dict[str, list[str]]:
+    """{section.field: [value texts]} of the --grid options, every value typed and checked."""
+    if not grids:
+        raise BadInput("Give at least one --grid SECTION.FIELD=V1,V2 (e.g. --grid optim.lr=0.05,0.1); a sweep runs "
+                       "every combination of the grids' values.")
+    fixed = {o.partition("=")[0].strip() for o in overrides}
+    if "train.seed" in fixed:
+        raise BadInput("--set train.seed: a sweep sets each run's seed itself (0 .. --seeds - 1); use --seeds.")
+    grid: dict[str, list[str]] = {}
+    for g in grids:
+        key, eq, values = g.partition("=")
+        key = key.strip()
+        if not eq or key.count(".") != 1:
+            raise BadInput(f"--grid {shown(g)}: write SECTION.FIELD=V1,V2,... (e.g. optim.lr=0.05,0.1).")
+        if key == "train.seed":
+            raise BadInput("--grid train.seed: the seeds are --seeds N (train.seed = 0 .. N-1), each setting run with "
+                           "every one of them.")
+        if key in grid:
+            raise BadInput(f"--grid {key} is given twice; list all its values in one --grid {key}=V1,V2,...")
+        if key in fixed:
+            raise BadInput(f"--grid {key} and --set {key} both set {key}; keep one.")
+        texts = split_values(values)
+        if "" in texts:
+            raise BadInput(f"--grid {shown(g)} has an empty value (two commas in a row, or one at an end); write "
+                           f"the values separated by single commas.")
+        seen = {}
+        for t in texts:
+            try:
+                v = typed(key, t)
+            except BadInput as e:
+                raise BadInput(f"--grid: {str(e).replace('--set ', '', 1)}")
+            key_v = repr(v)
+            if key_v in seen:
+                raise BadInput(f"--grid {key} lists the value {shown(v)} twice ({seen[key_v]!r} and {t!r}); each "
+                               f"value once.")
+            seen[key_v] = t
+        grid[key] = texts
+    return grid
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Each grid field's name in run names: its field name, or section.field where two share it."""
+    fields = [k.split(".")[1] for k in keys]
+    return {k: k.split(".")[1] if fields.count(k.split(".")[1]) == 1 else k for k in keys}
+
+
+def setting_name(assign: dict[str, str], short: dict[str, str]) -> str:
+    """The name of one combination of values: `lr=0.05,label_smoothing=0`, file-name safe."""
+    return ",".join(f"{short[k]}={UNSAFE.sub('_', v.strip('()[] ').replace(',', '_')) or '_'}" for k, v in assign.items())
+
+
+def plan(recipe: str, grids: list[str], seeds: int, out=None, overrides=()) -> tuple[str, dict, list[dict], list[Job], Path]:
+    """(recipe name, grid, settings [{name, values}] in grid order, jobs, DIR: out, by default
+    runs/sweep-<recipe>). Every run's recipe is typed and validated here, so bad input fails before
+    anything trains."""
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise BadInput(f"--seeds {seeds}: run each setting 1 to {MAX_SEEDS:,} times (train.seed = 0 .. N-1).")
+    overrides = list(overrides)
+    grid = parse_grid(grids, overrides)
+    count = seeds
+    for texts in grid.values():
+        count *= len(texts)
+    if count > MAX_RUNS:
+        sizes = " x ".join(str(len(t)) for t in grid.values())
+        raise BadInput(f"The grid is {sizes} settings x {seeds} seed{'s' * (seeds > 1)} = {count:,} runs; a sweep "
+                       f"runs at most {MAX_RUNS:,} (each planned before the first trains). Split it into smaller sweeps.")
+    base, info = config.load(recipe)
+    short = short_names(list(grid))
+    settings, names = [], {}
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo))
+        name = setting_name(values, short)
+        if name in names:
+            raise BadInput(f"The settings {names[name]} and {values} would both be named {name!r} (characters a file "
+                           f"name should not hold become _); give values that differ in letters, digits or . _ + -.")
+        if len(name) > MAX_NAME:
+            raise BadInput(f"The run directories of the setting {name[:60]}... would be named with {len(name)} "
+                           f"characters (at most {MAX_NAME}); use shorter values or fewer --grid fields.")
+        names[name] = values
+        settings.append({"name": name, "values": values})
+    out = Path(out) if out is not None else Path("runs") / f"sweep-{info['name']}"
+    where = resolved(out)
+    jobs = []
+    for st in settings:
+        for seed in range(seeds):
+            r = config.from_dict(config.to_dict(base))  # a fresh copy per run
+            sets = overrides + [f"{k}={v}" for k, v in st["values"].items()] + [f"train.seed={seed}"]
+            try:
+                config.apply_overrides(r, sets).validate()
+            except BadInput as e:
+                raise BadInput(f"Setting {st['name']}: {e}")
+            jobs.append(Job(st["name"], seed, r, {**info, "overrides": sets}, where / f"{st['name']}-seed{seed}"))
+    return info["name"], grid, settings, jobs, out
+
+
+def command(recipe: str, grids, seeds: int, out: Path, overrides, data_dir, sched=()) -> str:
+    """The command line that continues this sweep."""
+    args = ["fastcifar", "sweep", recipe]
+    for g in grids:
+        args += ["--grid", g]
+    args += ["--seeds", str(seeds), "--out", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    if data_dir is not None:
+        args += ["--data-dir", str(data_dir)]
+    return shlex.join(args + list(sched))
+
+
+def sweep(recipe: str, grids: list[str], seeds: int = 1, out=None, overrides=(), data_dir=None, log=print, jobs=None,
+          per_gpu=None, threads=None, ray=None) -> dict:
+    """Run (or continue) the sweep and write DIR/results.md and results.json; returns results.json's
+    dict, with "failed": {run: (kind, why)} when runs did not finish. Raises runs.Stopped on
+    Ctrl-C/SIGTERM, BadInput on bad input."""
+    overrides, grids = list(overrides), list(grids)
+    runs.check_options(jobs, per_gpu, threads)
+    name, grid, settings, planned, out = plan(recipe, grids, seeds, out, overrides)
+    labels = [st["name"] for st in settings]
+    check_out(out, labels, "sweep")
+    write = lambda: write_results(out, name, grid, seeds, overrides, settings, planned)
+    with locked(out, "sweep"):
+        check_out(out, labels, "sweep")  # again, under the lock
+        pool = runs.make_pool(jobs, per_gpu, threads, ray)
+        sizes = " x ".join(str(len(t)) for t in grid.values())
+        log(f"Sweeping {name}: {sizes} setting{'s' * (len(settings) > 1)} x {seeds} seed{'s' * (seeds > 1)} = "
+            f"{len(planned)} run{'s' * (len(planned) > 1)} in {out}, "
+            f"{pool.describe()}" + (f", with {' '.join('--set ' + o for o in overrides)}" if overrides else ""))
+        again = command(recipe, grids, seeds, out, overrides, data_dir, scheduling(jobs, per_gpu, threads, ray))
+        failed = runs.run(planned, pool, "sweep", write, again, data_dir, log)
+    results = write()
+    if failed:
+        results["failed"] = {f"{n} seed {s}": why for (n, s), why in failed.items()}
+    log(results_md(results))
+    log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return results
+
+
+# ---- The results: settings ranked by mean best accuracy
+
+
+def collect(out: Path, recipe: str, grid: dict, seeds: int, overrides, settings: list[dict], jobs: list[Job]) -> dict:
+    """results.json's dict: the settings ranked by mean best accuracy (settings without a finished
+    run last, in grid order) - on validation where every finished run held a validation split out
+    (ranked_on: val), else on test - and every run."""
+    rows, ranked = [], []
+    for st in settings:
+        mine = [run_row(j, "setting") for j in jobs if j.name == st["name"]]
+        rows += mine
+        ranked.append({"setting": st["name"], "values": st["values"], **seed_stats(mine)})
+    on = "best_val_acc" if all(x["best_val_acc"]["n"] == x["n"] for x in ranked) and any(x["n"] for x in ranked) \
+        else "best_acc"
+    ranked.sort(key=lambda x: (x[on]["mean"] is None, -(x[on]["mean"] or 0.0)))
+    for k, x in enumerate(ranked, 1):
+        x["rank"] = k
+    return {"kind": "sweep", "recipe": recipe, "grid": grid, "seeds": seeds, "overrides": list(overrides),
+            "out": str(out), "ranked_on": "val" if on == "best_val_acc" else "test", "settings": ranked, "runs": rows,
+            "synthetic": any(r["synthetic"] for r in rows)}
+
+
+def results_md(res: dict) -> str:
+    """results.json's dict as the markdown table of results.md."""
+    keys = list(res["grid"])
+    short = short_names(keys)
+    val = res["ranked_on"] == "val"
+    lines = [f"# Sweep of {res['recipe']}: {' x '.join(keys)}, {res['seeds']} seed{'s' * (res['seeds'] > 1)} "
+             f"(train.seed 0..{res['seeds'] - 1})" + (f", --set {' '.join(res['overrides'])}" if res["overrides"] else ""),
+             "", "| rank | " + " | ".join(short[k] for k in keys) + " | n |" + " best val acc |" * val
+             + " best test acc | final test acc | wall time / run |", "|---|" + "---|" * (len(keys) + 4 + val)]
+    for x in res["settings"]:
+        n = f"{x['n']}" + (f" of {x['of']}" if x["n"] != x["of"] else "")
+        values = " | ".join(str(x["values"][k]).replace("|", "\\|") for k in keys)
+        lines.append(f"| {x['rank']} | {values} | {n} |" + f" {pm(x['best_val_acc'])} |" * val
+                     + f" {pm(x['best_acc'])} | {pm(x['final_acc'])} | {duration(x['wall_seconds'])} |")
+    lines += ["", "Mean ± sample standard deviation over the finished seeds (n). " + (
+        "Ranked by the mean best validation accuracy (the runs held out a validation split); best test acc is the "
+        "test accuracy at each run's selected epoch." if val else
+        "Ranked by the mean best test accuracy (each run's test accuracy at its selected epoch): a setting chosen "
+        "by it is chosen on the test set; hold out a validation split (--set data.val_split=0.1) to rank on "
+        "validation instead.") + " `fastcifar report` of this directory draws the ranking (sweep.png)."]
+    if res["synthetic"]:
+        lines.append("These runs trained on a SYNTHETIC store (`fastcifar prepare --synthetic`): their accuracies "
+                     "say nothing about CIFAR-100.")
+    pending = [r for r in res["runs"] if not r["finished"]]
+    if pending:
+        lines.append("Not finished: " + "; ".join(f"{r['setting']} seed {r['seed']} ({r['stop_reason'] or 'not run yet'})"
+                                                  for r in pending) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, recipe: str, grid: dict, seeds: int, overrides, settings, jobs) -> dict:
+    """Write DIR/results.json and results.md (atomically) from the runs as they are now."""
+    res = collect(out, recipe, grid, seeds, overrides, settings, jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", res, by="sweep")
+    atomic_write(out / "results.md", lambda f: f.write(results_md(res).encode()), by="sweep")
+    return res
