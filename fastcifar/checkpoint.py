@@ -99,8 +99,9 @@ def torch_load(path: Path, what: str = "checkpoint"):
 NEEDS = {
     "weights": ("model", "recipe"),  # model.init_from: the weights alone
     "eval": ("model", "recipe", "epoch"),
-    "resume": ("model", "recipe", "info", "optimizer", "scheduler", "scaler", "rng", "mix_rng", "epoch",
-               "step_in_epoch", "step", "best", "history", "partial", "wall_seconds"),
+    "resume": ("model", "recipe", "info", "optimizer", "scheduler", "scaler", "rng", "mix_rng", "epoch", "amp",
+               "schedule_epochs", "store", "step_in_epoch", "step", "best", "history", "partial", "partial_time",
+               "wall_seconds", "provenance"),
 }
 
 
@@ -191,11 +192,7 @@ def rng_state(device: torch.device | None = None) -> dict:
 def set_rng_state(state: dict, rank: int = 0, world: int = 1, device: torch.device | None = None) -> None:
     """Restore rng_state()'s states: this rank's own (rank 0's when the run had another number of
     ranks: the data is sharded otherwise, so nothing continues exactly anyway)."""
-    ranks = state.get("ranks")
-    if ranks is None:  # written before states were kept per rank: every CUDA device's, as rank 0 saw them
-        ranks = [state]
-        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
+    ranks = state["ranks"]
     own = ranks[rank] if len(ranks) == world else ranks[0]
     random.setstate(_tuples(own["python"]))
     torch.set_rng_state(own["torch"])

@@ -336,9 +336,8 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="File to write, or a directory to write it in (default: "
                                        "beside the checkpoint: best.onnx, best.safetensors, best-timm.pth)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file that fastcifar export wrote."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Supplies class names and "
-                                            "mean/std to checkpoints that do not record them, and test images for "
-                                            "the check."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Test images for the check "
+                                            "(else seeded noise)."),
 ):
     """Export a trained model for use outside fastcifar: ONNX, safetensors, or a plain timm state dict.
 
@@ -363,8 +362,6 @@ def predict(
     top: int = typer.Option(5, "--top", help="How many classes to show per image."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document {model, format, predictions: "
                                   "[{file, top: [{class, index, prob}]}], skipped: [{file, error}]}."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Supplies class names and "
-                                            "mean/std to checkpoints that do not record them."),
 ):
     """Print the top classes and their probabilities for image files, on the CPU.
 
@@ -376,7 +373,7 @@ def predict(
 
     from fastcifar.predict import predict as run_predict
 
-    res = run_predict(ref, images, top=top, data_dir=data_dir, log=lambda m: typer.echo(m, err=True))
+    res = run_predict(ref, images, top=top, log=lambda m: typer.echo(m, err=True))
     if json_out:
         typer.echo(json.dumps(res, indent=2))
         return

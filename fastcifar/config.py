@@ -178,15 +178,6 @@ class Optim:
             ("lr_ref_batch", lambda v: v >= 0, "must be >= 0 (0 = lr as given)"),
         ])
 
-    @property
-    def decay_norm_bias(self) -> bool:
-        """The switch decay_groups replaced, for older recipe files: True = "all", False = "no_bias_norm"."""
-        return self.decay_groups == "all"
-
-    @decay_norm_bias.setter
-    def decay_norm_bias(self, value: bool):
-        self.decay_groups = "all" if value else "no_bias_norm"
-
 
 @dataclass(slots=True)
 class Schedule:
@@ -466,31 +457,6 @@ def _field_type(section: str, name: str):
     return hints[name]
 
 
-# Fields that older recipe.json files and checkpoints hold under another name:
-# (section, old name) -> (old type, new name, the new value from the old one)
-RENAMED = {("optim", "decay_norm_bias"): (bool, "decay_groups", lambda v: "all" if v else "no_bias_norm")}
-
-
-def _renamed(section: str, name: str, value, where: str):
-    """(name, value) with a renamed field's old name and value translated to the new ones."""
-    if (section, name) not in RENAMED:
-        return name, value
-    old_type, new, convert = RENAMED[(section, name)]
-    try:
-        return new, convert(_coerce(value, old_type))
-    except _Wrong:
-        raise BadInput(f"{where} {section}.{name} = {shown(value)}: expected {_type_name(old_type)} "
-                       f"(it is now {section}.{new}).")
-
-
-def _missing(d: dict) -> dict:
-    """{(section, name): value} for fields newer than a stored recipe that lacks them, where the
-    plain default would change what the old run did. Runs from before train.tf32 kept PyTorch's own
-    TF32 flags (convolutions only) when deterministic, and turned TF32 on otherwise."""
-    train = d.get("train") if isinstance(d.get("train"), dict) else {}
-    return {("train", "tf32"): "conv" if train.get("deterministic") is True else "on"}
-
-
 def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
     """Apply `section.field=VALUE` strings in order, converting VALUE to the field's type."""
     for item in overrides:
@@ -500,8 +466,6 @@ def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
             raise BadInput(f"--set {shown(item)}: write section.field=VALUE, e.g. train.epochs=30. "
                            f"Valid keys: {', '.join(valid_keys())}.")
         section, name = key.split(".")
-        name, value = _renamed(section, name, value, "--set")
-        key = f"{section}.{name}"
         t = _field_type(section, name)
         try:
             v = _coerce(value, t)
@@ -517,22 +481,16 @@ def to_dict(r: Recipe) -> dict:
 
 
 def from_dict(d: dict) -> Recipe:
-    """A Recipe from to_dict()'s output (recipe.json, a checkpoint), type-checked field by field.
-    Older files load too: renamed fields are translated (RENAMED), and fields they lack take the
-    value that does what the old run did (_missing), else the default."""
+    """A Recipe from to_dict()'s output (recipe.json, a checkpoint), type-checked field by field."""
     if not isinstance(d, dict):
         raise BadInput(f"A stored recipe must be a mapping of sections, got a {type(d).__name__}.")
     r = Recipe()
-    for (section, name), value in _missing(d).items():
-        if name not in (d.get(section) or {}):
-            setattr(getattr(r, section), name, value)
     for section, fields in d.items():
         if section not in SECTIONS:
             continue  # run metadata stored beside the sections: name, description, parent
         if not isinstance(fields, dict):
             raise BadInput(f"recipe section {shown(section)} must be a mapping, got {type(fields).__name__}.")
         for name, value in fields.items():
-            name, value = _renamed(section, name, value, "recipe field")
             t = _field_type(section, name)
             try:
                 setattr(getattr(r, section), name, _coerce(value, t))

@@ -9,7 +9,7 @@ Store layout (FORMAT_VERSION 1), in one directory:
                       CIFAR-10's labels 0..9
     train_coarse.npy  int64 (N,) CIFAR-100's coarse labels 0..19 (CIFAR-10 has none: no file)
     test_*.npy        the same for the test split
-    meta.json         "dataset" (cifar100 | cifar10; a store without it is CIFAR-100), class names
+    meta.json         "dataset" (cifar100 | cifar10), class names
                       (CIFAR-100: fine_label_names, coarse_label_names; CIFAR-10: label_names),
                       counts, source, checksums, train mean/std, format version,
                       "creator": "fastcifar" (what marks a directory as a store prepare may replace)
@@ -154,8 +154,7 @@ class Store:
 
     @property
     def dataset(self) -> str:
-        """cifar100 or cifar10 (stores from before the field are CIFAR-100)."""
-        return self.meta.get("dataset", "cifar100")
+        return self.meta["dataset"]  # cifar100 | cifar10
 
     @property
     def synthetic(self) -> bool:
@@ -218,7 +217,7 @@ def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = 
             f"The store at {d} has format version {version}, but this fastcifar reads version "
             f"{FORMAT_VERSION}; {_rebuild_hint(d)}"
         )
-    held = meta.get("dataset", "cifar100")
+    held = meta["dataset"]
     if dataset is not None and held != dataset:
         raise BadInput(f"The store at {d} holds {DATASETS[held]['title']}, but the run is for {title} "
                        f"(data.dataset = {dataset}). Point --data-dir at a {title} store (its default is "
@@ -278,7 +277,7 @@ def _meta_problem(meta) -> str | None:
         v = meta.get(key)
         if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in v)):
             return f"{key} must be 3 numbers, got {v!r}"[:300]
-    dataset = meta.get("dataset", "cifar100")
+    dataset = meta.get("dataset")
     if dataset not in DATASETS:
         return f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}"[:300]
     spec = DATASETS[dataset]
@@ -324,18 +323,13 @@ def _real(d: Path) -> Path:
 
 
 def _is_store(d: Path) -> bool:
-    """Whether d's meta.json says it is a store ("creator": "fastcifar", or from before that field
-    a format_version with the sha256s of the outputs): nothing else goes into one. Whether prepare
-    may replace it is owned.py's question, not this one's."""
+    """Whether d's meta.json says it is a store ("creator": "fastcifar"): nothing else goes into one.
+    Whether prepare may replace it is owned.py's question, not this one's."""
     try:
         meta = jsonio.load(d / "meta.json", META_BYTES)
     except BadInput:
         return False
-    if not isinstance(meta, dict):
-        return False
-    sums = meta.get("checksums")
-    return meta.get("creator") == CREATOR or (
-        "format_version" in meta and isinstance(sums, dict) and isinstance(sums.get("outputs_sha256"), dict))
+    return isinstance(meta, dict) and meta.get("creator") == CREATOR
 
 
 def check_outside_stores(out: Path, option: str = "--out") -> None:
@@ -378,7 +372,7 @@ def check_replaceable(dest: Path, source: Path | None = None, from_env: bool = F
     listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     if not owned.is_ours(real, "prepare") and _is_store(real):
         raise BadInput(f"The data dir {where} holds a store that `fastcifar prepare` did not build there (a copy, a "
-                       f"restored backup, or one from an older fastcifar); prepare would delete it, and fastcifar "
+                       f"restored backup); prepare would delete it, and fastcifar "
                        f"never replaces what it did not create. Move it away or delete it yourself, then run "
                        f"prepare again; or point --data-dir (or $FASTCIFAR_DATA) at a new or empty directory.")
     if not owned.is_ours(real, "prepare"):
@@ -935,7 +929,7 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
                        from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))
     _recover(_real(dest), log)
     current = _store_is_complete(dest)
-    held = current.get("dataset", "cifar100") if current else dataset
+    held = current["dataset"] if current else dataset
     if held != dataset and not force:
         raise BadInput(f"{dest} holds a {DATASETS[held]['title']} store; preparing {title} there would replace it. "
                        f"Prepare {title} in its own directory (without --data-dir: {default_data_dir(dataset)}), or "

@@ -27,7 +27,7 @@ from fastcifar.config import Head, Model
 from fastcifar.heads import HEADS
 from fastcifar.averaging import pick_weights
 from fastcifar.models import SCALED_LOGITS, Net, cifar_stem, net_from_checkpoint, net_from_state, num_classes
-from pipelines.spec import INTERPOLATIONS, MAX_SIDE, AugSpec, mean_std
+from pipelines.spec import INTERPOLATIONS, MAX_SIDE, AugSpec
 
 FORMATS = ("onnx", "safetensors", "timm")
 SUFFIXES = {"onnx": (".onnx",), "safetensors": (".safetensors",), "timm": (".pth", ".pt", ".bin")}
@@ -69,41 +69,17 @@ def require(fmt_or_use: str, modules) -> None:
 
 # ---- the network and its card -------------------------------------------------------------------
 
-def card(ck: dict, r, where, data_dir=None, log=print) -> dict:
-    """What an export needs besides the weights. Class names and mean/std come from the checkpoint
-    when it records them (`class_names`, `preprocess`), else from the store (`--data-dir`), the
-    one fallback for checkpoints written before fastcifar recorded them."""
-    pre = dict(ck.get("preprocess") or {})
-    names = ck.get("class_names")
-    mean, std = pre.get("mean"), pre.get("std")
-    if mean is None or std is None:
-        mean, std = (None, None) if r.aug.normalize == "cifar" else mean_std(r.aug)
-    missing = [what for what, v in (("class names", names), ("mean/std (aug.normalize=cifar)", mean)) if v is None]
-    if missing:
-        from fastcifar.data import open_store
-        try:
-            store = open_store(data_dir, r.data.dataset)
-        except BadInput as e:
-            raise BadInput(f"{where} does not record its {' or '.join(missing)} (it was written before "
-                           f"checkpoints held them), and the store to take them from is not at hand: {e} Pass --data-dir "
-                           f"with the store the model was trained on.")
-        n = num_classes(ck["model"], r.head.kind, where)
-        if names is None and len(store.class_names) != n:
-            raise BadInput(f"The store at {store.dir} has {len(store.class_names)} classes, the model in {where} "
-                           f"{n}: not the store it was trained on. Pass --data-dir with that store.")
-        names = names if names is not None else store.class_names
-        if mean is None:
-            mean, std = mean_std(r.aug, store)
-        log(f"note: {where} does not record its {' or '.join(missing)}; taken from the store at {store.dir}.")
+def card(ck: dict, r, where) -> dict:
+    """What an export needs besides the weights: the classes and input the checkpoint records."""
+    pre = ck.get("preprocess") or {}
     c = {"fastcifar_export": CARD_VERSION, "fastcifar_version": __version__,
          "model": {"name": r.model.name, "cifar_stem": r.model.cifar_stem},
          "head": {"kind": r.head.kind} if r.head.kind == "linear" else
                  {"kind": r.head.kind, "s": r.head.s, "m": r.head.m, "embed_dim": r.head.embed_dim},
          "num_classes": num_classes(ck["model"], r.head.kind, where),
-         "class_names": list(names) if isinstance(names, (list, tuple)) else names,  # check_card judges it
-         "preprocess": {"image_size": pre.get("image_size", r.aug.image_size),
-                        "interpolation": pre.get("interpolation", r.aug.interpolation),
-                        "normalize": r.aug.normalize, "mean": _floats(mean), "std": _floats(std),
+         "class_names": ck.get("class_names"),  # check_card judges it
+         "preprocess": {"image_size": pre.get("image_size"), "interpolation": pre.get("interpolation"),
+                        "normalize": r.aug.normalize, "mean": _floats(pre.get("mean")), "std": _floats(pre.get("std")),
                         "input": "RGB, NCHW float32, (x / 255 - mean) / std"},
          "source": {"checkpoint": str(where), "recipe": ck.get("info", {}).get("name"), "epoch": ck.get("epoch")}}
     return check_card(c, where)
@@ -352,7 +328,7 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     net, r = net_from_checkpoint(ck, src, overrides=SCALED_LOGITS)  # what the card's head rebuilds
     if fmt == "timm":
         timm_takes(r.head.kind)
-    c = card(ck, r, src, data_dir, log)
+    c = card(ck, r, src)
     c["source"]["weights"] = weights  # raw, or the EMA of the weights
     del ck
     images, what = check_images(data_dir, r.data.dataset)

@@ -41,7 +41,7 @@ def batch_for(side: int) -> int:
     return max(1, min(BATCH, BATCH * 224 ** 2 // side ** 2))
 
 
-def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
+def open_model(ref) -> tuple[dict, object, str]:
     """(card, logits function of a float32 NCHW batch, kind) for a run directory, checkpoint,
     recipe name, or an .onnx / .safetensors export."""
     p = Path(ref)
@@ -81,7 +81,7 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
         kind, p = "checkpoint", checkpoint.resolve(ref, prefer="best.pt")
         ck, _ = pick_weights(checkpoint.load(p))  # the EMA weights when the run kept them, as eval does
         net, r = net_from_checkpoint(ck, p, overrides=SCALED_LOGITS)  # as an export of it gives
-        c = ex.card(ck, r, p, data_dir, log)
+        c = ex.card(ck, r, p)
 
     def run(x):
         with torch.no_grad():
@@ -212,7 +212,7 @@ def _eight_bit(a: np.ndarray, is_float: bool) -> np.ndarray:
     return out
 
 
-def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
+def predict(ref, inputs, top: int = 5, log=print) -> dict:
     """Top-`top` classes and probabilities for each image in inputs (files and directories). Bad
     files are named (log) and skipped; BadInput only when no image at all could be read."""
     from tqdm import tqdm
@@ -223,7 +223,7 @@ def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
     files, skipped = gather(inputs, log)
     for s in skipped:
         log(f"skipped {s['file']}: {s['error']}")
-    c, run, kind = open_model(ref, data_dir, log)
+    c, run, kind = open_model(ref)
     k = min(top, c["num_classes"])
     names, preds = c["class_names"], []
     side = c["preprocess"]["image_size"]

@@ -130,12 +130,12 @@ def data_key(p: dict) -> str | None:
 def mismatches(runs: list[tuple[str, dict | None]]) -> list[str]:
     """Warnings about runs (label, summary.json's provenance) a table would compare although they
     differ in data or in software (torch, timm, DALI versions), or a run resumed under other
-    software than it started with. Runs without provenance (older fastcifar) are named apart."""
+    software than it started with. Runs without provenance are named apart."""
     known = [(label, p) for label, p in runs if isinstance(p, dict)]
     out = []
     missing = [label for label, p in runs if not isinstance(p, dict)]
     if missing and known:
-        out.append(f"No provenance for {', '.join(missing)} (written by an older fastcifar): their data and "
+        out.append(f"No provenance for {', '.join(missing)} (their summary.json has none): their data and "
                    f"software cannot be checked against the others'.")
     groups: dict[str | None, list[str]] = {}
     for label, p in known:

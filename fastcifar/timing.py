@@ -160,35 +160,27 @@ def wait_hint(backend: str, device_type: str, dali: bool) -> str:
 
 def run_fields(history: list[dict], target: float, selection: str) -> dict:
     """summary.json's data-wait, warm-up and time-to-target fields from the epochs' metrics: the run's
-    data wait and its share, its warm-up seconds; with a target, the first epoch whose selection accuracy (val when held
-    out, else test) reaches it, the training seconds to its end (warm-up left out) and the wall
-    seconds (with warm-up, compile, evaluation and checkpoints)."""
-    timed = [m for m in history if "data_wait_seconds" in m]
+    data wait and its share, its warm-up seconds; with a target, the first epoch that reaches it
+    (target_epoch), the training seconds to its end (warm-up left out) and the wall seconds (with
+    warm-up, compile, evaluation and checkpoints)."""
+    def steady(epochs):  # training seconds without the warm-up (every process's first step)
+        return sum(m["train_seconds"] - m.get("warmup_seconds", 0.0) for m in epochs)
+
     s = {}
-    if timed:
-        wait = sum(m["data_wait_seconds"] for m in timed)
-        train = sum(m["train_seconds"] - m.get("warmup_seconds", 0.0) for m in timed)
-        s.update(data_wait_seconds=wait, data_wait_fraction=wait / max(train, 1e-9),
-                 warmup_seconds=sum(m.get("warmup_seconds", 0.0) for m in timed))  # every process's first step
+    if history:
+        wait = sum(m["data_wait_seconds"] for m in history)
+        s.update(data_wait_seconds=wait, data_wait_fraction=wait / max(steady(history), 1e-9),
+                 warmup_seconds=sum(m.get("warmup_seconds", 0.0) for m in history))
     if target > 0:
-        key = f"{selection}_acc"
-        s.update(target_acc=target, target_on=selection, epoch_to_target=None, seconds_to_target=None,
-                 wall_seconds_to_target=None)
-        for k, m in enumerate(history):
-            if m.get(key) is not None and m[key] >= target:
-                upto = history[:k + 1]
-                secs = (sum(e["train_seconds"] - e.get("warmup_seconds", 0.0) for e in upto)
-                        if all("train_seconds" in e for e in upto) else None)  # epochs of an older fastcifar: unknown
-                s.update(epoch_to_target=m["epoch"], seconds_to_target=secs, wall_seconds_to_target=m.get("wall_seconds"))
-                break
+        reached = target_epoch(history, target, selection)
+        upto = [m for m in history if reached is not None and m["epoch"] <= reached]
+        s.update(target_acc=target, target_on=selection, epoch_to_target=reached,
+                 seconds_to_target=steady(upto) if upto else None,
+                 wall_seconds_to_target=upto[-1]["wall_seconds"] if upto else None)
     return s
 
 
-def target_stop(train, history: list[dict], selection: str) -> str | None:
-    """The stop reason when train.stop_at_target is set and an epoch has reached train.target_acc."""
-    if not (train.stop_at_target and train.target_acc > 0):
-        return None
-    reached = run_fields(history, train.target_acc, selection)["epoch_to_target"]
-    if reached is None:
-        return None
-    return f"reached train.target_acc = {train.target_acc:g}% ({selection}) at epoch {reached}"
+def target_epoch(history: list[dict], target: float, selection: str) -> int | None:
+    """The first epoch whose selection accuracy (val when held out, else test) reaches target > 0."""
+    key = f"{selection}_acc"
+    return next((m["epoch"] for m in history if target > 0 and m.get(key) is not None and m[key] >= target), None)

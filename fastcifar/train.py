@@ -89,8 +89,8 @@ class Progress:
         self.epoch, self.batch, self.step = d["epoch"], d["step_in_epoch"], d["step"]
         self.best, self.history, self.elapsed = d["best"], d["history"], d["wall_seconds"]
         self.partial = d["partial"] if self.batch else None
-        self.partial_time = d.get("partial_time") if self.batch else None  # older checkpoints: none
-        self.provenance = list(d.get("provenance", []))
+        self.partial_time = d["partial_time"] if self.batch else None
+        self.provenance = list(d["provenance"])
 
 
 class Trainer:
@@ -136,7 +136,7 @@ class Trainer:
                                          f"copied from elsewhere, continue it into a new directory, which reads "
                                          f"{self.out} and writes nothing there: `fastcifar train --resume {self.out} "
                                          f"--out NEW_DIR`.")
-            data_dir = ck["store"]["dir"] if data_dir is None and "store" in ck else data_dir
+            data_dir = ck["store"]["dir"] if data_dir is None else data_dir
         self._data(data_dir, ck, resume)
         self._model(ck)
         # everything that decides the next step comes from last.pt
@@ -197,7 +197,7 @@ class Trainer:
         r, rt = self.r, self.r.train
         self.store = (open_store(data_dir, r.data.dataset) if ck is not None
                       else open_or_prepare(data_dir, fdist.local_rank() == 0, r.data.dataset))
-        if ck is not None and "store" in ck:
+        if ck is not None:
             check_same_store(self.store, ck["store"], resume)
         self.num_classes = len(self.store.class_names)
         self.teacher, teacher_recipe = (load_teacher(r, self.device, self.store) if r.distill.teacher
@@ -226,7 +226,7 @@ class Trainer:
             self.model = sync_batchnorm(self.model, self.device)
         self.ema = EMA(self.model, rt.ema_decay, rt.ema_every, rt.ema_warmup) if rt.ema_decay > 0 else None
         self.optimizer = build_optimizer(self.model, r.optim, r.data.batch_size)
-        self.schedule_epochs = schedule_epochs(ck) if ck is not None else rt.epochs
+        self.schedule_epochs = ck["schedule_epochs"] if ck is not None else rt.epochs
         self.scheduler = build_scheduler(self.optimizer, self.schedule_epochs * len(self.train_loader), r.schedule)
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none (disabled = pass-through)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
@@ -443,7 +443,9 @@ class Trainer:
 
     def at_target(self) -> str | None:
         """Why the run ends here, when train.stop_at_target is set and an epoch reached train.target_acc."""
-        return timing.target_stop(self.r.train, self.progress.history, "val" if self.val_loader is not None else "test")
+        rt, selection = self.r.train, "val" if self.val_loader is not None else "test"
+        reached = timing.target_epoch(self.progress.history, rt.target_acc, selection) if rt.stop_at_target else None
+        return f"reached train.target_acc = {rt.target_acc:g}% ({selection}) at epoch {reached}" if reached else None
 
     def out_of_memory(self, e: RuntimeError) -> BadInput:
         """A batch the device cannot hold: summary.json says so, last.pt keeps the last whole epoch
@@ -497,9 +499,8 @@ class Trainer:
             load_weights(self.ema.module, ck["ema"], path)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
-        was = ck.get("amp")
-        if was is not None and was != self.amp:
-            self.say(f"This run trained in {was} and continues in {self.amp} ({self.amp_reason}).")
+        if ck["amp"] != self.amp:
+            self.say(f"This run trained in {ck['amp']} and continues in {self.amp} ({self.amp_reason}).")
         if ck["scaler"] or not self.scaler.is_enabled():  # a disabled scaler saved {}: fp16 starts a fresh one
             self.scaler.load_state_dict(ck["scaler"])
         checkpoint.set_rng_state(ck["rng"], self.rank, self.world, self.device)
@@ -654,12 +655,6 @@ RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.amp", "tr
              "model.sync_bn")  # SyncBN: how the global batch's statistics are gathered, as the number of ranks is
 
 
-def schedule_epochs(ck: dict) -> int:
-    """The epochs a checkpoint's LR schedule was built for: its horizon, which --resume keeps (older
-    checkpoints: the epochs of their recipe)."""
-    return int(ck.get("schedule_epochs", from_dict(ck["recipe"]).train.epochs))
-
-
 def check_resume(r: Recipe, ck: dict, run_dir) -> None:
     """Raise BadInput unless r continues the checkpoint's run: the same recipe but for RESUMABLE
     fields, and at least as many epochs as it has done."""
@@ -674,7 +669,7 @@ def check_resume(r: Recipe, ck: dict, run_dir) -> None:
         raise BadInput(f"train.epochs = {r.train.epochs}, but {run_dir} has already trained {ck['epoch']} epochs; "
                        f"resume with train.epochs >= {ck['epoch']} (it keeps its recipe's {was['train']['epochs']} "
                        f"when not set).")
-    horizon = schedule_epochs(ck)
+    horizon = ck["schedule_epochs"]  # the epochs the LR schedule was built for, which --resume keeps
     if r.train.epochs > horizon and lr_factor(1 << 40, 1 << 40, r.schedule) == 0:  # the factor from the end on
         raise BadInput(f"train.epochs = {r.train.epochs}: {run_dir}'s LR schedule ({r.schedule.kind}, final_lr = "
                        f"{r.schedule.final_lr:g}) was built for {horizon} epoch{'s' * (horizon != 1)} and ends at LR 0, and a resumed run keeps "
