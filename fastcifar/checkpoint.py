@@ -61,19 +61,10 @@ def write_json(path: Path, obj, by: str | None = None) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), by)
 
 
-# weights_only loading can be made to run code before torch 2.6 (CVE-2025-32434) and before 2.10
-# (GHSA-63cw-57p8-fm3p): refuse to read a checkpoint or weights file with an older torch
-SAFE_TORCH = (2, 10)
-
-
 def torch_load(path: Path, what: str = "checkpoint"):
     """torch.load(path, weights_only=True) onto the CPU: tensors and plain data only, so a shared
-    file cannot run code. Any failure is bad input naming the file."""
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    if version < SAFE_TORCH:
-        raise BadInput(f"torch {torch.__version__} cannot load {path} safely: before torch 2.10 a crafted file can run "
-                       f"code even with weights_only=True (CVE-2025-32434, GHSA-63cw-57p8-fm3p). Upgrade: "
-                       f"pip install 'torch>=2.10'.")
+    file cannot run code (pyproject's torch>=2.10: older ones' weights_only could be made to). Any
+    failure is bad input naming the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

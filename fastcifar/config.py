@@ -29,9 +29,6 @@ from fastcifar.runtime import AMP_CHOICES, TF32
 from pipelines.loader import BACKENDS
 from pipelines.spec import MAX_SIDE, AugSpec
 
-INT_MAX = 2 ** 63 - 1  # the largest whole number a recipe field takes: torch's and numpy's int64
-
-
 def _check(section: str, obj, rules) -> None:
     """Raise BadInput naming the first field of `obj` whose rule fails: rules are
     (field, ok(value) -> bool, rule) triples, checked in order."""
@@ -261,9 +258,6 @@ class Recipe:
                 values = v if isinstance(v, tuple) else (v,)
                 if any(isinstance(x, float) and not math.isfinite(x) for x in values):
                     raise BadInput(f"{section}.{f.name} = {shown(v)}: must be a finite number.")
-                if any(isinstance(x, int) and abs(x) > INT_MAX for x in values):  # torch, numpy and float() overflow
-                    raise BadInput(f"{section}.{f.name} = {shown(v)}: too large; whole numbers here lie within "
-                                   f"+-(2**63 - 1).")
             obj.validate()
         if self.head.kind != "linear" and (self.aug.mixup_alpha > 0 or self.aug.cutmix_alpha > 0):
             raise BadInput(f"head.kind = {shown(self.head.kind)}: a margin head needs hard labels, but MixUp/CutMix give "

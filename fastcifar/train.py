@@ -171,13 +171,12 @@ class Trainer:
     def _claim(self, resumed: bool) -> None:
         """Lock the run directory until the run ends: one writer per directory. A default directory
         that a run started in the same second took meanwhile (`for s in 1 2 3; do fastcifar train
-        ... & done`) gives way to the next free name."""
-        for attempt in range(100):
+        ... & done`) gives way to the next free name, a few times."""
+        for last in (False, False, True):
             try:
-                self._exit.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resumed)))
-                return
+                return self._exit.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resumed)))
             except BadInput:
-                if not (self.default_out and self.out.exists()) or attempt == 99:
+                if last or not (self.default_out and self.out.exists()):
                     raise
                 self.out = new_run_dir(self.info["name"])
 

