@@ -58,7 +58,7 @@ def measure(loader, device: torch.device, warmup: int, repeats: int, batches: in
 
 def pipeline_augs() -> dict[str, dict]:
     """The pipeline rows' augmentations: AugSpec fields per `aug` name."""
-    from pipelines.spec import tutorial_oneof
+    from fastcifar.pipelines.spec import tutorial_oneof
 
     return {"none": {}, "oneof": tutorial_oneof(1.0), "trivialaugment": {"policy": "trivialaugment"},
             "randaugment": {"policy": "randaugment"}}
@@ -80,9 +80,9 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
     """Loader images/s per backend at 32 and 224, with augmentation off, the tutorial's OneOf (p=1),
     TrivialAugment-wide and RandAugment (N=2, M=9); after each DALI row its host side alone (HOST:
     the reads and draws a thread makes ahead of the training thread, on the CPU whatever the device)."""
-    from pipelines import AugSpec, make_loader
-    from pipelines.loader import dali_available
-    from pipelines.tutorial import albumentations_available
+    from fastcifar.pipelines import AugSpec, make_loader
+    from fastcifar.pipelines.loader import dali_available
+    from fastcifar.pipelines.tutorial import albumentations_available
 
     augs = pipeline_augs()
     backends = [b for b in (backends or PIPELINE_BACKENDS) if b != "dali" or dali_available()]
@@ -257,7 +257,7 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
 def end_to_end_spec(size: int, dtype: str):
     """end_to_end's training augmentation: crop + flip at 32 (as r18_cifar_32), flip + resize at 224
     (as the pretrained recipes)."""
-    from pipelines import AugSpec
+    from fastcifar.pipelines import AugSpec
 
     return AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar", dtype=dtype)
 
@@ -267,8 +267,8 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
     """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
     ladder's last step setting (_ladder), with a training augmentation: what an epoch runs at,
     data included."""
-    from pipelines import make_loader
-    from pipelines.loader import dali_available
+    from fastcifar.pipelines import make_loader
+    from fastcifar.pipelines.loader import dali_available
 
     warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
     compiled, channels_last, amp = _ladder(device, quick, settings)[-1]

@@ -26,8 +26,8 @@ from fastcifar.data import DATASETS
 from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
 from fastcifar.optim import DECAY_GROUPS, LR_SCALING, OPTIMIZERS, SCHEDULES
 from fastcifar.runtime import AMP_CHOICES, TF32
-from pipelines.loader import BACKENDS
-from pipelines.spec import MAX_SIDE, AugSpec
+from fastcifar.pipelines.loader import BACKENDS
+from fastcifar.pipelines.spec import MAX_SIDE, AugSpec
 
 def _check(section: str, obj, rules) -> None:
     """Raise BadInput naming the first field of `obj` whose rule fails: rules are

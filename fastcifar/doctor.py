@@ -91,8 +91,8 @@ def _setup(ctx: dict) -> tuple[torch.device, dict]:
 def check_agreement(ctx: dict, emit) -> dict:
     """DALI (on the device, and in CPU mode beside a GPU) against the torch backend, one seed."""
     from fastcifar.data import open_store
-    from pipelines import agree
-    from pipelines.loader import dali_available
+    from fastcifar.pipelines import agree
+    from fastcifar.pipelines.loader import dali_available
 
     device = _setup(ctx)[0]
     store = open_store(ctx["store"])
@@ -243,8 +243,8 @@ def pipeline(ctx: dict, emit, backend: str, aug: str, size: int) -> dict:
     """A loader backend's img/s with an augmentation at a size (bench.measure)."""
     from fastcifar import bench
     from fastcifar.data import open_store
-    from pipelines import AugSpec, make_loader
-    from pipelines.loader import dali_available
+    from fastcifar.pipelines import AugSpec, make_loader
+    from fastcifar.pipelines.loader import dali_available
 
     if backend == "dali" and not dali_available():
         return {"ok": True, "detail": "not measured: DALI is not installed here"}
@@ -264,7 +264,7 @@ def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dic
     chosen precision) and, if fed, the same step fed by the loader data.backend=auto picks."""
     from fastcifar import bench
     from fastcifar.data import open_store
-    from pipelines import make_loader
+    from fastcifar.pipelines import make_loader
 
     device, s = _setup(ctx)
     name, bs, plan = s["models"][model], s["step_batch"][size], s["step_plan"]

@@ -27,7 +27,7 @@ from fastcifar.config import Head, Model
 from fastcifar.heads import HEADS
 from fastcifar.averaging import pick_weights
 from fastcifar.models import SCALED_LOGITS, Net, cifar_stem, net_from_checkpoint, net_from_state, num_classes
-from pipelines.spec import INTERPOLATIONS, MAX_SIDE, AugSpec
+from fastcifar.pipelines.spec import INTERPOLATIONS, MAX_SIDE, AugSpec
 
 FORMATS = ("onnx", "safetensors", "timm")
 SUFFIXES = {"onnx": (".onnx",), "safetensors": (".safetensors",), "timm": (".pth", ".pt", ".bin")}
@@ -127,7 +127,7 @@ def net_from_card(c: dict, state: dict, where) -> Net:
 def preprocess(images: torch.Tensor, c: dict) -> torch.Tensor:
     """uint8 (N, 32, 32, 3) RGB images -> the model's float32 NCHW input, as the card says: the torch
     backend's own evaluation resize and normalisation (pipelines.torch_backend.finish)."""
-    from pipelines.torch_backend import finish
+    from fastcifar.pipelines.torch_backend import finish
 
     p = c["preprocess"]
     scale = torch.tensor([1 / (255 * s) for s in p["std"]]).view(1, 3, 1, 1)

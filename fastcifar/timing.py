@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from pipelines.loader import dali_available
+from fastcifar.pipelines.loader import dali_available
 
 WAIT_SHOWN = 0.05   # the epoch line names the data wait above this share of the training time
 DRAIN_EVERY = 64    # CUDA event pairs kept before reading the finished ones

@@ -40,8 +40,8 @@ from fastcifar.models import (SCALED_LOGITS, build_model, check_refs, init_from,
                               num_classes, sync_batchnorm)
 from fastcifar.optim import build_optimizer, build_scheduler, lr_factor
 from fastcifar.report import duration
-from pipelines.loader import make_loader
-from pipelines.spec import mean_std
+from fastcifar.pipelines.loader import make_loader
+from fastcifar.pipelines.spec import mean_std
 
 NONE_YET = 2 ** 62  # "no non-finite loss seen" in the device-side first-bad-step tracker
 
@@ -233,7 +233,7 @@ class Trainer:
         self.mix_gen = torch.Generator(device="cpu")
         self.mix = no_mix
         if r.aug.mixup_alpha > 0 or r.aug.cutmix_alpha > 0:  # MixUp/CutMix on the device: soft targets
-            from pipelines.mix import mix
+            from fastcifar.pipelines.mix import mix
             self.mix = functools.partial(mix, spec=r.aug, num_classes=self.num_classes, generator=self.mix_gen)
 
     def _nets(self) -> None:

@@ -51,8 +51,8 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
 from fastcifar import BadInput
-from pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw, may, mean_grey
-from pipelines.spec import AugSpec
+from fastcifar.pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw, may, mean_grey
+from fastcifar.pipelines.spec import AugSpec
 
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fastcifar import BadInput, shown
-from pipelines.spec import AugSpec, mean_std
+from fastcifar.pipelines.spec import AugSpec, mean_std
 
 BACKENDS = ("auto", "dali", "torch", "tutorial")
 SPLITS = ("train", "test")
@@ -142,13 +142,13 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
                        "nvidia-dali-cuda120, Linux only); use backend 'torch', or 'auto' to take DALI where it is.")
     args = (store, split, spec, sizes, device, train, seed, rank, mean, std)
     if backend == "torch":
-        from pipelines.torch_backend import TorchBackend
+        from fastcifar.pipelines.torch_backend import TorchBackend
         impl = TorchBackend(*args)
     elif backend == "dali":
-        from pipelines.dali import DaliBackend
+        from fastcifar.pipelines.dali import DaliBackend
         impl = DaliBackend(*args, batch_size=batch_size)
     else:
-        from pipelines.tutorial import TutorialBackend
+        from fastcifar.pipelines.tutorial import TutorialBackend
         impl = TutorialBackend(*args)
     loader = Loader(impl, rows, batch_size, seed, shard, shuffle, drop_last, train, multi)
     if train and loader.num_batches == 0:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw
-from pipelines.spec import AugSpec
+from fastcifar.pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw
+from fastcifar.pipelines.spec import AugSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MODES = {"linear": "bilinear", "cubic": "bicubic"}

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar import BadInput, shown
-from pipelines import torch_backend as tb
-from pipelines.draw import SIDE, draw
-from pipelines.spec import AugSpec
+from fastcifar.pipelines import torch_backend as tb
+from fastcifar.pipelines.draw import SIDE, draw
+from fastcifar.pipelines.spec import AugSpec
 
 # the tutorial's training DataLoader used 16 worker processes (its test loader 8); here at most
 # as many as the machine has cores (2 on the CI machine the README's tables were measured on)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastcifar import BadInput, bench
-from pipelines.loader import dali_available
+from fastcifar.pipelines.loader import dali_available
 
 ROW_KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec"}
 

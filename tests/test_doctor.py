@@ -19,7 +19,7 @@ import torch
 import fastcifar.train as T
 from fastcifar import BadInput, doctor
 from fastcifar.doctor import STEPS, Step
-from pipelines.loader import dali_available
+from fastcifar.pipelines.loader import dali_available
 
 QUIET = lambda *a, **k: None  # noqa: E731
 BY_NAME = {s.name: s for s in STEPS}
@@ -77,7 +77,7 @@ def inline(steps, tmp_path, **kw):
 
 @pytest.mark.skipif(not dali_available(), reason="DALI does not import here: nothing to compare the torch backend with")
 def test_a_torch_backend_one_pixel_off_fails_the_agreement_check(tmp_path, monkeypatch):
-    import pipelines.torch_backend as tb
+    import fastcifar.pipelines.torch_backend as tb
 
     real = tb.augment
 

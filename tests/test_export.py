@@ -24,7 +24,7 @@ from fastcifar.models import build_model
 import fastcifar.predict as pr
 from fastcifar.predict import gather, predict, read_image
 from fastcifar.train import evaluate_checkpoint, train
-from pipelines.loader import make_loader
+from fastcifar.pipelines.loader import make_loader
 from test_train import info, tiny
 
 

@@ -22,7 +22,7 @@ from fastcifar.data import open_store, prepare
 from fastcifar.models import build_model, net_from_checkpoint
 from fastcifar.optim import lr_factor, param_groups, peak_lr
 from loader_spy import LoaderSpy
-from pipelines.loader import make_loader
+from fastcifar.pipelines.loader import make_loader
 
 TIMING = {"images_per_sec", "epoch_seconds", "wall_seconds", "train_seconds", "data_wait_seconds", "data_wait_fraction",
           "warmup_seconds"}

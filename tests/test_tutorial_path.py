@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import pipelines.tutorial as tut
-from pipelines.spec import AugSpec, tutorial_oneof
+import fastcifar.pipelines.tutorial as tut
+from fastcifar.pipelines.spec import AugSpec, tutorial_oneof
 
 
 def dataset(store, use_albumentations: bool, size: int = 224):
