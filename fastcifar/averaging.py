@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from fastcifar import BadInput
+from fastcifar.errors import BadInput
 
 
 class EMA:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, owned, provenance, runtime, sigterm_as_ctrl_c
+from fastcifar import __version__, owned, provenance, runtime
+from fastcifar.errors import BadInput
+from fastcifar.signals import sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 HOST = "dali-host"  # the pipeline rows of the DALI backend's host side alone (index reads and draws)

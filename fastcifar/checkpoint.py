@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, owned, why
+from fastcifar import owned
 from fastcifar import dist as fdist
+from fastcifar.errors import BadInput, why
 
 
 def atomic_write(path: Path, write, by: str | None = None) -> None:

@@ -11,7 +11,9 @@ from typing import List, Optional
 
 import typer
 
-from fastcifar import BadInput, __version__, sigterm_as_ctrl_c, why
+from fastcifar import __version__
+from fastcifar.errors import BadInput, why
+from fastcifar.signals import sigterm_as_ctrl_c
 
 
 class Commands(typer.core.TyperGroup):

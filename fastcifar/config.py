@@ -20,14 +20,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastcifar import BadInput, jsonio, shown, why
+from fastcifar import jsonio
 from fastcifar.averaging import TTA
 from fastcifar.data import DATASETS
+from fastcifar.errors import BadInput, shown, why
 from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
 from fastcifar.optim import DECAY_GROUPS, LR_SCALING, OPTIMIZERS, SCHEDULES
-from fastcifar.runtime import AMP_CHOICES, TF32
 from fastcifar.pipelines.loader import BACKENDS
 from fastcifar.pipelines.spec import MAX_SIDE, AugSpec
+from fastcifar.runtime import AMP_CHOICES, TF32
 
 def _check(section: str, obj, rules) -> None:
     """Raise BadInput naming the first field of `obj` whose rule fails: rules are

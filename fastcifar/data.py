@@ -45,7 +45,9 @@ from pathlib import Path
 import numpy as np
 import numpy.lib.format as npformat
 
-from fastcifar import BadInput, jsonio, make_dirs, owned, remove_empty, why
+from fastcifar import jsonio, owned
+from fastcifar.errors import BadInput, why
+from fastcifar.owned import make_dirs, remove_empty
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import BadInput, __version__, checkpoint, jsonio, owned, why
-from fastcifar.config import Head, Model
-from fastcifar.heads import HEADS
+from fastcifar import __version__, checkpoint, jsonio, owned
 from fastcifar.averaging import pick_weights
+from fastcifar.config import Head, Model
+from fastcifar.errors import BadInput, why
+from fastcifar.heads import HEADS
 from fastcifar.models import SCALED_LOGITS, Net, cifar_stem, net_from_checkpoint, net_from_state, num_classes
 from fastcifar.pipelines.spec import INTERPOLATIONS, MAX_SIDE, AugSpec
 

@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from fastcifar import BadInput, why
+from fastcifar.errors import BadInput, why
 
 # Larger than any JSON fastcifar writes (a 10,000-epoch metrics.jsonl is ~5 MB; a bench JSON, a
 # summary or a store's meta.json a few KB), small enough that parsing one costs well under 1 GB.

@@ -13,9 +13,10 @@ import timm
 import torch
 from torch import nn
 
-from fastcifar import BadInput, checkpoint, shown, why
+from fastcifar import checkpoint
 from fastcifar.checkpoint import torch_load
 from fastcifar.config import apply_overrides, from_dict
+from fastcifar.errors import BadInput, shown, why
 from fastcifar.heads import HEADS
 from fastcifar.runtime import memory_format
 

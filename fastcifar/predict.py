@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import BadInput, checkpoint, runtime, why
+from fastcifar import checkpoint, runtime
 from fastcifar import export as ex
 from fastcifar.averaging import pick_weights
+from fastcifar.errors import BadInput, why
 from fastcifar.models import SCALED_LOGITS, net_from_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a directory is searched for

@@ -11,8 +11,9 @@ import dataclasses
 import math
 from pathlib import Path
 
-from fastcifar import BadInput, jsonio, owned, provenance
+from fastcifar import jsonio, owned, provenance
 from fastcifar.checkpoint import atomic_write
+from fastcifar.errors import BadInput
 
 
 @dataclasses.dataclass

@@ -32,10 +32,12 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, config, jsonio, owned, sigterm_as_ctrl_c
+from fastcifar import config, jsonio, owned
+from fastcifar.errors import BadInput
 from fastcifar.checkpoint import atomic_write, check_own_run, check_writable_parent, write_json
 from fastcifar.data import check_outside_stores
 from fastcifar.report import duration
+from fastcifar.signals import sigterm_as_ctrl_c
 
 TABLES = {  # name -> recipes, in the order results list them
     "tutorial": ("r18_baseline", "r18_augment", "r18_wd01", "r18_lbsmooth", "r18_pretrained", "r18_arcface",

@@ -1,8 +1,7 @@
 """Where and how a run executes, shared by `train`, `eval` and `bench`: the device and the process
 group, precision (what train.amp=auto picks for a device, autocast and the AMP dtypes), whether to
 compile, memory format, the backend flags (cuDNN autotune, TF32, deterministic kernels) as a
-context manager that puts every flag back, and Ctrl-C/SIGTERM as a request to stop after the
-current step."""
+context manager that puts every flag back."""
 
 from __future__ import annotations
 
@@ -10,14 +9,12 @@ import contextlib
 import functools
 import os
 import platform
-import signal
-import threading
 from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, stop_signals
 from fastcifar import dist as fdist
+from fastcifar.errors import BadInput
 
 # train.amp -> autocast dtype (None = fp32). fp16 also needs a GradScaler; bf16 has fp32's range.
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -157,35 +154,6 @@ def autocast(device: torch.device, amp: str):
 def memory_format(channels_last: bool) -> torch.memory_format:
     """NHWC (channels_last: faster convolutions on tensor cores) or the default NCHW."""
     return torch.channels_last if channels_last else torch.contiguous_format
-
-
-class StopSignals:
-    """Ctrl-C / SIGTERM / SIGHUP as a request to stop after the current step (`requested`); a second
-    one quits at once (KeyboardInterrupt). A context manager: the previous handlers come back on
-    exit. Outside the main thread (where Python cannot take signals) it does nothing."""
-
-    def __init__(self, say=print):
-        self.signal, self.say, self._saved = None, say, {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        self.say(f"\n{signal.Signals(signum).name}: saving last.pt after this step (again to quit at once).")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._saved = {s: signal.signal(s, self._handle) for s in stop_signals()}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._saved.items():
-            signal.signal(s, handler)
-        return False
 
 
 def out_of_memory(e: BaseException) -> bool:

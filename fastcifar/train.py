@@ -29,19 +29,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastcifar import BadInput, checkpoint, provenance, runtime, shown, timing
+from fastcifar import checkpoint, provenance, runtime, timing
 from fastcifar import dist as fdist
 from fastcifar.averaging import EMA, TTA, pick_weights, predict
 from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import check_outside_stores, check_replaceable, default_data_dir, open_store, prepare
+from fastcifar.errors import BadInput, shown
 from fastcifar.losses import Classify, Distill, MultiScale
 from fastcifar.models import (SCALED_LOGITS, build_model, check_refs, init_from, load_weights, net_from_checkpoint,
                               num_classes, sync_batchnorm)
 from fastcifar.optim import build_optimizer, build_scheduler, lr_factor
-from fastcifar.report import duration
 from fastcifar.pipelines.loader import make_loader
 from fastcifar.pipelines.spec import mean_std
+from fastcifar.report import duration
+from fastcifar.signals import StopSignals
 
 NONE_YET = 2 ** 62  # "no non-finite loss seen" in the device-side first-bad-step tracker
 
@@ -116,7 +118,7 @@ class Trainer:
             self._exit.close()
             raise
         self.run = RunDir(self.out, self.summary, writes=self.main)
-        self.stop = runtime.StopSignals(self.say)
+        self.stop = StopSignals(self.say)
 
     def _build(self, data_dir, resume) -> None:
         """The run's parts, each built from the ones before: where it runs, the lock on its directory,

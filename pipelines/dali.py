@@ -50,7 +50,7 @@ import nvidia.dali
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
-from fastcifar import BadInput
+from fastcifar.errors import BadInput
 from fastcifar.pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw, may, mean_grey
 from fastcifar.pipelines.spec import AugSpec
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastcifar import BadInput, shown
+from fastcifar.errors import BadInput, shown
 from fastcifar.pipelines.spec import AugSpec, mean_std
 
 BACKENDS = ("auto", "dali", "torch", "tutorial")

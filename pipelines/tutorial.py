@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastcifar import BadInput, shown
+from fastcifar.errors import BadInput, shown
 from fastcifar.pipelines import torch_backend as tb
 from fastcifar.pipelines.draw import SIDE, draw
 from fastcifar.pipelines.spec import AugSpec

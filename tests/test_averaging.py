@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint
+from fastcifar import checkpoint
 from fastcifar.averaging import EMA, hflip, predict
 from fastcifar.data import open_store
+from fastcifar.errors import BadInput
 from fastcifar.pipelines.loader import dali_available, make_loader
 from fastcifar.pipelines.spec import AugSpec
 from test_cli_paths import cli, one_paragraph

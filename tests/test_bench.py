@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcifar import BadInput, bench
+from fastcifar import bench
+from fastcifar.errors import BadInput
 from fastcifar.pipelines.loader import dali_available
 
 ROW_KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec"}

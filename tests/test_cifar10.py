@@ -17,8 +17,9 @@ import pytest
 
 import fastcifar.train as T
 from cifar_fixture import CIFAR10_TRAIN, expected_images, field, make_split, md5, write_official
-from fastcifar import BadInput, owned
+from fastcifar import owned
 from fastcifar import data as fdata
+from fastcifar.errors import BadInput
 from test_train import QUIET, info, metrics, tiny
 
 LOG = dict(log=lambda *_: None)

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, doctor
+from fastcifar import doctor
 from fastcifar.doctor import STEPS, Step
+from fastcifar.errors import BadInput
 from fastcifar.pipelines.loader import dali_available
 
 QUIET = lambda *a, **k: None  # noqa: E731

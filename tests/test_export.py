@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 
 import fastcifar.export as ex
-from fastcifar import BadInput, checkpoint, owned
+from fastcifar import checkpoint, owned
 from fastcifar.config import from_dict
 from fastcifar.data import open_store, prepare
+from fastcifar.errors import BadInput
 from fastcifar.models import build_model
 import fastcifar.predict as pr
+from fastcifar.pipelines.loader import make_loader
 from fastcifar.predict import gather, predict, read_image
 from fastcifar.train import evaluate_checkpoint, train
-from fastcifar.pipelines.loader import make_loader
 from test_train import info, tiny
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from cifar_fixture import make_split, md5, write_official
-from fastcifar import BadInput
 from fastcifar import data as fdata
+from fastcifar.errors import BadInput
 
 QUIET = dict(log=lambda *_: None)
 SMALL = dict(synthetic=True, n_train=200, n_test=100, **QUIET)

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastcifar import BadInput, checkpoint, jsonio, shown
+from fastcifar import checkpoint, jsonio
 from fastcifar import data as fdata
 from fastcifar.config import from_dict, to_dict
+from fastcifar.errors import BadInput, shown
 from test_cli_paths import cli, one_paragraph
 from test_train import QUIET, tiny
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint, config
+from fastcifar import checkpoint, config
 from fastcifar.data import prepare
+from fastcifar.errors import BadInput
 from test_cli_paths import cli, one_paragraph
 from test_train import QUIET, copy_run, fit, info, store, tiny  # noqa: F401 (store: the fixture)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcifar import BadInput
+from fastcifar.errors import BadInput
 from fastcifar.pipelines import AugSpec, make_loader
 from fastcifar.pipelines.loader import dali_available
 from fastcifar.pipelines.spec import tutorial_oneof

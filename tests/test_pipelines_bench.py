@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import BadInput
 from fastcifar import bench
+from fastcifar.errors import BadInput
 from pipelines_helpers import needs_dali
 
 KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec", "aug"}

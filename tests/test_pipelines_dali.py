@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcifar import BadInput
+from fastcifar.errors import BadInput
 from fastcifar.pipelines import AugSpec, make_loader
 from fastcifar.pipelines.draw import batch_rng, draw
 from fastcifar.pipelines.spec import tutorial_oneof

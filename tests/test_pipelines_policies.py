@@ -17,7 +17,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 import golden_aug
-from fastcifar import BadInput
+from fastcifar.errors import BadInput
 from fastcifar.pipelines import AugSpec, make_loader
 from fastcifar.pipelines import torch_backend as tb
 from fastcifar.pipelines.draw import BINS, COLOUR_STEPS, batch_rng, draw, policy_params, policy_space

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint, timing
+from fastcifar import checkpoint, timing
 from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict
 from fastcifar.data import prepare
+from fastcifar.errors import BadInput
 from loader_spy import LoaderSpy
 from test_train import QUIET, fit, info, metrics, tiny
 from test_train_pins import fixed_scores

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint, owned
+from fastcifar import checkpoint, owned
 from fastcifar.config import Recipe, Schedule
 from fastcifar.data import open_store, prepare
+from fastcifar.errors import BadInput
 from fastcifar.models import build_model, net_from_checkpoint
 from fastcifar.optim import lr_factor, param_groups, peak_lr
 from loader_spy import LoaderSpy

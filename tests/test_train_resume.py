@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint, config, runtime
+from fastcifar import checkpoint, config, runtime
 from fastcifar import dist as fdist
+from fastcifar.errors import BadInput
 from fastcifar.optim import lr_factor, peak_lr
 from test_train import QUIET, fit, info, metrics, store, tiny  # noqa: F401 (store: the fixture)
 

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from fastcifar import BadInput, runtime
+from fastcifar import runtime
 from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict
+from fastcifar.errors import BadInput
 from test_runtime import flags, odd_flags  # noqa: F401 (odd_flags: the fixture)
 from test_train import fit, info, store, tiny  # noqa: F401 (store: the fixture)
 

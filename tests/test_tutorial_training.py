@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint
+from fastcifar import checkpoint
+from fastcifar.errors import BadInput
 from fastcifar.models import build_model, init_from
 from test_train import QUIET, fit, info, interrupt_at, resume_matches_straight, store, tiny  # noqa: F401 (store: the fixture)
 
