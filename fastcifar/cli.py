@@ -160,18 +160,18 @@ def train(
     train.amp=auto (the default) trains in bf16 on GPUs with bf16 tensor cores, fp16 on older ones and
     fp32 on CPUs without native bf16; the first lines say which and why.
     """
-    from fastcifar import checkpoint, config
-    from fastcifar.train import Diverged, Interrupted
+    from fastcifar import config
+    from fastcifar.train import Diverged, Interrupted, last_checkpoint
     from fastcifar.train import train as run_train
 
     try:  # a Ctrl-C anywhere in here (loading a recipe, preparing the store) exits 130 too
+        last = None
         if resume is not None:
-            ck = checkpoint.load(resume / "last.pt", need="resume")
-            r, info = config.from_dict(ck["recipe"]), dict(ck["info"])
+            last = last_checkpoint(resume)  # read once: the recipe here, the run's state in train
+            r, info = config.from_dict(last["recipe"]), dict(last["info"])
             if recipe is not None and recipe not in (info["name"], info.get("path")):
                 raise BadInput(f"--resume {resume} continues a run of {info['name']!r}, not {recipe!r}; drop RECIPE "
                                f"or start a new run without --resume.")
-            del ck
         elif recipe is None:
             raise BadInput("Name a recipe to train (`fastcifar recipes` lists them), or --resume RUN_DIR.")
         else:
@@ -179,7 +179,7 @@ def train(
         config.apply_overrides(r, overrides)
         if overrides:
             info["overrides"] = list(info.get("overrides", [])) + list(overrides)
-        run_train(r, info, out=out, data_dir=data_dir, resume=resume)
+        run_train(r, info, out=out, data_dir=data_dir, resume=resume, last=last)
     except Interrupted as e:
         typer.echo(str(e), err=True)
         sys.exit(130)

@@ -57,10 +57,11 @@ class Diverged(Exception):
 
 
 def train(r: Recipe, info: dict, out: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
-          resume: str | os.PathLike | None = None, log=print) -> dict:
+          resume: str | os.PathLike | None = None, log=print, last: dict | None = None) -> dict:
     """Train recipe r (info: name, description, parent, source) and return summary.json's dict.
-    resume: a run directory whose last.pt to continue from (then out defaults to it)."""
-    with Trainer(r, info, out=out, data_dir=data_dir, resume=resume, log=log) as trainer:
+    resume: a run directory whose last.pt to continue from (then out defaults to it); last: that
+    last.pt when the caller has read it already (last_checkpoint), emptied once restored."""
+    with Trainer(r, info, out=out, data_dir=data_dir, resume=resume, log=log, last=last) as trainer:
         return trainer.fit()
 
 
@@ -69,7 +70,7 @@ class Progress:
     """Where a run is. Saved in every checkpoint beside the modules' states; resume restores it."""
 
     epoch: int = 0                      # epochs done
-    batch: int = 0                      # batches done of the epoch in progress (a mid-epoch stop)
+    batches_done: int = 0               # of the epoch in progress (a mid-epoch stop)
     step: int = 0                       # optimizer steps done
     best: dict = dataclasses.field(default_factory=lambda: {"score": -1.0, "epoch": 0})  # the selected epoch
     history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch done
@@ -83,15 +84,15 @@ class Progress:
         return self.elapsed + time.perf_counter() - self.started
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.batch, "step": self.step, "best": self.best,
+        return {"epoch": self.epoch, "step_in_epoch": self.batches_done, "step": self.step, "best": self.best,
                 "history": self.history, "partial": self.partial, "wall_seconds": self.wall_seconds(),
                 "partial_time": self.partial_time, "provenance": self.provenance}
 
     def load_state_dict(self, d: dict) -> None:
-        self.epoch, self.batch, self.step = d["epoch"], d["step_in_epoch"], d["step"]
+        self.epoch, self.batches_done, self.step = d["epoch"], d["step_in_epoch"], d["step"]
         self.best, self.history, self.elapsed = d["best"], d["history"], d["wall_seconds"]
-        self.partial = d["partial"] if self.batch else None
-        self.partial_time = d["partial_time"] if self.batch else None
+        self.partial = d["partial"] if self.batches_done else None
+        self.partial_time = d["partial_time"] if self.batches_done else None
         self.provenance = list(d["provenance"])
 
 
@@ -99,7 +100,7 @@ class Trainer:
     """One run of a recipe, built once; `fit()` trains it. A context manager: leaving it restores
     the backend flags, leaves the process group and unlocks the run directory."""
 
-    def __init__(self, r: Recipe, info: dict, out=None, data_dir=None, resume=None, log=print):
+    def __init__(self, r: Recipe, info: dict, out=None, data_dir=None, resume=None, log=print, last=None):
         r.validate()
         # --resume RUN continues RUN in its own directory; with --out NEW, in NEW (new or empty), RUN only read
         self.in_place = resume is not None and (out is None or Path(out).resolve() == Path(resume).resolve())
@@ -113,14 +114,14 @@ class Trainer:
             f"check model.name and head.embed_dim (now {r.head.embed_dim}), or use a smaller model."))
         try:
             with runtime.out_of_memory_as(too_big):
-                self._build(data_dir, resume)
+                self._build(data_dir, resume, last)
         except BaseException:
             self._exit.close()
             raise
         self.run = RunDir(self.out, self.summary, writes=self.main)
         self.stop = StopSignals(self.say)
 
-    def _build(self, data_dir, resume) -> None:
+    def _build(self, data_dir, resume, ck) -> None:
         """The run's parts, each built from the ones before: where it runs, the lock on its directory,
         what the recipe names outside itself (checked in a moment), the checkpoint it continues, the
         data, the model and its optimizer, the resumed state, the nets the steps run."""
@@ -130,9 +131,9 @@ class Trainer:
         check_refs(self.r.model, resume is not None)  # what takes a moment to check, before the data set's download
         if self.r.distill.teacher:
             teacher_path(self.r)
-        ck = None
         if resume is not None:  # checked before anything is written; the run continues on its own store
-            ck = self._resume_checkpoint(resume)
+            ck = last_checkpoint(resume) if ck is None else ck
+            check_resume(self.r, ck, resume)
             if self.in_place and self.main:
                 checkpoint.check_own_run(self.out, f"Continuing the run here would replace {{it}}. To continue a run "
                                          f"copied from elsewhere, continue it into a new directory, which reads "
@@ -145,9 +146,10 @@ class Trainer:
         self.progress = Progress()
         if ck is not None:
             self.load_state_dict(ck, Path(resume) / "last.pt")
+            ck.clear()  # the caller's reference too: a run does not keep a second copy of its state in memory
             p = self.progress
-            self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batch + 1}" if p.batch else "") + "."
-                     + self.extension_note())
+            self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batches_done + 1}" if p.batches_done
+                                                                     else "") + "." + self.extension_note())
         self._nets()
 
     def _place(self) -> None:
@@ -160,7 +162,7 @@ class Trainer:
         if r.data.batch_size % self.world:
             raise BadInput(f"data.batch_size = {r.data.batch_size} is the global batch and must divide evenly "
                            f"over the {self.world} ranks; pick a multiple of {self.world}.")
-        self.batch = r.data.batch_size // self.world  # per rank
+        self.per_rank_batch = r.data.batch_size // self.world
         self.amp, self.amp_reason = runtime.resolve_amp(self.device, rt.amp)
         self.aug = fed_aug(r.aug, self.amp)
         self.dtype_note = (f"aug.dtype = {r.aug.dtype} read as float32: the step runs in fp32 here"
@@ -182,16 +184,6 @@ class Trainer:
                     raise
                 self.out = new_run_dir(self.info["name"])
 
-    def _resume_checkpoint(self, resume) -> dict:
-        """The last.pt of the run `resume` continues, checked against this recipe."""
-        ck_path = Path(resume) / "last.pt"
-        if not ck_path.is_file():
-            raise BadInput(f"--resume {resume}: there is no {ck_path} to continue from (a run writes last.pt at the "
-                           f"end of its first epoch, or when stopped); start it again without --resume.")
-        ck = checkpoint.load(ck_path, need="resume")
-        check_resume(self.r, ck, resume)
-        return ck
-
     def _data(self, data_dir, ck, resume) -> None:
         """The store, the train/val/test rows, one loader per split (and the KD teacher, whose input
         size the train loader needs)."""
@@ -204,15 +196,17 @@ class Trainer:
         self.teacher, teacher_recipe = (load_teacher(r, self.device, self.store) if r.distill.teacher
                                         else (None, None))
         train_rows, val_rows, test_rows = split_rows(len(self.store.labels("train")), len(self.store.labels("test")), r.data)
-        common = dict(backend=r.data.backend, device=self.device, seed=rt.seed, shard=(self.rank, self.world))
+        common = dict(spec=self.aug, batch_size=self.per_rank_batch, backend=r.data.backend, device=self.device,
+                      seed=rt.seed, shard=(self.rank, self.world))
         # distillation: the student's and the teacher's view; multi-scale training: one view per scale
         sizes = ((r.aug.image_size, teacher_recipe.aug.image_size) if self.teacher is not None
                  else tuple(r.loss.scales) or None)
-        self.train_loader = make_loader(self.store, "train", self.aug, self.batch, shuffle=r.data.shuffle,
-                                        drop_last=r.data.drop_last, indices=train_rows, augment=True, sizes=sizes, **common)
-        self.test_loader = make_loader(self.store, "test", self.aug, self.batch, indices=test_rows, augment=False, **common)
-        self.val_loader = (make_loader(self.store, "train", self.aug, self.batch, indices=val_rows, augment=False, **common)
+        self.train_loader = make_loader(self.store, "train", shuffle=r.data.shuffle, drop_last=r.data.drop_last,
+                                        indices=train_rows, augment=True, sizes=sizes, **common)
+        self.test_loader = make_loader(self.store, "test", indices=test_rows, augment=False, **common)
+        self.val_loader = (make_loader(self.store, "train", indices=val_rows, augment=False, **common)
                            if val_rows is not None else None)
+        self.selection = "val" if val_rows is not None else "test"  # the split best.pt's epoch is chosen on
 
     def _model(self, ck) -> None:
         """Model, EMA, optimizer, LR schedule (over the epochs it was first built for: schedule_epochs),
@@ -285,13 +279,16 @@ class Trainer:
             self.progress.started = time.perf_counter()  # wall_seconds continues across resumes
             with runtime.out_of_memory_as(self.out_of_memory):
                 for epoch in range(self.progress.epoch, self.r.train.epochs):
-                    if self.at_target():
+                    if self.reached_target():
                         break
-                    stats = self.train_epoch(epoch, self.progress.batch)
+                    stats = self.train_epoch(epoch, self.progress.batches_done)
                     self.end_epoch(epoch, stats)
                     if fdist.any_rank(self.stop.requested, self.device):
                         self.interrupt(f"Interrupted after epoch {epoch + 1}")
-            result = self.run.finish(self.at_target() or "completed")
+            rt = self.r.train
+            epoch = timing.target_epoch(self.progress.history, rt.target_acc, self.selection)
+            result = self.run.finish(f"reached train.target_acc = {rt.target_acc:g}% ({self.selection}) at epoch {epoch}"
+                                     if self.reached_target() else "completed")
             self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
                      + (f" (selected on val: {result['best_val_acc']:.2f}%)" if result["selection"] == "val" else "")
                      + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}"
@@ -312,7 +309,8 @@ class Trainer:
         if p.partial is not None and self.main:
             sums += p.partial.to(self.device)
         p.partial = None
-        bar = tqdm(total=len(self.train_loader) * self.batch * world, initial=start_batch * self.batch * world,
+        per_step = self.per_rank_batch * world  # images
+        bar = tqdm(total=len(self.train_loader) * per_step, initial=start_batch * per_step,
                    unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{rt.epochs}", leave=False, mininterval=1.0,
                    disable=None if self.main else True)  # None: on a terminal only (a log file gets the epoch lines)
         t0, images_trained = time.perf_counter(), 0
@@ -336,7 +334,7 @@ class Trainer:
             if at_log:
                 self.log_point(epoch, sums, bar)
             if (at_log or world == 1) and fdist.any_rank(self.stop.requested, self.device):
-                p.batch, p.partial = i + 1, fdist.all_reduce(sums.clone()).cpu()
+                p.batches_done, p.partial = i + 1, fdist.all_reduce(sums.clone()).cpu()
                 p.partial_time = self.clock.saved()
                 self.run.checkpoint(self.state_dict(), best=False)
                 self.interrupt(f"Interrupted at epoch {epoch + 1}, step {p.step}")
@@ -400,20 +398,20 @@ class Trainer:
         m.update(lr=self.lr, images_per_sec=self.clock.images_per_sec(train_seconds, stats["images"], self.world),
                  epoch_seconds=time.perf_counter() - stats["t0"], wall_seconds=p.wall_seconds())
         m.update(self.clock.metrics(train_seconds))
-        saved = (p.epoch, p.batch, p.best, len(p.history))  # what the files hold until this epoch's are written
+        saved = (p.epoch, p.batches_done, p.best, len(p.history))  # what the files hold until this epoch's are written
 
         def undo():
-            p.epoch, p.batch, p.best = saved[:3]
+            p.epoch, p.batches_done, p.best = saved[:3]
             del p.history[saved[3]:]
 
         p.history.append(m)
         w = "_ema" if self.r.train.select_on == "ema" else ""  # best.pt's epoch: on the raw or the EMA weights
-        score = m[f"val_acc{w}"] if self.val_loader is not None else m[f"test_acc{w}"]
+        score = m[f"{self.selection}_acc{w}"]
         improved = score > p.best["score"]
         if improved:
             p.best = {"score": score, "epoch": epoch + 1, "test_acc": m[f"test_acc{w}"], "test_top5": m[f"test_top5{w}"],
                       **({"val_acc": m[f"val_acc{w}"]} if self.val_loader is not None else {})}
-        p.epoch, p.batch = epoch + 1, 0
+        p.epoch, p.batches_done = epoch + 1, 0
         self.run.checkpoint(self.state_dict(), best=improved, undo=undo)  # first: the log never names an epoch without one
         self.run.epoch(m)
         left = (self.r.train.epochs - epoch - 1) * (m["wall_seconds"] / max(1, len(p.history)))
@@ -442,11 +440,10 @@ class Trainer:
         return (f" The LR schedule keeps the {n} epoch{'s' * (n != 1)} it was built for; {extra} "
                 f"{'trains' if first == rt.epochs else 'train'} at its final LR {lr:.3g}.")
 
-    def at_target(self) -> str | None:
-        """Why the run ends here, when train.stop_at_target is set and an epoch reached train.target_acc."""
-        rt, selection = self.r.train, "val" if self.val_loader is not None else "test"
-        reached = timing.target_epoch(self.progress.history, rt.target_acc, selection) if rt.stop_at_target else None
-        return f"reached train.target_acc = {rt.target_acc:g}% ({selection}) at epoch {reached}" if reached else None
+    def reached_target(self) -> bool:
+        """Whether train.stop_at_target ends the run here: an epoch has reached train.target_acc."""
+        rt = self.r.train
+        return rt.stop_at_target and timing.target_epoch(self.progress.history, rt.target_acc, self.selection) is not None
 
     def out_of_memory(self, e: RuntimeError) -> BadInput:
         """A batch the device cannot hold: summary.json says so, last.pt keeps the last whole epoch
@@ -535,7 +532,6 @@ class Trainer:
         """summary.json's dict (RunDir writes it)."""
         p, history = self.progress, self.progress.history
         last = history[-1] if history else {}
-        selection = "val" if self.val_loader is not None else "test"
         s = {"recipe": self.info["name"], "description": self.info.get("description", ""),
              "best_acc": p.best.get("test_acc"), "best_epoch": p.best["epoch"] or None,
              "final_acc": last.get("test_acc"), "final_top5": last.get("test_top5"),
@@ -543,14 +539,14 @@ class Trainer:
              "train_images_per_sec": mean_speed(history),
              "wall_seconds": p.wall_seconds(), "device": self.device_name(),
              "backend": self.train_loader.backend, "world_size": self.world, "synthetic": self.store.synthetic,
-             "selection": selection, "model": self.r.model.name, "image_size": self.r.aug.image_size,
+             "selection": self.selection, "model": self.r.model.name, "image_size": self.r.aug.image_size,
              "amp": self.amp, "finished": finished, "stop_reason": reason}
         s.update(select_on=self.r.train.select_on, tta=self.r.train.tta,  # which weights best_acc is, and how evaluated
                  **({"final_acc_ema": last.get("test_acc_ema")} if self.ema is not None else {}))
-        if selection == "val":
+        if self.selection == "val":
             s.update(best_val_acc=p.best.get("val_acc"), best_val_epoch=p.best["epoch"] or None,
                      test_acc_at_best_val=p.best.get("test_acc"))
-        s.update(timing.run_fields(history, self.r.train.target_acc, selection))
+        s.update(timing.run_fields(history, self.r.train.target_acc, self.selection))
         s["provenance"] = provenance.for_summary(p.provenance)
         return s
 
@@ -654,6 +650,15 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
 RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.amp", "train.compile", "data.backend",
              "train.target_acc", "train.stop_at_target",
              "model.sync_bn")  # SyncBN: how the global batch's statistics are gathered, as the number of ranks is
+
+
+def last_checkpoint(run_dir) -> dict:
+    """The last.pt that --resume run_dir continues from."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise BadInput(f"--resume {run_dir}: there is no {path} to continue from (a run writes last.pt at the end of "
+                       f"its first epoch, or when stopped); start it again without --resume.")
+    return checkpoint.load(path, need="resume")
 
 
 def check_resume(r: Recipe, ck: dict, run_dir) -> None:

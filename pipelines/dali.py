@@ -313,8 +313,8 @@ def _release(held: collections.deque) -> None:
 class DaliBackend:
     """Batches of a split through the DALI graph (GPU, or CPU mode without one)."""
 
-    def __init__(self, store, split, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
-                 mean, std, batch_size: int):
+    def __init__(self, store, split, *, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int, mean, std,
+                 batch_size: int):
         check_dali()
         self.spec, self.sizes, self.device, self.seed, self.rank = spec, sizes, device, seed, rank
         self.augment, self.mean, self.std, self.batch_size = augment and spec.augments, mean, std, batch_size

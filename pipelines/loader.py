@@ -140,16 +140,16 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
     elif backend == "dali" and not dali_available():
         raise BadInput("backend 'dali' needs NVIDIA DALI, which does not import here (pip install "
                        "nvidia-dali-cuda120, Linux only); use backend 'torch', or 'auto' to take DALI where it is.")
-    args = (store, split, spec, sizes, device, train, seed, rank, mean, std)
+    kw = dict(spec=spec, sizes=sizes, device=device, augment=train, seed=seed, rank=rank, mean=mean, std=std)
     if backend == "torch":
         from fastcifar.pipelines.torch_backend import TorchBackend
-        impl = TorchBackend(*args)
+        impl = TorchBackend(store, split, **kw)
     elif backend == "dali":
         from fastcifar.pipelines.dali import DaliBackend
-        impl = DaliBackend(*args, batch_size=batch_size)
+        impl = DaliBackend(store, split, batch_size=batch_size, **kw)
     else:
         from fastcifar.pipelines.tutorial import TutorialBackend
-        impl = TutorialBackend(*args)
+        impl = TutorialBackend(store, split, **kw)
     loader = Loader(impl, rows, batch_size, seed, shard, shuffle, drop_last, train, multi)
     if train and loader.num_batches == 0:
         raise BadInput(f"A training batch of {batch_size} images is larger than this shard's {len(rows) // world} "

@@ -215,8 +215,7 @@ def to_device(store, split: str, device: torch.device) -> tuple[torch.Tensor, to
 class TorchBackend:
     """Batches of a split as batched tensor ops on the device."""
 
-    def __init__(self, store, split, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
-                 mean, std):
+    def __init__(self, store, split, *, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int, mean, std):
         self.name, self.spec, self.sizes, self.device = "torch", spec, sizes, device
         self.augment, self.seed, self.rank = augment and spec.augments, seed, rank
         self.images, self.labels = to_device(store, split, device)

@@ -139,8 +139,8 @@ class TutorialDataset(torch.utils.data.Dataset):
 class TutorialBackend:
     """Batches from a torch DataLoader over TutorialDataset, WORKERS processes, one epoch each."""
 
-    def __init__(self, store, split, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
-                 mean, std, workers: int = WORKERS):
+    def __init__(self, store, split, *, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int, mean, std,
+                 workers: int = WORKERS):
         self.name, self.spec, self.device, self.seed, self.rank = "tutorial", spec, device, seed, rank
         self.workers = min(workers, len(os.sched_getaffinity(0)))
         alb = albumentations_available()

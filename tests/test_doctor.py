@@ -99,7 +99,7 @@ def test_a_resume_that_skips_a_step_fails_the_resume_check(tmp_path, monkeypatch
 
     def skip_one(self, d):
         real(self, d)
-        self.batch += 1  # the resumed epoch starts a batch too late
+        self.batches_done += 1  # the resumed epoch starts a batch too late
 
     monkeypatch.setattr(T.Progress, "load_state_dict", skip_one)
     code, text, report = inline([BY_NAME["resume"]], tmp_path)
