@@ -43,19 +43,7 @@ def device_label(device: torch.device) -> str:
 
 def measure(loader, device: torch.device, warmup: int, repeats: int, batches: int) -> float:
     """Median images/s over `repeats` runs of `batches` batches, after `warmup` batches."""
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    _sync(device)
-    rates = []
-    for _ in range(repeats):
-        n, t = 0, time.perf_counter()
-        for _ in range(batches):
-            _, labels = next(it)
-            n += len(labels)
-        _sync(device)  # the loader's work is done, not just queued
-        rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates)
+    return _time_steps(lambda images, labels: None, iter(loader), device, warmup, repeats, batches)[0]
 
 
 def pipeline_augs() -> dict[str, dict]:
@@ -461,18 +449,18 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_json_path(path: Path, option: str = "--json") -> None:
+def check_json_path(path: Path, option: str = "--json", by: str = "bench") -> None:
     """BadInput unless a file can be written at path (its folder is made if missing) without
-    replacing anything but a file a bench wrote there (owned.py)."""
-    example = "bench.json" if option == "--json" else "bench.png"
+    replacing anything but a file `fastcifar by` wrote there (owned.py)."""
+    example = f"{by}.json" if option == "--json" else f"{by}.png"
     if str(path) == "-":  # the usual name of stdout, where the tables go; not a file named -
-        raise BadInput(f"{option} - : bench prints its tables to stdout and writes {option} to a file; give a "
-                       f"path such as {example}.")
+        raise BadInput(f"{option} - : {by} prints to stdout and writes {option} to a file; give a path such as "
+                       f"{example}.")
     if path.is_dir():
         raise BadInput(f"{option} {path} is a directory; give a file path such as {path / example}.")
     if option == "--plot" and path.suffix.lower() != ".png":
         raise BadInput(f"--plot {path}: the picture is a PNG; name it *.png, e.g. {path.with_suffix('.png')}.")
-    owned.check([path], "bench", f"The bench would replace {{it}}: move {{it}} away, or choose another {option} path.")
+    owned.check([path], by, f"{by} would replace {{it}}: move {{it}} away, or choose another {option} path.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):  # a file made and removed: the folder takes new files
@@ -484,13 +472,13 @@ def check_json_path(path: Path, option: str = "--json") -> None:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable {option} path.")
 
 
-def write_json(path: Path, obj) -> None:
-    """checkpoint.write_json (atomic; replacing only a file a bench wrote), with an unwritable path as bad input."""
+def write_json(path: Path, obj, by: str = "bench") -> None:
+    """checkpoint.write_json (atomic; replacing only a file `fastcifar by` wrote), an unwritable path bad input."""
     from fastcifar.checkpoint import write_json as atomic_json
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_json(path, obj, by="bench")
+        atomic_json(path, obj, by=by)
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")
 

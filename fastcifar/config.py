@@ -8,6 +8,7 @@ of `train.epochs` never leaves a stale step count behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -265,8 +266,7 @@ class Recipe:
                            f"soft targets; use head.kind=linear or set aug.mixup_alpha and aug.cutmix_alpha to 0.")
         if self.aug.dtype != "float32" and self.train.amp == "none":
             raise BadInput(f"aug.dtype = {shown(self.aug.dtype)} hands the model {self.aug.dtype} images, but train.amp = "
-                           f"none runs it in fp32, and an fp32 layer refuses {self.aug.dtype} input at the first step. "
-                           f"Reduced-precision images are for autocast: set train.amp=auto (or bf16 / fp16), or "
+                           f"none runs it in fp32, which refuses them; set train.amp=auto (or bf16, fp16) or "
                            f"aug.dtype=float32.")
         if self.loss.scales and self.distill.teacher:
             raise BadInput(f"loss.scales = {shown(self.loss.scales)} (multi-scale training) and distill.teacher = "
@@ -293,21 +293,18 @@ def check_types(r: Recipe) -> Recipe:
         if not isinstance(obj, cls):
             raise BadInput(f"recipe section {section} was replaced by a {type(obj).__name__}; it must stay a "
                            f"{cls.__name__} (change its fields instead).")
-        for name, t in _hints(cls).items():
+        for name, t in typing.get_type_hints(cls).items():
             value = getattr(obj, name)
             try:
-                setattr(obj, name, _strict(value, t))
+                setattr(obj, name, _as(value, t, parse=False))
             except _Wrong:
-                raise BadInput(f"{section}.{name} = {shown(value)}: expected {_type_name(t)}, got a {type(value).__name__}.")
+                raise BadInput(f"{section}.{name} = {shown(value)}: expected {_type_name(t)}, got a "
+                               f"{type(value).__name__}.")
     return r
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def section_types() -> dict[str, type]:
-    return _hints(Recipe)
+    return typing.get_type_hints(Recipe)
 
 
 def valid_keys() -> list[str]:
@@ -337,106 +334,54 @@ class _Wrong(Exception):
     pass
 
 
-def _coerce(value, t):
-    """value (a str from the command line, or a JSON value) as type t; _Wrong if it is not one."""
-    origin = typing.get_origin(t)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(t)
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto"))):
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a)
-            except _Wrong:
-                pass
-        raise _Wrong
-    if origin is tuple:
-        args = typing.get_args(t)
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    items = jsonio.loads(text, "the list")
-                except BadInput:  # not JSON, or nested deeper than any field's type
-                    raise _Wrong
-            else:
-                text = text.strip("()")
-                items = [v.strip() for v in text.split(",") if v.strip()] if text else []
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            raise _Wrong
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in items)
-        if len(items) != len(args):
-            raise _Wrong
-        return tuple(_coerce(v, a) for v, a in zip(items, args))
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise _Wrong
-    if t is int:
-        if isinstance(value, bool):
-            raise _Wrong
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                raise _Wrong
-        raise _Wrong
-    if t is float:
-        if isinstance(value, bool):
-            raise _Wrong
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _Wrong
-        raise _Wrong
-    if t is str:
-        if isinstance(value, str):
-            return value
-        raise _Wrong
-    raise _Wrong
+BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
-def _strict(value, t):
-    """value as type t if it already is one (an int may stand for a float, a list for a tuple);
-    _Wrong otherwise. Unlike _coerce, no string is parsed: this checks values set in Python."""
+def _as(value, t, parse: bool):
+    """value as type t, or _Wrong. parse: value may be text to parse (--set; JSON, whose numbers
+    arrive as numbers); else it must be one already (a recipe's Python), an int standing for a
+    float and a list for a tuple."""
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(t):
-            return None
+        if value is None or parse and isinstance(value, str) and value.lower() in ("none", "null", "auto"):
+            if type(None) in typing.get_args(t):
+                return None
         for a in typing.get_args(t):
             if a is not type(None):
-                try:
-                    return _strict(value, a)
-                except _Wrong:
-                    pass
+                with contextlib.suppress(_Wrong):
+                    return _as(value, a, parse)
         raise _Wrong
     if origin is tuple:
-        if not isinstance(value, (tuple, list)):
+        if parse and isinstance(value, str):
+            text = value.strip()
+            try:  # JSON (a list nested deeper than any field's type is refused there), or comma-separated
+                value = jsonio.loads(text, "the list") if text.startswith("[") else \
+                    [v.strip() for v in text.strip("()").split(",") if v.strip()]
+            except BadInput:
+                raise _Wrong
+        if not isinstance(value, (list, tuple)):
             raise _Wrong
         args = typing.get_args(t)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_strict(v, args[0]) for v in value)
-        if len(value) != len(args):
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else args
+        if len(value) != len(kinds):
             raise _Wrong
-        return tuple(_strict(v, a) for v, a in zip(value, args))
-    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if t in (bool, int, str) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
-        return value
+        return tuple(_as(v, k, parse) for v, k in zip(value, kinds))
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if parse and isinstance(value, str) and value.lower() in BOOLS:
+                return BOOLS[value.lower()]
+        elif t is str:
+            if isinstance(value, str):
+                return value
+        elif not isinstance(value, bool):  # int, float: a bool is an int to Python, never a number here
+            if isinstance(value, int) or t is float and isinstance(value, float):
+                return t(value)
+            if parse and isinstance(value, str):
+                return int(value.replace("_", "")) if t is int else float(value)
+    except (ValueError, OverflowError):
+        pass
     raise _Wrong
 
 
@@ -445,7 +390,7 @@ def _field_type(section: str, name: str):
     if cls is None:
         raise BadInput(f"Unknown recipe section {shown(section)}; the sections are {', '.join(SECTIONS)}. "
                        f"Valid keys: {', '.join(valid_keys())}.")
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     if name not in hints or name.startswith("_"):
         keys = [k for k in valid_keys() if k.startswith(section + ".")]
         raise BadInput(f"Unknown key {section}.{name}; valid keys of {section} are: {', '.join(keys)}.")
@@ -463,7 +408,7 @@ def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
         section, name = key.split(".")
         t = _field_type(section, name)
         try:
-            v = _coerce(value, t)
+            v = _as(value, t, parse=True)
         except _Wrong:
             raise BadInput(f"--set {key}={shown(value)}: {key} expects {_type_name(t)}.")
         setattr(getattr(r, section), name, v)
@@ -488,7 +433,7 @@ def from_dict(d: dict) -> Recipe:
         for name, value in fields.items():
             t = _field_type(section, name)
             try:
-                setattr(getattr(r, section), name, _coerce(value, t))
+                setattr(getattr(r, section), name, _as(value, t, parse=True))
             except _Wrong:
                 raise BadInput(f"recipe field {section}.{name} = {shown(value)}: expected {_type_name(t)}.")
     return r
@@ -602,6 +547,19 @@ def _at(e: BaseException, path: Path, source: str) -> str:
     return f" At {path}:{line}: {code if len(code) <= 200 else code[:180] + ' ...'}"
 
 
+def _recipe_code(call, path: Path, source: str, what: str):
+    """call(): the recipe's own code, whose exceptions (a BaseException too, but Ctrl-C) are its
+    fault: BadInput naming the recipe's line."""
+    try:
+        return call()
+    except (BadInput, KeyboardInterrupt):
+        raise
+    except SystemExit as e:
+        raise BadInput(f"Recipe {path}: {what} called sys.exit({shown(e.code)}); a recipe only returns a Recipe.")
+    except BaseException as e:
+        raise BadInput(f"Recipe {path}: {what} raised {why(e)}.{_at(e, path, source)}")
+
+
 def load(ref: str) -> tuple[Recipe, dict]:
     """(Recipe, info) from a recipe path or name; info = {name, description, parent, path, source}."""
     path = _resolve(ref)
@@ -620,26 +578,11 @@ def load(ref: str) -> tuple[Recipe, dict]:
     module = importlib.util.module_from_spec(spec)
     _loading.append((path, []))
     try:
-        try:
-            spec.loader.exec_module(module)
-        except (BadInput, KeyboardInterrupt):
-            raise
-        except SystemExit as e:
-            raise BadInput(f"Recipe {path} called sys.exit({shown(e.code)}) while loading; a recipe only defines recipe().")
-        except BaseException as e:  # GeneratorExit or a recipe's own BaseException too: still the recipe's fault
-            raise BadInput(f"Recipe {path} failed to load: {why(e)}.{_at(e, path, source)}")
+        _recipe_code(lambda: spec.loader.exec_module(module), path, source, "loading it")
         fn = getattr(module, "recipe", None)
         if not callable(fn):
-            raise BadInput(f"Recipe {path} defines no recipe() function; a recipe file defines "
-                           f"`def recipe() -> Recipe`.")
-        try:
-            r = fn()
-        except (BadInput, KeyboardInterrupt):
-            raise
-        except SystemExit as e:
-            raise BadInput(f"Recipe {path}: recipe() called sys.exit({shown(e.code)}); it should return a Recipe.")
-        except BaseException as e:
-            raise BadInput(f"Recipe {path}: recipe() raised {why(e)}.{_at(e, path, source)}")
+            raise BadInput(f"Recipe {path} defines no recipe() function: `def recipe() -> Recipe`.")
+        r = _recipe_code(fn, path, source, "recipe()")
         parents = _loading[-1][1]
     finally:
         _loading.pop()

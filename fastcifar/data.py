@@ -58,13 +58,8 @@ IMAGE_SHAPE = (32, 32, 3)
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 TARBALL_NAME = "cifar-100-python.tar.gz"
 TARBALL_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-MEMBER_MD5 = {  # the three files inside cifar-100-python/
-    "train": "16019d7e3df5f24257cddd939b257f8d",
-    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-    "meta": "7973b15100ade9c7d40fb424638fde48",
-}
-ARRAY_FILES = tuple(f"{split}_{kind}.npy" for split in SPLITS for kind in ("images", "labels", "coarse"))
-STORE_FILES = (*ARRAY_FILES, "meta.json")
+MEMBER_MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+              "meta": "7973b15100ade9c7d40fb424638fde48"}  # the three files inside cifar-100-python/
 CREATOR = "fastcifar"  # meta.json's "creator": this directory is a store fastcifar may replace
 META_BYTES = 1 << 20  # a store's meta.json is ~5 KB (class names, checksums); a larger one is not one
 # The official train pickle is 155 MB, test 31 MB, meta 1.5 KB. A member far bigger is not CIFAR
@@ -79,14 +74,10 @@ URL10 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TARBALL10_NAME = "cifar-10-python.tar.gz"
 TARBALL10_MD5 = "c58f30108f718f92721af3b95e74349a"
 MEMBER10_MD5 = {  # the seven files inside cifar-10-batches-py/ (each batch 31 MB, batches.meta 158 B)
-    "data_batch_1": "c99cafc152244af753f735de768cd75f",
-    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-    "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-    "test_batch": "40351d587109b95175f43aff81a1287e",
-    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
-}
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
 
 # What a store of each data set holds. `labels`: the pickles' label key; `names`: meta.json's (and
 # the meta pickle's) class-name key; coarse: CIFAR-100's 20 superclasses, which CIFAR-10 lacks.
@@ -115,13 +106,6 @@ def array_files(dataset: str = "cifar100") -> tuple[str, ...]:
     """The .npy files of a data set's store."""
     kinds = ("images", "labels", "coarse") if DATASETS[dataset]["coarse"] else ("images", "labels")
     return tuple(f"{split}_{kind}.npy" for split in SPLITS for kind in kinds)
-
-
-def check_dataset(dataset: str) -> dict:
-    """DATASETS[dataset], or BadInput naming the choices."""
-    if dataset not in DATASETS:
-        raise BadInput(f"--dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
-    return DATASETS[dataset]
 
 
 def default_data_dir(dataset: str = "cifar100") -> Path:
@@ -177,9 +161,9 @@ class Store:
         return list(self.meta[DATASETS[self.dataset]["names"]])
 
     @property
-    def recorded_sha256(self) -> dict | None:
+    def recorded_sha256(self) -> dict:
         """{array file: sha256} that prepare recorded in meta.json (what the store claims to hold)."""
-        return self.meta.get("checksums", {}).get("outputs_sha256")
+        return self.meta["checksums"]["outputs_sha256"]
 
     def sha256(self) -> dict:
         """{array file: sha256} of the arrays as they are on disk now (reads every byte once)."""
@@ -200,25 +184,19 @@ def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = 
             raise BadInput(f"{d} is not a prepared {title} store (it has no meta.json) and holds other files, "
                            f"which fastcifar never replaces. Point --data-dir (or $FASTCIFAR_DATA) at a new or empty "
                            f"directory and run `fastcifar prepare{flag} --data-dir DIR` there.")
-        raise BadInput(
-            f"No prepared {title} store at {d}. Run `fastcifar prepare{flag} --data-dir {d}` to download "
-            f"and convert the official data set, `fastcifar prepare{flag} --from PATH` for a tarball you "
-            f"already have, or `fastcifar prepare{flag} --synthetic --data-dir {d}` on a machine without internet."
-        )
+        raise BadInput(f"No prepared {title} store at {d}. Run `fastcifar prepare{flag} --data-dir {d}` to download "
+                       f"and convert the official data set, `fastcifar prepare{flag} --from PATH` for a tarball you "
+                       f"have, or `fastcifar prepare{flag} --synthetic --data-dir {d}` on a machine without internet.")
     try:
         meta = jsonio.load(meta_path, META_BYTES)
     except BadInput as e:
-        hint = _rebuild_hint(d)
-        raise BadInput(f"The store's meta.json cannot be read: {e} {hint[0].upper()}{hint[1:]}")
+        raise BadInput(f"The store at {d} has an unreadable meta.json ({str(e).rstrip('.')}); {_rebuild_hint(d)}")
     bad = _meta_problem(meta)
     if bad:
         raise BadInput(f"The store at {d} has a malformed meta.json ({bad}); {_rebuild_hint(d)}")
-    version = meta["format_version"]
-    if version != FORMAT_VERSION:
-        raise BadInput(
-            f"The store at {d} has format version {version}, but this fastcifar reads version "
-            f"{FORMAT_VERSION}; {_rebuild_hint(d)}"
-        )
+    if meta["format_version"] != FORMAT_VERSION:
+        raise BadInput(f"The store at {d} has format version {meta['format_version']}, but this fastcifar reads "
+                       f"version {FORMAT_VERSION}; {_rebuild_hint(d)}")
     held = meta["dataset"]
     if dataset is not None and held != dataset:
         raise BadInput(f"The store at {d} holds {DATASETS[held]['title']}, but the run is for {title} "
@@ -237,11 +215,9 @@ def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = 
         coarse = arrays.get(f"{split}_coarse", lab)  # CIFAR-10: no coarse labels, the labels checked twice
         if img.shape != (n, *IMAGE_SHAPE) or img.dtype != np.uint8 or lab.shape != (n,) or coarse.shape != (n,) \
                 or lab.dtype != np.int64 or coarse.dtype != np.int64:
-            raise BadInput(
-                f"The store at {d} does not match its meta.json ({split}: images {img.shape} {img.dtype}, "
-                f"labels {lab.shape} {lab.dtype}, expected {n} images of 32x32x3 uint8 and int64 labels); "
-                f"{_rebuild_hint(d)}"
-            )
+            raise BadInput(f"The store at {d} does not match its meta.json ({split}: images {img.shape} {img.dtype}, "
+                           f"labels {lab.shape} {lab.dtype}, expected {n} images of 32x32x3 uint8 and int64 labels); "
+                           f"{_rebuild_hint(d)}")
         # 8 bytes a label: reading them all costs well under a millisecond per 10000 images
         for what, x, hi in (("labels", lab, spec["classes"]), ("coarse labels", coarse, spec["coarse"] or spec["classes"])):
             lo_, hi_ = int(x.min()), int(x.max())
@@ -290,8 +266,8 @@ def _meta_problem(meta) -> str | None:
             return f"{key} must be {count} strings"
     if not isinstance(meta.get("source"), dict):
         return "source must be an object"
-    sums = meta.get("checksums", {})
-    if not (isinstance(sums, dict) and isinstance(sums.get("outputs_sha256", {}), dict)):
+    sums = meta.get("checksums")
+    if not (isinstance(sums, dict) and isinstance(sums.get("outputs_sha256"), dict)):
         return "checksums must be an object, its outputs_sha256 an object of file names and sha256s"
     return None
 
@@ -305,13 +281,6 @@ def _rebuild_hint(d: Path) -> str:
         return (f"prepare cannot prove it wrote all of it (a copy, files of yours, or files changed since), so it will "
                 f"not replace it: move {d} away (or point --data-dir elsewhere) and run `fastcifar prepare` again.")
 
-
-def _store_is_complete(d: Path) -> dict | None:
-    """meta.json of a complete, readable store at d, else None. Reads headers and labels only (fast)."""
-    try:
-        return open_store(d).meta
-    except BadInput:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -920,7 +889,9 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
     (default), a local source, or a synthetic set. Returns the store directory. Raises BadInput on
     bad input."""
     dataset = dataset.lower() if isinstance(dataset, str) else dataset  # --dataset CIFAR10, as --format ONNX
-    title = check_dataset(dataset)["title"]
+    if dataset not in DATASETS:
+        raise BadInput(f"--dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
+    title = DATASETS[dataset]["title"]
     dest = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
     if synthetic and not (1 <= n_train <= SYNTHETIC_MAX and 1 <= n_test <= SYNTHETIC_MAX):
         raise BadInput(f"--train and --test must be at least 1 and at most {SYNTHETIC_MAX:,} synthetic images "
@@ -930,7 +901,10 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
     check_replaceable(dest, None if synthetic or source is None else Path(source),
                        from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))
     _recover(_real(dest), log)
-    current = _store_is_complete(dest)
+    try:  # a complete, readable store there now (headers and labels read: fast)
+        current = open_store(dest).meta
+    except BadInput:
+        current = None
     held = current["dataset"] if current else dataset
     if held != dataset and not force:
         raise BadInput(f"{dest} holds a {DATASETS[held]['title']} store; preparing {title} there would replace it. "

@@ -93,17 +93,19 @@ def data_info(store) -> dict:
             "outputs_sha256": sums.get("outputs_sha256"), "source_md5": sums.get("source_md5")}
 
 
+def software(device: torch.device) -> dict:
+    """The software and hardware a figure comes from: versions, the GPU (or none) and the CPU."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"fastcifar": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": version("timm"), "dali": version("nvidia.dali"), "cuda": torch.version.cuda, "cudnn": cudnn,
+            "device": str(device), "gpu": gpu_info(device), "cpu": cpu_model(),
+            "cpu_cores": len(os.sched_getaffinity(0))}
+
+
 def collect(device: torch.device, world: int, store) -> dict:
     """Provenance of this process's part of a run (JSON data: no tuples, so summary.json reads back equal)."""
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    p = {
-        "fastcifar": __version__, "git": git_state(),
-        "python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
-        "dali": version("nvidia.dali"), "cuda": torch.version.cuda, "cudnn": cudnn,
-        "device": str(device), "gpu": gpu_info(device), "cpu": cpu_model(), "cpu_cores": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(), "world_size": world, "data": data_info(store),
-        "argv": list(sys.argv), "cwd": os.getcwd(),
-    }
+    p = {**software(device), "git": git_state(), "platform": platform.platform(), "world_size": world,
+         "data": data_info(store), "argv": list(sys.argv), "cwd": os.getcwd()}
     # plain JSON types only: torch.__version__ is a str subclass that a weights_only load of last.pt refuses
     return json.loads(json.dumps(p, default=str))
 

@@ -668,44 +668,36 @@ def check_resume(r: Recipe, ck: dict, run_dir) -> None:
     changed = [f"{s}.{k} ({shown(was[s][k])} -> {shown(v)})" for s, fields in now.items() for k, v in fields.items()
                if v != was[s][k] and f"{s}.{k}" not in RESUMABLE]
     if changed:
-        raise BadInput(f"--resume {run_dir} would change {', '.join(changed)}: that is a different run, and its "
-                       f"optimizer state and history belong to the old one. On resume only {', '.join(RESUMABLE)} "
-                       f"may change; for anything else start a new run (`fastcifar train RECIPE --set ...`).")
+        raise BadInput(f"--resume {run_dir} would change {', '.join(changed)}: that is a different run. On resume "
+                       f"only {', '.join(RESUMABLE)} may change; for anything else start a new run.")
     if r.train.epochs < ck["epoch"]:
         raise BadInput(f"train.epochs = {r.train.epochs}, but {run_dir} has already trained {ck['epoch']} epochs; "
-                       f"resume with train.epochs >= {ck['epoch']} (it keeps its recipe's {was['train']['epochs']} "
-                       f"when not set).")
+                       f"resume with train.epochs >= {ck['epoch']} (unset, it keeps {was['train']['epochs']}).")
     horizon = ck["schedule_epochs"]  # the epochs the LR schedule was built for, which --resume keeps
     if r.train.epochs > horizon and lr_factor(1 << 40, 1 << 40, r.schedule) == 0:  # the factor from the end on
         raise BadInput(f"train.epochs = {r.train.epochs}: {run_dir}'s LR schedule ({r.schedule.kind}, final_lr = "
-                       f"{r.schedule.final_lr:g}) was built for {horizon} epoch{'s' * (horizon != 1)} and ends at LR 0, and a resumed run keeps "
-                       f"its schedule (changing its length would make the LR jump at the resume point), so the "
-                       f"epochs past {horizon} would train nothing. To train longer, start a new run with "
-                       f"train.epochs={r.train.epochs}, or fine-tune from this one's weights with a schedule of its own: "
-                       f"`fastcifar train RECIPE --set model.init_from={run_dir} --set train.epochs=N`.")
+                       f"{r.schedule.final_lr:g}) ends at LR 0 after {horizon} epoch{'s' * (horizon != 1)}, and a resume "
+                       f"keeps it (the LR would jump otherwise), so more epochs would train nothing. Start a new run "
+                       f"instead, or fine-tune from its weights: `fastcifar train RECIPE --set model.init_from={run_dir} "
+                       f"--set train.epochs=N`.")
 
 
 def check_same_store(store, recorded: dict, run_dir) -> None:
     """Raise BadInput unless the store holds exactly the arrays the run trained on: what its
-    meta.json records, and then what is on disk (hashed: an array changed in place leaves
-    meta.json as it was)."""
-    want = recorded.get("sha256")
-    if not want:  # a run on a store without checksums: nothing to compare
-        return
+    meta.json records, and then what is on disk (an array changed in place leaves meta.json as it was)."""
+    want = recorded["sha256"]
     if store.recorded_sha256 != want:
         raise BadInput(f"--resume {run_dir} trained on the store at {recorded['dir']}, but the store at {store.dir} "
-                       f"holds other data (its arrays' sha256 differ), so the run would not continue as it was. "
-                       f"Resume without --data-dir (the run's own store), or rebuild that store from the same source.")
+                       f"holds other data (its arrays' sha256 differ). Resume without --data-dir (the run's own store), "
+                       f"or rebuild that store from the same source.")
     try:
         changed = [name for name, sha in store.sha256().items() if sha != want.get(name)]
     except OSError as e:
         raise BadInput(f"--resume {run_dir}: cannot read the store at {store.dir} to check it ({e.strerror or e}).")
     if changed:
         raise BadInput(f"--resume {run_dir}: the store at {store.dir} no longer holds the data the run trained on: "
-                       f"{', '.join(changed)} changed on disk since prepare wrote "
-                       f"{'it' if len(changed) == 1 else 'them'} (their sha256 differ from those in its meta.json), "
-                       f"so the run would continue on other data. Rebuild the store with `fastcifar prepare --force "
-                       f"--data-dir {store.dir}` from the same source.")
+                       f"{', '.join(changed)} changed on disk since prepare wrote {'it' if len(changed) == 1 else 'them'} "
+                       f"(sha256). Rebuild it with `fastcifar prepare --force --data-dir {store.dir}` from the same source.")
 
 
 def new_run_dir(name: str) -> Path:

@@ -388,7 +388,7 @@ def test_a_dash_for_an_output_path_is_refused_not_written_as_a_file(tmp_path, mo
     """`--json -` means stdout to most tools; bench prints its tables there, so '-' is refused with
     an example path instead of becoming a file named '-'."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(BadInput, match=f"{option} - : bench prints its tables to stdout"):
+    with pytest.raises(BadInput, match=f"{option} - : bench prints to stdout"):
         bench.check_json_path(Path("-"), option)
     assert list(tmp_path.iterdir()) == []
 

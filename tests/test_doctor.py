@@ -198,7 +198,7 @@ def test_the_targets_come_first_then_the_extras():
 @pytest.mark.parametrize("kw, message", [
     ({"budget": 0}, "--budget 0: give the seconds"),
     ({"budget": float("nan")}, "--budget nan"),
-    ({"json_path": "-"}, "--json - : doctor prints its table to stdout"),
+    ({"json_path": "-"}, "--json - : doctor prints to stdout"),
     ({"device": "cuda"}, "asked for a GPU, but torch sees no CUDA device here"),
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, kw, message):

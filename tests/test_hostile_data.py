@@ -424,7 +424,7 @@ def _gzip_bomb(path: Path, member: str, size: int) -> Path:
 def test_gzip_bomb_member_is_refused_before_reading_it(tmp_path):
     bomb = _gzip_bomb(tmp_path / "bomb.tar.gz", "train", 600 << 20)
     assert bomb.stat().st_size < 1 << 20
-    code = ("from fastcifar import BadInput\nfrom fastcifar.data import prepare\n"
+    code = ("from fastcifar.errors import BadInput\nfrom fastcifar.data import prepare\n"
             f"try:\n    prepare({str(tmp_path / 'store')!r}, source={str(bomb)!r}, verify=False, log=print)\n"
             "except BadInput as e:\n    print('BadInput:', e)\n"
             "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")
