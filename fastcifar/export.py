@@ -37,17 +37,11 @@ PIP = {"PIL": "pillow"}  # import name -> package name, where they differ
 CARD_KEY, CARD_VERSION = "fastcifar", 1
 INPUT, OUTPUT = "images", "logits"  # ONNX tensor names
 N_CHECK = 8  # images the export check runs through both sides
-# Largest |logit difference| an export may show, as a fraction of the largest |logit| (at least 1).
-# Both sides compute in fp32; reordered sums (fused BN, other conv algorithms) differ by ~1e-6
-# of the logit scale here, while a broken export (training-mode BN, a margin applied, a wrong
-# stem) moves logits by a large fraction of it.
+# Largest |logit difference| an export may show, as a fraction of the largest |logit| (at least 1):
+# fp32 sums reordered (fused BN, other conv algorithms) differ by ~1e-6 of it; a broken export
+# (training-mode BN, a margin applied, a wrong stem) by a large fraction.
 REL_TOL = 1e-3
-# A card's input side lies in 8..MAX_SIDE (pipelines.spec: the largest aug.image_size a recipe
-# takes): a card is read from a file, and a hostile one must not make predict run the network on
-# 4096 px inputs (gigabytes). Predict sizes its batches by that side (predict.batch_for).
-
-# A card is a few KB (1000 class names of 20 characters: 30 KB); a larger one is not fastcifar's.
-MAX_CARD = 1 << 20
+MAX_CARD = 1 << 20  # a card is a few KB (1000 class names of 20 characters: 30 KB); a larger one is not ours
 
 
 class CheckFailed(Exception):
@@ -98,6 +92,7 @@ def check_card(c, where) -> dict:
         n, names, p = c["num_classes"], c["class_names"], c["preprocess"]
         if not (isinstance(names, list) and all(isinstance(s, str) for s in names) and len(names) == n):
             bad(f"{len(names) if isinstance(names, list) else 'no'} class names for {n} classes")
+        # a hostile card must not make predict run the network on 4096 px inputs (gigabytes)
         if not (type(p["image_size"]) is int and 8 <= p["image_size"] <= MAX_SIDE
                 and p["interpolation"] in INTERPOLATIONS):
             bad(f"input size {p['image_size']!r} (8 to {MAX_SIDE} px), interpolation {p['interpolation']!r}")
@@ -342,8 +337,7 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
         try:
             theirs = run_onnx(data, x)
         except Exception as e:  # onnxruntime's own exception types
-            raise CheckFailed(f"onnxruntime cannot run the exported model ({why(e)}). "
-                              f"Nothing was written.")
+            raise CheckFailed(f"onnxruntime cannot run the exported model ({why(e)}). Nothing was written.")
         line = compare(ours, theirs, "onnxruntime vs torch", what)
     elif fmt == "safetensors":
         data = to_safetensors(net, c)
@@ -362,10 +356,10 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
         checkpoint.atomic_write(path, lambda f: f.write(data), by="export")
     except OSError as e:
         raise BadInput(f"Cannot write {path}: {e.strerror or e}. Choose another --out.")
-    p = c["preprocess"]
+    p, fmt3 = c["preprocess"], lambda v: "(" + ", ".join(f"{x:.4f}" for x in v) + ")"
     log(f"wrote {path} ({len(data) / 1e6:.1f} MB): {c['model']['name']}{' (CIFAR stem)' if c['model']['cifar_stem'] else ''} "
         f"+ {c['head']['kind']} head, {c['num_classes']} classes; input RGB {p['image_size']}x{p['image_size']} "
-        f"({p['interpolation']} resize from 32x32), (x/255 - mean) / std, mean {_fmt(p['mean'])} std {_fmt(p['std'])}")
+        f"({p['interpolation']} resize from 32x32), (x/255 - mean) / std, mean {fmt3(p['mean'])} std {fmt3(p['std'])}")
     log(line)
     if fmt == "timm":
         log("load it with:\n" + timm_code(c, path))
@@ -378,7 +372,3 @@ def _floats(v):
         return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
     except (TypeError, ValueError):
         return v
-
-
-def _fmt(v) -> str:
-    return "(" + ", ".join(f"{x:.4f}" for x in v) + ")"

@@ -1,22 +1,14 @@
-"""Where a run's time goes: how long the training loop waited for data, the first step's warm-up,
-the steady-state speed, and how long the run took to reach a target accuracy.
+"""Where a run's time goes: the data wait, the first step's warm-up, the steady-state speed, and
+the time to a target accuracy.
 
-Speed: an epoch's `images_per_sec` is steady state: this process's images over its training
-seconds, both without the warm-up step (torch.compile, cuDNN autotune, first allocations), whose
-seconds are `warmup_seconds` apart; a 1-3 epoch run's figure would otherwise be mostly compile.
-
-Data wait, without a host sync per step:
-- on a GPU, a CUDA event is recorded on the training stream just before the loop asks the loader
-  for the next batch and one just after it gets it; the GPU time between the two is what the GPU
-  spent between the last step's kernels and the next step's: the loader's own kernels on that
-  stream (the torch backend), waiting for DALI's stream, and idling while the host had not yet
-  handed over the batch. When the host runs ahead of the GPU (the loader keeps up) the GPU passes
-  both events at once and the wait is ~0; host time spent in the loader is then hidden, as it
-  should be. The events are read when they are done (`query()`, no sync) and at the end of the
-  epoch, after the sync the trainer does anyway.
-- on a CPU, the host time inside `next(loader)`: loader and model share the CPU, so this is
-  exactly the time the loop did not train.
-Only rank 0's wait is reported (every rank runs the same loader on its own shard).
+An epoch's `images_per_sec` leaves out the warm-up step (torch.compile, cuDNN autotune, first
+allocations; its seconds are `warmup_seconds`): a short run's figure would be mostly compile.
+The data wait needs no host sync per step: on a GPU, CUDA events recorded on the training stream
+just before and after the loop asks the loader for a batch; the GPU time between them is what the
+GPU spent between two steps (the torch backend's kernels, waiting for DALI's stream, idling while
+the host had not yet handed the batch over), ~0 when the loader keeps up. Events are read when
+done (`query()`) and at the epoch's end. On a CPU, where loader and model share the cores, the
+host time inside `next(loader)`. Only rank 0's wait is reported.
 """
 
 from __future__ import annotations
@@ -32,9 +24,8 @@ DRAIN_EVERY = 64    # CUDA event pairs kept before reading the finished ones
 
 
 class EpochClock:
-    """An epoch's training seconds, the part spent waiting for the next batch, and the warm-up of
-    this process's first step (torch.compile, cuDNN autotune, first allocations), timed once with
-    one device sync. `saved()` / `start(earlier)` carry a stopped epoch's part over a resume."""
+    """An epoch's training seconds, its data wait, and this process's first step's warm-up (timed
+    once, with one device sync). `saved()` / `start(earlier)` carry a stopped epoch over a resume."""
 
     def __init__(self, device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
