@@ -385,7 +385,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         if bad:
             raise BadInput(f"--model {bad[0]!r} is not a timm model name (see timm.list_models()).")
     device = runtime.command_device(device)
-    if json_path is not None and plot_path is not None and _same_file(Path(json_path), Path(plot_path)):
+    if json_path is not None and plot_path is not None and os.path.realpath(json_path) == os.path.realpath(plot_path):
         raise BadInput(f"--json {json_path} and --plot {plot_path} name the same file; the picture would replace "
                        f"the JSON. Give each its own path.")
     if json_path is not None:
@@ -443,10 +443,6 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     if stopped:
         raise Stopped(stopped)
     return rows
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_json_path(path: Path, option: str = "--json", by: str = "bench") -> None:

@@ -199,14 +199,12 @@ def _tuples(x):
 
 @contextlib.contextmanager
 def claimed(path: Path, recheck):
-    """Make run directory `path` (and its missing parents) and hold an exclusive lock on it while
-    the run lives, so that no second fastcifar process writes the same files: a second `train
-    --out` of one path, or a `--resume` of a run still going. recheck() runs again under the lock:
-    another run may have filled the directory since it was first checked. Directories made here
-    are removed on the way out while empty (a run that stopped before writing leaves nothing)."""
-    with owned.hold(path, f"{path} is in use: another fastcifar process is writing that run (a train, a --resume "
-                          f"or a reproduce still going). Wait for it to end, or stop it (Ctrl-C saves last.pt) and "
-                          f"continue it with `fastcifar train --resume {path}`; to start a new run, choose another --out."):
+    """Make run directory `path` and hold a lock on it while the run lives: no second process writes
+    the same files. recheck() runs again under the lock (another run may have filled it meanwhile);
+    directories made here are removed on the way out while empty."""
+    with owned.hold(path, f"{path} is in use: another fastcifar process is writing that run. Wait for it to end, or "
+                          f"stop it (Ctrl-C saves last.pt) and continue it with `fastcifar train --resume {path}`; "
+                          f"to start a new run, choose another --out."):
         recheck()
         yield
 
@@ -222,12 +220,9 @@ def check_own_run(path: Path, hint: str) -> None:
 
 
 class RunDir:
-    """A run's directory (DESIGN.md's contract), written by rank 0 alone: recipe.json, recipe.py,
-    TensorBoard events, metrics.jsonl, last.pt / best.pt and summary.json. summary.json is written
-    here only, from the run's own `summary(finished, reason)`: after each epoch ("running"), when
-    the run stops (`stop(reason)`: interrupted, diverged, ...), when it finishes, and when it ends
-    on anything else (a second Ctrl-C, an error: the context manager's exit). On other ranks
-    every method writes nothing (and stop/finish still return the summary)."""
+    """A run's directory (DESIGN.md's contract), written by rank 0 alone (other ranks write nothing).
+    summary.json comes from the run's own `summary(finished, reason)` only: after each epoch, when
+    the run stops or finishes, and when it ends on anything else (the context manager's exit)."""
 
     def __init__(self, path: str | os.PathLike, summary, writes: bool = True):
         self.path, self.summary, self.writes = Path(path), summary, writes
@@ -235,9 +230,8 @@ class RunDir:
         self._ended = False  # summary.json says why the run ended
 
     def open(self, recipe_json: dict, source: str | None, history: list[dict]) -> "RunDir":
-        """Create the directory and its recipe files; metrics.jsonl restarts from `history` (a
-        resumed run's log must agree with its last.pt), then grows a line per epoch. Each file is
-        recorded as the run's (owned.py): a resume replaces only those."""
+        """Create the directory and its recipe files, each recorded as the run's (owned.py);
+        metrics.jsonl restarts from `history` (a resumed run's log must agree with its last.pt)."""
         if not self.writes:
             return self
 
@@ -264,10 +258,8 @@ class RunDir:
         return self
 
     def _guard(self, what: str, write, undo=lambda: None) -> None:
-        """write(); a failed write (a full disk, a read-only directory) stops the run as bad input,
-        saying in summary.json why, if even that can be written: after undo(), which takes the
-        run's state back to what its files hold. Files are replaced atomically, so last.pt is
-        still the previous complete one."""
+        """write(); a failed write (a full disk) stops the run as bad input, after undo() (the run's
+        state back to what its files hold) and summary.json saying why, if that can be written."""
         try:
             write()
         except OSError as e:
@@ -279,9 +271,8 @@ class RunDir:
                     write_json(self.path / "summary.json", s, by="train")
                     self._ended = True
             raise BadInput(f"Could not write {what} in {self.path} ({why}): is the disk full or the directory "
-                           f"read-only? The run stopped there; every file fastcifar writes is replaced whole, so "
-                           f"last.pt, if there is one, still holds the last complete epoch. Free some space and "
-                           f"continue with `fastcifar train --resume {self.path}`.")
+                           f"read-only? The run stopped; last.pt, if there is one, holds the last complete epoch. "
+                           f"Free some space and continue with `fastcifar train --resume {self.path}`.")
 
     def scalars(self, step: int, values: dict) -> None:
         """TensorBoard scalars {tag: value} at a step."""
@@ -294,9 +285,8 @@ class RunDir:
             self._tb.add_image(tag, image, 0)
 
     def checkpoint(self, state: dict, best: bool, undo=lambda: None) -> None:
-        """best.pt when this is the selected epoch so far, then last.pt. If either cannot be written,
-        undo() takes the run back to its last saved epoch first, so that summary.json never names an
-        epoch (or a best epoch) whose checkpoint is not on disk."""
+        """best.pt when this is the selected epoch so far, then last.pt; if either cannot be written,
+        undo() first, so summary.json never names an epoch whose checkpoint is not on disk."""
         if self.writes:
             if best:
                 self._guard("best.pt", lambda: save(self.path / "best.pt", state, by="train"), undo)

@@ -546,18 +546,13 @@ def _digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _check_size(size: int, name: str, what: str, role: str | None = None, title: str = "CIFAR-100") -> None:
-    """BadInput for a member far bigger than the data set's, before it is read into memory (role:
-    train, test or meta, whose limit applies; the member's name by default)."""
-    limit = MAX_MEMBER_BYTES[role or name]
+def _check_size(size: int, name: str, what: str, o: dict, title: str) -> None:
+    """BadInput for a member far bigger than the data set's (the limit of what it holds: train, test
+    or meta), before it is read into memory."""
+    limit = MAX_MEMBER_BYTES[next((split for split, files in o["splits"].items() if name in files), "meta")]
     if size > limit:
         raise BadInput(f"{what} is {size / 2**20:,.0f} MiB, far more than {title}'s '{name}' file (at most "
                        f"{limit / 2**20:,.0f} MiB is accepted); it is not {title} data.")
-
-
-def _role(o: dict, name: str) -> str:
-    """train, test or meta: what a member of the official download holds (its size limit)."""
-    return next((split for split, files in o["splits"].items() if name in files), "meta")
 
 
 def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tuple[dict, dict]:
@@ -572,25 +567,21 @@ def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tupl
             p = d / name
             if not p.is_file():
                 raise BadInput(f"{d} has no '{name}' file; a {title} directory holds {', '.join(expected)}.")
-            _check_size(p.stat().st_size, name, str(p), _role(o, name), title)
+            _check_size(p.stat().st_size, name, str(p), o, title)
             raw[name] = p.read_bytes()
             md5s[name] = hashlib.md5(raw[name]).hexdigest()
             if verify and md5s[name] != expected[name]:
-                raise BadInput(
-                    f"{p} has md5 {md5s[name]}, not the official {expected[name]}: it is damaged or "
-                    f"not the official {title}. Pass --no-verify to accept other data in the same format."
-                )
+                raise BadInput(f"{p} has md5 {md5s[name]}, not the official {expected[name]}: it is damaged or not "
+                               f"the official {title}. Pass --no-verify to accept other data in the same format.")
         return raw, {"kind": "directory", "path": str(d.resolve()), "md5": md5s}
 
     if not source.is_file():
         raise BadInput(f"{source} does not exist; --from takes a {o['tarball']} or its extracted directory.")
     md5 = _digest(source)
     if verify and md5 != o["md5"]:
-        raise BadInput(
-            f"{source} has md5 {md5}, not the official {o['md5']}: the download is damaged or it is "
-            f"not the official {title} tarball. Delete it and download again, or pass --no-verify to "
-            f"accept other data in the official format."
-        )
+        raise BadInput(f"{source} has md5 {md5}, not the official {o['md5']}: the download is damaged or it is not "
+                       f"the official {title} tarball. Download it again, or pass --no-verify to accept other data "
+                       f"in the official format.")
     raw = {}
     try:
         with tarfile.open(source, "r:*") as tar:
@@ -598,7 +589,7 @@ def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tupl
             for m in tar:  # sizes checked at each header, before any member's data is read
                 name = Path(m.name).name
                 if m.isfile() and Path(m.name).parent.name == folder and name in expected:
-                    _check_size(m.size, name, f"{source}: member {m.name}", _role(o, name), title)
+                    _check_size(m.size, name, f"{source}: member {m.name}", o, title)
                     members[name] = m
             for name in expected:
                 if name not in members:
@@ -663,10 +654,8 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
         os.replace(tmp, dest)
         owned.record([tmp], "prepare")  # renamed away: struck off
     except OSError as e:  # URLError, timeouts, a full disk
-        raise BadInput(
-            f"Could not download {url} ({e}). On a machine without internet, copy the tarball here and run "
-            f"`fastcifar prepare --from {dest.name}`, or use `fastcifar prepare --synthetic`."
-        )
+        raise BadInput(f"Could not download {url} ({e}). On a machine without internet, copy the tarball here and "
+                       f"run `fastcifar prepare --from {dest.name}`, or use `fastcifar prepare --synthetic`.")
     finally:
         if os.path.exists(tmp):  # made by mkstemp above, in this process
             with contextlib.suppress(OSError):
@@ -698,12 +687,7 @@ def synthetic_split(n: int, seed: int, chunk: int = 4096) -> tuple[np.ndarray, n
     """n images whose class is told apart by shape, texture and colour, drawn at a random position
     and size over a random background with pixel noise. Classes are balanced and shuffled."""
     fine, chunks = synthetic_chunks(n, seed, chunk)
-    images = np.empty((n, *IMAGE_SHAPE), np.uint8)
-    lo = 0
-    for block in chunks:
-        images[lo:lo + len(block)] = block
-        lo += len(block)
-    return images, fine, fine // 5
+    return np.concatenate(list(chunks)), fine, fine // 5
 
 
 def synthetic_chunks(n: int, seed: int, chunk: int = 4096, classes: tuple[int, ...] | None = None):
@@ -990,7 +974,7 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
                     np.save(tmp / f"{split}_{kind}.npy", arr)
 
     _write_store(dest, fill, names, info, synthetic=False, dataset=dataset)
-    log(f"Wrote {_counts(splits)} to {dest}.")
+    log(f"Wrote {' / '.join(f'{len(splits[s][1])} {s}' for s in SPLITS)} images to {dest}.")
     return dest
 
 
@@ -1002,7 +986,3 @@ def _clean_downloads(tarball: Path) -> None:
             if e.name.startswith(tarball.name + ".") and e.name.endswith(".part") and e.is_file(follow_symlinks=False) \
                     and _abandoned(Path(e.path)):
                 owned.remove(e.path, "prepare")
-
-
-def _counts(splits: dict) -> str:
-    return " / ".join(f"{len(splits[s][1])} {s}" for s in SPLITS) + " images"

@@ -64,16 +64,11 @@ def resolve_amp(device: torch.device, amp: str) -> tuple[str, str]:
     return "none", "auto: this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16), where bf16 is emulated and slower than fp32"
 
 
-def wants_cuda(device: str) -> bool:
-    """Whether a `train.device` / `--device` value asks for a GPU ("auto" does when there is one)."""
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-
-
 @contextlib.contextmanager
 def distributed(device: str):
     """(torch.device, rank, world size) for `train.device`, inside the torchrun process group when
     launched by torchrun (one process per GPU: cuda:<local rank>); leaves the group on exit."""
-    cuda = wants_cuda(device)
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise BadInput(f"train.device = {device!r} but torch sees no CUDA device; use train.device=cpu or auto.")
     rank, world, local_rank = fdist.init("cuda" if cuda else "cpu")

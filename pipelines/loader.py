@@ -95,13 +95,6 @@ class Loader:
             yield (images if self.multi else images[0]), labels
 
 
-def _device(device) -> torch.device:
-    d = torch.device(device)
-    if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", torch.cuda.current_device())
-    return d
-
-
 def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str = "auto", device="cpu",
                 seed: int = 0, shard: tuple[int, int] = (0, 1), shuffle: bool | None = None,
                 drop_last: bool | None = None, augment: bool | None = None, indices=None,
@@ -132,7 +125,9 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
     sizes = tuple(int(s) for s in sizes) if multi else (spec.image_size,)
     if not sizes or min(sizes) < 8:
         raise BadInput(f"sizes={shown(sizes)}: give one or more output sides of at least 8 px.")
-    device = _device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the current GPU, by its number
+        device = torch.device("cuda", torch.cuda.current_device())
     mean, std = mean_std(spec, store)
 
     if backend == "auto":
