@@ -501,33 +501,31 @@ def figure(bench: dict):
     panels = [p for p, present in (("pipeline", pipe), ("headroom", room)) if present]
     fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 5), dpi=110, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def bars(ax, groups, series, value, fmt, label=lambda name: name):  # one bar per series in each group
+        width = 0.8 / len(series)
+        for k, name in enumerate(series):
+            values = [value(name, g) for g in groups]
+            drawn = ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))], values, width,
+                           color=colours[k % len(colours)], hatch="//" if name == "tutorial" else None,
+                           edgecolor="black", label=label(name), gid=name)
+            ax.bar_label(drawn, labels=[fmt(v) if v else "" for v in values], fontsize=7)
+
     for ax, panel in zip(axes[0], panels):
         if panel == "pipeline":
-            backends = list(dict.fromkeys(r["backend"] for r in pipe))
             cols = [c for c in PIPE_COLUMNS if any((r["image_size"], r.get("aug")) == c for r in pipe)]
-            width = 0.8 / len(backends)
-            for k, backend in enumerate(backends):
-                values = [next((r["images_per_sec"] for r in pipe if (r["backend"], r["image_size"], r.get("aug")) ==
-                                (backend, *c)), 0) for c in cols]
-                tutorial = backend == "tutorial"
-                bars = ax.bar([i + (k - (len(backends) - 1) / 2) * width for i in range(len(cols))], values, width,
-                              color=colours[k % len(colours)], hatch="//" if tutorial else None, edgecolor="black",
-                              label="tutorial path (per-image DataLoader)" if tutorial else backend, gid=backend)
-                ax.bar_label(bars, labels=[f"{v / 1000:.1f}k" if v else "" for v in values], fontsize=7)
+            bars(ax, cols, list(dict.fromkeys(r["backend"] for r in pipe)),
+                 lambda b, c: next((r["images_per_sec"] for r in pipe if (r["backend"], r["image_size"], r.get("aug"))
+                                    == (b, *c)), 0), lambda v: f"{v / 1000:.1f}k",
+                 lambda b: "tutorial path (per-image DataLoader)" if b == "tutorial" else b)
             ax.set_xticks(range(len(cols)), [f"{px} px\n{AUG_LABELS[aug]}" for px, aug in cols], fontsize=8)
             ax.set_ylabel("images / s (log)")
             ax.set_title(f"pipeline alone, batch {pipe[0]['batch_size']}")
         else:
             groups = list(dict.fromkeys((h["model"], h["image_size"]) for h in room))
-            pipes = list(dict.fromkeys(h["pipeline"] for h in room))
-            width = 0.8 / len(pipes)
-            for k, p in enumerate(pipes):
-                values = [next((h["headroom"] for h in room if (h["pipeline"], h["model"], h["image_size"]) ==
-                                (p, *g)), 0) for g in groups]
-                bars = ax.bar([i + (k - (len(pipes) - 1) / 2) * width for i in range(len(groups))], values, width,
-                              color=colours[k % len(colours)], hatch="//" if p == "tutorial" else None,
-                              edgecolor="black", label=p, gid=p)
-                ax.bar_label(bars, labels=[f"{v:.3g}x" if v else "" for v in values], fontsize=7)
+            bars(ax, groups, list(dict.fromkeys(h["pipeline"] for h in room)),
+                 lambda p, g: next((h["headroom"] for h in room if (h["pipeline"], h["model"], h["image_size"]) ==
+                                    (p, *g)), 0), lambda v: f"{v:.3g}x")
             ax.axhline(1.0, color="red", linestyle="--", gid="parity", label="1x: below it the data is the bottleneck")
             ax.set_xticks(range(len(groups)), [f"{model}\n{px} px" for model, px in groups])
             ax.set_ylabel("pipeline img/s (OneOf) / fastest train step img/s (log)")

@@ -54,14 +54,11 @@ def resolve_amp(device: torch.device, amp: str) -> tuple[str, str]:
         if native:
             return "bf16", f"auto: {gpu} has bf16 tensor cores"
         return "fp16", f"auto: {gpu} has no bf16 tensor cores: fp16 with a loss-scaling GradScaler"
-    flag = cpu_bf16()
+    flag, emulated = cpu_bf16(), "this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16): emulated, slower than fp32"
     if amp != "auto":
-        return amp, f"train.amp = {amp}" + ("; this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16), so it is "
-                                           "emulated, slower than fp32: train.amp=auto picks fp32"
-                                           if amp == "bf16" and flag is None else "")
-    if flag is not None:
-        return "bf16", f"auto: this CPU has native bf16 ({flag})"
-    return "none", "auto: this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16), where bf16 is emulated and slower than fp32"
+        return amp, f"train.amp = {amp}" + (f"; {emulated}, so train.amp=auto picks fp32" if amp == "bf16" and flag is None
+                                           else "")
+    return ("bf16", f"auto: this CPU has native bf16 ({flag})") if flag is not None else ("none", f"auto: {emulated}")
 
 
 @contextlib.contextmanager
