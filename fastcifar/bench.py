@@ -293,9 +293,8 @@ STAGES = {"pipeline": bench_pipeline, "train_step": bench_train_step, "end_to_en
 
 
 def headroom(rows: list[dict]) -> list[dict]:
-    """Per pipeline backend, model and size: the loader's img/s with the tutorial's OneOf policy
-    over the fastest train step's. Above 1 the device waits on
-    compute, not on data; below 1 the pipeline is the bottleneck."""
+    """Per pipeline backend, model and size: the loader's img/s with the tutorial's OneOf policy over
+    the fastest train step's; below 1 the pipeline is the bottleneck."""
     steps = {}
     for r in rows:
         if r["stage"] == "train_step":
@@ -356,10 +355,8 @@ class Stopped(Exception):
 
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,
         models=None, settings=None, log=print, plot_path=None, sizes=None) -> list[dict]:
-    """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom}
-    (after every row: meta.complete says whether the bench ran to its end) and the picture
-    (plot()) if asked; returns the rows. Ctrl-C or SIGTERM: the same for the rows measured so far,
-    then Stopped."""
+    """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom} after
+    every row (meta.complete: whether it ran to its end) and the picture; Ctrl-C: then Stopped."""
     # a flag given twice is measured once (as --size), not its stage or model all over again
     stages, backends, models = (list(dict.fromkeys(x)) if x else x for x in (stages or STAGES, backends, models))
     unknown = [s for s in stages if s not in STAGES]
@@ -487,9 +484,8 @@ PIPE_COLUMNS = [(px, aug) for px in (32, 224) for aug in AUG_LABELS]
 
 
 def figure(bench: dict):
-    """A matplotlib figure of a bench result {meta, rows, headroom}: pipeline img/s per backend at
-    each size and augmentation (the tutorial's per-image path hatched), and, when measured, the
-    headroom per pipeline, model and size against the line where data becomes the bottleneck."""
+    """A matplotlib figure of a bench result: pipeline img/s per backend, size and augmentation (the
+    tutorial's path hatched) and, when measured, the headroom against the line of 1."""
     import matplotlib
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt

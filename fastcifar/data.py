@@ -171,9 +171,8 @@ class Store:
 
 
 def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> Store:
-    """Open a prepared store read-only (memory-mapped), checking its meta.json, shapes and labels;
-    first undoing what a killed prepare left beside it. dataset: the data set it must hold (None:
-    any); without data_dir, that data set's default directory."""
+    """Open a prepared store read-only (memory-mapped), checking its meta.json, shapes and labels, after
+    undoing what a killed prepare left. dataset: what it must hold (None: any; its default dir)."""
     d = Path(data_dir) if data_dir is not None else default_data_dir(dataset or "cifar100")
     title = DATASETS[dataset or "cifar100"]["title"]
     flag = f" --dataset {dataset}" if dataset not in (None, "cifar100") else ""
@@ -870,8 +869,7 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
             verify: bool = True, force: bool = False, progress: bool = True, log=print,
             dataset: str = "cifar100") -> Path:
     """Build the store of `dataset` (cifar100 | cifar10) at data_dir from the official download
-    (default), a local source, or a synthetic set. Returns the store directory. Raises BadInput on
-    bad input."""
+    (default), a local source, or a synthetic set; returns the store directory."""
     dataset = dataset.lower() if isinstance(dataset, str) else dataset  # --dataset CIFAR10, as --format ONNX
     if dataset not in DATASETS:
         raise BadInput(f"--dataset {dataset!r}: use one of {', '.join(DATASETS)}.")

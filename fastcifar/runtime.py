@@ -54,10 +54,11 @@ def resolve_amp(device: torch.device, amp: str) -> tuple[str, str]:
         if native:
             return "bf16", f"auto: {gpu} has bf16 tensor cores"
         return "fp16", f"auto: {gpu} has no bf16 tensor cores: fp16 with a loss-scaling GradScaler"
-    flag, emulated = cpu_bf16(), "this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16): emulated, slower than fp32"
+    flag = cpu_bf16()
+    emulated = "this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16): emulated, slower than fp32"
     if amp != "auto":
-        return amp, f"train.amp = {amp}" + (f"; {emulated}, so train.amp=auto picks fp32" if amp == "bf16" and flag is None
-                                           else "")
+        picks = f"; {emulated}, so train.amp=auto picks fp32" if amp == "bf16" and flag is None else ""
+        return amp, f"train.amp = {amp}{picks}"
     return ("bf16", f"auto: this CPU has native bf16 ({flag})") if flag is not None else ("none", f"auto: {emulated}")
 
 
@@ -176,9 +177,8 @@ def memory_error(e: RuntimeError) -> str:
 
 
 def command_device(spec: str | None, option: str = "--device") -> torch.device:
-    """The device a command's --device names (None or auto: cuda when torch sees one, else cpu), made
-    the current CUDA device, or BadInput saying why it cannot be used here (eval and bench;
-    training's is `distributed`)."""
+    """The device a command's --device names (None or auto: cuda when torch sees one), made the current
+    CUDA device, or BadInput saying why it cannot be used here (training's is `distributed`)."""
     if spec is None or spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:

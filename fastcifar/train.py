@@ -122,9 +122,8 @@ class Trainer:
         self.stop = StopSignals(self.say)
 
     def _build(self, data_dir, resume, ck) -> None:
-        """The run's parts, each built from the ones before: where it runs, the lock on its directory,
-        what the recipe names outside itself (checked in a moment), the checkpoint it continues, the
-        data, the model and its optimizer, the resumed state, the nets the steps run."""
+        """The run's parts, each built from the ones before: place, lock, the recipe's references, the
+        checkpoint it continues, data, model and optimizer, the resumed state, the nets."""
         self._place()
         if self.main:
             self._claim(self.in_place)
@@ -287,8 +286,8 @@ class Trainer:
                         self.interrupt(f"Interrupted after epoch {epoch + 1}")
             rt = self.r.train
             epoch = timing.target_epoch(self.progress.history, rt.target_acc, self.selection)
-            result = self.run.finish(f"reached train.target_acc = {rt.target_acc:g}% ({self.selection}) at epoch {epoch}"
-                                     if self.reached_target() else "completed")
+            result = self.run.finish(f"reached train.target_acc = {rt.target_acc:g}% ({self.selection}) at epoch "
+                                     f"{epoch}" if self.reached_target() else "completed")
             self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
                      + (f" (selected on val: {result['best_val_acc']:.2f}%)" if result["selection"] == "val" else "")
                      + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}"
@@ -443,7 +442,8 @@ class Trainer:
     def reached_target(self) -> bool:
         """Whether train.stop_at_target ends the run here: an epoch has reached train.target_acc."""
         rt = self.r.train
-        return rt.stop_at_target and timing.target_epoch(self.progress.history, rt.target_acc, self.selection) is not None
+        reached = timing.target_epoch(self.progress.history, rt.target_acc, self.selection)
+        return rt.stop_at_target and reached is not None
 
     def out_of_memory(self, e: RuntimeError) -> BadInput:
         """A batch the device cannot hold: summary.json says so, last.pt keeps the last whole epoch
@@ -676,10 +676,10 @@ def check_resume(r: Recipe, ck: dict, run_dir) -> None:
     horizon = ck["schedule_epochs"]  # the epochs the LR schedule was built for, which --resume keeps
     if r.train.epochs > horizon and lr_factor(1 << 40, 1 << 40, r.schedule) == 0:  # the factor from the end on
         raise BadInput(f"train.epochs = {r.train.epochs}: {run_dir}'s LR schedule ({r.schedule.kind}, final_lr = "
-                       f"{r.schedule.final_lr:g}) ends at LR 0 after {horizon} epoch{'s' * (horizon != 1)}, and a resume "
-                       f"keeps it (the LR would jump otherwise), so more epochs would train nothing. Start a new run "
-                       f"instead, or fine-tune from its weights: `fastcifar train RECIPE --set model.init_from={run_dir} "
-                       f"--set train.epochs=N`.")
+                       f"{r.schedule.final_lr:g}) ends at LR 0 after {horizon} epoch{'s' * (horizon != 1)}, and a "
+                       f"resume keeps it (the LR would jump otherwise), so more epochs would train nothing. Start a "
+                       f"new run instead, or fine-tune from its weights: `fastcifar train RECIPE --set "
+                       f"model.init_from={run_dir} --set train.epochs=N`.")
 
 
 def check_same_store(store, recorded: dict, run_dir) -> None:
@@ -688,16 +688,17 @@ def check_same_store(store, recorded: dict, run_dir) -> None:
     want = recorded["sha256"]
     if store.recorded_sha256 != want:
         raise BadInput(f"--resume {run_dir} trained on the store at {recorded['dir']}, but the store at {store.dir} "
-                       f"holds other data (its arrays' sha256 differ). Resume without --data-dir (the run's own store), "
-                       f"or rebuild that store from the same source.")
+                       f"holds other data (its arrays' sha256 differ). Resume without --data-dir (the run's own "
+                       f"store), or rebuild that store from the same source.")
     try:
         changed = [name for name, sha in store.sha256().items() if sha != want.get(name)]
     except OSError as e:
         raise BadInput(f"--resume {run_dir}: cannot read the store at {store.dir} to check it ({e.strerror or e}).")
     if changed:
         raise BadInput(f"--resume {run_dir}: the store at {store.dir} no longer holds the data the run trained on: "
-                       f"{', '.join(changed)} changed on disk since prepare wrote {'it' if len(changed) == 1 else 'them'} "
-                       f"(sha256). Rebuild it with `fastcifar prepare --force --data-dir {store.dir}` from the same source.")
+                       f"{', '.join(changed)} changed on disk since prepare wrote "
+                       f"{'it' if len(changed) == 1 else 'them'} (sha256). Rebuild it with `fastcifar prepare --force "
+                       f"--data-dir {store.dir}` from the same source.")
 
 
 def new_run_dir(name: str) -> Path:

@@ -64,8 +64,8 @@ def check_dali() -> str:
         major = 0
     if major < MIN_DALI:
         raise BadInput(f"backend 'dali' needs NVIDIA DALI >= {MIN_DALI}.0, but DALI {version} is installed. Upgrade "
-                       f"it (pip install --upgrade 'nvidia-dali-cuda120>={MIN_DALI}.0', or nvidia-dali-cuda130 for CUDA "
-                       f"13), or use --set data.backend=torch.")
+                       f"it (pip install --upgrade 'nvidia-dali-cuda120>={MIN_DALI}.0', or nvidia-dali-cuda130 for "
+                       f"CUDA 13), or use --set data.backend=torch.")
     return version
 
 
