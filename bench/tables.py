@@ -141,7 +141,8 @@ def main(argv: list[str]) -> int:
             return 2
         plot_to, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # fastcifar from this checkout
-    from fastcifar import BadInput, jsonio, why
+    from fastcifar import jsonio
+    from fastcifar.errors import BadInput, why
 
     benches = []
     for path in argv:

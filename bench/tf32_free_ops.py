@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipelines import torch_backend as tb
+from fastcifar.pipelines import torch_backend as tb
 
 
 def timed(fn, device, repeats=50) -> float:

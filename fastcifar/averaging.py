@@ -13,24 +13,18 @@ import copy
 import torch
 from torch import nn
 
-from fastcifar import BadInput
+from fastcifar.errors import BadInput
 
 
 class EMA:
-    """An exponential moving average of a model's weights, kept in `module` (a copy in eval mode, same
-    device and memory format, in no optimizer; evaluated under no_grad).
+    """An exponential moving average of a model's weights, kept in `module` (a copy in eval mode).
 
-    `decay` is per optimizer step: an update every `every` steps moves the average by 1 - decay**every
-    towards the weights, so the averaging horizon (about 1 / (1 - decay) steps) does not depend on
-    `every`, only the cost does. With `warmup`, the decay after s steps is min(decay, (1 + s) / (10 + s))
-    (TensorFlow's num_updates rule): 0.18 after the first step, 0.5 after 8, 0.9 after 80, 0.99 after
-    890, so the average forgets the random init in the first hundreds of steps instead of dragging it
-    along for the whole horizon.
-
-    BatchNorm's running mean and variance are averaged like the weights (as timm and torchvision's
-    `use_buffers=True` do): the averaged weights' activations are close to the average of the
-    statistics over the same steps, while the raw model's latest statistics belong to its latest
-    weights only. Integer buffers (BatchNorm's batch counter) are copied.
+    `decay` is per optimizer step: an update every `every` steps moves by 1 - decay**every, so the
+    horizon (~1 / (1 - decay) steps) does not depend on `every`. With `warmup` the decay after s
+    steps is min(decay, (1 + s) / (10 + s)) (TensorFlow's rule: 0.5 after 8 steps, 0.9 after 80), so
+    the average forgets the random init early. BatchNorm's running statistics are averaged like the
+    weights (timm's and torchvision's use_buffers=True: the raw model's belong to its latest weights
+    only); integer buffers are copied.
     """
 
     def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup: bool = True):

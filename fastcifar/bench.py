@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, jsonio, owned, provenance, runtime, sigterm_as_ctrl_c
+from fastcifar import __version__, jsonio, owned, provenance, runtime
+from fastcifar.errors import BadInput
+from fastcifar.signals import sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 HOST = "dali-host"  # the pipeline rows of the DALI backend's host side alone (index reads and draws)
@@ -41,24 +43,12 @@ def device_label(device: torch.device) -> str:
 
 def measure(loader, device: torch.device, warmup: int, repeats: int, batches: int) -> float:
     """Median images/s over `repeats` runs of `batches` batches, after `warmup` batches."""
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    _sync(device)
-    rates = []
-    for _ in range(repeats):
-        n, t = 0, time.perf_counter()
-        for _ in range(batches):
-            _, labels = next(it)
-            n += len(labels)
-        _sync(device)  # the loader's work is done, not just queued
-        rates.append(n / (time.perf_counter() - t))
-    return statistics.median(rates)
+    return _time_steps(lambda images, labels: None, iter(loader), device, warmup, repeats, batches)[0]
 
 
 def pipeline_augs() -> dict[str, dict]:
     """The pipeline rows' augmentations: AugSpec fields per `aug` name."""
-    from pipelines.spec import tutorial_oneof
+    from fastcifar.pipelines.spec import tutorial_oneof
 
     return {"none": {}, "oneof": tutorial_oneof(1.0), "trivialaugment": {"policy": "trivialaugment"},
             "randaugment": {"policy": "randaugment"}}
@@ -80,9 +70,9 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
     """Loader images/s per backend at 32 and 224, with augmentation off, the tutorial's OneOf (p=1),
     TrivialAugment-wide and RandAugment (N=2, M=9); after each DALI row its host side alone (HOST:
     the reads and draws a thread makes ahead of the training thread, on the CPU whatever the device)."""
-    from pipelines import AugSpec, make_loader
-    from pipelines.loader import dali_available
-    from pipelines.tutorial import albumentations_available
+    from fastcifar.pipelines import AugSpec, make_loader
+    from fastcifar.pipelines.loader import dali_available
+    from fastcifar.pipelines.tutorial import albumentations_available
 
     augs = pipeline_augs()
     backends = [b for b in (backends or PIPELINE_BACKENDS) if b != "dali" or dali_available()]
@@ -257,7 +247,7 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
 def end_to_end_spec(size: int, dtype: str):
     """end_to_end's training augmentation: crop + flip at 32 (as r18_cifar_32), flip + resize at 224
     (as the pretrained recipes)."""
-    from pipelines import AugSpec
+    from fastcifar.pipelines import AugSpec
 
     return AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar", dtype=dtype)
 
@@ -267,8 +257,8 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
     """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
     ladder's last step setting (_ladder), with a training augmentation: what an epoch runs at,
     data included."""
-    from pipelines import make_loader
-    from pipelines.loader import dali_available
+    from fastcifar.pipelines import make_loader
+    from fastcifar.pipelines.loader import dali_available
 
     warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
     compiled, channels_last, amp = _ladder(device, quick, settings)[-1]
@@ -375,9 +365,8 @@ OPT_IN = ("packing",)  # stages only --stage runs (minutes of training processes
 
 
 def headroom(rows: list[dict]) -> list[dict]:
-    """Per pipeline backend, model and size: the loader's img/s with the tutorial's OneOf policy
-    over the fastest train step's. Above 1 the device waits on
-    compute, not on data; below 1 the pipeline is the bottleneck."""
+    """Per pipeline backend, model and size: the loader's img/s with the tutorial's OneOf policy over
+    the fastest train step's; below 1 the pipeline is the bottleneck."""
     steps = {}
     for r in rows:
         if r["stage"] == "train_step":
@@ -438,10 +427,8 @@ class Stopped(Exception):
 
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,
         models=None, settings=None, log=print, plot_path=None, sizes=None) -> list[dict]:
-    """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom}
-    (after every row: meta.complete says whether the bench ran to its end) and the picture
-    (plot()) if asked; returns the rows. Ctrl-C or SIGTERM: the same for the rows measured so far,
-    then Stopped."""
+    """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom} after
+    every row (meta.complete: whether it ran to its end) and the picture; Ctrl-C: then Stopped."""
     # a flag given twice is measured once (as --size), not its stage or model all over again
     stages = stages or [s for s in STAGES if s not in OPT_IN]
     stages, backends, models = (list(dict.fromkeys(x)) if x else x for x in (stages, backends, models))
@@ -468,7 +455,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         if bad:
             raise BadInput(f"--model {bad[0]!r} is not a timm model name (see timm.list_models()).")
     device = runtime.command_device(device)
-    if json_path is not None and plot_path is not None and _same_file(Path(json_path), Path(plot_path)):
+    if json_path is not None and plot_path is not None and os.path.realpath(json_path) == os.path.realpath(plot_path):
         raise BadInput(f"--json {json_path} and --plot {plot_path} name the same file; the picture would replace "
                        f"the JSON. Give each its own path.")
     if json_path is not None:
@@ -528,22 +515,18 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     return rows
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def check_json_path(path: Path, option: str = "--json") -> None:
+def check_json_path(path: Path, option: str = "--json", by: str = "bench") -> None:
     """BadInput unless a file can be written at path (its folder is made if missing) without
-    replacing anything but a file a bench wrote there (owned.py)."""
-    example = "bench.json" if option == "--json" else "bench.png"
+    replacing anything but a file `fastcifar by` wrote there (owned.py)."""
+    example = f"{by}.json" if option == "--json" else f"{by}.png"
     if str(path) == "-":  # the usual name of stdout, where the tables go; not a file named -
-        raise BadInput(f"{option} - : bench prints its tables to stdout and writes {option} to a file; give a "
-                       f"path such as {example}.")
+        raise BadInput(f"{option} - : {by} prints to stdout and writes {option} to a file; give a path such as "
+                       f"{example}.")
     if path.is_dir():
         raise BadInput(f"{option} {path} is a directory; give a file path such as {path / example}.")
     if option == "--plot" and path.suffix.lower() != ".png":
         raise BadInput(f"--plot {path}: the picture is a PNG; name it *.png, e.g. {path.with_suffix('.png')}.")
-    owned.check([path], "bench", f"The bench would replace {{it}}: move {{it}} away, or choose another {option} path.")
+    owned.check([path], by, f"{by} would replace {{it}}: move {{it}} away, or choose another {option} path.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):  # a file made and removed: the folder takes new files
@@ -555,13 +538,13 @@ def check_json_path(path: Path, option: str = "--json") -> None:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable {option} path.")
 
 
-def write_json(path: Path, obj) -> None:
-    """checkpoint.write_json (atomic; replacing only a file a bench wrote), with an unwritable path as bad input."""
+def write_json(path: Path, obj, by: str = "bench") -> None:
+    """checkpoint.write_json (atomic; replacing only a file `fastcifar by` wrote), an unwritable path bad input."""
     from fastcifar.checkpoint import write_json as atomic_json
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_json(path, obj, by="bench")
+        atomic_json(path, obj, by=by)
     except OSError as e:
         raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")
 
@@ -574,9 +557,8 @@ PIPE_COLUMNS = [(px, aug) for px in (32, 224) for aug in AUG_LABELS]
 
 
 def figure(bench: dict):
-    """A matplotlib figure of a bench result {meta, rows, headroom}: pipeline img/s per backend at
-    each size and augmentation (the tutorial's per-image path hatched), and, when measured, the
-    headroom per pipeline, model and size against the line where data becomes the bottleneck."""
+    """A matplotlib figure of a bench result: pipeline img/s per backend, size and augmentation (the
+    tutorial's path hatched) and, when measured, the headroom against the line of 1."""
     import matplotlib
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
@@ -588,33 +570,31 @@ def figure(bench: dict):
     panels = [p for p, present in (("pipeline", pipe), ("headroom", room)) if present]
     fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 5), dpi=110, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def bars(ax, groups, series, value, fmt, label=lambda name: name):  # one bar per series in each group
+        width = 0.8 / len(series)
+        for k, name in enumerate(series):
+            values = [value(name, g) for g in groups]
+            drawn = ax.bar([i + (k - (len(series) - 1) / 2) * width for i in range(len(groups))], values, width,
+                           color=colours[k % len(colours)], hatch="//" if name == "tutorial" else None,
+                           edgecolor="black", label=label(name), gid=name)
+            ax.bar_label(drawn, labels=[fmt(v) if v else "" for v in values], fontsize=7)
+
     for ax, panel in zip(axes[0], panels):
         if panel == "pipeline":
-            backends = list(dict.fromkeys(r["backend"] for r in pipe))
             cols = [c for c in PIPE_COLUMNS if any((r["image_size"], r.get("aug")) == c for r in pipe)]
-            width = 0.8 / len(backends)
-            for k, backend in enumerate(backends):
-                values = [next((r["images_per_sec"] for r in pipe if (r["backend"], r["image_size"], r.get("aug")) ==
-                                (backend, *c)), 0) for c in cols]
-                tutorial = backend == "tutorial"
-                bars = ax.bar([i + (k - (len(backends) - 1) / 2) * width for i in range(len(cols))], values, width,
-                              color=colours[k % len(colours)], hatch="//" if tutorial else None, edgecolor="black",
-                              label="tutorial path (per-image DataLoader)" if tutorial else backend, gid=backend)
-                ax.bar_label(bars, labels=[f"{v / 1000:.1f}k" if v else "" for v in values], fontsize=7)
+            bars(ax, cols, list(dict.fromkeys(r["backend"] for r in pipe)),
+                 lambda b, c: next((r["images_per_sec"] for r in pipe if (r["backend"], r["image_size"], r.get("aug"))
+                                    == (b, *c)), 0), lambda v: f"{v / 1000:.1f}k",
+                 lambda b: "tutorial path (per-image DataLoader)" if b == "tutorial" else b)
             ax.set_xticks(range(len(cols)), [f"{px} px\n{AUG_LABELS[aug]}" for px, aug in cols], fontsize=8)
             ax.set_ylabel("images / s (log)")
             ax.set_title(f"pipeline alone, batch {pipe[0]['batch_size']}")
         else:
             groups = list(dict.fromkeys((h["model"], h["image_size"]) for h in room))
-            pipes = list(dict.fromkeys(h["pipeline"] for h in room))
-            width = 0.8 / len(pipes)
-            for k, p in enumerate(pipes):
-                values = [next((h["headroom"] for h in room if (h["pipeline"], h["model"], h["image_size"]) ==
-                                (p, *g)), 0) for g in groups]
-                bars = ax.bar([i + (k - (len(pipes) - 1) / 2) * width for i in range(len(groups))], values, width,
-                              color=colours[k % len(colours)], hatch="//" if p == "tutorial" else None,
-                              edgecolor="black", label=p, gid=p)
-                ax.bar_label(bars, labels=[f"{v:.3g}x" if v else "" for v in values], fontsize=7)
+            bars(ax, groups, list(dict.fromkeys(h["pipeline"] for h in room)),
+                 lambda p, g: next((h["headroom"] for h in room if (h["pipeline"], h["model"], h["image_size"]) ==
+                                    (p, *g)), 0), lambda v: f"{v:.3g}x")
             ax.axhline(1.0, color="red", linestyle="--", gid="parity", label="1x: below it the data is the bottleneck")
             ax.set_xticks(range(len(groups)), [f"{model}\n{px} px" for model, px in groups])
             ax.set_ylabel("pipeline img/s (OneOf) / fastest train step img/s (log)")

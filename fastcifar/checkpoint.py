@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, owned, signals_held, why
+from fastcifar import owned
+from fastcifar.signals import signals_held
 from fastcifar import dist as fdist
+from fastcifar.errors import BadInput, why
 
 
 def atomic_write(path: Path, write, by: str | None = None) -> None:
@@ -62,19 +64,10 @@ def write_json(path: Path, obj, by: str | None = None) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()), by)
 
 
-# weights_only loading can be made to run code before torch 2.6 (CVE-2025-32434) and before 2.10
-# (GHSA-63cw-57p8-fm3p): refuse to read a checkpoint or weights file with an older torch
-SAFE_TORCH = (2, 10)
-
-
 def torch_load(path: Path, what: str = "checkpoint"):
     """torch.load(path, weights_only=True) onto the CPU: tensors and plain data only, so a shared
-    file cannot run code. Any failure is bad input naming the file."""
-    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    if version < SAFE_TORCH:
-        raise BadInput(f"torch {torch.__version__} cannot load {path} safely: before torch 2.10 a crafted file can run "
-                       f"code even with weights_only=True (CVE-2025-32434, GHSA-63cw-57p8-fm3p). Upgrade: "
-                       f"pip install 'torch>=2.10'.")
+    file cannot run code (pyproject's torch>=2.10: older ones' weights_only could be made to). Any
+    failure is bad input naming the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -100,8 +93,9 @@ def torch_load(path: Path, what: str = "checkpoint"):
 NEEDS = {
     "weights": ("model", "recipe"),  # model.init_from: the weights alone
     "eval": ("model", "recipe", "epoch"),
-    "resume": ("model", "recipe", "info", "optimizer", "scheduler", "scaler", "rng", "mix_rng", "epoch",
-               "step_in_epoch", "step", "best", "history", "partial", "wall_seconds"),
+    "resume": ("model", "recipe", "info", "optimizer", "scheduler", "scaler", "rng", "mix_rng", "epoch", "amp",
+               "schedule_epochs", "store", "step_in_epoch", "step", "best", "history", "partial", "partial_time",
+               "wall_seconds", "provenance"),
 }
 
 
@@ -192,11 +186,7 @@ def rng_state(device: torch.device | None = None) -> dict:
 def set_rng_state(state: dict, rank: int = 0, world: int = 1, device: torch.device | None = None) -> None:
     """Restore rng_state()'s states: this rank's own (rank 0's when the run had another number of
     ranks: the data is sharded otherwise, so nothing continues exactly anyway)."""
-    ranks = state.get("ranks")
-    if ranks is None:  # written before states were kept per rank: every CUDA device's, as rank 0 saw them
-        ranks = [state]
-        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
+    ranks = state["ranks"]
     own = ranks[rank] if len(ranks) == world else ranks[0]
     random.setstate(_tuples(own["python"]))
     torch.set_rng_state(own["torch"])
@@ -211,14 +201,12 @@ def _tuples(x):
 
 @contextlib.contextmanager
 def claimed(path: Path, recheck):
-    """Make run directory `path` (and its missing parents) and hold an exclusive lock on it while
-    the run lives, so that no second fastcifar process writes the same files: a second `train
-    --out` of one path, or a `--resume` of a run still going. recheck() runs again under the lock:
-    another run may have filled the directory since it was first checked. Directories made here
-    are removed on the way out while empty (a run that stopped before writing leaves nothing)."""
-    with owned.hold(path, f"{path} is in use: another fastcifar process is writing that run (a train, a --resume "
-                          f"or a reproduce still going). Wait for it to end, or stop it (Ctrl-C saves last.pt) and "
-                          f"continue it with `fastcifar train --resume {path}`; to start a new run, choose another --out."):
+    """Make run directory `path` and hold a lock on it while the run lives: no second process writes
+    the same files. recheck() runs again under the lock (another run may have filled it meanwhile);
+    directories made here are removed on the way out while empty."""
+    with owned.hold(path, f"{path} is in use: another fastcifar process is writing that run. Wait for it to end, or "
+                          f"stop it (Ctrl-C saves last.pt) and continue it with `fastcifar train --resume {path}`; "
+                          f"to start a new run, choose another --out."):
         recheck()
         yield
 
@@ -282,10 +270,8 @@ class RunDir:
         return self
 
     def _guard(self, what: str, write, undo=lambda: None) -> None:
-        """write(); a failed write (a full disk, a read-only directory) stops the run as bad input,
-        saying in summary.json why, if even that can be written: after undo(), which takes the
-        run's state back to what its files hold. Files are replaced atomically, so last.pt is
-        still the previous complete one."""
+        """write(); a failed write (a full disk) stops the run as bad input, after undo() (the run's
+        state back to what its files hold) and summary.json saying why, if that can be written."""
         try:
             write()
         except OSError as e:
@@ -297,9 +283,8 @@ class RunDir:
                     write_json(self.path / "summary.json", s, by="train")
                     self._ended = True
             raise BadInput(f"Could not write {what} in {self.path} ({why}): is the disk full or the directory "
-                           f"read-only? The run stopped there; every file fastcifar writes is replaced whole, so "
-                           f"last.pt, if there is one, still holds the last complete epoch. Free some space and "
-                           f"continue with `fastcifar train --resume {self.path}`.")
+                           f"read-only? The run stopped; last.pt, if there is one, holds the last complete epoch. "
+                           f"Free some space and continue with `fastcifar train --resume {self.path}`.")
 
     @property
     def logging(self) -> bool:
@@ -322,9 +307,8 @@ class RunDir:
             self._tb.add_image(tag, image, 0)
 
     def checkpoint(self, state: dict, best: bool, undo=lambda: None) -> None:
-        """best.pt when this is the selected epoch so far, then last.pt. If either cannot be written,
-        undo() takes the run back to its last saved epoch first, so that summary.json never names an
-        epoch (or a best epoch) whose checkpoint is not on disk."""
+        """best.pt when this is the selected epoch so far, then last.pt; if either cannot be written,
+        undo() first, so summary.json never names an epoch whose checkpoint is not on disk."""
         if self.writes:
             if best:
                 self._guard("best.pt", lambda: save(self.path / "best.pt", state, by="train"), undo)

@@ -12,7 +12,9 @@ from typing import List, Optional
 
 import typer
 
-from fastcifar import BadInput, __version__, sigterm_as_ctrl_c, stop_signals, why
+from fastcifar import __version__
+from fastcifar.errors import BadInput, why
+from fastcifar.signals import sigterm_as_ctrl_c, stop_signals
 
 
 class Commands(typer.core.TyperGroup):
@@ -82,11 +84,8 @@ def prepare(
 ):
     """Convert CIFAR-100 (or CIFAR-10) into memory-mapped uint8 arrays (download and checksum it by default).
 
-    The store (train/test images as N x 32 x 32 x 3 uint8, labels, CIFAR-100's coarse labels, meta.json)
-    is built in a temporary directory and renamed into place, so an existing good store is never
-    left half-written. A second run on the same source returns at once.
-    The data dir must be missing, empty, or a store fastcifar wrote: anything else (your files,
-    a file, the --from source) is refused, --force included.
+    The store is built in a temporary directory and renamed into place; a second run on the same
+    source returns at once. The data dir must be missing, empty, or a store fastcifar wrote.
     """
     from fastcifar.data import prepare as run_prepare
 
@@ -154,25 +153,22 @@ def train(
 
     Writes a run directory: recipe.json, recipe.py, TensorBoard events, metrics.jsonl, last.pt, best.pt, summary.json.
     Ctrl-C, SIGTERM or SIGHUP saves last.pt and exits 130; --resume RUN_DIR continues the run.
-    fastcifar replaces only files it wrote in RUN_DIR; a run copied from elsewhere continues with --out NEW_DIR.
     Under torchrun (torchrun --nproc-per-node N -m fastcifar train ...) data.batch_size is the global batch.
-    train.amp=auto (the default) trains in bf16 on GPUs with bf16 tensor cores, fp16 on older ones and
-    fp32 on CPUs without native bf16; the first lines say which and why.
     """
-    from fastcifar import checkpoint, config
+    from fastcifar import config
     from fastcifar.runs import stop_with_parent
-    from fastcifar.train import Diverged, Interrupted
+    from fastcifar.train import Diverged, Interrupted, last_checkpoint
     from fastcifar.train import train as run_train
 
     stop_with_parent()  # a run that reproduce or sweep started stops (and saves) with them
     try:  # a Ctrl-C anywhere in here (loading a recipe, preparing the store) exits 130 too
+        last = None
         if resume is not None:
-            ck = checkpoint.load(resume / "last.pt", need="resume")
-            r, info = config.from_dict(ck["recipe"]), dict(ck["info"])
+            last = last_checkpoint(resume)  # read once: the recipe here, the run's state in train
+            r, info = config.from_dict(last["recipe"]), dict(last["info"])
             if recipe is not None and recipe not in (info["name"], info.get("path")):
                 raise BadInput(f"--resume {resume} continues a run of {info['name']!r}, not {recipe!r}; drop RECIPE "
                                f"or start a new run without --resume.")
-            del ck
         elif recipe is None:
             raise BadInput("Name a recipe to train (`fastcifar recipes` lists them), or --resume RUN_DIR.")
         else:
@@ -180,15 +176,12 @@ def train(
         config.apply_overrides(r, overrides)
         if overrides:
             info["overrides"] = list(info.get("overrides", [])) + list(overrides)
-        run_train(r, info, out=out, data_dir=data_dir, resume=resume)
+        run_train(r, info, out=out, data_dir=data_dir, resume=resume, last=last)
     except Interrupted as e:
         typer.echo(str(e), err=True)
         sys.exit(130)
     except Diverged as e:
         fail(str(e), code=1)
-    except KeyboardInterrupt:
-        typer.echo("Interrupted.", err=True)
-        sys.exit(130)
 
 
 @app.command(name="eval")
@@ -245,18 +238,15 @@ def bench(
 ):
     """Measure throughput: pipeline, train step and end to end, beside the tutorial's data path.
 
-    Each row gives images/s after warm-up (the median of several timed repeats; warm-up and compile time are reported apart).
+    Each row gives images/s after warm-up (the median of timed repeats; warm-up and compile reported apart).
 
-    - pipeline: each loader backend at 32 and 224 px, augmentation off, the tutorial's OneOf, TrivialAugment and RandAugment, beside the tutorial's per-sample DataLoader path; after each DALI row, dali-host: its host side alone (index reads and draws, ms per batch).
-    - train_step: resnet18/50 on device tensors, eager NCHW fp32, then channels_last, then AMP (on a GPU what train.amp=auto picks there; bf16 on a CPU), then torch.compile (one static graph per model and size).
-    - end_to_end: the tutorial's loader and the one data.backend=auto picks, each feeding the last --setting (the ladder's top).
-    - packing (only with --stage packing): runs per hour of 1, 2 and 4 short r18_cifar_32 runs at once, each a `fastcifar train` process started by the scheduler of `reproduce` and `sweep` (on a GPU all pinned to it, as --per-gpu K; on a CPU splitting the cores, as --jobs K), beside one at a time (vs_one). Start-up, compile and evaluation count. The runs use the recipe's batch (--batch-size is for the other stages).
+    - pipeline: each loader backend at 32 and 224 px with no augmentation, OneOf, TrivialAugment and RandAugment; after each DALI row, dali-host: its host side alone.
+    - train_step: resnet18/50 on device tensors up the ladder NCHW fp32, channels_last, AMP, torch.compile.
+    - end_to_end: the tutorial's loader and the one data.backend=auto picks, feeding the last --setting.
+    - packing (only with --stage packing): runs per hour of 1, 2 and 4 short r18_cifar_32 runs at once through the scheduler of `reproduce` (on a GPU all pinned to it, on a CPU splitting the cores), beside one at a time (vs_one).
 
-    The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck.
-    bench/pipeline.sh reruns the README's pipeline table; `fastcifar doctor` is the three-minute check with the targets.
-
-    --json is rewritten after every row, so Ctrl-C or SIGTERM keeps what was measured: the tables
-    of those rows are printed, the JSON says meta.complete: false, and the exit code is 130.
+    The headroom table divides pipeline by train_step img/s: below 1, data is the bottleneck. --json is
+    rewritten after every row: Ctrl-C or SIGTERM prints the tables so far, meta.complete: false, exit 130.
     """
     from fastcifar.bench import Stopped
     from fastcifar.bench import run as run_bench
@@ -280,15 +270,9 @@ def doctor(
 ):
     """Does fastcifar work on this machine, and how fast: within a three-minute budget, compiles included.
 
-    Prints the versions (torch, CUDA, driver, DALI, timm, the card) and the precision train.amp=auto picks, then runs, each with a pass/fail line:
+    Prints the versions and the precision train.amp=auto picks, then checks (agreement: DALI gives the torch backend's images; compile: a compiled Trainer with no shape recompile; resume: bit for bit) and throughput beside its H100/H200 targets (DALI OneOf@224, resnet18@224 and resnet50@224 steps, end_to_end / step). On a CPU the same steps run at toy sizes.
 
-    - agreement: DALI on this device gives the torch backend's images (one seed; OneOf, TrivialAugment, RandAugment; 32 and 224 px; within 1/255; batches of 1-4 whose conditional branches are empty).
-    - compile: a compiled channels_last Trainer at that precision trains two epochs whose last train and test batches are uneven, with no shape recompile.
-    - resume: 8 steps straight equal 3 steps, a stop and a resume, bit for bit.
-
-    Then the throughput, each figure beside its target (for H100/H200-class cards; n/a elsewhere): DALI OneOf@224 img/s (>= 100,000), resnet18@224 compiled train step (>= 10,000), end_to_end / step at 224 and 32 (>= 0.95), resnet50@224 (>= 4,000); then extras (the torch backend, TrivialAugment, RandAugment at 224). On a CPU the same steps run at toy sizes (timm's test_resnet, a small synthetic store).
-
-    Each step runs in a process of its own with a cap: a crash or a hang is that step's failure and the rest still run. Exit status: 0 when every check passed; 1 when a check failed or did not fit in the budget, or a measurement crashed or hung past its cap. A figure below its target is marked NO but is a measurement, not a failure. 2 for bad input (e.g. --device cuda with no GPU); 130 on Ctrl-C, after printing what was done. The longer, fuller measurement is `fastcifar bench`.
+    Each step runs in a process of its own with a cap. Exit status: 0 when every check passed; 1 when one failed or did not fit in the budget, or a step crashed or hung (a figure below its target is marked NO, not a failure); 2 for bad input; 130 on Ctrl-C, after printing what was done.
     """
     import shlex
 
@@ -315,13 +299,10 @@ def report(
 ):
     """Turn run directories into the results table (markdown) and accuracy/loss plots (PNG).
 
-    The table has the tutorial's shape: recipe, what it changes, best test accuracy and its
-    epoch, final accuracy, wall time and training img/s; runs that held out a validation split
-    show validation and test apart, and the data-wait share and time to target when runs have
-    them. Runs on synthetic data are marked. It warns (stderr and under the table) when runs differ
-    in data or software, or selected their epoch on the test set. A run that cannot be reported
-    (it died in its first epoch, or its files are damaged) is skipped and named, with why.
-    The plots mark each run's best (selected) epoch.
+    The table has the tutorial's shape (recipe, what it changes, best and final test accuracy, wall
+    time, img/s), validation apart when held out, data wait and time to target when runs have them.
+    It warns when runs differ in data or software, or selected their epoch on the test set. A run
+    that cannot be reported (it died in its first epoch, damaged files) is skipped and named.
     """
     from fastcifar.report import report as make_report
 
@@ -341,15 +322,12 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="File to write, or a directory to write it in (default: "
                                        "beside the checkpoint: best.onnx, best.safetensors, best-timm.pth)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out file that fastcifar export wrote."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Supplies class names and "
-                                            "mean/std to checkpoints that do not record them, and test images for "
-                                            "the check."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Test images for the check "
+                                            "(else seeded noise)."),
 ):
     """Export a trained model for use outside fastcifar: ONNX, safetensors, or a plain timm state dict.
 
-    Every export is checked before it is written: loaded back (onnxruntime, safetensors, timm) and compared with the fastcifar network on a few test images; the largest logit difference is printed. An existing file is replaced only with --force, and only if an earlier fastcifar export wrote it.
-
-    Needs the export extra: pip install "fastcifar[export]". `fastcifar predict` reads .onnx and .safetensors exports as well as checkpoints.
+    Every export is loaded back and compared with the fastcifar network on a few images before it is written. An existing file is replaced only with --force, and only if fastcifar export wrote it. Needs pip install "fastcifar[export]".
     """
     from fastcifar.export import CheckFailed, export
 
@@ -368,20 +346,17 @@ def predict(
     top: int = typer.Option(5, "--top", help="How many classes to show per image."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document {model, format, predictions: "
                                   "[{file, top: [{class, index, prob}]}], skipped: [{file, error}]}."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Supplies class names and "
-                                            "mean/std to checkpoints that do not record them."),
 ):
     """Print the top classes and their probabilities for image files, on the CPU.
 
-    Each image is made RGB, centre-cropped to a square and resized to 32x32 as CIFAR's pictures are, then resized to the model's input size and normalised as in evaluation.
-
-    Files that are not readable images are named on stderr and skipped; the exit code is 2 only if no image could be read.
+    Each image is made RGB, centre-cropped, resized to 32x32 as CIFAR's are, then preprocessed as in evaluation.
+    Unreadable files are named on stderr and skipped; exit 2 only if no image could be read.
     """
     import json
 
     from fastcifar.predict import predict as run_predict
 
-    res = run_predict(ref, images, top=top, data_dir=data_dir, log=lambda m: typer.echo(m, err=True))
+    res = run_predict(ref, images, top=top, log=lambda m: typer.echo(m, err=True))
     if json_out:
         typer.echo(json.dumps(res, indent=2))
         return

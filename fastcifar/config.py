@@ -8,6 +8,7 @@ of `train.epochs` never leaves a stale step count behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -20,17 +21,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastcifar import BadInput, jsonio, shown, why
+from fastcifar import jsonio
 from fastcifar.averaging import TTA
 from fastcifar.data import DATASETS
+from fastcifar.errors import BadInput, shown, why
 from fastcifar.heads import EVAL_LOGITS, HEADS, MARGIN_GRADS
 from fastcifar.optim import DECAY_GROUPS, LR_SCALING, OPTIMIZERS, SCHEDULES
+from fastcifar.pipelines.loader import BACKENDS
+from fastcifar.pipelines.spec import MAX_SIDE, AugSpec
 from fastcifar.runtime import AMP_CHOICES, TF32
-from pipelines.loader import BACKENDS
-from pipelines.spec import MAX_SIDE, AugSpec
-
-INT_MAX = 2 ** 63 - 1  # the largest whole number a recipe field takes: torch's and numpy's int64
-
 
 def _check(section: str, obj, rules) -> None:
     """Raise BadInput naming the first field of `obj` whose rule fails: rules are
@@ -178,15 +177,6 @@ class Optim:
             ("lr_ref_batch", lambda v: v >= 0, "must be >= 0 (0 = lr as given)"),
         ])
 
-    @property
-    def decay_norm_bias(self) -> bool:
-        """The switch decay_groups replaced, for older recipe files: True = "all", False = "no_bias_norm"."""
-        return self.decay_groups == "all"
-
-    @decay_norm_bias.setter
-    def decay_norm_bias(self, value: bool):
-        self.decay_groups = "all" if value else "no_bias_norm"
-
 
 @dataclass(slots=True)
 class Schedule:
@@ -270,17 +260,13 @@ class Recipe:
                 values = v if isinstance(v, tuple) else (v,)
                 if any(isinstance(x, float) and not math.isfinite(x) for x in values):
                     raise BadInput(f"{section}.{f.name} = {shown(v)}: must be a finite number.")
-                if any(isinstance(x, int) and abs(x) > INT_MAX for x in values):  # torch, numpy and float() overflow
-                    raise BadInput(f"{section}.{f.name} = {shown(v)}: too large; whole numbers here lie within "
-                                   f"+-(2**63 - 1).")
             obj.validate()
         if self.head.kind != "linear" and (self.aug.mixup_alpha > 0 or self.aug.cutmix_alpha > 0):
             raise BadInput(f"head.kind = {shown(self.head.kind)}: a margin head needs hard labels, but MixUp/CutMix give "
                            f"soft targets; use head.kind=linear or set aug.mixup_alpha and aug.cutmix_alpha to 0.")
         if self.aug.dtype != "float32" and self.train.amp == "none":
             raise BadInput(f"aug.dtype = {shown(self.aug.dtype)} hands the model {self.aug.dtype} images, but train.amp = "
-                           f"none runs it in fp32, and an fp32 layer refuses {self.aug.dtype} input at the first step. "
-                           f"Reduced-precision images are for autocast: set train.amp=auto (or bf16 / fp16), or "
+                           f"none runs it in fp32, which refuses them; set train.amp=auto (or bf16, fp16) or "
                            f"aug.dtype=float32.")
         if self.loss.scales and self.distill.teacher:
             raise BadInput(f"loss.scales = {shown(self.loss.scales)} (multi-scale training) and distill.teacher = "
@@ -307,21 +293,18 @@ def check_types(r: Recipe) -> Recipe:
         if not isinstance(obj, cls):
             raise BadInput(f"recipe section {section} was replaced by a {type(obj).__name__}; it must stay a "
                            f"{cls.__name__} (change its fields instead).")
-        for name, t in _hints(cls).items():
+        for name, t in typing.get_type_hints(cls).items():
             value = getattr(obj, name)
             try:
-                setattr(obj, name, _strict(value, t))
+                setattr(obj, name, _as(value, t, parse=False))
             except _Wrong:
-                raise BadInput(f"{section}.{name} = {shown(value)}: expected {_type_name(t)}, got a {type(value).__name__}.")
+                raise BadInput(f"{section}.{name} = {shown(value)}: expected {_type_name(t)}, got a "
+                               f"{type(value).__name__}.")
     return r
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def section_types() -> dict[str, type]:
-    return _hints(Recipe)
+    return typing.get_type_hints(Recipe)
 
 
 def valid_keys() -> list[str]:
@@ -351,106 +334,54 @@ class _Wrong(Exception):
     pass
 
 
-def _coerce(value, t):
-    """value (a str from the command line, or a JSON value) as type t; _Wrong if it is not one."""
-    origin = typing.get_origin(t)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(t)
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto"))):
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a)
-            except _Wrong:
-                pass
-        raise _Wrong
-    if origin is tuple:
-        args = typing.get_args(t)
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    items = jsonio.loads(text, "the list")
-                except BadInput:  # not JSON, or nested deeper than any field's type
-                    raise _Wrong
-            else:
-                text = text.strip("()")
-                items = [v.strip() for v in text.split(",") if v.strip()] if text else []
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            raise _Wrong
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in items)
-        if len(items) != len(args):
-            raise _Wrong
-        return tuple(_coerce(v, a) for v, a in zip(items, args))
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise _Wrong
-    if t is int:
-        if isinstance(value, bool):
-            raise _Wrong
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                raise _Wrong
-        raise _Wrong
-    if t is float:
-        if isinstance(value, bool):
-            raise _Wrong
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _Wrong
-        raise _Wrong
-    if t is str:
-        if isinstance(value, str):
-            return value
-        raise _Wrong
-    raise _Wrong
+BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
-def _strict(value, t):
-    """value as type t if it already is one (an int may stand for a float, a list for a tuple);
-    _Wrong otherwise. Unlike _coerce, no string is parsed: this checks values set in Python."""
+def _as(value, t, parse: bool):
+    """value as type t, or _Wrong. parse: value may be text to parse (--set; JSON, whose numbers
+    arrive as numbers); else it must be one already (a recipe's Python), an int standing for a
+    float and a list for a tuple."""
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(t):
-            return None
+        if value is None or parse and isinstance(value, str) and value.lower() in ("none", "null", "auto"):
+            if type(None) in typing.get_args(t):
+                return None
         for a in typing.get_args(t):
             if a is not type(None):
-                try:
-                    return _strict(value, a)
-                except _Wrong:
-                    pass
+                with contextlib.suppress(_Wrong):
+                    return _as(value, a, parse)
         raise _Wrong
     if origin is tuple:
-        if not isinstance(value, (tuple, list)):
+        if parse and isinstance(value, str):
+            text = value.strip()
+            try:  # JSON (a list nested deeper than any field's type is refused there), or comma-separated
+                value = jsonio.loads(text, "the list") if text.startswith("[") else \
+                    [v.strip() for v in text.strip("()").split(",") if v.strip()]
+            except BadInput:
+                raise _Wrong
+        if not isinstance(value, (list, tuple)):
             raise _Wrong
         args = typing.get_args(t)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_strict(v, args[0]) for v in value)
-        if len(value) != len(args):
+        kinds = [args[0]] * len(value) if args[-1] is Ellipsis else args
+        if len(value) != len(kinds):
             raise _Wrong
-        return tuple(_strict(v, a) for v, a in zip(value, args))
-    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if t in (bool, int, str) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
-        return value
+        return tuple(_as(v, k, parse) for v, k in zip(value, kinds))
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if parse and isinstance(value, str) and value.lower() in BOOLS:
+                return BOOLS[value.lower()]
+        elif t is str:
+            if isinstance(value, str):
+                return value
+        elif not isinstance(value, bool):  # int, float: a bool is an int to Python, never a number here
+            if isinstance(value, int) or t is float and isinstance(value, float):
+                return t(value)
+            if parse and isinstance(value, str):
+                return int(value.replace("_", "")) if t is int else float(value)
+    except (ValueError, OverflowError):
+        pass
     raise _Wrong
 
 
@@ -459,36 +390,11 @@ def _field_type(section: str, name: str):
     if cls is None:
         raise BadInput(f"Unknown recipe section {shown(section)}; the sections are {', '.join(SECTIONS)}. "
                        f"Valid keys: {', '.join(valid_keys())}.")
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     if name not in hints or name.startswith("_"):
         keys = [k for k in valid_keys() if k.startswith(section + ".")]
         raise BadInput(f"Unknown key {section}.{name}; valid keys of {section} are: {', '.join(keys)}.")
     return hints[name]
-
-
-# Fields that older recipe.json files and checkpoints hold under another name:
-# (section, old name) -> (old type, new name, the new value from the old one)
-RENAMED = {("optim", "decay_norm_bias"): (bool, "decay_groups", lambda v: "all" if v else "no_bias_norm")}
-
-
-def _renamed(section: str, name: str, value, where: str):
-    """(name, value) with a renamed field's old name and value translated to the new ones."""
-    if (section, name) not in RENAMED:
-        return name, value
-    old_type, new, convert = RENAMED[(section, name)]
-    try:
-        return new, convert(_coerce(value, old_type))
-    except _Wrong:
-        raise BadInput(f"{where} {section}.{name} = {shown(value)}: expected {_type_name(old_type)} "
-                       f"(it is now {section}.{new}).")
-
-
-def _missing(d: dict) -> dict:
-    """{(section, name): value} for fields newer than a stored recipe that lacks them, where the
-    plain default would change what the old run did. Runs from before train.tf32 kept PyTorch's own
-    TF32 flags (convolutions only) when deterministic, and turned TF32 on otherwise."""
-    train = d.get("train") if isinstance(d.get("train"), dict) else {}
-    return {("train", "tf32"): "conv" if train.get("deterministic") is True else "on"}
 
 
 def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
@@ -500,11 +406,9 @@ def apply_overrides(r: Recipe, overrides: list[str]) -> Recipe:
             raise BadInput(f"--set {shown(item)}: write section.field=VALUE, e.g. train.epochs=30. "
                            f"Valid keys: {', '.join(valid_keys())}.")
         section, name = key.split(".")
-        name, value = _renamed(section, name, value, "--set")
-        key = f"{section}.{name}"
         t = _field_type(section, name)
         try:
-            v = _coerce(value, t)
+            v = _as(value, t, parse=True)
         except _Wrong:
             raise BadInput(f"--set {key}={shown(value)}: {key} expects {_type_name(t)}.")
         setattr(getattr(r, section), name, v)
@@ -517,25 +421,19 @@ def to_dict(r: Recipe) -> dict:
 
 
 def from_dict(d: dict) -> Recipe:
-    """A Recipe from to_dict()'s output (recipe.json, a checkpoint), type-checked field by field.
-    Older files load too: renamed fields are translated (RENAMED), and fields they lack take the
-    value that does what the old run did (_missing), else the default."""
+    """A Recipe from to_dict()'s output (recipe.json, a checkpoint), type-checked field by field."""
     if not isinstance(d, dict):
         raise BadInput(f"A stored recipe must be a mapping of sections, got a {type(d).__name__}.")
     r = Recipe()
-    for (section, name), value in _missing(d).items():
-        if name not in (d.get(section) or {}):
-            setattr(getattr(r, section), name, value)
     for section, fields in d.items():
         if section not in SECTIONS:
             continue  # run metadata stored beside the sections: name, description, parent
         if not isinstance(fields, dict):
             raise BadInput(f"recipe section {shown(section)} must be a mapping, got {type(fields).__name__}.")
         for name, value in fields.items():
-            name, value = _renamed(section, name, value, "recipe field")
             t = _field_type(section, name)
             try:
-                setattr(getattr(r, section), name, _coerce(value, t))
+                setattr(getattr(r, section), name, _as(value, t, parse=True))
             except _Wrong:
                 raise BadInput(f"recipe field {section}.{name} = {shown(value)}: expected {_type_name(t)}.")
     return r
@@ -649,6 +547,19 @@ def _at(e: BaseException, path: Path, source: str) -> str:
     return f" At {path}:{line}: {code if len(code) <= 200 else code[:180] + ' ...'}"
 
 
+def _recipe_code(call, path: Path, source: str, what: str):
+    """call(): the recipe's own code, whose exceptions (a BaseException too, but Ctrl-C) are its
+    fault: BadInput naming the recipe's line."""
+    try:
+        return call()
+    except (BadInput, KeyboardInterrupt):
+        raise
+    except SystemExit as e:
+        raise BadInput(f"Recipe {path}: {what} called sys.exit({shown(e.code)}); a recipe only returns a Recipe.")
+    except BaseException as e:
+        raise BadInput(f"Recipe {path}: {what} raised {why(e)}.{_at(e, path, source)}")
+
+
 def load(ref: str) -> tuple[Recipe, dict]:
     """(Recipe, info) from a recipe path or name; info = {name, description, parent, path, source}."""
     path = _resolve(ref)
@@ -667,26 +578,11 @@ def load(ref: str) -> tuple[Recipe, dict]:
     module = importlib.util.module_from_spec(spec)
     _loading.append((path, []))
     try:
-        try:
-            spec.loader.exec_module(module)
-        except (BadInput, KeyboardInterrupt):
-            raise
-        except SystemExit as e:
-            raise BadInput(f"Recipe {path} called sys.exit({shown(e.code)}) while loading; a recipe only defines recipe().")
-        except BaseException as e:  # GeneratorExit or a recipe's own BaseException too: still the recipe's fault
-            raise BadInput(f"Recipe {path} failed to load: {why(e)}.{_at(e, path, source)}")
+        _recipe_code(lambda: spec.loader.exec_module(module), path, source, "loading it")
         fn = getattr(module, "recipe", None)
         if not callable(fn):
-            raise BadInput(f"Recipe {path} defines no recipe() function; a recipe file defines "
-                           f"`def recipe() -> Recipe`.")
-        try:
-            r = fn()
-        except (BadInput, KeyboardInterrupt):
-            raise
-        except SystemExit as e:
-            raise BadInput(f"Recipe {path}: recipe() called sys.exit({shown(e.code)}); it should return a Recipe.")
-        except BaseException as e:
-            raise BadInput(f"Recipe {path}: recipe() raised {why(e)}.{_at(e, path, source)}")
+            raise BadInput(f"Recipe {path} defines no recipe() function: `def recipe() -> Recipe`.")
+        r = _recipe_code(fn, path, source, "recipe()")
         parents = _loading[-1][1]
     finally:
         _loading.pop()

@@ -9,7 +9,7 @@ Store layout (FORMAT_VERSION 1), in one directory:
                       CIFAR-10's labels 0..9
     train_coarse.npy  int64 (N,) CIFAR-100's coarse labels 0..19 (CIFAR-10 has none: no file)
     test_*.npy        the same for the test split
-    meta.json         "dataset" (cifar100 | cifar10; a store without it is CIFAR-100), class names
+    meta.json         "dataset" (cifar100 | cifar10), class names
                       (CIFAR-100: fine_label_names, coarse_label_names; CIFAR-10: label_names),
                       counts, source, checksums, train mean/std, format version,
                       "creator": "fastcifar" (what marks a directory as a store prepare may replace)
@@ -45,7 +45,9 @@ from pathlib import Path
 import numpy as np
 import numpy.lib.format as npformat
 
-from fastcifar import BadInput, jsonio, make_dirs, owned, remove_empty, why
+from fastcifar import jsonio, owned
+from fastcifar.errors import BadInput, why
+from fastcifar.owned import make_dirs, remove_empty
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -56,13 +58,8 @@ IMAGE_SHAPE = (32, 32, 3)
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 TARBALL_NAME = "cifar-100-python.tar.gz"
 TARBALL_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-MEMBER_MD5 = {  # the three files inside cifar-100-python/
-    "train": "16019d7e3df5f24257cddd939b257f8d",
-    "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-    "meta": "7973b15100ade9c7d40fb424638fde48",
-}
-ARRAY_FILES = tuple(f"{split}_{kind}.npy" for split in SPLITS for kind in ("images", "labels", "coarse"))
-STORE_FILES = (*ARRAY_FILES, "meta.json")
+MEMBER_MD5 = {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+              "meta": "7973b15100ade9c7d40fb424638fde48"}  # the three files inside cifar-100-python/
 CREATOR = "fastcifar"  # meta.json's "creator": this directory is a store fastcifar may replace
 META_BYTES = 1 << 20  # a store's meta.json is ~5 KB (class names, checksums); a larger one is not one
 # The official train pickle is 155 MB, test 31 MB, meta 1.5 KB. A member far bigger is not CIFAR
@@ -77,14 +74,10 @@ URL10 = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TARBALL10_NAME = "cifar-10-python.tar.gz"
 TARBALL10_MD5 = "c58f30108f718f92721af3b95e74349a"
 MEMBER10_MD5 = {  # the seven files inside cifar-10-batches-py/ (each batch 31 MB, batches.meta 158 B)
-    "data_batch_1": "c99cafc152244af753f735de768cd75f",
-    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-    "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-    "test_batch": "40351d587109b95175f43aff81a1287e",
-    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
-}
+    "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
 
 # What a store of each data set holds. `labels`: the pickles' label key; `names`: meta.json's (and
 # the meta pickle's) class-name key; coarse: CIFAR-100's 20 superclasses, which CIFAR-10 lacks.
@@ -113,13 +106,6 @@ def array_files(dataset: str = "cifar100") -> tuple[str, ...]:
     """The .npy files of a data set's store."""
     kinds = ("images", "labels", "coarse") if DATASETS[dataset]["coarse"] else ("images", "labels")
     return tuple(f"{split}_{kind}.npy" for split in SPLITS for kind in kinds)
-
-
-def check_dataset(dataset: str) -> dict:
-    """DATASETS[dataset], or BadInput naming the choices."""
-    if dataset not in DATASETS:
-        raise BadInput(f"--dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
-    return DATASETS[dataset]
 
 
 def default_data_dir(dataset: str = "cifar100") -> Path:
@@ -154,8 +140,7 @@ class Store:
 
     @property
     def dataset(self) -> str:
-        """cifar100 or cifar10 (stores from before the field are CIFAR-100)."""
-        return self.meta.get("dataset", "cifar100")
+        return self.meta["dataset"]  # cifar100 | cifar10
 
     @property
     def synthetic(self) -> bool:
@@ -176,9 +161,9 @@ class Store:
         return list(self.meta[DATASETS[self.dataset]["names"]])
 
     @property
-    def recorded_sha256(self) -> dict | None:
+    def recorded_sha256(self) -> dict:
         """{array file: sha256} that prepare recorded in meta.json (what the store claims to hold)."""
-        return self.meta.get("checksums", {}).get("outputs_sha256")
+        return self.meta["checksums"]["outputs_sha256"]
 
     def sha256(self) -> dict:
         """{array file: sha256} of the arrays as they are on disk now (reads every byte once)."""
@@ -186,9 +171,8 @@ class Store:
 
 
 def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = None) -> Store:
-    """Open a prepared store read-only (memory-mapped), checking its meta.json, shapes and labels;
-    first undoing what a killed prepare left beside it. dataset: the data set it must hold (None:
-    any); without data_dir, that data set's default directory."""
+    """Open a prepared store read-only (memory-mapped), checking its meta.json, shapes and labels, after
+    undoing what a killed prepare left. dataset: what it must hold (None: any; its default dir)."""
     d = Path(data_dir) if data_dir is not None else default_data_dir(dataset or "cifar100")
     title = DATASETS[dataset or "cifar100"]["title"]
     flag = f" --dataset {dataset}" if dataset not in (None, "cifar100") else ""
@@ -199,26 +183,20 @@ def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = 
             raise BadInput(f"{d} is not a prepared {title} store (it has no meta.json) and holds other files, "
                            f"which fastcifar never replaces. Point --data-dir (or $FASTCIFAR_DATA) at a new or empty "
                            f"directory and run `fastcifar prepare{flag} --data-dir DIR` there.")
-        raise BadInput(
-            f"No prepared {title} store at {d}. Run `fastcifar prepare{flag} --data-dir {d}` to download "
-            f"and convert the official data set, `fastcifar prepare{flag} --from PATH` for a tarball you "
-            f"already have, or `fastcifar prepare{flag} --synthetic --data-dir {d}` on a machine without internet."
-        )
+        raise BadInput(f"No prepared {title} store at {d}. Run `fastcifar prepare{flag} --data-dir {d}` to download "
+                       f"and convert the official data set, `fastcifar prepare{flag} --from PATH` for a tarball you "
+                       f"have, or `fastcifar prepare{flag} --synthetic --data-dir {d}` on a machine without internet.")
     try:
         meta = jsonio.load(meta_path, META_BYTES)
     except BadInput as e:
-        hint = _rebuild_hint(d)
-        raise BadInput(f"The store's meta.json cannot be read: {e} {hint[0].upper()}{hint[1:]}")
+        raise BadInput(f"The store at {d} has an unreadable meta.json ({str(e).rstrip('.')}); {_rebuild_hint(d)}")
     bad = _meta_problem(meta)
     if bad:
         raise BadInput(f"The store at {d} has a malformed meta.json ({bad}); {_rebuild_hint(d)}")
-    version = meta["format_version"]
-    if version != FORMAT_VERSION:
-        raise BadInput(
-            f"The store at {d} has format version {version}, but this fastcifar reads version "
-            f"{FORMAT_VERSION}; {_rebuild_hint(d)}"
-        )
-    held = meta.get("dataset", "cifar100")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise BadInput(f"The store at {d} has format version {meta['format_version']}, but this fastcifar reads "
+                       f"version {FORMAT_VERSION}; {_rebuild_hint(d)}")
+    held = meta["dataset"]
     if dataset is not None and held != dataset:
         raise BadInput(f"The store at {d} holds {DATASETS[held]['title']}, but the run is for {title} "
                        f"(data.dataset = {dataset}). Point --data-dir at a {title} store (its default is "
@@ -236,11 +214,9 @@ def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = 
         coarse = arrays.get(f"{split}_coarse", lab)  # CIFAR-10: no coarse labels, the labels checked twice
         if img.shape != (n, *IMAGE_SHAPE) or img.dtype != np.uint8 or lab.shape != (n,) or coarse.shape != (n,) \
                 or lab.dtype != np.int64 or coarse.dtype != np.int64:
-            raise BadInput(
-                f"The store at {d} does not match its meta.json ({split}: images {img.shape} {img.dtype}, "
-                f"labels {lab.shape} {lab.dtype}, expected {n} images of 32x32x3 uint8 and int64 labels); "
-                f"{_rebuild_hint(d)}"
-            )
+            raise BadInput(f"The store at {d} does not match its meta.json ({split}: images {img.shape} {img.dtype}, "
+                           f"labels {lab.shape} {lab.dtype}, expected {n} images of 32x32x3 uint8 and int64 labels); "
+                           f"{_rebuild_hint(d)}")
         # 8 bytes a label: reading them all costs well under a millisecond per 10000 images
         for what, x, hi in (("labels", lab, spec["classes"]), ("coarse labels", coarse, spec["coarse"] or spec["classes"])):
             lo_, hi_ = int(x.min()), int(x.max())
@@ -278,7 +254,7 @@ def _meta_problem(meta) -> str | None:
         v = meta.get(key)
         if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and math.isfinite(x) for x in v)):
             return f"{key} must be 3 numbers, got {v!r}"[:300]
-    dataset = meta.get("dataset", "cifar100")
+    dataset = meta.get("dataset")
     if dataset not in DATASETS:
         return f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}"[:300]
     spec = DATASETS[dataset]
@@ -289,8 +265,8 @@ def _meta_problem(meta) -> str | None:
             return f"{key} must be {count} strings"
     if not isinstance(meta.get("source"), dict):
         return "source must be an object"
-    sums = meta.get("checksums", {})
-    if not (isinstance(sums, dict) and isinstance(sums.get("outputs_sha256", {}), dict)):
+    sums = meta.get("checksums")
+    if not (isinstance(sums, dict) and isinstance(sums.get("outputs_sha256"), dict)):
         return "checksums must be an object, its outputs_sha256 an object of file names and sha256s"
     return None
 
@@ -305,13 +281,6 @@ def _rebuild_hint(d: Path) -> str:
                 f"not replace it: move {d} away (or point --data-dir elsewhere) and run `fastcifar prepare` again.")
 
 
-def _store_is_complete(d: Path) -> dict | None:
-    """meta.json of a complete, readable store at d, else None. Reads headers and labels only (fast)."""
-    try:
-        return open_store(d).meta
-    except BadInput:
-        return None
-
 
 # ----------------------------------------------------------------------------------------------
 # What prepare may replace, and recovering from a killed prepare
@@ -324,18 +293,13 @@ def _real(d: Path) -> Path:
 
 
 def _is_store(d: Path) -> bool:
-    """Whether d's meta.json says it is a store ("creator": "fastcifar", or from before that field
-    a format_version with the sha256s of the outputs): nothing else goes into one. Whether prepare
-    may replace it is owned.py's question, not this one's."""
+    """Whether d's meta.json says it is a store ("creator": "fastcifar"): nothing else goes into one.
+    Whether prepare may replace it is owned.py's question, not this one's."""
     try:
         meta = jsonio.load(d / "meta.json", META_BYTES)
     except BadInput:
         return False
-    if not isinstance(meta, dict):
-        return False
-    sums = meta.get("checksums")
-    return meta.get("creator") == CREATOR or (
-        "format_version" in meta and isinstance(sums, dict) and isinstance(sums.get("outputs_sha256"), dict))
+    return isinstance(meta, dict) and meta.get("creator") == CREATOR
 
 
 def check_outside_stores(out: Path, option: str = "--out") -> None:
@@ -378,7 +342,7 @@ def check_replaceable(dest: Path, source: Path | None = None, from_env: bool = F
     listed = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
     if not owned.is_ours(real, "prepare") and _is_store(real):
         raise BadInput(f"The data dir {where} holds a store that `fastcifar prepare` did not build there (a copy, a "
-                       f"restored backup, or one from an older fastcifar); prepare would delete it, and fastcifar "
+                       f"restored backup); prepare would delete it, and fastcifar "
                        f"never replaces what it did not create. Move it away or delete it yourself, then run "
                        f"prepare again; or point --data-dir (or $FASTCIFAR_DATA) at a new or empty directory.")
     if not owned.is_ours(real, "prepare"):
@@ -581,18 +545,13 @@ def _digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _check_size(size: int, name: str, what: str, role: str | None = None, title: str = "CIFAR-100") -> None:
-    """BadInput for a member far bigger than the data set's, before it is read into memory (role:
-    train, test or meta, whose limit applies; the member's name by default)."""
-    limit = MAX_MEMBER_BYTES[role or name]
+def _check_size(size: int, name: str, what: str, o: dict, title: str) -> None:
+    """BadInput for a member far bigger than the data set's (the limit of what it holds: train, test
+    or meta), before it is read into memory."""
+    limit = MAX_MEMBER_BYTES[next((split for split, files in o["splits"].items() if name in files), "meta")]
     if size > limit:
         raise BadInput(f"{what} is {size / 2**20:,.0f} MiB, far more than {title}'s '{name}' file (at most "
                        f"{limit / 2**20:,.0f} MiB is accepted); it is not {title} data.")
-
-
-def _role(o: dict, name: str) -> str:
-    """train, test or meta: what a member of the official download holds (its size limit)."""
-    return next((split for split, files in o["splits"].items() if name in files), "meta")
 
 
 def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tuple[dict, dict]:
@@ -607,25 +566,21 @@ def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tupl
             p = d / name
             if not p.is_file():
                 raise BadInput(f"{d} has no '{name}' file; a {title} directory holds {', '.join(expected)}.")
-            _check_size(p.stat().st_size, name, str(p), _role(o, name), title)
+            _check_size(p.stat().st_size, name, str(p), o, title)
             raw[name] = p.read_bytes()
             md5s[name] = hashlib.md5(raw[name]).hexdigest()
             if verify and md5s[name] != expected[name]:
-                raise BadInput(
-                    f"{p} has md5 {md5s[name]}, not the official {expected[name]}: it is damaged or "
-                    f"not the official {title}. Pass --no-verify to accept other data in the same format."
-                )
+                raise BadInput(f"{p} has md5 {md5s[name]}, not the official {expected[name]}: it is damaged or not "
+                               f"the official {title}. Pass --no-verify to accept other data in the same format.")
         return raw, {"kind": "directory", "path": str(d.resolve()), "md5": md5s}
 
     if not source.is_file():
         raise BadInput(f"{source} does not exist; --from takes a {o['tarball']} or its extracted directory.")
     md5 = _digest(source)
     if verify and md5 != o["md5"]:
-        raise BadInput(
-            f"{source} has md5 {md5}, not the official {o['md5']}: the download is damaged or it is "
-            f"not the official {title} tarball. Delete it and download again, or pass --no-verify to "
-            f"accept other data in the official format."
-        )
+        raise BadInput(f"{source} has md5 {md5}, not the official {o['md5']}: the download is damaged or it is not "
+                       f"the official {title} tarball. Download it again, or pass --no-verify to accept other data "
+                       f"in the official format.")
     raw = {}
     try:
         with tarfile.open(source, "r:*") as tar:
@@ -633,7 +588,7 @@ def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tupl
             for m in tar:  # sizes checked at each header, before any member's data is read
                 name = Path(m.name).name
                 if m.isfile() and Path(m.name).parent.name == folder and name in expected:
-                    _check_size(m.size, name, f"{source}: member {m.name}", _role(o, name), title)
+                    _check_size(m.size, name, f"{source}: member {m.name}", o, title)
                     members[name] = m
             for name in expected:
                 if name not in members:
@@ -698,10 +653,8 @@ def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Pa
         os.replace(tmp, dest)
         owned.record([tmp], "prepare")  # renamed away: struck off
     except OSError as e:  # URLError, timeouts, a full disk
-        raise BadInput(
-            f"Could not download {url} ({e}). On a machine without internet, copy the tarball here and run "
-            f"`fastcifar prepare --from {dest.name}`, or use `fastcifar prepare --synthetic`."
-        )
+        raise BadInput(f"Could not download {url} ({e}). On a machine without internet, copy the tarball here and "
+                       f"run `fastcifar prepare --from {dest.name}`, or use `fastcifar prepare --synthetic`.")
     finally:
         if os.path.exists(tmp):  # made by mkstemp above, in this process
             with contextlib.suppress(OSError):
@@ -733,12 +686,7 @@ def synthetic_split(n: int, seed: int, chunk: int = 4096) -> tuple[np.ndarray, n
     """n images whose class is told apart by shape, texture and colour, drawn at a random position
     and size over a random background with pixel noise. Classes are balanced and shuffled."""
     fine, chunks = synthetic_chunks(n, seed, chunk)
-    images = np.empty((n, *IMAGE_SHAPE), np.uint8)
-    lo = 0
-    for block in chunks:
-        images[lo:lo + len(block)] = block
-        lo += len(block)
-    return images, fine, fine // 5
+    return np.concatenate(list(chunks)), fine, fine // 5
 
 
 def synthetic_chunks(n: int, seed: int, chunk: int = 4096, classes: tuple[int, ...] | None = None):
@@ -921,10 +869,11 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
             verify: bool = True, force: bool = False, progress: bool = True, log=print,
             dataset: str = "cifar100") -> Path:
     """Build the store of `dataset` (cifar100 | cifar10) at data_dir from the official download
-    (default), a local source, or a synthetic set. Returns the store directory. Raises BadInput on
-    bad input."""
+    (default), a local source, or a synthetic set; returns the store directory."""
     dataset = dataset.lower() if isinstance(dataset, str) else dataset  # --dataset CIFAR10, as --format ONNX
-    title = check_dataset(dataset)["title"]
+    if dataset not in DATASETS:
+        raise BadInput(f"--dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
+    title = DATASETS[dataset]["title"]
     dest = Path(data_dir) if data_dir is not None else default_data_dir(dataset)
     if synthetic and not (1 <= n_train <= SYNTHETIC_MAX and 1 <= n_test <= SYNTHETIC_MAX):
         raise BadInput(f"--train and --test must be at least 1 and at most {SYNTHETIC_MAX:,} synthetic images "
@@ -934,8 +883,11 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
     check_replaceable(dest, None if synthetic or source is None else Path(source),
                        from_env=data_dir is None and bool(os.environ.get("FASTCIFAR_DATA")))
     _recover(_real(dest), log)
-    current = _store_is_complete(dest)
-    held = current.get("dataset", "cifar100") if current else dataset
+    try:  # a complete, readable store there now (headers and labels read: fast)
+        current = open_store(dest).meta
+    except BadInput:
+        current = None
+    held = current["dataset"] if current else dataset
     if held != dataset and not force:
         raise BadInput(f"{dest} holds a {DATASETS[held]['title']} store; preparing {title} there would replace it. "
                        f"Prepare {title} in its own directory (without --data-dir: {default_data_dir(dataset)}), or "
@@ -1020,7 +972,7 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
                     np.save(tmp / f"{split}_{kind}.npy", arr)
 
     _write_store(dest, fill, names, info, synthetic=False, dataset=dataset)
-    log(f"Wrote {_counts(splits)} to {dest}.")
+    log(f"Wrote {' / '.join(f'{len(splits[s][1])} {s}' for s in SPLITS)} images to {dest}.")
     return dest
 
 
@@ -1032,7 +984,3 @@ def _clean_downloads(tarball: Path) -> None:
             if e.name.startswith(tarball.name + ".") and e.name.endswith(".part") and e.is_file(follow_symlinks=False) \
                     and _abandoned(Path(e.path)):
                 owned.remove(e.path, "prepare")
-
-
-def _counts(splits: dict) -> str:
-    return " / ".join(f"{len(splits[s][1])} {s}" for s in SPLITS) + " images"

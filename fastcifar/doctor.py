@@ -19,15 +19,12 @@ target is a measurement, marked, and never a failure.
 
 The GPU and the CPU run one code path; the CPU runs it at toy sizes. What differs:
 
-| line                               | why                                                           |
-|------------------------------------|---------------------------------------------------------------|
-| `SCALE[device.type]`, `Step.cap`   | the store's size, the models (timm's test_resnet on a CPU),   |
-|                                    | the throughput rows' batches and repeats, the caps            |
-| `compiled = device.type == "cuda"` | the throughput rows' steps: a CPU compile costs most of a     |
-|                                    | minute a graph (the compile check compiles on every device)   |
-| `on_target_card`                   | the targets are for H100/H200-class cards, n/a elsewhere      |
-| `fails = device.type == "cuda"`    | without DALI a GPU fails the agreement check (its pipeline is |
-|                                    | missing); a CPU notes it (DALI is optional there)             |
+| line                               | why                                                                    |
+|------------------------------------|------------------------------------------------------------------------|
+| `SCALE[device.type]`, `Step.cap`   | the store, the models (test_resnet on a CPU), the rows' batches, caps  |
+| `compiled = device.type == "cuda"` | the rows' steps: a CPU compile costs most of a minute a graph          |
+| `on_target_card`                   | the targets are for H100/H200-class cards, n/a elsewhere               |
+| `fails = device.type == "cuda"`    | without DALI a GPU fails the agreement check; a CPU notes it           |
 """
 
 from __future__ import annotations
@@ -40,7 +37,6 @@ import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
 import os
-import platform
 import shutil
 import signal
 import tempfile
@@ -50,7 +46,9 @@ from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, __version__, owned, provenance, runtime, why
+from fastcifar import __version__, provenance, runtime
+from fastcifar.bench import check_json_path, write_json
+from fastcifar.errors import BadInput, why
 
 BUDGET = 180.0  # seconds of wall clock for the whole run, compiles included
 TARGET_CARDS = ("H100", "H200", "H800", "GH200")  # the cards the targets are set for
@@ -91,8 +89,8 @@ def _setup(ctx: dict) -> tuple[torch.device, dict]:
 def check_agreement(ctx: dict, emit) -> dict:
     """DALI (on the device, and in CPU mode beside a GPU) against the torch backend, one seed."""
     from fastcifar.data import open_store
-    from pipelines import agree
-    from pipelines.loader import dali_available
+    from fastcifar.pipelines import agree
+    from fastcifar.pipelines.loader import dali_available
 
     device = _setup(ctx)[0]
     store = open_store(ctx["store"])
@@ -243,8 +241,8 @@ def pipeline(ctx: dict, emit, backend: str, aug: str, size: int) -> dict:
     """A loader backend's img/s with an augmentation at a size (bench.measure)."""
     from fastcifar import bench
     from fastcifar.data import open_store
-    from pipelines import AugSpec, make_loader
-    from pipelines.loader import dali_available
+    from fastcifar.pipelines import AugSpec, make_loader
+    from fastcifar.pipelines.loader import dali_available
 
     if backend == "dali" and not dali_available():
         return {"ok": True, "detail": "not measured: DALI is not installed here"}
@@ -264,7 +262,7 @@ def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dic
     chosen precision) and, if fed, the same step fed by the loader data.backend=auto picks."""
     from fastcifar import bench
     from fastcifar.data import open_store
-    from pipelines import make_loader
+    from fastcifar.pipelines import make_loader
 
     device, s = _setup(ctx)
     name, bs, plan = s["models"][model], s["step_batch"][size], s["step_plan"]
@@ -403,11 +401,8 @@ def tail(path: Path, n: int = TAIL) -> list[str]:
 
 def versions(device: torch.device) -> dict:
     """The software and hardware the figures come from."""
-    gpu = provenance.gpu_info(device)
-    return {"fastcifar": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "driver": gpu and gpu["driver"], "dali": provenance.version("nvidia.dali"),
-            "timm": provenance.version("timm"), "device": str(device), "gpu": gpu, "cpu": provenance.cpu_model(),
-            "cpu_cores": len(os.sched_getaffinity(0))}
+    v = provenance.software(device)
+    return {**v, "driver": v["gpu"] and v["gpu"]["driver"]}
 
 
 def versions_line(v: dict) -> str:
@@ -454,18 +449,6 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def check_json_path(path: Path) -> None:
-    """BadInput unless --json can be written at path, replacing nothing but a JSON doctor wrote there."""
-    if str(path) == "-":  # the usual name of stdout, where the table goes; not a file named -
-        raise BadInput("--json - : doctor prints its table to stdout and writes --json to a file; give a path such as "
-                       "doctor.json.")
-    if path.is_dir():
-        raise BadInput(f"--json {path} is a directory; give a file path such as {path / 'doctor.json'}.")
-    owned.check([path], "doctor", "Move {it} away, or choose another --json path.")
-    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise BadInput(f"Cannot write --json {path}: {path.parent} is not a writable directory.")
-
-
 class Stopped(Exception):
     """Ctrl-C or SIGTERM: what was done is printed (and in --json); the CLI exits 130."""
 
@@ -481,7 +464,7 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
         raise BadInput(f"--budget {budget}: give the seconds doctor may take, e.g. --budget {BUDGET:g}.")
     if json_path is not None:
         json_path = Path(json_path)
-        check_json_path(json_path)
+        check_json_path(json_path, by="doctor")
     dev = runtime.command_device(device)
     v = versions(dev)
     precision, precision_why = runtime.resolve_amp(dev, "auto")
@@ -563,12 +546,7 @@ def failed(entry: dict) -> bool:
 
 def write(path: Path, report: dict) -> None:
     """--json: the versions, the checks, the measuring steps and the rows, written atomically."""
-    from fastcifar.checkpoint import write_json
-
     steps = report["steps"]
-    data = {**{k: v for k, v in report.items() if k != "steps"}, "checks": [e for e in steps if e["kind"] == "check"],
-            "measurements": [e for e in steps if e["kind"] != "check"]}
-    try:
-        write_json(path, data, by="doctor")
-    except OSError as e:
-        raise BadInput(f"Cannot write {path} ({e.strerror or e}); choose a writable --json path.")
+    write_json(path, {**{k: v for k, v in report.items() if k != "steps"},
+                      "checks": [e for e in steps if e["kind"] == "check"],
+                      "measurements": [e for e in steps if e["kind"] != "check"]}, by="doctor")

@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import BadInput, __version__, checkpoint, jsonio, owned, why
-from fastcifar.config import Head, Model
-from fastcifar.heads import HEADS
+from fastcifar import __version__, checkpoint, jsonio, owned
 from fastcifar.averaging import pick_weights
+from fastcifar.config import Head, Model
+from fastcifar.errors import BadInput, why
+from fastcifar.heads import HEADS
 from fastcifar.models import SCALED_LOGITS, Net, cifar_stem, net_from_checkpoint, net_from_state, num_classes
-from pipelines.spec import INTERPOLATIONS, MAX_SIDE, AugSpec, mean_std
+from fastcifar.pipelines.spec import INTERPOLATIONS, MAX_SIDE, AugSpec
 
 FORMATS = ("onnx", "safetensors", "timm")
 SUFFIXES = {"onnx": (".onnx",), "safetensors": (".safetensors",), "timm": (".pth", ".pt", ".bin")}
@@ -36,17 +37,11 @@ PIP = {"PIL": "pillow"}  # import name -> package name, where they differ
 CARD_KEY, CARD_VERSION = "fastcifar", 1
 INPUT, OUTPUT = "images", "logits"  # ONNX tensor names
 N_CHECK = 8  # images the export check runs through both sides
-# Largest |logit difference| an export may show, as a fraction of the largest |logit| (at least 1).
-# Both sides compute in fp32; reordered sums (fused BN, other conv algorithms) differ by ~1e-6
-# of the logit scale here, while a broken export (training-mode BN, a margin applied, a wrong
-# stem) moves logits by a large fraction of it.
+# Largest |logit difference| an export may show, as a fraction of the largest |logit| (at least 1):
+# fp32 sums reordered (fused BN, other conv algorithms) differ by ~1e-6 of it; a broken export
+# (training-mode BN, a margin applied, a wrong stem) by a large fraction.
 REL_TOL = 1e-3
-# A card's input side lies in 8..MAX_SIDE (pipelines.spec: the largest aug.image_size a recipe
-# takes): a card is read from a file, and a hostile one must not make predict run the network on
-# 4096 px inputs (gigabytes). Predict sizes its batches by that side (predict.batch_for).
-
-# A card is a few KB (1000 class names of 20 characters: 30 KB); a larger one is not fastcifar's.
-MAX_CARD = 1 << 20
+MAX_CARD = 1 << 20  # a card is a few KB (1000 class names of 20 characters: 30 KB); a larger one is not ours
 
 
 class CheckFailed(Exception):
@@ -69,41 +64,17 @@ def require(fmt_or_use: str, modules) -> None:
 
 # ---- the network and its card -------------------------------------------------------------------
 
-def card(ck: dict, r, where, data_dir=None, log=print) -> dict:
-    """What an export needs besides the weights. Class names and mean/std come from the checkpoint
-    when it records them (`class_names`, `preprocess`), else from the store (`--data-dir`), the
-    one fallback for checkpoints written before fastcifar recorded them."""
-    pre = dict(ck.get("preprocess") or {})
-    names = ck.get("class_names")
-    mean, std = pre.get("mean"), pre.get("std")
-    if mean is None or std is None:
-        mean, std = (None, None) if r.aug.normalize == "cifar" else mean_std(r.aug)
-    missing = [what for what, v in (("class names", names), ("mean/std (aug.normalize=cifar)", mean)) if v is None]
-    if missing:
-        from fastcifar.data import open_store
-        try:
-            store = open_store(data_dir, r.data.dataset)
-        except BadInput as e:
-            raise BadInput(f"{where} does not record its {' or '.join(missing)} (it was written before "
-                           f"checkpoints held them), and the store to take them from is not at hand: {e} Pass --data-dir "
-                           f"with the store the model was trained on.")
-        n = num_classes(ck["model"], r.head.kind, where)
-        if names is None and len(store.class_names) != n:
-            raise BadInput(f"The store at {store.dir} has {len(store.class_names)} classes, the model in {where} "
-                           f"{n}: not the store it was trained on. Pass --data-dir with that store.")
-        names = names if names is not None else store.class_names
-        if mean is None:
-            mean, std = mean_std(r.aug, store)
-        log(f"note: {where} does not record its {' or '.join(missing)}; taken from the store at {store.dir}.")
+def card(ck: dict, r, where) -> dict:
+    """What an export needs besides the weights: the classes and input the checkpoint records."""
+    pre = ck.get("preprocess") or {}
     c = {"fastcifar_export": CARD_VERSION, "fastcifar_version": __version__,
          "model": {"name": r.model.name, "cifar_stem": r.model.cifar_stem},
          "head": {"kind": r.head.kind} if r.head.kind == "linear" else
                  {"kind": r.head.kind, "s": r.head.s, "m": r.head.m, "embed_dim": r.head.embed_dim},
          "num_classes": num_classes(ck["model"], r.head.kind, where),
-         "class_names": list(names) if isinstance(names, (list, tuple)) else names,  # check_card judges it
-         "preprocess": {"image_size": pre.get("image_size", r.aug.image_size),
-                        "interpolation": pre.get("interpolation", r.aug.interpolation),
-                        "normalize": r.aug.normalize, "mean": _floats(mean), "std": _floats(std),
+         "class_names": ck.get("class_names"),  # check_card judges it
+         "preprocess": {"image_size": pre.get("image_size"), "interpolation": pre.get("interpolation"),
+                        "normalize": r.aug.normalize, "mean": _floats(pre.get("mean")), "std": _floats(pre.get("std")),
                         "input": "RGB, NCHW float32, (x / 255 - mean) / std"},
          "source": {"checkpoint": str(where), "recipe": ck.get("info", {}).get("name"), "epoch": ck.get("epoch")}}
     return check_card(c, where)
@@ -121,6 +92,7 @@ def check_card(c, where) -> dict:
         n, names, p = c["num_classes"], c["class_names"], c["preprocess"]
         if not (isinstance(names, list) and all(isinstance(s, str) for s in names) and len(names) == n):
             bad(f"{len(names) if isinstance(names, list) else 'no'} class names for {n} classes")
+        # a hostile card must not make predict run the network on 4096 px inputs (gigabytes)
         if not (type(p["image_size"]) is int and 8 <= p["image_size"] <= MAX_SIDE
                 and p["interpolation"] in INTERPOLATIONS):
             bad(f"input size {p['image_size']!r} (8 to {MAX_SIDE} px), interpolation {p['interpolation']!r}")
@@ -151,7 +123,7 @@ def net_from_card(c: dict, state: dict, where) -> Net:
 def preprocess(images: torch.Tensor, c: dict) -> torch.Tensor:
     """uint8 (N, 32, 32, 3) RGB images -> the model's float32 NCHW input, as the card says: the torch
     backend's own evaluation resize and normalisation (pipelines.torch_backend.finish)."""
-    from pipelines.torch_backend import finish
+    from fastcifar.pipelines.torch_backend import finish
 
     p = c["preprocess"]
     scale = torch.tensor([1 / (255 * s) for s in p["std"]]).view(1, 3, 1, 1)
@@ -352,7 +324,7 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     net, r = net_from_checkpoint(ck, src, overrides=SCALED_LOGITS)  # what the card's head rebuilds
     if fmt == "timm":
         timm_takes(r.head.kind)
-    c = card(ck, r, src, data_dir, log)
+    c = card(ck, r, src)
     c["source"]["weights"] = weights  # raw, or the EMA of the weights
     del ck
     images, what = check_images(data_dir, r.data.dataset)
@@ -365,8 +337,7 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
         try:
             theirs = run_onnx(data, x)
         except Exception as e:  # onnxruntime's own exception types
-            raise CheckFailed(f"onnxruntime cannot run the exported model ({why(e)}). "
-                              f"Nothing was written.")
+            raise CheckFailed(f"onnxruntime cannot run the exported model ({why(e)}). Nothing was written.")
         line = compare(ours, theirs, "onnxruntime vs torch", what)
     elif fmt == "safetensors":
         data = to_safetensors(net, c)
@@ -385,10 +356,10 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
         checkpoint.atomic_write(path, lambda f: f.write(data), by="export")
     except OSError as e:
         raise BadInput(f"Cannot write {path}: {e.strerror or e}. Choose another --out.")
-    p = c["preprocess"]
+    p, fmt3 = c["preprocess"], lambda v: "(" + ", ".join(f"{x:.4f}" for x in v) + ")"
     log(f"wrote {path} ({len(data) / 1e6:.1f} MB): {c['model']['name']}{' (CIFAR stem)' if c['model']['cifar_stem'] else ''} "
         f"+ {c['head']['kind']} head, {c['num_classes']} classes; input RGB {p['image_size']}x{p['image_size']} "
-        f"({p['interpolation']} resize from 32x32), (x/255 - mean) / std, mean {_fmt(p['mean'])} std {_fmt(p['std'])}")
+        f"({p['interpolation']} resize from 32x32), (x/255 - mean) / std, mean {fmt3(p['mean'])} std {fmt3(p['std'])}")
     log(line)
     if fmt == "timm":
         log("load it with:\n" + timm_code(c, path))
@@ -401,7 +372,3 @@ def _floats(v):
         return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
     except (TypeError, ValueError):
         return v
-
-
-def _fmt(v) -> str:
-    return "(" + ", ".join(f"{x:.4f}" for x in v) + ")"

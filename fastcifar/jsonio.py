@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from fastcifar import BadInput, why
+from fastcifar.errors import BadInput, why
 
 # Larger than any JSON fastcifar writes (a 10,000-epoch metrics.jsonl is ~5 MB; a bench JSON, a
 # summary or a store's meta.json a few KB), small enough that parsing one costs well under 1 GB.
@@ -27,18 +27,18 @@ class NotJSON(BadInput):
 def loads(text: str | bytes, where: str):
     """json.loads(text), or BadInput '<where> ...' saying why it is not JSON fastcifar reads: not
     JSON, not UTF-8, a number past Python's digit limit, nested past MAX_DEPTH, or out of memory."""
+    too_deep = BadInput(f"{where} nests deeper than the {MAX_DEPTH} levels fastcifar reads; it is not a file "
+                        f"fastcifar wrote.")
     try:
         obj = json.loads(text)
     except RecursionError:  # the parser recurses once per level: thousands of [ or {
-        raise BadInput(f"{where} nests deeper than the {MAX_DEPTH} levels fastcifar reads; it is not a file fastcifar "
-                       f"wrote.") from None
+        raise too_deep from None
     except MemoryError:
         raise BadInput(f"{where} is too large to parse in the memory here.") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise NotJSON(f"{where} is not JSON ({why(e)}).") from None
     if _depth(obj) > MAX_DEPTH:
-        raise BadInput(f"{where} nests deeper than the {MAX_DEPTH} levels fastcifar reads; it is not a file fastcifar "
-                       f"wrote.")
+        raise too_deep
     return obj
 
 

@@ -13,9 +13,10 @@ import timm
 import torch
 from torch import nn
 
-from fastcifar import BadInput, checkpoint, shown, why
+from fastcifar import checkpoint
 from fastcifar.checkpoint import torch_load
 from fastcifar.config import apply_overrides, from_dict
+from fastcifar.errors import BadInput, shown, why
 from fastcifar.heads import HEADS
 from fastcifar.runtime import memory_format
 
@@ -63,8 +64,7 @@ SCALED_LOGITS = ("head.eval_logits=scaled",)
 
 
 def net_from_checkpoint(ck: dict, path, device: torch.device = torch.device("cpu"), overrides: tuple[str, ...] = ()):
-    """(Net, Recipe) of a loaded checkpoint: its weights in the Net its recipe (with `--set`-style
-    overrides) describes, on device in the recipe's memory format, in eval mode."""
+    """(Net in eval mode on device, Recipe) of a loaded checkpoint, its recipe with `--set`-style overrides."""
     r = apply_overrides(from_dict(ck["recipe"]), list(overrides))
     net = net_from_state(r.model, r.head, ck["model"], path)
     return net.to(device, memory_format=memory_format(r.model.channels_last)), r
@@ -81,9 +81,8 @@ def load_weights(module: nn.Module, state_dict: dict, path) -> None:
 
 
 def check_refs(cfg, resumed: bool = False) -> None:
-    """BadInput for what the model section names that is not there: a timm model name, the
-    model.init_from run or checkpoint (unless resuming: last.pt has the weights), the
-    model.pretrained_file. A moment's check, before the data set's download and the model's build."""
+    """BadInput for what the model section names that is not there (model.init_from only when not
+    resuming: last.pt has the weights); a moment's check, before the download and the build."""
     check_name(cfg.name)
     if cfg.init_from and not resumed:
         init_path(cfg.init_from)
@@ -107,10 +106,8 @@ def init_path(ref: str) -> Path:
 
 
 def init_from(net: nn.Module, ref: str, log=print) -> dict:
-    """Start net from the weights of `model.init_from` (a run dir's last.pt, a checkpoint file or a
-    recipe name's newest run): weights only (no optimizer, step or RNG), matched by name; tensors
-    missing there, or of another shape, keep the values net was built with. Logs and returns
-    {path, loaded, missing, unexpected, other_shape}; BadInput when nothing matches."""
+    """Start net from the weights (only) of `model.init_from`, matched by name and shape; the rest keep
+    the values net was built with. Logs and returns {path, loaded, missing, unexpected, other_shape}."""
     path = init_path(ref)
     try:
         sd = checkpoint.load(path, need="weights")["model"]
@@ -164,19 +161,15 @@ def build_backbone(cfg) -> nn.Module:
         m = timm.create_model(cfg.name, pretrained=hub, num_classes=0, drop_rate=cfg.drop_rate, **depth)
     except TypeError as e:
         if depth and "drop_path_rate" in str(e):
-            raise BadInput(f"model.drop_path = {cfg.drop_path}: timm's {cfg.name} has no stochastic depth (its "
-                           f"constructor takes no drop_path_rate); use model.drop_path=0 or a model that has it "
-                           f"(ResNets, ConvNeXts, ViTs, EfficientNets).")
+            raise BadInput(f"model.drop_path = {cfg.drop_path}: timm's {cfg.name} has no stochastic depth (no "
+                           f"drop_path_rate); use model.drop_path=0 or a model that has it (ResNets, ConvNeXts, ViTs).")
         raise
     except Exception as e:
         if not hub:
             raise
-        raise BadInput(
-            f"Could not get ImageNet weights for {cfg.name} from timm's hub (Hugging Face): "
-            f"{why(e)}. Without internet, fetch the "
-            f"weights elsewhere (e.g. timm.create_model('{cfg.name}', pretrained=True).state_dict() saved "
-            f"with torch.save), then set model.pretrained_file=PATH; or train from scratch with "
-            f"model.pretrained=false.")
+        raise BadInput(f"Could not get ImageNet weights for {cfg.name} from timm's hub (Hugging Face): {why(e)}. "
+                       f"Without internet, save timm.create_model('{cfg.name}', pretrained=True).state_dict() "
+                       f"elsewhere and set model.pretrained_file=PATH, or set model.pretrained=false.")
     stem = cifar_stem(m) if cfg.cifar_stem else None
     if cfg.pretrained_file:
         _load_file(m, Path(cfg.pretrained_file), skip=stem)

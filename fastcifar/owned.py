@@ -17,7 +17,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from fastcifar import BadInput, make_dirs, remove_empty
+from fastcifar.errors import BadInput
 
 MANIFEST = ".fastcifar-owned.json"
 
@@ -185,6 +185,33 @@ def remove_tree(folder, by: str) -> bool:
     os.unlink(folder / MANIFEST)
     os.rmdir(folder)
     return True
+
+
+def make_dirs(path) -> list[Path]:
+    """`mkdir -p path`, returning the directories it made, outermost first, for remove_empty to undo
+    when the command stops before writing into them. On an OSError it removes what it made, then raises."""
+    missing, p = [], Path(path)
+    while not p.exists() and not p.is_symlink():
+        missing.append(p)
+        p = p.parent
+    made = []
+    try:
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another process made it meanwhile: then it is not ours
+                d.mkdir()
+                made.append(d)
+    except OSError:
+        remove_empty(made)
+        raise
+    return made
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Remove the directories make_dirs made, innermost first, while they are empty: rmdir refuses a
+    directory that something else has filled, so only our own traces go."""
+    for d in reversed(made):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 @contextlib.contextmanager

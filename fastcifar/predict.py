@@ -3,17 +3,12 @@ checkpoint, or an export of `fastcifar export` (.onnx in onnxruntime, .safetenso
 
 An image becomes what the model saw in training in two steps:
 1. a 32x32 RGB uint8 image, as CIFAR's are: decoded by Pillow (EXIF rotation applied; grey,
-   palette, CMYK, 16-bit and float images made 8-bit RGB (float: 0..1 scaled, else 0..255
-   clipped); alpha dropped, as `convert("RGB")` does),
-   centre-cropped to its largest square (objects keep their shape, as in CIFAR's square
-   pictures), then resized to 32x32 with Pillow's antialiased bilinear filter (the filter widens
-   with the shrink factor, so a photo does not alias; a smaller image is upsampled).
-2. the torch backend's evaluation path (`export.preprocess`): 32 -> the recipe's image_size with
-   its interpolation, then (x / 255 - mean) / std.
-A 32x32 picture passes step 1 untouched, so a PNG of a store image gets exactly the input that
-`fastcifar eval` gives it with the torch backend. Probabilities are the softmax of the
-evaluation logits (for margin heads, of s * cosine, even when the recipe evaluates on the plain
-cosine: its softmax would be near uniform).
+   palette, CMYK, 16-bit and float images made 8-bit RGB; alpha dropped), centre-cropped to its
+   largest square, then resized to 32x32 with Pillow's antialiased bilinear filter.
+2. the torch backend's evaluation path (`export.preprocess`): 32 -> the recipe's image_size, then
+   (x / 255 - mean) / std. A PNG of a store image gets exactly what `fastcifar eval` gives it.
+Probabilities are the softmax of s * cosine for margin heads, even when the recipe evaluates on the
+plain cosine (whose softmax is near uniform).
 """
 
 from __future__ import annotations
@@ -24,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastcifar import BadInput, checkpoint, runtime, why
+from fastcifar import checkpoint, runtime
 from fastcifar import export as ex
 from fastcifar.averaging import pick_weights
+from fastcifar.errors import BadInput, why
 from fastcifar.models import SCALED_LOGITS, net_from_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a directory is searched for
@@ -35,13 +31,12 @@ SIDE = 32   # CIFAR's stored side in px
 
 
 def batch_for(side: int) -> int:
-    """Images per forward pass at an input side: BATCH, and fewer past 224 px, so that a batch's
-    input (and the activations it makes) stays the size of 64 images at 224 px: a card claiming
-    1024 px predicts in batches of 3, not 64 (gigabytes)."""
+    """Images per forward pass at an input side: BATCH, fewer past 224 px, so a card claiming 1024 px
+    predicts in batches of 3, not 64 (gigabytes)."""
     return max(1, min(BATCH, BATCH * 224 ** 2 // side ** 2))
 
 
-def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
+def open_model(ref) -> tuple[dict, object, str]:
     """(card, logits function of a float32 NCHW batch, kind) for a run directory, checkpoint,
     recipe name, or an .onnx / .safetensors export."""
     p = Path(ref)
@@ -69,8 +64,7 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
                 return ex.run_onnx(sess, x)
             except Exception as e:  # onnxruntime's own types: an input shape or dtype the model does not take
                 raise BadInput(f"{p} does not run on the input its fastcifar metadata describes (float32 batches of "
-                               f"3x{c['preprocess']['image_size']}x{c['preprocess']['image_size']}): {why(e)}. "
-                               f"Export the model again.")
+                               f"3x{side}x{side}): {why(e)}. Export the model again.")
 
         return c, run_onnx, kind
     if kind == "safetensors":
@@ -81,7 +75,7 @@ def open_model(ref, data_dir=None, log=print) -> tuple[dict, object, str]:
         kind, p = "checkpoint", checkpoint.resolve(ref, prefer="best.pt")
         ck, _ = pick_weights(checkpoint.load(p))  # the EMA weights when the run kept them, as eval does
         net, r = net_from_checkpoint(ck, p, overrides=SCALED_LOGITS)  # as an export of it gives
-        c = ex.card(ck, r, p, data_dir, log)
+        c = ex.card(ck, r, p)
 
     def run(x):
         with torch.no_grad():
@@ -140,19 +134,6 @@ def gather(inputs, log=print) -> tuple[list[Path], list[dict]]:
     return unique, skipped
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An image file as a (32, 32, 3) uint8 RGB array (step 1 of the module docstring); ValueError
-    saying why when it is not a readable image, or one over Pillow's MAX_IMAGE_PIXELS."""
-    import warnings
-
-    from PIL import Image
-
-    with warnings.catch_warnings():
-        # the size is checked before decoding (_decode), so Pillow's warning of a large one is noise
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return _decode(path)
-
-
 class Unreadable(ValueError):
     """An image predict skips; the message says why."""
 
@@ -160,11 +141,18 @@ class Unreadable(ValueError):
 ROWS = 256  # rows of a 16-bit or float image converted at a time (the whole in float64: 8 bytes a pixel)
 
 
-def _decode(path: Path) -> np.ndarray:
+def read_image(path: Path) -> np.ndarray:
+    """An image file as a (32, 32, 3) uint8 RGB array (step 1 of the module docstring); Unreadable
+    saying why when it is not a readable image, or one over Pillow's MAX_IMAGE_PIXELS."""
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:  # reads the header only: the size is known before anything is decoded
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below, first
+            im = Image.open(path)  # reads the header only: the size is known before anything is decoded
+        with im:
             w, h = im.size
             limit = Image.MAX_IMAGE_PIXELS
             if limit and w * h > limit:  # a few KB of PNG can claim 100 Mpx: gigabytes once decoded
@@ -212,7 +200,7 @@ def _eight_bit(a: np.ndarray, is_float: bool) -> np.ndarray:
     return out
 
 
-def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
+def predict(ref, inputs, top: int = 5, log=print) -> dict:
     """Top-`top` classes and probabilities for each image in inputs (files and directories). Bad
     files are named (log) and skipped; BadInput only when no image at all could be read."""
     from tqdm import tqdm
@@ -223,7 +211,7 @@ def predict(ref, inputs, top: int = 5, data_dir=None, log=print) -> dict:
     files, skipped = gather(inputs, log)
     for s in skipped:
         log(f"skipped {s['file']}: {s['error']}")
-    c, run, kind = open_model(ref, data_dir, log)
+    c, run, kind = open_model(ref)
     k = min(top, c["num_classes"])
     names, preds = c["class_names"], []
     side = c["preprocess"]["image_size"]

@@ -93,17 +93,19 @@ def data_info(store) -> dict:
             "outputs_sha256": sums.get("outputs_sha256"), "source_md5": sums.get("source_md5")}
 
 
+def software(device: torch.device) -> dict:
+    """The software and hardware a figure comes from: versions, the GPU (or none) and the CPU."""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"fastcifar": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "timm": version("timm"), "dali": version("nvidia.dali"), "cuda": torch.version.cuda, "cudnn": cudnn,
+            "device": str(device), "gpu": gpu_info(device), "cpu": cpu_model(),
+            "cpu_cores": len(os.sched_getaffinity(0))}
+
+
 def collect(device: torch.device, world: int, store) -> dict:
     """Provenance of this process's part of a run (JSON data: no tuples, so summary.json reads back equal)."""
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    p = {
-        "fastcifar": __version__, "git": git_state(),
-        "python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
-        "dali": version("nvidia.dali"), "cuda": torch.version.cuda, "cudnn": cudnn,
-        "device": str(device), "gpu": gpu_info(device), "cpu": cpu_model(), "cpu_cores": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(), "world_size": world, "data": data_info(store),
-        "argv": list(sys.argv), "cwd": os.getcwd(),
-    }
+    p = {**software(device), "git": git_state(), "platform": platform.platform(), "world_size": world,
+         "data": data_info(store), "argv": list(sys.argv), "cwd": os.getcwd()}
     # plain JSON types only: torch.__version__ is a str subclass that a weights_only load of last.pt refuses
     return json.loads(json.dumps(p, default=str))
 
@@ -130,12 +132,12 @@ def data_key(p: dict) -> str | None:
 def mismatches(runs: list[tuple[str, dict | None]]) -> list[str]:
     """Warnings about runs (label, summary.json's provenance) a table would compare although they
     differ in data or in software (torch, timm, DALI versions), or a run resumed under other
-    software than it started with. Runs without provenance (older fastcifar) are named apart."""
+    software than it started with. Runs without provenance are named apart."""
     known = [(label, p) for label, p in runs if isinstance(p, dict)]
     out = []
     missing = [label for label, p in runs if not isinstance(p, dict)]
     if missing and known:
-        out.append(f"No provenance for {', '.join(missing)} (written by an older fastcifar): their data and "
+        out.append(f"No provenance for {', '.join(missing)} (their summary.json has none): their data and "
                    f"software cannot be checked against the others'.")
     groups: dict[str | None, list[str]] = {}
     for label, p in known:

@@ -11,8 +11,9 @@ import dataclasses
 import math
 from pathlib import Path
 
-from fastcifar import BadInput, jsonio, owned, provenance
+from fastcifar import jsonio, owned, provenance
 from fastcifar.checkpoint import atomic_write
+from fastcifar.errors import BadInput
 
 
 @dataclasses.dataclass
@@ -126,9 +127,8 @@ def _holds_run_files(d: Path) -> bool:
 
 
 def find_runs(paths: list[Path], skipped: list | None = None) -> list[Run]:
-    """Each path is a run directory, or a directory whose subdirectories are runs. A run that cannot
-    be reported (died in its first epoch, damaged files) is left out and (dir, why) appended to
-    skipped; BadInput when no run is left to report."""
+    """Each path is a run directory, or a directory of them. A run that cannot be reported is left out
+    and (dir, why) appended to skipped; BadInput when no run is left."""
     runs, skipped = [], skipped if skipped is not None else []
     for p in paths:
         if not p.is_dir():
@@ -381,8 +381,7 @@ def check_out(out: Path) -> None:
 
 def report(paths: list[Path], out: Path, warn=lambda msg: None, sort: str = "run") -> tuple[str, list[Path]]:
     """Write results.md, test_accuracy.png and test_loss.png to out; return the table and files.
-    warn(message) names each run left out, and why, and each warning the table carries. sort: a
-    key of SORTS."""
+    warn(message) names each run left out, and why, and each warning; sort: a key of SORTS."""
     if sort not in SORTS:
         raise BadInput(f"--sort {sort!r}: choose one of {', '.join(SORTS)}.")
     check_out(out)

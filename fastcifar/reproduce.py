@@ -30,8 +30,9 @@ import shlex
 import statistics
 from pathlib import Path
 
-from fastcifar import BadInput, config, owned, runs
+from fastcifar import config, owned, runs
 from fastcifar.checkpoint import atomic_write, check_writable_parent, write_json
+from fastcifar.errors import BadInput
 from fastcifar.data import check_outside_stores
 from fastcifar.report import duration
 from fastcifar.runs import Job, Stopped, read_object, state  # noqa: F401 (the table's Job and its states)

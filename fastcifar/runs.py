@@ -34,7 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastcifar import BadInput, config, jsonio, owned, sigterm_as_ctrl_c, why
+from fastcifar import config, jsonio, owned
+from fastcifar.errors import BadInput, why
+from fastcifar.signals import sigterm_as_ctrl_c
 from fastcifar.checkpoint import check_own_run
 from fastcifar.report import duration
 

@@ -1,8 +1,7 @@
 """Where and how a run executes, shared by `train`, `eval` and `bench`: the device and the process
 group, precision (what train.amp=auto picks for a device, autocast and the AMP dtypes), whether to
 compile, memory format, the backend flags (cuDNN autotune, TF32, deterministic kernels) as a
-context manager that puts every flag back, and Ctrl-C/SIGTERM as a request to stop after the
-current step."""
+context manager that puts every flag back."""
 
 from __future__ import annotations
 
@@ -10,14 +9,12 @@ import contextlib
 import functools
 import os
 import platform
-import signal
-import threading
 from pathlib import Path
 
 import torch
 
-from fastcifar import BadInput, stop_signals
 from fastcifar import dist as fdist
+from fastcifar.errors import BadInput
 
 # train.amp -> autocast dtype (None = fp32). fp16 also needs a GradScaler; bf16 has fp32's range.
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,25 +55,18 @@ def resolve_amp(device: torch.device, amp: str) -> tuple[str, str]:
             return "bf16", f"auto: {gpu} has bf16 tensor cores"
         return "fp16", f"auto: {gpu} has no bf16 tensor cores: fp16 with a loss-scaling GradScaler"
     flag = cpu_bf16()
+    emulated = "this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16): emulated, slower than fp32"
     if amp != "auto":
-        return amp, f"train.amp = {amp}" + ("; this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16), so it is "
-                                           "emulated, slower than fp32: train.amp=auto picks fp32"
-                                           if amp == "bf16" and flag is None else "")
-    if flag is not None:
-        return "bf16", f"auto: this CPU has native bf16 ({flag})"
-    return "none", "auto: this CPU has no native bf16 (AVX512-BF16, AMX or ARM BF16), where bf16 is emulated and slower than fp32"
-
-
-def wants_cuda(device: str) -> bool:
-    """Whether a `train.device` / `--device` value asks for a GPU ("auto" does when there is one)."""
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        picks = f"; {emulated}, so train.amp=auto picks fp32" if amp == "bf16" and flag is None else ""
+        return amp, f"train.amp = {amp}{picks}"
+    return ("bf16", f"auto: this CPU has native bf16 ({flag})") if flag is not None else ("none", f"auto: {emulated}")
 
 
 @contextlib.contextmanager
 def distributed(device: str):
     """(torch.device, rank, world size) for `train.device`, inside the torchrun process group when
     launched by torchrun (one process per GPU: cuda:<local rank>); leaves the group on exit."""
-    cuda = wants_cuda(device)
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise BadInput(f"train.device = {device!r} but torch sees no CUDA device; use train.device=cpu or auto.")
     rank, world, local_rank = fdist.init("cuda" if cuda else "cpu")
@@ -159,35 +149,6 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-class StopSignals:
-    """Ctrl-C / SIGTERM / SIGHUP as a request to stop after the current step (`requested`); a second
-    one quits at once (KeyboardInterrupt). A context manager: the previous handlers come back on
-    exit. Outside the main thread (where Python cannot take signals) it does nothing."""
-
-    def __init__(self, say=print):
-        self.signal, self.say, self._saved = None, say, {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
-
-    def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
-        self.say(f"\n{signal.Signals(signum).name}: saving last.pt after this step (again to quit at once).")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._saved = {s: signal.signal(s, self._handle) for s in stop_signals()}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._saved.items():
-            signal.signal(s, handler)
-        return False
-
-
 def out_of_memory(e: BaseException) -> bool:
     """Whether e is an allocation that failed: torch.OutOfMemoryError on a GPU; on a CPU torch
     raises a plain RuntimeError from its allocator instead."""
@@ -216,9 +177,8 @@ def memory_error(e: RuntimeError) -> str:
 
 
 def command_device(spec: str | None, option: str = "--device") -> torch.device:
-    """The device a command's --device names (None or auto: cuda when torch sees one, else cpu), made
-    the current CUDA device, or BadInput saying why it cannot be used here (eval and bench;
-    training's is `distributed`)."""
+    """The device a command's --device names (None or auto: cuda when torch sees one), made the current
+    CUDA device, or BadInput saying why it cannot be used here (training's is `distributed`)."""
     if spec is None or spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:

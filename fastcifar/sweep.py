@@ -21,7 +21,8 @@ import re
 import shlex
 from pathlib import Path
 
-from fastcifar import BadInput, config, runs, shown
+from fastcifar import config, runs
+from fastcifar.errors import BadInput, shown
 from fastcifar.checkpoint import atomic_write, write_json
 from fastcifar.reproduce import (MAX_SEEDS, Job, check_out, locked, pm, resolved, run_row, scheduling, seed_stats)
 from fastcifar.report import duration

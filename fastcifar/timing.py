@@ -1,22 +1,14 @@
-"""Where a run's time goes: how long the training loop waited for data, the first step's warm-up,
-the steady-state speed, and how long the run took to reach a target accuracy.
+"""Where a run's time goes: the data wait, the first step's warm-up, the steady-state speed, and
+the time to a target accuracy.
 
-Speed: an epoch's `images_per_sec` is steady state: this process's images over its training
-seconds, both without the warm-up step (torch.compile, cuDNN autotune, first allocations), whose
-seconds are `warmup_seconds` apart; a 1-3 epoch run's figure would otherwise be mostly compile.
-
-Data wait, without a host sync per step:
-- on a GPU, a CUDA event is recorded on the training stream just before the loop asks the loader
-  for the next batch and one just after it gets it; the GPU time between the two is what the GPU
-  spent between the last step's kernels and the next step's: the loader's own kernels on that
-  stream (the torch backend), waiting for DALI's stream, and idling while the host had not yet
-  handed over the batch. When the host runs ahead of the GPU (the loader keeps up) the GPU passes
-  both events at once and the wait is ~0; host time spent in the loader is then hidden, as it
-  should be. The events are read when they are done (`query()`, no sync) and at the end of the
-  epoch, after the sync the trainer does anyway.
-- on a CPU, the host time inside `next(loader)`: loader and model share the CPU, so this is
-  exactly the time the loop did not train.
-Only rank 0's wait is reported (every rank runs the same loader on its own shard).
+An epoch's `images_per_sec` leaves out the warm-up step (torch.compile, cuDNN autotune, first
+allocations; its seconds are `warmup_seconds`): a short run's figure would be mostly compile.
+The data wait needs no host sync per step: on a GPU, CUDA events recorded on the training stream
+just before and after the loop asks the loader for a batch; the GPU time between them is what the
+GPU spent between two steps (the torch backend's kernels, waiting for DALI's stream, idling while
+the host had not yet handed the batch over), ~0 when the loader keeps up. Events are read when
+done (`query()`) and at the epoch's end. On a CPU, where loader and model share the cores, the
+host time inside `next(loader)`. Only rank 0's wait is reported.
 """
 
 from __future__ import annotations
@@ -25,16 +17,15 @@ import time
 
 import torch
 
-from pipelines.loader import dali_available
+from fastcifar.pipelines.loader import dali_available
 
 WAIT_SHOWN = 0.05   # the epoch line names the data wait above this share of the training time
 DRAIN_EVERY = 64    # CUDA event pairs kept before reading the finished ones
 
 
 class EpochClock:
-    """An epoch's training seconds, the part spent waiting for the next batch, and the warm-up of
-    this process's first step (torch.compile, cuDNN autotune, first allocations), timed once with
-    one device sync. `saved()` / `start(earlier)` carry a stopped epoch's part over a resume."""
+    """An epoch's training seconds, its data wait, and this process's first step's warm-up (timed
+    once, with one device sync). `saved()` / `start(earlier)` carry a stopped epoch over a resume."""
 
     def __init__(self, device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
@@ -160,35 +151,27 @@ def wait_hint(backend: str, device_type: str, dali: bool) -> str:
 
 def run_fields(history: list[dict], target: float, selection: str) -> dict:
     """summary.json's data-wait, warm-up and time-to-target fields from the epochs' metrics: the run's
-    data wait and its share, its warm-up seconds; with a target, the first epoch whose selection accuracy (val when held
-    out, else test) reaches it, the training seconds to its end (warm-up left out) and the wall
-    seconds (with warm-up, compile, evaluation and checkpoints)."""
-    timed = [m for m in history if "data_wait_seconds" in m]
+    data wait and its share, its warm-up seconds; with a target, the first epoch that reaches it
+    (target_epoch), the training seconds to its end (warm-up left out) and the wall seconds (with
+    warm-up, compile, evaluation and checkpoints)."""
+    def steady(epochs):  # training seconds without the warm-up (every process's first step)
+        return sum(m["train_seconds"] - m.get("warmup_seconds", 0.0) for m in epochs)
+
     s = {}
-    if timed:
-        wait = sum(m["data_wait_seconds"] for m in timed)
-        train = sum(m["train_seconds"] - m.get("warmup_seconds", 0.0) for m in timed)
-        s.update(data_wait_seconds=wait, data_wait_fraction=wait / max(train, 1e-9),
-                 warmup_seconds=sum(m.get("warmup_seconds", 0.0) for m in timed))  # every process's first step
+    if history:
+        wait = sum(m["data_wait_seconds"] for m in history)
+        s.update(data_wait_seconds=wait, data_wait_fraction=wait / max(steady(history), 1e-9),
+                 warmup_seconds=sum(m.get("warmup_seconds", 0.0) for m in history))
     if target > 0:
-        key = f"{selection}_acc"
-        s.update(target_acc=target, target_on=selection, epoch_to_target=None, seconds_to_target=None,
-                 wall_seconds_to_target=None)
-        for k, m in enumerate(history):
-            if m.get(key) is not None and m[key] >= target:
-                upto = history[:k + 1]
-                secs = (sum(e["train_seconds"] - e.get("warmup_seconds", 0.0) for e in upto)
-                        if all("train_seconds" in e for e in upto) else None)  # epochs of an older fastcifar: unknown
-                s.update(epoch_to_target=m["epoch"], seconds_to_target=secs, wall_seconds_to_target=m.get("wall_seconds"))
-                break
+        reached = target_epoch(history, target, selection)
+        upto = [m for m in history if reached is not None and m["epoch"] <= reached]
+        s.update(target_acc=target, target_on=selection, epoch_to_target=reached,
+                 seconds_to_target=steady(upto) if upto else None,
+                 wall_seconds_to_target=upto[-1]["wall_seconds"] if upto else None)
     return s
 
 
-def target_stop(train, history: list[dict], selection: str) -> str | None:
-    """The stop reason when train.stop_at_target is set and an epoch has reached train.target_acc."""
-    if not (train.stop_at_target and train.target_acc > 0):
-        return None
-    reached = run_fields(history, train.target_acc, selection)["epoch_to_target"]
-    if reached is None:
-        return None
-    return f"reached train.target_acc = {train.target_acc:g}% ({selection}) at epoch {reached}"
+def target_epoch(history: list[dict], target: float, selection: str) -> int | None:
+    """The first epoch whose selection accuracy (val when held out, else test) reaches target > 0."""
+    key = f"{selection}_acc"
+    return next((m["epoch"] for m in history if target > 0 and m.get(key) is not None and m[key] >= target), None)

@@ -29,19 +29,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fastcifar import BadInput, checkpoint, provenance, runtime, shown, timing
+from fastcifar import checkpoint, provenance, runtime, timing
 from fastcifar import dist as fdist
 from fastcifar.averaging import EMA, TTA, pick_weights, predict
 from fastcifar.checkpoint import RunDir
 from fastcifar.config import Recipe, from_dict, to_dict
 from fastcifar.data import check_outside_stores, check_replaceable, default_data_dir, open_store, prepare
+from fastcifar.errors import BadInput, shown
 from fastcifar.losses import Classify, Distill, MultiScale
 from fastcifar.models import (SCALED_LOGITS, build_model, check_refs, init_from, load_weights, net_from_checkpoint,
                               num_classes, sync_batchnorm)
 from fastcifar.optim import build_optimizer, build_scheduler, lr_factor
+from fastcifar.pipelines.loader import make_loader
+from fastcifar.pipelines.spec import mean_std
 from fastcifar.report import duration
-from pipelines.loader import make_loader
-from pipelines.spec import mean_std
+from fastcifar.signals import StopSignals
 
 NONE_YET = 2 ** 62  # "no non-finite loss seen" in the device-side first-bad-step tracker
 
@@ -55,10 +57,11 @@ class Diverged(Exception):
 
 
 def train(r: Recipe, info: dict, out: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
-          resume: str | os.PathLike | None = None, log=print) -> dict:
+          resume: str | os.PathLike | None = None, log=print, last: dict | None = None) -> dict:
     """Train recipe r (info: name, description, parent, source) and return summary.json's dict.
-    resume: a run directory whose last.pt to continue from (then out defaults to it)."""
-    with Trainer(r, info, out=out, data_dir=data_dir, resume=resume, log=log) as trainer:
+    resume: a run directory whose last.pt to continue from (then out defaults to it); last: that
+    last.pt when the caller has read it already (last_checkpoint), emptied once restored."""
+    with Trainer(r, info, out=out, data_dir=data_dir, resume=resume, log=log, last=last) as trainer:
         return trainer.fit()
 
 
@@ -67,7 +70,7 @@ class Progress:
     """Where a run is. Saved in every checkpoint beside the modules' states; resume restores it."""
 
     epoch: int = 0                      # epochs done
-    batch: int = 0                      # batches done of the epoch in progress (a mid-epoch stop)
+    batches_done: int = 0               # of the epoch in progress (a mid-epoch stop)
     step: int = 0                       # optimizer steps done
     best: dict = dataclasses.field(default_factory=lambda: {"score": -1.0, "epoch": 0})  # the selected epoch
     history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch done
@@ -81,23 +84,23 @@ class Progress:
         return self.elapsed + time.perf_counter() - self.started
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.batch, "step": self.step, "best": self.best,
+        return {"epoch": self.epoch, "step_in_epoch": self.batches_done, "step": self.step, "best": self.best,
                 "history": self.history, "partial": self.partial, "wall_seconds": self.wall_seconds(),
                 "partial_time": self.partial_time, "provenance": self.provenance}
 
     def load_state_dict(self, d: dict) -> None:
-        self.epoch, self.batch, self.step = d["epoch"], d["step_in_epoch"], d["step"]
+        self.epoch, self.batches_done, self.step = d["epoch"], d["step_in_epoch"], d["step"]
         self.best, self.history, self.elapsed = d["best"], d["history"], d["wall_seconds"]
-        self.partial = d["partial"] if self.batch else None
-        self.partial_time = d.get("partial_time") if self.batch else None  # older checkpoints: none
-        self.provenance = list(d.get("provenance", []))
+        self.partial = d["partial"] if self.batches_done else None
+        self.partial_time = d["partial_time"] if self.batches_done else None
+        self.provenance = list(d["provenance"])
 
 
 class Trainer:
     """One run of a recipe, built once; `fit()` trains it. A context manager: leaving it restores
     the backend flags, leaves the process group and unlocks the run directory."""
 
-    def __init__(self, r: Recipe, info: dict, out=None, data_dir=None, resume=None, log=print):
+    def __init__(self, r: Recipe, info: dict, out=None, data_dir=None, resume=None, log=print, last=None):
         r.validate()
         # --resume RUN continues RUN in its own directory; with --out NEW, in NEW (new or empty), RUN only read
         self.in_place = resume is not None and (out is None or Path(out).resolve() == Path(resume).resolve())
@@ -112,41 +115,41 @@ class Trainer:
             f"check model.name and head.embed_dim (now {r.head.embed_dim}), or use a smaller model."))
         try:
             with runtime.out_of_memory_as(too_big):
-                self._build(data_dir, resume)
+                self._build(data_dir, resume, last)
         except BaseException:
             self._exit.close()
             raise
         self.run = RunDir(self.out, self.summary, writes=self.main)
-        self.stop = runtime.StopSignals(self.say)
+        self.stop = StopSignals(self.say)
 
-    def _build(self, data_dir, resume) -> None:
-        """The run's parts, each built from the ones before: where it runs, the lock on its directory,
-        what the recipe names outside itself (checked in a moment), the checkpoint it continues, the
-        data, the model and its optimizer, the resumed state, the nets the steps run."""
+    def _build(self, data_dir, resume, ck) -> None:
+        """The run's parts, each built from the ones before: place, lock, the recipe's references, the
+        checkpoint it continues, data, model and optimizer, the resumed state, the nets."""
         self._place()
         if self.main:
             self._claim(self.in_place)
         check_refs(self.r.model, resume is not None)  # what takes a moment to check, before the data set's download
         if self.r.distill.teacher:
             teacher_path(self.r)
-        ck = None
         if resume is not None:  # checked before anything is written; the run continues on its own store
-            ck = self._resume_checkpoint(resume)
+            ck = last_checkpoint(resume) if ck is None else ck
+            check_resume(self.r, ck, resume)
             if self.in_place and self.main:
                 checkpoint.check_own_run(self.out, f"Continuing the run here would replace {{it}}. To continue a run "
                                          f"copied from elsewhere, continue it into a new directory, which reads "
                                          f"{self.out} and writes nothing there: `fastcifar train --resume {self.out} "
                                          f"--out NEW_DIR`.")
-            data_dir = ck["store"]["dir"] if data_dir is None and "store" in ck else data_dir
+            data_dir = ck["store"]["dir"] if data_dir is None else data_dir
         self._data(data_dir, ck, resume)
         self._model(ck)
         # everything that decides the next step comes from last.pt
         self.progress = Progress()
         if ck is not None:
             self.load_state_dict(ck, Path(resume) / "last.pt")
+            ck.clear()  # the caller's reference too: a run does not keep a second copy of its state in memory
             p = self.progress
-            self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batch + 1}" if p.batch else "") + "."
-                     + self.extension_note())
+            self.say(f"Resuming {resume} at epoch {p.epoch + 1}" + (f", batch {p.batches_done + 1}" if p.batches_done
+                                                                     else "") + "." + self.extension_note())
         self._nets()
 
     def _place(self) -> None:
@@ -159,7 +162,7 @@ class Trainer:
         if r.data.batch_size % self.world:
             raise BadInput(f"data.batch_size = {r.data.batch_size} is the global batch and must divide evenly "
                            f"over the {self.world} ranks; pick a multiple of {self.world}.")
-        self.batch = r.data.batch_size // self.world  # per rank
+        self.per_rank_batch = r.data.batch_size // self.world
         self.amp, self.amp_reason = runtime.resolve_amp(self.device, rt.amp)
         self.aug = fed_aug(r.aug, self.amp)
         self.dtype_note = (f"aug.dtype = {r.aug.dtype} read as float32: the step runs in fp32 here"
@@ -180,25 +183,14 @@ class Trainer:
     def _claim(self, resumed: bool) -> None:
         """Lock the run directory until the run ends: one writer per directory. A default directory
         that a run started in the same second took meanwhile (`for s in 1 2 3; do fastcifar train
-        ... & done`) gives way to the next free name."""
-        for attempt in range(100):
+        ... & done`) gives way to the next free name, a few times."""
+        for last in (False, False, True):
             try:
-                self._exit.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resumed)))
-                return
+                return self._exit.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resumed)))
             except BadInput:
-                if not (self.default_out and self.out.exists()) or attempt == 99:
+                if last or not (self.default_out and self.out.exists()):
                     raise
                 self.out = new_run_dir(self.info["name"])
-
-    def _resume_checkpoint(self, resume) -> dict:
-        """The last.pt of the run `resume` continues, checked against this recipe."""
-        ck_path = Path(resume) / "last.pt"
-        if not ck_path.is_file():
-            raise BadInput(f"--resume {resume}: there is no {ck_path} to continue from (a run writes last.pt at the "
-                           f"end of its first epoch, or when stopped); start it again without --resume.")
-        ck = checkpoint.load(ck_path, need="resume")
-        check_resume(self.r, ck, resume)
-        return ck
 
     def _data(self, data_dir, ck, resume) -> None:
         """The store, the train/val/test rows, one loader per split (and the KD teacher, whose input
@@ -206,21 +198,23 @@ class Trainer:
         r, rt = self.r, self.r.train
         self.store = (open_store(data_dir, r.data.dataset) if ck is not None
                       else open_or_prepare(data_dir, fdist.local_rank() == 0, r.data.dataset))
-        if ck is not None and "store" in ck:
+        if ck is not None:
             check_same_store(self.store, ck["store"], resume)
         self.num_classes = len(self.store.class_names)
         self.teacher, teacher_recipe = (load_teacher(r, self.device, self.store) if r.distill.teacher
                                         else (None, None))
         train_rows, val_rows, test_rows = split_rows(len(self.store.labels("train")), len(self.store.labels("test")), r.data)
-        common = dict(backend=r.data.backend, device=self.device, seed=rt.seed, shard=(self.rank, self.world))
+        common = dict(spec=self.aug, batch_size=self.per_rank_batch, backend=r.data.backend, device=self.device,
+                      seed=rt.seed, shard=(self.rank, self.world))
         # distillation: the student's and the teacher's view; multi-scale training: one view per scale
         sizes = ((r.aug.image_size, teacher_recipe.aug.image_size) if self.teacher is not None
                  else tuple(r.loss.scales) or None)
-        self.train_loader = make_loader(self.store, "train", self.aug, self.batch, shuffle=r.data.shuffle,
-                                        drop_last=r.data.drop_last, indices=train_rows, augment=True, sizes=sizes, **common)
-        self.test_loader = make_loader(self.store, "test", self.aug, self.batch, indices=test_rows, augment=False, **common)
-        self.val_loader = (make_loader(self.store, "train", self.aug, self.batch, indices=val_rows, augment=False, **common)
+        self.train_loader = make_loader(self.store, "train", shuffle=r.data.shuffle, drop_last=r.data.drop_last,
+                                        indices=train_rows, augment=True, sizes=sizes, **common)
+        self.test_loader = make_loader(self.store, "test", indices=test_rows, augment=False, **common)
+        self.val_loader = (make_loader(self.store, "train", indices=val_rows, augment=False, **common)
                            if val_rows is not None else None)
+        self.selection = "val" if val_rows is not None else "test"  # the split best.pt's epoch is chosen on
 
     def _model(self, ck) -> None:
         """Model, EMA, optimizer, LR schedule (over the epochs it was first built for: schedule_epochs),
@@ -235,7 +229,7 @@ class Trainer:
             self.model = sync_batchnorm(self.model, self.device)
         self.ema = EMA(self.model, rt.ema_decay, rt.ema_every, rt.ema_warmup) if rt.ema_decay > 0 else None
         self.optimizer = build_optimizer(self.model, r.optim, r.data.batch_size)
-        self.schedule_epochs = schedule_epochs(ck) if ck is not None else rt.epochs
+        self.schedule_epochs = ck["schedule_epochs"] if ck is not None else rt.epochs
         self.scheduler = build_scheduler(self.optimizer, self.schedule_epochs * len(self.train_loader), r.schedule)
         # fp16 overflows without loss scaling; bf16 has fp32's range and needs none (disabled = pass-through)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
@@ -243,7 +237,7 @@ class Trainer:
         self.mix_gen = torch.Generator(device="cpu")
         self.mix = no_mix
         if r.aug.mixup_alpha > 0 or r.aug.cutmix_alpha > 0:  # MixUp/CutMix on the device: soft targets
-            from pipelines.mix import mix
+            from fastcifar.pipelines.mix import mix
             self.mix = functools.partial(mix, spec=r.aug, num_classes=self.num_classes, generator=self.mix_gen)
 
     def _nets(self) -> None:
@@ -297,13 +291,16 @@ class Trainer:
             self.progress.started = time.perf_counter()  # wall_seconds continues across resumes
             with runtime.out_of_memory_as(self.out_of_memory):
                 for epoch in range(self.progress.epoch, self.r.train.epochs):
-                    if self.at_target():
+                    if self.reached_target():
                         break
-                    stats = self.train_epoch(epoch, self.progress.batch)
+                    stats = self.train_epoch(epoch, self.progress.batches_done)
                     self.end_epoch(epoch, stats)
                     if fdist.any_rank(self.stop.requested, self.device):
                         self.interrupt(f"Interrupted after epoch {epoch + 1}")
-            result = self.run.finish(self.at_target() or "completed")
+            rt = self.r.train
+            epoch = timing.target_epoch(self.progress.history, rt.target_acc, self.selection)
+            result = self.run.finish(f"reached train.target_acc = {rt.target_acc:g}% ({self.selection}) at epoch "
+                                     f"{epoch}" if self.reached_target() else "completed")
             self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
                      + (f" (selected on val: {result['best_val_acc']:.2f}%)" if result["selection"] == "val" else "")
                      + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}"
@@ -324,7 +321,8 @@ class Trainer:
         if p.partial is not None and self.main:
             sums += p.partial.to(self.device)
         p.partial = None
-        bar = tqdm(total=len(self.train_loader) * self.batch * world, initial=start_batch * self.batch * world,
+        per_step = self.per_rank_batch * world  # images
+        bar = tqdm(total=len(self.train_loader) * per_step, initial=start_batch * per_step,
                    unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{rt.epochs}", leave=False, mininterval=1.0,
                    disable=None if self.main else True)  # None: on a terminal only (a log file gets the epoch lines)
         t0, images_trained = time.perf_counter(), 0
@@ -348,7 +346,7 @@ class Trainer:
             if at_log:
                 self.log_point(epoch, sums, bar)
             if (at_log or world == 1) and fdist.any_rank(self.stop.requested, self.device):
-                p.batch, p.partial = i + 1, fdist.all_reduce(sums.clone()).cpu()
+                p.batches_done, p.partial = i + 1, fdist.all_reduce(sums.clone()).cpu()
                 p.partial_time = self.clock.saved()
                 self.run.checkpoint(self.state_dict(), best=False)
                 self.interrupt(f"Interrupted at epoch {epoch + 1}, step {p.step}")
@@ -412,20 +410,20 @@ class Trainer:
         m.update(lr=self.lr, images_per_sec=self.clock.images_per_sec(train_seconds, stats["images"], self.world),
                  epoch_seconds=time.perf_counter() - stats["t0"], wall_seconds=p.wall_seconds())
         m.update(self.clock.metrics(train_seconds))
-        saved = (p.epoch, p.batch, p.best, len(p.history))  # what the files hold until this epoch's are written
+        saved = (p.epoch, p.batches_done, p.best, len(p.history))  # what the files hold until this epoch's are written
 
         def undo():
-            p.epoch, p.batch, p.best = saved[:3]
+            p.epoch, p.batches_done, p.best = saved[:3]
             del p.history[saved[3]:]
 
         p.history.append(m)
         w = "_ema" if self.r.train.select_on == "ema" else ""  # best.pt's epoch: on the raw or the EMA weights
-        score = m[f"val_acc{w}"] if self.val_loader is not None else m[f"test_acc{w}"]
+        score = m[f"{self.selection}_acc{w}"]
         improved = score > p.best["score"]
         if improved:
             p.best = {"score": score, "epoch": epoch + 1, "test_acc": m[f"test_acc{w}"], "test_top5": m[f"test_top5{w}"],
                       **({"val_acc": m[f"val_acc{w}"]} if self.val_loader is not None else {})}
-        p.epoch, p.batch = epoch + 1, 0
+        p.epoch, p.batches_done = epoch + 1, 0
         self.run.checkpoint(self.state_dict(), best=improved, undo=undo)  # first: the log never names an epoch without one
         self.run.epoch(m)
         left = (self.r.train.epochs - epoch - 1) * (m["wall_seconds"] / max(1, len(p.history)))
@@ -454,9 +452,11 @@ class Trainer:
         return (f" The LR schedule keeps the {n} epoch{'s' * (n != 1)} it was built for; {extra} "
                 f"{'trains' if first == rt.epochs else 'train'} at its final LR {lr:.3g}.")
 
-    def at_target(self) -> str | None:
-        """Why the run ends here, when train.stop_at_target is set and an epoch reached train.target_acc."""
-        return timing.target_stop(self.r.train, self.progress.history, "val" if self.val_loader is not None else "test")
+    def reached_target(self) -> bool:
+        """Whether train.stop_at_target ends the run here: an epoch has reached train.target_acc."""
+        rt = self.r.train
+        reached = timing.target_epoch(self.progress.history, rt.target_acc, self.selection)
+        return rt.stop_at_target and reached is not None
 
     def out_of_memory(self, e: RuntimeError) -> BadInput:
         """A batch the device cannot hold: summary.json says so, last.pt keeps the last whole epoch
@@ -510,9 +510,8 @@ class Trainer:
             load_weights(self.ema.module, ck["ema"], path)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
-        was = ck.get("amp")
-        if was is not None and was != self.amp:
-            self.say(f"This run trained in {was} and continues in {self.amp} ({self.amp_reason}).")
+        if ck["amp"] != self.amp:
+            self.say(f"This run trained in {ck['amp']} and continues in {self.amp} ({self.amp_reason}).")
         if ck["scaler"] or not self.scaler.is_enabled():  # a disabled scaler saved {}: fp16 starts a fresh one
             self.scaler.load_state_dict(ck["scaler"])
         checkpoint.set_rng_state(ck["rng"], self.rank, self.world, self.device)
@@ -546,7 +545,6 @@ class Trainer:
         """summary.json's dict (RunDir writes it)."""
         p, history = self.progress, self.progress.history
         last = history[-1] if history else {}
-        selection = "val" if self.val_loader is not None else "test"
         s = {"recipe": self.info["name"], "description": self.info.get("description", ""),
              "best_acc": p.best.get("test_acc"), "best_epoch": p.best["epoch"] or None,
              "final_acc": last.get("test_acc"), "final_top5": last.get("test_top5"),
@@ -554,14 +552,14 @@ class Trainer:
              "train_images_per_sec": mean_speed(history),
              "wall_seconds": p.wall_seconds(), "device": self.device_name(),
              "backend": self.train_loader.backend, "world_size": self.world, "synthetic": self.store.synthetic,
-             "selection": selection, "model": self.r.model.name, "image_size": self.r.aug.image_size,
+             "selection": self.selection, "model": self.r.model.name, "image_size": self.r.aug.image_size,
              "amp": self.amp, "finished": finished, "stop_reason": reason}
         s.update(select_on=self.r.train.select_on, tta=self.r.train.tta,  # which weights best_acc is, and how evaluated
                  **({"final_acc_ema": last.get("test_acc_ema")} if self.ema is not None else {}))
-        if selection == "val":
+        if self.selection == "val":
             s.update(best_val_acc=p.best.get("val_acc"), best_val_epoch=p.best["epoch"] or None,
                      test_acc_at_best_val=p.best.get("test_acc"))
-        s.update(timing.run_fields(history, self.r.train.target_acc, selection))
+        s.update(timing.run_fields(history, self.r.train.target_acc, self.selection))
         s["provenance"] = provenance.for_summary(p.provenance)
         return s
 
@@ -667,10 +665,13 @@ RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.amp", "tr
              "model.sync_bn")  # SyncBN: how the global batch's statistics are gathered, as the number of ranks is
 
 
-def schedule_epochs(ck: dict) -> int:
-    """The epochs a checkpoint's LR schedule was built for: its horizon, which --resume keeps (older
-    checkpoints: the epochs of their recipe)."""
-    return int(ck.get("schedule_epochs", from_dict(ck["recipe"]).train.epochs))
+def last_checkpoint(run_dir) -> dict:
+    """The last.pt that --resume run_dir continues from."""
+    path = Path(run_dir) / "last.pt"
+    if not path.is_file():
+        raise BadInput(f"--resume {run_dir}: there is no {path} to continue from (a run writes last.pt at the end of "
+                       f"its first epoch, or when stopped); start it again without --resume.")
+    return checkpoint.load(path, need="resume")
 
 
 def check_resume(r: Recipe, ck: dict, run_dir) -> None:
@@ -680,34 +681,28 @@ def check_resume(r: Recipe, ck: dict, run_dir) -> None:
     changed = [f"{s}.{k} ({shown(was[s][k])} -> {shown(v)})" for s, fields in now.items() for k, v in fields.items()
                if v != was[s][k] and f"{s}.{k}" not in RESUMABLE]
     if changed:
-        raise BadInput(f"--resume {run_dir} would change {', '.join(changed)}: that is a different run, and its "
-                       f"optimizer state and history belong to the old one. On resume only {', '.join(RESUMABLE)} "
-                       f"may change; for anything else start a new run (`fastcifar train RECIPE --set ...`).")
+        raise BadInput(f"--resume {run_dir} would change {', '.join(changed)}: that is a different run. On resume "
+                       f"only {', '.join(RESUMABLE)} may change; for anything else start a new run.")
     if r.train.epochs < ck["epoch"]:
         raise BadInput(f"train.epochs = {r.train.epochs}, but {run_dir} has already trained {ck['epoch']} epochs; "
-                       f"resume with train.epochs >= {ck['epoch']} (it keeps its recipe's {was['train']['epochs']} "
-                       f"when not set).")
-    horizon = schedule_epochs(ck)
+                       f"resume with train.epochs >= {ck['epoch']} (unset, it keeps {was['train']['epochs']}).")
+    horizon = ck["schedule_epochs"]  # the epochs the LR schedule was built for, which --resume keeps
     if r.train.epochs > horizon and lr_factor(1 << 40, 1 << 40, r.schedule) == 0:  # the factor from the end on
         raise BadInput(f"train.epochs = {r.train.epochs}: {run_dir}'s LR schedule ({r.schedule.kind}, final_lr = "
-                       f"{r.schedule.final_lr:g}) was built for {horizon} epoch{'s' * (horizon != 1)} and ends at LR 0, and a resumed run keeps "
-                       f"its schedule (changing its length would make the LR jump at the resume point), so the "
-                       f"epochs past {horizon} would train nothing. To train longer, start a new run with "
-                       f"train.epochs={r.train.epochs}, or fine-tune from this one's weights with a schedule of its own: "
-                       f"`fastcifar train RECIPE --set model.init_from={run_dir} --set train.epochs=N`.")
+                       f"{r.schedule.final_lr:g}) ends at LR 0 after {horizon} epoch{'s' * (horizon != 1)}, and a "
+                       f"resume keeps it (the LR would jump otherwise), so more epochs would train nothing. Start a "
+                       f"new run instead, or fine-tune from its weights: `fastcifar train RECIPE --set "
+                       f"model.init_from={run_dir} --set train.epochs=N`.")
 
 
 def check_same_store(store, recorded: dict, run_dir) -> None:
     """Raise BadInput unless the store holds exactly the arrays the run trained on: what its
-    meta.json records, and then what is on disk (hashed: an array changed in place leaves
-    meta.json as it was)."""
-    want = recorded.get("sha256")
-    if not want:  # a run on a store without checksums: nothing to compare
-        return
+    meta.json records, and then what is on disk (an array changed in place leaves meta.json as it was)."""
+    want = recorded["sha256"]
     if store.recorded_sha256 != want:
         raise BadInput(f"--resume {run_dir} trained on the store at {recorded['dir']}, but the store at {store.dir} "
-                       f"holds other data (its arrays' sha256 differ), so the run would not continue as it was. "
-                       f"Resume without --data-dir (the run's own store), or rebuild that store from the same source.")
+                       f"holds other data (its arrays' sha256 differ). Resume without --data-dir (the run's own "
+                       f"store), or rebuild that store from the same source.")
     try:
         changed = [name for name, sha in store.sha256().items() if sha != want.get(name)]
     except OSError as e:
@@ -715,8 +710,7 @@ def check_same_store(store, recorded: dict, run_dir) -> None:
     if changed:
         raise BadInput(f"--resume {run_dir}: the store at {store.dir} no longer holds the data the run trained on: "
                        f"{', '.join(changed)} changed on disk since prepare wrote "
-                       f"{'it' if len(changed) == 1 else 'them'} (their sha256 differ from those in its meta.json), "
-                       f"so the run would continue on other data. Rebuild the store with `fastcifar prepare --force "
+                       f"{'it' if len(changed) == 1 else 'them'} (sha256). Rebuild it with `fastcifar prepare --force "
                        f"--data-dir {store.dir}` from the same source.")
 
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipelines.draw import COLOUR_STEPS, batch_rng, draw, may
-from pipelines.loader import dali_available, make_loader
-from pipelines.spec import AugSpec, tutorial_oneof
+from fastcifar.pipelines.draw import COLOUR_STEPS, batch_rng, draw, may
+from fastcifar.pipelines.loader import dali_available, make_loader
+from fastcifar.pipelines.spec import AugSpec, tutorial_oneof
 
 # Each op alone at a small p, then OneOf and a resized crop (almost every image warps, so the
 # whole-pixel branch is the empty one): at batch 1-4 most batches leave some branch empty.

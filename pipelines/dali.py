@@ -1,25 +1,18 @@
 """The DALI backend: a `@pipeline_def` graph for training and one for evaluation.
 
-Index batches are taken from the split (read into RAM once) on the host and enter through `fn.external_source` (batch
-mode) with their labels and the batch's augmentation draws (pipelines.draw): only the inputs this
-spec's graph reads (`graph_inputs`). A thread makes them AHEAD batches before DALI takes them
-(`Ahead`), so the training thread, on which DALI calls the source, does not wait for them. Every
-image op after the source runs on the GPU when a device is given (`.gpu()`), and the very same
-graph runs in DALI's CPU mode (`device_id=None`) when there is none.
-DALI's own random ops are not used: the draws are a function of (seed, epoch, rank, batch), so the
-same seed gives the same batches and a resumed run is exact. Per-image ops run only on the images
-that drew them (DALI conditionals split the batch; a branch no image takes runs on an empty batch).
-The policies' colour ops (TrivialAugment, RandAugment) are DALI 2.x ops on CPU and GPU alike:
-arithmetic expressions (which move their CPU inputs to the GPU themselves), `fn.reductions`,
-`fn.coord_transform`, `fn.filter` and `fn.equalize`; the statistics they need (mean grey, channel
-min/max, histograms) are computed where the images are.
+Index batches of the split (read into RAM once) enter through `fn.external_source` with their
+labels and the batch's draws (pipelines.draw), only those this spec's graph reads (`graph_inputs`),
+made AHEAD batches early by a thread (`Ahead`) so the training thread, on which DALI calls the
+source, does not wait. Every image op runs on the GPU (`.gpu()`), or in DALI's CPU mode
+(`device_id=None`) where there is none: the same graph. DALI's own random ops are not used, so the
+same seed gives the same batches and a resume is exact; per-image ops run only on the images that
+drew them (DALI conditionals). The policies' colour ops are DALI 2.x arithmetic, `fn.reductions`,
+`fn.coord_transform`, `fn.filter` and `fn.equalize`, computed where the images are.
 
-Outputs reach torch through one conversion, `take`, on the CPU and the GPU alike, so CI runs the
-code the GPU runs: a DLPack view (`to_torch`), copied into torch's memory where that is needed (the
-GPU: `DaliBackend.__init__` says why) or where the dtype changes anyway, and DALI's outputs held
-until the copies have run (`_release`). CI also defines the GPU graph (without building it, which
-needs CUDA) and checks its placement: every image op on the GPU with a GPU kernel in this DALI, the
-CPU keeping the source and the draws (tests/test_pipelines_dali.py). What only a GPU executes:
+Outputs reach torch through one conversion, `take` (a DLPack view, copied where needed), and
+DALI's outputs are held until the copies have run (`_release`): CI runs the code the GPU runs, and
+checks the GPU graph's placement without building it (tests/test_pipelines_dali.py). What only a
+GPU executes:
 
 | line                                          | what it does                                          |
 |-----------------------------------------------|-------------------------------------------------------|
@@ -30,11 +23,9 @@ CPU keeping the source and the draws (tests/test_pipelines_dali.py). What only a
 | `done = torch.cuda.Event()` (`_copied`)       | marks the copies on torch's stream; DALI's outputs are held until it has passed |
 | `threads = min(4, ...)`                       | fewer CPU threads: on a GPU they only feed the source |
 
-It relies on DALI 2.x (checked when the backend is made: `check_dali`, then `exec_dynamic` at
-build): `run(cuda_stream)`, and the dynamic executor, whose outputs DALI never writes again once
-returned (so a CPU batch may stay in DALI's memory while torch holds it).
-
-This module imports DALI at the top; pipelines.loader imports it only for backend="dali".
+It needs DALI 2.x (`check_dali`, then `exec_dynamic` at build): `run(cuda_stream)`, and the
+dynamic executor, which never writes an output again once returned. This module imports DALI at
+the top; pipelines.loader imports it only for backend="dali".
 """
 
 from __future__ import annotations
@@ -50,9 +41,9 @@ import nvidia.dali
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
-from fastcifar import BadInput
-from pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw, may, mean_grey
-from pipelines.spec import AugSpec
+from fastcifar.errors import BadInput
+from fastcifar.pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw, may, mean_grey
+from fastcifar.pipelines.spec import AugSpec
 
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,19 +63,15 @@ def check_dali() -> str:
     except ValueError:
         major = 0
     if major < MIN_DALI:
-        raise BadInput(f"backend 'dali' needs NVIDIA DALI >= {MIN_DALI}.0 (its dynamic executor never reuses a batch "
-                       f"torch holds, and it orders batches on torch's CUDA stream), but DALI {version} is installed. "
-                       f"Upgrade it (pip install --upgrade 'nvidia-dali-cuda120>={MIN_DALI}.0', or "
-                       f"nvidia-dali-cuda130 for CUDA 13), or use --set data.backend=torch.")
+        raise BadInput(f"backend 'dali' needs NVIDIA DALI >= {MIN_DALI}.0, but DALI {version} is installed. Upgrade "
+                       f"it (pip install --upgrade 'nvidia-dali-cuda120>={MIN_DALI}.0', or nvidia-dali-cuda130 for "
+                       f"CUDA 13), or use --set data.backend=torch.")
     return version
 
 
 def to_torch(batch) -> torch.Tensor:
-    """One DALI output batch (a TensorList, CPU or GPU) as a torch tensor on its memory, no copy.
-
-    `as_tensor()` views the batch as one dense [N, ...] tensor (a TensorList's `shape()` is one
-    shape per image, which no torch tensor has). `torch.from_dlpack` hands DALI torch's current
-    CUDA stream, and DALI makes that stream wait for the batch if needed (on the CPU: nothing)."""
+    """One DALI output batch (a TensorList, CPU or GPU) as a dense torch tensor on its memory, no
+    copy; from_dlpack makes torch's current CUDA stream wait for the batch."""
     return torch.from_dlpack(batch.as_tensor())
 
 
@@ -122,13 +109,10 @@ def _source(source, names):
 
 
 def _finish(x, sizes, spec: AugSpec, mean, std):
-    """uint8 HWC at 32 -> one normalised float HWC output per size.
-
-    Normalised at 32, then resized as floats: one pass over the 224 output instead of two
-    (a uint8 resize, then a float conversion at 224); measured 1.8x faster on a CPU. Resizing is
-    linear, so the order changes nothing but the uint8 rounding at 224 (which this avoids).
-    Cubic overshoots at edges, so it resizes uint8 (clamped to 0..255) before normalising.
-    Always float32: DALI's resize has no float16 output and no bfloat16 at all; torch casts after."""
+    """uint8 HWC at 32 -> one normalised float32 HWC output per size (DALI's resize has no fp16 or
+    bf16 output; torch casts after). Normalised at 32, then resized as floats: one pass over the 224
+    output instead of two, 1.8x faster on a CPU, the same but for uint8 rounding (resizing is
+    linear). Cubic overshoots at edges, so it resizes uint8 (clamped) before normalising."""
     # HWC out: seen from torch as NCHW it is channels_last, with no transpose anywhere
     norm = lambda t: fn.crop_mirror_normalize(t, mean=[255 * m for m in mean], std=[255 * s for s in std],
                                               output_layout="HWC", dtype=types.FLOAT)
@@ -234,10 +218,9 @@ def eval_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
 
 
 class _Feed:
-    """external_source's callable: the current epoch's inputs. A separate object, so the pipeline
-    does not point back at its backend: no reference cycle, so a dropped loader frees its
-    pipeline (and threads) at once, not in some later GC pass - possibly in a forked worker,
-    where DALI's shutdown aborts."""
+    """external_source's callable: the current epoch's inputs. Not the backend itself: without a
+    reference cycle a dropped loader frees its pipeline at once, not in a later GC pass that may run
+    in a forked worker, where DALI's shutdown aborts."""
 
     def __init__(self):
         self.inputs = iter(())
@@ -248,12 +231,9 @@ class _Feed:
 
 class Ahead:
     """The items of an iterator, made `depth` ahead in a daemon thread and handed over in order: the
-    host side of the next batches (index reads and draws, up to about 1 ms of a CPU core per batch
-    of 250: `fastcifar bench`'s dali-host rows) is done while the training thread runs the step,
-    and external_source, which DALI calls on the training thread, only takes what is ready. The
-    items are the iterator's own, in its order, so the draws stay a function of (seed, epoch, rank,
-    batch). An error in the thread is raised by next(); close() (an epoch's end, an early break,
-    an exception, Ctrl-C) stops the thread and joins it."""
+    host side of the next batches (up to ~1 ms of a CPU core per batch of 250: bench's dali-host
+    rows) runs while the training thread runs the step. An error in the thread is raised by next();
+    close() (an epoch's end, a break, an exception, Ctrl-C) stops and joins the thread."""
 
     def __init__(self, items, depth: int, name: str = "fastcifar-dali-inputs"):
         self._queue, self._stop = queue.Queue(depth), threading.Event()
@@ -280,8 +260,7 @@ class Ahead:
         return item
 
     def close(self):
-        """Stop making items and join the thread: after the stop, emptying the queue leaves room for
-        the one put the thread may be in (it checks the stop before making the next item)."""
+        """Stop making items and join the thread (emptying the queue frees the put it may be in)."""
         self._stop.set()
         while True:
             try:
@@ -313,8 +292,8 @@ def _release(held: collections.deque) -> None:
 class DaliBackend:
     """Batches of a split through the DALI graph (GPU, or CPU mode without one)."""
 
-    def __init__(self, store, split, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
-                 mean, std, batch_size: int):
+    def __init__(self, store, split, *, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int, mean, std,
+                 batch_size: int):
         check_dali()
         self.spec, self.sizes, self.device, self.seed, self.rank = spec, sizes, device, seed, rank
         self.augment, self.mean, self.std, self.batch_size = augment and spec.augments, mean, std, batch_size
@@ -324,15 +303,12 @@ class DaliBackend:
         self.images, self.labels = np.array(store.images(split)), np.array(store.labels(split))
         self.gpu = device.type == "cuda"
         self.name = "dali-gpu" if self.gpu else "dali-cpu"
-        # DALI's output lifetime. On a GPU the step's kernels read a batch after it is handed over
-        # (they are queued on torch's stream). torch orders the reuse of its own memory on that
-        # stream, but nothing orders DALI's reuse of its buffers with it, so each batch is copied
-        # into torch's memory, on torch's stream, and DALI's outputs are held until that copy has
-        # run (_release). Cost at 224 px, batch 250, float32: 150 MB read and written, 0.1 ms at
-        # 3 TB/s (an H100's memory), against a step of tens of ms; a bf16/fp16 batch's cast is that copy.
-        # On the CPU every read of a tensor ends before the call that reads it returns, so a float32
-        # batch stays in DALI's memory (never reused: the dynamic executor): there the 150 MB copy
-        # would cost tens of ms per batch, as much as DALI's own work on a 224 px batch.
+        # DALI's output lifetime. On a GPU the step's kernels read a batch after it is handed over, and
+        # nothing orders DALI's reuse of its buffers with torch's stream: each batch is copied into
+        # torch's memory on that stream (150 MB at 224 px, batch 250: 0.1 ms at an H100's 3 TB/s; a
+        # bf16/fp16 cast is that copy), DALI's outputs held until it has run (_release). On the CPU a
+        # read ends before its call returns, so a batch stays in DALI's memory (never reused by the
+        # dynamic executor): there the copy would cost as much as DALI's own work at 224 px.
         self.copy = self.gpu  # GPU only: DALI's outputs copied into torch's memory
         self.held = collections.deque()  # (DALI's outputs, event after their copies), oldest first
         self.pipe, self.feed, self._clean = None, _Feed(), False

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from pipelines.spec import POLICY_OPS, AugSpec
+from fastcifar.pipelines.spec import POLICY_OPS, AugSpec
 
 SIDE = 32  # the stored images are 32x32: every op before the resize works at this size
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights: grey level used by saturation and contrast

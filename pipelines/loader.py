@@ -30,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastcifar import BadInput, shown
-from pipelines.spec import AugSpec, mean_std
+from fastcifar.errors import BadInput, shown
+from fastcifar.pipelines.spec import AugSpec, mean_std
 
 BACKENDS = ("auto", "dali", "torch", "tutorial")
 SPLITS = ("train", "test")
@@ -95,13 +95,6 @@ class Loader:
             yield (images if self.multi else images[0]), labels
 
 
-def _device(device) -> torch.device:
-    d = torch.device(device)
-    if d.type == "cuda" and d.index is None:
-        d = torch.device("cuda", torch.cuda.current_device())
-    return d
-
-
 def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str = "auto", device="cpu",
                 seed: int = 0, shard: tuple[int, int] = (0, 1), shuffle: bool | None = None,
                 drop_last: bool | None = None, augment: bool | None = None, indices=None,
@@ -132,7 +125,9 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
     sizes = tuple(int(s) for s in sizes) if multi else (spec.image_size,)
     if not sizes or min(sizes) < 8:
         raise BadInput(f"sizes={shown(sizes)}: give one or more output sides of at least 8 px.")
-    device = _device(device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the current GPU, by its number
+        device = torch.device("cuda", torch.cuda.current_device())
     mean, std = mean_std(spec, store)
 
     if backend == "auto":
@@ -140,16 +135,16 @@ def make_loader(store, split: str, spec: AugSpec, batch_size: int, backend: str 
     elif backend == "dali" and not dali_available():
         raise BadInput("backend 'dali' needs NVIDIA DALI, which does not import here (pip install "
                        "nvidia-dali-cuda120, Linux only); use backend 'torch', or 'auto' to take DALI where it is.")
-    args = (store, split, spec, sizes, device, train, seed, rank, mean, std)
+    kw = dict(spec=spec, sizes=sizes, device=device, augment=train, seed=seed, rank=rank, mean=mean, std=std)
     if backend == "torch":
-        from pipelines.torch_backend import TorchBackend
-        impl = TorchBackend(*args)
+        from fastcifar.pipelines.torch_backend import TorchBackend
+        impl = TorchBackend(store, split, **kw)
     elif backend == "dali":
-        from pipelines.dali import DaliBackend
-        impl = DaliBackend(*args, batch_size=batch_size)
+        from fastcifar.pipelines.dali import DaliBackend
+        impl = DaliBackend(store, split, batch_size=batch_size, **kw)
     else:
-        from pipelines.tutorial import TutorialBackend
-        impl = TutorialBackend(*args)
+        from fastcifar.pipelines.tutorial import TutorialBackend
+        impl = TutorialBackend(store, split, **kw)
     loader = Loader(impl, rows, batch_size, seed, shard, shuffle, drop_last, train, multi)
     if train and loader.num_batches == 0:
         raise BadInput(f"A training batch of {batch_size} images is larger than this shard's {len(rows) // world} "

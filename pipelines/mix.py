@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.spec import AugSpec
-from pipelines.torch_backend import host_to_device
+from fastcifar.pipelines.spec import AugSpec
+from fastcifar.pipelines.torch_backend import host_to_device
 
 
 def _host_rng(generator: torch.Generator) -> np.random.Generator:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastcifar import BadInput, shown
+from fastcifar.errors import BadInput, shown
 
 ONEOF_OPS = ("shift_scale_rotate", "coarse_dropout", "color_jitter", "hflip", "vflip")
 TUTORIAL_ONEOF = ONEOF_OPS  # the tutorial's DefaultImageAug: A.OneOf over all five

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw
-from pipelines.spec import AugSpec
+from fastcifar.pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw
+from fastcifar.pipelines.spec import AugSpec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MODES = {"linear": "bilinear", "cubic": "bicubic"}
@@ -215,8 +215,7 @@ def to_device(store, split: str, device: torch.device) -> tuple[torch.Tensor, to
 class TorchBackend:
     """Batches of a split as batched tensor ops on the device."""
 
-    def __init__(self, store, split, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
-                 mean, std):
+    def __init__(self, store, split, *, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int, mean, std):
         self.name, self.spec, self.sizes, self.device = "torch", spec, sizes, device
         self.augment, self.seed, self.rank = augment and spec.augments, seed, rank
         self.images, self.labels = to_device(store, split, device)

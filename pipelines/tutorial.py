@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastcifar import BadInput, shown
-from pipelines import torch_backend as tb
-from pipelines.draw import SIDE, draw
-from pipelines.spec import AugSpec
+from fastcifar.errors import BadInput, shown
+from fastcifar.pipelines import torch_backend as tb
+from fastcifar.pipelines.draw import SIDE, draw
+from fastcifar.pipelines.spec import AugSpec
 
 # the tutorial's training DataLoader used 16 worker processes (its test loader 8); here at most
 # as many as the machine has cores (2 for the README's CPU tables)
@@ -139,8 +139,8 @@ class TutorialDataset(torch.utils.data.Dataset):
 class TutorialBackend:
     """Batches from a torch DataLoader over TutorialDataset, WORKERS processes, one epoch each."""
 
-    def __init__(self, store, split, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
-                 mean, std, workers: int = WORKERS):
+    def __init__(self, store, split, *, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int, mean, std,
+                 workers: int = WORKERS):
         self.name, self.spec, self.device, self.seed, self.rank = "tutorial", spec, device, seed, rank
         self.workers = min(workers, len(os.sched_getaffinity(0)))
         alb = albumentations_available()

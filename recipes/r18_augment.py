@@ -1,7 +1,7 @@
 """r18_baseline + the tutorial's OneOf(shift-scale-rotate, dropout, colour jitter, h/v flip) at p=1: tutorial 36.48%."""
 
 from fastcifar.config import derive
-from pipelines.spec import tutorial_oneof
+from fastcifar.pipelines.spec import tutorial_oneof
 
 
 def recipe():

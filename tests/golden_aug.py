@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import AugSpec, make_loader
-from pipelines.draw import batch_rng, draw
-from pipelines.spec import tutorial_oneof
+from fastcifar.pipelines import AugSpec, make_loader
+from fastcifar.pipelines.draw import batch_rng, draw
+from fastcifar.pipelines.spec import tutorial_oneof
 from pipelines_helpers import ArrayStore
 
 FILE = Path(__file__).parent / "data" / "aug_before_policies.npz"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.loader import dali_available
+from fastcifar.pipelines.loader import dali_available
 
 N_TRAIN, N_TEST = 500, 200
 # DALI tests skip where DALI does not import (or FASTCIFAR_HIDE_DALI=1 hides it, see conftest.py)

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint
+from fastcifar import checkpoint
 from fastcifar.averaging import EMA, hflip, predict
 from fastcifar.data import open_store
-from pipelines.loader import dali_available, make_loader
-from pipelines.spec import AugSpec
+from fastcifar.errors import BadInput
+from fastcifar.pipelines.loader import dali_available, make_loader
+from fastcifar.pipelines.spec import AugSpec
 from test_cli_paths import cli, one_paragraph
 from test_train import copy_run, fit, info, metrics, store, tiny  # noqa: F401 (store: the fixture)
 

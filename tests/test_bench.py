@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcifar import BadInput, bench
-from pipelines.loader import dali_available
+from fastcifar import bench
+from fastcifar.errors import BadInput
+from fastcifar.pipelines.loader import dali_available
 
 ROW_KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec"}
 
@@ -386,7 +387,7 @@ def test_a_dash_for_an_output_path_is_refused_not_written_as_a_file(tmp_path, mo
     """`--json -` means stdout to most tools; bench prints its tables there, so '-' is refused with
     an example path instead of becoming a file named '-'."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(BadInput, match=f"{option} - : bench prints its tables to stdout"):
+    with pytest.raises(BadInput, match=f"{option} - : bench prints to stdout"):
         bench.check_json_path(Path("-"), option)
     assert list(tmp_path.iterdir()) == []
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcifar import BadInput, checkpoint
-from pipelines.loader import dali_available
+from fastcifar import checkpoint
+from fastcifar.errors import BadInput
+from fastcifar.pipelines.loader import dali_available
 from test_train import QUIET, fit, info, store, tiny  # noqa: F401 (store: the fixture)
 
 import fastcifar.train as T

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import BadInput
 from fastcifar.config import (Recipe, apply_overrides, from_dict, load, recipe_dirs, to_dict, valid_keys)
+from fastcifar.errors import BadInput
 
 REQUIRED_KEYS = ["train.epochs", "train.seed", "train.compile", "train.amp", "train.deterministic",
                  "data.batch_size", "data.backend", "data.val_split", "optim.lr", "optim.weight_decay"]

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from cifar_fixture import expected_images, make_split, md5, write_official
-from fastcifar import BadInput, owned
+from fastcifar import owned
 from fastcifar import data as fdata
+from fastcifar.errors import BadInput
 
 
 def _snapshot(d: Path) -> dict:

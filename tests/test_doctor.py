@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, doctor
+from fastcifar import doctor
 from fastcifar.doctor import STEPS, Step
-from pipelines.loader import dali_available
+from fastcifar.errors import BadInput
+from fastcifar.pipelines.loader import dali_available
 
 QUIET = lambda *a, **k: None  # noqa: E731
 BY_NAME = {s.name: s for s in STEPS}
@@ -77,7 +78,7 @@ def inline(steps, tmp_path, **kw):
 
 @pytest.mark.skipif(not dali_available(), reason="DALI does not import here: nothing to compare the torch backend with")
 def test_a_torch_backend_one_pixel_off_fails_the_agreement_check(tmp_path, monkeypatch):
-    import pipelines.torch_backend as tb
+    import fastcifar.pipelines.torch_backend as tb
 
     real = tb.augment
 
@@ -98,7 +99,7 @@ def test_a_resume_that_skips_a_step_fails_the_resume_check(tmp_path, monkeypatch
 
     def skip_one(self, d):
         real(self, d)
-        self.batch += 1  # the resumed epoch starts a batch too late
+        self.batches_done += 1  # the resumed epoch starts a batch too late
 
     monkeypatch.setattr(T.Progress, "load_state_dict", skip_one)
     code, text, report = inline([BY_NAME["resume"]], tmp_path)
@@ -197,7 +198,7 @@ def test_the_targets_come_first_then_the_extras():
 @pytest.mark.parametrize("kw, message", [
     ({"budget": 0}, "--budget 0: give the seconds"),
     ({"budget": float("nan")}, "--budget nan"),
-    ({"json_path": "-"}, "--json - : doctor prints its table to stdout"),
+    ({"json_path": "-"}, "--json - : doctor prints to stdout"),
     ({"device": "cuda"}, "asked for a GPU, but torch sees no CUDA device here"),
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, kw, message):

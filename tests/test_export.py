@@ -17,14 +17,15 @@ import torch
 from PIL import Image
 
 import fastcifar.export as ex
-from fastcifar import BadInput, checkpoint, owned
+from fastcifar import checkpoint, owned
 from fastcifar.config import from_dict
 from fastcifar.data import open_store, prepare
+from fastcifar.errors import BadInput
 from fastcifar.models import build_model
 import fastcifar.predict as pr
+from fastcifar.pipelines.loader import make_loader
 from fastcifar.predict import gather, predict, read_image
 from fastcifar.train import evaluate_checkpoint, train
-from pipelines.loader import make_loader
 from test_train import info, tiny
 
 
@@ -190,7 +191,7 @@ def test_a_run_evaluated_on_the_plain_cosine_exports_and_predicts_s_scaled_logit
     assert r.head.eval_logits == "cosine" and r.head.s > 1
     path = ex.export(runs / "arcface_cosine", "safetensors", data_dir=data, log=QUIET)
     for ref in (path, runs / "arcface_cosine"):  # the export, and the checkpoint itself
-        _, logits, _ = open_model(ref, data_dir=data, log=QUIET)
+        _, logits, _ = open_model(ref)
         with torch.no_grad():
             assert torch.allclose(logits(x), r.head.s * cosine, atol=1e-4 * r.head.s), ref
 
@@ -242,7 +243,7 @@ def test_predict_on_store_pngs_matches_fastcifar_eval_for_checkpoint_and_exports
     files = [_write(tmp_path / f"{i:02d}.png", np.array(test[i])) for i in range(16)]
     probs = torch.softmax(ours[:16], 1)
     for ref in (runs / kind, onnx_files[kind], ex.export(runs / kind, "safetensors", out=tmp_path, data_dir=data, log=QUIET)):
-        res = predict(ref, [tmp_path], top=3, data_dir=data, log=QUIET)
+        res = predict(ref, [tmp_path], top=3, log=QUIET)
         assert [p["file"] for p in res["predictions"]] == [str(f) for f in files]
         for p, want, pr in zip(res["predictions"], ours[:16].argmax(1).tolist(), probs):
             assert p["top"][0]["index"] == want and p["top"][0]["class"] == open_store(data).class_names[want]
@@ -353,18 +354,11 @@ def test_predict_cli_names_and_skips_bad_files_and_predicts_the_rest(runs, data,
 
 def test_predict_prints_each_file_then_its_classes(runs, data, tmp_path, monkeypatch, capsys):
     img = _write(tmp_path / "img.jpg", np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8))
-    code, out = _cli(monkeypatch, capsys, "predict", str(runs / "linear"), str(img), "--top", "1000",
-                     "--data-dir", str(data))
+    code, out = _cli(monkeypatch, capsys, "predict", str(runs / "linear"), str(img), "--top", "1000")
     assert code == 0
     lines = out.out.splitlines()
     assert lines[0] == str(img) and len(lines) == 1 + 100  # --top clamps to the classes there are
     assert all(re.fullmatch(r"\s+\d+\.\d\d%  \w+", line) for line in lines[1:])
-    assert "taken from the store" not in out.err  # the trainer records class names and preprocessing
-    # a checkpoint written before they were recorded takes them from the store, and says so
-    code, old = _cli(monkeypatch, capsys, "predict", str(old_checkpoint(runs / "linear", tmp_path)), str(img),
-                     "--data-dir", str(data))
-    assert code == 0 and "taken from the store" in old.err
-    assert old.out.splitlines()[1:6] == lines[1:6]
 
 
 def test_gather_gives_a_folders_pictures_sorted_once_each_without_hidden_ones(tmp_path):
@@ -390,10 +384,10 @@ def test_predict_takes_the_ema_weights_and_every_image_across_forward_batches(ru
     monkeypatch.setattr(pr, "BATCH", 3)  # 7 images: batches of 3, 3 and 1
     rng = np.random.default_rng(3)
     files = [_write(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(7)]
-    res = predict(tmp_path / "ema.pt", [tmp_path / "imgs"], top=2, data_dir=data, log=QUIET)
+    res = predict(tmp_path / "ema.pt", [tmp_path / "imgs"], top=2, log=QUIET)
     assert [p["file"] for p in res["predictions"]] == [str(f) for f in files]
     assert all(p["top"][0]["index"] == 7 and p["top"][0]["prob"] == 1.0 for p in res["predictions"])
-    raw = predict(runs / "linear", files, top=2, data_dir=data, log=QUIET)
+    raw = predict(runs / "linear", files, top=2, log=QUIET)
     assert [p["file"] for p in raw["predictions"]] == [str(f) for f in files]
     # the raw weights (no +1000 on class 7) do not give that same certain answer for all seven noise images
     assert not all(p["top"][0]["index"] == 7 and p["top"][0]["prob"] == 1.0 for p in raw["predictions"])
@@ -505,7 +499,8 @@ def test_bad_input_exits_2_and_leaves_files_alone(runs, data, crafted, tmp_path,
     paths["user_st"].write_bytes(b"a user's file")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     run_files = {p.name: p.stat().st_mtime_ns for p in (runs / "linear").iterdir()}
-    code, out = _cli(monkeypatch, capsys, *[a.format(**paths) for a in args], "--data-dir", str(data))
+    code, out = _cli(monkeypatch, capsys, *[a.format(**paths) for a in args],
+                     *(["--data-dir", str(data)] if args[0] == "export" else []))
     assert code == 2, out
     assert message in out.err.replace("\n", " ")
     assert "\nerror: " in "\n" + out.err  # the one-paragraph message
@@ -556,15 +551,7 @@ def test_out_force_and_directory(runs, data, tmp_path, monkeypatch, capsys):
                                                           "model.safetensors"]  # no temp files
 
 
-# ---- class names and mean/std: from the checkpoint, else the store -------------------------------
-
-def old_checkpoint(run, tmp_path):
-    """The run's best.pt as fastcifar wrote it before checkpoints recorded class names and preprocessing."""
-    ck = checkpoint.load(run / "best.pt")
-    del ck["class_names"], ck["preprocess"]
-    checkpoint.save(tmp_path / f"old-{run.name}.pt", ck)
-    return tmp_path / f"old-{run.name}.pt"
-
+# ---- class names and mean/std: from the checkpoint -----------------------------------------------
 
 def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(runs, data, tmp_path, monkeypatch, capsys):
     ck = checkpoint.load(runs / "arcface" / "best.pt")
@@ -577,32 +564,15 @@ def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(runs
     c, _ = ex.read_safetensors(path)
     assert c["class_names"][7] == "class7" and c["preprocess"]["mean"] == [0.5, 0.4, 0.3]
     assert not any("taken from the store" in line for line in lines) and "noise images" in lines[-1]
-    res = predict(tmp_path / "new.pt", [img], top=1, data_dir=tmp_path / "no-store", log=lines.append)
+    res = predict(tmp_path / "new.pt", [img], top=1, log=lines.append)
     assert res["predictions"][0]["top"][0]["class"].startswith("class")
-    # a record that is not one: exit 2, naming it
-    for key, value in (("class_names", "cat"), ("class_names", ["a"] * 3), ("preprocess", {"mean": "grey", "std": [1] * 3})):
-        broken = dict(ck, **{key: value})
+    # a record that is not one, or none: exit 2, naming it
+    for key, value in (("class_names", "cat"), ("class_names", ["a"] * 3), ("preprocess", {"mean": "grey", "std": [1] * 3}),
+                       ("class_names", None), ("preprocess", None)):
+        broken = {k: v for k, v in dict(ck, **{key: value}).items() if v is not None}
         checkpoint.save(tmp_path / "broken.pt", broken)
         with pytest.raises(BadInput, match="unusable"):
             ex.export(tmp_path / "broken.pt", "safetensors", out=tmp_path / "b.safetensors", data_dir=data, log=QUIET)
-    # an old checkpoint with neither a record nor a store: exit 2 naming what is missing
-    code, out = _cli(monkeypatch, capsys, "predict", str(old_checkpoint(runs / "arcface", tmp_path)), str(img),
-                     "--data-dir", str(tmp_path / "no-store"))
-    err = out.err.replace("\n", " ")
-    assert code == 2 and "class names" in err and "mean/std" in err and "--data-dir" in err
-
-
-def test_a_store_of_another_size_is_refused(runs, data, tmp_path):
-    import shutil
-    other = tmp_path / "other"
-    shutil.copytree(data, other)
-    meta = json.loads((other / "meta.json").read_text())
-    meta["fine_label_names"] = meta["fine_label_names"][:10]
-    (other / "meta.json").write_text(json.dumps(meta))
-    # (open_store refuses a CIFAR-100 meta.json with 10 names; either way the export is refused)
-    with pytest.raises(BadInput, match="has 10 classes|fine_label_names must be 100"):
-        ex.export(old_checkpoint(runs / "linear", tmp_path), "safetensors", out=tmp_path / "x.safetensors",
-                  data_dir=other, log=QUIET)
 
 
 # ---- the optional dependencies --------------------------------------------------------------------
@@ -617,7 +587,7 @@ def test_without_the_export_extra_it_says_what_to_install(runs, data, onnx_files
     img = _write(tmp_path / "img.png", np.zeros((32, 32, 3), np.uint8))
     monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ImportError
     code, out = _cli(monkeypatch, capsys, *[a.format(run=runs / "linear", onnx=onnx_files["linear"], img=img)
-                                            for a in args], "--data-dir", str(data))
+                                            for a in args], *(["--data-dir", str(data)] if args[0] == "export" else []))
     err = out.err.replace("\n", " ")
     assert code == 2 and blocked in err and 'pip install "fastcifar[export]"' in err
 
@@ -625,7 +595,7 @@ def test_without_the_export_extra_it_says_what_to_install(runs, data, onnx_files
 @pytest.mark.parametrize("kind", ["linear", "arcface"])
 def test_docs_preprocessing_is_what_predict_does(runs, data, tmp_path, kind):
     c = ex.card(checkpoint.load(runs / kind / "best.pt"), from_dict(checkpoint.load(runs / kind / "best.pt")["recipe"]),
-                "run", data, log=QUIET)
+                "run")
     preprocess_image = _example("preprocess_image")
     rng = np.random.default_rng(2)
     for name, shape in (("a.png", (32, 32, 3)), ("b.jpg", (120, 90, 3)), ("c.png", (17, 40, 3))):

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from cifar_fixture import make_split, md5, write_official
-from fastcifar import BadInput
 from fastcifar import data as fdata
+from fastcifar.errors import BadInput
 
 QUIET = dict(log=lambda *_: None)
 SMALL = dict(synthetic=True, n_train=200, n_test=100, **QUIET)
@@ -424,7 +424,7 @@ def _gzip_bomb(path: Path, member: str, size: int) -> Path:
 def test_gzip_bomb_member_is_refused_before_reading_it(tmp_path):
     bomb = _gzip_bomb(tmp_path / "bomb.tar.gz", "train", 600 << 20)
     assert bomb.stat().st_size < 1 << 20
-    code = ("from fastcifar import BadInput\nfrom fastcifar.data import prepare\n"
+    code = ("from fastcifar.errors import BadInput\nfrom fastcifar.data import prepare\n"
             f"try:\n    prepare({str(tmp_path / 'store')!r}, source={str(bomb)!r}, verify=False, log=print)\n"
             "except BadInput as e:\n    print('BadInput:', e)\n"
             "print(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])")

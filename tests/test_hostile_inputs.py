@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastcifar import BadInput, checkpoint, jsonio, shown
+from fastcifar import checkpoint, jsonio
 from fastcifar import data as fdata
 from fastcifar.config import from_dict, to_dict
+from fastcifar.errors import BadInput, shown
 from test_cli_paths import cli, one_paragraph
 from test_train import QUIET, tiny
 
@@ -487,7 +488,7 @@ import os, sys
 import numpy as np
 from fastcifar.config import Recipe
 from fastcifar.data import open_store
-from pipelines.loader import make_loader
+from fastcifar.pipelines.loader import make_loader
 
 store = open_store(sys.argv[1])
 spec = Recipe().aug
@@ -503,7 +504,7 @@ print("read", seen)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("dali", marks=pytest.mark.skipif(
-    not __import__("pipelines.loader", fromlist=["dali_available"]).dali_available(), reason="needs DALI")), "torch"])
+    not __import__("fastcifar.pipelines.loader", fromlist=["dali_available"]).dali_available(), reason="needs DALI")), "torch"])
 def test_a_store_cut_short_while_a_loader_reads_it_does_not_kill_the_process(store, tmp_path, backend):
     """The loaders read the split into RAM once: a memmap read past a file cut short meanwhile is a
     SIGBUS, which kills the run unsaved, its summary.json still saying "running"."""

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import BadInput, owned
+from fastcifar import owned
+from fastcifar.errors import BadInput
 from fastcifar.config import to_dict
 from fastcifar.data import prepare
 from fastcifar.reproduce import reproduce

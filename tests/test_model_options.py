@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import fastcifar.train as T
-from fastcifar import BadInput
 from fastcifar.config import Head, Model, to_dict
+from fastcifar.errors import BadInput
 from fastcifar.models import GlooSyncBatchNorm, build_model, sync_batchnorm
 from test_train import tiny
 

@@ -7,9 +7,9 @@ import pytest
 import timm
 import torch
 
-from fastcifar import BadInput
-from fastcifar.config import Head, Model
 from fastcifar import models
+from fastcifar.config import Head, Model
+from fastcifar.errors import BadInput
 from fastcifar.models import build_backbone, build_model
 
 

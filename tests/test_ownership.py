@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 import fastcifar.train as T
-from fastcifar import BadInput, owned
+from fastcifar import owned
 from fastcifar import data as fdata
 from fastcifar.checkpoint import atomic_write, write_json
 from fastcifar.config import to_dict
+from fastcifar.errors import BadInput
 from fastcifar.reproduce import reproduce
 from test_cli_paths import cli, one_paragraph
 from test_report import make_run

@@ -98,8 +98,8 @@ def test_sdist_holds_the_sources_recipes_readme_and_license(dists):
 def test_wheel_carries_every_recipe_and_the_license_but_no_tests(dists):
     names = set(zipfile.ZipFile(dists[1]).namelist())
     assert {f"fastcifar/recipes/{r}.py" for r in RECIPES} <= names
-    assert {"fastcifar/cli.py", "pipelines/__init__.py", f"fastcifar-{VERSION}.dist-info/licenses/LICENSE"} <= names
-    assert not [n for n in names if n.startswith(("tests/", "recipes/", "bench/", "docker/"))]
+    assert {"fastcifar/cli.py", "fastcifar/pipelines/__init__.py", f"fastcifar-{VERSION}.dist-info/licenses/LICENSE"} <= names
+    assert not [n for n in names if n.startswith(("tests/", "recipes/", "pipelines/", "bench/", "docker/"))]
 
 
 def test_wheel_metadata_is_fit_for_an_index(dists):
@@ -127,7 +127,8 @@ def test_wheel_metadata_is_fit_for_an_index(dists):
 
 def test_installed_wheel_runs_from_an_empty_directory(venv, user_dir):
     env = _clean_env(venv / "bin")
-    where = _run(["python", "-c", "import fastcifar, pipelines; from fastcifar.config import installed_recipes_dir, load; "
+    where = _run(["python", "-c", "import fastcifar, fastcifar.pipelines as pipelines; "
+                  "from fastcifar.config import installed_recipes_dir, load; "
                   "r, info = load('r18_lbsmooth'); "
                   "print(fastcifar.__file__, pipelines.__file__, installed_recipes_dir(), info['path'], info['parent'])"],
                  user_dir, env).stdout.split()

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastcifar import BadInput
-from pipelines import AugSpec, make_loader
-from pipelines.loader import dali_available
-from pipelines.spec import tutorial_oneof
+from fastcifar.errors import BadInput
+from fastcifar.pipelines import AugSpec, make_loader
+from fastcifar.pipelines.loader import dali_available
+from fastcifar.pipelines.spec import tutorial_oneof
 from pipelines_helpers import BACKENDS, BATCHED, stored
 
 
@@ -64,7 +64,7 @@ def test_a_spec_with_no_random_op_draws_nothing(store, backend, monkeypatch):
     def refuse(*_):
         raise AssertionError("drew augmentation for a spec with no random op")
 
-    monkeypatch.setattr(f"pipelines.{'dali' if backend == 'dali' else 'torch_backend'}.draw", refuse)
+    monkeypatch.setattr(f"fastcifar.pipelines.{'dali' if backend == 'dali' else 'torch_backend'}.draw", refuse)
     loader = make_loader(store, "train", AugSpec(), batch_size=100, backend=backend, seed=1)
     assert len(list(loader)) == len(loader)
 
@@ -200,7 +200,7 @@ def test_aug_spec_crops_exclude_each_other_and_every_op_counts_as_augmenting():
 def test_mean_std_for_each_normalize():
     from types import SimpleNamespace
 
-    from pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, mean_std
+    from fastcifar.pipelines.spec import IMAGENET_MEAN, IMAGENET_STD, mean_std
 
     assert mean_std(AugSpec()) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert mean_std(AugSpec(normalize="imagenet")) == (IMAGENET_MEAN, IMAGENET_STD)
@@ -223,7 +223,7 @@ def test_indices_subset(store):
 def test_auto_is_dali_where_it_imports(store, monkeypatch):
     loader = make_loader(store, "test", AugSpec(), 50, backend="auto")
     assert loader.backend == ("dali-cpu" if dali_available() else "torch")
-    monkeypatch.setattr("pipelines.loader.dali_available", lambda: False)  # a machine without DALI
+    monkeypatch.setattr("fastcifar.pipelines.loader.dali_available", lambda: False)  # a machine without DALI
     assert make_loader(store, "test", AugSpec(), 50, backend="auto").backend == "torch"
     with pytest.raises(BadInput, match="needs NVIDIA DALI"):
         make_loader(store, "test", AugSpec(), 50, backend="dali")
@@ -312,7 +312,7 @@ def test_an_evaluation_batch_never_outgrows_its_shard(store):
 def test_epoch_rows_cuts_disjoint_equal_training_shards():
     """Training shards are equal, disjoint blocks of one permutation (the n % world left over sit
     out), whatever the batch size later drops; evaluation shards cover every row once."""
-    from pipelines.loader import epoch_rows
+    from fastcifar.pipelines.loader import epoch_rows
 
     rows = np.arange(10)
     train = [epoch_rows(rows, 3, 1, True, (r, 3), True) for r in range(3)]

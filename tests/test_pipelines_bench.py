@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import BadInput
 from fastcifar import bench
+from fastcifar.errors import BadInput
 from pipelines_helpers import needs_dali
 
 KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec", "aug"}
@@ -24,7 +24,7 @@ def test_pipeline_rows_table_json(store, tmp_path):
     """Rows for every backend, size and augmentation (none, OneOf and the two policies); the
     tutorial's albumentations path has no policy, so where it is installed its policy rows are
     left out (and said so), and without it its torch fallback runs them."""
-    from pipelines.tutorial import albumentations_available
+    from fastcifar.pipelines.tutorial import albumentations_available
 
     out = tmp_path / "b" / "bench.json"
     lines = []
@@ -56,7 +56,7 @@ def test_each_dali_row_comes_with_its_host_side_alone(store, monkeypatch):
     bench/tables.py shows it with what it is."""
     import threading
 
-    from pipelines.dali import DaliBackend
+    from fastcifar.pipelines.dali import DaliBackend
 
     made, inputs = [], DaliBackend.inputs
 

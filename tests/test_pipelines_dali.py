@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastcifar import BadInput
-from pipelines import AugSpec, make_loader
-from pipelines.draw import batch_rng, draw
-from pipelines.spec import tutorial_oneof
+from fastcifar.errors import BadInput
+from fastcifar.pipelines import AugSpec, make_loader
+from fastcifar.pipelines.draw import batch_rng, draw
+from fastcifar.pipelines.spec import tutorial_oneof
 
 nvidia_dali = pytest.importorskip("nvidia.dali", reason="DALI does not import here")
 from nvidia.dali import fn, pipeline_def  # noqa: E402
 
-from pipelines import dali as pd  # noqa: E402
+from fastcifar.pipelines import dali as pd  # noqa: E402
 
 
 def test_to_torch_converts_a_whole_batch():
@@ -238,7 +238,7 @@ def test_gpu_graph_runs_every_image_op_on_the_gpu(name):
     assert bool(splits) == bool(branched), (splits, branched)
 
 
-from pipelines import agree  # noqa: E402
+from fastcifar.pipelines import agree  # noqa: E402
 
 
 @pytest.mark.parametrize("name", agree.RARE)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.mix import mix
-from pipelines.spec import AugSpec
+from fastcifar.pipelines.mix import mix
+from fastcifar.pipelines.spec import AugSpec
 
 N, C = 16, 20
 
@@ -88,7 +88,7 @@ def test_cutmix_box_covers_one_minus_lam_and_stays_in_the_image():
     box that would cross an edge is clipped to [0, 1] (its area is then less)."""
     import numpy as np
 
-    from pipelines.mix import cutmix_box
+    from fastcifar.pipelines.mix import cutmix_box
 
     rng, inside, clipped = np.random.default_rng(0), 0, 0
     for lam in np.linspace(0.05, 0.95, 200):

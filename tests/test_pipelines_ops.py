@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipelines import AugSpec, make_loader
-from pipelines.draw import LUMA, batch_rng, draw
-from pipelines.spec import tutorial_oneof
+from fastcifar.pipelines import AugSpec, make_loader
+from fastcifar.pipelines.draw import LUMA, batch_rng, draw
+from fastcifar.pipelines.spec import tutorial_oneof
 from pipelines_helpers import BACKENDS, BATCHED, ArrayStore, as_uint8_nhwc, needs_dali
 
 SEED = 11
@@ -215,7 +215,7 @@ def test_downscaling_averages_the_whole_footprint():
     """A resize below the stored 32 px (aug.image_size >= 8 is allowed) is antialiased: at 8 px each
     output pixel averages a 4x4-pixel footprint or more, so uniform noise (std 0.29) drops below
     0.29 / 4; a plain bilinear sample averages 2x2 pixels and only halves it (aliasing)."""
-    from pipelines.torch_backend import finish
+    from fastcifar.pipelines.torch_backend import finish
 
     x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     y = finish(x, 8, AugSpec(image_size=8), torch.full((1, 3, 1, 1), 1 / 255), torch.zeros(1, 3, 1, 1))
@@ -240,7 +240,7 @@ def test_torch_resize_runs_a_gpus_arithmetic_and_cubic_is_clamped_and_rounded():
     the CPU runs what a GPU runs (CUDA has no uint8 resize): linear resizes the normalised floats;
     cubic, which overshoots beside a 0/255 step, rounds and clamps to 0..255 before normalising
     (a GPU's unclamped floats once ranged -0.12 .. 1.18)."""
-    from pipelines.torch_backend import finish
+    from fastcifar.pipelines.torch_backend import finish
 
     x = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     x[:2] = 0
@@ -309,11 +309,11 @@ def test_tutorial_batches_leave_the_workers_in_their_dtype(store, monkeypatch):
 def test_tutorial_both_paths(store, monkeypatch, alb):
     """The tutorial path with albumentations + cv2 (the bench extra) and without (CI): flips flip,
     OneOf changes every image but keeps the size, and with no augmentation it is the store."""
-    from pipelines.tutorial import albumentations_available
+    from fastcifar.pipelines.tutorial import albumentations_available
 
     if alb and not albumentations_available():
         pytest.skip(reason="the bench extra (albumentations, opencv) is not installed")
-    monkeypatch.setattr("pipelines.tutorial.albumentations_available", lambda: alb)
+    monkeypatch.setattr("fastcifar.pipelines.tutorial.albumentations_available", lambda: alb)
     out, src, _ = first_batch(store, AugSpec(hflip=1.0), "tutorial", batch_size=50)
     np.testing.assert_array_equal(out, src[:, :, ::-1])
     out, src, _ = first_batch(store, AugSpec(**tutorial_oneof(1.0)), "tutorial", batch_size=50)
@@ -467,12 +467,12 @@ def test_oneof_means_one_on_every_backend(backend, p, tmp_path, monkeypatch):
     backends and on the tutorial's path with albumentations and with its torch fallback. Read from
     the pixels (the tutorial path's draws are its own), so two ops on one image fail here."""
     if backend.startswith("tutorial"):
-        from pipelines.tutorial import albumentations_available
+        from fastcifar.pipelines.tutorial import albumentations_available
 
         alb = backend == "tutorial-albumentations"
         if alb and not albumentations_available():
             pytest.skip(reason="the bench extra (albumentations, opencv) is not installed")
-        monkeypatch.setattr("pipelines.tutorial.albumentations_available", lambda: alb)
+        monkeypatch.setattr("fastcifar.pipelines.tutorial.albumentations_available", lambda: alb)
         backend = "tutorial"
     src = blob_images(150)
     spec = AugSpec(**tutorial_oneof(p), erase_fill=FILL)

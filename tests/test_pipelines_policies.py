@@ -17,12 +17,12 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 import golden_aug
-from fastcifar import BadInput
-from pipelines import AugSpec, make_loader
-from pipelines import torch_backend as tb
-from pipelines.draw import BINS, COLOUR_STEPS, batch_rng, draw, policy_params, policy_space
-from pipelines.loader import dali_available
-from pipelines.spec import POLICY_OPS, tutorial_oneof
+from fastcifar.errors import BadInput
+from fastcifar.pipelines import AugSpec, make_loader
+from fastcifar.pipelines import torch_backend as tb
+from fastcifar.pipelines.draw import BINS, COLOUR_STEPS, batch_rng, draw, policy_params, policy_space
+from fastcifar.pipelines.loader import dali_available
+from fastcifar.pipelines.spec import POLICY_OPS, tutorial_oneof
 from pipelines_helpers import BATCHED, ArrayStore, as_uint8_nhwc, needs_dali
 from test_pipelines_ops import MATMUL_OPS, OpRecorder
 
@@ -334,7 +334,7 @@ def test_dali_colour_ops_are_torchs_one_by_one(monkeypatch, tmp_path):
     on the pictures plus a one-value and a two-value picture (the cases autocontrast and equalize
     must keep or stretch exactly): DALI's graph gives torch's images bit for bit. The graph's draws
     are made to pick that op for every image, so no op hides behind another or behind a warp."""
-    from pipelines import dali as pd
+    from fastcifar.pipelines import dali as pd
 
     ms = {op: magnitudes(op) for op in COLOUR_OPS}  # about 10 of each op's, posterize's 7 all
     combos = [(op, m) for op in COLOUR_OPS for m in sorted(set(ms[op][::len(ms[op]) // 8 + 1]) | {max(ms[op])})]
@@ -392,11 +392,11 @@ def test_tutorial_path(store, monkeypatch, tmp_path):
     refused clearly (an evaluation loader runs no augmentation and is fine); its torch fallback
     runs the policy one image at a time."""
     spec = AugSpec(policy="randaugment", ra_m=30)
-    monkeypatch.setattr("pipelines.tutorial.albumentations_available", lambda: True)
+    monkeypatch.setattr("fastcifar.pipelines.tutorial.albumentations_available", lambda: True)
     with pytest.raises(BadInput, match=r"backend 'tutorial' runs albumentations.*no TrivialAugment or RandAugment"):
         make_loader(store, "train", spec, 50, backend="tutorial")
     make_loader(store, "test", spec, 50, backend="tutorial")
-    monkeypatch.setattr("pipelines.tutorial.albumentations_available", lambda: False)
+    monkeypatch.setattr("fastcifar.pipelines.tutorial.albumentations_available", lambda: False)
     src = pictures(60, seed=5)
     loader = make_loader(ArrayStore(src, tmp_path), "train", spec, 60, backend="tutorial", seed=1)
     out = as_uint8_nhwc(next(iter(loader))[0])

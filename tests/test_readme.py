@@ -394,7 +394,7 @@ def _values(cell: str) -> list:
 def test_augmentation_table_has_every_field_with_its_default():
     import dataclasses
 
-    from pipelines.spec import AugSpec
+    from fastcifar.pipelines.spec import AugSpec
 
     default, seen = AugSpec(), []
     for row in _table(_section(_doc("pipelines.md"), "The augmentation spec"), "field"):

@@ -8,8 +8,9 @@ import shutil
 import pytest
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint
+from fastcifar import checkpoint
 from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict, valid_keys
+from fastcifar.errors import BadInput
 from fastcifar.report import report
 from test_cli_paths import cli, one_paragraph
 from test_train import QUIET, info, metrics, store, tiny  # noqa: F401 (store: the fixture)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import BadInput, owned
+from fastcifar import owned
+from fastcifar.errors import BadInput
 from fastcifar.report import find_runs, report, results_table
 
 

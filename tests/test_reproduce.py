@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar import BadInput, owned
+from fastcifar import owned
 from fastcifar.checkpoint import atomic_write
 from fastcifar.config import to_dict
+from fastcifar.errors import BadInput
 from fastcifar.reproduce import collect, plan, published, results_md, state
 from test_recipes import TUTORIAL
 

@@ -7,7 +7,8 @@ import signal
 import pytest
 import torch
 
-from fastcifar import BadInput, bench, runtime
+from fastcifar import bench, runtime
+from fastcifar.errors import BadInput
 from test_train import QUIET, info, store, tiny  # noqa: F401 (store: the fixture)
 
 import fastcifar.train as T

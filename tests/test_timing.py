@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint, timing
+from fastcifar import checkpoint, timing
 from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict
 from fastcifar.data import prepare
+from fastcifar.errors import BadInput
 from loader_spy import LoaderSpy
 from test_train import QUIET, fit, info, metrics, tiny
 from test_train_pins import fixed_scores
@@ -211,25 +212,6 @@ def test_target_fields_are_typed_validated_and_round_trip():
             apply_overrides(Recipe(), bad).validate()
 
 
-def test_an_old_checkpoint_without_the_new_fields_resumes(store, tmp_path):
-    run = tmp_path / "run"
-    T.train(tiny(train__epochs=1), info(), out=run, data_dir=store, **QUIET)
-    ck = checkpoint.load(run / "last.pt", need="resume")
-    for key in ("partial_time", "provenance"):
-        del ck[key]
-    for key in ("target_acc", "stop_at_target"):
-        del ck["recipe"]["train"][key]
-    for m in ck["history"]:
-        for key in ("train_seconds", "data_wait_seconds", "data_wait_fraction", "warmup_seconds"):
-            m.pop(key, None)
-    checkpoint.save(run / "last.pt", ck, by="train")  # as an older fastcifar wrote it
-    s = T.train(apply_overrides(tiny(train__epochs=2), ["train.target_acc=1"]), {}, data_dir=store, resume=run, **QUIET)
-    assert s["finished"] and s["epochs_done"] == 2 and "earlier" not in s["provenance"]
-    assert s["epoch_to_target"] == 1 and s["seconds_to_target"] is None  # epoch 1 was not timed: unknown, not 0
-    # the run's wait is that of the timed epoch alone
-    assert s["data_wait_seconds"] == pytest.approx(metrics(run)[1]["data_wait_seconds"])
-
-
 class FakeEvent:
     """torch.cuda.Event's timing API on the host clock, for EpochClock's bookkeeping on a CPU
     (the real events run on a GPU only: `fastcifar doctor`'s compile and resume checks train there)."""
@@ -278,7 +260,7 @@ def test_cuda_event_pairs_are_read_only_when_done_and_all_at_the_end(monkeypatch
 def test_run_fields_by_hand():
     """summary.json's timing fields from a hand-made history: the wait share leaves warm-up out, the
     target is the first epoch at or above it (not the last, not strictly above), its seconds are the
-    training seconds up to it without warm-up, and an untimed epoch before it makes them unknown."""
+    training seconds up to it without warm-up."""
     history = [{"epoch": 1, "train_seconds": 10.0, "warmup_seconds": 4.0, "data_wait_seconds": 1.0, "test_acc": 29.0,
                 "val_acc": 31.0, "wall_seconds": 20.0},
                {"epoch": 2, "train_seconds": 6.0, "data_wait_seconds": 2.0, "test_acc": 30.0, "wall_seconds": 30.0},
@@ -290,21 +272,14 @@ def test_run_fields_by_hand():
     assert timing.run_fields(history, 30.0, "val")["epoch_to_target"] == 1  # the selection's accuracy counts
     assert timing.run_fields(history, 36.0, "test")["epoch_to_target"] is None
     assert "target_acc" not in timing.run_fields(history, 0.0, "test")  # no target: no target fields
-    old = [{"epoch": 1, "test_acc": 40.0}, *history[1:]]  # epoch 1 from an fastcifar that did not time it
-    s = timing.run_fields(old, 30.0, "test")
-    assert s["epoch_to_target"] == 1 and s["seconds_to_target"] is None
-    assert timing.run_fields([{"epoch": 2, "test_acc": 10.0}, history[1]], 30.0, "test")["seconds_to_target"] is None
 
 
-def test_target_stop_needs_both_the_switch_and_a_target():
-    from types import SimpleNamespace
-
-    history = [{"epoch": 1, "test_acc": 20.0}, {"epoch": 2, "test_acc": 31.0}]
-    assert timing.target_stop(SimpleNamespace(stop_at_target=False, target_acc=30.0), history, "test") is None
-    assert timing.target_stop(SimpleNamespace(stop_at_target=True, target_acc=0.0), history, "test") is None
-    assert timing.target_stop(SimpleNamespace(stop_at_target=True, target_acc=40.0), history, "test") is None
-    reason = timing.target_stop(SimpleNamespace(stop_at_target=True, target_acc=30.0), history, "test")
-    assert "30%" in reason and "(test)" in reason and "epoch 2" in reason
+def test_target_epoch_is_the_first_to_reach_a_set_target():
+    history = [{"epoch": 1, "test_acc": 20.0}, {"epoch": 2, "test_acc": 31.0}, {"epoch": 3, "test_acc": 35.0}]
+    assert timing.target_epoch(history, 0.0, "test") is None  # 0 = no target
+    assert timing.target_epoch(history, 40.0, "test") is None
+    assert timing.target_epoch(history, 30.0, "test") == 2
+    assert timing.target_epoch(history, 30.0, "val") is None  # no val accuracy: the selection's own counts
 
 
 def test_epoch_clock_carries_a_stopped_epoch_and_names_a_high_wait_once():

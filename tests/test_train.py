@@ -16,13 +16,14 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint, owned
+from fastcifar import checkpoint, owned
 from fastcifar.config import Recipe, Schedule
 from fastcifar.data import open_store, prepare
+from fastcifar.errors import BadInput
 from fastcifar.models import build_model, net_from_checkpoint
 from fastcifar.optim import lr_factor, param_groups, peak_lr
 from loader_spy import LoaderSpy
-from pipelines.loader import make_loader
+from fastcifar.pipelines.loader import make_loader
 
 TIMING = {"images_per_sec", "epoch_seconds", "wall_seconds", "train_seconds", "data_wait_seconds", "data_wait_fraction",
           "warmup_seconds"}

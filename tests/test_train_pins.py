@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint
-from fastcifar.optim import build_optimizer
+from fastcifar import checkpoint
+from fastcifar.errors import BadInput
 from fastcifar.models import build_model
-from pipelines.loader import dali_available
+from fastcifar.optim import build_optimizer
+from fastcifar.pipelines.loader import dali_available
 from test_train import QUIET, fit, info, metrics, resume_matches_straight, store, tiny  # noqa: F401 (store: the fixture)
 
 NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="DALI is not installed here")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint, config, runtime
+from fastcifar import checkpoint, config, runtime
 from fastcifar import dist as fdist
+from fastcifar.errors import BadInput
 from fastcifar.optim import lr_factor, peak_lr
 from test_train import QUIET, fit, info, metrics, store, tiny  # noqa: F401 (store: the fixture)
 
@@ -158,8 +159,8 @@ def test_more_epochs_past_a_schedule_that_ends_at_lr_0_are_refused(store, tmp_pa
     # a run stopped before its horizon may still be resumed to it, and a constant schedule extended
     with pytest.raises(BadInput, match="ends at LR 0"):
         T.check_resume(tiny(train__epochs=4, schedule__final_lr=0.0), {"recipe": config.to_dict(
-            tiny(train__epochs=3, schedule__final_lr=0.0)), "epoch": 1}, run)
+            tiny(train__epochs=3, schedule__final_lr=0.0)), "epoch": 1, "schedule_epochs": 3}, run)
     T.check_resume(tiny(train__epochs=3, schedule__final_lr=0.0), {"recipe": config.to_dict(
-        tiny(train__epochs=3, schedule__final_lr=0.0)), "epoch": 1}, run)
+        tiny(train__epochs=3, schedule__final_lr=0.0)), "epoch": 1, "schedule_epochs": 3}, run)
     T.check_resume(tiny(train__epochs=9, schedule__kind="constant"), {"recipe": config.to_dict(
-        tiny(train__epochs=3, schedule__kind="constant")), "epoch": 3}, run)
+        tiny(train__epochs=3, schedule__kind="constant")), "epoch": 3, "schedule_epochs": 3}, run)

@@ -1,7 +1,6 @@
 """The fields that make the tutorial's code reproducible (head.margin_grad, head.eval_logits,
 optim.decay_groups, train.tf32, distill.teacher_margin, distill.teacher_bn, model.init_from,
-loss.scales): typed, validated (bad values exit 2), round-tripped through recipe.json, and absent
-from older run files without changing what those runs did."""
+loss.scales): typed, validated (bad values exit 2) and round-tripped through recipe.json."""
 
 import json
 import sys
@@ -9,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from fastcifar import BadInput, runtime
+from fastcifar import runtime
 from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict
+from fastcifar.errors import BadInput
 from test_runtime import flags, odd_flags  # noqa: F401 (odd_flags: the fixture)
 from test_train import fit, info, store, tiny  # noqa: F401 (store: the fixture)
 
@@ -78,28 +78,6 @@ def test_cli_exits_2_before_touching_anything(monkeypatch, capsys, tmp_path, ite
     err = capsys.readouterr().err
     assert e.value.code == 2 and item.split("=")[0] in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # no store prepared, no run directory
-
-
-def test_a_recipe_json_from_before_these_fields_does_what_the_old_run_did():
-    """Older recipe.json files and checkpoints lack the new fields: they load with the values the
-    code had then: the exact margin gradient, s-scaled evaluation logits, a plain eval-mode
-    teacher, no init_from or scales, and TF32 on (PyTorch's own flags, convolutions only, when
-    deterministic: the old code did not touch them then)."""
-    for deterministic, tf32 in [(False, "on"), (True, "conv")]:
-        d = to_dict(Recipe())
-        for section, name in [("head", "margin_grad"), ("head", "eval_logits"), ("train", "tf32"),
-                              ("distill", "teacher_margin"), ("distill", "teacher_bn"), ("model", "init_from"),
-                              ("loss", "scales"), ("optim", "decay_groups")]:
-            del d[section][name]
-        d["optim"]["decay_norm_bias"] = False
-        d["train"]["deterministic"] = deterministic
-        r = from_dict(d)
-        assert (r.head.margin_grad, r.head.eval_logits, r.distill.teacher_margin, r.distill.teacher_bn) == \
-            ("exact", "scaled", False, "eval")
-        assert (r.model.init_from, r.loss.scales, r.optim.decay_groups, r.train.tf32) == ("", (), "no_bias_norm", tf32)
-    d = to_dict(Recipe())
-    d["train"]["deterministic"] = True  # a new file says what it wants: no old-run rule applies
-    assert from_dict(d).train.tf32 == "on"
 
 
 # ---- train.tf32: the flags a run sets

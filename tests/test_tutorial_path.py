@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import pipelines.tutorial as tut
-from pipelines.spec import AugSpec, tutorial_oneof
+import fastcifar.pipelines.tutorial as tut
+from fastcifar.pipelines.spec import AugSpec, tutorial_oneof
 
 
 def dataset(store, use_albumentations: bool, size: int = 224):
@@ -43,6 +43,6 @@ def test_torch_fallback_augments_at_32_then_resizes(store, monkeypatch):
 @pytest.mark.parametrize("cores", [2, 64])
 def test_workers_are_the_tutorials_16_capped_at_the_cores(store, monkeypatch, cores):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    b = tut.TutorialBackend(store, "train", AugSpec(), (32,), torch.device("cpu"), False, 0, 0,
-                            (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    b = tut.TutorialBackend(store, "train", spec=AugSpec(), sizes=(32,), device=torch.device("cpu"), augment=False,
+                            seed=0, rank=0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     assert tut.WORKERS == 16 and b.workers == min(16, cores)

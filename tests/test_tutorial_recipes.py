@@ -5,7 +5,7 @@ a change to either shows up here rather than as a quietly different experiment."
 import pytest
 
 from fastcifar.config import Recipe, load, to_dict
-from pipelines.spec import ONEOF_OPS
+from fastcifar.pipelines.spec import ONEOF_OPS
 
 # r18_baseline as its YAML and code ran it
 BASELINE = {

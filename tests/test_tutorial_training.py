@@ -1,6 +1,6 @@
 """The tutorial's experiments as training runs on a CPU: model.init_from (its is_restore),
 distillation with the margin on the teacher and its BatchNorm in train mode, multi-scale
-training that resumes exactly, and run files from before these fields that still resume."""
+training that resumes exactly."""
 
 import os
 import pickle
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import BadInput, checkpoint
-from fastcifar.config import from_dict
+from fastcifar import checkpoint
+from fastcifar.errors import BadInput
 from fastcifar.models import build_model, init_from
 from test_train import QUIET, fit, info, interrupt_at, resume_matches_straight, store, tiny  # noqa: F401 (store: the fixture)
 
@@ -179,30 +179,3 @@ def test_multiscale_run_trains_both_scales_and_tests_at_one(store, tmp_path):
 
 def test_multiscale_mid_epoch_resume_matches_a_straight_run(store, tmp_path):
     resume_matches_straight(tiny(train__epochs=1, data__subset=0.4, loss__scales=(32, 48)), store, tmp_path, batch=3)
-
-
-# ---- run files from before these fields
-
-
-def test_an_old_run_resumes_and_evaluates(store, tmp_path):
-    """A run dir written before decay_groups and the other new fields (its checkpoints hold
-    optim.decay_norm_bias and lack the rest) resumes with the groups it trained with, and evaluates."""
-    run = tmp_path / "run"
-    T.train(tiny(train__epochs=1, data__subset=0.3, optim__decay_groups="all"), info(), out=run, data_dir=store,
-            **QUIET)
-    for name in ("last.pt", "best.pt"):
-        ck = checkpoint.load(run / name)
-        rec = ck["recipe"]
-        for section, field in [("head", "margin_grad"), ("head", "eval_logits"), ("train", "tf32"),
-                               ("distill", "teacher_margin"), ("distill", "teacher_bn"), ("model", "init_from"),
-                               ("loss", "scales"), ("optim", "decay_groups")]:
-            del rec[section][field]
-        rec["optim"]["decay_norm_bias"] = True
-        checkpoint.save(run / name, ck, by="train")  # as an older fastcifar wrote it
-    r = from_dict(checkpoint.load(run / "last.pt")["recipe"])  # as `fastcifar train --resume` reads it
-    assert r.optim.decay_groups == "all" and r.train.tf32 == "conv"  # deterministic: the old code left TF32 alone
-    r.train.epochs = 2
-    s = T.train(r, {}, data_dir=store, resume=run, **QUIET)
-    assert s["finished"] and s["epochs_done"] == 2
-    ev = T.evaluate_checkpoint(str(run / "best.pt"), data_dir=store, batch_size=50, device="cpu")
-    assert ev["images"] == 300
