@@ -14,16 +14,10 @@ import pytest
 import torch
 
 from fastcifar import BadInput, bench
+from helpers import cli
 from pipelines.loader import dali_available
 
 ROW_KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec"}
-
-
-@pytest.fixture
-def tiny_models(monkeypatch):
-    """timm's 0.4M-parameter test_resnet stands in for resnet18/50: the same code path, seconds not minutes."""
-    monkeypatch.setattr(bench, "MODELS", ("test_resnet",))
-    monkeypatch.setattr(bench, "CPU_STEP_BATCH", {32: 8, 224: 2})
 
 
 def test_train_step_climbs_the_ladder(store, tiny_models):
@@ -142,10 +136,9 @@ def test_a_store_too_small_for_any_size_is_refused_before_measuring(store):
 def test_cli_bench_writes_json_atomically(store, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "bench", "--stage", "pipeline", "--quick", "--backend", "torch",
-                        "--batch-size", "16", "--data-dir", str(store.dir), "--device", "cpu", "--json", str(blocker / "b.json")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Cannot write" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = cli("bench", "--stage", "pipeline", "--quick", "--backend", "torch", "--batch-size", "16",
+                       "--data-dir", store.dir, "--device", "cpu", "--json", blocker / "b.json", spawn=True, timeout=300)
+    assert code == 2 and "Cannot write" in err and "Traceback" not in err
 
 
 def test_json_is_rewritten_after_every_row_and_a_stop_keeps_the_rows(store, tmp_path, monkeypatch):
@@ -176,7 +169,7 @@ def test_json_is_rewritten_after_every_row_and_a_stop_keeps_the_rows(store, tmp_
 
 def test_meta_names_the_data_set_of_the_store(tmp_path, monkeypatch):
     """A bench on a CIFAR-10 store says so in meta.store (the tables' caption), not cifar100."""
-    from cifar_fixture import write_official
+    from cifar_files import write_official
     from fastcifar.data import prepare
 
     src, _ = write_official(tmp_path / "src", n_train=50, n_test=10, dataset="cifar10")
@@ -212,10 +205,9 @@ def test_cli_bench_stopped_by_sigterm_keeps_what_it_measured(store, tmp_path):
 
 
 def test_cli_bench_refuses_a_plot_path_it_cannot_write_before_measuring(store, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "bench", "--stage", "pipeline", "--quick", "--backend", "torch",
-                        "--data-dir", str(store.dir), "--device", "cpu", "--plot", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "--plot" in r.stderr and "is a directory" in r.stderr and "pipeline" not in r.stdout
+    code, out, err = cli("bench", "--stage", "pipeline", "--quick", "--backend", "torch", "--data-dir", store.dir,
+                         "--device", "cpu", "--plot", tmp_path, spawn=True, timeout=300)
+    assert code == 2 and "--plot" in err and "is a directory" in err and "pipeline" not in out
 
 
 def test_the_picture_draws_the_pipeline_table_and_the_headroom():

@@ -15,16 +15,15 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from cifar_fixture import make_split, md5, write_official
+from cifar_files import make_split, md5, write_official
 from fastcifar import BadInput
 from fastcifar import data as fdata
+from helpers import QUIET, cli, make_run, one_paragraph
 
-QUIET = dict(log=lambda *_: None)
 SMALL = dict(synthetic=True, n_train=200, n_test=100, **QUIET)
 
 
@@ -47,19 +46,6 @@ def _user_dir(d: Path) -> Path:
 
 def _leftovers(parent: Path, name: str = "store") -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
-
-
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fastcifar", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
-def _one_paragraph_exit_2(r, *must_name):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr and r.stderr.startswith("error: ") and "\n\n" not in r.stderr.strip()
-    flat = "".join(r.stderr.split())  # the paragraph is wrapped at 100 columns, long paths included
-    for s in must_name:
-        assert "".join(str(s).split()) in flat, (s, r.stderr)
 
 
 # ---- 1. prepare replaces only nothing, an empty directory, or a fastcifar store
@@ -101,8 +87,8 @@ def test_prepare_refuses_home_through_FASTCIFAR_DATA(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCIFAR_DATA", str(home))
     with pytest.raises(BadInput, match=r"\$FASTCIFAR_DATA"):
         fdata.prepare(**SMALL)
-    r = _cli("prepare", "--synthetic", "--train", "200", "--test", "100", env={"FASTCIFAR_DATA": str(home)})
-    _one_paragraph_exit_2(r, home, "$FASTCIFAR_DATA")
+    code, _, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", env={"FASTCIFAR_DATA": str(home)}, spawn=True)
+    assert code == 2 and one_paragraph(err, home, "$FASTCIFAR_DATA"), err
     assert _tree(home) == before
 
 
@@ -181,8 +167,8 @@ def test_symlink_loop_is_refused_and_kept(tmp_path):
 def test_cli_prepare_on_user_files_is_one_paragraph_exit_2(tmp_path):
     mine = _user_dir(tmp_path / "mine")
     before = _tree(mine)
-    r = _cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--force", "--data-dir", str(mine))
-    _one_paragraph_exit_2(r, mine, "fastcifar never replaces what it did not create")
+    code, _, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--force", "--data-dir", str(mine), spawn=True)
+    assert code == 2 and one_paragraph(err, mine, "fastcifar never replaces what it did not create"), err
     assert _tree(mine) == before
 
 
@@ -391,11 +377,6 @@ def test_a_file_in_the_way_of_the_download_is_not_replaced(tmp_path, monkeypatch
     assert mine.read_bytes() == b"my own edited copy"
 
 
-@pytest.fixture
-def official_tarball(tmp_path):
-    return write_official(tmp_path / "official")[0]
-
-
 def _official_md5s(monkeypatch, tarball: Path):
     """The fixture tarball as the official download (file:// URL, its md5s the official ones)."""
     d = tarball.parent / "cifar-100-python"
@@ -491,8 +472,8 @@ def test_malformed_pickle_fields_are_bad_input(tmp_path, case):
 @pytest.mark.parametrize("n", ["10000000000", "-5"])
 def test_cli_synthetic_train_out_of_bounds_is_exit_2_at_once(tmp_path, n):
     t = time.time()
-    r = _cli("prepare", "--synthetic", "--train", n, "--data-dir", str(tmp_path / "syn"))
-    _one_paragraph_exit_2(r, "at most 2,000,000")
+    code, _, err = cli("prepare", "--synthetic", "--train", n, "--data-dir", str(tmp_path / "syn"), spawn=True)
+    assert code == 2 and one_paragraph(err, "at most 2,000,000"), err
     assert time.time() - t < 60 and not (tmp_path / "syn").exists()
 
 
@@ -509,8 +490,8 @@ def test_cli_prepare_options_that_cannot_apply_are_exit_2_at_once(tmp_path, args
     args = [a.format(fifo=tmp_path / "fifo", dangling=tmp_path / "dangling") for a in args]
     if "--from" not in args and "--synthetic" not in args:
         args += ["--from", str(tmp_path / "missing.tar.gz")]  # never a download, bug or not
-    r = _cli("prepare", *args, "--data-dir", str(tmp_path / "store"))
-    _one_paragraph_exit_2(r, message)
+    code, _, err = cli("prepare", *args, "--data-dir", str(tmp_path / "store"), spawn=True)
+    assert code == 2 and one_paragraph(err, message), err
     assert sorted(os.listdir(tmp_path)) == ["dangling", "fifo"]
 
 
@@ -640,21 +621,6 @@ def test_unreadable_store_meta_advises_what_prepare_will_accept(tmp_path):
 # ---- 7. bench: a bad --device or an unwritable --json is exit 2 before anything runs
 
 
-# what bench reads of a store before measuring: whether it is synthetic and its data set (meta.store)
-STUB_STORE = SimpleNamespace(synthetic=True, dataset="cifar100", meta={}, dir=Path("stub-store"))
-
-
-@pytest.fixture
-def bench_spy(monkeypatch):
-    """Records whether the bench got as far as its store or a stage."""
-    from fastcifar import bench
-
-    ran = []
-    monkeypatch.setattr(bench, "bench_store", lambda *a, **k: ran.append("store") or STUB_STORE)
-    monkeypatch.setattr(bench, "STAGES", {name: (lambda name=name, **k: ran.append(name) or []) for name in bench.STAGES})
-    return bench, ran
-
-
 @pytest.mark.parametrize("device", ["foo", "cuda:x", "mps", "meta"])
 def test_bench_bad_device_is_bad_input_before_the_run(bench_spy, device):
     bench, ran = bench_spy
@@ -664,7 +630,8 @@ def test_bench_bad_device_is_bad_input_before_the_run(bench_spy, device):
 
 
 def test_cli_bench_device_foo_is_one_paragraph_exit_2():
-    _one_paragraph_exit_2(_cli("bench", "--quick", "--device", "foo"), "'foo'", "cpu, cuda or cuda:N")
+    code, _, err = cli("bench", "--quick", "--device", "foo", spawn=True)
+    assert code == 2 and one_paragraph(err, "'foo'", "cpu, cuda or cuda:N"), err
 
 
 @pytest.mark.parametrize("case", ["under a file", "a directory"])
@@ -684,9 +651,9 @@ def test_bench_unwritable_json_is_refused_before_the_run(tmp_path, bench_spy, ca
 def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path):
     (tmp_path / "afile").write_text("x")
     t = time.time()
-    r = _cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "afile" / "b.json"),
-             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
-    _one_paragraph_exit_2(r, tmp_path / "afile" / "b.json")
+    code, _, err = cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "afile" / "b.json"),
+             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)}, spawn=True)
+    assert code == 2 and one_paragraph(err, tmp_path / "afile" / "b.json"), err
     assert time.time() - t < 60 and sorted(os.listdir(tmp_path)) == ["afile"]  # no synthetic store made first
 
 
@@ -723,9 +690,9 @@ USERS = ["notes.json", "holiday.png", "lookalike.json", "figure.png", "empty.jso
 def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_path, args, message):
     paths = _bench_paths(tmp_path)
     before = _tree(tmp_path)
-    r = _cli("bench", "--quick", "--stage", "pipeline", *[a.format(tmp=tmp_path) for a in args],
-             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
-    _one_paragraph_exit_2(r, message)
+    code, _, err = cli("bench", "--quick", "--stage", "pipeline", *[a.format(tmp=tmp_path) for a in args],
+             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)}, spawn=True)
+    assert code == 2 and one_paragraph(err, message), err
     assert _tree(tmp_path) == before and paths  # nothing written, replaced or made (no synthetic store)
 
 
@@ -775,8 +742,6 @@ def test_bench_out_of_device_memory_is_bad_input_keeping_the_rows(tmp_path, benc
 
 def _runs_folder(root: Path) -> dict:
     """Two good runs and one of each way a run can be broken -> the words that say why it was skipped."""
-    from test_report import make_run
-
     make_run(root, "good-1", [10.0, 20.0])
     make_run(root, "good-2", [15.0], summary=False)
     broken = {
@@ -824,31 +789,28 @@ def test_report_skips_broken_runs_and_names_them(tmp_path):
 
 def test_cli_report_skips_broken_runs_and_exits_2_only_when_none_is_left(tmp_path):
     broken = _runs_folder(tmp_path / "runs")
-    r = _cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
-    assert r.returncode == 0, r.stderr
-    assert "Traceback" not in r.stderr and all(f"skipped {tmp_path / 'runs' / n}:" in r.stderr for n in broken)
+    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), spawn=True)
+    assert code == 0, err
+    assert "Traceback" not in err and all(f"skipped {tmp_path / 'runs' / n}:" in err for n in broken)
     for name in ("good-1", "good-2"):
         import shutil
 
         shutil.rmtree(tmp_path / "runs" / name)
-    r = _cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out2"))
-    _one_paragraph_exit_2(r, "No run could be reported", tmp_path / "runs" / "died-in-epoch-1")
+    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out2"), spawn=True)
+    assert code == 2 and one_paragraph(err, "No run could be reported", tmp_path / "runs" / "died-in-epoch-1"), err
     assert not (tmp_path / "out2").exists()
 
 
 # ---- 9. the CLI's backstop: an OSError that escapes a command is a paragraph and exit 2
 
 
-def test_cli_oserror_backstop_is_one_paragraph_exit_2(monkeypatch, capsys):
-    from fastcifar import cli, config
+def test_cli_oserror_backstop_is_one_paragraph_exit_2(monkeypatch):
+    from fastcifar import config
 
     def disk_full():
         raise OSError(28, "No space left on device", "/data/runs/x/last.pt")
     monkeypatch.setattr(config, "recipe_sources", disk_full)
-    monkeypatch.setattr(sys, "argv", ["fastcifar", "recipes"])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    assert e.value.code == 2
-    err = capsys.readouterr().err
+    code, _, err = cli("recipes")
+    assert code == 2
     assert err.startswith("error: `fastcifar recipes` stopped: No space left on device (/data/runs/x/last.pt).")
-    assert "Traceback" not in err and "\n\n" not in err.strip()
+    assert one_paragraph(err), err

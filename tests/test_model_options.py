@@ -11,7 +11,7 @@ import fastcifar.train as T
 from fastcifar import BadInput
 from fastcifar.config import Head, Model, to_dict
 from fastcifar.models import GlooSyncBatchNorm, build_model, sync_batchnorm
-from test_train import tiny
+from helpers import tiny
 
 
 def _outputs_twice(net, x):

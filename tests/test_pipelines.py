@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar import BadInput
+from helpers import BACKENDS, BATCHED, stored
 from pipelines import AugSpec, make_loader
 from pipelines.loader import dali_available
 from pipelines.spec import tutorial_oneof
-from pipelines_helpers import BACKENDS, BATCHED, stored
 
 
 def _collect(loader, epoch=0):

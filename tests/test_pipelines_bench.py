@@ -4,7 +4,6 @@ Behaviour only: no figure is asserted (speed is the bench's job, not the tests')
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from fastcifar import BadInput
 from fastcifar import bench
-from pipelines_helpers import needs_dali
+from helpers import cli, needs_dali
 
 KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec", "aug"}
 
@@ -104,9 +103,8 @@ def test_bad_input(store):
 
 
 def test_cli_bad_stage_exits_2(store):
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "bench", "--stage", "nope", "--data-dir", str(store.dir)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Unknown bench stage 'nope'" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = cli("bench", "--stage", "nope", "--data-dir", store.dir, spawn=True, timeout=120)
+    assert code == 2 and "Unknown bench stage 'nope'" in err and "Traceback" not in err
 
 
 def _clock(monkeypatch):

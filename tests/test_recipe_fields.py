@@ -11,11 +11,8 @@ import fastcifar.train as T
 from fastcifar import BadInput, checkpoint
 from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict, valid_keys
 from fastcifar.report import report
-from test_cli_paths import cli, one_paragraph
-from test_train import QUIET, info, metrics, store, tiny  # noqa: F401 (store: the fixture)
+from helpers import NEWER_FIELDS, cli, metrics, one_paragraph
 
-NEW_FIELDS = {"data": ["dataset"], "model": ["drop_path", "sync_bn"],
-              "train": ["ema_decay", "ema_every", "ema_warmup", "select_on", "tta"]}
 NON_DEFAULT = ["data.dataset=cifar10", "model.drop_path=0.1", "model.sync_bn=true", "train.ema_decay=0.999",
                "train.ema_every=4", "train.ema_warmup=false", "train.select_on=ema", "train.tta=flip"]
 
@@ -37,7 +34,7 @@ BAD = [
 
 
 def test_every_new_field_is_a_key_with_its_type():
-    assert {f"{s}.{f}" for s, fs in NEW_FIELDS.items() for f in fs} <= set(valid_keys())
+    assert {f"{s}.{f}" for s, fs in NEWER_FIELDS.items() for f in fs} <= set(valid_keys())
     r = apply_overrides(Recipe(), NON_DEFAULT).validate()
     assert (r.data.dataset, r.model.drop_path, r.model.sync_bn) == ("cifar10", 0.1, True)
     assert (r.train.ema_decay, r.train.ema_every, r.train.ema_warmup) == (0.999, 4, False)
@@ -51,8 +48,8 @@ def test_bad_values_are_bad_input_naming_the_field(item, message):
 
 
 @pytest.mark.parametrize("item, message", [BAD[0], BAD[4], BAD[11], BAD[12]], ids=["dataset", "ema", "select", "tta"])
-def test_cli_bad_values_exit_2_before_anything_is_written(tmp_path, monkeypatch, capsys, item, message):
-    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--set", item, "--out", tmp_path / "run",
+def test_cli_bad_values_exit_2_before_anything_is_written(tmp_path, item, message):
+    code, _, err = cli("train", "smoke", "--set", item, "--out", tmp_path / "run",
                        "--data-dir", tmp_path / "data")
     assert code == 2 and one_paragraph(err), err
     assert item.split("=")[0] in err
@@ -76,39 +73,16 @@ def test_new_fields_round_trip_through_recipe_json_and_checkpoints(tmp_path):
 # ---- a run written before these fields existed
 
 
-def _strip(recipe: dict) -> dict:
-    return {s: ({k: v for k, v in fields.items() if k not in NEW_FIELDS.get(s, [])} if isinstance(fields, dict) else fields)
-            for s, fields in recipe.items()}
-
-
-@pytest.fixture
-def old_run(store, tmp_path):
-    """A finished 1-epoch run, rewritten as fastcifar wrote it before issue 11: its recipes (in
-    recipe.json, last.pt, best.pt) lack the new fields, its summary lacks select_on and tta."""
-    run = tmp_path / "run"
-    T.train(tiny(train__epochs=1, data__subset=0.3), info(), out=run, data_dir=store, **QUIET)
-    for name in ("last.pt", "best.pt"):
-        ck = checkpoint.load(run / name)
-        ck["recipe"] = _strip(ck["recipe"])
-        checkpoint.save(run / name, ck)
-    recipe = json.loads((run / "recipe.json").read_text())
-    (run / "recipe.json").write_text(json.dumps(_strip(recipe)))
-    summary = json.loads((run / "summary.json").read_text())
-    (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k not in ("select_on", "tta")}))
-    assert "ema_decay" not in checkpoint.load(run / "last.pt")["recipe"]["train"]
-    return run
-
-
-def test_an_old_run_evaluates_resumes_and_reports(old_run, store, tmp_path, monkeypatch, capsys):
-    ev = T.evaluate_checkpoint(str(old_run), data_dir=store, batch_size=100, device="cpu")
+def test_an_old_run_evaluates_resumes_and_reports(old_run, store_dir, tmp_path):
+    ev = T.evaluate_checkpoint(str(old_run), data_dir=store_dir, batch_size=100, device="cpu")
     assert (ev["weights"], ev["tta"]) == ("raw", "none") and ev["acc"] == pytest.approx(metrics(old_run)[0]["test_acc"])
-    code, out, err = cli(monkeypatch, capsys, "eval", old_run, "--data-dir", store, "--device", "cpu", "--tta", "flip")
+    code, out, err = cli("eval", old_run, "--data-dir", store_dir, "--device", "cpu", "--tta", "flip")
     assert code == 0 and "raw weights, TTA flip" in out, err
     # files fastcifar cannot prove it wrote there (an older run has no manifest, owned.py; these were rewritten)
     # are not replaced: it continues into a new directory, the old run only read
-    code, out, err = cli(monkeypatch, capsys, "train", "--resume", old_run, "--set", "train.epochs=2")
+    code, out, err = cli("train", "--resume", old_run, "--set", "train.epochs=2")
     assert code == 2 and one_paragraph(err) and "--out NEW_DIR" in err.replace("\n", " "), err
-    code, out, err = cli(monkeypatch, capsys, "train", "--resume", old_run, "--set", "train.epochs=2", "--out",
+    code, out, err = cli("train", "--resume", old_run, "--set", "train.epochs=2", "--out",
                          tmp_path / "continued")
     assert code == 0, err
     s = json.loads((tmp_path / "continued" / "summary.json").read_text())

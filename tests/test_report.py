@@ -2,46 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from fastcifar import BadInput, owned
 from fastcifar.report import find_runs, report, results_table
-
-
-def make_run(root: Path, name: str, accs: list[float], synthetic=False, val=None, summary=True, description="what it does",
-             **extra):
-    """A run directory as `fastcifar train` writes it, with the given test accuracy per epoch."""
-    d = root / name
-    d.mkdir(parents=True)
-    epochs = []
-    for i, acc in enumerate(accs, 1):
-        e = {"epoch": i, "train_loss": 4.0 / i, "train_acc": acc + 5, "test_acc": acc, "test_top5": min(acc + 20, 100),
-             "test_loss": 5.0 - acc / 25, "lr": 1e-3, "images_per_sec": 1000.0 + i, "epoch_seconds": 10.0,
-             "wall_seconds": 10.0 * i}
-        if val:
-            e.update(val_acc=val[i - 1], val_top5=val[i - 1] + 10, val_loss=1.0)
-        epochs.append(e)
-    (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
-    (d / "recipe.json").write_text(json.dumps({"name": name.split("-")[0], "description": description,
-                                               "train": {"epochs": len(accs)}}))
-    if summary:
-        best = max(range(len(accs)), key=accs.__getitem__)
-        s = {"recipe": name.split("-")[0], "description": description, "best_acc": accs[best], "best_epoch": best + 1,
-             "final_acc": accs[-1], "final_top5": 90.0, "epochs_done": len(accs), "epochs": len(accs),
-             "train_images_per_sec": 1234.5, "wall_seconds": 10.0 * len(accs) + 3725 * (name == "slow"),
-             "device": "cpu", "backend": "torch", "world_size": 1, "synthetic": synthetic,
-             "selection": "val" if val else "test", "finished": True, "stop_reason": None}
-        if val:
-            bv = max(range(len(val)), key=val.__getitem__)
-            s.update(best_val_acc=val[bv], best_val_epoch=bv + 1, test_acc_at_best_val=accs[bv])
-        s.update(extra)
-        (d / "summary.json").write_text(json.dumps(s))
-    return d
+from helpers import cli, make_run
 
 
 def _row(table: str, run: str) -> list[str]:
@@ -111,12 +77,11 @@ def test_bad_input(tmp_path):
 
 def test_cli_report(tmp_path):
     make_run(tmp_path / "runs", "r18_lbsmooth-1", [44.81])
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "44.81% (1)" in r.stdout and (tmp_path / "rep" / "test_accuracy.png").is_file()
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "report", str(tmp_path / "nowhere")], capture_output=True, text=True)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "not a directory" in r.stderr
+    code, out, err = cli("report", tmp_path / "runs", "--out", tmp_path / "rep", spawn=True)
+    assert code == 0, err
+    assert "44.81% (1)" in out and (tmp_path / "rep" / "test_accuracy.png").is_file()
+    code, out, err = cli("report", tmp_path / "nowhere", spawn=True)
+    assert code == 2 and "Traceback" not in err and "not a directory" in err
 
 
 def prov(torch_v="2.14.1", dataset="cifar100"):
@@ -157,9 +122,8 @@ def test_report_ranks_by_time_to_target_and_shows_the_data_wait(tmp_path):
     assert [l.split("|")[1].strip() for l in table.splitlines()[2:] if l.startswith("| ")][0] == "notarget"
     with pytest.raises(BadInput, match="--sort 'fastest'"):
         report([tmp_path], tmp_path / "out", sort="fastest")
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "report", str(tmp_path), "--out", str(tmp_path / "o2"),
-                        "--sort", "time_to_target"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.index("| fast |") < r.stdout.index("| slow |"), r.stderr
+    code, out, err = cli("report", tmp_path, "--out", tmp_path / "o2", "--sort", "time_to_target", spawn=True)
+    assert code == 0 and out.index("| fast |") < out.index("| slow |"), err
 
 
 def test_plots_have_integer_epochs_and_a_star_at_the_best_epoch(tmp_path):

@@ -19,41 +19,9 @@ from fastcifar.checkpoint import atomic_write
 from fastcifar.config import to_dict
 from fastcifar.data import prepare
 from fastcifar.reproduce import collect, plan, published, results_md, state
-from test_recipes import TUTORIAL
-from test_train import tiny
+from helpers import TUTORIAL, cli
 
 ROOT = Path(__file__).resolve().parent.parent
-
-TEACHER = f'''"""A tiny teacher: tutorial 12.5% (a made-up figure)."""
-from fastcifar.config import from_dict
-
-
-def recipe():  # test_train.tiny() for two epochs, written out as data
-    return from_dict({to_dict(tiny(train__epochs=2, train__log_every=2))!r})
-'''
-STUDENT = '''"""A tiny student distilled from tiny_teacher."""
-from fastcifar.config import derive
-
-
-def recipe():
-    r = derive("tiny_teacher")
-    r.distill.teacher = "tiny_teacher"
-    return r
-'''
-
-
-@pytest.fixture
-def project(tmp_path, monkeypatch):
-    """A directory with ./recipes/tiny_teacher.py and tiny_student.py, a table listing the student
-    first, and a small synthetic store; the working directory for the test."""
-    (tmp_path / "recipes").mkdir()
-    (tmp_path / "recipes" / "tiny_teacher.py").write_text(TEACHER)
-    (tmp_path / "recipes" / "tiny_student.py").write_text(STUDENT)
-    (tmp_path / "table.txt").write_text("# the student is listed first: it must still run after its teacher\n"
-                                        "tiny_student   # distilled\n\ntiny_teacher\n")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
 
 def snapshot(run: Path) -> dict:
     return {f: ((run / f).stat().st_mtime_ns, (run / f).read_bytes()) for f in ("summary.json", "last.pt", "metrics.jsonl")}
@@ -95,11 +63,10 @@ def test_a_table_stopped_by_sigint_continues_to_the_end_with_nothing_rerun(proje
     assert [r["n"] for r in partial["recipes"]] == [0, 1]
 
     # continue with the printed command: nothing finished is trained again, the stopped run resumes
-    r = subprocess.run([sys.executable, "-m", "fastcifar", *shlex.split(again)[1:]], cwd=project, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "[1/4] tiny_teacher seed 0: done, skipped" in r.stdout
-    assert "[2/4] tiny_teacher seed 1: resuming" in r.stdout
+    code, out_text, err = cli(*shlex.split(again)[1:], spawn=True, cwd=project, env=env)
+    assert code == 0, out_text[-3000:] + err[-3000:]
+    assert "[1/4] tiny_teacher seed 0: done, skipped" in out_text
+    assert "[2/4] tiny_teacher seed 1: resuming" in out_text
     assert {n: snapshot(runs[n]) for n in finished} == before
     for name in ("tiny_teacher-seed0", "tiny_teacher-seed1", "tiny_student-seed0", "tiny_student-seed1"):
         run = out / name
@@ -125,9 +92,8 @@ def test_a_table_stopped_by_sigint_continues_to_the_end_with_nothing_rerun(proje
 
     # a third time: everything is done, nothing changes
     everything = {n: snapshot(out / n) for n in runs}
-    r = subprocess.run([sys.executable, "-m", "fastcifar", *shlex.split(again)[1:]], cwd=project, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.count("done, skipped") == 4, r.stderr
+    code, out_text, err = cli(*shlex.split(again)[1:], spawn=True, cwd=project, env=env, timeout=300)
+    assert code == 0 and out_text.count("done, skipped") == 4, err
     assert {n: snapshot(out / n) for n in runs} == everything
 
 
@@ -268,9 +234,8 @@ def test_the_out_directory_holds_only_this_tables_runs(tmp_path):
 
 
 def test_cli_bad_input_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "reproduce", "nosuchtable", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and "No table named" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    code, _, err = cli("reproduce", "nosuchtable", "--out", tmp_path / "o", spawn=True, cwd=tmp_path)
+    assert code == 2 and "No table named" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
 
 

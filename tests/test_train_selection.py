@@ -13,33 +13,16 @@ from fastcifar import BadInput, checkpoint
 from fastcifar.optim import build_optimizer
 from fastcifar.models import build_model
 from pipelines.loader import dali_available
-from test_train import QUIET, fit, info, metrics, resume_matches_straight, store, tiny  # noqa: F401 (store: the fixture)
+from helpers import QUIET, fit, fixed_scores, info, metrics, resume_matches_straight, tiny
 
 NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="DALI is not installed here")
 
 
-def fixed_scores(val: list[float], test: list[float]):
-    """A setup(trainer) that makes evaluation return val[e] / test[e] at epoch e (0-based)."""
-    def setup(trainer):
-        seen = {"val": 0, "test": 0}
-
-        def evaluate(loader):
-            kind = "test" if loader is trainer.test_loader else "val"
-            assert kind == "test" or loader is trainer.val_loader
-            acc = (test if kind == "test" else val)[seen[kind]]
-            seen[kind] += 1
-            return {"acc": acc, "top5": min(100.0, acc + 10), "loss": 5 - acc / 100, "images": loader.num_samples}
-
-        trainer.evaluate = evaluate
-
-    return setup
-
-
-def test_selection_follows_validation_and_best_pt_only_on_improvement(store, tmp_path):
+def test_selection_follows_validation_and_best_pt_only_on_improvement(store_dir, tmp_path):
     # val peaks at epoch 2 (epoch 4 only ties it: not an improvement); test peaks at epoch 4
     val, test = [10.0, 30.0, 20.0, 30.0], [11.0, 12.0, 13.0, 40.0]
     run = tmp_path / "run"
-    s = fit(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store, setup=fixed_scores(val, test))
+    s = fit(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store_dir, setup=fixed_scores(val, test))
     assert [m["val_acc"] for m in metrics(run)] == val and [m["test_acc"] for m in metrics(run)] == test
     assert s["selection"] == "val" and s["best_epoch"] == s["best_val_epoch"] == 2
     assert s["best_val_acc"] == 30.0 and s["best_acc"] == s["test_acc_at_best_val"] == 12.0
@@ -49,9 +32,9 @@ def test_selection_follows_validation_and_best_pt_only_on_improvement(store, tmp
     assert json.loads((run / "summary.json").read_text()) == s
 
 
-def test_selection_on_test_without_a_validation_split(store, tmp_path):
+def test_selection_on_test_without_a_validation_split(store_dir, tmp_path):
     run = tmp_path / "run"
-    s = fit(tiny(), info(), out=run, data_dir=store, setup=fixed_scores([], [10.0, 25.0, 20.0]))
+    s = fit(tiny(), info(), out=run, data_dir=store_dir, setup=fixed_scores([], [10.0, 25.0, 20.0]))
     assert s["selection"] == "test" and s["best_epoch"] == 2 and s["best_acc"] == 25.0
     assert "best_val_acc" not in s
     assert checkpoint.load(run / "best.pt")["epoch"] == 2
@@ -64,16 +47,16 @@ def test_selection_on_test_without_a_validation_split(store, tmp_path):
     pytest.param(dict(model__drop_rate=0.5, model__drop_path=0.2), id="dropout_droppath"),
     pytest.param(dict(data__backend="dali"), id="dali", marks=NEEDS_DALI),
 ])
-def test_mid_epoch_resume_matches_a_straight_run(store, tmp_path, fields):
+def test_mid_epoch_resume_matches_a_straight_run(store_dir, tmp_path, fields):
     """Dropout and drop path (stochastic depth) draw from torch's global RNG, which only a restored
     RNG state reproduces; the DALI
     backend (CPU mode) must train, stop mid-epoch, resume and evaluate like the torch one."""
-    s = resume_matches_straight(tiny(train__epochs=2, **fields), store, tmp_path, batch=6)
+    s = resume_matches_straight(tiny(train__epochs=2, **fields), store_dir, tmp_path, batch=6)
     assert s["backend"] == ("dali-cpu" if fields.get("data__backend") == "dali" else "torch")
 
 
-def test_auto_backend_trains_on_dali_where_it_imports(store, tmp_path):
-    s = T.train(tiny(train__epochs=1, data__backend="auto"), info(), out=tmp_path / "run", data_dir=store, **QUIET)
+def test_auto_backend_trains_on_dali_where_it_imports(store_dir, tmp_path):
+    s = T.train(tiny(train__epochs=1, data__backend="auto"), info(), out=tmp_path / "run", data_dir=store_dir, **QUIET)
     assert s["backend"] == ("dali-cpu" if dali_available() else "torch")
     assert s["finished"] and s["best_acc"] > 5  # 100 classes: it learned something on either backend
 
@@ -82,7 +65,7 @@ def test_auto_backend_trains_on_dali_where_it_imports(store, tmp_path):
 
 
 @pytest.mark.parametrize("amp", ["none", "fp16"])
-def test_gradient_clipping_bounds_the_stepped_gradient(store, tmp_path, amp):
+def test_gradient_clipping_bounds_the_stepped_gradient(store_dir, tmp_path, amp):
     """grad_clip=0.05 is far below this model's gradient norm, so every step the optimizer takes sees
     a global norm of exactly 0.05: the true gradient clipped (under fp16, unscaled before clipping)."""
     norms = []
@@ -95,7 +78,7 @@ def test_gradient_clipping_bounds_the_stepped_gradient(store, tmp_path, amp):
         norms.append(norm / (scale.item() if scale is not None else 1.0))
 
     fit(tiny(train__epochs=1, train__amp=amp, optim__grad_clip=0.05, train__deterministic=amp == "none"),
-        info(), out=tmp_path / "run", data_dir=store, setup=lambda t: t.optimizer.register_step_pre_hook(record))
+        info(), out=tmp_path / "run", data_dir=store_dir, setup=lambda t: t.optimizer.register_step_pre_hook(record))
     assert len(norms) >= 10  # fp16 may skip a few overflowing first steps, never most of them
     assert norms == pytest.approx([0.05] * len(norms), rel=1e-3)
 
@@ -161,11 +144,11 @@ def test_old_decay_norm_bias_still_loads_and_keeps_its_groups():
 # ---- the train / validation partition
 
 
-def test_validation_rows_are_disjoint_from_training_and_the_same_for_every_seed(store, tmp_path):
+def test_validation_rows_are_disjoint_from_training_and_the_same_for_every_seed(store_dir, tmp_path):
     rows = []
     for seed in (0, 7):
         fit(tiny(train__epochs=1, train__seed=seed, data__val_split=0.2), info(), out=tmp_path / f"run{seed}",
-            data_dir=store, setup=lambda t: rows.append((t.train_loader.rows, t.val_loader.rows)))
+            data_dir=store_dir, setup=lambda t: rows.append((t.train_loader.rows, t.val_loader.rows)))
     for train, val in rows:
         assert len(train) == 800 and len(val) == 200 and not set(train) & set(val)
         assert sorted(np.concatenate([train, val])) == list(range(1000))

@@ -4,15 +4,13 @@ loss.scales): typed, validated (bad values exit 2), round-tripped through recipe
 from older run files without changing what those runs did."""
 
 import json
-import sys
 
 import pytest
 import torch
 
 from fastcifar import BadInput, runtime
 from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict
-from test_runtime import flags, odd_flags  # noqa: F401 (odd_flags: the fixture)
-from test_train import fit, info, store, tiny  # noqa: F401 (store: the fixture)
+from helpers import backend_flags, cli, fit, info, tiny
 
 NEW = ["head.margin_grad=straight_through", "head.eval_logits=cosine", "optim.decay_groups=tutorial",
        "train.tf32=conv", "distill.teacher_margin=true", "distill.teacher_bn=train", "model.init_from=runs/x",
@@ -68,15 +66,10 @@ def test_multiscale_and_distillation_exclude_each_other():
 
 
 @pytest.mark.parametrize("item", ["head.margin_grad=sideways", "loss.scales=32", "train.tf32=maybe"])
-def test_cli_exits_2_before_touching_anything(monkeypatch, capsys, tmp_path, item):
-    from fastcifar.cli import main
-
+def test_cli_exits_2_before_touching_anything(monkeypatch, tmp_path, item):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["fastcifar", "train", "smoke", "--data-dir", str(tmp_path / "data"), "--set", item])
-    with pytest.raises(SystemExit) as e:
-        main()
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and item.split("=")[0] in err and "Traceback" not in err
+    code, _, err = cli("train", "smoke", "--data-dir", tmp_path / "data", "--set", item)
+    assert code == 2 and item.split("=")[0] in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # no store prepared, no run directory
 
 
@@ -109,17 +102,17 @@ def test_a_recipe_json_from_before_these_fields_does_what_the_old_run_did():
 @pytest.mark.parametrize("tf32, want", [("on", (True, True)), ("conv", (True, False)), ("off", (False, False))])
 def test_backend_settings_honour_tf32_and_restore(odd_flags, deterministic, tf32, want):
     torch.backends.cudnn.allow_tf32 = True  # a value "off" must change
-    before = flags()
+    before = backend_flags()
     with runtime.backend_settings(deterministic, tf32):
-        inside = flags()
+        inside = backend_flags()
     assert (inside["cudnn.allow_tf32"], inside["matmul.allow_tf32"]) == want
     assert inside["deterministic"] == deterministic
-    assert flags() == before
+    assert backend_flags() == before
 
 
-def test_a_training_run_uses_its_tf32_field(store, tmp_path, odd_flags):  # noqa: F811
+def test_a_training_run_uses_its_tf32_field(store_dir, tmp_path, odd_flags):  # noqa: F811
     seen = []
-    fit(tiny(train__epochs=1, data__subset=0.2, train__tf32="conv"), info(), out=tmp_path / "run", data_dir=store,
-        setup=lambda t: seen.append(flags()))
+    fit(tiny(train__epochs=1, data__subset=0.2, train__tf32="conv"), info(), out=tmp_path / "run", data_dir=store_dir,
+        setup=lambda t: seen.append(backend_flags()))
     assert (seen[0]["cudnn.allow_tf32"], seen[0]["matmul.allow_tf32"]) == (True, False)
-    assert flags() == odd_flags
+    assert backend_flags() == odd_flags
