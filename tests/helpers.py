@@ -204,6 +204,16 @@ def make_run(root: Path, name: str, accs: list[float], synthetic=False, val=None
     return d
 
 
+def contents(root: Path) -> dict:
+    """Every file and directory under root (root itself included), with file contents: what
+    "nothing written, replaced or made" compares."""
+    tree = {".": "dir" if root.is_dir() else root.read_bytes()}
+    if root.is_dir():
+        for p in sorted(root.rglob("*")):
+            tree[str(p.relative_to(root))] = "dir" if p.is_dir() else p.read_bytes()
+    return tree
+
+
 def backend_flags() -> dict:
     """The process-wide backend flags a run sets (and must put back)."""
     return {"deterministic": torch.are_deterministic_algorithms_enabled(),

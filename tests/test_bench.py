@@ -1,9 +1,11 @@
-"""`fastcifar bench` stages train_step and end_to_end, and the headroom ratio. Behaviour only:
+"""`fastcifar bench` stages train_step and end_to_end, and the headroom ratio; bad input (a --device,
+a --json or --plot path that would lose a file) is exit 2 before anything runs. Behaviour only:
 no figure is asserted (speed is the bench's job, not the tests')."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from fastcifar import BadInput, bench
-from helpers import cli
+from helpers import cli, contents, one_paragraph
 from pipelines.loader import dali_available
 
 ROW_KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec"}
@@ -393,3 +395,131 @@ def test_a_users_json_with_a_meta_key_is_not_taken_for_a_bench_json(tmp_path):
         bench.check_json_path(mine)
     bench.check_json_path(tmp_path / "new.json")  # a new path is fine
     assert mine.read_text() == '{"meta": {"author": "me"}, "notes": []}'
+
+
+# ---- bad input: a bad --device or an output path that would lose a file is exit 2 before anything runs
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:x", "mps", "meta"])
+def test_bench_bad_device_is_bad_input_before_the_run(bench_spy, device):
+    bench, ran = bench_spy
+    with pytest.raises(BadInput, match="--device"):
+        bench.run(stages=["pipeline"], quick=True, device=device, log=lambda *_: None)
+    assert ran == []
+
+
+
+def test_cli_bench_device_foo_is_one_paragraph_exit_2():
+    code, _, err = cli("bench", "--quick", "--device", "foo", spawn=True)
+    assert code == 2 and one_paragraph(err, "'foo'", "cpu, cuda or cuda:N"), err
+
+
+
+@pytest.mark.parametrize("case", ["under a file", "a directory"])
+def test_bench_unwritable_json_is_refused_before_the_run(tmp_path, bench_spy, case):
+    bench, ran = bench_spy
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    path = {"under a file": tmp_path / "afile" / "bench.json", "a directory": tmp_path / "adir"}[case]
+    why = {"under a file": f"{tmp_path / 'afile'} is a file, not a directory", "a directory": "is a directory"}[case]
+    with pytest.raises(BadInput, match=f"{path}.*{why}"):
+        bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=path, log=lambda *_: None)
+    assert ran == []  # found before the store or a stage, not after minutes of benchmarking
+    bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=tmp_path / "new" / "b.json", log=lambda *_: None)
+    assert ran == ["store", "pipeline"] and json.loads((tmp_path / "new" / "b.json").read_text())["rows"] == []
+
+
+
+def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    t = time.time()
+    code, _, err = cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "afile" / "b.json"),
+             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)}, spawn=True)
+    assert code == 2 and one_paragraph(err, tmp_path / "afile" / "b.json"), err
+    assert time.time() - t < 60 and sorted(os.listdir(tmp_path)) == ["afile"]  # no synthetic store made first
+
+
+
+def _bench_paths(tmp_path: Path) -> dict:
+    """A user's JSON and picture, look-alikes of a bench's (a JSON with meta and rows, a figure
+    matplotlib saved, an empty file), and an earlier bench's JSON and picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from fastcifar import bench
+
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    Image.new("RGB", (4, 4)).save(tmp_path / "holiday.png")
+    (tmp_path / "lookalike.json").write_text(json.dumps({"meta": {}, "rows": []}))
+    plt.figure().savefig(tmp_path / "figure.png")  # a PNG matplotlib wrote: the user's all the same
+    plt.close("all")
+    (tmp_path / "empty.json").write_text("")
+    bench.write_json(tmp_path / "old.json", {"meta": {}, "rows": []})
+    bench.plot({"meta": {}, "rows": [], "headroom": [{"pipeline": "torch", "model": "m", "image_size": 32,
+                                                      "headroom": 2.0}]}, tmp_path / "old.png")
+    return {p.name: p for p in tmp_path.iterdir()}
+
+
+
+USERS = ["notes.json", "holiday.png", "lookalike.json", "figure.png", "empty.json"]
+
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "{tmp}/b.json", "--plot", "{tmp}/b.json"], "name the same file"),
+    (["--plot", "{tmp}/bench.jpg"], "name it *.png"),
+    (["--device", ""], "--device ''"),
+] + [(["--json" if name.endswith(".json") else "--plot", "{tmp}/" + name], "did not write") for name in USERS])
+def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_path, args, message):
+    paths = _bench_paths(tmp_path)
+    before = contents(tmp_path)
+    code, _, err = cli("bench", "--quick", "--stage", "pipeline", *[a.format(tmp=tmp_path) for a in args],
+             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)}, spawn=True)
+    assert code == 2 and one_paragraph(err, message), err
+    assert contents(tmp_path) == before and paths  # nothing written, replaced or made (no synthetic store)
+
+
+
+def test_bench_replaces_only_its_own_outputs(tmp_path, bench_spy):
+    bench, ran = bench_spy
+    paths = _bench_paths(tmp_path)
+    for name in USERS:  # by name, extension or content alike: not the bench's
+        with pytest.raises(BadInput, match="did not write"):
+            bench.check_json_path(paths[name], "--json" if name.endswith(".json") else "--plot")
+    bench.check_json_path(paths["old.png"], "--plot")
+    bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=paths["old.json"], log=lambda *_: None)
+    assert json.loads(paths["old.json"].read_text())["meta"]["complete"] is True
+    paths["old.json"].write_text('{"meta": {}, "rows": [], "my note": 1}')  # edited since: the user's now
+    with pytest.raises(BadInput, match="changed since"):
+        bench.check_json_path(paths["old.json"])
+
+
+
+def test_bench_measures_a_stage_or_model_named_twice_once(bench_spy, monkeypatch):
+    bench, ran = bench_spy
+    seen = []
+    monkeypatch.setitem(bench.STAGES, "train_step", lambda models, backends, **k: seen.append((models, backends)) or [])
+    bench.run(stages=["train_step", "pipeline", "train_step"], models=["test_resnet", "test_resnet"],
+              backends=["torch", "torch"], quick=True, device="cpu", log=lambda *_: None)
+    assert ran == ["store", "pipeline"] and seen == [(["test_resnet"], ["torch"])]
+
+
+
+def test_bench_out_of_device_memory_is_bad_input_keeping_the_rows(tmp_path, bench_spy, monkeypatch):
+    import torch
+
+    bench, ran = bench_spy
+
+    def stage(**k):
+        yield {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "none", "images_per_sec": 1}
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 600.00 TiB")
+
+    monkeypatch.setitem(bench.STAGES, "pipeline", stage)
+    with pytest.raises(BadInput, match=r"ran out of device memory at --batch-size 1000000000 .* smaller --batch-size"
+                                       r".* 1 rows measured before are in"):
+        bench.run(stages=["pipeline"], quick=True, device="cpu", batch_size=10 ** 9, json_path=tmp_path / "b.json",
+                  log=lambda *_: None)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert len(saved["rows"]) == 1 and saved["meta"]["complete"] is False

@@ -1,6 +1,7 @@
 """The command line's exit codes and paths, run as a user runs them: a NaN stop exits 1 with its
 message, a second Ctrl-C quits at once (130), `fastcifar eval` on good and bad input, atomic
-writes that fail half-way, and the README's offline main job exactly as written."""
+writes that fail half-way, the README's offline main job exactly as written, and the backstop
+that turns an escaped OSError into one paragraph."""
 
 import json
 import os
@@ -196,3 +197,18 @@ def test_help_shows_every_word_of_every_command_and_option(monkeypatch):
         texts = [command.help] + [p.help for p in command.params if getattr(p, "help", None)]
         for text in texts:
             assert " ".join(words(text)) in shown, (name, text)
+
+
+# ---- the backstop: an OSError that escapes a command is a paragraph and exit 2
+
+
+def test_cli_oserror_backstop_is_one_paragraph_exit_2(monkeypatch):
+    from fastcifar import config
+
+    def disk_full():
+        raise OSError(28, "No space left on device", "/data/runs/x/last.pt")
+    monkeypatch.setattr(config, "recipe_sources", disk_full)
+    code, _, err = cli("recipes")
+    assert code == 2
+    assert err.startswith("error: `fastcifar recipes` stopped: No space left on device (/data/runs/x/last.pt).")
+    assert one_paragraph(err), err

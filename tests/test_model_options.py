@@ -1,6 +1,6 @@
 """model.drop_path (timm's stochastic depth) and model.sync_bn on one process: what each changes in the
 network, what it refuses, and what --resume may change. (SyncBN across two ranks: tests/test_ddp.py;
-exact resume with drop path: tests/test_train_pins.py.)"""
+exact resume with drop path: tests/test_train_resume.py.)"""
 
 import pytest
 import timm

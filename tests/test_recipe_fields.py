@@ -1,6 +1,9 @@
-"""The recipe fields of issue 11 (EMA, TTA, selection, drop path, SyncBN, the data set): each is typed
-and validated (a bad value is one paragraph and exit 2), round-trips through recipe.json and
-checkpoints, and a run written before they existed still loads, evaluates and resumes."""
+"""Recipe fields and how they hold up: the run's choices (EMA, TTA, selection, drop path, SyncBN,
+the data set) and those that make the tutorial's code reproducible (head.margin_grad,
+head.eval_logits, optim.decay_groups, train.tf32, distill.teacher_margin, distill.teacher_bn,
+model.init_from, loss.scales). Each is typed and validated (a bad value is one paragraph and exit
+2), round-trips through recipe.json and checkpoints, and a run written before it existed still
+loads, evaluates and resumes as it did. (What tf32 sets: test_runtime.py.)"""
 
 import json
 import shutil
@@ -12,6 +15,8 @@ from fastcifar import BadInput, checkpoint
 from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict, valid_keys
 from fastcifar.report import report
 from helpers import NEWER_FIELDS, cli, metrics, one_paragraph
+
+# ---- EMA, TTA, selection, drop path, SyncBN, the data set
 
 NON_DEFAULT = ["data.dataset=cifar10", "model.drop_path=0.1", "model.sync_bn=true", "train.ema_decay=0.999",
                "train.ema_every=4", "train.ema_warmup=false", "train.select_on=ema", "train.tta=flip"]
@@ -70,7 +75,76 @@ def test_new_fields_round_trip_through_recipe_json_and_checkpoints(tmp_path):
     assert from_dict(checkpoint.torch_load(tmp_path / "x.pt")["recipe"]) == r
 
 
-# ---- a run written before these fields existed
+# ---- the tutorial's fields
+
+TUTORIAL_SETTINGS = ["head.margin_grad=straight_through", "head.eval_logits=cosine", "optim.decay_groups=tutorial",
+                     "train.tf32=conv", "distill.teacher_margin=true", "distill.teacher_bn=train",
+                     "model.init_from=runs/x", "loss.scales=32,64"]
+
+
+
+def test_new_fields_convert_and_round_trip_through_recipe_json():
+    r = apply_overrides(Recipe(), TUTORIAL_SETTINGS)
+    assert (r.head.margin_grad, r.head.eval_logits, r.optim.decay_groups, r.train.tf32) == \
+        ("straight_through", "cosine", "tutorial", "conv")
+    assert (r.distill.teacher_margin, r.distill.teacher_bn, r.model.init_from, r.loss.scales) == \
+        (True, "train", "runs/x", (32, 64))
+    back = from_dict(json.loads(json.dumps({"name": "x", **to_dict(r)})))
+    assert back == r and isinstance(back.loss.scales, tuple)
+    for item in TUTORIAL_SETTINGS:  # each one differs from the default, so the round trip really carried it
+        key = item.split("=")[0]
+        section, name = key.split(".")
+        assert getattr(getattr(r, section), name) != getattr(getattr(Recipe(), section), name), key
+
+
+
+@pytest.mark.parametrize("item, message", [
+    ("head.margin_grad=sideways", "head.margin_grad = 'sideways': must be one of exact, straight_through"),
+    ("head.eval_logits=raw", "head.eval_logits = 'raw': must be one of scaled, cosine"),
+    ("head.m=2.0", r"head.m = 2.0: is ArcFace's angular margin in radians and must lie in \[0, pi/2\]"),
+    ("head.m=-0.1", "head.m = -0.1: is ArcFace's angular margin"),
+    ("optim.decay_groups=weights", "optim.decay_groups = 'weights': must be one of no_bias_norm, tutorial, all"),
+    ("train.tf32=maybe", "train.tf32 = 'maybe': must be one of on, conv, off"),
+    ("distill.teacher_bn=frozen", "distill.teacher_bn = 'frozen': must be one of eval, train"),
+    ("loss.scales=32", r"loss.scales = \(32,\): must be \(\) \(off\) or two or more different image sides"),
+    ("loss.scales=32,32", "loss.scales = .*two or more different"),
+    ("loss.scales=4,32", "loss.scales = .*at least 8 px"),
+])
+def test_bad_values_name_the_field(item, message):
+    r = apply_overrides(Recipe(), ["head.kind=arcface", item])
+    with pytest.raises(BadInput, match=message):
+        r.validate()
+
+
+
+def test_cosface_margin_is_not_bound_to_radians():
+    apply_overrides(Recipe(), ["head.kind=cosface", "head.m=2.0"]).validate()
+
+
+
+@pytest.mark.parametrize("item, expected", [("loss.scales=a,b", "comma-separated list of an int"),
+                                            ("distill.teacher_margin=maybe", "a bool")])
+def test_wrong_types(item, expected):
+    with pytest.raises(BadInput, match=expected):
+        apply_overrides(Recipe(), [item])
+
+
+
+def test_multiscale_and_distillation_exclude_each_other():
+    with pytest.raises(BadInput, match="two objectives"):
+        apply_overrides(Recipe(), ["loss.scales=32,64", "distill.teacher=runs/t"]).validate()
+
+
+
+@pytest.mark.parametrize("item", ["head.margin_grad=sideways", "loss.scales=32", "train.tf32=maybe"])
+def test_cli_exits_2_before_touching_anything(monkeypatch, tmp_path, item):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("train", "smoke", "--data-dir", tmp_path / "data", "--set", item)
+    assert code == 2 and item.split("=")[0] in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no store prepared, no run directory
+
+
+# ---- runs and recipe.json files written before these fields existed
 
 
 def test_an_old_run_evaluates_resumes_and_reports(old_run, store_dir, tmp_path):
@@ -91,3 +165,25 @@ def test_an_old_run_evaluates_resumes_and_reports(old_run, store_dir, tmp_path):
     table, _ = report([old_run], tmp_path / "report")
     assert "tiny" in table
     shutil.rmtree(tmp_path / "report")
+
+
+def test_a_recipe_json_from_before_these_fields_does_what_the_old_run_did():
+    """Older recipe.json files and checkpoints lack the new fields: they load with the values the
+    code had then: the exact margin gradient, s-scaled evaluation logits, a plain eval-mode
+    teacher, no init_from or scales, and TF32 on (PyTorch's own flags, convolutions only, when
+    deterministic: the old code did not touch them then)."""
+    for deterministic, tf32 in [(False, "on"), (True, "conv")]:
+        d = to_dict(Recipe())
+        for section, name in [("head", "margin_grad"), ("head", "eval_logits"), ("train", "tf32"),
+                              ("distill", "teacher_margin"), ("distill", "teacher_bn"), ("model", "init_from"),
+                              ("loss", "scales"), ("optim", "decay_groups")]:
+            del d[section][name]
+        d["optim"]["decay_norm_bias"] = False
+        d["train"]["deterministic"] = deterministic
+        r = from_dict(d)
+        assert (r.head.margin_grad, r.head.eval_logits, r.distill.teacher_margin, r.distill.teacher_bn) == \
+            ("exact", "scaled", False, "eval")
+        assert (r.model.init_from, r.loss.scales, r.optim.decay_groups, r.train.tf32) == ("", (), "no_bias_norm", tf32)
+    d = to_dict(Recipe())
+    d["train"]["deterministic"] = True  # a new file says what it wants: no old-run rule applies
+    assert from_dict(d).train.tf32 == "on"

@@ -1,13 +1,15 @@
-"""`fastcifar report`: the results table and plots from run directories (DESIGN.md run contract)."""
+"""`fastcifar report`: the results table and plots from run directories (DESIGN.md run contract);
+runs that died early or are damaged are skipped and named, exit 2 only when none is left."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 
 from fastcifar import BadInput, owned
 from fastcifar.report import find_runs, report, results_table
-from helpers import cli, make_run
+from helpers import cli, make_run, one_paragraph
 
 
 def _row(table: str, run: str) -> list[str]:
@@ -240,3 +242,69 @@ def test_a_run_without_summary_gets_its_mean_speed_and_the_test_selection_warnin
     assert run.summary["train_images_per_sec"] == pytest.approx(1002.0)
     assert run.summary["finished"] is False and run.summary["selection"] == "test"
     assert any(w.startswith("crashed selected its best epoch on the test set") for w in warnings([run]))
+
+
+# ---- a folder where some runs died early or are damaged
+
+
+def _runs_folder(root: Path) -> dict:
+    """Two good runs and one of each way a run can be broken -> the words that say why it was skipped."""
+    make_run(root, "good-1", [10.0, 20.0])
+    make_run(root, "good-2", [15.0], summary=False)
+    broken = {
+        "died-in-epoch-1": (None, "stopped before its first epoch"),
+        "empty-metrics": ("", "stopped before its first epoch"),
+        "summary-not-json": ("{not json", "Cannot read"),
+        "summary-a-list": ("[1, 2]", "holds a list"),
+        "summary-acc-a-string": ('{"best_acc": "high"}', "best_acc must be numbers"),
+        "metrics-garbage-line": ("metrics", "line 1 is not JSON"),
+        "metrics-acc-a-string": ("metrics-str", "test_acc must be numbers"),
+        "recipe-not-json": ("recipe", "Cannot read"),
+    }
+    for name, (content, _) in broken.items():
+        d = make_run(root, name, [30.0, 40.0], summary=False)
+        (d / "metrics.jsonl").unlink()
+        if name == "empty-metrics":
+            (d / "metrics.jsonl").write_text("")
+        elif content == "metrics":
+            (d / "metrics.jsonl").write_text('garbage\n{"epoch": 2, "test_acc": 5.0}\n')
+        elif content == "metrics-str":
+            (d / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "5%"}\n')
+        elif content == "recipe":
+            (d / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 5.0}\n')
+            (d / "recipe.json").write_text("{cut")
+        elif content is not None:
+            (d / "summary.json").write_text(content)
+    return {name: why for name, (_, why) in broken.items()}
+
+
+
+def test_report_skips_broken_runs_and_names_them(tmp_path):
+    from fastcifar.report import report
+
+    broken = _runs_folder(tmp_path / "runs")
+    warnings = []
+    table, files = report([tmp_path / "runs"], tmp_path / "out", warn=warnings.append)
+    rows = [l.split("|")[1].strip() for l in table.splitlines() if l.startswith("| ") and "---" not in l][1:]
+    assert rows == ["good-1", "good-2"]
+    results = (tmp_path / "out" / "results.md").read_text()
+    for name, why in broken.items():
+        line = next(l for l in results.splitlines() if l.startswith(f"Skipped {tmp_path / 'runs' / name}:"))
+        assert why in line, (name, line)
+        assert any(w.startswith(f"skipped {tmp_path / 'runs' / name}:") and why in w for w in warnings)
+    assert all(f.is_file() for f in files)
+
+
+
+def test_cli_report_skips_broken_runs_and_exits_2_only_when_none_is_left(tmp_path):
+    broken = _runs_folder(tmp_path / "runs")
+    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), spawn=True)
+    assert code == 0, err
+    assert "Traceback" not in err and all(f"skipped {tmp_path / 'runs' / n}:" in err for n in broken)
+    for name in ("good-1", "good-2"):
+        import shutil
+
+        shutil.rmtree(tmp_path / "runs" / name)
+    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out2"), spawn=True)
+    assert code == 2 and one_paragraph(err, "No run could be reported", tmp_path / "runs" / "died-in-epoch-1"), err
+    assert not (tmp_path / "out2").exists()

@@ -1,5 +1,5 @@
-"""runtime: the backend flags a run sets are the same for train and bench and come back when the
-run ends; StopSignals puts the previous handlers back."""
+"""runtime: the backend flags a run sets are the same for train and bench, follow train.tf32, and come
+back when the run ends; StopSignals puts the previous handlers back."""
 
 import signal
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastcifar import BadInput, bench, runtime
-from helpers import QUIET, backend_flags, info, tiny
+from helpers import QUIET, backend_flags, fit, info, tiny
 
 import fastcifar.train as T
 
@@ -141,3 +141,27 @@ def test_multi_scale_training_turns_cudnn_autotune_off(store_dir, tmp_path, odd_
     assert during["mst"] and not any(during["mst"]) and during["plain"] and all(during["plain"])
     assert runtime.autotune_note((32, 40)).startswith("cuDNN autotune off: loss.scales = 32,40")
     assert runtime.autotune_note(()) is None
+
+
+# ---- train.tf32: the flags a run sets
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("tf32, want", [("on", (True, True)), ("conv", (True, False)), ("off", (False, False))])
+def test_backend_settings_honour_tf32_and_restore(odd_flags, deterministic, tf32, want):
+    torch.backends.cudnn.allow_tf32 = True  # a value "off" must change
+    before = backend_flags()
+    with runtime.backend_settings(deterministic, tf32):
+        inside = backend_flags()
+    assert (inside["cudnn.allow_tf32"], inside["matmul.allow_tf32"]) == want
+    assert inside["deterministic"] == deterministic
+    assert backend_flags() == before
+
+
+
+def test_a_training_run_uses_its_tf32_field(store_dir, tmp_path, odd_flags):
+    seen = []
+    fit(tiny(train__epochs=1, data__subset=0.2, train__tf32="conv"), info(), out=tmp_path / "run", data_dir=store_dir,
+        setup=lambda t: seen.append(backend_flags()))
+    assert (seen[0]["cudnn.allow_tf32"], seen[0]["matmul.allow_tf32"]) == (True, False)
+    assert backend_flags() == odd_flags

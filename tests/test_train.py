@@ -1,6 +1,7 @@
 """The training loop on a CPU: a small run learns and writes the run-directory contract; resume is
 exact after an epoch and mid-epoch; SIGINT/SIGTERM save and exit 130; a NaN loss stops the run;
-distillation feeds the teacher its own size; one torch.compile run; the LR schedule and groups."""
+distillation feeds the teacher its own size; one torch.compile run; the auto backend; each recipe
+field reaches the part of the loop that uses it. (The optimizer and LR schedule: test_optim.py.)"""
 
 import json
 import math
@@ -17,12 +18,11 @@ import torch
 
 import fastcifar.train as T
 from fastcifar import BadInput, checkpoint
-from fastcifar.config import Schedule
 from fastcifar.data import open_store
 from fastcifar.models import build_model, net_from_checkpoint
-from fastcifar.optim import lr_factor, param_groups, peak_lr
+from fastcifar.optim import lr_factor
 from helpers import MIXED, MIXED_EMA, QUIET, fit, info, metrics, tiny, untimed
-from pipelines.loader import make_loader
+from pipelines.loader import dali_available, make_loader
 
 def test_small_run_learns_and_writes_the_run_contract(store_dir, tmp_path):
     run = tmp_path / "run"
@@ -236,58 +236,6 @@ def test_missing_store_offline_says_prepare_synthetic(tmp_path, monkeypatch):
         T.train(tiny(), info(), out=tmp_path / "run", data_dir=tmp_path / "nodata", **QUIET)
 
 
-# ---- the LR schedule and parameter groups (pure functions)
-
-
-def test_lr_schedule_shapes():
-    total = 100
-    warm = Schedule(kind="cosine", warmup=0.1, final_lr=0.0)
-    assert [lr_factor(i, total, warm) for i in range(3)] == pytest.approx([0.1, 0.2, 0.3])
-    assert lr_factor(10, total, warm) == pytest.approx(1.0) and lr_factor(99, total, warm) < 0.001
-    assert lr_factor(55, total, warm) == pytest.approx(0.5)  # cosine: half way after warmup
-    one = Schedule(kind="onecycle", warmup=0.2, final_lr=0.1)
-    assert lr_factor(20, total, one) == 1.0 and lr_factor(60, total, one) == pytest.approx(0.55)
-    step = Schedule(kind="step", milestones=(0.5, 0.75), gamma=0.1)
-    assert [lr_factor(i, total, step) for i in (49, 50, 74, 75)] == pytest.approx([1, 0.1, 0.1, 0.01])
-    assert all(lr_factor(i, total, Schedule()) == 1.0 for i in range(total))
-
-
-def test_param_groups_and_lr_scaling():
-    net = build_model(tiny().model, tiny().head)
-    groups = param_groups(net, 0.05)
-    decayed = {id(p) for p in groups[0]["params"]}
-    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
-    assert all((p.ndim > 1) == (id(p) in decayed) for p in net.parameters())  # norms and biases: no decay
-    assert len(param_groups(net, 0.05, "all")) == 1
-    r = tiny(optim__lr=0.1, optim__lr_ref_batch=256)
-    assert peak_lr(r.optim, 512) == pytest.approx(0.2)
-    r.optim.lr_scaling = "sqrt"
-    assert peak_lr(r.optim, 1024) == pytest.approx(0.2)
-
-
-def test_optimizer_gets_the_recipes_hyperparameters_and_the_scheduler_steps_lr_factor():
-    """build_optimizer hands the optimizer optim.betas / momentum / nesterov and peak_lr (not
-    optim.lr); nesterov needs momentum (torch refuses it at 0); the scheduler's LR at optimizer
-    step k is the peak times lr_factor(k), from k = 0; cosine ends at final_lr of the peak."""
-    from fastcifar.optim import build_optimizer, build_scheduler
-
-    net = torch.nn.Linear(3, 2)
-    adam = build_optimizer(net, tiny(optim__betas=(0.8, 0.95), optim__lr=0.1, optim__lr_ref_batch=25).optim, 50)
-    assert adam.defaults["betas"] == (0.8, 0.95) and adam.defaults["lr"] == pytest.approx(0.2)
-    sgd = build_optimizer(net, tiny(optim__name="sgd", optim__momentum=0.7, optim__nesterov=True).optim, 50)
-    assert sgd.defaults["momentum"] == 0.7 and sgd.defaults["nesterov"] is True
-    flat = build_optimizer(net, tiny(optim__name="sgd", optim__momentum=0.0, optim__nesterov=True).optim, 50)
-    assert flat.defaults["nesterov"] is False
-    s = Schedule(kind="cosine", warmup=0.1, final_lr=0.2)
-    assert lr_factor(10, 100, s) == pytest.approx(1.0) and lr_factor(99, 100, s) == pytest.approx(0.2, abs=1e-3)
-    sched, lrs = build_scheduler(adam, 100, s), []
-    for _ in range(12):
-        lrs.append(adam.param_groups[0]["lr"])
-        adam.step()
-        sched.step()
-    assert lrs == pytest.approx([0.2 * lr_factor(k, 100, s) for k in range(12)])
-
-
 # ---- the loop's wiring of its parts: each recipe field reaches the part that uses it
 
 
@@ -297,7 +245,7 @@ def test_the_loop_steps_the_schedule_and_logs_each_epochs_last_lr(store_dir, tmp
     r = tiny(train__epochs=2, data__subset=0.2, schedule__warmup=0.25)
     s = fit(r, info(), out=tmp_path / "run", data_dir=store_dir)
     ms = metrics(tmp_path / "run")
-    assert s["finished"] and [m["lr"] for m in ms] == pytest.approx([3e-3 * lr_factor(k, 8, r.schedule) for k in (3, 7)])
+    assert s["finished"] and [m["lr"] for m in ms] == pytest.approx([r.optim.lr * lr_factor(k, 8, r.schedule) for k in (3, 7)])
     assert ms[0]["lr"] != pytest.approx(ms[1]["lr"])
 
 
@@ -372,3 +320,9 @@ def test_the_objective_gets_the_recipes_label_smoothing(store_dir, tmp_path, kin
         want = torch.nn.functional.cross_entropy(out["logits"].float(), labels, label_smoothing=0.2)
         assert torch.allclose(out["ce"], want, atol=1e-6)
         assert not torch.allclose(want, torch.nn.functional.cross_entropy(out["logits"].float(), labels), atol=1e-3)
+
+
+def test_auto_backend_trains_on_dali_where_it_imports(store_dir, tmp_path):
+    s = T.train(tiny(train__epochs=1, data__backend="auto"), info(), out=tmp_path / "run", data_dir=store_dir, **QUIET)
+    assert s["backend"] == ("dali-cpu" if dali_available() else "torch")
+    assert s["finished"] and s["best_acc"] > 5  # 100 classes: it learned something on either backend

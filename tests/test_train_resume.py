@@ -1,8 +1,8 @@
 """What a run decides for the machine it runs on, and what a resume on another machine, or for
 more epochs, keeps: train.amp=auto trains a shipped recipe in fp32 on a CPU without native bf16
 and says why; a GradScaler that starts on resume; each rank's own RNG states; an LR schedule
-that keeps its horizon when a resume adds epochs, or refuses when it ends at LR 0."""
-
+that keeps its horizon when a resume adds epochs, or refuses when it ends at LR 0; a mid-epoch
+stop that resumes exactly with dropout and drop path (the global RNG) and on the DALI backend."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ import fastcifar.train as T
 from fastcifar import BadInput, checkpoint, config, runtime
 from fastcifar import dist as fdist
 from fastcifar.optim import lr_factor, peak_lr
-from helpers import QUIET, cli, info, metrics, one_paragraph, tiny
+from helpers import QUIET, cli, info, metrics, needs_dali, one_paragraph, resume_matches_straight, tiny
 
 
 def logged(recipe, run_info=None, **kw) -> tuple[dict, list[str]]:
@@ -161,3 +161,18 @@ def test_more_epochs_past_a_schedule_that_ends_at_lr_0_are_refused(store_dir, tm
         tiny(train__epochs=3, schedule__final_lr=0.0)), "epoch": 1}, run)
     T.check_resume(tiny(train__epochs=9, schedule__kind="constant"), {"recipe": config.to_dict(
         tiny(train__epochs=3, schedule__kind="constant")), "epoch": 3}, run)
+
+
+# ---- mid-epoch resume: the global RNG (dropout) and the DALI backend continue exactly
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param(dict(model__drop_rate=0.5, model__drop_path=0.2), id="dropout_droppath"),
+    pytest.param(dict(data__backend="dali"), id="dali", marks=needs_dali),
+])
+def test_mid_epoch_resume_matches_a_straight_run(store_dir, tmp_path, fields):
+    """Dropout and drop path (stochastic depth) draw from torch's global RNG, which only a restored
+    RNG state reproduces; the DALI
+    backend (CPU mode) must train, stop mid-epoch, resume and evaluate like the torch one."""
+    s = resume_matches_straight(tiny(train__epochs=2, **fields), store_dir, tmp_path, batch=6)
+    assert s["backend"] == ("dali-cpu" if fields.get("data__backend") == "dali" else "torch")
