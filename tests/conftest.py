@@ -149,7 +149,8 @@ def straight_run(store_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def ema_run(store_dir, tmp_path_factory):
     """One epoch of tiny() with an EMA (decay 0.9) and flip TTA."""
-    return _trained(tmp_path_factory, tiny(train__epochs=1, train__ema_decay=0.9, train__tta="flip"), data_dir=store_dir)
+    return _trained(tmp_path_factory, tiny(train__epochs=1, train__ema_decay=0.9, train__tta="flip"),
+                    data_dir=store_dir)
 
 
 @pytest.fixture(scope="session")

@@ -170,8 +170,8 @@ def test_the_loop_evaluates_raw_and_ema_weights_with_its_tta(store_dir, ema_run)
     assert ev["raw"]["loss"] == pytest.approx(m["test_loss"], rel=1e-5) and ev["raw"]["acc"] == pytest.approx(m["test_acc"])
     assert ev["ema"]["loss"] == pytest.approx(m["test_loss_ema"], rel=1e-5) and ev["ema"]["acc"] == pytest.approx(m["test_acc_ema"])
     assert ev["auto"]["loss"] == ev["ema"]["loss"] != ev["raw"]["loss"]
-    plain = T.evaluate_checkpoint(str(ema_run / "last.pt"), data_dir=store_dir, batch_size=64, device="cpu", weights="raw",
-                                  tta="none")
+    plain = T.evaluate_checkpoint(str(ema_run / "last.pt"), data_dir=store_dir, batch_size=64, device="cpu",
+                                  weights="raw", tta="none")
     assert plain["tta"] == "none" and plain["loss"] != pytest.approx(m["test_loss"], rel=1e-5)
 
 

@@ -139,7 +139,8 @@ def test_cli_bench_writes_json_atomically(store, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, _, err = cli("bench", "--stage", "pipeline", "--quick", "--backend", "torch", "--batch-size", "16",
-                       "--data-dir", store.dir, "--device", "cpu", "--json", blocker / "b.json", spawn=True, timeout=300)
+                       "--data-dir", store.dir, "--device", "cpu", "--json", blocker / "b.json",
+                       spawn=True, timeout=300)
     assert code == 2 and "Cannot write" in err and "Traceback" not in err
 
 
@@ -434,7 +435,7 @@ def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path):
     (tmp_path / "afile").write_text("x")
     t = time.time()
     code, _, err = cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "afile" / "b.json"),
-             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)}, spawn=True)
+                       spawn=True, env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
     assert code == 2 and one_paragraph(err, tmp_path / "afile" / "b.json"), err
     assert time.time() - t < 60 and sorted(os.listdir(tmp_path)) == ["afile"]  # no synthetic store made first
 
@@ -476,7 +477,7 @@ def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_pa
     paths = _bench_paths(tmp_path)
     before = contents(tmp_path)
     code, _, err = cli("bench", "--quick", "--stage", "pipeline", *[a.format(tmp=tmp_path) for a in args],
-             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)}, spawn=True)
+                       spawn=True, env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
     assert code == 2 and one_paragraph(err, message), err
     assert contents(tmp_path) == before and paths  # nothing written, replaced or made (no synthetic store)
 

@@ -203,10 +203,12 @@ def test_synthetic_cifar10_is_balanced_deterministic_and_learnable(tmp_path):
 
 def test_cli_prepare_dataset(tmp_path, official10):
     tarball, objs = official10
-    code, out, err = cli("prepare", "--dataset", "CIFAR10", "--from", str(tarball), "--no-verify", "--data-dir", str(tmp_path / "s"), spawn=True)
+    code, out, err = cli("prepare", "--dataset", "CIFAR10", "--from", str(tarball), "--no-verify", "--data-dir",
+                         str(tmp_path / "s"), spawn=True)
     assert code == 0, err
     check_store(tmp_path / "s", objs)
-    code, out, err = cli("prepare", "--dataset", "cifar1000", "--synthetic", "--data-dir", str(tmp_path / "x"), spawn=True)
+    code, out, err = cli("prepare", "--dataset", "cifar1000", "--synthetic", "--data-dir", str(tmp_path / "x"),
+                         spawn=True)
     assert code == 2 and "--dataset 'cifar1000': use one of cifar100, cifar10" in err.replace("\n", " ")
     assert "Traceback" not in err and not (tmp_path / "x").exists()
 

@@ -321,14 +321,16 @@ def test_synthetic_labels_are_shuffled_not_cyclic():
 
 def test_cli_prepare_end_to_end(tmp_path, official):
     tarball, objs = official
-    code, out, err = cli("prepare", "--from", str(tarball), "--no-verify", "--data-dir", str(tmp_path / "store"), spawn=True)
+    code, out, err = cli("prepare", "--from", str(tarball), "--no-verify", "--data-dir", str(tmp_path / "store"),
+                         spawn=True)
     assert code == 0, err
     _check_store(tmp_path / "store", objs)
     code, out, err = cli("prepare", "--from", str(tarball), "--data-dir", str(tmp_path / "store2"), spawn=True)
     assert code == 2
     assert "not the official" in err and "Traceback" not in err
     assert not (tmp_path / "store2").exists()
-    code, out, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--data-dir", str(tmp_path / "syn"), spawn=True)
+    code, out, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--data-dir",
+                         str(tmp_path / "syn"), spawn=True)
     assert code == 0, err
     assert fdata.open_store(tmp_path / "syn").synthetic
     code, out, err = cli("prepare", "--synthetic", "--train", "0", "--data-dir", str(tmp_path / "syn0"), spawn=True)

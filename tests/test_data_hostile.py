@@ -78,7 +78,8 @@ def test_prepare_refuses_home_through_FASTCIFAR_DATA(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCIFAR_DATA", str(home))
     with pytest.raises(BadInput, match=r"\$FASTCIFAR_DATA"):
         fdata.prepare(**SMALL)
-    code, _, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", env={"FASTCIFAR_DATA": str(home)}, spawn=True)
+    code, _, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", env={"FASTCIFAR_DATA": str(home)},
+                       spawn=True)
     assert code == 2 and one_paragraph(err, home, "$FASTCIFAR_DATA"), err
     assert contents(home) == before
 
@@ -158,7 +159,8 @@ def test_symlink_loop_is_refused_and_kept(tmp_path):
 def test_cli_prepare_on_user_files_is_one_paragraph_exit_2(tmp_path):
     mine = _user_dir(tmp_path / "mine")
     before = contents(mine)
-    code, _, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--force", "--data-dir", str(mine), spawn=True)
+    code, _, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--force", "--data-dir", str(mine),
+                       spawn=True)
     assert code == 2 and one_paragraph(err, mine, "fastcifar never replaces what it did not create"), err
     assert contents(mine) == before
 

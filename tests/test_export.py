@@ -90,7 +90,8 @@ def test_onnx_export_reports_its_check(onnx_files, onnx_log):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "timm"])
-def test_export_check_refuses_an_export_that_does_not_reproduce_the_model(export_runs, small_store_dir, monkeypatch, tmp_path, fmt):
+def test_export_check_refuses_an_export_that_does_not_reproduce_the_model(export_runs, small_store_dir, monkeypatch,
+                                                                          tmp_path, fmt):
     name = {"safetensors": "to_safetensors", "timm": "to_timm"}[fmt]
     real = getattr(ex, name)
 
@@ -101,7 +102,7 @@ def test_export_check_refuses_an_export_that_does_not_reproduce_the_model(export
 
     monkeypatch.setattr(ex, name, wrong_weights)
     code, out, err = cli("export", str(export_runs / "linear"), "-f", fmt, "--out", str(tmp_path),
-                     "--data-dir", str(small_store_dir))
+                         "--data-dir", str(small_store_dir))
     assert "Traceback" not in err
     assert code == 1 and "does not reproduce" in err and "Nothing was written" in err.replace("\n", " ")
     assert list(tmp_path.iterdir()) == []
@@ -110,7 +111,7 @@ def test_export_check_refuses_an_export_that_does_not_reproduce_the_model(export
 def test_an_onnx_file_onnxruntime_cannot_run_is_not_written(export_runs, small_store_dir, monkeypatch, tmp_path):
     monkeypatch.setattr(ex, "to_onnx", lambda net, c, x: b"\x08\x07 not a model")  # an exporter that went wrong
     code, out, err = cli("export", str(export_runs / "linear"), "-f", "onnx", "--out", str(tmp_path),
-                     "--data-dir", str(small_store_dir))
+                         "--data-dir", str(small_store_dir))
     assert "Traceback" not in err
     assert code == 1 and "onnxruntime cannot run" in err and list(tmp_path.iterdir()) == []
 
@@ -192,12 +193,14 @@ def test_timm_refuses_a_margin_head(export_runs, small_store_dir):
 # ---- predict ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["linear", "arcface"])
-def test_predict_on_store_pngs_matches_fastcifar_eval_for_checkpoint_and_exports(export_runs, small_store_dir, onnx_files, kind, tmp_path):
+def test_predict_on_store_pngs_matches_fastcifar_eval_for_checkpoint_and_exports(export_runs, small_store_dir,
+                                                                                 onnx_files, kind, tmp_path):
     net, r, x, ours = reference(export_runs / kind, small_store_dir)
     test = open_store(small_store_dir).images("test")
     files = [_write(tmp_path / f"{i:02d}.png", np.array(test[i])) for i in range(16)]
     probs = torch.softmax(ours[:16], 1)
-    for ref in (export_runs / kind, onnx_files[kind], ex.export(export_runs / kind, "safetensors", out=tmp_path, data_dir=small_store_dir, **QUIET)):
+    for ref in (export_runs / kind, onnx_files[kind], ex.export(export_runs / kind, "safetensors", out=tmp_path,
+                                                                data_dir=small_store_dir, **QUIET)):
         res = predict(ref, [tmp_path], top=3, data_dir=small_store_dir, **QUIET)
         assert [p["file"] for p in res["predictions"]] == [str(f) for f in files]
         for p, want, pr in zip(res["predictions"], ours[:16].argmax(1).tolist(), probs):
@@ -277,7 +280,8 @@ def _palette(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
-def test_predict_cli_names_and_skips_bad_files_and_predicts_the_rest(export_runs, small_store_dir, onnx_files, tmp_path):
+def test_predict_cli_names_and_skips_bad_files_and_predicts_the_rest(export_runs, small_store_dir, onnx_files,
+                                                                     tmp_path):
     rng = np.random.default_rng(1)
     d = tmp_path / "mixed"
     good = [_write(d / "photo.jpg", rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)),
@@ -309,7 +313,7 @@ def test_predict_cli_names_and_skips_bad_files_and_predicts_the_rest(export_runs
 def test_predict_prints_each_file_then_its_classes(export_runs, small_store_dir, tmp_path):
     img = _write(tmp_path / "img.jpg", np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8))
     code, out, err = cli("predict", str(export_runs / "linear"), str(img), "--top", "1000",
-                     "--data-dir", str(small_store_dir))
+                         "--data-dir", str(small_store_dir))
     assert "Traceback" not in err
     assert code == 0
     lines = out.splitlines()
@@ -318,7 +322,7 @@ def test_predict_prints_each_file_then_its_classes(export_runs, small_store_dir,
     assert "taken from the store" not in err  # the trainer records class names and preprocessing
     # a checkpoint written before they were recorded takes them from the store, and says so
     code, old_out, old_err = cli("predict", str(old_checkpoint(export_runs / "linear", tmp_path)), str(img),
-                     "--data-dir", str(small_store_dir))
+                                 "--data-dir", str(small_store_dir))
     assert "Traceback" not in old_err
     assert code == 0 and "taken from the store" in old_err
     assert old_out.splitlines()[1:6] == lines[1:6]
@@ -337,7 +341,8 @@ def test_gather_gives_a_folders_pictures_sorted_once_each_without_hidden_ones(tm
     assert files == sorted(pics) and skipped == [{"file": str(d / "pipe.png"), "error": "not a regular file"}]
 
 
-def test_predict_takes_the_ema_weights_and_every_image_across_forward_batches(export_runs, small_store_dir, tmp_path, monkeypatch):
+def test_predict_takes_the_ema_weights_and_every_image_across_forward_batches(export_runs, small_store_dir, tmp_path,
+                                                                              monkeypatch):
     """A checkpoint that holds EMA weights is predicted with them, as eval and export use them; images
     beyond one forward batch are all predicted, each under its own file name, in order."""
     ck = checkpoint.load(export_runs / "linear" / "best.pt")
@@ -376,7 +381,8 @@ def test_a_full_disk_during_export_leaves_the_earlier_export_whole(export_runs, 
     import resource
     import signal
 
-    path = ex.export(export_runs / "linear", "safetensors", out=tmp_path / "model.safetensors", data_dir=small_store_dir, **QUIET)
+    path = ex.export(export_runs / "linear", "safetensors", out=tmp_path / "model.safetensors",
+                     data_dir=small_store_dir, **QUIET)
     before = path.read_bytes()
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -439,11 +445,13 @@ def test_bad_input_exits_2_and_leaves_files_alone(export_runs, small_store_dir, 
     assert {p.name: p.stat().st_mtime_ns for p in (export_runs / "linear").iterdir()} == run_files
 
 
-def test_an_unwritable_out_is_refused_before_the_checkpoint_is_loaded(export_runs, small_store_dir, tmp_path, monkeypatch):
+def test_an_unwritable_out_is_refused_before_the_checkpoint_is_loaded(export_runs, small_store_dir, tmp_path,
+                                                                      monkeypatch):
     (tmp_path / "notes.txt").write_text("a user's notes")
     monkeypatch.setattr(ex.checkpoint, "load", lambda *a, **k: pytest.fail("loaded the checkpoint first"))
     with pytest.raises(BadInput, match="is not a writable directory"):  # not after a minute of ONNX export
-        ex.export(export_runs / "linear", "onnx", out=tmp_path / "notes.txt" / "model.onnx", data_dir=small_store_dir, **QUIET)
+        ex.export(export_runs / "linear", "onnx", out=tmp_path / "notes.txt" / "model.onnx", data_dir=small_store_dir,
+                  **QUIET)
 
 
 def test_force_replaces_a_timm_export_but_not_a_checkpoint(export_runs, small_store_dir, tmp_path):
@@ -452,7 +460,8 @@ def test_force_replaces_a_timm_export_but_not_a_checkpoint(export_runs, small_st
     checkpoint.save(tmp_path / "other-run.pt", checkpoint.load(export_runs / "linear" / "best.pt"))
     before = (tmp_path / "other-run.pt").read_bytes()
     with pytest.raises(BadInput, match="did not write"):  # a checkpoint, or any file export did not write
-        ex.export(export_runs / "linear", "timm", out=tmp_path / "other-run.pt", force=True, data_dir=small_store_dir, **QUIET)
+        ex.export(export_runs / "linear", "timm", out=tmp_path / "other-run.pt", force=True, data_dir=small_store_dir,
+                  **QUIET)
     assert (tmp_path / "other-run.pt").read_bytes() == before
 
 
@@ -460,7 +469,7 @@ def test_out_force_and_directory(export_runs, small_store_dir, tmp_path):
     mine = tmp_path / "model.safetensors"
     mine.write_bytes(b"a user's file")
     code, _, err = cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out", str(mine),
-                   "--data-dir", str(small_store_dir))
+                       "--data-dir", str(small_store_dir))
     assert "Traceback" not in err
     assert code == 2 and mine.read_bytes() == b"a user's file"
     code, out, err = cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out", str(mine),
@@ -470,17 +479,17 @@ def test_out_force_and_directory(export_runs, small_store_dir, tmp_path):
     mine.unlink()
     for force, want in (([], 0), ([], 2), (["--force"], 0)):  # an export of its own: replaced with --force only
         code, out, err = cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out", str(mine),
-                         *force, "--data-dir", str(small_store_dir))
+                             *force, "--data-dir", str(small_store_dir))
         assert "Traceback" not in err
         assert code == want and ex.read_safetensors(mine)[0]["num_classes"] == 100, err
     code, out, err = cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out", str(tmp_path),
-                     "--data-dir", str(small_store_dir))
+                         "--data-dir", str(small_store_dir))
     assert "Traceback" not in err
     assert code == 0 and (tmp_path / "best.safetensors").is_file()  # a directory takes the default name
     (tmp_path / "deeper").mkdir()
     (tmp_path / "deeper" / "best.safetensors").mkdir()
     code, out, err = cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out",
-                     str(tmp_path / "deeper"), "--force", "--data-dir", str(small_store_dir))
+                         str(tmp_path / "deeper"), "--force", "--data-dir", str(small_store_dir))
     assert "Traceback" not in err
     assert code == 2 and "is a directory" in err.replace("\n", " ")
     assert sorted(p.name for p in tmp_path.iterdir()) == [owned.MANIFEST, "best.safetensors", "deeper",
@@ -515,10 +524,11 @@ def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(expo
         broken = dict(ck, **{key: value})
         checkpoint.save(tmp_path / "broken.pt", broken)
         with pytest.raises(BadInput, match="unusable"):
-            ex.export(tmp_path / "broken.pt", "safetensors", out=tmp_path / "b.safetensors", data_dir=small_store_dir, **QUIET)
+            ex.export(tmp_path / "broken.pt", "safetensors", out=tmp_path / "b.safetensors", data_dir=small_store_dir,
+                      **QUIET)
     # an old checkpoint with neither a record nor a store: exit 2 naming what is missing
     code, out, err = cli("predict", str(old_checkpoint(export_runs / "arcface", tmp_path)), str(img),
-                     "--data-dir", str(tmp_path / "no-store"))
+                         "--data-dir", str(tmp_path / "no-store"))
     assert "Traceback" not in err
     err = err.replace("\n", " ")
     assert code == 2 and "class names" in err and "mean/std" in err and "--data-dir" in err
@@ -544,8 +554,8 @@ def test_a_store_of_another_size_is_refused(export_runs, small_store_dir, tmp_pa
     ("safetensors", ["export", "{run}", "--format", "safetensors"]),
     ("onnxruntime", ["predict", "{onnx}", "{img}"]),
 ])
-def test_without_the_export_extra_it_says_what_to_install(export_runs, small_store_dir, onnx_files, tmp_path, monkeypatch,
-                                                          blocked, args):
+def test_without_the_export_extra_it_says_what_to_install(export_runs, small_store_dir, onnx_files, tmp_path,
+                                                          monkeypatch, blocked, args):
     img = _write(tmp_path / "img.png", np.zeros((32, 32, 3), np.uint8))
     monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ImportError
     code, out, err = cli(*[a.format(run=export_runs / "linear", onnx=onnx_files["linear"], img=img)
@@ -557,7 +567,8 @@ def test_without_the_export_extra_it_says_what_to_install(export_runs, small_sto
 
 @pytest.mark.parametrize("kind", ["linear", "arcface"])
 def test_readme_preprocessing_is_what_predict_does(export_runs, small_store_dir, tmp_path, kind):
-    c = ex.card(checkpoint.load(export_runs / kind / "best.pt"), from_dict(checkpoint.load(export_runs / kind / "best.pt")["recipe"]),
+    c = ex.card(checkpoint.load(export_runs / kind / "best.pt"),
+                from_dict(checkpoint.load(export_runs / kind / "best.pt")["recipe"]),
                 "run", small_store_dir, **QUIET)
     scope = {}
     exec(_readme_block("def preprocess_image"), scope)

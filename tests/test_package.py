@@ -60,9 +60,9 @@ def test_wheel_metadata_is_fit_for_an_index(dists):
 def test_installed_wheel_runs_from_an_empty_directory(venv, user_dir):
     env = clean_env(venv / "bin")
     where = run_ok(["python", "-c", "import fastcifar, pipelines; from fastcifar.config import installed_recipes_dir, load; "
-                  "r, info = load('r18_lbsmooth'); "
-                  "print(fastcifar.__file__, pipelines.__file__, installed_recipes_dir(), info['path'], info['parent'])"],
-                 user_dir, env).stdout.split()
+                    "r, info = load('r18_lbsmooth'); "
+                    "print(fastcifar.__file__, pipelines.__file__, installed_recipes_dir(), info['path'], info['parent'])"],
+                   user_dir, env).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where[:4]), f"not the wheel's: {where}"
     assert where[4] == "r18_baseline"  # a derived recipe finds its parent by name, installed
 
@@ -76,7 +76,7 @@ def test_installed_wheel_runs_from_an_empty_directory(venv, user_dir):
     run_ok(["fastcifar", "prepare", "--synthetic", "--train", "500", "--test", "200"], user_dir, env)
     assert (user_dir / "data" / "cifar100" / "meta.json").is_file()
     run_ok(["fastcifar", "train", "smoke", "--set", "train.epochs=1", "--set", "data.backend=torch",
-          "--set", "data.subset=0.2", "--out", "runs/smoke"], user_dir, env)
+            "--set", "data.subset=0.2", "--out", "runs/smoke"], user_dir, env)
     summary = (user_dir / "runs" / "smoke" / "summary.json").read_text()
     assert '"recipe": "smoke"' in summary and '"epochs_done": 1' in summary
 

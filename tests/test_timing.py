@@ -90,7 +90,8 @@ def test_images_per_sec_is_steady_state_and_the_warm_up_is_apart(small_store_dir
     """A first step that takes 1.5 s longer (a stand-in for torch.compile) is warmup_seconds, and
     stays out of img/s in metrics.jsonl, summary.json and the epoch line."""
     warm = 1.5
-    s, lines = fit_logged(tiny(train__epochs=2), out=tmp_path / "run", data_dir=small_store_dir, setup=warm_first_step(warm))
+    s, lines = fit_logged(tiny(train__epochs=2), out=tmp_path / "run", data_dir=small_store_dir,
+                          setup=warm_first_step(warm))
     first, second = metrics(tmp_path / "run")
     assert first["warmup_seconds"] >= warm and "warmup_seconds" not in second
     # the five steps after the warm-up one, over their own seconds (data wait included: it is throughput)
@@ -213,7 +214,8 @@ def test_an_old_checkpoint_without_the_new_fields_resumes(small_store_dir, tmp_p
         for key in ("train_seconds", "data_wait_seconds", "data_wait_fraction", "warmup_seconds"):
             m.pop(key, None)
     checkpoint.save(run / "last.pt", ck, by="train")  # as an older fastcifar wrote it
-    s = T.train(apply_overrides(tiny(train__epochs=2), ["train.target_acc=1"]), {}, data_dir=small_store_dir, resume=run, **QUIET)
+    s = T.train(apply_overrides(tiny(train__epochs=2), ["train.target_acc=1"]), {}, data_dir=small_store_dir,
+                resume=run, **QUIET)
     assert s["finished"] and s["epochs_done"] == 2 and "earlier" not in s["provenance"]
     assert s["epoch_to_target"] == 1 and s["seconds_to_target"] is None  # epoch 1 was not timed: unknown, not 0
     # the run's wait is that of the timed epoch alone

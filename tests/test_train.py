@@ -105,7 +105,8 @@ def spy_on_targets(seen: list):
 
 def test_mixing_gives_the_loss_soft_targets(store_dir, tmp_path):
     seen = []
-    s = fit(tiny(train__epochs=1, **MIXED), info(), out=tmp_path / "run", data_dir=store_dir, setup=spy_on_targets(seen))
+    s = fit(tiny(train__epochs=1, **MIXED), info(), out=tmp_path / "run", data_dir=store_dir,
+            setup=spy_on_targets(seen))
     assert s["finished"] and seen
     assert all(t.shape == (50, 100) and t.is_floating_point() for t in seen)
     assert all(torch.allclose(t.sum(1), torch.ones(50)) for t in seen)
@@ -245,7 +246,8 @@ def test_the_loop_steps_the_schedule_and_logs_each_epochs_last_lr(store_dir, tmp
     r = tiny(train__epochs=2, data__subset=0.2, schedule__warmup=0.25)
     s = fit(r, info(), out=tmp_path / "run", data_dir=store_dir)
     ms = metrics(tmp_path / "run")
-    assert s["finished"] and [m["lr"] for m in ms] == pytest.approx([r.optim.lr * lr_factor(k, 8, r.schedule) for k in (3, 7)])
+    want = [r.optim.lr * lr_factor(k, 8, r.schedule) for k in (3, 7)]
+    assert s["finished"] and [m["lr"] for m in ms] == pytest.approx(want)
     assert ms[0]["lr"] != pytest.approx(ms[1]["lr"])
 
 
@@ -311,7 +313,8 @@ def test_the_objective_gets_the_recipes_label_smoothing(store_dir, tmp_path, kin
     if kind == "multiscale":
         fields["loss__scales"] = (32, 48)
     if kind == "distill":
-        T.train(tiny(train__epochs=1, data__subset=0.1), info("teach"), out=tmp_path / "teacher", data_dir=store_dir, **QUIET)
+        T.train(tiny(train__epochs=1, data__subset=0.1), info("teach"), out=tmp_path / "teacher", data_dir=store_dir,
+                **QUIET)
         fields["distill__teacher"] = str(tmp_path / "teacher")
     with T.Trainer(tiny(**fields), info(), out=tmp_path / "run", data_dir=store_dir, **QUIET) as trainer:
         trainer.train_loader.set_epoch(0)

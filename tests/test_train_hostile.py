@@ -194,7 +194,8 @@ def test_running_out_of_cpu_memory_is_one_paragraph_too(store_dir, tmp_path, mon
     monkeypatch.setattr(T.Trainer, "train_step", step)
     with pytest.raises(BadInput, match=r"Building .* ran out of memory on cpu \(can't allocate memory.*head\.embed_dim "
                                        r"\(now 1099511627776\)"):
-        T.train(tiny(head__kind="arcface", head__embed_dim=2 ** 40), info(), out=tmp_path / "big", data_dir=store_dir, **QUIET)
+        T.train(tiny(head__kind="arcface", head__embed_dim=2 ** 40), info(), out=tmp_path / "big", data_dir=store_dir,
+                **QUIET)
     assert not (tmp_path / "big").exists()
     monkeypatch.setattr(T.Trainer, "train_step", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not called a memory error

@@ -24,7 +24,8 @@ def logged(recipe, run_info=None, **kw) -> tuple[dict, list[str]]:
 
 
 @pytest.mark.parametrize("flag, picked", [(None, "none"), ("avx512_bf16", "bf16")])
-def test_a_shipped_recipe_trains_at_the_cpus_native_precision_and_says_why(store_dir, tmp_path, monkeypatch, flag, picked):
+def test_a_shipped_recipe_trains_at_the_cpus_native_precision_and_says_why(store_dir, tmp_path, monkeypatch, flag,
+                                                                           picked):
     """r18_cifar_32 (train.amp = auto) on a CPU without native bf16 trains in fp32, and with it in
     bf16; the banner says which and why, summary.json and its provenance record it."""
     monkeypatch.setattr(runtime, "cpu_bf16", lambda: flag)

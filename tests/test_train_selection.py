@@ -16,7 +16,8 @@ def test_selection_follows_validation_and_best_pt_only_on_improvement(store_dir,
     # val peaks at epoch 2 (epoch 4 only ties it: not an improvement); test peaks at epoch 4
     val, test = [10.0, 30.0, 20.0, 30.0], [11.0, 12.0, 13.0, 40.0]
     run = tmp_path / "run"
-    s = fit(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store_dir, setup=fixed_scores(val, test))
+    s = fit(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store_dir,
+            setup=fixed_scores(val, test))
     assert [m["val_acc"] for m in metrics(run)] == val and [m["test_acc"] for m in metrics(run)] == test
     assert s["selection"] == "val" and s["best_epoch"] == s["best_val_epoch"] == 2
     assert s["best_val_acc"] == 30.0 and s["best_acc"] == s["test_acc_at_best_val"] == 12.0

@@ -161,7 +161,8 @@ def test_multiscale_run_trains_both_scales_and_tests_at_one(store_dir, tmp_path)
 
 
 def test_multiscale_mid_epoch_resume_matches_a_straight_run(store_dir, tmp_path):
-    resume_matches_straight(tiny(train__epochs=1, data__subset=0.4, loss__scales=(32, 48)), store_dir, tmp_path, batch=3)
+    resume_matches_straight(tiny(train__epochs=1, data__subset=0.4, loss__scales=(32, 48)), store_dir, tmp_path,
+                            batch=3)
 
 
 # ---- run files from before these fields
