@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,8 +140,7 @@ def test_cli_bench_writes_json_atomically(store, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     code, _, err = cli("bench", "--stage", "pipeline", "--quick", "--backend", "torch", "--batch-size", "16",
-                       "--data-dir", store.dir, "--device", "cpu", "--json", blocker / "b.json",
-                       spawn=True, timeout=300)
+                       "--data-dir", store.dir, "--device", "cpu", "--json", blocker / "b.json")
     assert code == 2 and "Cannot write" in err and "Traceback" not in err
 
 
@@ -209,7 +209,7 @@ def test_cli_bench_stopped_by_sigterm_keeps_what_it_measured(store, tmp_path):
 
 def test_cli_bench_refuses_a_plot_path_it_cannot_write_before_measuring(store, tmp_path):
     code, out, err = cli("bench", "--stage", "pipeline", "--quick", "--backend", "torch", "--data-dir", store.dir,
-                         "--device", "cpu", "--plot", tmp_path, spawn=True, timeout=300)
+                         "--device", "cpu", "--plot", tmp_path)
     assert code == 2 and "--plot" in err and "is a directory" in err and "pipeline" not in out
 
 
@@ -409,11 +409,9 @@ def test_bench_bad_device_is_bad_input_before_the_run(bench_spy, device):
     assert ran == []
 
 
-
 def test_cli_bench_device_foo_is_one_paragraph_exit_2():
-    code, _, err = cli("bench", "--quick", "--device", "foo", spawn=True)
+    code, _, err = cli("bench", "--quick", "--device", "foo")
     assert code == 2 and one_paragraph(err, "'foo'", "cpu, cuda or cuda:N"), err
-
 
 
 @pytest.mark.parametrize("case", ["under a file", "a directory"])
@@ -430,15 +428,20 @@ def test_bench_unwritable_json_is_refused_before_the_run(tmp_path, bench_spy, ca
     assert ran == ["store", "pipeline"] and json.loads((tmp_path / "new" / "b.json").read_text())["rows"] == []
 
 
+def no_store_and_temp_in(tmp_path, monkeypatch):
+    """No prepared store (FASTCIFAR_DATA names none) and the temp dir in tmp_path, where a bench would
+    make its synthetic stand-in: what a test then finds in tmp_path, the bench made."""
+    monkeypatch.setenv("FASTCIFAR_DATA", str(tmp_path / "nostore"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
-def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path):
+
+def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
+    no_store_and_temp_in(tmp_path, monkeypatch)
     t = time.time()
-    code, _, err = cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "afile" / "b.json"),
-                       spawn=True, env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
+    code, _, err = cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "afile" / "b.json"))
     assert code == 2 and one_paragraph(err, tmp_path / "afile" / "b.json"), err
     assert time.time() - t < 60 and sorted(os.listdir(tmp_path)) == ["afile"]  # no synthetic store made first
-
 
 
 def _bench_paths(tmp_path: Path) -> dict:
@@ -463,9 +466,7 @@ def _bench_paths(tmp_path: Path) -> dict:
     return {p.name: p for p in tmp_path.iterdir()}
 
 
-
 USERS = ["notes.json", "holiday.png", "lookalike.json", "figure.png", "empty.json"]
-
 
 
 @pytest.mark.parametrize("args, message", [
@@ -473,14 +474,13 @@ USERS = ["notes.json", "holiday.png", "lookalike.json", "figure.png", "empty.jso
     (["--plot", "{tmp}/bench.jpg"], "name it *.png"),
     (["--device", ""], "--device ''"),
 ] + [(["--json" if name.endswith(".json") else "--plot", "{tmp}/" + name], "did not write") for name in USERS])
-def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_path, args, message):
+def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_path, monkeypatch, args, message):
     paths = _bench_paths(tmp_path)
     before = contents(tmp_path)
-    code, _, err = cli("bench", "--quick", "--stage", "pipeline", *[a.format(tmp=tmp_path) for a in args],
-                       spawn=True, env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
+    no_store_and_temp_in(tmp_path, monkeypatch)
+    code, _, err = cli("bench", "--quick", "--stage", "pipeline", *[a.format(tmp=tmp_path) for a in args])
     assert code == 2 and one_paragraph(err, message), err
     assert contents(tmp_path) == before and paths  # nothing written, replaced or made (no synthetic store)
-
 
 
 def test_bench_replaces_only_its_own_outputs(tmp_path, bench_spy):
@@ -497,7 +497,6 @@ def test_bench_replaces_only_its_own_outputs(tmp_path, bench_spy):
         bench.check_json_path(paths["old.json"])
 
 
-
 def test_bench_measures_a_stage_or_model_named_twice_once(bench_spy, monkeypatch):
     bench, ran = bench_spy
     seen = []
@@ -505,7 +504,6 @@ def test_bench_measures_a_stage_or_model_named_twice_once(bench_spy, monkeypatch
     bench.run(stages=["train_step", "pipeline", "train_step"], models=["test_resnet", "test_resnet"],
               backends=["torch", "torch"], quick=True, device="cpu", log=lambda *_: None)
     assert ran == ["store", "pipeline"] and seen == [(["test_resnet"], ["torch"])]
-
 
 
 def test_bench_out_of_device_memory_is_bad_input_keeping_the_rows(tmp_path, bench_spy, monkeypatch):

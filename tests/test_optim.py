@@ -28,7 +28,6 @@ def test_lr_schedule_shapes():
     assert all(lr_factor(i, total, Schedule()) == 1.0 for i in range(total))
 
 
-
 def test_param_groups_and_lr_scaling():
     net = build_model(tiny().model, tiny().head)
     groups = param_groups(net, 0.05)
@@ -40,7 +39,6 @@ def test_param_groups_and_lr_scaling():
     assert peak_lr(r.optim, 512) == pytest.approx(0.2)
     r.optim.lr_scaling = "sqrt"
     assert peak_lr(r.optim, 1024) == pytest.approx(0.2)
-
 
 
 def test_optimizer_gets_the_recipes_hyperparameters_and_the_scheduler_steps_lr_factor():
@@ -88,12 +86,10 @@ def test_gradient_clipping_bounds_the_stepped_gradient(store_dir, tmp_path, amp)
     assert norms == pytest.approx([0.05] * len(norms), rel=1e-3)
 
 
-
 # ---- weight decay: which parameters decay is the recipe's choice
 
 
 NORMS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
-
 
 
 @pytest.mark.parametrize("decay_groups", ["no_bias_norm", "tutorial", "all"])
@@ -127,7 +123,6 @@ def test_weight_decay_groups_follow_the_recipe(decay_groups, head):
         if head == "arcface":
             assert decay_of[id(names["head.weight"])] == 0.05  # the class centres
             assert decay_of[id(names["head.bn.weight"])] == 0.05
-
 
 
 def test_old_decay_norm_bias_still_loads_and_keeps_its_groups():

@@ -222,7 +222,6 @@ def test_downscaling_averages_the_whole_footprint():
     assert (y.mean() - x.float().div(255).mean()).abs() < 0.01  # averaging keeps the mean
 
 
-
 @pytest.mark.parametrize("backend", BATCHED)
 def test_loader_downscaling_is_antialiased(backend, tmp_path):
     """The same through each batched backend's loader (aug.image_size=8 of the stored 32): noise
@@ -268,7 +267,6 @@ def test_cubic_resize_in_range_and_close(store):
         assert x.min() >= 0 and x.max() <= 1
     diff = (outs[0] - outs[1]).abs() * 255
     assert diff.mean() <= 0.5, f"mean {diff.mean():.2f}/255"
-
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

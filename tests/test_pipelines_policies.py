@@ -418,11 +418,11 @@ def test_cli_sets_the_policy_and_recipe_json_keeps_it(store, tmp_path):
     run = tmp_path / "run"
     base = ["train", "smoke", "--data-dir", store.dir, "--set", "data.subset=1", "--set", "data.test_subset=1",
             "--set", "train.epochs=1", "--set", "data.backend=torch"]
-    code, _, err = cli(*base, "--out", run, "--set", "aug.policy=randaugment", "--set", "aug.ra_n=3", spawn=True)
+    code, _, err = cli(*base, "--out", run, "--set", "aug.policy=randaugment", "--set", "aug.ra_n=3")
     assert code == 0, err[-2000:]
     aug = json.loads((run / "recipe.json").read_text())["aug"]
     assert (aug["policy"], aug["ra_n"], aug["ra_m"]) == ("randaugment", 3, 9)
     assert json.loads((run / "summary.json").read_text())["finished"]
-    code, _, err = cli(*base, "--out", tmp_path / "bad", "--set", "aug.ra_m=31", spawn=True, timeout=300)
+    code, _, err = cli(*base, "--out", tmp_path / "bad", "--set", "aug.ra_m=31")
     assert code == 2 and "aug.ra_m = 31: must be a whole number in 0..30" in err
     assert "Traceback" not in err and not (tmp_path / "bad").exists()

@@ -82,7 +82,6 @@ TUTORIAL_SETTINGS = ["head.margin_grad=straight_through", "head.eval_logits=cosi
                      "model.init_from=runs/x", "loss.scales=32,64"]
 
 
-
 def test_new_fields_convert_and_round_trip_through_recipe_json():
     r = apply_overrides(Recipe(), TUTORIAL_SETTINGS)
     assert (r.head.margin_grad, r.head.eval_logits, r.optim.decay_groups, r.train.tf32) == \
@@ -95,7 +94,6 @@ def test_new_fields_convert_and_round_trip_through_recipe_json():
         key = item.split("=")[0]
         section, name = key.split(".")
         assert getattr(getattr(r, section), name) != getattr(getattr(Recipe(), section), name), key
-
 
 
 @pytest.mark.parametrize("item, message", [
@@ -116,10 +114,8 @@ def test_bad_values_name_the_field(item, message):
         r.validate()
 
 
-
 def test_cosface_margin_is_not_bound_to_radians():
     apply_overrides(Recipe(), ["head.kind=cosface", "head.m=2.0"]).validate()
-
 
 
 @pytest.mark.parametrize("item, expected", [("loss.scales=a,b", "comma-separated list of an int"),
@@ -129,11 +125,9 @@ def test_wrong_types(item, expected):
         apply_overrides(Recipe(), [item])
 
 
-
 def test_multiscale_and_distillation_exclude_each_other():
     with pytest.raises(BadInput, match="two objectives"):
         apply_overrides(Recipe(), ["loss.scales=32,64", "distill.teacher=runs/t"]).validate()
-
 
 
 @pytest.mark.parametrize("item", ["head.margin_grad=sideways", "loss.scales=32", "train.tf32=maybe"])

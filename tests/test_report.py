@@ -79,10 +79,10 @@ def test_bad_input(tmp_path):
 
 def test_cli_report(tmp_path):
     make_run(tmp_path / "runs", "r18_lbsmooth-1", [44.81])
-    code, out, err = cli("report", tmp_path / "runs", "--out", tmp_path / "rep", spawn=True)
+    code, out, err = cli("report", tmp_path / "runs", "--out", tmp_path / "rep")
     assert code == 0, err
     assert "44.81% (1)" in out and (tmp_path / "rep" / "test_accuracy.png").is_file()
-    code, out, err = cli("report", tmp_path / "nowhere", spawn=True)
+    code, out, err = cli("report", tmp_path / "nowhere")
     assert code == 2 and "Traceback" not in err and "not a directory" in err
 
 
@@ -124,7 +124,7 @@ def test_report_ranks_by_time_to_target_and_shows_the_data_wait(tmp_path):
     assert [l.split("|")[1].strip() for l in table.splitlines()[2:] if l.startswith("| ")][0] == "notarget"
     with pytest.raises(BadInput, match="--sort 'fastest'"):
         report([tmp_path], tmp_path / "out", sort="fastest")
-    code, out, err = cli("report", tmp_path, "--out", tmp_path / "o2", "--sort", "time_to_target", spawn=True)
+    code, out, err = cli("report", tmp_path, "--out", tmp_path / "o2", "--sort", "time_to_target")
     assert code == 0 and out.index("| fast |") < out.index("| slow |"), err
 
 
@@ -278,7 +278,6 @@ def _runs_folder(root: Path) -> dict:
     return {name: why for name, (_, why) in broken.items()}
 
 
-
 def test_report_skips_broken_runs_and_names_them(tmp_path):
     from fastcifar.report import report
 
@@ -295,16 +294,15 @@ def test_report_skips_broken_runs_and_names_them(tmp_path):
     assert all(f.is_file() for f in files)
 
 
-
 def test_cli_report_skips_broken_runs_and_exits_2_only_when_none_is_left(tmp_path):
     broken = _runs_folder(tmp_path / "runs")
-    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), spawn=True)
+    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
     assert code == 0, err
     assert "Traceback" not in err and all(f"skipped {tmp_path / 'runs' / n}:" in err for n in broken)
     for name in ("good-1", "good-2"):
         import shutil
 
         shutil.rmtree(tmp_path / "runs" / name)
-    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out2"), spawn=True)
+    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out2"))
     assert code == 2 and one_paragraph(err, "No run could be reported", tmp_path / "runs" / "died-in-epoch-1"), err
     assert not (tmp_path / "out2").exists()

@@ -233,8 +233,9 @@ def test_the_out_directory_holds_only_this_tables_runs(tmp_path):
         state(job)
 
 
-def test_cli_bad_input_exits_2(tmp_path):
-    code, _, err = cli("reproduce", "nosuchtable", "--out", tmp_path / "o", spawn=True, cwd=tmp_path)
+def test_cli_bad_input_exits_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("reproduce", "nosuchtable", "--out", tmp_path / "o")
     assert code == 2 and "No table named" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
 

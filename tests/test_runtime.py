@@ -158,7 +158,6 @@ def test_backend_settings_honour_tf32_and_restore(odd_flags, deterministic, tf32
     assert backend_flags() == before
 
 
-
 def test_a_training_run_uses_its_tf32_field(store_dir, tmp_path, odd_flags):
     seen = []
     fit(tiny(train__epochs=1, data__subset=0.2, train__tf32="conv"), info(), out=tmp_path / "run", data_dir=store_dir,
