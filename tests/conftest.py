@@ -422,6 +422,16 @@ def tiny_models(monkeypatch):
     monkeypatch.setattr(bench, "CPU_STEP_BATCH", {32: 8, 224: 2})
 
 
+@pytest.fixture
+def short_bench_plans(monkeypatch):
+    """--quick's plans cut to one warm-up and one timed batch per row: the same rows through the same
+    code, in a fraction of the time (the figures are the bench's business, not the tests')."""
+    from fastcifar import bench
+
+    monkeypatch.setitem(bench.PLAN, "quick", {32: (1, 1, 1), 224: (1, 1, 1)})
+    monkeypatch.setitem(bench.STEP_PLAN, "quick", (1, 1, 1))
+
+
 # what bench reads of a store before measuring: whether it is synthetic and its data set (meta.store)
 STUB_STORE = SimpleNamespace(synthetic=True, dataset="cifar100", meta={}, dir=Path("stub-store"))
 

@@ -23,7 +23,7 @@ from pipelines.loader import dali_available
 ROW_KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec"}
 
 
-def test_train_step_climbs_the_ladder(store, tiny_models):
+def test_train_step_climbs_the_ladder(store, tiny_models, short_bench_plans):
     rows = bench.run(stages=["train_step"], quick=True, data_dir=store.dir, device="cpu", log=lambda *_: None)
     assert all(ROW_KEYS <= set(r) and r["stage"] == "train_step" and r["images_per_sec"] > 0 for r in rows)
     # --quick on a CPU leaves the compiled step out (a first compile costs ~40 s here)
@@ -83,7 +83,7 @@ def test_train_step_trains():
     assert losses[-1] < losses[0]
 
 
-def test_end_to_end_and_headroom(store, tiny_models, tmp_path):
+def test_end_to_end_and_headroom(store, tiny_models, short_bench_plans, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.run(stages=["pipeline", "train_step", "end_to_end"], quick=True, json_path=out,
                      backends=["tutorial", "torch"], batch_size=16, data_dir=store.dir, device="cpu", log=lambda *_: None,
@@ -113,7 +113,7 @@ def test_end_to_end_and_headroom(store, tiny_models, tmp_path):
                                             if (r["backend"], r["image_size"]) == (h["pipeline"], h["image_size"]))
 
 
-def test_size_picks_the_sides_and_their_order(store, tiny_models):
+def test_size_picks_the_sides_and_their_order(store, tiny_models, short_bench_plans):
     rows = bench.run(stages=["pipeline", "train_step"], quick=True, backends=["torch"], sizes=[224, 32, 224],
                      settings=["cl_amp"], batch_size=16, data_dir=store.dir, device="cpu", log=lambda *_: None)
     assert [r["image_size"] for r in rows if r["stage"] == "train_step"] == [224, 32]

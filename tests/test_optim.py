@@ -80,7 +80,9 @@ def test_gradient_clipping_bounds_the_stepped_gradient(store_dir, tmp_path, amp)
         scale = getattr(opt, "grad_scale", None)
         norms.append(norm / (scale.item() if scale is not None else 1.0))
 
-    fit(tiny(train__epochs=1, train__amp=amp, optim__grad_clip=0.05, train__deterministic=amp == "none"),
+    # 20 steps of 25 images (fp16 runs emulated on a CPU: small batches), a fifth of the test images
+    fit(tiny(train__epochs=1, train__amp=amp, optim__grad_clip=0.05, train__deterministic=amp == "none",
+             data__batch_size=25, data__subset=0.5, data__test_subset=0.2),
         info(), out=tmp_path / "run", data_dir=store_dir, setup=lambda t: t.optimizer.register_step_pre_hook(record))
     assert len(norms) >= 10  # fp16 may skip a few overflowing first steps, never most of them
     assert norms == pytest.approx([0.05] * len(norms), rel=1e-3)

@@ -173,7 +173,9 @@ def test_more_epochs_past_a_schedule_that_ends_at_lr_0_are_refused(store_dir, tm
 ])
 def test_mid_epoch_resume_matches_a_straight_run(store_dir, tmp_path, fields):
     """Dropout and drop path (stochastic depth) draw from torch's global RNG, which only a restored
-    RNG state reproduces; the DALI
-    backend (CPU mode) must train, stop mid-epoch, resume and evaluate like the torch one."""
-    s = resume_matches_straight(tiny(train__epochs=2, **fields), store_dir, tmp_path, batch=6)
+    RNG state reproduces; the DALI backend (CPU mode) must train, stop mid-epoch, resume and evaluate
+    like the torch one."""
+    # 400 train images (8 batches an epoch, the stop after the 7th) and 60 test images
+    s = resume_matches_straight(tiny(train__epochs=2, data__subset=0.4, data__test_subset=0.2, **fields), store_dir,
+                                tmp_path, batch=6)
     assert s["backend"] == ("dali-cpu" if fields.get("data__backend") == "dali" else "torch")

@@ -9,14 +9,15 @@ import pytest
 
 import fastcifar.train as T
 from fastcifar import BadInput, checkpoint
-from helpers import fit, fixed_scores, info, metrics, tiny
+from helpers import QUIET, fit, fixed_scores, info, metrics, tiny
 
 
 def test_selection_follows_validation_and_best_pt_only_on_improvement(store_dir, tmp_path):
     # val peaks at epoch 2 (epoch 4 only ties it: not an improvement); test peaks at epoch 4
     val, test = [10.0, 30.0, 20.0, 30.0], [11.0, 12.0, 13.0, 40.0]
     run = tmp_path / "run"
-    s = fit(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store_dir,
+    # the scores are fixed, so the training is only a way through the loop: a fifth of the store
+    s = fit(tiny(train__epochs=4, data__val_split=0.2, data__subset=0.2), info(), out=run, data_dir=store_dir,
             setup=fixed_scores(val, test))
     assert [m["val_acc"] for m in metrics(run)] == val and [m["test_acc"] for m in metrics(run)] == test
     assert s["selection"] == "val" and s["best_epoch"] == s["best_val_epoch"] == 2
@@ -29,7 +30,7 @@ def test_selection_follows_validation_and_best_pt_only_on_improvement(store_dir,
 
 def test_selection_on_test_without_a_validation_split(store_dir, tmp_path):
     run = tmp_path / "run"
-    s = fit(tiny(), info(), out=run, data_dir=store_dir, setup=fixed_scores([], [10.0, 25.0, 20.0]))
+    s = fit(tiny(data__subset=0.2), info(), out=run, data_dir=store_dir, setup=fixed_scores([], [10.0, 25.0, 20.0]))
     assert s["selection"] == "test" and s["best_epoch"] == 2 and s["best_acc"] == 25.0
     assert "best_val_acc" not in s
     assert checkpoint.load(run / "best.pt")["epoch"] == 2
@@ -40,9 +41,10 @@ def test_selection_on_test_without_a_validation_split(store_dir, tmp_path):
 
 def test_validation_rows_are_disjoint_from_training_and_the_same_for_every_seed(store_dir, tmp_path):
     rows = []
-    for seed in (0, 7):
-        fit(tiny(train__epochs=1, train__seed=seed, data__val_split=0.2), info(), out=tmp_path / f"run{seed}",
-            data_dir=store_dir, setup=lambda t: rows.append((t.train_loader.rows, t.val_loader.rows)))
+    for seed in (0, 7):  # the partition is made as the Trainer is built: no epoch needs to run
+        recipe = tiny(train__epochs=1, train__seed=seed, data__val_split=0.2)
+        with T.Trainer(recipe, info(), out=tmp_path / f"run{seed}", data_dir=store_dir, **QUIET) as t:
+            rows.append((t.train_loader.rows, t.val_loader.rows))
     for train, val in rows:
         assert len(train) == 800 and len(val) == 200 and not set(train) & set(val)
         assert sorted(np.concatenate([train, val])) == list(range(1000))
