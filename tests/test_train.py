@@ -21,7 +21,7 @@ from fastcifar import BadInput, checkpoint
 from fastcifar.data import open_store
 from fastcifar.models import build_model, net_from_checkpoint
 from fastcifar.optim import lr_factor
-from helpers import MIXED, MIXED_EMA, QUIET, fit, info, metrics, tiny, untimed
+from helpers import MIXED, MIXED_EMA, QUIET, cli, fit, info, metrics, tiny, untimed
 from pipelines.loader import dali_available, make_loader
 
 def test_small_run_learns_and_writes_the_run_contract(store_dir, tmp_path):
@@ -136,16 +136,8 @@ def test_sigterm_saves_exits_130_and_the_run_resumes(store_dir, tmp_path):
     assert 1 <= ck["epoch"] < 50
 
     # resume through the CLI, finishing the epoch it stopped in
-    from fastcifar.cli import main
-    argv = ["fastcifar", "train", "--resume", str(run), "--data-dir", str(store_dir),
-            "--set", f"train.epochs={ck['epoch'] + 1}"]
-    old, sys.argv = sys.argv, argv
-    try:
-        with pytest.raises(SystemExit) as e:
-            main()
-    finally:
-        sys.argv = old
-    assert e.value.code == 0
+    code, _, err = cli("train", "--resume", run, "--data-dir", store_dir, "--set", f"train.epochs={ck['epoch'] + 1}")
+    assert code == 0, err
     s = json.loads((run / "summary.json").read_text())
     assert s["finished"] and s["epochs_done"] == ck["epoch"] + 1 == len(metrics(run))
 

@@ -138,7 +138,7 @@ def test_a_full_disk_mid_run_stops_with_last_pt_intact(store_dir, tmp_path):
 
     try:
         with pytest.raises(BadInput, match=r"Could not write (best|last)\.pt.*--resume"):
-            fit(tiny(), info(), out=run, data_dir=store_dir, test_fn=disk_fills)
+            fit(tiny(data__subset=0.3, data__test_subset=0.3), info(), out=run, data_dir=store_dir, test_fn=disk_fills)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, old_handler)
@@ -162,7 +162,7 @@ def fail_in_epoch_2(monkeypatch, error: Exception) -> None:
     monkeypatch.setattr(T.Trainer, "train_step", tight)
 
 
-def test_running_out_of_device_memory_is_one_paragraph_keeping_the_last_epoch(store_dir, tmp_path, monkeypatch, capsys):
+def test_running_out_of_device_memory_is_one_paragraph_keeping_the_last_epoch(store_dir, tmp_path, monkeypatch):
     """A batch the GPU cannot hold (torch.OutOfMemoryError, raised here in epoch 2's first step as
     CUDA's allocator would): exit 2 naming what to lower, summary.json says why, last.pt is epoch 1's.
     eval --batch-size too big for the device is the same kind of error."""
@@ -172,11 +172,10 @@ def test_running_out_of_device_memory_is_one_paragraph_keeping_the_last_epoch(st
     run = tmp_path / "run"
     with pytest.raises(BadInput, match=r"ran out of memory on cpu in epoch 2 \(CUDA out of memory\. Tried to "
                                        r"allocate 9\.00 GiB.*\); last\.pt holds epoch 1\. Lower data\.batch_size"):
-        T.train(tiny(train__epochs=2), info(), out=run, data_dir=store_dir, **QUIET)
+        T.train(tiny(train__epochs=2, data__subset=0.3), info(), out=run, data_dir=store_dir, **QUIET)
     assert checkpoint.load(run / "last.pt")["epoch"] == 1
     s = json.loads((run / "summary.json").read_text())
     assert not s["finished"] and s["stop_reason"] == "out of device memory" and s["epochs_done"] == 1
-    capsys.readouterr()
     monkeypatch.setattr(T, "evaluate", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")))
     code, _, err = cli("eval", run, "--data-dir", store_dir, "--device", "cpu", "--batch-size", 100)
     assert code == 2 and one_paragraph(err) and "lower --batch-size (now 100)" in err.replace("\n", " "), err
@@ -190,7 +189,7 @@ def test_running_out_of_cpu_memory_is_one_paragraph_too(store_dir, tmp_path, mon
     run = tmp_path / "run"
     with pytest.raises(BadInput, match=r"ran out of memory on cpu in epoch 2 \(can't allocate memory: you tried to "
                                        r"allocate 9663676416 bytes.*last\.pt holds epoch 1"):
-        T.train(tiny(train__epochs=2), info(), out=run, data_dir=store_dir, **QUIET)
+        T.train(tiny(train__epochs=2, data__subset=0.3), info(), out=run, data_dir=store_dir, **QUIET)
     monkeypatch.setattr(T.Trainer, "train_step", step)
     with pytest.raises(BadInput, match=r"Building .* ran out of memory on cpu \(can't allocate memory.*head\.embed_dim "
                                        r"\(now 1099511627776\)"):

@@ -4,7 +4,6 @@ training that resumes exactly, and run files from before these fields that still
 
 import os
 import pickle
-import sys
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import fastcifar.train as T
 from fastcifar import BadInput, checkpoint
 from fastcifar.config import from_dict
 from fastcifar.models import build_model, init_from
-from helpers import QUIET, fit, info, interrupt_at, resume_matches_straight, tiny
+from helpers import QUIET, cli, fit, info, interrupt_at, resume_matches_straight, tiny
 
 
 # ---- model.init_from
@@ -60,20 +59,16 @@ def test_init_from_skips_and_reports_tensors_of_another_shape(earlier_run):
     assert sorted(rep["other_shape"]) == ["head.fc.bias (100,) vs (10,)", "head.fc.weight (100, 96) vs (10, 96)"]
 
 
-def test_init_from_nothing_matching_is_bad_input_and_exits_2(store_dir, tmp_path, monkeypatch, capsys):
+def test_init_from_nothing_matching_is_bad_input_and_exits_2(store_dir, tmp_path, monkeypatch):
     ck = {"model": {"some.other.weight": torch.zeros(3)}, "recipe": {}}
     torch.save(ck, tmp_path / "other.pt")
     net = build_model(tiny().model, tiny().head, 100)
     with pytest.raises(BadInput, match="no weight in .*other.pt fits this model"):
         init_from(net, str(tmp_path / "other.pt"))
-    from fastcifar.cli import main
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["fastcifar", "train", "smoke", "--data-dir", str(store_dir), "--out", "run",
-                                      "--set", "data.backend=torch", "--set", "model.init_from=other.pt"])
-    with pytest.raises(SystemExit) as e:
-        main()
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "model.init_from = 'other.pt'" in err and "Traceback" not in err
+    code, _, err = cli("train", "smoke", "--data-dir", store_dir, "--out", "run", "--set", "data.backend=torch",
+                       "--set", "model.init_from=other.pt")
+    assert code == 2 and "model.init_from = 'other.pt'" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing half-written
 
 
