@@ -21,7 +21,7 @@ from torch import nn
 from fastcifar import config
 from fastcifar.models import sync_batchnorm
 from fastcifar.train import Trainer
-from loader_spy import LoaderSpy
+from helpers import LoaderSpy
 
 
 def final_state(trainer) -> dict:

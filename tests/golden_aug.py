@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers import ArrayStore
 from fastcifar.pipelines import AugSpec, make_loader
 from fastcifar.pipelines.draw import batch_rng, draw
 from fastcifar.pipelines.spec import tutorial_oneof
-from pipelines_helpers import ArrayStore
 
 FILE = Path(__file__).parent / "data" / "aug_before_policies.npz"
 SPECS = {  # every op that existed, alone and together

@@ -14,11 +14,10 @@ import fastcifar.train as T
 from fastcifar import checkpoint
 from fastcifar.averaging import EMA, hflip, predict
 from fastcifar.data import open_store
-from fastcifar.errors import BadInput
 from fastcifar.pipelines.loader import dali_available, make_loader
 from fastcifar.pipelines.spec import AugSpec
-from test_cli_paths import cli, one_paragraph
-from test_train import copy_run, fit, info, metrics, store, tiny  # noqa: F401 (store: the fixture)
+from fastcifar.errors import BadInput
+from helpers import cli, copy_run, fit, info, metrics, one_paragraph, tiny
 
 
 # ---- the EMA itself
@@ -102,10 +101,10 @@ class LeftMinusRight(nn.Module):
 @pytest.mark.parametrize("backend", ["torch", "tutorial",
                                      pytest.param("dali", marks=pytest.mark.skipif(not dali_available(),
                                                                                    reason="DALI is not installed here"))])
-def test_flip_tta_mirrors_the_batches_of_every_backend(store, backend):
+def test_flip_tta_mirrors_the_batches_of_every_backend(store_dir, backend):
     """The mirror is made once, on the device after the loader: whichever backend made the batch,
     TTA flip gives all-zero logits here, so a mean cross-entropy of exactly ln(100)."""
-    st = open_store(store)
+    st = open_store(store_dir)
     loader = make_loader(st, "test", AugSpec(normalize="cifar"), 64, backend=backend, augment=False,
                          indices=torch.arange(100).numpy())
     net = LeftMinusRight(100)
@@ -135,11 +134,11 @@ def fixed_scores(raw_acc: list[float], ema_acc: list[float]):
 
 
 @pytest.mark.parametrize("select_on", ["raw", "ema"])
-def test_selection_follows_the_chosen_weights(store, tmp_path, select_on):
+def test_selection_follows_the_chosen_weights(store_dir, tmp_path, select_on):
     raw, ema = [10.0, 30.0, 20.0], [15.0, 12.0, 40.0]
     run = tmp_path / "run"
     s = fit(tiny(train__ema_decay=0.9, train__select_on=select_on, data__subset=0.2), info(), out=run,
-            data_dir=store, setup=fixed_scores(raw, ema))
+            data_dir=store_dir, setup=fixed_scores(raw, ema))
     ms = metrics(run)
     assert [m["test_acc"] for m in ms] == raw and [m["test_acc_ema"] for m in ms] == ema
     assert all({"test_top5_ema", "test_loss_ema"} <= set(m) for m in ms)
@@ -150,10 +149,10 @@ def test_selection_follows_the_chosen_weights(store, tmp_path, select_on):
     assert best["epoch"] == best_epoch and set(best["ema"]) == set(best["model"])
 
 
-def test_validation_selection_on_the_ema_reports_val_ema_beside_val(store, tmp_path):
+def test_validation_selection_on_the_ema_reports_val_ema_beside_val(store_dir, tmp_path):
     run = tmp_path / "run"
     fit(tiny(train__epochs=1, train__ema_decay=0.9, train__select_on="ema", data__val_split=0.2, data__subset=0.5),
-        info(), out=run, data_dir=store, setup=fixed_scores([10.0, 11.0], [20.0, 21.0]))
+        info(), out=run, data_dir=store_dir, setup=fixed_scores([10.0, 11.0], [20.0, 21.0]))
     m = metrics(run)[0]
     # test is evaluated first, then val: raw 10 (test), 11 (val); EMA 20 (test), 21 (val)
     assert (m["test_acc"], m["val_acc"], m["test_acc_ema"], m["val_acc_ema"]) == (10.0, 11.0, 20.0, 21.0)
@@ -161,39 +160,30 @@ def test_validation_selection_on_the_ema_reports_val_ema_beside_val(store, tmp_p
     assert (s["best_val_acc"], s["test_acc_at_best_val"], s["best_acc"]) == (21.0, 20.0, 20.0)
 
 
-@pytest.fixture(scope="module")
-def ema_run(store, tmp_path_factory):
-    """One epoch of tiny() with an EMA (decay 0.9) and flip TTA."""
-    run = tmp_path_factory.mktemp("ema") / "run"
-    T.train(tiny(train__epochs=1, train__ema_decay=0.9, train__tta="flip"), info(), out=run, data_dir=store,
-            log=lambda *a, **k: None)
-    return run
-
-
-def test_the_loop_evaluates_raw_and_ema_weights_with_its_tta(store, ema_run):
+def test_the_loop_evaluates_raw_and_ema_weights_with_its_tta(store_dir, ema_run):
     """metrics.jsonl's test_* are the raw weights with flip TTA, test_*_ema the EMA's: `fastcifar eval`
     of last.pt with those choices gives the same figures, and other choices other ones."""
     m, s = metrics(ema_run)[0], json.loads((ema_run / "summary.json").read_text())
     assert s["tta"] == "flip" and s["select_on"] == "raw"
-    ev = {w: T.evaluate_checkpoint(str(ema_run / "last.pt"), data_dir=store, batch_size=64, device="cpu", weights=w)
+    ev = {w: T.evaluate_checkpoint(str(ema_run / "last.pt"), data_dir=store_dir, batch_size=64, device="cpu", weights=w)
           for w in ("auto", "raw", "ema")}
     assert (ev["auto"]["weights"], ev["raw"]["weights"], ev["ema"]["tta"]) == ("ema", "raw", "flip")  # the recipe's TTA
     assert ev["raw"]["loss"] == pytest.approx(m["test_loss"], rel=1e-5) and ev["raw"]["acc"] == pytest.approx(m["test_acc"])
     assert ev["ema"]["loss"] == pytest.approx(m["test_loss_ema"], rel=1e-5) and ev["ema"]["acc"] == pytest.approx(m["test_acc_ema"])
     assert ev["auto"]["loss"] == ev["ema"]["loss"] != ev["raw"]["loss"]
-    plain = T.evaluate_checkpoint(str(ema_run / "last.pt"), data_dir=store, batch_size=64, device="cpu", weights="raw",
-                                  tta="none")
+    plain = T.evaluate_checkpoint(str(ema_run / "last.pt"), data_dir=store_dir, batch_size=64, device="cpu",
+                                  weights="raw", tta="none")
     assert plain["tta"] == "none" and plain["loss"] != pytest.approx(m["test_loss"], rel=1e-5)
 
 
-def test_cli_eval_says_which_weights_and_tta_and_refuses_bad_choices(store, ema_run, tmp_path, monkeypatch, capsys):
-    code, out, err = cli(monkeypatch, capsys, "eval", ema_run / "last.pt", "--data-dir", store, "--device", "cpu",
+def test_cli_eval_says_which_weights_and_tta_and_refuses_bad_choices(store_dir, ema_run, tmp_path):
+    code, out, err = cli("eval", ema_run / "last.pt", "--data-dir", store_dir, "--device", "cpu",
                          "--tta", "none")
     assert code == 0 and "ema weights, TTA none" in out, err
     ck = checkpoint.load(ema_run / "last.pt")
     del ck["ema"]
     checkpoint.save(tmp_path / "raw_only.pt", ck)
-    code, out, err = cli(monkeypatch, capsys, "eval", tmp_path / "raw_only.pt", "--data-dir", store, "--device", "cpu")
+    code, out, err = cli("eval", tmp_path / "raw_only.pt", "--data-dir", store_dir, "--device", "cpu")
     assert code == 0 and "raw weights, TTA flip" in out, err  # auto: no EMA in it, so the raw weights
     ck["ema"] = [1, 2, 3]
     checkpoint.save(tmp_path / "damaged.pt", ck)
@@ -201,7 +191,7 @@ def test_cli_eval_says_which_weights_and_tta_and_refuses_bad_choices(store, ema_
                                ("raw_only.pt", ("--weights", "best"), "--weights 'best'"),
                                ("raw_only.pt", ("--tta", "rotate"), "--tta 'rotate'"),
                                ("damaged.pt", (), "EMA weights are a list, not a state dict")]:
-        code, out, err = cli(monkeypatch, capsys, "eval", tmp_path / ref, "--data-dir", store, *args)
+        code, out, err = cli("eval", tmp_path / ref, "--data-dir", store_dir, *args)
         assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), (args, err)
 
 

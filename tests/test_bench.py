@@ -1,12 +1,15 @@
-"""`fastcifar bench` stages train_step and end_to_end, and the headroom ratio. Behaviour only:
+"""`fastcifar bench` stages train_step and end_to_end, and the headroom ratio; bad input (a --device,
+a --json or --plot path that would lose a file) is exit 2 before anything runs. Behaviour only:
 no figure is asserted (speed is the bench's job, not the tests')."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,19 +18,13 @@ import torch
 
 from fastcifar import bench
 from fastcifar.errors import BadInput
+from helpers import cli, contents, one_paragraph
 from fastcifar.pipelines.loader import dali_available
 
 ROW_KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec"}
 
 
-@pytest.fixture
-def tiny_models(monkeypatch):
-    """timm's 0.4M-parameter test_resnet stands in for resnet18/50: the same code path, seconds not minutes."""
-    monkeypatch.setattr(bench, "MODELS", ("test_resnet",))
-    monkeypatch.setattr(bench, "CPU_STEP_BATCH", {32: 8, 224: 2})
-
-
-def test_train_step_climbs_the_ladder(store, tiny_models):
+def test_train_step_climbs_the_ladder(store, tiny_models, short_bench_plans):
     rows = bench.run(stages=["train_step"], quick=True, data_dir=store.dir, device="cpu", log=lambda *_: None)
     assert all(ROW_KEYS <= set(r) and r["stage"] == "train_step" and r["images_per_sec"] > 0 for r in rows)
     # --quick on a CPU leaves the compiled step out (a first compile costs ~40 s here)
@@ -87,7 +84,7 @@ def test_train_step_trains():
     assert losses[-1] < losses[0]
 
 
-def test_end_to_end_and_headroom(store, tiny_models, tmp_path):
+def test_end_to_end_and_headroom(store, tiny_models, short_bench_plans, tmp_path):
     out = tmp_path / "bench.json"
     rows = bench.run(stages=["pipeline", "train_step", "end_to_end"], quick=True, json_path=out,
                      backends=["tutorial", "torch"], batch_size=16, data_dir=store.dir, device="cpu", log=lambda *_: None,
@@ -117,7 +114,7 @@ def test_end_to_end_and_headroom(store, tiny_models, tmp_path):
                                             if (r["backend"], r["image_size"]) == (h["pipeline"], h["image_size"]))
 
 
-def test_size_picks_the_sides_and_their_order(store, tiny_models):
+def test_size_picks_the_sides_and_their_order(store, tiny_models, short_bench_plans):
     rows = bench.run(stages=["pipeline", "train_step"], quick=True, backends=["torch"], sizes=[224, 32, 224],
                      settings=["cl_amp"], batch_size=16, data_dir=store.dir, device="cpu", log=lambda *_: None)
     assert [r["image_size"] for r in rows if r["stage"] == "train_step"] == [224, 32]
@@ -143,10 +140,9 @@ def test_a_store_too_small_for_any_size_is_refused_before_measuring(store):
 def test_cli_bench_writes_json_atomically(store, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "bench", "--stage", "pipeline", "--quick", "--backend", "torch",
-                        "--batch-size", "16", "--data-dir", str(store.dir), "--device", "cpu", "--json", str(blocker / "b.json")],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "Cannot write" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = cli("bench", "--stage", "pipeline", "--quick", "--backend", "torch", "--batch-size", "16",
+                       "--data-dir", store.dir, "--device", "cpu", "--json", blocker / "b.json")
+    assert code == 2 and "Cannot write" in err and "Traceback" not in err
 
 
 def test_json_is_rewritten_after_every_row_and_a_stop_keeps_the_rows(store, tmp_path, monkeypatch):
@@ -177,7 +173,7 @@ def test_json_is_rewritten_after_every_row_and_a_stop_keeps_the_rows(store, tmp_
 
 def test_meta_names_the_data_set_of_the_store(tmp_path, monkeypatch):
     """A bench on a CIFAR-10 store says so in meta.store (the tables' caption), not cifar100."""
-    from cifar_fixture import write_official
+    from cifar_files import write_official
     from fastcifar.data import prepare
 
     src, _ = write_official(tmp_path / "src", n_train=50, n_test=10, dataset="cifar10")
@@ -213,10 +209,9 @@ def test_cli_bench_stopped_by_sigterm_keeps_what_it_measured(store, tmp_path):
 
 
 def test_cli_bench_refuses_a_plot_path_it_cannot_write_before_measuring(store, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "bench", "--stage", "pipeline", "--quick", "--backend", "torch",
-                        "--data-dir", str(store.dir), "--device", "cpu", "--plot", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "--plot" in r.stderr and "is a directory" in r.stderr and "pipeline" not in r.stdout
+    code, out, err = cli("bench", "--stage", "pipeline", "--quick", "--backend", "torch", "--data-dir", store.dir,
+                         "--device", "cpu", "--plot", tmp_path)
+    assert code == 2 and "--plot" in err and "is a directory" in err and "pipeline" not in out
 
 
 def test_the_picture_draws_the_pipeline_table_and_the_headroom():
@@ -401,3 +396,129 @@ def test_a_users_json_with_a_meta_key_is_not_taken_for_a_bench_json(tmp_path):
         bench.check_json_path(mine)
     bench.check_json_path(tmp_path / "new.json")  # a new path is fine
     assert mine.read_text() == '{"meta": {"author": "me"}, "notes": []}'
+
+
+# ---- bad input: a bad --device or an output path that would lose a file is exit 2 before anything runs
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:x", "mps", "meta"])
+def test_bench_bad_device_is_bad_input_before_the_run(bench_spy, device):
+    bench, ran = bench_spy
+    with pytest.raises(BadInput, match="--device"):
+        bench.run(stages=["pipeline"], quick=True, device=device, log=lambda *_: None)
+    assert ran == []
+
+
+def test_cli_bench_device_foo_is_one_paragraph_exit_2():
+    code, _, err = cli("bench", "--quick", "--device", "foo")
+    assert code == 2 and one_paragraph(err, "'foo'", "cpu, cuda or cuda:N"), err
+
+
+@pytest.mark.parametrize("case", ["under a file", "a directory"])
+def test_bench_unwritable_json_is_refused_before_the_run(tmp_path, bench_spy, case):
+    bench, ran = bench_spy
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    path = {"under a file": tmp_path / "afile" / "bench.json", "a directory": tmp_path / "adir"}[case]
+    why = {"under a file": f"{tmp_path / 'afile'} is a file, not a directory", "a directory": "is a directory"}[case]
+    with pytest.raises(BadInput, match=f"{path}.*{why}"):
+        bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=path, log=lambda *_: None)
+    assert ran == []  # found before the store or a stage, not after minutes of benchmarking
+    bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=tmp_path / "new" / "b.json", log=lambda *_: None)
+    assert ran == ["store", "pipeline"] and json.loads((tmp_path / "new" / "b.json").read_text())["rows"] == []
+
+
+def no_store_and_temp_in(tmp_path, monkeypatch):
+    """No prepared store (FASTCIFAR_DATA names none) and the temp dir in tmp_path, where a bench would
+    make its synthetic stand-in: what a test then finds in tmp_path, the bench made."""
+    monkeypatch.setenv("FASTCIFAR_DATA", str(tmp_path / "nostore"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
+def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    no_store_and_temp_in(tmp_path, monkeypatch)
+    t = time.time()
+    code, _, err = cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "afile" / "b.json"))
+    assert code == 2 and one_paragraph(err, tmp_path / "afile" / "b.json"), err
+    assert time.time() - t < 60 and sorted(os.listdir(tmp_path)) == ["afile"]  # no synthetic store made first
+
+
+def _bench_paths(tmp_path: Path) -> dict:
+    """A user's JSON and picture, look-alikes of a bench's (a JSON with meta and rows, a figure
+    matplotlib saved, an empty file), and an earlier bench's JSON and picture."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from fastcifar import bench
+
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    Image.new("RGB", (4, 4)).save(tmp_path / "holiday.png")
+    (tmp_path / "lookalike.json").write_text(json.dumps({"meta": {}, "rows": []}))
+    plt.figure().savefig(tmp_path / "figure.png")  # a PNG matplotlib wrote: the user's all the same
+    plt.close("all")
+    (tmp_path / "empty.json").write_text("")
+    bench.write_json(tmp_path / "old.json", {"meta": {}, "rows": []})
+    bench.plot({"meta": {}, "rows": [], "headroom": [{"pipeline": "torch", "model": "m", "image_size": 32,
+                                                      "headroom": 2.0}]}, tmp_path / "old.png")
+    return {p.name: p for p in tmp_path.iterdir()}
+
+
+USERS = ["notes.json", "holiday.png", "lookalike.json", "figure.png", "empty.json"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--json", "{tmp}/b.json", "--plot", "{tmp}/b.json"], "name the same file"),
+    (["--plot", "{tmp}/bench.jpg"], "name it *.png"),
+    (["--device", ""], "--device ''"),
+] + [(["--json" if name.endswith(".json") else "--plot", "{tmp}/" + name], "did not write") for name in USERS])
+def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_path, monkeypatch, args, message):
+    paths = _bench_paths(tmp_path)
+    before = contents(tmp_path)
+    no_store_and_temp_in(tmp_path, monkeypatch)
+    code, _, err = cli("bench", "--quick", "--stage", "pipeline", *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2 and one_paragraph(err, message), err
+    assert contents(tmp_path) == before and paths  # nothing written, replaced or made (no synthetic store)
+
+
+def test_bench_replaces_only_its_own_outputs(tmp_path, bench_spy):
+    bench, ran = bench_spy
+    paths = _bench_paths(tmp_path)
+    for name in USERS:  # by name, extension or content alike: not the bench's
+        with pytest.raises(BadInput, match="did not write"):
+            bench.check_json_path(paths[name], "--json" if name.endswith(".json") else "--plot")
+    bench.check_json_path(paths["old.png"], "--plot")
+    bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=paths["old.json"], log=lambda *_: None)
+    assert json.loads(paths["old.json"].read_text())["meta"]["complete"] is True
+    paths["old.json"].write_text('{"meta": {}, "rows": [], "my note": 1}')  # edited since: the user's now
+    with pytest.raises(BadInput, match="changed since"):
+        bench.check_json_path(paths["old.json"])
+
+
+def test_bench_measures_a_stage_or_model_named_twice_once(bench_spy, monkeypatch):
+    bench, ran = bench_spy
+    seen = []
+    monkeypatch.setitem(bench.STAGES, "train_step", lambda models, backends, **k: seen.append((models, backends)) or [])
+    bench.run(stages=["train_step", "pipeline", "train_step"], models=["test_resnet", "test_resnet"],
+              backends=["torch", "torch"], quick=True, device="cpu", log=lambda *_: None)
+    assert ran == ["store", "pipeline"] and seen == [(["test_resnet"], ["torch"])]
+
+
+def test_bench_out_of_device_memory_is_bad_input_keeping_the_rows(tmp_path, bench_spy, monkeypatch):
+    import torch
+
+    bench, ran = bench_spy
+
+    def stage(**k):
+        yield {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "none", "images_per_sec": 1}
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 600.00 TiB")
+
+    monkeypatch.setitem(bench.STAGES, "pipeline", stage)
+    with pytest.raises(BadInput, match=r"ran out of device memory at --batch-size 1000000000 .* smaller --batch-size"
+                                       r".* 1 rows measured before are in"):
+        bench.run(stages=["pipeline"], quick=True, device="cpu", batch_size=10 ** 9, json_path=tmp_path / "b.json",
+                  log=lambda *_: None)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert len(saved["rows"]) == 1 and saved["meta"]["complete"] is False

@@ -8,40 +8,23 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fastcifar.train as T
-from cifar_fixture import CIFAR10_TRAIN, expected_images, field, make_split, md5, write_official
+from cifar_files import CIFAR10_TRAIN, expected_images, field, make_split, md5, write_official
 from fastcifar import owned
-from fastcifar import data as fdata
 from fastcifar.errors import BadInput
-from test_train import QUIET, info, metrics, tiny
+from fastcifar import data as fdata
+from helpers import QUIET, cli, info, metrics, tiny
 
 LOG = dict(log=lambda *_: None)
 
 
 def snapshot(d: Path) -> dict:
     return {p.name: (p.stat().st_ino, p.read_bytes()) for p in sorted(d.iterdir())}
-
-
-@pytest.fixture
-def official10(tmp_path):
-    return write_official(tmp_path / "src", n_train=250, n_test=80, dataset="cifar10")
-
-
-@pytest.fixture
-def official10_md5s(monkeypatch, official10):
-    """The fixture counts as the official CIFAR-10 (its md5s patched in as the official ones)."""
-    tarball, _ = official10
-    d = tarball.parent / "cifar-10-batches-py"
-    monkeypatch.setattr(fdata, "TARBALL10_MD5", md5(tarball))
-    monkeypatch.setattr(fdata, "MEMBER10_MD5", {n: md5(d / n) for n in fdata.MEMBER10_MD5})
-    return official10
 
 
 def check_store(store_dir: Path, objs: dict) -> fdata.Store:
@@ -217,33 +200,24 @@ def test_synthetic_cifar10_is_balanced_deterministic_and_learnable(tmp_path):
     assert (pred == a.labels("test")).mean() > 0.3  # chance is 10%
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastcifar", *args], capture_output=True, text=True)
-
-
 def test_cli_prepare_dataset(tmp_path, official10):
     tarball, objs = official10
-    r = _cli("prepare", "--dataset", "CIFAR10", "--from", str(tarball), "--no-verify", "--data-dir", str(tmp_path / "s"))
-    assert r.returncode == 0, r.stderr
+    code, out, err = cli("prepare", "--dataset", "CIFAR10", "--from", str(tarball), "--no-verify", "--data-dir",
+                         str(tmp_path / "s"), spawn=True)
+    assert code == 0, err
     check_store(tmp_path / "s", objs)
-    r = _cli("prepare", "--dataset", "cifar1000", "--synthetic", "--data-dir", str(tmp_path / "x"))
-    assert r.returncode == 2 and "--dataset 'cifar1000': use one of cifar100, cifar10" in r.stderr.replace("\n", " ")
-    assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
+    code, out, err = cli("prepare", "--dataset", "cifar1000", "--synthetic", "--data-dir", str(tmp_path / "x"),
+                         spawn=True)
+    assert code == 2 and "--dataset 'cifar1000': use one of cifar100, cifar10" in err.replace("\n", " ")
+    assert "Traceback" not in err and not (tmp_path / "x").exists()
 
 
 # ---- training on CIFAR-10: the classes follow the store
 
 
-@pytest.fixture(scope="module")
-def store10(tmp_path_factory):
-    d = tmp_path_factory.mktemp("c10") / "cifar10"
-    fdata.prepare(d, synthetic=True, n_train=1000, n_test=300, dataset="cifar10", **LOG)
-    return d
-
-
-def test_a_cifar10_recipe_trains_ten_classes_and_evaluates_on_its_store(store10, tmp_path, monkeypatch):
+def test_a_cifar10_recipe_trains_ten_classes_and_evaluates_on_its_store(cifar10_store_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    s = T.train(tiny(train__epochs=1, data__dataset="cifar10"), info(), out=run, data_dir=store10, **QUIET)
+    s = T.train(tiny(train__epochs=1, data__dataset="cifar10"), info(), out=run, data_dir=cifar10_store_dir, **QUIET)
     from fastcifar import checkpoint
     ck = checkpoint.load(run / "last.pt")
     assert ck["model"]["head.fc.weight"].shape[0] == 10 and ck["recipe"]["data"]["dataset"] == "cifar10"
@@ -254,14 +228,14 @@ def test_a_cifar10_recipe_trains_ten_classes_and_evaluates_on_its_store(store10,
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FASTCIFAR_DATA", raising=False)
     (tmp_path / "data").mkdir()
-    os.symlink(store10, tmp_path / "data" / "cifar10")
+    os.symlink(cifar10_store_dir, tmp_path / "data" / "cifar10")
     ev = T.evaluate_checkpoint(str(run), batch_size=100, device="cpu")
     assert ev["images"] == 300 and ev["acc"] == pytest.approx(s["best_acc"])
 
 
-def test_a_recipe_on_the_other_data_sets_store_is_bad_input(store10, tmp_path):
+def test_a_recipe_on_the_other_data_sets_store_is_bad_input(cifar10_store_dir, tmp_path):
     with pytest.raises(BadInput, match="holds CIFAR-10, but the run is for CIFAR-100 .*data.dataset = cifar100"):
-        T.train(tiny(train__epochs=1), info(), out=tmp_path / "run", data_dir=store10, **QUIET)
+        T.train(tiny(train__epochs=1), info(), out=tmp_path / "run", data_dir=cifar10_store_dir, **QUIET)
     assert not (tmp_path / "run").exists()
 
 
@@ -283,7 +257,7 @@ def test_train_prepares_a_missing_cifar10_store_in_its_own_place(tmp_path, monke
     assert fetched == [(fdata.URL10, Path("data/cifar-10-python.tar.gz"))], e.value
 
 
-def test_the_cifar10_recipe_is_wired_end_to_end(store10, tmp_path):
+def test_the_cifar10_recipe_is_wired_end_to_end(cifar10_store_dir, tmp_path):
     """r18_cifar10 as shipped (ResNet-18, CIFAR stem, bf16, EMA, flip TTA, selection on the EMA),
     shrunk to one step of 100 images: a wiring check, not an accuracy one."""
     from fastcifar.config import apply_overrides, load
@@ -293,7 +267,7 @@ def test_the_cifar10_recipe_is_wired_end_to_end(store10, tmp_path):
     assert r.train.ema_decay > 0 and r.loss.label_smoothing > 0 and r.aug.image_size == 32
     apply_overrides(r, ["train.epochs=1", "data.batch_size=100", "data.subset=0.1", "data.test_subset=0.1",
                         "data.backend=torch", "train.device=cpu"])
-    s = T.train(r, run_info, out=tmp_path / "run", data_dir=store10, **QUIET)
+    s = T.train(r, run_info, out=tmp_path / "run", data_dir=cifar10_store_dir, **QUIET)
     m = metrics(tmp_path / "run")[0]
     assert s["finished"] and (s["select_on"], s["tta"]) == ("ema", "flip") and s["best_acc"] == m["test_acc_ema"]
     plus, _ = load("r18_cifar_32_plus")  # the CIFAR-100 recipe of what helps

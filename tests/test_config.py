@@ -2,7 +2,6 @@
 fail, recipe files load by name or path, derived recipes record their parent, bad input exits 2."""
 
 import re
-import sys
 import textwrap
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from fastcifar.config import (Recipe, apply_overrides, from_dict, load, recipe_dirs, to_dict, valid_keys)
 from fastcifar.errors import BadInput
+from helpers import cli, one_paragraph
 
 REQUIRED_KEYS = ["train.epochs", "train.seed", "train.compile", "train.amp", "train.deterministic",
                  "data.batch_size", "data.backend", "data.val_split", "optim.lr", "optim.weight_decay"]
@@ -98,14 +98,6 @@ def test_bad_recipe_references(tmp_path):
         load(str(tmp_path / "wrong.py"))
 
 
-def _cli(monkeypatch, capsys, *args):
-    from fastcifar.cli import main
-    monkeypatch.setattr(sys, "argv", ["fastcifar", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    return e.value.code, capsys.readouterr()
-
-
 @pytest.mark.parametrize("args, message", [
     (("train", "no_such_recipe"), "No recipe named"),
     (("train", "smoke", "--set", "train.epoch=2"), "valid keys of train"),
@@ -113,17 +105,16 @@ def _cli(monkeypatch, capsys, *args):
     (("train", "recipes/nope.py"), "does not exist"),
     (("train",), "Name a recipe"),
 ])
-def test_cli_bad_input_exits_2_with_one_paragraph(monkeypatch, capsys, args, message):
-    code, out = _cli(monkeypatch, capsys, *args)
+def test_cli_bad_input_exits_2_with_one_paragraph(args, message):
+    code, _, err = cli(*args)
     assert code == 2
-    assert message in out.err.replace("\n", " ") and "Traceback" not in out.err
-    assert out.err.startswith("error: ") and "\n\n" not in out.err.strip()
+    assert message in err.replace("\n", " ") and one_paragraph(err), err
 
 
-def test_cli_recipes_lists_names_and_docstrings(monkeypatch, capsys):
-    code, out = _cli(monkeypatch, capsys, "recipes")
+def test_cli_recipes_lists_names_and_docstrings():
+    code, out, _ = cli("recipes")
     assert code == 0
-    lines = {l.split()[0]: l for l in out.out.splitlines() if l}
+    lines = {l.split()[0]: l for l in out.splitlines() if l}
     assert "smoke" in lines and "r18_baseline" in lines and "44.26%" in lines["r18_baseline"]
 
 
@@ -133,7 +124,7 @@ def _recipe_file(path, body):
                     f"def recipe():\n{textwrap.indent(textwrap.dedent(body), '    ')}")
 
 
-def test_own_recipes_come_first_and_may_extend_the_installed_ones(tmp_path, monkeypatch, capsys):
+def test_own_recipes_come_first_and_may_extend_the_installed_ones(tmp_path, monkeypatch):
     installed = Path(__file__).resolve().parent.parent / "recipes"  # a checkout's recipes are the installed ones
     monkeypatch.chdir(tmp_path)
     _recipe_file(tmp_path / "recipes" / "smoke.py", 'r = derive("smoke")\nr.train.epochs = 1\nreturn r\n')
@@ -149,16 +140,16 @@ def test_own_recipes_come_first_and_may_extend_the_installed_ones(tmp_path, monk
     assert info["parent"] == "r18_lbsmooth" and r.loss.label_smoothing == 0.1 and r.optim.lr == 1e-3
     assert Path(load("r18_baseline")[1]["path"]) == installed / "r18_baseline.py"
 
-    code, out = _cli(monkeypatch, capsys, "recipes")
+    code, out, _ = cli("recipes")
     assert code == 0
-    rows = {cols[0]: cols[1] for cols in map(str.split, out.out.splitlines()) if len(cols) > 1}
+    rows = {cols[0]: cols[1] for cols in map(str.split, out.splitlines()) if len(cols) > 1}
     assert (rows["NAME"], rows["smoke"], rows["mine"], rows["r18_baseline"]) == ("FROM", "./recipes*", "./recipes", "installed")
-    footer = {cols[0]: cols[1] for cols in map(str.split, out.out.splitlines()) if cols and cols[0].endswith(":")}
+    footer = {cols[0]: cols[1] for cols in map(str.split, out.splitlines()) if cols and cols[0].endswith(":")}
     assert footer == {"./recipes:": str(tmp_path / "recipes"), "installed:": str(installed)}
-    assert "* shadows the installed recipe" in out.out
+    assert "* shadows the installed recipe" in out
 
 
-def test_recipes_deriving_in_a_cycle_or_from_nothing_fail_clearly(tmp_path, monkeypatch, capsys):
+def test_recipes_deriving_in_a_cycle_or_from_nothing_fail_clearly(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _recipe_file(tmp_path / "recipes" / "a.py", 'return derive("b")\n')
     _recipe_file(tmp_path / "recipes" / "b.py", 'return derive("a")\n')
@@ -169,8 +160,8 @@ def test_recipes_deriving_in_a_cycle_or_from_nothing_fail_clearly(tmp_path, monk
         load("solo")
     with pytest.raises(BadInput, match=r"No recipe named 'nope'.*looked in ./recipes \(.*\) and installed \("):
         load("nope")
-    code, out = _cli(monkeypatch, capsys, "train", "a")
-    assert code == 2 and "cycle" in out.err and "Traceback" not in out.err
+    code, _, err = cli("train", "a")
+    assert code == 2 and "cycle" in err and "Traceback" not in err
 
 
 # each recipe range, refused just past its bound and accepted at it: a loosened or dropped check

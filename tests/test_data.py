@@ -12,29 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_fixture import expected_images, make_split, md5, write_official
+from cifar_files import expected_images, make_split, md5, write_official
 from fastcifar import owned
-from fastcifar import data as fdata
 from fastcifar.errors import BadInput
+from fastcifar import data as fdata
+from helpers import cli
 
 
 def _snapshot(d: Path) -> dict:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_ino, p.read_bytes()) for p in sorted(d.iterdir())}
-
-
-@pytest.fixture
-def official(tmp_path):
-    return write_official(tmp_path / "src")
-
-
-@pytest.fixture
-def official_md5s(monkeypatch, official):
-    """Make the fixture count as 'official' by patching the md5s prepare checks against."""
-    tarball, _ = official
-    d = tarball.parent / "cifar-100-python"
-    monkeypatch.setattr(fdata, "TARBALL_MD5", md5(tarball))
-    monkeypatch.setattr(fdata, "MEMBER_MD5", {n: md5(d / n) for n in ("train", "test", "meta")})
-    return official
 
 
 def _check_store(store_dir: Path, objs: dict):
@@ -334,29 +320,26 @@ def test_synthetic_labels_are_shuffled_not_cyclic():
     assert len(np.unique(labels[:100])) < 100
 
 
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fastcifar", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
 def test_cli_prepare_end_to_end(tmp_path, official):
     tarball, objs = official
-    r = _cli("prepare", "--from", str(tarball), "--no-verify", "--data-dir", str(tmp_path / "store"))
-    assert r.returncode == 0, r.stderr
+    code, out, err = cli("prepare", "--from", str(tarball), "--no-verify", "--data-dir", str(tmp_path / "store"),
+                         spawn=True)
+    assert code == 0, err
     _check_store(tmp_path / "store", objs)
-    r = _cli("prepare", "--from", str(tarball), "--data-dir", str(tmp_path / "store2"))
-    assert r.returncode == 2
-    assert "not the official" in r.stderr and "Traceback" not in r.stderr
+    code, out, err = cli("prepare", "--from", str(tarball), "--data-dir", str(tmp_path / "store2"), spawn=True)
+    assert code == 2
+    assert "not the official" in err and "Traceback" not in err
     assert not (tmp_path / "store2").exists()
-    r = _cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--data-dir", str(tmp_path / "syn"))
-    assert r.returncode == 0, r.stderr
+    code, out, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--data-dir",
+                         str(tmp_path / "syn"), spawn=True)
+    assert code == 0, err
     assert fdata.open_store(tmp_path / "syn").synthetic
-    r = _cli("prepare", "--synthetic", "--train", "0", "--data-dir", str(tmp_path / "syn0"))
-    assert r.returncode == 2 and "at least 1" in r.stderr
-    r = _cli("--version")
-    assert r.returncode == 0 and r.stdout.startswith("fastcifar ")
-    r = _cli("prepare", "--help")
-    assert r.returncode == 0 and "--synthetic" in r.stdout and "--no-verify" in r.stdout
+    code, out, err = cli("prepare", "--synthetic", "--train", "0", "--data-dir", str(tmp_path / "syn0"), spawn=True)
+    assert code == 2 and "at least 1" in err
+    code, out, err = cli("--version", spawn=True)
+    assert code == 0 and out.startswith("fastcifar ")
+    code, out, err = cli("prepare", "--help", spawn=True)
+    assert code == 0 and "--synthetic" in out and "--no-verify" in out
 
 
 def test_full_size_prepare_stays_under_1_5_gb(tmp_path):

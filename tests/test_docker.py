@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import dependency_floors
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "docker" / "Dockerfile").read_text()
 PYPROJECT = (ROOT / "pyproject.toml").read_text()
@@ -55,12 +57,6 @@ def test_image_installs_the_built_wheel_not_the_source_tree():
     assert 'ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "fastcifar"]' in image
 
 
-def _floors():
-    """pyproject.toml's runtime dependency lines, as the wheel's metadata will carry them."""
-    block = re.search(r"^dependencies = \[(.*?)^\]", PYPROJECT, re.M | re.S)[1]
-    return re.findall(r'^\s*"([^"]+)",', block, re.M)
-
-
 # torch and DALI as NGC releases ship them (pre-releases, local labels); the torchvision values only
 # illustrate the shape
 @pytest.mark.parametrize("torch, torchvision, dali, missing", [
@@ -73,7 +69,7 @@ def _floors():
     pytest.param("2.14.1", "0.29.1", None, ["nvidia-dali-cuda120"], id="no DALI"),
 ])
 def test_deps_check_refuses_a_base_below_the_floors(torch, torchvision, dali, missing):
-    reqs = deps.runtime(_floors())
+    reqs = deps.runtime(dependency_floors())
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
         missing = [m for m in missing if not m.startswith("nvidia-dali")]  # DALI is required on Linux only
     bad = deps.problems(reqs, {"torch": torch, "torchvision": torchvision, "nvidia-dali": dali})
@@ -83,12 +79,12 @@ def test_deps_check_refuses_a_base_below_the_floors(torch, torchvision, dali, mi
 def test_deps_requirements_leave_the_bases_torch_and_dali_alone(tmp_path):
     import zipfile
     wheel = tmp_path / "fastcifar-0-py3-none-any.whl"
-    meta = "Metadata-Version: 2.4\nName: fastcifar\n" + "".join(f"Requires-Dist: {r}\n" for r in _floors()) + \
+    meta = "Metadata-Version: 2.4\nName: fastcifar\n" + "".join(f"Requires-Dist: {r}\n" for r in dependency_floors()) + \
         'Requires-Dist: pytest>=7; extra == "dev"\n'
     with zipfile.ZipFile(wheel, "w") as z:
         z.writestr("fastcifar-0.dist-info/METADATA", meta)
     got = deps.image_requirements(str(wheel))
-    assert got == [r for r in _floors() if not r.startswith(("torch>", "torchvision>", "nvidia-dali"))]
+    assert got == [r for r in dependency_floors() if not r.startswith(("torch>", "torchvision>", "nvidia-dali"))]
     assert any(r.startswith("timm>=") for r in got) and not [r for r in got if "pytest" in r]
 
 

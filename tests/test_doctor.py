@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,16 +17,11 @@ import torch
 import fastcifar.train as T
 from fastcifar import doctor
 from fastcifar.doctor import STEPS, Step
-from fastcifar.errors import BadInput
+from helpers import QUIET, cli, one_paragraph
 from fastcifar.pipelines.loader import dali_available
+from fastcifar.errors import BadInput
 
-QUIET = lambda *a, **k: None  # noqa: E731
 BY_NAME = {s.name: s for s in STEPS}
-
-
-def run_cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "fastcifar", "doctor", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_doctor_passes_on_the_cpu_and_reports_every_check_and_row(tmp_path):
@@ -36,9 +29,10 @@ def test_doctor_passes_on_the_cpu_and_reports_every_check_and_row(tmp_path):
     versions, the checks and the rows (the targets n/a off an H100/H200). Without DALI the
     agreement check says how to install it and the rows run on the torch backend."""
     out = tmp_path / "doctor.json"
-    r = run_cli("--device", "cpu", "--json", str(out), "--budget", "900")  # a loaded CI machine: no step cut short
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
-    lines = r.stdout.splitlines()
+    # a loaded CI machine: no step cut short
+    code, stdout, stderr = cli("doctor", "--device", "cpu", "--json", out, "--budget", "900", spawn=True, timeout=900)
+    assert code == 0, stdout[-4000:] + stderr[-3000:]
+    lines = stdout.splitlines()
     for name in ("agreement", "compile", "resume"):
         assert any(line.split()[:2] == ["PASS", name] for line in lines), name
     assert "| check | result | seconds | what |" in lines and "| throughput (toy sizes on a CPU) | measured | target | met |" in lines
@@ -203,7 +197,7 @@ def test_the_targets_come_first_then_the_extras():
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, kw, message):
     with pytest.raises(BadInput, match=message.replace("(", r"\(")):
-        doctor.run(**{"device": "cpu", "log": QUIET, **kw})
+        doctor.run(**{"device": "cpu", **QUIET, **kw})
 
 
 def test_json_replaces_only_a_file_doctor_wrote(tmp_path):
@@ -212,7 +206,7 @@ def test_json_replaces_only_a_file_doctor_wrote(tmp_path):
     mine = tmp_path / "notes.json"
     mine.write_text('{"doctor": "0.1.0"}')  # looks like one, but doctor did not write it
     with pytest.raises(BadInput, match=f"`fastcifar doctor` did not write {mine}, or it was changed since"):
-        doctor.run(device="cpu", json_path=mine, log=QUIET)
+        doctor.run(device="cpu", json_path=mine, **QUIET)
     assert mine.read_text() == '{"doctor": "0.1.0"}'
     quick = [Step("first", "target", passes, cap=(5, 5), need=(0, 0))]
     for _ in range(2):  # the second run replaces the first one's file
@@ -220,7 +214,6 @@ def test_json_replaces_only_a_file_doctor_wrote(tmp_path):
 
 
 def test_cuda_without_a_gpu_is_exit_2_in_one_paragraph():
-    r = run_cli("--device", "cuda", timeout=300)
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.startswith("error: --device cuda asked for a GPU") and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().split("\n\n")) == 1
+    code, out, err = cli("doctor", "--device", "cuda")
+    assert code == 2 and out == ""
+    assert err.startswith("error: --device cuda asked for a GPU") and one_paragraph(err), err

@@ -26,7 +26,7 @@ import fastcifar.predict as pr
 from fastcifar.pipelines.loader import make_loader
 from fastcifar.predict import gather, predict, read_image
 from fastcifar.train import evaluate_checkpoint, train
-from test_train import info, tiny
+from helpers import info, tiny
 
 
 ROOT = Path(__file__).resolve().parent.parent

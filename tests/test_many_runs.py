@@ -28,8 +28,7 @@ from fastcifar.data import prepare
 from fastcifar.reproduce import reproduce
 from fastcifar.runs import Job, LocalPool, state, train_args
 from fastcifar.sweep import plan as plan_sweep
-from test_cli_paths import cli, one_paragraph
-from test_train import tiny
+from helpers import cli, one_paragraph, tiny
 
 TEACHER = f'''"""A tiny teacher: tutorial 12.5% (a made-up figure)."""
 from fastcifar.config import from_dict
@@ -127,7 +126,7 @@ def test_runs_at_once_stopped_by_sigint_continue_to_the_table_of_one_at_a_time(p
     assert "--jobs 3" in again and "--threads 1" in again
     monkeypatch.chdir(project)
 
-    code, stdout, err = cli(monkeypatch, capsys, *shlex.split(again)[1:])  # the printed command, in this process
+    code, stdout, err = cli(*shlex.split(again)[1:])  # the printed command, in this process
     assert code is None or code == 0, stdout[-3000:] + err[-3000:]
     lines = stdout.splitlines()
     assert sum("tiny_teacher seed" in line and "resuming from its last.pt" in line for line in lines) == 2
@@ -156,7 +155,7 @@ def test_a_sweep_of_a_2x2_grid_ranks_its_settings_as_the_runs_give_them_one_at_a
     """2 x 2 settings x 2 seeds, two at once. Its setting lr=0.003,label_smoothing=0 is tiny_teacher
     as it is: those two runs learn exactly what the table's teacher runs learned one at a time."""
     monkeypatch.chdir(project)
-    code, stdout, err = cli(monkeypatch, capsys, "sweep", "tiny_teacher", "--grid", "optim.lr=0.003,0.01", "--grid",
+    code, stdout, err = cli("sweep", "tiny_teacher", "--grid", "optim.lr=0.003,0.01", "--grid",
                             "loss.label_smoothing=0,0.1", "--seeds", "2", "--set", EPOCHS, "--out", "sw",
                             "--data-dir", "store", "--jobs", "2", "--threads", "1")
     assert code is None or code == 0, stdout + err
@@ -177,7 +176,7 @@ def test_a_sweep_of_a_2x2_grid_ranks_its_settings_as_the_runs_give_them_one_at_a
     for k in (0, 1):
         assert learned(sw / f"lr=0.003,label_smoothing=0-seed{k}") == learned(project / "ref" / f"tiny_teacher-seed{k}")
 
-    code, stdout, err = cli(monkeypatch, capsys, "report", "sw", "--out", "rep")
+    code, stdout, err = cli("report", "sw", "--out", "rep")
     assert code is None or code == 0, err
     assert (project / "rep" / "sweep.png").stat().st_size > 1000 and "sweep.png" in stdout
 
@@ -186,14 +185,14 @@ def test_a_diverged_run_is_recorded_and_its_student_skipped(project, tmp_path, m
     monkeypatch.chdir(project)
     args = ["reproduce", "table.txt", "--out", tmp_path / "out", "--data-dir", "store", "--set", "optim.name=sgd",
             "--set", "optim.lr=1e30", "--set", "schedule.warmup=0", "--set", "train.epochs=1", "--threads", "1"]
-    code, stdout, err = cli(monkeypatch, capsys, *args)
+    code, stdout, err = cli(*args)
     assert code == 1 and one_paragraph(err), err
     assert "tiny_teacher seed 0: diverged: non-finite loss" in stdout
     assert "tiny_student seed 0: skipped, its teacher tiny_teacher seed 0 did not finish" in stdout
     assert not (tmp_path / "out" / "tiny_student-seed0").exists()
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [x["n"] for x in res["recipes"]] == [0, 0]
-    code, stdout, err = cli(monkeypatch, capsys, *args)  # again: recorded, not retrained
+    code, stdout, err = cli(*args)  # again: recorded, not retrained
     assert code == 1 and "diverged earlier, skipped" in stdout and "starting" not in stdout, stdout
 
 
@@ -201,7 +200,7 @@ def test_a_runs_bad_input_is_its_paragraph_and_exit_2(project, tmp_path, monkeyp
     """A run that refuses its input (here a missing model.init_from) ends with exit 2; the sweep
     shows that run's own paragraph, and exits 2 too."""
     monkeypatch.chdir(project)
-    code, stdout, err = cli(monkeypatch, capsys, "sweep", "tiny_teacher", "--grid", "train.epochs=1", "--set",
+    code, stdout, err = cli("sweep", "tiny_teacher", "--grid", "train.epochs=1", "--set",
                             "model.init_from=nope.pt", "--out", tmp_path / "out", "--data-dir", "store")
     assert code == 2 and one_paragraph(err), err
     assert "epochs=1 seed 0: model.init_from = 'nope.pt': nope.pt is neither" in stdout, stdout  # the run's own words
@@ -215,7 +214,7 @@ def test_a_second_scheduler_on_the_same_dir_is_refused_before_touching_anything(
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as a first sweep of that DIR holds it
-        code, _, err = cli(monkeypatch, capsys, "sweep", "tiny_teacher", "--grid", "optim.lr=0.1", "--out", out,
+        code, _, err = cli("sweep", "tiny_teacher", "--grid", "optim.lr=0.1", "--out", out,
                            "--jobs", "2")
     finally:
         os.close(fd)
@@ -290,7 +289,7 @@ def test_a_finished_table_is_not_trained_again_for_a_new_target_or_log_interval(
     for name in teachers:  # the finished runs, without reproduce's results (they would not be its own here)
         shutil.copytree(project / "ref" / name, out / name, ignore=shutil.ignore_patterns(owned.MANIFEST))
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    code, stdout, err = cli(monkeypatch, capsys, "reproduce", "teachers.txt", "--seeds", "2", "--out", out,
+    code, stdout, err = cli("reproduce", "teachers.txt", "--seeds", "2", "--out", out,
                             "--data-dir", "store", "--set", EPOCHS, "--set", "train.target_acc=50", "--set",
                             "train.log_every=1")
     assert code is None or code == 0, stdout + err
@@ -322,7 +321,7 @@ def test_ray_without_ray_installed_says_how_to_install_it(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "table.txt").write_text("smoke\n")
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as where it is not installed
-    code, _, err = cli(monkeypatch, capsys, "reproduce", "table.txt", "--out", tmp_path / "out", "--ray", "auto")
+    code, _, err = cli("reproduce", "table.txt", "--out", tmp_path / "out", "--ray", "auto")
     assert code == 2 and one_paragraph(err) and 'pip install "fastcifar[cluster]"' in err, err
     assert not (tmp_path / "out").exists()
 

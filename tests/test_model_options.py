@@ -1,6 +1,6 @@
 """model.drop_path (timm's stochastic depth) and model.sync_bn on one process: what each changes in the
 network, what it refuses, and what --resume may change. (SyncBN across two ranks: tests/test_ddp.py;
-exact resume with drop path: tests/test_train_pins.py.)"""
+exact resume with drop path: tests/test_train_resume.py.)"""
 
 import pytest
 import timm
@@ -11,7 +11,7 @@ import fastcifar.train as T
 from fastcifar.config import Head, Model, to_dict
 from fastcifar.errors import BadInput
 from fastcifar.models import GlooSyncBatchNorm, build_model, sync_batchnorm
-from test_train import tiny
+from helpers import tiny
 
 
 def _outputs_twice(net, x):

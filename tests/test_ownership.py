@@ -13,24 +13,13 @@ from pathlib import Path
 
 import pytest
 
-import fastcifar.train as T
 from fastcifar import owned
+from fastcifar.errors import BadInput
 from fastcifar import data as fdata
 from fastcifar.checkpoint import atomic_write, write_json
-from fastcifar.config import to_dict
-from fastcifar.errors import BadInput
 from fastcifar.reproduce import reproduce
-from test_cli_paths import cli, one_paragraph
-from test_report import make_run
-from test_train import QUIET, info, store, tiny  # noqa: F401,F811 (store: the fixture)
+from helpers import cli, make_run, one_paragraph
 
-RECIPE = '''"""A one-epoch run of test_resnet for the ownership tests."""
-from fastcifar.config import from_dict
-
-
-def recipe():
-    return from_dict({!r})
-'''
 RUN = "tiny_own-seed0"  # the table's one run directory
 
 
@@ -40,18 +29,8 @@ def tree(root: Path) -> dict:
             for p in sorted(root.rglob("*"))}
 
 
-@pytest.fixture
-def table(tmp_path):
-    """A table file listing one recipe (tiny_own: test_resnet, one epoch, a fifth of the store)."""
-    recipe = tmp_path / "recipes" / "tiny_own.py"
-    recipe.parent.mkdir()
-    recipe.write_text(RECIPE.format(to_dict(tiny(train__epochs=1, data__subset=0.2))))
-    (tmp_path / "table.txt").write_text(f"{recipe}\n")
-    return tmp_path / "table.txt"
-
-
-def run_table(monkeypatch, capsys, table, out, store):
-    return cli(monkeypatch, capsys, "reproduce", table, "--out", out, "--data-dir", store)
+def run_table(table, out, store_dir):
+    return cli("reproduce", table, "--out", out, "--data-dir", store_dir)
 
 
 # ---- the rule itself
@@ -79,11 +58,11 @@ def test_a_file_is_fastcifars_while_it_is_as_written(tmp_path):
     assert owned.remove(d / "b.json", "bench") is False and (d / "b.json").exists()
 
 
-def test_a_look_alike_manifest_is_never_replaced(tmp_path, monkeypatch, capsys):
+def test_a_look_alike_manifest_is_never_replaced(tmp_path):
     for d, text in ((tmp_path / "mine", '{"my": "settings"}'), (tmp_path / "forged", '{"self": [1, 2], "entries": {}}')):
         d.mkdir()
         (d / owned.MANIFEST).write_text(text)
-        code, _, err = cli(monkeypatch, capsys, "bench", "--json", d / "bench.json", "--quick")
+        code, _, err = cli("bench", "--json", d / "bench.json", "--quick")
         assert code == 2 and one_paragraph(err) and owned.MANIFEST in err, err
         assert sorted(os.listdir(d)) == [owned.MANIFEST] and (d / owned.MANIFEST).read_text() == text
 
@@ -110,46 +89,46 @@ def test_two_processes_recording_in_one_folder_lose_no_entry(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["results.md", "results.json", owned.MANIFEST])
-def test_reproduce_never_replaces_a_results_file_it_did_not_write(table, store, tmp_path, monkeypatch, capsys, name):
+def test_reproduce_never_replaces_a_results_file_it_did_not_write(table, store_dir, tmp_path, name):
     out = tmp_path / "out"
     out.mkdir()
     (out / name).write_text("# my own results\n")
     before = tree(out)
-    code, _, err = run_table(monkeypatch, capsys, table, out, store)
+    code, _, err = run_table(table, out, store_dir)
     assert code == 2 and one_paragraph(err) and name in err, err
     assert tree(out) == before  # no run started, nothing written
 
 
 @pytest.mark.parametrize("name", ["recipe.json", "recipe.py", "metrics.jsonl", "summary.json", "best.pt",
                                   "events.out.tfevents.1700000000.host.1.0", ".recipe.json.k2j4.tmp", owned.MANIFEST])
-def test_reproduce_never_deletes_a_run_file_it_did_not_write(table, store, tmp_path, monkeypatch, capsys, name):
+def test_reproduce_never_deletes_a_run_file_it_did_not_write(table, store_dir, tmp_path, name):
     """A run directory without last.pt is restarted (its files deleted) only when that run wrote
     every file in it: one look-alike of the user's and the table stops there."""
     run = tmp_path / "out" / RUN
     run.mkdir(parents=True)
     (run / name).write_text('{"finished": false}\n')
     before = tree(tmp_path / "out")
-    code, _, err = run_table(monkeypatch, capsys, table, tmp_path / "out", store)
+    code, _, err = run_table(table, tmp_path / "out", store_dir)
     assert code == 2 and one_paragraph(err) and name in err, err
     assert tree(tmp_path / "out") == before
 
 
-def test_a_finished_run_is_reported_and_never_retrained_or_changed(table, store, tmp_path, monkeypatch, capsys):
+def test_a_finished_run_is_reported_and_never_retrained_or_changed(table, store_dir, tmp_path):
     """The user deleted a finished run's .pt files to free disk: the next reproduce reports it from
     its summary and touches none of its files (it used to restart the run, deleting the rest)."""
     out = tmp_path / "out"
-    first = reproduce(str(table), out=out, data_dir=store, log=lambda *a, **k: None)
+    first = reproduce(str(table), out=out, data_dir=store_dir, log=lambda *a, **k: None)
     assert first["recipes"][0]["n"] == 1
     (out / RUN / "last.pt").unlink()
     (out / RUN / "best.pt").unlink()
     before = tree(out / RUN)
-    code, stdout, err = run_table(monkeypatch, capsys, table, out, store)
+    code, stdout, err = run_table(table, out, store_dir)
     assert code == 0 and "done, skipped" in stdout, err
     assert tree(out / RUN) == before
     assert json.loads((out / "results.json").read_text())["recipes"][0]["best_acc"] == first["recipes"][0]["best_acc"]
 
 
-def test_a_table_in_use_is_refused_before_anything_is_touched(table, store, tmp_path, monkeypatch, capsys):
+def test_a_table_in_use_is_refused_before_anything_is_touched(table, store_dir, tmp_path):
     """The run in DIR died before its first checkpoint (files it wrote, no last.pt): reproduce
     restarts it, deleting them. While another process holds DIR (a reproduce running), or the run
     itself (a train --resume of it), nothing is deleted; once free, its own files go."""
@@ -163,20 +142,20 @@ def test_a_table_in_use_is_refused_before_anything_is_touched(table, store, tmp_
         fd = os.open(held, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # as another process would
-            code, _, err = run_table(monkeypatch, capsys, table, out, store)
+            code, _, err = run_table(table, out, store_dir)
         finally:
             os.close(fd)
         assert code == 2 and one_paragraph(err) and message in err.replace("\n", " "), err
         assert tree(out) == before
-    code, stdout, err = run_table(monkeypatch, capsys, table, out, store)
+    code, stdout, err = run_table(table, out, store_dir)
     assert code == 0 and "starting" in stdout, err
     assert json.loads((run / "summary.json").read_text())["finished"]  # restarted and trained anew
 
 
-def test_reproduce_out_a_symlink_loop_is_exit_2(table, store, tmp_path, monkeypatch, capsys):
+def test_reproduce_out_a_symlink_loop_is_exit_2(table, store_dir, tmp_path):
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
-    code, _, err = run_table(monkeypatch, capsys, table, tmp_path / "a", store)
+    code, _, err = run_table(table, tmp_path / "a", store_dir)
     assert code == 2 and one_paragraph(err) and "loop" in err, err
     assert os.readlink(tmp_path / "a") == str(tmp_path / "b")
 
@@ -233,35 +212,28 @@ def test_a_report_that_cannot_write_its_pictures_leaves_results_md_as_it_was(tmp
 # ---- train --resume and export, beside a run's checkpoints
 
 
-@pytest.fixture(scope="module")
-def trained(store, tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    T.train(tiny(train__epochs=1, data__subset=0.2), info(), out=run, data_dir=store, **QUIET)
-    return run
-
-
-def test_resume_of_a_copied_run_is_refused_and_says_how_to_continue_it(trained, store, tmp_path, monkeypatch, capsys):
+def test_resume_of_a_copied_run_is_refused_and_says_how_to_continue_it(trained_run, store_dir, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(trained, copy)
+    shutil.copytree(trained_run, copy)
     before = tree(copy)
-    code, _, err = cli(monkeypatch, capsys, "train", "--resume", copy, "--set", "train.epochs=2", "--data-dir", store)
+    code, _, err = cli("train", "--resume", copy, "--set", "train.epochs=2", "--data-dir", store_dir)
     flat = " ".join(err.split())
     assert code == 2 and one_paragraph(err) and f"--resume {copy} --out NEW_DIR" in flat, err
     assert tree(copy) == before
 
 
-def test_export_replaces_only_an_earlier_export(trained, store, tmp_path, monkeypatch, capsys):
+def test_export_replaces_only_an_earlier_export(trained_run, store_dir, tmp_path):
     run = tmp_path / "run"  # the run, as if written here (export writes beside its best.pt)
-    shutil.copytree(trained, run, ignore=shutil.ignore_patterns(owned.MANIFEST))
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns(owned.MANIFEST))
     mine = run / "best-timm.pth"  # the default name, a file of the user's
     mine.write_bytes(b"my own weights")
-    args = ("export", run, "--format", "timm", "--data-dir", store, "--force")
-    code, _, err = cli(monkeypatch, capsys, *args)
+    args = ("export", run, "--format", "timm", "--data-dir", store_dir, "--force")
+    code, _, err = cli(*args)
     assert code == 2 and one_paragraph(err) and "earlier export" in err.replace("\n", " ") and \
         mine.read_bytes() == b"my own weights", err
     mine.unlink()
     for _ in range(2):  # written, then its own replaced
-        code, _, err = cli(monkeypatch, capsys, *args)
+        code, _, err = cli(*args)
         assert code == 0 and owned.is_ours(mine, "export"), err
 
 
@@ -287,11 +259,11 @@ def test_look_alikes_of_a_prepares_leftovers_are_kept(tmp_path):
         {k: v for k, v in before.items() if k.startswith(".cifar100.")}
 
 
-def test_a_copied_store_is_not_replaced_a_moved_one_is(tmp_path, monkeypatch, capsys):
+def test_a_copied_store_is_not_replaced_a_moved_one_is(tmp_path):
     store = fdata.prepare(tmp_path / "store", **SMALL)
     shutil.copytree(store, tmp_path / "copy")
     before = tree(tmp_path / "copy")
-    code, _, err = cli(monkeypatch, capsys, "prepare", "--synthetic", "--train", "200", "--test", "100", "--seed", "1",
+    code, _, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--seed", "1",
                        "--force", "--data-dir", tmp_path / "copy")
     assert code == 2 and one_paragraph(err) and "did not build there" in err.replace("\n", " "), err
     assert tree(tmp_path / "copy") == before

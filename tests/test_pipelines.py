@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from fastcifar.errors import BadInput
+from helpers import BACKENDS, BATCHED, stored
 from fastcifar.pipelines import AugSpec, make_loader
 from fastcifar.pipelines.loader import dali_available
 from fastcifar.pipelines.spec import tutorial_oneof
-from pipelines_helpers import BACKENDS, BATCHED, stored
 
 
 def _collect(loader, epoch=0):

@@ -4,7 +4,6 @@ Behaviour only: no figure is asserted (speed is the bench's job, not the tests')
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from fastcifar import bench
 from fastcifar.errors import BadInput
-from pipelines_helpers import needs_dali
+from helpers import cli, needs_dali
 
 KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_sec", "aug"}
 
@@ -20,7 +19,7 @@ KEYS = {"stage", "backend", "image_size", "batch_size", "device", "images_per_se
 AUGS = ("none", "oneof", "trivialaugment", "randaugment")
 
 
-def test_pipeline_rows_table_json(store, tmp_path):
+def test_pipeline_rows_table_json(store, short_bench_plans, tmp_path):
     """Rows for every backend, size and augmentation (none, OneOf and the two policies); the
     tutorial's albumentations path has no policy, so where it is installed its policy rows are
     left out (and said so), and without it its torch fallback runs them."""
@@ -28,7 +27,6 @@ def test_pipeline_rows_table_json(store, tmp_path):
 
     out = tmp_path / "b" / "bench.json"
     lines = []
-    # batch 16 so the quick plan's (2 + 3 * 8) batches fit the 500-image test store in one epoch
     rows = bench.run(stages=["pipeline"], json_path=out, quick=True, backends=["tutorial", "torch"],
                      batch_size=16, data_dir=store.dir, device="cpu", log=lines.append)
     tutorial_augs = AUGS[:2] if albumentations_available() else AUGS
@@ -49,7 +47,7 @@ def test_pipeline_rows_table_json(store, tmp_path):
 
 
 @needs_dali
-def test_each_dali_row_comes_with_its_host_side_alone(store, monkeypatch):
+def test_each_dali_row_comes_with_its_host_side_alone(store, short_bench_plans, monkeypatch):
     """After each DALI row, its host side alone (dali-host: the memmap reads and draws its thread
     makes for external_source, timed over the row's own batches, in ms per batch too), on the CPU;
     not a loader, so neither compared with the tutorial's path nor in the headroom or the picture;
@@ -104,9 +102,8 @@ def test_bad_input(store):
 
 
 def test_cli_bad_stage_exits_2(store):
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "bench", "--stage", "nope", "--data-dir", str(store.dir)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Unknown bench stage 'nope'" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = cli("bench", "--stage", "nope", "--data-dir", store.dir)
+    assert code == 2 and "Unknown bench stage 'nope'" in err and "Traceback" not in err
 
 
 def _clock(monkeypatch):

@@ -3,18 +3,16 @@ the torch ops agree; a resumed loader repeats an epoch exactly."""
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import BACKENDS, BATCHED, MATMUL_OPS, ArrayStore, OpRecorder, as_uint8_nhwc, needs_dali
 from fastcifar.pipelines import AugSpec, make_loader
 from fastcifar.pipelines.draw import LUMA, batch_rng, draw
 from fastcifar.pipelines.spec import tutorial_oneof
-from pipelines_helpers import BACKENDS, BATCHED, ArrayStore, as_uint8_nhwc, needs_dali
 
 SEED = 11
 
@@ -224,7 +222,6 @@ def test_downscaling_averages_the_whole_footprint():
     assert (y.mean() - x.float().div(255).mean()).abs() < 0.01  # averaging keeps the mean
 
 
-
 @pytest.mark.parametrize("backend", BATCHED)
 def test_loader_downscaling_is_antialiased(backend, tmp_path):
     """The same through each batched backend's loader (aug.image_size=8 of the stored 32): noise
@@ -270,7 +267,6 @@ def test_cubic_resize_in_range_and_close(store):
         assert x.min() >= 0 and x.max() <= 1
     diff = (outs[0] - outs[1]).abs() * 255
     assert diff.mean() <= 0.5, f"mean {diff.mean():.2f}/255"
-
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -324,22 +320,6 @@ def test_tutorial_both_paths(store, monkeypatch, alb):
 
 # ---- TF32: the trainer turns it on; the pipelines must give the same images with it on or off
 
-MATMUL_OPS = re.compile(r"(^|_)(mm|bmm|addmm|baddbmm|addbmm|mv|dot|vdot|matmul|einsum|linear|tensordot|"
-                        r"affine_grid_generator)$|conv")  # affine_grid_generator is a bmm inside
-
-
-class OpRecorder(TorchDispatchMode):
-    """Every aten op dispatched while active (names like 'bmm', 'grid_sampler_2d')."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_torch_backend_runs_no_matmul(store):
     """No op of the torch backend is a matmul or convolution, the ops TF32 rounds to 10 mantissa
     bits on a GPU: so its images cannot depend on the TF32 flags, on any device. (A CPU cannot
@@ -350,21 +330,6 @@ def test_torch_backend_runs_no_matmul(store):
         next(iter(loader))
     assert {"grid_sampler_2d", "upsample_bilinear2d", "mul"} <= rec.ops  # it did record the backend's work
     assert not [op for op in rec.ops if MATMUL_OPS.search(op)], sorted(rec.ops)
-
-
-@pytest.fixture
-def fast_math():
-    """What the trainer sets for speed (TF32 matmuls and convolutions), then 'medium', which on a
-    CPU lets oneDNN run float32 matmuls through bfloat16 where the CPU has it; restored after."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
-
-    def on(precision):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision(precision)
-
-    yield on
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-    torch.set_float32_matmul_precision(saved[2])
 
 
 @pytest.mark.parametrize("backend", BATCHED)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,13 +16,12 @@ from torchvision.transforms import InterpolationMode
 
 import golden_aug
 from fastcifar.errors import BadInput
+from helpers import BATCHED, MATMUL_OPS, ArrayStore, OpRecorder, as_uint8_nhwc, cli, needs_dali
 from fastcifar.pipelines import AugSpec, make_loader
 from fastcifar.pipelines import torch_backend as tb
 from fastcifar.pipelines.draw import BINS, COLOUR_STEPS, batch_rng, draw, policy_params, policy_space
 from fastcifar.pipelines.loader import dali_available
 from fastcifar.pipelines.spec import POLICY_OPS, tutorial_oneof
-from pipelines_helpers import BATCHED, ArrayStore, as_uint8_nhwc, needs_dali
-from test_pipelines_ops import MATMUL_OPS, OpRecorder
 
 POLICIES = ("trivialaugment", "randaugment")
 TORCHVISION = {"trivialaugment": T2.TrivialAugmentWide, "randaugment": T2.RandAugment}
@@ -419,15 +416,13 @@ def test_cli_sets_the_policy_and_recipe_json_keeps_it(store, tmp_path):
     """`--set aug.policy=randaugment --set aug.ra_n=3` trains (a few steps of smoke) and lands in
     recipe.json; a bad value exits 2 with the one-paragraph message, no traceback."""
     run = tmp_path / "run"
-    base = [sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store.dir), "--set", "data.subset=1",
-            "--set", "data.test_subset=1", "--set", "train.epochs=1", "--set", "data.backend=torch"]
-    r = subprocess.run(base + ["--out", str(run), "--set", "aug.policy=randaugment", "--set", "aug.ra_n=3"],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    base = ["train", "smoke", "--data-dir", store.dir, "--set", "data.subset=1", "--set", "data.test_subset=1",
+            "--set", "train.epochs=1", "--set", "data.backend=torch"]
+    code, _, err = cli(*base, "--out", run, "--set", "aug.policy=randaugment", "--set", "aug.ra_n=3")
+    assert code == 0, err[-2000:]
     aug = json.loads((run / "recipe.json").read_text())["aug"]
     assert (aug["policy"], aug["ra_n"], aug["ra_m"]) == ("randaugment", 3, 9)
     assert json.loads((run / "summary.json").read_text())["finished"]
-    r = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--set", "aug.ra_m=31"], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 2 and "aug.ra_m = 31: must be a whole number in 0..30" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
+    code, _, err = cli(*base, "--out", tmp_path / "bad", "--set", "aug.ra_m=31")
+    assert code == 2 and "aug.ra_m = 31: must be a whole number in 0..30" in err
+    assert "Traceback" not in err and not (tmp_path / "bad").exists()

@@ -11,19 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import timm
 import torch
 
 from fastcifar import provenance
-from fastcifar.data import open_store, prepare
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("store") / "cifar100"
-    prepare(d, synthetic=True, n_train=100, n_test=20, log=lambda *_: None)
-    return open_store(d)
 
 
 def test_collect_names_software_hardware_data_and_command(store, monkeypatch):

@@ -415,7 +415,7 @@ def test_run_files_hold_the_fields_the_docs_list(tmp_path):
 
     from fastcifar import train as T
     from fastcifar.data import prepare
-    from test_train import QUIET, info, tiny
+    from helpers import QUIET, info, tiny
 
     prepare(tmp_path / "data", synthetic=True, n_train=300, n_test=100, log=lambda *_: None)
     r = tiny(train__epochs=1, data__val_split=0.2, train__ema_decay=0.9, train__target_acc=1.0)

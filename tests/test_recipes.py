@@ -9,15 +9,10 @@ import torch
 
 from fastcifar.config import load
 from fastcifar.models import build_model
+from helpers import TUTORIAL
 
 RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.py")
                  if not p.name.startswith("_"))
-TUTORIAL = {  # recipe: the tutorial's figure its docstring must quote
-    "r18_baseline": "44.26%", "r18_augment": "36.48%", "r18_wd01": "40.12%", "r18_lbsmooth": "44.81%",
-    "r18_pretrained": "56.70%", "r18_arcface": "57.92%", "r18_arcface_224": "79.57%",
-    "r50_arcface": "61.76%", "r50_arcface_224": "81.21%", "r18_arcface_kd": "57.37%", "r18_cosface": "57.92%",
-    "r18_arcface_mst": "no result published",  # its multi-scale experiment: code, no figure
-}
 
 
 def test_every_tutorial_experiment_has_a_recipe():

@@ -1,10 +1,8 @@
-"""`fastcifar report`: the results table and plots from run directories (DESIGN.md run contract)."""
+"""`fastcifar report`: the results table and plots from run directories (DESIGN.md run contract);
+runs that died early or are damaged are skipped and named, exit 2 only when none is left."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,37 +10,7 @@ import pytest
 from fastcifar import owned
 from fastcifar.errors import BadInput
 from fastcifar.report import find_runs, report, results_table
-
-
-def make_run(root: Path, name: str, accs: list[float], synthetic=False, val=None, summary=True, description="what it does",
-             **extra):
-    """A run directory as `fastcifar train` writes it, with the given test accuracy per epoch."""
-    d = root / name
-    d.mkdir(parents=True)
-    epochs = []
-    for i, acc in enumerate(accs, 1):
-        e = {"epoch": i, "train_loss": 4.0 / i, "train_acc": acc + 5, "test_acc": acc, "test_top5": min(acc + 20, 100),
-             "test_loss": 5.0 - acc / 25, "lr": 1e-3, "images_per_sec": 1000.0 + i, "epoch_seconds": 10.0,
-             "wall_seconds": 10.0 * i}
-        if val:
-            e.update(val_acc=val[i - 1], val_top5=val[i - 1] + 10, val_loss=1.0)
-        epochs.append(e)
-    (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
-    (d / "recipe.json").write_text(json.dumps({"name": name.split("-")[0], "description": description,
-                                               "train": {"epochs": len(accs)}}))
-    if summary:
-        best = max(range(len(accs)), key=accs.__getitem__)
-        s = {"recipe": name.split("-")[0], "description": description, "best_acc": accs[best], "best_epoch": best + 1,
-             "final_acc": accs[-1], "final_top5": 90.0, "epochs_done": len(accs), "epochs": len(accs),
-             "train_images_per_sec": 1234.5, "wall_seconds": 10.0 * len(accs) + 3725 * (name == "slow"),
-             "device": "cpu", "backend": "torch", "world_size": 1, "synthetic": synthetic,
-             "selection": "val" if val else "test", "finished": True, "stop_reason": None}
-        if val:
-            bv = max(range(len(val)), key=val.__getitem__)
-            s.update(best_val_acc=val[bv], best_val_epoch=bv + 1, test_acc_at_best_val=accs[bv])
-        s.update(extra)
-        (d / "summary.json").write_text(json.dumps(s))
-    return d
+from helpers import cli, make_run, one_paragraph
 
 
 def _row(table: str, run: str) -> list[str]:
@@ -112,12 +80,11 @@ def test_bad_input(tmp_path):
 
 def test_cli_report(tmp_path):
     make_run(tmp_path / "runs", "r18_lbsmooth-1", [44.81])
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "44.81% (1)" in r.stdout and (tmp_path / "rep" / "test_accuracy.png").is_file()
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "report", str(tmp_path / "nowhere")], capture_output=True, text=True)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "not a directory" in r.stderr
+    code, out, err = cli("report", tmp_path / "runs", "--out", tmp_path / "rep")
+    assert code == 0, err
+    assert "44.81% (1)" in out and (tmp_path / "rep" / "test_accuracy.png").is_file()
+    code, out, err = cli("report", tmp_path / "nowhere")
+    assert code == 2 and "Traceback" not in err and "not a directory" in err
 
 
 def prov(torch_v="2.14.1", dataset="cifar100"):
@@ -158,9 +125,8 @@ def test_report_ranks_by_time_to_target_and_shows_the_data_wait(tmp_path):
     assert [l.split("|")[1].strip() for l in table.splitlines()[2:] if l.startswith("| ")][0] == "notarget"
     with pytest.raises(BadInput, match="--sort 'fastest'"):
         report([tmp_path], tmp_path / "out", sort="fastest")
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "report", str(tmp_path), "--out", str(tmp_path / "o2"),
-                        "--sort", "time_to_target"], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.index("| fast |") < r.stdout.index("| slow |"), r.stderr
+    code, out, err = cli("report", tmp_path, "--out", tmp_path / "o2", "--sort", "time_to_target")
+    assert code == 0 and out.index("| fast |") < out.index("| slow |"), err
 
 
 def test_plots_have_integer_epochs_and_a_star_at_the_best_epoch(tmp_path):
@@ -277,3 +243,67 @@ def test_a_run_without_summary_gets_its_mean_speed_and_the_test_selection_warnin
     assert run.summary["train_images_per_sec"] == pytest.approx(1002.0)
     assert run.summary["finished"] is False and run.summary["selection"] == "test"
     assert any(w.startswith("crashed selected its best epoch on the test set") for w in warnings([run]))
+
+
+# ---- a folder where some runs died early or are damaged
+
+
+def _runs_folder(root: Path) -> dict:
+    """Two good runs and one of each way a run can be broken -> the words that say why it was skipped."""
+    make_run(root, "good-1", [10.0, 20.0])
+    make_run(root, "good-2", [15.0], summary=False)
+    broken = {
+        "died-in-epoch-1": (None, "stopped before its first epoch"),
+        "empty-metrics": ("", "stopped before its first epoch"),
+        "summary-not-json": ("{not json", "Cannot read"),
+        "summary-a-list": ("[1, 2]", "holds a list"),
+        "summary-acc-a-string": ('{"best_acc": "high"}', "best_acc must be numbers"),
+        "metrics-garbage-line": ("metrics", "line 1 is not JSON"),
+        "metrics-acc-a-string": ("metrics-str", "test_acc must be numbers"),
+        "recipe-not-json": ("recipe", "Cannot read"),
+    }
+    for name, (content, _) in broken.items():
+        d = make_run(root, name, [30.0, 40.0], summary=False)
+        (d / "metrics.jsonl").unlink()
+        if name == "empty-metrics":
+            (d / "metrics.jsonl").write_text("")
+        elif content == "metrics":
+            (d / "metrics.jsonl").write_text('garbage\n{"epoch": 2, "test_acc": 5.0}\n')
+        elif content == "metrics-str":
+            (d / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "5%"}\n')
+        elif content == "recipe":
+            (d / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 5.0}\n')
+            (d / "recipe.json").write_text("{cut")
+        elif content is not None:
+            (d / "summary.json").write_text(content)
+    return {name: why for name, (_, why) in broken.items()}
+
+
+def test_report_skips_broken_runs_and_names_them(tmp_path):
+    from fastcifar.report import report
+
+    broken = _runs_folder(tmp_path / "runs")
+    warnings = []
+    table, files = report([tmp_path / "runs"], tmp_path / "out", warn=warnings.append)
+    rows = [l.split("|")[1].strip() for l in table.splitlines() if l.startswith("| ") and "---" not in l][1:]
+    assert rows == ["good-1", "good-2"]
+    results = (tmp_path / "out" / "results.md").read_text()
+    for name, why in broken.items():
+        line = next(l for l in results.splitlines() if l.startswith(f"Skipped {tmp_path / 'runs' / name}:"))
+        assert why in line, (name, line)
+        assert any(w.startswith(f"skipped {tmp_path / 'runs' / name}:") and why in w for w in warnings)
+    assert all(f.is_file() for f in files)
+
+
+def test_cli_report_skips_broken_runs_and_exits_2_only_when_none_is_left(tmp_path):
+    broken = _runs_folder(tmp_path / "runs")
+    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert "Traceback" not in err and all(f"skipped {tmp_path / 'runs' / n}:" in err for n in broken)
+    for name in ("good-1", "good-2"):
+        import shutil
+
+        shutil.rmtree(tmp_path / "runs" / name)
+    code, _, err = cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out2"))
+    assert code == 2 and one_paragraph(err, "No run could be reported", tmp_path / "runs" / "died-in-epoch-1"), err
+    assert not (tmp_path / "out2").exists()

@@ -3,8 +3,6 @@ beside the tutorial's figures; bad input is exit 2. A table stopped by a real SI
 without training anything twice: tests/test_many_runs.py."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from fastcifar.checkpoint import atomic_write
 from fastcifar.config import to_dict
 from fastcifar.errors import BadInput
 from fastcifar.reproduce import collect, plan, published, results_md, state
-from test_recipes import TUTORIAL
+from helpers import TUTORIAL, cli
 
 
 def test_the_tutorial_table_quotes_the_tutorial_and_runs_the_teacher_first(tmp_path):
@@ -155,10 +153,10 @@ def test_the_out_directory_holds_only_this_tables_runs(tmp_path):
         state(job)
 
 
-def test_cli_bad_input_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "reproduce", "nosuchtable", "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and "No table named" in r.stderr and "Traceback" not in r.stderr, r.stderr
+def test_cli_bad_input_exits_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("reproduce", "nosuchtable", "--out", tmp_path / "o")
+    assert code == 2 and "No table named" in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
 
 

@@ -1,7 +1,6 @@
-"""runtime: the backend flags a run sets are the same for train and bench and come back when the
-run ends; StopSignals puts the previous handlers back."""
+"""runtime: the backend flags a run sets are the same for train and bench, follow train.tf32, and come
+back when the run ends; StopSignals puts the previous handlers back."""
 
-import os
 import signal
 
 import pytest
@@ -9,63 +8,43 @@ import torch
 
 from fastcifar import bench, runtime
 from fastcifar.errors import BadInput
-from test_train import QUIET, info, store, tiny  # noqa: F401 (store: the fixture)
+from helpers import QUIET, backend_flags, fit, info, tiny
 
 import fastcifar.train as T
-
-
-def flags() -> dict:
-    return {"deterministic": torch.are_deterministic_algorithms_enabled(),
-            "cudnn.benchmark": torch.backends.cudnn.benchmark, "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
-            "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
-
-
-@pytest.fixture
-def odd_flags(monkeypatch):
-    """Flags set to values no run chooses, so a run that forgets one leaves a visible change."""
-    saved = flags()
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = False, False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    yield flags()
-    torch.use_deterministic_algorithms(saved["deterministic"])
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = saved["cudnn.benchmark"], saved["cudnn.allow_tf32"]
-    torch.backends.cuda.matmul.allow_tf32 = saved["matmul.allow_tf32"]
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backend_settings_set_and_restore_every_flag(odd_flags, deterministic):
     with runtime.backend_settings(deterministic):
-        inside = flags()
-    assert flags() == odd_flags
+        inside = backend_flags()
+    assert backend_flags() == odd_flags
     if deterministic:
         assert inside["deterministic"] and not inside["cudnn.benchmark"] and inside["CUBLAS_WORKSPACE_CONFIG"]
     else:
         assert inside["cudnn.benchmark"] and inside["cudnn.allow_tf32"] and inside["matmul.allow_tf32"]
 
 
-def test_bench_measures_under_the_training_flags(store, odd_flags, monkeypatch):
+def test_bench_measures_under_the_training_flags(store_dir, odd_flags, monkeypatch):
     seen = {}
 
     def probe(**kw):
-        seen["bench"] = flags()
+        seen["bench"] = backend_flags()
         return []
 
     monkeypatch.setitem(bench.STAGES, "probe", probe)
-    bench.run(stages=["probe"], data_dir=store, device="cpu", log=lambda *a: None)
+    bench.run(stages=["probe"], data_dir=store_dir, device="cpu", log=lambda *a: None)
     with runtime.backend_settings(deterministic=False):
-        seen["train"] = flags()
+        seen["train"] = backend_flags()
     assert seen["bench"] == seen["train"] and seen["bench"]["cudnn.benchmark"]
-    assert flags() == odd_flags
+    assert backend_flags() == odd_flags
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_a_training_run_leaves_the_flags_and_handlers_as_it_found_them(store, tmp_path, odd_flags, deterministic):
+def test_a_training_run_leaves_the_flags_and_handlers_as_it_found_them(store_dir, tmp_path, odd_flags, deterministic):
     handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     T.train(tiny(train__epochs=1, train__deterministic=deterministic, data__subset=0.2), info(), out=tmp_path / "run",
-            data_dir=store, **QUIET)
-    assert flags() == odd_flags
+            data_dir=store_dir, **QUIET)
+    assert backend_flags() == odd_flags
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
@@ -153,13 +132,36 @@ def test_sync_bn_under_ddp_trains_eagerly_and_says_why():
     assert "train.compile=true" in runtime.compile_choice(True, gpu, sync_bn_ddp=True)[1]
 
 
-def test_multi_scale_training_turns_cudnn_autotune_off(store, tmp_path, odd_flags):
+def test_multi_scale_training_turns_cudnn_autotune_off(store_dir, tmp_path, odd_flags):
     """loss.scales: each step's sub-batches have new shapes, which autotune would time anew every time."""
     torch.backends.cudnn.benchmark = True
     during = {"mst": [], "plain": []}  # the flag whenever the run logs (its banner, its epoch lines)
     for name, scales in (("mst", (32, 40)), ("plain", ())):
         T.train(tiny(train__epochs=1, train__deterministic=False, data__subset=0.2, loss__scales=scales), info(),
-                out=tmp_path / name, data_dir=store, log=lambda *a: during[name].append(torch.backends.cudnn.benchmark))
+                out=tmp_path / name, data_dir=store_dir, log=lambda *a: during[name].append(torch.backends.cudnn.benchmark))
     assert during["mst"] and not any(during["mst"]) and during["plain"] and all(during["plain"])
     assert runtime.autotune_note((32, 40)).startswith("cuDNN autotune off: loss.scales = 32,40")
     assert runtime.autotune_note(()) is None
+
+
+# ---- train.tf32: the flags a run sets
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("tf32, want", [("on", (True, True)), ("conv", (True, False)), ("off", (False, False))])
+def test_backend_settings_honour_tf32_and_restore(odd_flags, deterministic, tf32, want):
+    torch.backends.cudnn.allow_tf32 = True  # a value "off" must change
+    before = backend_flags()
+    with runtime.backend_settings(deterministic, tf32):
+        inside = backend_flags()
+    assert (inside["cudnn.allow_tf32"], inside["matmul.allow_tf32"]) == want
+    assert inside["deterministic"] == deterministic
+    assert backend_flags() == before
+
+
+def test_a_training_run_uses_its_tf32_field(store_dir, tmp_path, odd_flags):
+    seen = []
+    fit(tiny(train__epochs=1, data__subset=0.2, train__tf32="conv"), info(), out=tmp_path / "run", data_dir=store_dir,
+        setup=lambda t: seen.append(backend_flags()))
+    assert (seen[0]["cudnn.allow_tf32"], seen[0]["matmul.allow_tf32"]) == (True, False)
+    assert backend_flags() == odd_flags

@@ -12,21 +12,11 @@ import torch
 import fastcifar.train as T
 from fastcifar import checkpoint, timing
 from fastcifar.config import Recipe, apply_overrides, from_dict, to_dict
-from fastcifar.data import prepare
 from fastcifar.errors import BadInput
-from loader_spy import LoaderSpy
-from test_train import QUIET, fit, info, metrics, tiny
-from test_train_pins import fixed_scores
+from helpers import LoaderSpy, QUIET, fit, fixed_scores, info, metrics, tiny
 
 SLEEP = 0.5  # seconds a slow loader spends on each batch: long beside a step even on a loaded machine
 STEPS = 6     # batches per epoch: 300 train images in batches of 50
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("store") / "cifar100"
-    prepare(d, synthetic=True, n_train=300, n_test=60, log=lambda *_: None)
-    return d
 
 
 def fit_logged(recipe, setup=None, **kw) -> tuple[dict, list[str]]:
@@ -43,8 +33,8 @@ def slow_loader(trainer):
     trainer.train_loader = LoaderSpy(trainer.train_loader, lambda *a: time.sleep(SLEEP))
 
 
-def test_a_slow_loader_shows_up_as_data_wait(store, tmp_path):
-    s, lines = fit_logged(tiny(train__epochs=1), out=tmp_path / "slow", data_dir=store, setup=slow_loader)
+def test_a_slow_loader_shows_up_as_data_wait(small_store_dir, tmp_path):
+    s, lines = fit_logged(tiny(train__epochs=1), out=tmp_path / "slow", data_dir=small_store_dir, setup=slow_loader)
     (m,) = metrics(tmp_path / "slow")
     slept = STEPS * SLEEP
     # the sleeps are in the wait; the steps are not (they take most of the rest of the epoch)
@@ -63,8 +53,8 @@ def test_a_slow_loader_shows_up_as_data_wait(store, tmp_path):
     assert {"epoch/data_wait_seconds", "epoch/data_wait_fraction"} <= set(ea.Tags()["scalars"])
 
 
-def test_without_a_slow_loader_the_wait_is_small(store, tmp_path):
-    _, lines = fit_logged(tiny(train__epochs=1), out=tmp_path / "fast", data_dir=store)
+def test_without_a_slow_loader_the_wait_is_small(small_store_dir, tmp_path):
+    _, lines = fit_logged(tiny(train__epochs=1), out=tmp_path / "fast", data_dir=small_store_dir)
     (m,) = metrics(tmp_path / "fast")
     assert 0 < m["data_wait_seconds"] and m["data_wait_fraction"] < 0.3, m  # the torch backend on 32 px images
     line = next(l for l in lines if l.startswith("epoch 1/1"))
@@ -97,11 +87,12 @@ def warm_first_step(seconds):
     return setup
 
 
-def test_images_per_sec_is_steady_state_and_the_warm_up_is_apart(store, tmp_path):
+def test_images_per_sec_is_steady_state_and_the_warm_up_is_apart(small_store_dir, tmp_path):
     """A first step that takes 1.5 s longer (a stand-in for torch.compile) is warmup_seconds, and
     stays out of img/s in metrics.jsonl, summary.json and the epoch line."""
     warm = 1.5
-    s, lines = fit_logged(tiny(train__epochs=2), out=tmp_path / "run", data_dir=store, setup=warm_first_step(warm))
+    s, lines = fit_logged(tiny(train__epochs=2), out=tmp_path / "run", data_dir=small_store_dir,
+                          setup=warm_first_step(warm))
     first, second = metrics(tmp_path / "run")
     assert first["warmup_seconds"] >= warm and "warmup_seconds" not in second
     # the five steps after the warm-up one, over their own seconds (data wait included: it is throughput)
@@ -116,17 +107,17 @@ def test_images_per_sec_is_steady_state_and_the_warm_up_is_apart(store, tmp_path
     assert "warm-up" not in next(l for l in lines if l.startswith("epoch 2/2"))
 
 
-def test_an_epoch_of_only_the_warm_up_step_has_no_speed(store, tmp_path):
+def test_an_epoch_of_only_the_warm_up_step_has_no_speed(small_store_dir, tmp_path):
     """One step per epoch: the first epoch's only step is the warm-up, so its speed is unknown (None),
     not a compile-bound figure; the run's speed is the second epoch's."""
-    s, lines = fit_logged(tiny(train__epochs=2, data__batch_size=300), out=tmp_path / "run", data_dir=store)
+    s, lines = fit_logged(tiny(train__epochs=2, data__batch_size=300), out=tmp_path / "run", data_dir=small_store_dir)
     first, second = metrics(tmp_path / "run")
     assert first["images_per_sec"] is None and second["images_per_sec"] > 0
     assert s["train_images_per_sec"] == second["images_per_sec"]
     assert "img/s n/a (warm-up only)" in next(l for l in lines if l.startswith("epoch 1/2"))
 
 
-def test_time_to_target_counts_training_without_warm_up(store, tmp_path):
+def test_time_to_target_counts_training_without_warm_up(small_store_dir, tmp_path):
     run = tmp_path / "run"
     scores = fixed_scores([], [40.0, 50.0])
 
@@ -134,7 +125,7 @@ def test_time_to_target_counts_training_without_warm_up(store, tmp_path):
         scores(trainer)
         warm_first_step(0.3)(trainer)
 
-    s = fit(tiny(train__epochs=2, train__target_acc=30.0), info(), out=run, data_dir=store, setup=setup)
+    s = fit(tiny(train__epochs=2, train__target_acc=30.0), info(), out=run, data_dir=small_store_dir, setup=setup)
     ms = metrics(run)
     assert ms[0]["warmup_seconds"] >= 0.3 and "warmup_seconds" not in ms[1]
     assert (s["target_acc"], s["target_on"], s["epoch_to_target"]) == (30.0, "test", 1)
@@ -143,20 +134,20 @@ def test_time_to_target_counts_training_without_warm_up(store, tmp_path):
     assert s["epochs_done"] == 2 and s["stop_reason"] == "completed"  # timing only: the run went on
 
 
-def test_stop_at_target_ends_the_run_finished(store, tmp_path):
+def test_stop_at_target_ends_the_run_finished(small_store_dir, tmp_path):
     run = tmp_path / "run"
     s = fit(tiny(train__epochs=6, train__target_acc=30.0, train__stop_at_target=True, data__val_split=0.2), info(),
-            out=run, data_dir=store, setup=fixed_scores([20.0, 31.0, 45.0, 50, 50, 50], [90.0] * 6))
+            out=run, data_dir=small_store_dir, setup=fixed_scores([20.0, 31.0, 45.0, 50, 50, 50], [90.0] * 6))
     # selection is on validation here, so the target is too (test passed 30% at once)
     assert (s["target_on"], s["epoch_to_target"], s["epochs_done"], s["finished"]) == ("val", 2, 2, True)
     assert "target_acc" in s["stop_reason"] and "epoch 2" in s["stop_reason"]
     assert json.loads((run / "summary.json").read_text()) == s and len(metrics(run)) == 2
     never = fit(tiny(train__epochs=1, train__target_acc=99.0, train__stop_at_target=True), info(),
-                out=tmp_path / "never", data_dir=store, setup=fixed_scores([], [10.0]))
+                out=tmp_path / "never", data_dir=small_store_dir, setup=fixed_scores([], [10.0]))
     assert (never["epochs_done"], never["epoch_to_target"], never["stop_reason"]) == (1, None, "completed")
 
 
-def test_a_resumed_run_reports_the_same_wait_and_target(store, tmp_path):
+def test_a_resumed_run_reports_the_same_wait_and_target(small_store_dir, tmp_path):
     """Stopped mid-epoch 2 and resumed: the epoch's wait counts the slow batches of both processes,
     and the time to target is the one the stopped run reported."""
     run = tmp_path / "run"
@@ -172,7 +163,7 @@ def test_a_resumed_run_reports_the_same_wait_and_target(store, tmp_path):
 
     recipe = tiny(train__target_acc=30.0, train__epochs=2)
     with pytest.raises(T.Interrupted):
-        fit(recipe, info(), out=run, data_dir=store, setup=setup)
+        fit(recipe, info(), out=run, data_dir=small_store_dir, setup=setup)
     saved = checkpoint.load(run / "last.pt")["partial_time"]
     assert saved["data_wait_seconds"] >= 3 * SLEEP and saved["train_seconds"] > saved["data_wait_seconds"]
 
@@ -180,7 +171,7 @@ def test_a_resumed_run_reports_the_same_wait_and_target(store, tmp_path):
         fixed_scores([], [40.0])(trainer)  # epoch 2
         slow_loader(trainer)
 
-    s = fit(recipe, {}, data_dir=store, resume=run, setup=resume_setup)
+    s = fit(recipe, {}, data_dir=small_store_dir, resume=run, setup=resume_setup)
     ms = metrics(run)
     assert ms[1]["data_wait_seconds"] >= STEPS * SLEEP  # 3 slow batches before the stop, 3 after
     assert ms[1]["train_seconds"] >= saved["train_seconds"]
@@ -189,14 +180,14 @@ def test_a_resumed_run_reports_the_same_wait_and_target(store, tmp_path):
     assert len(s["provenance"]["earlier"]) == 1  # the stopped process's provenance is kept
 
 
-def test_stop_at_target_set_on_resume_stops_at_once(store, tmp_path):
+def test_stop_at_target_set_on_resume_stops_at_once(small_store_dir, tmp_path):
     run = tmp_path / "run"
-    T.train(tiny(train__epochs=1), info(), out=run, data_dir=store, **QUIET)
+    T.train(tiny(train__epochs=1), info(), out=run, data_dir=small_store_dir, **QUIET)
     first = json.loads((run / "summary.json").read_text())
     assert first["best_acc"] > 0
     target = first["best_acc"] / 2  # reached by epoch 1
     s = T.train(apply_overrides(tiny(train__epochs=5), [f"train.target_acc={target}", "train.stop_at_target=true"]),
-                {}, data_dir=store, resume=run, **QUIET)
+                {}, data_dir=small_store_dir, resume=run, **QUIET)
     assert s["finished"] and s["epochs_done"] == 1 and "target_acc" in s["stop_reason"]
 
 

@@ -1,6 +1,7 @@
 """The training loop on a CPU: a small run learns and writes the run-directory contract; resume is
 exact after an epoch and mid-epoch; SIGINT/SIGTERM save and exit 130; a NaN loss stops the run;
-distillation feeds the teacher its own size; one torch.compile run; the LR schedule and groups."""
+distillation feeds the teacher its own size; one torch.compile run; the auto backend; each recipe
+field reaches the part of the loop that uses it. (The optimizer and LR schedule: test_optim.py.)"""
 
 import json
 import math
@@ -16,117 +17,17 @@ import pytest
 import torch
 
 import fastcifar.train as T
-from fastcifar import checkpoint, owned
-from fastcifar.config import Recipe, Schedule
-from fastcifar.data import open_store, prepare
+from fastcifar import checkpoint
 from fastcifar.errors import BadInput
+from fastcifar.data import open_store
 from fastcifar.models import build_model, net_from_checkpoint
-from fastcifar.optim import lr_factor, param_groups, peak_lr
-from loader_spy import LoaderSpy
-from fastcifar.pipelines.loader import make_loader
+from fastcifar.optim import lr_factor
+from helpers import MIXED, MIXED_EMA, QUIET, cli, fit, info, metrics, tiny, untimed
+from fastcifar.pipelines.loader import dali_available, make_loader
 
-TIMING = {"images_per_sec", "epoch_seconds", "wall_seconds", "train_seconds", "data_wait_seconds", "data_wait_fraction",
-          "warmup_seconds"}
-QUIET = dict(log=lambda *a, **k: None)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("store") / "cifar100"
-    prepare(d, synthetic=True, n_train=1000, n_test=300, log=lambda *_: None)
-    return d
-
-
-def tiny(**fields) -> Recipe:
-    """A seconds-long deterministic CPU run of timm's test_resnet (0.4M parameters)."""
-    r = Recipe()
-    r.data.batch_size = 50
-    r.data.backend = "torch"
-    r.aug.normalize = "cifar"
-    r.model.name = "test_resnet"
-    r.optim.lr = 3e-3
-    r.optim.weight_decay = 0.05
-    r.schedule.kind = "onecycle"
-    r.schedule.warmup = 0.1
-    r.schedule.final_lr = 0.05  # ends above 0, so that a finished run may be resumed for more epochs
-    r.train.epochs = 3
-    r.train.compile = False
-    r.train.device = "cpu"
-    r.train.deterministic = True
-    r.train.log_every = 4
-    for key, value in fields.items():
-        section, name = key.split("__")
-        setattr(getattr(r, section), name, value)
-    return r
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    """A copy of run src at dst that counts as fastcifar's own, as if the run had been written there
-    (a plain copy does not: resume refuses to replace its files, owned.py)."""
-    import shutil
-
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(owned.MANIFEST))
-    owned.record([p for p in dst.iterdir()], "train")
-    return dst
-
-
-def info(name="tiny"):
-    return {"name": name, "description": f"{name}: a test run", "source": '"""a test run"""\n'}
-
-
-def fit(recipe, run_info, train_fn=None, test_fn=None, setup=None, **kw) -> dict:
-    """T.train through the Trainer's seams: train_fn / test_fn(epoch, batch index, images) run as each
-    training / test batch is consumed; setup(trainer) may replace other parts before fit()."""
-    with T.Trainer(recipe, run_info, **QUIET, **kw) as trainer:
-        if train_fn:
-            trainer.train_loader = LoaderSpy(trainer.train_loader, lambda e, i, x, y: train_fn(e, i, x))
-        if test_fn:
-            trainer.test_loader = LoaderSpy(trainer.test_loader, lambda e, i, x, y: test_fn(e, i, x))
-        if setup:
-            setup(trainer)
-        return trainer.fit()
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def interrupt_at(recipe, out, store, epoch: int, batch: int) -> None:
-    """Run recipe into out and stop it with a real Ctrl-C (through the loop's handler) as batch
-    `batch` of epoch `epoch` (both from 0) is consumed: the run saves last.pt and raises Interrupted."""
-    def ctrl_c(e, i, images):
-        if (e, i) == (epoch, batch):
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(T.Interrupted):
-        fit(recipe, info(), out=out, data_dir=store, train_fn=ctrl_c)
-
-
-def untimed(ms):
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in ms]
-
-
-def resume_matches_straight(recipe, store, tmp_path, batch: int) -> dict:
-    """Train recipe straight through, and again stopped by Ctrl-C at batch `batch` of its first
-    epoch and resumed: assert the two runs log the same metrics and end with the same weights;
-    return the resumed run's summary."""
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    T.train(recipe, info(), out=straight, data_dir=store, **QUIET)
-    interrupt_at(recipe, run, store, epoch=0, batch=batch)
-    assert checkpoint.load(run / "last.pt")["step_in_epoch"] == batch + 1
-    s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
-    assert s["finished"] and untimed(metrics(run)) == untimed(metrics(straight))
-    a, b = checkpoint.load(run / "last.pt")["model"], checkpoint.load(straight / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in b)
-    return s
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def test_small_run_learns_and_writes_the_run_contract(store, tmp_path):
+def test_small_run_learns_and_writes_the_run_contract(store_dir, tmp_path):
     run = tmp_path / "run"
-    s = T.train(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store, **QUIET)
+    s = T.train(tiny(train__epochs=4, data__val_split=0.2), info(), out=run, data_dir=store_dir, **QUIET)
     assert {p.name for p in run.iterdir()} >= {"recipe.json", "recipe.py", "last.pt", "best.pt", "metrics.jsonl", "summary.json"}
     assert any(p.name.startswith("events.") for p in run.iterdir())
     assert json.loads((run / "summary.json").read_text()) == s
@@ -154,35 +55,15 @@ def test_small_run_learns_and_writes_the_run_contract(store, tmp_path):
     ck = checkpoint.load(run / "best.pt")
     assert ck["epoch"] == s["best_epoch"]
     assert checkpoint.load(run / "last.pt")["epoch"] == 4
-    ev = T.evaluate_checkpoint(str(run), data_dir=store, batch_size=50, device="cpu")  # a run dir means best.pt
+    ev = T.evaluate_checkpoint(str(run), data_dir=store_dir, batch_size=50, device="cpu")  # a run dir means best.pt
     assert ev["acc"] == pytest.approx(best["test_acc"]) and ev["images"] == 300
 
     with pytest.raises(BadInput, match="--resume"):  # never overwrite a run
-        T.train(tiny(), info(), out=run, data_dir=store, **QUIET)
-
-
-MIXED = dict(aug__mixup_alpha=0.4, aug__cutmix_alpha=1.0, aug__mix_p=0.8)  # MixUp or CutMix on most batches
-# ... and an EMA updated every 3rd step (the stop at step 24 falls on an update), selection on it
-MIXED_EMA = dict(**MIXED, train__ema_decay=0.9, train__ema_every=3, train__select_on="ema")
-
-
-@pytest.fixture(scope="module")
-def straight(store, tmp_path_factory):
-    """straight(mixed) -> the run dir of tiny() (mixed: with MIXED_EMA) trained 3 epochs without a stop
-    (made once each)."""
-    runs = {}
-
-    def get(mixed: bool) -> Path:
-        if mixed not in runs:
-            runs[mixed] = tmp_path_factory.mktemp("straight") / "run"
-            T.train(tiny(**(MIXED_EMA if mixed else {})), info(), out=runs[mixed], data_dir=store, **QUIET)
-        return runs[mixed]
-
-    return get
+        T.train(tiny(), info(), out=run, data_dir=store_dir, **QUIET)
 
 
 @pytest.mark.parametrize("when", ["after_epoch", "mid_epoch", "mid_epoch_mixed_ema", "last_batch"])
-def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path, when):
+def test_interrupt_then_resume_matches_a_straight_run(store_dir, straight_run, tmp_path, when):
     def sigint(epoch, i, images):
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, through the loop's handler
 
@@ -195,15 +76,15 @@ def test_interrupt_then_resume_matches_a_straight_run(store, straight, tmp_path,
     recipe = tiny(**(MIXED_EMA if mixed else {}))
     run = tmp_path / "run"
     with pytest.raises(T.Interrupted, match="--resume"):
-        fit(recipe, info(), out=run, data_dir=store, **hooks)
+        fit(recipe, info(), out=run, data_dir=store_dir, **hooks)
     s = json.loads((run / "summary.json").read_text())
     assert (s["finished"], s["stop_reason"]) == (False, "interrupted")
     ck = checkpoint.load(run / "last.pt")
     assert (ck["epoch"], ck["step_in_epoch"]) == {"after_epoch": (1, 0), "last_batch": (1, 20)}.get(when, (1, 4))
 
-    s = T.train(recipe, {}, data_dir=store, resume=run, **QUIET)
+    s = T.train(recipe, {}, data_dir=store_dir, resume=run, **QUIET)
     assert s["finished"] and s["epochs_done"] == 3
-    reference = straight(mixed)
+    reference = straight_run(mixed)
     assert untimed(metrics(run)) == untimed(metrics(reference))  # test_*_ema included when mixed
     a, b = checkpoint.load(run / "last.pt"), checkpoint.load(reference / "last.pt")
     for part in ("model", "ema") if mixed else ("model",):
@@ -224,18 +105,19 @@ def spy_on_targets(seen: list):
     return setup
 
 
-def test_mixing_gives_the_loss_soft_targets(store, tmp_path):
+def test_mixing_gives_the_loss_soft_targets(store_dir, tmp_path):
     seen = []
-    s = fit(tiny(train__epochs=1, **MIXED), info(), out=tmp_path / "run", data_dir=store, setup=spy_on_targets(seen))
+    s = fit(tiny(train__epochs=1, **MIXED), info(), out=tmp_path / "run", data_dir=store_dir,
+            setup=spy_on_targets(seen))
     assert s["finished"] and seen
     assert all(t.shape == (50, 100) and t.is_floating_point() for t in seen)
     assert all(torch.allclose(t.sum(1), torch.ones(50)) for t in seen)
     assert any((t.max(1).values < 1).any() for t in seen)  # some targets really are mixtures
 
 
-def test_sigterm_saves_exits_130_and_the_run_resumes(store, tmp_path):
+def test_sigterm_saves_exits_130_and_the_run_resumes(store_dir, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store), "--out", str(run),
+    cmd = [sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store_dir), "--out", str(run),
            "--set", "data.backend=torch", "--set", "data.subset=1", "--set", "data.test_subset=1",
            "--set", "train.epochs=50"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -256,21 +138,13 @@ def test_sigterm_saves_exits_130_and_the_run_resumes(store, tmp_path):
     assert 1 <= ck["epoch"] < 50
 
     # resume through the CLI, finishing the epoch it stopped in
-    from fastcifar.cli import main
-    argv = ["fastcifar", "train", "--resume", str(run), "--data-dir", str(store),
-            "--set", f"train.epochs={ck['epoch'] + 1}"]
-    old, sys.argv = sys.argv, argv
-    try:
-        with pytest.raises(SystemExit) as e:
-            main()
-    finally:
-        sys.argv = old
-    assert e.value.code == 0
+    code, _, err = cli("train", "--resume", run, "--data-dir", store_dir, "--set", f"train.epochs={ck['epoch'] + 1}")
+    assert code == 0, err
     s = json.loads((run / "summary.json").read_text())
     assert s["finished"] and s["epochs_done"] == ck["epoch"] + 1 == len(metrics(run))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store_dir, tmp_path):
     def poison(epoch, i, images):
         if (epoch, i) == (1, 2):
             images[0, 0, 0, 0] = float("nan")  # one bad pixel makes the whole batch's loss NaN
@@ -278,7 +152,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
     run = tmp_path / "run"
     steps_per_epoch = 1000 // 50
     with pytest.raises(T.Diverged, match=f"at step {steps_per_epoch + 3} .*epoch 2, batch 3"):
-        fit(tiny(), info(), out=run, data_dir=store, train_fn=poison)
+        fit(tiny(), info(), out=run, data_dir=store_dir, train_fn=poison)
     s = json.loads((run / "summary.json").read_text())
     assert not s["finished"] and "non-finite" in s["stop_reason"] and s["epochs_done"] == 1
     ck = checkpoint.load(run / "last.pt")
@@ -286,14 +160,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path):
     assert len(metrics(run)) == 1
 
 
-def test_distillation_feeds_the_teacher_its_own_size(store, tmp_path, monkeypatch):
+def test_distillation_feeds_the_teacher_its_own_size(store_dir, tmp_path, monkeypatch):
     teacher = tmp_path / "teacher"
-    T.train(tiny(train__epochs=1, aug__image_size=40), info("teach"), out=teacher, data_dir=store, **QUIET)
+    T.train(tiny(train__epochs=1, aug__image_size=40), info("teach"), out=teacher, data_dir=store_dir, **QUIET)
     sizes = set()
-    kd = fit(tiny(train__epochs=1, distill__teacher=str(teacher)), info(), out=tmp_path / "kd", data_dir=store,
+    kd = fit(tiny(train__epochs=1, distill__teacher=str(teacher)), info(), out=tmp_path / "kd", data_dir=store_dir,
              train_fn=lambda e, i, views: sizes.add(tuple(v.shape[-1] for v in views)))
     assert sizes == {(32, 40)}  # every batch: the student's view at 32, the teacher's at its own 40
-    T.train(tiny(train__epochs=1), info(), out=tmp_path / "plain", data_dir=store, **QUIET)
+    T.train(tiny(train__epochs=1), info(), out=tmp_path / "plain", data_dir=store_dir, **QUIET)
     kd_m, plain_m = metrics(tmp_path / "kd")[0], metrics(tmp_path / "plain")[0]
     assert kd_m["train_loss"] != plain_m["train_loss"]  # the KD term is in the loss
     assert kd["finished"]
@@ -307,22 +181,22 @@ def test_distillation_feeds_the_teacher_its_own_size(store, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_amp_runs_stay_finite(store, tmp_path, amp):
+def test_amp_runs_stay_finite(store_dir, tmp_path, amp):
     s = T.train(tiny(train__epochs=1, train__amp=amp, train__deterministic=False, head__kind="arcface"),
-                info(), out=tmp_path / "run", data_dir=store, **QUIET)
+                info(), out=tmp_path / "run", data_dir=store_dir, **QUIET)
     m = metrics(tmp_path / "run")[0]
     assert s["finished"] and math.isfinite(m["train_loss"]) and math.isfinite(m["test_loss"])
     ck = checkpoint.load(tmp_path / "run" / "last.pt")
     assert ck["scaler"] != {} if amp == "fp16" else True  # fp16 keeps a GradScaler state
 
 
-def test_torch_compile_run(store, tmp_path):
+def test_torch_compile_run(store_dir, tmp_path):
     """The one compiled run (the first compile costs tens of seconds on a CPU), through the CLI with
     TORCH_LOGS=recompiles: uneven last evaluation batches (270 test and 150 validation images in
     batches of 100) cost no recompile, nor do the EMA's weights and the mirrored TTA view, and the
     weights keep their plain names."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store), "--out", str(run),
+    cmd = [sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store_dir), "--out", str(run),
            "--set", "data.backend=torch", "--set", "data.subset=1", "--set", "data.test_subset=0.9",
            "--set", "data.val_split=0.15", "--set", "train.epochs=1", "--set", "train.compile=true",
            "--set", "train.device=cpu", "--set", "train.ema_decay=0.9", "--set", "train.tta=flip"]
@@ -339,7 +213,7 @@ def test_torch_compile_run(store, tmp_path):
     net.load_state_dict(ck["model"])  # plain keys: compiling did not rename the weights
     # the compiled run's test accuracy is the eager net's on the same 270 images (up to 2 borderline ones)
     eager, r = net_from_checkpoint(ck, run / "last.pt")
-    st = open_store(store)
+    st = open_store(store_dir)
     rows = T.split_rows(len(st.labels("train")), len(st.labels("test")), r.data)[2]
     ev = T.evaluate(eager, make_loader(st, "test", r.aug, 100, backend="torch", indices=rows), tta="flip")
     assert ev["images"] == 270 and ev["acc"] == pytest.approx(s["final_acc"], abs=0.8)
@@ -357,84 +231,33 @@ def test_missing_store_offline_says_prepare_synthetic(tmp_path, monkeypatch):
         T.train(tiny(), info(), out=tmp_path / "run", data_dir=tmp_path / "nodata", **QUIET)
 
 
-# ---- the LR schedule and parameter groups (pure functions)
-
-
-def test_lr_schedule_shapes():
-    total = 100
-    warm = Schedule(kind="cosine", warmup=0.1, final_lr=0.0)
-    assert [lr_factor(i, total, warm) for i in range(3)] == pytest.approx([0.1, 0.2, 0.3])
-    assert lr_factor(10, total, warm) == pytest.approx(1.0) and lr_factor(99, total, warm) < 0.001
-    assert lr_factor(55, total, warm) == pytest.approx(0.5)  # cosine: half way after warmup
-    one = Schedule(kind="onecycle", warmup=0.2, final_lr=0.1)
-    assert lr_factor(20, total, one) == 1.0 and lr_factor(60, total, one) == pytest.approx(0.55)
-    step = Schedule(kind="step", milestones=(0.5, 0.75), gamma=0.1)
-    assert [lr_factor(i, total, step) for i in (49, 50, 74, 75)] == pytest.approx([1, 0.1, 0.1, 0.01])
-    assert all(lr_factor(i, total, Schedule()) == 1.0 for i in range(total))
-
-
-def test_param_groups_and_lr_scaling():
-    net = build_model(tiny().model, tiny().head)
-    groups = param_groups(net, 0.05)
-    decayed = {id(p) for p in groups[0]["params"]}
-    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
-    assert all((p.ndim > 1) == (id(p) in decayed) for p in net.parameters())  # norms and biases: no decay
-    assert len(param_groups(net, 0.05, "all")) == 1
-    r = tiny(optim__lr=0.1, optim__lr_ref_batch=256)
-    assert peak_lr(r.optim, 512) == pytest.approx(0.2)
-    r.optim.lr_scaling = "sqrt"
-    assert peak_lr(r.optim, 1024) == pytest.approx(0.2)
-
-
-def test_optimizer_gets_the_recipes_hyperparameters_and_the_scheduler_steps_lr_factor():
-    """build_optimizer hands the optimizer optim.betas / momentum / nesterov and peak_lr (not
-    optim.lr); nesterov needs momentum (torch refuses it at 0); the scheduler's LR at optimizer
-    step k is the peak times lr_factor(k), from k = 0; cosine ends at final_lr of the peak."""
-    from fastcifar.optim import build_optimizer, build_scheduler
-
-    net = torch.nn.Linear(3, 2)
-    adam = build_optimizer(net, tiny(optim__betas=(0.8, 0.95), optim__lr=0.1, optim__lr_ref_batch=25).optim, 50)
-    assert adam.defaults["betas"] == (0.8, 0.95) and adam.defaults["lr"] == pytest.approx(0.2)
-    sgd = build_optimizer(net, tiny(optim__name="sgd", optim__momentum=0.7, optim__nesterov=True).optim, 50)
-    assert sgd.defaults["momentum"] == 0.7 and sgd.defaults["nesterov"] is True
-    flat = build_optimizer(net, tiny(optim__name="sgd", optim__momentum=0.0, optim__nesterov=True).optim, 50)
-    assert flat.defaults["nesterov"] is False
-    s = Schedule(kind="cosine", warmup=0.1, final_lr=0.2)
-    assert lr_factor(10, 100, s) == pytest.approx(1.0) and lr_factor(99, 100, s) == pytest.approx(0.2, abs=1e-3)
-    sched, lrs = build_scheduler(adam, 100, s), []
-    for _ in range(12):
-        lrs.append(adam.param_groups[0]["lr"])
-        adam.step()
-        sched.step()
-    assert lrs == pytest.approx([0.2 * lr_factor(k, 100, s) for k in range(12)])
-
-
 # ---- the loop's wiring of its parts: each recipe field reaches the part that uses it
 
 
-def test_the_loop_steps_the_schedule_and_logs_each_epochs_last_lr(store, tmp_path):
+def test_the_loop_steps_the_schedule_and_logs_each_epochs_last_lr(store_dir, tmp_path):
     """One scheduler step per optimizer step: metrics.jsonl's lr is the LR the epoch's last step
     used, peak * lr_factor(that step) (4 steps an epoch here, 8 in all)."""
     r = tiny(train__epochs=2, data__subset=0.2, schedule__warmup=0.25)
-    s = fit(r, info(), out=tmp_path / "run", data_dir=store)
+    s = fit(r, info(), out=tmp_path / "run", data_dir=store_dir)
     ms = metrics(tmp_path / "run")
-    assert s["finished"] and [m["lr"] for m in ms] == pytest.approx([3e-3 * lr_factor(k, 8, r.schedule) for k in (3, 7)])
+    want = [r.optim.lr * lr_factor(k, 8, r.schedule) for k in (3, 7)]
+    assert s["finished"] and [m["lr"] for m in ms] == pytest.approx(want)
     assert ms[0]["lr"] != pytest.approx(ms[1]["lr"])
 
 
-def test_mixing_draws_differ_from_epoch_to_epoch(store, tmp_path):
+def test_mixing_draws_differ_from_epoch_to_epoch(store_dir, tmp_path):
     """The mixing generator is seeded from (seed, epoch): in an unshuffled run, epoch 2 sees the
     same images in the same order, but mixed with other partners and weights."""
     seen = []
     fit(tiny(train__epochs=2, data__subset=0.1, data__shuffle=False, **MIXED), info(), out=tmp_path / "run",
-        data_dir=store, setup=spy_on_targets(seen))
+        data_dir=store_dir, setup=spy_on_targets(seen))
     assert len(seen) == 4  # 2 batches an epoch
     assert not torch.equal(seen[0], seen[2]) and not torch.equal(seen[1], seen[3])
 
 
-def test_the_recipes_ema_fields_reach_the_ema(store, tmp_path):
+def test_the_recipes_ema_fields_reach_the_ema(store_dir, tmp_path):
     with T.Trainer(tiny(train__ema_decay=0.95, train__ema_every=3, train__ema_warmup=False, data__subset=0.1),
-                   info(), out=tmp_path / "run", data_dir=store, **QUIET) as trainer:
+                   info(), out=tmp_path / "run", data_dir=store_dir, **QUIET) as trainer:
         ema = trainer.ema
         assert (ema.decay, ema.every, ema.warmup) == (0.95, 3, False)
 
@@ -477,19 +300,26 @@ def test_evaluate_counts_top1_top5_and_mean_loss_over_a_padded_last_batch():
 
 
 @pytest.mark.parametrize("kind", ["classify", "multiscale", "distill"])
-def test_the_objective_gets_the_recipes_label_smoothing(store, tmp_path, kind):
+def test_the_objective_gets_the_recipes_label_smoothing(store_dir, tmp_path, kind):
     """loss.label_smoothing reaches the objective the Trainer picks: its CE term on a batch is the
     smoothed cross-entropy of the logits it returns."""
     fields = dict(loss__label_smoothing=0.2, data__subset=0.1)
     if kind == "multiscale":
         fields["loss__scales"] = (32, 48)
     if kind == "distill":
-        T.train(tiny(train__epochs=1, data__subset=0.1), info("teach"), out=tmp_path / "teacher", data_dir=store, **QUIET)
+        T.train(tiny(train__epochs=1, data__subset=0.1), info("teach"), out=tmp_path / "teacher", data_dir=store_dir,
+                **QUIET)
         fields["distill__teacher"] = str(tmp_path / "teacher")
-    with T.Trainer(tiny(**fields), info(), out=tmp_path / "run", data_dir=store, **QUIET) as trainer:
+    with T.Trainer(tiny(**fields), info(), out=tmp_path / "run", data_dir=store_dir, **QUIET) as trainer:
         trainer.train_loader.set_epoch(0)
         images, labels = next(iter(trainer.train_loader))
         out = trainer.objective(images, labels, labels)  # as train_step calls it
         want = torch.nn.functional.cross_entropy(out["logits"].float(), labels, label_smoothing=0.2)
         assert torch.allclose(out["ce"], want, atol=1e-6)
         assert not torch.allclose(want, torch.nn.functional.cross_entropy(out["logits"].float(), labels), atol=1e-3)
+
+
+def test_auto_backend_trains_on_dali_where_it_imports(store_dir, tmp_path):
+    s = T.train(tiny(train__epochs=1, data__backend="auto"), info(), out=tmp_path / "run", data_dir=store_dir, **QUIET)
+    assert s["backend"] == ("dali-cpu" if dali_available() else "torch")
+    assert s["finished"] and s["best_acc"] > 5  # 100 classes: it learned something on either backend

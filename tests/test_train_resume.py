@@ -1,9 +1,8 @@
 """What a run decides for the machine it runs on, and what a resume on another machine, or for
 more epochs, keeps: train.amp=auto trains a shipped recipe in fp32 on a CPU without native bf16
 and says why; a GradScaler that starts on resume; each rank's own RNG states; an LR schedule
-that keeps its horizon when a resume adds epochs, or refuses when it ends at LR 0."""
-
-import json
+that keeps its horizon when a resume adds epochs, or refuses when it ends at LR 0; a mid-epoch
+stop that resumes exactly with dropout and drop path (the global RNG) and on the DALI backend."""
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from fastcifar import checkpoint, config, runtime
 from fastcifar import dist as fdist
 from fastcifar.errors import BadInput
 from fastcifar.optim import lr_factor, peak_lr
-from test_train import QUIET, fit, info, metrics, store, tiny  # noqa: F401 (store: the fixture)
+from helpers import QUIET, cli, info, metrics, needs_dali, one_paragraph, resume_matches_straight, tiny
 
 
 def logged(recipe, run_info=None, **kw) -> tuple[dict, list[str]]:
@@ -26,7 +25,8 @@ def logged(recipe, run_info=None, **kw) -> tuple[dict, list[str]]:
 
 
 @pytest.mark.parametrize("flag, picked", [(None, "none"), ("avx512_bf16", "bf16")])
-def test_a_shipped_recipe_trains_at_the_cpus_native_precision_and_says_why(store, tmp_path, monkeypatch, flag, picked):
+def test_a_shipped_recipe_trains_at_the_cpus_native_precision_and_says_why(store_dir, tmp_path, monkeypatch, flag,
+                                                                           picked):
     """r18_cifar_32 (train.amp = auto) on a CPU without native bf16 trains in fp32, and with it in
     bf16; the banner says which and why, summary.json and its provenance record it."""
     monkeypatch.setattr(runtime, "cpu_bf16", lambda: flag)
@@ -36,7 +36,7 @@ def test_a_shipped_recipe_trains_at_the_cpus_native_precision_and_says_why(store
                                "data.test_subset=0.1", "train.epochs=1", "train.device=cpu"])  # 2 steps, 30 test images
     seen = {}
     lines = []
-    with T.Trainer(r, run_info, out=tmp_path / "run", data_dir=store, log=lines.append) as trainer:
+    with T.Trainer(r, run_info, out=tmp_path / "run", data_dir=store_dir, log=lines.append) as trainer:
         conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(lambda m, i, out: None if "dtype" in seen else seen.update(dtype=out.dtype))
         s = trainer.fit()
@@ -49,26 +49,26 @@ def test_a_shipped_recipe_trains_at_the_cpus_native_precision_and_says_why(store
         assert "amp bf16, " in banner and "amp bf16 (auto: this CPU has native bf16 (avx512_bf16))" in banner
 
 
-def test_bfloat16_images_with_auto_on_an_fp32_machine_are_read_as_float32(store, tmp_path, monkeypatch):
+def test_bfloat16_images_with_auto_on_an_fp32_machine_are_read_as_float32(store_dir, tmp_path, monkeypatch):
     """aug.dtype=bfloat16 saves bytes for an autocast step; where auto trains in fp32 the loaders make
     float32 images instead (an fp32 layer refuses bf16 input), for training and for eval alike."""
     monkeypatch.setattr(runtime, "cpu_bf16", lambda: None)
     r = tiny(train__epochs=1, train__amp="auto", aug__dtype="bfloat16", data__subset=0.1, data__test_subset=0.1)
-    s, lines = logged(r, out=tmp_path / "run", data_dir=store)
+    s, lines = logged(r, out=tmp_path / "run", data_dir=store_dir)
     assert s["finished"] and s["amp"] == "none"
     assert any("aug.dtype = bfloat16 read as float32" in line for line in lines)
-    ev = T.evaluate_checkpoint(str(tmp_path / "run"), data_dir=store, device="cpu")  # bf16 images would not run
+    ev = T.evaluate_checkpoint(str(tmp_path / "run"), data_dir=store_dir, device="cpu")  # bf16 images would not run
     assert ev["amp"] == "none" and ev["images"] == 300
 
 
-def test_a_resume_that_switches_to_fp16_starts_a_fresh_grad_scaler(store, tmp_path):
+def test_a_resume_that_switches_to_fp16_starts_a_fresh_grad_scaler(store_dir, tmp_path):
     """A bf16 run's disabled GradScaler saved {}; resumed where the precision is fp16 (another GPU, or
     train.amp=fp16), the enabled scaler starts fresh instead of failing to load {}; the run says so."""
     run = tmp_path / "run"
     small = dict(data__subset=0.1, data__test_subset=0.1)
-    T.train(tiny(train__epochs=1, train__amp="bf16", **small), info(), out=run, data_dir=store, **QUIET)
+    T.train(tiny(train__epochs=1, train__amp="bf16", **small), info(), out=run, data_dir=store_dir, **QUIET)
     assert checkpoint.load(run / "last.pt")["scaler"] == {}
-    s, lines = logged(tiny(train__epochs=2, train__amp="fp16", **small), {}, resume=run, data_dir=store)
+    s, lines = logged(tiny(train__epochs=2, train__amp="fp16", **small), {}, resume=run, data_dir=store_dir)
     assert s["finished"] and s["amp"] == "fp16"
     assert any("trained in bf16 and continues in fp16" in line for line in lines)
     ck = checkpoint.load(run / "last.pt")
@@ -111,13 +111,13 @@ def test_each_rank_saves_and_restores_its_own_rng_states(monkeypatch, tmp_path):
 # ---- more epochs on resume
 
 
-def test_more_epochs_on_resume_continue_at_the_schedules_final_lr(store, tmp_path):
+def test_more_epochs_on_resume_continue_at_the_schedules_final_lr(store_dir, tmp_path):
     """A finished 1-epoch cosine run resumed for 2: the schedule keeps its 1-epoch horizon, so the
     first new step's LR is the schedule's final LR (no jump back up), and so is every later one."""
     run = tmp_path / "run"
     recipe = lambda epochs: tiny(train__epochs=epochs, schedule__kind="cosine", schedule__final_lr=0.1, data__subset=0.3,
                                  data__test_subset=0.1)
-    T.train(recipe(1), info(), out=run, data_dir=store, **QUIET)
+    T.train(recipe(1), info(), out=run, data_dir=store_dir, **QUIET)
     ck = checkpoint.load(run / "last.pt")
     steps, peak = ck["step"], peak_lr(recipe(1).optim, 50)
     assert ck["schedule_epochs"] == 1
@@ -134,7 +134,7 @@ def test_more_epochs_on_resume_continue_at_the_schedules_final_lr(store, tmp_pat
 
         trainer.train_step = spy
 
-    with T.Trainer(recipe(2), {}, resume=run, data_dir=store, log=lines.append) as trainer:
+    with T.Trainer(recipe(2), {}, resume=run, data_dir=store_dir, log=lines.append) as trainer:
         setup(trainer)
         s = trainer.fit()
     assert s["finished"] and s["epochs_done"] == 2 and len(lrs) == steps
@@ -144,14 +144,13 @@ def test_more_epochs_on_resume_continue_at_the_schedules_final_lr(store, tmp_pat
     assert checkpoint.load(run / "last.pt")["schedule_epochs"] == 1  # and a later resume keeps it too
 
 
-def test_more_epochs_past_a_schedule_that_ends_at_lr_0_are_refused(store, tmp_path, monkeypatch, capsys):
-    from test_cli_paths import cli, one_paragraph
+def test_more_epochs_past_a_schedule_that_ends_at_lr_0_are_refused(store_dir, tmp_path):
 
     run = tmp_path / "run"
     T.train(tiny(train__epochs=1, schedule__final_lr=0.0, data__subset=0.1, data__test_subset=0.1), info(), out=run,
-            data_dir=store, **QUIET)
+            data_dir=store_dir, **QUIET)
     before = (run / "last.pt").read_bytes()
-    code, _, err = cli(monkeypatch, capsys, "train", "--resume", run, "--set", "train.epochs=2")
+    code, _, err = cli("train", "--resume", run, "--set", "train.epochs=2")
     assert code == 2 and one_paragraph(err), err
     err = " ".join(err.split())
     assert "ends at LR 0" in err and "would train nothing" in err and "model.init_from=" in err, err
@@ -164,3 +163,20 @@ def test_more_epochs_past_a_schedule_that_ends_at_lr_0_are_refused(store, tmp_pa
         tiny(train__epochs=3, schedule__final_lr=0.0)), "epoch": 1, "schedule_epochs": 3}, run)
     T.check_resume(tiny(train__epochs=9, schedule__kind="constant"), {"recipe": config.to_dict(
         tiny(train__epochs=3, schedule__kind="constant")), "epoch": 3, "schedule_epochs": 3}, run)
+
+
+# ---- mid-epoch resume: the global RNG (dropout) and the DALI backend continue exactly
+
+
+@pytest.mark.parametrize("fields", [
+    pytest.param(dict(model__drop_rate=0.5, model__drop_path=0.2), id="dropout_droppath"),
+    pytest.param(dict(data__backend="dali"), id="dali", marks=needs_dali),
+])
+def test_mid_epoch_resume_matches_a_straight_run(store_dir, tmp_path, fields):
+    """Dropout and drop path (stochastic depth) draw from torch's global RNG, which only a restored
+    RNG state reproduces; the DALI backend (CPU mode) must train, stop mid-epoch, resume and evaluate
+    like the torch one."""
+    # 400 train images (8 batches an epoch, the stop after the 7th) and 60 test images
+    s = resume_matches_straight(tiny(train__epochs=2, data__subset=0.4, data__test_subset=0.2, **fields), store_dir,
+                                tmp_path, batch=6)
+    assert s["backend"] == ("dali-cpu" if fields.get("data__backend") == "dali" else "torch")

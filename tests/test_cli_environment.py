@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,10 +13,8 @@ import fastcifar.data as D
 import fastcifar.train as T
 from fastcifar import checkpoint, owned
 from fastcifar import dist as fdist
-from test_cli_paths import cli, one_paragraph
-from test_train import fit, info, store, tiny  # noqa: F401 (store: the fixture)
+from helpers import ROOT, cli, fit, info, one_paragraph, tiny
 
-ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 LAUNCH = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -32,12 +29,12 @@ def test_torchrun_variables_of_one_process_or_a_full_launch_are_read(monkeypatch
     assert fdist.launch() == (1, 2, 1)
 
 
-def test_a_run_outlives_a_closed_stderr_and_a_stdout_nobody_reads(store, tmp_path):
+def test_a_run_outlives_a_closed_stderr_and_a_stdout_nobody_reads(store_dir, tmp_path):
     """`fastcifar train ... 2>&- | head -1`: with stderr closed the progress bar had nowhere to go,
     and once the reader of stdout left, the next line killed the run (exit 1, no last.pt, no
     summary). The output is dropped now, and the run finishes."""
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store), "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "fastcifar", "train", "smoke", "--data-dir", str(store_dir), "--out",
                              str(run), "--set", "data.backend=torch", "--set", "train.epochs=1"],
                             cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2))
     proc.stdout.close()  # the reader has gone before the first line
@@ -54,28 +51,7 @@ def test_a_listing_into_a_closed_pipe_exits_0_without_noise(tmp_path):
     assert proc.wait(timeout=60) == 0 and err == ""
 
 
-class Unhandled(Exception):
-    pass
-
-
-@pytest.fixture
-def tripwire():
-    """tripwire(sig): until the test ends, sig raises Unhandled where fastcifar does not handle it
-    (rather than killing the test process as it would kill fastcifar)."""
-    saved = {}
-
-    def arm(sig):
-        def handler(signum, frame):
-            raise Unhandled(signal.Signals(signum).name)
-        saved[sig] = signal.signal(sig, handler)
-        return handler
-
-    yield arm
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
-def test_a_hangup_saves_like_ctrl_c_unless_nohup_ignores_it(store, tmp_path, tripwire):
+def test_a_hangup_saves_like_ctrl_c_unless_nohup_ignores_it(store_dir, tmp_path, tripwire):
     """Closing the terminal (SIGHUP) killed a run outright, mid-epoch, with no summary; it now
     stops it as Ctrl-C does. Under nohup (SIGHUP ignored) the run goes on."""
     def hang_up(epoch, i, images):
@@ -85,20 +61,20 @@ def test_a_hangup_saves_like_ctrl_c_unless_nohup_ignores_it(store, tmp_path, tri
     recipe = dict(train__epochs=1, data__subset=0.2, data__test_subset=0.2)
     tripwire(signal.SIGHUP)
     with pytest.raises(T.Interrupted):
-        fit(tiny(**recipe), info(), out=tmp_path / "run", data_dir=store, train_fn=hang_up)
+        fit(tiny(**recipe), info(), out=tmp_path / "run", data_dir=store_dir, train_fn=hang_up)
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["stop_reason"] == "interrupted" and checkpoint.load(tmp_path / "run" / "last.pt")["step_in_epoch"] == 2
 
     old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        s = fit(tiny(**recipe), info(), out=tmp_path / "nohup", data_dir=store, train_fn=hang_up)
+        s = fit(tiny(**recipe), info(), out=tmp_path / "nohup", data_dir=store_dir, train_fn=hang_up)
     finally:
         signal.signal(signal.SIGHUP, old)
     assert s["finished"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_or_a_hangup_during_prepare_exits_130_leaving_no_temporary_store(monkeypatch, capsys, tmp_path, sig,
+def test_sigterm_or_a_hangup_during_prepare_exits_130_leaving_no_temporary_store(monkeypatch, tmp_path, sig,
                                                                                   tripwire):
     """prepare died at once on SIGTERM (exit 143), leaving its half-built .NAME.tmp-* directory (and, once
     that was fixed, the empty parent directories it had made)."""
@@ -110,7 +86,7 @@ def test_sigterm_or_a_hangup_during_prepare_exits_130_leaving_no_temporary_store
 
     monkeypatch.setattr(D, "_save_chunks", killed)
     before = tripwire(sig)
-    code, _, err = cli(monkeypatch, capsys, "prepare", "--synthetic", "--train", "50", "--test", "10", "--data-dir",
+    code, _, err = cli("prepare", "--synthetic", "--train", "50", "--test", "10", "--data-dir",
                        tmp_path / "new" / "data")
     assert code == 130
     assert err.strip().endswith("Interrupted.")  # said, as train says it, not typer's silent exit
@@ -122,7 +98,7 @@ def test_sigterm_or_a_hangup_during_prepare_exits_130_leaving_no_temporary_store
     (signal.SIGINT, KeyboardInterrupt, "quit at once (a second Ctrl-C, SIGTERM or SIGHUP)"),
     (None, RuntimeError, "stopped by RuntimeError: the loader died"),
 ], ids=["second-ctrl-c", "error"])
-def test_a_run_that_ends_at_once_says_why_in_its_summary(store, tmp_path, sig, error, reason):
+def test_a_run_that_ends_at_once_says_why_in_its_summary(store_dir, tmp_path, sig, error, reason):
     """A second Ctrl-C (or an error) in epoch 2 left summary.json saying "running" from epoch 1."""
     def end(epoch, i, images):
         if (epoch, i) == (1, 0):
@@ -133,7 +109,7 @@ def test_a_run_that_ends_at_once_says_why_in_its_summary(store, tmp_path, sig, e
 
     with pytest.raises(error):
         fit(tiny(train__epochs=2, data__subset=0.1, data__test_subset=0.2), info(), out=tmp_path / "run",
-            data_dir=store, train_fn=end)
+            data_dir=store_dir, train_fn=end)
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (s["finished"], s["stop_reason"], s["epochs_done"]) == (False, reason, 1)
     assert checkpoint.load(tmp_path / "run" / "last.pt")["epoch"] == 1  # what --resume continues
@@ -143,13 +119,12 @@ def test_a_run_that_ends_at_once_says_why_in_its_summary(store, tmp_path, sig, e
                          ids=["PYTHONIOENCODING=ascii", "LC_ALL=C"])
 def test_help_on_an_ascii_terminal_escapes_what_it_cannot_show(tmp_path, env):
     """reproduce's help says 'mean ± std': on an ASCII stdout that was a UnicodeEncodeError traceback."""
-    r = subprocess.run([sys.executable, "-m", "fastcifar", "reproduce", "--help"], cwd=tmp_path, env={**ENV, **env},
-                       capture_output=True)
-    assert r.returncode == 0 and r.stderr == b"", r.stderr.decode()
-    assert b"mean \\xb1 std" in r.stdout
+    code, out, err = cli("reproduce", "--help", spawn=True, cwd=tmp_path, env={**ENV, **env})
+    assert code == 0 and err == "", err
+    assert "mean \\xb1 std" in out
 
 
-def test_an_unusable_cache_directory_from_the_environment_is_named(monkeypatch, capsys, tmp_path):
+def test_an_unusable_cache_directory_from_the_environment_is_named(monkeypatch, tmp_path):
     """TORCHINDUCTOR_CACHE_DIR under a file (train.compile): the backstop said 'choose another path'
     of a path the user never typed; it names the variable now."""
     import fastcifar.config
@@ -161,28 +136,28 @@ def test_an_unusable_cache_directory_from_the_environment_is_named(monkeypatch, 
         raise NotADirectoryError(20, "Not a directory", str(cache / "fxgraph"))
 
     monkeypatch.setattr(fastcifar.config, "load", compile_cache)
-    code, _, err = cli(monkeypatch, capsys, "train", "smoke")
+    code, _, err = cli("train", "smoke")
     assert code == 2 and one_paragraph(err)
     assert f"set TORCHINDUCTOR_CACHE_DIR (now {cache}) to a directory you can write" in err.replace("\n", " ")
 
 
-def test_no_progress_bar_spams_a_log_file(store, tmp_path, capfd):
+def test_no_progress_bar_spams_a_log_file(store_dir, tmp_path, capfd):
     """Without a terminal (a log file, a pipe) the progress bar's carriage-return updates went to the
     log every second; the epoch lines say what it said."""
     T.train(tiny(train__epochs=1, data__subset=0.1, data__test_subset=0.2), info(), out=tmp_path / "run",
-            data_dir=store, log=print)
+            data_dir=store_dir, log=print)
     out, err = capfd.readouterr()
     assert "epoch 1/1" in out and "\r" not in out + err and "img/s]" not in err
 
 
-def test_a_tilde_no_shell_expanded_means_home_not_a_directory_named_tilde(monkeypatch, capsys, tmp_path):
+def test_a_tilde_no_shell_expanded_means_home_not_a_directory_named_tilde(monkeypatch, tmp_path):
     """bash leaves the ~ of --data-dir=~/x alone, as a Dockerfile's ENV FASTCIFAR_DATA=~/x does:
     prepare made ./~/x (and a later `rm -rf ~` of it would remove the user's home)."""
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir(), cwd.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(cwd)
-    code, _, _ = cli(monkeypatch, capsys, "prepare", "--synthetic", "--train", "20", "--test", "10",
+    code, _, _ = cli("prepare", "--synthetic", "--train", "20", "--test", "10",
                      "--data-dir=~/store")
     assert code == 0 and (home / "store" / "meta.json").is_file()
     monkeypatch.setenv("FASTCIFAR_DATA", "~/env-store")
@@ -195,16 +170,16 @@ def test_a_tilde_no_shell_expanded_means_home_not_a_directory_named_tilde(monkey
     (["prepare", "--synthetic", "--data-dir="], "--data-dir '' is empty"),
     (["report", ""], "argument 2 (after report) is empty"),
 ], ids=["out", "data-dir=", "positional"])
-def test_an_empty_argument_is_refused_not_taken_for_the_current_directory(monkeypatch, capsys, tmp_path, args, named):
+def test_an_empty_argument_is_refused_not_taken_for_the_current_directory(monkeypatch, tmp_path, args, named):
     """`--out "$OUT"` with OUT unset: typer's Path('') is '.', so an empty current directory became the run
     directory (a store, a report's input) and a full one got a puzzling '--out . is not empty'."""
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(monkeypatch, capsys, *args)
+    code, _, err = cli(*args)
     assert code == 2 and one_paragraph(err) and named in err and "unset shell variable" in err
     assert os.listdir(tmp_path) == []
 
 
-def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store, tmp_path, monkeypatch):
+def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store_dir, tmp_path, monkeypatch):
     """Ctrl-C in epoch 2, and again while that stop's last.pt is being written: the half-written file
     is removed, last.pt stays epoch 1's, and resume continues from it to the end."""
     run = tmp_path / "run"
@@ -233,7 +208,7 @@ def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store, 
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        fit(recipe, info(), out=run, data_dir=store, train_fn=ctrl_c)
+        fit(recipe, info(), out=run, data_dir=store_dir, train_fn=ctrl_c)
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == [
         owned.MANIFEST, "best.pt", "last.pt", "metrics.jsonl", "recipe.json", "recipe.py", "summary.json"]
     ck = checkpoint.load(run / "last.pt")
@@ -245,8 +220,8 @@ def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store, 
 
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])
-def test_bench_output_dash_is_refused_not_a_file_named_dash(monkeypatch, capsys, tmp_path, option):
+def test_bench_output_dash_is_refused_not_a_file_named_dash(monkeypatch, tmp_path, option):
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(monkeypatch, capsys, "bench", "--quick", "--stage", "pipeline", "--device", "cpu", option, "-")
+    code, _, err = cli("bench", "--quick", "--stage", "pipeline", "--device", "cpu", option, "-")
     assert code == 2 and one_paragraph(err) and "give a path such as bench." in err.replace("\n", " ")
     assert os.listdir(tmp_path) == []

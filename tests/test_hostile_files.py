@@ -21,32 +21,10 @@ from fastcifar import checkpoint, jsonio
 from fastcifar import data as fdata
 from fastcifar.config import from_dict, to_dict
 from fastcifar.errors import BadInput, shown
-from test_cli_paths import cli, one_paragraph
-from test_train import QUIET, tiny
+from helpers import CPU_ALLOC, QUIET, ROOT, cli, make_run, one_paragraph, tiny
 
-ROOT = Path(__file__).resolve().parent.parent
 DEEP = "[" * 100_000 + "]" * 100_000  # past Python's recursion limit: json.loads raises RecursionError
 NESTED = "[" * 40 + "]" * 40  # parses, but deeper than any file fastcifar writes
-
-
-def _subprocess_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fastcifar", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600)
-
-
-def _paragraph_exit_2(r, *must_name):
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert one_paragraph(r.stderr), r.stderr
-    flat = "".join(r.stderr.split())
-    for s in must_name:
-        assert "".join(str(s).split()) in flat, (s, r.stderr)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    d = tmp_path_factory.mktemp("store") / "cifar100"
-    fdata.prepare(d, synthetic=True, n_train=200, n_test=100, log=lambda *_: None)
-    return d
 
 
 def _copy_store(store: Path, to: Path) -> Path:
@@ -100,15 +78,15 @@ def test_a_value_nested_too_deep_to_repr_is_still_shown():
 
 
 @pytest.mark.parametrize("value", [DEEP, NESTED])
-def test_a_deep_set_list_is_exit_2(monkeypatch, capsys, tmp_path, value):
-    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--set", f"loss.scales={value}", "--out", tmp_path / "r")
+def test_a_deep_set_list_is_exit_2(tmp_path, value):
+    code, _, err = cli("train", "smoke", "--set", f"loss.scales={value}", "--out", tmp_path / "r")
     assert code == 2 and one_paragraph(err) and "loss.scales expects" in err.replace("\n", " "), err
     assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("meta", [DEEP, NESTED, '{"checksums": "abc"}'])
-def test_a_store_meta_json_nested_deep_or_malformed_is_exit_2(store, tmp_path, monkeypatch, capsys, meta):
-    d = _copy_store(store, tmp_path / "store")
+def test_a_store_meta_json_nested_deep_or_malformed_is_exit_2(small_store_dir, tmp_path, meta):
+    d = _copy_store(small_store_dir, tmp_path / "store")
     if meta.startswith("{"):
         m = json.loads((d / "meta.json").read_text())
         m["checksums"] = "abc"
@@ -117,7 +95,7 @@ def test_a_store_meta_json_nested_deep_or_malformed_is_exit_2(store, tmp_path, m
     with pytest.raises(BadInput, match="nests deeper|checksums must be an object") as e:
         fdata.open_store(d)
     assert str(d) in str(e.value)
-    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--data-dir", d, "--out", tmp_path / "run")
+    code, _, err = cli("train", "smoke", "--data-dir", d, "--out", tmp_path / "run")
     assert code == 2 and one_paragraph(err), err
     assert not (tmp_path / "run").exists() and (d / "meta.json").read_text() == meta
 
@@ -162,12 +140,12 @@ def _png(path: Path, side: int = 32, seed: int = 0) -> Path:
     return path
 
 
-def test_a_checkpoint_whose_preprocess_is_not_a_mapping_is_exit_2(tmp_path, monkeypatch, capsys):
+def test_a_checkpoint_whose_preprocess_is_not_a_mapping_is_exit_2(tmp_path):
     pytest.importorskip("PIL")
     ck = _hand_made(tmp_path, preprocess=[1, 2])
     img = _png(tmp_path / "a.png")
     for args in (("predict", ck, img), ("export", ck, "--format", "timm", "--out", tmp_path / "m.pth")):
-        code, _, err = cli(monkeypatch, capsys, *args)
+        code, _, err = cli(*args)
         assert code == 2 and one_paragraph(err) and "preprocess" in err, err
     assert not (tmp_path / "m.pth").exists()
 
@@ -177,12 +155,12 @@ def test_a_checkpoint_whose_preprocess_is_not_a_mapping_is_exit_2(tmp_path, monk
     (NESTED, "its fastcifar metadata nests deeper"),
     ("x" * (2 << 20), "over 1024 KB"),
 ])
-def test_an_export_card_nested_deep_or_oversized_is_exit_2(tmp_path, monkeypatch, capsys, card, says):
+def test_an_export_card_nested_deep_or_oversized_is_exit_2(tmp_path, card, says):
     pytest.importorskip("safetensors")
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "m.safetensors"), metadata={"fastcifar": card})
-    code, _, err = cli(monkeypatch, capsys, "predict", tmp_path / "m.safetensors", _png(tmp_path / "a.png"))
+    code, _, err = cli("predict", tmp_path / "m.safetensors", _png(tmp_path / "a.png"))
     assert code == 2 and one_paragraph(err) and says in err.replace("\n", " "), err
 
 
@@ -203,18 +181,17 @@ def test_a_card_asking_for_a_large_input_predicts_in_small_batches(tmp_path, mon
     assert batches == [16, 4] and len(res["predictions"]) == 20
 
 
-def test_predict_running_out_of_memory_is_one_paragraph(tmp_path, monkeypatch, capsys):
+def test_predict_running_out_of_memory_is_one_paragraph(tmp_path, monkeypatch):
     import fastcifar.export as ex
-    from test_hostile_train import CPU_ALLOC
 
     ck, img = _hand_made(tmp_path), _png(tmp_path / "a.png")
     for error in (RuntimeError(CPU_ALLOC), MemoryError("Unable to allocate 9.0 GiB for an array")):
         monkeypatch.setattr(ex, "preprocess", lambda *a, error=error: (_ for _ in ()).throw(error))
-        code, _, err = cli(monkeypatch, capsys, "predict", ck, img)
+        code, _, err = cli("predict", ck, img)
         assert code == 2 and one_paragraph(err) and "ran out of memory" in " ".join(err.split()), err
     monkeypatch.setattr(ex, "preprocess", lambda *a: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # another error is not called a memory error
-        cli(monkeypatch, capsys, "predict", ck, img)
+        cli("predict", ck, img)
 
 
 # ---- images: a bad one is skipped and named; a huge one refused from its header
@@ -245,7 +222,7 @@ def test_a_small_png_claiming_100_megapixels_is_refused_before_decoding(tmp_path
     assert decoded == []  # refused from the header: no 300 MB decode
 
 
-def test_predict_skips_unreadable_images_and_folders_and_predicts_the_rest(tmp_path, monkeypatch, capsys):
+def test_predict_skips_unreadable_images_and_folders_and_predicts_the_rest(tmp_path, monkeypatch):
     ck = _hand_made(tmp_path)
     good = _png(tmp_path / "imgs" / "good.png")
     bomb = _png_claiming(tmp_path / "imgs" / "bomb.png", 10_000, 10_000)
@@ -268,7 +245,7 @@ def test_predict_skips_unreadable_images_and_folders_and_predicts_the_rest(tmp_p
 
     monkeypatch.setattr(Path, "is_dir", denied)
     monkeypatch.setattr(os, "walk", walk_denied)
-    code, out, err = cli(monkeypatch, capsys, "predict", ck, locked, tmp_path / "imgs", "--json")
+    code, out, err = cli("predict", ck, locked, tmp_path / "imgs", "--json")
     assert code in (0, None), err
     res = json.loads(out)
     assert [p["file"] for p in res["predictions"]] == [str(good)]
@@ -283,7 +260,6 @@ def test_predict_skips_unreadable_images_and_folders_and_predicts_the_rest(tmp_p
 
 def test_report_skips_runs_it_cannot_read_and_reports_the_rest(tmp_path, monkeypatch):
     from fastcifar.report import report
-    from test_report import make_run
 
     runs = tmp_path / "runs"
     make_run(runs, "good", [10.0, 20.0])
@@ -327,7 +303,6 @@ def test_report_skips_runs_it_cannot_read_and_reports_the_rest(tmp_path, monkeyp
 
 
 def test_report_formats_and_draws_extreme_finite_values(tmp_path):
-    from test_report import make_run
 
     runs = tmp_path / "runs"
     d = make_run(runs, "wild", [10.0, 20.0, 30.0], wall_seconds=1e308, train_images_per_sec=1e308,
@@ -338,9 +313,9 @@ def test_report_formats_and_draws_extreme_finite_values(tmp_path):
     lines[2].update(test_acc=-1e308, test_loss=1e308)  # one axis from -1e308 to 1e308: its range overflows
     (d / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
     make_run(runs, "tame", [5.0, 6.0])
-    r = _subprocess_cli("report", runs, "--out", tmp_path / "out")
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    row = next(l for l in r.stdout.splitlines() if l.startswith("| wild |"))
+    code, out, err = cli("report", runs, "--out", tmp_path / "out")
+    assert code == 0 and "Traceback" not in err, err
+    row = next(l for l in out.splitlines() if l.startswith("| wild |"))
     assert "1e+308 s" in row and "-1e+308%" in row and len(row) < 300, row
     for name in ("results.md", "test_accuracy.png", "test_loss.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
@@ -375,14 +350,14 @@ def test_a_recipe_name_finds_its_own_runs_only(tmp_path):
     ("train", "smoke", "--set", "model.init_from=smoke", "--set", "train.device=cpu"),
     ("train", "smoke", "--set", "distill.teacher=smoke", "--set", "train.device=cpu"),
 ])
-def test_a_run_reference_is_never_a_pattern_or_another_recipes_prefix(tmp_path, monkeypatch, capsys, args):
+def test_a_run_reference_is_never_a_pattern_or_another_recipes_prefix(tmp_path, monkeypatch, args):
     """Only smoke-v2 has run here: `smoke` names no run (it once took smoke-v2's, and init_from then
     trained from another architecture), and `a**` is no glob (it once was a ValueError traceback)."""
     runs = _runs(tmp_path, "smoke-v2-20240301-000000")
     _png(tmp_path / "img.png")
     monkeypatch.chdir(tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    code, _, err = cli(monkeypatch, capsys, *args)
+    code, _, err = cli(*args)
     assert code == 2 and one_paragraph(err), err
     assert "finished run" in err.replace("\n", " ") and "smoke-v2" not in err, err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
@@ -392,11 +367,11 @@ def test_a_run_reference_is_never_a_pattern_or_another_recipes_prefix(tmp_path, 
 # ---- recipe files
 
 
-def test_a_recipe_path_without_py_is_exit_2(tmp_path, monkeypatch, capsys):
+def test_a_recipe_path_without_py_is_exit_2(tmp_path, monkeypatch):
     (tmp_path / "myrecipe").write_text('"""Mine."""\nfrom fastcifar.config import Recipe\n\ndef recipe():\n'
                                        '    return Recipe()\n')
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli(monkeypatch, capsys, "train", "./myrecipe")
+    code, _, err = cli("train", "./myrecipe")
     assert code == 2 and one_paragraph(err) and "does not end in .py" in " ".join(err.split()), err
 
 
@@ -406,9 +381,9 @@ def test_recipes_lists_the_others_when_a_file_is_unreadable(tmp_path):
     (tmp_path / "recipes" / "latin.py").write_bytes(b'"""Caf\xe9."""\n')
     (tmp_path / "recipes" / "nul.py").write_bytes(b'"""a\x00b."""\n')
     (tmp_path / "recipes" / "mine.py").write_text('"""My own recipe."""\n')
-    r = _subprocess_cli("recipes", cwd=tmp_path)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    rows = {l.split()[0]: l for l in r.stdout.splitlines() if l.strip()}
+    code, out, err = cli("recipes", spawn=True, cwd=tmp_path)
+    assert code == 0 and "Traceback" not in err, err
+    rows = {l.split()[0]: l for l in out.splitlines() if l.strip()}
     assert "(unreadable: RecursionError" in rows["huge"]
     assert "(unreadable: SyntaxError" in rows["latin"] and "(unreadable: SyntaxError" in rows["nul"]
     assert rows["mine"].endswith("My own recipe.") and "smoke" in rows  # the rest is listed
@@ -422,10 +397,10 @@ def test_recipes_lists_the_others_when_a_file_is_unreadable(tmp_path):
      'def recipe():\n    return helper()\n', 6, "return Recipe(foo=1)"),  # the deepest line of the recipe's own
     ('"""Bad."""\n\ndef recipe(:\n    pass\n', 3, "def recipe(:"),
 ])
-def test_a_recipes_own_error_names_its_file_line_and_code(tmp_path, monkeypatch, capsys, body, line, code):
+def test_a_recipes_own_error_names_its_file_line_and_code(tmp_path, monkeypatch, body, line, code):
     (tmp_path / "bad.py").write_text(body)
     monkeypatch.chdir(tmp_path)
-    rc, _, err = cli(monkeypatch, capsys, "train", "./bad.py")
+    rc, _, err = cli("train", "./bad.py")
     assert rc == 2 and one_paragraph(err), err
     assert f"At bad.py:{line}: {code}" in " ".join(err.split()), err
 
@@ -434,8 +409,8 @@ def test_a_recipes_own_error_names_its_file_line_and_code(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("change, says", [(-1, "cut short"), (-5000, "cut short"), (+7, "bytes added at its end")])
-def test_a_store_array_of_the_wrong_size_is_refused_at_open(store, tmp_path, monkeypatch, capsys, change, says):
-    d = _copy_store(store, tmp_path / "store")
+def test_a_store_array_of_the_wrong_size_is_refused_at_open(small_store_dir, tmp_path, change, says):
+    d = _copy_store(small_store_dir, tmp_path / "store")
     npy = d / "train_images.npy"
     size = npy.stat().st_size
     if change < 0:
@@ -446,14 +421,14 @@ def test_a_store_array_of_the_wrong_size_is_refused_at_open(store, tmp_path, mon
     with pytest.raises(BadInput, match=f"train_images.npy: {size + change:,} bytes where its header describes "
                                        f"{size:,}: {says}"):
         fdata.open_store(d)
-    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--data-dir", d, "--out", tmp_path / "run")
+    code, _, err = cli("train", "smoke", "--data-dir", d, "--out", tmp_path / "run")
     assert code == 2 and one_paragraph(err) and "train_images.npy" in err, err
 
 
-def test_resume_checks_the_arrays_on_disk_not_what_meta_json_claims(store, tmp_path):
+def test_resume_checks_the_arrays_on_disk_not_what_meta_json_claims(small_store_dir, tmp_path):
     from fastcifar.train import check_same_store
 
-    d = _copy_store(store, tmp_path / "store")
+    d = _copy_store(small_store_dir, tmp_path / "store")
     s = fdata.open_store(d)
     recorded = {"dir": str(d), "sha256": s.recorded_sha256}
     check_same_store(s, recorded, "runs/x")  # untouched: resumes
@@ -468,17 +443,17 @@ def test_resume_checks_the_arrays_on_disk_not_what_meta_json_claims(store, tmp_p
         check_same_store(s, recorded, "runs/x")
 
 
-def test_resume_on_a_store_changed_in_place_exits_2_and_writes_nothing(store, tmp_path, monkeypatch, capsys):
+def test_resume_on_a_store_changed_in_place_exits_2_and_writes_nothing(small_store_dir, tmp_path):
     import fastcifar.train as T
 
-    d = _copy_store(store, tmp_path / "store")
+    d = _copy_store(small_store_dir, tmp_path / "store")
     run = tmp_path / "run"
     T.train(tiny(train__epochs=1, data__batch_size=50), {"name": "tiny"}, out=run, data_dir=d, **QUIET)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with open(d / "test_images.npy", "r+b") as f:
         f.seek(200)
         f.write(b"\x01\x02\x03")
-    code, _, err = cli(monkeypatch, capsys, "train", "--resume", run, "--set", "train.epochs=2")
+    code, _, err = cli("train", "--resume", run, "--set", "train.epochs=2")
     assert code == 2 and one_paragraph(err) and "test_images.npy changed on disk" in " ".join(err.split()), err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
@@ -505,10 +480,10 @@ print("read", seen)
 
 @pytest.mark.parametrize("backend", [pytest.param("dali", marks=pytest.mark.skipif(
     not __import__("fastcifar.pipelines.loader", fromlist=["dali_available"]).dali_available(), reason="needs DALI")), "torch"])
-def test_a_store_cut_short_while_a_loader_reads_it_does_not_kill_the_process(store, tmp_path, backend):
+def test_a_store_cut_short_while_a_loader_reads_it_does_not_kill_the_process(small_store_dir, tmp_path, backend):
     """The loaders read the split into RAM once: a memmap read past a file cut short meanwhile is a
     SIGBUS, which kills the run unsaved, its summary.json still saying "running"."""
-    d = _copy_store(store, tmp_path / "store")
+    d = _copy_store(small_store_dir, tmp_path / "store")
     r = subprocess.run([sys.executable, "-c", TRUNCATE_MID_EPOCH, str(d), backend], capture_output=True, text=True,
                        timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0 and r.stdout.split()[-2:] == ["read", "200"], (r.returncode, r.stderr[-2000:])
+    assert r.returncode == 0 and r.stdout.split()[-2:] == ["read", "300"], (r.returncode, r.stderr[-2000:])

@@ -1,7 +1,9 @@
 """The command line's exit codes and paths, run as a user runs them: a NaN stop exits 1 with its
 message, a second Ctrl-C quits at once (130), `fastcifar eval` on good and bad input, atomic
-writes that fail half-way, and the README's offline main job exactly as written."""
+writes that fail half-way, the README's offline main job exactly as written, and the backstop
+that turns an escaped OSError into one paragraph."""
 
+import json
 import os
 import re
 import signal
@@ -15,40 +17,23 @@ import torch
 from fastcifar import checkpoint
 from fastcifar.errors import BadInput
 from fastcifar.pipelines.loader import dali_available
-from test_train import QUIET, fit, info, store, tiny  # noqa: F401 (store: the fixture)
+from helpers import ROOT, cli, fit, info, one_paragraph, tiny
 
-import fastcifar.train as T
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--set", "data.backend=torch", "--set", "data.subset=1", "--set", "data.test_subset=1",
          "--set", "train.device=cpu"]
 
 
-def cli(monkeypatch, capsys, *args):
-    """Run `fastcifar ARGS` in this process; (exit code, stdout, stderr)."""
-    from fastcifar.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["fastcifar", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
-def one_paragraph(err: str) -> bool:
-    return err.startswith("error: ") and "Traceback" not in err and "\n\n" not in err.strip()
-
-
-def test_nan_stop_exits_1_with_its_message(store, tmp_path, monkeypatch, capsys):
+def test_nan_stop_exits_1_with_its_message(store_dir, tmp_path):
     """An absurd learning rate blows the weights up on the first step: the loss of the second is NaN."""
-    code, _, err = cli(monkeypatch, capsys, "train", "smoke", "--data-dir", store, "--out", tmp_path / "run", *SMALL,
+    code, _, err = cli("train", "smoke", "--data-dir", store_dir, "--out", tmp_path / "run", *SMALL,
                        "--set", "optim.name=sgd", "--set", "optim.lr=1e30", "--set", "schedule.warmup=0")
     assert code == 1
     assert "non-finite loss" in err and "at step 2" in err and "lower optim.lr" in err.replace("\n", " ")
     assert "Traceback" not in err
 
 
-def test_second_ctrl_c_quits_at_once(store, tmp_path):
+def test_second_ctrl_c_quits_at_once(store_dir, tmp_path):
     """The first Ctrl-C asks for a save after the step; a second one, before that step ends, quits
     there and then: no step finishes, nothing is saved."""
     def twice(epoch, i, images):
@@ -57,29 +42,22 @@ def test_second_ctrl_c_quits_at_once(store, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny(), info(), out=tmp_path / "run", data_dir=store, train_fn=twice)
+        fit(tiny(), info(), out=tmp_path / "run", data_dir=store_dir, train_fn=twice)
     assert not (tmp_path / "run" / "last.pt").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put its handler back
 
 
-def test_ctrl_c_anywhere_in_the_cli_exits_130(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_anywhere_in_the_cli_exits_130(tmp_path):
     """A Ctrl-C that is not the training loop's to handle (here: while a recipe loads) still ends
     in exit 130 and one line, not a traceback."""
     (tmp_path / "slow.py").write_text('"""Interrupted while loading."""\ndef recipe():\n    raise KeyboardInterrupt\n')
-    code, _, err = cli(monkeypatch, capsys, "train", tmp_path / "slow.py")
+    code, _, err = cli("train", tmp_path / "slow.py")
     assert code == 130 and err.strip() == "Interrupted." and not (tmp_path / "runs").exists()
 
 
-@pytest.fixture(scope="module")
-def trained(store, tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    s = T.train(tiny(train__epochs=1), info(), out=run, data_dir=store, **QUIET)
-    return run, s
-
-
-def test_eval_through_the_cli(store, trained, monkeypatch, capsys):
-    run, s = trained
-    code, out, _ = cli(monkeypatch, capsys, "eval", run, "--data-dir", store, "--device", "cpu", "--batch-size", 64)
+def test_eval_through_the_cli(store_dir, trained_run):
+    run, s = trained_run, json.loads((trained_run / "summary.json").read_text())
+    code, out, _ = cli("eval", run, "--data-dir", store_dir, "--device", "cpu", "--batch-size", 64)
     assert code == 0
     top1 = float(re.search(r"test top-1 ([\d.]+)%", out).group(1))
     assert top1 == pytest.approx(s["best_acc"], abs=0.01) and "on 300 images" in out and "SYNTHETIC" in out
@@ -95,14 +73,14 @@ def test_eval_through_the_cli(store, trained, monkeypatch, capsys):
     (("{run}", "--backend", "nope"), "backend 'nope'"),
     (("{run}", "--data-dir", "{tmp}/no_store"), "No prepared CIFAR-100 store"),
 ])
-def test_eval_bad_input_exits_2_with_one_paragraph(store, trained, tmp_path, monkeypatch, capsys, args, message):
+def test_eval_bad_input_exits_2_with_one_paragraph(store_dir, trained_run, tmp_path, args, message):
     (tmp_path / "not_a_checkpoint.pt").write_bytes(b"not a zip file")
     (tmp_path / "notes.pt").write_text("hello text\n")
-    run, _ = trained
+    run = trained_run
     args = [a.format(tmp=tmp_path, run=run) for a in args]
     if "--data-dir" not in args:
-        args += ["--data-dir", str(store)]
-    code, _, err = cli(monkeypatch, capsys, "eval", *args)
+        args += ["--data-dir", str(store_dir)]
+    code, _, err = cli("eval", *args)
     assert code == 2 and one_paragraph(err), err
     assert message in err.replace("\n", " ")
 
@@ -194,7 +172,6 @@ def test_readme_offline_main_job_runs_as_written(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     runs = list((tmp_path / "runs").glob("smoke-*/summary.json"))
     assert len(runs) == 1
-    import json
     s = json.loads(runs[0].read_text())
     assert s["finished"] and s["epochs_done"] == 4 and s["synthetic"]
     assert s["backend"] == ("dali-cpu" if dali_available() else "torch")  # the default backend
@@ -202,7 +179,7 @@ def test_readme_offline_main_job_runs_as_written(tmp_path):
     assert (tmp_path / "data" / "cifar100" / "meta.json").is_file()
 
 
-def test_help_shows_every_word_of_every_command_and_option(monkeypatch, capsys):
+def test_help_shows_every_word_of_every_command_and_option(monkeypatch):
     """`--help` prints each command's docstring and each option's help whole: a `[default: ...]` or
     `<recipe>` in a help text once vanished as markup ("Loader backend ." with the default eaten)."""
     import typer.main
@@ -215,9 +192,24 @@ def test_help_shows_every_word_of_every_command_and_option(monkeypatch, capsys):
     group = typer.main.get_command(app)
     assert len(group.commands) >= 9
     for name, command in group.commands.items():
-        code, out, _ = cli(monkeypatch, capsys, name, "--help")
+        code, out, _ = cli(name, "--help")
         assert code == 0, name
         shown = " ".join(words(out))
         texts = [command.help] + [p.help for p in command.params if getattr(p, "help", None)]
         for text in texts:
             assert " ".join(words(text)) in shown, (name, text)
+
+
+# ---- the backstop: an OSError that escapes a command is a paragraph and exit 2
+
+
+def test_cli_oserror_backstop_is_one_paragraph_exit_2(monkeypatch):
+    from fastcifar import config
+
+    def disk_full():
+        raise OSError(28, "No space left on device", "/data/runs/x/last.pt")
+    monkeypatch.setattr(config, "recipe_sources", disk_full)
+    code, _, err = cli("recipes")
+    assert code == 2
+    assert err.startswith("error: `fastcifar recipes` stopped: No space left on device (/data/runs/x/last.pt).")
+    assert one_paragraph(err), err

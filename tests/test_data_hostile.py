@@ -1,7 +1,7 @@
-"""What a hostile or unlucky user does to the data and the CLI boundary (issue 9): point prepare at
-their own files, kill it at the worst moment, feed it a gzip bomb or malformed pickles, damage a
-store, pass a bad bench device or --json path, report over broken runs, fill the disk. Each test
-names its case; each failed before the fix (data loss, a traceback, or gigabytes of memory)."""
+"""What a hostile or unlucky user does to `fastcifar prepare` and the store: point prepare at their
+own files, kill it at the worst moment, feed it a gzip bomb or malformed pickles, ask for a
+synthetic store bigger than the disk, damage a store. Each test names its case and what it
+guards against (data loss, a traceback, or gigabytes of memory)."""
 
 from __future__ import annotations
 
@@ -15,26 +15,16 @@ import sys
 import tarfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from cifar_fixture import make_split, md5, write_official
-from fastcifar import data as fdata
+from cifar_files import make_split, md5, write_official
 from fastcifar.errors import BadInput
+from fastcifar import data as fdata
+from helpers import QUIET, cli, contents, one_paragraph
 
-QUIET = dict(log=lambda *_: None)
 SMALL = dict(synthetic=True, n_train=200, n_test=100, **QUIET)
-
-
-def _tree(root: Path) -> dict:
-    """Every file and directory under root (root itself included), with file contents."""
-    tree = {".": "dir" if root.is_dir() else root.read_bytes()}
-    if root.is_dir():
-        for p in sorted(root.rglob("*")):
-            tree[str(p.relative_to(root))] = "dir" if p.is_dir() else p.read_bytes()
-    return tree
 
 
 def _user_dir(d: Path) -> Path:
@@ -49,29 +39,16 @@ def _leftovers(parent: Path, name: str = "store") -> list[str]:
     return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
 
 
-def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "fastcifar", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
-
-
-def _one_paragraph_exit_2(r, *must_name):
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr and r.stderr.startswith("error: ") and "\n\n" not in r.stderr.strip()
-    flat = "".join(r.stderr.split())  # the paragraph is wrapped at 100 columns, long paths included
-    for s in must_name:
-        assert "".join(str(s).split()) in flat, (s, r.stderr)
-
-
 # ---- 1. prepare replaces only nothing, an empty directory, or a fastcifar store
 
 
 def test_prepare_refuses_a_directory_of_user_files(tmp_path):
     mine = _user_dir(tmp_path / "mine")
-    before = _tree(mine)
+    before = contents(mine)
     with pytest.raises(BadInput, match="not a fastcifar store") as e:
         fdata.prepare(mine, **SMALL, force=True)
     assert str(mine) in str(e.value)
-    assert _tree(mine) == before and _leftovers(tmp_path, "mine") == []
+    assert contents(mine) == before and _leftovers(tmp_path, "mine") == []
 
 
 def test_prepare_refuses_a_regular_file(tmp_path, official_tarball):
@@ -87,23 +64,24 @@ def test_prepare_refuses_the_data_folder_that_holds_the_store(tmp_path):
     data = tmp_path / "data"
     fdata.prepare(data / "cifar100", **SMALL)
     (data / "cifar-100-python.tar.gz").write_bytes(b"the cached download")
-    before = _tree(data)
+    before = contents(data)
     with pytest.raises(BadInput, match="not a fastcifar store"):
         fdata.prepare(data, **SMALL, force=True)
-    assert _tree(data) == before
+    assert contents(data) == before
     fdata.open_store(data / "cifar100")
 
 
 def test_prepare_refuses_home_through_FASTCIFAR_DATA(tmp_path, monkeypatch):
     home = _user_dir(tmp_path / "home")
     (home / ".bashrc").write_text("export PATH")
-    before = _tree(home)
+    before = contents(home)
     monkeypatch.setenv("FASTCIFAR_DATA", str(home))
     with pytest.raises(BadInput, match=r"\$FASTCIFAR_DATA"):
         fdata.prepare(**SMALL)
-    r = _cli("prepare", "--synthetic", "--train", "200", "--test", "100", env={"FASTCIFAR_DATA": str(home)})
-    _one_paragraph_exit_2(r, home, "$FASTCIFAR_DATA")
-    assert _tree(home) == before
+    code, _, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", env={"FASTCIFAR_DATA": str(home)},
+                       spawn=True)
+    assert code == 2 and one_paragraph(err, home, "$FASTCIFAR_DATA"), err
+    assert contents(home) == before
 
 
 @pytest.mark.parametrize("where", ["the extracted source", "the folder holding it", "the tarball"])
@@ -113,10 +91,10 @@ def test_prepare_refuses_the_from_source_itself(tmp_path, where):
     data_dir, source = {"the extracted source": (extracted, extracted),
                         "the folder holding it": (tmp_path / "src", extracted),
                         "the tarball": (tarball, tarball)}[where]
-    before = _tree(tmp_path / "src")
+    before = contents(tmp_path / "src")
     with pytest.raises(BadInput, match="holds the --from source"):
         fdata.prepare(data_dir, source=source, verify=False, force=True, **QUIET)
-    assert _tree(tmp_path / "src") == before
+    assert contents(tmp_path / "src") == before
 
 
 def test_prepare_refuses_a_store_that_also_holds_user_files(tmp_path):
@@ -143,10 +121,10 @@ def test_a_store_whose_meta_json_was_rewritten_is_not_replaced(tmp_path):
     store = fdata.prepare(tmp_path / "store", **SMALL)
     meta = json.loads((store / "meta.json").read_text())
     (store / "meta.json").write_text(json.dumps({**meta, "note": "mine"}))
-    before = _tree(store)
+    before = contents(store)
     with pytest.raises(BadInput, match=r"changed since \(meta.json\)"):
         fdata.prepare(store, **SMALL, seed=1, force=True)
-    assert _tree(store) == before
+    assert contents(store) == before
 
 
 def test_symlinked_data_dir_keeps_its_link(tmp_path):
@@ -164,10 +142,10 @@ def test_symlink_to_user_files_is_refused(tmp_path):
     mine = _user_dir(tmp_path / "mine")
     link = tmp_path / "data"
     link.symlink_to(mine)
-    before = _tree(mine)
+    before = contents(mine)
     with pytest.raises(BadInput, match=f"which is {mine}"):
         fdata.prepare(link, **SMALL)
-    assert link.is_symlink() and _tree(mine) == before
+    assert link.is_symlink() and contents(mine) == before
 
 
 def test_symlink_loop_is_refused_and_kept(tmp_path):
@@ -180,10 +158,11 @@ def test_symlink_loop_is_refused_and_kept(tmp_path):
 
 def test_cli_prepare_on_user_files_is_one_paragraph_exit_2(tmp_path):
     mine = _user_dir(tmp_path / "mine")
-    before = _tree(mine)
-    r = _cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--force", "--data-dir", str(mine))
-    _one_paragraph_exit_2(r, mine, "fastcifar never replaces what it did not create")
-    assert _tree(mine) == before
+    before = contents(mine)
+    code, _, err = cli("prepare", "--synthetic", "--train", "200", "--test", "100", "--force", "--data-dir", str(mine),
+                       spawn=True)
+    assert code == 2 and one_paragraph(err, mine, "fastcifar never replaces what it did not create"), err
+    assert contents(mine) == before
 
 
 def test_train_auto_prepare_refuses_user_files(tmp_path):
@@ -192,13 +171,13 @@ def test_train_auto_prepare_refuses_user_files(tmp_path):
     from fastcifar.train import train
 
     mine = _user_dir(tmp_path / "mine")
-    before = _tree(mine)
+    before = contents(mine)
     r = Recipe()
     r.model.name, r.train.device, r.train.compile = "test_resnet", "cpu", False
     with pytest.raises(BadInput, match="not a fastcifar store") as e:
         train(r, {"name": "t", "description": "", "source": ""}, out=tmp_path / "run", data_dir=mine,
               log=lambda *a, **k: None)
-    assert _tree(mine) == before
+    assert contents(mine) == before
     assert "prepare --synthetic" not in str(e.value)  # no advice the guard would refuse as well
 
 
@@ -288,10 +267,10 @@ def test_a_meta_json_without_output_checksums_is_not_a_store(tmp_path):
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "meta.json").write_text(json.dumps({"format_version": 1, "checksums": {"md5": "0" * 32}}))
-    before = _tree(theirs)
+    before = contents(theirs)
     with pytest.raises(BadInput, match="not a fastcifar store"):
         fdata.prepare(theirs, **SMALL, force=True)
-    assert _tree(theirs) == before
+    assert contents(theirs) == before
 
 
 def test_a_store_directory_is_as_readable_as_any_directory(tmp_path):
@@ -391,11 +370,6 @@ def test_a_file_in_the_way_of_the_download_is_not_replaced(tmp_path, monkeypatch
     assert mine.read_bytes() == b"my own edited copy"
 
 
-@pytest.fixture
-def official_tarball(tmp_path):
-    return write_official(tmp_path / "official")[0]
-
-
 def _official_md5s(monkeypatch, tarball: Path):
     """The fixture tarball as the official download (file:// URL, its md5s the official ones)."""
     d = tarball.parent / "cifar-100-python"
@@ -491,8 +465,8 @@ def test_malformed_pickle_fields_are_bad_input(tmp_path, case):
 @pytest.mark.parametrize("n", ["10000000000", "-5"])
 def test_cli_synthetic_train_out_of_bounds_is_exit_2_at_once(tmp_path, n):
     t = time.time()
-    r = _cli("prepare", "--synthetic", "--train", n, "--data-dir", str(tmp_path / "syn"))
-    _one_paragraph_exit_2(r, "at most 2,000,000")
+    code, _, err = cli("prepare", "--synthetic", "--train", n, "--data-dir", str(tmp_path / "syn"), spawn=True)
+    assert code == 2 and one_paragraph(err, "at most 2,000,000"), err
     assert time.time() - t < 60 and not (tmp_path / "syn").exists()
 
 
@@ -509,8 +483,8 @@ def test_cli_prepare_options_that_cannot_apply_are_exit_2_at_once(tmp_path, args
     args = [a.format(fifo=tmp_path / "fifo", dangling=tmp_path / "dangling") for a in args]
     if "--from" not in args and "--synthetic" not in args:
         args += ["--from", str(tmp_path / "missing.tar.gz")]  # never a download, bug or not
-    r = _cli("prepare", *args, "--data-dir", str(tmp_path / "store"))
-    _one_paragraph_exit_2(r, message)
+    code, _, err = cli("prepare", *args, "--data-dir", str(tmp_path / "store"), spawn=True)
+    assert code == 2 and one_paragraph(err, message), err
     assert sorted(os.listdir(tmp_path)) == ["dangling", "fifo"]
 
 
@@ -635,220 +609,3 @@ def test_unreadable_store_meta_advises_what_prepare_will_accept(tmp_path):
         fdata.open_store(store)
     with pytest.raises(BadInput, match=r"changed since \(meta.json\)"):  # as said: --force would not replace it
         fdata.prepare(store, **SMALL, force=True)
-
-
-# ---- 7. bench: a bad --device or an unwritable --json is exit 2 before anything runs
-
-
-# what bench reads of a store before measuring: whether it is synthetic and its data set (meta.store)
-STUB_STORE = SimpleNamespace(synthetic=True, dataset="cifar100", meta={}, dir=Path("stub-store"))
-
-
-@pytest.fixture
-def bench_spy(monkeypatch):
-    """Records whether the bench got as far as its store or a stage."""
-    from fastcifar import bench
-
-    ran = []
-    monkeypatch.setattr(bench, "bench_store", lambda *a, **k: ran.append("store") or STUB_STORE)
-    monkeypatch.setattr(bench, "STAGES", {name: (lambda name=name, **k: ran.append(name) or []) for name in bench.STAGES})
-    return bench, ran
-
-
-@pytest.mark.parametrize("device", ["foo", "cuda:x", "mps", "meta"])
-def test_bench_bad_device_is_bad_input_before_the_run(bench_spy, device):
-    bench, ran = bench_spy
-    with pytest.raises(BadInput, match="--device"):
-        bench.run(stages=["pipeline"], quick=True, device=device, log=lambda *_: None)
-    assert ran == []
-
-
-def test_cli_bench_device_foo_is_one_paragraph_exit_2():
-    _one_paragraph_exit_2(_cli("bench", "--quick", "--device", "foo"), "'foo'", "cpu, cuda or cuda:N")
-
-
-@pytest.mark.parametrize("case", ["under a file", "a directory"])
-def test_bench_unwritable_json_is_refused_before_the_run(tmp_path, bench_spy, case):
-    bench, ran = bench_spy
-    (tmp_path / "afile").write_text("x")
-    (tmp_path / "adir").mkdir()
-    path = {"under a file": tmp_path / "afile" / "bench.json", "a directory": tmp_path / "adir"}[case]
-    why = {"under a file": f"{tmp_path / 'afile'} is a file, not a directory", "a directory": "is a directory"}[case]
-    with pytest.raises(BadInput, match=f"{path}.*{why}"):
-        bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=path, log=lambda *_: None)
-    assert ran == []  # found before the store or a stage, not after minutes of benchmarking
-    bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=tmp_path / "new" / "b.json", log=lambda *_: None)
-    assert ran == ["store", "pipeline"] and json.loads((tmp_path / "new" / "b.json").read_text())["rows"] == []
-
-
-def test_cli_bench_unwritable_json_is_exit_2_at_once(tmp_path):
-    (tmp_path / "afile").write_text("x")
-    t = time.time()
-    r = _cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "afile" / "b.json"),
-             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
-    _one_paragraph_exit_2(r, tmp_path / "afile" / "b.json")
-    assert time.time() - t < 60 and sorted(os.listdir(tmp_path)) == ["afile"]  # no synthetic store made first
-
-
-def _bench_paths(tmp_path: Path) -> dict:
-    """A user's JSON and picture, look-alikes of a bench's (a JSON with meta and rows, a figure
-    matplotlib saved, an empty file), and an earlier bench's JSON and picture."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from fastcifar import bench
-
-    (tmp_path / "notes.json").write_text('{"mine": 1}')
-    Image.new("RGB", (4, 4)).save(tmp_path / "holiday.png")
-    (tmp_path / "lookalike.json").write_text(json.dumps({"meta": {}, "rows": []}))
-    plt.figure().savefig(tmp_path / "figure.png")  # a PNG matplotlib wrote: the user's all the same
-    plt.close("all")
-    (tmp_path / "empty.json").write_text("")
-    bench.write_json(tmp_path / "old.json", {"meta": {}, "rows": []})
-    bench.plot({"meta": {}, "rows": [], "headroom": [{"pipeline": "torch", "model": "m", "image_size": 32,
-                                                      "headroom": 2.0}]}, tmp_path / "old.png")
-    return {p.name: p for p in tmp_path.iterdir()}
-
-
-USERS = ["notes.json", "holiday.png", "lookalike.json", "figure.png", "empty.json"]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--json", "{tmp}/b.json", "--plot", "{tmp}/b.json"], "name the same file"),
-    (["--plot", "{tmp}/bench.jpg"], "name it *.png"),
-    (["--device", ""], "--device ''"),
-] + [(["--json" if name.endswith(".json") else "--plot", "{tmp}/" + name], "did not write") for name in USERS])
-def test_cli_bench_output_paths_that_would_lose_a_file_are_exit_2_at_once(tmp_path, args, message):
-    paths = _bench_paths(tmp_path)
-    before = _tree(tmp_path)
-    r = _cli("bench", "--quick", "--stage", "pipeline", *[a.format(tmp=tmp_path) for a in args],
-             env={"FASTCIFAR_DATA": str(tmp_path / "nostore"), "TMPDIR": str(tmp_path)})
-    _one_paragraph_exit_2(r, message)
-    assert _tree(tmp_path) == before and paths  # nothing written, replaced or made (no synthetic store)
-
-
-def test_bench_replaces_only_its_own_outputs(tmp_path, bench_spy):
-    bench, ran = bench_spy
-    paths = _bench_paths(tmp_path)
-    for name in USERS:  # by name, extension or content alike: not the bench's
-        with pytest.raises(BadInput, match="did not write"):
-            bench.check_json_path(paths[name], "--json" if name.endswith(".json") else "--plot")
-    bench.check_json_path(paths["old.png"], "--plot")
-    bench.run(stages=["pipeline"], quick=True, device="cpu", json_path=paths["old.json"], log=lambda *_: None)
-    assert json.loads(paths["old.json"].read_text())["meta"]["complete"] is True
-    paths["old.json"].write_text('{"meta": {}, "rows": [], "my note": 1}')  # edited since: the user's now
-    with pytest.raises(BadInput, match="changed since"):
-        bench.check_json_path(paths["old.json"])
-
-
-def test_bench_measures_a_stage_or_model_named_twice_once(bench_spy, monkeypatch):
-    bench, ran = bench_spy
-    seen = []
-    monkeypatch.setitem(bench.STAGES, "train_step", lambda models, backends, **k: seen.append((models, backends)) or [])
-    bench.run(stages=["train_step", "pipeline", "train_step"], models=["test_resnet", "test_resnet"],
-              backends=["torch", "torch"], quick=True, device="cpu", log=lambda *_: None)
-    assert ran == ["store", "pipeline"] and seen == [(["test_resnet"], ["torch"])]
-
-
-def test_bench_out_of_device_memory_is_bad_input_keeping_the_rows(tmp_path, bench_spy, monkeypatch):
-    import torch
-
-    bench, ran = bench_spy
-
-    def stage(**k):
-        yield {"stage": "pipeline", "backend": "torch", "image_size": 32, "aug": "none", "images_per_sec": 1}
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 600.00 TiB")
-
-    monkeypatch.setitem(bench.STAGES, "pipeline", stage)
-    with pytest.raises(BadInput, match=r"ran out of device memory at --batch-size 1000000000 .* smaller --batch-size"
-                                       r".* 1 rows measured before are in"):
-        bench.run(stages=["pipeline"], quick=True, device="cpu", batch_size=10 ** 9, json_path=tmp_path / "b.json",
-                  log=lambda *_: None)
-    saved = json.loads((tmp_path / "b.json").read_text())
-    assert len(saved["rows"]) == 1 and saved["meta"]["complete"] is False
-
-
-# ---- 8. report over a folder where some runs died early or are damaged
-
-
-def _runs_folder(root: Path) -> dict:
-    """Two good runs and one of each way a run can be broken -> the words that say why it was skipped."""
-    from test_report import make_run
-
-    make_run(root, "good-1", [10.0, 20.0])
-    make_run(root, "good-2", [15.0], summary=False)
-    broken = {
-        "died-in-epoch-1": (None, "stopped before its first epoch"),
-        "empty-metrics": ("", "stopped before its first epoch"),
-        "summary-not-json": ("{not json", "Cannot read"),
-        "summary-a-list": ("[1, 2]", "holds a list"),
-        "summary-acc-a-string": ('{"best_acc": "high"}', "best_acc must be numbers"),
-        "metrics-garbage-line": ("metrics", "line 1 is not JSON"),
-        "metrics-acc-a-string": ("metrics-str", "test_acc must be numbers"),
-        "recipe-not-json": ("recipe", "Cannot read"),
-    }
-    for name, (content, _) in broken.items():
-        d = make_run(root, name, [30.0, 40.0], summary=False)
-        (d / "metrics.jsonl").unlink()
-        if name == "empty-metrics":
-            (d / "metrics.jsonl").write_text("")
-        elif content == "metrics":
-            (d / "metrics.jsonl").write_text('garbage\n{"epoch": 2, "test_acc": 5.0}\n')
-        elif content == "metrics-str":
-            (d / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": "5%"}\n')
-        elif content == "recipe":
-            (d / "metrics.jsonl").write_text('{"epoch": 1, "test_acc": 5.0}\n')
-            (d / "recipe.json").write_text("{cut")
-        elif content is not None:
-            (d / "summary.json").write_text(content)
-    return {name: why for name, (_, why) in broken.items()}
-
-
-def test_report_skips_broken_runs_and_names_them(tmp_path):
-    from fastcifar.report import report
-
-    broken = _runs_folder(tmp_path / "runs")
-    warnings = []
-    table, files = report([tmp_path / "runs"], tmp_path / "out", warn=warnings.append)
-    rows = [l.split("|")[1].strip() for l in table.splitlines() if l.startswith("| ") and "---" not in l][1:]
-    assert rows == ["good-1", "good-2"]
-    results = (tmp_path / "out" / "results.md").read_text()
-    for name, why in broken.items():
-        line = next(l for l in results.splitlines() if l.startswith(f"Skipped {tmp_path / 'runs' / name}:"))
-        assert why in line, (name, line)
-        assert any(w.startswith(f"skipped {tmp_path / 'runs' / name}:") and why in w for w in warnings)
-    assert all(f.is_file() for f in files)
-
-
-def test_cli_report_skips_broken_runs_and_exits_2_only_when_none_is_left(tmp_path):
-    broken = _runs_folder(tmp_path / "runs")
-    r = _cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
-    assert r.returncode == 0, r.stderr
-    assert "Traceback" not in r.stderr and all(f"skipped {tmp_path / 'runs' / n}:" in r.stderr for n in broken)
-    for name in ("good-1", "good-2"):
-        import shutil
-
-        shutil.rmtree(tmp_path / "runs" / name)
-    r = _cli("report", str(tmp_path / "runs"), "--out", str(tmp_path / "out2"))
-    _one_paragraph_exit_2(r, "No run could be reported", tmp_path / "runs" / "died-in-epoch-1")
-    assert not (tmp_path / "out2").exists()
-
-
-# ---- 9. the CLI's backstop: an OSError that escapes a command is a paragraph and exit 2
-
-
-def test_cli_oserror_backstop_is_one_paragraph_exit_2(monkeypatch, capsys):
-    from fastcifar import cli, config
-
-    def disk_full():
-        raise OSError(28, "No space left on device", "/data/runs/x/last.pt")
-    monkeypatch.setattr(config, "recipe_sources", disk_full)
-    monkeypatch.setattr(sys, "argv", ["fastcifar", "recipes"])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: `fastcifar recipes` stopped: No space left on device (/data/runs/x/last.pt).")
-    assert "Traceback" not in err and "\n\n" not in err.strip()
