@@ -210,7 +210,7 @@ def test_a_second_ctrl_c_during_the_save_keeps_the_last_whole_checkpoint(store_d
     with pytest.raises(KeyboardInterrupt):
         fit(recipe, info(), out=run, data_dir=store_dir, train_fn=ctrl_c)
     assert sorted(p.name for p in run.iterdir() if not p.name.startswith("events")) == [
-        owned.MANIFEST, "best.pt", "last.pt", "metrics.jsonl", "recipe.json", "recipe.py", "summary.json"]
+        owned.MANIFEST, "best.pt", "last.pt", "metrics.jsonl", "recipe.json", "recipe.py", "summary.json", "train.log"]
     ck = checkpoint.load(run / "last.pt")
     assert (ck["epoch"], ck["step_in_epoch"]) == (1, 0)
     assert json.loads((run / "summary.json").read_text())["stop_reason"].startswith("quit at once")
