@@ -69,7 +69,7 @@ def test_cpu_sync_batchnorm_refuses_batchnorm_layers_it_cannot_stand_in_for():
 def test_resume_may_switch_sync_bn_but_not_what_the_run_means(tmp_path):
     """SyncBN is how the global batch's statistics are gathered across ranks (like the number of ranks,
     which resume may also change); drop path, the EMA and TTA change the run and are refused."""
-    done = {"recipe": to_dict(tiny()), "epoch": 1}
+    done = {"recipe": to_dict(tiny()), "epoch": 1, "schedule_epochs": tiny().train.epochs}
     T.check_resume(tiny(model__sync_bn=True), done, tmp_path)
     for field, value in [("model__drop_path", 0.1), ("train__ema_decay", 0.99), ("train__tta", "flip"),
                          ("train__ema_every", 2)]:

@@ -140,25 +140,6 @@ def test_weight_decay_groups_follow_the_recipe(decay_groups, head):
             assert decay_of[id(names["head.bn.weight"])] == 0.05
 
 
-def test_old_decay_norm_bias_still_loads_and_keeps_its_groups():
-    """Run dirs and checkpoints from before decay_groups hold optim.decay_norm_bias; they load,
-    and resume with the groups they trained with (the optimizer state's groups must match)."""
-    from fastcifar.config import apply_overrides, from_dict, to_dict
-
-    for old, groups in [(True, "all"), (False, "no_bias_norm")]:
-        d = to_dict(tiny())
-        del d["optim"]["decay_groups"]
-        d["optim"]["decay_norm_bias"] = old
-        assert from_dict(d).optim.decay_groups == groups
-        assert apply_overrides(tiny(), [f"optim.decay_norm_bias={str(old).lower()}"]).optim.decay_groups == groups
-        r = tiny()
-        r.optim.decay_norm_bias = old  # an older recipe file's assignment
-        assert r.optim.decay_groups == groups and r.optim.decay_norm_bias is old
-    d["optim"]["decay_norm_bias"] = "sometimes"
-    with pytest.raises(BadInput, match="decay_norm_bias.*expected a bool.*decay_groups"):
-        from_dict(d)
-
-
 # ---- the train / validation partition
 
 
