@@ -169,7 +169,7 @@ def test_ctrl_c_prints_what_was_done_and_stops(tmp_path):
         while not any(" hang (at most" in line for line in lines):
             time.sleep(0.1)
         time.sleep(1)
-        os.kill(os.getpid(), signal.SIGINT)  # to the main thread, as a terminal's Ctrl-C
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # to the main thread, as a terminal's Ctrl-C
 
     threading.Thread(target=ctrl_c_once_hang_runs, daemon=True).start()
     with pytest.raises(doctor.Stopped, match="Stopped by Ctrl-C or SIGTERM in step hang"):
