@@ -445,7 +445,7 @@ def sweep(
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
 ):
-    """Train every combination of the --grid values, N seeds each, and rank the settings by mean best accuracy.
+    """Train every combination of a grid of settings, N seeds each, and rank them by mean best accuracy.
 
     `fastcifar sweep r18_cifar_32 --grid optim.lr=0.05,0.1,0.2 --grid loss.label_smoothing=0,0.1 --seeds 3`
     runs 3 x 2 settings x 3 seeds = 18 runs, each named by its settings (`DIR/lr=0.05,label_smoothing=0-seed0`),

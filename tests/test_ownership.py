@@ -281,7 +281,7 @@ def test_a_ctrl_c_between_the_rename_and_the_manifest_waits_for_both(tmp_path, m
     record = owned.record
 
     def interrupted(paths, by, **kw):  # the signal lands after the rename, before the manifest is written
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # in this (the main) thread: a process-wide kill may land on another
         record(paths, by, **kw)
 
     path = tmp_path / "bench.json"

@@ -62,7 +62,8 @@ def test_wheel_metadata_is_fit_for_an_index(dists):
 
 def test_installed_wheel_runs_from_an_empty_directory(venv, user_dir):
     env = clean_env(venv / "bin")
-    where = run_ok(["python", "-c", "import fastcifar, pipelines; from fastcifar.config import installed_recipes_dir, load; "
+    where = run_ok(["python", "-c", "import fastcifar, fastcifar.pipelines as pipelines; "
+                    "from fastcifar.config import installed_recipes_dir, load; "
                     "r, info = load('r18_lbsmooth'); "
                     "print(fastcifar.__file__, pipelines.__file__, installed_recipes_dir(), info['path'], info['parent'])"],
                    user_dir, env).stdout.split()
