@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+# A suite started in the background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT
+# ignored, and so would every process it starts: Ctrl-C tests need Ctrl-C as a terminal gives it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # FASTCIFAR_HIDE_DALI=1 runs the suite as on a machine without DALI, before anything imports it:
 # `import nvidia.dali` fails in this process and, through tests/hide_dali/sitecustomize.py, in
 # every Python process the tests start (CLI runs, torchrun ranks, doctor's steps).
