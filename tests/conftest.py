@@ -30,8 +30,8 @@ import fastcifar.train as T  # noqa: E402
 from fastcifar import data as fdata  # noqa: E402
 from fastcifar.config import to_dict  # noqa: E402
 from cifar_files import md5, write_official  # noqa: E402
-from helpers import (BUILD_INPUTS, N_TEST, N_TRAIN, QUIET, ROOT, backend_flags, clean_env, copy_run, info,  # noqa: E402
-                     run_ok, tiny)
+from helpers import (BUILD_INPUTS, N_TEST, N_TRAIN, QUIET, ROOT, STUDENT, TEACHER, backend_flags, clean_env,  # noqa: E402
+                     copy_run, info, run_ok, tiny)
 
 # ---- synthetic stores
 
@@ -283,24 +283,6 @@ def table(tmp_path):
     recipe.write_text(OWN_RECIPE.format(to_dict(tiny(train__epochs=1, data__subset=0.2))))
     (tmp_path / "table.txt").write_text(f"{recipe}\n")
     return tmp_path / "table.txt"
-
-
-TEACHER = f'''"""A tiny teacher: tutorial 12.5% (a made-up figure)."""
-from fastcifar.config import from_dict
-
-
-def recipe():  # helpers.tiny() for two epochs, written out as data
-    return from_dict({to_dict(tiny(train__epochs=2, train__log_every=2))!r})
-'''
-STUDENT = '''"""A tiny student distilled from tiny_teacher."""
-from fastcifar.config import derive
-
-
-def recipe():
-    r = derive("tiny_teacher")
-    r.distill.teacher = "tiny_teacher"
-    return r
-'''
 
 
 @pytest.fixture

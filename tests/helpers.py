@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastcifar.train as T
 from fastcifar import checkpoint, owned
-from fastcifar.config import Recipe, derive
+from fastcifar.config import Recipe, derive, to_dict
 from fastcifar.pipelines.loader import dali_available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,26 @@ def tiny(**fields) -> Recipe:
         section, name = key.split("__")
         setattr(getattr(r, section), name, value)
     return r
+
+
+# two recipe files as a user writes them: a teacher (tiny() for two epochs, written out as data) and
+# its distilled student
+TEACHER = f'''"""A tiny teacher: tutorial 12.5% (a made-up figure)."""
+from fastcifar.config import from_dict
+
+
+def recipe():  # tiny() for two epochs, written out as data
+    return from_dict({to_dict(tiny(train__epochs=2, train__log_every=2))!r})
+'''
+STUDENT = '''"""A tiny student distilled from tiny_teacher."""
+from fastcifar.config import derive
+
+
+def recipe():
+    r = derive("tiny_teacher")
+    r.distill.teacher = "tiny_teacher"
+    return r
+'''
 
 
 MIXED = dict(aug__mixup_alpha=0.4, aug__cutmix_alpha=1.0, aug__mix_p=0.8)  # MixUp or CutMix on most batches

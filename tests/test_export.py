@@ -19,48 +19,17 @@ from PIL import Image
 import fastcifar.export as ex
 from fastcifar import checkpoint, owned
 from fastcifar.config import from_dict
-from fastcifar.data import open_store, prepare
+from fastcifar.data import open_store
 from fastcifar.errors import BadInput
 from fastcifar.models import build_model
 import fastcifar.predict as pr
 from fastcifar.pipelines.loader import make_loader
 from fastcifar.predict import gather, predict, read_image
-from fastcifar.train import evaluate_checkpoint, train
-from helpers import info, tiny
+from fastcifar.train import evaluate_checkpoint
+from helpers import QUIET, cli
 
 
 ROOT = Path(__file__).resolve().parent.parent
-QUIET = lambda *a, **k: None  # noqa: E731
-RUNS = {"linear": {}, "stem": {"model__cifar_stem": True, "data__subset": 0.34},  # stride 1: 4x the work
-        "arcface": {"head__kind": "arcface", "head__embed_dim": 32, "aug__image_size": 40, "aug__interpolation": "cubic"},
-        # the tutorial's ArcFace recipes evaluate on the plain cosine
-        "arcface_cosine": {"head__kind": "arcface", "head__embed_dim": 32, "head__eval_logits": "cosine"}}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("store") / "cifar100"
-    prepare(d, synthetic=True, n_train=300, n_test=64, log=QUIET)
-    return d
-
-
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory):
-    """One epoch of test_resnet on 300 images per head (a few seconds each on a CPU)."""
-    root = tmp_path_factory.mktemp("runs")
-    for name, fields in RUNS.items():
-        train(tiny(train__epochs=1, **fields), info(name), out=root / name, data_dir=data, log=QUIET)
-    return root
-
-
-ONNX_LOG = []  # what exporting onnx_files printed
-
-
-@pytest.fixture(scope="module")
-def onnx_files(runs, data):
-    return {k: ex.export(runs / k, "onnx", data_dir=data, log=ONNX_LOG.append) for k in ("linear", "arcface")}
-
-
 def reference(run: Path, data: Path):
     """fastcifar's own evaluation of a run, built as `fastcifar eval` builds it: (net, recipe,
     the torch backend's test images, their logits)."""
@@ -89,17 +58,11 @@ def assert_same_top1(ours: torch.Tensor, theirs, atol: float):
     assert torch.equal(ours.argmax(1)[clear], theirs.argmax(1)[clear])
 
 
-def _cli(monkeypatch, capsys, *args):
-    from fastcifar.cli import main
-    monkeypatch.setattr(sys, "argv", ["fastcifar", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err
-    return code, out
+def _cli(*args):
+    """helpers.cli, and fastcifar printed no traceback."""
+    code, out, err = cli(*args)
+    assert "Traceback" not in err
+    return code, out, err
 
 
 def _write(path: Path, array: np.ndarray, **kw) -> Path:
@@ -111,8 +74,8 @@ def _write(path: Path, array: np.ndarray, **kw) -> Path:
 # ---- the formats ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["linear", "arcface"])
-def test_onnx_gives_fastcifar_top1_with_a_dynamic_batch(runs, data, onnx_files, kind):
-    net, r, x, ours = reference(runs / kind, data)
+def test_onnx_gives_fastcifar_top1_with_a_dynamic_batch(export_runs, small_store_dir, onnx_files, kind):
+    net, r, x, ours = reference(export_runs / kind, small_store_dir)
     sess = ort.InferenceSession(str(onnx_files[kind]), providers=["CPUExecutionProvider"])
     (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
     assert (inp.name, out.name) == ("images", "logits")
@@ -122,22 +85,22 @@ def test_onnx_gives_fastcifar_top1_with_a_dynamic_batch(runs, data, onnx_files, 
     assert_same_top1(ours, theirs, atol=1e-3 * max(1, ours.abs().max().item()))
     assert np.allclose(sess.run(None, {"images": x[:1].numpy()})[0], theirs[:1], atol=1e-4 * max(1, ours.abs().max().item()))
     # the same accuracy as `fastcifar eval`
-    acc = 100 * (theirs.argmax(1) == open_store(data).labels("test")).mean()
-    assert acc == pytest.approx(evaluate_checkpoint(str(runs / kind), data_dir=data)["acc"])
+    acc = 100 * (theirs.argmax(1) == open_store(small_store_dir).labels("test")).mean()
+    assert acc == pytest.approx(evaluate_checkpoint(str(export_runs / kind), data_dir=small_store_dir)["acc"])
     card = json.loads(sess.get_modelmeta().custom_metadata_map["fastcifar"])
     assert card["head"]["kind"] == kind and card["preprocess"]["image_size"] == r.aug.image_size
 
 
-def test_onnx_export_reports_its_check(onnx_files):
-    checks = [line for line in ONNX_LOG if line.startswith("checked: onnxruntime vs torch")]
+def test_onnx_export_reports_its_check(onnx_files, onnx_log):
+    checks = [line for line in onnx_log if line.startswith("checked: onnxruntime vs torch")]
     assert len(checks) == 2
     for check in checks:
         assert "8 store test images" in check and "max |logit difference|" in check and "top-1 agrees on 8/8" in check
-    assert any(line.startswith(f"wrote {onnx_files['arcface']}") and "40x40 (cubic" in line for line in ONNX_LOG)
+    assert any(line.startswith(f"wrote {onnx_files['arcface']}") and "40x40 (cubic" in line for line in onnx_log)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "timm"])
-def test_export_check_refuses_an_export_that_does_not_reproduce_the_model(runs, data, monkeypatch, tmp_path, fmt,
+def test_export_check_refuses_an_export_that_does_not_reproduce_the_model(export_runs, small_store_dir, monkeypatch, tmp_path, fmt,
                                                                         capsys):
     name = {"safetensors": "to_safetensors", "timm": "to_timm"}[fmt]
     real = getattr(ex, name)
@@ -148,17 +111,17 @@ def test_export_check_refuses_an_export_that_does_not_reproduce_the_model(runs, 
         return real(net, c, *a)
 
     monkeypatch.setattr(ex, name, wrong_weights)
-    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", fmt, "--out", str(tmp_path),
-                     "--data-dir", str(data))
-    assert code == 1 and "does not reproduce" in out.err and "Nothing was written" in out.err.replace("\n", " ")
+    code, out, err = _cli("export", str(export_runs / "linear"), "-f", fmt, "--out", str(tmp_path),
+                     "--data-dir", str(small_store_dir))
+    assert code == 1 and "does not reproduce" in err and "Nothing was written" in err.replace("\n", " ")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_onnx_file_onnxruntime_cannot_run_is_not_written(runs, data, monkeypatch, capsys, tmp_path):
+def test_an_onnx_file_onnxruntime_cannot_run_is_not_written(export_runs, small_store_dir, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(ex, "to_onnx", lambda net, c, x: b"\x08\x07 not a model")  # an exporter that went wrong
-    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "onnx", "--out", str(tmp_path),
-                     "--data-dir", str(data))
-    assert code == 1 and "onnxruntime cannot run" in out.err and list(tmp_path.iterdir()) == []
+    code, out, err = _cli("export", str(export_runs / "linear"), "-f", "onnx", "--out", str(tmp_path),
+                     "--data-dir", str(small_store_dir))
+    assert code == 1 and "onnxruntime cannot run" in err and list(tmp_path.iterdir()) == []
 
 
 def _example(name: str):
@@ -169,11 +132,11 @@ def _example(name: str):
 
 
 @pytest.mark.parametrize("kind", ["linear", "stem", "arcface"])
-def test_safetensors_loads_in_plain_python_as_the_docs_say(runs, data, kind):
-    net, r, x, ours = reference(runs / kind, data)
-    path = ex.export(runs / kind, "safetensors", data_dir=data, log=QUIET)
+def test_safetensors_loads_in_plain_python_as_the_docs_say(export_runs, small_store_dir, kind):
+    net, r, x, ours = reference(export_runs / kind, small_store_dir)
+    path = ex.export(export_runs / kind, "safetensors", data_dir=small_store_dir, **QUIET)
     logits, card = _example("load_safetensors_export")(str(path))
-    store = open_store(data)
+    store = open_store(small_store_dir)
     assert card["class_names"] == store.class_names and card["num_classes"] == 100
     assert card["preprocess"]["mean"] == pytest.approx(store.mean) and card["preprocess"]["std"] == pytest.approx(store.std)
     assert card["preprocess"]["interpolation"] == r.aug.interpolation and card["model"]["name"] == "test_resnet"
@@ -181,27 +144,27 @@ def test_safetensors_loads_in_plain_python_as_the_docs_say(runs, data, kind):
         assert_same_top1(ours, logits(x), atol=1e-4 * max(1, ours.abs().max().item()))
 
 
-def test_a_run_evaluated_on_the_plain_cosine_exports_and_predicts_s_scaled_logits(runs, data):
+def test_a_run_evaluated_on_the_plain_cosine_exports_and_predicts_s_scaled_logits(export_runs, small_store_dir):
     """head.eval_logits=cosine (the tutorial's evaluation) ranks as s * cosine does, but its softmax
     is near uniform: exports and predict give s * cosine, which is what the card's head (no
     eval_logits) rebuilds, so the export's own check passes and probabilities mean something."""
     from fastcifar.predict import open_model
 
-    net, r, x, cosine = reference(runs / "arcface_cosine", data)
+    net, r, x, cosine = reference(export_runs / "arcface_cosine", small_store_dir)
     assert r.head.eval_logits == "cosine" and r.head.s > 1
-    path = ex.export(runs / "arcface_cosine", "safetensors", data_dir=data, log=QUIET)
-    for ref in (path, runs / "arcface_cosine"):  # the export, and the checkpoint itself
+    path = ex.export(export_runs / "arcface_cosine", "safetensors", data_dir=small_store_dir, **QUIET)
+    for ref in (path, export_runs / "arcface_cosine"):  # the export, and the checkpoint itself
         _, logits, _ = open_model(ref)
         with torch.no_grad():
             assert torch.allclose(logits(x), r.head.s * cosine, atol=1e-4 * r.head.s), ref
 
 
-def test_timm_export_loads_strict_into_plain_timm(runs, data):
+def test_timm_export_loads_strict_into_plain_timm(export_runs, small_store_dir):
     import timm
 
-    net, r, x, ours = reference(runs / "linear", data)
+    net, r, x, ours = reference(export_runs / "linear", small_store_dir)
     lines = []
-    path = ex.export(runs / "linear", "timm", data_dir=data, log=lines.append)
+    path = ex.export(export_runs / "linear", "timm", data_dir=small_store_dir, log=lines.append)
     assert path.name == "best-timm.pth"
     m = timm.create_model("test_resnet", num_classes=100)
     m.load_state_dict(torch.load(path, weights_only=True), strict=True)
@@ -210,12 +173,12 @@ def test_timm_export_loads_strict_into_plain_timm(runs, data):
     assert "model.load_state_dict" in "\n".join(lines) and "set_submodule" not in "\n".join(lines)
 
 
-def test_timm_export_of_a_cifar_stem_needs_the_printed_stem(runs, data):
+def test_timm_export_of_a_cifar_stem_needs_the_printed_stem(export_runs, small_store_dir):
     import timm
 
-    net, r, x, ours = reference(runs / "stem", data)
+    net, r, x, ours = reference(export_runs / "stem", small_store_dir)
     lines = []
-    path = ex.export(runs / "stem", "timm", data_dir=data, log=lines.append)
+    path = ex.export(export_runs / "stem", "timm", data_dir=small_store_dir, log=lines.append)
     code = "\n".join(lines).split("load it with:\n", 1)[1]
     scope = {}
     exec(code, scope)  # the code export prints, as a user would paste it
@@ -228,26 +191,26 @@ def test_timm_export_of_a_cifar_stem_needs_the_printed_stem(runs, data):
         assert (plain.eval()(x) - ours).abs().max() > 0.1
 
 
-def test_timm_refuses_a_margin_head(runs, data, monkeypatch, capsys):
-    code, out = _cli(monkeypatch, capsys, "export", str(runs / "arcface"), "--format", "timm", "--data-dir", str(data))
-    assert code == 2 and "onnx" in out.err and "safetensors" in out.err
-    assert not (runs / "arcface" / "best-timm.pth").exists()
+def test_timm_refuses_a_margin_head(export_runs, small_store_dir, monkeypatch, capsys):
+    code, _, err = _cli("export", str(export_runs / "arcface"), "--format", "timm", "--data-dir", str(small_store_dir))
+    assert code == 2 and "onnx" in err and "safetensors" in err
+    assert not (export_runs / "arcface" / "best-timm.pth").exists()
 
 
 # ---- predict ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["linear", "arcface"])
-def test_predict_on_store_pngs_matches_fastcifar_eval_for_checkpoint_and_exports(runs, data, onnx_files, kind, tmp_path):
-    net, r, x, ours = reference(runs / kind, data)
-    test = open_store(data).images("test")
+def test_predict_on_store_pngs_matches_fastcifar_eval_for_checkpoint_and_exports(export_runs, small_store_dir, onnx_files, kind, tmp_path):
+    net, r, x, ours = reference(export_runs / kind, small_store_dir)
+    test = open_store(small_store_dir).images("test")
     files = [_write(tmp_path / f"{i:02d}.png", np.array(test[i])) for i in range(16)]
     probs = torch.softmax(ours[:16], 1)
-    for ref in (runs / kind, onnx_files[kind], ex.export(runs / kind, "safetensors", out=tmp_path, data_dir=data, log=QUIET)):
-        res = predict(ref, [tmp_path], top=3, log=QUIET)
+    for ref in (export_runs / kind, onnx_files[kind], ex.export(export_runs / kind, "safetensors", out=tmp_path, data_dir=small_store_dir, **QUIET)):
+        res = predict(ref, [tmp_path], top=3, **QUIET)
         assert [p["file"] for p in res["predictions"]] == [str(f) for f in files]
-        for p, want, pr in zip(res["predictions"], ours[:16].argmax(1).tolist(), probs):
-            assert p["top"][0]["index"] == want and p["top"][0]["class"] == open_store(data).class_names[want]
-            assert p["top"][0]["prob"] == pytest.approx(pr.max().item(), abs=1e-4)
+        for p, want, prob in zip(res["predictions"], ours[:16].argmax(1).tolist(), probs):
+            assert p["top"][0]["index"] == want and p["top"][0]["class"] == open_store(small_store_dir).class_names[want]
+            assert p["top"][0]["prob"] == pytest.approx(prob.max().item(), abs=1e-4)
             assert [t["prob"] for t in p["top"]] == sorted((t["prob"] for t in p["top"]), reverse=True)
 
 
@@ -322,7 +285,7 @@ def _palette(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
-def test_predict_cli_names_and_skips_bad_files_and_predicts_the_rest(runs, data, onnx_files, tmp_path):
+def test_predict_cli_names_and_skips_bad_files_and_predicts_the_rest(export_runs, small_store_dir, onnx_files, tmp_path):
     rng = np.random.default_rng(1)
     d = tmp_path / "mixed"
     good = [_write(d / "photo.jpg", rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)),
@@ -352,11 +315,11 @@ def test_predict_cli_names_and_skips_bad_files_and_predicts_the_rest(runs, data,
     assert "Traceback" not in r.stderr
 
 
-def test_predict_prints_each_file_then_its_classes(runs, data, tmp_path, monkeypatch, capsys):
+def test_predict_prints_each_file_then_its_classes(export_runs, small_store_dir, tmp_path, monkeypatch, capsys):
     img = _write(tmp_path / "img.jpg", np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8))
-    code, out = _cli(monkeypatch, capsys, "predict", str(runs / "linear"), str(img), "--top", "1000")
+    code, out, err = _cli("predict", str(export_runs / "linear"), str(img), "--top", "1000")
     assert code == 0
-    lines = out.out.splitlines()
+    lines = out.splitlines()
     assert lines[0] == str(img) and len(lines) == 1 + 100  # --top clamps to the classes there are
     assert all(re.fullmatch(r"\s+\d+\.\d\d%  \w+", line) for line in lines[1:])
 
@@ -370,94 +333,62 @@ def test_gather_gives_a_folders_pictures_sorted_once_each_without_hidden_ones(tm
     _write(d / ".hidden.png", np.zeros((4, 4, 3), np.uint8))
     _write(d / ".thumbnails" / "a.png", np.zeros((4, 4, 3), np.uint8))
     os.mkfifo(d / "pipe.png")
-    files, skipped = gather([d, pics[0], d / "." / "b.png"], log=QUIET)
+    files, skipped = gather([d, pics[0], d / "." / "b.png"], **QUIET)
     assert files == sorted(pics) and skipped == [{"file": str(d / "pipe.png"), "error": "not a regular file"}]
 
 
-def test_predict_takes_the_ema_weights_and_every_image_across_forward_batches(runs, data, tmp_path, monkeypatch):
+def test_predict_takes_the_ema_weights_and_every_image_across_forward_batches(export_runs, small_store_dir, tmp_path, monkeypatch):
     """A checkpoint that holds EMA weights is predicted with them, as eval and export use them; images
     beyond one forward batch are all predicted, each under its own file name, in order."""
-    ck = checkpoint.load(runs / "linear" / "best.pt")
+    ck = checkpoint.load(export_runs / "linear" / "best.pt")
     ema = {k: v.clone() for k, v in ck["model"].items()}
     ema["head.fc.bias"][7] += 1000.0  # the EMA weights say class 7, surely, whatever the image
     checkpoint.save(tmp_path / "ema.pt", {**ck, "ema": ema})
     monkeypatch.setattr(pr, "BATCH", 3)  # 7 images: batches of 3, 3 and 1
     rng = np.random.default_rng(3)
     files = [_write(tmp_path / "imgs" / f"{i}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(7)]
-    res = predict(tmp_path / "ema.pt", [tmp_path / "imgs"], top=2, log=QUIET)
+    res = predict(tmp_path / "ema.pt", [tmp_path / "imgs"], top=2, **QUIET)
     assert [p["file"] for p in res["predictions"]] == [str(f) for f in files]
     assert all(p["top"][0]["index"] == 7 and p["top"][0]["prob"] == 1.0 for p in res["predictions"])
-    raw = predict(runs / "linear", files, top=2, log=QUIET)
+    raw = predict(export_runs / "linear", files, top=2, **QUIET)
     assert [p["file"] for p in raw["predictions"]] == [str(f) for f in files]
     # the raw weights (no +1000 on class 7) do not give that same certain answer for all seven noise images
     assert not all(p["top"][0]["index"] == 7 and p["top"][0]["prob"] == 1.0 for p in raw["predictions"])
 
 
-def test_export_takes_the_ema_weights_and_says_so_in_its_card(runs, data, tmp_path):
+def test_export_takes_the_ema_weights_and_says_so_in_its_card(export_runs, small_store_dir, tmp_path):
     """A checkpoint that holds EMA weights is exported with them (as eval and predict use them), and
     the card's source names them."""
-    ck = checkpoint.load(runs / "linear" / "best.pt")
+    ck = checkpoint.load(export_runs / "linear" / "best.pt")
     ema = {k: v.clone() for k, v in ck["model"].items()}
     ema["head.fc.bias"][7] += 1000.0
     checkpoint.save(tmp_path / "ema.pt", {**ck, "ema": ema})
-    path = ex.export(tmp_path / "ema.pt", "safetensors", data_dir=data, log=QUIET)
+    path = ex.export(tmp_path / "ema.pt", "safetensors", data_dir=small_store_dir, **QUIET)
     c, state = ex.read_safetensors(path)
     assert c["source"]["weights"] == "ema" and state["head.fc.bias"][7] > 500
-    assert ex.read_safetensors(ex.export(runs / "linear", "safetensors", out=tmp_path / "raw.safetensors",
-                                         data_dir=data, log=QUIET))[0]["source"]["weights"] == "raw"
+    assert ex.read_safetensors(ex.export(export_runs / "linear", "safetensors", out=tmp_path / "raw.safetensors",
+                                         data_dir=small_store_dir, **QUIET))[0]["source"]["weights"] == "raw"
 
 
-def test_a_full_disk_during_export_leaves_the_earlier_export_whole(runs, data, tmp_path):
+def test_a_full_disk_during_export_leaves_the_earlier_export_whole(export_runs, small_store_dir, tmp_path):
     """--force replaces an export by a rename: when the disk fills mid-write (RLIMIT_FSIZE: writes
     fail with EFBIG) the earlier export is left as it was, with no temporary file, and it is bad input."""
     import resource
     import signal
 
-    path = ex.export(runs / "linear", "safetensors", out=tmp_path / "model.safetensors", data_dir=data, log=QUIET)
+    path = ex.export(export_runs / "linear", "safetensors", out=tmp_path / "model.safetensors", data_dir=small_store_dir, **QUIET)
     before = path.read_bytes()
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, limits[1]))  # the export is ~1 MB
         with pytest.raises(BadInput, match="Cannot write"):
-            ex.export(runs / "linear", "safetensors", out=path, force=True, data_dir=data, log=QUIET)
+            ex.export(export_runs / "linear", "safetensors", out=path, force=True, data_dir=small_store_dir, **QUIET)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, old_handler)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [owned.MANIFEST,
                                                                                           "model.safetensors"]
-
-
-@pytest.fixture(scope="module")
-def crafted(runs, data, onnx_files, tmp_path_factory):
-    """Exports of the linear run whose fastcifar metadata was changed after export: 10 classes named
-    for 100 logits, a NaN mean, a 100000 px input side, a std beyond any float, and (ONNX) a side
-    the graph does not take, and an ONNX model with no metadata at all."""
-    import onnx
-    from safetensors.torch import save_file
-
-    d = tmp_path_factory.mktemp("crafted")
-    c, state = ex.read_safetensors(ex.export(runs / "linear", "safetensors", out=d / "good.safetensors",
-                                             data_dir=data, log=QUIET))
-    few = dict(c, num_classes=10, class_names=c["class_names"][:10])
-    nan = copy.deepcopy(c)
-    nan["preprocess"]["mean"] = [float("nan")] * 3
-    huge = copy.deepcopy(c)
-    huge["preprocess"]["image_size"] = 100000
-    vast = copy.deepcopy(c)
-    vast["preprocess"]["std"] = [10 ** 400] * 3  # an integer beyond any float
-    for name, card in (("classes", few), ("nan_mean", nan), ("huge_side", huge), ("vast_std", vast)):
-        save_file(state, str(d / f"{name}.safetensors"), metadata={ex.CARD_KEY: json.dumps(card)})
-    side = copy.deepcopy(c)
-    side["preprocess"]["image_size"] = 48  # the graph takes 32x32
-    for name, card in (("side", side), ("classes", few)):
-        model = onnx.load(str(onnx_files["linear"]))
-        next(p for p in model.metadata_props if p.key == ex.CARD_KEY).value = json.dumps(card)
-        onnx.save(model, str(d / f"{name}.onnx"))
-    model = onnx.load(str(onnx_files["linear"]))
-    model.ClearField("metadata_props")  # an ONNX model from elsewhere: no card
-    onnx.save(model, str(d / "plain.onnx"))
-    return d
 
 
 @pytest.mark.parametrize("args, message", [
@@ -486,9 +417,9 @@ def crafted(runs, data, onnx_files, tmp_path_factory):
     (["predict", "{crafted}/classes.onnx", "{img}"], "names 10 classes"),
     (["predict", "{crafted}/plain.onnx", "{img}"], "is an ONNX model without fastcifar metadata"),
 ])
-def test_bad_input_exits_2_and_leaves_files_alone(runs, data, crafted, tmp_path, monkeypatch, capsys, args, message):
+def test_bad_input_exits_2_and_leaves_files_alone(export_runs, small_store_dir, crafted, tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "empty").mkdir()
-    paths = {"run": runs / "linear", "empty": tmp_path / "empty", "text": tmp_path / "notes.txt",
+    paths = {"run": export_runs / "linear", "empty": tmp_path / "empty", "text": tmp_path / "notes.txt",
              "img": _write(tmp_path / "img.png", np.zeros((32, 32, 3), np.uint8)), "nowhere": tmp_path / "nowhere",
              "fake_onnx": tmp_path / "fake.onnx", "plain_st": tmp_path / "plain.safetensors",
              "user_st": tmp_path / "mine.safetensors", "crafted": crafted}
@@ -498,63 +429,63 @@ def test_bad_input_exits_2_and_leaves_files_alone(runs, data, crafted, tmp_path,
     save_file({"w": torch.zeros(2)}, str(paths["plain_st"]))
     paths["user_st"].write_bytes(b"a user's file")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    run_files = {p.name: p.stat().st_mtime_ns for p in (runs / "linear").iterdir()}
-    code, out = _cli(monkeypatch, capsys, *[a.format(**paths) for a in args],
-                     *(["--data-dir", str(data)] if args[0] == "export" else []))
+    run_files = {p.name: p.stat().st_mtime_ns for p in (export_runs / "linear").iterdir()}
+    code, out, err = _cli(*[a.format(**paths) for a in args],
+                     *(["--data-dir", str(small_store_dir)] if args[0] == "export" else []))
     assert code == 2, out
-    assert message in out.err.replace("\n", " ")
-    assert "\nerror: " in "\n" + out.err  # the one-paragraph message
+    assert message in err.replace("\n", " ")
+    assert "\nerror: " in "\n" + err  # the one-paragraph message
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written or changed
-    assert {p.name: p.stat().st_mtime_ns for p in (runs / "linear").iterdir()} == run_files
+    assert {p.name: p.stat().st_mtime_ns for p in (export_runs / "linear").iterdir()} == run_files
 
 
-def test_an_unwritable_out_is_refused_before_the_checkpoint_is_loaded(runs, data, tmp_path, monkeypatch):
+def test_an_unwritable_out_is_refused_before_the_checkpoint_is_loaded(export_runs, small_store_dir, tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("a user's notes")
     monkeypatch.setattr(ex.checkpoint, "load", lambda *a, **k: pytest.fail("loaded the checkpoint first"))
     with pytest.raises(BadInput, match="is not a writable directory"):  # not after a minute of ONNX export
-        ex.export(runs / "linear", "onnx", out=tmp_path / "notes.txt" / "model.onnx", data_dir=data, log=QUIET)
+        ex.export(export_runs / "linear", "onnx", out=tmp_path / "notes.txt" / "model.onnx", data_dir=small_store_dir, **QUIET)
 
 
-def test_force_replaces_a_timm_export_but_not_a_checkpoint(runs, data, tmp_path):
-    path = ex.export(runs / "linear", "timm", out=tmp_path / "model.pth", data_dir=data, log=QUIET)
-    assert ex.export(runs / "linear", "timm", out=path, force=True, data_dir=data, log=QUIET) == path
-    checkpoint.save(tmp_path / "other-run.pt", checkpoint.load(runs / "linear" / "best.pt"))
+def test_force_replaces_a_timm_export_but_not_a_checkpoint(export_runs, small_store_dir, tmp_path):
+    path = ex.export(export_runs / "linear", "timm", out=tmp_path / "model.pth", data_dir=small_store_dir, **QUIET)
+    assert ex.export(export_runs / "linear", "timm", out=path, force=True, data_dir=small_store_dir, **QUIET) == path
+    checkpoint.save(tmp_path / "other-run.pt", checkpoint.load(export_runs / "linear" / "best.pt"))
     before = (tmp_path / "other-run.pt").read_bytes()
     with pytest.raises(BadInput, match="did not write"):  # a checkpoint, or any file export did not write
-        ex.export(runs / "linear", "timm", out=tmp_path / "other-run.pt", force=True, data_dir=data, log=QUIET)
+        ex.export(export_runs / "linear", "timm", out=tmp_path / "other-run.pt", force=True, data_dir=small_store_dir, **QUIET)
     assert (tmp_path / "other-run.pt").read_bytes() == before
 
 
-def test_out_force_and_directory(runs, data, tmp_path, monkeypatch, capsys):
+def test_out_force_and_directory(export_runs, small_store_dir, tmp_path, monkeypatch, capsys):
     mine = tmp_path / "model.safetensors"
     mine.write_bytes(b"a user's file")
-    code, _ = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(mine),
-                   "--data-dir", str(data))
+    code, _, _ = _cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out", str(mine),
+                   "--data-dir", str(small_store_dir))
     assert code == 2 and mine.read_bytes() == b"a user's file"
-    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(mine),
-                     "--force", "--data-dir", str(data))  # --force replaces only an export fastcifar wrote
-    assert code == 2 and mine.read_bytes() == b"a user's file" and "earlier export" in out.err.replace("\n", " ")
+    code, out, err = _cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out", str(mine),
+                     "--force", "--data-dir", str(small_store_dir))  # --force replaces only an export fastcifar wrote
+    assert code == 2 and mine.read_bytes() == b"a user's file" and "earlier export" in err.replace("\n", " ")
     mine.unlink()
     for force, want in (([], 0), ([], 2), (["--force"], 0)):  # an export of its own: replaced with --force only
-        code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(mine),
-                         *force, "--data-dir", str(data))
-        assert code == want and ex.read_safetensors(mine)[0]["num_classes"] == 100, out.err
-    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out", str(tmp_path),
-                     "--data-dir", str(data))
+        code, out, err = _cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out", str(mine),
+                         *force, "--data-dir", str(small_store_dir))
+        assert code == want and ex.read_safetensors(mine)[0]["num_classes"] == 100, err
+    code, out, err = _cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out", str(tmp_path),
+                     "--data-dir", str(small_store_dir))
     assert code == 0 and (tmp_path / "best.safetensors").is_file()  # a directory takes the default name
     (tmp_path / "deeper").mkdir()
     (tmp_path / "deeper" / "best.safetensors").mkdir()
-    code, out = _cli(monkeypatch, capsys, "export", str(runs / "linear"), "-f", "safetensors", "--out",
-                     str(tmp_path / "deeper"), "--force", "--data-dir", str(data))
-    assert code == 2 and "is a directory" in out.err.replace("\n", " ")
+    code, out, err = _cli("export", str(export_runs / "linear"), "-f", "safetensors", "--out",
+                     str(tmp_path / "deeper"), "--force", "--data-dir", str(small_store_dir))
+    assert code == 2 and "is a directory" in err.replace("\n", " ")
     assert sorted(p.name for p in tmp_path.iterdir()) == [owned.MANIFEST, "best.safetensors", "deeper",
                                                           "model.safetensors"]  # no temp files
 
 
 # ---- class names and mean/std: from the checkpoint -----------------------------------------------
 
-def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(runs, data, tmp_path, monkeypatch, capsys):
-    ck = checkpoint.load(runs / "arcface" / "best.pt")
+def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(export_runs, small_store_dir, tmp_path, monkeypatch, capsys):
+    ck = checkpoint.load(export_runs / "arcface" / "best.pt")
     ck["class_names"] = [f"class{i}" for i in range(100)]
     ck["preprocess"] = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "image_size": 40, "interpolation": "cubic"}
     checkpoint.save(tmp_path / "new.pt", ck)
@@ -572,7 +503,7 @@ def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(runs
         broken = {k: v for k, v in dict(ck, **{key: value}).items() if v is not None}
         checkpoint.save(tmp_path / "broken.pt", broken)
         with pytest.raises(BadInput, match="unusable"):
-            ex.export(tmp_path / "broken.pt", "safetensors", out=tmp_path / "b.safetensors", data_dir=data, log=QUIET)
+            ex.export(tmp_path / "broken.pt", "safetensors", out=tmp_path / "b.safetensors", data_dir=small_store_dir, **QUIET)
 
 
 # ---- the optional dependencies --------------------------------------------------------------------
@@ -582,19 +513,19 @@ def test_a_checkpoint_that_records_classes_and_preprocessing_needs_no_store(runs
     ("safetensors", ["export", "{run}", "--format", "safetensors"]),
     ("onnxruntime", ["predict", "{onnx}", "{img}"]),
 ])
-def test_without_the_export_extra_it_says_what_to_install(runs, data, onnx_files, tmp_path, monkeypatch, capsys,
+def test_without_the_export_extra_it_says_what_to_install(export_runs, small_store_dir, onnx_files, tmp_path, monkeypatch, capsys,
                                                           blocked, args):
     img = _write(tmp_path / "img.png", np.zeros((32, 32, 3), np.uint8))
     monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ImportError
-    code, out = _cli(monkeypatch, capsys, *[a.format(run=runs / "linear", onnx=onnx_files["linear"], img=img)
-                                            for a in args], *(["--data-dir", str(data)] if args[0] == "export" else []))
-    err = out.err.replace("\n", " ")
+    code, _, err = _cli(*[a.format(run=export_runs / "linear", onnx=onnx_files["linear"], img=img)
+                                            for a in args], *(["--data-dir", str(small_store_dir)] if args[0] == "export" else []))
+    err = err.replace("\n", " ")
     assert code == 2 and blocked in err and 'pip install "fastcifar[export]"' in err
 
 
 @pytest.mark.parametrize("kind", ["linear", "arcface"])
-def test_docs_preprocessing_is_what_predict_does(runs, data, tmp_path, kind):
-    c = ex.card(checkpoint.load(runs / kind / "best.pt"), from_dict(checkpoint.load(runs / kind / "best.pt")["recipe"]),
+def test_docs_preprocessing_is_what_predict_does(export_runs, small_store_dir, tmp_path, kind):
+    c = ex.card(checkpoint.load(export_runs / kind / "best.pt"), from_dict(checkpoint.load(export_runs / kind / "best.pt")["recipe"]),
                 "run")
     preprocess_image = _example("preprocess_image")
     rng = np.random.default_rng(2)

@@ -28,29 +28,11 @@ from fastcifar.data import prepare
 from fastcifar.reproduce import reproduce
 from fastcifar.runs import Job, LocalPool, state, train_args
 from fastcifar.sweep import plan as plan_sweep
-from helpers import cli, one_paragraph, tiny
-
-TEACHER = f'''"""A tiny teacher: tutorial 12.5% (a made-up figure)."""
-from fastcifar.config import from_dict
-
-
-def recipe():  # test_train.tiny() for two epochs, written out as data
-    return from_dict({to_dict(tiny(train__epochs=2, train__log_every=2))!r})
-'''
-STUDENT = '''"""A tiny student distilled from tiny_teacher."""
-from fastcifar.config import derive
-
-
-def recipe():
-    r = derive("tiny_teacher")
-    r.distill.teacher = "tiny_teacher"
-    return r
-'''
+from helpers import QUIET, STUDENT, TEACHER, cli, one_paragraph
 
 EPOCHS = "train.epochs=3"  # three short epochs: a SIGINT after the first still finds every run training
 # what an epoch learned, as metrics.jsonl has it (its timings differ from run to run)
 LEARNED = ("epoch", "train_loss", "train_acc", "test_acc", "test_top5", "test_loss", "lr")
-QUIET = dict(log=lambda *a, **k: None)
 
 
 @pytest.fixture(scope="module")
