@@ -6,8 +6,7 @@ made AHEAD batches early by a thread (`Ahead`) so the training thread, on which 
 source, does not wait. Every image op runs on the GPU (`.gpu()`), or in DALI's CPU mode
 (`device_id=None`) where there is none: the same graph. DALI's own random ops are not used, so the
 same seed gives the same batches and a resume is exact; per-image ops run only on the images that
-drew them (DALI conditionals). The policies' colour ops are DALI 2.x arithmetic, `fn.reductions`,
-`fn.coord_transform`, `fn.filter` and `fn.equalize`, computed where the images are.
+drew them (DALI conditionals).
 
 Outputs reach torch through one conversion, `to_torch` (a DLPack view, copied where needed), and
 DALI's outputs are held until the copies have run (`_release`): CI runs the code the GPU runs, and
@@ -22,10 +21,6 @@ GPU executes:
 | `self.copy = self.gpu`                        | float32 batches copied into torch's memory            |
 | `stream.record_event()`                       | marks the copies on torch's stream; DALI's outputs are held until it has passed |
 | `threads = min(4, ...)`                       | fewer CPU threads: on a GPU they only feed the source |
-
-It needs DALI 2.x (`check_dali`, then `exec_dynamic` at build): `run(cuda_stream)`, and the
-dynamic executor, which never writes an output again once returned. This module imports DALI at
-the top; pipelines.loader imports it only for backend="dali".
 """
 
 from __future__ import annotations
@@ -116,16 +111,6 @@ def _finish(x, sizes, spec: AugSpec, mean, std):
     return [resize(x, size) for size in sizes]
 
 
-def _pixel_moves(x, inp, spec: AugSpec):
-    """Pad-and-crop by whole pixels (a zero-padded slice), then the flips."""
-    if "shift" in inp:
-        x = fn.slice(x, start=inp["shift"], shape=[SIDE, SIDE], axis_names="HW", out_of_bounds_policy="pad",
-                     fill_values=0)
-    if "flip" in inp:
-        x = fn.flip(x, horizontal=inp["flip"][0], vertical=inp["flip"][1])
-    return x
-
-
 # ---- the policies' colour ops, as pipelines.torch_backend computes them
 
 def _round_u8(y):
@@ -181,20 +166,20 @@ def train_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
                 x = op(x, *[inp[f"{a}{k}"] for a in args])
     # Then geometry. Shift-scale-rotate or a resized crop needs the general warp (the whole
     # geometry in one map); the rest move by whole pixels: a zero-padded slice and a flip, 3-6x
-    # cheaper than warp_affine on a CPU.
-    if "warp" in inp:
-        if inp["warp"]:
-            x = fn.warp_affine(x, matrix=inp["affine"], fill_value=0, interp_type=types.INTERP_LINEAR)
-        else:
-            x = _pixel_moves(x, inp, spec)
-    else:
-        x = _pixel_moves(x, inp, spec)
-    if "jitter" in inp:
-        if inp["jitter"]:
-            x = fn.coord_transform(x, M=inp["colour"], T=inp["offset"], dtype=types.UINT8)  # rounds and clamps
-    if "erase" in inp:
-        if inp["erase"]:
-            x = fn.erase(x, anchor=inp["anchor"], shape=inp["shape"], axis_names="HW", fill_value=spec.erase_fill)
+    # cheaper than warp_affine on a CPU. A graph without an op's input has no branch for it (None
+    # is a Python condition; a DataNode, DALI's).
+    if inp.get("warp"):
+        x = fn.warp_affine(x, matrix=inp["affine"], fill_value=0, interp_type=types.INTERP_LINEAR)
+    else:  # pad-and-crop by whole pixels (a zero-padded slice), then the flips
+        if "shift" in inp:
+            x = fn.slice(x, start=inp["shift"], shape=[SIDE, SIDE], axis_names="HW", out_of_bounds_policy="pad",
+                         fill_values=0)
+        if "flip" in inp:
+            x = fn.flip(x, horizontal=inp["flip"][0], vertical=inp["flip"][1])
+    if inp.get("jitter"):
+        x = fn.coord_transform(x, M=inp["colour"], T=inp["offset"], dtype=types.UINT8)  # rounds and clamps
+    if inp.get("erase"):
+        x = fn.erase(x, anchor=inp["anchor"], shape=inp["shape"], axis_names="HW", fill_value=spec.erase_fill)
     labels = inp["labels"]
     return (*_finish(x, sizes, spec, mean, std), labels.gpu() if gpu else labels)
 

@@ -223,15 +223,11 @@ class TorchBackend:
         self.scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, 3, 1, 1)
 
-    def batch(self, idx: np.ndarray, epoch: int, b: int):
-        """(images, labels) of the rows idx, augmented with batch b's draws of this epoch."""
-        di = host_to_device(idx, self.device)
-        x, y = self.images[di], self.labels[di]
-        if self.augment:
-            x = augment(x, draw(self.spec, len(idx), batch_rng(self.seed, epoch, self.rank, b)), self.spec)
-        out = tuple(finish(x, s, self.spec, self.scale, self.shift) for s in self.sizes)
-        return out, y
-
     def epoch(self, batches: list[tuple[int, np.ndarray]], epoch: int) -> Iterator:
+        """(images, labels) of each batch's rows, augmented with that batch's draws of this epoch."""
         for b, idx in batches:
-            yield self.batch(idx, epoch, b)
+            di = host_to_device(idx, self.device)
+            x = self.images[di]
+            if self.augment:
+                x = augment(x, draw(self.spec, len(idx), batch_rng(self.seed, epoch, self.rank, b)), self.spec)
+            yield tuple(finish(x, s, self.spec, self.scale, self.shift) for s in self.sizes), self.labels[di]
