@@ -37,8 +37,8 @@ def albumentations_available() -> bool:
     return True
 
 
-def albumentations_pipeline(spec: AugSpec, size: int):
-    """The spec as an albumentations Compose working at `size` px (pixel amounts scaled from 32)."""
+def albumentations_pipeline(spec: AugSpec):
+    """The spec as an albumentations Compose on the stored 32x32 images."""
     import albumentations as A
     import cv2
 
@@ -56,11 +56,10 @@ def albumentations_pipeline(spec: AugSpec, size: int):
     own_p = {op: getattr(spec, p) for op, p in OP_P.items()}
     steps = []
     if spec.pad_crop:
-        pad = round(spec.pad_crop * size / SIDE)
-        steps += [A.PadIfNeeded(size + 2 * pad, size + 2 * pad, border_mode=cv2.BORDER_CONSTANT, fill=0),
-                  A.RandomCrop(size, size)]
+        padded = SIDE + 2 * spec.pad_crop
+        steps += [A.PadIfNeeded(padded, padded, border_mode=cv2.BORDER_CONSTANT, fill=0), A.RandomCrop(SIDE, SIDE)]
     elif spec.rrc_scale is not None:
-        steps.append(A.RandomResizedCrop(size=(size, size), scale=spec.rrc_scale, ratio=spec.rrc_ratio))
+        steps.append(A.RandomResizedCrop(size=(SIDE, SIDE), scale=spec.rrc_scale, ratio=spec.rrc_ratio))
     steps += [make(own_p[op]) for op, make in ops.items() if op not in spec.oneof and own_p[op] > 0]
     if spec.oneof and spec.oneof_p > 0:
         steps.append(A.OneOf([ops[op](1.0) for op in spec.oneof], p=spec.oneof_p))
@@ -89,7 +88,7 @@ class TutorialDataset(torch.utils.data.Dataset):
         if self.alb and self.augment:
             with warnings.catch_warnings():  # ShiftScaleRotate: "use Affine instead"; the tutorial used it
                 warnings.simplefilter("ignore")
-                self.compose = albumentations_pipeline(self.spec, SIDE)  # the ops run on the stored 32x32
+                self.compose = albumentations_pipeline(self.spec)
             self.compose.set_random_seed(seed)
 
     def __len__(self):
