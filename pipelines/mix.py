@@ -36,13 +36,12 @@ def mix(images, labels: torch.Tensor, spec: AugSpec, num_classes: int, generator
     """
     views = images if isinstance(images, tuple) else (images,)
     targets = F.one_hot(labels, num_classes).float()
-    modes = [m for m, a in (("mixup", spec.mixup_alpha), ("cutmix", spec.cutmix_alpha)) if a > 0]
+    modes = [(m, a) for m, a in (("mixup", spec.mixup_alpha), ("cutmix", spec.cutmix_alpha)) if a > 0]
     # a numpy generator derived from the torch one (numpy has Beta; torch's takes no generator)
     rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
     if not modes or len(labels) < 2 or rng.random() >= spec.mix_p:
         return images, targets
-    mode = modes[rng.integers(len(modes))]  # with both on, each mixed batch picks one, evenly
-    alpha = spec.mixup_alpha if mode == "mixup" else spec.cutmix_alpha
+    mode, alpha = modes[rng.integers(len(modes))]  # with both on, each mixed batch picks one, evenly
     lam = float(rng.beta(alpha, alpha))
     perm = host_to_device(rng.permutation(len(labels)), labels.device)
 
