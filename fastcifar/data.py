@@ -1,25 +1,10 @@
 """The CIFAR-100 and CIFAR-10 stores: `prepare` turns the official pickles (or a synthetic set)
 into memory-mapped uint8 arrays once; `open_store` hands them to the pipelines.
 
-Store layout (FORMAT_VERSION 1), in one directory:
-    train_images.npy  uint8 (N, 32, 32, 3), HWC, C-contiguous: row i of the pickle's `data`
-                      reshaped to (3, 32, 32) and transposed, so pixel-exact with the source
-                      (CIFAR-10: data_batch_1..5 in order)
-    train_labels.npy  int64 (N,) labels in the source's order: CIFAR-100's fine labels 0..99,
-                      CIFAR-10's labels 0..9
-    train_coarse.npy  int64 (N,) CIFAR-100's coarse labels 0..19 (CIFAR-10 has none: no file)
-    test_*.npy        the same for the test split
-    meta.json         "dataset" (cifar100 | cifar10), class names
-                      (CIFAR-100: fine_label_names, coarse_label_names; CIFAR-10: label_names),
-                      counts, source, checksums, train mean/std, format version,
-                      "creator": "fastcifar" (what marks a directory as a store prepare may replace)
-
-What prepare may replace at the data dir: nothing (a missing path), an empty directory, or a
-store (its meta.json says fastcifar wrote it) that holds nothing else. Anything else is BadInput.
-A new store is built in `.NAME.tmp-*` beside it and swapped in with renames under a lock on the
-parent directory; a prepare killed at any point leaves the old store or the new one, and the next
-prepare or open_store puts back an old store moved aside (`.NAME.old-*`) and deletes temp dirs
-whose builder is dead (no process holds their lock).
+The store's files (FORMAT_VERSION 1), what prepare may replace and how a killed prepare is undone
+are in docs/data.md: a new store is built in `.NAME.tmp-*` beside the data dir and swapped in with
+renames under a lock on the parent; the next prepare or open_store puts back an old store moved
+aside (`.NAME.old-*`) and deletes temp dirs whose builder is dead (no process holds their lock).
 """
 
 from __future__ import annotations
@@ -52,7 +37,6 @@ from fastcifar.owned import make_dirs, remove_empty
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 NUM_CLASSES = 100
-NUM_COARSE = 20
 IMAGE_SHAPE = (32, 32, 3)
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -83,7 +67,7 @@ MEMBER10_MD5 = {  # the seven files inside cifar-10-batches-py/ (each batch 31 M
 # the meta pickle's) class-name key; coarse: CIFAR-100's 20 superclasses, which CIFAR-10 lacks.
 DATASETS = {
     "cifar100": {"title": "CIFAR-100", "classes": NUM_CLASSES, "labels": "fine_labels", "names": "fine_label_names",
-                 "coarse": NUM_COARSE},
+                 "coarse": 20},
     "cifar10": {"title": "CIFAR-10", "classes": 10, "labels": "labels", "names": "label_names", "coarse": 0},
 }
 # The synthetic CIFAR-10's classes among the 100 synthetic ones: each differs from every other in
@@ -92,8 +76,7 @@ SYNTHETIC10 = (0, 11, 22, 33, 44, 55, 66, 77, 88, 99)
 
 
 def official(dataset: str) -> dict:
-    """The official download of a data set: url, tarball name and md5, the folder in it, the md5 of
-    each member, which members make each split (CIFAR-10's train is five batches) and the meta member."""
+    """The official download of a data set: where, its checksums, and which members make each split."""
     if dataset == "cifar10":
         return {"url": URL10, "tarball": TARBALL10_NAME, "md5": TARBALL10_MD5, "folder": "cifar-10-batches-py",
                 "members": MEMBER10_MD5, "meta": "batches.meta",
@@ -293,8 +276,7 @@ def _real(d: Path) -> Path:
 
 
 def _is_store(d: Path) -> bool:
-    """Whether d's meta.json says it is a store ("creator": "fastcifar"): nothing else goes into one.
-    Whether prepare may replace it is owned.py's question, not this one's."""
+    """Whether d's meta.json says it is a store ("creator": "fastcifar"); not if prepare may replace it."""
     try:
         meta = jsonio.load(d / "meta.json", META_BYTES)
     except BadInput:
@@ -356,23 +338,26 @@ def check_replaceable(dest: Path, source: Path | None = None, from_env: bool = F
                        f"and run prepare again.")
 
 
+def _flock(fd: int, flags: int = fcntl.LOCK_EX) -> bool:
+    """flock(fd, flags) (the kernel drops it when the holder dies, kill -9 included); False where it
+    fails: held by a live process (LOCK_NB), or no locks on this file system (some network ones)."""
+    try:
+        fcntl.flock(fd, flags)
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _dir_lock(d: Path):
-    """Hold an exclusive lock on directory d (flock: the kernel drops it when the holder dies, kill -9
-    included); yields False, holding nothing, where d cannot be opened or locked (some network file
-    systems), and callers then delete nothing."""
+    """Hold an exclusive lock on directory d; yields False where it cannot (callers then delete nothing)."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
         yield False
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            held = True
-        except OSError:
-            held = False
-        yield held
+        yield _flock(fd)
     finally:
         os.close(fd)
 
@@ -385,10 +370,7 @@ def _abandoned(path: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:  # held by a live builder, or no locks on this file system
-        return False
+        return _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
 
@@ -397,17 +379,14 @@ def _leftovers(real: Path) -> tuple[list[Path], list[Path]]:
     """(temp dirs, moved-aside old stores) a prepare left beside real: the .NAME.tmp-* and .NAME.old-*
     folders that prepare made (owned.py); look-alikes are someone else's."""
     tmps, olds = [], []
-    try:
-        with os.scandir(real.parent) as it:
-            for e in it:
-                if e.name.startswith(f".{real.name}.") and e.is_dir(follow_symlinks=False) and \
-                        owned.is_ours(e.path, "prepare"):
-                    if e.name.startswith(f".{real.name}.tmp-"):
-                        tmps.append(Path(e.path))
-                    elif e.name.startswith(f".{real.name}.old-"):
-                        olds.append(Path(e.path))
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), os.scandir(real.parent) as it:
+        for e in it:
+            if e.name.startswith(f".{real.name}.") and e.is_dir(follow_symlinks=False) and \
+                    owned.is_ours(e.path, "prepare"):
+                if e.name.startswith(f".{real.name}.tmp-"):
+                    tmps.append(Path(e.path))
+                elif e.name.startswith(f".{real.name}.old-"):
+                    olds.append(Path(e.path))
     return sorted(tmps), sorted(olds)
 
 
@@ -424,12 +403,10 @@ def _recover(real: Path, log=lambda *_: None) -> None:
         if olds and (not real.exists() or real.is_dir() and not any(real.iterdir())):
             old = next((o for o in olds if owned.is_ours(o / "meta.json", "prepare")), None)
             if old is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.replace(old, real)
                     olds.remove(old)
                     log(f"Put back the store at {real} that a killed prepare had moved aside.")
-                except OSError:
-                    pass
         if real.exists():  # olds are replaced stores, half-deleted ones included
             for old in olds:
                 with contextlib.suppress(OSError):
@@ -445,8 +422,7 @@ def _recover(real: Path, log=lambda *_: None) -> None:
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles only what a CIFAR pickle holds (dicts, lists, strings, numpy arrays), so a
-    crafted file cannot run code."""
+    """Unpickles only what a CIFAR pickle holds (dicts, lists, strings, arrays): crafted files run no code."""
 
     ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -497,8 +473,7 @@ def _labels(d: dict, key: str, n: int, hi: int, what: str, title: str = "CIFAR-1
 
 
 def _split_arrays(d: dict, what: str, dataset: str = "cifar100") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Validate one split's (or CIFAR-10 batch's) dict and return (images HWC uint8, labels int64,
-    coarse labels int64, None for CIFAR-10)."""
+    """One split's (or CIFAR-10 batch's) dict, validated: (images HWC uint8, labels, coarse or None)."""
     spec = DATASETS[dataset]
     title = spec["title"]
     if "data" not in d:
@@ -546,8 +521,7 @@ def _digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 20) -> str:
 
 
 def _check_size(size: int, name: str, what: str, o: dict, title: str) -> None:
-    """BadInput for a member far bigger than the data set's (the limit of what it holds: train, test
-    or meta), before it is read into memory."""
+    """BadInput for a member far bigger than its kind's (train, test or meta), before it is read."""
     limit = MAX_MEMBER_BYTES[next((split for split, files in o["splits"].items() if name in files), "meta")]
     if size > limit:
         raise BadInput(f"{what} is {size / 2**20:,.0f} MiB, far more than {title}'s '{name}' file (at most "
@@ -555,8 +529,7 @@ def _check_size(size: int, name: str, what: str, o: dict, title: str) -> None:
 
 
 def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tuple[dict, dict]:
-    """Raw bytes of every member (train/test/meta; CIFAR-10: five batches, test_batch, batches.meta)
-    from a tarball or an extracted directory, plus source info."""
+    """Raw bytes of every member from a tarball or an extracted directory, plus source info."""
     o, title = official(dataset), DATASETS[dataset]["title"]
     folder, expected = o["folder"], o["members"]
     if source.is_dir():
@@ -574,9 +547,7 @@ def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tupl
                                f"the official {title}. Pass --no-verify to accept other data in the same format.")
         return raw, {"kind": "directory", "path": str(d.resolve()), "md5": md5s}
 
-    if not source.is_file():
-        raise BadInput(f"{source} does not exist; --from takes a {o['tarball']} or its extracted directory.")
-    md5 = _digest(source)
+    md5 = _digest(source)  # a file: _prepare checked it exists and is a file or a directory
     if verify and md5 != o["md5"]:
         raise BadInput(f"{source} has md5 {md5}, not the official {o['md5']}: the download is damaged or it is not "
                        f"the official {title} tarball. Download it again, or pass --no-verify to accept other data "
@@ -608,12 +579,10 @@ def _read_official(source: Path, verify: bool, dataset: str = "cifar100") -> tup
     for split in SPLITS:
         parts = []
         for name in o["splits"][split]:
-            d = _load_pickle(raw.pop(name), f"{source}: '{name}'")
-            parts.append(_split_arrays(d, f"{source}: '{name}'", dataset))
-            del d
+            what = f"{source}: '{name}'"
+            parts.append(_split_arrays(_load_pickle(raw.pop(name), what), what, dataset))  # no pickle dict kept
         splits[split] = parts[0] if len(parts) == 1 else tuple(
             None if arrays[0] is None else np.concatenate(arrays) for arrays in zip(*parts))
-        del parts
     what = f"{source}: '{o['meta']}'"
     meta = _load_pickle(raw.pop(o["meta"]), what)
     names = {spec["names"]: _names(meta, spec["names"], spec["classes"], what, spec["title"])}
@@ -628,15 +597,13 @@ def _read_official(source: Path, verify: bool, dataset: str = "cifar100") -> tup
 
 
 def download(url: str, dest: Path, md5: str | None, progress: bool = True) -> Path:
-    """Download url to dest with a progress bar, verifying md5; a failure leaves nothing behind,
-    not even the folders it made for dest."""
+    """Download url to dest (a progress bar, md5 checked); a failure leaves nothing, not its new folders."""
     from tqdm import tqdm
 
     made = make_dirs(dest.parent)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     # held until the download ends: a later prepare deletes the .part of a killed one
-    with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     h = hashlib.md5()
     try:
         owned.record([tmp], "prepare", grows=True)
@@ -674,25 +641,12 @@ SYN_COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 23
                "yellow": (230, 210, 40), "purple": (170, 50, 200)}
 
 
-def synthetic_class_names() -> tuple[list[str], list[str]]:
-    """Fine names 'red_solid_circle' (class = shape*20 + texture*5 + colour) and coarse names
-    'solid_circles' (coarse = class // 5: the colour is what the fine label adds)."""
-    fine = [f"{c}_{t}_{s}" for s in SYN_SHAPES for t in SYN_TEXTURES for c in SYN_COLOURS]
-    coarse = [f"{t}_{s}s" for s in SYN_SHAPES for t in SYN_TEXTURES]
-    return fine, coarse
-
-
-def synthetic_split(n: int, seed: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """n images whose class is told apart by shape, texture and colour, drawn at a random position
-    and size over a random background with pixel noise. Classes are balanced and shuffled."""
-    fine, chunks = synthetic_chunks(n, seed, chunk)
-    return np.concatenate(list(chunks)), fine, fine // 5
-
-
 def synthetic_chunks(n: int, seed: int, chunk: int = 4096, classes: tuple[int, ...] | None = None):
-    """synthetic_split's (fine labels, generator of its images `chunk` at a time): memory stays
-    at a few hundred MB (float64 temporaries of one chunk) however large n is. classes: which of the
-    100 synthetic classes label 0, 1, ... draws (all 100 by default; SYNTHETIC10 for CIFAR-10)."""
+    """(labels, generator of n images `chunk` at a time) whose class is told apart by shape, texture
+    and colour, drawn at a random position and size over a random background with pixel noise;
+    classes balanced and shuffled. Memory stays at a few hundred MB (float64 temporaries of one
+    chunk) however large n is. classes: which of the 100 synthetic classes label 0, 1, ... draws
+    (all 100 by default; SYNTHETIC10 for CIFAR-10)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % (NUM_CLASSES if classes is None else len(classes))).astype(np.int64)
     return labels, _synthetic_images(labels if classes is None else np.asarray(classes)[labels], rng, chunk)
@@ -761,28 +715,23 @@ def _save_chunks(path: Path, shape: tuple, chunks, done=lambda n: None) -> None:
 
 
 def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, dataset: str = "cifar100") -> None:
-    """Build the store in a temporary sibling directory (fill(tmp) writes array_files(dataset)), then swap
-    it in with renames under the parent's lock, so dest is always either the old complete store or
-    the new complete one; a builder killed at any point leaves what _recover undoes. The temp dir and
-    each file are recorded as prepare's (owned.py) before anything is written into them, so the
-    next prepare can prove what a killed one left is its own."""
+    """Build the store in a temp sibling (fill(tmp) writes array_files(dataset)) and swap it in (see
+    the module docstring). The temp dir and its files are recorded as prepare's (owned.py) before
+    anything is written into them: the next prepare can prove what a killed one left is its own."""
     real = _real(dest)
     parent, tmp, lock_fd, made = real.parent, None, None, []
     files = [*array_files(dataset), "meta.json"]
     try:
         made = make_dirs(parent)
         with _dir_lock(parent):  # a cleaner holding this lock never sees our temp dir unlocked or unrecorded
-            tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=parent))
+            tmp = parent / f".{real.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
+            tmp.mkdir()  # as readable as any directory (mkdtemp's would be 0700)
             lock_fd = os.open(tmp, os.O_RDONLY)
-            with contextlib.suppress(OSError):  # no locks on this file system: it stays, never deleted
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # without locks here: it stays, never deleted
             owned.record([tmp], "prepare")
         for name in files:  # fill writes into these same inodes (open "wb" truncates)
             (tmp / name).touch()
         owned.record([tmp / name for name in files], "prepare", grows=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a store is as readable as any directory
     except OSError as e:
         if lock_fd is not None:
             os.close(lock_fd)
@@ -868,8 +817,7 @@ def prepare(data_dir: str | os.PathLike | None = None, source: str | os.PathLike
             synthetic: bool = False, n_train: int = 50000, n_test: int = 10000, seed: int = 0,
             verify: bool = True, force: bool = False, progress: bool = True, log=print,
             dataset: str = "cifar100") -> Path:
-    """Build the store of `dataset` (cifar100 | cifar10) at data_dir from the official download
-    (default), a local source, or a synthetic set; returns the store directory."""
+    """Build the `dataset` store at data_dir from the official download, a local source or a synthetic set."""
     dataset = dataset.lower() if isinstance(dataset, str) else dataset  # --dataset CIFAR10, as --format ONNX
     if dataset not in DATASETS:
         raise BadInput(f"--dataset {dataset!r}: use one of {', '.join(DATASETS)}.")
@@ -910,7 +858,10 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
             log(f"{dest}: complete synthetic store ({n_train} train / {n_test} test) already there; --force rebuilds it.")
             return dest
         _check_disk(_real(dest), (n_train + n_test) * (3072 + 16) + (1 << 20))  # images + 2 label arrays
-        fine_names, coarse_names = synthetic_class_names()
+        # fine 'red_solid_circle' (class = shape*20 + texture*5 + colour), coarse 'solid_circles'
+        # (coarse = class // 5: the colour is what the fine label adds)
+        fine_names = [f"{c}_{t}_{s}" for s in SYN_SHAPES for t in SYN_TEXTURES for c in SYN_COLOURS]
+        coarse_names = [f"{t}_{s}s" for s in SYN_SHAPES for t in SYN_TEXTURES]
         classes = None if coarse else SYNTHETIC10
         log(f"Generating a synthetic {spec['title']} stand-in: {n_train} train / {n_test} test images (seed {seed}).")
 

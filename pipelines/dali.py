@@ -6,10 +6,9 @@ made AHEAD batches early by a thread (`Ahead`) so the training thread, on which 
 source, does not wait. Every image op runs on the GPU (`.gpu()`), or in DALI's CPU mode
 (`device_id=None`) where there is none: the same graph. DALI's own random ops are not used, so the
 same seed gives the same batches and a resume is exact; per-image ops run only on the images that
-drew them (DALI conditionals). The policies' colour ops are DALI 2.x arithmetic, `fn.reductions`,
-`fn.coord_transform`, `fn.filter` and `fn.equalize`, computed where the images are.
+drew them (DALI conditionals).
 
-Outputs reach torch through one conversion, `take` (a DLPack view, copied where needed), and
+Outputs reach torch through one conversion, `to_torch` (a DLPack view, copied where needed), and
 DALI's outputs are held until the copies have run (`_release`): CI runs the code the GPU runs, and
 checks the GPU graph's placement without building it (tests/test_pipelines_dali.py). What only a
 GPU executes:
@@ -20,17 +19,14 @@ GPU executes:
 | `device_id=self.device.index`                 | the pipeline's GPU                                    |
 | `stream = torch.cuda.current_stream(...)`     | handed to `run`: outputs ordered on torch's stream    |
 | `self.copy = self.gpu`                        | float32 batches copied into torch's memory            |
-| `done = torch.cuda.Event()` (`_copied`)       | marks the copies on torch's stream; DALI's outputs are held until it has passed |
+| `stream.record_event()`                       | marks the copies on torch's stream; DALI's outputs are held until it has passed |
 | `threads = min(4, ...)`                       | fewer CPU threads: on a GPU they only feed the source |
-
-It needs DALI 2.x (`check_dali`, then `exec_dynamic` at build): `run(cuda_stream)`, and the
-dynamic executor, which never writes an output again once returned. This module imports DALI at
-the top; pipelines.loader imports it only for backend="dali".
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import threading
@@ -44,9 +40,9 @@ from nvidia.dali import fn, pipeline_def, types
 from fastcifar.errors import BadInput
 from fastcifar.pipelines.draw import COLOUR_STEPS, LUMA, SIDE, batch_rng, draw, may, mean_grey
 from fastcifar.pipelines.spec import AugSpec
+from fastcifar.pipelines.torch_backend import TORCH_DTYPES
 
 _INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC}
-_TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_DALI = 2  # major version: run(cuda_stream) and the dynamic executor's outputs that are never reused
 POLICY_INPUTS = ("op", "lin", "lin_c", "sharp", "thresh", "bits")  # per policy step k: op0, lin0, ...
 SHARPEN = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13  # torchvision's sharpness blur
@@ -58,11 +54,8 @@ HELD = 3  # output batches DALI's memory may be held for, before the oldest wait
 def check_dali() -> str:
     """DALI's version, or BadInput when it is older than what this backend relies on."""
     version = nvidia.dali.__version__
-    try:
-        major = int(version.split(".")[0])
-    except ValueError:
-        major = 0
-    if major < MIN_DALI:
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) < MIN_DALI:  # a local build's "custom-build" is not new enough
         raise BadInput(f"backend 'dali' needs NVIDIA DALI >= {MIN_DALI}.0, but DALI {version} is installed. Upgrade "
                        f"it (pip install --upgrade 'nvidia-dali-cuda120>={MIN_DALI}.0', or nvidia-dali-cuda130 for "
                        f"CUDA 13), or use --set data.backend=torch.")
@@ -73,12 +66,6 @@ def to_torch(batch) -> torch.Tensor:
     """One DALI output batch (a TensorList, CPU or GPU) as a dense torch tensor on its memory, no
     copy; from_dlpack makes torch's current CUDA stream wait for the batch."""
     return torch.from_dlpack(batch.as_tensor())
-
-
-def take(batch, dtype: torch.dtype, copy: bool) -> torch.Tensor:
-    """One DALI output batch as a torch tensor of dtype: in torch's own memory when `copy` is set or
-    the dtype changes (the cast is the copy), else the view of DALI's memory that to_torch gives."""
-    return to_torch(batch).to(dtype, copy=copy)
 
 
 def graph_inputs(spec: AugSpec, augment: bool) -> tuple[str, ...]:
@@ -112,7 +99,8 @@ def _finish(x, sizes, spec: AugSpec, mean, std):
     """uint8 HWC at 32 -> one normalised float32 HWC output per size (DALI's resize has no fp16 or
     bf16 output; torch casts after). Normalised at 32, then resized as floats: one pass over the 224
     output instead of two, 1.8x faster on a CPU, the same but for uint8 rounding (resizing is
-    linear). Cubic overshoots at edges, so it resizes uint8 (clamped) before normalising."""
+    linear). Cubic overshoots at edges (a 0/255 step upscaled reaches -0.12 .. 1.18), so it resizes
+    uint8 (rounded and clamped to 0..255) before normalising."""
     # HWC out: seen from torch as NCHW it is channels_last, with no transpose anywhere
     norm = lambda t: fn.crop_mirror_normalize(t, mean=[255 * m for m in mean], std=[255 * s for s in std],
                                               output_layout="HWC", dtype=types.FLOAT)
@@ -122,16 +110,6 @@ def _finish(x, sizes, spec: AugSpec, mean, std):
         return [norm(resize(x, size)) for size in sizes]
     x = norm(x)
     return [resize(x, size) for size in sizes]
-
-
-def _pixel_moves(x, inp, spec: AugSpec):
-    """Pad-and-crop by whole pixels (a zero-padded slice), then the flips."""
-    if "shift" in inp:
-        x = fn.slice(x, start=inp["shift"], shape=[SIDE, SIDE], axis_names="HW", out_of_bounds_policy="pad",
-                     fill_values=0)
-    if "flip" in inp:
-        x = fn.flip(x, horizontal=inp["flip"][0], vertical=inp["flip"][1])
-    return x
 
 
 # ---- the policies' colour ops, as pipelines.torch_backend computes them
@@ -168,6 +146,13 @@ def _autocontrast(x):
     return _round_u8((x - lo * (1 - flat)) * scale)
 
 
+# COLOUR_STEPS code -> (graph op, the per-step inputs it takes), as torch_backend.POLICY_COLOUR;
+# fn.equalize is OpenCV's equalizeHist per channel
+POLICY_COLOUR = {"linear": (_linear, ("lin", "lin_c")), "sharpness": (_sharpen, ("sharp",)),
+                 "point": (_point, ("thresh", "bits")), "autocontrast": (_autocontrast, ()),
+                 "equalize": (fn.equalize, ())}
+
+
 @pipeline_def(enable_conditionals=True)
 def train_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
     """Training graph: geometry (one affine warp), colour (one 3x4 matrix), erasing, resize, normalise."""
@@ -177,33 +162,25 @@ def train_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
     # merged by DALI). First the policy's colour ops, step by step in the order drawn, on the
     # stored image (its geometry joins the warp below; pipelines.torch_backend.augment says why).
     for k in range(spec.policy_steps):
-        op = inp[f"op{k}"]
-        if op == COLOUR_STEPS.index("linear"):
-            x = _linear(x, inp[f"lin{k}"], inp[f"lin_c{k}"])
-        if op == COLOUR_STEPS.index("sharpness"):
-            x = _sharpen(x, inp[f"sharp{k}"])
-        if op == COLOUR_STEPS.index("point"):
-            x = _point(x, inp[f"thresh{k}"], inp[f"bits{k}"])
-        if op == COLOUR_STEPS.index("autocontrast"):
-            x = _autocontrast(x)
-        if op == COLOUR_STEPS.index("equalize"):
-            x = fn.equalize(x)  # OpenCV's equalizeHist per channel
+        for name, (op, args) in POLICY_COLOUR.items():
+            if inp[f"op{k}"] == COLOUR_STEPS.index(name):
+                x = op(x, *[inp[f"{a}{k}"] for a in args])
     # Then geometry. Shift-scale-rotate or a resized crop needs the general warp (the whole
     # geometry in one map); the rest move by whole pixels: a zero-padded slice and a flip, 3-6x
-    # cheaper than warp_affine on a CPU.
-    if "warp" in inp:
-        if inp["warp"]:
-            x = fn.warp_affine(x, matrix=inp["affine"], fill_value=0, interp_type=types.INTERP_LINEAR)
-        else:
-            x = _pixel_moves(x, inp, spec)
-    else:
-        x = _pixel_moves(x, inp, spec)
-    if "jitter" in inp:
-        if inp["jitter"]:
-            x = fn.coord_transform(x, M=inp["colour"], T=inp["offset"], dtype=types.UINT8)  # rounds and clamps
-    if "erase" in inp:
-        if inp["erase"]:
-            x = fn.erase(x, anchor=inp["anchor"], shape=inp["shape"], axis_names="HW", fill_value=spec.erase_fill)
+    # cheaper than warp_affine on a CPU. A graph without an op's input has no branch for it (None
+    # is a Python condition; a DataNode, DALI's).
+    if inp.get("warp"):
+        x = fn.warp_affine(x, matrix=inp["affine"], fill_value=0, interp_type=types.INTERP_LINEAR)
+    else:  # pad-and-crop by whole pixels (a zero-padded slice), then the flips
+        if "shift" in inp:
+            x = fn.slice(x, start=inp["shift"], shape=[SIDE, SIDE], axis_names="HW", out_of_bounds_policy="pad",
+                         fill_values=0)
+        if "flip" in inp:
+            x = fn.flip(x, horizontal=inp["flip"][0], vertical=inp["flip"][1])
+    if inp.get("jitter"):
+        x = fn.coord_transform(x, M=inp["colour"], T=inp["offset"], dtype=types.UINT8)  # rounds and clamps
+    if inp.get("erase"):
+        x = fn.erase(x, anchor=inp["anchor"], shape=inp["shape"], axis_names="HW", fill_value=spec.erase_fill)
     labels = inp["labels"]
     return (*_finish(x, sizes, spec, mean, std), labels.gpu() if gpu else labels)
 
@@ -250,9 +227,6 @@ class Ahead:
         except BaseException as e:  # noqa: BLE001 - raised on the consumer's side
             self._queue.put((None, e))
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         item, error = self._queue.get()
         if error is not None:
@@ -262,22 +236,10 @@ class Ahead:
     def close(self):
         """Stop making items and join the thread (emptying the queue frees the put it may be in)."""
         self._stop.set()
-        while True:
-            try:
+        with contextlib.suppress(queue.Empty):
+            while True:
                 self._queue.get_nowait()
-            except queue.Empty:
-                break
         self._thread.join()
-
-
-def _copied(stream) -> torch.cuda.Event | None:
-    """An event on torch's stream after this batch's copies were queued; None on the CPU, where
-    they are done."""
-    if stream is None:
-        return None
-    done = torch.cuda.Event()  # GPU only
-    done.record(stream)
-    return done
 
 
 def _release(held: collections.deque) -> None:
@@ -346,7 +308,7 @@ class DaliBackend:
         if self.pipe is None or not self._clean:  # new, or the last epoch was left half-way: rebuild
             self._build()
         self._clean = False
-        dtype = _TORCH[self.spec.dtype]
+        dtype = TORCH_DTYPES[self.spec.dtype]
         self.feed.inputs = ahead = Ahead(self.inputs(batches, epoch), AHEAD)
         try:
             while True:
@@ -357,9 +319,11 @@ class DaliBackend:
                     self.pipe.reset()
                     self._clean = True
                     return
-                images = tuple(take(t, dtype, self.copy).permute(0, 3, 1, 2) for t in outs[:-1])  # NHWC seen as NCHW
-                labels = take(outs[-1], torch.int64, self.copy)
-                self.held.append((outs, _copied(stream)))
+                # in torch's memory when copy is set or the dtype changes (the cast is the copy)
+                images = tuple(to_torch(t).to(dtype, copy=self.copy).permute(0, 3, 1, 2) for t in outs[:-1])  # NCHW
+                labels = to_torch(outs[-1]).to(torch.int64, copy=self.copy)
+                # with an event after the copies on torch's stream (GPU only; None on the CPU: done)
+                self.held.append((outs, None if stream is None else stream.record_event()))
                 _release(self.held)  # the batches before this one, once their copies have run
                 yield images, labels
         finally:

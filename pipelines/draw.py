@@ -21,9 +21,11 @@ from fastcifar.pipelines.spec import POLICY_OPS, AugSpec
 SIDE = 32  # the stored images are 32x32: every op before the resize works at this size
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights: grey level used by saturation and contrast
 _GREY = np.outer(np.ones(3), LUMA)  # M @ rgb with this M: each channel replaced by the pixel's grey
-_OP_P = {"shift_scale_rotate": "ssr_p", "coarse_dropout": "erase_p", "color_jitter": "jitter_p",
-         "hflip": "hflip", "vflip": "vflip"}
+# each OneOf-able op's own probability field of AugSpec
+OP_P = {"shift_scale_rotate": "ssr_p", "coarse_dropout": "erase_p", "color_jitter": "jitter_p",
+        "hflip": "hflip", "vflip": "vflip"}
 _EYE = np.eye(3)
+_PIXEL_WEIGHTS = np.tile(LUMA.astype(np.float32), SIDE * SIDE) / (SIDE * SIDE)  # mean grey as one dot product
 _EYE_TOL = 1e-9 + 1e-5 * _EYE
 
 
@@ -45,7 +47,7 @@ def batch_rng(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generat
 
 def may(spec: AugSpec, op: str) -> bool:
     """Whether any image can get `op` (one of spec.ONEOF_OPS) under this spec."""
-    return (op in spec.oneof and spec.oneof_p > 0) or (op not in spec.oneof and getattr(spec, _OP_P[op]) > 0)
+    return (op in spec.oneof and spec.oneof_p > 0) or (op not in spec.oneof and getattr(spec, OP_P[op]) > 0)
 
 
 def _uniform(rng: np.random.Generator, n: int, *ranges) -> list[np.ndarray]:
@@ -55,18 +57,13 @@ def _uniform(rng: np.random.Generator, n: int, *ranges) -> list[np.ndarray]:
 
 
 def _on(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Which images get which of the five OneOf-able ops (bool (n,) per op)."""
+    """Which images get which of the five OneOf-able ops (bool (n,) per op); an op in spec.oneof
+    ignores its own p, as in albumentations' OneOf."""
     pick = rng.integers(len(spec.oneof), size=n) if spec.oneof else np.zeros(n, int)
-    hit, *drawn = rng.random((1 + len(_OP_P), n))
+    hit, *drawn = rng.random((1 + len(OP_P), n))
     hit = hit < spec.oneof_p
-    own = {op: r < getattr(spec, p) for (op, p), r in zip(_OP_P.items(), drawn)}
-    on = {}
-    for op in _OP_P:
-        if op in spec.oneof:  # the op's own p is ignored, as in albumentations' OneOf
-            on[op] = hit & (pick == spec.oneof.index(op))
-        else:
-            on[op] = own[op]
-    return on
+    return {op: hit & (pick == spec.oneof.index(op)) if op in spec.oneof else r < getattr(spec, p)
+            for (op, p), r in zip(OP_P.items(), drawn)}
 
 
 def _crop(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -79,16 +76,12 @@ def _crop(spec: AugSpec, n: int, rng: np.random.Generator) -> np.ndarray:
         area = SIDE * SIDE * rng.uniform(*spec.rrc_scale, size=(tries, n))
         log_r = np.log(spec.rrc_ratio)
         ratio = np.exp(rng.uniform(log_r[0], log_r[1], size=(tries, n)))
-        w = np.rint(np.sqrt(area * ratio))
-        h = np.rint(np.sqrt(area / ratio))
+        w, h = np.rint(np.sqrt(area * ratio)), np.rint(np.sqrt(area / ratio))
         ok = (w >= 1) & (w <= SIDE) & (h >= 1) & (h <= SIDE)
-        first = ok.argmax(0)
-        w = np.where(ok.any(0), w[first, np.arange(n)], SIDE)
-        h = np.where(ok.any(0), h[first, np.arange(n)], SIDE)
-        x0 = np.floor(rng.random(n) * (SIDE - w + 1))
-        y0 = np.floor(rng.random(n) * (SIDE - h + 1))
-        m[:, 0, 0], m[:, 0, 2] = w / SIDE, x0
-        m[:, 1, 1], m[:, 1, 2] = h / SIDE, y0
+        first = ok.argmax(0), np.arange(n)  # each image's first try that fits
+        w, h = np.where(ok.any(0), w[first], SIDE), np.where(ok.any(0), h[first], SIDE)
+        m[:, 0, 0], m[:, 0, 2] = w / SIDE, np.floor(rng.random(n) * (SIDE - w + 1))  # x0, drawn before y0
+        m[:, 1, 1], m[:, 1, 2] = h / SIDE, np.floor(rng.random(n) * (SIDE - h + 1))
     return m
 
 
@@ -196,10 +189,8 @@ def _policy_draw(spec: AugSpec, n: int, rng: np.random.Generator) -> tuple[np.nd
     """(steps, n) op indices into POLICY_OPS, uniform with replacement, and their signed magnitudes."""
     steps = spec.policy_steps
     ops = rng.integers(len(POLICY_OPS), size=(steps, n))
-    if spec.policy == "trivialaugment":  # a bin uniformly per image; RandAugment: always bin ra_m
-        bins = rng.integers(BINS, size=(steps, n))
-    else:
-        bins = np.full((steps, n), spec.ra_m)
+    wide = spec.policy == "trivialaugment"  # a bin uniformly per image; RandAugment: always bin ra_m
+    bins = rng.integers(BINS, size=(steps, n)) if wide else np.full((steps, n), spec.ra_m)
     sign = np.where(rng.random((steps, n)) < 0.5, -1.0, 1.0)
     return ops, policy_space(spec.policy)[ops, bins] * np.where(_SIGNED[ops], sign, 1.0)
 
@@ -264,22 +255,20 @@ def policy_params(ops: np.ndarray, mag: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Draw one batch's augmentation: masks saying which image gets which op, and the op parameters.
+    """One batch's augmentation: which image gets which op, and the op parameters.
 
-    Keys: moved (n,) bool and affine (n, 2, 3) float32 destination -> source px maps at 32x32
-    (all geometry in one map); warp (n,) bool: images with shift-scale-rotate or a resized crop,
-    the others move by whole pixels only, as shift (n, 2) int32 (dy, dx; src = dst + shift) and
-    then flip (n, 2) int32 (horizontal, vertical) - the same geometry, in cheaper ops;
-    jitter (n,) bool, colour (n, 3, 3) float32 and colour_k (n,) float32 (offset = k * mean grey
-    of the stored image, 0..255); erase (n,) bool and holes (n, max_holes, 4) int32 (y0, x0, h, w).
-    With a policy also policy (steps, n) int (the ops drawn, indices into POLICY_OPS), magnitude
-    (steps, n) (signed) and the per-step colour parameters of `policy_params`; its geometry is in
-    affine (and warp).
-    Every parameter is drawn whether its op is on or not, so switching one op on does not change
-    the draws of the others; the policy's draws come last, so it changes none of the others. What
-    follows from the draws is computed only for the images whose op is on (the host's time per
-    batch: `fastcifar bench`'s dali-host rows); the others hold the identity: colour I with
-    colour_k 0, no holes, and the identity among the maps composed into affine.
+    Geometry: affine (n, 2, 3) float32, the destination -> source px maps at 32x32 (all of it, a
+    policy's too), moved (n,) bool (not the identity); warp (n,) bool: images with shift-scale-rotate,
+    a resized crop or a policy's geometry; the others move by whole pixels, as shift (n, 2) int32
+    (dy, dx; src = dst + shift), then flip (n, 2) int32 (horizontal, vertical). Colour: jitter (n,)
+    bool, colour (n, 3, 3) float32, colour_k (n,) float32 (offset = k * mean grey of the stored
+    image, 0..255). Erasing: erase (n,) bool, holes (n, max_holes, 4) int32 (y0, x0, h, w). A policy
+    adds policy (steps, n) int (indices into POLICY_OPS), magnitude (steps, n) (signed) and the
+    per-step colour parameters of `policy_params`.
+    Every parameter is drawn whether its op is on or not, and the policy's last, so switching an op
+    on changes no other draw. What follows from the draws is computed only for the images whose op
+    is on (the host's time per batch: `fastcifar bench`'s dali-host rows); the others hold the
+    identity (colour I, colour_k 0, no holes, identity maps).
     """
     on = _on(spec, n, rng)
     crop = _crop(spec, n, rng)
@@ -320,15 +309,6 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 def mean_grey(images: np.ndarray) -> np.ndarray:
-    """(n,) float32 mean grey level (0..255) of uint8 NHWC images: the pivot of contrast jitter.
+    """(n,) float32 mean grey level (0..255) of uint8 NHWC 32x32 images: the pivot of contrast jitter.
     One float32 matrix-vector product with the weights of every pixel's channels (a BLAS call)."""
-    n, h, w, _ = images.shape
-    return images.reshape(n, -1).astype(np.float32) @ _pixel_weights(h * w)
-
-
-@functools.lru_cache(maxsize=4)
-def _pixel_weights(pixels: int) -> np.ndarray:
-    """LUMA / pixels for each channel of each pixel, float32: the mean grey as one dot product."""
-    weights = np.tile(LUMA.astype(np.float32), pixels) / pixels
-    weights.flags.writeable = False
-    return weights
+    return images.reshape(len(images), -1).astype(np.float32) @ _PIXEL_WEIGHTS

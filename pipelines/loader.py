@@ -1,28 +1,15 @@
-"""One loader interface over the backends (the contract the train loop relies on).
+"""One loader interface over the backends (the contract the train loop relies on; the reference,
+with an example, is docs/pipelines.md "The loader"):
 
     loader = make_loader(store, "train", spec, batch_size=250, backend="auto", device="cuda:0",
-                         seed=0, shard=(rank, world), shuffle=True)
-    for epoch in range(start_epoch, epochs):
-        loader.set_epoch(epoch)          # order and augmentation draws are a function of (seed, epoch)
-        for images, labels in loader:    # images: NCHW channels_last, spec.dtype, on device
-            ...                          # labels: int64 (N,), on device
+                         seed=0, shard=(rank, world))
+    loader.set_epoch(epoch)              # order and augmentation draws are a function of (seed, epoch)
+    for images, labels in loader: ...    # NCHW channels_last spec.dtype, int64 (N,); on device
 
-- backend: "auto" (DALI wherever it imports, else torch) | "dali" | "torch" | "tutorial".
-- augment: defaults to split == "train"; evaluation loaders only resize and normalise.
-  augment=True makes a training loader (equal shards, drop_last and shuffle default True);
-  augment=False an evaluation loader (every image once, never drops, shuffle defaults False).
-- indices: optional rows of the split to use (e.g. the train/validation partition).
-- sizes: optional tuple of output sides, e.g. (32, 224) for distillation; then `images` is a
-  tuple of tensors, one per size, all from one augmentation draw.
-- shard=(rank, world): training shards are disjoint and equally long; evaluation shards
-  together cover every image exactly once; the last evaluation batch may be smaller (never padded).
-- len(loader) is the number of batches per epoch; loader.num_samples the images per epoch (this
-  shard); loader.backend names what runs ("dali-gpu", "dali-cpu", "torch", "tutorial").
-- Iterating twice without set_epoch repeats the same epoch (as DistributedSampler does).
-- set_epoch(epoch, start_batch=k) resumes mid-epoch: it yields batches k.. of that epoch, the same
-  images and augmentation draws as the uninterrupted epoch (torch and DALI; the tutorial path's
-  draws depend on its workers, so only its order is the same).
-- loader.batches(epoch) gives the row indices of each batch of that epoch (for checks and tests).
+Beyond that page: iterating twice without set_epoch repeats the same epoch (as DistributedSampler
+does); set_epoch(epoch, start_batch=k) gives the same images and draws as the uninterrupted epoch
+on torch and DALI, but only the same order on the tutorial path (its draws depend on its workers);
+loader.batches(epoch) gives the row indices of each batch of that epoch (for checks and tests).
 """
 
 from __future__ import annotations
@@ -64,15 +51,12 @@ class Loader:
 
     def __init__(self, impl, rows, batch_size, seed, shard, shuffle, drop_last, train, multi):
         self.impl, self.rows, self.batch_size, self.seed, self.shard = impl, rows, batch_size, seed, shard
+        self.backend = impl.name  # what runs: dali-gpu, dali-cpu, torch or tutorial
         self.shuffle, self.drop_last, self.train, self.multi = shuffle, drop_last, train, multi
         self.epoch, self.start_batch = 0, 0
         n = len(epoch_rows(rows, seed, 0, False, shard, train))  # same length every epoch
         self.num_batches = n // batch_size if drop_last else -(-n // batch_size)
         self.num_samples = self.num_batches * batch_size if drop_last else n
-
-    @property
-    def backend(self) -> str:
-        return self.impl.name
 
     def set_epoch(self, epoch: int, start_batch: int = 0):
         """Choose the epoch the next iteration yields, from batch `start_batch` on (a mid-epoch

@@ -21,11 +21,6 @@ from fastcifar.pipelines.spec import AugSpec
 from fastcifar.pipelines.torch_backend import host_to_device
 
 
-def _host_rng(generator: torch.Generator) -> np.random.Generator:
-    """A numpy generator derived from the torch one (numpy has Beta; torch's takes no generator)."""
-    return np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
-
-
 def cutmix_box(lam: float, rng: np.random.Generator) -> tuple[float, float, float, float]:
     """A box (y0, x0, y1, x1) in relative [0, 1] coordinates covering about 1 - lam of the image."""
     cut = math.sqrt(1 - lam)  # side of the box, fraction of the image side
@@ -41,12 +36,12 @@ def mix(images, labels: torch.Tensor, spec: AugSpec, num_classes: int, generator
     """
     views = images if isinstance(images, tuple) else (images,)
     targets = F.one_hot(labels, num_classes).float()
-    modes = [m for m, a in (("mixup", spec.mixup_alpha), ("cutmix", spec.cutmix_alpha)) if a > 0]
-    rng = _host_rng(generator)
+    modes = [(m, a) for m, a in (("mixup", spec.mixup_alpha), ("cutmix", spec.cutmix_alpha)) if a > 0]
+    # a numpy generator derived from the torch one (numpy has Beta; torch's takes no generator)
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
     if not modes or len(labels) < 2 or rng.random() >= spec.mix_p:
         return images, targets
-    mode = modes[rng.integers(len(modes))]  # with both on, each mixed batch picks one, evenly
-    alpha = spec.mixup_alpha if mode == "mixup" else spec.cutmix_alpha
+    mode, alpha = modes[rng.integers(len(modes))]  # with both on, each mixed batch picks one, evenly
     lam = float(rng.beta(alpha, alpha))
     perm = host_to_device(rng.permutation(len(labels)), labels.device)
 

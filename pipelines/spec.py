@@ -1,21 +1,15 @@
 """What augmentation a run gets, as data. A recipe fills an AugSpec; every backend (DALI graph,
 torch batched ops, the tutorial's per-sample path) reads the same one and must give the same
-kind of output for it.
+kind of output for it. Fields, defaults (albumentations 2.x's, which the tutorial used) and the
+order of operations: docs/pipelines.md.
 
-Order of operations in every backend, all at the stored 32x32 (the resize comes last, so the
-geometry and colour ops touch 49x fewer pixels at 224):
-    the policy's colour ops -> random resized crop or pad-and-crop -> flips -> shift-scale-rotate
-    -> the policy's geometry -> colour jitter -> coarse dropout -> resize to image_size
-    -> normalise -> dtype, NCHW channels_last
-All geometry is one affine map per image, so a policy's shears, translations and rotations join
-the crop and flips in one warp; its colour ops run before it, on the stored image, in the order
-they were drawn (pipelines.torch_backend.augment says why).
-An op listed in `oneof` does not run on its own: the OneOf policy picks exactly one of the listed
-ops per image (uniformly) and applies it with probability `oneof_p`, ignoring that op's own p,
-as albumentations' OneOf does. `policy` (TrivialAugment-wide or RandAugment) and `oneof` are two
-policies: a spec sets at most one. MixUp/CutMix are batch-level and run in the train loop
-(pipelines.mix), after the loader.
-Defaults of the op parameters are albumentations 2.x defaults, which the tutorial used.
+Every op runs at the stored 32x32 and the resize comes last (49x fewer pixels at 224). All
+geometry is one affine map per image, so a policy's shears, translations and rotations join the
+crop and flips in one warp; its colour ops run before it, on the stored image, in the order drawn
+(pipelines.torch_backend.augment says why). An op listed in `oneof` does not run on its own: the
+OneOf policy picks one listed op per image, uniformly, and applies it with probability `oneof_p`,
+ignoring the op's own p, as albumentations' OneOf does. `policy` and `oneof` are two policies: a
+spec sets at most one. MixUp/CutMix are batch-level, in the train loop (pipelines.mix).
 """
 
 from __future__ import annotations
@@ -25,7 +19,6 @@ import dataclasses
 from fastcifar.errors import BadInput, shown
 
 ONEOF_OPS = ("shift_scale_rotate", "coarse_dropout", "color_jitter", "hflip", "vflip")
-TUTORIAL_ONEOF = ONEOF_OPS  # the tutorial's DefaultImageAug: A.OneOf over all five
 NORMALIZE = ("none", "cifar", "imagenet")  # none = x / 255, as the tutorial
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,23 +86,19 @@ class AugSpec:
 
         if not 8 <= self.image_size <= MAX_SIDE:
             bad("image_size", f"must be at least 8 px and at most {MAX_SIDE} px")
-        if self.interpolation not in INTERPOLATIONS:
-            bad("interpolation", f"must be one of {', '.join(INTERPOLATIONS)}")
-        if self.normalize not in NORMALIZE:
-            bad("normalize", f"must be one of {', '.join(NORMALIZE)}")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"must be one of {', '.join(DTYPES)}")
-        if self.pad_crop < 0:
-            bad("pad_crop", "must be >= 0")
+        for f, choices in (("interpolation", INTERPOLATIONS), ("normalize", NORMALIZE), ("dtype", DTYPES),
+                           ("policy", POLICIES)):
+            if getattr(self, f) not in choices:
+                bad(f, f"must be one of {', '.join(choices)}")
+        for f in ("pad_crop", "brightness", "contrast", "saturation", "ssr_shift", "ssr_scale", "ssr_degrees",
+                  "mixup_alpha", "cutmix_alpha"):
+            if getattr(self, f) < 0:
+                bad(f, "must be >= 0")
         if self.pad_crop and self.rrc_scale is not None:
             bad("pad_crop", "pad-and-crop and random resized crop exclude each other; set one")
         for f in ("hflip", "vflip", "ssr_p", "jitter_p", "erase_p", "oneof_p", "mix_p"):
             if not 0.0 <= getattr(self, f) <= 1.0:
                 bad(f, "is a probability and must lie in [0, 1]")
-        for f in ("brightness", "contrast", "saturation", "ssr_shift", "ssr_scale", "ssr_degrees",
-                  "mixup_alpha", "cutmix_alpha"):
-            if getattr(self, f) < 0:
-                bad(f, "must be >= 0")
         if not 0.0 <= self.hue <= 0.5:
             bad("hue", "must lie in [0, 0.5] turns")
         unknown = [op for op in self.oneof if op not in ONEOF_OPS]
@@ -123,8 +112,6 @@ class AugSpec:
             bad("erase_size", "must be (lo, hi) with 0 < lo <= hi <= 1")
         if not 0 <= self.erase_fill <= 255:
             bad("erase_fill", "must lie in 0..255")
-        if self.policy not in POLICIES:
-            bad("policy", f"must be one of {', '.join(POLICIES)}")
         for f, lo, hi in (("ra_n", 1, RA_MAX_N), ("ra_m", 0, RA_MAX_M)):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
@@ -158,5 +145,5 @@ def mean_std(spec: AugSpec, store=None) -> tuple[tuple[float, ...], tuple[float,
 
 
 def tutorial_oneof(p: float = 1.0) -> dict:
-    """AugSpec fields for the tutorial's DefaultImageAug: OneOf(the five ops) with probability p."""
-    return {"oneof": TUTORIAL_ONEOF, "oneof_p": p}
+    """AugSpec fields for the tutorial's DefaultImageAug: A.OneOf over all five ops, with probability p."""
+    return {"oneof": ONEOF_OPS, "oneof_p": p}

@@ -181,13 +181,11 @@ def augment(x: torch.Tensor, p: dict, spec: AugSpec) -> torch.Tensor:
 
 
 def finish(x: torch.Tensor, size: int, spec: AugSpec, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC at 32 -> resized, normalised NCHW channels_last tensor of spec.dtype, in the order of
-    the DALI graph (pipelines.dali._finish) and with the same arithmetic on every device: floats
-    throughout (CUDA has no uint8 resize, so a CPU-only uint8 kernel would give other images).
-    Linear normalises at 32, then resizes (one float pass over the output); cubic overshoots at
-    edges (a 0/255 step upscaled reaches -0.12 .. 1.18), so it resizes, rounds and clamps to
-    0..255, then normalises, as DALI's uint8 cubic resize does, with the kernel DALI uses (Keys'
-    a = -0.5: torch's antialiased bicubic; its plain one has a = -0.75)."""
+    """uint8 NHWC at 32 -> resized, normalised NCHW channels_last tensor of spec.dtype, in the order
+    of the DALI graph (pipelines.dali._finish says why), with the same arithmetic on every device:
+    floats throughout (CUDA has no uint8 resize, so a CPU-only uint8 kernel would give other
+    images). Cubic uses DALI's kernel, Keys' a = -0.5: torch's antialiased bicubic (its plain one
+    has a = -0.75)."""
     x = x.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: that is channels_last already
     if size != x.shape[-1]:
         mode, aa = _MODES[spec.interpolation], spec.interpolation == "cubic" or size < x.shape[-1]
@@ -223,15 +221,11 @@ class TorchBackend:
         self.scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, 3, 1, 1)
         self.shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, 3, 1, 1)
 
-    def batch(self, idx: np.ndarray, epoch: int, b: int):
-        """(images, labels) of the rows idx, augmented with batch b's draws of this epoch."""
-        di = host_to_device(idx, self.device)
-        x, y = self.images[di], self.labels[di]
-        if self.augment:
-            x = augment(x, draw(self.spec, len(idx), batch_rng(self.seed, epoch, self.rank, b)), self.spec)
-        out = tuple(finish(x, s, self.spec, self.scale, self.shift) for s in self.sizes)
-        return out, y
-
     def epoch(self, batches: list[tuple[int, np.ndarray]], epoch: int) -> Iterator:
+        """(images, labels) of each batch's rows, augmented with that batch's draws of this epoch."""
         for b, idx in batches:
-            yield self.batch(idx, epoch, b)
+            di = host_to_device(idx, self.device)
+            x = self.images[di]
+            if self.augment:
+                x = augment(x, draw(self.spec, len(idx), batch_rng(self.seed, epoch, self.rank, b)), self.spec)
+            yield tuple(finish(x, s, self.spec, self.scale, self.shift) for s in self.sizes), self.labels[di]

@@ -1,15 +1,10 @@
-"""The tutorial's data path, kept as the baseline of `fastcifar bench` and for tests; never the
-default. A torch DataLoader with worker processes; each worker augments and resizes one image at
-a time on the CPU, as the tutorial's dataset did.
-
-With the `bench` extra (albumentations + opencv) it is the tutorial's own code path, in its order
-(its CIFAR100AugDataset): the spec's ops as albumentations transforms (the OneOf policy as
-`A.OneOf`) on the stored 32x32 image, then the cv2 resize (INTER_LINEAR for bilinear) to the
-output size. Without it (CI), the same per-image ops as the batched backends run one image at a
-time with torch, also at 32 before the resize. Either way the draws are not those of
-pipelines.draw; they are seeded per (seed, epoch, worker), so the same seed still gives the same
-batches. The policies (TrivialAugment, RandAugment) run on the torch path only: albumentations
-has neither, so with it installed a training loader with `aug.policy` is refused.
+"""The tutorial's data path (docs/pipelines.md), kept as the baseline of `fastcifar bench` and for
+tests; never the default. A torch DataLoader whose worker processes augment and resize one image
+at a time on the CPU, at 32 before the resize: with the `bench` extra the tutorial's own code
+(albumentations, the OneOf policy as `A.OneOf`, then the cv2 resize), else the batched backends'
+ops in torch. Either way the draws are not those of pipelines.draw; they are seeded per (seed,
+epoch, worker), so the same seed still gives the same batches. The policies (TrivialAugment,
+RandAugment) run on the torch path only: albumentations has neither.
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ import torch.nn.functional as F
 
 from fastcifar.errors import BadInput, shown
 from fastcifar.pipelines import torch_backend as tb
-from fastcifar.pipelines.draw import SIDE, draw
+from fastcifar.pipelines.draw import OP_P, SIDE, draw
 from fastcifar.pipelines.spec import AugSpec
 
 # the tutorial's training DataLoader used 16 worker processes (its test loader 8); here at most
@@ -42,8 +37,8 @@ def albumentations_available() -> bool:
     return True
 
 
-def albumentations_pipeline(spec: AugSpec, size: int):
-    """The spec as an albumentations Compose working at `size` px (pixel amounts scaled from 32)."""
+def albumentations_pipeline(spec: AugSpec):
+    """The spec as an albumentations Compose on the stored 32x32 images."""
     import albumentations as A
     import cv2
 
@@ -58,15 +53,13 @@ def albumentations_pipeline(spec: AugSpec, size: int):
         "coarse_dropout": lambda p: A.CoarseDropout(num_holes_range=spec.erase_holes, hole_height_range=spec.erase_size,
                                                     hole_width_range=spec.erase_size, fill=spec.erase_fill, p=p),
     }
-    own_p = {"hflip": spec.hflip, "vflip": spec.vflip, "shift_scale_rotate": spec.ssr_p,
-             "color_jitter": spec.jitter_p, "coarse_dropout": spec.erase_p}
+    own_p = {op: getattr(spec, p) for op, p in OP_P.items()}
     steps = []
     if spec.pad_crop:
-        pad = round(spec.pad_crop * size / SIDE)
-        steps += [A.PadIfNeeded(size + 2 * pad, size + 2 * pad, border_mode=cv2.BORDER_CONSTANT, fill=0),
-                  A.RandomCrop(size, size)]
+        padded = SIDE + 2 * spec.pad_crop
+        steps += [A.PadIfNeeded(padded, padded, border_mode=cv2.BORDER_CONSTANT, fill=0), A.RandomCrop(SIDE, SIDE)]
     elif spec.rrc_scale is not None:
-        steps.append(A.RandomResizedCrop(size=(size, size), scale=spec.rrc_scale, ratio=spec.rrc_ratio))
+        steps.append(A.RandomResizedCrop(size=(SIDE, SIDE), scale=spec.rrc_scale, ratio=spec.rrc_ratio))
     steps += [make(own_p[op]) for op, make in ops.items() if op not in spec.oneof and own_p[op] > 0]
     if spec.oneof and spec.oneof_p > 0:
         steps.append(A.OneOf([ops[op](1.0) for op in spec.oneof], p=spec.oneof_p))
@@ -95,7 +88,7 @@ class TutorialDataset(torch.utils.data.Dataset):
         if self.alb and self.augment:
             with warnings.catch_warnings():  # ShiftScaleRotate: "use Affine instead"; the tutorial used it
                 warnings.simplefilter("ignore")
-                self.compose = albumentations_pipeline(self.spec, SIDE)  # the ops run on the stored 32x32
+                self.compose = albumentations_pipeline(self.spec)
             self.compose.set_random_seed(seed)
 
     def __len__(self):
@@ -139,10 +132,10 @@ class TutorialDataset(torch.utils.data.Dataset):
 class TutorialBackend:
     """Batches from a torch DataLoader over TutorialDataset, WORKERS processes, one epoch each."""
 
-    def __init__(self, store, split, *, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int, mean, std,
-                 workers: int = WORKERS):
+    def __init__(self, store, split, *, spec: AugSpec, sizes, device, augment: bool, seed: int, rank: int,
+                 mean, std):
         self.name, self.spec, self.device, self.seed, self.rank = "tutorial", spec, device, seed, rank
-        self.workers = min(workers, len(os.sched_getaffinity(0)))
+        self.workers = min(WORKERS, len(os.sched_getaffinity(0)))  # at least 1
         alb = albumentations_available()
         if alb and augment and spec.policy != "none":
             raise BadInput(f"aug.policy = {shown(spec.policy)}: backend 'tutorial' runs albumentations here (the bench "
@@ -153,23 +146,18 @@ class TutorialBackend:
 
     def epoch(self, batches, epoch: int):
         base = int(np.random.default_rng([self.seed, epoch, self.rank, 0x7E7]).integers(2**31))
-        ds = self.dataset
 
         def seed_worker(worker_id):  # each worker's draws: a function of (seed, epoch, rank, worker)
             torch.utils.data.get_worker_info().dataset.seed(base + worker_id)
 
-        if self.workers == 0:
-            ds.seed(base)
-        else:  # free garbage cycles now, not in a forked worker (where a dead DALI pipeline aborts)
-            gc.collect()
+        gc.collect()  # free garbage cycles now, not in a forked worker (where a dead DALI pipeline aborts)
         # Batches come out of the workers in spec.dtype already, so the copy to the device changes
         # nothing but the device: from page-locked memory (pinned by the DataLoader's own thread) it
         # is asynchronous. A dtype change in the copy would convert through a pageable temporary.
         pinned = self.device.type == "cuda"  # GPU only: page-locked batches
         loader = torch.utils.data.DataLoader(
-            ds, batch_sampler=[idx.tolist() for _, idx in batches], num_workers=self.workers,
-            worker_init_fn=seed_worker if self.workers else None, pin_memory=pinned,
-            prefetch_factor=4 if self.workers else None)
+            self.dataset, batch_sampler=[idx.tolist() for _, idx in batches], num_workers=self.workers,
+            worker_init_fn=seed_worker, pin_memory=pinned, prefetch_factor=4)
         for images, labels in loader:
             # (N, H, W, C) -> NCHW view with channels_last memory, on the device
             images = tuple(x.permute(0, 3, 1, 2).to(self.device, non_blocking=True) for x in images)

@@ -312,7 +312,7 @@ def test_synthetic_test_split_is_not_the_train_split(tmp_path):
 
 
 def test_synthetic_labels_are_shuffled_not_cyclic():
-    """synthetic_split's classes are balanced and shuffled (its docstring): not 0, 1, .., 99, 0, ..,
+    """synthetic_chunks' classes are balanced and shuffled (its docstring): not 0, 1, .., 99, 0, ..,
     whose every run of 100 rows (a validation tail, a batch) would hold each class exactly once."""
     labels, _ = fdata.synthetic_chunks(1000, seed=0)
     assert np.bincount(labels, minlength=100).tolist() == [10] * 100
