@@ -160,11 +160,12 @@ def check_out(out: Path, names: list[str], by: str = "reproduce") -> None:
     check_writable_parent(out)
 
 
-def command(table: str, seeds: int, out: Path, overrides, data_dir, scheduling=()) -> str:
-    """The command line that continues this table (scheduling: its --jobs, --per-gpu, --threads, --ray)."""
-    args = ["fastcifar", "reproduce", table, "--seeds", str(seeds), "--out", str(out)]
-    for o in overrides:
-        args += ["--set", o]
+def command(table: str, seeds: int, out: Path, overrides, data_dir, scheduling=(), by="reproduce",
+            grids=()) -> str:
+    """The command line that continues this table (or sweep: by, grids); scheduling: its --jobs ... --ray."""
+    args = ["fastcifar", by, table, *(a for g in grids for a in ("--grid", g)), "--seeds", str(seeds),
+            "--out", str(out)]
+    args += [a for o in overrides for a in ("--set", o)]
     if data_dir is not None:
         args += ["--data-dir", str(data_dir)]
     return shlex.join(args + list(scheduling))
@@ -184,31 +185,48 @@ def locked(out: Path, by: str):
                            f"another --out.")
 
 
+def run_planned(by: str, out: Path, names: list[str], planned: list[Job], collect_now, to_md, intro: str,
+                again: str, overrides: list[str], data_dir, log, options: dict) -> dict:
+    """Lock DIR, train the planned runs (reproduce's or sweep's), writing results.json and results.md
+    (collect_now(), to_md) as each ends; returns the results, with "failed" when runs did not finish."""
+    check_out(out, names, by)
+
+    def write() -> dict:  # atomically, from the runs as they are now
+        res = collect_now()
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "results.json", res, by=by)
+        atomic_write(out / "results.md", lambda f: f.write(to_md(res).encode()), by=by)
+        return res
+
+    with locked(out, by):
+        check_out(out, names, by)  # again, under the lock
+        pool = runs.make_pool(**options)
+        log(f"{intro} in {out}, {pool.describe()}" + (f", with {' '.join('--set ' + o for o in overrides)}"
+                                                       if overrides else ""))
+        failed = runs.run(planned, pool, by, write, again, data_dir, log)
+    results = write()
+    if failed:
+        results["failed"] = {f"{n} seed {s}": why for (n, s), why in failed.items()}
+    log(to_md(results))
+    log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return results
+
+
 def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None, log=print, jobs=None, per_gpu=None,
               threads=None, ray=None) -> dict:
     """Run (or continue) the table and write DIR/results.md and results.json; returns results.json's
     dict, with "failed": {run: (kind, why)} when runs did not finish (a diverged run's students are
     skipped). Raises Stopped on Ctrl-C/SIGTERM, BadInput on bad input."""
     overrides = list(overrides)
+    options = {"jobs": jobs, "per_gpu": per_gpu, "threads": threads, "ray": ray}
     runs.check_options(jobs, per_gpu, threads)
     out = Path(out) if out is not None else Path("runs") / f"reproduce-{read_table(table)[0]}"
     label, planned, names = plan(table, seeds, out, overrides)
-    check_out(out, names)
-    with locked(out, "reproduce"):
-        check_out(out, names)  # again, under the lock
-        pool = runs.make_pool(jobs, per_gpu, threads, ray)
-        n = len(planned)
-        log(f"Reproducing {label}: {len(names)} recipes x {seeds} seed{'s' * (seeds > 1)} = {n} runs in {out}, "
-            f"{pool.describe()}" + (f", with {' '.join('--set ' + o for o in overrides)}" if overrides else ""))
-        again = command(table, seeds, out, overrides, data_dir, scheduling(jobs, per_gpu, threads, ray))
-        failed = runs.run(planned, pool, "reproduce", lambda: write_results(out, label, seeds, overrides, names, planned),
-                          again, data_dir, log)
-    results = write_results(out, label, seeds, overrides, names, planned)
-    if failed:
-        results["failed"] = {f"{n} seed {s}": why for (n, s), why in failed.items()}
-    log(results_md(results))
-    log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
-    return results
+    intro = f"Reproducing {label}: {len(names)} recipes x {seeds} seed{'s' * (seeds > 1)} = {len(planned)} runs"
+    again = command(table, seeds, out, overrides, data_dir, scheduling(**options))
+    return run_planned("reproduce", out, names, planned,
+                       lambda: collect(out, label, seeds, overrides, names, planned), results_md, intro, again,
+                       overrides, data_dir, log, options)
 
 
 # ---- The results table
@@ -230,10 +248,8 @@ def run_row(j: Job, key: str = "recipe") -> dict:
     """A run's row of results.json, from its summary.json (key: what its name is, recipe or setting)."""
     s = read_object(j.dir / "summary.json") or {}
     return {key: j.name, "seed": j.seed, "dir": str(j.dir), "finished": bool(s.get("finished")),
-            "stop_reason": s.get("stop_reason"), "best_acc": s.get("best_acc"), "final_acc": s.get("final_acc"),
-            "epochs_done": s.get("epochs_done"), "wall_seconds": s.get("wall_seconds"),
-            "train_images_per_sec": s.get("train_images_per_sec"), "synthetic": s.get("synthetic"),
-            "best_val_acc": s.get("best_val_acc")}
+            **{k: s.get(k) for k in ("stop_reason", "best_acc", "final_acc", "epochs_done", "wall_seconds",
+                                     "train_images_per_sec", "synthetic", "best_val_acc")}}
 
 
 def seed_stats(rows: list[dict]) -> dict:
@@ -302,11 +318,3 @@ def results_md(res: dict) -> str:
                                                   for r in pending) + ".")
     return "\n".join(lines) + "\n"
 
-
-def write_results(out: Path, label: str, seeds: int, overrides, names: list[str], jobs: list[Job]) -> dict:
-    """Write DIR/results.json and results.md (atomically) from the runs as they are now."""
-    res = collect(out, label, seeds, overrides, names, jobs)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", res, by="reproduce")
-    atomic_write(out / "results.md", lambda f: f.write(results_md(res).encode()), by="reproduce")
-    return res
