@@ -1,23 +1,18 @@
 """Many runs at once: the one scheduler behind `fastcifar reproduce` and `fastcifar sweep`.
 
     pool = make_pool(jobs=2, per_gpu=None, threads=None, ray=None)
-    failed = run(jobs, pool, "reproduce", write_results, again)   # {job key: why} of runs not finished
+    failed = run(jobs, pool, "reproduce", write_results, again)  # {job key: (kind, why)} not finished
 
-- A Job is one run: a recipe with its --set overrides at one seed, in DIR/<name>-seed<k>, maybe
-  waiting for the run it distills from (its teacher, same seed). Its directory says what is left
-  (state()): new, resume, restart, done or failed (diverged).
-- Every run is a plain `fastcifar train RECIPE --set ... --out RUN_DIR` (or `train --resume
-  RUN_DIR`) in a process of its own: what a user would type, so a crash in one run never takes the
-  others down. Its printed lines go to RUN_DIR/train.log (train writes it); the scheduler keeps the
-  tail of its stderr to show why it failed.
-- Pools run the processes: LocalPool on this machine (on GPUs each run pinned to one with
-  CUDA_VISIBLE_DEVICES, K per GPU; on a CPU N at once, splitting the cores), RayPool as Ray tasks
-  on a cluster (num_gpus = 1/K). Both: slots, running, start(), poll(), interrupt(), kill(), close().
-- Ctrl-C, SIGTERM or SIGHUP: every running run gets a SIGINT, saves its last.pt and exits 130, the
-  results are rewritten, and Stopped says which command continues. Again: they stop at once.
-- A run's CPU threads (OMP_NUM_THREADS) follow what the user asked (--threads, else OMP_NUM_THREADS,
-  else the cores / --jobs), never how many runs happen to run at once: on a CPU a run's numbers
-  depend on its thread count (float sums in another order).
+- A Job is one run (a recipe, its --set overrides, one seed) in DIR/<name>-seed<k>, maybe after its teacher
+  (same seed); state() reads from its directory what is left: new, resume, restart, done or failed.
+- Every run is a plain `fastcifar train ... --out RUN_DIR` (or `--resume RUN_DIR`) process of its own, so a
+  crash in one never takes the others down; its lines go to RUN_DIR/train.log, its stderr's tail says
+  why it failed.
+- LocalPool runs them here (on GPUs pinned with CUDA_VISIBLE_DEVICES, K per GPU; on a CPU N at once),
+  RayPool as Ray tasks (num_gpus = 1/K): slots, running, start(), poll(), interrupt(), kill(), close().
+- Ctrl-C, SIGTERM or SIGHUP: each run gets a SIGINT, saves its last.pt and exits 130; again: at once.
+- A run's CPU threads follow --threads (else OMP_NUM_THREADS, else cores / --jobs), never how many run at
+  once: on a CPU a run's numbers depend on its thread count (float sums in another order).
 """
 
 from __future__ import annotations
@@ -91,9 +86,8 @@ def read_object(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _changes(job: Job) -> tuple[dict, dict, list[str]]:
-    """(recorded recipe, planned recipe, the section.field keys where they differ) of a run directory
-    holding recipe.json; BadInput when recipe.json is missing or damaged."""
+def _changes(job: Job) -> tuple[dict, dict, list[tuple[str, str]]]:
+    """(recorded recipe, planned recipe, the (section, field)s where they differ) of a run directory."""
     d = job.dir
     recorded = read_object(d / "recipe.json")
     if recorded is None:
@@ -103,52 +97,45 @@ def _changes(job: Job) -> tuple[dict, dict, list[str]]:
     except BadInput as e:
         raise BadInput(f"{d / 'recipe.json'}: {e} Remove {d} to run {job} again.")
     now = config.to_dict(job.recipe)
-    return was, now, [f"{s}.{k}" for s, fields in now.items() for k, v in fields.items() if v != was[s][k]]
+    return was, now, [(s, k) for s, fields in now.items() for k, v in fields.items() if v != was[s][k]]
 
 
 def state(job: Job, by: str = "reproduce") -> str:
-    """What the job's directory asks for: "new", "done" (finished, with or without its .pt files,
-    whatever train.target_acc now says), "resume", "failed" (it diverged), or "restart" (a run that
-    died before its first checkpoint: only files that run wrote, no last.pt). BadInput when it holds
-    a run of another configuration, or files that `fastcifar by` would have to replace or delete
-    but fastcifar did not write there."""
+    """What the job's directory asks for: new, done (finished, with or without its .pt files, whatever
+    train.target_acc now says), resume, failed (diverged) or restart (died before its first checkpoint,
+    holding only files that run wrote). BadInput for a run of other settings, or for files fastcifar did
+    not write that `fastcifar by` would have to replace or delete."""
     d = job.dir
     if not d.exists() or (d.is_dir() and not any(d.iterdir())):
         return "new"
     if not d.is_dir():
         raise BadInput(f"{d} is a file where {by} keeps the run {job}; move it away.")
-    if not (d / "last.pt").is_file():
-        summary = read_object(d / "summary.json") or {}
-        if summary.get("finished"):
-            return "done"  # a finished run whose checkpoints were deleted (to free disk): reported, never retrained
-        if str(summary.get("stop_reason", "")).startswith("non-finite loss"):
-            return "failed"  # it diverged before its first checkpoint: recorded, not run again
-        # a run that died before its first checkpoint: restarted, its files deleted, if it wrote them all
+    checkpointed = (d / "last.pt").is_file()
+    if checkpointed:  # without last.pt, a finished run whose checkpoints were deleted (to free disk) is done
+        was, now, changed = _changes(job)
+        what = ", ".join(f"{s}.{k} ({was[s][k]!r} -> {now[s][k]!r})" for s, k in changed
+                         if f"{s}.{k}" not in HOW)
+        if what:
+            raise BadInput(f"{d} holds a run of {job} made with other settings: {what}. Continue with the same "
+                           f"--set as before, or choose another --out for these settings.")
+    summary = read_object(d / "summary.json") or {}
+    if summary.get("finished"):
+        return "done"  # reported, never retrained
+    if str(summary.get("stop_reason", "")).startswith("non-finite loss"):
+        return "failed"  # recorded, not run again
+    if not checkpointed:  # restarted, its files deleted, if that run wrote them all
         theirs = [p for p in sorted(d.iterdir()) if not owned.is_ours(p, "train")]
         if not theirs:
             return "restart"
         owned.refuse(theirs, f"{by} keeps the run {job} in {d}, and restarting it there would delete {{it}}. "
                      f"Move {{it}} away, or choose another --out.", "train")
-    was, now, changed = _changes(job)
-    other = [k for k in changed if k not in HOW]
-    if other:
-        what = ", ".join(f"{k} ({was[k.split('.')[0]][k.split('.')[1]]!r} -> {now[k.split('.')[0]][k.split('.')[1]]!r})"
-                         for k in other)
-        raise BadInput(f"{d} holds a run of {job} made with other settings: {what}. Continue with the same --set as "
-                       f"before, or choose another --out for these settings.")
-    summary = read_object(d / "summary.json") or {}
-    if summary.get("finished"):
-        return "done"
-    if str(summary.get("stop_reason", "")).startswith("non-finite loss"):
-        return "failed"
     check_own_run(d, f"Resuming {job} would replace {{it}}. Continue a copied run elsewhere (`fastcifar train "
                      f"--resume {d} --out NEW_DIR`) and move {d} away, or choose another --out.")
     return "resume"
 
 
 def restart(job: Job, by: str = "reproduce") -> None:
-    """Delete the files of a run that died before its first checkpoint (state() found that it wrote
-    every one), under the run's own lock: a `train --resume` of it may have started since."""
+    """Delete the files of a run state() found restartable, under the run's lock (a resume may have begun)."""
     busy = (f"{job.dir} is in use: another fastcifar process is writing that run. Wait for it to end, then run "
             f"this command again.")
     with owned.hold(job.dir, busy):
@@ -166,11 +153,11 @@ def _set_text(value) -> str:
 
 
 def train_args(job: Job, resume: bool, data_dir=None) -> list[str]:
-    """`fastcifar train`'s arguments for the job: a new run of its recipe file with its overrides,
-    or the resume of its directory with the plan's values of the HOW fields that differ."""
+    """`fastcifar train`'s arguments: a new run of the recipe file with its overrides, or the resume of
+    its directory with the plan's values of the HOW fields that differ."""
     if resume:
         _, now, changed = _changes(job)
-        sets = [f"{k}={_set_text(now[k.split('.')[0]][k.split('.')[1]])}" for k in changed]
+        sets = [f"{s}.{k}={_set_text(now[s][k])}" for s, k in changed]
         args = ["train", "--resume", str(job.dir)]
     else:
         sets = job.info.get("overrides", [])
@@ -220,8 +207,7 @@ def thread_env(threads: int) -> dict:
 
 
 def default_threads(slots: int) -> int:
-    """A run's CPU threads when --threads is not given: OMP_NUM_THREADS when set, else an equal share
-    of this machine's cores between the runs that --jobs allows at once."""
+    """A run's CPU threads without --threads: OMP_NUM_THREADS, else its share of the cores among `slots`."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     return int(env) if env.isdigit() and int(env) > 0 else max(1, len(os.sched_getaffinity(0)) // slots)
 
@@ -268,20 +254,15 @@ class LocalPool:
     def describe(self) -> str:
         at_once = f"{self.slots} at once"
         if self.gpus:
-            per = {g: 0 for g in self.gpus}
             return (f"{at_once} on {len(self.gpus)} GPU{'s' * (len(self.gpus) > 1)} (CUDA_VISIBLE_DEVICES "
-                    f"{','.join(per)}; up to {-(-self.slots // len(self.gpus))} per GPU), {self.threads} CPU "
+                    f"{','.join(self.gpus)}; up to {-(-self.slots // len(self.gpus))} per GPU), {self.threads} CPU "
                     f"thread{'s' * (self.threads > 1)} each")
         return f"{at_once} on this CPU, {self.threads} thread{'s' * (self.threads > 1)} each"
 
     def start(self, job: Job, args: list[str]) -> str:
         """Start the run; returns where it runs ("GPU 3", or "")."""
-        gpu = None
-        if self.gpus:  # the GPU with the fewest runs
-            load = {g: 0 for g in self.gpus}
-            for c in self.running.values():
-                load[c.gpu] += 1
-            gpu = min(self.gpus, key=lambda g: load[g])
+        busy = [c.gpu for c in self.running.values()]
+        gpu = min(self.gpus, key=busy.count) if self.gpus else None  # the GPU with the fewest runs
         env = thread_env(self.threads) | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})
         err = tempfile.TemporaryFile()
         try:
@@ -314,8 +295,7 @@ class LocalPool:
                 c.proc.send_signal(signal.SIGINT)
 
     def kill(self) -> None:
-        """Stop every run at once: a second SIGINT (a run quits without finishing its step), then,
-        for any run still there after STOP_GRACE seconds, SIGKILL to its process group."""
+        """A second SIGINT (a run quits mid-step), then SIGKILL to what is left after STOP_GRACE seconds."""
         self.interrupt()
         end = time.monotonic() + STOP_GRACE
         while time.monotonic() < end and any(c.proc.poll() is None for c in self.running.values()):
@@ -332,20 +312,9 @@ class LocalPool:
 # ---- Ray
 
 
-def import_ray():
-    """The ray module, or BadInput saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise BadInput('--ray needs Ray, which fastcifar installs as an option: pip install "fastcifar[cluster]" (or '
-                       'pip install "ray[default]"). Without --ray the runs go to this machine (--jobs, --per-gpu).')
-    return ray
-
-
 def run_child(args: list[str], env: dict, cwd: str | None) -> tuple[int, str]:
-    """A Ray task: `fastcifar train ARGS` in a process on this node; returns (exit code, the tail of
-    its stderr). A cancel (ray.cancel: a KeyboardInterrupt here) is passed on as SIGINT: the run
-    saves its last.pt and exits 130; a second one makes it quit at once."""
+    """A Ray task: `fastcifar train ARGS` on this node; (exit code, stderr's tail). A cancel (a
+    KeyboardInterrupt here) is passed on as SIGINT: the run saves its last.pt and exits 130."""
     with tempfile.TemporaryFile() as err:
         proc = spawn(args, env, err, cwd if cwd and os.path.isdir(cwd) else None)
         while proc.poll() is None:
@@ -376,7 +345,13 @@ class RayPool:
     1/K of a GPU (where the cluster has GPUs) and `threads` CPUs."""
 
     def __init__(self, address: str, jobs: int | None = None, per_gpu: int | None = None, threads: int | None = None):
-        ray = self.ray = import_ray()
+        try:
+            import ray
+        except ImportError:
+            raise BadInput('--ray needs Ray, which fastcifar installs as an option: pip install "fastcifar[cluster]" '
+                           '(or pip install "ray[default]"). Without --ray the runs go to this machine (--jobs, '
+                           '--per-gpu).')
+        self.ray = ray
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         except Exception as e:  # ConnectionError, a version mismatch, a bad address: Ray's own exceptions
