@@ -366,15 +366,18 @@ def predict(
             typer.echo(f"  {100 * t['prob']:6.2f}%  {t['class']}")
 
 
-# The scheduling options of reproduce and sweep (fastcifar/runs.py)
-JOBS_HELP = ("Runs at once on this machine (default: one per visible GPU times --per-gpu; on a CPU 1). Each run "
-             "is its own `fastcifar train` process, pinned to one GPU (CUDA_VISIBLE_DEVICES).")
-PER_GPU_HELP = "Runs packed onto each GPU (default 1); with --ray, each run holds 1/K of a GPU."
-THREADS_HELP = ("CPU threads per run (OMP_NUM_THREADS; a Ray task's num_cpus). Default: $OMP_NUM_THREADS, else "
-                "this machine's cores / --jobs (with --ray: 1). On a CPU a run's numbers depend on it.")
-RAY_HELP = ('Send the runs to a Ray cluster (HOST:PORT, or auto: $RAY_ADDRESS, else the one started on this machine) '
-            'as Ray tasks; --out must be on a file system every node shares (checked first). Needs pip install '
-            '"fastcifar[cluster]".')
+# The scheduling options of reproduce and sweep (fastcifar/runs.py), declared once for both
+JOBS = typer.Option(None, "--jobs", "-j", help="Runs at once on this machine (default: one per visible GPU times "
+                    "--per-gpu; on a CPU 1). Each run is its own `fastcifar train` process, pinned to one GPU "
+                    "(CUDA_VISIBLE_DEVICES).")
+PER_GPU = typer.Option(None, "--per-gpu", help="Runs packed onto each GPU (default 1); with --ray, each run holds "
+                       "1/K of a GPU.")
+THREADS = typer.Option(None, "--threads", help="CPU threads per run (OMP_NUM_THREADS; a Ray task's num_cpus). "
+                       "Default: $OMP_NUM_THREADS, else this machine's cores / --jobs (with --ray: 1). On a CPU a "
+                       "run's numbers depend on it.")
+RAY = typer.Option(None, "--ray", metavar="ADDRESS", help="Send the runs to a Ray cluster (HOST:PORT, or auto: "
+                   "$RAY_ADDRESS, else the one started on this machine) as Ray tasks; --out must be on a file system "
+                   'every node shares (checked first). Needs pip install "fastcifar[cluster]".')
 
 
 def run_many(make):
@@ -403,10 +406,10 @@ def reproduce(
     overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a field of every "
                                         "run, repeatable; e.g. --set train.epochs=2 for a dry run."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help=JOBS_HELP),
-    per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help=PER_GPU_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
-    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+    jobs: Optional[int] = JOBS,
+    per_gpu: Optional[int] = PER_GPU,
+    threads: Optional[int] = THREADS,
+    ray: Optional[str] = RAY,
 ):
     """Train a table of recipes, N seeds each, and write results.md / results.json with mean ± std.
 
@@ -440,10 +443,10 @@ def sweep(
     overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a field of every "
                                         "run, repeatable (not a --grid field)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help=JOBS_HELP),
-    per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help=PER_GPU_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
-    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+    jobs: Optional[int] = JOBS,
+    per_gpu: Optional[int] = PER_GPU,
+    threads: Optional[int] = THREADS,
+    ray: Optional[str] = RAY,
 ):
     """Train every combination of a grid of settings, N seeds each, and rank them by mean best accuracy.
 
