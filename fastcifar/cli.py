@@ -18,8 +18,7 @@ from fastcifar.signals import sigterm_as_ctrl_c, stop_signals
 
 
 class Commands(typer.core.TyperGroup):
-    """The command group: a Ctrl-C (or SIGTERM, SIGHUP) that no command catches itself says so on
-    stderr, as train does, and exits 130 (typer's own handling is silent, or exit 1 in older versions)."""
+    """The group: a Ctrl-C (SIGTERM, SIGHUP) no command catches says so, exit 130 (typer's is silent)."""
 
     def invoke(self, ctx):
         try:
@@ -551,9 +550,8 @@ CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "
 def main():
     saved = standard_streams()
     try:
-        # SIGTERM and SIGHUP stop every command as Ctrl-C does (exit 130), so its temporary files are removed
-        # stop signals blocked where this process started (a Ray worker blocks SIGINT, and its children inherit
-        # that) would never reach it: Ctrl-C, SIGTERM and a scheduler's stop must
+        # the stop signals unblocked (a Ray worker blocks SIGINT, and its children inherit that); SIGTERM and
+        # SIGHUP then stop every command as Ctrl-C does (exit 130), so its temporary files are removed
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
         with sigterm_as_ctrl_c():
             refuse_empty(sys.argv[1:])

@@ -3,22 +3,14 @@ results with error bars beside the published figures.
 
     reproduce("tutorial", seeds=3, out="runs/reproduce-tutorial")
 
-- TABLE is a name in TABLES (`tutorial`: the tutorial's twelve experiments) or a file of recipe
-  names or paths, one per line (`#` starts a comment).
-- The runs go to DIR/<recipe>-seed<k> (train.seed = k), in dependency order: a recipe whose
-  distill.teacher names another recipe of the table runs after it, and seed k of the student is
-  distilled from seed k of the teacher that this table trained.
-- The runs go through the scheduler (runs.py): each a `fastcifar train` process of its own, --jobs
-  N at once on this machine (K per GPU with --per-gpu) or as tasks on a Ray cluster (--ray).
-- Run again, the same command continues: finished runs are skipped (never retrained or changed,
-  even with their .pt files deleted), interrupted ones resume from their last.pt (`fastcifar train
-  --resume`), so the table can be stopped (Ctrl-C, SIGTERM: exit 130) and continued any number of
-  times without training anything twice. A second reproduce of the same DIR while one runs is
-  refused before it looks at any run (a lock on DIR).
-- DIR/results.md and DIR/results.json: per recipe the mean ± std over seeds (and n) of the best
-  and final test accuracy, the tutorial's figure and the difference, wall time and img/s;
-  rewritten after every run. Like every file reproduce deletes or replaces (a run that died before
-  its first checkpoint restarts without its old files), only while fastcifar wrote it (owned.py).
+- TABLE is a name in TABLES or a file of recipe names or paths, one per line (`#` starts a comment).
+- Runs go to DIR/<recipe>-seed<k> (train.seed = k) through the scheduler (runs.py); a recipe whose
+  distill.teacher is in the table runs after it, seed k distilled from the teacher's seed k.
+- The same command continues: finished runs are skipped (even with their .pt files deleted), stopped
+  ones resume from their last.pt; a lock on DIR refuses a second reproduce there while one runs.
+- DIR/results.md and results.json, rewritten after every run: per recipe the mean ± std (n) of the
+  best and final test accuracy, the tutorial's figure and the difference, wall time and img/s.
+  Like every file reproduce deletes or replaces, only while fastcifar wrote it (owned.py).
 """
 
 from __future__ import annotations
@@ -253,15 +245,16 @@ def run_row(j: Job, key: str = "recipe") -> dict:
 
 
 def seed_stats(rows: list[dict]) -> dict:
-    """n (finished seeds) of, and mean ± std of the best and final accuracy, mean wall time and img/s
-    of a recipe's (or a setting's) run rows."""
+    """n (finished seeds) of, mean ± std of the best and final accuracy, mean wall time and img/s of
+    a recipe's (or a setting's) run rows."""
     done = [r for r in rows if r["finished"] and all(is_number(r[k]) for k in ("best_acc", "final_acc"))]
-    return {"n": len(done), "of": len(rows), "best_acc": stats([r["best_acc"] for r in done]),
-            "final_acc": stats([r["final_acc"] for r in done]),
-            "best_val_acc": stats([r["best_val_acc"] for r in done if is_number(r["best_val_acc"])]),
-            "wall_seconds": stats([r["wall_seconds"] for r in done if is_number(r["wall_seconds"])])["mean"],
-            "train_images_per_sec": stats([r["train_images_per_sec"] for r in done
-                                           if is_number(r["train_images_per_sec"])])["mean"]}
+
+    def of(key: str) -> dict:
+        return stats([r[key] for r in done if is_number(r[key])])
+
+    return {"n": len(done), "of": len(rows), "best_acc": of("best_acc"), "final_acc": of("final_acc"),
+            "best_val_acc": of("best_val_acc"), "wall_seconds": of("wall_seconds")["mean"],
+            "train_images_per_sec": of("train_images_per_sec")["mean"]}
 
 
 def collect(out: Path, label: str, seeds: int, overrides, names: list[str], jobs: list[Job]) -> dict:

@@ -162,8 +162,7 @@ def train_args(job: Job, resume: bool, data_dir=None) -> list[str]:
     else:
         sets = job.info.get("overrides", [])
         args = ["train", str(Path(job.info["path"]).resolve()), "--out", str(job.dir)]
-    for s in sets:
-        args += ["--set", s]
+    args += [a for s in sets for a in ("--set", s)]
     if data_dir is not None:
         args += ["--data-dir", str(Path(data_dir).resolve())]
     return args
@@ -276,9 +275,8 @@ class LocalPool:
     def poll(self, timeout: float) -> list[tuple[Job, int | None, str]]:
         """(job, exit code, stderr tail) of the runs that ended, waiting up to timeout seconds for one."""
         end = time.monotonic() + timeout
-        while True:
-            ended = [c for c in self.running.values() if c.proc.poll() is not None]
-            if ended or time.monotonic() >= end:
+        while not (ended := [c for c in self.running.values() if c.proc.poll() is not None]):
+            if time.monotonic() >= end:
                 break
             time.sleep(0.1)
         out = []
@@ -393,10 +391,9 @@ class RayPool:
             got = self.ray.get(ref)
             node = f"{got['host']} ({ip})"
             path = folder / f".fastcifar-probe.{token}{k}.tmp"
-            try:
+            seen = False
+            with contextlib.suppress(OSError):
                 seen = path.read_text() == f"{token}{k}"
-            except OSError:
-                seen = False
             if seen:
                 path.unlink()  # written by the probe a moment ago under a name nobody else can guess
             if got["error"]:
@@ -507,34 +504,6 @@ def estimate(jobs: list[Job], left: list[Job], running: list[Job], slots: int) -
     return work / max(1, min(slots, len(running) + len(left)))
 
 
-class Board:
-    """What the user sees: a line per run as it starts and ends, and the summary (running, done,
-    left, ETA): on a terminal one line kept up to date under them, elsewhere a line after each run
-    that starts or ends and every STATUS_EVERY seconds."""
-
-    def __init__(self, log):
-        # log None: nothing shown (the packing bench)
-        self.log, self.live = log or (lambda *a, **k: None), log is not None and sys.stdout.isatty()
-        self.shown, self.last = False, float("-inf")
-
-    def say(self, line: str) -> None:
-        if self.shown:
-            sys.stdout.write("\r\033[K")
-            self.shown = False
-        self.log(line)
-
-    def status(self, text, event: bool) -> None:
-        """Show text() (made only when shown: it reads every run's summary.json)."""
-        now = time.monotonic()
-        if self.live and (event or now - self.last > 2):
-            sys.stdout.write("\r\033[K" + text()[:200])
-            sys.stdout.flush()
-            self.shown, self.last = True, now
-        elif not self.live and (event or now - self.last > STATUS_EVERY):
-            self.log("  " + text())
-            self.last = now
-
-
 def run(jobs: list[Job], pool, by: str, results, again: str, data_dir=None, log=print) -> dict[tuple, tuple]:
     """Train every job not done yet, each after its teacher, pool.slots at once; results() rewrites
     the results files after every run that ends. Returns {job key: (kind, why)} of the runs that did
@@ -544,14 +513,13 @@ def run(jobs: list[Job], pool, by: str, results, again: str, data_dir=None, log=
         with sigterm_as_ctrl_c():
             table = Scheduler(jobs, pool, by, results, data_dir, log)
             try:
-                while table.left or table.running:
+                while table.left or pool.running:
                     table.step()
-            except KeyboardInterrupt:
+            except BaseException as e:  # Ctrl-C, or the scheduler's own error: its runs stop (and save) first
                 table.stop()
-                raise Stopped(f"Stopped with {len(table.done)} of {len(jobs)} runs finished; finished runs are kept "
-                              f"and the stopped ones resume from their last.pt. Continue with: {again}")
-            except BaseException:  # the scheduler's own error: its runs stop (and save) before it ends
-                table.stop()
+                if isinstance(e, KeyboardInterrupt):
+                    raise Stopped(f"Stopped with {len(table.done)} of {len(jobs)} runs finished; finished runs are "
+                                  f"kept and the stopped ones resume from their last.pt. Continue with: {again}")
                 raise
             return table.failed
     finally:
@@ -559,14 +527,18 @@ def run(jobs: list[Job], pool, by: str, results, again: str, data_dir=None, log=
 
 
 class Scheduler:
-    """The runs of one table or sweep: which are done, running, waiting, or will not finish."""
+    """The runs of one table or sweep (done, running in the pool, waiting, or not finishing), and what
+    the user sees: a line per run as it starts and ends, and the summary (running, done, left, ETA),
+    on a terminal one line kept up to date under them, elsewhere a line after each run that starts
+    or ends and every STATUS_EVERY seconds. log None: nothing shown (the packing bench)."""
 
     def __init__(self, jobs: list[Job], pool, by: str, results, data_dir, log):
         self.jobs, self.pool, self.by, self.results, self.data_dir = jobs, pool, by, results, data_dir
-        self.board = Board(log)
+        self.log, self.live = log or (lambda *a, **k: None), log is not None and sys.stdout.isatty()
+        self.shown, self.last = False, float("-inf")
         states = {j.key: state(j, by) for j in jobs}  # every run directory checked before anything trains
         self.number = {j.key: k for k, j in enumerate(jobs, 1)}
-        self.done, self.failed, self.running, self.left = set(), {}, {}, []
+        self.done, self.failed, self.left = set(), {}, []
         for j in jobs:
             if states[j.key] == "done":
                 self.say(j, f"done, skipped ({j.dir})")
@@ -579,8 +551,23 @@ class Scheduler:
         if self.left:
             prepare_stores([j for j in self.left if states[j.key] != "resume"], pool, data_dir, jobs[0].dir.parent)
 
-    def say(self, job: Job, what: str) -> None:
-        self.board.say(f"[{self.number[job.key]}/{len(self.jobs)}] {job}: {what}")
+    def say(self, job: Job | None, what: str) -> None:
+        """A line of its own (about job), under which the live summary is drawn again."""
+        if self.shown:
+            sys.stdout.write("\r\033[K")
+            self.shown = False
+        self.log(what if job is None else f"[{self.number[job.key]}/{len(self.jobs)}] {job}: {what}")
+
+    def status(self, event: bool) -> None:
+        """Show the summary (made only when shown: it reads every run's summary.json)."""
+        now = time.monotonic()
+        if self.live and (event or now - self.last > 2):
+            sys.stdout.write("\r\033[K" + self.summary()[:200])
+            sys.stdout.flush()
+            self.shown, self.last = True, now
+        elif not self.live and (event or now - self.last > STATUS_EVERY):
+            self.log("  " + self.summary())
+            self.last = now
 
     def step(self) -> None:
         """Skip the runs whose teacher did not finish, start what may start, and take the runs that
@@ -598,17 +585,15 @@ class Scheduler:
                 restart(j, self.by)
             where = self.pool.start(j, train_args(j, s == "resume", self.data_dir))
             self.left.remove(j)
-            self.running[j.key] = j
             started = True
             self.say(j, ("resuming from its last.pt" if s == "resume" else "starting") + (f" on {where}" if where else "")
                      + f" -> {j.dir}")
         ends = self.pool.poll(1.0)
         for job, code, err in ends:
             self.ended(job, code, err)
-        self.board.status(self.summary, event=bool(ends) or started)
+        self.status(event=bool(ends) or started)
 
     def ended(self, job: Job, code, err: str) -> None:
-        del self.running[job.key]
         kind, text = outcome(job, code, err)
         self.say(job, text)
         if kind == "finished":
@@ -619,27 +604,28 @@ class Scheduler:
             self.results()
 
     def summary(self) -> str:
-        eta = estimate(self.jobs, self.left, list(self.running.values()), self.pool.slots)
-        return (f"{len(self.running)} running, {len(self.done)} done, {len(self.failed)} not finished, "
+        running = [j for j in self.jobs if j.key in self.pool.running]
+        eta = estimate(self.jobs, self.left, running, self.pool.slots)
+        return (f"{len(running)} running, {len(self.done)} done, {len(self.failed)} not finished, "
                 f"{len(self.left)} waiting, of {len(self.jobs)}; ETA "
                 + (duration(eta) if eta is not None else "after a first epoch"))
 
     def stop(self) -> None:
         """Stop every running run and wait for each to save its last.pt and exit (each rewrites the
         results as it ends); a second Ctrl-C (or SIGTERM) stops them at once."""
-        n, hurried = len(self.running), False
+        n, hurried = len(self.pool.running), False
         if n:
-            self.board.say(f"Stopping {n} running run{'s' * (n > 1)}: each saves its last.pt after its current step "
-                           f"(Ctrl-C again to stop at once).")
+            self.say(None, f"Stopping {n} running run{'s' * (n > 1)}: each saves its last.pt after its current "
+                           f"step (Ctrl-C again to stop at once).")
             self.pool.interrupt()
-        while self.running:
+        while self.pool.running:
             try:
                 for job, code, err in self.pool.poll(1.0):
                     self.ended(job, code, err)
             except KeyboardInterrupt:
                 if not hurried:
                     hurried = True
-                    self.board.say("Stopping at once.")
+                    self.say(None, "Stopping at once.")
                     self.pool.kill()
 
 

@@ -3,15 +3,13 @@ each, through the scheduler of `reproduce` (runs.py), and the settings ranked by
 
     sweep("r18_cifar_32", ["optim.lr=0.05,0.1,0.2", "loss.label_smoothing=0,0.1"], seeds=3)
 
-- A grid value is typed as a --set value is (config.apply_overrides); values are split at the
-  commas outside brackets, so optim.betas=(0.9,0.999),(0.9,0.99) is two values.
-- Each run goes to DIR/<setting>-seed<k>: the setting names its values, by field name where that
-  is unambiguous (`lr=0.05,label_smoothing=0-seed0`), with characters a file name should not hold
-  replaced by _. Two settings that would share a name are refused, as are empty or repeated values,
-  a field given twice (or also in --set), train.seed (that is --seeds) and grids past MAX_RUNS.
-- DIR/results.md and results.json: the settings ranked by mean best test accuracy (± sample std
-  over the finished seeds, n); rewritten as runs end; `fastcifar report DIR` draws them (sweep.png).
-- Stop, continue, locks and ownership are reproduce's: the same command continues a stopped sweep.
+- Grid values are typed as --set values are, split at the commas outside brackets
+  (optim.betas=(0.9,0.999),(0.9,0.99) is two values).
+- Each run goes to DIR/<setting>-seed<k>, the setting named by its values (`lr=0.05,label_smoothing=0`,
+  by field name where unambiguous; characters a file name should not hold become _).
+- DIR/results.md and results.json rank the settings by mean best accuracy (± sample std over the
+  finished seeds, n); `fastcifar report DIR` draws them (sweep.png). Stop, continue, locks and
+  ownership are reproduce's.
 """
 
 from __future__ import annotations
@@ -44,13 +42,6 @@ def split_values(text: str) -> list[str]:
     return parts + [cur.strip()]
 
 
-def typed(key: str, text: str):
-    """The value `--set key=text` gives (BadInput for an unknown key or a value of the wrong type)."""
-    r = config.apply_overrides(config.Recipe(), [f"{key}={text}"])
-    section, name = key.split(".")
-    return getattr(getattr(r, section), name)
-
-
 def parse_grid(grids: list[str], overrides=()) -> dict[str, list[str]]:
     """{section.field: [value texts]} of the --grid options, every value typed and checked."""
     if not grids:
@@ -78,15 +69,15 @@ def parse_grid(grids: list[str], overrides=()) -> dict[str, list[str]]:
                            f"the values separated by single commas.")
         seen = {}
         for t in texts:
-            try:
-                v = typed(key, t)
+            try:  # the value `--set key=t` gives
+                r = config.apply_overrides(config.Recipe(), [f"{key}={t}"])
             except BadInput as e:
                 raise BadInput(f"--grid: {str(e).replace('--set ', '', 1)}")
-            key_v = repr(v)
-            if key_v in seen:
-                raise BadInput(f"--grid {key} lists the value {shown(v)} twice ({seen[key_v]!r} and {t!r}); each "
-                               f"value once.")
-            seen[key_v] = t
+            v = getattr(getattr(r, key.split(".")[0]), key.split(".")[1])
+            if repr(v) in seen:
+                raise BadInput(f"--grid {key} lists the value {shown(v)} twice ({seen[repr(v)]!r} and {t!r}); "
+                               f"each value once.")
+            seen[repr(v)] = t
         grid[key] = texts
     return grid
 
