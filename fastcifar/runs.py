@@ -518,8 +518,9 @@ def run(jobs: list[Job], pool, by: str, results, again: str, data_dir=None, log=
             except BaseException as e:  # Ctrl-C, or the scheduler's own error: its runs stop (and save) first
                 table.stop()
                 if isinstance(e, KeyboardInterrupt):
-                    raise Stopped(f"Stopped with {len(table.done)} of {len(jobs)} runs finished; finished runs are "
-                                  f"kept and the stopped ones resume from their last.pt. Continue with: {again}")
+                    raise Stopped(f"Stopped with {len(table.done)} of {len(jobs)} runs finished; finished runs "
+                                  f"are kept and the stopped ones resume from their last.pt. Continue with: "
+                                  f"{again}")
                 raise
             return table.failed
     finally:
@@ -615,8 +616,8 @@ class Scheduler:
         results as it ends); a second Ctrl-C (or SIGTERM) stops them at once."""
         n, hurried = len(self.pool.running), False
         if n:
-            self.say(None, f"Stopping {n} running run{'s' * (n > 1)}: each saves its last.pt after its current "
-                           f"step (Ctrl-C again to stop at once).")
+            self.say(None, f"Stopping {n} running run{'s' * (n > 1)}: each saves its last.pt after its "
+                           f"current step (Ctrl-C again to stop at once).")
             self.pool.interrupt()
         while self.pool.running:
             try:

@@ -75,8 +75,8 @@ def parse_grid(grids: list[str], overrides=()) -> dict[str, list[str]]:
                 raise BadInput(f"--grid: {str(e).replace('--set ', '', 1)}")
             v = getattr(getattr(r, key.split(".")[0]), key.split(".")[1])
             if repr(v) in seen:
-                raise BadInput(f"--grid {key} lists the value {shown(v)} twice ({seen[repr(v)]!r} and {t!r}); "
-                               f"each value once.")
+                raise BadInput(f"--grid {key} lists the value {shown(v)} twice ({seen[repr(v)]!r} and "
+                               f"{t!r}); each value once.")
             seen[repr(v)] = t
         grid[key] = texts
     return grid
