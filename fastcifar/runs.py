@@ -518,9 +518,9 @@ def run(jobs: list[Job], pool, by: str, results, again: str, data_dir=None, log=
             except BaseException as e:  # Ctrl-C, or the scheduler's own error: its runs stop (and save) first
                 table.stop()
                 if isinstance(e, KeyboardInterrupt):
-                    raise Stopped(f"Stopped with {len(table.done)} of {len(jobs)} runs finished; finished runs "
-                                  f"are kept and the stopped ones resume from their last.pt. Continue with: "
-                                  f"{again}")
+                    raise Stopped(f"Stopped with {len(table.done)} of {len(jobs)} runs finished; finished "
+                                  f"runs are kept and the stopped ones resume from their last.pt. Continue "
+                                  f"with: {again}")
                 raise
             return table.failed
     finally:
