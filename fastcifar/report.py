@@ -126,8 +126,7 @@ def _holds_run_files(d: Path) -> bool:
 
 
 def find_runs(paths: list[Path], skipped: list | None = None) -> list[Run]:
-    """Each path is a run directory, or a directory of them. A run that cannot be reported is left out
-    and (dir, why) appended to skipped; BadInput when no run is left."""
+    """The runs of run directories or folders of them; (dir, why) of each left out goes to skipped."""
     runs, skipped = [], skipped if skipped is not None else []
     for p in paths:
         if not p.is_dir():
@@ -325,8 +324,7 @@ def sweep_of(paths: list[Path], warn) -> dict | None:
 
 
 def sweep_figure(res: dict):
-    """The sweep's settings in rank order as bars: mean best accuracy (validation where it ranked on
-    it) ± sample std over the seeds, n beside each."""
+    """The sweep's settings in rank order as bars: mean best accuracy (on what it ranked) ± std, n beside."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -170,8 +170,7 @@ def scheduling(jobs=None, per_gpu=None, threads=None, ray=None) -> list[str]:
 
 
 def locked(out: Path, by: str):
-    """DIR's lock, held while `by` runs there: one scheduler at a time per DIR, locked before any run
-    is looked at (the kernel drops the lock with its holder)."""
+    """DIR's lock while `by` runs there, taken before any run is looked at (dropped with its holder)."""
     return owned.hold(out, f"--out {out} is in use: another `fastcifar {by}` is running its runs there. Wait for it "
                            f"to end (or stop it with Ctrl-C), then run this command again to continue; or choose "
                            f"another --out.")
@@ -245,8 +244,7 @@ def run_row(j: Job, key: str = "recipe") -> dict:
 
 
 def seed_stats(rows: list[dict]) -> dict:
-    """n (finished seeds) of, mean ± std of the best and final accuracy, mean wall time and img/s of
-    a recipe's (or a setting's) run rows."""
+    """n (finished seeds) of, mean ± std of best and final accuracy, mean wall time and img/s of run rows."""
     done = [r for r in rows if r["finished"] and all(is_number(r[k]) for k in ("best_acc", "final_acc"))]
 
     def of(key: str) -> dict:

@@ -172,16 +172,14 @@ def train_args(job: Job, resume: bool, data_dir=None) -> list[str]:
 
 
 def spawn(args: list[str], env: dict, stderr, cwd=None) -> subprocess.Popen:
-    """`python -m fastcifar ARGS` in a session of its own (a Ctrl-C at the terminal reaches the
-    scheduler alone, which passes it on), printing nothing (its lines are in its train.log)."""
+    """`python -m fastcifar ARGS`, silent, in its own session: a terminal's Ctrl-C reaches the scheduler."""
     env = {**os.environ, **env, "FASTCIFAR_PARENT_PID": str(os.getpid())}
     return subprocess.Popen([sys.executable, "-m", "fastcifar", *args], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=cwd, start_new_session=True)
 
 
 def stop_with_parent() -> None:
-    """In a run a scheduler started: SIGINT when the scheduler dies, even by kill -9 (Linux), so the
-    run saves its last.pt and exits instead of training on where nobody waits for it."""
+    """In a run a scheduler started: SIGINT (save, exit) when the scheduler dies, even by kill -9 (Linux)."""
     parent = os.environ.pop("FASTCIFAR_PARENT_PID", None)
     if parent is None or not sys.platform.startswith("linux"):
         return
@@ -230,8 +228,7 @@ class Child:
 
 
 class LocalPool:
-    """Runs as processes on this machine: on GPUs each pinned to one GPU (CUDA_VISIBLE_DEVICES), K
-    per GPU; on a CPU, N at once. Each gets `threads` CPU threads."""
+    """Runs as processes here: on GPUs pinned to one (CUDA_VISIBLE_DEVICES), K per GPU; on a CPU N at once."""
 
     def __init__(self, jobs: int | None = None, per_gpu: int | None = None, threads: int | None = None, gpus=None):
         self.gpus = visible_gpus() if gpus is None else list(gpus)  # gpus: these only (the packing bench)
@@ -339,8 +336,7 @@ def probe(folder: str, token: str, need: list[str]) -> dict:
 
 
 class RayPool:
-    """Runs as Ray tasks on a cluster: each the same `fastcifar train` process on some node, holding
-    1/K of a GPU (where the cluster has GPUs) and `threads` CPUs."""
+    """Runs as Ray tasks: each the same `fastcifar train` process on a node, 1/K GPU and `threads` CPUs."""
 
     def __init__(self, address: str, jobs: int | None = None, per_gpu: int | None = None, threads: int | None = None):
         try:
@@ -465,8 +461,7 @@ def make_pool(jobs=None, per_gpu=None, threads=None, ray: str | None = None):
 
 
 def outcome(job: Job, code: int | None, err: str) -> tuple[str, str]:
-    """(kind, what to say) of a run's process that ended: kind is finished, stopped (Ctrl-C or
-    SIGTERM: it saved last.pt), diverged, bad input (its one paragraph) or failed."""
+    """(kind, what to say) of a run that ended: finished, stopped (saved last.pt), diverged, bad input, failed."""
     s = read_object(job.dir / "summary.json") or {}
     if code == 0 and s.get("finished"):
         best = s.get("best_acc")
@@ -571,8 +566,7 @@ class Scheduler:
             self.last = now
 
     def step(self) -> None:
-        """Skip the runs whose teacher did not finish, start what may start, and take the runs that
-        ended (waiting up to a second for one)."""
+        """Skip runs whose teacher did not finish, start what may, take those that ended (waiting up to 1 s)."""
         for j in [j for j in self.left if j.teacher and (j.teacher, j.seed) in self.failed]:
             self.left.remove(j)
             self.failed[j.key] = ("skipped", f"its teacher {j.teacher} seed {j.seed} did not finish")
@@ -612,8 +606,7 @@ class Scheduler:
                 + (duration(eta) if eta is not None else "after a first epoch"))
 
     def stop(self) -> None:
-        """Stop every running run and wait for each to save its last.pt and exit (each rewrites the
-        results as it ends); a second Ctrl-C (or SIGTERM) stops them at once."""
+        """Stop every run, waiting while each saves its last.pt; a second Ctrl-C (or SIGTERM): at once."""
         n, hurried = len(self.pool.running), False
         if n:
             self.say(None, f"Stopping {n} running run{'s' * (n > 1)}: each saves its last.pt after its "
@@ -631,9 +624,8 @@ class Scheduler:
 
 
 def prepare_stores(jobs: list[Job], pool, data_dir, out: Path) -> None:
-    """Before the first run: on this machine, prepare once each data set's store that the new runs
-    `jobs` need (not in N runs at once); on a Ray cluster, check that every node shares `out` and
-    has those stores and recipes."""
+    """Before the first run, here: prepare once each store the new runs `jobs` need (not in N runs at once);
+    on a Ray cluster: check that every node shares `out` and has those stores and recipes."""
     from fastcifar.data import default_data_dir
 
     datasets = sorted({j.recipe.data.dataset for j in jobs})

@@ -94,9 +94,8 @@ def setting_name(assign: dict[str, str], short: dict[str, str]) -> str:
 
 
 def plan(recipe: str, grids: list[str], seeds: int, out=None, overrides=()) -> tuple[str, dict, list[dict], list[Job], Path]:
-    """(recipe name, grid, settings [{name, values}] in grid order, jobs, DIR: out, by default
-    runs/sweep-<recipe>). Every run's recipe is typed and validated here, so bad input fails before
-    anything trains."""
+    """(recipe name, grid, settings [{name, values}] in grid order, jobs, DIR: out, else runs/sweep-<recipe>),
+    every run's recipe validated here, so bad input fails before anything trains."""
     if not 1 <= seeds <= MAX_SEEDS:
         raise BadInput(f"--seeds {seeds}: run each setting 1 to {MAX_SEEDS:,} times (train.seed = 0 .. N-1).")
     overrides = list(overrides)
