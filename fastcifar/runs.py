@@ -461,7 +461,7 @@ def make_pool(jobs=None, per_gpu=None, threads=None, ray: str | None = None):
 
 
 def outcome(job: Job, code: int | None, err: str) -> tuple[str, str]:
-    """(kind, what to say) of a run that ended: finished, stopped (saved last.pt), diverged, bad input, failed."""
+    """(kind, what to say) of an ended run: finished, stopped (saved last.pt), diverged, bad input, failed."""
     s = read_object(job.dir / "summary.json") or {}
     if code == 0 and s.get("finished"):
         best = s.get("best_acc")
@@ -566,7 +566,7 @@ class Scheduler:
             self.last = now
 
     def step(self) -> None:
-        """Skip runs whose teacher did not finish, start what may, take those that ended (waiting up to 1 s)."""
+        """Skip runs whose teacher did not finish, start what may, take those that ended (waiting <= 1 s)."""
         for j in [j for j in self.left if j.teacher and (j.teacher, j.seed) in self.failed]:
             self.left.remove(j)
             self.failed[j.key] = ("skipped", f"its teacher {j.teacher} seed {j.seed} did not finish")
