@@ -59,7 +59,7 @@ def read_table(table: str) -> tuple[str, list[str]]:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"Cannot read the table file {table} ({getattr(e, 'strerror', None) or e}).")
-    refs, seen = [], {}
+    seen = {}  # ref -> its line, in the file's order
     for n, line in enumerate(text.splitlines(), 1):
         ref = line.split("#", 1)[0].strip()
         if not ref:
@@ -68,10 +68,9 @@ def read_table(table: str) -> tuple[str, list[str]]:
             raise BadInput(f"{table} line {n} lists {ref!r} again (first on line {seen[ref]}); a table runs each "
                            f"recipe once per seed, so list it once.")
         seen[ref] = n
-        refs.append(ref)
-    if not refs:
+    if not seen:
         raise BadInput(f"The table file {table} lists no recipe (one name per line; # starts a comment).")
-    return p.stem, refs
+    return p.stem, list(seen)
 
 
 def plan(table: str, seeds: int, out: Path, overrides=()) -> tuple[str, list[Job], list[str]]:
