@@ -232,11 +232,12 @@ class LocalPool:
 
     def __init__(self, jobs: int | None = None, per_gpu: int | None = None, threads: int | None = None, gpus=None):
         self.gpus = visible_gpus() if gpus is None else list(gpus)  # gpus: these only (the packing bench)
-        most = len(self.gpus) * (per_gpu or 1)  # 0 on a CPU
+        k = per_gpu or 1
+        most = len(self.gpus) * k  # 0 on a CPU
         if self.gpus and jobs is not None and jobs > most:
-            raise BadInput(f"--jobs {jobs}: this machine has {len(self.gpus)} GPU{'s' * (len(self.gpus) > 1)}"
-                           f" and --per-gpu {per_gpu or 1} puts {per_gpu or 1} run{'s' * ((per_gpu or 1) > 1)}"
-                           f" on each, {most} at most; raise --per-gpu to pack more runs onto each GPU.")
+            raise BadInput(f"--jobs {jobs}: this machine has {len(self.gpus)} GPU{'s' * (len(self.gpus) > 1)} "
+                           f"and --per-gpu {k} puts {k} run{'s' * (k > 1)} on each, {most} at most; raise "
+                           f"--per-gpu to pack more runs onto each GPU.")
         if not self.gpus and per_gpu is not None:
             raise BadInput(f"--per-gpu {per_gpu}: torch sees no GPU here; on a CPU, --jobs N runs N at once, "
                            f"splitting the cores.")
