@@ -235,9 +235,9 @@ class LocalPool:
         k = per_gpu or 1
         most = len(self.gpus) * k  # 0 on a CPU
         if self.gpus and jobs is not None and jobs > most:
-            raise BadInput(f"--jobs {jobs}: this machine has {len(self.gpus)} GPU{'s' * (len(self.gpus) > 1)} "
-                           f"and --per-gpu {k} puts {k} run{'s' * (k > 1)} on each, {most} at most; raise "
-                           f"--per-gpu to pack more runs onto each GPU.")
+            gpus = f"{len(self.gpus)} GPU{'s' * (len(self.gpus) > 1)}"
+            raise BadInput(f"--jobs {jobs}: this machine has {gpus} and --per-gpu {k} puts {k} run{'s' * (k > 1)} "
+                           f"on each, {most} at most; raise --per-gpu to pack more runs onto each GPU.")
         if not self.gpus and per_gpu is not None:
             raise BadInput(f"--per-gpu {per_gpu}: torch sees no GPU here; on a CPU, --jobs N runs N at once, "
                            f"splitting the cores.")
