@@ -107,13 +107,12 @@ def plan(table: str, seeds: int, out: Path, overrides=()) -> tuple[str, list[Job
     jobs = []
     for name in order:
         for seed in range(seeds):
-            r, info = config.load(loaded[name][1]["path"])  # a fresh copy per seed
-            extra = [f"train.seed={seed}"]
+            sets = [*overrides, f"train.seed={seed}"]
             if name in deps:  # the teacher run of the same seed, from this table
-                extra.append(f"distill.teacher={out / f'{deps[name]}-seed{seed}'}")
-            config.apply_overrides(r, list(overrides) + extra)
-            info = {**info, "overrides": list(overrides) + extra}
-            jobs.append(Job(name, seed, r, info, out / f"{name}-seed{seed}", deps.get(name)))
+                sets.append(f"distill.teacher={out / f'{deps[name]}-seed{seed}'}")
+            r, info = config.load(loaded[name][1]["path"])  # a fresh copy per seed
+            jobs.append(Job(name, seed, config.apply_overrides(r, sets), {**info, "overrides": sets},
+                            out / f"{name}-seed{seed}", deps.get(name)))
     return label, jobs, names
 
 
