@@ -203,9 +203,8 @@ def run_planned(by: str, out: Path, names: list[str], planned: list[Job], collec
 
 def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None, log=print, jobs=None, per_gpu=None,
               threads=None, ray=None) -> dict:
-    """Run (or continue) the table and write DIR/results.md and results.json; returns results.json's
-    dict, with "failed": {run: (kind, why)} when runs did not finish (a diverged run's students are
-    skipped). Raises Stopped on Ctrl-C/SIGTERM, BadInput on bad input."""
+    """Run (or continue) the table; returns results.json's dict, with "failed": {run: (kind, why)} when
+    runs did not finish (a diverged run's students skipped). Raises Stopped, or BadInput on bad input."""
     overrides = list(overrides)
     options = {"jobs": jobs, "per_gpu": per_gpu, "threads": threads, "ray": ray}
     runs.check_options(jobs, per_gpu, threads)

@@ -498,10 +498,9 @@ def estimate(jobs: list[Job], left: list[Job], running: list[Job], slots: int) -
 
 
 def run(jobs: list[Job], pool, by: str, results, again: str, data_dir=None, log=print) -> dict[tuple, tuple]:
-    """Train every job not done yet, each after its teacher, pool.slots at once; results() rewrites
-    the results files after every run that ends. Returns {job key: (kind, why)} of the runs that did
-    not finish (kind: diverged, failed, bad input, stopped, skipped); raises Stopped on Ctrl-C or
-    SIGTERM with `again`, the command that continues."""
+    """Train every job not done, each after its teacher, pool.slots at once, calling results() as each ends.
+    Returns {job key: (kind, why)} of the runs not finished (diverged, failed, bad input, stopped,
+    skipped); raises Stopped on Ctrl-C or SIGTERM, with `again`, the command that continues."""
     try:
         with sigterm_as_ctrl_c():
             table = Scheduler(jobs, pool, by, results, data_dir, log)
@@ -521,10 +520,9 @@ def run(jobs: list[Job], pool, by: str, results, again: str, data_dir=None, log=
 
 
 class Scheduler:
-    """The runs of one table or sweep (done, running in the pool, waiting, or not finishing), and what
-    the user sees: a line per run as it starts and ends, and the summary (running, done, left, ETA),
-    on a terminal one line kept up to date under them, elsewhere a line after each run that starts
-    or ends and every STATUS_EVERY seconds. log None: nothing shown (the packing bench)."""
+    """The runs of one table or sweep (done, running in the pool, waiting, not finishing) and what the user
+    sees: a line per run as it starts and ends, and the summary (running, done, left, ETA), on a terminal
+    kept up to date, elsewhere after each start or end and every STATUS_EVERY seconds. log None: silent."""
 
     def __init__(self, jobs: list[Job], pool, by: str, results, data_dir, log):
         self.jobs, self.pool, self.by, self.results, self.data_dir = jobs, pool, by, results, data_dir

@@ -136,9 +136,8 @@ def plan(recipe: str, grids: list[str], seeds: int, out=None, overrides=()) -> t
 
 def sweep(recipe: str, grids: list[str], seeds: int = 1, out=None, overrides=(), data_dir=None, log=print, jobs=None,
           per_gpu=None, threads=None, ray=None) -> dict:
-    """Run (or continue) the sweep and write DIR/results.md and results.json; returns results.json's
-    dict, with "failed": {run: (kind, why)} when runs did not finish. Raises runs.Stopped on
-    Ctrl-C/SIGTERM, BadInput on bad input."""
+    """Run (or continue) the sweep; returns results.json's dict, with "failed": {run: (kind, why)} when
+    runs did not finish. Raises runs.Stopped on Ctrl-C/SIGTERM, BadInput on bad input."""
     overrides, grids = list(overrides), list(grids)
     options = {"jobs": jobs, "per_gpu": per_gpu, "threads": threads, "ray": ray}
     runs.check_options(jobs, per_gpu, threads)
