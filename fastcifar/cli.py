@@ -499,9 +499,8 @@ class Dropping:
 
 
 def standard_streams():
-    """Closed stdin/stdout/stderr (`>&-`) become /dev/null, so no file fastcifar opens takes their
-    number (and prints land in it); stdout and stderr become Dropping streams that an ASCII locale
-    cannot crash. Returns the old pair."""
+    """Closed stdin/stdout/stderr (`>&-`) become /dev/null, so no file opened takes their number; stdout
+    and stderr become Dropping streams that an ASCII locale cannot crash. Returns the old pair."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)

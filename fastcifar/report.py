@@ -302,8 +302,7 @@ REPORT_FILES = ("results.md", "test_accuracy.png", "test_loss.png", "sweep.png")
 def sweep_of(paths: list[Path], warn) -> dict | None:
     """The results.json of a sweep directory (`fastcifar sweep`'s), when it is the one path given;
     None otherwise, and when that file cannot be drawn (warn says why)."""
-    f = paths[0] / "results.json" if len(paths) == 1 else None
-    if f is None or not f.is_file():
+    if len(paths) != 1 or not (f := paths[0] / "results.json").is_file():
         return None
     try:
         res = jsonio.load(f)
