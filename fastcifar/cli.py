@@ -18,8 +18,7 @@ from fastcifar.signals import sigterm_as_ctrl_c, stop_signals
 
 
 class Commands(typer.core.TyperGroup):
-    """The command group: a Ctrl-C (or SIGTERM, SIGHUP) that no command catches itself says so on
-    stderr, as train does, and exits 130 (typer's own handling is silent, or exit 1 in older versions)."""
+    """The group: a Ctrl-C (SIGTERM, SIGHUP) no command catches says so, exit 130 (typer's is silent)."""
 
     def invoke(self, ctx):
         try:
@@ -366,15 +365,18 @@ def predict(
             typer.echo(f"  {100 * t['prob']:6.2f}%  {t['class']}")
 
 
-# The scheduling options of reproduce and sweep (fastcifar/runs.py)
-JOBS_HELP = ("Runs at once on this machine (default: one per visible GPU times --per-gpu; on a CPU 1). Each run "
-             "is its own `fastcifar train` process, pinned to one GPU (CUDA_VISIBLE_DEVICES).")
-PER_GPU_HELP = "Runs packed onto each GPU (default 1); with --ray, each run holds 1/K of a GPU."
-THREADS_HELP = ("CPU threads per run (OMP_NUM_THREADS; a Ray task's num_cpus). Default: $OMP_NUM_THREADS, else "
-                "this machine's cores / --jobs (with --ray: 1). On a CPU a run's numbers depend on it.")
-RAY_HELP = ('Send the runs to a Ray cluster (HOST:PORT, or auto: $RAY_ADDRESS, else the one started on this machine) '
-            'as Ray tasks; --out must be on a file system every node shares (checked first). Needs pip install '
-            '"fastcifar[cluster]".')
+# The scheduling options of reproduce and sweep (fastcifar/runs.py), declared once for both
+JOBS = typer.Option(None, "--jobs", "-j", help="Runs at once on this machine (default: one per visible GPU times "
+                    "--per-gpu; on a CPU 1). Each run is its own `fastcifar train` process, pinned to one GPU "
+                    "(CUDA_VISIBLE_DEVICES).")
+PER_GPU = typer.Option(None, "--per-gpu", help="Runs packed onto each GPU (default 1); with --ray, each run holds "
+                       "1/K of a GPU.")
+THREADS = typer.Option(None, "--threads", help="CPU threads per run (OMP_NUM_THREADS; a Ray task's num_cpus). "
+                       "Default: $OMP_NUM_THREADS, else this machine's cores / --jobs (with --ray: 1). On a CPU a "
+                       "run's numbers depend on it.")
+RAY = typer.Option(None, "--ray", metavar="ADDRESS", help="Send the runs to a Ray cluster (HOST:PORT, or auto: "
+                   "$RAY_ADDRESS, else the one started on this machine) as Ray tasks; --out must be on a file system "
+                   'every node shares (checked first). Needs pip install "fastcifar[cluster]".')
 
 
 def run_many(make):
@@ -403,10 +405,10 @@ def reproduce(
     overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a field of every "
                                         "run, repeatable; e.g. --set train.epochs=2 for a dry run."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help=JOBS_HELP),
-    per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help=PER_GPU_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
-    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+    jobs: Optional[int] = JOBS,
+    per_gpu: Optional[int] = PER_GPU,
+    threads: Optional[int] = THREADS,
+    ray: Optional[str] = RAY,
 ):
     """Train a table of recipes, N seeds each, and write results.md / results.json with mean ± std.
 
@@ -440,10 +442,10 @@ def sweep(
     overrides: List[str] = typer.Option([], "--set", metavar="SECTION.FIELD=VALUE", help="Override a field of every "
                                         "run, repeatable (not a --grid field)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help=JOBS_HELP),
-    per_gpu: Optional[int] = typer.Option(None, "--per-gpu", help=PER_GPU_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
-    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+    jobs: Optional[int] = JOBS,
+    per_gpu: Optional[int] = PER_GPU,
+    threads: Optional[int] = THREADS,
+    ray: Optional[str] = RAY,
 ):
     """Train every combination of a grid of settings, N seeds each, and rank them by mean best accuracy.
 
@@ -497,9 +499,8 @@ class Dropping:
 
 
 def standard_streams():
-    """Closed stdin/stdout/stderr (`>&-`) become /dev/null, so no file fastcifar opens takes their
-    number (and prints land in it); stdout and stderr become Dropping streams that an ASCII locale
-    cannot crash. Returns the old pair."""
+    """Closed stdin/stdout/stderr (`>&-`) become /dev/null, so no file opened takes their number; stdout
+    and stderr become Dropping streams that an ASCII locale cannot crash. Returns the old pair."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
@@ -548,9 +549,8 @@ CACHE_VARS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME", "
 def main():
     saved = standard_streams()
     try:
-        # SIGTERM and SIGHUP stop every command as Ctrl-C does (exit 130), so its temporary files are removed
-        # stop signals blocked where this process started (a Ray worker blocks SIGINT, and its children inherit
-        # that) would never reach it: Ctrl-C, SIGTERM and a scheduler's stop must
+        # the stop signals unblocked (a Ray worker blocks SIGINT, and its children inherit that); SIGTERM and
+        # SIGHUP then stop every command as Ctrl-C does (exit 130), so its temporary files are removed
         signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
         with sigterm_as_ctrl_c():
             refuse_empty(sys.argv[1:])

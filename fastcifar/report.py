@@ -67,8 +67,8 @@ SUMMARY_NUMBERS = ("best_acc", "best_epoch", "final_acc", "train_images_per_sec"
 
 
 def _number(x, finite: bool = False) -> bool:
-    """None or a number; finite: not NaN or inf either (a metrics line may hold a NaN loss, a summary
-    never does). An int past a float's range is never a number here."""
+    """None or a number (an int past a float's range is not); finite: not NaN or inf either (a metrics
+    line may hold a NaN loss, a summary never does)."""
     if x is None:
         return True
     if not isinstance(x, (int, float)) or isinstance(x, bool):
@@ -118,8 +118,7 @@ RUN_FILES = ("summary.json", "metrics.jsonl", "recipe.json")  # any of them: a r
 
 
 def _holds_run_files(d: Path) -> bool:
-    """Whether d holds one of RUN_FILES; True when d cannot be looked into, so that it is tried, and
-    named as skipped with why, rather than silently passed over."""
+    """Whether d holds one of RUN_FILES; True when d cannot be looked into (tried, then named as skipped)."""
     try:
         return any((d / f).is_file() for f in RUN_FILES)
     except OSError:  # EACCES: pathlib's is_file() raises it instead of answering False
@@ -127,8 +126,7 @@ def _holds_run_files(d: Path) -> bool:
 
 
 def find_runs(paths: list[Path], skipped: list | None = None) -> list[Run]:
-    """Each path is a run directory, or a directory of them. A run that cannot be reported is left out
-    and (dir, why) appended to skipped; BadInput when no run is left."""
+    """The runs of run directories or folders of them; (dir, why) of each left out goes to skipped."""
     runs, skipped = [], skipped if skipped is not None else []
     for p in paths:
         if not p.is_dir():
@@ -176,35 +174,28 @@ def results_table(runs: list[Run], skipped: list = (), warnings: list[str] = ())
     with_val = any(r.summary.get("selection") == "val" for r in runs)
     with_wait = any(r.summary.get("data_wait_fraction") is not None for r in runs)
     with_target = any(r.summary.get("target_acc") for r in runs)
-    head = ["run", "recipe", "what changes", "best test acc (epoch)", "final test acc", "epochs", "wall time", "train img/s"]
+    head = ["run", "recipe", "what changes", "best test acc (epoch)"]
+    head += ["best val acc (epoch)", "test acc at best val"] * with_val
+    head += ["final test acc", "epochs", "wall time", "train img/s"]
     head += ["data wait"] * with_wait + ["time to target (training)"] * with_target
-    if with_val:
-        head[4:4] = ["best val acc (epoch)", "test acc at best val"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     for r in runs:
         s = r.summary
         name = str(s.get("recipe", r.label))
-        flags = []
-        if s.get("synthetic"):
-            flags.append("synthetic data")
-        if s.get("finished") is False:
-            flags.append(f"unfinished: {s.get('stop_reason') or 'stopped'}")
+        flags = ["synthetic data"] * bool(s.get("synthetic"))
+        flags += [f"unfinished: {s.get('stop_reason') or 'stopped'}"] * (s.get("finished") is False)
         if flags:
             name += " *(" + "; ".join(flags) + ")*"
-        epochs = f"{s.get('epochs_done', '?')}/{s.get('epochs') or '?'}"
-        row = [r.label, name, s.get("description", ""), f"{_pct(s.get('best_acc'))} ({s.get('best_epoch', '?')})",
-               _pct(s.get("final_acc")), epochs, duration(s.get("wall_seconds")),
-               _rate(s.get("train_images_per_sec"))]
+        row = [r.label, name, s.get("description", ""), f"{_pct(s.get('best_acc'))} ({s.get('best_epoch', '?')})"]
+        if with_val:
+            row += ([f"{_pct(s.get('best_val_acc'))} ({s.get('best_val_epoch', '?')})",
+                     _pct(s.get("test_acc_at_best_val"))] if s.get("selection") == "val" else ["—", "—"])
+        row += [_pct(s.get("final_acc")), f"{s.get('epochs_done', '?')}/{s.get('epochs') or '?'}",
+                duration(s.get("wall_seconds")), _rate(s.get("train_images_per_sec"))]
         if with_wait:
             row.append("—" if s.get("data_wait_fraction") is None else _pct(100 * s["data_wait_fraction"], 1))
-        if with_target:
-            row.append(_to_target(s))
-        if with_val:
-            if s.get("selection") == "val":
-                row[4:4] = [f"{_pct(s.get('best_val_acc'))} ({s.get('best_val_epoch', '?')})", _pct(s.get("test_acc_at_best_val"))]
-            else:
-                row[4:4] = ["—", "—"]
+        row += [_to_target(s)] * with_target
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
     if any(r.summary.get("synthetic") for r in runs):
         notes.append("Runs marked *synthetic data* trained on the generated stand-in set (`fastcifar prepare "
@@ -256,12 +247,10 @@ def warnings(runs: list[Run]) -> list[str]:
     return out
 
 
-def plot_curves(runs: list[Run], key: str, ylabel: str, path: Path) -> None:
-    """One line per run of metrics.jsonl's `key` over epochs, saved as a PNG (replacing only a
-    report's own)."""
-    import matplotlib.pyplot as plt  # curves_figure has chosen the Agg backend
+def save_png(fig, path: Path) -> None:
+    """The figure saved as a PNG (replacing only a report's own), then closed."""
+    import matplotlib.pyplot as plt  # the figure's maker has chosen the Agg backend
 
-    fig = curves_figure(runs, key, ylabel)
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png"), by="report")
     finally:
@@ -278,8 +267,7 @@ def _drawable(x) -> bool:
 
 
 def curves_figure(runs: list[Run], key: str, ylabel: str):
-    """The figure plot_curves saves: a line per run over integer epochs, a star at each run's best
-    (selected) epoch."""
+    """A line per run of metrics.jsonl's `key` over integer epochs, a star at its best (selected) epoch."""
     import matplotlib
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
@@ -314,8 +302,7 @@ REPORT_FILES = ("results.md", "test_accuracy.png", "test_loss.png", "sweep.png")
 def sweep_of(paths: list[Path], warn) -> dict | None:
     """The results.json of a sweep directory (`fastcifar sweep`'s), when it is the one path given;
     None otherwise, and when that file cannot be drawn (warn says why)."""
-    f = paths[0] / "results.json" if len(paths) == 1 else None
-    if f is None or not f.is_file():
+    if len(paths) != 1 or not (f := paths[0] / "results.json").is_file():
         return None
     try:
         res = jsonio.load(f)
@@ -335,9 +322,8 @@ def sweep_of(paths: list[Path], warn) -> dict | None:
     return res
 
 
-def plot_sweep(res: dict, path: Path) -> None:
-    """The sweep's settings in rank order as bars: mean best accuracy (validation where it ranked on
-    it) ± sample std over the seeds, n beside each; saved as a PNG (replacing only a report's own)."""
+def sweep_figure(res: dict):
+    """The sweep's settings in rank order as bars: mean best accuracy (on what it ranked) ± std, n beside."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -357,10 +343,7 @@ def plot_sweep(res: dict, path: Path) -> None:
                  fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png"), by="report")
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def check_out(out: Path) -> None:
@@ -400,10 +383,10 @@ def report(paths: list[Path], out: Path, warn=lambda msg: None, sort: str = "run
     try:
         out.mkdir(parents=True, exist_ok=True)
         # the pictures first: results.md, which shows them, is never new while they are not
-        plot_curves(runs, "test_acc", "test top-1 accuracy (%)", out / "test_accuracy.png")
-        plot_curves(runs, "test_loss", "test loss", out / "test_loss.png")
+        save_png(curves_figure(runs, "test_acc", "test top-1 accuracy (%)"), out / "test_accuracy.png")
+        save_png(curves_figure(runs, "test_loss", "test loss"), out / "test_loss.png")
         if swept is not None:
-            plot_sweep(swept, out / "sweep.png")
+            save_png(sweep_figure(swept), out / "sweep.png")
         # a run directory's name that is not UTF-8 goes back as the bytes it was (surrogateescape)
         atomic_write(out / "results.md", lambda f: f.write(table.encode("utf-8", "surrogateescape")), by="report")
     except OSError as e:

@@ -3,22 +3,14 @@ results with error bars beside the published figures.
 
     reproduce("tutorial", seeds=3, out="runs/reproduce-tutorial")
 
-- TABLE is a name in TABLES (`tutorial`: the tutorial's twelve experiments) or a file of recipe
-  names or paths, one per line (`#` starts a comment).
-- The runs go to DIR/<recipe>-seed<k> (train.seed = k), in dependency order: a recipe whose
-  distill.teacher names another recipe of the table runs after it, and seed k of the student is
-  distilled from seed k of the teacher that this table trained.
-- The runs go through the scheduler (runs.py): each a `fastcifar train` process of its own, --jobs
-  N at once on this machine (K per GPU with --per-gpu) or as tasks on a Ray cluster (--ray).
-- Run again, the same command continues: finished runs are skipped (never retrained or changed,
-  even with their .pt files deleted), interrupted ones resume from their last.pt (`fastcifar train
-  --resume`), so the table can be stopped (Ctrl-C, SIGTERM: exit 130) and continued any number of
-  times without training anything twice. A second reproduce of the same DIR while one runs is
-  refused before it looks at any run (a lock on DIR).
-- DIR/results.md and DIR/results.json: per recipe the mean ± std over seeds (and n) of the best
-  and final test accuracy, the tutorial's figure and the difference, wall time and img/s;
-  rewritten after every run. Like every file reproduce deletes or replaces (a run that died before
-  its first checkpoint restarts without its old files), only while fastcifar wrote it (owned.py).
+- TABLE is a name in TABLES or a file of recipe names or paths, one per line (`#` starts a comment).
+- Runs go to DIR/<recipe>-seed<k> (train.seed = k) through the scheduler (runs.py); a recipe whose
+  distill.teacher is in the table runs after it, seed k distilled from the teacher's seed k.
+- The same command continues: finished runs are skipped (even with their .pt files deleted), stopped
+  ones resume from their last.pt; a lock on DIR refuses a second reproduce there while one runs.
+- DIR/results.md and results.json, rewritten after every run: per recipe the mean ± std (n) of the
+  best and final test accuracy, the tutorial's figure and the difference, wall time and img/s.
+  Like every file reproduce deletes or replaces, only while fastcifar wrote it (owned.py).
 """
 
 from __future__ import annotations
@@ -67,7 +59,7 @@ def read_table(table: str) -> tuple[str, list[str]]:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"Cannot read the table file {table} ({getattr(e, 'strerror', None) or e}).")
-    refs, seen = [], {}
+    seen = {}  # ref -> its line, in the file's order
     for n, line in enumerate(text.splitlines(), 1):
         ref = line.split("#", 1)[0].strip()
         if not ref:
@@ -76,10 +68,9 @@ def read_table(table: str) -> tuple[str, list[str]]:
             raise BadInput(f"{table} line {n} lists {ref!r} again (first on line {seen[ref]}); a table runs each "
                            f"recipe once per seed, so list it once.")
         seen[ref] = n
-        refs.append(ref)
-    if not refs:
+    if not seen:
         raise BadInput(f"The table file {table} lists no recipe (one name per line; # starts a comment).")
-    return p.stem, refs
+    return p.stem, list(seen)
 
 
 def plan(table: str, seeds: int, out: Path, overrides=()) -> tuple[str, list[Job], list[str]]:
@@ -116,13 +107,12 @@ def plan(table: str, seeds: int, out: Path, overrides=()) -> tuple[str, list[Job
     jobs = []
     for name in order:
         for seed in range(seeds):
-            r, info = config.load(loaded[name][1]["path"])  # a fresh copy per seed
-            extra = [f"train.seed={seed}"]
+            sets = [*overrides, f"train.seed={seed}"]
             if name in deps:  # the teacher run of the same seed, from this table
-                extra.append(f"distill.teacher={out / f'{deps[name]}-seed{seed}'}")
-            config.apply_overrides(r, list(overrides) + extra)
-            info = {**info, "overrides": list(overrides) + extra}
-            jobs.append(Job(name, seed, r, info, out / f"{name}-seed{seed}", deps.get(name)))
+                sets.append(f"distill.teacher={out / f'{deps[name]}-seed{seed}'}")
+            r, info = config.load(loaded[name][1]["path"])  # a fresh copy per seed
+            jobs.append(Job(name, seed, config.apply_overrides(r, sets), {**info, "overrides": sets},
+                            out / f"{name}-seed{seed}", deps.get(name)))
     return label, jobs, names
 
 
@@ -160,11 +150,12 @@ def check_out(out: Path, names: list[str], by: str = "reproduce") -> None:
     check_writable_parent(out)
 
 
-def command(table: str, seeds: int, out: Path, overrides, data_dir, scheduling=()) -> str:
-    """The command line that continues this table (scheduling: its --jobs, --per-gpu, --threads, --ray)."""
-    args = ["fastcifar", "reproduce", table, "--seeds", str(seeds), "--out", str(out)]
-    for o in overrides:
-        args += ["--set", o]
+def command(table: str, seeds: int, out: Path, overrides, data_dir, scheduling=(), by="reproduce",
+            grids=()) -> str:
+    """The command line that continues this table (or sweep: by, grids); scheduling: its --jobs ... --ray."""
+    args = ["fastcifar", by, table, *(a for g in grids for a in ("--grid", g)), "--seeds", str(seeds),
+            "--out", str(out)]
+    args += [a for o in overrides for a in ("--set", o)]
     if data_dir is not None:
         args += ["--data-dir", str(data_dir)]
     return shlex.join(args + list(scheduling))
@@ -177,38 +168,53 @@ def scheduling(jobs=None, per_gpu=None, threads=None, ray=None) -> list[str]:
 
 
 def locked(out: Path, by: str):
-    """DIR's lock, held while `by` runs there: one scheduler at a time per DIR, locked before any run
-    is looked at (the kernel drops the lock with its holder)."""
+    """DIR's lock while `by` runs there, taken before any run is looked at (dropped with its holder)."""
     return owned.hold(out, f"--out {out} is in use: another `fastcifar {by}` is running its runs there. Wait for it "
                            f"to end (or stop it with Ctrl-C), then run this command again to continue; or choose "
                            f"another --out.")
 
 
+def run_planned(by: str, out: Path, names: list[str], planned: list[Job], collect_now, to_md, intro: str,
+                again: str, overrides: list[str], data_dir, log, options: dict) -> dict:
+    """Lock DIR, train the planned runs (reproduce's or sweep's), writing results.json and results.md
+    (collect_now(), to_md) as each ends; returns the results, with "failed" when runs did not finish."""
+    check_out(out, names, by)
+
+    def write() -> dict:  # atomically, from the runs as they are now
+        res = collect_now()
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "results.json", res, by=by)
+        atomic_write(out / "results.md", lambda f: f.write(to_md(res).encode()), by=by)
+        return res
+
+    with locked(out, by):
+        check_out(out, names, by)  # again, under the lock
+        pool = runs.make_pool(**options)
+        log(f"{intro} in {out}, {pool.describe()}" + (f", with {' '.join('--set ' + o for o in overrides)}"
+                                                       if overrides else ""))
+        failed = runs.run(planned, pool, by, write, again, data_dir, log)
+    results = write()
+    if failed:
+        results["failed"] = {f"{n} seed {s}": why for (n, s), why in failed.items()}
+    log(to_md(results))
+    log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return results
+
+
 def reproduce(table: str, seeds: int = 1, out=None, overrides=(), data_dir=None, log=print, jobs=None, per_gpu=None,
               threads=None, ray=None) -> dict:
-    """Run (or continue) the table and write DIR/results.md and results.json; returns results.json's
-    dict, with "failed": {run: (kind, why)} when runs did not finish (a diverged run's students are
-    skipped). Raises Stopped on Ctrl-C/SIGTERM, BadInput on bad input."""
+    """Run (or continue) the table; returns results.json's dict, with "failed": {run: (kind, why)} when
+    runs did not finish (a diverged run's students skipped). Raises Stopped, or BadInput on bad input."""
     overrides = list(overrides)
+    options = {"jobs": jobs, "per_gpu": per_gpu, "threads": threads, "ray": ray}
     runs.check_options(jobs, per_gpu, threads)
     out = Path(out) if out is not None else Path("runs") / f"reproduce-{read_table(table)[0]}"
     label, planned, names = plan(table, seeds, out, overrides)
-    check_out(out, names)
-    with locked(out, "reproduce"):
-        check_out(out, names)  # again, under the lock
-        pool = runs.make_pool(jobs, per_gpu, threads, ray)
-        n = len(planned)
-        log(f"Reproducing {label}: {len(names)} recipes x {seeds} seed{'s' * (seeds > 1)} = {n} runs in {out}, "
-            f"{pool.describe()}" + (f", with {' '.join('--set ' + o for o in overrides)}" if overrides else ""))
-        again = command(table, seeds, out, overrides, data_dir, scheduling(jobs, per_gpu, threads, ray))
-        failed = runs.run(planned, pool, "reproduce", lambda: write_results(out, label, seeds, overrides, names, planned),
-                          again, data_dir, log)
-    results = write_results(out, label, seeds, overrides, names, planned)
-    if failed:
-        results["failed"] = {f"{n} seed {s}": why for (n, s), why in failed.items()}
-    log(results_md(results))
-    log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
-    return results
+    intro = f"Reproducing {label}: {len(names)} recipes x {seeds} seed{'s' * (seeds > 1)} = {len(planned)} runs"
+    again = command(table, seeds, out, overrides, data_dir, scheduling(**options))
+    return run_planned("reproduce", out, names, planned,
+                       lambda: collect(out, label, seeds, overrides, names, planned), results_md, intro, again,
+                       overrides, data_dir, log, options)
 
 
 # ---- The results table
@@ -230,22 +236,20 @@ def run_row(j: Job, key: str = "recipe") -> dict:
     """A run's row of results.json, from its summary.json (key: what its name is, recipe or setting)."""
     s = read_object(j.dir / "summary.json") or {}
     return {key: j.name, "seed": j.seed, "dir": str(j.dir), "finished": bool(s.get("finished")),
-            "stop_reason": s.get("stop_reason"), "best_acc": s.get("best_acc"), "final_acc": s.get("final_acc"),
-            "epochs_done": s.get("epochs_done"), "wall_seconds": s.get("wall_seconds"),
-            "train_images_per_sec": s.get("train_images_per_sec"), "synthetic": s.get("synthetic"),
-            "best_val_acc": s.get("best_val_acc")}
+            **{k: s.get(k) for k in ("stop_reason", "best_acc", "final_acc", "epochs_done", "wall_seconds",
+                                     "train_images_per_sec", "synthetic", "best_val_acc")}}
 
 
 def seed_stats(rows: list[dict]) -> dict:
-    """n (finished seeds) of, and mean ± std of the best and final accuracy, mean wall time and img/s
-    of a recipe's (or a setting's) run rows."""
+    """n (finished seeds) of, mean ± std of best and final accuracy, mean wall time and img/s of run rows."""
     done = [r for r in rows if r["finished"] and all(is_number(r[k]) for k in ("best_acc", "final_acc"))]
-    return {"n": len(done), "of": len(rows), "best_acc": stats([r["best_acc"] for r in done]),
-            "final_acc": stats([r["final_acc"] for r in done]),
-            "best_val_acc": stats([r["best_val_acc"] for r in done if is_number(r["best_val_acc"])]),
-            "wall_seconds": stats([r["wall_seconds"] for r in done if is_number(r["wall_seconds"])])["mean"],
-            "train_images_per_sec": stats([r["train_images_per_sec"] for r in done
-                                           if is_number(r["train_images_per_sec"])])["mean"]}
+
+    def of(key: str) -> dict:
+        return stats([r[key] for r in done if is_number(r[key])])
+
+    return {"n": len(done), "of": len(rows), "best_acc": of("best_acc"), "final_acc": of("final_acc"),
+            "best_val_acc": of("best_val_acc"), "wall_seconds": of("wall_seconds")["mean"],
+            "train_images_per_sec": of("train_images_per_sec")["mean"]}
 
 
 def collect(out: Path, label: str, seeds: int, overrides, names: list[str], jobs: list[Job]) -> dict:
@@ -302,11 +306,3 @@ def results_md(res: dict) -> str:
                                                   for r in pending) + ".")
     return "\n".join(lines) + "\n"
 
-
-def write_results(out: Path, label: str, seeds: int, overrides, names: list[str], jobs: list[Job]) -> dict:
-    """Write DIR/results.json and results.md (atomically) from the runs as they are now."""
-    res = collect(out, label, seeds, overrides, names, jobs)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", res, by="reproduce")
-    atomic_write(out / "results.md", lambda f: f.write(results_md(res).encode()), by="reproduce")
-    return res

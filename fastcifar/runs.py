@@ -1,23 +1,18 @@
 """Many runs at once: the one scheduler behind `fastcifar reproduce` and `fastcifar sweep`.
 
     pool = make_pool(jobs=2, per_gpu=None, threads=None, ray=None)
-    failed = run(jobs, pool, "reproduce", write_results, again)   # {job key: why} of runs not finished
+    failed = run(jobs, pool, "reproduce", write_results, again)  # {job key: (kind, why)} not finished
 
-- A Job is one run: a recipe with its --set overrides at one seed, in DIR/<name>-seed<k>, maybe
-  waiting for the run it distills from (its teacher, same seed). Its directory says what is left
-  (state()): new, resume, restart, done or failed (diverged).
-- Every run is a plain `fastcifar train RECIPE --set ... --out RUN_DIR` (or `train --resume
-  RUN_DIR`) in a process of its own: what a user would type, so a crash in one run never takes the
-  others down. Its printed lines go to RUN_DIR/train.log (train writes it); the scheduler keeps the
-  tail of its stderr to show why it failed.
-- Pools run the processes: LocalPool on this machine (on GPUs each run pinned to one with
-  CUDA_VISIBLE_DEVICES, K per GPU; on a CPU N at once, splitting the cores), RayPool as Ray tasks
-  on a cluster (num_gpus = 1/K). Both: slots, running, start(), poll(), interrupt(), kill(), close().
-- Ctrl-C, SIGTERM or SIGHUP: every running run gets a SIGINT, saves its last.pt and exits 130, the
-  results are rewritten, and Stopped says which command continues. Again: they stop at once.
-- A run's CPU threads (OMP_NUM_THREADS) follow what the user asked (--threads, else OMP_NUM_THREADS,
-  else the cores / --jobs), never how many runs happen to run at once: on a CPU a run's numbers
-  depend on its thread count (float sums in another order).
+- A Job is one run (a recipe, its --set overrides, one seed) in DIR/<name>-seed<k>, maybe after its teacher
+  (same seed); state() reads from its directory what is left: new, resume, restart, done or failed.
+- Every run is a plain `fastcifar train ... --out RUN_DIR` (or `--resume RUN_DIR`) process of its own, so a
+  crash in one never takes the others down; its lines go to RUN_DIR/train.log, its stderr's tail says
+  why it failed.
+- LocalPool runs them here (on GPUs pinned with CUDA_VISIBLE_DEVICES, K per GPU; on a CPU N at once),
+  RayPool as Ray tasks (num_gpus = 1/K): slots, running, start(), poll(), interrupt(), kill(), close().
+- Ctrl-C, SIGTERM or SIGHUP: each run gets a SIGINT, saves its last.pt and exits 130; again: at once.
+- A run's CPU threads follow --threads (else OMP_NUM_THREADS, else cores / --jobs), never how many run at
+  once: on a CPU a run's numbers depend on its thread count (float sums in another order).
 """
 
 from __future__ import annotations
@@ -91,9 +86,8 @@ def read_object(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _changes(job: Job) -> tuple[dict, dict, list[str]]:
-    """(recorded recipe, planned recipe, the section.field keys where they differ) of a run directory
-    holding recipe.json; BadInput when recipe.json is missing or damaged."""
+def _changes(job: Job) -> tuple[dict, dict, list[tuple[str, str]]]:
+    """(recorded recipe, planned recipe, the (section, field)s where they differ) of a run directory."""
     d = job.dir
     recorded = read_object(d / "recipe.json")
     if recorded is None:
@@ -103,52 +97,45 @@ def _changes(job: Job) -> tuple[dict, dict, list[str]]:
     except BadInput as e:
         raise BadInput(f"{d / 'recipe.json'}: {e} Remove {d} to run {job} again.")
     now = config.to_dict(job.recipe)
-    return was, now, [f"{s}.{k}" for s, fields in now.items() for k, v in fields.items() if v != was[s][k]]
+    return was, now, [(s, k) for s, fields in now.items() for k, v in fields.items() if v != was[s][k]]
 
 
 def state(job: Job, by: str = "reproduce") -> str:
-    """What the job's directory asks for: "new", "done" (finished, with or without its .pt files,
-    whatever train.target_acc now says), "resume", "failed" (it diverged), or "restart" (a run that
-    died before its first checkpoint: only files that run wrote, no last.pt). BadInput when it holds
-    a run of another configuration, or files that `fastcifar by` would have to replace or delete
-    but fastcifar did not write there."""
+    """What the job's directory asks for: new, done (finished, with or without its .pt files, whatever
+    train.target_acc now says), resume, failed (diverged) or restart (died before its first checkpoint,
+    holding only files that run wrote). BadInput for a run of other settings, or for files fastcifar did
+    not write that `fastcifar by` would have to replace or delete."""
     d = job.dir
     if not d.exists() or (d.is_dir() and not any(d.iterdir())):
         return "new"
     if not d.is_dir():
         raise BadInput(f"{d} is a file where {by} keeps the run {job}; move it away.")
-    if not (d / "last.pt").is_file():
-        summary = read_object(d / "summary.json") or {}
-        if summary.get("finished"):
-            return "done"  # a finished run whose checkpoints were deleted (to free disk): reported, never retrained
-        if str(summary.get("stop_reason", "")).startswith("non-finite loss"):
-            return "failed"  # it diverged before its first checkpoint: recorded, not run again
-        # a run that died before its first checkpoint: restarted, its files deleted, if it wrote them all
+    checkpointed = (d / "last.pt").is_file()
+    if checkpointed:  # without last.pt, a finished run whose checkpoints were deleted (to free disk) is done
+        was, now, changed = _changes(job)
+        what = ", ".join(f"{s}.{k} ({was[s][k]!r} -> {now[s][k]!r})" for s, k in changed
+                         if f"{s}.{k}" not in HOW)
+        if what:
+            raise BadInput(f"{d} holds a run of {job} made with other settings: {what}. Continue with the same "
+                           f"--set as before, or choose another --out for these settings.")
+    summary = read_object(d / "summary.json") or {}
+    if summary.get("finished"):
+        return "done"  # reported, never retrained
+    if str(summary.get("stop_reason", "")).startswith("non-finite loss"):
+        return "failed"  # recorded, not run again
+    if not checkpointed:  # restarted, its files deleted, if that run wrote them all
         theirs = [p for p in sorted(d.iterdir()) if not owned.is_ours(p, "train")]
         if not theirs:
             return "restart"
         owned.refuse(theirs, f"{by} keeps the run {job} in {d}, and restarting it there would delete {{it}}. "
                      f"Move {{it}} away, or choose another --out.", "train")
-    was, now, changed = _changes(job)
-    other = [k for k in changed if k not in HOW]
-    if other:
-        what = ", ".join(f"{k} ({was[k.split('.')[0]][k.split('.')[1]]!r} -> {now[k.split('.')[0]][k.split('.')[1]]!r})"
-                         for k in other)
-        raise BadInput(f"{d} holds a run of {job} made with other settings: {what}. Continue with the same --set as "
-                       f"before, or choose another --out for these settings.")
-    summary = read_object(d / "summary.json") or {}
-    if summary.get("finished"):
-        return "done"
-    if str(summary.get("stop_reason", "")).startswith("non-finite loss"):
-        return "failed"
     check_own_run(d, f"Resuming {job} would replace {{it}}. Continue a copied run elsewhere (`fastcifar train "
                      f"--resume {d} --out NEW_DIR`) and move {d} away, or choose another --out.")
     return "resume"
 
 
 def restart(job: Job, by: str = "reproduce") -> None:
-    """Delete the files of a run that died before its first checkpoint (state() found that it wrote
-    every one), under the run's own lock: a `train --resume` of it may have started since."""
+    """Delete the files of a run state() found restartable, under the run's lock (a resume may have begun)."""
     busy = (f"{job.dir} is in use: another fastcifar process is writing that run. Wait for it to end, then run "
             f"this command again.")
     with owned.hold(job.dir, busy):
@@ -166,17 +153,16 @@ def _set_text(value) -> str:
 
 
 def train_args(job: Job, resume: bool, data_dir=None) -> list[str]:
-    """`fastcifar train`'s arguments for the job: a new run of its recipe file with its overrides,
-    or the resume of its directory with the plan's values of the HOW fields that differ."""
+    """`fastcifar train`'s arguments: a new run of the recipe file with its overrides, or the resume of
+    its directory with the plan's values of the HOW fields that differ."""
     if resume:
         _, now, changed = _changes(job)
-        sets = [f"{k}={_set_text(now[k.split('.')[0]][k.split('.')[1]])}" for k in changed]
+        sets = [f"{s}.{k}={_set_text(now[s][k])}" for s, k in changed]
         args = ["train", "--resume", str(job.dir)]
     else:
         sets = job.info.get("overrides", [])
         args = ["train", str(Path(job.info["path"]).resolve()), "--out", str(job.dir)]
-    for s in sets:
-        args += ["--set", s]
+    args += [a for s in sets for a in ("--set", s)]
     if data_dir is not None:
         args += ["--data-dir", str(Path(data_dir).resolve())]
     return args
@@ -186,16 +172,14 @@ def train_args(job: Job, resume: bool, data_dir=None) -> list[str]:
 
 
 def spawn(args: list[str], env: dict, stderr, cwd=None) -> subprocess.Popen:
-    """`python -m fastcifar ARGS` in a session of its own (a Ctrl-C at the terminal reaches the
-    scheduler alone, which passes it on), printing nothing (its lines are in its train.log)."""
+    """`python -m fastcifar ARGS`, silent, in its own session: a terminal's Ctrl-C reaches the scheduler."""
     env = {**os.environ, **env, "FASTCIFAR_PARENT_PID": str(os.getpid())}
     return subprocess.Popen([sys.executable, "-m", "fastcifar", *args], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=cwd, start_new_session=True)
 
 
 def stop_with_parent() -> None:
-    """In a run a scheduler started: SIGINT when the scheduler dies, even by kill -9 (Linux), so the
-    run saves its last.pt and exits instead of training on where nobody waits for it."""
+    """In a run a scheduler started: SIGINT (save, exit) when the scheduler dies, even by kill -9 (Linux)."""
     parent = os.environ.pop("FASTCIFAR_PARENT_PID", None)
     if parent is None or not sys.platform.startswith("linux"):
         return
@@ -220,8 +204,7 @@ def thread_env(threads: int) -> dict:
 
 
 def default_threads(slots: int) -> int:
-    """A run's CPU threads when --threads is not given: OMP_NUM_THREADS when set, else an equal share
-    of this machine's cores between the runs that --jobs allows at once."""
+    """A run's CPU threads without --threads: OMP_NUM_THREADS, else its share of the cores among `slots`."""
     env = os.environ.get("OMP_NUM_THREADS", "")
     return int(env) if env.isdigit() and int(env) > 0 else max(1, len(os.sched_getaffinity(0)) // slots)
 
@@ -245,43 +228,35 @@ class Child:
 
 
 class LocalPool:
-    """Runs as processes on this machine: on GPUs each pinned to one GPU (CUDA_VISIBLE_DEVICES), K
-    per GPU; on a CPU, N at once. Each gets `threads` CPU threads."""
+    """Runs as processes here: on GPUs pinned to one (CUDA_VISIBLE_DEVICES), K per GPU; on a CPU N at once."""
 
     def __init__(self, jobs: int | None = None, per_gpu: int | None = None, threads: int | None = None, gpus=None):
         self.gpus = visible_gpus() if gpus is None else list(gpus)  # gpus: these only (the packing bench)
-        if self.gpus:
-            most = len(self.gpus) * (per_gpu or 1)
-            if jobs is not None and jobs > most:
-                raise BadInput(f"--jobs {jobs}: this machine has {len(self.gpus)} GPU{'s' * (len(self.gpus) > 1)} "
-                               f"and --per-gpu {per_gpu or 1} puts {per_gpu or 1} run{'s' * ((per_gpu or 1) > 1)} on "
-                               f"each, {most} at most; raise --per-gpu to pack more runs onto each GPU.")
-            self.slots = jobs or most
-        else:
-            if per_gpu is not None:
-                raise BadInput(f"--per-gpu {per_gpu}: torch sees no GPU here; on a CPU, --jobs N runs N at once, "
-                               f"splitting the cores.")
-            self.slots = jobs or 1
+        k = per_gpu or 1
+        most = len(self.gpus) * k  # 0 on a CPU
+        if self.gpus and jobs is not None and jobs > most:
+            gpus = f"{len(self.gpus)} GPU{'s' * (len(self.gpus) > 1)}"
+            raise BadInput(f"--jobs {jobs}: this machine has {gpus} and --per-gpu {k} puts {k} run{'s' * (k > 1)} "
+                           f"on each, {most} at most; raise --per-gpu to pack more runs onto each GPU.")
+        if not self.gpus and per_gpu is not None:
+            raise BadInput(f"--per-gpu {per_gpu}: torch sees no GPU here; on a CPU, --jobs N runs N at once, "
+                           f"splitting the cores.")
+        self.slots = jobs or most or 1
         self.threads = threads or default_threads(self.slots)
         self.running: dict[tuple, Child] = {}
 
     def describe(self) -> str:
         at_once = f"{self.slots} at once"
         if self.gpus:
-            per = {g: 0 for g in self.gpus}
             return (f"{at_once} on {len(self.gpus)} GPU{'s' * (len(self.gpus) > 1)} (CUDA_VISIBLE_DEVICES "
-                    f"{','.join(per)}; up to {-(-self.slots // len(self.gpus))} per GPU), {self.threads} CPU "
+                    f"{','.join(self.gpus)}; up to {-(-self.slots // len(self.gpus))} per GPU), {self.threads} CPU "
                     f"thread{'s' * (self.threads > 1)} each")
         return f"{at_once} on this CPU, {self.threads} thread{'s' * (self.threads > 1)} each"
 
     def start(self, job: Job, args: list[str]) -> str:
         """Start the run; returns where it runs ("GPU 3", or "")."""
-        gpu = None
-        if self.gpus:  # the GPU with the fewest runs
-            load = {g: 0 for g in self.gpus}
-            for c in self.running.values():
-                load[c.gpu] += 1
-            gpu = min(self.gpus, key=lambda g: load[g])
+        busy = [c.gpu for c in self.running.values()]
+        gpu = min(self.gpus, key=busy.count) if self.gpus else None  # the GPU with the fewest runs
         env = thread_env(self.threads) | ({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})
         err = tempfile.TemporaryFile()
         try:
@@ -295,9 +270,8 @@ class LocalPool:
     def poll(self, timeout: float) -> list[tuple[Job, int | None, str]]:
         """(job, exit code, stderr tail) of the runs that ended, waiting up to timeout seconds for one."""
         end = time.monotonic() + timeout
-        while True:
-            ended = [c for c in self.running.values() if c.proc.poll() is not None]
-            if ended or time.monotonic() >= end:
+        while not (ended := [c for c in self.running.values() if c.proc.poll() is not None]):
+            if time.monotonic() >= end:
                 break
             time.sleep(0.1)
         out = []
@@ -314,8 +288,7 @@ class LocalPool:
                 c.proc.send_signal(signal.SIGINT)
 
     def kill(self) -> None:
-        """Stop every run at once: a second SIGINT (a run quits without finishing its step), then,
-        for any run still there after STOP_GRACE seconds, SIGKILL to its process group."""
+        """A second SIGINT (a run quits mid-step), then SIGKILL to what is left after STOP_GRACE seconds."""
         self.interrupt()
         end = time.monotonic() + STOP_GRACE
         while time.monotonic() < end and any(c.proc.poll() is None for c in self.running.values()):
@@ -332,20 +305,9 @@ class LocalPool:
 # ---- Ray
 
 
-def import_ray():
-    """The ray module, or BadInput saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise BadInput('--ray needs Ray, which fastcifar installs as an option: pip install "fastcifar[cluster]" (or '
-                       'pip install "ray[default]"). Without --ray the runs go to this machine (--jobs, --per-gpu).')
-    return ray
-
-
 def run_child(args: list[str], env: dict, cwd: str | None) -> tuple[int, str]:
-    """A Ray task: `fastcifar train ARGS` in a process on this node; returns (exit code, the tail of
-    its stderr). A cancel (ray.cancel: a KeyboardInterrupt here) is passed on as SIGINT: the run
-    saves its last.pt and exits 130; a second one makes it quit at once."""
+    """A Ray task: `fastcifar train ARGS` on this node; (exit code, stderr's tail). A cancel (a
+    KeyboardInterrupt here) is passed on as SIGINT: the run saves its last.pt and exits 130."""
     with tempfile.TemporaryFile() as err:
         proc = spawn(args, env, err, cwd if cwd and os.path.isdir(cwd) else None)
         while proc.poll() is None:
@@ -372,11 +334,16 @@ def probe(folder: str, token: str, need: list[str]) -> dict:
 
 
 class RayPool:
-    """Runs as Ray tasks on a cluster: each the same `fastcifar train` process on some node, holding
-    1/K of a GPU (where the cluster has GPUs) and `threads` CPUs."""
+    """Runs as Ray tasks: each the same `fastcifar train` process on a node, 1/K GPU and `threads` CPUs."""
 
     def __init__(self, address: str, jobs: int | None = None, per_gpu: int | None = None, threads: int | None = None):
-        ray = self.ray = import_ray()
+        try:
+            import ray
+        except ImportError:
+            raise BadInput('--ray needs Ray, which fastcifar installs as an option: pip install "fastcifar[cluster]" '
+                           '(or pip install "ray[default]"). Without --ray the runs go to this machine (--jobs, '
+                           '--per-gpu).')
+        self.ray = ray
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         except Exception as e:  # ConnectionError, a version mismatch, a bad address: Ray's own exceptions
@@ -418,10 +385,9 @@ class RayPool:
             got = self.ray.get(ref)
             node = f"{got['host']} ({ip})"
             path = folder / f".fastcifar-probe.{token}{k}.tmp"
-            try:
+            seen = False
+            with contextlib.suppress(OSError):
                 seen = path.read_text() == f"{token}{k}"
-            except OSError:
-                seen = False
             if seen:
                 path.unlink()  # written by the probe a moment ago under a name nobody else can guess
             if got["error"]:
@@ -493,8 +459,7 @@ def make_pool(jobs=None, per_gpu=None, threads=None, ray: str | None = None):
 
 
 def outcome(job: Job, code: int | None, err: str) -> tuple[str, str]:
-    """(kind, what to say) of a run's process that ended: kind is finished, stopped (Ctrl-C or
-    SIGTERM: it saved last.pt), diverged, bad input (its one paragraph) or failed."""
+    """(kind, what to say) of an ended run: finished, stopped (saved last.pt), diverged, bad input, failed."""
     s = read_object(job.dir / "summary.json") or {}
     if code == 0 and s.get("finished"):
         best = s.get("best_acc")
@@ -532,51 +497,22 @@ def estimate(jobs: list[Job], left: list[Job], running: list[Job], slots: int) -
     return work / max(1, min(slots, len(running) + len(left)))
 
 
-class Board:
-    """What the user sees: a line per run as it starts and ends, and the summary (running, done,
-    left, ETA): on a terminal one line kept up to date under them, elsewhere a line after each run
-    that starts or ends and every STATUS_EVERY seconds."""
-
-    def __init__(self, log):
-        # log None: nothing shown (the packing bench)
-        self.log, self.live = log or (lambda *a, **k: None), log is not None and sys.stdout.isatty()
-        self.shown, self.last = False, float("-inf")
-
-    def say(self, line: str) -> None:
-        if self.shown:
-            sys.stdout.write("\r\033[K")
-            self.shown = False
-        self.log(line)
-
-    def status(self, text, event: bool) -> None:
-        """Show text() (made only when shown: it reads every run's summary.json)."""
-        now = time.monotonic()
-        if self.live and (event or now - self.last > 2):
-            sys.stdout.write("\r\033[K" + text()[:200])
-            sys.stdout.flush()
-            self.shown, self.last = True, now
-        elif not self.live and (event or now - self.last > STATUS_EVERY):
-            self.log("  " + text())
-            self.last = now
-
-
 def run(jobs: list[Job], pool, by: str, results, again: str, data_dir=None, log=print) -> dict[tuple, tuple]:
-    """Train every job not done yet, each after its teacher, pool.slots at once; results() rewrites
-    the results files after every run that ends. Returns {job key: (kind, why)} of the runs that did
-    not finish (kind: diverged, failed, bad input, stopped, skipped); raises Stopped on Ctrl-C or
-    SIGTERM with `again`, the command that continues."""
+    """Train every job not done, each after its teacher, pool.slots at once, calling results() as each ends.
+    Returns {job key: (kind, why)} of the runs not finished (diverged, failed, bad input, stopped,
+    skipped); raises Stopped on Ctrl-C or SIGTERM, with `again`, the command that continues."""
     try:
         with sigterm_as_ctrl_c():
             table = Scheduler(jobs, pool, by, results, data_dir, log)
             try:
-                while table.left or table.running:
+                while table.left or pool.running:
                     table.step()
-            except KeyboardInterrupt:
+            except BaseException as e:  # Ctrl-C, or the scheduler's own error: its runs stop (and save) first
                 table.stop()
-                raise Stopped(f"Stopped with {len(table.done)} of {len(jobs)} runs finished; finished runs are kept "
-                              f"and the stopped ones resume from their last.pt. Continue with: {again}")
-            except BaseException:  # the scheduler's own error: its runs stop (and save) before it ends
-                table.stop()
+                if isinstance(e, KeyboardInterrupt):
+                    raise Stopped(f"Stopped with {len(table.done)} of {len(jobs)} runs finished; finished "
+                                  f"runs are kept and the stopped ones resume from their last.pt. Continue "
+                                  f"with: {again}")
                 raise
             return table.failed
     finally:
@@ -584,14 +520,17 @@ def run(jobs: list[Job], pool, by: str, results, again: str, data_dir=None, log=
 
 
 class Scheduler:
-    """The runs of one table or sweep: which are done, running, waiting, or will not finish."""
+    """The runs of one table or sweep (done, running in the pool, waiting, not finishing) and what the user
+    sees: a line per run as it starts and ends, and the summary (running, done, left, ETA), on a terminal
+    kept up to date, elsewhere after each start or end and every STATUS_EVERY seconds. log None: silent."""
 
     def __init__(self, jobs: list[Job], pool, by: str, results, data_dir, log):
         self.jobs, self.pool, self.by, self.results, self.data_dir = jobs, pool, by, results, data_dir
-        self.board = Board(log)
+        self.log, self.live = log or (lambda *a, **k: None), log is not None and sys.stdout.isatty()
+        self.shown, self.last = False, float("-inf")
         states = {j.key: state(j, by) for j in jobs}  # every run directory checked before anything trains
         self.number = {j.key: k for k, j in enumerate(jobs, 1)}
-        self.done, self.failed, self.running, self.left = set(), {}, {}, []
+        self.done, self.failed, self.left = set(), {}, []
         for j in jobs:
             if states[j.key] == "done":
                 self.say(j, f"done, skipped ({j.dir})")
@@ -604,12 +543,26 @@ class Scheduler:
         if self.left:
             prepare_stores([j for j in self.left if states[j.key] != "resume"], pool, data_dir, jobs[0].dir.parent)
 
-    def say(self, job: Job, what: str) -> None:
-        self.board.say(f"[{self.number[job.key]}/{len(self.jobs)}] {job}: {what}")
+    def say(self, job: Job | None, what: str) -> None:
+        """A line of its own (about job), under which the live summary is drawn again."""
+        if self.shown:
+            sys.stdout.write("\r\033[K")
+            self.shown = False
+        self.log(what if job is None else f"[{self.number[job.key]}/{len(self.jobs)}] {job}: {what}")
+
+    def status(self, event: bool) -> None:
+        """Show the summary (made only when shown: it reads every run's summary.json)."""
+        now = time.monotonic()
+        if self.live and (event or now - self.last > 2):
+            sys.stdout.write("\r\033[K" + self.summary()[:200])
+            sys.stdout.flush()
+            self.shown, self.last = True, now
+        elif not self.live and (event or now - self.last > STATUS_EVERY):
+            self.log("  " + self.summary())
+            self.last = now
 
     def step(self) -> None:
-        """Skip the runs whose teacher did not finish, start what may start, and take the runs that
-        ended (waiting up to a second for one)."""
+        """Skip runs whose teacher did not finish, start what may, take those that ended (waiting <= 1 s)."""
         for j in [j for j in self.left if j.teacher and (j.teacher, j.seed) in self.failed]:
             self.left.remove(j)
             self.failed[j.key] = ("skipped", f"its teacher {j.teacher} seed {j.seed} did not finish")
@@ -623,17 +576,15 @@ class Scheduler:
                 restart(j, self.by)
             where = self.pool.start(j, train_args(j, s == "resume", self.data_dir))
             self.left.remove(j)
-            self.running[j.key] = j
             started = True
             self.say(j, ("resuming from its last.pt" if s == "resume" else "starting") + (f" on {where}" if where else "")
                      + f" -> {j.dir}")
         ends = self.pool.poll(1.0)
         for job, code, err in ends:
             self.ended(job, code, err)
-        self.board.status(self.summary, event=bool(ends) or started)
+        self.status(event=bool(ends) or started)
 
     def ended(self, job: Job, code, err: str) -> None:
-        del self.running[job.key]
         kind, text = outcome(job, code, err)
         self.say(job, text)
         if kind == "finished":
@@ -644,34 +595,33 @@ class Scheduler:
             self.results()
 
     def summary(self) -> str:
-        eta = estimate(self.jobs, self.left, list(self.running.values()), self.pool.slots)
-        return (f"{len(self.running)} running, {len(self.done)} done, {len(self.failed)} not finished, "
+        running = [j for j in self.jobs if j.key in self.pool.running]
+        eta = estimate(self.jobs, self.left, running, self.pool.slots)
+        return (f"{len(running)} running, {len(self.done)} done, {len(self.failed)} not finished, "
                 f"{len(self.left)} waiting, of {len(self.jobs)}; ETA "
                 + (duration(eta) if eta is not None else "after a first epoch"))
 
     def stop(self) -> None:
-        """Stop every running run and wait for each to save its last.pt and exit (each rewrites the
-        results as it ends); a second Ctrl-C (or SIGTERM) stops them at once."""
-        n, hurried = len(self.running), False
+        """Stop every run, waiting while each saves its last.pt; a second Ctrl-C (or SIGTERM): at once."""
+        n, hurried = len(self.pool.running), False
         if n:
-            self.board.say(f"Stopping {n} running run{'s' * (n > 1)}: each saves its last.pt after its current step "
-                           f"(Ctrl-C again to stop at once).")
+            self.say(None, f"Stopping {n} running run{'s' * (n > 1)}: each saves its last.pt after its "
+                           f"current step (Ctrl-C again to stop at once).")
             self.pool.interrupt()
-        while self.running:
+        while self.pool.running:
             try:
                 for job, code, err in self.pool.poll(1.0):
                     self.ended(job, code, err)
             except KeyboardInterrupt:
                 if not hurried:
                     hurried = True
-                    self.board.say("Stopping at once.")
+                    self.say(None, "Stopping at once.")
                     self.pool.kill()
 
 
 def prepare_stores(jobs: list[Job], pool, data_dir, out: Path) -> None:
-    """Before the first run: on this machine, prepare once each data set's store that the new runs
-    `jobs` need (not in N runs at once); on a Ray cluster, check that every node shares `out` and
-    has those stores and recipes."""
+    """Before the first run, here: prepare once each store the new runs `jobs` need (not in N runs at once);
+    on a Ray cluster: check that every node shares `out` and has those stores and recipes."""
     from fastcifar.data import default_data_dir
 
     datasets = sorted({j.recipe.data.dataset for j in jobs})

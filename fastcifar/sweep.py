@@ -3,28 +3,25 @@ each, through the scheduler of `reproduce` (runs.py), and the settings ranked by
 
     sweep("r18_cifar_32", ["optim.lr=0.05,0.1,0.2", "loss.label_smoothing=0,0.1"], seeds=3)
 
-- A grid value is typed as a --set value is (config.apply_overrides); values are split at the
-  commas outside brackets, so optim.betas=(0.9,0.999),(0.9,0.99) is two values.
-- Each run goes to DIR/<setting>-seed<k>: the setting names its values, by field name where that
-  is unambiguous (`lr=0.05,label_smoothing=0-seed0`), with characters a file name should not hold
-  replaced by _. Two settings that would share a name are refused, as are empty or repeated values,
-  a field given twice (or also in --set), train.seed (that is --seeds) and grids past MAX_RUNS.
-- DIR/results.md and results.json: the settings ranked by mean best test accuracy (± sample std
-  over the finished seeds, n); rewritten as runs end; `fastcifar report DIR` draws them (sweep.png).
-- Stop, continue, locks and ownership are reproduce's: the same command continues a stopped sweep.
+- Grid values are typed as --set values are, split at the commas outside brackets
+  (optim.betas=(0.9,0.999),(0.9,0.99) is two values).
+- Each run goes to DIR/<setting>-seed<k>, the setting named by its values (`lr=0.05,label_smoothing=0`,
+  by field name where unambiguous; characters a file name should not hold become _).
+- DIR/results.md and results.json rank the settings by mean best accuracy (± sample std over the
+  finished seeds, n); `fastcifar report DIR` draws them (sweep.png). Stop, continue, locks and
+  ownership are reproduce's.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
-import shlex
 from pathlib import Path
 
 from fastcifar import config, runs
 from fastcifar.errors import BadInput, shown
-from fastcifar.checkpoint import atomic_write, write_json
-from fastcifar.reproduce import (MAX_SEEDS, Job, check_out, locked, pm, resolved, run_row, scheduling, seed_stats)
+from fastcifar.reproduce import MAX_SEEDS, Job, command, pm, resolved, run_planned, run_row, scheduling, seed_stats
 from fastcifar.report import duration
 
 MAX_RUNS = 1000  # settings x seeds: every run is planned (its recipe loaded) before the first trains
@@ -43,13 +40,6 @@ def split_values(text: str) -> list[str]:
         else:
             cur += ch
     return parts + [cur.strip()]
-
-
-def typed(key: str, text: str):
-    """The value `--set key=text` gives (BadInput for an unknown key or a value of the wrong type)."""
-    r = config.apply_overrides(config.Recipe(), [f"{key}={text}"])
-    section, name = key.split(".")
-    return getattr(getattr(r, section), name)
 
 
 def parse_grid(grids: list[str], overrides=()) -> dict[str, list[str]]:
@@ -79,15 +69,15 @@ def parse_grid(grids: list[str], overrides=()) -> dict[str, list[str]]:
                            f"the values separated by single commas.")
         seen = {}
         for t in texts:
-            try:
-                v = typed(key, t)
+            try:  # the value `--set key=t` gives
+                r = config.apply_overrides(config.Recipe(), [f"{key}={t}"])
             except BadInput as e:
                 raise BadInput(f"--grid: {str(e).replace('--set ', '', 1)}")
-            key_v = repr(v)
-            if key_v in seen:
-                raise BadInput(f"--grid {key} lists the value {shown(v)} twice ({seen[key_v]!r} and {t!r}); each "
-                               f"value once.")
-            seen[key_v] = t
+            v = getattr(getattr(r, key.split(".")[0]), key.split(".")[1])
+            if repr(v) in seen:
+                raise BadInput(f"--grid {key} lists the value {shown(v)} twice ({seen[repr(v)]!r} and "
+                               f"{t!r}); each value once.")
+            seen[repr(v)] = t
         grid[key] = texts
     return grid
 
@@ -104,16 +94,13 @@ def setting_name(assign: dict[str, str], short: dict[str, str]) -> str:
 
 
 def plan(recipe: str, grids: list[str], seeds: int, out=None, overrides=()) -> tuple[str, dict, list[dict], list[Job], Path]:
-    """(recipe name, grid, settings [{name, values}] in grid order, jobs, DIR: out, by default
-    runs/sweep-<recipe>). Every run's recipe is typed and validated here, so bad input fails before
-    anything trains."""
+    """(recipe name, grid, settings [{name, values}] in grid order, jobs, DIR: out, else runs/sweep-<recipe>),
+    every run's recipe validated here, so bad input fails before anything trains."""
     if not 1 <= seeds <= MAX_SEEDS:
         raise BadInput(f"--seeds {seeds}: run each setting 1 to {MAX_SEEDS:,} times (train.seed = 0 .. N-1).")
     overrides = list(overrides)
     grid = parse_grid(grids, overrides)
-    count = seeds
-    for texts in grid.values():
-        count *= len(texts)
+    count = seeds * math.prod(len(texts) for texts in grid.values())
     if count > MAX_RUNS:
         sizes = " x ".join(str(len(t)) for t in grid.values())
         raise BadInput(f"The grid is {sizes} settings x {seeds} seed{'s' * (seeds > 1)} = {count:,} runs; a sweep "
@@ -147,45 +134,21 @@ def plan(recipe: str, grids: list[str], seeds: int, out=None, overrides=()) -> t
     return info["name"], grid, settings, jobs, out
 
 
-def command(recipe: str, grids, seeds: int, out: Path, overrides, data_dir, sched=()) -> str:
-    """The command line that continues this sweep."""
-    args = ["fastcifar", "sweep", recipe]
-    for g in grids:
-        args += ["--grid", g]
-    args += ["--seeds", str(seeds), "--out", str(out)]
-    for o in overrides:
-        args += ["--set", o]
-    if data_dir is not None:
-        args += ["--data-dir", str(data_dir)]
-    return shlex.join(args + list(sched))
-
-
 def sweep(recipe: str, grids: list[str], seeds: int = 1, out=None, overrides=(), data_dir=None, log=print, jobs=None,
           per_gpu=None, threads=None, ray=None) -> dict:
-    """Run (or continue) the sweep and write DIR/results.md and results.json; returns results.json's
-    dict, with "failed": {run: (kind, why)} when runs did not finish. Raises runs.Stopped on
-    Ctrl-C/SIGTERM, BadInput on bad input."""
+    """Run (or continue) the sweep; returns results.json's dict, with "failed": {run: (kind, why)} when
+    runs did not finish. Raises runs.Stopped on Ctrl-C/SIGTERM, BadInput on bad input."""
     overrides, grids = list(overrides), list(grids)
+    options = {"jobs": jobs, "per_gpu": per_gpu, "threads": threads, "ray": ray}
     runs.check_options(jobs, per_gpu, threads)
     name, grid, settings, planned, out = plan(recipe, grids, seeds, out, overrides)
-    labels = [st["name"] for st in settings]
-    check_out(out, labels, "sweep")
-    write = lambda: write_results(out, name, grid, seeds, overrides, settings, planned)
-    with locked(out, "sweep"):
-        check_out(out, labels, "sweep")  # again, under the lock
-        pool = runs.make_pool(jobs, per_gpu, threads, ray)
-        sizes = " x ".join(str(len(t)) for t in grid.values())
-        log(f"Sweeping {name}: {sizes} setting{'s' * (len(settings) > 1)} x {seeds} seed{'s' * (seeds > 1)} = "
-            f"{len(planned)} run{'s' * (len(planned) > 1)} in {out}, "
-            f"{pool.describe()}" + (f", with {' '.join('--set ' + o for o in overrides)}" if overrides else ""))
-        again = command(recipe, grids, seeds, out, overrides, data_dir, scheduling(jobs, per_gpu, threads, ray))
-        failed = runs.run(planned, pool, "sweep", write, again, data_dir, log)
-    results = write()
-    if failed:
-        results["failed"] = {f"{n} seed {s}": why for (n, s), why in failed.items()}
-    log(results_md(results))
-    log(f"wrote {out / 'results.md'} and {out / 'results.json'}")
-    return results
+    sizes = " x ".join(str(len(t)) for t in grid.values())
+    intro = (f"Sweeping {name}: {sizes} setting{'s' * (len(settings) > 1)} x {seeds} seed{'s' * (seeds > 1)} = "
+             f"{len(planned)} run{'s' * (len(planned) > 1)}")
+    again = command(recipe, seeds, out, overrides, data_dir, scheduling(**options), "sweep", grids)
+    return run_planned("sweep", out, [st["name"] for st in settings], planned,
+                       lambda: collect(out, name, grid, seeds, overrides, settings, planned), results_md, intro,
+                       again, overrides, data_dir, log, options)
 
 
 # ---- The results: settings ranked by mean best accuracy
@@ -239,11 +202,3 @@ def results_md(res: dict) -> str:
                                                   for r in pending) + ".")
     return "\n".join(lines) + "\n"
 
-
-def write_results(out: Path, recipe: str, grid: dict, seeds: int, overrides, settings, jobs) -> dict:
-    """Write DIR/results.json and results.md (atomically) from the runs as they are now."""
-    res = collect(out, recipe, grid, seeds, overrides, settings, jobs)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", res, by="sweep")
-    atomic_write(out / "results.md", lambda f: f.write(results_md(res).encode()), by="sweep")
-    return res
