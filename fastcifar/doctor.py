@@ -1,30 +1,10 @@
-"""`fastcifar doctor`: does fastcifar work on this machine, and how fast, within a three-minute budget.
+"""`fastcifar doctor`: does fastcifar work on this machine, and how fast, within a budget (docs/doctor.md).
 
-It prints the versions and the precision train.amp=auto picks here, then runs its steps in
-priority order (STEPS), each in a child process of its own with a cap, so a crash or a hang is
-that step's failure and the rest still run; one table ends it:
-
-    checks   agreement  DALI on this device gives the torch backend's images (pipelines/agree.py)
-             compile    fastcifar's Trainer, compiled, channels_last, at the chosen precision: two
-                        epochs whose last train and test batches are uneven, no shape recompile
-             resume     8 steps straight == 3 steps, a stop, and a resume, bit for bit
-    targets  DALI OneOf@224 img/s, resnet18@224's compiled step img/s, end_to_end / step at 224
-             and 32, resnet50@224's step img/s (bench.py's measuring functions)
-    extras   the torch backend's OneOf@224, DALI TrivialAugment@224 and RandAugment@224
-
-A budget (seconds of wall clock, from the start) bounds the whole: a step that needs more than
-what is left is skipped and named, and so is one the budget cuts short. A check that did not pass
-(failed, crashed, hung past its cap, or did not fit) makes the exit status 1; a figure below its
-target is a measurement, marked, and never a failure.
-
-The GPU and the CPU run one code path; the CPU runs it at toy sizes. What differs:
-
-| line                               | why                                                                    |
-|------------------------------------|------------------------------------------------------------------------|
-| `SCALE[device.type]`, `Step.cap`   | the store, the models (test_resnet on a CPU), the rows' batches, caps  |
-| `compiled = device.type == "cuda"` | the rows' steps: a CPU compile costs most of a minute a graph          |
-| `on_target_card`                   | the targets are for H100/H200-class cards, n/a elsewhere               |
-| `fails = device.type == "cuda"`    | without DALI a GPU fails the agreement check; a CPU notes it           |
+The steps (STEPS: checks, targets, extras, in priority order) each run in a child process with a
+cap, so a crash or a hang is that step's failure and the rest still run. A check that did not pass
+makes the exit status 1; a figure below its target is a measurement, never a failure. The GPU and
+the CPU run one code path, the CPU at toy sizes (SCALE, Step.cap); only a GPU compiles the rows'
+steps and fails without DALI, and the targets apply to H100/H200-class cards alone.
 """
 
 from __future__ import annotations
@@ -228,10 +208,9 @@ def check_resume(ctx: dict, emit) -> dict:
     a, b = (checkpoint.load(work / run / "last.pt") for run in ("straight", "stopped"))
     differ = [k for k in ("model", "optimizer", "step") if not same(a[k], b[k])]
     detail = f"{steps} steps straight == {RESUME['stop']} steps, a stop and a resume, bit for bit"
-    if not differ:
-        return {"ok": True, "detail": detail}
-    named = ", ".join(differ[:-1]) + " and " + differ[-1] if len(differ) > 1 else f"{differ[0]} differs"
-    return {"ok": False, "detail": f"{detail}: NOT so, {named}" + (" differ" if len(differ) > 1 else "")}
+    named = " and ".join(filter(None, [", ".join(differ[:-1]), *differ[-1:]]))
+    verb = "differs" if len(differ) == 1 else "differ"
+    return {"ok": not differ, "detail": detail + (f": NOT so, {named} {verb}" if differ else "")}
 
 
 # ---- The throughput rows
@@ -302,12 +281,9 @@ STEPS = [  # priority order: the checks, the targets, the extras; cap and need i
     Step("resnet18_32", "target", partial(train_step, model="resnet18", size=32, fed=True),
          cap=(100, 60), need=(35, 5)),
     Step("resnet50_224", "target", partial(train_step, model="resnet50", size=224), cap=(120, 60), need=(50, 5)),
-    Step("torch_oneof_224", "extra", partial(pipeline, backend="torch", aug="oneof", size=224),
-         cap=(30, 60), need=(5, 5)),
-    Step("dali_trivialaugment_224", "extra", partial(pipeline, backend="dali", aug="trivialaugment", size=224),
-         cap=(30, 60), need=(5, 5)),
-    Step("dali_randaugment_224", "extra", partial(pipeline, backend="dali", aug="randaugment", size=224),
-         cap=(30, 60), need=(5, 5)),
+    *(Step(f"{backend}_{aug}_224", "extra", partial(pipeline, backend=backend, aug=aug, size=224),
+           cap=(30, 60), need=(5, 5))
+      for backend, aug in (("torch", "oneof"), ("dali", "trivialaugment"), ("dali", "randaugment"))),
 ]
 
 
@@ -344,9 +320,9 @@ def _kill(p) -> None:
     p.join()
 
 
-def run_isolated(step: Step, ctx: dict, timeout: float, log_path: Path, rows: list) -> dict:
-    """The step in a child process (forkserver: forked from a clean process that imported torch once),
-    for at most `timeout` seconds; the rows it emitted are appended to `rows` as they arrive."""
+def run_isolated(step: Step, ctx: dict, timeout: float, log_path: Path, rows: list) -> dict | None:
+    """The step's {ok, detail} from a child process (forkserver: forked from a clean process that
+    imported torch once), None past `timeout` seconds; its rows go into `rows` as they arrive."""
     mp = multiprocessing.get_context("forkserver")
     recv, send = mp.Pipe(duplex=False)
     p = mp.Process(target=_child, args=(step.run, ctx, send, str(log_path)))  # not a daemon: it may have workers
@@ -358,7 +334,7 @@ def run_isolated(step: Step, ctx: dict, timeout: float, log_path: Path, rows: li
             left = deadline - time.monotonic()
             if left <= 0:
                 _kill(p)
-                return {"status": "timeout"}
+                return None
             if not multiprocessing.connection.wait([recv, p.sentinel], timeout=min(left, 1.0)):
                 continue
             try:
@@ -378,31 +354,17 @@ def run_isolated(step: Step, ctx: dict, timeout: float, log_path: Path, rows: li
     if result is None:
         code = p.exitcode
         died = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
-        return {"status": "fail", "detail": f"its process died ({died})"}
-    return {"status": "pass" if result["ok"] else "fail", "detail": result["detail"]}
+        return {"ok": False, "detail": f"its process died ({died})"}
+    return result
 
 
 def run_inline(step: Step, ctx: dict, log_path: Path, rows: list) -> dict:
     """The step in this process (no cap enforced): how tests plant a fault the step must catch."""
     with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        result = _call(step.run, ctx, rows.append)
-    return {"status": "pass" if result["ok"] else "fail", "detail": result["detail"]}
-
-
-def tail(path: Path, n: int = TAIL) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-n:]
-    except OSError:
-        return []
+        return _call(step.run, ctx, rows.append)
 
 
 # ---- What is printed and written
-
-
-def versions(device: torch.device) -> dict:
-    """The software and hardware the figures come from."""
-    v = provenance.software(device)
-    return {**v, "driver": v["gpu"] and v["gpu"]["driver"]}
 
 
 def versions_line(v: dict) -> str:
@@ -411,11 +373,6 @@ def versions_line(v: dict) -> str:
     return (f"fastcifar {v['fastcifar']}, torch {v['torch']} (CUDA {v['cuda'] or 'none'}), DALI "
             f"{v['dali'] or 'not installed'}, timm {v['timm']}, Python {v['python']}; {card}; "
             f"{v['cpu_cores']} CPU cores")
-
-
-def on_target_card(v: dict) -> bool:
-    """Whether the targets are this card's (H100/H200 class); elsewhere they read n/a."""
-    return bool(v["gpu"]) and any(c in v["gpu"]["name"] for c in TARGET_CARDS)
 
 
 def _n(x) -> str:
@@ -466,12 +423,13 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
         json_path = Path(json_path)
         check_json_path(json_path, by="doctor")
     dev = runtime.command_device(device)
-    v = versions(dev)
+    v = provenance.software(dev)
+    v["driver"] = v["gpu"] and v["gpu"]["driver"]
     precision, precision_why = runtime.resolve_amp(dev, "auto")
     meta = {"device_name": v["gpu"]["name"] if v["gpu"] else "cpu", "toy": dev.type != "cuda",
             "precision": "fp32" if precision == "none" else precision,
             "precision_why": precision_why.removeprefix("auto: "), "budget": budget, "command": command,
-            "targets_apply": on_target_card(v)}
+            "targets_apply": bool(v["gpu"]) and any(c in v["gpu"]["name"] for c in TARGET_CARDS)}
     log(versions_line(v))
     log(f"precision: {meta['precision']} ({meta['precision_why']})")
     if isolate:  # the steps' processes fork from one that imported these once, while the store is made
@@ -513,13 +471,18 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
         shutil.rmtree(work, ignore_errors=True)  # the temp dir made above, and only that
     meta["seconds"] = round(time.monotonic() - start, 1)
     log("\n" + table(report))
-    if json_path is not None:
-        write(json_path, report)
+    if json_path is not None:  # the steps as checks and measurements
+        write_json(json_path, {**{k: v for k, v in report.items() if k != "steps"},
+                               "checks": [e for e in report["steps"] if e["kind"] == "check"],
+                               "measurements": [e for e in report["steps"] if e["kind"] != "check"]}, by="doctor")
         log(f"wrote {json_path}")
     if meta.get("stopped"):
         where = f"in step {report['steps'][-1]['name']}" if report["steps"] else "before the first step"
         raise Stopped(f"Stopped by Ctrl-C or SIGTERM {where}; the table above holds what was done.")
-    return 1 if any(failed(e) for e in report["steps"]) else 0
+    # exit 1: a check that did not pass, or any step that failed or hung (not a figure below its
+    # target, nor a measurement the budget left out)
+    return int(any(e["status"] != "pass" and (e["kind"] == "check" or e["status"] in ("fail", "timeout"))
+                   for e in report["steps"]))
 
 
 def _step(step: Step, ctx: dict, cap: float, k: int, isolate: bool, rows: list, log) -> dict:
@@ -527,26 +490,14 @@ def _step(step: Step, ctx: dict, cap: float, k: int, isolate: bool, rows: list, 
     returns its status, detail and seconds, and a failure's log tail. Its rows go into `rows`."""
     log(f"{'...':7} {step.name} (at most {cap:.0f} s)")
     log_path, t = Path(ctx["work"] + ".log"), time.monotonic()
-    result = run_isolated(step, ctx, cap, log_path, rows) if isolate else run_inline(step, ctx, log_path, rows)
-    if result["status"] == "timeout":
+    r = run_isolated(step, ctx, cap, log_path, rows) if isolate else run_inline(step, ctx, log_path, rows)
+    if r is None:  # stopped at its cap, or at the budget's end
         cut = cap < step.cap[k]
         result = {"status": "cut" if cut else "timeout",
                   "detail": f"stopped after {cap:.0f} s: " + ("the budget ran out" if cut else "its cap")}
+    else:
+        result = {"status": "pass" if r["ok"] else "fail", "detail": r["detail"]}
     result["seconds"] = round(time.monotonic() - t, 1)
-    if result["status"] not in ("pass", "cut"):
-        result["log"] = tail(log_path)
+    if result["status"] not in ("pass", "cut"):  # the end of its log, where it made one
+        result["log"] = log_path.read_text(errors="replace").splitlines()[-TAIL:] if log_path.exists() else []
     return result
-
-
-def failed(entry: dict) -> bool:
-    """Whether a step makes the exit status 1: a check that did not pass, or any step that failed
-    or hung (a figure below its target, or a measurement the budget left out, does not)."""
-    return entry["status"] != "pass" and (entry["kind"] == "check" or entry["status"] in ("fail", "timeout"))
-
-
-def write(path: Path, report: dict) -> None:
-    """--json: the versions, the checks, the measuring steps and the rows, written atomically."""
-    steps = report["steps"]
-    write_json(path, {**{k: v for k, v in report.items() if k != "steps"},
-                      "checks": [e for e in steps if e["kind"] == "check"],
-                      "measurements": [e for e in steps if e["kind"] != "check"]}, by="doctor")
