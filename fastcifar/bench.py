@@ -54,16 +54,11 @@ def pipeline_augs() -> dict[str, dict]:
             "randaugment": {"policy": "randaugment"}}
 
 
-class HostSide:
-    """The DALI backend's host side alone, iterated as `measure` iterates a loader: per batch, the
-    inputs its thread makes for external_source (index reads and draws), and the labels."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        for a in self.loader.impl.inputs(list(enumerate(self.loader.batches())), self.loader.epoch):
-            yield a, a[1]  # (images, labels, draws...): labels second
+def host_side(loader):
+    """The DALI backend's host side alone, as `measure` iterates a loader: per batch, the inputs its
+    thread makes for external_source (index reads and draws), and the labels."""
+    for a in loader.impl.inputs(list(enumerate(loader.batches())), loader.epoch):
+        yield a, a[1]  # (images, labels, draws...): labels second
 
 
 def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, sizes=SIZES, **_):
@@ -100,7 +95,7 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                 log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:14s} {img_s(rate):9} img/s")
                 yield row
                 if backend == "dali":
-                    host = measure(HostSide(loader), torch.device("cpu"), warmup, repeats, batches)
+                    host = measure(host_side(loader), torch.device("cpu"), warmup, repeats, batches)
                     yield {"stage": "pipeline", "backend": HOST, "image_size": size, "batch_size": batch_size,
                            "device": "cpu", "images_per_sec": img_s(host), "aug": aug,
                            "ms_per_batch": round(1000 * batch_size / host, 3), "note": "host side alone: reads + draws"}
@@ -132,16 +127,14 @@ CPU_STEP_BATCH = {32: 64, 224: 8}
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:
-    """The AMP rungs' autocast dtype: on a GPU what train.amp=auto picks (runtime.resolve_amp: bf16, or
-    fp16 without bf16 tensor cores); bf16 on every CPU, so that where auto picks fp32 the ladder shows
-    what emulated bf16 would cost."""
+    """The AMP rungs' autocast dtype: train.amp=auto's pick, or bf16 where that is fp32 (a CPU without
+    native bf16: the ladder shows what emulating it costs)."""
     return runtime.AMP_DTYPES[runtime.resolve_amp(device, "auto")[0]] or torch.bfloat16
 
 
 def _input_dtype(device: torch.device, amp: bool) -> torch.dtype:
-    """What the step is fed: under bf16 AMP the loader hands over bf16 images (half the bytes), so
-    train_step's tensors are bf16 too and end_to_end compiles the very graph train_step did (each
-    step its own copy, in its warm-up), and the two figures differ by the data only."""
+    """What the step is fed: bf16 under bf16 AMP, as the loader hands it over, so that train_step and
+    end_to_end compile the same graph and differ by the data only."""
     return torch.bfloat16 if amp and _amp_dtype(device) == torch.bfloat16 else torch.float32
 
 
@@ -155,10 +148,8 @@ def make_train_step(model_name: str, device: torch.device, compiled: bool, chann
     model = build_model(Model(name=model_name), Head(kind="linear"), 100).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     if compiled:
-        # One static graph per step made (a model at one size and setting): dynamo keeps its cache
-        # per code object, and every timm model of a kind shares its forward's code, so a second
-        # size would recompile into a dynamic-shape graph (automatic dynamic) and be measured as
-        # such. A fresh cache and dynamic=False: no recompile, and the warm-up holds this compile.
+        # timm models of a kind share their forward's code and so dynamo's cache: a second size would
+        # recompile as a dynamic-shape graph. A fresh cache and dynamic=False: one static graph.
         torch._dynamo.reset()
     net = torch.compile(model, dynamic=False) if compiled else model
     # fp16 without a GradScaler would underflow in real training; for timing, a step is a step
@@ -206,9 +197,8 @@ def _step_batch(device, size, batch_size):
 
 
 def _ladder(device: torch.device, quick: bool, settings=None) -> list[tuple[bool, bool, bool]]:
-    """The (compiled, channels_last, amp) settings to run, in ladder order: the named ones, else
-    all; a first torch.compile costs ~40 s on a 2-core CPU and says nothing about a GPU, so by
-    default --quick on a CPU leaves the compiled step out."""
+    """The (compiled, channels_last, amp) settings to run in ladder order: the named ones, else all
+    but, with --quick on a CPU, the compiled one (~40 s to compile, and says nothing about a GPU)."""
     if settings:
         return [STEP_SETTINGS[name] for name in STEP_SETTINGS if name in settings]
     return [c for c in STEP_SETTINGS.values() if not (quick and c[0] and device.type != "cuda")]
@@ -312,12 +302,9 @@ def packing_sets(store, device: torch.device, quick: bool) -> list[str]:
 
 
 def bench_packing(store, device: torch.device, quick: bool, log, **_):
-    """Runs per hour of K = 1, 2, 4 short r18_cifar_32 runs at once, each its own `fastcifar train`
-    process, started and watched by the scheduler of `reproduce` (runs.py): on a GPU all K pinned to
-    it (--per-gpu K), on a CPU splitting its cores (--jobs K). The clock spans the first process's
-    start to the last one's end: start-up, compilation and evaluation count, as they do in a sweep.
-    images_per_sec: the K runs' steady-state training img/s, summed; vs_one: runs per hour over
-    those of one run at a time."""
+    """Runs per hour of K short r18_cifar_32 `fastcifar train` processes at once, run by runs.py's
+    scheduler (a GPU: --per-gpu K; a CPU: --jobs K), timed from the first start to the last end, as
+    in a sweep; images_per_sec: their steady-state img/s summed; vs_one: over one run at a time."""
     from fastcifar import runs
     from fastcifar.config import apply_overrides, load
 
@@ -432,12 +419,12 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     # a flag given twice is measured once (as --size), not its stage or model all over again
     stages = stages or [s for s in STAGES if s not in OPT_IN]
     stages, backends, models = (list(dict.fromkeys(x)) if x else x for x in (stages, backends, models))
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise BadInput(f"Unknown bench stage {unknown[0]!r}; the stages are: {', '.join(STAGES)}.")
-    bad = [b for b in backends or () if b not in PIPELINE_BACKENDS]
-    if bad:
-        raise BadInput(f"Unknown pipeline backend {bad[0]!r}; choose from {', '.join(PIPELINE_BACKENDS)}.")
+    for given, known, what in ((stages, STAGES, "bench stage {!r}; the stages are: {}"),
+                               (backends, PIPELINE_BACKENDS, "pipeline backend {!r}; choose from {}"),
+                               (settings, STEP_SETTINGS, "step setting {!r}; choose from {}")):
+        bad = [x for x in given or () if x not in known]
+        if bad:
+            raise BadInput(f"Unknown {what.format(bad[0], ', '.join(known))}.")
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
     bad = [x for x in sizes or () if x not in SIZES]
@@ -445,9 +432,6 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         raise BadInput(f"--size {bad[0]}: the bench measures {' or '.join(map(str, SIZES))} px (the stored side "
                        f"and the pretrained recipes').")
     sizes = tuple(dict.fromkeys(sizes or SIZES))
-    bad = [x for x in settings or () if x not in STEP_SETTINGS]
-    if bad:
-        raise BadInput(f"Unknown step setting {bad[0]!r}; choose from {', '.join(STEP_SETTINGS)}.")
     if models:
         import timm
 
