@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import multiprocessing
@@ -157,25 +158,6 @@ def check_compile(ctx: dict, emit) -> dict:
     return {"ok": ok, "detail": detail + ("" if ok else ". " + " | ".join(" ".join(x.split()) for x in shape)[:600])}
 
 
-class StopAfter:
-    """A training loader that asks the run to stop, as Ctrl-C does, after `steps` batches."""
-
-    def __init__(self, loader, stop, steps: int):
-        self.loader, self.stop, self.steps = loader, stop, steps
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.steps - 1:
-                self.stop.signal = signal.SIGINT  # checked after this batch's step
-            yield batch
-
-
 def same(a, b) -> bool:
     """Whether two state dicts (nested dicts, lists, tensors) are equal, tensors bit for bit."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -197,7 +179,14 @@ def check_resume(ctx: dict, emit) -> dict:
     work = Path(ctx["work"])
     T.train(r, info, out=work / "straight", data_dir=ctx["store"])
     with T.Trainer(r, info, out=work / "stopped", data_dir=ctx["store"]) as tr:
-        tr.train_loader = StopAfter(tr.train_loader, tr.stop, RESUME["stop"])
+        real, count = tr.train_step, itertools.count(1)
+
+        def train_step(*args):  # the run is asked to stop, as Ctrl-C does, after step RESUME["stop"]
+            if next(count) == RESUME["stop"]:
+                tr.stop.signal = signal.SIGINT  # checked after this step
+            return real(*args)
+
+        tr.train_step = train_step
         steps = len(tr.train_loader) * RESUME["epochs"]
         try:
             tr.fit()
