@@ -9,6 +9,7 @@ that does not import) leaves its field None.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -121,14 +122,6 @@ def for_summary(processes: list[dict]) -> dict | None:
 # ---- What `fastcifar report` checks before it puts runs side by side
 
 
-def data_key(p: dict) -> str | None:
-    """What identifies a run's data: the data set and its arrays' checksums."""
-    d = p.get("data")
-    if not isinstance(d, dict):
-        return None
-    return json.dumps([d.get("dataset"), d.get("outputs_sha256")], sort_keys=True)
-
-
 def mismatches(runs: list[tuple[str, dict | None]]) -> list[str]:
     """Warnings about runs (label, summary.json's provenance) a table would compare although they
     differ in data or in software (torch, timm, DALI versions), or a run resumed under other
@@ -139,17 +132,17 @@ def mismatches(runs: list[tuple[str, dict | None]]) -> list[str]:
     if missing and known:
         out.append(f"No provenance for {', '.join(missing)} (their summary.json has none): their data and "
                    f"software cannot be checked against the others'.")
-    groups: dict[str | None, list[str]] = {}
+    groups: dict[str, list[str]] = {}  # a run's data: its data set and a short hash of its arrays' checksums
     for label, p in known:
-        groups.setdefault(data_key(p), []).append(label)
+        d, tag = p.get("data"), "unknown data"
+        if isinstance(d, dict):  # a damaged summary may name no data set, or not as a string
+            sha = d.get("outputs_sha256")
+            short = hashlib.sha256(json.dumps(sha, sort_keys=True).encode()).hexdigest()[:8]
+            tag = f"{d.get('dataset') or 'unnamed data'}" + (f" (store {short})" if sha else "")
+        groups.setdefault(tag, []).append(label)
     if len(groups) > 1:
-        parts = []
-        for key, labels in groups.items():
-            dataset, sha = json.loads(key) if key else (None, None)
-            name = f"{dataset or 'unnamed data'}"  # a damaged summary may name no data set, or not as a string
-            tag = "unknown data" if key is None else name + (f" (store {_short(sha)})" if sha else "")
-            parts.append(f"{tag}: {', '.join(labels)}")
-        out.append("These runs trained on different data, so their accuracies do not compare: " + "; ".join(parts) + ".")
+        out.append("These runs trained on different data, so their accuracies do not compare: "
+                   + "; ".join(f"{tag}: {', '.join(labels)}" for tag, labels in groups.items()) + ".")
     for name in SOFTWARE:
         versions: dict[str, list[str]] = {}
         for label, p in known:
@@ -163,10 +156,3 @@ def mismatches(runs: list[tuple[str, dict | None]]) -> list[str]:
         if changed:
             out.append(f"{label} was resumed under other software than it started with ({', '.join(changed)}).")
     return out
-
-
-def _short(sha) -> str:
-    """A short fingerprint of a store's checksums dict, to tell stores apart in a message."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(sha, sort_keys=True).encode()).hexdigest()[:8]
