@@ -31,11 +31,6 @@ SIZES = (32, 224)  # output sides in px: the stored 32 and the pretrained recipe
 PLAN = {"full": {32: (5, 5, 30), 224: (3, 5, 6)}, "quick": {32: (2, 3, 8), 224: (1, 3, 2)}}
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def device_label(device: torch.device) -> str:
     """What the `device` column says: 'cpu' or the GPU's name."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -169,10 +164,11 @@ def make_train_step(model_name: str, device: torch.device, compiled: bool, chann
 def _time_steps(step, batches, device, warmup, repeats, per_repeat) -> tuple[float, float]:
     """(median images/s over the repeats, seconds of the warm-up incl. compilation). `batches`
     is an iterator of (images, labels); the loss is never read back, so nothing syncs mid-repeat."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     t = time.perf_counter()
     for _ in range(warmup):
         step(*next(batches))
-    _sync(device)
+    sync(device)
     warm = time.perf_counter() - t
     rates = []
     for _ in range(repeats):
@@ -181,7 +177,7 @@ def _time_steps(step, batches, device, warmup, repeats, per_repeat) -> tuple[flo
             images, labels = next(batches)
             step(images, labels)
             n += len(labels)
-        _sync(device)
+        sync(device)
         rates.append(n / (time.perf_counter() - t))
     return statistics.median(rates), warm
 
@@ -359,20 +355,13 @@ def headroom(rows: list[dict]) -> list[dict]:
         if r["stage"] == "train_step":
             key = (r["model"], r["image_size"])
             steps[key] = max(steps.get(key, 0), r["images_per_sec"])
-    e2e = {(r["backend"], r["model"], r["image_size"]): r["images_per_sec"] for r in rows if r["stage"] == "end_to_end"}
-    out = []
-    for r in rows:
-        if r["stage"] != "pipeline" or r["aug"] != "oneof" or r["backend"] == HOST:
-            continue
-        for (model, size), step_rate in steps.items():
-            if size == r["image_size"]:
-                h = {"pipeline": r["backend"], "model": model, "image_size": size, "aug": r["aug"],
-                     "pipeline_img_s": r["images_per_sec"], "train_step_img_s": step_rate,
-                     "headroom": round(r["images_per_sec"] / step_rate, 2)}
-                if (r["backend"], model, size) in e2e:
-                    h["end_to_end_img_s"] = e2e[(r["backend"], model, size)]
-                out.append(h)
-    return out
+    e2e = {(r["backend"], r["model"], r["image_size"]): {"end_to_end_img_s": r["images_per_sec"]}
+           for r in rows if r["stage"] == "end_to_end"}
+    return [{"pipeline": r["backend"], "model": model, "image_size": size, "aug": r["aug"],
+             "pipeline_img_s": r["images_per_sec"], "train_step_img_s": step_rate,
+             "headroom": round(r["images_per_sec"] / step_rate, 2), **e2e.get((r["backend"], model, size), {})}
+            for r in rows if r["stage"] == "pipeline" and r["aug"] == "oneof" and r["backend"] != HOST
+            for (model, size), step_rate in steps.items() if size == r["image_size"]]
 
 
 def bench_store(data_dir, quick: bool, log):

@@ -242,20 +242,18 @@ def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dic
     with runtime.backend_settings(deterministic=False):
         step = bench.make_train_step(name, device, compiled, True, amp)
         dtype = bench._input_dtype(device, amp)
-        images = torch.randn(bs, 3, size, size, device=device, dtype=dtype)
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = torch.randn(bs, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 100, (bs,), device=device)
         alone, warm = bench._time_steps(step, iter(lambda: (images, labels), None), device, *plan)
         emit({"name": f"{model}_{size}_step", "what": f"{what} train step ({setting}), img/s",
               "value": bench.img_s(alone), "batch_size": bs, "warmup_seconds": round(warm, 1)})
-        if not fed:
-            return {"ok": True, "detail": f"{setting}, batch {bs}, warm-up {warm:.0f} s"}
-        spec = bench.end_to_end_spec(size, str(dtype).removeprefix("torch."))
-        loader = make_loader(open_store(ctx["store"]), "train", spec, bs, backend="auto", device=device, seed=0)
-        e2e, warm2 = bench._time_steps(step, iter(loader), device, *plan)  # the same graph: no second compile
-    emit({"name": f"{model}_{size}_e2e", "what": f"{what} end_to_end ({loader.backend} loader), img/s",
-          "value": bench.img_s(e2e), "batch_size": bs, "warmup_seconds": round(warm2, 1)})
-    emit({"name": f"{model}_{size}_ratio", "what": f"{what} end_to_end / step", "value": round(e2e / alone, 2)})
+        if fed:  # the same graph, fed by the loader: no second compile
+            spec = bench.end_to_end_spec(size, str(dtype).removeprefix("torch."))
+            loader = make_loader(open_store(ctx["store"]), "train", spec, bs, backend="auto", device=device, seed=0)
+            e2e, warm2 = bench._time_steps(step, iter(loader), device, *plan)
+            emit({"name": f"{model}_{size}_e2e", "what": f"{what} end_to_end ({loader.backend} loader), img/s",
+                  "value": bench.img_s(e2e), "batch_size": bs, "warmup_seconds": round(warm2, 1)})
+            emit({"name": f"{model}_{size}_ratio", "what": f"{what} end_to_end / step", "value": round(e2e / alone, 2)})
     return {"ok": True, "detail": f"{setting}, batch {bs}, warm-up {warm:.0f} s"}
 
 
