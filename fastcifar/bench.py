@@ -100,8 +100,7 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
 
 
 def vs_tutorial(rows: list[dict]) -> None:
-    """Each pipeline row's speed relative to the tutorial's data path in the same run (vs_tutorial),
-    where that path was measured at the same size and augmentation."""
+    """Each pipeline row's speed over the tutorial path's at its size and augmentation in this run."""
     base = {(r["image_size"], r["aug"]): r["images_per_sec"] for r in rows
             if r["stage"] == "pipeline" and r["backend"] == "tutorial"}
     for r in rows:
@@ -134,8 +133,7 @@ def _input_dtype(device: torch.device, amp: bool) -> torch.dtype:
 
 
 def make_train_step(model_name: str, device: torch.device, compiled: bool, channels_last: bool, amp: bool):
-    """A full training step (forward, cross-entropy, backward, AdamW) of a timm model with a
-    linear head, as the tutorial's recipes train it; returns step(images, labels) -> loss."""
+    """step(images, labels) -> loss: forward, cross-entropy, backward, AdamW of a timm model."""
     from fastcifar.config import Head, Model
     from fastcifar.models import build_model
 
@@ -207,8 +205,7 @@ def _settings(compiled, channels_last, amp) -> dict:
 
 def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, log, models=None, settings=None,
                      sizes=SIZES, **_):
-    """Training steps/s of resnet18/50 at 32 and 224 on device-resident random tensors, up the
-    ladder eager NCHW fp32 -> channels_last -> AMP -> torch.compile."""
+    """Training img/s on device tensors, up the ladder NCHW fp32 -> channels_last -> AMP -> compile."""
     warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
     for model_name in models or MODELS:
         for size in sizes:
@@ -231,8 +228,7 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
 
 
 def end_to_end_spec(size: int, dtype: str):
-    """end_to_end's training augmentation: crop + flip at 32 (as r18_cifar_32), flip + resize at 224
-    (as the pretrained recipes)."""
+    """end_to_end's augmentation: crop + flip at 32 (r18_cifar_32), flip + resize at 224."""
     from fastcifar.pipelines import AugSpec
 
     return AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar", dtype=dtype)
@@ -365,8 +361,7 @@ def headroom(rows: list[dict]) -> list[dict]:
 
 
 def bench_store(data_dir, quick: bool, log):
-    """The prepared store if there is one, else a synthetic stand-in cached in the temp dir
-    (throughput does not depend on the pictures)."""
+    """The prepared store, else a synthetic stand-in (throughput does not depend on the pictures)."""
     from fastcifar.data import default_data_dir, open_store, prepare
 
     d = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -403,8 +398,7 @@ class Stopped(Exception):
 
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,
         models=None, settings=None, log=print, plot_path=None, sizes=None) -> list[dict]:
-    """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom} after
-    every row (meta.complete: whether it ran to its end) and the picture; Ctrl-C: then Stopped."""
+    """Run the stages, print the tables, write JSON after every row and the picture; Ctrl-C: Stopped."""
     # a flag given twice is measured once (as --size), not its stage or model all over again
     stages = stages or [s for s in STAGES if s not in OPT_IN]
     stages, backends, models = (list(dict.fromkeys(x)) if x else x for x in (stages, backends, models))
@@ -489,8 +483,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
 
 
 def check_json_path(path: Path, option: str = "--json", by: str = "bench") -> None:
-    """BadInput unless a file can be written at path (its folder is made if missing) without
-    replacing anything but a file `fastcifar by` wrote there (owned.py)."""
+    """BadInput unless path can be written, replacing only a file `fastcifar by` wrote (owned.py)."""
     example = f"{by}.json" if option == "--json" else f"{by}.png"
     if str(path) == "-":  # the usual name of stdout, where the tables go; not a file named -
         raise BadInput(f"{option} - : {by} prints to stdout and writes {option} to a file; give a path such as "

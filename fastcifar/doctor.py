@@ -141,8 +141,7 @@ def shape_recompiles(reasons: list[str]) -> list[str]:
 
 
 def check_compile(ctx: dict, emit) -> dict:
-    """Two epochs of the compiled Trainer with uneven last batches: the only recompile allowed is
-    evaluation's (grad mode off)."""
+    """Two epochs of the compiled Trainer, uneven last batches: no recompile but evaluation's."""
     import fastcifar.train as T
 
     r, info = _recipe(ctx, COMPILE, epochs=2, compile="true")
@@ -170,8 +169,7 @@ def same(a, b) -> bool:
 
 
 def check_resume(ctx: dict, emit) -> dict:
-    """The Trainer straight through, and again stopped after a few steps and resumed: the same
-    weights and optimizer state, bit for bit (deterministic kernels, eager)."""
+    """The Trainer straight, and stopped and resumed: the same weights and optimizer, bit for bit."""
     import fastcifar.train as T
     from fastcifar import checkpoint
 
@@ -226,8 +224,7 @@ def pipeline(ctx: dict, emit, backend: str, aug: str, size: int) -> dict:
 
 
 def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dict:
-    """A model's training step img/s on device tensors (bench.make_train_step, channels_last, the
-    chosen precision) and, if fed, the same step fed by the loader data.backend=auto picks."""
+    """A model's step img/s on device tensors and, if fed, the same step fed by the auto loader."""
     from fastcifar import bench
     from fastcifar.data import open_store
     from fastcifar.pipelines import make_loader
@@ -399,8 +396,7 @@ class Stopped(Exception):
 
 def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=print, isolate: bool = True,
         steps: list[Step] | None = None, command: str = "fastcifar doctor") -> int:
-    """Run the steps within the budget, print the table, write --json; returns the exit status
-    (0 every check passed, 1 one did not). isolate=False runs each step in this process."""
+    """Run the steps within the budget, print the table, write --json; returns the exit status."""
     from fastcifar.data import prepare
 
     start = time.monotonic()
@@ -473,8 +469,7 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
 
 
 def _step(step: Step, ctx: dict, cap: float, k: int, isolate: bool, rows: list, log) -> dict:
-    """Run one step for at most cap seconds (its own cap is step.cap[k]), its output in ctx["work"].log;
-    returns its status, detail and seconds, and a failure's log tail. Its rows go into `rows`."""
+    """Run one step for at most cap seconds; its status, detail, seconds and a failure's log tail."""
     log(f"{'...':7} {step.name} (at most {cap:.0f} s)")
     log_path, t = Path(ctx["work"] + ".log"), time.monotonic()
     r = run_isolated(step, ctx, cap, log_path, rows) if isolate else run_inline(step, ctx, log_path, rows)

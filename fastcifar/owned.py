@@ -65,8 +65,7 @@ def is_ours(path, by: str | None = None) -> bool:
 
 
 def check(paths, by: str, hint: str) -> None:
-    """BadInput (refuse) unless each path is missing or `fastcifar by` wrote it, and its folder's
-    manifest is fastcifar's."""
+    """BadInput unless each path is missing or `fastcifar by` wrote it, in a folder fastcifar records."""
     paths = [Path(p) for p in paths]
     theirs = [p for p in paths if os.path.lexists(p) and not is_ours(p, by)]
     theirs += sorted({p.parent / MANIFEST for p in paths if _read(p.parent) is None} - set(theirs))
@@ -166,8 +165,7 @@ def remove(path, by: str) -> bool:
 
 
 def remove_tree(folder, by: str) -> bool:
-    """Delete a folder `fastcifar by` made with the files fastcifar wrote in it; False where anything
-    else is inside (kept, and the folder with it) or the folder is not fastcifar's."""
+    """Delete a folder `fastcifar by` made and its files; False where anything else is left in it."""
     folder = Path(folder)
     if not is_ours(folder, by):
         return False

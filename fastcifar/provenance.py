@@ -82,8 +82,7 @@ def gpu_info(device: torch.device) -> dict | None:
 
 
 def data_info(store) -> dict:
-    """The store a run trains on: data set (cifar100, cifar10, synthetic or synthetic cifar10), where
-    it came from and the checksums meta.json holds."""
+    """The store a run trains on: its data set, where it came from and meta.json's checksums."""
     meta = store.meta
     sums = meta.get("checksums") or {}
     # CIFAR-100 runs keep the labels they had before CIFAR-10 ("cifar100", "synthetic"), so report
@@ -112,8 +111,7 @@ def collect(device: torch.device, world: int, store) -> dict:
 
 
 def for_summary(processes: list[dict]) -> dict | None:
-    """summary.json's `provenance`: the latest process's, with the earlier ones of a resumed run
-    under `earlier` (oldest first)."""
+    """summary.json's `provenance`: the latest process's, a resumed run's earlier ones in `earlier`."""
     if not processes:
         return None
     return {**processes[-1], **({"earlier": processes[:-1]} if len(processes) > 1 else {})}

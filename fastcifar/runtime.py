@@ -64,8 +64,7 @@ def resolve_amp(device: torch.device, amp: str) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def distributed(device: str):
-    """(torch.device, rank, world size) for `train.device`, inside the torchrun process group when
-    launched by torchrun (one process per GPU: cuda:<local rank>); leaves the group on exit."""
+    """(torch.device, rank, world size) for `train.device`, in torchrun's process group if any."""
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise BadInput(f"train.device = {device!r} but torch sees no CUDA device; use train.device=cpu or auto.")

@@ -46,8 +46,7 @@ def signals_held():
 
 
 class StopSignals:
-    """A stop signal as a request to stop after the current step (`requested`); a second one quits
-    at once (KeyboardInterrupt). A context manager: the previous handlers come back on exit."""
+    """A stop signal asks to stop after the current step (`requested`); a second quits at once."""
 
     def __init__(self, say=print):
         self.signal, self.say, self._restore = None, say, contextlib.ExitStack()

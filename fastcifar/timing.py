@@ -143,8 +143,7 @@ def wait_hint(backend: str, device_type: str, dali: bool) -> str:
 
 
 def run_fields(history: list[dict], target: float, selection: str) -> dict:
-    """summary.json's data-wait, warm-up and time-to-target fields from the epochs' metrics: to the
-    first epoch at the target, its training seconds without warm-up and its wall seconds with all."""
+    """summary.json's data-wait, warm-up and time-to-target fields from the epochs' metrics."""
     def steady(epochs):  # training seconds without the warm-up (every process's first step)
         return sum(m["train_seconds"] - m.get("warmup_seconds", 0.0) for m in epochs)
 
