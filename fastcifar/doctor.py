@@ -9,8 +9,8 @@ steps and fails without DALI, and the targets apply to H100/H200-class cards alo
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import dataclasses
 import itertools
 import logging
 import math
@@ -49,22 +49,12 @@ RESUME = {"train": 200, "test": 100, "batch": 50, "epochs": 2, "stop": 3}  # 8 s
 TAIL = 15  # lines of a failed step's log shown
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    name: str
-    kind: str       # check | target | extra
-    run: object     # run(ctx, emit) -> {ok, detail}; emit(row) hands over a throughput row at once
-    cap: tuple      # seconds at most, (on a GPU, on a CPU)
-    need: tuple     # seconds it needs to be worth starting: with less left it is skipped
+# kind: check | target | extra; run(ctx, emit) -> {ok, detail}, emit(row) hands over a throughput row at once;
+# cap: seconds at most, need: seconds left for it to be worth starting, each (on a GPU, on a CPU)
+Step = collections.namedtuple("Step", "name kind run cap need")
 
 
 # ---- The checks
-
-
-def _setup(ctx: dict) -> tuple[torch.device, dict]:
-    """The step's device (made current) and its sizes."""
-    device = runtime.command_device(ctx["device"])
-    return device, SCALE[device.type]
 
 
 def check_agreement(ctx: dict, emit) -> dict:
@@ -73,7 +63,7 @@ def check_agreement(ctx: dict, emit) -> dict:
     from fastcifar.pipelines import agree
     from fastcifar.pipelines.loader import dali_available
 
-    device = _setup(ctx)[0]
+    device = runtime.command_device(ctx["device"])
     store = open_store(ctx["store"])
     rows = agree.tf32(store, device, batch=50)
     if not dali_available():
@@ -212,7 +202,8 @@ def pipeline(ctx: dict, emit, backend: str, aug: str, size: int) -> dict:
 
     if backend == "dali" and not dali_available():
         return {"ok": True, "detail": "not measured: DALI is not installed here"}
-    device, s = _setup(ctx)
+    device = runtime.command_device(ctx["device"])
+    s = SCALE[device.type]
     loader = make_loader(open_store(ctx["store"]), "train", AugSpec(image_size=size, **bench.pipeline_augs()[aug]),
                          s["pipeline_batch"], backend=backend, device=device, seed=0)
     with runtime.backend_settings(deterministic=False):
@@ -229,7 +220,8 @@ def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dic
     from fastcifar.data import open_store
     from fastcifar.pipelines import make_loader
 
-    device, s = _setup(ctx)
+    device = runtime.command_device(ctx["device"])
+    s = SCALE[device.type]
     name, bs, plan = s["models"][model], s["step_batch"][size], s["step_plan"]
     amp = ctx["precision"] != "none"
     compiled = device.type == "cuda"  # a CPU compile costs most of a minute a graph; the compile check compiles there

@@ -135,11 +135,9 @@ def wait_hint(backend: str, device_type: str, dali: bool) -> str:
     if backend == "dali-cpu":
         return (f"DALI runs on the CPU here, beside the model; at 32 px data.backend=torch is often faster "
                 f"on a CPU, or {lighter}")
-    if device_type == "cuda":
-        return ("the torch backend's augmentation runs on the training stream; try data.backend=dali"
-                + (", or " if dali else " (pip install nvidia-dali-cuda120), or ") + lighter)
-    return ("the loader shares the CPU with the model; try data.backend=dali"
-            + ("" if dali else " (pip install nvidia-dali-cuda120)") + f", or {lighter}")
+    where = ("the torch backend's augmentation runs on the training stream" if device_type == "cuda"
+             else "the loader shares the CPU with the model")
+    return f"{where}; try data.backend=dali{'' if dali else ' (pip install nvidia-dali-cuda120)'}, or {lighter}"
 
 
 def run_fields(history: list[dict], target: float, selection: str) -> dict:
