@@ -21,7 +21,7 @@ import torch
 
 from fastcifar import __version__, jsonio, owned, provenance, runtime
 from fastcifar.errors import BadInput
-from fastcifar.signals import sigterm_as_ctrl_c
+from fastcifar.signals import Stopped, sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 HOST = "dali-host"  # the pipeline rows of the DALI backend's host side alone (index reads and draws)
@@ -57,9 +57,8 @@ def host_side(loader):
 
 
 def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, sizes=SIZES, **_):
-    """Loader images/s per backend at 32 and 224, with augmentation off, the tutorial's OneOf (p=1),
-    TrivialAugment-wide and RandAugment (N=2, M=9); after each DALI row its host side alone (HOST:
-    the reads and draws a thread makes ahead of the training thread, on the CPU whatever the device)."""
+    """Loader img/s per backend and size, for each of pipeline_augs(); after each DALI row its host
+    side alone (HOST: the reads and draws its thread makes ahead of training, on the CPU)."""
     from fastcifar.pipelines import AugSpec, make_loader
     from fastcifar.pipelines.loader import dali_available
     from fastcifar.pipelines.tutorial import albumentations_available
@@ -236,9 +235,8 @@ def end_to_end_spec(size: int, dtype: str):
 
 def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
                      settings=None, sizes=SIZES, **_):
-    """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
-    ladder's last step setting (_ladder), with a training augmentation: what an epoch runs at,
-    data included."""
+    """Each loader (default: the tutorial's and the auto one) feeding the ladder's last step setting
+    with a training augmentation: what an epoch runs at, data included."""
     from fastcifar.pipelines import make_loader
     from fastcifar.pipelines.loader import dali_available
 
@@ -390,10 +388,6 @@ def host_info(device: torch.device) -> dict:
             "device": device_label(device), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     dali = provenance.version("nvidia.dali")
     return {**info, "dali": dali} if dali else info
-
-
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM stopped the bench; the rows measured before are printed and kept (exit 130)."""
 
 
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,

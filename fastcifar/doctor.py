@@ -30,6 +30,7 @@ import torch
 from fastcifar import __version__, provenance, runtime
 from fastcifar.bench import check_json_path, write_json
 from fastcifar.errors import BadInput, why
+from fastcifar.signals import Stopped
 
 BUDGET = 180.0  # seconds of wall clock for the whole run, compiles included
 TARGET_CARDS = ("H100", "H200", "H800", "GH200")  # the cards the targets are set for
@@ -91,10 +92,8 @@ def _failures(rows: list[dict]) -> str:
 def _recipe(ctx: dict, sizes: dict, **train):
     """r18_cifar_32, as installed, shrunk: timm's test_resnet on `sizes` images of the doctor's store."""
     from fastcifar import config
-    from fastcifar.data import open_store
 
-    store = open_store(ctx["store"])
-    n_train, n_test = len(store.labels("train")), len(store.labels("test"))
+    n_train, n_test = SCALE[torch.device(ctx["device"]).type]["store"]  # the store run() made
     r, info = config.load(str(config.installed_recipes_dir() / "r18_cifar_32.py"))  # never a ./recipes look-alike
     config.apply_overrides(r, ["model.name=test_resnet", f"data.batch_size={sizes['batch']}",
                                f"data.subset={sizes['train'] / n_train!r}",
@@ -380,10 +379,6 @@ def table(report: dict) -> str:
         lines += ["", f"Did not fit in the budget: {', '.join(missed)}; `--budget SECONDS` gives them time "
                       f"(a second run is faster: compiled graphs come from the cache)."]
     return "\n".join(lines)
-
-
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM: what was done is printed (and in --json); the CLI exits 130."""
 
 
 def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=print, isolate: bool = True,

@@ -142,8 +142,7 @@ def _editing(folder: Path):
 
 
 def record(paths, by: str, grows: bool = False) -> None:
-    """Enter paths, just written (a folder: just made) by `fastcifar by`, in their folders'
-    manifests; one no longer there (renamed away) is struck off. grows: files fastcifar appends to."""
+    """Enter paths just written (or made) by `fastcifar by` in their folders' manifests; grows: appended to."""
     found = [_where(p) if os.path.lexists(p) else (p.parent, p.name, None) for p in map(Path, paths)]
     for folder in dict.fromkeys(f for f, _, _ in found):
         with _editing(folder) as entries:  # which strikes off every entry whose file is gone
@@ -201,8 +200,7 @@ def make_dirs(path) -> list[Path]:
 
 
 def remove_empty(made: list[Path]) -> None:
-    """Remove the directories make_dirs made, innermost first, while they are empty: rmdir refuses a
-    directory that something else has filled, so only our own traces go."""
+    """Remove the directories make_dirs made, innermost first, while empty (rmdir refuses a filled one)."""
     for d in reversed(made):
         with contextlib.suppress(OSError):
             d.rmdir()

@@ -1,11 +1,6 @@
-"""What produced a run: the code (git commit, dirty tree), the software (Python, torch, timm, DALI,
-CUDA, cuDNN), the hardware (GPU and driver, or the CPU), the ranks, the data (the store's data set,
-source and checksums) and the command line, as plain JSON data for summary.json; and the checks
-`fastcifar report` makes before it puts runs side by side.
-
-Collecting never fails a run: each probe that errors (no git, a slow disk, no nvidia-smi, a DALI
-that does not import) leaves its field None.
-"""
+"""What produced a run (code, software, hardware, ranks, data, command line) as plain JSON data for
+summary.json, and the checks `fastcifar report` makes before it puts runs side by side. Collecting
+never fails a run: a probe that errors (no git, a slow disk, no nvidia-smi) leaves its field None."""
 
 from __future__ import annotations
 
@@ -37,9 +32,8 @@ def _run(cmd: list[str], timeout: float, cwd=None) -> str | None:
 
 
 def git_state(root: Path | None = None) -> dict | None:
-    """{commit, dirty} of the checkout fastcifar runs from; None when it is installed (a wheel has
-    no .git beside it), git is missing or slow, or the checkout is unreadable. dirty = tracked
-    files differ from the commit (untracked files such as runs/ do not count)."""
+    """{commit, dirty} of the checkout fastcifar runs from (dirty: tracked files differ from the
+    commit); None when it is installed (no .git), git is missing or slow, or it is unreadable."""
     root = Path(__file__).resolve().parent.parent if root is None else Path(root)
     if not (root / ".git").exists():  # a file in a git worktree, a directory in a clone
         return None
@@ -122,8 +116,7 @@ def for_summary(processes: list[dict]) -> dict | None:
 
 def mismatches(runs: list[tuple[str, dict | None]]) -> list[str]:
     """Warnings about runs (label, summary.json's provenance) a table would compare although they
-    differ in data or in software (torch, timm, DALI versions), or a run resumed under other
-    software than it started with. Runs without provenance are named apart."""
+    differ in data or software, or were resumed under other software; runs without any named apart."""
     known = [(label, p) for label, p in runs if isinstance(p, dict)]
     out = []
     missing = [label for label, p in runs if not isinstance(p, dict)]

@@ -69,6 +69,7 @@ def distributed(device: str):
     if cuda and not torch.cuda.is_available():
         raise BadInput(f"train.device = {device!r} but torch sees no CUDA device; use train.device=cpu or auto.")
     rank, world, local_rank = fdist.init("cuda" if cuda else "cpu")
+    dev = torch.device("cpu")
     try:
         if cuda:
             index = int(device.split(":")[1]) if device.startswith("cuda:") and world == 1 else local_rank
@@ -77,8 +78,6 @@ def distributed(device: str):
                                f"device(s), numbered from 0; use train.device=cuda or auto.")
             dev = torch.device("cuda", index)
             torch.cuda.set_device(dev)
-        else:
-            dev = torch.device("cpu")
         yield dev, rank, world
     finally:
         fdist.destroy()

@@ -8,6 +8,10 @@ import signal
 import threading
 
 
+class Stopped(Exception):
+    """A stop signal ended a command (`bench`, `doctor`) early; what it did is printed and kept (exit 130)."""
+
+
 def stop_signals() -> list[signal.Signals]:
     """The signals that ask fastcifar to stop; SIGHUP not when it is ignored on purpose (`nohup`)."""
     hup = getattr(signal, "SIGHUP", None)

@@ -89,8 +89,7 @@ class EpochClock:
         return out
 
     def images_per_sec(self, train_seconds: float, images: int, world: int = 1) -> float | None:
-        """Steady-state speed of this process's part of the epoch: its `images` (one rank's) x `world`
-        ranks over its `train_seconds`, both without the warm-up step; None when that step was all."""
+        """Steady-state img/s of all `world` ranks from one's images and seconds (None: all warm-up)."""
         steady, seconds = images - self.warm_images, train_seconds - self.own_warmup
         return steady * world / seconds if steady > 0 and seconds > 0 else None
 
