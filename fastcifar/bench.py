@@ -49,13 +49,6 @@ def pipeline_augs() -> dict[str, dict]:
             "randaugment": {"policy": "randaugment"}}
 
 
-def host_side(loader):
-    """The DALI backend's host side alone, as `measure` iterates a loader: per batch, the inputs its
-    thread makes for external_source (index reads and draws), and the labels."""
-    for a in loader.impl.inputs(list(enumerate(loader.batches())), loader.epoch):
-        yield a, a[1]  # (images, labels, draws...): labels second
-
-
 def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, sizes=SIZES, **_):
     """Loader img/s per backend and size, for each of pipeline_augs(); after each DALI row its host
     side alone (HOST: the reads and draws its thread makes ahead of training, on the CPU)."""
@@ -89,7 +82,9 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                 log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:14s} {img_s(rate):9} img/s")
                 yield row
                 if backend == "dali":
-                    host = measure(host_side(loader), torch.device("cpu"), warmup, repeats, batches)
+                    # per batch, the inputs its thread makes for external_source: (images, labels, draws...)
+                    inputs = loader.impl.inputs(list(enumerate(loader.batches())), loader.epoch)
+                    host = measure(((a, a[1]) for a in inputs), torch.device("cpu"), warmup, repeats, batches)
                     yield {"stage": "pipeline", "backend": HOST, "image_size": size, "batch_size": batch_size,
                            "device": "cpu", "images_per_sec": img_s(host), "aug": aug,
                            "ms_per_batch": round(1000 * batch_size / host, 3), "note": "host side alone: reads + draws"}
