@@ -275,17 +275,6 @@ PACKING_RUN = {("cuda", False): (3, None, None, None), ("cuda", True): (1, 10_00
                ("cpu", False): (1, 500, 100, 50), ("cpu", True): (1, 100, 50, 25)}
 
 
-def packing_sets(store, device: torch.device, quick: bool) -> list[str]:
-    """The --set list of the packing bench's short run on this store and device."""
-    epochs, n_train, n_test, batch = PACKING_RUN[(device.type, quick)]
-    sets = [f"train.epochs={epochs}", f"train.device={device.type}"]
-    for field, n, split in (("subset", n_train, "train"), ("test_subset", n_test, "test")):
-        total = len(store.labels(split))
-        if n is not None and n < total:
-            sets.append(f"data.{field}={n / total:.6g}")
-    return sets + ([f"data.batch_size={batch}"] if batch else [])
-
-
 def bench_packing(store, device: torch.device, quick: bool, log, **_):
     """Runs per hour of K short r18_cifar_32 `fastcifar train` processes at once, run by runs.py's
     scheduler (a GPU: --per-gpu K; a CPU: --jobs K), timed from the first start to the last end, as
@@ -293,7 +282,13 @@ def bench_packing(store, device: torch.device, quick: bool, log, **_):
     from fastcifar import runs
     from fastcifar.config import apply_overrides, load
 
-    sets = packing_sets(store, device, quick)
+    epochs, n_train, n_test, batch = PACKING_RUN[(device.type, quick)]
+    sets = [f"train.epochs={epochs}", f"train.device={device.type}"]  # the --set list of the short run
+    for field, n, split in (("subset", n_train, "train"), ("test_subset", n_test, "test")):
+        total = len(store.labels(split))
+        if n is not None and n < total:
+            sets.append(f"data.{field}={n / total:.6g}")
+    sets += [f"data.batch_size={batch}"] if batch else []
     gpu = runs.visible_gpus()[device.index or 0] if device.type == "cuda" else None
     one = None  # runs per hour of one at a time
     for k in PACKING:
@@ -376,15 +371,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def host_info(device: torch.device) -> dict:
-    """What the figures were measured on."""
-    info = {"fastcifar": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "device": device_label(device), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    dali = provenance.version("nvidia.dali")
-    return {**info, "dali": dali} if dali else info
-
-
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,
         models=None, settings=None, log=print, plot_path=None, sizes=None) -> list[dict]:
     """Run the stages, print the tables, write JSON after every row and the picture; Ctrl-C: Stopped."""
@@ -414,12 +400,15 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     if json_path is not None and plot_path is not None and os.path.realpath(json_path) == os.path.realpath(plot_path):
         raise BadInput(f"--json {json_path} and --plot {plot_path} name the same file; the picture would replace "
                        f"the JSON. Give each its own path.")
-    if json_path is not None:
-        check_json_path(Path(json_path))  # now, not after minutes of benchmarking
-    if plot_path is not None:
-        check_json_path(Path(plot_path), "--plot")
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:  # now, not after minutes of benchmarking
+            check_json_path(Path(path), option)
     store = bench_store(data_dir, quick, log)
-    meta = {**host_info(device), "quick": quick, "store": provenance.data_info(store)["dataset"]}
+    dali = provenance.version("nvidia.dali")
+    meta = {"fastcifar": __version__, "torch": torch.__version__, "python": platform.python_version(),  # measured on
+            "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "device": device_label(device), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **({"dali": dali} if dali else {}), "quick": quick, "store": provenance.data_info(store)["dataset"]}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
     amp, why = runtime.resolve_amp(device, "auto")
     meta["amp_auto"] = amp  # what a training run's train.amp=auto picks on this device
