@@ -332,8 +332,7 @@ OPT_IN = ("packing",)  # stages only --stage runs (minutes of training processes
 
 
 def headroom(rows: list[dict]) -> list[dict]:
-    """Per pipeline backend, model and size: the loader's img/s with the tutorial's OneOf policy over
-    the fastest train step's; below 1 the pipeline is the bottleneck."""
+    """Per pipeline backend, model and size: OneOf loader img/s over the fastest step's (< 1: data-bound)."""
     steps = {}
     for r in rows:
         if r["stage"] == "train_step":
@@ -421,17 +420,17 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
             write_json(Path(json_path), {"meta": {**meta, "complete": complete}, "rows": rows,
                                          "headroom": headroom(rows)})
 
+    def too_big(e):  # the stage `name` ran out of memory
+        kept = f" The {len(rows)} rows measured before are in {json_path} (meta.complete: false)." \
+            if json_path is not None and rows else ""
+        return BadInput(f"The {name} stage ran out of device memory at --batch-size {batch_size} on "
+                        f"{device_label(device)} ({runtime.memory_error(e)}); use a smaller --batch-size, "
+                        f"or a smaller --model or --size.{kept}")
+
     # the kernel choices a training run makes; SIGTERM (a job's time limit) stops as Ctrl-C does
     with runtime.backend_settings(deterministic=False), sigterm_as_ctrl_c():
         try:
             for name in stages:
-                def too_big(e):
-                    kept = f" The {len(rows)} rows measured before are in {json_path} (meta.complete: false)." \
-                        if json_path is not None and rows else ""
-                    return BadInput(f"The {name} stage ran out of device memory at --batch-size {batch_size} on "
-                                    f"{device_label(device)} ({runtime.memory_error(e)}); use a smaller --batch-size, "
-                                    f"or a smaller --model or --size.{kept}")
-
                 with runtime.out_of_memory_as(too_big):
                     for row in STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size,
                                             backends=backends, models=models, settings=settings, sizes=sizes, log=log):
@@ -447,8 +446,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         log(f"\n{name}:\n" + table([r for r in rows if r["stage"] == name]))
     if room:
         log("\nheadroom (pipeline img/s with the OneOf policy over the fastest train step's; below 1 the data "
-            "is the bottleneck):\n"
-            + table(room))
+            "is the bottleneck):\n" + table(room))
     if json_path is not None:
         save(complete=stopped is None)
         log(f"wrote {json_path}" + (" (meta.complete: false)" if stopped else ""))
@@ -501,8 +499,7 @@ PIPE_COLUMNS = [(px, aug) for px in (32, 224) for aug in AUG_LABELS]
 
 
 def figure(bench: dict):
-    """A matplotlib figure of a bench result: pipeline img/s per backend, size and augmentation (the
-    tutorial's path hatched) and, when measured, the headroom against the line of 1."""
+    """A matplotlib figure of a bench result: pipeline img/s (the tutorial's hatched) and the headroom."""
     import matplotlib
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt

@@ -175,11 +175,9 @@ def check_resume(ctx: dict, emit) -> dict:
 
         tr.train_step = train_step
         steps = len(tr.train_loader) * RESUME["epochs"]
-        try:
+        with contextlib.suppress(T.Interrupted):
             tr.fit()
             return {"ok": False, "detail": f"a stop requested after step {RESUME['stop']} did not stop the run"}
-        except T.Interrupted:
-            pass
     T.train(r, {}, data_dir=ctx["store"], resume=work / "stopped")
     a, b = (checkpoint.load(work / run / "last.pt") for run in ("straight", "stopped"))
     differ = [k for k in ("model", "optimizer", "step") if not same(a[k], b[k])]
@@ -266,8 +264,7 @@ STEPS = [  # priority order: the checks, the targets, the extras; cap and need i
 
 
 def _child(run, ctx: dict, conn, log_path: str) -> None:
-    """A step in its own process (group, so that a timeout also ends its compile workers), its
-    output in its log; results go to the parent through conn."""
+    """A step in its own process group (a timeout also ends its compile workers), output to its log."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends this process
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -56,8 +56,7 @@ def _depth(obj) -> int:
 
 
 def read_text(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> str:
-    """A regular file's text (UTF-8), or BadInput: not a regular file (a FIFO would block for ever,
-    a directory), larger than max_bytes, unreadable, or not UTF-8."""
+    """A regular file's UTF-8 text, or BadInput (not a regular file, e.g. a FIFO; too large; not UTF-8)."""
     path, fd = Path(path), None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer

@@ -4,6 +4,7 @@ never fails a run: a probe that errors (no git, a slow disk, no nvidia-smi) leav
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -54,12 +55,10 @@ def version(module: str) -> str | None:
 
 def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 

@@ -121,8 +121,7 @@ def autotune_note(scales: tuple) -> str | None:
 
 
 def compile_choice(compile: bool | None, device: torch.device, sync_bn_ddp: bool) -> tuple[bool, str | None]:
-    """(compiled, why it is off when asked for) for train.compile (None = on with CUDA) on device;
-    model.sync_bn under DDP (sync_bn_ddp) trains eagerly: see the message."""
+    """(compiled, why not when asked) for train.compile (None: on with CUDA); sync_bn_ddp trains eagerly."""
     wanted = device.type == "cuda" if compile is None else compile
     if wanted and sync_bn_ddp:
         return False, (f"{'train.compile=true' if compile else 'compile'} set aside: model.sync_bn under DDP trains "

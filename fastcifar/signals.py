@@ -31,8 +31,7 @@ def _handled(handler, but=()):
 
 
 def sigterm_as_ctrl_c():
-    """SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does, so what stops on one stops on the
-    other: every command (cli.main), and a reproduce table or a bench called from Python."""
+    """SIGTERM and SIGHUP raise KeyboardInterrupt as Ctrl-C does: what stops on one stops on the other."""
     return _handled(signal.default_int_handler, but=(signal.SIGINT,))
 
 
