@@ -56,7 +56,6 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
     from fastcifar.pipelines.loader import dali_available
     from fastcifar.pipelines.tutorial import albumentations_available
 
-    augs = pipeline_augs()
     backends = [b for b in (backends or PIPELINE_BACKENDS) if b != "dali" or dali_available()]
     plan = PLAN["quick" if quick else "full"]
     for size in sizes:  # every size checked before the first is measured
@@ -67,7 +66,7 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                            f"store has {len(store.labels('train'))}; use --quick or a smaller --batch-size.")
     for size in sizes:
         warmup, repeats, batches = plan[size]
-        for aug, fields in augs.items():
+        for aug, fields in pipeline_augs().items():
             spec = AugSpec(image_size=size, **fields)
             for backend in backends:
                 if backend == "tutorial" and spec.policy != "none" and albumentations_available():
@@ -268,9 +267,8 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
 
 PACKING = (1, 2, 4)  # runs at once on the one GPU (on a CPU: splitting its cores)
 PACKING_RECIPE = "r18_cifar_32"
-# The short run a packing row times K of, per device and --quick: (epochs, train images, test images,
-# batch size); None: the store's whole split, the recipe's batch. A CPU's is tiny (a CIFAR-stem ResNet-18
-# trains tens of img/s on a few cores) but a few batches long: the steady-state img/s leaves out the first step.
+# The run timed K at once, per device and --quick: (epochs, train and test images, batch size); None:
+# the whole split, the recipe's batch. A CPU's is tiny but some batches long: steady state skips the first.
 PACKING_RUN = {("cuda", False): (3, None, None, None), ("cuda", True): (1, 10_000, 2_000, None),
                ("cpu", False): (1, 500, 100, 50), ("cpu", True): (1, 100, 50, 25)}
 
@@ -341,8 +339,8 @@ def headroom(rows: list[dict]) -> list[dict]:
     e2e = {(r["backend"], r["model"], r["image_size"]): {"end_to_end_img_s": r["images_per_sec"]}
            for r in rows if r["stage"] == "end_to_end"}
     return [{"pipeline": r["backend"], "model": model, "image_size": size, "aug": r["aug"],
-             "pipeline_img_s": r["images_per_sec"], "train_step_img_s": step_rate,
-             "headroom": round(r["images_per_sec"] / step_rate, 2), **e2e.get((r["backend"], model, size), {})}
+             "pipeline_img_s": r["images_per_sec"], "train_step_img_s": step_rate, "headroom":
+             round(r["images_per_sec"] / step_rate, 2), **e2e.get((r["backend"], model, size), {})}
             for r in rows if r["stage"] == "pipeline" and r["aug"] == "oneof" and r["backend"] != HOST
             for (model, size), step_rate in steps.items() if size == r["image_size"]]
 
@@ -404,10 +402,11 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
             check_json_path(Path(path), option)
     store = bench_store(data_dir, quick, log)
     dali = provenance.version("nvidia.dali")
-    meta = {"fastcifar": __version__, "torch": torch.__version__, "python": platform.python_version(),  # measured on
+    meta = {"fastcifar": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "device": device_label(device), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            **({"dali": dali} if dali else {}), "quick": quick, "store": provenance.data_info(store)["dataset"]}
+            **({"dali": dali} if dali else {}), "quick": quick,
+            "store": provenance.data_info(store)["dataset"]}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
     amp, why = runtime.resolve_amp(device, "auto")
     meta["amp_auto"] = amp  # what a training run's train.amp=auto picks on this device

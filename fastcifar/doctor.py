@@ -22,13 +22,13 @@ import shutil
 import signal
 import tempfile
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from fastcifar import __version__, provenance, runtime
-from fastcifar.bench import check_json_path, write_json
+from fastcifar import __version__, bench, provenance, runtime
 from fastcifar.errors import BadInput, why
 from fastcifar.signals import Stopped
 
@@ -68,8 +68,7 @@ def check_agreement(ctx: dict, emit) -> dict:
     store = open_store(ctx["store"])
     rows = agree.tf32(store, device, batch=50)
     if not dali_available():
-        fails = device.type == "cuda"  # the GPU pipeline is missing; on a CPU DALI is optional
-        ok = all(r["ok"] for r in rows) and not fails
+        ok = all(r["ok"] for r in rows) and device.type != "cuda"  # a GPU's pipeline; a CPU's option
         return {"ok": ok, "detail": "DALI is not installed here (pip install nvidia-dali-cuda120; Linux x86_64 and "
                 "aarch64): nothing to compare the torch backend with, and data.backend=auto runs torch"
                 + ("" if ok else "; " + _failures(rows))}
@@ -192,7 +191,6 @@ def check_resume(ctx: dict, emit) -> dict:
 
 def pipeline(ctx: dict, emit, backend: str, aug: str, size: int) -> dict:
     """A loader backend's img/s with an augmentation at a size (bench.measure)."""
-    from fastcifar import bench
     from fastcifar.data import open_store
     from fastcifar.pipelines import AugSpec, make_loader
     from fastcifar.pipelines.loader import dali_available
@@ -213,7 +211,6 @@ def pipeline(ctx: dict, emit, backend: str, aug: str, size: int) -> dict:
 
 def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dict:
     """A model's step img/s on device tensors and, if fed, the same step fed by the auto loader."""
-    from fastcifar import bench
     from fastcifar.data import open_store
     from fastcifar.pipelines import make_loader
 
@@ -228,18 +225,20 @@ def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dic
     with runtime.backend_settings(deterministic=False):
         step = bench.make_train_step(name, device, compiled, True, amp)
         dtype = bench._input_dtype(device, amp)
-        images = torch.randn(bs, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        images = torch.randn(bs, 3, size, size, device=device, dtype=dtype)
+        images = images.contiguous(memory_format=torch.channels_last)
         labels = torch.randint(0, 100, (bs,), device=device)
         alone, warm = bench._time_steps(step, iter(lambda: (images, labels), None), device, *plan)
         emit({"name": f"{model}_{size}_step", "what": f"{what} train step ({setting}), img/s",
               "value": bench.img_s(alone), "batch_size": bs, "warmup_seconds": round(warm, 1)})
-        if fed:  # the same graph, fed by the loader: no second compile
-            spec = bench.end_to_end_spec(size, str(dtype).removeprefix("torch."))
-            loader = make_loader(open_store(ctx["store"]), "train", spec, bs, backend="auto", device=device, seed=0)
-            e2e, warm2 = bench._time_steps(step, iter(loader), device, *plan)
-            emit({"name": f"{model}_{size}_e2e", "what": f"{what} end_to_end ({loader.backend} loader), img/s",
-                  "value": bench.img_s(e2e), "batch_size": bs, "warmup_seconds": round(warm2, 1)})
-            emit({"name": f"{model}_{size}_ratio", "what": f"{what} end_to_end / step", "value": round(e2e / alone, 2)})
+        if not fed:
+            return {"ok": True, "detail": f"{setting}, batch {bs}, warm-up {warm:.0f} s"}
+        spec = bench.end_to_end_spec(size, str(dtype).removeprefix("torch."))
+        loader = make_loader(open_store(ctx["store"]), "train", spec, bs, backend="auto", device=device, seed=0)
+        e2e, warm2 = bench._time_steps(step, iter(loader), device, *plan)  # the same graph: no second compile
+    emit({"name": f"{model}_{size}_e2e", "what": f"{what} end_to_end ({loader.backend} loader), img/s",
+          "value": bench.img_s(e2e), "batch_size": bs, "warmup_seconds": round(warm2, 1)})
+    emit({"name": f"{model}_{size}_ratio", "what": f"{what} end_to_end / step", "value": round(e2e / alone, 2)})
     return {"ok": True, "detail": f"{setting}, batch {bs}, warm-up {warm:.0f} s"}
 
 
@@ -278,8 +277,6 @@ def _call(run, ctx: dict, emit) -> dict:
     try:
         return run(ctx, emit)
     except Exception as e:  # a step's error of any kind is its failure, reported with the others
-        import traceback
-
         traceback.print_exc()
         return {"ok": False, "detail": why(e)}
 
@@ -287,8 +284,7 @@ def _call(run, ctx: dict, emit) -> dict:
 def _kill(p) -> None:
     with contextlib.suppress(OSError):
         os.killpg(p.pid, signal.SIGKILL)  # the step's group: its own workers too
-    with contextlib.suppress(OSError):
-        p.kill()  # not yet in a group of its own
+    p.kill()  # not yet in a group of its own
     p.join()
 
 
@@ -347,13 +343,10 @@ def versions_line(v: dict) -> str:
             f"{v['cpu_cores']} CPU cores")
 
 
-def _n(x) -> str:
-    return f"{x:,}" if isinstance(x, int) else str(x)
-
-
 def table(report: dict) -> str:
     """The markdown bench/RESULTS.md keeps: what ran on what, the checks, the throughput rows."""
     m, steps, rows = report["meta"], report["steps"], report["rows"]
+    n = lambda x: f"{x:,}" if isinstance(x, int) else str(x)  # 12,345 img/s
     checks = [s for s in steps if s["kind"] == "check"]
     passed = sum(s["status"] == "pass" for s in checks)
     lines = [f"## fastcifar doctor on {m['device_name']}: {passed} of {len(checks)} checks passed, {m['seconds']:.0f} s"
@@ -367,7 +360,7 @@ def table(report: dict) -> str:
     for r in rows:
         target = TARGETS.get(r["name"])
         met = "" if target is None else "n/a (not an H100/H200)" if r["met"] is None else "yes" if r["met"] else "NO"
-        lines.append(f"| {r['what']} | {_n(r['value'])} | {'' if target is None else '>= ' + _n(target)} | {met} |")
+        lines.append(f"| {r['what']} | {n(r['value'])} | {'' if target is None else '>= ' + n(target)} | {met} |")
     for s in steps:  # a step that measured nothing, or stopped part-way: why
         if s["kind"] != "check" and (s["status"] != "pass" or not any(r["step"] == s["name"] for r in rows)):
             lines.append(f"| {s['name']}: {s['status']} | {s['detail']} | | |")
@@ -388,7 +381,7 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
         raise BadInput(f"--budget {budget}: give the seconds doctor may take, e.g. --budget {BUDGET:g}.")
     if json_path is not None:
         json_path = Path(json_path)
-        check_json_path(json_path, by="doctor")
+        bench.check_json_path(json_path, by="doctor")
     dev = runtime.command_device(device)
     v = provenance.software(dev)
     v["driver"] = v["gpu"] and v["gpu"]["driver"]
@@ -439,9 +432,10 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
     meta["seconds"] = round(time.monotonic() - start, 1)
     log("\n" + table(report))
     if json_path is not None:  # the steps as checks and measurements
-        write_json(json_path, {**{k: v for k, v in report.items() if k != "steps"},
-                               "checks": [e for e in report["steps"] if e["kind"] == "check"],
-                               "measurements": [e for e in report["steps"] if e["kind"] != "check"]}, by="doctor")
+        done = report["steps"]
+        bench.write_json(json_path, {**{k: v for k, v in report.items() if k != "steps"},
+                                     "checks": [e for e in done if e["kind"] == "check"],
+                                     "measurements": [e for e in done if e["kind"] != "check"]}, by="doctor")
         log(f"wrote {json_path}")
     if meta.get("stopped"):
         where = f"in step {report['steps'][-1]['name']}" if report["steps"] else "before the first step"

@@ -142,7 +142,7 @@ def _editing(folder: Path):
 
 
 def record(paths, by: str, grows: bool = False) -> None:
-    """Enter paths just written (or made) by `fastcifar by` in their folders' manifests; grows: appended to."""
+    """Enter paths just written (or made) by `fastcifar by` in their manifests; grows: appended to."""
     found = [_where(p) if os.path.lexists(p) else (p.parent, p.name, None) for p in map(Path, paths)]
     for folder in dict.fromkeys(f for f, _, _ in found):
         with _editing(folder) as entries:  # which strikes off every entry whose file is gone

@@ -105,9 +105,7 @@ def collect(device: torch.device, world: int, store) -> dict:
 
 def for_summary(processes: list[dict]) -> dict | None:
     """summary.json's `provenance`: the latest process's, a resumed run's earlier ones in `earlier`."""
-    if not processes:
-        return None
-    return {**processes[-1], **({"earlier": processes[:-1]} if len(processes) > 1 else {})}
+    return {**processes[-1], **({"earlier": processes[:-1]} if processes[:-1] else {})} if processes else None
 
 
 # ---- What `fastcifar report` checks before it puts runs side by side

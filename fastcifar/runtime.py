@@ -33,11 +33,8 @@ def cpu_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
         probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         return "avx512_bf16" if probe is not None and platform.machine().lower() in ("x86_64", "amd64") and probe() \
             else None
-    flags = set()
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):  # x86 names them flags, aarch64 features
-            flags.update(value.split())
+    fields = (line.partition(":") for line in lines)  # x86 names them flags, aarch64 features
+    flags = {f for k, _, v in fields if k.strip().lower() in ("flags", "features") for f in v.split()}
     return next((f for f in CPU_BF16_FLAGS if f in flags), None)
 
 

@@ -48,11 +48,12 @@ def signals_held():
             signal.raise_signal(got[0])  # to the handler now in place: KeyboardInterrupt, a stop flag, ...
 
 
-class StopSignals:
+class StopSignals(contextlib.ExitStack):
     """A stop signal asks to stop after the current step (`requested`); a second quits at once."""
 
     def __init__(self, say=print):
-        self.signal, self.say, self._restore = None, say, contextlib.ExitStack()
+        super().__init__()  # which puts the previous handlers back on exit
+        self.signal, self.say = None, say
 
     @property
     def requested(self) -> bool:
@@ -65,8 +66,5 @@ class StopSignals:
         self.say(f"\n{signal.Signals(signum).name}: saving last.pt after this step (again to quit at once).")
 
     def __enter__(self):
-        self._restore.enter_context(_handled(self._handle))
+        self.enter_context(_handled(self._handle))
         return self
-
-    def __exit__(self, *exc):
-        return self._restore.__exit__(*exc)

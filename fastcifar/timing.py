@@ -136,7 +136,8 @@ def wait_hint(backend: str, device_type: str, dali: bool) -> str:
                 f"on a CPU, or {lighter}")
     where = ("the torch backend's augmentation runs on the training stream" if device_type == "cuda"
              else "the loader shares the CPU with the model")
-    return f"{where}; try data.backend=dali{'' if dali else ' (pip install nvidia-dali-cuda120)'}, or {lighter}"
+    install = "" if dali else " (pip install nvidia-dali-cuda120)"
+    return f"{where}; try data.backend=dali{install}, or {lighter}"
 
 
 def run_fields(history: list[dict], target: float, selection: str) -> dict:
