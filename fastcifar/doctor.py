@@ -123,8 +123,7 @@ def recompiles():
 def shape_recompiles(reasons: list[str]) -> list[str]:
     """The recompiles not caused by switching between training and evaluation (grad mode, the
     modules' training flag): a new shape, stride or dtype reached the graph."""
-    mode = ("grad_mode", "training")
-    return [r for r in reasons if any(not any(m in line for m in mode)
+    return [r for r in reasons if any(not any(m in line for m in ("grad_mode", "training"))
                                       for line in r.splitlines() if line.strip().startswith("- "))]
 
 

@@ -84,8 +84,7 @@ class EpochClock:
             torch.cuda.synchronize(self.device)  # once per process: the compile and autotune are done
         seconds = time.perf_counter() - t
         self.warmup += seconds
-        self.own_warmup, self.warm_images = seconds, images
-        self.warmed = True
+        self.own_warmup, self.warm_images, self.warmed = seconds, images, True
         return out
 
     def images_per_sec(self, train_seconds: float, images: int, world: int = 1) -> float | None:
