@@ -21,7 +21,7 @@ import torch
 
 from fastcifar import __version__, jsonio, owned, provenance, runtime
 from fastcifar.errors import BadInput
-from fastcifar.signals import sigterm_as_ctrl_c
+from fastcifar.signals import Stopped, sigterm_as_ctrl_c
 
 PIPELINE_BACKENDS = ("tutorial", "torch", "dali")
 HOST = "dali-host"  # the pipeline rows of the DALI backend's host side alone (index reads and draws)
@@ -29,11 +29,6 @@ SIZES = (32, 224)  # output sides in px: the stored 32 and the pretrained recipe
 # (warm-up batches, repeats, batches per repeat): 5 + 5 * 30 = 155 batches fit the 200 of one
 # CIFAR epoch at batch 250, so no epoch restart lands in a timed repeat
 PLAN = {"full": {32: (5, 5, 30), 224: (3, 5, 6)}, "quick": {32: (2, 3, 8), 224: (1, 3, 2)}}
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def device_label(device: torch.device) -> str:
@@ -54,27 +49,13 @@ def pipeline_augs() -> dict[str, dict]:
             "randaugment": {"policy": "randaugment"}}
 
 
-class HostSide:
-    """The DALI backend's host side alone, iterated as `measure` iterates a loader: per batch, the
-    inputs its thread makes for external_source (index reads and draws), and the labels."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        for a in self.loader.impl.inputs(list(enumerate(self.loader.batches())), self.loader.epoch):
-            yield a, a[1]  # (images, labels, draws...): labels second
-
-
 def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, backends, log, sizes=SIZES, **_):
-    """Loader images/s per backend at 32 and 224, with augmentation off, the tutorial's OneOf (p=1),
-    TrivialAugment-wide and RandAugment (N=2, M=9); after each DALI row its host side alone (HOST:
-    the reads and draws a thread makes ahead of the training thread, on the CPU whatever the device)."""
+    """Loader img/s per backend and size, for each of pipeline_augs(); after each DALI row its host
+    side alone (HOST: the reads and draws its thread makes ahead of training, on the CPU)."""
     from fastcifar.pipelines import AugSpec, make_loader
     from fastcifar.pipelines.loader import dali_available
     from fastcifar.pipelines.tutorial import albumentations_available
 
-    augs = pipeline_augs()
     backends = [b for b in (backends or PIPELINE_BACKENDS) if b != "dali" or dali_available()]
     plan = PLAN["quick" if quick else "full"]
     for size in sizes:  # every size checked before the first is measured
@@ -85,7 +66,7 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                            f"store has {len(store.labels('train'))}; use --quick or a smaller --batch-size.")
     for size in sizes:
         warmup, repeats, batches = plan[size]
-        for aug, fields in augs.items():
+        for aug, fields in pipeline_augs().items():
             spec = AugSpec(image_size=size, **fields)
             for backend in backends:
                 if backend == "tutorial" and spec.policy != "none" and albumentations_available():
@@ -100,7 +81,9 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
                 log(f"  pipeline {row['backend']:9s} {size:3d}px aug={aug:14s} {img_s(rate):9} img/s")
                 yield row
                 if backend == "dali":
-                    host = measure(HostSide(loader), torch.device("cpu"), warmup, repeats, batches)
+                    # per batch, the inputs its thread makes for external_source: (images, labels, draws...)
+                    inputs = loader.impl.inputs(list(enumerate(loader.batches())), loader.epoch)
+                    host = measure(((a, a[1]) for a in inputs), torch.device("cpu"), warmup, repeats, batches)
                     yield {"stage": "pipeline", "backend": HOST, "image_size": size, "batch_size": batch_size,
                            "device": "cpu", "images_per_sec": img_s(host), "aug": aug,
                            "ms_per_batch": round(1000 * batch_size / host, 3), "note": "host side alone: reads + draws"}
@@ -110,8 +93,7 @@ def bench_pipeline(store, device: torch.device, quick: bool, batch_size: int, ba
 
 
 def vs_tutorial(rows: list[dict]) -> None:
-    """Each pipeline row's speed relative to the tutorial's data path in the same run (vs_tutorial),
-    where that path was measured at the same size and augmentation."""
+    """Each pipeline row's speed over the tutorial path's at its size and augmentation in this run."""
     base = {(r["image_size"], r["aug"]): r["images_per_sec"] for r in rows
             if r["stage"] == "pipeline" and r["backend"] == "tutorial"}
     for r in rows:
@@ -132,22 +114,19 @@ CPU_STEP_BATCH = {32: 64, 224: 8}
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype:
-    """The AMP rungs' autocast dtype: on a GPU what train.amp=auto picks (runtime.resolve_amp: bf16, or
-    fp16 without bf16 tensor cores); bf16 on every CPU, so that where auto picks fp32 the ladder shows
-    what emulated bf16 would cost."""
+    """The AMP rungs' autocast dtype: train.amp=auto's pick, or bf16 where that is fp32 (a CPU without
+    native bf16: the ladder shows what emulating it costs)."""
     return runtime.AMP_DTYPES[runtime.resolve_amp(device, "auto")[0]] or torch.bfloat16
 
 
 def _input_dtype(device: torch.device, amp: bool) -> torch.dtype:
-    """What the step is fed: under bf16 AMP the loader hands over bf16 images (half the bytes), so
-    train_step's tensors are bf16 too and end_to_end compiles the very graph train_step did (each
-    step its own copy, in its warm-up), and the two figures differ by the data only."""
+    """What the step is fed: bf16 under bf16 AMP, as the loader hands it over, so that train_step and
+    end_to_end compile the same graph and differ by the data only."""
     return torch.bfloat16 if amp and _amp_dtype(device) == torch.bfloat16 else torch.float32
 
 
 def make_train_step(model_name: str, device: torch.device, compiled: bool, channels_last: bool, amp: bool):
-    """A full training step (forward, cross-entropy, backward, AdamW) of a timm model with a
-    linear head, as the tutorial's recipes train it; returns step(images, labels) -> loss."""
+    """step(images, labels) -> loss: forward, cross-entropy, backward, AdamW of a timm model."""
     from fastcifar.config import Head, Model
     from fastcifar.models import build_model
 
@@ -155,10 +134,8 @@ def make_train_step(model_name: str, device: torch.device, compiled: bool, chann
     model = build_model(Model(name=model_name), Head(kind="linear"), 100).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     if compiled:
-        # One static graph per step made (a model at one size and setting): dynamo keeps its cache
-        # per code object, and every timm model of a kind shares its forward's code, so a second
-        # size would recompile into a dynamic-shape graph (automatic dynamic) and be measured as
-        # such. A fresh cache and dynamic=False: no recompile, and the warm-up holds this compile.
+        # timm models of a kind share their forward's code and so dynamo's cache: a second size would
+        # recompile as a dynamic-shape graph. A fresh cache and dynamic=False: one static graph.
         torch._dynamo.reset()
     net = torch.compile(model, dynamic=False) if compiled else model
     # fp16 without a GradScaler would underflow in real training; for timing, a step is a step
@@ -178,10 +155,11 @@ def make_train_step(model_name: str, device: torch.device, compiled: bool, chann
 def _time_steps(step, batches, device, warmup, repeats, per_repeat) -> tuple[float, float]:
     """(median images/s over the repeats, seconds of the warm-up incl. compilation). `batches`
     is an iterator of (images, labels); the loss is never read back, so nothing syncs mid-repeat."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
     t = time.perf_counter()
     for _ in range(warmup):
         step(*next(batches))
-    _sync(device)
+    sync(device)
     warm = time.perf_counter() - t
     rates = []
     for _ in range(repeats):
@@ -190,7 +168,7 @@ def _time_steps(step, batches, device, warmup, repeats, per_repeat) -> tuple[flo
             images, labels = next(batches)
             step(images, labels)
             n += len(labels)
-        _sync(device)
+        sync(device)
         rates.append(n / (time.perf_counter() - t))
     return statistics.median(rates), warm
 
@@ -206,9 +184,8 @@ def _step_batch(device, size, batch_size):
 
 
 def _ladder(device: torch.device, quick: bool, settings=None) -> list[tuple[bool, bool, bool]]:
-    """The (compiled, channels_last, amp) settings to run, in ladder order: the named ones, else
-    all; a first torch.compile costs ~40 s on a 2-core CPU and says nothing about a GPU, so by
-    default --quick on a CPU leaves the compiled step out."""
+    """The (compiled, channels_last, amp) settings to run in ladder order: the named ones, else all
+    but, with --quick on a CPU, the compiled one (~40 s to compile, and says nothing about a GPU)."""
     if settings:
         return [STEP_SETTINGS[name] for name in STEP_SETTINGS if name in settings]
     return [c for c in STEP_SETTINGS.values() if not (quick and c[0] and device.type != "cuda")]
@@ -221,8 +198,7 @@ def _settings(compiled, channels_last, amp) -> dict:
 
 def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, log, models=None, settings=None,
                      sizes=SIZES, **_):
-    """Training steps/s of resnet18/50 at 32 and 224 on device-resident random tensors, up the
-    ladder eager NCHW fp32 -> channels_last -> AMP -> torch.compile."""
+    """Training img/s on device tensors, up the ladder NCHW fp32 -> channels_last -> AMP -> compile."""
     warmup, repeats, per_repeat = STEP_PLAN["quick" if quick else "full"]
     for model_name in models or MODELS:
         for size in sizes:
@@ -245,8 +221,7 @@ def bench_train_step(store, device: torch.device, quick: bool, batch_size: int, 
 
 
 def end_to_end_spec(size: int, dtype: str):
-    """end_to_end's training augmentation: crop + flip at 32 (as r18_cifar_32), flip + resize at 224
-    (as the pretrained recipes)."""
+    """end_to_end's augmentation: crop + flip at 32 (r18_cifar_32), flip + resize at 224."""
     from fastcifar.pipelines import AugSpec
 
     return AugSpec(image_size=size, hflip=0.5, pad_crop=4 if size == 32 else 0, normalize="cifar", dtype=dtype)
@@ -254,9 +229,8 @@ def end_to_end_spec(size: int, dtype: str):
 
 def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
                      settings=None, sizes=SIZES, **_):
-    """Each loader (default: the tutorial's path and the one backend="auto" picks) feeding the
-    ladder's last step setting (_ladder), with a training augmentation: what an epoch runs at,
-    data included."""
+    """Each loader (default: the tutorial's and the auto one) feeding the ladder's last step setting
+    with a training augmentation: what an epoch runs at, data included."""
     from fastcifar.pipelines import make_loader
     from fastcifar.pipelines.loader import dali_available
 
@@ -293,35 +267,26 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
 
 PACKING = (1, 2, 4)  # runs at once on the one GPU (on a CPU: splitting its cores)
 PACKING_RECIPE = "r18_cifar_32"
-# The short run a packing row times K of, per device and --quick: (epochs, train images, test images,
-# batch size); None: the store's whole split, the recipe's batch. A CPU's is tiny (a CIFAR-stem ResNet-18
-# trains tens of img/s on a few cores) but a few batches long: the steady-state img/s leaves out the first step.
+# The run timed K at once, per device and --quick: (epochs, train and test images, batch size); None:
+# the whole split, the recipe's batch. A CPU's is tiny but some batches long: steady state skips the first.
 PACKING_RUN = {("cuda", False): (3, None, None, None), ("cuda", True): (1, 10_000, 2_000, None),
                ("cpu", False): (1, 500, 100, 50), ("cpu", True): (1, 100, 50, 25)}
 
 
-def packing_sets(store, device: torch.device, quick: bool) -> list[str]:
-    """The --set list of the packing bench's short run on this store and device."""
+def bench_packing(store, device: torch.device, quick: bool, log, **_):
+    """Runs per hour of K short r18_cifar_32 `fastcifar train` processes at once, run by runs.py's
+    scheduler (a GPU: --per-gpu K; a CPU: --jobs K), timed from the first start to the last end, as
+    in a sweep; images_per_sec: their steady-state img/s summed; vs_one: over one run at a time."""
+    from fastcifar import runs
+    from fastcifar.config import apply_overrides, load
+
     epochs, n_train, n_test, batch = PACKING_RUN[(device.type, quick)]
-    sets = [f"train.epochs={epochs}", f"train.device={device.type}"]
+    sets = [f"train.epochs={epochs}", f"train.device={device.type}"]  # the --set list of the short run
     for field, n, split in (("subset", n_train, "train"), ("test_subset", n_test, "test")):
         total = len(store.labels(split))
         if n is not None and n < total:
             sets.append(f"data.{field}={n / total:.6g}")
-    return sets + ([f"data.batch_size={batch}"] if batch else [])
-
-
-def bench_packing(store, device: torch.device, quick: bool, log, **_):
-    """Runs per hour of K = 1, 2, 4 short r18_cifar_32 runs at once, each its own `fastcifar train`
-    process, started and watched by the scheduler of `reproduce` (runs.py): on a GPU all K pinned to
-    it (--per-gpu K), on a CPU splitting its cores (--jobs K). The clock spans the first process's
-    start to the last one's end: start-up, compilation and evaluation count, as they do in a sweep.
-    images_per_sec: the K runs' steady-state training img/s, summed; vs_one: runs per hour over
-    those of one run at a time."""
-    from fastcifar import runs
-    from fastcifar.config import apply_overrides, load
-
-    sets = packing_sets(store, device, quick)
+    sets += [f"data.batch_size={batch}"] if batch else []
     gpu = runs.visible_gpus()[device.index or 0] if device.type == "cuda" else None
     one = None  # runs per hour of one at a time
     for k in PACKING:
@@ -365,32 +330,23 @@ OPT_IN = ("packing",)  # stages only --stage runs (minutes of training processes
 
 
 def headroom(rows: list[dict]) -> list[dict]:
-    """Per pipeline backend, model and size: the loader's img/s with the tutorial's OneOf policy over
-    the fastest train step's; below 1 the pipeline is the bottleneck."""
+    """Per pipeline backend, model and size: OneOf loader img/s over the fastest step's (< 1: data-bound)."""
     steps = {}
     for r in rows:
         if r["stage"] == "train_step":
             key = (r["model"], r["image_size"])
             steps[key] = max(steps.get(key, 0), r["images_per_sec"])
-    e2e = {(r["backend"], r["model"], r["image_size"]): r["images_per_sec"] for r in rows if r["stage"] == "end_to_end"}
-    out = []
-    for r in rows:
-        if r["stage"] != "pipeline" or r["aug"] != "oneof" or r["backend"] == HOST:
-            continue
-        for (model, size), step_rate in steps.items():
-            if size == r["image_size"]:
-                h = {"pipeline": r["backend"], "model": model, "image_size": size, "aug": r["aug"],
-                     "pipeline_img_s": r["images_per_sec"], "train_step_img_s": step_rate,
-                     "headroom": round(r["images_per_sec"] / step_rate, 2)}
-                if (r["backend"], model, size) in e2e:
-                    h["end_to_end_img_s"] = e2e[(r["backend"], model, size)]
-                out.append(h)
-    return out
+    e2e = {(r["backend"], r["model"], r["image_size"]): {"end_to_end_img_s": r["images_per_sec"]}
+           for r in rows if r["stage"] == "end_to_end"}
+    return [{"pipeline": r["backend"], "model": model, "image_size": size, "aug": r["aug"],
+             "pipeline_img_s": r["images_per_sec"], "train_step_img_s": step_rate, "headroom":
+             round(r["images_per_sec"] / step_rate, 2), **e2e.get((r["backend"], model, size), {})}
+            for r in rows if r["stage"] == "pipeline" and r["aug"] == "oneof" and r["backend"] != HOST
+            for (model, size), step_rate in steps.items() if size == r["image_size"]]
 
 
 def bench_store(data_dir, quick: bool, log):
-    """The prepared store if there is one, else a synthetic stand-in cached in the temp dir
-    (throughput does not depend on the pictures)."""
+    """The prepared store, else a synthetic stand-in (throughput does not depend on the pictures)."""
     from fastcifar.data import default_data_dir, open_store, prepare
 
     d = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -412,32 +368,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def host_info(device: torch.device) -> dict:
-    """What the figures were measured on."""
-    info = {"fastcifar": __version__, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "device": device_label(device), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    dali = provenance.version("nvidia.dali")
-    return {**info, "dali": dali} if dali else info
-
-
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM stopped the bench; the rows measured before are printed and kept (exit 130)."""
-
-
 def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250, data_dir=None, device=None,
         models=None, settings=None, log=print, plot_path=None, sizes=None) -> list[dict]:
-    """Run the stages, print a table per stage and the headroom, write JSON {meta, rows, headroom} after
-    every row (meta.complete: whether it ran to its end) and the picture; Ctrl-C: then Stopped."""
+    """Run the stages, print the tables, write JSON after every row and the picture; Ctrl-C: Stopped."""
     # a flag given twice is measured once (as --size), not its stage or model all over again
     stages = stages or [s for s in STAGES if s not in OPT_IN]
     stages, backends, models = (list(dict.fromkeys(x)) if x else x for x in (stages, backends, models))
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise BadInput(f"Unknown bench stage {unknown[0]!r}; the stages are: {', '.join(STAGES)}.")
-    bad = [b for b in backends or () if b not in PIPELINE_BACKENDS]
-    if bad:
-        raise BadInput(f"Unknown pipeline backend {bad[0]!r}; choose from {', '.join(PIPELINE_BACKENDS)}.")
+    for given, known, what in ((stages, STAGES, "bench stage {!r}; the stages are: {}"),
+                               (backends, PIPELINE_BACKENDS, "pipeline backend {!r}; choose from {}"),
+                               (settings, STEP_SETTINGS, "step setting {!r}; choose from {}")):
+        bad = [x for x in given or () if x not in known]
+        if bad:
+            raise BadInput(f"Unknown {what.format(bad[0], ', '.join(known))}.")
     if batch_size < 1:
         raise BadInput(f"--batch-size {batch_size}: must be at least 1.")
     bad = [x for x in sizes or () if x not in SIZES]
@@ -445,9 +387,6 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         raise BadInput(f"--size {bad[0]}: the bench measures {' or '.join(map(str, SIZES))} px (the stored side "
                        f"and the pretrained recipes').")
     sizes = tuple(dict.fromkeys(sizes or SIZES))
-    bad = [x for x in settings or () if x not in STEP_SETTINGS]
-    if bad:
-        raise BadInput(f"Unknown step setting {bad[0]!r}; choose from {', '.join(STEP_SETTINGS)}.")
     if models:
         import timm
 
@@ -458,12 +397,16 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
     if json_path is not None and plot_path is not None and os.path.realpath(json_path) == os.path.realpath(plot_path):
         raise BadInput(f"--json {json_path} and --plot {plot_path} name the same file; the picture would replace "
                        f"the JSON. Give each its own path.")
-    if json_path is not None:
-        check_json_path(Path(json_path))  # now, not after minutes of benchmarking
-    if plot_path is not None:
-        check_json_path(Path(plot_path), "--plot")
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:  # now, not after minutes of benchmarking
+            check_json_path(Path(path), option)
     store = bench_store(data_dir, quick, log)
-    meta = {**host_info(device), "quick": quick, "store": provenance.data_info(store)["dataset"]}
+    dali = provenance.version("nvidia.dali")
+    meta = {"fastcifar": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "device": device_label(device), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **({"dali": dali} if dali else {}), "quick": quick,
+            "store": provenance.data_info(store)["dataset"]}
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
     amp, why = runtime.resolve_amp(device, "auto")
     meta["amp_auto"] = amp  # what a training run's train.amp=auto picks on this device
@@ -476,17 +419,17 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
             write_json(Path(json_path), {"meta": {**meta, "complete": complete}, "rows": rows,
                                          "headroom": headroom(rows)})
 
+    def too_big(e):  # the stage `name` ran out of memory
+        kept = f" The {len(rows)} rows measured before are in {json_path} (meta.complete: false)." \
+            if json_path is not None and rows else ""
+        return BadInput(f"The {name} stage ran out of device memory at --batch-size {batch_size} on "
+                        f"{device_label(device)} ({runtime.memory_error(e)}); use a smaller --batch-size, "
+                        f"or a smaller --model or --size.{kept}")
+
     # the kernel choices a training run makes; SIGTERM (a job's time limit) stops as Ctrl-C does
     with runtime.backend_settings(deterministic=False), sigterm_as_ctrl_c():
         try:
             for name in stages:
-                def too_big(e):
-                    kept = f" The {len(rows)} rows measured before are in {json_path} (meta.complete: false)." \
-                        if json_path is not None and rows else ""
-                    return BadInput(f"The {name} stage ran out of device memory at --batch-size {batch_size} on "
-                                    f"{device_label(device)} ({runtime.memory_error(e)}); use a smaller --batch-size, "
-                                    f"or a smaller --model or --size.{kept}")
-
                 with runtime.out_of_memory_as(too_big):
                     for row in STAGES[name](store=store, device=device, quick=quick, batch_size=batch_size,
                                             backends=backends, models=models, settings=settings, sizes=sizes, log=log):
@@ -502,8 +445,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         log(f"\n{name}:\n" + table([r for r in rows if r["stage"] == name]))
     if room:
         log("\nheadroom (pipeline img/s with the OneOf policy over the fastest train step's; below 1 the data "
-            "is the bottleneck):\n"
-            + table(room))
+            "is the bottleneck):\n" + table(room))
     if json_path is not None:
         save(complete=stopped is None)
         log(f"wrote {json_path}" + (" (meta.complete: false)" if stopped else ""))
@@ -516,8 +458,7 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
 
 
 def check_json_path(path: Path, option: str = "--json", by: str = "bench") -> None:
-    """BadInput unless a file can be written at path (its folder is made if missing) without
-    replacing anything but a file `fastcifar by` wrote there (owned.py)."""
+    """BadInput unless path can be written, replacing only a file `fastcifar by` wrote (owned.py)."""
     example = f"{by}.json" if option == "--json" else f"{by}.png"
     if str(path) == "-":  # the usual name of stdout, where the tables go; not a file named -
         raise BadInput(f"{option} - : {by} prints to stdout and writes {option} to a file; give a path such as "
@@ -557,8 +498,7 @@ PIPE_COLUMNS = [(px, aug) for px in (32, 224) for aug in AUG_LABELS]
 
 
 def figure(bench: dict):
-    """A matplotlib figure of a bench result: pipeline img/s per backend, size and augmentation (the
-    tutorial's path hatched) and, when measured, the headroom against the line of 1."""
+    """A matplotlib figure of a bench result: pipeline img/s (the tutorial's hatched) and the headroom."""
     import matplotlib
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt

@@ -1,8 +1,6 @@
 """Multi-process training under torchrun: one process per GPU (NCCL), or per CPU slot (gloo).
-
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is a no-op for one
-process, so the train loop has one code path.
-"""
+Without torchrun's RANK, WORLD_SIZE and LOCAL_RANK everything here is a no-op for one process, so
+the train loop has one code path."""
 
 from __future__ import annotations
 

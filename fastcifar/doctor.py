@@ -1,36 +1,17 @@
-"""`fastcifar doctor`: does fastcifar work on this machine, and how fast, within a three-minute budget.
+"""`fastcifar doctor`: does fastcifar work on this machine, and how fast, within a budget (docs/doctor.md).
 
-It prints the versions and the precision train.amp=auto picks here, then runs its steps in
-priority order (STEPS), each in a child process of its own with a cap, so a crash or a hang is
-that step's failure and the rest still run; one table ends it:
-
-    checks   agreement  DALI on this device gives the torch backend's images (pipelines/agree.py)
-             compile    fastcifar's Trainer, compiled, channels_last, at the chosen precision: two
-                        epochs whose last train and test batches are uneven, no shape recompile
-             resume     8 steps straight == 3 steps, a stop, and a resume, bit for bit
-    targets  DALI OneOf@224 img/s, resnet18@224's compiled step img/s, end_to_end / step at 224
-             and 32, resnet50@224's step img/s (bench.py's measuring functions)
-    extras   the torch backend's OneOf@224, DALI TrivialAugment@224 and RandAugment@224
-
-A budget (seconds of wall clock, from the start) bounds the whole: a step that needs more than
-what is left is skipped and named, and so is one the budget cuts short. A check that did not pass
-(failed, crashed, hung past its cap, or did not fit) makes the exit status 1; a figure below its
-target is a measurement, marked, and never a failure.
-
-The GPU and the CPU run one code path; the CPU runs it at toy sizes. What differs:
-
-| line                               | why                                                                    |
-|------------------------------------|------------------------------------------------------------------------|
-| `SCALE[device.type]`, `Step.cap`   | the store, the models (test_resnet on a CPU), the rows' batches, caps  |
-| `compiled = device.type == "cuda"` | the rows' steps: a CPU compile costs most of a minute a graph          |
-| `on_target_card`                   | the targets are for H100/H200-class cards, n/a elsewhere               |
-| `fails = device.type == "cuda"`    | without DALI a GPU fails the agreement check; a CPU notes it           |
+The steps (STEPS: checks, targets, extras, in priority order) each run in a child process with a
+cap, so a crash or a hang is that step's failure and the rest still run. A check that did not pass
+makes the exit status 1; a figure below its target is a measurement, never a failure. The GPU and
+the CPU run one code path, the CPU at toy sizes (SCALE, Step.cap); only a GPU compiles the rows'
+steps and fails without DALI, and the targets apply to H100/H200-class cards alone.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import dataclasses
+import itertools
 import logging
 import math
 import multiprocessing
@@ -41,14 +22,15 @@ import shutil
 import signal
 import tempfile
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from fastcifar import __version__, provenance, runtime
-from fastcifar.bench import check_json_path, write_json
+from fastcifar import __version__, bench, provenance, runtime
 from fastcifar.errors import BadInput, why
+from fastcifar.signals import Stopped
 
 BUDGET = 180.0  # seconds of wall clock for the whole run, compiles included
 TARGET_CARDS = ("H100", "H200", "H800", "GH200")  # the cards the targets are set for
@@ -68,22 +50,12 @@ RESUME = {"train": 200, "test": 100, "batch": 50, "epochs": 2, "stop": 3}  # 8 s
 TAIL = 15  # lines of a failed step's log shown
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    name: str
-    kind: str       # check | target | extra
-    run: object     # run(ctx, emit) -> {ok, detail}; emit(row) hands over a throughput row at once
-    cap: tuple      # seconds at most, (on a GPU, on a CPU)
-    need: tuple     # seconds it needs to be worth starting: with less left it is skipped
+# kind: check | target | extra; run(ctx, emit) -> {ok, detail}, emit(row) hands over a throughput row at once;
+# cap: seconds at most, need: seconds left for it to be worth starting, each (on a GPU, on a CPU)
+Step = collections.namedtuple("Step", "name kind run cap need")
 
 
 # ---- The checks
-
-
-def _setup(ctx: dict) -> tuple[torch.device, dict]:
-    """The step's device (made current) and its sizes."""
-    device = runtime.command_device(ctx["device"])
-    return device, SCALE[device.type]
 
 
 def check_agreement(ctx: dict, emit) -> dict:
@@ -92,12 +64,11 @@ def check_agreement(ctx: dict, emit) -> dict:
     from fastcifar.pipelines import agree
     from fastcifar.pipelines.loader import dali_available
 
-    device = _setup(ctx)[0]
+    device = runtime.command_device(ctx["device"])
     store = open_store(ctx["store"])
     rows = agree.tf32(store, device, batch=50)
     if not dali_available():
-        fails = device.type == "cuda"  # the GPU pipeline is missing; on a CPU DALI is optional
-        ok = all(r["ok"] for r in rows) and not fails
+        ok = all(r["ok"] for r in rows) and device.type != "cuda"  # a GPU's pipeline; a CPU's option
         return {"ok": ok, "detail": "DALI is not installed here (pip install nvidia-dali-cuda120; Linux x86_64 and "
                 "aarch64): nothing to compare the torch backend with, and data.backend=auto runs torch"
                 + ("" if ok else "; " + _failures(rows))}
@@ -120,10 +91,8 @@ def _failures(rows: list[dict]) -> str:
 def _recipe(ctx: dict, sizes: dict, **train):
     """r18_cifar_32, as installed, shrunk: timm's test_resnet on `sizes` images of the doctor's store."""
     from fastcifar import config
-    from fastcifar.data import open_store
 
-    store = open_store(ctx["store"])
-    n_train, n_test = len(store.labels("train")), len(store.labels("test"))
+    n_train, n_test = SCALE[torch.device(ctx["device"]).type]["store"]  # the store run() made
     r, info = config.load(str(config.installed_recipes_dir() / "r18_cifar_32.py"))  # never a ./recipes look-alike
     config.apply_overrides(r, ["model.name=test_resnet", f"data.batch_size={sizes['batch']}",
                                f"data.subset={sizes['train'] / n_train!r}",
@@ -154,14 +123,12 @@ def recompiles():
 def shape_recompiles(reasons: list[str]) -> list[str]:
     """The recompiles not caused by switching between training and evaluation (grad mode, the
     modules' training flag): a new shape, stride or dtype reached the graph."""
-    mode = ("grad_mode", "training")
-    return [r for r in reasons if any(not any(m in line for m in mode)
+    return [r for r in reasons if any(not any(m in line for m in ("grad_mode", "training"))
                                       for line in r.splitlines() if line.strip().startswith("- "))]
 
 
 def check_compile(ctx: dict, emit) -> dict:
-    """Two epochs of the compiled Trainer with uneven last batches: the only recompile allowed is
-    evaluation's (grad mode off)."""
+    """Two epochs of the compiled Trainer, uneven last batches: no recompile but evaluation's."""
     import fastcifar.train as T
 
     r, info = _recipe(ctx, COMPILE, epochs=2, compile="true")
@@ -177,25 +144,6 @@ def check_compile(ctx: dict, emit) -> dict:
     return {"ok": ok, "detail": detail + ("" if ok else ". " + " | ".join(" ".join(x.split()) for x in shape)[:600])}
 
 
-class StopAfter:
-    """A training loader that asks the run to stop, as Ctrl-C does, after `steps` batches."""
-
-    def __init__(self, loader, stop, steps: int):
-        self.loader, self.stop, self.steps = loader, stop, steps
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.steps - 1:
-                self.stop.signal = signal.SIGINT  # checked after this batch's step
-            yield batch
-
-
 def same(a, b) -> bool:
     """Whether two state dicts (nested dicts, lists, tensors) are equal, tensors bit for bit."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -208,8 +156,7 @@ def same(a, b) -> bool:
 
 
 def check_resume(ctx: dict, emit) -> dict:
-    """The Trainer straight through, and again stopped after a few steps and resumed: the same
-    weights and optimizer state, bit for bit (deterministic kernels, eager)."""
+    """The Trainer straight, and stopped and resumed: the same weights and optimizer, bit for bit."""
     import fastcifar.train as T
     from fastcifar import checkpoint
 
@@ -217,21 +164,25 @@ def check_resume(ctx: dict, emit) -> dict:
     work = Path(ctx["work"])
     T.train(r, info, out=work / "straight", data_dir=ctx["store"])
     with T.Trainer(r, info, out=work / "stopped", data_dir=ctx["store"]) as tr:
-        tr.train_loader = StopAfter(tr.train_loader, tr.stop, RESUME["stop"])
+        real, count = tr.train_step, itertools.count(1)
+
+        def train_step(*args):  # the run is asked to stop, as Ctrl-C does, after step RESUME["stop"]
+            if next(count) == RESUME["stop"]:
+                tr.stop.signal = signal.SIGINT  # checked after this step
+            return real(*args)
+
+        tr.train_step = train_step
         steps = len(tr.train_loader) * RESUME["epochs"]
-        try:
+        with contextlib.suppress(T.Interrupted):
             tr.fit()
             return {"ok": False, "detail": f"a stop requested after step {RESUME['stop']} did not stop the run"}
-        except T.Interrupted:
-            pass
     T.train(r, {}, data_dir=ctx["store"], resume=work / "stopped")
     a, b = (checkpoint.load(work / run / "last.pt") for run in ("straight", "stopped"))
     differ = [k for k in ("model", "optimizer", "step") if not same(a[k], b[k])]
     detail = f"{steps} steps straight == {RESUME['stop']} steps, a stop and a resume, bit for bit"
-    if not differ:
-        return {"ok": True, "detail": detail}
-    named = ", ".join(differ[:-1]) + " and " + differ[-1] if len(differ) > 1 else f"{differ[0]} differs"
-    return {"ok": False, "detail": f"{detail}: NOT so, {named}" + (" differ" if len(differ) > 1 else "")}
+    named = " and ".join(filter(None, [", ".join(differ[:-1]), *differ[-1:]]))
+    verb = "differs" if len(differ) == 1 else "differ"
+    return {"ok": not differ, "detail": detail + (f": NOT so, {named} {verb}" if differ else "")}
 
 
 # ---- The throughput rows
@@ -239,14 +190,14 @@ def check_resume(ctx: dict, emit) -> dict:
 
 def pipeline(ctx: dict, emit, backend: str, aug: str, size: int) -> dict:
     """A loader backend's img/s with an augmentation at a size (bench.measure)."""
-    from fastcifar import bench
     from fastcifar.data import open_store
     from fastcifar.pipelines import AugSpec, make_loader
     from fastcifar.pipelines.loader import dali_available
 
     if backend == "dali" and not dali_available():
         return {"ok": True, "detail": "not measured: DALI is not installed here"}
-    device, s = _setup(ctx)
+    device = runtime.command_device(ctx["device"])
+    s = SCALE[device.type]
     loader = make_loader(open_store(ctx["store"]), "train", AugSpec(image_size=size, **bench.pipeline_augs()[aug]),
                          s["pipeline_batch"], backend=backend, device=device, seed=0)
     with runtime.backend_settings(deterministic=False):
@@ -258,13 +209,12 @@ def pipeline(ctx: dict, emit, backend: str, aug: str, size: int) -> dict:
 
 
 def train_step(ctx: dict, emit, model: str, size: int, fed: bool = False) -> dict:
-    """A model's training step img/s on device tensors (bench.make_train_step, channels_last, the
-    chosen precision) and, if fed, the same step fed by the loader data.backend=auto picks."""
-    from fastcifar import bench
+    """A model's step img/s on device tensors and, if fed, the same step fed by the auto loader."""
     from fastcifar.data import open_store
     from fastcifar.pipelines import make_loader
 
-    device, s = _setup(ctx)
+    device = runtime.command_device(ctx["device"])
+    s = SCALE[device.type]
     name, bs, plan = s["models"][model], s["step_batch"][size], s["step_plan"]
     amp = ctx["precision"] != "none"
     compiled = device.type == "cuda"  # a CPU compile costs most of a minute a graph; the compile check compiles there
@@ -302,12 +252,9 @@ STEPS = [  # priority order: the checks, the targets, the extras; cap and need i
     Step("resnet18_32", "target", partial(train_step, model="resnet18", size=32, fed=True),
          cap=(100, 60), need=(35, 5)),
     Step("resnet50_224", "target", partial(train_step, model="resnet50", size=224), cap=(120, 60), need=(50, 5)),
-    Step("torch_oneof_224", "extra", partial(pipeline, backend="torch", aug="oneof", size=224),
-         cap=(30, 60), need=(5, 5)),
-    Step("dali_trivialaugment_224", "extra", partial(pipeline, backend="dali", aug="trivialaugment", size=224),
-         cap=(30, 60), need=(5, 5)),
-    Step("dali_randaugment_224", "extra", partial(pipeline, backend="dali", aug="randaugment", size=224),
-         cap=(30, 60), need=(5, 5)),
+    *(Step(f"{backend}_{aug}_224", "extra", partial(pipeline, backend=backend, aug=aug, size=224),
+           cap=(30, 60), need=(5, 5))
+      for backend, aug in (("torch", "oneof"), ("dali", "trivialaugment"), ("dali", "randaugment"))),
 ]
 
 
@@ -315,8 +262,7 @@ STEPS = [  # priority order: the checks, the targets, the extras; cap and need i
 
 
 def _child(run, ctx: dict, conn, log_path: str) -> None:
-    """A step in its own process (group, so that a timeout also ends its compile workers), its
-    output in its log; results go to the parent through conn."""
+    """A step in its own process group (a timeout also ends its compile workers), output to its log."""
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it ends this process
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -330,8 +276,6 @@ def _call(run, ctx: dict, emit) -> dict:
     try:
         return run(ctx, emit)
     except Exception as e:  # a step's error of any kind is its failure, reported with the others
-        import traceback
-
         traceback.print_exc()
         return {"ok": False, "detail": why(e)}
 
@@ -339,14 +283,13 @@ def _call(run, ctx: dict, emit) -> dict:
 def _kill(p) -> None:
     with contextlib.suppress(OSError):
         os.killpg(p.pid, signal.SIGKILL)  # the step's group: its own workers too
-    with contextlib.suppress(OSError):
-        p.kill()  # not yet in a group of its own
+    p.kill()  # not yet in a group of its own
     p.join()
 
 
-def run_isolated(step: Step, ctx: dict, timeout: float, log_path: Path, rows: list) -> dict:
-    """The step in a child process (forkserver: forked from a clean process that imported torch once),
-    for at most `timeout` seconds; the rows it emitted are appended to `rows` as they arrive."""
+def run_isolated(step: Step, ctx: dict, timeout: float, log_path: Path, rows: list) -> dict | None:
+    """The step's {ok, detail} from a child process (forkserver: forked from a clean process that
+    imported torch once), None past `timeout` seconds; its rows go into `rows` as they arrive."""
     mp = multiprocessing.get_context("forkserver")
     recv, send = mp.Pipe(duplex=False)
     p = mp.Process(target=_child, args=(step.run, ctx, send, str(log_path)))  # not a daemon: it may have workers
@@ -358,7 +301,7 @@ def run_isolated(step: Step, ctx: dict, timeout: float, log_path: Path, rows: li
             left = deadline - time.monotonic()
             if left <= 0:
                 _kill(p)
-                return {"status": "timeout"}
+                return None
             if not multiprocessing.connection.wait([recv, p.sentinel], timeout=min(left, 1.0)):
                 continue
             try:
@@ -378,31 +321,17 @@ def run_isolated(step: Step, ctx: dict, timeout: float, log_path: Path, rows: li
     if result is None:
         code = p.exitcode
         died = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
-        return {"status": "fail", "detail": f"its process died ({died})"}
-    return {"status": "pass" if result["ok"] else "fail", "detail": result["detail"]}
+        return {"ok": False, "detail": f"its process died ({died})"}
+    return result
 
 
 def run_inline(step: Step, ctx: dict, log_path: Path, rows: list) -> dict:
     """The step in this process (no cap enforced): how tests plant a fault the step must catch."""
     with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        result = _call(step.run, ctx, rows.append)
-    return {"status": "pass" if result["ok"] else "fail", "detail": result["detail"]}
-
-
-def tail(path: Path, n: int = TAIL) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-n:]
-    except OSError:
-        return []
+        return _call(step.run, ctx, rows.append)
 
 
 # ---- What is printed and written
-
-
-def versions(device: torch.device) -> dict:
-    """The software and hardware the figures come from."""
-    v = provenance.software(device)
-    return {**v, "driver": v["gpu"] and v["gpu"]["driver"]}
 
 
 def versions_line(v: dict) -> str:
@@ -413,18 +342,10 @@ def versions_line(v: dict) -> str:
             f"{v['cpu_cores']} CPU cores")
 
 
-def on_target_card(v: dict) -> bool:
-    """Whether the targets are this card's (H100/H200 class); elsewhere they read n/a."""
-    return bool(v["gpu"]) and any(c in v["gpu"]["name"] for c in TARGET_CARDS)
-
-
-def _n(x) -> str:
-    return f"{x:,}" if isinstance(x, int) else str(x)
-
-
 def table(report: dict) -> str:
     """The markdown bench/RESULTS.md keeps: what ran on what, the checks, the throughput rows."""
     m, steps, rows = report["meta"], report["steps"], report["rows"]
+    n = lambda x: f"{x:,}" if isinstance(x, int) else str(x)  # 12,345 img/s
     checks = [s for s in steps if s["kind"] == "check"]
     passed = sum(s["status"] == "pass" for s in checks)
     lines = [f"## fastcifar doctor on {m['device_name']}: {passed} of {len(checks)} checks passed, {m['seconds']:.0f} s"
@@ -438,7 +359,7 @@ def table(report: dict) -> str:
     for r in rows:
         target = TARGETS.get(r["name"])
         met = "" if target is None else "n/a (not an H100/H200)" if r["met"] is None else "yes" if r["met"] else "NO"
-        lines.append(f"| {r['what']} | {_n(r['value'])} | {'' if target is None else '>= ' + _n(target)} | {met} |")
+        lines.append(f"| {r['what']} | {n(r['value'])} | {'' if target is None else '>= ' + n(target)} | {met} |")
     for s in steps:  # a step that measured nothing, or stopped part-way: why
         if s["kind"] != "check" and (s["status"] != "pass" or not any(r["step"] == s["name"] for r in rows)):
             lines.append(f"| {s['name']}: {s['status']} | {s['detail']} | | |")
@@ -449,14 +370,9 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-class Stopped(Exception):
-    """Ctrl-C or SIGTERM: what was done is printed (and in --json); the CLI exits 130."""
-
-
 def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=print, isolate: bool = True,
         steps: list[Step] | None = None, command: str = "fastcifar doctor") -> int:
-    """Run the steps within the budget, print the table, write --json; returns the exit status
-    (0 every check passed, 1 one did not). isolate=False runs each step in this process."""
+    """Run the steps within the budget, print the table, write --json; returns the exit status."""
     from fastcifar.data import prepare
 
     start = time.monotonic()
@@ -464,14 +380,15 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
         raise BadInput(f"--budget {budget}: give the seconds doctor may take, e.g. --budget {BUDGET:g}.")
     if json_path is not None:
         json_path = Path(json_path)
-        check_json_path(json_path, by="doctor")
+        bench.check_json_path(json_path, by="doctor")
     dev = runtime.command_device(device)
-    v = versions(dev)
+    v = provenance.software(dev)
+    v["driver"] = v["gpu"] and v["gpu"]["driver"]
     precision, precision_why = runtime.resolve_amp(dev, "auto")
     meta = {"device_name": v["gpu"]["name"] if v["gpu"] else "cpu", "toy": dev.type != "cuda",
             "precision": "fp32" if precision == "none" else precision,
             "precision_why": precision_why.removeprefix("auto: "), "budget": budget, "command": command,
-            "targets_apply": on_target_card(v)}
+            "targets_apply": bool(v["gpu"]) and any(c in v["gpu"]["name"] for c in TARGET_CARDS)}
     log(versions_line(v))
     log(f"precision: {meta['precision']} ({meta['precision_why']})")
     if isolate:  # the steps' processes fork from one that imported these once, while the store is made
@@ -513,40 +430,33 @@ def run(device: str | None = None, budget: float = BUDGET, json_path=None, log=p
         shutil.rmtree(work, ignore_errors=True)  # the temp dir made above, and only that
     meta["seconds"] = round(time.monotonic() - start, 1)
     log("\n" + table(report))
-    if json_path is not None:
-        write(json_path, report)
+    if json_path is not None:  # the steps as checks and measurements
+        done = report["steps"]
+        bench.write_json(json_path, {**{k: v for k, v in report.items() if k != "steps"},
+                                     "checks": [e for e in done if e["kind"] == "check"],
+                                     "measurements": [e for e in done if e["kind"] != "check"]}, by="doctor")
         log(f"wrote {json_path}")
     if meta.get("stopped"):
         where = f"in step {report['steps'][-1]['name']}" if report["steps"] else "before the first step"
         raise Stopped(f"Stopped by Ctrl-C or SIGTERM {where}; the table above holds what was done.")
-    return 1 if any(failed(e) for e in report["steps"]) else 0
+    # exit 1: a check that did not pass, or any step that failed or hung (not a figure below its
+    # target, nor a measurement the budget left out)
+    return int(any(e["status"] != "pass" and (e["kind"] == "check" or e["status"] in ("fail", "timeout"))
+                   for e in report["steps"]))
 
 
 def _step(step: Step, ctx: dict, cap: float, k: int, isolate: bool, rows: list, log) -> dict:
-    """Run one step for at most cap seconds (its own cap is step.cap[k]), its output in ctx["work"].log;
-    returns its status, detail and seconds, and a failure's log tail. Its rows go into `rows`."""
+    """Run one step for at most cap seconds; its status, detail, seconds and a failure's log tail."""
     log(f"{'...':7} {step.name} (at most {cap:.0f} s)")
     log_path, t = Path(ctx["work"] + ".log"), time.monotonic()
-    result = run_isolated(step, ctx, cap, log_path, rows) if isolate else run_inline(step, ctx, log_path, rows)
-    if result["status"] == "timeout":
+    r = run_isolated(step, ctx, cap, log_path, rows) if isolate else run_inline(step, ctx, log_path, rows)
+    if r is None:  # stopped at its cap, or at the budget's end
         cut = cap < step.cap[k]
         result = {"status": "cut" if cut else "timeout",
                   "detail": f"stopped after {cap:.0f} s: " + ("the budget ran out" if cut else "its cap")}
+    else:
+        result = {"status": "pass" if r["ok"] else "fail", "detail": r["detail"]}
     result["seconds"] = round(time.monotonic() - t, 1)
-    if result["status"] not in ("pass", "cut"):
-        result["log"] = tail(log_path)
+    if result["status"] not in ("pass", "cut"):  # the end of its log, where it made one
+        result["log"] = log_path.read_text(errors="replace").splitlines()[-TAIL:] if log_path.exists() else []
     return result
-
-
-def failed(entry: dict) -> bool:
-    """Whether a step makes the exit status 1: a check that did not pass, or any step that failed
-    or hung (a figure below its target, or a measurement the budget left out, does not)."""
-    return entry["status"] != "pass" and (entry["kind"] == "check" or entry["status"] in ("fail", "timeout"))
-
-
-def write(path: Path, report: dict) -> None:
-    """--json: the versions, the checks, the measuring steps and the rows, written atomically."""
-    steps = report["steps"]
-    write_json(path, {**{k: v for k, v in report.items() if k != "steps"},
-                      "checks": [e for e in steps if e["kind"] == "check"],
-                      "measurements": [e for e in steps if e["kind"] != "check"]}, by="doctor")

@@ -56,14 +56,10 @@ def _depth(obj) -> int:
 
 
 def read_text(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> str:
-    """A regular file's text (UTF-8), or BadInput: not a regular file (a FIFO would block for ever,
-    a directory), larger than max_bytes, unreadable, or not UTF-8."""
-    path = Path(path)
+    """A regular file's UTF-8 text, or BadInput (not a regular file, e.g. a FIFO; too large; not UTF-8)."""
+    path, fd = Path(path), None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
-    except OSError as e:
-        raise BadInput(f"Cannot read {path} ({e.strerror or e}).") from None
-    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise BadInput(f"{path} is not a regular file.")
@@ -75,7 +71,8 @@ def read_text(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> str:
     except OSError as e:
         raise BadInput(f"Cannot read {path} ({e.strerror or e}).") from None
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     if len(data) > max_bytes:
         raise BadInput(f"{path} is larger than any such file fastcifar writes ({max_bytes >> 20} MB at most).")
     try:

@@ -26,10 +26,6 @@ def _ident(st: os.stat_result, grows: bool) -> list[int]:
     return [st.st_dev, st.st_ino] + ([] if grows else [st.st_size, st.st_mtime_ns])
 
 
-def _paths(paths) -> list[Path]:
-    return [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-
-
 def _where(path: Path) -> tuple[Path, str, os.stat_result]:
     """(folder whose manifest names path, its name there, its lstat); a folder is "." in its own."""
     st = os.lstat(path)
@@ -69,9 +65,8 @@ def is_ours(path, by: str | None = None) -> bool:
 
 
 def check(paths, by: str, hint: str) -> None:
-    """BadInput (refuse) unless each path is missing or `fastcifar by` wrote it, and its folder's
-    manifest is fastcifar's."""
-    paths = _paths(paths)
+    """BadInput unless each path is missing or `fastcifar by` wrote it, in a folder fastcifar records."""
+    paths = [Path(p) for p in paths]
     theirs = [p for p in paths if os.path.lexists(p) and not is_ours(p, by)]
     theirs += sorted({p.parent / MANIFEST for p in paths if _read(p.parent) is None} - set(theirs))
     if theirs:
@@ -147,9 +142,8 @@ def _editing(folder: Path):
 
 
 def record(paths, by: str, grows: bool = False) -> None:
-    """Enter paths, just written (a folder: just made) by `fastcifar by`, in their folders'
-    manifests; one no longer there (renamed away) is struck off. grows: files fastcifar appends to."""
-    found = [_where(p) if os.path.lexists(p) else (p.parent, p.name, None) for p in _paths(paths)]
+    """Enter paths just written (or made) by `fastcifar by` in their manifests; grows: appended to."""
+    found = [_where(p) if os.path.lexists(p) else (p.parent, p.name, None) for p in map(Path, paths)]
     for folder in dict.fromkeys(f for f, _, _ in found):
         with _editing(folder) as entries:  # which strikes off every entry whose file is gone
             entries.update({name: {"by": by, "id": _ident(st, grows or name == ".")} for f, name, st in found
@@ -170,8 +164,7 @@ def remove(path, by: str) -> bool:
 
 
 def remove_tree(folder, by: str) -> bool:
-    """Delete a folder `fastcifar by` made with the files fastcifar wrote in it; False where anything
-    else is inside (kept, and the folder with it) or the folder is not fastcifar's."""
+    """Delete a folder `fastcifar by` made and its files; False where anything else is left in it."""
     folder = Path(folder)
     if not is_ours(folder, by):
         return False
@@ -207,8 +200,7 @@ def make_dirs(path) -> list[Path]:
 
 
 def remove_empty(made: list[Path]) -> None:
-    """Remove the directories make_dirs made, innermost first, while they are empty: rmdir refuses a
-    directory that something else has filled, so only our own traces go."""
+    """Remove the directories make_dirs made, innermost first, while empty (rmdir refuses a filled one)."""
     for d in reversed(made):
         with contextlib.suppress(OSError):
             d.rmdir()
@@ -216,9 +208,8 @@ def remove_empty(made: list[Path]) -> None:
 
 @contextlib.contextmanager
 def hold(folder, busy: str):
-    """Make folder (and parents) and hold an exclusive lock on it while the block runs: BadInput(busy)
-    where another process holds it (the kernel drops a lock when its holder dies, kill -9 included).
-    Folders made here are removed on the way out while empty."""
+    """Make folder (and parents) and lock it while the block runs (BadInput(busy) where another process
+    holds it; the kernel drops a lock when its holder dies), then remove the folders made while empty."""
     folder, made, fd = Path(folder), [], None
     try:
         try:

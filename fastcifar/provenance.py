@@ -1,14 +1,11 @@
-"""What produced a run: the code (git commit, dirty tree), the software (Python, torch, timm, DALI,
-CUDA, cuDNN), the hardware (GPU and driver, or the CPU), the ranks, the data (the store's data set,
-source and checksums) and the command line, as plain JSON data for summary.json; and the checks
-`fastcifar report` makes before it puts runs side by side.
-
-Collecting never fails a run: each probe that errors (no git, a slow disk, no nvidia-smi, a DALI
-that does not import) leaves its field None.
-"""
+"""What produced a run (code, software, hardware, ranks, data, command line) as plain JSON data for
+summary.json, and the checks `fastcifar report` makes before it puts runs side by side. Collecting
+never fails a run: a probe that errors (no git, a slow disk, no nvidia-smi) leaves its field None."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -36,9 +33,8 @@ def _run(cmd: list[str], timeout: float, cwd=None) -> str | None:
 
 
 def git_state(root: Path | None = None) -> dict | None:
-    """{commit, dirty} of the checkout fastcifar runs from; None when it is installed (a wheel has
-    no .git beside it), git is missing or slow, or the checkout is unreadable. dirty = tracked
-    files differ from the commit (untracked files such as runs/ do not count)."""
+    """{commit, dirty} of the checkout fastcifar runs from (dirty: tracked files differ from the
+    commit); None when it is installed (no .git), git is missing or slow, or it is unreadable."""
     root = Path(__file__).resolve().parent.parent if root is None else Path(root)
     if not (root / ".git").exists():  # a file in a git worktree, a directory in a clone
         return None
@@ -59,12 +55,10 @@ def version(module: str) -> str | None:
 
 def cpu_model() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what platform knows."""
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
@@ -81,8 +75,7 @@ def gpu_info(device: torch.device) -> dict | None:
 
 
 def data_info(store) -> dict:
-    """The store a run trains on: data set (cifar100, cifar10, synthetic or synthetic cifar10), where
-    it came from and the checksums meta.json holds."""
+    """The store a run trains on: its data set, where it came from and meta.json's checksums."""
     meta = store.meta
     sums = meta.get("checksums") or {}
     # CIFAR-100 runs keep the labels they had before CIFAR-10 ("cifar100", "synthetic"), so report
@@ -111,45 +104,33 @@ def collect(device: torch.device, world: int, store) -> dict:
 
 
 def for_summary(processes: list[dict]) -> dict | None:
-    """summary.json's `provenance`: the latest process's, with the earlier ones of a resumed run
-    under `earlier` (oldest first)."""
-    if not processes:
-        return None
-    return {**processes[-1], **({"earlier": processes[:-1]} if len(processes) > 1 else {})}
+    """summary.json's `provenance`: the latest process's, a resumed run's earlier ones in `earlier`."""
+    return {**processes[-1], **({"earlier": processes[:-1]} if processes[:-1] else {})} if processes else None
 
 
 # ---- What `fastcifar report` checks before it puts runs side by side
 
 
-def data_key(p: dict) -> str | None:
-    """What identifies a run's data: the data set and its arrays' checksums."""
-    d = p.get("data")
-    if not isinstance(d, dict):
-        return None
-    return json.dumps([d.get("dataset"), d.get("outputs_sha256")], sort_keys=True)
-
-
 def mismatches(runs: list[tuple[str, dict | None]]) -> list[str]:
     """Warnings about runs (label, summary.json's provenance) a table would compare although they
-    differ in data or in software (torch, timm, DALI versions), or a run resumed under other
-    software than it started with. Runs without provenance are named apart."""
+    differ in data or software, or were resumed under other software; runs without any named apart."""
     known = [(label, p) for label, p in runs if isinstance(p, dict)]
     out = []
     missing = [label for label, p in runs if not isinstance(p, dict)]
     if missing and known:
         out.append(f"No provenance for {', '.join(missing)} (their summary.json has none): their data and "
                    f"software cannot be checked against the others'.")
-    groups: dict[str | None, list[str]] = {}
+    groups: dict[str, list[str]] = {}  # a run's data: its data set and a short hash of its arrays' checksums
     for label, p in known:
-        groups.setdefault(data_key(p), []).append(label)
+        d, tag = p.get("data"), "unknown data"
+        if isinstance(d, dict):  # a damaged summary may name no data set, or not as a string
+            sha = d.get("outputs_sha256")
+            short = hashlib.sha256(json.dumps(sha, sort_keys=True).encode()).hexdigest()[:8]
+            tag = f"{d.get('dataset') or 'unnamed data'}" + (f" (store {short})" if sha else "")
+        groups.setdefault(tag, []).append(label)
     if len(groups) > 1:
-        parts = []
-        for key, labels in groups.items():
-            dataset, sha = json.loads(key) if key else (None, None)
-            name = f"{dataset or 'unnamed data'}"  # a damaged summary may name no data set, or not as a string
-            tag = "unknown data" if key is None else name + (f" (store {_short(sha)})" if sha else "")
-            parts.append(f"{tag}: {', '.join(labels)}")
-        out.append("These runs trained on different data, so their accuracies do not compare: " + "; ".join(parts) + ".")
+        out.append("These runs trained on different data, so their accuracies do not compare: "
+                   + "; ".join(f"{tag}: {', '.join(labels)}" for tag, labels in groups.items()) + ".")
     for name in SOFTWARE:
         versions: dict[str, list[str]] = {}
         for label, p in known:
@@ -163,10 +144,3 @@ def mismatches(runs: list[tuple[str, dict | None]]) -> list[str]:
         if changed:
             out.append(f"{label} was resumed under other software than it started with ({', '.join(changed)}).")
     return out
-
-
-def _short(sha) -> str:
-    """A short fingerprint of a store's checksums dict, to tell stores apart in a message."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(sha, sort_keys=True).encode()).hexdigest()[:8]

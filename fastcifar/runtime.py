@@ -33,11 +33,8 @@ def cpu_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
         probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         return "avx512_bf16" if probe is not None and platform.machine().lower() in ("x86_64", "amd64") and probe() \
             else None
-    flags = set()
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):  # x86 names them flags, aarch64 features
-            flags.update(value.split())
+    fields = (line.partition(":") for line in lines)  # x86 names them flags, aarch64 features
+    flags = {f for k, _, v in fields if k.strip().lower() in ("flags", "features") for f in v.split()}
     return next((f for f in CPU_BF16_FLAGS if f in flags), None)
 
 
@@ -64,12 +61,12 @@ def resolve_amp(device: torch.device, amp: str) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def distributed(device: str):
-    """(torch.device, rank, world size) for `train.device`, inside the torchrun process group when
-    launched by torchrun (one process per GPU: cuda:<local rank>); leaves the group on exit."""
+    """(torch.device, rank, world size) for `train.device`, in torchrun's process group if any."""
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise BadInput(f"train.device = {device!r} but torch sees no CUDA device; use train.device=cpu or auto.")
     rank, world, local_rank = fdist.init("cuda" if cuda else "cpu")
+    dev = torch.device("cpu")
     try:
         if cuda:
             index = int(device.split(":")[1]) if device.startswith("cuda:") and world == 1 else local_rank
@@ -78,8 +75,6 @@ def distributed(device: str):
                                f"device(s), numbered from 0; use train.device=cuda or auto.")
             dev = torch.device("cuda", index)
             torch.cuda.set_device(dev)
-        else:
-            dev = torch.device("cpu")
         yield dev, rank, world
     finally:
         fdist.destroy()
@@ -92,9 +87,8 @@ TF32 = {"on": (True, True), "conv": (True, False), "off": (False, False)}
 
 @contextlib.contextmanager
 def backend_settings(deterministic: bool, tf32: str = "on", autotune: bool = True):
-    """The kernel-choice flags a run sets, restored on exit: deterministic kernels, or cuDNN autotune
-    unless autotune is False (shapes that vary: see autotune_note), and where fp32 may use TF32
-    (TF32[tf32])."""
+    """The kernel-choice flags a run sets, restored on exit: deterministic kernels or cuDNN autotune
+    (unless autotune=False: see autotune_note), and where fp32 may use TF32 (TF32[tf32])."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32,
              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
@@ -117,18 +111,14 @@ def backend_settings(deterministic: bool, tf32: str = "on", autotune: bool = Tru
 
 
 def autotune_note(scales: tuple) -> str | None:
-    """Why cuDNN autotune is off for a run, or None when it is on: multi-scale training (loss.scales)
-    splits each batch by a random draw, so nearly every step brings new sub-batch shapes, and
-    autotune would time every kernel candidate again for each one."""
+    """Why cuDNN autotune is off for a run, or None: multi-scale training (loss.scales) brings new
+    sub-batch shapes nearly every step, and autotune would time every kernel again for each."""
     return f"cuDNN autotune off: loss.scales = {','.join(map(str, scales))} gives each step new sub-batch shapes" \
         if scales else None
 
 
 def compile_choice(compile: bool | None, device: torch.device, sync_bn_ddp: bool) -> tuple[bool, str | None]:
-    """(compiled, why it is off when asked for) for train.compile (None = on with CUDA) on device;
-    sync_bn_ddp: model.sync_bn under DDP, which trains eagerly. torch.compile breaks its graph at every
-    SyncBatchNorm (about 20 in a ResNet-18) and compile + DDP + SyncBatchNorm has open bug reports
-    in torch, so that combination is not run."""
+    """(compiled, why not when asked) for train.compile (None: on with CUDA); sync_bn_ddp trains eagerly."""
     wanted = device.type == "cuda" if compile is None else compile
     if wanted and sync_bn_ddp:
         return False, (f"{'train.compile=true' if compile else 'compile'} set aside: model.sync_bn under DDP trains "
@@ -138,8 +128,7 @@ def compile_choice(compile: bool | None, device: torch.device, sync_bn_ddp: bool
 
 
 def autocast(device: torch.device, amp: str):
-    """A factory of autocast contexts for a resolved `train.amp` (resolve_amp; fp32 = a disabled one):
-    `with autocast(): ...`."""
+    """A factory of autocast contexts for a resolved `train.amp` (fp32: a disabled one)."""
     dtype = AMP_DTYPES[amp]
     return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -150,16 +139,14 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 def out_of_memory(e: BaseException) -> bool:
-    """Whether e is an allocation that failed: torch.OutOfMemoryError on a GPU; on a CPU torch
-    raises a plain RuntimeError from its allocator instead."""
+    """Whether e is a failed allocation: torch.OutOfMemoryError on a GPU, a RuntimeError on a CPU."""
     return isinstance(e, torch.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
 
 
 @contextlib.contextmanager
 def out_of_memory_as(error):
-    """Run the block; an allocation that fails in it (out_of_memory) raises error(e), a BadInput
-    saying what to lower, instead of torch's allocator traceback."""
+    """A failed allocation in the block raises error(e), a BadInput saying what to lower, instead."""
     try:
         yield
     except RuntimeError as e:
@@ -169,16 +156,14 @@ def out_of_memory_as(error):
 
 
 def memory_error(e: RuntimeError) -> str:
-    """The first line of torch's out-of-memory message (what it tried to allocate), without the
-    allocator advice that follows it."""
+    """The first line of torch's out-of-memory message (what it tried to allocate), without its advice."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
     first = first.split("DefaultCPUAllocator: ", 1)[-1]  # the CPU's: after "[enforce fail at alloc_cpu.cpp:N] ..."
     return first[:200].rstrip(". ")
 
 
 def command_device(spec: str | None, option: str = "--device") -> torch.device:
-    """The device a command's --device names (None or auto: cuda when torch sees one), made the current
-    CUDA device, or BadInput saying why it cannot be used here (training's is `distributed`)."""
+    """The device a command's --device names (None or auto: cuda if any), made current, or BadInput."""
     if spec is None or spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -187,11 +172,13 @@ def command_device(spec: str | None, option: str = "--device") -> torch.device:
         raise BadInput(f"{option} {spec!r} is not a device; use auto, cpu, cuda or cuda:N.")
     if dev.type not in ("cpu", "cuda"):
         raise BadInput(f"{option} {spec!r}: use auto, cpu, cuda or cuda:N.")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type == "cpu":
+        return dev
+    if not torch.cuda.is_available():
         raise BadInput(f"{option} {dev} asked for a GPU, but torch sees no CUDA device here; use {option} cpu.")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+    if (dev.index or 0) >= torch.cuda.device_count():
         raise BadInput(f"{option} {dev}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
-    if dev.type == "cuda":  # the current device: where DALI and torch put what names no index, and whose stream they use
-        dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
-        torch.cuda.set_device(dev)
+    # the current device: where DALI and torch put what names no index, and whose stream they use
+    dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    torch.cuda.set_device(dev)
     return dev

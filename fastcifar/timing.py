@@ -1,14 +1,11 @@
 """Where a run's time goes: the data wait, the first step's warm-up, the steady-state speed, and
 the time to a target accuracy.
 
-An epoch's `images_per_sec` leaves out the warm-up step (torch.compile, cuDNN autotune, first
-allocations; its seconds are `warmup_seconds`): a short run's figure would be mostly compile.
-The data wait needs no host sync per step: on a GPU, CUDA events recorded on the training stream
-just before and after the loop asks the loader for a batch; the GPU time between them is what the
-GPU spent between two steps (the torch backend's kernels, waiting for DALI's stream, idling while
-the host had not yet handed the batch over), ~0 when the loader keeps up. Events are read when
-done (`query()`) and at the epoch's end. On a CPU, where loader and model share the cores, the
-host time inside `next(loader)`. Only rank 0's wait is reported.
+`images_per_sec` leaves out the warm-up step (compile, cuDNN autotune, first allocations: its
+seconds are `warmup_seconds`), or a short run's figure would be mostly compile. The data wait needs
+no host sync per step: on a GPU, CUDA events on the training stream around `next(loader)` give the
+GPU time between two steps (~0 when the loader keeps up), read when done (`query()`) and at the
+epoch's end; on a CPU, the host time in `next(loader)`. Only rank 0's wait is reported.
 """
 
 from __future__ import annotations
@@ -24,8 +21,8 @@ DRAIN_EVERY = 64    # CUDA event pairs kept before reading the finished ones
 
 
 class EpochClock:
-    """An epoch's training seconds, its data wait, and this process's first step's warm-up (timed
-    once, with one device sync). `saved()` / `start(earlier)` carry a stopped epoch over a resume."""
+    """An epoch's training seconds, data wait and this process's first step's warm-up (one device
+    sync); `saved()` / `start(earlier)` carry a stopped epoch over a resume."""
 
     def __init__(self, device: torch.device):
         self.device, self.cuda = device, device.type == "cuda"
@@ -78,8 +75,7 @@ class EpochClock:
         self._pending = left
 
     def step(self, fn, *args, images: int):
-        """fn(*args), the training step on `images` images; the first one of this process is timed as
-        warm-up (one sync)."""
+        """fn(*args), the training step on `images` images; this process's first one timed as warm-up."""
         if self.warmed:
             return fn(*args)
         t = time.perf_counter()
@@ -88,13 +84,11 @@ class EpochClock:
             torch.cuda.synchronize(self.device)  # once per process: the compile and autotune are done
         seconds = time.perf_counter() - t
         self.warmup += seconds
-        self.own_warmup, self.warm_images = seconds, images
-        self.warmed = True
+        self.own_warmup, self.warm_images, self.warmed = seconds, images, True
         return out
 
     def images_per_sec(self, train_seconds: float, images: int, world: int = 1) -> float | None:
-        """Steady-state speed of this process's part of the epoch: its `images` (one rank's) x `world`
-        ranks over its `train_seconds`, both without the warm-up step; None when that step was all."""
+        """Steady-state img/s of all `world` ranks from one's images and seconds (None: all warm-up)."""
         steady, seconds = images - self.warm_images, train_seconds - self.own_warmup
         return steady * world / seconds if steady > 0 and seconds > 0 else None
 
@@ -105,8 +99,7 @@ class EpochClock:
                 "warmup_seconds": self.warmup}
 
     def metrics(self, train_seconds: float) -> dict:
-        """The epoch's metrics.jsonl fields, given this process's training seconds of it (after the
-        device sync that ends the epoch)."""
+        """The epoch's metrics.jsonl fields, given this process's training seconds of it (synced)."""
         self._drain(block=True)
         total = self.before + train_seconds
         m = {"train_seconds": total, "data_wait_seconds": self.wait,
@@ -116,8 +109,7 @@ class EpochClock:
         return m
 
     def note(self, m: dict, backend: str) -> str:
-        """'  data wait 23% (hint)' for the epoch line when the wait is above WAIT_SHOWN (the hint
-        once per run), else ''."""
+        """'  data wait 23% (hint)' for the epoch line above WAIT_SHOWN (the hint once per run), else ''."""
         f = m.get("data_wait_fraction") or 0.0
         if f <= WAIT_SHOWN:
             return ""
@@ -129,8 +121,7 @@ class EpochClock:
 
 
 def wait_hint(backend: str, device_type: str, dali: bool) -> str:
-    """Which knob to turn when the loop waits for data, for a loader backend ("dali-gpu",
-    "dali-cpu", "torch", "tutorial") on a device type."""
+    """Which knob to turn when the loop waits for data, for a loader backend on a device type."""
     lighter = ("lighter augmentation (lower aug.oneof_p, aug.ssr_p, aug.jitter_p, aug.erase_p; aug.policy=none "
                "drops TrivialAugment / RandAugment)")
     if backend == "tutorial":
@@ -142,18 +133,14 @@ def wait_hint(backend: str, device_type: str, dali: bool) -> str:
     if backend == "dali-cpu":
         return (f"DALI runs on the CPU here, beside the model; at 32 px data.backend=torch is often faster "
                 f"on a CPU, or {lighter}")
-    if device_type == "cuda":
-        return ("the torch backend's augmentation runs on the training stream; try data.backend=dali"
-                + (", or " if dali else " (pip install nvidia-dali-cuda120), or ") + lighter)
-    return ("the loader shares the CPU with the model; try data.backend=dali"
-            + ("" if dali else " (pip install nvidia-dali-cuda120)") + f", or {lighter}")
+    where = ("the torch backend's augmentation runs on the training stream" if device_type == "cuda"
+             else "the loader shares the CPU with the model")
+    install = "" if dali else " (pip install nvidia-dali-cuda120)"
+    return f"{where}; try data.backend=dali{install}, or {lighter}"
 
 
 def run_fields(history: list[dict], target: float, selection: str) -> dict:
-    """summary.json's data-wait, warm-up and time-to-target fields from the epochs' metrics: the run's
-    data wait and its share, its warm-up seconds; with a target, the first epoch that reaches it
-    (target_epoch), the training seconds to its end (warm-up left out) and the wall seconds (with
-    warm-up, compile, evaluation and checkpoints)."""
+    """summary.json's data-wait, warm-up and time-to-target fields from the epochs' metrics."""
     def steady(epochs):  # training seconds without the warm-up (every process's first step)
         return sum(m["train_seconds"] - m.get("warmup_seconds", 0.0) for m in epochs)
 
