@@ -1,10 +1,7 @@
-"""Classification heads on the backbone's pooled features: `HEADS[kind](in_features, num_classes, cfg)`.
-
-Every head maps (N, C) features to (N, num_classes) logits and takes optional int64 targets.
-Margin heads put their margin on the target class when given targets (the training objectives
-pass the labels); without targets (evaluation) they give s * cosine, or with
-`head.eval_logits = "cosine"` the plain cosine, as the tutorial evaluated (same accuracy, since a
-positive scale keeps the ranking; only the reported loss changes).
+"""Classification heads on the backbone's pooled features: `HEADS[kind](in_features, num_classes, cfg)`
+maps (N, C) features to (N, num_classes) logits. Margin heads put their margin on the target class
+when given int64 targets (training); without (evaluation) they give s * cosine, or the plain cosine
+with `head.eval_logits = "cosine"` (the tutorial's: the same ranking, only the reported loss changes).
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ class LinearHead(nn.Module):
 class MarginHead(nn.Module):
     """The tutorial's MarginHead: Linear(C -> embed, no bias) -> BatchNorm1d -> cosine to
     L2-normalised class weights. With targets: s times the cosines, the target's with the margin
-    (`margin`, which subclasses define); without: the evaluation logits."""
+    (`margin(cos_t)`, which each subclass defines); without: the evaluation logits."""
 
     def __init__(self, in_features: int, num_classes: int, cfg):
         super().__init__()
@@ -59,13 +56,8 @@ class MarginHead(nn.Module):
         with torch.autocast(e.device.type, enabled=False):
             return F.linear(F.normalize(e.float(), dim=1), F.normalize(self.weight.float(), dim=1))
 
-    def margin(self, cos_t: torch.Tensor) -> torch.Tensor:
-        """The target class's cosine (N, 1) with the margin applied."""
-        raise NotImplementedError
-
     def with_margin(self, cos_t: torch.Tensor) -> torch.Tensor:
-        """margin(cos_t), with the gradient head.margin_grad asks for: exact, or straight through
-        to the plain cosine (d/d cos_t = 1)."""
+        """margin(cos_t) (N, 1); its gradient exact or straight through to the cosine (head.margin_grad)."""
         new = self.margin(cos_t)
         return cos_t + (new - cos_t).detach() if self.straight_through else new
 
