@@ -1,10 +1,6 @@
-"""Averages that give a better classifier at no training cost: an exponential moving average (EMA)
-of the weights, and test-time augmentation (TTA: each image's logits averaged over views of it).
-
-    ema = EMA(model, decay=0.999, every=1, warmup=True)   # a copy of model in eval mode, on its device
-    ...optimizer.step(); ema.update(step)                 # on the device, no host sync
-    logits = predict(ema.module, images, tta="flip")      # fp32, averaged over the image and its mirror
-"""
+"""Averages that give a better classifier at no training cost: an EMA of the weights
+(`EMA(model, decay).update(step)` after each optimizer step), and test-time augmentation (TTA:
+`predict(net, images, tta="flip")` averages each image's logits over views of it)."""
 
 from __future__ import annotations
 

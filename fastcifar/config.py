@@ -1,9 +1,7 @@
 """What a run is, as typed data: a `Recipe` of nine sections, two levels deep, that a recipe file
-builds (`recipe() -> Recipe`) and the CLI overrides with `--set section.field=VALUE`.
-
-Recipes hold epochs and fractions of training, never step counts: `fastcifar.train` derives the
-steps from the data, the batch size and the number of ranks, so a derived recipe or an override
-of `train.epochs` never leaves a stale step count behind.
+builds (`recipe() -> Recipe`) and the CLI overrides with `--set section.field=VALUE`. Recipes hold
+epochs and fractions, never step counts: `fastcifar.train` derives the steps from the data, the batch
+size and the ranks, so a derived recipe or an override of `train.epochs` leaves no stale count behind.
 """
 
 from __future__ import annotations
@@ -43,10 +41,6 @@ def _check(section: str, obj, rules) -> None:
 def _one_of(options) -> tuple:
     options = tuple(options)
     return (lambda v: v in options), f"must be one of {', '.join(options)}"
-
-
-def _finite(v) -> bool:
-    return math.isfinite(v)
 
 
 @dataclass(slots=True)
@@ -105,8 +99,7 @@ class Head:
     def validate(self):
         _check("head", self, [
             ("kind", *_one_of(HEADS)),
-            ("s", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
-            ("m", _finite, "must be a finite number"),
+            ("s", lambda v: v > 0, "must be a finite number > 0"),  # Recipe.validate checked finiteness
             ("m", lambda v: self.kind != "arcface" or 0.0 <= v <= math.pi / 2,
              "is ArcFace's angular margin in radians and must lie in [0, pi/2] (past that, cos(theta + m) "
              "stops falling as theta grows)"),
@@ -131,9 +124,6 @@ class Loss:
         ])
 
 
-TEACHER_BN = ("eval", "train")  # distill.teacher_bn
-
-
 @dataclass(slots=True)
 class Distill:
     teacher: str = ""            # run dir, checkpoint file, or recipe name (newest runs/<name>-*); "" = off
@@ -147,8 +137,8 @@ class Distill:
     def validate(self):
         _check("distill", self, [
             ("alpha", lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
-            ("temperature", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
-            ("teacher_bn", *_one_of(TEACHER_BN)),
+            ("temperature", lambda v: v > 0, "must be a finite number > 0"),
+            ("teacher_bn", *_one_of(("eval", "train"))),
         ])
 
 
@@ -254,7 +244,8 @@ class Recipe:
         """Raise BadInput naming the first field whose type is wrong, whose number is not finite, or
         whose value is out of range or not a known choice."""
         check_types(self)
-        for section, obj in sections(self):
+        for section in SECTIONS:
+            obj = getattr(self, section)
             for f in dataclasses.fields(obj):
                 v = getattr(obj, f.name)
                 values = v if isinstance(v, tuple) else (v,)
@@ -275,20 +266,13 @@ class Recipe:
         return self
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
+SECTIONS = typing.get_type_hints(Recipe)  # {section: its dataclass}, in order
 
 
-def sections(r: Recipe):
-    """(name, section object) pairs of a recipe, in order."""
-    return [(f.name, getattr(r, f.name)) for f in dataclasses.fields(r)]
-
-
-def check_types(r: Recipe) -> Recipe:
+def check_types(r: Recipe) -> None:
     """Raise BadInput naming the first field a recipe set to a value of the wrong type (a recipe is
     Python: `r.train.epochs = "10"` must not reach the trainer); ints become floats, lists tuples."""
-    if not isinstance(r, Recipe):
-        raise BadInput(f"A recipe is a fastcifar.config.Recipe, not a {type(r).__name__}.")
-    for section, cls in section_types().items():
+    for section, cls in SECTIONS.items():
         obj = getattr(r, section)
         if not isinstance(obj, cls):
             raise BadInput(f"recipe section {section} was replaced by a {type(obj).__name__}; it must stay a "
@@ -300,16 +284,11 @@ def check_types(r: Recipe) -> Recipe:
             except _Wrong:
                 raise BadInput(f"{section}.{name} = {shown(value)}: expected {_type_name(t)}, got a "
                                f"{type(value).__name__}.")
-    return r
-
-
-def section_types() -> dict[str, type]:
-    return typing.get_type_hints(Recipe)
 
 
 def valid_keys() -> list[str]:
     """Every `section.field` key that --set accepts."""
-    return [f"{s}.{f.name}" for s, cls in section_types().items() for f in dataclasses.fields(cls)]
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,7 +365,7 @@ def _as(value, t, parse: bool):
 
 
 def _field_type(section: str, name: str):
-    cls = section_types().get(section)
+    cls = SECTIONS.get(section)
     if cls is None:
         raise BadInput(f"Unknown recipe section {shown(section)}; the sections are {', '.join(SECTIONS)}. "
                        f"Valid keys: {', '.join(valid_keys())}.")
@@ -504,11 +483,8 @@ _loading: list[tuple[Path, list[str]]] = []
 
 
 def derive(name: str) -> Recipe:
-    """The named recipe, for a derived recipe to change: `r = derive("r18_baseline")`.
-
-    A recipe that derives its own name extends the recipe it shadows: ./recipes/smoke.py calling
-    derive("smoke") gets the installed smoke.
-    """
+    """The named recipe, for a derived recipe to change: `r = derive("r18_baseline")`. A recipe deriving
+    its own name extends the one it shadows (./recipes/smoke.py's derive("smoke"): the installed smoke)."""
     if _loading:
         _loading[-1][1].append(name)
     return load(name)[0]

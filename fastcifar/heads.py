@@ -70,10 +70,9 @@ class MarginHead(nn.Module):
 
 
 class ArcFaceHead(MarginHead):
-    """ArcFace: the target logit becomes s * cos(theta + m), theta = the angle to its class centre.
-    Past theta = pi - m, cos(theta + m) would rise again as theta grows (a worse embedding would
-    score better); there the target gets cos(theta) - m * sin(m) instead, which keeps falling
-    with theta (the usual fallback of ArcFace implementations: a CosFace-like margin)."""
+    """ArcFace: the target logit becomes s * cos(theta + m), theta = the angle to its class centre. Past
+    theta = pi - m, cos(theta + m) would rise again (a worse embedding scoring better): there it gets
+    cos(theta) - m * sin(m), which keeps falling (the usual ArcFace fallback, a CosFace-like margin)."""
 
     def margin(self, cos_t: torch.Tensor) -> torch.Tensor:
         theta = torch.acos(cos_t.clamp(-1 + COS_EPS, 1 - COS_EPS))
@@ -82,8 +81,7 @@ class ArcFaceHead(MarginHead):
 
 
 class CosFaceHead(MarginHead):
-    """CosFace: the target logit becomes s * (cos(theta) - m) (both gradient modes agree: the
-    margin is a constant)."""
+    """CosFace: the target logit becomes s * (cos(theta) - m) (a constant: both gradient modes agree)."""
 
     def margin(self, cos_t: torch.Tensor) -> torch.Tensor:
         return cos_t - self.m

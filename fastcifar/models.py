@@ -86,15 +86,8 @@ def check_refs(cfg, resumed: bool = False) -> None:
     check_name(cfg.name)
     if cfg.init_from and not resumed:
         init_path(cfg.init_from)
-    if cfg.pretrained_file:
-        pretrained_path(cfg.pretrained_file)
-
-
-def pretrained_path(file: str) -> Path:
-    """model.pretrained_file as a path to a file, or BadInput."""
-    if not Path(file).is_file():
-        raise BadInput(f"model.pretrained_file = {shown(str(file))} does not exist.")
-    return Path(file)
+    if cfg.pretrained_file and not Path(cfg.pretrained_file).is_file():
+        raise BadInput(f"model.pretrained_file = {shown(cfg.pretrained_file)} does not exist.")
 
 
 def init_path(ref: str) -> Path:
@@ -177,11 +170,9 @@ def build_backbone(cfg) -> nn.Module:
 
 
 def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
-    """net with every BatchNorm computing its batch statistics over all ranks (call before DDP wraps
-    it). On GPUs timm's converter: torch's SyncBatchNorm, and timm's BatchNorm+activation layers
-    keep their activation. On CPU ranks (gloo), where torch's SyncBatchNorm refuses to run, each
-    plain BatchNorm becomes a GlooSyncBatchNorm. Weights and buffers are the same tensors under the
-    same names, so checkpoints load into a plain net."""
+    """net with every BatchNorm on the statistics of all ranks (before DDP wraps it): on GPUs timm's
+    converter (keeps timm's BatchNorm+activation layers' activation), on CPU ranks (gloo: torch's refuses)
+    GlooSyncBatchNorm. The same tensors under the same names: checkpoints load into a plain net."""
     if device.type != "cpu":
         return timm.layers.convert_sync_batchnorm(net)
     for name, m in net.named_modules():
@@ -242,9 +233,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def cifar_stem(m: nn.Module) -> str:
-    """Replace the first conv with a 3x3 stride-1 one and drop the max-pool, so a 32x32 image keeps
-    4x4 px at the last stage instead of 1x1. Returns the replaced conv's name. The new conv starts
-    from random weights (a pretrained 7x7 stride-2 kernel means something else at stride 1)."""
+    """Replace the first conv by a random 3x3 stride-1 one (a pretrained 7x7 stride-2 kernel means something
+    else at stride 1) and drop the max-pool: 32x32 px keep 4x4 at the last stage. Returns the conv's name."""
     name = m.pretrained_cfg.get("first_conv")
     conv = m.get_submodule(name) if isinstance(name, str) else None
     if not isinstance(conv, nn.Conv2d):
@@ -260,7 +250,6 @@ def cifar_stem(m: nn.Module) -> str:
 def _load_file(m: nn.Module, path: Path, skip: str | None) -> None:
     """Load backbone weights from a state-dict file: a plain timm/torchvision state dict (its
     classifier is ignored) or a fastcifar checkpoint (its `backbone.` part)."""
-    pretrained_path(path)
     sd = torch_load(path, what="model.pretrained_file state dict")
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
