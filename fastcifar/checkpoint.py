@@ -171,8 +171,7 @@ def resolve(ref: str | os.PathLike, prefer: str = "best.pt", runs_dir: Path = Pa
 
 
 def rng_state(device: torch.device | None = None) -> dict:
-    """{"ranks": [...]}: each rank's Python, torch CPU and own CUDA device RNG states, for each rank to
-    restore its own. A collective: every rank calls it."""
+    """{"ranks": [...]}: each rank's Python, torch and CUDA RNG states (all ranks call it)."""
     own = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if device is not None and device.type == "cuda":
         own["cuda_device"] = torch.cuda.get_rng_state(device)

@@ -30,8 +30,7 @@ from fastcifar.pipelines.spec import MAX_SIDE, AugSpec
 from fastcifar.runtime import AMP_CHOICES, TF32
 
 def _check(section: str, obj, rules) -> None:
-    """Raise BadInput naming the first field of `obj` whose rule fails: rules are
-    (field, ok(value) -> bool, rule) triples, checked in order."""
+    """Raise BadInput naming the first field of `obj` whose (field, ok(value) -> bool, rule) triple fails."""
     for name, ok, rule in rules:
         value = getattr(obj, name)
         if not ok(value):
@@ -75,8 +74,7 @@ class Model:
     drop_path: float = 0.0       # stochastic depth: timm's drop_path_rate (the last block's drop probability)
     sync_bn: bool = False        # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
     channels_last: bool = True   # NHWC memory layout: faster convolutions on tensor cores
-    init_from: str = ""          # start from these weights: a run dir (its last.pt), checkpoint or recipe name
-                                 # (newest runs/<name>-*); weights only, matched by name (the tutorial's is_restore)
+    init_from: str = ""          # weights only from a run dir, checkpoint or recipe name (docs/overrides.md)
 
     def validate(self):
         _check("model", self, [
@@ -91,10 +89,8 @@ class Head:
     s: float = 64.0              # margin heads: logit scale (cosine * s)
     m: float = 0.5               # margin heads: angular (arcface, radians) or cosine (cosface) margin
     embed_dim: int = 512         # margin heads: Linear -> BatchNorm1d embedding size
-    margin_grad: str = "exact"   # margin heads: the target logit's gradient: exact | straight_through (the
-                                 # tutorial's: the margin's value, the plain cosine's gradient)
-    eval_logits: str = "scaled"  # margin heads, evaluation: scaled (s * cos) | cosine (the tutorial's; the same
-                                 # accuracy, only the reported loss changes)
+    margin_grad: str = "exact"   # margin heads, the target logit's gradient: exact | straight_through
+    eval_logits: str = "scaled"  # margin heads, evaluation: scaled (s * cos) | cosine (the tutorial's)
 
     def validate(self):
         _check("head", self, [
@@ -112,8 +108,7 @@ class Head:
 @dataclass(slots=True)
 class Loss:
     label_smoothing: float = 0.0  # probability mass spread over all classes
-    scales: tuple[int, ...] = ()  # multi-scale training: each image trains at one of these sides (uniform draw),
-                                  # a forward per side, one CE; () = off. Evaluation stays at aug.image_size
+    scales: tuple[int, ...] = ()  # multi-scale training: each image at one of these sides (drawn); () = off
 
     def validate(self):
         _check("loss", self, [
@@ -129,10 +124,8 @@ class Distill:
     teacher: str = ""            # run dir, checkpoint file, or recipe name (newest runs/<name>-*); "" = off
     alpha: float = 0.7           # weight of the KD term: (1 - alpha) * CE + alpha * T^2 * KL
     temperature: float = 4.0     # softmax temperature T of both teacher and student
-    teacher_margin: bool = False  # the teacher's logits also get its margin on the true label (the tutorial's);
-                                  # False: its plain s * cos. No effect with a linear-head teacher
-    teacher_bn: str = "eval"     # the teacher's BatchNorm: eval (running statistics) | train (the tutorial's:
-                                 # batch statistics, and its running statistics keep moving)
+    teacher_margin: bool = False  # a margin-head teacher's logits get its margin on the label (tutorial)
+    teacher_bn: str = "eval"     # the teacher's BatchNorm statistics: eval (running) | train (tutorial)
 
     def validate(self):
         _check("distill", self, [
@@ -147,8 +140,7 @@ class Optim:
     name: str = "adamw"          # adamw | sgd
     lr: float = 1e-3             # peak learning rate for a batch of data.batch_size (see lr_ref_batch)
     weight_decay: float = 1e-4
-    decay_groups: str = "no_bias_norm"  # which parameters decay: no_bias_norm (all but 1-D tensors: norms, biases)
-                                        # | tutorial (all but biases and LayerNorm) | all
+    decay_groups: str = "no_bias_norm"  # which parameters decay: no_bias_norm | tutorial | all (optim.py)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
     momentum: float = 0.9        # SGD
     nesterov: bool = False       # SGD
@@ -192,10 +184,8 @@ class Train:
     epochs: int = 200
     seed: int = 0                # model init, data order, augmentation draws, mixing
     compile: bool | None = None  # torch.compile; None = on when CUDA, off on a CPU
-    amp: str = "auto"            # auto (bf16 on GPUs with bf16 tensor cores, fp16 on older ones, fp32 on CPUs
-                                 # without native bf16; the run says which) | none (fp32) | bf16 | fp16 (+ GradScaler)
-    tf32: str = "on"             # fp32 on tensor cores (10-bit mantissa): on (convolutions and matmuls) | conv
-                                 # (PyTorch's defaults: convolutions only; the tutorial's "precision 32") | off
+    amp: str = "auto"            # auto (what the device runs natively) | none | bf16 | fp16 (+ GradScaler)
+    tf32: str = "on"             # fp32 as TF32 (10-bit mantissa): on (conv, matmul) | conv (PyTorch's) | off
     deterministic: bool = False  # deterministic kernels (slower); resumed runs match straight ones
     device: str = "auto"         # auto (cuda:<local rank> when present, else cpu) | cpu | cuda
     log_every: int = 50          # steps between progress updates (the only host syncs in training)
@@ -241,8 +231,7 @@ class Recipe:
     train: Train = field(default_factory=Train)
 
     def validate(self) -> "Recipe":
-        """Raise BadInput naming the first field whose type is wrong, whose number is not finite, or
-        whose value is out of range or not a known choice."""
+        """Raise BadInput naming the first field of a wrong type, not finite, out of range or unknown."""
         check_types(self)
         for section in SECTIONS:
             obj = getattr(self, section)
@@ -345,22 +334,16 @@ def _as(value, t, parse: bool):
         if len(value) != len(kinds):
             raise _Wrong
         return tuple(_as(v, k, parse) for v, k in zip(value, kinds))
-    try:
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            if parse and isinstance(value, str) and value.lower() in BOOLS:
-                return BOOLS[value.lower()]
-        elif t is str:
-            if isinstance(value, str):
-                return value
-        elif not isinstance(value, bool):  # int, float: a bool is an int to Python, never a number here
+    if t in (bool, str) and isinstance(value, t):
+        return value
+    if t is bool and parse and isinstance(value, str) and value.lower() in BOOLS:
+        return BOOLS[value.lower()]
+    if t in (int, float) and not isinstance(value, bool):  # a bool is an int to Python, never a number here
+        with contextlib.suppress(ValueError, OverflowError):
             if isinstance(value, int) or t is float and isinstance(value, float):
                 return t(value)
             if parse and isinstance(value, str):
                 return int(value.replace("_", "")) if t is int else float(value)
-    except (ValueError, OverflowError):
-        pass
     raise _Wrong
 
 
@@ -524,8 +507,7 @@ def _at(e: BaseException, path: Path, source: str) -> str:
 
 
 def _recipe_code(call, path: Path, source: str, what: str):
-    """call(): the recipe's own code, whose exceptions (a BaseException too, but Ctrl-C) are its
-    fault: BadInput naming the recipe's line."""
+    """call() the recipe's own code: any exception but Ctrl-C is its fault: BadInput naming its line."""
     try:
         return call()
     except (BadInput, KeyboardInterrupt):
@@ -568,9 +550,6 @@ def load(ref: str) -> tuple[Recipe, dict]:
         check_types(r)
     except BadInput as e:
         raise BadInput(f"Recipe {path}: {e}")
-    doc = inspect.getdoc(module) or ""
-    info = {"name": name, "description": doc.strip().splitlines()[0] if doc.strip() else "",
+    info = {"name": name, "description": (inspect.getdoc(module) or "").strip().partition("\n")[0],
             "path": str(path), "source": source}
-    if parents:
-        info["parent"] = parents[0]
-    return r, info
+    return r, ({**info, "parent": parents[0]} if parents else info)

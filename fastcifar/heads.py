@@ -14,9 +14,8 @@ from torch import nn
 
 # acos has an infinite slope at +-1: keep the cosine this far inside so gradients stay finite
 COS_EPS = 1e-6
-# head.margin_grad: the target logit's gradient. exact = through the margin's formula;
-# straight_through = the tutorial's (the margin set under no_grad): the value with the margin,
-# the gradient of the plain cosine
+# head.margin_grad: the target logit's gradient. exact: through the margin's formula; straight_through
+# (the tutorial's margin set under no_grad): the value with the margin, the plain cosine's gradient
 MARGIN_GRADS = ("exact", "straight_through")
 EVAL_LOGITS = ("scaled", "cosine")  # head.eval_logits: s * cos | the plain cosine (the tutorial's)
 

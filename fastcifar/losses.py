@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> dict:
-    """Cross-entropy with label smoothing, on hard labels (int64 (N,)) or soft targets
-    (float (N, C) rows that sum to 1, as MixUp/CutMix give)."""
+    """Cross-entropy with label smoothing, of int64 (N,) labels or (N, C) soft targets (MixUp/CutMix)."""
     ce = (soft_cross_entropy(logits, targets, label_smoothing) if targets.is_floating_point()
           else F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing))
     return {"loss": ce, "ce": ce}

@@ -616,10 +616,9 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
 
 # What --resume may change: only what cannot change the run's meaning - how long it trains, how it
 # logs, where it runs and at which precision (a run moved to another machine), which loader backend
-# makes the (same) batches
+# makes the (same) batches, how SyncBN gathers the global batch's statistics (as the number of ranks)
 RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.amp", "train.compile", "data.backend",
-             "train.target_acc", "train.stop_at_target",
-             "model.sync_bn")  # SyncBN: how the global batch's statistics are gathered, as the number of ranks is
+             "train.target_acc", "train.stop_at_target", "model.sync_bn")
 
 
 def last_checkpoint(run_dir) -> dict:
@@ -632,8 +631,7 @@ def last_checkpoint(run_dir) -> dict:
 
 
 def check_resume(r: Recipe, ck: dict, run_dir) -> None:
-    """Raise BadInput unless r continues the checkpoint's run: the same recipe but for RESUMABLE
-    fields, and at least as many epochs as it has done."""
+    """BadInput unless r continues the checkpoint's run: only RESUMABLE fields changed, no fewer epochs."""
     was, now = to_dict(from_dict(ck["recipe"])), to_dict(r)
     changed = [f"{s}.{k} ({shown(was[s][k])} -> {shown(v)})" for s, fields in now.items() for k, v in fields.items()
                if v != was[s][k] and f"{s}.{k}" not in RESUMABLE]
