@@ -378,11 +378,10 @@ class Trainer:
         train_seconds = time.perf_counter() - stats["t0"]
         loss_sum, correct, seen = fdist.all_reduce(stats["sums"]).tolist()
         m = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen}
-        nets = {"": self.eval_net, **({"_ema": self.ema_net} if self.ema is not None else {})}
-        for w, net in nets.items():  # the raw, then the EMA weights, each on test, then val
+        for w in ("", "_ema") if self.ema is not None else ("",):  # the raw, then the EMA weights
             for split, loader in (("test", self.test_loader), ("val", self.val_loader)):
                 if loader is not None:
-                    e = evaluate(net, loader, self.autocast, self.r.train.tta)
+                    e = self.evaluate(loader, ema=True) if w else self.evaluate(loader)
                     m.update({f"{split}_{k}{w}": e[k] for k in ("acc", "top5", "loss")})
         m.update(lr=self.lr, images_per_sec=self.clock.images_per_sec(train_seconds, stats["images"], self.world),
                  epoch_seconds=time.perf_counter() - stats["t0"], wall_seconds=p.wall_seconds())
@@ -411,6 +410,10 @@ class Trainer:
                  + speed(m) + f"  {m['epoch_seconds']:.1f}s  ETA {duration(left)}"
                  + self.clock.note(m, self.train_loader.backend))
         return m
+
+    def evaluate(self, loader, ema: bool = False) -> dict:
+        """evaluate() of the raw weights, or of the EMA's, with the recipe's test-time augmentation."""
+        return evaluate(self.ema_net if ema else self.eval_net, loader, self.autocast, self.r.train.tta)
 
     def extension_note(self) -> str:
         """What a resume past the schedule's horizon trains at (" " + a sentence), or ''."""
