@@ -13,11 +13,10 @@ from fastcifar.errors import BadInput
 
 
 class EMA:
-    """An EMA of a model's weights in `module` (a copy in eval mode). `decay` is per optimizer step (an
-    update every `every` steps moves by 1 - decay**every: the ~1 / (1 - decay) step horizon does not
-    depend on `every`); `warmup` caps it at (1 + s) / (10 + s) after s steps (TensorFlow's rule), so
-    the random init is forgotten early. BatchNorm's running statistics are averaged like the weights
-    (timm's use_buffers=True: the raw model's belong to its latest weights only); integer buffers copied."""
+    """An EMA of a model's weights in `module` (a copy in eval mode). `decay` is per optimizer step (an update
+    every `every` steps moves by 1 - decay**every); `warmup` caps it at (1 + s) / (10 + s) after s steps
+    (TensorFlow's rule: the init is forgotten early). BatchNorm statistics are averaged like the weights
+    (timm's use_buffers=True: the raw model's fit its latest weights only); integer buffers are copied."""
 
     def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup: bool = True):
         # requires_grad stays as the model's: a compiled evaluation graph then serves both nets

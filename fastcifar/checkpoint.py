@@ -215,10 +215,9 @@ def check_own_run(path: Path, hint: str) -> None:
 
 
 class RunDir:
-    """A run's directory (DESIGN.md's contract), written by rank 0 alone (other ranks write nothing):
-    recipe.json, recipe.py, TensorBoard events, metrics.jsonl, train.log (what the run printed, why it
-    stopped), last.pt / best.pt, and summary.json, from the run's `summary(finished, reason)` only:
-    after each epoch, on stop(reason), on finish(), and on any other end (the context manager's exit)."""
+    """A run's directory (DESIGN.md's contract), written by rank 0 alone: recipe.json, recipe.py, events,
+    metrics.jsonl, train.log (what the run printed, why it stopped), last.pt / best.pt, summary.json (from
+    `summary(finished, reason)`: each epoch, stop(), finish(), and any other end: the context's exit)."""
 
     def __init__(self, path: str | os.PathLike, summary, writes: bool = True):
         self.path, self.summary, self.writes = Path(path), summary, writes

@@ -306,9 +306,8 @@ BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": 
 
 
 def _as(value, t, parse: bool):
-    """value as type t, or _Wrong. parse: value may be text to parse (--set; JSON, whose numbers
-    arrive as numbers); else it must be one already (a recipe's Python), an int standing for a
-    float and a list for a tuple."""
+    """value as type t, or _Wrong. parse: text to parse (--set; JSON's numbers come as numbers); else it
+    must be one already (a recipe's Python), but an int may stand for a float and a list for a tuple."""
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
         if value is None or parse and isinstance(value, str) and value.lower() in ("none", "null", "auto"):

@@ -35,9 +35,8 @@ class LinearHead(nn.Module):
 
 
 class MarginHead(nn.Module):
-    """The tutorial's MarginHead: Linear(C -> embed, no bias) -> BatchNorm1d -> cosine to
-    L2-normalised class weights. With targets: s times the cosines, the target's with the margin
-    (`margin(cos_t)`, which each subclass defines); without: the evaluation logits."""
+    """The tutorial's MarginHead: Linear(C -> embed, no bias) -> BatchNorm1d -> cosine to L2-normalised
+    class weights; with targets s * the cosines, the target's with the subclass's `margin(cos_t)`."""
 
     def __init__(self, in_features: int, num_classes: int, cfg):
         super().__init__()

@@ -1,7 +1,5 @@
-"""Where the loss is computed: the loss functions, and the objectives built on them that a training
-step calls (`Classify`, `Distill`, `MultiScale`: the Trainer picks one per run). Each returns a dict
-of parts: `loss` (what backward() sees) plus its terms, all in fp32 whatever precision the logits
-come in."""
+"""The loss functions, and the objectives a training step calls (`Classify`, `Distill`, `MultiScale`:
+one per run). Each returns a dict of parts: `loss` (what backward() sees) and its terms, in fp32."""
 
 from __future__ import annotations
 
@@ -86,9 +84,8 @@ class MultiScale:
         self.seed, self.rank, self.step = seed, rank, step  # step(): optimizer steps done, a host int
 
     def scale_of(self, n: int, scales: int) -> np.ndarray:
-        """The scale index (0..scales-1) each of a batch's n images trains at. A scale only one image
-        drew gives it to the most drawn one: BatchNorm cannot train on one image (at batch 250 and
-        two scales that happens about once in 1e73 batches)."""
+        """The scale index (0..scales-1) of each of n images; a scale one image drew goes to the most drawn
+        one: BatchNorm cannot train on one image (at batch 250 and two scales, once in 1e73 batches)."""
         pick = np.random.default_rng([self.seed, self.step(), self.rank, 0x5CA1E]).integers(scales, size=n)
         counts = np.bincount(pick, minlength=scales)
         for lone in np.flatnonzero(counts == 1):
