@@ -1,10 +1,6 @@
-"""Averages that give a better classifier at no training cost: an exponential moving average (EMA)
-of the weights, and test-time augmentation (TTA: each image's logits averaged over views of it).
-
-    ema = EMA(model, decay=0.999, every=1, warmup=True)   # a copy of model in eval mode, on its device
-    ...optimizer.step(); ema.update(step)                 # on the device, no host sync
-    logits = predict(ema.module, images, tta="flip")      # fp32, averaged over the image and its mirror
-"""
+"""Averages that give a better classifier at no training cost: an EMA of the weights
+(`EMA(model, decay).update(step)` after each optimizer step), and test-time augmentation (TTA:
+`predict(net, images, tta="flip")` averages each image's logits over views of it)."""
 
 from __future__ import annotations
 
@@ -17,15 +13,10 @@ from fastcifar.errors import BadInput
 
 
 class EMA:
-    """An exponential moving average of a model's weights, kept in `module` (a copy in eval mode).
-
-    `decay` is per optimizer step: an update every `every` steps moves by 1 - decay**every, so the
-    horizon (~1 / (1 - decay) steps) does not depend on `every`. With `warmup` the decay after s
-    steps is min(decay, (1 + s) / (10 + s)) (TensorFlow's rule: 0.5 after 8 steps, 0.9 after 80), so
-    the average forgets the random init early. BatchNorm's running statistics are averaged like the
-    weights (timm's and torchvision's use_buffers=True: the raw model's belong to its latest weights
-    only); integer buffers are copied.
-    """
+    """An EMA of a model's weights in `module` (a copy in eval mode). `decay` is per optimizer step (an update
+    every `every` steps moves by 1 - decay**every); `warmup` caps it at (1 + s) / (10 + s) after s steps
+    (TensorFlow's rule: the init is forgotten early). BatchNorm statistics are averaged like the weights
+    (timm's use_buffers=True: the raw model's fit its latest weights only); integer buffers are copied."""
 
     def __init__(self, model: nn.Module, decay: float, every: int = 1, warmup: bool = True):
         # requires_grad stays as the model's: a compiled evaluation graph then serves both nets
@@ -43,8 +34,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """Average in the model's weights after optimizer step number `step` (1 = the first), when it
-        is an update step. Device kernels only: the weight is a Python float, nothing is read back."""
+        """Average in the weights after optimizer step `step` (1 = the first): device kernels, no sync."""
         if step % self.every:
             return
         torch._foreach_lerp_(self._avg[0], self._avg[1], 1.0 - self.decay_at(step) ** self.every)
@@ -62,12 +52,10 @@ def hflip(images: torch.Tensor) -> torch.Tensor:
     return images.flip(3).contiguous(memory_format=fmt)
 
 
-# Test-time augmentation: the views of a batch whose logits are averaged. Logits, not probabilities
-# (as airbench does): one average, no softmax, and for a margin head an average of its scaled cosines.
-TTA = {
-    "none": (),
-    "flip": (hflip,),  # the image and its mirror: the flip every CIFAR recipe trains with
-}
+# Test-time augmentation: the views of a batch whose logits are averaged (flip: the image and its
+# mirror, the flip every CIFAR recipe trains with). Logits, not probabilities (as airbench does): one
+# average, no softmax, and for a margin head an average of its scaled cosines.
+TTA = {"none": (), "flip": (hflip,)}
 
 
 def predict(net: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
@@ -79,8 +67,7 @@ def predict(net: nn.Module, images: torch.Tensor, tta: str = "none") -> torch.Te
 
 
 def pick_weights(ck: dict, weights: str = "auto") -> tuple[dict, str]:
-    """(checkpoint whose "model" is the chosen weights, "raw" or "ema"): `auto` takes the EMA weights
-    when the checkpoint has them, else the raw ones."""
+    """(checkpoint whose "model" is the chosen weights, "raw" or "ema"); auto: the EMA's if it has them."""
     if weights not in ("auto", "raw", "ema"):
         raise BadInput(f"--weights {weights!r}: use auto (the EMA weights when the checkpoint has them), raw or ema.")
     if weights == "ema" and "ema" not in ck:

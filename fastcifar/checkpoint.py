@@ -22,9 +22,8 @@ from fastcifar.errors import BadInput, why
 
 
 def atomic_write(path: Path, write, by: str | None = None) -> None:
-    """Call write(binary file) on a temp file beside path, fsync, then rename it to path. by: the
-    command writing it; path is then replaced only if fastcifar wrote it as `by` (owned.py), and
-    recorded as written."""
+    """write(binary file) to a temp file beside path, fsync, rename it to path. by: the command writing
+    it; path is then replaced only if fastcifar wrote it as `by` (owned.py), and recorded as written."""
     path = Path(path)
     if by is not None:
         owned.check([path], by, "Move {it} away, or choose another path.")
@@ -65,9 +64,8 @@ def write_json(path: Path, obj, by: str | None = None) -> None:
 
 
 def torch_load(path: Path, what: str = "checkpoint"):
-    """torch.load(path, weights_only=True) onto the CPU: tensors and plain data only, so a shared
-    file cannot run code (pyproject's torch>=2.10: older ones' weights_only could be made to). Any
-    failure is bad input naming the file."""
+    """torch.load(path, weights_only=True) onto the CPU: tensors and plain data only, so a shared file
+    cannot run code (torch>=2.10); any failure is bad input naming the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -100,8 +98,7 @@ NEEDS = {
 
 
 def check_writable_parent(out: Path, option: str = "--out") -> None:
-    """BadInput unless the nearest existing folder at or above out is a directory this process can
-    create files in (a new out is made there)."""
+    """BadInput unless the nearest existing folder at or above out is a directory we can create files in."""
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -174,9 +171,7 @@ def resolve(ref: str | os.PathLike, prefer: str = "best.pt", runs_dir: Path = Pa
 
 
 def rng_state(device: torch.device | None = None) -> dict:
-    """The global RNG states of every rank, {"ranks": [...]}: each rank's Python and torch CPU state and
-    that of its own CUDA device (device), so that each rank restores its own. A collective: every
-    rank calls it."""
+    """{"ranks": [...]}: each rank's Python, torch and CUDA RNG states (all ranks call it)."""
     own = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if device is not None and device.type == "cuda":
         own["cuda_device"] = torch.cuda.get_rng_state(device)
@@ -201,9 +196,8 @@ def _tuples(x):
 
 @contextlib.contextmanager
 def claimed(path: Path, recheck):
-    """Make run directory `path` and hold a lock on it while the run lives: no second process writes
-    the same files. recheck() runs again under the lock (another run may have filled it meanwhile);
-    directories made here are removed on the way out while empty."""
+    """Make run directory `path` and lock it while the run lives (one writer); recheck() runs again under
+    the lock (another run may have filled it meanwhile); directories made here go on exit while empty."""
     with owned.hold(path, f"{path} is in use: another fastcifar process is writing that run. Wait for it to end, or "
                           f"stop it (Ctrl-C saves last.pt) and continue it with `fastcifar train --resume {path}`; "
                           f"to start a new run, choose another --out."):
@@ -216,19 +210,14 @@ REWRITTEN = ("recipe.json", "metrics.jsonl", "best.pt", "last.pt", "summary.json
 
 
 def check_own_run(path: Path, hint: str) -> None:
-    """BadInput (ending in hint) unless each file a resume rewrites in run directory path is missing
-    or one this run wrote there (a copied run's are not)."""
+    """BadInput (ending in hint) unless each file a resume rewrites in run dir path is missing or its own."""
     owned.check([Path(path) / n for n in REWRITTEN], "train", hint)
 
 
 class RunDir:
-    """A run's directory (DESIGN.md's contract), written by rank 0 alone: recipe.json, recipe.py,
-    TensorBoard events, metrics.jsonl, train.log (the lines the run printed, and why it stopped),
-    last.pt / best.pt and summary.json. summary.json is written
-    here only, from the run's own `summary(finished, reason)`: after each epoch ("running"), when
-    the run stops (`stop(reason)`: interrupted, diverged, ...), when it finishes, and when it ends
-    on anything else (a second Ctrl-C, an error: the context manager's exit). On other ranks
-    every method writes nothing (and stop/finish still return the summary)."""
+    """A run's directory (DESIGN.md's contract), written by rank 0 alone: recipe.json, recipe.py, events,
+    metrics.jsonl, train.log (what the run printed, why it stopped), last.pt / best.pt, summary.json (from
+    `summary(finished, reason)`: each epoch, stop(), finish(), and any other end: the context's exit)."""
 
     def __init__(self, path: str | os.PathLike, summary, writes: bool = True):
         self.path, self.summary, self.writes = Path(path), summary, writes
@@ -236,14 +225,11 @@ class RunDir:
         self._ended = False  # summary.json says why the run ended
 
     def open(self, recipe_json: dict, source: str | None, history: list[dict], said: list[str] = ()) -> "RunDir":
-        """Create the directory and its recipe files; metrics.jsonl restarts from `history` (a
-        resumed run's log must agree with its last.pt), then grows a line per epoch; train.log
-        grows by the lines `said` so far, then by each note(). Each file is recorded as the run's
-        (owned.py): a resume replaces or appends to only those."""
+        """Create the directory and its files: metrics.jsonl restarts from `history` (as last.pt has it),
+        train.log grows by the lines `said` so far; each recorded as the run's (owned.py) for a resume."""
         if not self.writes:
             return self
-
-        def create():
+        try:
             self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.path / "recipe.json", recipe_json, by="train")
             if source and not (self.path / "recipe.py").exists():
@@ -256,9 +242,6 @@ class RunDir:
             owned.record([self.path / "train.log"], "train", grows=True)
             for line in said:
                 self.note(line)
-
-        try:
-            create()
         except OSError as e:
             raise BadInput(f"Cannot write the run directory {self.path} ({e.strerror or e}); choose another --out.")
         from torch.utils.tensorboard import SummaryWriter
@@ -319,25 +302,18 @@ class RunDir:
         Call after checkpoint(): the log never names an epoch that has no checkpoint."""
         if not self.writes:
             return
-
-        def log():
-            self._metrics.write(json.dumps(m) + "\n")
-            self._metrics.flush()
-
-        self._guard("metrics.jsonl", log)
+        line = json.dumps(m) + "\n"
+        self._guard("metrics.jsonl", lambda: (self._metrics.write(line), self._metrics.flush()))
         self.scalars(m["epoch"], {f"epoch/{k}": v for k, v in m.items() if k != "epoch" and v is not None})
         self._tb.flush()
-        self._write_summary(False, "running")
-
-    def stop(self, reason: str) -> dict:
-        """The run ends unfinished (interrupted, diverged): summary.json says why."""
-        return self._write_summary(False, reason)
+        self.stop("running")
 
     def finish(self, reason: str = "completed") -> dict:
         """The run ends finished: all its epochs, or train.stop_at_target (reason says which)."""
-        return self._write_summary(True, reason)
+        return self.stop(reason, finished=True)
 
-    def _write_summary(self, finished: bool, reason: str) -> dict:
+    def stop(self, reason: str, finished: bool = False) -> dict:
+        """summary.json says why the run ended (interrupted, diverged, ...), or that it is "running"."""
         s = self.summary(finished, reason)
         self._ended = reason != "running"
         if self.writes:
@@ -353,7 +329,7 @@ class RunDir:
             why = ("quit at once (a second Ctrl-C, SIGTERM or SIGHUP)" if exc_type is KeyboardInterrupt
                    else f"stopped by {exc_type.__name__}: {str(exc)[:200]}")
             with contextlib.suppress(BadInput):  # the error in flight says more than a failed write would
-                self._write_summary(False, why)
+                self.stop(why)
         if exc_type is not None and self._log is not None:  # why it stopped, as the CLI says it on stderr
             with contextlib.suppress(BadInput):
                 self.note(str(exc) if issubclass(exc_type, Exception) and str(exc) else exc_type.__name__)

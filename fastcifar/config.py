@@ -1,9 +1,7 @@
 """What a run is, as typed data: a `Recipe` of nine sections, two levels deep, that a recipe file
-builds (`recipe() -> Recipe`) and the CLI overrides with `--set section.field=VALUE`.
-
-Recipes hold epochs and fractions of training, never step counts: `fastcifar.train` derives the
-steps from the data, the batch size and the number of ranks, so a derived recipe or an override
-of `train.epochs` never leaves a stale step count behind.
+builds (`recipe() -> Recipe`) and the CLI overrides with `--set section.field=VALUE`. Recipes hold
+epochs and fractions, never step counts: `fastcifar.train` derives the steps from the data, the batch
+size and the ranks, so a derived recipe or an override of `train.epochs` leaves no stale count behind.
 """
 
 from __future__ import annotations
@@ -32,8 +30,7 @@ from fastcifar.pipelines.spec import MAX_SIDE, AugSpec
 from fastcifar.runtime import AMP_CHOICES, TF32
 
 def _check(section: str, obj, rules) -> None:
-    """Raise BadInput naming the first field of `obj` whose rule fails: rules are
-    (field, ok(value) -> bool, rule) triples, checked in order."""
+    """Raise BadInput naming the first field of `obj` whose (field, ok(value) -> bool, rule) triple fails."""
     for name, ok, rule in rules:
         value = getattr(obj, name)
         if not ok(value):
@@ -43,10 +40,6 @@ def _check(section: str, obj, rules) -> None:
 def _one_of(options) -> tuple:
     options = tuple(options)
     return (lambda v: v in options), f"must be one of {', '.join(options)}"
-
-
-def _finite(v) -> bool:
-    return math.isfinite(v)
 
 
 @dataclass(slots=True)
@@ -81,8 +74,7 @@ class Model:
     drop_path: float = 0.0       # stochastic depth: timm's drop_path_rate (the last block's drop probability)
     sync_bn: bool = False        # under DDP: BatchNorm statistics over the global batch (SyncBatchNorm)
     channels_last: bool = True   # NHWC memory layout: faster convolutions on tensor cores
-    init_from: str = ""          # start from these weights: a run dir (its last.pt), checkpoint or recipe name
-                                 # (newest runs/<name>-*); weights only, matched by name (the tutorial's is_restore)
+    init_from: str = ""          # weights only from a run dir, checkpoint or recipe name (docs/overrides.md)
 
     def validate(self):
         _check("model", self, [
@@ -97,16 +89,13 @@ class Head:
     s: float = 64.0              # margin heads: logit scale (cosine * s)
     m: float = 0.5               # margin heads: angular (arcface, radians) or cosine (cosface) margin
     embed_dim: int = 512         # margin heads: Linear -> BatchNorm1d embedding size
-    margin_grad: str = "exact"   # margin heads: the target logit's gradient: exact | straight_through (the
-                                 # tutorial's: the margin's value, the plain cosine's gradient)
-    eval_logits: str = "scaled"  # margin heads, evaluation: scaled (s * cos) | cosine (the tutorial's; the same
-                                 # accuracy, only the reported loss changes)
+    margin_grad: str = "exact"   # margin heads, the target logit's gradient: exact | straight_through
+    eval_logits: str = "scaled"  # margin heads, evaluation: scaled (s * cos) | cosine (the tutorial's)
 
     def validate(self):
         _check("head", self, [
             ("kind", *_one_of(HEADS)),
-            ("s", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
-            ("m", _finite, "must be a finite number"),
+            ("s", lambda v: v > 0, "must be a finite number > 0"),  # Recipe.validate checked finiteness
             ("m", lambda v: self.kind != "arcface" or 0.0 <= v <= math.pi / 2,
              "is ArcFace's angular margin in radians and must lie in [0, pi/2] (past that, cos(theta + m) "
              "stops falling as theta grows)"),
@@ -119,8 +108,7 @@ class Head:
 @dataclass(slots=True)
 class Loss:
     label_smoothing: float = 0.0  # probability mass spread over all classes
-    scales: tuple[int, ...] = ()  # multi-scale training: each image trains at one of these sides (uniform draw),
-                                  # a forward per side, one CE; () = off. Evaluation stays at aug.image_size
+    scales: tuple[int, ...] = ()  # multi-scale training: each image at one of these sides (drawn); () = off
 
     def validate(self):
         _check("loss", self, [
@@ -131,24 +119,19 @@ class Loss:
         ])
 
 
-TEACHER_BN = ("eval", "train")  # distill.teacher_bn
-
-
 @dataclass(slots=True)
 class Distill:
     teacher: str = ""            # run dir, checkpoint file, or recipe name (newest runs/<name>-*); "" = off
     alpha: float = 0.7           # weight of the KD term: (1 - alpha) * CE + alpha * T^2 * KL
     temperature: float = 4.0     # softmax temperature T of both teacher and student
-    teacher_margin: bool = False  # the teacher's logits also get its margin on the true label (the tutorial's);
-                                  # False: its plain s * cos. No effect with a linear-head teacher
-    teacher_bn: str = "eval"     # the teacher's BatchNorm: eval (running statistics) | train (the tutorial's:
-                                 # batch statistics, and its running statistics keep moving)
+    teacher_margin: bool = False  # a margin-head teacher's logits get its margin on the label (tutorial)
+    teacher_bn: str = "eval"     # the teacher's BatchNorm statistics: eval (running) | train (tutorial)
 
     def validate(self):
         _check("distill", self, [
             ("alpha", lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"),
-            ("temperature", lambda v: _finite(v) and v > 0, "must be a finite number > 0"),
-            ("teacher_bn", *_one_of(TEACHER_BN)),
+            ("temperature", lambda v: v > 0, "must be a finite number > 0"),
+            ("teacher_bn", *_one_of(("eval", "train"))),
         ])
 
 
@@ -157,8 +140,7 @@ class Optim:
     name: str = "adamw"          # adamw | sgd
     lr: float = 1e-3             # peak learning rate for a batch of data.batch_size (see lr_ref_batch)
     weight_decay: float = 1e-4
-    decay_groups: str = "no_bias_norm"  # which parameters decay: no_bias_norm (all but 1-D tensors: norms, biases)
-                                        # | tutorial (all but biases and LayerNorm) | all
+    decay_groups: str = "no_bias_norm"  # which parameters decay: no_bias_norm | tutorial | all (optim.py)
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW
     momentum: float = 0.9        # SGD
     nesterov: bool = False       # SGD
@@ -202,10 +184,8 @@ class Train:
     epochs: int = 200
     seed: int = 0                # model init, data order, augmentation draws, mixing
     compile: bool | None = None  # torch.compile; None = on when CUDA, off on a CPU
-    amp: str = "auto"            # auto (bf16 on GPUs with bf16 tensor cores, fp16 on older ones, fp32 on CPUs
-                                 # without native bf16; the run says which) | none (fp32) | bf16 | fp16 (+ GradScaler)
-    tf32: str = "on"             # fp32 on tensor cores (10-bit mantissa): on (convolutions and matmuls) | conv
-                                 # (PyTorch's defaults: convolutions only; the tutorial's "precision 32") | off
+    amp: str = "auto"            # auto (what the device runs natively) | none | bf16 | fp16 (+ GradScaler)
+    tf32: str = "on"             # fp32 as TF32 (10-bit mantissa): on (conv, matmul) | conv (PyTorch's) | off
     deterministic: bool = False  # deterministic kernels (slower); resumed runs match straight ones
     device: str = "auto"         # auto (cuda:<local rank> when present, else cpu) | cpu | cuda
     log_every: int = 50          # steps between progress updates (the only host syncs in training)
@@ -251,10 +231,10 @@ class Recipe:
     train: Train = field(default_factory=Train)
 
     def validate(self) -> "Recipe":
-        """Raise BadInput naming the first field whose type is wrong, whose number is not finite, or
-        whose value is out of range or not a known choice."""
+        """Raise BadInput naming the first field of a wrong type, not finite, out of range or unknown."""
         check_types(self)
-        for section, obj in sections(self):
+        for section in SECTIONS:
+            obj = getattr(self, section)
             for f in dataclasses.fields(obj):
                 v = getattr(obj, f.name)
                 values = v if isinstance(v, tuple) else (v,)
@@ -275,20 +255,13 @@ class Recipe:
         return self
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
+SECTIONS = typing.get_type_hints(Recipe)  # {section: its dataclass}, in order
 
 
-def sections(r: Recipe):
-    """(name, section object) pairs of a recipe, in order."""
-    return [(f.name, getattr(r, f.name)) for f in dataclasses.fields(r)]
-
-
-def check_types(r: Recipe) -> Recipe:
+def check_types(r: Recipe) -> None:
     """Raise BadInput naming the first field a recipe set to a value of the wrong type (a recipe is
     Python: `r.train.epochs = "10"` must not reach the trainer); ints become floats, lists tuples."""
-    if not isinstance(r, Recipe):
-        raise BadInput(f"A recipe is a fastcifar.config.Recipe, not a {type(r).__name__}.")
-    for section, cls in section_types().items():
+    for section, cls in SECTIONS.items():
         obj = getattr(r, section)
         if not isinstance(obj, cls):
             raise BadInput(f"recipe section {section} was replaced by a {type(obj).__name__}; it must stay a "
@@ -300,16 +273,11 @@ def check_types(r: Recipe) -> Recipe:
             except _Wrong:
                 raise BadInput(f"{section}.{name} = {shown(value)}: expected {_type_name(t)}, got a "
                                f"{type(value).__name__}.")
-    return r
-
-
-def section_types() -> dict[str, type]:
-    return typing.get_type_hints(Recipe)
 
 
 def valid_keys() -> list[str]:
     """Every `section.field` key that --set accepts."""
-    return [f"{s}.{f.name}" for s, cls in section_types().items() for f in dataclasses.fields(cls)]
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,9 +306,8 @@ BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": 
 
 
 def _as(value, t, parse: bool):
-    """value as type t, or _Wrong. parse: value may be text to parse (--set; JSON, whose numbers
-    arrive as numbers); else it must be one already (a recipe's Python), an int standing for a
-    float and a list for a tuple."""
+    """value as type t, or _Wrong. parse: text to parse (--set; JSON's numbers come as numbers); else it
+    must be one already (a recipe's Python), but an int may stand for a float and a list for a tuple."""
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
         if value is None or parse and isinstance(value, str) and value.lower() in ("none", "null", "auto"):
@@ -366,27 +333,21 @@ def _as(value, t, parse: bool):
         if len(value) != len(kinds):
             raise _Wrong
         return tuple(_as(v, k, parse) for v, k in zip(value, kinds))
-    try:
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            if parse and isinstance(value, str) and value.lower() in BOOLS:
-                return BOOLS[value.lower()]
-        elif t is str:
-            if isinstance(value, str):
-                return value
-        elif not isinstance(value, bool):  # int, float: a bool is an int to Python, never a number here
+    if t in (bool, str) and isinstance(value, t):
+        return value
+    if t is bool and parse and isinstance(value, str) and value.lower() in BOOLS:
+        return BOOLS[value.lower()]
+    if t in (int, float) and not isinstance(value, bool):  # a bool is an int to Python, never a number here
+        with contextlib.suppress(ValueError, OverflowError):
             if isinstance(value, int) or t is float and isinstance(value, float):
                 return t(value)
             if parse and isinstance(value, str):
                 return int(value.replace("_", "")) if t is int else float(value)
-    except (ValueError, OverflowError):
-        pass
     raise _Wrong
 
 
 def _field_type(section: str, name: str):
-    cls = section_types().get(section)
+    cls = SECTIONS.get(section)
     if cls is None:
         raise BadInput(f"Unknown recipe section {shown(section)}; the sections are {', '.join(SECTIONS)}. "
                        f"Valid keys: {', '.join(valid_keys())}.")
@@ -504,11 +465,8 @@ _loading: list[tuple[Path, list[str]]] = []
 
 
 def derive(name: str) -> Recipe:
-    """The named recipe, for a derived recipe to change: `r = derive("r18_baseline")`.
-
-    A recipe that derives its own name extends the recipe it shadows: ./recipes/smoke.py calling
-    derive("smoke") gets the installed smoke.
-    """
+    """The named recipe, for a derived recipe to change: `r = derive("r18_baseline")`. A recipe deriving
+    its own name extends the one it shadows (./recipes/smoke.py's derive("smoke"): the installed smoke)."""
     if _loading:
         _loading[-1][1].append(name)
     return load(name)[0]
@@ -548,8 +506,7 @@ def _at(e: BaseException, path: Path, source: str) -> str:
 
 
 def _recipe_code(call, path: Path, source: str, what: str):
-    """call(): the recipe's own code, whose exceptions (a BaseException too, but Ctrl-C) are its
-    fault: BadInput naming the recipe's line."""
+    """call() the recipe's own code: any exception but Ctrl-C is its fault: BadInput naming its line."""
     try:
         return call()
     except (BadInput, KeyboardInterrupt):
@@ -592,9 +549,6 @@ def load(ref: str) -> tuple[Recipe, dict]:
         check_types(r)
     except BadInput as e:
         raise BadInput(f"Recipe {path}: {e}")
-    doc = inspect.getdoc(module) or ""
-    info = {"name": name, "description": doc.strip().splitlines()[0] if doc.strip() else "",
+    info = {"name": name, "description": (inspect.getdoc(module) or "").strip().partition("\n")[0],
             "path": str(path), "source": source}
-    if parents:
-        info["parent"] = parents[0]
-    return r, info
+    return r, ({**info, "parent": parents[0]} if parents else info)

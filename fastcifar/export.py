@@ -1,14 +1,10 @@
 """`fastcifar export`: a checkpoint as a file other tools load (ONNX, safetensors, a timm state dict).
 
-Every export carries a *card*: the JSON that says what the weights are and what an image must
-look like before it goes in (timm model, head, class names, input size, interpolation, mean/std).
-It rides inside the file (ONNX `metadata_props`, safetensors metadata, key "fastcifar"), so
-`fastcifar predict` and a user's script need nothing beside it. The timm format is a bare state
-dict by design (timm loads it with strict=True); its card is printed with the loading code.
-
-Each export is checked before it is renamed into place: the written bytes are loaded back
-(onnxruntime, safetensors, timm) and their logits compared with the fastcifar network's on a
-few images. A file that fails the check is never written.
+Every export carries a *card*, the JSON of what the weights are and what an image must look like
+going in (timm model, head, class names, input size, interpolation, mean/std), inside the file (ONNX
+`metadata_props`, safetensors metadata, key "fastcifar"); the timm format is a bare state dict (timm
+loads it strict), its card printed with the loading code. Before it is renamed into place, each export
+is loaded back and its logits compared with the network's on a few images: a failed one is never written.
 """
 
 from __future__ import annotations
@@ -121,8 +117,7 @@ def net_from_card(c: dict, state: dict, where) -> Net:
 
 
 def preprocess(images: torch.Tensor, c: dict) -> torch.Tensor:
-    """uint8 (N, 32, 32, 3) RGB images -> the model's float32 NCHW input, as the card says: the torch
-    backend's own evaluation resize and normalisation (pipelines.torch_backend.finish)."""
+    """uint8 (N, 32, 32, 3) RGB -> the model's float32 NCHW input, by the torch backend's evaluation path."""
     from fastcifar.pipelines.torch_backend import finish
 
     p = c["preprocess"]
@@ -133,8 +128,7 @@ def preprocess(images: torch.Tensor, c: dict) -> torch.Tensor:
 
 
 def check_images(data_dir=None, dataset: str | None = None) -> tuple[torch.Tensor, str]:
-    """N_CHECK uint8 (N, 32, 32, 3) images to compare both sides on: the store's first test images
-    when a store is at hand, else seeded noise (the comparison needs inputs, not meaning)."""
+    """N_CHECK uint8 (N, 32, 32, 3) images to compare on: the store's first test images, else seeded noise."""
     from fastcifar.data import open_store
     try:
         store = open_store(data_dir, dataset)
@@ -160,8 +154,7 @@ def compare(ours: torch.Tensor, theirs, what: str, images: str) -> str:
 # ---- the three formats --------------------------------------------------------------------------
 
 def to_onnx(net: Net, c: dict, x: torch.Tensor) -> bytes:
-    """The evaluation network as ONNX bytes: input `images` (batch, 3, S, S) float32, output
-    `logits` (batch, classes), the batch dynamic, the card in metadata_props."""
+    """The net as ONNX bytes: `images` (batch, 3, S, S) float32 -> `logits`, the card in metadata_props."""
     size = c["preprocess"]["image_size"]
     try:
         # torch's exporter built on torch.export (the default since torch 2.9; the TorchScript one is
@@ -200,18 +193,13 @@ def to_safetensors(net: Net, c: dict) -> bytes:
 def read_safetensors(data) -> tuple[dict, dict]:
     """(card, state dict) of a safetensors export given as bytes or a path."""
     from safetensors import SafetensorError
-    from safetensors.torch import load, load_file
+    from safetensors.torch import load
 
     where = data if isinstance(data, (str, Path)) else "the export"
     try:
-        if isinstance(data, bytes):
-            state = load(data)
-            meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
-        else:
-            from safetensors import safe_open
-            with safe_open(str(data), "pt") as f:
-                meta = f.metadata() or {}
-            state = load_file(str(data))
+        data = data if isinstance(data, bytes) else Path(data).read_bytes()
+        state = load(data)  # checks the header, whose JSON holds the metadata
+        meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise BadInput(f"{where} is not a readable safetensors file ({why(e)}).")
     if CARD_KEY not in meta:
@@ -228,8 +216,7 @@ def read_card(text, where) -> dict:
 
 
 def timm_model(c: dict):
-    """The plain timm model an export for timm loads into: timm.create_model(name, num_classes=N),
-    with fastcifar's CIFAR stem put in when the run used one."""
+    """timm.create_model(name, num_classes=N), with fastcifar's CIFAR stem when the run used one."""
     import timm
 
     m = timm.create_model(c["model"]["name"], num_classes=c["num_classes"])
@@ -256,17 +243,8 @@ def timm_code(c: dict, path: Path) -> str:
     return "\n".join(lines)
 
 
-def timm_takes(head_kind: str) -> None:
-    """BadInput unless a timm classifier can hold this head (only the linear one)."""
-    if head_kind != "linear":
-        raise BadInput(f"--format timm holds a linear classifier only; this model's head is {head_kind} (a cosine "
-                       f"to class centres times s), which no timm model has. Use --format onnx or --format safetensors.")
-
-
 def to_timm(net: Net, c: dict) -> tuple[dict, torch.nn.Module]:
-    """The linear-head Net's weights under the keys of timm.create_model(name, num_classes=N), and
-    that timm model loaded with them."""
-    timm_takes(c["head"]["kind"])
+    """(the linear-head Net's weights under timm_model(c)'s keys, that model loaded with them)."""
     m = timm_model(c)
     name = m.pretrained_cfg.get("classifier")
     fc = m.get_submodule(name) if isinstance(name, str) else None
@@ -322,8 +300,10 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     path = out_path(out, src, fmt, force)
     ck, weights = pick_weights(checkpoint.load(src))  # the EMA weights when the run kept them, as eval does
     net, r = net_from_checkpoint(ck, src, overrides=SCALED_LOGITS)  # what the card's head rebuilds
-    if fmt == "timm":
-        timm_takes(r.head.kind)
+    if fmt == "timm" and r.head.kind != "linear":  # before the export's work
+        raise BadInput(f"--format timm holds a linear classifier only; this model's head is {r.head.kind} (a "
+                       f"cosine to class centres times s), which no timm model has. Use --format onnx or "
+                       f"--format safetensors.")
     c = card(ck, r, src)
     c["source"]["weights"] = weights  # raw, or the EMA of the weights
     del ck

@@ -1,10 +1,7 @@
-"""Classification heads on the backbone's pooled features: `HEADS[kind](in_features, num_classes, cfg)`.
-
-Every head maps (N, C) features to (N, num_classes) logits and takes optional int64 targets.
-Margin heads put their margin on the target class when given targets (the training objectives
-pass the labels); without targets (evaluation) they give s * cosine, or with
-`head.eval_logits = "cosine"` the plain cosine, as the tutorial evaluated (same accuracy, since a
-positive scale keeps the ranking; only the reported loss changes).
+"""Classification heads on the backbone's pooled features: `HEADS[kind](in_features, num_classes, cfg)`
+maps (N, C) features to (N, num_classes) logits. Margin heads put their margin on the target class
+when given int64 targets (training); without (evaluation) they give s * cosine, or the plain cosine
+with `head.eval_logits = "cosine"` (the tutorial's: the same ranking, only the reported loss changes).
 """
 
 from __future__ import annotations
@@ -17,9 +14,8 @@ from torch import nn
 
 # acos has an infinite slope at +-1: keep the cosine this far inside so gradients stay finite
 COS_EPS = 1e-6
-# head.margin_grad: the target logit's gradient. exact = through the margin's formula;
-# straight_through = the tutorial's (the margin set under no_grad): the value with the margin,
-# the gradient of the plain cosine
+# head.margin_grad: the target logit's gradient. exact: through the margin's formula; straight_through
+# (the tutorial's margin set under no_grad): the value with the margin, the plain cosine's gradient
 MARGIN_GRADS = ("exact", "straight_through")
 EVAL_LOGITS = ("scaled", "cosine")  # head.eval_logits: s * cos | the plain cosine (the tutorial's)
 
@@ -39,9 +35,8 @@ class LinearHead(nn.Module):
 
 
 class MarginHead(nn.Module):
-    """The tutorial's MarginHead: Linear(C -> embed, no bias) -> BatchNorm1d -> cosine to
-    L2-normalised class weights. With targets: s times the cosines, the target's with the margin
-    (`margin`, which subclasses define); without: the evaluation logits."""
+    """The tutorial's MarginHead: Linear(C -> embed, no bias) -> BatchNorm1d -> cosine to L2-normalised
+    class weights; with targets s * the cosines, the target's with the subclass's `margin(cos_t)`."""
 
     def __init__(self, in_features: int, num_classes: int, cfg):
         super().__init__()
@@ -59,13 +54,8 @@ class MarginHead(nn.Module):
         with torch.autocast(e.device.type, enabled=False):
             return F.linear(F.normalize(e.float(), dim=1), F.normalize(self.weight.float(), dim=1))
 
-    def margin(self, cos_t: torch.Tensor) -> torch.Tensor:
-        """The target class's cosine (N, 1) with the margin applied."""
-        raise NotImplementedError
-
     def with_margin(self, cos_t: torch.Tensor) -> torch.Tensor:
-        """margin(cos_t), with the gradient head.margin_grad asks for: exact, or straight through
-        to the plain cosine (d/d cos_t = 1)."""
+        """margin(cos_t) (N, 1); its gradient exact or straight through to the cosine (head.margin_grad)."""
         new = self.margin(cos_t)
         return cos_t + (new - cos_t).detach() if self.straight_through else new
 
@@ -78,10 +68,9 @@ class MarginHead(nn.Module):
 
 
 class ArcFaceHead(MarginHead):
-    """ArcFace: the target logit becomes s * cos(theta + m), theta = the angle to its class centre.
-    Past theta = pi - m, cos(theta + m) would rise again as theta grows (a worse embedding would
-    score better); there the target gets cos(theta) - m * sin(m) instead, which keeps falling
-    with theta (the usual fallback of ArcFace implementations: a CosFace-like margin)."""
+    """ArcFace: the target logit becomes s * cos(theta + m), theta = the angle to its class centre. Past
+    theta = pi - m, cos(theta + m) would rise again (a worse embedding scoring better): there it gets
+    cos(theta) - m * sin(m), which keeps falling (the usual ArcFace fallback, a CosFace-like margin)."""
 
     def margin(self, cos_t: torch.Tensor) -> torch.Tensor:
         theta = torch.acos(cos_t.clamp(-1 + COS_EPS, 1 - COS_EPS))
@@ -90,8 +79,7 @@ class ArcFaceHead(MarginHead):
 
 
 class CosFaceHead(MarginHead):
-    """CosFace: the target logit becomes s * (cos(theta) - m) (both gradient modes agree: the
-    margin is a constant)."""
+    """CosFace: the target logit becomes s * (cos(theta) - m) (a constant: both gradient modes agree)."""
 
     def margin(self, cos_t: torch.Tensor) -> torch.Tensor:
         return cos_t - self.m

@@ -1,7 +1,5 @@
-"""Where the loss is computed: the loss functions, and the objectives built on them that a training
-step calls (`Classify`, `Distill`, `MultiScale`: the Trainer picks one per run). Each returns a dict
-of parts: `loss` (what backward() sees) plus its terms, all in fp32 whatever precision the logits
-come in."""
+"""The loss functions, and the objectives a training step calls (`Classify`, `Distill`, `MultiScale`:
+one per run). Each returns a dict of parts: `loss` (what backward() sees) and its terms, in fp32."""
 
 from __future__ import annotations
 
@@ -11,13 +9,9 @@ import torch.nn.functional as F
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> dict:
-    """Cross-entropy with label smoothing, on hard labels (int64 (N,)) or soft targets
-    (float (N, C) rows that sum to 1, as MixUp/CutMix give)."""
-    logits = logits.float()
-    if targets.is_floating_point():
-        ce = soft_cross_entropy(logits, targets, label_smoothing)
-    else:
-        ce = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    """Cross-entropy with label smoothing, of int64 (N,) labels or (N, C) soft targets (MixUp/CutMix)."""
+    ce = (soft_cross_entropy(logits, targets, label_smoothing) if targets.is_floating_point()
+          else F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing))
     return {"loss": ce, "ce": ce}
 
 
@@ -60,17 +54,14 @@ class Classify:
 
 
 class Distill:
-    """Distillation from a frozen teacher: images is the pair (student view, teacher view) of one
-    augmented batch, each at its own size. teacher_margin: the teacher's logits get its margin on
-    the true labels too, as the student's do (the tutorial's KD); teacher_bn: "train" runs the
-    teacher's BatchNorm on batch statistics, which also keeps moving its running statistics (the
-    tutorial never put its teacher in eval mode), "eval" on its running statistics."""
+    """KD from a frozen teacher; images: (student view, teacher view) of one augmented batch. teacher_margin:
+    its logits get its margin on the labels too (the tutorial's KD); teacher_bn "train": its BatchNorm on
+    batch statistics, moving its running ones (the tutorial never put its teacher in eval mode)."""
 
     def __init__(self, net, teacher, autocast, alpha: float, temperature: float, label_smoothing: float = 0.0,
                  teacher_margin: bool = False, teacher_bn: str = "eval"):
-        self.net, self.teacher, self.autocast = net, teacher, autocast
+        self.net, self.teacher, self.autocast, self.teacher_margin = net, teacher, autocast, teacher_margin
         self.alpha, self.temperature, self.label_smoothing = alpha, temperature, label_smoothing
-        self.teacher_margin = teacher_margin
         teacher.train(teacher_bn == "train")  # its parameters stay frozen either way (requires_grad False)
 
     def __call__(self, images: tuple, labels: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -84,20 +75,17 @@ class Distill:
 
 
 class MultiScale:
-    """Multi-scale training (the tutorial's resnet18_pretrained_arcface_mst): images holds one view
-    per scale, all from one augmentation draw; each image trains at one scale, drawn uniformly from
-    (seed, step, rank) on the host, so a resumed run draws the same. The batch is split by scale: a
-    forward per scale (its own BatchNorm statistics, the margin on each), then one cross-entropy over
-    the whole batch, in the batch's order."""
+    """Multi-scale training (the tutorial's resnet18_pretrained_arcface_mst): images holds one view per
+    scale of one augmentation draw; each image trains at a scale drawn from (seed, step, rank) on the
+    host (a resume draws the same): a forward per scale (own BatchNorm statistics), one CE in batch order."""
 
     def __init__(self, net, autocast, seed: int, rank: int, step, label_smoothing: float = 0.0):
         self.net, self.autocast, self.label_smoothing = net, autocast, label_smoothing
         self.seed, self.rank, self.step = seed, rank, step  # step(): optimizer steps done, a host int
 
     def scale_of(self, n: int, scales: int) -> np.ndarray:
-        """The scale index (0..scales-1) each of a batch's n images trains at. A scale only one image
-        drew gives it to the most drawn one: BatchNorm cannot train on one image (at batch 250 and
-        two scales that happens about once in 1e73 batches)."""
+        """The scale index (0..scales-1) of each of n images; a scale one image drew goes to the most drawn
+        one: BatchNorm cannot train on one image (at batch 250 and two scales, once in 1e73 batches)."""
         pick = np.random.default_rng([self.seed, self.step(), self.rank, 0x5CA1E]).integers(scales, size=n)
         counts = np.bincount(pick, minlength=scales)
         for lone in np.flatnonzero(counts == 1):

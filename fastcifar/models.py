@@ -35,8 +35,7 @@ class Net(nn.Module):
 def build_model(model_cfg, head_cfg, num_classes: int = 100) -> Net:
     """The Net a recipe's `model` and `head` sections describe (on the CPU, fp32)."""
     backbone = build_backbone(model_cfg)
-    head = HEADS[head_cfg.kind](backbone.num_features, num_classes, head_cfg)
-    return Net(backbone, head)
+    return Net(backbone, HEADS[head_cfg.kind](backbone.num_features, num_classes, head_cfg))
 
 
 def num_classes(state: dict, head_kind: str, where="the checkpoint") -> int:
@@ -49,8 +48,7 @@ def num_classes(state: dict, head_kind: str, where="the checkpoint") -> int:
 
 
 def net_from_state(model_cfg, head_cfg, state: dict, where) -> Net:
-    """The Net a recipe's model and head sections describe, holding `state` (CPU, fp32, eval mode);
-    the number of classes is the head's. The recipe's pretrained source is not fetched again."""
+    """The Net of a recipe's model and head sections holding `state` (CPU, fp32, eval; the head's classes)."""
     model_cfg.pretrained, model_cfg.pretrained_file, model_cfg.init_from = False, "", ""  # `state` has the weights
     net = build_model(model_cfg, head_cfg, num_classes(state, head_cfg.kind, where))
     load_weights(net, state, where)
@@ -86,15 +84,8 @@ def check_refs(cfg, resumed: bool = False) -> None:
     check_name(cfg.name)
     if cfg.init_from and not resumed:
         init_path(cfg.init_from)
-    if cfg.pretrained_file:
-        pretrained_path(cfg.pretrained_file)
-
-
-def pretrained_path(file: str) -> Path:
-    """model.pretrained_file as a path to a file, or BadInput."""
-    if not Path(file).is_file():
-        raise BadInput(f"model.pretrained_file = {shown(str(file))} does not exist.")
-    return Path(file)
+    if cfg.pretrained_file and not Path(cfg.pretrained_file).is_file():
+        raise BadInput(f"model.pretrained_file = {shown(cfg.pretrained_file)} does not exist.")
 
 
 def init_path(ref: str) -> Path:
@@ -177,11 +168,9 @@ def build_backbone(cfg) -> nn.Module:
 
 
 def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
-    """net with every BatchNorm computing its batch statistics over all ranks (call before DDP wraps
-    it). On GPUs timm's converter: torch's SyncBatchNorm, and timm's BatchNorm+activation layers
-    keep their activation. On CPU ranks (gloo), where torch's SyncBatchNorm refuses to run, each
-    plain BatchNorm becomes a GlooSyncBatchNorm. Weights and buffers are the same tensors under the
-    same names, so checkpoints load into a plain net."""
+    """net with every BatchNorm on the statistics of all ranks (before DDP wraps it): on GPUs timm's
+    converter (keeps timm's BatchNorm+activation layers' activation), on CPU ranks (gloo: torch's refuses)
+    GlooSyncBatchNorm. The same tensors under the same names: checkpoints load into a plain net."""
     if device.type != "cpu":
         return timm.layers.convert_sync_batchnorm(net)
     for name, m in net.named_modules():
@@ -194,10 +183,9 @@ def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
 
 
 class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose training statistics are those of the global batch, for CPU tensors: one
-    all_reduce of per-channel sums, sums of squares and the count per layer (its backward
-    all-reduces the gradients, as torch's CUDA SyncBatchNorm does). In eval mode, or without a
-    process group, it is plain BatchNorm. Not a torch SyncBatchNorm: DDP refuses those on CPUs."""
+    """BatchNorm on the global batch's statistics for CPU tensors: one all_reduce of per-channel sums, sums
+    of squares and count per layer (backward all-reduces the gradients, as torch's CUDA SyncBatchNorm).
+    Plain BatchNorm in eval mode or without a process group. Not a SyncBatchNorm: DDP refuses them on CPUs."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -229,8 +217,7 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub (HF_ENDPOINT) accepts a TCP connection; behind a proxy,
-    assume it does (the proxy decides)."""
+    """Whether the Hugging Face hub (HF_ENDPOINT) takes a TCP connection (behind a proxy: assume so)."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
     url = urlparse(huggingface_hub.constants.ENDPOINT)
@@ -242,9 +229,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def cifar_stem(m: nn.Module) -> str:
-    """Replace the first conv with a 3x3 stride-1 one and drop the max-pool, so a 32x32 image keeps
-    4x4 px at the last stage instead of 1x1. Returns the replaced conv's name. The new conv starts
-    from random weights (a pretrained 7x7 stride-2 kernel means something else at stride 1)."""
+    """Replace the first conv by a random 3x3 stride-1 one (a pretrained 7x7 stride-2 kernel means something
+    else at stride 1) and drop the max-pool: 32x32 px keep 4x4 at the last stage. Returns the conv's name."""
     name = m.pretrained_cfg.get("first_conv")
     conv = m.get_submodule(name) if isinstance(name, str) else None
     if not isinstance(conv, nn.Conv2d):
@@ -258,9 +244,7 @@ def cifar_stem(m: nn.Module) -> str:
 
 
 def _load_file(m: nn.Module, path: Path, skip: str | None) -> None:
-    """Load backbone weights from a state-dict file: a plain timm/torchvision state dict (its
-    classifier is ignored) or a fastcifar checkpoint (its `backbone.` part)."""
-    pretrained_path(path)
+    """Backbone weights from a timm/torchvision state dict (not its classifier) or a fastcifar checkpoint."""
     sd = torch_load(path, what="model.pretrained_file state dict")
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -272,11 +256,11 @@ def _load_file(m: nn.Module, path: Path, skip: str | None) -> None:
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     if any(k.startswith("backbone.") for k in sd):  # a fastcifar Net: keep its backbone part
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    own = m.state_dict()
-    skipped = {k for k in own if skip and k.startswith(skip + ".")}  # the new CIFAR stem conv
-    missing = [k for k in own if k not in sd and k not in skipped]
+    # the new CIFAR stem conv keeps its random weights
+    own = {k: v for k, v in m.state_dict().items() if not (skip and k.startswith(skip + "."))}
+    missing = [k for k in own if k not in sd]
     wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-             if k in sd and k not in skipped and sd[k].shape != v.shape]
+             if k in sd and sd[k].shape != v.shape]
     if missing or wrong:
         raise BadInput(
             f"model.pretrained_file {path} does not fit {m.pretrained_cfg.get('architecture', type(m).__name__)}: "
@@ -284,4 +268,4 @@ def _load_file(m: nn.Module, path: Path, skip: str | None) -> None:
             + ("; " if missing and wrong else "")
             + (f"{len(wrong)} of another shape (e.g. {', '.join(wrong[:3])})" if wrong else "")
             + ". Is it a state dict of the same model.name?")
-    m.load_state_dict({k: v for k, v in sd.items() if k in own and k not in skipped}, strict=False)
+    m.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)

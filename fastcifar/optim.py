@@ -21,8 +21,7 @@ DECAY_GROUPS = {
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_groups: str = "no_bias_norm") -> list[dict]:
-    """Up to two groups, in model.parameters() order: the parameters that DECAY_GROUPS[decay_groups]
-    decays (weight_decay), and the rest (0)."""
+    """The parameters DECAY_GROUPS[decay_groups] decays (weight_decay), then the rest (0), if any."""
     owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
     rule = DECAY_GROUPS[decay_groups]
     decay, no_decay = [], []
@@ -56,8 +55,7 @@ def build_optimizer(model: nn.Module, cfg, batch_size: int) -> torch.optim.Optim
 
 
 def _after_warmup(step: int, total_steps: int, s) -> float:
-    """Progress through the steps after warmup, 0..1 (1 from total_steps on: past the end, the
-    schedule stays at its final value)."""
+    """Progress through the steps after warmup, 0..1 (1 from total_steps on: the final value stays)."""
     warm = round(s.warmup * total_steps)
     return min(1.0, (step - warm) / (total_steps - warm)) if total_steps > warm else 1.0
 
@@ -73,9 +71,8 @@ SCHEDULES = {
 
 
 def lr_factor(step: int, total_steps: int, s) -> float:
-    """Multiplier of the peak LR for optimizer step `step` (0-based) of `total_steps`: a linear
-    warmup over the first `s.warmup` fraction of the steps, then SCHEDULES[s.kind]; steps past
-    total_steps (a resumed run given more epochs) keep the final value."""
+    """Multiplier of the peak LR at optimizer step `step` (0-based) of `total_steps`: a linear warmup over
+    the first `s.warmup` fraction, then SCHEDULES[s.kind] (past total_steps: its final value)."""
     warm = round(s.warmup * total_steps)
     if step < warm:
         return (step + 1) / warm

@@ -1,14 +1,10 @@
-"""`fastcifar predict`: image files -> the top-k classes with probabilities, from a run, a
-checkpoint, or an export of `fastcifar export` (.onnx in onnxruntime, .safetensors).
-
-An image becomes what the model saw in training in two steps:
-1. a 32x32 RGB uint8 image, as CIFAR's are: decoded by Pillow (EXIF rotation applied; grey,
-   palette, CMYK, 16-bit and float images made 8-bit RGB; alpha dropped), centre-cropped to its
-   largest square, then resized to 32x32 with Pillow's antialiased bilinear filter.
-2. the torch backend's evaluation path (`export.preprocess`): 32 -> the recipe's image_size, then
-   (x / 255 - mean) / std. A PNG of a store image gets exactly what `fastcifar eval` gives it.
-Probabilities are the softmax of s * cosine for margin heads, even when the recipe evaluates on the
-plain cosine (whose softmax is near uniform).
+"""`fastcifar predict`: image files -> the top-k classes with probabilities, from a run, a checkpoint,
+or an export (.onnx in onnxruntime, .safetensors). An image becomes what the model saw in training:
+(1) 32x32 RGB uint8, as CIFAR's: decoded by Pillow (EXIF rotation applied; grey, palette, CMYK, 16-bit
+and float made 8-bit RGB; alpha dropped), centre-cropped to its largest square, resized (antialiased
+bilinear); (2) the torch backend's evaluation path (`export.preprocess`): 32 -> the recipe's image_size,
+(x / 255 - mean) / std, so a PNG of a store image gets exactly what `fastcifar eval` gives it. Margin
+heads' probabilities are the softmax of s * cosine (the plain cosine's is near uniform).
 """
 
 from __future__ import annotations
@@ -37,8 +33,7 @@ def batch_for(side: int) -> int:
 
 
 def open_model(ref) -> tuple[dict, object, str]:
-    """(card, logits function of a float32 NCHW batch, kind) for a run directory, checkpoint,
-    recipe name, or an .onnx / .safetensors export."""
+    """(card, logits function of float32 NCHW batches, kind) of a run, checkpoint, .onnx or .safetensors."""
     p = Path(ref)
     kind = {".onnx": "onnx", ".safetensors": "safetensors"}.get(p.suffix.lower()) if p.is_file() else None
     if kind == "onnx":
@@ -54,17 +49,17 @@ def open_model(ref) -> tuple[dict, object, str]:
                            f"not a `fastcifar export`.")
         c = ex.read_card(meta, p)
         side, takes = c["preprocess"]["image_size"], sess.get_inputs()[0].shape  # e.g. ["batch", 3, 32, 32]
+        wrong = (f"{p} does not run on the input its fastcifar metadata describes (float32 batches of "
+                 f"3x{side}x{side})")
         if len(takes) != 4 or any(isinstance(n, int) and n != want for n, want in zip(takes[1:], (3, side, side))):
             # checked before a batch is made: a card claiming 1024 px would cost gigabytes first
-            raise BadInput(f"{p} does not run on the input its fastcifar metadata describes (float32 batches of "
-                           f"3x{side}x{side}): its graph takes {takes}. Export the model again.")
+            raise BadInput(f"{wrong}: its graph takes {takes}. Export the model again.")
 
         def run_onnx(x):
             try:
                 return ex.run_onnx(sess, x)
             except Exception as e:  # onnxruntime's own types: an input shape or dtype the model does not take
-                raise BadInput(f"{p} does not run on the input its fastcifar metadata describes (float32 batches of "
-                               f"3x{side}x{side}): {why(e)}. Export the model again.")
+                raise BadInput(f"{wrong}: {why(e)}. Export the model again.")
 
         return c, run_onnx, kind
     if kind == "safetensors":
@@ -104,10 +99,8 @@ def gather(inputs, log=print) -> tuple[list[Path], list[dict]]:
             # os.walk does not follow links to folders (no loops), and names the ones it cannot list
             for root, dirs, names in os.walk(p, onerror=lambda e: unreadable(e, p)):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for n in sorted(names):
+                for n in sorted(n for n in names if not n.startswith(".")):
                     path = Path(root) / n
-                    if n.startswith("."):
-                        continue
                     if not n.lower().endswith(IMAGE_SUFFIXES):
                         others += 1
                         continue
@@ -183,9 +176,8 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def _eight_bit(a: np.ndarray, is_float: bool) -> np.ndarray:
-    """A 16/32-bit integer or a float image's pixels as uint8: integers scaled from 0..65535
-    (clipped there), floats from 0..1 when all lie in it, else taken as 0..255 and clipped. A band
-    of ROWS rows at a time, so memory stays at the image's own size."""
+    """A 16/32-bit integer or float image as uint8: integers from 0..65535 (clipped), floats from 0..1 if all
+    lie in it, else clipped to 0..255; ROWS rows at a time, so memory stays at the image's own size."""
     bands = range(0, a.shape[0], ROWS)
     unit = False
     if is_float:

@@ -1,17 +1,8 @@
-"""Training: `train(recipe, info)` builds a `Trainer` and runs `fit()`, the loop on one screen.
-
-    Trainer(recipe, info)   builds everything once: device and ranks, store and loaders, the net,
-                            optimizer, LR schedule, GradScaler, the objective and the mixing, and
-                            the `Progress` that resume restores
-    fit()                   for each epoch: train_epoch() (the steps), end_epoch() (evaluate,
-                            select, checkpoint, log); Ctrl-C/SIGTERM saves and stops
-    Progress                where the run is: the one state object resume restores besides the
-                            modules' own state_dicts
-    RunDir (checkpoint.py)  the run's files: recipe.json, TensorBoard, metrics.jsonl, last/best.pt,
-                            summary.json (written from one place)
-
-Host syncs (`.item()`, `.tolist()`) happen only at the marked log and eval points, so on a GPU the
-Python loop runs ahead of the kernels.
+"""Training: `train(recipe, info)` builds a `Trainer` (every part, once) and runs `fit()`: for each
+epoch train_epoch() (the steps) and end_epoch() (evaluate, select, checkpoint, log); Ctrl-C/SIGTERM
+saves and stops. `Progress` is the state resume restores besides the modules' state_dicts; `RunDir`
+(checkpoint.py) writes the run's files. Host syncs (`.item()`, `.tolist()`) happen only at the marked
+log and eval points, so on a GPU the Python loop runs ahead of the kernels.
 """
 
 from __future__ import annotations
@@ -58,9 +49,8 @@ class Diverged(Exception):
 
 def train(r: Recipe, info: dict, out: str | os.PathLike | None = None, data_dir: str | os.PathLike | None = None,
           resume: str | os.PathLike | None = None, log=print, last: dict | None = None) -> dict:
-    """Train recipe r (info: name, description, parent, source) and return summary.json's dict.
-    resume: a run directory whose last.pt to continue from (then out defaults to it); last: that
-    last.pt when the caller has read it already (last_checkpoint), emptied once restored."""
+    """Train recipe r (info: name, description, parent, source); returns summary.json's dict. resume: the
+    run dir to continue (out defaults to it); last: its last.pt if read already (emptied once restored)."""
     with Trainer(r, info, out=out, data_dir=data_dir, resume=resume, log=log, last=last) as trainer:
         return trainer.fit()
 
@@ -123,8 +113,7 @@ class Trainer:
         self.stop = StopSignals(self.say)
 
     def _build(self, data_dir, resume, ck) -> None:
-        """The run's parts, each built from the ones before: place, lock, the recipe's references, the
-        checkpoint it continues, data, model and optimizer, the resumed state, the nets."""
+        """The run's parts, each from the ones before: place, lock, checks, data, model, state, nets."""
         self._place()
         if self.main:
             self._claim(self.in_place)
@@ -153,8 +142,7 @@ class Trainer:
         self._nets()
 
     def _place(self) -> None:
-        """Device and ranks (one process per GPU under torchrun; data.batch_size is global), precision,
-        backend flags, seeds."""
+        """Device and ranks (a process per GPU; data.batch_size is global), precision, flags, seeds."""
         r, rt = self.r, self.r.train
         self.device, self.rank, self.world = self._exit.enter_context(runtime.distributed(rt.device))
         self.main = self.rank == 0
@@ -181,9 +169,8 @@ class Trainer:
             self.early.append(msg)
 
     def _claim(self, resumed: bool) -> None:
-        """Lock the run directory until the run ends: one writer per directory. A default directory
-        that a run started in the same second took meanwhile (`for s in 1 2 3; do fastcifar train
-        ... & done`) gives way to the next free name, a few times."""
+        """Lock the run directory until the run ends (one writer); a default one that a run started in the
+        same second took meanwhile (`fastcifar train ... &` thrice) gives way to the next free name."""
         for last in (False, False, True):
             try:
                 return self._exit.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resumed)))
@@ -193,8 +180,7 @@ class Trainer:
                 self.out = new_run_dir(self.info["name"])
 
     def _data(self, data_dir, ck, resume) -> None:
-        """The store, the train/val/test rows, one loader per split (and the KD teacher, whose input
-        size the train loader needs)."""
+        """The store, a loader per split (train/val/test rows), and the KD teacher (its input size)."""
         r, rt = self.r, self.r.train
         self.store = (open_store(data_dir, r.data.dataset) if ck is not None
                       else open_or_prepare(data_dir, fdist.local_rank() == 0, r.data.dataset))
@@ -217,8 +203,7 @@ class Trainer:
         self.selection = "val" if val_rows is not None else "test"  # the split best.pt's epoch is chosen on
 
     def _model(self, ck) -> None:
-        """Model, EMA, optimizer, LR schedule (over the epochs it was first built for: schedule_epochs),
-        GradScaler and autocast, mixing."""
+        """Model, EMA, optimizer, LR schedule (over schedule_epochs, kept on resume), GradScaler, mixing."""
         r, rt = self.r, self.r.train
         resume = ck is not None
         self.model = build_model(r.model, r.head, self.num_classes).to(
@@ -235,14 +220,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.autocast = runtime.autocast(self.device, self.amp)
         self.mix_gen = torch.Generator(device="cpu")
-        self.mix = no_mix
+        self.mix = lambda images, labels: (images, labels)  # no mixing: the hard labels are the targets
         if r.aug.mixup_alpha > 0 or r.aug.cutmix_alpha > 0:  # MixUp/CutMix on the device: soft targets
             from fastcifar.pipelines.mix import mix
             self.mix = functools.partial(mix, spec=r.aug, num_classes=self.num_classes, generator=self.mix_gen)
 
     def _nets(self) -> None:
-        """The nets the steps and evaluation run (DDP-wrapped, then compiled), the objective chosen
-        once, and the step's device-side counters."""
+        """The nets (DDP-wrapped, then compiled), the objective chosen once, the device-side counters."""
         r, rt = self.r, self.r.train
         self.net = self.eval_net = self.model  # self.model keeps the plain state_dict keys checkpoints hold
         self.ema_net = self.ema.module if self.ema is not None else None
@@ -251,12 +235,10 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.compiled, self.compile_note = runtime.compile_choice(rt.compile, self.device, r.model.sync_bn and self.world > 1)
         if self.compiled:
-            # the DDP module is what gets compiled, so the graph sees DDP's hooks and overlaps the
-            # all-reduce with backward. Static shapes: a smaller batch gets a graph of its own instead
-            # of turning this one dynamic for good (evaluation pads its last batch: no new shape at all).
-            # Multi-scale training splits every batch by a random draw, so each step brings new sub-batch
-            # sizes: there one graph with a dynamic batch and side (torch's automatic dynamic, after the
-            # second shape) beats a recompile per size until torch gives up and runs eager
+            # the DDP module is compiled, so the graph overlaps DDP's all-reduce with backward. Static
+            # shapes: a smaller batch gets a graph of its own (evaluation pads its last batch). Multi-scale
+            # training brings new sub-batch sizes every step: one dynamic graph (torch's automatic
+            # dynamic) beats a recompile per size until torch gives up and runs eager
             self.net = torch.compile(self.net, dynamic=None if r.loss.scales else False)
             self.eval_net = self.net if self.world == 1 else torch.compile(self.model, dynamic=False)
             if self.ema is not None:
@@ -372,8 +354,7 @@ class Trainer:
         return parts
 
     def log_point(self, epoch: int, sums: torch.Tensor, bar) -> None:
-        """Log point (host sync, and one all-reduce with several ranks): stop on a NaN/inf loss,
-        show the running loss."""
+        """Log point (a host sync, an all-reduce): stop on a NaN/inf loss, show the running loss."""
         p = self.progress
         first_bad = int(fdist.all_reduce(self.bad_step.clone(), torch.distributed.ReduceOp.MIN).item())
         if first_bad != NONE_YET:
@@ -390,23 +371,18 @@ class Trainer:
         self.run.scalars(p.step, {"train/loss_running": loss_now, "train/lr": self.lr})
 
     def end_epoch(self, epoch: int, stats: dict) -> dict:
-        """All-reduce the epoch's sums, evaluate, select, checkpoint, log (host syncs). Returns
-        the epoch's metrics (metrics.jsonl's line)."""
+        """All-reduce the epoch's sums, evaluate, select, checkpoint, log (host syncs); returns metrics."""
         p = self.progress
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds = time.perf_counter() - stats["t0"]
         loss_sum, correct, seen = fdist.all_reduce(stats["sums"]).tolist()
-        test = self.evaluate(self.test_loader)
-        m = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-             "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"]}
-        if self.val_loader is not None:
-            val = self.evaluate(self.val_loader)
-            m.update(val_acc=val["acc"], val_top5=val["top5"], val_loss=val["loss"])
-        for split, loader in (("test", self.test_loader), ("val", self.val_loader)):
-            if self.ema is not None and loader is not None:  # the EMA weights on the same images
-                e = self.evaluate(loader, ema=True)
-                m.update({f"{split}_acc_ema": e["acc"], f"{split}_top5_ema": e["top5"], f"{split}_loss_ema": e["loss"]})
+        m = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen}
+        for w in ("", "_ema") if self.ema is not None else ("",):  # the raw, then the EMA weights
+            for split, loader in (("test", self.test_loader), ("val", self.val_loader)):
+                if loader is not None:
+                    e = self.evaluate(loader, ema=True) if w else self.evaluate(loader)
+                    m.update({f"{split}_{k}{w}": e[k] for k in ("acc", "top5", "loss")})
         m.update(lr=self.lr, images_per_sec=self.clock.images_per_sec(train_seconds, stats["images"], self.world),
                  epoch_seconds=time.perf_counter() - stats["t0"], wall_seconds=p.wall_seconds())
         m.update(self.clock.metrics(train_seconds))
@@ -455,8 +431,8 @@ class Trainer:
     def reached_target(self) -> bool:
         """Whether train.stop_at_target ends the run here: an epoch has reached train.target_acc."""
         rt = self.r.train
-        reached = timing.target_epoch(self.progress.history, rt.target_acc, self.selection)
-        return rt.stop_at_target and reached is not None
+        return rt.stop_at_target and timing.target_epoch(self.progress.history, rt.target_acc,
+                                                         self.selection) is not None
 
     def out_of_memory(self, e: RuntimeError) -> BadInput:
         """A batch the device cannot hold: summary.json says so, last.pt keeps the last whole epoch
@@ -481,25 +457,21 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """What last.pt and best.pt hold: the modules' states, the RNGs, the Progress and the recipe."""
+        mean, std = mean_std(self.r.aug, self.store)
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": checkpoint.rng_state(self.device), "mix_rng": self.mix_gen.get_state(),
                 "amp": self.amp, "schedule_epochs": self.schedule_epochs,
-                "recipe": to_dict(self.r), "info": self.info, "world_size": self.world, "store": self.store_record(),
+                "recipe": to_dict(self.r), "info": self.info, "world_size": self.world,
+                # the store trained on: where it was and its arrays' checksums (resume checks them)
+                "store": {"dir": str(self.store.dir.resolve()), "synthetic": self.store.synthetic,
+                          "sha256": self.store.recorded_sha256},
                 **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 # what the model means outside fastcifar (export, predict): its classes and its input
-                "class_names": self.store.class_names, "preprocess": self.preprocess(), **self.progress.state_dict()}
-
-    def preprocess(self) -> dict:
-        """The input the model expects, as data: size, resize filter, mean/std (0..1 units)."""
-        mean, std = mean_std(self.r.aug, self.store)
-        return {"image_size": self.r.aug.image_size, "interpolation": self.r.aug.interpolation,
-                "mean": list(mean), "std": list(std)}
-
-    def store_record(self) -> dict:
-        """Which store the run trains on: where it was and its arrays' checksums (resume checks them)."""
-        return {"dir": str(self.store.dir.resolve()), "synthetic": self.store.synthetic,
-                "sha256": self.store.recorded_sha256}
+                # (size, resize filter, mean/std in 0..1 units)
+                "class_names": self.store.class_names, "preprocess": {
+                    "image_size": self.r.aug.image_size, "interpolation": self.r.aug.interpolation,
+                    "mean": list(mean), "std": list(std)}, **self.progress.state_dict()}
 
     def load_state_dict(self, ck: dict, path) -> None:
         load_weights(self.model, ck["model"], path)
@@ -520,10 +492,9 @@ class Trainer:
         self.info = {**ck["info"], **{k: v for k, v in self.info.items() if v}}
 
     def recipe_json(self) -> dict:
-        meta = {"name": self.info["name"], "description": self.info.get("description", "")}
-        if self.info.get("parent"):
-            meta["parent"] = self.info["parent"]
-        return {**meta, **to_dict(self.r)}
+        parent = {"parent": self.info["parent"]} if self.info.get("parent") else {}
+        return {"name": self.info["name"], "description": self.info.get("description", ""), **parent,
+                **to_dict(self.r)}
 
     def device_name(self) -> str:
         return f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
@@ -545,11 +516,12 @@ class Trainer:
         """summary.json's dict (RunDir writes it)."""
         p, history = self.progress, self.progress.history
         last = history[-1] if history else {}
+        rates = [m["images_per_sec"] for m in history if m.get("images_per_sec") is not None]
         s = {"recipe": self.info["name"], "description": self.info.get("description", ""),
              "best_acc": p.best.get("test_acc"), "best_epoch": p.best["epoch"] or None,
              "final_acc": last.get("test_acc"), "final_top5": last.get("test_top5"),
              "epochs_done": len(history), "epochs": self.r.train.epochs,
-             "train_images_per_sec": mean_speed(history),
+             "train_images_per_sec": float(np.mean(rates)) if rates else None,  # the epochs' steady state
              "wall_seconds": p.wall_seconds(), "device": self.device_name(),
              "backend": self.train_loader.backend, "world_size": self.world, "synthetic": self.store.synthetic,
              "selection": self.selection, "model": self.r.model.name, "image_size": self.r.aug.image_size,
@@ -577,28 +549,16 @@ def speed(m: dict) -> str:
     return rate + (f" (+{m['warmup_seconds']:.1f}s warm-up)" if m.get("warmup_seconds") else "")
 
 
-def mean_speed(history: list[dict]) -> float | None:
-    """summary.json's train_images_per_sec: the mean of the epochs' steady-state img/s."""
-    rates = [m["images_per_sec"] for m in history if m.get("images_per_sec") is not None]
-    return float(np.mean(rates)) if rates else None
-
-
 def fed_aug(aug, amp: str):
     """The loaders' augmentation spec: aug, with float32 images where the step runs in fp32 (resolved
     amp none: an fp32 layer refuses bf16/fp16 input; reduced-precision images are for autocast)."""
     return dataclasses.replace(aug, dtype="float32") if amp == "none" and aug.dtype != "float32" else aug
 
 
-def no_mix(images, labels):
-    """The batch transform when MixUp/CutMix are off: hard labels are the targets."""
-    return images, labels
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, autocast=None, tta: str = "none") -> dict:
-    """Top-1 and top-5 accuracy (percent) and mean cross-entropy of model over a loader, summed
-    over ranks, with test-time augmentation `tta` (averaging.TTA; views made on the device, whatever
-    the loader's backend). Margin heads give their evaluation logits here (no labels, no margin)."""
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy of model over a loader, summed over ranks,
+    with test-time augmentation `tta` (views made on the device); margin heads give evaluation logits."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -659,10 +619,9 @@ def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, bat
 
 # What --resume may change: only what cannot change the run's meaning - how long it trains, how it
 # logs, where it runs and at which precision (a run moved to another machine), which loader backend
-# makes the (same) batches
+# makes the (same) batches, how SyncBN gathers the global batch's statistics (as the number of ranks)
 RESUMABLE = ("train.epochs", "train.log_every", "train.device", "train.amp", "train.compile", "data.backend",
-             "train.target_acc", "train.stop_at_target",
-             "model.sync_bn")  # SyncBN: how the global batch's statistics are gathered, as the number of ranks is
+             "train.target_acc", "train.stop_at_target", "model.sync_bn")
 
 
 def last_checkpoint(run_dir) -> dict:
@@ -675,8 +634,7 @@ def last_checkpoint(run_dir) -> dict:
 
 
 def check_resume(r: Recipe, ck: dict, run_dir) -> None:
-    """Raise BadInput unless r continues the checkpoint's run: the same recipe but for RESUMABLE
-    fields, and at least as many epochs as it has done."""
+    """BadInput unless r continues the checkpoint's run: only RESUMABLE fields changed, no fewer epochs."""
     was, now = to_dict(from_dict(ck["recipe"])), to_dict(r)
     changed = [f"{s}.{k} ({shown(was[s][k])} -> {shown(v)})" for s, fields in now.items() for k, v in fields.items()
                if v != was[s][k] and f"{s}.{k}" not in RESUMABLE]
@@ -715,8 +673,7 @@ def check_same_store(store, recorded: dict, run_dir) -> None:
 
 
 def new_run_dir(name: str) -> Path:
-    """./runs/<recipe>-<YYYYmmdd-HHMMSS>, with -2, -3, ... when a run of that second exists (the
-    names checkpoint.runs_of finds by the recipe's name)."""
+    """./runs/<recipe>-<YYYYmmdd-HHMMSS>, -2, -3, ... when taken (the names checkpoint.runs_of finds)."""
     base = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out, k = base, 1
     while out.exists():
@@ -752,9 +709,8 @@ def check_out(out: Path, resumed: bool) -> None:
 
 
 def split_rows(n_train: int, n_test: int, d) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-    """(train rows, validation rows, test rows) of the store; None = all rows / no validation.
-    A fixed permutation (seed 0) picks the subsets and the held-out images, so every run and
-    every train.seed selects on the same validation images."""
+    """(train, validation, test rows) of the store; None = all rows / no validation. A fixed permutation
+    (seed 0) picks them, so every run and train.seed selects on the same validation images."""
     perm = np.random.default_rng(0).permutation(n_train)
     keep = perm[:max(1, round(n_train * d.subset))]
     n_val = round(len(keep) * d.val_split)
@@ -817,8 +773,7 @@ def open_or_prepare(data_dir, prepare_here: bool, dataset: str = "cifar100"):
 
 
 def image_grid(images, spec, store) -> torch.Tensor:
-    """A (3, H, W) grid of the first 64 images of a batch (the student's view) in 0..1, undoing the
-    loader's normalisation."""
+    """A (3, H, W) grid in 0..1 of a batch's first 64 images (the student's view), normalisation undone."""
     from torchvision.utils import make_grid
 
     images = images[0] if isinstance(images, tuple) else images
