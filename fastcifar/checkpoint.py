@@ -136,8 +136,7 @@ RUN_SUFFIX = r"-\d{8}-\d{6}(?:-\d+)?"
 
 
 def runs_of(name: str, runs_dir: Path = Path("runs")) -> list[Path]:
-    """The run directories of recipe `name` under runs_dir: <name><RUN_SUFFIX> exactly. A name is
-    never a pattern ('a*') or a prefix (smoke's runs are not smoke-v2's)."""
+    """The run directories <name><RUN_SUFFIX> under runs_dir: a name is never a pattern ('a*') or a prefix."""
     pattern = re.compile(re.escape(name) + RUN_SUFFIX)
     try:
         with os.scandir(runs_dir) as it:

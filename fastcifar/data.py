@@ -270,8 +270,7 @@ def _rebuild_hint(d: Path) -> str:
 
 
 def _real(d: Path) -> Path:
-    """The directory d really names: a symlinked data dir keeps its link; the store is built beside
-    (and swapped in for) the link's target."""
+    """d with its links followed: a symlinked data dir keeps its link, its store goes beside the target."""
     return Path(os.path.realpath(d))
 
 
@@ -349,15 +348,15 @@ def _flock(fd: int, flags: int = fcntl.LOCK_EX) -> bool:
 
 
 @contextlib.contextmanager
-def _dir_lock(d: Path):
-    """Hold an exclusive lock on directory d; yields False where it cannot (callers then delete nothing)."""
+def _dir_lock(d: Path, flags: int = fcntl.LOCK_EX):
+    """Hold a lock on d (a directory, a .part file); yields False where it cannot (then delete nothing)."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
         yield False
         return
     try:
-        yield _flock(fd)
+        yield _flock(fd, flags)
     finally:
         os.close(fd)
 
@@ -365,29 +364,20 @@ def _dir_lock(d: Path):
 def _abandoned(path: Path) -> bool:
     """Whether no live process holds path's lock: a builder locks its temp dir (and a download its
     .part file) until it finishes, and dies holding it. Unsure means no."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        return _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    finally:
-        os.close(fd)
+    with _dir_lock(path, fcntl.LOCK_EX | fcntl.LOCK_NB) as free:
+        return free
 
 
 def _leftovers(real: Path) -> tuple[list[Path], list[Path]]:
-    """(temp dirs, moved-aside old stores) a prepare left beside real: the .NAME.tmp-* and .NAME.old-*
-    folders that prepare made (owned.py); look-alikes are someone else's."""
-    tmps, olds = [], []
+    """(temp dirs, moved-aside old stores): the .NAME.tmp-*, .NAME.old-* beside real that prepare made."""
+    found = {"tmp": [], "old": []}
     with contextlib.suppress(OSError), os.scandir(real.parent) as it:
         for e in it:
-            if e.name.startswith(f".{real.name}.") and e.is_dir(follow_symlinks=False) and \
-                    owned.is_ours(e.path, "prepare"):
-                if e.name.startswith(f".{real.name}.tmp-"):
-                    tmps.append(Path(e.path))
-                elif e.name.startswith(f".{real.name}.old-"):
-                    olds.append(Path(e.path))
-    return sorted(tmps), sorted(olds)
+            for kind, paths in found.items():
+                if e.name.startswith(f".{real.name}.{kind}-") and e.is_dir(follow_symlinks=False) and \
+                        owned.is_ours(e.path, "prepare"):
+                    paths.append(Path(e.path))
+    return sorted(found["tmp"]), sorted(found["old"])
 
 
 def _recover(real: Path, log=lambda *_: None) -> None:
@@ -571,8 +561,7 @@ def _read_members(source: Path, verify: bool, dataset: str = "cifar100") -> tupl
 
 
 def _read_official(source: Path, verify: bool, dataset: str = "cifar100") -> tuple[dict, dict, dict]:
-    """(splits, names, source info) from official-format data, validated in full. A split of
-    several members (CIFAR-10's five train batches) is their concatenation, in order."""
+    """(splits, names, source info), validated in full; a split of several members is their concatenation."""
     raw, info = _read_members(source, verify, dataset)
     o, spec = official(dataset), DATASETS[dataset]
     splits = {}
@@ -642,11 +631,9 @@ SYN_COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 23
 
 
 def synthetic_chunks(n: int, seed: int, chunk: int = 4096, classes: tuple[int, ...] | None = None):
-    """(labels, generator of n images `chunk` at a time) whose class is told apart by shape, texture
-    and colour, drawn at a random position and size over a random background with pixel noise;
-    classes balanced and shuffled. Memory stays at a few hundred MB (float64 temporaries of one
-    chunk) however large n is. classes: which of the 100 synthetic classes label 0, 1, ... draws
-    (all 100 by default; SYNTHETIC10 for CIFAR-10)."""
+    """(labels, generator of n images `chunk` at a time): classes balanced, shuffled, told apart by shape,
+    texture and colour; a few hundred MB of memory however large n is. classes: which of the 100
+    synthetic classes label 0, 1, ... draws (all by default; SYNTHETIC10 for CIFAR-10)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % (NUM_CLASSES if classes is None else len(classes))).astype(np.int64)
     return labels, _synthetic_images(labels if classes is None else np.asarray(classes)[labels], rng, chunk)
@@ -684,9 +671,8 @@ def _synthetic_images(fine: np.ndarray, rng, chunk: int):
 
 
 def _channel_stats(path: Path, chunk: int = 5000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of an (N, 32, 32, 3) uint8 .npy in units of 0..1, from exact
-    per-channel histograms, read a chunk at a time (read, not memory-mapped: mapped pages would
-    count as this process's memory)."""
+    """Per-channel mean and std (units of 0..1) of an (N, 32, 32, 3) uint8 .npy from exact histograms,
+    read a chunk at a time (not memory-mapped: mapped pages would count as this process's memory)."""
     header = np.load(path, mmap_mode="r")
     n, offset = len(header), header.offset
     del header
@@ -705,8 +691,7 @@ def _channel_stats(path: Path, chunk: int = 5000) -> tuple[list[float], list[flo
 
 
 def _save_chunks(path: Path, shape: tuple, chunks, done=lambda n: None) -> None:
-    """A uint8 .npy of `shape` written a chunk at a time: the same file np.save writes, without
-    the whole array in memory; done(rows) after each chunk (a progress bar)."""
+    """A uint8 .npy of `shape` (as np.save writes it) written a chunk at a time; done(rows) after each."""
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
         for block in chunks:
@@ -802,8 +787,7 @@ def _bytes(n: int) -> str:
 
 
 def _source_stat(source: Path, dataset: str = "cifar100") -> dict:
-    """{file: [size, mtime_ns]} of a local source: what identifies it for the idempotence check
-    without re-hashing a 161 MB tarball."""
+    """{file: [size, mtime_ns]} of a local source: identifies it without re-hashing a 161 MB tarball."""
     if source.is_file():
         files = [source]
     else:
@@ -928,8 +912,7 @@ def _prepare(dest, existing, source, synthetic, n_train, n_test, seed, verify, p
 
 
 def _clean_downloads(tarball: Path) -> None:
-    """Delete the .part files of downloads that were killed (no live process holds their lock) and
-    that download() recorded as prepare's (owned.py)."""
+    """Delete the .part files of killed downloads (no live process holds their lock) recorded as prepare's."""
     with contextlib.suppress(OSError), os.scandir(tarball.parent) as it:
         for e in it:
             if e.name.startswith(tarball.name + ".") and e.name.endswith(".part") and e.is_file(follow_symlinks=False) \

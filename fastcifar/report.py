@@ -22,10 +22,6 @@ class Run:
     summary: dict
     epochs: list[dict]  # metrics.jsonl, one dict per epoch
 
-    @property
-    def label(self) -> str:
-        return self.dir.name
-
 
 def _read_json(path: Path) -> dict:
     try:
@@ -169,8 +165,7 @@ def duration(seconds) -> str:
 
 
 def results_table(runs: list[Run], skipped: list = (), warnings: list[str] = ()) -> str:
-    """The tutorial's results table, one row per run, as markdown; then notes, the warnings, and the
-    runs left out and why. Columns for the data wait and the time to target appear when a run has them."""
+    """The results table (markdown), one row per run, then the notes, the warnings and the runs left out."""
     with_val = any(r.summary.get("selection") == "val" for r in runs)
     with_wait = any(r.summary.get("data_wait_fraction") is not None for r in runs)
     with_target = any(r.summary.get("target_acc") for r in runs)
@@ -182,12 +177,13 @@ def results_table(runs: list[Run], skipped: list = (), warnings: list[str] = ())
     notes = []
     for r in runs:
         s = r.summary
-        name = str(s.get("recipe", r.label))
+        name = str(s.get("recipe", r.dir.name))
         flags = ["synthetic data"] * bool(s.get("synthetic"))
         flags += [f"unfinished: {s.get('stop_reason') or 'stopped'}"] * (s.get("finished") is False)
         if flags:
             name += " *(" + "; ".join(flags) + ")*"
-        row = [r.label, name, s.get("description", ""), f"{_pct(s.get('best_acc'))} ({s.get('best_epoch', '?')})"]
+        row = [r.dir.name, name, s.get("description", ""),
+               f"{_pct(s.get('best_acc'))} ({s.get('best_epoch', '?')})"]
         if with_val:
             row += ([f"{_pct(s.get('best_val_acc'))} ({s.get('best_val_epoch', '?')})",
                      _pct(s.get("test_acc_at_best_val"))] if s.get("selection") == "val" else ["—", "—"])
@@ -238,8 +234,9 @@ SORTS = {
 def warnings(runs: list[Run]) -> list[str]:
     """What a reader must know before comparing these rows: different data or software (from each
     summary's provenance), and runs that picked their epoch on the test set."""
-    out = provenance.mismatches([(r.label, r.summary.get("provenance")) for r in runs]) if len(runs) > 1 else []
-    on_test = [r.label for r in runs if r.summary.get("selection") == "test"]
+    pairs = [(r.dir.name, r.summary.get("provenance")) for r in runs]
+    out = provenance.mismatches(pairs) if len(runs) > 1 else []
+    on_test = [r.dir.name for r in runs if r.summary.get("selection") == "test"]
     if on_test:
         out.append(f"{', '.join(on_test)} selected {'its' if len(on_test) == 1 else 'their'} best epoch on the test "
                    f"set (as the tutorial did), so 'best test acc' is an optimistic figure; hold out a validation "
@@ -278,7 +275,7 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
         pts = [(e["epoch"], e[key]) for e in r.epochs if _drawable(e["epoch"]) and _drawable(e.get(key))]
         if pts:
             # matplotlib cannot draw a name's undecodable bytes (surrogates): they show as U+FFFD
-            label = r.label.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            label = r.dir.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             label += " (synthetic)" if r.summary.get("synthetic") else ""
             (line,) = ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, markersize=3, label=label)
             best = dict(pts).get(r.summary.get("best_epoch"))

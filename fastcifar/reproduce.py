@@ -167,13 +167,6 @@ def scheduling(jobs=None, per_gpu=None, threads=None, ray=None) -> list[str]:
     return [a for flag, v in given if v is not None for a in (flag, str(v))]
 
 
-def locked(out: Path, by: str):
-    """DIR's lock while `by` runs there, taken before any run is looked at (dropped with its holder)."""
-    return owned.hold(out, f"--out {out} is in use: another `fastcifar {by}` is running its runs there. Wait for it "
-                           f"to end (or stop it with Ctrl-C), then run this command again to continue; or choose "
-                           f"another --out.")
-
-
 def run_planned(by: str, out: Path, names: list[str], planned: list[Job], collect_now, to_md, intro: str,
                 again: str, overrides: list[str], data_dir, log, options: dict) -> dict:
     """Lock DIR, train the planned runs (reproduce's or sweep's), writing results.json and results.md
@@ -187,7 +180,9 @@ def run_planned(by: str, out: Path, names: list[str], planned: list[Job], collec
         atomic_write(out / "results.md", lambda f: f.write(to_md(res).encode()), by=by)
         return res
 
-    with locked(out, by):
+    with owned.hold(out, f"--out {out} is in use: another `fastcifar {by}` is running its runs there. Wait for it "
+                         f"to end (or stop it with Ctrl-C), then run this command again to continue; or choose "
+                         f"another --out."):  # taken before any run is looked at (dropped with its holder)
         check_out(out, names, by)  # again, under the lock
         pool = runs.make_pool(**options)
         log(f"{intro} in {out}, {pool.describe()}" + (f", with {' '.join('--set ' + o for o in overrides)}"

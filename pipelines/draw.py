@@ -105,24 +105,9 @@ def _ssr(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> np.
     return out
 
 
-def _flip(on_h: np.ndarray, on_v: np.ndarray) -> np.ndarray:
-    """(n, 3, 3) destination -> source maps of the flips: x -> SIDE - x."""
-    m = _eye(len(on_h))
-    m[on_h, 0, 0], m[on_h, 0, 2] = -1, SIDE
-    m[on_v, 1, 1], m[on_v, 1, 2] = -1, SIDE
-    return m
-
-
 _AXIS = np.full(3, 1 / math.sqrt(3))  # the grey axis, unit length
 _AXIS_CROSS = np.array([[0, -_AXIS[2], _AXIS[1]], [_AXIS[2], 0, -_AXIS[0]], [-_AXIS[1], _AXIS[0], 0]])
 _AXIS_OUTER = np.outer(_AXIS, _AXIS)
-
-
-def _hue_rotation(turns: np.ndarray) -> np.ndarray:
-    """(n, 3, 3) rotations of RGB about the grey axis by `turns` of the colour wheel (greys stay)."""
-    a = 2 * math.pi * turns
-    cos, sin = np.cos(a)[:, None, None], np.sin(a)[:, None, None]
-    return cos * _EYE + sin * _AXIS_CROSS + (1 - cos) * _AXIS_OUTER
 
 
 def _colour(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,7 +119,9 @@ def _colour(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> 
                                           (max(0.0, 1 - spec.saturation), 1 + spec.saturation), (-spec.hue, spec.hue)))
     sat = s[:, None, None] * _EYE + (1 - s)[:, None, None] * _GREY
     m, k = _eye(n), np.zeros(n)
-    m[on] = _hue_rotation(h) @ sat * (b * c)[:, None, None]
+    a = 2 * math.pi * h[:, None, None]  # hue: a rotation of RGB about the grey axis by h turns (greys stay)
+    cos = np.cos(a)
+    m[on] = (cos * _EYE + np.sin(a) * _AXIS_CROSS + (1 - cos) * _AXIS_OUTER) @ sat * (b * c)[:, None, None]
     # contrast: c * (b x - b mean) + b mean = c b x + (1 - c) b mean; sat and hue keep greys, so
     # the offset passes through them unchanged
     k[on] = (1 - c) * b
@@ -280,7 +267,10 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
     # identity for every image is left out (multiplying by it changes no value)
     affine = crop
     if on["hflip"].any() or on["vflip"].any():
-        affine = affine @ _flip(on["hflip"], on["vflip"])
+        flip = _eye(n)  # x -> SIDE - x
+        flip[on["hflip"], 0, 0], flip[on["hflip"], 0, 2] = -1, SIDE
+        flip[on["vflip"], 1, 1], flip[on["vflip"], 1, 2] = -1, SIDE
+        affine = affine @ flip
     if on["shift_scale_rotate"].any():
         affine = affine @ ssr
     if spec.policy != "none":

@@ -31,9 +31,7 @@ def host_to_device(a, device: torch.device) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
         return a.to(device)
     t = torch.from_numpy(np.ascontiguousarray(a))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _subset(x: torch.Tensor, mask: np.ndarray, op, *args) -> torch.Tensor:
@@ -60,8 +58,8 @@ def theta(affine: np.ndarray, side: int = SIDE) -> np.ndarray:
 def grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """F.affine_grid(theta, (n, C, h, w), align_corners=False) as multiply-adds: (n, h, w, 2)
     sampling points of the pixel centres (affine_grid itself is a batched matmul, see above)."""
-    u = (torch.arange(w, device=theta.device, dtype=torch.float32) * 2 + 1) / w - 1  # centres in [-1, 1]
-    v = (torch.arange(h, device=theta.device, dtype=torch.float32) * 2 + 1) / h - 1
+    # the pixel centres in [-1, 1] along x and y
+    u, v = ((torch.arange(k, device=theta.device, dtype=torch.float32) * 2 + 1) / k - 1 for k in (w, h))
     t = theta[:, :, None, None, :]  # (n, 2, 1, 1, 3): rows x' and y' of each map
     g = t[..., 0] * u + t[..., 1] * v[:, None] + t[..., 2]  # (n, 2, h, w)
     return g.permute(0, 2, 3, 1)
@@ -187,11 +185,9 @@ def finish(x: torch.Tensor, size: int, spec: AugSpec, scale: torch.Tensor, shift
     images). Cubic uses DALI's kernel, Keys' a = -0.5: torch's antialiased bicubic (its plain one
     has a = -0.75)."""
     x = x.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: that is channels_last already
-    if size != x.shape[-1]:
-        mode, aa = _MODES[spec.interpolation], spec.interpolation == "cubic" or size < x.shape[-1]
-        resize = lambda t: F.interpolate(t, size=(size, size), mode=mode, align_corners=False, antialias=aa)
-    else:
-        resize = lambda t: t
+    aa = spec.interpolation == "cubic" or size < x.shape[-1]
+    resize = lambda t: t if size == x.shape[-1] else F.interpolate(
+        t, size=(size, size), mode=_MODES[spec.interpolation], align_corners=False, antialias=aa)
     if spec.interpolation == "cubic":
         y = torch.addcmul(shift, round_u8(resize(x)), scale)  # x * scale + shift, float32
     else:
