@@ -64,8 +64,7 @@ def write_json(path: Path, obj, by: str | None = None) -> None:
 
 
 def torch_load(path: Path, what: str = "checkpoint"):
-    """torch.load(path, weights_only=True) onto the CPU: tensors and plain data only, so a shared file
-    cannot run code (torch>=2.10); any failure is bad input naming the file."""
+    """torch.load onto the CPU, weights_only: a shared file cannot run code; any failure is bad input."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -146,8 +145,7 @@ def runs_of(name: str, runs_dir: Path = Path("runs")) -> list[Path]:
 
 
 def resolve(ref: str | os.PathLike, prefer: str = "best.pt", runs_dir: Path = Path("runs")) -> Path:
-    """A checkpoint file from a file path, a run directory (its best.pt, else last.pt), or a recipe
-    name (the newest runs/<name>-<YYYYmmdd-HHMMSS>[-k]/ that holds one)."""
+    """A checkpoint from a file, a run directory (best.pt, else last.pt) or a recipe name (its newest run)."""
     if "\0" in str(ref):  # the OS takes no such path; pathlib would raise ValueError
         raise BadInput(f"{ref!r} holds a NUL character; give a checkpoint file, a run directory or a recipe name.")
     p = Path(ref)

@@ -235,11 +235,10 @@ class Recipe:
         check_types(self)
         for section in SECTIONS:
             obj = getattr(self, section)
-            for f in dataclasses.fields(obj):
-                v = getattr(obj, f.name)
+            for name, v in dataclasses.asdict(obj).items():
                 values = v if isinstance(v, tuple) else (v,)
                 if any(isinstance(x, float) and not math.isfinite(x) for x in values):
-                    raise BadInput(f"{section}.{f.name} = {shown(v)}: must be a finite number.")
+                    raise BadInput(f"{section}.{name} = {shown(v)}: must be a finite number.")
             obj.validate()
         if self.head.kind != "linear" and (self.aug.mixup_alpha > 0 or self.aug.cutmix_alpha > 0):
             raise BadInput(f"head.kind = {shown(self.head.kind)}: a margin head needs hard labels, but MixUp/CutMix give "

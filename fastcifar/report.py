@@ -1,9 +1,6 @@
-"""`fastcifar report`: run directories -> the results table (markdown) and accuracy/loss plots (PNG).
-
-It reads only what `fastcifar train` writes (DESIGN.md): summary.json, metrics.jsonl and
-recipe.json in each run directory. A run that died before writing summary.json is summarised
-from its metrics.jsonl and marked unfinished.
-"""
+"""`fastcifar report`: run directories -> the results table (markdown) and accuracy/loss plots (PNG),
+from what `fastcifar train` writes there (DESIGN.md); a run without summary.json is summarised from
+its metrics.jsonl and marked unfinished."""
 
 from __future__ import annotations
 
@@ -232,8 +229,7 @@ SORTS = {
 
 
 def warnings(runs: list[Run]) -> list[str]:
-    """What a reader must know before comparing these rows: different data or software (from each
-    summary's provenance), and runs that picked their epoch on the test set."""
+    """What a reader must know before comparing the rows: different data or software, test-set selection."""
     pairs = [(r.dir.name, r.summary.get("provenance")) for r in runs]
     out = provenance.mismatches(pairs) if len(runs) > 1 else []
     on_test = [r.dir.name for r in runs if r.summary.get("selection") == "test"]

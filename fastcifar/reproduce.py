@@ -1,8 +1,6 @@
 """`fastcifar reproduce TABLE`: train a table of recipes, N seeds each, and write the table of
 results with error bars beside the published figures.
 
-    reproduce("tutorial", seeds=3, out="runs/reproduce-tutorial")
-
 - TABLE is a name in TABLES or a file of recipe names or paths, one per line (`#` starts a comment).
 - Runs go to DIR/<recipe>-seed<k> (train.seed = k) through the scheduler (runs.py); a recipe whose
   distill.teacher is in the table runs after it, seed k distilled from the teacher's seed k.

@@ -299,6 +299,5 @@ def draw(spec: AugSpec, n: int, rng: np.random.Generator) -> dict[str, np.ndarra
 
 
 def mean_grey(images: np.ndarray) -> np.ndarray:
-    """(n,) float32 mean grey level (0..255) of uint8 NHWC 32x32 images: the pivot of contrast jitter.
-    One float32 matrix-vector product with the weights of every pixel's channels (a BLAS call)."""
+    """(n,) float32 mean grey level (0..255) of uint8 NHWC 32x32 images: the pivot of contrast jitter."""
     return images.reshape(len(images), -1).astype(np.float32) @ _PIXEL_WEIGHTS
