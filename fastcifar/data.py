@@ -210,8 +210,7 @@ def open_store(data_dir: str | os.PathLike | None = None, dataset: str | None = 
 
 
 def _open_array(path: Path) -> np.memmap:
-    """A store's .npy file memory-mapped read-only, once its size is exactly what its header
-    describes; ValueError saying how it differs otherwise (a copy cut short, bytes appended)."""
+    """A store's .npy memory-mapped read-only; ValueError unless its size is what its header describes."""
     with open(path, "rb") as f:
         version = npformat.read_magic(f)
         read = npformat.read_array_header_1_0 if version == (1, 0) else npformat.read_array_header_2_0

@@ -280,8 +280,7 @@ def curves_figure(runs: list[Run], key: str, ylabel: str):
                         markeredgecolor="black", linestyle="none", gid="best", label="_nolegend_")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.set_title("★ best (selected) epoch", fontsize=9, loc="right")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
+    ax.set(xlabel="epoch", ylabel=ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # no run had a point to draw
         ax.legend(fontsize=8)

@@ -154,8 +154,7 @@ def command(table: str, seeds: int, out: Path, overrides, data_dir, scheduling=(
     args = ["fastcifar", by, table, *(a for g in grids for a in ("--grid", g)), "--seeds", str(seeds),
             "--out", str(out)]
     args += [a for o in overrides for a in ("--set", o)]
-    if data_dir is not None:
-        args += ["--data-dir", str(data_dir)]
+    args += ["--data-dir", str(data_dir)] * (data_dir is not None)
     return shlex.join(args + list(scheduling))
 
 

@@ -95,11 +95,10 @@ def _ssr(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> np.
     c = SIDE / 2
     # forward: dst = c + scale * R(angle) (src - c) + shift; inverted here: src = c + R(-angle) (dst - c - shift) / scale
     cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
-    m = np.zeros((len(angle), 3, 3))
+    m = _eye(len(angle))
     m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, sin, -sin, cos
     d = np.array([c, c]) + shift  # dst point that maps to the source centre
     m[:, :2, 2] = c - np.einsum("nij,nj->ni", m[:, :2, :2], d)
-    m[:, 2, 2] = 1
     out = _eye(n)
     out[on] = m
     return out
@@ -114,9 +113,8 @@ def _colour(spec: AugSpec, n: int, rng: np.random.Generator, on: np.ndarray) -> 
     """Colour jitter as out = M @ rgb + k * mean_luma: brightness, then contrast about the image's
     mean grey, then saturation (blend with grey), then hue rotation, composed into one matrix; for
     the images `on` (the others: M = I, k = 0; their factors are drawn all the same)."""
-    b, c, s, h = (x[on] for x in _uniform(rng, n, (max(0.0, 1 - spec.brightness), 1 + spec.brightness),
-                                          (max(0.0, 1 - spec.contrast), 1 + spec.contrast),
-                                          (max(0.0, 1 - spec.saturation), 1 + spec.saturation), (-spec.hue, spec.hue)))
+    factors = [(max(0.0, 1 - f), 1 + f) for f in (spec.brightness, spec.contrast, spec.saturation)]
+    b, c, s, h = (x[on] for x in _uniform(rng, n, *factors, (-spec.hue, spec.hue)))
     sat = s[:, None, None] * _EYE + (1 - s)[:, None, None] * _GREY
     m, k = _eye(n), np.zeros(n)
     a = 2 * math.pi * h[:, None, None]  # hue: a rotation of RGB about the grey axis by h turns (greys stay)

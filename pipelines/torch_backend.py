@@ -200,9 +200,8 @@ def to_device(store, split: str, device: torch.device) -> tuple[torch.Tensor, to
     """The split's uint8 images (N, 32, 32, 3) and int64 labels on the device, moved once."""
     key = (str(store.dir), split, str(device))
     if key not in _ON_DEVICE:
-        images = torch.from_numpy(np.array(store.images(split)))  # read the memmap into RAM once
-        labels = torch.from_numpy(np.array(store.labels(split)))
-        _ON_DEVICE[key] = (images.to(device), labels.to(device))
+        arrays = store.images(split), store.labels(split)
+        _ON_DEVICE[key] = tuple(torch.from_numpy(np.array(a)).to(device) for a in arrays)  # memmaps read once
     return _ON_DEVICE[key]
 
 
