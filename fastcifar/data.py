@@ -630,9 +630,8 @@ SYN_COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 23
 
 
 def synthetic_chunks(n: int, seed: int, chunk: int = 4096, classes: tuple[int, ...] | None = None):
-    """(labels, generator of n images `chunk` at a time): classes balanced, shuffled, told apart by shape,
-    texture and colour; a few hundred MB of memory however large n is. classes: which of the 100
-    synthetic classes label 0, 1, ... draws (all by default; SYNTHETIC10 for CIFAR-10)."""
+    """(labels, generator of n images `chunk` at a time): balanced, shuffled classes told apart by shape,
+    texture and colour; a few hundred MB at any n. classes: the synthetic class of each label (SYNTHETIC10)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % (NUM_CLASSES if classes is None else len(classes))).astype(np.int64)
     return labels, _synthetic_images(labels if classes is None else np.asarray(classes)[labels], rng, chunk)
@@ -699,9 +698,8 @@ def _save_chunks(path: Path, shape: tuple, chunks, done=lambda n: None) -> None:
 
 
 def _write_store(dest: Path, fill, names: dict, source: dict, synthetic: bool, dataset: str = "cifar100") -> None:
-    """Build the store in a temp sibling (fill(tmp) writes array_files(dataset)) and swap it in (see
-    the module docstring). The temp dir and its files are recorded as prepare's (owned.py) before
-    anything is written into them: the next prepare can prove what a killed one left is its own."""
+    """Build the store in a temp sibling (fill(tmp) writes its arrays), swap it in (module docstring); the
+    temp dir and its files are recorded as prepare's first: a later prepare can prove they are its own."""
     real = _real(dest)
     parent, tmp, lock_fd, made = real.parent, None, None, []
     files = [*array_files(dataset), "meta.json"]
