@@ -631,7 +631,7 @@ SYN_COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 23
 
 def synthetic_chunks(n: int, seed: int, chunk: int = 4096, classes: tuple[int, ...] | None = None):
     """(labels, generator of n images `chunk` at a time): balanced, shuffled classes told apart by shape,
-    texture and colour; a few hundred MB at any n. classes: the synthetic class of each label (SYNTHETIC10)."""
+    texture and colour; a few hundred MB at any n. classes: each label's synthetic class (SYNTHETIC10)."""
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % (NUM_CLASSES if classes is None else len(classes))).astype(np.int64)
     return labels, _synthetic_images(labels if classes is None else np.asarray(classes)[labels], rng, chunk)
