@@ -89,8 +89,7 @@ def _matrix(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def colour(x: torch.Tensor, m: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """out = M @ rgb + k * grey per image (see pipelines.draw), rounded and clamped to uint8."""
-    y = _matrix(x, m) + (k * g)[:, None, None, None]
-    return y.round_().clamp_(0, 255).to(torch.uint8)
+    return (_matrix(x, m) + (k * g)[:, None, None, None]).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def erase(x: torch.Tensor, holes: torch.Tensor, fill: int) -> torch.Tensor:
