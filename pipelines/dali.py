@@ -1,4 +1,4 @@
-"""The DALI backend: a `@pipeline_def` graph for training and one for evaluation.
+"""The DALI backend: one `@pipeline_def` graph, for training (augmenting) and for evaluation.
 
 Index batches of the split (read into RAM once) enter through `fn.external_source` with their
 labels and the batch's draws (pipelines.draw), only those this spec's graph reads (`graph_inputs`),
@@ -15,7 +15,7 @@ GPU executes:
 
 | line                                          | what it does                                          |
 |-----------------------------------------------|-------------------------------------------------------|
-| `images.gpu()`, `labels.gpu()` (both graphs)  | move the batch to the GPU after the external source   |
+| `images.gpu()`, `labels.gpu()`                | move the batch to the GPU after the external source   |
 | `device_id=self.device.index`                 | the pipeline's GPU                                    |
 | `stream = torch.cuda.current_stream(...)`     | handed to `run`: outputs ordered on torch's stream    |
 | `self.copy = self.gpu`                        | float32 batches copied into torch's memory            |
@@ -154,14 +154,14 @@ POLICY_COLOUR = {"linear": (_linear, ("lin", "lin_c")), "sharpness": (_sharpen, 
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
-    """Training graph: geometry (one affine warp), colour (one 3x4 matrix), erasing, resize, normalise."""
-    inp = _source(source, graph_inputs(spec, True))
+def graph(source, spec: AugSpec, augment: bool, sizes, mean, std, gpu: bool):
+    """Augmenting: geometry (one affine warp), colour (one 3x4 matrix), erasing; then resize, normalise."""
+    inp = _source(source, graph_inputs(spec, augment))
     x = inp["images"].gpu() if gpu else inp["images"]
     # Per image: each op runs only on the images whose draw asked for it (the batch is split and
     # merged by DALI). First the policy's colour ops, step by step in the order drawn, on the
     # stored image (its geometry joins the warp below; pipelines.torch_backend.augment says why).
-    for k in range(spec.policy_steps):
+    for k in range(spec.policy_steps if augment else 0):
         for name, (op, args) in POLICY_COLOUR.items():
             if inp[f"op{k}"] == COLOUR_STEPS.index(name):
                 x = op(x, *[inp[f"{a}{k}"] for a in args])
@@ -181,15 +181,6 @@ def train_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
         x = fn.coord_transform(x, M=inp["colour"], T=inp["offset"], dtype=types.UINT8)  # rounds and clamps
     if inp.get("erase"):
         x = fn.erase(x, anchor=inp["anchor"], shape=inp["shape"], axis_names="HW", fill_value=spec.erase_fill)
-    labels = inp["labels"]
-    return (*_finish(x, sizes, spec, mean, std), labels.gpu() if gpu else labels)
-
-
-@pipeline_def
-def eval_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
-    """Evaluation graph: resize and normalise only."""
-    inp = _source(source, graph_inputs(spec, False))
-    x = inp["images"].gpu() if gpu else inp["images"]
     labels = inp["labels"]
     return (*_finish(x, sizes, spec, mean, std), labels.gpu() if gpu else labels)
 
@@ -276,9 +267,8 @@ class DaliBackend:
         self.pipe, self.feed, self._clean = None, _Feed(), False
 
     def _build(self):
-        graph = train_pipeline if self.augment else eval_pipeline
         threads = min(4, len(os.sched_getaffinity(0))) if self.gpu else len(os.sched_getaffinity(0))
-        self.pipe = graph(self.feed, self.spec, self.sizes, self.mean, self.std, self.gpu,
+        self.pipe = graph(self.feed, self.spec, self.augment, self.sizes, self.mean, self.std, self.gpu,
                           batch_size=self.batch_size, num_threads=threads, prefetch_queue_depth=2,
                           device_id=self.device.index if self.gpu else None, seed=self.seed, exec_dynamic=True)
         if not self.pipe.exec_dynamic:  # a CPU batch stays in DALI's memory: only the dynamic executor never reuses it
