@@ -1,12 +1,8 @@
-"""`fastcifar bench`: throughput of each stage as rows {stage, backend, image_size, batch_size,
-device, images_per_sec, ...}, printed as a markdown table and optionally written as JSON.
-
-Stages are a plain dict (STAGES); each is a generator of its rows, and `run` writes the JSON
-again after every row (meta.complete false until the last), so a bench stopped by Ctrl-C, SIGTERM
-or a time limit keeps every row it measured. Timing: warm-up batches first (DALI build, worker
-start-up, first allocations), then repeats of a fixed number of batches inside one epoch, each
-closed by a device sync; the row reports the median repeat.
-"""
+"""`fastcifar bench`: throughput rows {stage, backend, image_size, batch_size, device, images_per_sec, ...}
+of each stage (STAGES: generators of rows) as markdown tables, and as JSON written after every row
+(meta.complete false until the last), so a bench stopped by Ctrl-C, SIGTERM or a time limit keeps every
+row it measured. A row: warm-up batches (DALI build, worker start-up, first allocations), then the median
+of repeats of a fixed number of batches inside one epoch, each closed by a device sync."""
 
 from __future__ import annotations
 

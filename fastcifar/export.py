@@ -261,15 +261,12 @@ def to_timm(net: Net, c: dict) -> tuple[dict, torch.nn.Module]:
     return state, m.eval()
 
 
-def default_out(src: Path, fmt: str) -> Path:
-    """Beside the checkpoint: runs/x/best.pt -> runs/x/best.onnx, best.safetensors, best-timm.pth."""
-    return src.with_name(src.stem + {"onnx": ".onnx", "safetensors": ".safetensors", "timm": "-timm.pth"}[fmt])
-
-
 def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
-    """Where the export goes, or BadInput: a directory takes the default name; an existing file is
-    replaced only with force, and only if it is an export fastcifar wrote there (owned.py)."""
-    path = default_out(src, fmt)
+    """Where the export goes, or BadInput: by default beside the checkpoint (best.pt -> best.onnx,
+    best.safetensors, best-timm.pth), a directory takes that name; an existing file is replaced only
+    with force, and only if it is an export fastcifar wrote there (owned.py)."""
+    suffix = {"onnx": ".onnx", "safetensors": ".safetensors", "timm": "-timm.pth"}[fmt]
+    path = default = src.with_name(src.stem + suffix)
     if out is not None:
         out = Path(out)
         path = out / path.name if out.is_dir() else out
@@ -282,7 +279,7 @@ def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
         if path.exists() and path.resolve() == src.resolve():
             raise BadInput(f"--out {path} is the checkpoint being exported; name another file.")
         owned.check([path], "export", f"--force replaces only an earlier export; choose another --out (default: "
-                                      f"{default_out(src, fmt).name} beside the checkpoint), or move it away.")
+                                      f"{default.name} beside the checkpoint), or move it away.")
         if not force:
             raise BadInput(f"{path} already exists; pass --force to replace it, or choose another --out.")
     # now, not after the export and its check (an existing file, replaced with --force: its folder)

@@ -88,13 +88,6 @@ def graph_inputs(spec: AugSpec, augment: bool) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _source(source, names):
-    """The external source node's outputs by name."""
-    outs = fn.external_source(source=source, num_outputs=len(names), batch=True,
-                              layout=["HWC" if n == "images" else "" for n in names])
-    return dict(zip(names, outs))
-
-
 def _finish(x, sizes, spec: AugSpec, mean, std):
     """uint8 HWC at 32 -> one normalised float32 HWC output per size (DALI's resize has no fp16 or
     bf16 output; torch casts after). Normalised at 32, then resized as floats: one pass over the 224
@@ -156,7 +149,9 @@ POLICY_COLOUR = {"linear": (_linear, ("lin", "lin_c")), "sharpness": (_sharpen, 
 @pipeline_def(enable_conditionals=True)
 def graph(source, spec: AugSpec, augment: bool, sizes, mean, std, gpu: bool):
     """Augmenting: geometry (one affine warp), colour (one 3x4 matrix), erasing; then resize, normalise."""
-    inp = _source(source, graph_inputs(spec, augment))
+    names = graph_inputs(spec, augment)
+    inp = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True,
+                                             layout=["HWC" if n == "images" else "" for n in names])))
     x = inp["images"].gpu() if gpu else inp["images"]
     # Per image: each op runs only on the images whose draw asked for it (the batch is split and
     # merged by DALI). First the policy's colour ops, step by step in the order drawn, on the
