@@ -225,8 +225,7 @@ def end_to_end_spec(size: int, dtype: str):
 
 def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
                      settings=None, sizes=SIZES, **_):
-    """Each loader (default: the tutorial's and the auto one) feeding the ladder's last step setting
-    with a training augmentation: what an epoch runs at, data included."""
+    """Img/s of the ladder's last step fed by each loader (default: tutorial, auto), training augmentation."""
     from fastcifar.pipelines import make_loader
     from fastcifar.pipelines.loader import dali_available
 
@@ -270,9 +269,8 @@ PACKING_RUN = {("cuda", False): (3, None, None, None), ("cuda", True): (1, 10_00
 
 
 def bench_packing(store, device: torch.device, quick: bool, log, **_):
-    """Runs per hour of K short r18_cifar_32 `fastcifar train` processes at once, run by runs.py's
-    scheduler (a GPU: --per-gpu K; a CPU: --jobs K), timed from the first start to the last end, as
-    in a sweep; images_per_sec: their steady-state img/s summed; vs_one: over one run at a time."""
+    """Runs per hour of K short r18_cifar_32 runs at once by runs.py's scheduler (GPU: --per-gpu K; CPU:
+    --jobs K), first start to last end; images_per_sec: their img/s summed; vs_one: over one at a time."""
     from fastcifar import runs
     from fastcifar.config import apply_overrides, load
 
@@ -397,15 +395,13 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         if path is not None:  # now, not after minutes of benchmarking
             check_json_path(Path(path), option)
     store = bench_store(data_dir, quick, log)
-    dali = provenance.version("nvidia.dali")
+    dali, (amp, why) = provenance.version("nvidia.dali"), runtime.resolve_amp(device, "auto")
     meta = {"fastcifar": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "device": device_label(device), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             **({"dali": dali} if dali else {}), "quick": quick,
-            "store": provenance.data_info(store)["dataset"]}
+            "store": provenance.data_info(store)["dataset"], "amp_auto": amp}  # train.amp=auto's pick
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
-    amp, why = runtime.resolve_amp(device, "auto")
-    meta["amp_auto"] = amp  # what a training run's train.amp=auto picks on this device
     log(f"train.amp=auto picks {amp} here ({why.removeprefix('auto: ')}); the AMP rungs run "
         f"{str(_amp_dtype(device)).removeprefix('torch.')}")
     rows, stopped = [], None

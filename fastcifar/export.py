@@ -70,7 +70,7 @@ def card(ck: dict, r, where) -> dict:
          "num_classes": num_classes(ck["model"], r.head.kind, where),
          "class_names": ck.get("class_names"),  # check_card judges it
          "preprocess": {"image_size": pre.get("image_size"), "interpolation": pre.get("interpolation"),
-                        "normalize": r.aug.normalize, "mean": _floats(pre.get("mean")), "std": _floats(pre.get("std")),
+                        "normalize": r.aug.normalize, "mean": pre.get("mean"), "std": pre.get("std"),
                         "input": "RGB, NCHW float32, (x / 255 - mean) / std"},
          "source": {"checkpoint": str(where), "recipe": ck.get("info", {}).get("name"), "epoch": ck.get("epoch")}}
     return check_card(c, where)
@@ -341,11 +341,3 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     if fmt == "timm":
         log("load it with:\n" + timm_code(c, path))
     return path
-
-
-def _floats(v):
-    """A mean/std as a JSON list of floats; anything else is left for check_card to name."""
-    try:
-        return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
-    except (TypeError, ValueError):
-        return v

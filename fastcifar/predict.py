@@ -27,8 +27,7 @@ SIDE = 32   # CIFAR's stored side in px
 
 
 def batch_for(side: int) -> int:
-    """Images per forward pass at an input side: BATCH, fewer past 224 px, so a card claiming 1024 px
-    predicts in batches of 3, not 64 (gigabytes)."""
+    """Images per forward pass at an input side: BATCH up to 224 px, fewer past it (1024 px: 3)."""
     return max(1, min(BATCH, BATCH * 224 ** 2 // side ** 2))
 
 

@@ -433,8 +433,7 @@ class Trainer(contextlib.ExitStack):
         return timing.target_epoch(p.history, rt.target_acc, self.selection) if rt.stop_at_target else None
 
     def out_of_memory(self, e: RuntimeError) -> BadInput:
-        """A batch the device cannot hold: summary.json says so, last.pt keeps the last whole epoch
-        (a step that ran out of memory is not saved), and the error says what to lower."""
+        """The error for a batch the device cannot hold (summary.json says so; last.pt: the last epoch)."""
         p, r = self.progress, self.r
         self.run.stop("out of device memory")
         kept = f"last.pt holds epoch {len(p.history)}" if p.history else "no checkpoint was written"
@@ -445,8 +444,7 @@ class Trainer(contextlib.ExitStack):
                         + "or pick a smaller model.")
 
     def interrupt(self, where: str):
-        """Stop on Ctrl-C/SIGTERM once last.pt holds the run: summary.json says so, and the other
-        ranks wait until rank 0 has saved (so torchrun kills nothing early)."""
+        """Stop on Ctrl-C/SIGTERM once last.pt is saved; other ranks wait for it (torchrun kills none)."""
         self.run.stop("interrupted")
         fdist.barrier()
         raise Interrupted(f"{where}: saved {self.out / 'last.pt'}; continue with `fastcifar train --resume {self.out}`.")
@@ -667,8 +665,7 @@ def new_run_dir(name: str) -> Path:
 
 
 def check_out(out: Path, resumed: bool) -> None:
-    """Raise BadInput unless --out can become this run's directory without replacing anything:
-    a new path in a writable directory, an empty directory, or (resuming) the run's own directory."""
+    """Raise BadInput unless --out can become this run's directory without replacing anything."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; a run writes a directory of files there. Choose another --out.")
     if out.is_symlink() and not out.exists():
