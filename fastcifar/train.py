@@ -268,7 +268,10 @@ class Trainer(contextlib.ExitStack):
 
     def fit(self) -> dict:
         """Train epochs progress.epoch+1 .. train.epochs; returns summary.json's dict."""
-        with self.stop, self.run.open(self.recipe_json(), self.info.get("source"), self.progress.history, self.early):
+        info = self.info
+        recipe = {"name": info["name"], "description": info.get("description", ""),
+                  **({"parent": info["parent"]} if info.get("parent") else {}), **to_dict(self.r)}
+        with self.stop, self.run.open(recipe, info.get("source"), self.progress.history, self.early):
             self.say(self.banner())
             self.progress.started = time.perf_counter()  # wall_seconds continues across resumes
             with runtime.out_of_memory_as(self.out_of_memory):
@@ -486,11 +489,6 @@ class Trainer(contextlib.ExitStack):
         self.mix_gen.set_state(ck["mix_rng"])
         self.progress.load_state_dict(ck)
         self.info = {**ck["info"], **{k: v for k, v in self.info.items() if v}}
-
-    def recipe_json(self) -> dict:
-        parent = {"parent": self.info["parent"]} if self.info.get("parent") else {}
-        return {"name": self.info["name"], "description": self.info.get("description", ""), **parent,
-                **to_dict(self.r)}
 
     def device_name(self) -> str:
         return f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
@@ -723,8 +721,7 @@ def teacher_path(r: Recipe) -> Path:
 
 
 def load_teacher(r: Recipe, device: torch.device, store) -> tuple[torch.nn.Module, Recipe]:
-    """The frozen teacher of r.distill.teacher (run dir, checkpoint or recipe name) and its recipe,
-    read from its checkpoint: it sees its own image size and must share the student's normalisation."""
+    """The frozen teacher of r.distill.teacher and its recipe: own image size, the student's normalisation."""
     path = teacher_path(r)
     ck, _ = pick_weights(checkpoint.load(path))  # the EMA weights when the teacher kept them, as eval does
     check_classes(ck, store, path)

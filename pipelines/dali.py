@@ -51,15 +51,14 @@ AHEAD = 2  # batches whose host inputs (index reads, draws) a thread makes ahead
 HELD = 3  # output batches DALI's memory may be held for, before the oldest waits for torch's stream
 
 
-def check_dali() -> str:
-    """DALI's version, or BadInput when it is older than what this backend relies on."""
+def check_dali() -> None:
+    """BadInput when DALI is older than what this backend relies on."""
     version = nvidia.dali.__version__
     major = version.split(".")[0]
     if not major.isdigit() or int(major) < MIN_DALI:  # a local build's "custom-build" is not new enough
         raise BadInput(f"backend 'dali' needs NVIDIA DALI >= {MIN_DALI}.0, but DALI {version} is installed. Upgrade "
                        f"it (pip install --upgrade 'nvidia-dali-cuda120>={MIN_DALI}.0', or nvidia-dali-cuda130 for "
                        f"CUDA 13), or use --set data.backend=torch.")
-    return version
 
 
 def to_torch(batch) -> torch.Tensor:
@@ -181,9 +180,8 @@ def graph(source, spec: AugSpec, augment: bool, sizes, mean, std, gpu: bool):
 
 
 class _Feed:
-    """external_source's callable: the current epoch's inputs. Not the backend itself: without a
-    reference cycle a dropped loader frees its pipeline at once, not in a later GC pass that may run
-    in a forked worker, where DALI's shutdown aborts."""
+    """external_source's callable: the epoch's inputs. Not the backend: with no reference cycle a dropped
+    loader frees its pipeline at once, not in a GC pass in a forked worker, where DALI's shutdown aborts."""
 
     def __init__(self):
         self.inputs = iter(())
@@ -193,10 +191,9 @@ class _Feed:
 
 
 class Ahead:
-    """The items of an iterator, made `depth` ahead in a daemon thread and handed over in order: the
-    host side of the next batches (up to ~1 ms of a CPU core per batch of 250: bench's dali-host
-    rows) runs while the training thread runs the step. An error in the thread is raised by next();
-    close() (an epoch's end, a break, an exception, Ctrl-C) stops and joins the thread."""
+    """An iterator's items made `depth` ahead in a daemon thread, in order: the next batches' host side
+    (~1 ms of a CPU core per batch of 250: bench's dali-host rows) runs during the step. next() raises
+    the thread's error; close() (epoch end, break, exception, Ctrl-C) stops and joins the thread."""
 
     def __init__(self, items, depth: int, name: str = "fastcifar-dali-inputs"):
         self._queue, self._stop = queue.Queue(depth), threading.Event()
