@@ -234,13 +234,13 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
     backends = backends or ["tutorial", "dali" if dali_available() else "torch"]
     models = models or (MODELS[:1] if quick and device.type != "cuda" else MODELS)
     need, have = warmup + repeats * per_repeat, len(store.labels("train"))
-    for size, bs in ((size, _step_batch(device, size, batch_size)) for size in sizes):  # all before measuring
+    step_batch = {size: _step_batch(device, size, batch_size) for size in sizes}
+    for size, bs in step_batch.items():  # all before measuring
         if have // bs < need:
             raise BadInput(f"end_to_end needs {need} batches of {bs} in one epoch at {size} px; the store has "
                            f"{have} train images.")
     for model_name in models:
-        for size in sizes:
-            bs = _step_batch(device, size, batch_size)
+        for size, bs in step_batch.items():
             torch.manual_seed(0)
             step = make_train_step(model_name, device, compiled, channels_last, amp)
             dtype = str(_input_dtype(device, amp)).removeprefix("torch.")

@@ -262,9 +262,8 @@ def to_timm(net: Net, c: dict) -> tuple[dict, torch.nn.Module]:
 
 
 def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
-    """Where the export goes, or BadInput: by default beside the checkpoint (best.pt -> best.onnx,
-    best.safetensors, best-timm.pth), a directory takes that name; an existing file is replaced only
-    with force, and only if it is an export fastcifar wrote there (owned.py)."""
+    """Where the export goes (default: beside the checkpoint, best.pt -> best.onnx, best.safetensors,
+    best-timm.pth; also in a directory), or BadInput; only an export's file is replaced, with force."""
     suffix = {"onnx": ".onnx", "safetensors": ".safetensors", "timm": "-timm.pth"}[fmt]
     path = default = src.with_name(src.stem + suffix)
     if out is not None:

@@ -70,12 +70,7 @@ def open_model(ref) -> tuple[dict, object, str]:
         ck, _ = pick_weights(checkpoint.load(p))  # the EMA weights when the run kept them, as eval does
         net, r = net_from_checkpoint(ck, p, overrides=SCALED_LOGITS)  # as an export of it gives
         c = ex.card(ck, r, p)
-
-    def run(x):
-        with torch.no_grad():
-            return net(x)
-
-    return c, run, kind
+    return c, torch.no_grad()(net), kind
 
 
 def gather(inputs, log=print) -> tuple[list[Path], list[dict]]:

@@ -205,10 +205,9 @@ class Trainer(contextlib.ExitStack):
     def _model(self, ck) -> None:
         """Model, EMA, optimizer, LR schedule (over schedule_epochs, kept on resume), GradScaler, mixing."""
         r, rt = self.r, self.r.train
-        resume = ck is not None
         self.model = build_model(r.model, r.head, self.num_classes).to(
             self.device, memory_format=runtime.memory_format(r.model.channels_last))
-        if r.model.init_from and not resume:  # a resumed run's weights come from its last.pt
+        if r.model.init_from and ck is None:  # a resumed run's weights come from its last.pt
             init_from(self.model, r.model.init_from, log=self.say)
         if r.model.sync_bn and self.world > 1:  # before DDP wraps it; alone there is nothing to sync
             self.model = sync_batchnorm(self.model, self.device)
