@@ -1,12 +1,8 @@
-"""`fastcifar bench`: throughput of each stage as rows {stage, backend, image_size, batch_size,
-device, images_per_sec, ...}, printed as a markdown table and optionally written as JSON.
-
-Stages are a plain dict (STAGES); each is a generator of its rows, and `run` writes the JSON
-again after every row (meta.complete false until the last), so a bench stopped by Ctrl-C, SIGTERM
-or a time limit keeps every row it measured. Timing: warm-up batches first (DALI build, worker
-start-up, first allocations), then repeats of a fixed number of batches inside one epoch, each
-closed by a device sync; the row reports the median repeat.
-"""
+"""`fastcifar bench`: throughput rows {stage, backend, image_size, batch_size, device, images_per_sec, ...}
+of each stage (STAGES: generators of rows) as markdown tables, and as JSON written after every row
+(meta.complete false until the last), so a bench stopped by Ctrl-C, SIGTERM or a time limit keeps every
+row it measured. A row: warm-up batches (DALI build, worker start-up, first allocations), then the median
+of repeats of a fixed number of batches inside one epoch, each closed by a device sync."""
 
 from __future__ import annotations
 
@@ -229,8 +225,7 @@ def end_to_end_spec(size: int, dtype: str):
 
 def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, log, backends=None, models=None,
                      settings=None, sizes=SIZES, **_):
-    """Each loader (default: the tutorial's and the auto one) feeding the ladder's last step setting
-    with a training augmentation: what an epoch runs at, data included."""
+    """Img/s of the ladder's last step fed by each loader (default: tutorial, auto), training augmentation."""
     from fastcifar.pipelines import make_loader
     from fastcifar.pipelines.loader import dali_available
 
@@ -239,13 +234,13 @@ def bench_end_to_end(store, device: torch.device, quick: bool, batch_size: int, 
     backends = backends or ["tutorial", "dali" if dali_available() else "torch"]
     models = models or (MODELS[:1] if quick and device.type != "cuda" else MODELS)
     need, have = warmup + repeats * per_repeat, len(store.labels("train"))
-    for size, bs in ((size, _step_batch(device, size, batch_size)) for size in sizes):  # all before measuring
+    step_batch = {size: _step_batch(device, size, batch_size) for size in sizes}
+    for size, bs in step_batch.items():  # all before measuring
         if have // bs < need:
             raise BadInput(f"end_to_end needs {need} batches of {bs} in one epoch at {size} px; the store has "
                            f"{have} train images.")
     for model_name in models:
-        for size in sizes:
-            bs = _step_batch(device, size, batch_size)
+        for size, bs in step_batch.items():
             torch.manual_seed(0)
             step = make_train_step(model_name, device, compiled, channels_last, amp)
             dtype = str(_input_dtype(device, amp)).removeprefix("torch.")
@@ -274,9 +269,8 @@ PACKING_RUN = {("cuda", False): (3, None, None, None), ("cuda", True): (1, 10_00
 
 
 def bench_packing(store, device: torch.device, quick: bool, log, **_):
-    """Runs per hour of K short r18_cifar_32 `fastcifar train` processes at once, run by runs.py's
-    scheduler (a GPU: --per-gpu K; a CPU: --jobs K), timed from the first start to the last end, as
-    in a sweep; images_per_sec: their steady-state img/s summed; vs_one: over one run at a time."""
+    """Runs per hour of K short r18_cifar_32 runs at once by runs.py's scheduler (GPU: --per-gpu K; CPU:
+    --jobs K), first start to last end; images_per_sec: their img/s summed; vs_one: over one at a time."""
     from fastcifar import runs
     from fastcifar.config import apply_overrides, load
 
@@ -401,15 +395,13 @@ def run(stages=None, json_path=None, quick=False, backends=None, batch_size=250,
         if path is not None:  # now, not after minutes of benchmarking
             check_json_path(Path(path), option)
     store = bench_store(data_dir, quick, log)
-    dali = provenance.version("nvidia.dali")
+    dali, (amp, why) = provenance.version("nvidia.dali"), runtime.resolve_amp(device, "auto")
     meta = {"fastcifar": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
             "device": device_label(device), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             **({"dali": dali} if dali else {}), "quick": quick,
-            "store": provenance.data_info(store)["dataset"]}
+            "store": provenance.data_info(store)["dataset"], "amp_auto": amp}  # train.amp=auto's pick
     log(f"bench on {meta['device']} ({meta['cpu_cores']} CPU cores), batch {batch_size}{', quick' if quick else ''}")
-    amp, why = runtime.resolve_amp(device, "auto")
-    meta["amp_auto"] = amp  # what a training run's train.amp=auto picks on this device
     log(f"train.amp=auto picks {amp} here ({why.removeprefix('auto: ')}); the AMP rungs run "
         f"{str(_amp_dtype(device)).removeprefix('torch.')}")
     rows, stopped = [], None

@@ -1,10 +1,9 @@
 """`fastcifar doctor`: does fastcifar work on this machine, and how fast, within a budget (docs/doctor.md).
 
-The steps (STEPS: checks, targets, extras, in priority order) each run in a child process with a
-cap, so a crash or a hang is that step's failure and the rest still run. A check that did not pass
-makes the exit status 1; a figure below its target is a measurement, never a failure. The GPU and
-the CPU run one code path, the CPU at toy sizes (SCALE, Step.cap); only a GPU compiles the rows'
-steps and fails without DALI, and the targets apply to H100/H200-class cards alone.
+The steps (STEPS: checks, targets, extras, in priority order) each run in a child process with a cap:
+a crash or a hang fails that step alone. A check that did not pass makes the exit status 1; a figure
+below its target is a measurement, never a failure. GPU and CPU run one code path, the CPU at toy sizes
+(SCALE, Step.cap); only a GPU compiles the rows' steps and needs DALI; targets: H100/H200-class cards.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def card(ck: dict, r, where) -> dict:
          "num_classes": num_classes(ck["model"], r.head.kind, where),
          "class_names": ck.get("class_names"),  # check_card judges it
          "preprocess": {"image_size": pre.get("image_size"), "interpolation": pre.get("interpolation"),
-                        "normalize": r.aug.normalize, "mean": _floats(pre.get("mean")), "std": _floats(pre.get("std")),
+                        "normalize": r.aug.normalize, "mean": pre.get("mean"), "std": pre.get("std"),
                         "input": "RGB, NCHW float32, (x / 255 - mean) / std"},
          "source": {"checkpoint": str(where), "recipe": ck.get("info", {}).get("name"), "epoch": ck.get("epoch")}}
     return check_card(c, where)
@@ -261,15 +261,11 @@ def to_timm(net: Net, c: dict) -> tuple[dict, torch.nn.Module]:
     return state, m.eval()
 
 
-def default_out(src: Path, fmt: str) -> Path:
-    """Beside the checkpoint: runs/x/best.pt -> runs/x/best.onnx, best.safetensors, best-timm.pth."""
-    return src.with_name(src.stem + {"onnx": ".onnx", "safetensors": ".safetensors", "timm": "-timm.pth"}[fmt])
-
-
 def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
-    """Where the export goes, or BadInput: a directory takes the default name; an existing file is
-    replaced only with force, and only if it is an export fastcifar wrote there (owned.py)."""
-    path = default_out(src, fmt)
+    """Where the export goes (default: beside the checkpoint, best.pt -> best.onnx, best.safetensors,
+    best-timm.pth; also in a directory), or BadInput; only an export's file is replaced, with force."""
+    suffix = {"onnx": ".onnx", "safetensors": ".safetensors", "timm": "-timm.pth"}[fmt]
+    path = default = src.with_name(src.stem + suffix)
     if out is not None:
         out = Path(out)
         path = out / path.name if out.is_dir() else out
@@ -282,7 +278,7 @@ def out_path(out: Path | None, src: Path, fmt: str, force: bool) -> Path:
         if path.exists() and path.resolve() == src.resolve():
             raise BadInput(f"--out {path} is the checkpoint being exported; name another file.")
         owned.check([path], "export", f"--force replaces only an earlier export; choose another --out (default: "
-                                      f"{default_out(src, fmt).name} beside the checkpoint), or move it away.")
+                                      f"{default.name} beside the checkpoint), or move it away.")
         if not force:
             raise BadInput(f"{path} already exists; pass --force to replace it, or choose another --out.")
     # now, not after the export and its check (an existing file, replaced with --force: its folder)
@@ -344,11 +340,3 @@ def export(ref, fmt: str, out=None, data_dir=None, force: bool = False, log=prin
     if fmt == "timm":
         log("load it with:\n" + timm_code(c, path))
     return path
-
-
-def _floats(v):
-    """A mean/std as a JSON list of floats; anything else is left for check_card to name."""
-    try:
-        return [float(x) for x in v] if isinstance(v, (list, tuple)) else v
-    except (TypeError, ValueError):
-        return v

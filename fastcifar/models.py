@@ -79,8 +79,7 @@ def load_weights(module: nn.Module, state_dict: dict, path) -> None:
 
 
 def check_refs(cfg, resumed: bool = False) -> None:
-    """BadInput for what the model section names that is not there (model.init_from only when not
-    resuming: last.pt has the weights); a moment's check, before the download and the build."""
+    """BadInput for what the model section names that is not there (init_from unless resuming), at once."""
     check_name(cfg.name)
     if cfg.init_from and not resumed:
         init_path(cfg.init_from)
@@ -118,10 +117,7 @@ def init_from(net: nn.Module, ref: str, log=print) -> dict:
                        f"{len(unknown)} unknown names (e.g. {', '.join(unknown[:3]) or '-'}), "
                        f"{len(report['other_shape'])} of another shape. Was it written by another model.name?")
     net.load_state_dict(fits, strict=False)
-
-    def some(keys):
-        return f"{len(keys)} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})" if keys else "0"
-
+    some = lambda keys: f"{len(keys)} ({', '.join(keys[:4])}{', ...' * (len(keys) > 4)})" if keys else "0"
     log(f"Weights from {path}: {len(fits)} of {len(own)} tensors loaded; kept as built: missing there "
         f"{some(report['missing'])}, of another shape {some(report['other_shape'])}; ignored: "
         f"unexpected {some(report['unexpected'])}.")
@@ -168,9 +164,8 @@ def build_backbone(cfg) -> nn.Module:
 
 
 def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
-    """net with every BatchNorm on the statistics of all ranks (before DDP wraps it): on GPUs timm's
-    converter (keeps timm's BatchNorm+activation layers' activation), on CPU ranks (gloo: torch's refuses)
-    GlooSyncBatchNorm. The same tensors under the same names: checkpoints load into a plain net."""
+    """net with every BatchNorm on all ranks' statistics (before DDP): timm's converter on GPUs (keeps its
+    BN+act layers' activation), GlooSyncBatchNorm on CPU ranks (gloo: torch's refuses); same tensor names."""
     if device.type != "cpu":
         return timm.layers.convert_sync_batchnorm(net)
     for name, m in net.named_modules():

@@ -27,8 +27,7 @@ SIDE = 32   # CIFAR's stored side in px
 
 
 def batch_for(side: int) -> int:
-    """Images per forward pass at an input side: BATCH, fewer past 224 px, so a card claiming 1024 px
-    predicts in batches of 3, not 64 (gigabytes)."""
+    """Images per forward pass at an input side: BATCH up to 224 px, fewer past it (1024 px: 3)."""
     return max(1, min(BATCH, BATCH * 224 ** 2 // side ** 2))
 
 
@@ -71,12 +70,7 @@ def open_model(ref) -> tuple[dict, object, str]:
         ck, _ = pick_weights(checkpoint.load(p))  # the EMA weights when the run kept them, as eval does
         net, r = net_from_checkpoint(ck, p, overrides=SCALED_LOGITS)  # as an export of it gives
         c = ex.card(ck, r, p)
-
-    def run(x):
-        with torch.no_grad():
-            return net(x)
-
-    return c, run, kind
+    return c, torch.no_grad()(net), kind
 
 
 def gather(inputs, log=print) -> tuple[list[Path], list[dict]]:

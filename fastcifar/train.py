@@ -86,9 +86,9 @@ class Progress:
         self.provenance = list(d["provenance"])
 
 
-class Trainer:
-    """One run of a recipe, built once; `fit()` trains it. A context manager: leaving it restores
-    the backend flags, leaves the process group and unlocks the run directory."""
+class Trainer(contextlib.ExitStack):
+    """One run of a recipe, built once; `fit()` trains it. An ExitStack: leaving it restores the
+    backend flags, leaves the process group and unlocks the run directory."""
 
     def __init__(self, r: Recipe, info: dict, out=None, data_dir=None, resume=None, log=print, last=None):
         r.validate()
@@ -99,7 +99,7 @@ class Trainer:
         check_out(self.out, resumed=self.in_place)
         self.r, self.info, self.log = r, dict(info), log
         self.run, self.early = None, []  # the run's files; the lines said before its train.log opens
-        self._exit = contextlib.ExitStack()
+        super().__init__()
         too_big = (lambda e: BadInput(  # the model itself does not fit (e.g. a huge head.embed_dim)
             f"Building {info.get('name', 'the run')} ran out of memory on {self.device_name()} ({runtime.memory_error(e)}); "
             f"check model.name and head.embed_dim (now {r.head.embed_dim}), or use a smaller model."))
@@ -107,7 +107,7 @@ class Trainer:
             with runtime.out_of_memory_as(too_big):
                 self._build(data_dir, resume, last)
         except BaseException:
-            self._exit.close()
+            self.close()
             raise
         self.run = RunDir(self.out, self.summary, writes=self.main)
         self.stop = StopSignals(self.say)
@@ -144,7 +144,7 @@ class Trainer:
     def _place(self) -> None:
         """Device and ranks (a process per GPU; data.batch_size is global), precision, flags, seeds."""
         r, rt = self.r, self.r.train
-        self.device, self.rank, self.world = self._exit.enter_context(runtime.distributed(rt.device))
+        self.device, self.rank, self.world = self.enter_context(runtime.distributed(rt.device))
         self.main = self.rank == 0
         self.say = self._say if self.main else (lambda *a, **k: None)
         if r.data.batch_size % self.world:
@@ -156,7 +156,7 @@ class Trainer:
         self.dtype_note = (f"aug.dtype = {r.aug.dtype} read as float32: the step runs in fp32 here"
                            if self.aug is not r.aug else None)
         self.autotune_note = runtime.autotune_note(r.loss.scales) if self.device.type == "cuda" else None
-        self._exit.enter_context(runtime.backend_settings(rt.deterministic, rt.tf32, autotune=not r.loss.scales))
+        self.enter_context(runtime.backend_settings(rt.deterministic, rt.tf32, autotune=not r.loss.scales))
         random.seed(rt.seed)
         torch.manual_seed(rt.seed)  # model init: the same on every rank (DDP also broadcasts rank 0's)
 
@@ -173,7 +173,7 @@ class Trainer:
         same second took meanwhile (`fastcifar train ... &` thrice) gives way to the next free name."""
         for last in (False, False, True):
             try:
-                return self._exit.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resumed)))
+                return self.enter_context(checkpoint.claimed(self.out, lambda: check_out(self.out, resumed)))
             except BadInput:
                 if last or not (self.default_out and self.out.exists()):
                     raise
@@ -205,10 +205,9 @@ class Trainer:
     def _model(self, ck) -> None:
         """Model, EMA, optimizer, LR schedule (over schedule_epochs, kept on resume), GradScaler, mixing."""
         r, rt = self.r, self.r.train
-        resume = ck is not None
         self.model = build_model(r.model, r.head, self.num_classes).to(
             self.device, memory_format=runtime.memory_format(r.model.channels_last))
-        if r.model.init_from and not resume:  # a resumed run's weights come from its last.pt
+        if r.model.init_from and ck is None:  # a resumed run's weights come from its last.pt
             init_from(self.model, r.model.init_from, log=self.say)
         if r.model.sync_bn and self.world > 1:  # before DDP wraps it; alone there is nothing to sync
             self.model = sync_batchnorm(self.model, self.device)
@@ -268,7 +267,10 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train epochs progress.epoch+1 .. train.epochs; returns summary.json's dict."""
-        with self.stop, self.run.open(self.recipe_json(), self.info.get("source"), self.progress.history, self.early):
+        info = self.info
+        recipe = {"name": info["name"], "description": info.get("description", ""),
+                  **({"parent": info["parent"]} if info.get("parent") else {}), **to_dict(self.r)}
+        with self.stop, self.run.open(recipe, info.get("source"), self.progress.history, self.early):
             self.say(self.banner())
             self.progress.started = time.perf_counter()  # wall_seconds continues across resumes
             with runtime.out_of_memory_as(self.out_of_memory):
@@ -279,10 +281,9 @@ class Trainer:
                     self.end_epoch(epoch, stats)
                     if fdist.any_rank(self.stop.requested, self.device):
                         self.interrupt(f"Interrupted after epoch {epoch + 1}")
-            rt = self.r.train
-            epoch = timing.target_epoch(self.progress.history, rt.target_acc, self.selection)
+            epoch, rt = self.reached_target(), self.r.train
             result = self.run.finish(f"reached train.target_acc = {rt.target_acc:g}% ({self.selection}) at epoch "
-                                     f"{epoch}" if self.reached_target() else "completed")
+                                     f"{epoch}" if epoch else "completed")
             self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
                      + (f" (selected on val: {result['best_val_acc']:.2f}%)" if result["selection"] == "val" else "")
                      + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}"
@@ -428,15 +429,13 @@ class Trainer:
         return (f" The LR schedule keeps the {n} epoch{'s' * (n != 1)} it was built for; {extra} "
                 f"{'trains' if first == rt.epochs else 'train'} at its final LR {lr:.3g}.")
 
-    def reached_target(self) -> bool:
-        """Whether train.stop_at_target ends the run here: an epoch has reached train.target_acc."""
-        rt = self.r.train
-        return rt.stop_at_target and timing.target_epoch(self.progress.history, rt.target_acc,
-                                                         self.selection) is not None
+    def reached_target(self) -> int | None:
+        """The epoch that reached train.target_acc when train.stop_at_target ends the run there, else None."""
+        rt, p = self.r.train, self.progress
+        return timing.target_epoch(p.history, rt.target_acc, self.selection) if rt.stop_at_target else None
 
     def out_of_memory(self, e: RuntimeError) -> BadInput:
-        """A batch the device cannot hold: summary.json says so, last.pt keeps the last whole epoch
-        (a step that ran out of memory is not saved), and the error says what to lower."""
+        """The error for a batch the device cannot hold (summary.json says so; last.pt: the last epoch)."""
         p, r = self.progress, self.r
         self.run.stop("out of device memory")
         kept = f"last.pt holds epoch {len(p.history)}" if p.history else "no checkpoint was written"
@@ -447,8 +446,7 @@ class Trainer:
                         + "or pick a smaller model.")
 
     def interrupt(self, where: str):
-        """Stop on Ctrl-C/SIGTERM once last.pt holds the run: summary.json says so, and the other
-        ranks wait until rank 0 has saved (so torchrun kills nothing early)."""
+        """Stop on Ctrl-C/SIGTERM once last.pt is saved; other ranks wait for it (torchrun kills none)."""
         self.run.stop("interrupted")
         fdist.barrier()
         raise Interrupted(f"{where}: saved {self.out / 'last.pt'}; continue with `fastcifar train --resume {self.out}`.")
@@ -491,11 +489,6 @@ class Trainer:
         self.progress.load_state_dict(ck)
         self.info = {**ck["info"], **{k: v for k, v in self.info.items() if v}}
 
-    def recipe_json(self) -> dict:
-        parent = {"parent": self.info["parent"]} if self.info.get("parent") else {}
-        return {"name": self.info["name"], "description": self.info.get("description", ""), **parent,
-                **to_dict(self.r)}
-
     def device_name(self) -> str:
         return f"{self.device} ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
 
@@ -525,22 +518,16 @@ class Trainer:
              "wall_seconds": p.wall_seconds(), "device": self.device_name(),
              "backend": self.train_loader.backend, "world_size": self.world, "synthetic": self.store.synthetic,
              "selection": self.selection, "model": self.r.model.name, "image_size": self.r.aug.image_size,
-             "amp": self.amp, "finished": finished, "stop_reason": reason}
-        s.update(select_on=self.r.train.select_on, tta=self.r.train.tta,  # which weights best_acc is, and how evaluated
-                 **({"final_acc_ema": last.get("test_acc_ema")} if self.ema is not None else {}))
+             "amp": self.amp, "finished": finished, "stop_reason": reason,
+             # which weights best_acc is, and how they were evaluated
+             "select_on": self.r.train.select_on, "tta": self.r.train.tta,
+             **({"final_acc_ema": last.get("test_acc_ema")} if self.ema is not None else {})}
         if self.selection == "val":
             s.update(best_val_acc=p.best.get("val_acc"), best_val_epoch=p.best["epoch"] or None,
                      test_acc_at_best_val=p.best.get("test_acc"))
         s.update(timing.run_fields(history, self.r.train.target_acc, self.selection))
         s["provenance"] = provenance.for_summary(p.provenance)
         return s
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._exit.close()
-        return False
 
 
 def speed(m: dict) -> str:
@@ -566,8 +553,9 @@ def evaluate(model: torch.nn.Module, loader, autocast=None, tta: str = "none") -
     loader.set_epoch(0)
     for images, labels in loader:
         n = labels.shape[0]
-        if n < loader.batch_size:  # the last batch, padded: a compiled net sees one static shape
-            images = pad_batch(images, loader.batch_size)
+        if n < loader.batch_size:  # the last batch, padded (its last image repeated, memory format kept):
+            # a compiled net sees one static shape
+            images = images[torch.arange(loader.batch_size, device=images.device).clamp(max=n - 1)]
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             logits = predict(model, images, tta)[:n]
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -580,15 +568,6 @@ def evaluate(model: torch.nn.Module, loader, autocast=None, tta: str = "none") -
     model.train(was_training)
     n = max(n, 1)
     return {"acc": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss / n, "images": int(n)}
-
-
-def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
-    """x (N, ...) grown to `size` rows by repeating its last row, in x's memory format."""
-    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    out = torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
-    out[:len(x)] = x
-    out[len(x):] = x[-1:]
-    return out
 
 
 def evaluate_checkpoint(ref: str, data_dir=None, backend: str | None = None, batch_size: int = 500,
@@ -683,8 +662,7 @@ def new_run_dir(name: str) -> Path:
 
 
 def check_out(out: Path, resumed: bool) -> None:
-    """Raise BadInput unless --out can become this run's directory without replacing anything:
-    a new path in a writable directory, an empty directory, or (resuming) the run's own directory."""
+    """Raise BadInput unless --out can become this run's directory without replacing anything."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; a run writes a directory of files there. Choose another --out.")
     if out.is_symlink() and not out.exists():
@@ -742,8 +720,7 @@ def teacher_path(r: Recipe) -> Path:
 
 
 def load_teacher(r: Recipe, device: torch.device, store) -> tuple[torch.nn.Module, Recipe]:
-    """The frozen teacher of r.distill.teacher (run dir, checkpoint or recipe name) and its recipe,
-    read from its checkpoint: it sees its own image size and must share the student's normalisation."""
+    """The frozen teacher of r.distill.teacher and its recipe: own image size, the student's normalisation."""
     path = teacher_path(r)
     ck, _ = pick_weights(checkpoint.load(path))  # the EMA weights when the teacher kept them, as eval does
     check_classes(ck, store, path)

@@ -1,4 +1,4 @@
-"""The DALI backend: a `@pipeline_def` graph for training and one for evaluation.
+"""The DALI backend: one `@pipeline_def` graph, for training (augmenting) and for evaluation.
 
 Index batches of the split (read into RAM once) enter through `fn.external_source` with their
 labels and the batch's draws (pipelines.draw), only those this spec's graph reads (`graph_inputs`),
@@ -15,7 +15,7 @@ GPU executes:
 
 | line                                          | what it does                                          |
 |-----------------------------------------------|-------------------------------------------------------|
-| `images.gpu()`, `labels.gpu()` (both graphs)  | move the batch to the GPU after the external source   |
+| `images.gpu()`, `labels.gpu()`                | move the batch to the GPU after the external source   |
 | `device_id=self.device.index`                 | the pipeline's GPU                                    |
 | `stream = torch.cuda.current_stream(...)`     | handed to `run`: outputs ordered on torch's stream    |
 | `self.copy = self.gpu`                        | float32 batches copied into torch's memory            |
@@ -51,15 +51,14 @@ AHEAD = 2  # batches whose host inputs (index reads, draws) a thread makes ahead
 HELD = 3  # output batches DALI's memory may be held for, before the oldest waits for torch's stream
 
 
-def check_dali() -> str:
-    """DALI's version, or BadInput when it is older than what this backend relies on."""
+def check_dali() -> None:
+    """BadInput when DALI is older than what this backend relies on."""
     version = nvidia.dali.__version__
     major = version.split(".")[0]
     if not major.isdigit() or int(major) < MIN_DALI:  # a local build's "custom-build" is not new enough
         raise BadInput(f"backend 'dali' needs NVIDIA DALI >= {MIN_DALI}.0, but DALI {version} is installed. Upgrade "
                        f"it (pip install --upgrade 'nvidia-dali-cuda120>={MIN_DALI}.0', or nvidia-dali-cuda130 for "
                        f"CUDA 13), or use --set data.backend=torch.")
-    return version
 
 
 def to_torch(batch) -> torch.Tensor:
@@ -88,19 +87,11 @@ def graph_inputs(spec: AugSpec, augment: bool) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _source(source, names):
-    """The external source node's outputs by name."""
-    outs = fn.external_source(source=source, num_outputs=len(names), batch=True,
-                              layout=["HWC" if n == "images" else "" for n in names])
-    return dict(zip(names, outs))
-
-
 def _finish(x, sizes, spec: AugSpec, mean, std):
-    """uint8 HWC at 32 -> one normalised float32 HWC output per size (DALI's resize has no fp16 or
-    bf16 output; torch casts after). Normalised at 32, then resized as floats: one pass over the 224
-    output instead of two, 1.8x faster on a CPU, the same but for uint8 rounding (resizing is
-    linear). Cubic overshoots at edges (a 0/255 step upscaled reaches -0.12 .. 1.18), so it resizes
-    uint8 (rounded and clamped to 0..255) before normalising."""
+    """uint8 HWC at 32 -> one normalised float32 HWC output per size (DALI's resize has no fp16/bf16 output;
+    torch casts after). Normalised at 32, then resized as floats: one pass over the 224 output, not two, 1.8x
+    faster on a CPU, equal but for uint8 rounding (resizing is linear). Cubic overshoots at edges (a 0/255
+    step upscaled reaches -0.12 .. 1.18), so it resizes uint8 (rounded, clamped) before normalising."""
     # HWC out: seen from torch as NCHW it is channels_last, with no transpose anywhere
     norm = lambda t: fn.crop_mirror_normalize(t, mean=[255 * m for m in mean], std=[255 * s for s in std],
                                               output_layout="HWC", dtype=types.FLOAT)
@@ -154,14 +145,16 @@ POLICY_COLOUR = {"linear": (_linear, ("lin", "lin_c")), "sharpness": (_sharpen, 
 
 
 @pipeline_def(enable_conditionals=True)
-def train_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
-    """Training graph: geometry (one affine warp), colour (one 3x4 matrix), erasing, resize, normalise."""
-    inp = _source(source, graph_inputs(spec, True))
+def graph(source, spec: AugSpec, augment: bool, sizes, mean, std, gpu: bool):
+    """Augmenting: geometry (one affine warp), colour (one 3x4 matrix), erasing; then resize, normalise."""
+    names = graph_inputs(spec, augment)
+    inp = dict(zip(names, fn.external_source(source=source, num_outputs=len(names), batch=True,
+                                             layout=["HWC" if n == "images" else "" for n in names])))
     x = inp["images"].gpu() if gpu else inp["images"]
     # Per image: each op runs only on the images whose draw asked for it (the batch is split and
     # merged by DALI). First the policy's colour ops, step by step in the order drawn, on the
     # stored image (its geometry joins the warp below; pipelines.torch_backend.augment says why).
-    for k in range(spec.policy_steps):
+    for k in range(spec.policy_steps if augment else 0):
         for name, (op, args) in POLICY_COLOUR.items():
             if inp[f"op{k}"] == COLOUR_STEPS.index(name):
                 x = op(x, *[inp[f"{a}{k}"] for a in args])
@@ -185,19 +178,9 @@ def train_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
     return (*_finish(x, sizes, spec, mean, std), labels.gpu() if gpu else labels)
 
 
-@pipeline_def
-def eval_pipeline(source, spec: AugSpec, sizes, mean, std, gpu: bool):
-    """Evaluation graph: resize and normalise only."""
-    inp = _source(source, graph_inputs(spec, False))
-    x = inp["images"].gpu() if gpu else inp["images"]
-    labels = inp["labels"]
-    return (*_finish(x, sizes, spec, mean, std), labels.gpu() if gpu else labels)
-
-
 class _Feed:
-    """external_source's callable: the current epoch's inputs. Not the backend itself: without a
-    reference cycle a dropped loader frees its pipeline at once, not in a later GC pass that may run
-    in a forked worker, where DALI's shutdown aborts."""
+    """external_source's callable: the epoch's inputs. Not the backend: with no reference cycle a dropped
+    loader frees its pipeline at once, not in a GC pass in a forked worker, where DALI's shutdown aborts."""
 
     def __init__(self):
         self.inputs = iter(())
@@ -207,10 +190,9 @@ class _Feed:
 
 
 class Ahead:
-    """The items of an iterator, made `depth` ahead in a daemon thread and handed over in order: the
-    host side of the next batches (up to ~1 ms of a CPU core per batch of 250: bench's dali-host
-    rows) runs while the training thread runs the step. An error in the thread is raised by next();
-    close() (an epoch's end, a break, an exception, Ctrl-C) stops and joins the thread."""
+    """An iterator's items made `depth` ahead in a daemon thread, in order: the next batches' host side
+    (~1 ms of a CPU core per batch of 250: bench's dali-host rows) runs during the step. next() raises
+    the thread's error; close() (epoch end, break, exception, Ctrl-C) stops and joins the thread."""
 
     def __init__(self, items, depth: int, name: str = "fastcifar-dali-inputs"):
         self._queue, self._stop = queue.Queue(depth), threading.Event()
@@ -276,9 +258,8 @@ class DaliBackend:
         self.pipe, self.feed, self._clean = None, _Feed(), False
 
     def _build(self):
-        graph = train_pipeline if self.augment else eval_pipeline
         threads = min(4, len(os.sched_getaffinity(0))) if self.gpu else len(os.sched_getaffinity(0))
-        self.pipe = graph(self.feed, self.spec, self.sizes, self.mean, self.std, self.gpu,
+        self.pipe = graph(self.feed, self.spec, self.augment, self.sizes, self.mean, self.std, self.gpu,
                           batch_size=self.batch_size, num_threads=threads, prefetch_queue_depth=2,
                           device_id=self.device.index if self.gpu else None, seed=self.seed, exec_dynamic=True)
         if not self.pipe.exec_dynamic:  # a CPU batch stays in DALI's memory: only the dynamic executor never reuses it

@@ -198,9 +198,8 @@ def _gpu_graph_ops(spec: AugSpec, augment: bool, sizes=(32, 224)):
     needs CUDA): [(operator, device, [input devices])] and the output devices."""
     import re
 
-    graph = pd.train_pipeline if augment else pd.eval_pipeline
-    pipe = graph(pd._Feed(), spec, sizes, (0.5,) * 3, (0.25,) * 3, True, batch_size=4, num_threads=1,
-                 device_id=None, exec_dynamic=True)
+    pipe = pd.graph(pd._Feed(), spec, augment, sizes, (0.5,) * 3, (0.25,) * 3, True, batch_size=4,
+                    num_threads=1, device_id=None, exec_dynamic=True)
     pipe._build_graph()  # DALI's own first step of build(): the Python graph, device placement included
     ops = []
     for op in pipe._ops:
