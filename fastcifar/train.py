@@ -281,9 +281,10 @@ class Trainer(contextlib.ExitStack):
                     self.end_epoch(epoch, stats)
                     if fdist.any_rank(self.stop.requested, self.device):
                         self.interrupt(f"Interrupted after epoch {epoch + 1}")
-            epoch, rt = self.reached_target(), self.r.train
+            rt = self.r.train
+            epoch = timing.target_epoch(self.progress.history, rt.target_acc, self.selection)
             result = self.run.finish(f"reached train.target_acc = {rt.target_acc:g}% ({self.selection}) at epoch "
-                                     f"{epoch}" if epoch else "completed")
+                                     f"{epoch}" if self.reached_target() else "completed")
             self.say(f"Done: best test top-1 {result['best_acc']:.2f}% at epoch {result['best_epoch']}"
                      + (f" (selected on val: {result['best_val_acc']:.2f}%)" if result["selection"] == "val" else "")
                      + f", final {result['final_acc']:.2f}%, {duration(result['wall_seconds'])}"
@@ -429,10 +430,11 @@ class Trainer(contextlib.ExitStack):
         return (f" The LR schedule keeps the {n} epoch{'s' * (n != 1)} it was built for; {extra} "
                 f"{'trains' if first == rt.epochs else 'train'} at its final LR {lr:.3g}.")
 
-    def reached_target(self) -> int | None:
-        """The epoch that reached train.target_acc when train.stop_at_target ends the run there, else None."""
-        rt, p = self.r.train, self.progress
-        return timing.target_epoch(p.history, rt.target_acc, self.selection) if rt.stop_at_target else None
+    def reached_target(self) -> bool:
+        """Whether train.stop_at_target ends the run here: an epoch has reached train.target_acc."""
+        rt = self.r.train
+        return rt.stop_at_target and timing.target_epoch(self.progress.history, rt.target_acc,
+                                                         self.selection) is not None
 
     def out_of_memory(self, e: RuntimeError) -> BadInput:
         """The error for a batch the device cannot hold (summary.json says so; last.pt: the last epoch)."""
