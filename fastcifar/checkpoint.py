@@ -299,8 +299,12 @@ class RunDir:
         Call after checkpoint(): the log never names an epoch that has no checkpoint."""
         if not self.writes:
             return
-        line = json.dumps(m) + "\n"
-        self._guard("metrics.jsonl", lambda: (self._metrics.write(line), self._metrics.flush()))
+
+        def log():
+            self._metrics.write(json.dumps(m) + "\n")
+            self._metrics.flush()
+
+        self._guard("metrics.jsonl", log)
         self.scalars(m["epoch"], {f"epoch/{k}": v for k, v in m.items() if k != "epoch" and v is not None})
         self._tb.flush()
         self.stop("running")
