@@ -134,11 +134,12 @@ def test_runs_at_once_stopped_by_sigint_continue_to_the_table_of_one_at_a_time(p
 
 
 def test_a_sweep_of_a_2x2_grid_ranks_its_settings_as_the_runs_give_them_one_at_a_time(project, monkeypatch, capsys):
-    """2 x 2 settings x 2 seeds, two at once. Its setting lr=0.003,label_smoothing=0 is tiny_teacher
-    as it is: those two runs learn exactly what the table's teacher runs learned one at a time."""
+    """2 x 2 settings, one seed, two at once (the mean and std over seeds are reproduce's, tested in
+    test_reproduce.py). Its setting lr=0.003,label_smoothing=0 is tiny_teacher as it is: that run
+    learns exactly what the table's teacher run of seed 0 learned one at a time."""
     monkeypatch.chdir(project)
     code, stdout, err = cli("sweep", "tiny_teacher", "--grid", "optim.lr=0.003,0.01", "--grid",
-                            "loss.label_smoothing=0,0.1", "--seeds", "2", "--set", EPOCHS, "--out", "sw",
+                            "loss.label_smoothing=0,0.1", "--seeds", "1", "--set", EPOCHS, "--out", "sw",
                             "--data-dir", "store", "--jobs", "2", "--threads", "1")
     assert code is None or code == 0, stdout + err
     sw = project / "sw"
@@ -149,14 +150,11 @@ def test_a_sweep_of_a_2x2_grid_ranks_its_settings_as_the_runs_give_them_one_at_a
     means = [x["best_acc"]["mean"] for x in res["settings"]]
     assert means == sorted(means, reverse=True) and [x["rank"] for x in res["settings"]] == [1, 2, 3, 4]
     for x in res["settings"]:
-        accs = [json.loads((sw / f"{x['setting']}-seed{k}" / "summary.json").read_text())["best_acc"] for k in (0, 1)]
-        assert x["n"] == 2 and x["best_acc"]["values"] == accs
-        assert x["best_acc"]["mean"] == pytest.approx(sum(accs) / 2)
-        assert x["best_acc"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+        acc = json.loads((sw / f"{x['setting']}-seed0" / "summary.json").read_text())["best_acc"]
+        assert x["n"] == 1 and x["best_acc"]["values"] == [acc] and x["best_acc"]["mean"] == pytest.approx(acc)
     md = (sw / "results.md").read_text()
     assert "| rank | lr | label_smoothing | n |" in md and f"| 1 | {res['settings'][0]['values']['optim.lr']} |" in md
-    for k in (0, 1):
-        assert learned(sw / f"lr=0.003,label_smoothing=0-seed{k}") == learned(project / "ref" / f"tiny_teacher-seed{k}")
+    assert learned(sw / "lr=0.003,label_smoothing=0-seed0") == learned(project / "ref" / "tiny_teacher-seed0")
 
     code, stdout, err = cli("report", "sw", "--out", "rep")
     assert code is None or code == 0, err
