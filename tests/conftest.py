@@ -23,6 +23,19 @@ if os.environ.get("FASTCIFAR_HIDE_DALI") == "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# pytest-xdist runs a test file per worker, a worker per core: each worker's torch gets its share of
+# the cores (two workers of two threads each on two cores spend much of their time waiting on each other)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, at most 4 (more workers only contend for the heaviest files'
+    runs, which start processes of their own)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
 # tests/ modules (helpers, cifar_files, golden_aug) import as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
 
