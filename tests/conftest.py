@@ -390,6 +390,23 @@ def fast_math():
     torch.set_float32_matmul_precision(saved[2])
 
 
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """torch.compile with the aot_eager backend, the keyword arguments of each call recorded (the
+    list yielded); dynamo's caches empty before and after. Dynamo decides about recompiling before
+    any backend runs, so a test of recompiles takes seconds, not inductor's minutes on a CPU."""
+    calls, real = [], torch.compile
+
+    def compile_(model, **kw):
+        calls.append(kw)
+        return real(model, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()  # no graph another test compiled in this process
+    yield calls
+    torch._dynamo.reset()
+
+
 class Unhandled(Exception):
     pass
 

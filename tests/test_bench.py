@@ -49,19 +49,12 @@ def test_a_rate_under_one_image_per_second_is_kept_and_divides_the_headroom(stor
     assert bench.img_s(1234.6) == 1235 and bench.img_s(12.345) == 12.3
 
 
-def test_a_compiled_bench_of_two_sizes_compiles_one_static_graph_per_size(store, tiny_models, monkeypatch):
+def test_a_compiled_bench_of_two_sizes_compiles_one_static_graph_per_size(store, tiny_models, aot_eager,
+                                                                          monkeypatch):
     """Each compiled step is a static graph of its own: at 224 then 32 px in one process no step
     recompiles (dynamo caches per code object, which every model of a kind shares, so the second
     size used to recompile into a dynamic-shape graph and be timed as one), and end_to_end's step
-    takes every loader's batches without recompiling. Dynamo decides about recompiling before any
-    backend runs, so the graphs go to aot_eager here: seconds, not inductor's minutes on a CPU."""
-    calls, real = [], torch.compile
-
-    def compile_(model, **kw):
-        calls.append(kw)
-        return real(model, backend="aot_eager", **kw)
-
-    monkeypatch.setattr(torch, "compile", compile_)
+    takes every loader's batches without recompiling (graphs to aot_eager: conftest's fixture)."""
     monkeypatch.setitem(bench.STEP_PLAN, "quick", (1, 1, 2))  # 3 steps per graph: a recompile shows by the 2nd
     loaders = ["tutorial", "torch"] + (["dali"] if dali_available() else [])
     run = lambda stage, sizes: bench.run(stages=[stage], quick=True, sizes=sizes, settings=["compiled_cl_amp"],
@@ -71,7 +64,7 @@ def test_a_compiled_bench_of_two_sizes_compiles_one_static_graph_per_size(store,
         steps, fed = run("train_step", [224, 32]), run("end_to_end", [32])
     assert [(r["image_size"], r["batch_size"], r["compiled"]) for r in steps] == [(224, 2, True), (32, 2, True)]
     assert [(r["backend"].split("-")[0], r["compiled"]) for r in fed] == [(b, True) for b in loaders]
-    assert calls == [{"dynamic": False}] * 3  # a step per size, and end_to_end's
+    assert aot_eager == [{"dynamic": False}] * 3  # a step per size, and end_to_end's
 
 
 def test_train_step_trains():

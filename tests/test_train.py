@@ -189,23 +189,19 @@ def test_amp_runs_stay_finite(store_dir, tmp_path, amp):
     assert ck["scaler"] != {} if amp == "fp16" else True  # fp16 keeps a GradScaler state
 
 
-def test_torch_compile_run(store_dir, tmp_path, monkeypatch):
+def test_torch_compile_run(store_dir, tmp_path, aot_eager):
     """A compiled run: uneven last evaluation batches (270 test and 150 validation images in batches
     of 100) cost no recompile, nor do the EMA's weights and the mirrored TTA view, and the weights
-    keep their plain names. Dynamo decides about recompiling before any backend runs, so the graphs
-    go to aot_eager here (seconds); inductor compiles in the doctor's CLI test (test_doctor.py)."""
+    keep their plain names. The graphs go to aot_eager (conftest's fixture); inductor compiles in
+    the doctor's CLI test (test_doctor.py)."""
     from fastcifar.doctor import recompiles
 
-    calls, real = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or real(model, backend="aot_eager", **kw))
-    torch._dynamo.reset()  # no graph another test compiled in this process
     r = tiny(data__batch_size=100, data__test_subset=0.9, data__val_split=0.15, train__epochs=1,
              train__compile=True, train__ema_decay=0.9, train__tta="flip")
     run = tmp_path / "run"
     with recompiles() as reasons:
         s = T.train(r, info(), out=run, data_dir=store_dir, **QUIET)
-    torch._dynamo.reset()
-    assert s["finished"] and len(calls) == 2  # the net and the EMA's (evaluation reuses the net's)
+    assert s["finished"] and len(aot_eager) == 2  # the net and the EMA's (evaluation reuses the net's)
     # one graph for training, one for evaluation (grad mode off): that is the only recompile allowed
     assert len(reasons) <= 1 and all("grad_mode" in c or "training" in c for c in reasons), reasons
     ck = checkpoint.load(run / "last.pt")
